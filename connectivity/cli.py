@@ -1,0 +1,129 @@
+"""``twin-service devices ...``: manage device credentials in the data directory.
+
+The main CLI calls :func:`add_subcommands` with its subparsers and, for the parsed namespace,
+``args.handler(args, data_dir)`` which returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from connectivity.credentials import CredentialError, CredentialStore, mqtt_username
+from connectivity.topics import DEFAULT_PREFIX
+
+
+def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``devices`` command group to an ``argparse`` subparsers object."""
+    devices: argparse.ArgumentParser = subparsers.add_parser(
+        "devices", help="manage device MQTT credentials"
+    )
+    sub = devices.add_subparsers(dest="devices_command", required=True)
+
+    add = sub.add_parser("add", help="create credentials; prints the password once")
+    add.add_argument("twin_id")
+    add.set_defaults(handler=cmd_add)
+
+    rotate = sub.add_parser("rotate", help="replace a password; prints the new one once")
+    rotate.add_argument("twin_id")
+    rotate.set_defaults(handler=cmd_rotate)
+
+    remove = sub.add_parser("remove", help="delete a device's credentials")
+    remove.add_argument("twin_id")
+    remove.set_defaults(handler=cmd_remove)
+
+    lst = sub.add_parser("list", help="list devices with credentials")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.set_defaults(handler=cmd_list)
+
+    export = sub.add_parser("export-mosquitto", help="write a mosquitto password file and ACL")
+    export.add_argument("--password-file", type=Path, required=True)
+    export.add_argument("--acl-file", type=Path, required=True)
+    export.add_argument("--service-user", required=True)
+    export.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    export.add_argument(
+        "--service-password-stdin",
+        action="store_true",
+        help="read the service account's password from stdin and include its hash",
+    )
+    export.set_defaults(handler=cmd_export_mosquitto)
+    return devices
+
+
+def _print_secret(twin_id: str, password: str, out: TextIO) -> None:
+    print(f"twin:     {twin_id}", file=out)
+    print(f"username: {mqtt_username(twin_id)}", file=out)
+    print(f"password: {password}", file=out)
+    print("The password is shown only now; it is stored hashed.", file=out)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_add(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+    """``devices add TWIN_ID``."""
+    try:
+        _print_secret(args.twin_id, CredentialStore.in_data_dir(data_dir).add(args.twin_id), out)
+    except CredentialError as exc:
+        return _fail(exc)
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+    """``devices rotate TWIN_ID``."""
+    try:
+        password = CredentialStore.in_data_dir(data_dir).rotate(args.twin_id)
+    except CredentialError as exc:
+        return _fail(exc)
+    _print_secret(args.twin_id, password, out)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+    """``devices remove TWIN_ID``."""
+    if not CredentialStore.in_data_dir(data_dir).remove(args.twin_id):
+        return _fail(CredentialError(f"device {args.twin_id!r} has no credentials"))
+    print(f"removed {args.twin_id}", file=out)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+    """``devices list [--json]``."""
+    creds = CredentialStore.in_data_dir(data_dir).list()
+    if args.json:
+        rows = [
+            {
+                "twinId": c.twin_id,
+                "username": c.username,
+                "created": c.created,
+                "rotated": c.rotated,
+            }
+            for c in creds
+        ]
+        print(json.dumps(rows, indent=2), file=out)
+    else:
+        for c in creds:
+            print(f"{c.twin_id}\t{c.username}\t{c.created}\t{c.rotated or '-'}", file=out)
+    return 0
+
+
+def cmd_export_mosquitto(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+    """``devices export-mosquitto --password-file P --acl-file A --service-user U``."""
+    service_password = sys.stdin.readline().rstrip("\n") if args.service_password_stdin else None
+    try:
+        CredentialStore.in_data_dir(data_dir).write_mosquitto_files(
+            args.password_file,
+            args.acl_file,
+            args.service_user,
+            args.topic_prefix,
+            service_password=service_password,
+        )
+    except (CredentialError, ValueError) as exc:
+        return _fail(exc)
+    print(f"wrote {args.password_file} and {args.acl_file}; reload mosquitto (SIGHUP)", file=out)
+    return 0

@@ -1,0 +1,217 @@
+"""Device credentials, hashed at rest in mosquitto's ``$7$`` (PBKDF2-SHA512) format.
+
+The same hash serves the embedded broker (which verifies it here) and mosquitto (which reads the
+password file written by :meth:`CredentialStore.write_mosquitto_files`). mosquitto 2.x encodes a
+hash as ``$7$<iterations>$<base64 salt>$<base64 PBKDF2-HMAC-SHA512(password, salt)>`` with
+standard, padded base64, a 12-byte salt and a 64-byte key.
+
+mosquitto cannot store a username containing ``:`` (``mosquitto_passwd`` refuses it, and the
+broker splits password-file lines at the first ``:``), but twin ids look like
+``org.acme:pump-1``. A device therefore connects with :func:`mqtt_username` of its twin id
+(``org.acme%3Apump-1``); the embedded broker accepts both spellings. For the same reason the
+mosquitto ACL names each device explicitly instead of using a ``pattern`` rule with ``%u``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from connectivity.topics import TopicLayout, check_twin_id_for_topics
+
+#: Generated passwords carry 256 bits of entropy, so the KDF cost is not what protects them;
+#: a modest count keeps CONNECT cheap on both brokers (mosquitto_passwd's own default is 101).
+DEFAULT_ITERATIONS = 1000
+SALT_BYTES = 12
+FILE_NAME = "device-credentials.json"
+_FORMAT = 1
+
+
+class CredentialError(ValueError):
+    """A device that does not exist, exists already, or has an unusable id."""
+
+
+def hash_password(
+    password: str, *, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None
+) -> str:
+    """Hash ``password`` in mosquitto's ``$7$`` format."""
+    salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Check ``password`` against a ``$7$`` hash in constant time; malformed hashes fail."""
+    parts = encoded.split("$")
+    if len(parts) != 5 or parts[0] != "" or parts[1] != "7":
+        return False
+    try:
+        iterations = int(parts[2])
+        salt = base64.b64decode(parts[3], validate=True)
+        expected = base64.b64decode(parts[4], validate=True)
+    except ValueError:
+        return False
+    if not 0 < iterations <= 10_000_000:
+        return False
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return hmac.compare_digest(key, expected)
+
+
+def mqtt_username(twin_id: str) -> str:
+    """The MQTT username of a device: its twin id with ``%`` and ``:`` percent-encoded."""
+    return twin_id.replace("%", "%25").replace(":", "%3A")
+
+
+def twin_id_from_username(username: str) -> str:
+    """Inverse of :func:`mqtt_username`; a raw twin id comes back unchanged."""
+    return username.replace("%3A", ":").replace("%3a", ":").replace("%25", "%")
+
+
+def _check_device_id(twin_id: str) -> None:
+    try:
+        check_twin_id_for_topics(twin_id)
+    except ValueError as exc:
+        raise CredentialError(str(exc)) from None
+    # Whitespace would split an ACL or password-file line.
+    if any(ch.isspace() for ch in twin_id) or "%" in twin_id:
+        raise CredentialError(f"twin id {twin_id!r} cannot be used as an MQTT username")
+
+
+@dataclass(frozen=True)
+class DeviceCredential:
+    """What the store knows about one device (never the password)."""
+
+    twin_id: str
+    username: str
+    created: str
+    rotated: str | None
+
+
+class CredentialStore:
+    """A JSON file of ``twin id -> $7$ hash``, written atomically with mode 0600.
+
+    Blocking file I/O: call it from a thread when on an event loop.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path) -> CredentialStore:
+        """The store at its standard place in the data directory."""
+        return cls(data_dir / FILE_NAME)
+
+    def add(self, twin_id: str) -> str:
+        """Create credentials for a new device; return its generated password (shown once)."""
+        _check_device_id(twin_id)
+        devices = self._load()
+        if twin_id in devices:
+            raise CredentialError(f"device {twin_id!r} already has credentials; rotate them")
+        password = secrets.token_urlsafe(32)
+        devices[twin_id] = {"hash": hash_password(password), "created": _now(), "rotated": None}
+        self._save(devices)
+        return password
+
+    def rotate(self, twin_id: str) -> str:
+        """Replace a device's password; return the new one (shown once)."""
+        devices = self._load()
+        if twin_id not in devices:
+            raise CredentialError(f"device {twin_id!r} has no credentials")
+        password = secrets.token_urlsafe(32)
+        devices[twin_id] = {**devices[twin_id], "hash": hash_password(password), "rotated": _now()}
+        self._save(devices)
+        return password
+
+    def remove(self, twin_id: str) -> bool:
+        """Delete a device's credentials; False if it had none."""
+        devices = self._load()
+        if devices.pop(twin_id, None) is None:
+            return False
+        self._save(devices)
+        return True
+
+    def list(self) -> list[DeviceCredential]:
+        """Every device with credentials, sorted by twin id."""
+        return [
+            DeviceCredential(tid, mqtt_username(tid), entry["created"], entry.get("rotated"))
+            for tid, entry in sorted(self._load().items())
+        ]
+
+    def verify(self, username: str, password: str) -> bool:
+        """Check a device login; ``username`` may be the twin id or its MQTT spelling."""
+        entry = self._load().get(twin_id_from_username(username))
+        return entry is not None and verify_password(password, entry["hash"])
+
+    def write_mosquitto_files(
+        self,
+        password_path: Path,
+        acl_path: Path,
+        service_user: str,
+        topic_prefix: str,
+        *,
+        service_password: str | None = None,
+    ) -> None:
+        """Write a mosquitto password file and ACL for every device plus the service account.
+
+        The service account may use every topic; each device may read and write only under
+        its own twin's prefix. Without ``service_password`` the service account's password line
+        is left out (add it with ``mosquitto_passwd``). Reload mosquitto (SIGHUP) afterwards.
+        """
+        layout = TopicLayout(topic_prefix)
+        devices = self._load()
+        lines = [f"{mqtt_username(tid)}:{entry['hash']}" for tid, entry in sorted(devices.items())]
+        if service_password is not None:
+            lines.insert(0, f"{service_user}:{hash_password(service_password)}")
+        _write_private(password_path, "".join(line + "\n" for line in lines))
+        _write_private(acl_path, render_acl(service_user, layout, sorted(devices)))
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        if data.get("format") != _FORMAT:
+            raise CredentialError(f"{self.path}: unknown credentials file format")
+        devices: dict[str, dict[str, Any]] = data["devices"]
+        return devices
+
+    def _save(self, devices: dict[str, dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_private(self.path, json.dumps({"format": _FORMAT, "devices": devices}, indent=2))
+
+
+def render_acl(service_user: str, layout: TopicLayout, twin_ids: Iterable[str]) -> str:
+    """The mosquitto ACL text: everything for the service user, own subtree for each device."""
+    out = ["# Generated by `twin-service devices export-mosquitto`; do not edit.", ""]
+    out += [f"user {service_user}", "topic readwrite #", ""]
+    for twin_id in twin_ids:
+        out += [f"user {mqtt_username(twin_id)}", f"topic readwrite {layout.base(twin_id)}/#", ""]
+    return "\n".join(out)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with a file only its owner can read."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

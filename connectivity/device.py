@@ -1,0 +1,181 @@
+"""A small asyncio client library for devices, on top of :class:`MqttClient`.
+
+On every (re)connection it publishes ``online`` (retained) on its status topic, whose last
+will is a retained ``offline``, and asks for the full twin with ``get`` - a device must not rely
+on deltas alone after being away. Deltas arrive on :attr:`DeviceClient.deltas`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from connectivity.credentials import mqtt_username
+from connectivity.errors import RequestRejected
+from connectivity.messages import InboundMessage
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import LastWill, MqttOptions
+from connectivity.topics import DEFAULT_PREFIX, TopicLayout
+
+log = logging.getLogger(__name__)
+
+_REPLIES = ("reported/update/accepted", "reported/update/rejected", "get/accepted", "get/rejected")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """How a device reaches the service. ``username`` defaults to :func:`mqtt_username`."""
+
+    url: str
+    twin_id: str
+    password: str = field(repr=False)
+    topic_prefix: str = DEFAULT_PREFIX
+    protocol: Literal[5, 4] = 5
+    client_id: str | None = None
+    username: str | None = None
+    keepalive: int = 30
+    reconnect_min_delay: float = 0.5
+    reconnect_max_delay: float = 60.0
+    request_timeout: float = 10.0
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class DeviceClient:
+    """One device's connection to its twin."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self.layout = TopicLayout(config.topic_prefix)
+        self.base = self.layout.base(config.twin_id)
+        #: Every delta message (``{"state": {...}, "desiredVersion": n}``), in arrival order.
+        self.deltas: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        #: The last ``get/accepted`` document, refreshed on every reconnection.
+        self.twin: dict[str, Any] | None = None
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._client = MqttClient(
+            MqttOptions(
+                url=config.url,
+                client_id=config.client_id or config.twin_id,
+                protocol=config.protocol,
+                keepalive=config.keepalive,
+                reconnect_min_delay=config.reconnect_min_delay,
+                reconnect_max_delay=config.reconnect_max_delay,
+                ack_timeout=config.request_timeout,
+                username=config.username or mqtt_username(config.twin_id),
+                password=config.password,
+                ca_file=config.ca_file,
+                cert_file=config.cert_file,
+                key_file=config.key_file,
+                last_will=LastWill(self.topic("status"), b"offline", qos=1, retain=True),
+            ),
+            key=lambda _topic: config.twin_id,
+        )
+
+    def topic(self, suffix: str) -> str:
+        """This device's topic ``<prefix>/<suffix>``."""
+        return f"{self.base}/{suffix}"
+
+    @property
+    def mqtt(self) -> MqttClient:
+        """The underlying client (health, connection state)."""
+        return self._client
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Connect, subscribe, announce ``online`` and fetch the twin."""
+        await self._client.subscribe(self.topic("delta"), 1, self._on_delta)
+        for suffix in _REPLIES:
+            await self._client.subscribe(self.topic(suffix), 1, self._on_reply)
+        self._client.on_connect(self._announce)
+        await self._client.start()
+        await self._client.wait_connected(timeout)
+
+    async def stop(self) -> None:
+        """Publish ``offline`` (retained) and disconnect."""
+        if self._client.connected:
+            try:
+                await self._client.publish(self.topic("status"), b"offline", retain=True)
+            except Exception as exc:  # best effort: the broker's last will is not sent now
+                log.warning("could not publish offline status: %s", exc)
+        await self._client.stop()
+        for fut in self._waiters.values():
+            fut.cancel()
+
+    async def get(self, timeout: float | None = None) -> dict[str, Any]:
+        """Request the full twin; returns the ``get/accepted`` body."""
+        body = await self._request("get", {}, timeout)
+        self.twin = body
+        return body
+
+    async def report(
+        self,
+        state: dict[str, Any],
+        desired_version: int | None = None,
+        client_token: str | None = None,
+        rejected: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Report state; returns the accepted body or raises :class:`RequestRejected`.
+
+        ``desired_version`` says which desired version the device has applied; ``rejected`` maps
+        JSON pointers of desired values the device refuses to apply to reasons.
+        """
+        body: dict[str, Any] = {"state": state}
+        if desired_version is not None:
+            body["desiredVersion"] = desired_version
+        if rejected:
+            body["rejected"] = rejected
+        return await self._request("reported/update", body, timeout, client_token)
+
+    async def update_live(self, values: dict[str, Any]) -> None:
+        """Send live (not persisted as reported) values; fire-and-forget at QoS 1."""
+        await self._client.publish(self.topic("live/update"), json.dumps(values).encode())
+
+    async def _request(
+        self, suffix: str, body: dict[str, Any], timeout: float | None, token: str | None = None
+    ) -> dict[str, Any]:
+        token = token or uuid.uuid4().hex
+        body = {**body, "clientToken": token}
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[token] = fut
+        try:
+            await self._client.publish(self.topic(suffix), json.dumps(body).encode())
+            wait = self.config.request_timeout if timeout is None else timeout
+            return await asyncio.wait_for(fut, wait)
+        finally:
+            self._waiters.pop(token, None)
+
+    async def _announce(self) -> None:
+        await self._client.publish(self.topic("status"), b"online", retain=True)
+        await self.get()
+
+    async def _on_delta(self, msg: InboundMessage) -> None:
+        body = _json(msg)
+        if body is not None:
+            self.deltas.put_nowait(body)
+
+    async def _on_reply(self, msg: InboundMessage) -> None:
+        body = _json(msg)
+        if body is None:
+            return
+        fut = self._waiters.get(str(body.get("clientToken")))
+        if fut is None or fut.done():
+            return  # a reply to someone else's request, or one we stopped waiting for
+        if msg.topic.endswith("/rejected"):
+            fut.set_exception(RequestRejected(body))
+        else:
+            fut.set_result(body)
+
+
+def _json(msg: InboundMessage) -> dict[str, Any] | None:
+    try:
+        body = json.loads(msg.payload)
+    except ValueError:
+        log.warning("ignoring non-JSON message on %s", msg.topic)
+        return None
+    return body if isinstance(body, dict) else None

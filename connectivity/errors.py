@@ -1,0 +1,64 @@
+"""Typed errors raised by the MQTT connectivity layer.
+
+Every paho or socket failure is translated once, here in the package, into one of these::
+
+    twin_service.errors.Unavailable (503)
+    └── MqttUnavailable               mqtt.unavailable
+        ├── NotConnected              mqtt.notconnected   no session with the broker right now
+        ├── PublishTimeout            mqtt.timeout        no PUBACK/SUBACK within the deadline
+        ├── ConnectRefused            mqtt.connect.refused  CONNACK with a failure reason
+        └── Refused                   mqtt.refused        SUBACK or MQTT 5 PUBACK failure reason
+
+    twin_service.errors.BadRequest (400)
+    └── RequestRejected           (code from the service)  a ``.../rejected`` answer to a device
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twin_service.errors import BadRequest, Unavailable
+
+
+class MqttUnavailable(Unavailable):
+    """The broker could not carry out a request."""
+
+    default_code = "mqtt.unavailable"
+
+
+class NotConnected(MqttUnavailable):
+    """There is no connection to the broker at the moment."""
+
+    default_code = "mqtt.notconnected"
+
+
+class PublishTimeout(MqttUnavailable):
+    """The broker did not acknowledge in time; the message may still be delivered later."""
+
+    default_code = "mqtt.timeout"
+
+
+class ConnectRefused(MqttUnavailable):
+    """The broker refused the CONNECT (bad credentials, not authorised, bad protocol...)."""
+
+    default_code = "mqtt.connect.refused"
+
+
+class Refused(MqttUnavailable):
+    """The broker refused a SUBSCRIBE or (MQTT 5) a PUBLISH, usually because of its ACL."""
+
+    default_code = "mqtt.refused"
+
+
+class RequestRejected(BadRequest):
+    """The service answered a device request on a ``.../rejected`` topic."""
+
+    default_code = "request.rejected"
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(
+            str(body.get("message") or "request rejected"),
+            code=str(body.get("error") or self.default_code),
+            extra={"clientToken": body.get("clientToken"), "statusCode": body.get("code")},
+        )
+        self.body = body

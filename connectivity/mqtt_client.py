@@ -1,0 +1,463 @@
+"""An asyncio adapter over paho-mqtt (callback API v2) with manual, ordered acknowledgements.
+
+Why paho's own network thread (``loop_start``) and not ``add_reader``/``add_writer``: paho's
+``connect``/``reconnect`` resolve DNS, open the TCP socket and run the TLS handshake
+synchronously; in the socket-callback mode those would run on the event loop and block it for
+as long as the network stalls. In the thread they cannot. paho's thread also owns keepalive and
+the exponential reconnect backoff, so we do not re-implement them. Every paho callback is
+marshalled onto the event loop with ``call_soon_threadsafe`` (which keeps arrival order), and
+everything else - handlers, bookkeeping, acks - happens on the loop. paho's ``publish``,
+``subscribe`` and ``ack`` only enqueue a packet under paho's lock and wake its thread, so
+calling them from the loop does not block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from connectivity.dispatch import KeyedDispatcher
+from connectivity.errors import (
+    ConnectRefused,
+    MqttUnavailable,
+    NotConnected,
+    PublishTimeout,
+    Refused,
+)
+from connectivity.messages import Handler, Health, InboundMessage
+from connectivity.options import MqttOptions
+from connectivity.topics import TopicLayout
+
+log = logging.getLogger(__name__)
+
+#: CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 return codes to them).
+_FATAL_CONNACK = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
+
+
+@dataclass
+class _Subscription:
+    qos: int
+    handler: Handler
+
+
+@dataclass(frozen=True)
+class _AckToken:
+    mid: int
+    qos: int
+    connection: int
+
+
+def default_key(topic: str) -> str:
+    """Ordering key of the default layout: the twin id, or the whole topic outside it."""
+    return TopicLayout().twin_id(topic) or topic
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def _plain_filter(topic_filter: str) -> str:
+    """``$share/<group>/<filter>`` -> ``<filter>`` for local matching."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        return parts[2] if len(parts) == 3 else topic_filter
+    return topic_filter
+
+
+class MqttClient:
+    """One MQTT session, kept alive for the life of the service.
+
+    Reconnects forever with exponential backoff (paho's), resubscribes when the broker has lost
+    the session, and acknowledges each QoS 1 message only after its handler returned, in the
+    order the messages arrived. Messages with the same ``key(topic)`` are handled in arrival
+    order; different keys run concurrently up to ``options.max_in_flight`` handlers.
+    """
+
+    def __init__(self, options: MqttOptions, *, key: Callable[[str], str] = default_key) -> None:
+        self.options = options
+        self._key = key
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: paho.Client | None = None
+        self._subs: dict[str, _Subscription] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._dispatcher: KeyedDispatcher[_AckToken] | None = None
+        self._connected = False
+        self._changed = asyncio.Event()
+        self._refusal: ConnectRefused | None = None
+        self._last_error: str | None = None
+        self._connects = 0
+        # Incremented on paho's thread at every CONNACK; an ack token from an older connection
+        # carries a packet id the broker has reassigned, so it must not be sent.
+        self._paho_connection = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self._parked: list[tuple[InboundMessage, int, int]] = []
+        self._connect_listeners: list[Callable[[], Awaitable[None]]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting in the background; see :meth:`wait_connected`."""
+        if self._client is not None:
+            raise RuntimeError("client already started")
+        self._loop = asyncio.get_running_loop()
+        self._dispatcher = KeyedDispatcher(self.options.max_in_flight, self._send_ack)
+        opts = self.options
+        addr = opts.address
+        v5 = opts.protocol == 5
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=opts.client_id,
+            clean_session=None if v5 else not opts.persistent_session,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            manual_ack=True,
+        )
+        if addr.username is not None:
+            client.username_pw_set(addr.username, addr.password)
+        if addr.tls:
+            # Reads certificate files: keep it off the loop.
+            await asyncio.to_thread(
+                client.tls_set,
+                ca_certs=opts.ca_file,
+                certfile=opts.cert_file,
+                keyfile=opts.key_file,
+            )
+        if opts.last_will is not None:
+            w = opts.last_will
+            client.will_set(w.topic, w.payload, w.qos, w.retain)
+        # paho types these as int, but only compares and sleeps with them.
+        client.reconnect_delay_set(opts.reconnect_min_delay, opts.reconnect_max_delay)  # type: ignore[arg-type]
+        client.on_connect = self._paho_on_connect
+        client.on_connect_fail = self._paho_on_connect_fail
+        client.on_disconnect = self._paho_on_disconnect
+        client.on_message = self._paho_on_message
+        client.on_publish = self._paho_on_publish
+        client.on_subscribe = self._paho_on_subscribe
+        properties: Properties | None = None
+        clean_start: bool = not opts.persistent_session
+        if v5:
+            properties = _properties(PacketTypes.CONNECT)
+            if opts.persistent_session:
+                properties.SessionExpiryInterval = opts.session_expiry
+        self._client = client
+        client.connect_async(
+            addr.host, addr.port, opts.keepalive, clean_start=clean_start, properties=properties
+        )
+        client.loop_start()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Let running handlers finish (up to ``grace`` s), disconnect cleanly and stop.
+
+        Handlers still running after ``grace`` are cancelled; their messages stay unacked and
+        the broker redelivers them to the next session with the same client id.
+        """
+        client, dispatcher = self._client, self._dispatcher
+        if client is None or dispatcher is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(dispatcher.join(), grace)
+        await dispatcher.cancel()
+        client.disconnect()
+        await asyncio.to_thread(client.loop_stop)
+        for task in list(self._background):
+            task.cancel()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(NotConnected("client stopped"))
+        self._pending.clear()
+        self._set_connected(False)
+        self._client = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether a session with the broker is established right now."""
+        return self._connected
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait for a session; raise ConnectRefused if the broker refused us, else NotConnected."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._connected:
+                    if self._refusal is not None:
+                        raise self._refusal
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise NotConnected(
+                f"no MQTT session within {timeout}s", description=self._last_error
+            ) from None
+
+    def health(self) -> Health:
+        """Connection state, last error and counters."""
+        d = self._dispatcher
+        return Health(
+            connected=self._connected,
+            last_error=self._last_error,
+            reconnect_count=max(self._connects - 1, 0),
+            handler_failures=d.failures if d else 0,
+            pending_acks=d.pending_acks if d else 0,
+        )
+
+    # -- subscribe / publish -------------------------------------------------------------
+
+    def on_connect(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """Run ``listener`` (as a task) after every successful (re)connection."""
+        self._connect_listeners.append(listener)
+
+    async def subscribe(self, topic_filter: str, qos: int, handler: Handler) -> None:
+        """Route messages matching ``topic_filter`` to ``handler`` (kept across reconnects).
+
+        Call it before :meth:`start` for filters the service always needs: a persistent session
+        replays queued messages right after CONNACK. Messages that arrive before a matching
+        handler exists are held unacked and handed over when it is subscribed.
+
+        ``$share/<group>/<filter>`` makes a shared subscription (MQTT 5 brokers). When
+        connected, waits for the SUBACK and raises :class:`Refused` if the broker said no.
+        """
+        self._subs[topic_filter] = _Subscription(qos, handler)
+        if self._dispatcher is not None:
+            self._release_parked()
+        if self._connected:
+            await self._send_subscribe([topic_filter])
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish; for QoS 1 return only once the broker sent PUBACK.
+
+        Raises NotConnected when there is no session, PublishTimeout when no PUBACK came within
+        ``timeout`` (default ``options.ack_timeout``; the message may still be delivered), and
+        Refused when an MQTT 5 broker answered with a failure reason code.
+        """
+        client = self._client
+        if client is None or not self._connected:
+            raise NotConnected("not connected to the MQTT broker")
+        properties: Properties | None = None
+        if self.options.protocol == 5 and (response_topic or correlation_data is not None):
+            properties = _properties(PacketTypes.PUBLISH)
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+        info = client.publish(topic, payload, qos, retain, properties=properties)
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            # paho keeps QoS>0 messages queued for resend; drop our waiter, the caller is told.
+            raise NotConnected("not connected to the MQTT broker")
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise MqttUnavailable(f"publish failed: {paho.error_string(info.rc)}")
+        if qos == 0:
+            return
+        # Registered before any await: paho's PUBACK callback reaches us via call_soon_threadsafe,
+        # so it cannot run before this line.
+        fut = self._new_waiter(info.mid)
+        wait = self.options.ack_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(fut, wait)
+        except TimeoutError:
+            raise PublishTimeout(f"no PUBACK for {topic!r} within {wait}s") from None
+        finally:
+            self._pending.pop(info.mid, None)
+
+    # -- internals on the event loop -----------------------------------------------------
+
+    def _new_waiter(self, mid: int) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[mid] = fut
+        return fut
+
+    async def _send_subscribe(self, filters: list[str]) -> None:
+        client = self._client
+        if client is None:
+            raise NotConnected("client not started")
+        topics = [(f, self._subs[f].qos) for f in filters]
+        rc, mid = client.subscribe(topics)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise NotConnected(f"subscribe failed: {paho.error_string(rc)}")
+        fut = self._new_waiter(mid)
+        try:
+            codes: list[ReasonCode] = await asyncio.wait_for(fut, self.options.ack_timeout)
+        except TimeoutError:
+            raise PublishTimeout(f"no SUBACK for {filters} within the timeout") from None
+        finally:
+            self._pending.pop(mid, None)
+        refused = [f for f, code in zip(filters, codes, strict=False) if code.is_failure]
+        if refused:
+            raise Refused(f"broker refused subscription to {refused}")
+
+    def _set_connected(self, value: bool) -> None:
+        self._connected = value
+        self._changed.set()
+
+    def _on_connected(self, session_present: bool, code: ReasonCode) -> None:
+        if code.is_failure:
+            self._last_error = f"CONNACK refused: {code}"
+            if code.value in _FATAL_CONNACK:
+                self._refusal = ConnectRefused(f"broker refused the connection: {code}")
+            log.warning("MQTT connect refused: %s", code)
+            self._changed.set()
+            return
+        self._connects += 1
+        self._refusal = None
+        self._set_connected(True)
+        log.info("MQTT connected (session present: %s)", session_present)
+        if self._subs and not (session_present and self._connects > 1):
+            # A new process cannot know which filters an old session held, so it subscribes to
+            # all of them once; later, only a lost session needs it again.
+            self._spawn(self._after_connect(resubscribe=True))
+        else:
+            self._spawn(self._after_connect(resubscribe=False))
+
+    async def _after_connect(self, resubscribe: bool) -> None:
+        if resubscribe:
+            await self._resubscribe()
+        for listener in self._connect_listeners:
+            try:
+                await listener()
+            except Exception:
+                log.exception("MQTT on_connect listener failed")
+
+    async def _resubscribe(self) -> None:
+        try:
+            await self._send_subscribe(list(self._subs))
+        except MqttUnavailable as exc:
+            self._last_error = f"resubscribe failed: {exc}"
+            log.error("MQTT resubscribe failed: %s", exc)
+
+    def _on_disconnected(self, code: ReasonCode | None) -> None:
+        if code is not None and code.is_failure:
+            self._last_error = f"disconnected: {code}"
+        if self._dispatcher is not None:
+            self._dispatcher.reset_acks()
+        self._parked.clear()
+        self._set_connected(False)
+
+    def _on_message(self, msg: InboundMessage, mid: int, connection: int) -> None:
+        handlers = self._handlers_for(msg.topic)
+        if not handlers:
+            # A persistent session can replay messages before the application subscribed its
+            # handler again; keep them (unacked) until a matching subscribe() arrives.
+            log.info("MQTT message on %r has no handler yet; parked unacked", msg.topic)
+            self._parked.append((msg, mid, connection))
+            return
+        self._dispatch(msg, mid, connection, handlers)
+
+    def _handlers_for(self, topic: str) -> list[Handler]:
+        return [
+            s.handler
+            for f, s in self._subs.items()
+            if paho.topic_matches_sub(_plain_filter(f), topic)
+        ]
+
+    def _dispatch(
+        self, msg: InboundMessage, mid: int, connection: int, handlers: list[Handler]
+    ) -> None:
+        assert self._dispatcher is not None
+        token = _AckToken(mid, msg.qos, connection) if msg.qos > 0 else None
+
+        async def job() -> None:
+            for handler in handlers:
+                await handler(msg)
+
+        self._dispatcher.submit(self._key(msg.topic), job, token)
+
+    def _release_parked(self) -> None:
+        parked, self._parked = self._parked, []
+        for msg, mid, connection in parked:
+            if connection != self._paho_connection:
+                continue  # the broker redelivers it on this connection anyway
+            handlers = self._handlers_for(msg.topic)
+            if handlers:
+                self._dispatch(msg, mid, connection, handlers)
+            else:
+                self._parked.append((msg, mid, connection))
+
+    def _send_ack(self, token: _AckToken) -> None:
+        client = self._client
+        if client is not None and token.connection == self._paho_connection:
+            client.ack(token.mid, token.qos)
+
+    def _resolve(self, mid: int, result: Any, error: Exception | None) -> None:
+        fut = self._pending.get(mid)
+        if fut is None or fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn, *args)
+
+    # -- paho callbacks: run on paho's thread, only marshal to the loop --------------------
+
+    def _paho_on_connect(
+        self, _c: paho.Client, _u: Any, flags: paho.ConnectFlags, code: ReasonCode, _p: Any
+    ) -> None:
+        if not code.is_failure:
+            self._paho_connection += 1
+        self._to_loop(self._on_connected, flags.session_present, code)
+
+    def _paho_on_connect_fail(self, _c: paho.Client, _u: Any) -> None:
+        self._to_loop(self._record_error, "could not reach the broker")
+
+    def _record_error(self, text: str) -> None:
+        self._last_error = text
+        self._changed.set()
+
+    def _paho_on_disconnect(
+        self, _c: paho.Client, _u: Any, _f: paho.DisconnectFlags, code: ReasonCode, _p: Any
+    ) -> None:
+        self._to_loop(self._on_disconnected, code)
+
+    def _paho_on_message(self, _c: paho.Client, _u: Any, m: paho.MQTTMessage) -> None:
+        props = getattr(m, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        user_props = tuple(getattr(props, "UserProperty", ()) or ()) if props else ()
+        msg = InboundMessage(
+            topic=m.topic,
+            payload=bytes(m.payload),
+            qos=m.qos,
+            retain=bool(m.retain),
+            duplicate=bool(m.dup),
+            response_topic=response_topic,
+            correlation_data=bytes(correlation) if correlation is not None else None,
+            user_properties=tuple((str(k), str(v)) for k, v in user_props),
+        )
+        self._to_loop(self._on_message, msg, m.mid, self._paho_connection)
+
+    def _paho_on_publish(
+        self, _c: paho.Client, _u: Any, mid: int, code: ReasonCode, _p: Any
+    ) -> None:
+        error = Refused(f"broker refused the publish: {code}") if code.is_failure else None
+        self._to_loop(self._resolve, mid, None, error)
+
+    def _paho_on_subscribe(
+        self, _c: paho.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any
+    ) -> None:
+        self._to_loop(self._resolve, mid, list(codes), None)

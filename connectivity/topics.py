@@ -1,0 +1,78 @@
+"""The MQTT topic layout shared by the service and devices.
+
+With the default prefix ``twins/{twinId}`` a twin ``org.acme:pump-1`` uses::
+
+    device -> service   twins/org.acme:pump-1/reported/update | live/update | get | status
+    service -> device   twins/org.acme:pump-1/reported/update/accepted | .../rejected
+                        twins/org.acme:pump-1/get/accepted | .../rejected
+                        twins/org.acme:pump-1/delta (retained)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "twins/{twinId}"
+_PLACEHOLDER = "{twinId}"
+_FORBIDDEN_IN_TWIN_ID = frozenset("/+#\x00")
+
+
+def check_twin_id_for_topics(twin_id: str) -> None:
+    """Refuse twin ids that would break out of their topic level (``/``, wildcards)."""
+    if not twin_id or any(ch in _FORBIDDEN_IN_TWIN_ID for ch in twin_id):
+        raise ValueError(f"twin id {twin_id!r} cannot be used in an MQTT topic")
+
+
+@dataclass(frozen=True)
+class TopicLayout:
+    """Builds and parses topics under a prefix template containing ``{twinId}`` once."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if self.prefix.count(_PLACEHOLDER) != 1:
+            raise ValueError("topic prefix must contain {twinId} exactly once")
+        if any(ch in self.prefix.replace(_PLACEHOLDER, "") for ch in "+#"):
+            raise ValueError("topic prefix must not contain wildcards")
+
+    def base(self, twin_id: str) -> str:
+        """The topic prefix of one twin, e.g. ``twins/org.acme:pump-1``."""
+        check_twin_id_for_topics(twin_id)
+        return self.prefix.replace(_PLACEHOLDER, twin_id)
+
+    def topic(self, twin_id: str, suffix: str) -> str:
+        """A topic of one twin, e.g. ``topic(t, "reported/update")``."""
+        return f"{self.base(twin_id)}/{suffix}"
+
+    def all_twins(self, suffix: str) -> str:
+        """A filter matching ``suffix`` for every twin, e.g. ``twins/+/reported/update``."""
+        return f"{self.prefix.replace(_PLACEHOLDER, '+')}/{suffix}"
+
+    @property
+    def acl_pattern(self) -> str:
+        """The per-twin subtree as an ACL/filter, with ``{twinId}`` left in place."""
+        return f"{self.prefix}/#"
+
+    def twin_id(self, topic: str) -> str | None:
+        """The twin id in ``topic``, or None when the topic is not under the layout."""
+        head, _, tail = self.prefix.partition(_PLACEHOLDER)
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head) :]
+        twin, sep, after = rest.partition("/")
+        if not twin:
+            return None
+        if tail:
+            # The prefix continues after {twinId}: the remainder must start with it.
+            tail_body = tail.lstrip("/")
+            if not (sep and (after == tail_body or after.startswith(tail_body + "/"))):
+                return None
+        return twin
+
+    def suffix(self, topic: str) -> str | None:
+        """What follows the twin's prefix, e.g. ``reported/update``."""
+        twin = self.twin_id(topic)
+        if twin is None:
+            return None
+        base = self.base(twin) + "/"
+        return topic[len(base) :] if topic.startswith(base) else None

@@ -1,0 +1,83 @@
+"""The RQL abstract syntax tree: frozen, hashable values that compare by structure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+#: A literal in a query: JSON scalars only.
+Value: TypeAlias = bool | int | float | str | None
+#: A property path as unescaped key segments, e.g. ``("attributes", "a/b")``.
+Path: TypeAlias = tuple[str, ...]
+
+CompareOp: TypeAlias = Literal["eq", "ne", "gt", "ge", "lt", "le"]
+COMPARE_OPS: tuple[CompareOp, ...] = ("eq", "ne", "gt", "ge", "lt", "le")
+
+
+@dataclass(frozen=True)
+class Compare:
+    """``op(path, value)`` for eq, ne, gt, ge, lt, le."""
+
+    op: CompareOp
+    path: Path
+    value: Value
+
+
+@dataclass(frozen=True)
+class In:
+    """``in(path, v1, v2, ...)``: equal to any of the values (at least one)."""
+
+    path: Path
+    values: tuple[Value, ...]
+
+
+@dataclass(frozen=True)
+class Like:
+    """``like(path, pattern)`` or, with ``ignore_case``, ``ilike(path, pattern)``."""
+
+    path: Path
+    pattern: str
+    ignore_case: bool = False
+
+
+@dataclass(frozen=True)
+class Exists:
+    """``exists(path)``."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class And:
+    """``and(f1, f2, ...)`` with at least one operand."""
+
+    operands: tuple[Filter, ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    """``or(f1, f2, ...)`` with at least one operand."""
+
+    operands: tuple[Filter, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    """``not(f)``."""
+
+    operand: Filter
+
+
+Filter: TypeAlias = Compare | In | Like | Exists | And | Or | Not
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One ``sort`` entry: a path and a direction."""
+
+    path: Path
+    descending: bool = False
+
+
+#: The tie-break that makes every sort a total order (twin ids are unique).
+TWIN_ID_PATH: Path = ("twinId",)

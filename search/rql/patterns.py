@@ -1,0 +1,64 @@
+"""``like`` patterns: ``*`` any run, ``?`` one character, ``\\*`` ``\\?`` ``\\\\`` literal."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from twin_service.errors import RqlInvalid
+
+_ESCAPABLE = frozenset("*?\\")
+_ESCAPES_TEXT = "only \\*, \\? and \\\\ are allowed"
+
+
+def _tokens(pattern: str) -> list[str]:
+    """Split into tokens: ``"*"``, ``"?"`` or a one-character literal prefixed with ``"="``."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            nxt = pattern[i + 1 : i + 2]
+            if nxt not in _ESCAPABLE or nxt == "":
+                raise RqlInvalid(f"invalid escape in like pattern {pattern!r}: {_ESCAPES_TEXT}")
+            out.append("=" + nxt)
+            i += 2
+        else:
+            out.append(ch if ch in "*?" else "=" + ch)
+            i += 1
+    return out
+
+
+def validate(pattern: str) -> None:
+    """Raise :class:`RqlInvalid` when ``pattern`` has a bad escape."""
+    _tokens(pattern)
+
+
+def literal_prefix(pattern: str) -> tuple[str, bool]:
+    """The literal text before the first wildcard, and whether the pattern has no wildcard."""
+    out: list[str] = []
+    for token in _tokens(pattern):
+        if token in ("*", "?"):
+            return "".join(out), False
+        out.append(token[1])
+    return "".join(out), True
+
+
+@lru_cache(maxsize=512)
+def compile_pattern(pattern: str, ignore_case: bool) -> re.Pattern[str]:
+    """A regular expression that must ``fullmatch`` the whole string."""
+    parts: list[str] = []
+    for token in _tokens(pattern):
+        if token == "*":
+            parts.append(".*")
+        elif token == "?":
+            parts.append(".")
+        else:
+            parts.append(re.escape(token[1]))
+    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+    return re.compile("".join(parts), flags)
+
+
+def like(pattern: str, ignore_case: bool, text: str) -> bool:
+    """Whether ``text`` matches the whole ``pattern``."""
+    return compile_pattern(pattern, ignore_case).fullmatch(text) is not None

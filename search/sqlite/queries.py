@@ -1,0 +1,143 @@
+"""Writing to and querying the SQLite search index, inside the caller's transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from search.rql import patterns
+from search.rql.ast import TWIN_ID_PATH, Filter, SortKey
+from search.rql.ordering import Key
+from search.rql.paths import format_path
+from search.rql.query import SearchQuery
+from twin_service.types import JSONObject
+
+from .rows import leaves
+from .translate import Sql, filter_sql
+
+
+def _rql_like(pattern: str, ignore_case: int, value: Any) -> int:
+    return int(isinstance(value, str) and patterns.like(pattern, bool(ignore_case), value))
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    """Install the SQL functions the index queries use (done lazily by every query)."""
+    try:
+        conn.execute("SELECT rql_like('', 0, '')").fetchone()
+    except sqlite3.OperationalError:
+        conn.create_function("rql_like", 3, _rql_like, deterministic=True)
+
+
+def _cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
+    cur = conn.cursor()
+    cur.row_factory = None
+    return cur
+
+
+def index_twin(conn: sqlite3.Connection, doc: JSONObject) -> None:
+    """Replace the index rows of ``doc["twinId"]`` with the rows of ``doc``."""
+    cur = _cursor(conn)
+    cur.execute(
+        "INSERT INTO search_twin (twin_id, namespace) VALUES (?, ?) "
+        "ON CONFLICT (twin_id) DO UPDATE SET namespace = excluded.namespace RETURNING tid",
+        (doc["twinId"], doc.get("namespace", "")),
+    )
+    (tid,) = cur.fetchone()
+    cur.execute("DELETE FROM search_leaf WHERE tid = ?", (tid,))
+    cur.executemany(
+        "INSERT INTO search_leaf (tid, path, seq, t, v, a) VALUES (?, ?, ?, ?, ?, ?)",
+        [(tid, path, seq, t, v, a) for seq, (path, t, v, a) in enumerate(leaves(doc))],
+    )
+
+
+def unindex_twin(conn: sqlite3.Connection, twin_id: str) -> None:
+    """Remove a twin from the index (no error if it is not there)."""
+    cur = _cursor(conn)
+    row = cur.execute("SELECT tid FROM search_twin WHERE twin_id = ?", (twin_id,)).fetchone()
+    if row is not None:
+        cur.execute("DELETE FROM search_leaf WHERE tid = ?", (row[0],))
+        cur.execute("DELETE FROM search_twin WHERE tid = ?", (row[0],))
+
+
+def _where(filter: Filter | None, namespaces: Sequence[str] | None) -> Sql:
+    parts: list[str] = []
+    params: list[Any] = []
+    if filter is not None:
+        sql, p = filter_sql(filter)
+        parts.append(sql)
+        params.extend(p)
+    if namespaces is not None:
+        parts.append(f"t.namespace IN ({','.join('?' * len(namespaces))})")
+        params.extend(namespaces)
+    return " AND ".join(parts) or "1", params
+
+
+def count(conn: sqlite3.Connection, filter: Filter | None, namespaces: Sequence[str] | None) -> int:
+    """How many twins match ``filter`` within ``namespaces`` (None: all namespaces)."""
+    register_functions(conn)
+    where, params = _where(filter, namespaces)
+    row = _cursor(conn).execute(f"SELECT count(*) FROM search_twin t WHERE {where}", params)
+    return int(row.fetchone()[0])
+
+
+def _keyset(sort: Sequence[SortKey], exprs: list[tuple[str, str]], after: Sequence[Key]) -> Sql:
+    """Rows strictly after the position ``after`` in the order ``sort``."""
+    alternatives: list[str] = []
+    params: list[Any] = []
+    same: list[str] = []
+    same_params: list[Any] = []
+    for key, (rank, value), (cursor_rank, cursor_value) in zip(sort, exprs, after, strict=True):
+        op = "<" if key.descending else ">"
+        if key.path == TWIN_ID_PATH:
+            beyond, beyond_params = f"{value} {op} ?", [cursor_value]
+            equal, equal_params = f"{value} = ?", [cursor_value]
+        else:
+            beyond = f"({rank} {op} ? OR ({rank} = ? AND {value} {op} ?))"
+            beyond_params = [cursor_rank, cursor_rank, cursor_value]
+            equal, equal_params = f"{rank} = ? AND {value} IS ?", [cursor_rank, cursor_value]
+        alternatives.append("(" + " AND ".join([*same, beyond]) + ")")
+        params.extend([*same_params, *beyond_params])
+        same.append(equal)
+        same_params.extend(equal_params)
+    return "(" + " OR ".join(alternatives) + ")", params
+
+
+def search_ids(conn: sqlite3.Connection, query: SearchQuery) -> tuple[list[str], str | None]:
+    """The twin ids of one page, in order, and the cursor of the next page (None at the end)."""
+    register_functions(conn)
+    joins: list[str] = []
+    join_params: list[Any] = []
+    exprs: list[tuple[str, str]] = []
+    for i, key in enumerate(query.sort):
+        if key.path == TWIN_ID_PATH:
+            exprs.append(("3", "t.twin_id"))
+            continue
+        joins.append(
+            f"LEFT JOIN search_leaf s{i} ON s{i}.tid = t.tid AND s{i}.path = ? AND s{i}.a = 0"
+        )
+        join_params.append(format_path(key.path))
+        exprs.append((f"coalesce(s{i}.t, -1)", f"s{i}.v"))
+    where, params = _where(query.filter, query.namespaces)
+    if query.after is not None:
+        keyset, keyset_params = _keyset(query.sort, exprs, query.after)
+        where = f"{where} AND {keyset}"
+        params.extend(keyset_params)
+    order = ", ".join(
+        f"{expr} {'DESC' if key.descending else 'ASC'}"
+        for key, pair in zip(query.sort, exprs, strict=True)
+        for expr in (pair if key.path != TWIN_ID_PATH else pair[1:])
+    )
+    columns = ", ".join(f"{rank}, {value}" for rank, value in exprs)
+    sql = (
+        f"SELECT {columns} FROM search_twin t {' '.join(joins)} "
+        f"WHERE {where} ORDER BY {order} LIMIT ?"
+    )
+    rows = _cursor(conn).execute(sql, [*join_params, *params, query.size + 1]).fetchall()
+    page = rows[: query.size]
+    ids = [row[-1] for row in page]
+    if len(rows) <= query.size:
+        return ids, None
+    last = page[-1]
+    keys: list[Key] = [(int(last[2 * i]), last[2 * i + 1]) for i in range(len(exprs))]
+    return ids, query.next_cursor(keys)

@@ -1,0 +1,169 @@
+"""RQL filters to SQL over ``search_twin t`` (an expression on ``t.tid``). Pure."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from search.rql import patterns
+from search.rql.ast import And, Compare, Exists, Filter, In, Like, Not, Or, Path, Value
+from search.rql.evaluator import type_rank
+from search.rql.paths import format_path
+
+Sql: TypeAlias = tuple[str, list[Any]]
+
+_OPS = {"eq": "=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_MAX_CHAR = chr(0x10FFFF)
+
+
+@dataclass(frozen=True)
+class _Branch:
+    """Leaves at ``path`` satisfying ``condition``, written with ``{t}`` and ``{v}`` columns."""
+
+    path: str
+    condition: str = ""
+    params: tuple[Any, ...] = ()
+
+    def sql(self, t: str, v: str) -> Sql:
+        cond = " AND " + self.condition.format(t=t, v=v) if self.condition else ""
+        return f"path = ?{cond}", [self.path, *self.params]
+
+
+LeafSet: TypeAlias = list[_Branch]
+
+
+def _param(value: Value) -> Any:
+    return int(value) if isinstance(value, bool) else value
+
+
+def _leaf_set(path: Path, condition: str = "", *params: Any) -> LeafSet:
+    return [_Branch(format_path(path), condition, params)]
+
+
+def _member(leaf_set: LeafSet, driving: bool, negate: bool = False) -> Sql:
+    """Membership of ``t.tid`` in a leaf set.
+
+    A driving set becomes ``t.tid IN (...)``: SQLite walks the value index and probes
+    ``search_twin``. Other sets become correlated ``EXISTS`` probes on the leaf primary key
+    (``+t``/``+v`` keep the planner off the value index there), so a broad condition in an
+    ``and`` is never materialized whole.
+    """
+    params: list[Any] = []
+    if driving and not negate:
+        selects = []
+        for branch in leaf_set:
+            sql, p = branch.sql("t", "v")
+            selects.append(f"SELECT tid FROM search_leaf WHERE {sql}")
+            params.extend(p)
+        return f"t.tid IN ({' UNION ALL '.join(selects)})", params
+    conditions = []
+    for branch in leaf_set:
+        sql, p = branch.sql("+t", "+v")
+        conditions.append(f"({sql})")
+        params.extend(p)
+    neg = "NOT " if negate else ""
+    inner = " OR ".join(conditions)
+    return f"{neg}EXISTS (SELECT 1 FROM search_leaf WHERE tid = t.tid AND ({inner}))", params
+
+
+def _eq_set(path: Path, value: Value) -> LeafSet:
+    if value is None:
+        return _leaf_set(path, "{t} = 0")
+    return _leaf_set(path, "{t} = ? AND {v} = ?", type_rank(value), _param(value))
+
+
+def _upper_bound(prefix: str) -> str | None:
+    """The least string greater than every string starting with ``prefix``."""
+    stripped = prefix.rstrip(_MAX_CHAR)
+    if not stripped:
+        return None
+    return stripped[:-1] + chr(ord(stripped[-1]) + 1)
+
+
+def _like(node: Like) -> LeafSet:
+    if node.ignore_case:
+        return _leaf_set(node.path, "{t} = 3 AND rql_like(?, 1, {v})", node.pattern)
+    prefix, literal = patterns.literal_prefix(node.pattern)
+    if literal:
+        return _eq_set(node.path, prefix)
+    conditions, params = ["{t} = 3"], []
+    if prefix:
+        conditions.append("{v} >= ?")
+        params.append(prefix)
+        upper = _upper_bound(prefix)
+        if upper is not None:
+            conditions.append("{v} < ?")
+            params.append(upper)
+    conditions.append("rql_like(?, 0, {v})")
+    params.append(node.pattern)
+    return _leaf_set(node.path, " AND ".join(conditions), *params)
+
+
+def _in(node: In) -> LeafSet:
+    by_rank: dict[int, list[Any]] = defaultdict(list)
+    for value in node.values:
+        by_rank[type_rank(value)].append(_param(value))
+    out: LeafSet = []
+    for rank, values in sorted(by_rank.items()):
+        if rank == 0:
+            out += _leaf_set(node.path, "{t} = 0")
+        else:
+            marks = ",".join("?" * len(values))
+            out += _leaf_set(node.path, f"{{t}} = ? AND {{v}} IN ({marks})", rank, *values)
+    return out
+
+
+def _join(sep: str, parts: list[Sql]) -> Sql:
+    return "(" + f" {sep} ".join(p[0] for p in parts) + ")", [x for p in parts for x in p[1]]
+
+
+def _selectivity(node: Filter) -> int:
+    """A guess at how few twins a condition selects (lower is fewer), without statistics."""
+    if isinstance(node, Compare):
+        if node.op == "eq":
+            return 5 if node.value is None else 0
+        return 6 if node.op == "ne" else 3
+    if isinstance(node, In):
+        return 1
+    if isinstance(node, Like):
+        return 2 if not node.ignore_case and patterns.literal_prefix(node.pattern)[0] else 4
+    if isinstance(node, Exists):
+        return 5
+    if isinstance(node, And):
+        return min(_selectivity(op) for op in node.operands)
+    if isinstance(node, Or):
+        return max(_selectivity(op) for op in node.operands)
+    return 7
+
+
+def filter_sql(node: Filter, driving: bool = True) -> Sql:
+    """A boolean SQL expression on ``t.tid`` equivalent to :func:`search.rql.matches`.
+
+    In an ``and`` only the operand that looks most selective drives the query.
+    """
+    if isinstance(node, Compare):
+        if node.op == "eq":
+            return _member(_eq_set(node.path, node.value), driving)
+        if node.op == "ne":
+            has = _member(_leaf_set(node.path), driving)
+            return _join("AND", [has, _member(_eq_set(node.path, node.value), False, True)])
+        condition = f"{{t}} = ? AND {{v}} {_OPS[node.op]} ?"
+        rank, value = type_rank(node.value), _param(node.value)
+        return _member(_leaf_set(node.path, condition, rank, value), driving)
+    if isinstance(node, In):
+        return _member(_in(node), driving)
+    if isinstance(node, Like):
+        return _member(_like(node), driving)
+    if isinstance(node, Exists):
+        return _member(_leaf_set(node.path), driving)
+    if isinstance(node, And):
+        best = min(range(len(node.operands)), key=lambda i: _selectivity(node.operands[i]))
+        return _join(
+            "AND", [filter_sql(op, driving and i == best) for i, op in enumerate(node.operands)]
+        )
+    if isinstance(node, Or):
+        return _join("OR", [filter_sql(op, driving) for op in node.operands])
+    assert isinstance(node, Not)
+    inner, params = filter_sql(node.operand, False)
+    return f"NOT {inner}", params

@@ -1,0 +1,318 @@
+"""REST API of twins against the real service process (SQLite default)."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from tests.service_process import READER_TOKEN, ServiceProcess
+
+MERGE = {"Content-Type": "application/merge-patch+json"}
+JSON_PATCH = {"Content-Type": "application/json-patch+json"}
+
+
+def new_id(namespace: str = "org.acme") -> str:
+    return f"{namespace}:t-{uuid.uuid4().hex[:10]}"
+
+
+def put(api: httpx.Client, twin_id: str, body: dict[str, object]) -> httpx.Response:
+    response = api.put(f"/api/v1/twins/{twin_id}", json=body)
+    assert response.status_code in (200, 201), response.text
+    return response
+
+
+def test_put_creates_then_replaces(api: httpx.Client) -> None:
+    twin_id = new_id()
+    created = api.put(
+        f"/api/v1/twins/{twin_id}",
+        json={"definition": "acme:pump:1", "attributes": {"site": "a"}, "desired": {"on": True}},
+    )
+    assert created.status_code == 201
+    assert created.headers["Location"] == f"/api/v1/twins/{twin_id}"
+    assert created.headers["ETag"] == '"rev:1"'
+    doc = created.json()
+    assert doc["twinId"] == twin_id and doc["namespace"] == "org.acme"
+    assert doc["definition"] == "acme:pump:1"
+    assert doc["delta"] == {"on": True}
+    assert doc["connection"]["status"] == "unknown"
+    assert doc["revision"] == 1 and doc["created"] == doc["modified"]
+    assert doc["created"].endswith("Z") and len(doc["created"]) == 24
+    assert doc["metadata"]["desired"]["on"] == {"modified": doc["created"], "revision": 1}
+
+    replaced = api.put(f"/api/v1/twins/{twin_id}", json={"attributes": {"site": "b"}})
+    assert replaced.status_code == 200
+    doc = replaced.json()
+    assert doc["revision"] == 2 and doc["desired"] == {} and doc["attributes"] == {"site": "b"}
+    assert "definition" not in doc
+    assert doc["desiredVersion"] == 2
+
+
+def test_post_generates_id_in_default_namespace(api: httpx.Client) -> None:
+    response = api.post("/api/v1/twins", json={"attributes": {"a": 1}})
+    assert response.status_code == 201
+    twin_id = response.json()["twinId"]
+    assert twin_id.startswith("default:")
+    assert response.headers["Location"] == f"/api/v1/twins/{twin_id}"
+    assert api.get(f"/api/v1/twins/{twin_id}").json()["attributes"] == {"a": 1}
+
+
+def test_get_missing_is_404_with_error_body(api: httpx.Client) -> None:
+    response = api.get(f"/api/v1/twins/{new_id()}")
+    assert response.status_code == 404
+    body = response.json()
+    assert body["status"] == 404 and body["error"] == "twin.notfound"
+    assert body["message"] and "description" in body
+
+
+def test_get_many_and_fields(api: httpx.Client) -> None:
+    a, b = new_id(), new_id()
+    put(api, a, {"attributes": {"x": 1}, "desired": {"fan": {"speed": 1, "dir": "l"}}})
+    put(api, b, {"attributes": {"x": 2}})
+    many = api.get("/api/v1/twins", params={"ids": f"{a},{new_id()},{b}", "fields": "attributes"})
+    assert many.status_code == 200
+    assert many.json() == [{"attributes": {"x": 1}}, {"attributes": {"x": 2}}]
+    one = api.get(f"/api/v1/twins/{a}", params={"fields": "twinId,desired/fan/speed"})
+    assert one.json() == {"twinId": a, "desired": {"fan": {"speed": 1}}}
+
+
+def test_delete(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {})
+    assert api.delete(f"/api/v1/twins/{twin_id}").status_code == 204
+    assert api.get(f"/api/v1/twins/{twin_id}").status_code == 404
+    assert api.delete(f"/api/v1/twins/{twin_id}").status_code == 404
+
+
+def test_merge_patch_and_delta(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"fan": {"speed": 3, "mode": "auto"}, "led": "red"}})
+    response = api.patch(
+        f"/api/v1/twins/{twin_id}",
+        content=b'{"reported": {"fan": {"speed": 3.0, "mode": "eco"}, "extra": 1},'
+        b' "desired": {"led": null}}',
+        headers=MERGE,
+    )
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert doc["desired"] == {"fan": {"speed": 3, "mode": "auto"}}
+    assert doc["delta"] == {"fan": {"mode": "auto"}}
+    assert doc["revision"] == 2 and doc["desiredVersion"] == 2 and doc["reportedVersion"] == 2
+    assert api.get(f"/api/v1/twins/{twin_id}/delta").json() == {"fan": {"mode": "auto"}}
+
+
+def test_json_patch_with_array_operations(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {"attributes": {"tags": ["a", "c"]}})
+    ops = [
+        {"op": "add", "path": "/attributes/tags/1", "value": "b"},
+        {"op": "add", "path": "/attributes/tags/-", "value": "d"},
+        {"op": "test", "path": "/attributes/tags/0", "value": "a"},
+        {"op": "copy", "from": "/attributes/tags", "path": "/desired/tags"},
+        {"op": "remove", "path": "/desired/tags/0"},
+    ]
+    response = api.patch(f"/api/v1/twins/{twin_id}", json=ops, headers=JSON_PATCH)
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert doc["attributes"]["tags"] == ["a", "b", "c", "d"]
+    assert doc["desired"]["tags"] == ["b", "c", "d"]
+
+
+def test_json_patch_failure_is_atomic(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {"attributes": {"a": 1}})
+    ops = [
+        {"op": "replace", "path": "/attributes/a", "value": 2},
+        {"op": "remove", "path": "/attributes/missing"},
+    ]
+    response = api.patch(f"/api/v1/twins/{twin_id}", json=ops, headers=JSON_PATCH)
+    assert response.status_code == 400
+    assert response.json()["error"] == "patch.path.notfound"
+    failing_test = [{"op": "test", "path": "/attributes/a", "value": 5}]
+    response = api.patch(f"/api/v1/twins/{twin_id}", json=failing_test, headers=JSON_PATCH)
+    assert response.status_code == 412
+    doc = api.get(f"/api/v1/twins/{twin_id}").json()
+    assert doc["attributes"] == {"a": 1} and doc["revision"] == 1
+
+
+def test_patch_needs_patch_media_type(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {})
+    response = api.patch(f"/api/v1/twins/{twin_id}", json={"desired": {"a": 1}})
+    assert response.status_code == 415
+    assert response.json()["error"] == "request.mediatype"
+    response = api.put(
+        f"/api/v1/twins/{twin_id}", content=b"{}", headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 415
+
+
+def test_sub_resources_by_pointer(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {}})
+    base = f"/api/v1/twins/{twin_id}"
+    created = api.put(f"{base}/desired/fan/speed", json=3)
+    assert created.status_code == 201 and created.json() == 3
+    modified = api.put(f"{base}/desired/fan/speed", json=4)
+    assert modified.status_code == 204 and modified.headers["ETag"] == '"rev:3"'
+    assert api.get(f"{base}/desired/fan").json() == {"speed": 4}
+    assert api.get(f"{base}/desired").json() == {"fan": {"speed": 4}}
+    assert api.get(f"{base}/delta/fan/speed").json() == 4
+    patched = api.patch(f"{base}/desired/fan", content=b'{"dir": "left"}', headers=MERGE)
+    assert patched.status_code == 204
+    assert api.get(f"{base}/desired/fan").json() == {"speed": 4, "dir": "left"}
+    assert api.delete(f"{base}/desired/fan/speed").status_code == 204
+    assert api.get(f"{base}/desired/fan/speed").status_code == 404
+    assert api.get(f"{base}/desired/fan/speed").json()["error"] == "pointer.notfound"
+    assert api.delete(f"{base}/desired/fan/speed").status_code == 404
+    # Attributes, reported, live; connection and metadata views.
+    assert api.put(f"{base}/attributes/site", json="plant-1").status_code == 201
+    assert api.put(f"{base}/reported/temp", json=21.5).status_code == 201
+    assert api.put(f"{base}/live/rpm", json=[1, 2]).status_code == 201
+    assert api.get(f"{base}/live/rpm/1").json() == 2
+    assert api.get(f"{base}/connection").json()["status"] == "unknown"
+    meta = api.get(f"{base}/metadata/reported/temp").json()
+    assert meta["revision"] == 7
+    assert api.put(f"/api/v1/twins/{new_id()}/desired/a", json=1).status_code == 404
+
+
+def test_pointer_escaping(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {})
+    base = f"/api/v1/twins/{twin_id}/attributes"
+    assert api.put(f"{base}/a~1b/c~0d", json=1).status_code == 201
+    assert api.put(f"{base}/with%20space", json=2).status_code == 201
+    assert api.put(f"{base}/pct%2Fslash", json=3).status_code == 201
+    attributes = api.get(base).json()
+    assert attributes == {"a/b": {"c~d": 1}, "with space": 2, "pct/slash": 3}
+    assert api.get(f"{base}/a~1b/c~0d").json() == 1
+    bad = api.get(f"{base}/bad~2escape")
+    assert bad.status_code == 400 and bad.json()["error"] == "pointer.invalid"
+
+
+def test_etags_and_preconditions(api: httpx.Client) -> None:
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    first = api.put(url, json={"desired": {"a": 1}}, headers={"If-None-Match": "*"})
+    assert first.status_code == 201
+    again = api.put(url, json={"desired": {"a": 2}}, headers={"If-None-Match": "*"})
+    assert again.status_code == 412
+    assert again.json()["error"] == "twin.precondition.failed"
+    etag = first.headers["ETag"]
+    assert api.get(url, headers={"If-None-Match": etag}).status_code == 304
+    ok = api.patch(url, content=b'{"desired":{"a":3}}', headers={**MERGE, "If-Match": etag})
+    assert ok.status_code == 200 and ok.headers["ETag"] == '"rev:2"'
+    stale = api.patch(url, content=b'{"desired":{"a":4}}', headers={**MERGE, "If-Match": etag})
+    assert stale.status_code == 412
+    assert api.get(url, headers={"If-None-Match": etag}).status_code == 200
+    assert api.delete(url, headers={"If-Match": etag}).status_code == 412
+    assert api.put(f"{url}/desired/a", json=9, headers={"If-Match": '"rev:2"'}).status_code == 204
+    assert api.get(url).json()["desired"] == {"a": 9}
+    assert api.put(url, json={}, headers={"If-Match": "garbage"}).status_code == 400
+    missing = api.put(f"/api/v1/twins/{new_id()}", json={}, headers={"If-Match": "*"})
+    assert missing.status_code == 412
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "json.invalid"),
+        (b'{"desired": {"a": 1, "a": 2}}', 400, "json.invalid"),
+        (b'{"desired": {"a": NaN}}', 400, "json.invalid"),
+        (b'{"desired": {"a": Infinity}}', 400, "json.invalid"),
+        (b'{"desired": {"a": 1e999}}', 400, "json.invalid"),
+        (b'{"desired": {"a": "\xff\xfe"}}', 400, "json.invalid"),
+        (b"", 400, "json.invalid"),
+        (b"[1, 2]", 400, "twin.invalid"),
+        (b'{"desired": []}', 400, "twin.invalid"),
+        (b'{"desired": {"": 1}}', 400, "limits.exceeded"),
+        (b'{"desired": {"a\\u0001": 1}}', 400, "limits.exceeded"),
+        (b'{"desired": {"' + b"k" * 300 + b'": 1}}', 400, "limits.exceeded"),
+        (b'{"desired": ' + b'{"a":' * 20 + b"1" + b"}" * 20 + b"}", 400, "limits.exceeded"),
+        (b'{"unknown": 1}', 400, "twin.invalid"),
+        (b'{"definition": 5}', 400, "twin.invalid"),
+        (b'{"twinId": "other:id"}', 400, "twin.invalid"),
+        (b'{"live": {"blob": "' + b"x" * 70_000 + b'"}}', 413, "twin.toolarge"),
+        (b'{"live": {"blob": "' + b"x" * 1_100_000 + b'"}}', 413, "request.toolarge"),
+    ],
+)
+def test_bad_input_is_refused_and_twin_unchanged(
+    api: httpx.Client, body: bytes, status: int, code: str
+) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"keep": 1}})
+    response = api.put(
+        f"/api/v1/twins/{twin_id}", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == code
+    doc = api.get(f"/api/v1/twins/{twin_id}").json()
+    assert doc["desired"] == {"keep": 1} and doc["revision"] == 1
+
+
+def test_small_patch_making_twin_too_large_is_413(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {"live": {"a": "x" * 40_000}})
+    response = api.patch(
+        f"/api/v1/twins/{twin_id}",
+        content=b'{"live": {"b": "' + b"y" * 30_000 + b'"}}',
+        headers=MERGE,
+    )
+    assert response.status_code == 413
+    body = response.json()
+    assert body["limit"] == 65536 and body["size"] > 65536
+    assert api.get(f"/api/v1/twins/{twin_id}").json()["revision"] == 1
+
+
+@pytest.mark.parametrize(
+    "twin_id",
+    [
+        "noseparator",
+        "org.acme:with/slash",
+        "1bad.ns:x",
+        "org..acme:x",
+        "org.acme:",
+        "a:" + "x" * 300,
+    ],
+)
+def test_invalid_twin_ids(api: httpx.Client, twin_id: str) -> None:
+    response = api.put(f"/api/v1/twins/{twin_id}", json={})
+    assert response.status_code == 400
+    # A '/' makes the rest look like a section name, which is refused as an invalid request.
+    expected = "request.invalid" if "/" in twin_id else "twin.id.invalid"
+    assert response.json()["error"] == expected
+
+
+def test_authentication_and_roles(service: ServiceProcess) -> None:
+    twin_id = new_id()
+    with service.client(token="") as anonymous:
+        response = anonymous.get(f"/api/v1/twins/{twin_id}")
+        assert response.status_code == 401 and response.json()["error"] == "auth.required"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert anonymous.get("/health").status_code == 200
+    with service.client(token="wrong-token-wrong-token") as wrong:
+        assert wrong.get(f"/api/v1/twins/{twin_id}").status_code == 401
+    with service.client(token=READER_TOKEN) as reader:
+        denied = reader.put(f"/api/v1/twins/{twin_id}", json={})
+        assert denied.status_code == 403 and denied.json()["error"] == "auth.forbidden"
+        assert reader.get(f"/api/v1/twins/{twin_id}").status_code == 404
+
+
+def test_namespace_restricted_token(service: ServiceProcess) -> None:
+    from tests.service_process import ACME_TOKEN
+
+    with service.client(token=ACME_TOKEN) as acme:
+        assert acme.put(f"/api/v1/twins/{new_id('org.acme')}", json={}).status_code == 201
+        assert acme.put(f"/api/v1/twins/{new_id('org.other')}", json={}).status_code == 403
+
+
+def test_health_ready_and_openapi(service: ServiceProcess) -> None:
+    with service.client(token="") as client:
+        assert client.get("/health").json()["status"] == "ok"
+        ready = client.get("/ready")
+        assert ready.status_code == 200 and ready.json()["checks"]["store"]["status"] == "up"
+        spec = client.get("/openapi.json").json()
+        put_twin = spec["paths"]["/api/v1/twins/{twin_id}"]["put"]
+        assert {"201", "400", "401", "403", "412", "413", "415"} <= set(put_twin["responses"])
+        assert client.get("/docs").status_code == 200

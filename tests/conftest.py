@@ -1,0 +1,5 @@
+"""Shared fixtures: real servers (tests/servers) and the real twin service process."""
+
+from __future__ import annotations
+
+pytest_plugins = ["tests.servers.fixtures", "tests.service_fixtures"]

@@ -1,0 +1,132 @@
+"""DeviceClient against a tiny fake service: a real plain-paho peer on a real mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from connectivity.device import DeviceClient, DeviceConfig
+from connectivity.errors import RequestRejected
+from tests.connectivity.helpers import eventually
+from tests.servers.mosquitto import Mosquitto
+
+
+class FakeService:
+    """Answers get and reported/update for every twin; remembers status and live values."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.prefix = prefix
+        self.status: dict[str, str] = {}
+        self.live: list[Any] = []
+        self.revision = 0
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        for suffix in ("reported/update", "get", "status", "live/update"):
+            self.client.subscribe(f"{prefix}/+/{suffix}", 1)
+        self.client.loop_start()
+
+    def _reply(self, twin: str, suffix: str, body: dict[str, Any]) -> None:
+        self.client.publish(f"{self.prefix}/{twin}/{suffix}", json.dumps(body), qos=1)
+
+    def _on_message(self, _c: paho.Client, _u: Any, m: paho.MQTTMessage) -> None:
+        _, twin, *rest = m.topic.split("/")
+        suffix = "/".join(rest)
+        if suffix == "status":
+            self.status[twin] = m.payload.decode()
+            return
+        body = json.loads(m.payload)
+        if suffix == "live/update":
+            self.live.append(body)
+        elif suffix == "get":
+            self._reply(
+                twin,
+                "get/accepted",
+                {
+                    "desired": {"speed": 3},
+                    "reported": {},
+                    "delta": {"speed": 3},
+                    "desiredVersion": 1,
+                    "reportedVersion": 0,
+                    "clientToken": body["clientToken"],
+                },
+            )
+        elif "bad" in body["state"]:
+            self._reply(
+                twin,
+                "reported/update/rejected",
+                {
+                    "clientToken": body["clientToken"],
+                    "code": 400,
+                    "error": "patch.invalid",
+                    "message": "bad value",
+                },
+            )
+        else:
+            self.revision += 1
+            self._reply(
+                twin,
+                "reported/update/accepted",
+                {
+                    "clientToken": body["clientToken"],
+                    "revision": self.revision,
+                    "reportedVersion": self.revision,
+                },
+            )
+
+    def send_delta(self, twin: str, body: dict[str, Any]) -> None:
+        self.client.publish(f"{self.prefix}/{twin}/delta", json.dumps(body), qos=1, retain=True)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def service(mosquitto_server: Mosquitto, unique_name: str) -> Iterator[FakeService]:
+    assert mosquitto_server.port is not None
+    svc = FakeService(mosquitto_server.port, unique_name)
+    yield svc
+    svc.close()
+
+
+async def test_device_basics(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    twin = "org.acme:pump-1"
+    dev = DeviceClient(
+        DeviceConfig(
+            url=mosquitto_server.url,
+            twin_id=twin,
+            password="unused",
+            topic_prefix=f"{unique_name}/{{twinId}}",
+            client_id=f"{unique_name}-dev",
+        )
+    )
+    await dev.start()
+    await eventually(lambda: service.status.get(twin) == "online")
+    await eventually(lambda: dev.twin is not None)
+    assert dev.twin is not None and dev.twin["desiredVersion"] == 1
+
+    accepted = await dev.report({"speed": 3}, desired_version=1, client_token="tok-1")
+    assert accepted == {"clientToken": "tok-1", "revision": 1, "reportedVersion": 1}
+    with pytest.raises(RequestRejected) as info:
+        await dev.report({"bad": True})
+    assert info.value.code == "patch.invalid"
+
+    service.send_delta(twin, {"state": {"speed": 4}, "desiredVersion": 2})
+    delta = await asyncio.wait_for(dev.deltas.get(), 10)
+    assert delta == {"state": {"speed": 4}, "desiredVersion": 2}
+
+    await dev.update_live({"rpm": 1200})
+    await eventually(lambda: service.live == [{"rpm": 1200}])
+
+    await dev.stop()
+    await eventually(lambda: service.status.get(twin) == "offline")
+    service.send_delta(twin, {"state": {}, "desiredVersion": 2})  # clear the retained delta

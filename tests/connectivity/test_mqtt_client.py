@@ -1,0 +1,211 @@
+"""MqttClient against a real mosquitto: round trip, PUBACK, manual acks, ordering, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from connectivity.errors import NotConnected
+from connectivity.messages import InboundMessage
+from tests.connectivity.helpers import Collector, eventually, started
+from tests.servers.mosquitto import Mosquitto
+
+
+async def test_round_trip_qos1_and_v311(mosquitto_server: Mosquitto, unique_name: str) -> None:
+    for protocol in (5, 4):
+        sub = await started(mosquitto_server.url, f"{unique_name}-s{protocol}", protocol=protocol)
+        pub = await started(mosquitto_server.url, f"{unique_name}-p{protocol}", protocol=protocol)
+        got = Collector()
+        await sub.subscribe(f"{unique_name}/{protocol}/#", 1, got)
+        await pub.publish(f"{unique_name}/{protocol}/a", b"hello", qos=1)
+        await pub.publish(f"{unique_name}/{protocol}/b", "retained", qos=1, retain=True)
+        msgs = await got.wait_for(2)
+        assert [(m.topic, m.payload, m.qos) for m in msgs] == [
+            (f"{unique_name}/{protocol}/a", b"hello", 1),
+            (f"{unique_name}/{protocol}/b", b"retained", 1),
+        ]
+        assert not msgs[0].duplicate
+        await pub.publish(f"{unique_name}/{protocol}/b", b"", qos=1, retain=True)
+        await sub.stop()
+        await pub.stop()
+
+
+async def test_mqtt5_properties(mosquitto_server: Mosquitto, unique_name: str) -> None:
+    sub = await started(mosquitto_server.url, f"{unique_name}-s")
+    pub = await started(mosquitto_server.url, f"{unique_name}-p")
+    got = Collector()
+    await sub.subscribe(f"{unique_name}/req", 1, got)
+    await pub.publish(
+        f"{unique_name}/req", b"{}", response_topic=f"{unique_name}/resp", correlation_data=b"c1"
+    )
+    (msg,) = await got.wait_for(1)
+    assert msg.response_topic == f"{unique_name}/resp"
+    assert msg.correlation_data == b"c1"
+    await sub.stop()
+    await pub.stop()
+
+
+async def test_publish_waits_for_puback_and_fails_when_disconnected(
+    fresh_mosquitto: Mosquitto, unique_name: str
+) -> None:
+    pub = await started(fresh_mosquitto.url, unique_name, reconnect_min_delay=0.1)
+    await pub.publish(f"{unique_name}/x", b"1")  # returns only after PUBACK
+    await fresh_mosquitto.astop()
+    await eventually(lambda: not pub.connected)
+    with pytest.raises(NotConnected):
+        await pub.publish(f"{unique_name}/x", b"2")
+    await pub.stop()
+
+
+async def test_ordering_per_key_and_concurrency_across_keys(
+    mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    sub = await started(mosquitto_server.url, f"{unique_name}-s", max_in_flight=8)
+    pub = await started(mosquitto_server.url, f"{unique_name}-p")
+    seen: dict[str, list[int]] = {}
+    running = 0
+    peak = 0
+    done = asyncio.Event()
+    total = 4 * 15
+
+    async def handler(msg: InboundMessage) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        # Later messages of one key finish faster: only per-key serialisation keeps order.
+        n = int(msg.payload)
+        await asyncio.sleep(0.02 if n % 2 == 0 else 0.001)
+        seen.setdefault(msg.topic.split("/")[1], []).append(n)
+        running -= 1
+        if sum(len(v) for v in seen.values()) == total:
+            done.set()
+
+    await sub.subscribe(f"twins/+/{unique_name}", 1, handler)
+    for n in range(15):
+        for twin in ("a:1", "a:2", "a:3", "a:4"):
+            await pub.publish(f"twins/{twin}/{unique_name}", str(n).encode(), qos=1)
+    await asyncio.wait_for(done.wait(), 20)
+    assert all(v == list(range(15)) for v in seen.values()), seen
+    assert peak > 1, "different twins must be handled concurrently"
+    await eventually(lambda: sub.health().pending_acks == 0)
+    await sub.stop()
+    await pub.stop()
+
+
+async def test_failed_handler_is_not_acked_and_is_redelivered(
+    mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    sub = await started(mosquitto_server.url, f"{unique_name}-s")
+    pub = await started(mosquitto_server.url, f"{unique_name}-p")
+    calls: list[InboundMessage] = []
+
+    async def failing(msg: InboundMessage) -> None:
+        calls.append(msg)
+        raise RuntimeError("boom")
+
+    await sub.subscribe(f"{unique_name}/t", 1, failing)
+    await pub.publish(f"{unique_name}/t", b"must-survive")
+    await eventually(lambda: len(calls) == 1)
+    assert sub.health().handler_failures == 1
+    await sub.stop()
+
+    again = Collector()
+    sub2 = await started(mosquitto_server.url, f"{unique_name}-s")
+    await sub2.subscribe(f"{unique_name}/t", 1, again)
+    (msg,) = await again.wait_for(1)
+    assert msg.payload == b"must-survive"
+    assert msg.duplicate
+    await sub2.stop()
+    await pub.stop()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from connectivity.mqtt_client import MqttClient
+    from connectivity.options import MqttOptions
+
+    async def main() -> None:
+        url, cid, topic = sys.argv[1:4]
+        client = MqttClient(MqttOptions(url=url, client_id=cid))
+        await client.start()
+        await client.wait_connected(10)
+
+        async def hang(msg):
+            print("got", msg.payload.decode(), flush=True)
+            await asyncio.Event().wait()
+
+        await client.subscribe(topic, 1, hang)
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_process_killed_mid_handler_gets_redelivery(
+    mosquitto_server: Mosquitto, unique_name: str, tmp_path: Path
+) -> None:
+    topic = f"{unique_name}/k"
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    root = Path(__file__).resolve().parents[2]
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        mosquitto_server.url,
+        f"{unique_name}-s",
+        topic,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert child.stdout is not None
+    assert (await asyncio.wait_for(child.stdout.readline(), 15)).strip() == b"ready"
+    pub = await started(mosquitto_server.url, f"{unique_name}-p")
+    await pub.publish(topic, b"in-flight")
+    assert (await asyncio.wait_for(child.stdout.readline(), 10)).strip() == b"got in-flight"
+    child.send_signal(signal.SIGKILL)
+    await child.wait()
+
+    got = Collector()
+    sub = await started(mosquitto_server.url, f"{unique_name}-s")
+    await sub.subscribe(topic, 1, got)
+    (msg,) = await got.wait_for(1)
+    assert msg.payload == b"in-flight"
+    await sub.stop()
+    await pub.stop()
+
+
+async def test_reconnects_and_resubscribes_after_broker_restart(
+    fresh_mosquitto: Mosquitto, unique_name: str
+) -> None:
+    sub = await started(fresh_mosquitto.url, f"{unique_name}-s", reconnect_min_delay=0.1)
+    got = Collector()
+    await sub.subscribe(f"{unique_name}/r", 1, got)
+    await fresh_mosquitto.arestart()  # session survives (persistence)
+    await sub.wait_connected(15)
+    pub = await started(fresh_mosquitto.url, f"{unique_name}-p")
+    await pub.publish(f"{unique_name}/r", b"after-restart")
+    await got.wait_for(1)
+    assert sub.health().reconnect_count == 1
+
+    # A crash loses the in-memory session: the client must subscribe again by itself.
+    fresh_mosquitto.kill()
+    fresh_mosquitto.persistence_dir.joinpath("mosquitto.db").unlink(missing_ok=True)
+    await fresh_mosquitto.astart()
+    await eventually(lambda: sub.health().reconnect_count == 2, 15)
+    await pub.wait_connected(15)
+    await eventually(lambda: sub.connected)
+    await asyncio.sleep(0.3)  # let the re-SUBSCRIBE land
+    await pub.publish(f"{unique_name}/r", b"after-crash")
+    await got.wait_for(2)
+    assert sub.health().last_error is not None
+    await sub.stop()
+    await pub.stop()

@@ -1,0 +1,118 @@
+"""Runs the real service (``python -m twin_service serve``) on a free port for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+WRITER_TOKEN = "test-writer-token-0123456789"
+READER_TOKEN = "test-reader-token-0123456789"
+ACME_TOKEN = "test-acme-only-token-0123456789"
+
+TOKENS = [
+    {"name": "admin", "token": ADMIN_TOKEN, "role": "admin"},
+    {"name": "writer", "token": WRITER_TOKEN, "role": "write"},
+    {"name": "reader", "token": READER_TOKEN, "role": "read"},
+    {"name": "acme", "token": ACME_TOKEN, "role": "write", "namespaces": ["org.acme"]},
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """One service process; ``env`` entries are ``TWIN_*`` settings."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / f"service-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> ServiceProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+        env.update(
+            {
+                "TWIN_AUTH__TOKENS": json.dumps(TOKENS),
+                "TWIN_MQTT__ENABLED": "false",
+                "TWIN_LOG_LEVEL": "warning",
+            }
+        )
+        env.update(self.env)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "twin_service",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited at start-up:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"service did not start in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def client(self, token: str = ADMIN_TOKEN, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+
+    def async_client(self, token: str = ADMIN_TOKEN, **kwargs: Any) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30, **kwargs)

@@ -1,0 +1,3 @@
+"""twin-service: a digital twin state service."""
+
+__version__ = "0.1.0"

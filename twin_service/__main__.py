@@ -1,0 +1,3 @@
+from twin_service.cli import main
+
+raise SystemExit(main())

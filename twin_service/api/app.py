@@ -1,0 +1,78 @@
+"""The FastAPI application and its lifespan (store, service, optional components)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from twin_service import __version__
+from twin_service.api import errors
+from twin_service.api.context import AppContext, Component
+from twin_service.api.routes import health, search, twins
+from twin_service.auth import TokenRegistry, load_tokens
+from twin_service.service import TwinService
+from twin_service.settings import Settings
+from twin_service.store.base import TwinStore
+
+log = logging.getLogger(__name__)
+
+
+def build_store(settings: Settings) -> TwinStore:
+    if settings.store == "mongodb":
+        from twin_service.store.mongodb import MongoStore  # type: ignore[import-not-found]
+
+        store: TwinStore = MongoStore(settings)
+        return store
+    from twin_service.store.sqlite import SqliteStore
+
+    return SqliteStore(
+        settings.data_dir / settings.sqlite.file_name, settings.sqlite, settings.stream
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    tokens, created = load_tokens(settings)
+    if created:
+        # Printed once, on the first start only; the file in the data dir keeps it (0600).
+        print(f"Created admin token (stored in {settings.data_dir}/admin-token): {created}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = build_store(settings)
+        await store.open()
+        service = TwinService(store, settings.limits.to_limits(), settings.default_namespace)
+        ctx = AppContext(settings, store, service, TokenRegistry(tokens, settings.auth.disabled))
+        app.state.ctx = ctx
+        started: list[Component] = []
+        try:
+            for component in _components(settings):
+                await component.start(ctx)
+                started.append(component)
+            yield
+        finally:
+            for component in reversed(started):
+                try:
+                    await component.stop()
+                except Exception:
+                    log.exception("stopping %s failed", component)
+            await store.close()
+
+    app = FastAPI(
+        title="twin-service",
+        version=__version__,
+        description="Digital twin state: desired, reported, delta, live and attributes.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(twins.router)
+    app.include_router(search.router)
+    return app
+
+
+def _components(settings: Settings) -> list[Component]:
+    """Background components started with the app (MQTT bridge, event bus...)."""
+    return []

@@ -1,0 +1,57 @@
+"""The one place where errors become HTTP responses: one JSON body for every failure."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from twin_service.errors import TwinServiceError
+
+log = logging.getLogger(__name__)
+
+_STARLETTE_CODES = {
+    404: "resource.notfound",
+    405: "request.method",
+    406: "request.notacceptable",
+    413: "request.toolarge",
+}
+
+
+def error_response(error: TwinServiceError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.to_body(), status_code=error.status, headers=headers)
+
+
+def _body(status: int, code: str, message: str, description: str = "") -> JSONResponse:
+    return JSONResponse(
+        {"status": status, "error": code, "message": message, "description": description},
+        status_code=status,
+    )
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(TwinServiceError)
+    async def _twin_error(_: Request, exc: TwinServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = "/".join(str(p) for p in first.get("loc", ()))
+        return _body(
+            400, "request.invalid", f"Invalid request at {where}: {first.get('msg', 'invalid')}."
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STARLETTE_CODES.get(exc.status_code, "request.invalid")
+        return _body(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _body(500, "service.internal", "Internal error; see the service log.")

@@ -1,0 +1,38 @@
+"""The ``fields`` selector: ``attributes,desired/fan`` picks parts of a document."""
+
+from __future__ import annotations
+
+from twin_service.errors import BadRequest
+from twin_service.types import JSONObject
+
+
+def parse_fields(fields: str | None) -> list[list[str]] | None:
+    if fields is None:
+        return None
+    paths = [[p for p in part.strip().split("/")] for part in fields.split(",")]
+    if any(not path or any(not p for p in path) for path in paths):
+        raise BadRequest(f"Invalid fields selector {fields!r}.", code="fields.invalid")
+    return paths
+
+
+def select(doc: JSONObject, paths: list[list[str]] | None) -> JSONObject:
+    """The parts of ``doc`` named by ``paths``, keeping their nesting; missing ones are skipped."""
+    if paths is None:
+        return doc
+    out: JSONObject = {}
+    for path in paths:
+        node: object = doc
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            target = out
+            for part in path[:-1]:
+                existing = target.get(part)
+                if not isinstance(existing, dict):
+                    existing = {}
+                    target[part] = existing
+                target = existing
+            target[path[-1]] = node
+    return out

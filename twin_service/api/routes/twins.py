@@ -1,0 +1,346 @@
+"""Twin resources: whole twins, sections by JSON pointer, and read-only views."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+
+from twin_service.api.deps import (
+    Body,
+    Conditions,
+    Context,
+    Reader,
+    TwinId,
+    Writer,
+    etag,
+    json_body,
+    parse_etag_revision,
+    pointer_after,
+)
+from twin_service.api.fields import parse_fields, select
+from twin_service.api.schemas import TwinDocument, TwinWrite, errors, json_request_body
+from twin_service.auth import Principal
+from twin_service.errors import BadRequest, NotFound, UnsupportedMediaType
+from twin_service.twin.document import Twin
+from twin_service.twin.ids import generate_twin_id, parse_twin_id
+from twin_service.twin.jsonvalue import dumps
+from twin_service.twin.operations import (
+    Edit,
+    delete_at,
+    json_patch_twin,
+    merge_patch_twin,
+    patch_at,
+    put_at,
+    replace_twin,
+)
+from twin_service.twin.patch import get_at
+from twin_service.types import JSON
+
+router = APIRouter(prefix="/api/v1", tags=["twins"])
+
+Section = Literal["attributes", "desired", "reported", "live"]
+View = Literal["delta", "connection", "metadata", "lifecycle"]
+Fields = Annotated[
+    str | None, Query(description="Comma-separated paths to include, e.g. attributes,desired/fan")
+]
+MERGE = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+TWIN_BASE = 4  # raw path segments before a section: "", api, v1, twins, {id}
+
+
+def json_response(value: JSON, status: int = 200, revision: int | None = None) -> Response:
+    headers = {"ETag": etag(revision)} if revision is not None else None
+    return Response(
+        dumps(value), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _visible(principal: Principal, twin_id: str) -> None:
+    namespace, _ = parse_twin_id(twin_id)
+    principal.check_namespace(namespace)
+
+
+def _not_modified(if_none_match: str | None, twin: Twin) -> bool:
+    if if_none_match is None:
+        return False
+    tags = [parse_etag_revision(t) for t in if_none_match.split(",")]
+    return if_none_match.strip() == "*" or twin.revision in tags
+
+
+@router.post(
+    "/twins",
+    status_code=201,
+    response_model=TwinDocument,
+    responses=errors(413, 415),
+    openapi_extra=json_request_body(TwinWrite.model_json_schema()),
+    summary="Create a twin with a generated id in the default namespace",
+)
+async def create_twin(
+    ctx: Context, principal: Writer, body: Body, namespace: str | None = None
+) -> Response:
+    twin_id = generate_twin_id(namespace or ctx.settings.default_namespace)
+    _visible(principal, twin_id)
+    edit = (
+        replace_twin(body, twin_id) if not isinstance(body, dict) or "twinId" not in body else None
+    )
+    if edit is None:
+        raise BadRequest("POST generates the twin id; use PUT /twins/{id} to choose one.")
+    outcome = await ctx.service.mutate(
+        twin_id, lambda _: edit, origin=principal.name, may_create=True
+    )
+    assert outcome.twin is not None
+    response = json_response(outcome.twin.to_document(), 201, outcome.twin.revision)
+    response.headers["Location"] = f"/api/v1/twins/{twin_id}"
+    return response
+
+
+@router.get(
+    "/twins",
+    response_model=list[TwinDocument],
+    responses=errors(),
+    summary="Get several twins at once (missing or invisible ones are left out)",
+)
+async def get_twins(
+    ctx: Context,
+    principal: Reader,
+    ids: Annotated[str, Query(description="Comma-separated twin ids")],
+    fields: Fields = None,
+) -> Response:
+    wanted = [i for i in (s.strip() for s in ids.split(",")) if i]
+    if len(wanted) > ctx.settings.query.max_size:
+        raise BadRequest(f"At most {ctx.settings.query.max_size} ids per request.")
+    for twin_id in wanted:
+        parse_twin_id(twin_id)
+    paths = parse_fields(fields)
+    twins = await ctx.store.get_many(wanted)
+    return json_response(
+        [select(t.to_document(), paths) for t in twins if principal.may_see(t.namespace)]
+    )
+
+
+@router.get(
+    "/twins/{twin_id}",
+    response_model=TwinDocument,
+    responses={**errors(404, 410), 304: {"description": "Not modified"}},
+)
+async def get_twin(
+    ctx: Context,
+    principal: Reader,
+    twin_id: TwinId,
+    fields: Fields = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    _visible(principal, twin_id)
+    twin = await ctx.service.get(twin_id)
+    if _not_modified(if_none_match, twin):
+        return Response(status_code=304, headers={"ETag": etag(twin.revision)})
+    return json_response(select(twin.to_document(), parse_fields(fields)), revision=twin.revision)
+
+
+@router.put(
+    "/twins/{twin_id}",
+    response_model=TwinDocument,
+    status_code=200,
+    responses={**errors(404, 409, 412, 413, 415), 201: {"model": TwinDocument}},
+    openapi_extra=json_request_body(TwinWrite.model_json_schema()),
+    summary="Create (201) or replace (200) a twin",
+)
+async def put_twin(
+    ctx: Context, principal: Writer, twin_id: TwinId, body: Body, conditions: Conditions
+) -> Response:
+    _visible(principal, twin_id)
+    edit = replace_twin(body, twin_id)
+    outcome = await ctx.service.mutate(
+        twin_id, lambda _: edit, origin=principal.name, preconditions=conditions, may_create=True
+    )
+    assert outcome.twin is not None
+    response = json_response(
+        outcome.twin.to_document(), 201 if outcome.created else 200, outcome.twin.revision
+    )
+    if outcome.created:
+        response.headers["Location"] = f"/api/v1/twins/{twin_id}"
+    return response
+
+
+@router.patch(
+    "/twins/{twin_id}",
+    response_model=TwinDocument,
+    responses=errors(404, 409, 412, 413, 415),
+    openapi_extra=json_request_body(None, MERGE, JSON_PATCH),
+    summary="Merge patch (RFC 7396) or JSON Patch (RFC 6902) a twin",
+)
+async def patch_twin(
+    request: Request, ctx: Context, principal: Writer, twin_id: TwinId, conditions: Conditions
+) -> Response:
+    _visible(principal, twin_id)
+    kind, body = await _patch_body(request, ctx)
+    outcome = await ctx.service.mutate(
+        twin_id,
+        (lambda t: merge_patch_twin(_exists(t), body))
+        if kind == MERGE
+        else (lambda t: json_patch_twin(_exists(t), body)),
+        origin=principal.name,
+        preconditions=conditions,
+    )
+    assert outcome.twin is not None
+    return json_response(outcome.twin.to_document(), revision=outcome.twin.revision)
+
+
+@router.delete("/twins/{twin_id}", status_code=204, responses=errors(404, 412))
+async def delete_twin(
+    ctx: Context, principal: Writer, twin_id: TwinId, conditions: Conditions
+) -> Response:
+    _visible(principal, twin_id)
+    await ctx.service.mutate(
+        twin_id, lambda _: None, origin=principal.name, preconditions=conditions
+    )
+    return Response(status_code=204)
+
+
+# -- sections by JSON pointer ----------------------------------------------------------------
+
+_POINTER_DOC = "JSON pointer inside the section (RFC 6901; ~1 is '/', ~0 is '~')"
+
+
+@router.get("/twins/{twin_id}/{section}", responses=errors(404))
+@router.get("/twins/{twin_id}/{section}/{pointer:path}", responses=errors(404))
+async def get_section(
+    request: Request,
+    ctx: Context,
+    principal: Reader,
+    twin_id: TwinId,
+    section: Section | View,
+    pointer: str = "",
+) -> Response:
+    _visible(principal, twin_id)
+    twin = await ctx.service.get(twin_id)
+    doc = twin.to_document()
+    value = get_at(doc[section], pointer_after(request, TWIN_BASE + 1))
+    return json_response(value, revision=twin.revision)
+
+
+@router.put(
+    "/twins/{twin_id}/{section}",
+    status_code=204,
+    responses={**errors(404, 412, 413, 415), 201: {"description": "Created"}},
+    openapi_extra=json_request_body(),
+)
+@router.put(
+    "/twins/{twin_id}/{section}/{pointer:path}",
+    status_code=204,
+    responses={**errors(404, 412, 413, 415), 201: {"description": "Created"}},
+    openapi_extra=json_request_body(),
+)
+async def put_section(
+    request: Request,
+    ctx: Context,
+    principal: Writer,
+    twin_id: TwinId,
+    section: Section,
+    body: Body,
+    conditions: Conditions,
+    pointer: str = "",
+) -> Response:
+    _visible(principal, twin_id)
+    parts = pointer_after(request, TWIN_BASE + 1)
+    existed: list[bool] = []
+
+    def edit(twin: Twin | None) -> Edit:
+        current = _exists(twin)
+        try:
+            get_at(current.section(section), parts)
+            existed.append(True)
+        except NotFound:
+            existed.append(False)
+        return put_at(current, section, parts, body)
+
+    outcome = await ctx.service.mutate(
+        twin_id,
+        edit,
+        origin=principal.name,
+        preconditions=conditions,
+    )
+    assert outcome.twin is not None
+    if existed and not existed[-1]:
+        return json_response(body, 201, outcome.twin.revision)
+    return Response(status_code=204, headers={"ETag": etag(outcome.twin.revision)})
+
+
+@router.patch(
+    "/twins/{twin_id}/{section}",
+    status_code=204,
+    responses=errors(404, 412, 413, 415),
+    openapi_extra=json_request_body(None, MERGE),
+)
+@router.patch(
+    "/twins/{twin_id}/{section}/{pointer:path}",
+    status_code=204,
+    responses=errors(404, 412, 413, 415),
+    openapi_extra=json_request_body(None, MERGE),
+)
+async def patch_section(
+    request: Request,
+    ctx: Context,
+    principal: Writer,
+    twin_id: TwinId,
+    section: Section,
+    conditions: Conditions,
+    pointer: str = "",
+) -> Response:
+    _visible(principal, twin_id)
+    parts = pointer_after(request, TWIN_BASE + 1)
+    _, body = await _patch_body(request, ctx, allow_json_patch=False)
+    outcome = await ctx.service.mutate(
+        twin_id,
+        lambda t: patch_at(_exists(t), section, parts, body),
+        origin=principal.name,
+        preconditions=conditions,
+    )
+    assert outcome.twin is not None
+    return Response(status_code=204, headers={"ETag": etag(outcome.twin.revision)})
+
+
+@router.delete("/twins/{twin_id}/{section}", status_code=204, responses=errors(404, 412))
+@router.delete(
+    "/twins/{twin_id}/{section}/{pointer:path}", status_code=204, responses=errors(404, 412)
+)
+async def delete_section(
+    request: Request,
+    ctx: Context,
+    principal: Writer,
+    twin_id: TwinId,
+    section: Section,
+    conditions: Conditions,
+    pointer: str = "",
+) -> Response:
+    _visible(principal, twin_id)
+    parts = pointer_after(request, TWIN_BASE + 1)
+    outcome = await ctx.service.mutate(
+        twin_id,
+        lambda t: delete_at(_exists(t), section, parts),
+        origin=principal.name,
+        preconditions=conditions,
+    )
+    assert outcome.twin is not None
+    return Response(status_code=204, headers={"ETag": etag(outcome.twin.revision)})
+
+
+def _exists(twin: Twin | None) -> Twin:
+    if twin is None:
+        raise NotFound("Twin does not exist.")
+    return twin
+
+
+async def _patch_body(
+    request: Request, ctx: Context, *, allow_json_patch: bool = True
+) -> tuple[str, JSON]:
+    from twin_service.api.deps import media_type
+
+    kind = media_type(request)
+    allowed = (MERGE, JSON_PATCH) if allow_json_patch else (MERGE,)
+    if kind not in allowed:
+        raise UnsupportedMediaType(
+            f"PATCH needs Content-Type {' or '.join(allowed)}, not {kind or '(none)'!r}."
+        )
+    return kind, await json_body(request, ctx)

@@ -1,0 +1,89 @@
+"""Pydantic models used only to document the API (responses are serialised directly)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    status: int = Field(examples=[404])
+    error: str = Field(examples=["twin.notfound"])
+    message: str
+    description: str = ""
+
+
+class Connection(BaseModel):
+    status: str = Field(examples=["online"])
+    since: str | None = None
+    lastSeen: str | None = None
+
+
+class TwinDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    twinId: str = Field(examples=["org.acme.plant1:pump-7"])
+    namespace: str
+    definition: str | None = None
+    attributes: dict[str, Any] = {}
+    desired: dict[str, Any] = {}
+    reported: dict[str, Any] = {}
+    live: dict[str, Any] = {}
+    delta: dict[str, Any] = {}
+    connection: Connection | None = None
+    lifecycle: dict[str, Any] = {}
+    revision: int
+    desiredVersion: int
+    reportedVersion: int
+    created: str
+    modified: str
+    metadata: dict[str, Any] = {}
+
+
+class TwinWrite(BaseModel):
+    """A twin as written by PUT/POST (read-only fields are ignored)."""
+
+    definition: str | None = None
+    attributes: dict[str, Any] = {}
+    desired: dict[str, Any] = {}
+    reported: dict[str, Any] = {}
+    live: dict[str, Any] = {}
+
+
+class SearchResult(BaseModel):
+    items: list[dict[str, Any]]
+    cursor: str | None = None
+
+
+class CountResult(BaseModel):
+    count: int
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses."""
+    base = {400, 401, 403}
+    return {
+        status: {"model": ErrorBody, "description": _DESCRIPTIONS.get(status, "Error")}
+        for status in sorted(base | set(statuses))
+    }
+
+
+_DESCRIPTIONS = {
+    400: "Invalid input (JSON, pointer, patch, RQL, limits)",
+    401: "Missing or invalid bearer token",
+    403: "The token's role or namespaces do not allow this",
+    404: "Twin or path not found",
+    409: "Conflict",
+    410: "History no longer retained",
+    412: "Precondition (If-Match, If-None-Match, condition) failed",
+    413: "Request or resulting twin too large",
+    415: "Unsupported Content-Type",
+    503: "Store unavailable",
+}
+
+
+def json_request_body(schema: dict[str, Any] | None = None, *types: str) -> dict[str, Any]:
+    """``openapi_extra`` declaring a request body we parse ourselves."""
+    content = {t: {"schema": schema or {}} for t in (types or ("application/json",))}
+    return {"requestBody": {"required": True, "content": content}}

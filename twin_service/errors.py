@@ -1,0 +1,151 @@
+"""Typed errors with a stable code and an HTTP status.
+
+Every failure a client can see is one of these. They are mapped in exactly one place per
+transport: to one JSON body over HTTP (``twin_service.api.errors``), to a close code or an
+error message over WebSocket, and to a ``rejected`` message over MQTT.
+
+    TwinServiceError
+    ├── BadRequest (400)              request.invalid
+    │   ├── InvalidJson               json.invalid
+    │   ├── InvalidTwinId             twin.id.invalid
+    │   ├── InvalidPointer            pointer.invalid
+    │   ├── InvalidPatch              patch.invalid
+    │   ├── LimitExceeded             limits.exceeded (depth, key length, forbidden key)
+    │   ├── RqlSyntaxError            rql.syntax
+    │   └── RqlInvalid                rql.invalid
+    ├── Unauthorized (401)            auth.required
+    ├── Forbidden (403)               auth.forbidden
+    ├── NotFound (404)                twin.notfound / pointer.notfound
+    ├── Conflict (409)                twin.conflict / version.conflict
+    ├── Gone (410)                    history.expired
+    ├── PreconditionFailed (412)      twin.precondition.failed / twin.condition.failed
+    ├── PayloadTooLarge (413)         twin.toolarge
+    ├── UnsupportedMediaType (415)    request.mediatype
+    └── Unavailable (503)             service.unavailable
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TwinServiceError(Exception):
+    """Base of every error a client may see."""
+
+    status: ClassVar[int] = 500
+    default_code: ClassVar[str] = "service.internal"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        description: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.description = description
+        self.extra = extra or {}
+
+    def to_body(self) -> dict[str, Any]:
+        """The one JSON error shape: status, error, message, description (+ extra fields)."""
+        body: dict[str, Any] = {
+            "status": self.status,
+            "error": self.code,
+            "message": self.message,
+            "description": self.description or "",
+        }
+        body.update(self.extra)
+        return body
+
+
+class BadRequest(TwinServiceError):
+    status = 400
+    default_code = "request.invalid"
+
+
+class InvalidJson(BadRequest):
+    default_code = "json.invalid"
+
+
+class InvalidTwinId(BadRequest):
+    default_code = "twin.id.invalid"
+
+
+class InvalidPointer(BadRequest):
+    default_code = "pointer.invalid"
+
+
+class InvalidPatch(BadRequest):
+    default_code = "patch.invalid"
+
+
+class LimitExceeded(BadRequest):
+    default_code = "limits.exceeded"
+
+
+class RqlSyntaxError(BadRequest):
+    """An RQL string that does not parse; ``position`` is the 0-based character offset."""
+
+    default_code = "rql.syntax"
+
+    def __init__(self, message: str, *, position: int, expected: str | None = None) -> None:
+        extra: dict[str, Any] = {"position": position}
+        if expected is not None:
+            extra["expected"] = expected
+        super().__init__(message, extra=extra)
+        self.position = position
+        self.expected = expected
+
+
+class RqlInvalid(BadRequest):
+    """An RQL query that parses but is not valid (unknown property root, bad value type...)."""
+
+    default_code = "rql.invalid"
+
+
+class Unauthorized(TwinServiceError):
+    status = 401
+    default_code = "auth.required"
+
+
+class Forbidden(TwinServiceError):
+    status = 403
+    default_code = "auth.forbidden"
+
+
+class NotFound(TwinServiceError):
+    status = 404
+    default_code = "twin.notfound"
+
+
+class Conflict(TwinServiceError):
+    status = 409
+    default_code = "twin.conflict"
+
+
+class Gone(TwinServiceError):
+    status = 410
+    default_code = "history.expired"
+
+
+class PreconditionFailed(TwinServiceError):
+    status = 412
+    default_code = "twin.precondition.failed"
+
+
+class PayloadTooLarge(TwinServiceError):
+    status = 413
+    default_code = "twin.toolarge"
+
+
+class UnsupportedMediaType(TwinServiceError):
+    status = 415
+    default_code = "request.mediatype"
+
+
+class Unavailable(TwinServiceError):
+    status = 503
+    default_code = "service.unavailable"

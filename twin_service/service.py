@@ -1,0 +1,162 @@
+"""The twin service: read-modify-write of twins with preconditions, retried on conflicts.
+
+Routes, the WebSocket handler and the MQTT loop all go through here, so every transport
+gets the same semantics: limits, compare-and-set on the revision, one change event per
+committed write, and notification of listeners after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twin_service.errors import Conflict, NotFound, PreconditionFailed
+from twin_service.store.base import RevisionConflict, StoredEvent, TwinStore, Write
+from twin_service.twin.document import Twin, apply_change, deletion_event, now_iso
+from twin_service.twin.ids import parse_twin_id
+from twin_service.twin.jsonvalue import Limits
+from twin_service.twin.operations import Edit
+
+if TYPE_CHECKING:
+    from search.rql.ast import Filter
+
+log = logging.getLogger(__name__)
+
+#: Attempts of one write under contention before giving up with 409.
+MAX_ATTEMPTS = 200
+
+#: A listener is told about every committed change, after the commit, in commit order per twin.
+Listener = Callable[[StoredEvent, Twin | None], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Preconditions:
+    """HTTP-style preconditions, checked against the twin read inside the CAS loop."""
+
+    if_match: int | None = None
+    if_match_any: bool = False
+    if_none_match_any: bool = False
+    condition: Filter | None = None
+
+    def check(self, current: Twin | None) -> None:
+        if self.if_none_match_any and current is not None:
+            raise PreconditionFailed(
+                f"Twin exists at revision {current.revision} (If-None-Match: *).",
+                extra={"revision": current.revision},
+            )
+        if self.if_match_any and current is None:
+            raise PreconditionFailed("Twin does not exist (If-Match: *).")
+        if self.if_match is not None and (current is None or current.revision != self.if_match):
+            raise PreconditionFailed(
+                f"Twin is at revision {current.revision if current else 0}, "
+                f"If-Match asked for {self.if_match}.",
+                extra={"revision": current.revision if current else 0},
+            )
+        if self.condition is not None:
+            from search.rql.evaluator import matches
+
+            if current is None or not matches(self.condition, current.to_document()):
+                raise PreconditionFailed(
+                    "The condition does not hold for the current twin.",
+                    code="twin.condition.failed",
+                )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    twin: Twin | None
+    previous: Twin | None
+    stored: StoredEvent
+
+    @property
+    def created(self) -> bool:
+        return self.previous is None and self.twin is not None
+
+
+#: Computes the edit from the current twin; ``None`` means "delete the twin".
+EditFn = Callable[[Twin | None], Edit | None]
+#: Optional hook that adjusts a computed change (device lifecycle, connection, private).
+Amend = Callable[[Twin | None, Edit], dict[str, Any]]
+
+
+class TwinService:
+    def __init__(self, store: TwinStore, limits: Limits, default_namespace: str) -> None:
+        self.store = store
+        self.limits = limits
+        self.default_namespace = default_namespace
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def get(self, twin_id: str) -> Twin:
+        twin = await self.store.get(twin_id)
+        if twin is None:
+            raise NotFound(f"Twin {twin_id} does not exist.")
+        return twin
+
+    async def mutate(
+        self,
+        twin_id: str,
+        edit: EditFn,
+        *,
+        origin: str,
+        preconditions: Preconditions | None = None,
+        may_create: bool = False,
+        amend: Amend | None = None,
+    ) -> Outcome:
+        """Apply ``edit`` to the current twin with compare-and-set, retrying on conflicts."""
+        namespace, _ = parse_twin_id(twin_id)
+        preconditions = preconditions or Preconditions()
+        for attempt in range(MAX_ATTEMPTS):
+            current = await self.store.get(twin_id)
+            preconditions.check(current)
+            if current is None and not may_create:
+                raise NotFound(f"Twin {twin_id} does not exist.")
+            change = edit(current)
+            timestamp = now_iso()
+            new: Twin | None
+            if change is None:
+                if current is None:
+                    raise NotFound(f"Twin {twin_id} does not exist.")
+                new = None
+                event = deletion_event(current, timestamp=timestamp, origin=origin)
+            else:
+                extra = amend(current, change) if amend else {}
+                new, event = apply_change(
+                    current,
+                    twin_id=twin_id,
+                    namespace=namespace,
+                    values=change.values,
+                    written=change.written,
+                    timestamp=timestamp,
+                    origin=origin,
+                    limits=self.limits,
+                    **extra,
+                )
+            write = Write(twin_id, current.revision if current else 0, new, event)
+            try:
+                seq = await self.store.write(write)
+            except RevisionConflict:
+                # Someone else committed first: re-read and recompute, with jitter so a
+                # crowd of writers on one twin spreads out instead of colliding again.
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
+                continue
+            outcome = Outcome(new, current, StoredEvent(seq, event))
+            await self._notify(outcome)
+            return outcome
+        raise Conflict(
+            f"Twin {twin_id} is changing too fast: gave up after {MAX_ATTEMPTS} attempts.",
+            code="twin.contention",
+        )
+
+    async def _notify(self, outcome: Outcome) -> None:
+        for listener in self._listeners:
+            try:
+                await listener(outcome.stored, outcome.twin)
+            except Exception:  # a broken listener must never fail a committed write
+                log.exception("change listener failed")

@@ -1,0 +1,169 @@
+"""The one settings object, validated at start-up.
+
+Sources, highest priority first: constructor arguments (the CLI), ``TWIN_*`` environment
+variables (nested sections with ``__``, e.g. ``TWIN_LIMITS__MAX_TWIN_BYTES``), an optional
+TOML file (``--config`` or ``TWIN_CONFIG_FILE``), then the defaults below. Every field is
+listed in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from twin_service.twin.jsonvalue import Limits
+
+
+class LimitsSettings(BaseModel):
+    max_twin_bytes: int = Field(64 * 1024, ge=1024, description="Largest twin (compact JSON).")
+    max_depth: int = Field(16, ge=2, le=64, description="Deepest nesting inside a twin.")
+    max_key_length: int = Field(256, ge=1, le=4096, description="Longest key in a twin.")
+    max_request_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
+    )
+
+    def to_limits(self) -> Limits:
+        return Limits(
+            max_twin_bytes=self.max_twin_bytes,
+            max_depth=self.max_depth,
+            max_key_length=self.max_key_length,
+        )
+
+
+class TokenSettings(BaseModel):
+    name: str
+    token: str = Field(min_length=16)
+    role: Literal["read", "write", "admin"] = "read"
+    namespaces: list[str] | None = Field(None, description="Namespaces it may use; all if unset.")
+
+
+class AuthSettings(BaseModel):
+    disabled: bool = Field(False, description="Development only; refused unless bound to loopback.")
+    tokens: list[TokenSettings] = Field(default_factory=list)
+    tokens_file: Path | None = Field(None, description="JSON list of {name, token, role}.")
+
+
+class SqliteSettings(BaseModel):
+    file_name: str = "twins.sqlite3"
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    busy_timeout_ms: int = Field(10_000, ge=100)
+    max_batch: int = Field(256, ge=1, description="Most writes grouped in one commit.")
+    read_threads: int = Field(4, ge=1, le=64)
+
+
+class MongoSettings(BaseModel):
+    database: str = "twin_service"
+    write_concern: str = "majority"
+    read_preference: str = "primary"
+
+
+class SearchSettings(BaseModel):
+    default_size: int = Field(25, ge=1)
+    max_size: int = Field(200, ge=1)
+
+
+class MqttSettings(BaseModel):
+    enabled: bool = True
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = Field(1883, ge=0, le=65535)
+    topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
+    client_id: str = "twin-service"
+    shared_group: str = "twin-service"
+    protocol: Literal[5, 4] = 5
+    service_username: str = "twin-service"
+    service_password: str | None = None
+    lastseen_coalesce_seconds: float = Field(5.0, ge=0)
+    client_token_memory: int = Field(
+        32, ge=0, description="Client tokens kept per twin for dedupe."
+    )
+    max_inflight: int = Field(64, ge=1)
+
+
+class StreamSettings(BaseModel):
+    journal_max_per_twin: int = Field(1000, ge=1)
+    journal_max_age_seconds: int = Field(7 * 24 * 3600, ge=60)
+    queue_size: int = Field(1000, ge=10, description="Events buffered per WebSocket client.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TWIN_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    default_namespace: str = "default"
+    store: Literal["sqlite", "mongodb"] = "sqlite"
+    mongodb_url: str | None = None
+    search: Literal["builtin", "elasticsearch"] = "builtin"
+    elasticsearch_url: str | None = None
+    mqtt_url: str | None = Field(None, description="External broker; unset = embedded broker.")
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    sqlite: SqliteSettings = Field(default_factory=SqliteSettings)
+    mongodb: MongoSettings = Field(default_factory=MongoSettings)
+    query: SearchSettings = Field(default_factory=SearchSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+
+    @model_validator(mode="after")
+    def _refuse_insecure(self) -> Settings:
+        if self.auth.disabled and not is_loopback(self.host):
+            raise ValueError(
+                "auth.disabled is a development switch and is refused unless host is a "
+                f"loopback address (got {self.host!r})."
+            )
+        if self.store == "mongodb" and not self.mongodb_url:
+            raise ValueError("store=mongodb needs mongodb_url (TWIN_MONGODB_URL).")
+        if self.search == "elasticsearch" and not self.elasticsearch_url:
+            raise ValueError("search=elasticsearch needs elasticsearch_url.")
+        if "{twinId}" not in self.mqtt.topic_prefix:
+            raise ValueError("mqtt.topic_prefix must contain {twinId}.")
+        if self.query.default_size > self.query.max_size:
+            raise ValueError("query.default_size must not exceed query.max_size.")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("TWIN_CONFIG_FILE")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings; a config file given here wins over ``TWIN_CONFIG_FILE``."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ValueError(f"Config file {config_file} does not exist.")
+        os.environ["TWIN_CONFIG_FILE"] = str(config_file)
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,80 @@
+"""The storage protocol every twin store implements (SQLite, MongoDB).
+
+A store persists twins and their change journal. Its one write operation is a
+compare-and-set of (new twin, its change event) on the twin's revision, committed atomically,
+so concurrent writers in one or many processes never lose an update and every committed
+change has exactly one event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twin_service.errors import Conflict
+from twin_service.twin.document import ChangeEvent, Twin
+
+if TYPE_CHECKING:
+    from search.rql.query import SearchQuery
+
+
+class RevisionConflict(Conflict):
+    """The twin's revision moved since it was read; the caller re-reads and retries."""
+
+    default_code = "twin.conflict"
+
+
+@dataclass(frozen=True)
+class Write:
+    """Replace the twin stored at ``expected_revision`` (0: must not exist) with ``twin``.
+
+    ``twin is None`` deletes it. ``event`` is journaled in the same atomic step.
+    """
+
+    twin_id: str
+    expected_revision: int
+    twin: Twin | None
+    event: ChangeEvent
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A journaled change event with its global sequence number (increasing across twins)."""
+
+    seq: int
+    event: ChangeEvent
+
+
+class TwinStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise :class:`twin_service.errors.Unavailable` when the store cannot serve."""
+
+    async def get(self, twin_id: str) -> Twin | None: ...
+
+    async def get_many(self, twin_ids: list[str]) -> list[Twin]: ...
+
+    async def write(self, write: Write) -> int:
+        """Commit atomically; returns the event's global sequence number.
+
+        Raises :class:`RevisionConflict` when the stored revision is not the expected one.
+        """
+
+    async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
+        """One page of matching twins in order, and the cursor of the next page."""
+
+    async def count(self, query: SearchQuery) -> int: ...
+
+    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+        """Journaled events with a sequence number above ``seq``, oldest first."""
+
+    async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
+        """Journaled events of one twin with since <= revision <= until, oldest first."""
+
+    async def oldest_seq(self) -> int:
+        """The lowest sequence number still journaled (0 when the journal is empty)."""
+
+    def describe(self) -> dict[str, Any]: ...

@@ -1,0 +1,314 @@
+"""The default store: one SQLite file in WAL mode, used from asyncio through threads.
+
+Writes go through one writer thread with group commit: every write that arrives while a
+commit is running joins the next transaction, and each caller is answered only after its
+own transaction committed. Each write is a compare-and-set on the revision inside
+``BEGIN IMMEDIATE``, so several processes sharing the file never lose an update. The built-in
+search index (:mod:`search.sqlite_index`) is updated in the same transaction as the twin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search import sqlite as sqlite_index
+from twin_service.errors import Unavailable
+from twin_service.settings import SqliteSettings, StreamSettings
+from twin_service.store.base import RevisionConflict, StoredEvent, Write
+from twin_service.twin.document import ChangeEvent, Twin
+from twin_service.twin.jsonvalue import dumps
+
+if TYPE_CHECKING:
+    from search.rql.query import SearchQuery
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS twins (
+        twin_id TEXT PRIMARY KEY,
+        namespace TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        doc TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        twin_id TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        ts TEXT NOT NULL,
+        event TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_by_twin ON events (twin_id, revision)",
+    "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
+]
+
+
+@dataclass
+class _Pending:
+    write: Write
+    future: asyncio.Future[int]
+
+
+class SqliteStore:
+    """:class:`twin_service.store.base.TwinStore` on SQLite."""
+
+    def __init__(self, path: Path, settings: SqliteSettings, stream: StreamSettings) -> None:
+        self._path = path
+        self._settings = settings
+        self._stream = stream
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._readers = ThreadPoolExecutor(
+            max_workers=settings.read_threads, thread_name_prefix="sqlite-reader"
+        )
+        self._local = threading.local()
+        self._write_conn: sqlite3.Connection | None = None
+        self._pending: list[_Pending] = []
+        self._flushing = False
+        self._flush_task: asyncio.Task[None] | None = None
+        self._batches = 0
+        self._all_conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._open_writer)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._settings.synchronous}")
+        sqlite_index.register_functions(conn)
+        with self._conns_lock:
+            self._all_conns.append(conn)
+        return conn
+
+    def _open_writer(self) -> None:
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in (*_SCHEMA, *sqlite_index.SCHEMA):
+                conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._write_conn = conn
+
+    async def close(self) -> None:
+        while self._pending or self._flushing:
+            await asyncio.sleep(0.01)
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._conns_lock:
+            for conn in self._all_conns:
+                conn.close()
+            self._all_conns.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "sqlite", "file": self._path.name}
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = 1")
+            self._local.conn = conn
+        return conn
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._readers, fn, *args)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._read(lambda: self._reader().execute("SELECT 1").fetchone())
+
+    async def get(self, twin_id: str) -> Twin | None:
+        twins: list[Twin] = await self._read(self._get_many, [twin_id])
+        return twins[0] if twins else None
+
+    async def get_many(self, twin_ids: list[str]) -> list[Twin]:
+        result: list[Twin] = await self._read(self._get_many, twin_ids)
+        return result
+
+    def _get_many(self, twin_ids: list[str]) -> list[Twin]:
+        conn = self._reader()
+        found: dict[str, Twin] = {}
+        for start in range(0, len(twin_ids), 500):
+            chunk = twin_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for (doc,) in conn.execute(f"SELECT doc FROM twins WHERE twin_id IN ({marks})", chunk):
+                twin = Twin.from_storage(json.loads(doc))
+                found[twin.twin_id] = twin
+        return [found[i] for i in twin_ids if i in found]
+
+    async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
+        def run() -> tuple[list[Twin], str | None]:
+            conn = self._reader()
+            # One read transaction so the page and the documents are the same snapshot.
+            conn.execute("BEGIN")
+            try:
+                ids, cursor = sqlite_index.search_ids(conn, query)
+                return self._get_many(ids), cursor
+            finally:
+                conn.execute("COMMIT")
+
+        result: tuple[list[Twin], str | None] = await self._read(run)
+        return result
+
+    async def count(self, query: SearchQuery) -> int:
+        result: int = await self._read(
+            lambda: sqlite_index.count(self._reader(), query.filter, query.namespaces)
+        )
+        return result
+
+    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+        def run() -> list[StoredEvent]:
+            rows = self._reader().execute(
+                "SELECT seq, event FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            )
+            return [StoredEvent(s, ChangeEvent.from_json(json.loads(e))) for s, e in rows]
+
+        result: list[StoredEvent] = await self._read(run)
+        return result
+
+    async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
+        def run() -> list[StoredEvent]:
+            rows = self._reader().execute(
+                "SELECT seq, event FROM events WHERE twin_id = ? AND revision >= ? "
+                "AND revision <= ? ORDER BY seq",
+                (twin_id, since, until if until is not None else 2**62),
+            )
+            return [StoredEvent(s, ChangeEvent.from_json(json.loads(e))) for s, e in rows]
+
+        result: list[StoredEvent] = await self._read(run)
+        return result
+
+    async def oldest_seq(self) -> int:
+        row = await self._read(
+            lambda: self._reader().execute("SELECT MIN(seq) FROM events").fetchone()
+        )
+        return int(row[0] or 0)
+
+    async def last_seq(self) -> int:
+        row = await self._read(
+            lambda: self._reader().execute("SELECT MAX(seq) FROM events").fetchone()
+        )
+        return int(row[0] or 0)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def write(self, write: Write) -> int:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._pending.append(_Pending(write, future))
+        if not self._flushing:
+            self._flushing = True
+            self._flush_task = loop.create_task(self._flush_loop())
+        return await future
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch = self._pending[: self._settings.max_batch]
+                del self._pending[: len(batch)]
+                try:
+                    outcomes = await loop.run_in_executor(
+                        self._writer, self._commit_batch, [p.write for p in batch]
+                    )
+                except sqlite3.Error as exc:
+                    error = Unavailable(f"The twin store failed to commit: {exc}")
+                    for pending in batch:
+                        if not pending.future.done():
+                            pending.future.set_exception(error)
+                    continue
+                for pending, outcome in zip(batch, outcomes, strict=True):
+                    if pending.future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        pending.future.set_exception(outcome)
+                    else:
+                        pending.future.set_result(outcome)
+        finally:
+            self._flushing = False
+
+    def _commit_batch(self, writes: list[Write]) -> list[int | BaseException]:
+        conn = self._write_conn
+        assert conn is not None
+        outcomes: list[int | BaseException] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for write in writes:
+                conn.execute("SAVEPOINT w")
+                try:
+                    outcomes.append(self._apply(conn, write))
+                    conn.execute("RELEASE w")
+                except RevisionConflict as exc:
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    outcomes.append(exc)
+            self._batches += 1
+            if self._batches % 100 == 1:
+                self._prune_by_age(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    def _apply(self, conn: sqlite3.Connection, write: Write) -> int:
+        row = conn.execute(
+            "SELECT revision FROM twins WHERE twin_id = ?", (write.twin_id,)
+        ).fetchone()
+        current = row[0] if row else 0
+        if current != write.expected_revision:
+            raise RevisionConflict(
+                f"Twin {write.twin_id} is at revision {current}, not {write.expected_revision}."
+            )
+        twin = write.twin
+        if twin is None:
+            conn.execute("DELETE FROM twins WHERE twin_id = ?", (write.twin_id,))
+            sqlite_index.unindex_twin(conn, write.twin_id)
+        else:
+            conn.execute(
+                "INSERT INTO twins (twin_id, namespace, revision, doc) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (twin_id) DO UPDATE SET revision = excluded.revision, "
+                "doc = excluded.doc",
+                (twin.twin_id, twin.namespace, twin.revision, dumps(twin.to_storage())),
+            )
+            sqlite_index.index_twin(conn, twin.to_document())
+        event = write.event
+        cursor = conn.execute(
+            "INSERT INTO events (twin_id, revision, ts, event) VALUES (?, ?, ?, ?)",
+            (event.twin_id, event.revision, event.timestamp, dumps(event.to_json())),
+        )
+        keep = self._stream.journal_max_per_twin
+        if event.revision > keep:
+            conn.execute(
+                "DELETE FROM events WHERE twin_id = ? AND revision <= ?",
+                (event.twin_id, event.revision - keep),
+            )
+        seq = cursor.lastrowid
+        assert seq is not None
+        return seq
+
+    def _prune_by_age(self, conn: sqlite3.Connection) -> None:
+        cutoff = datetime.now(UTC) - timedelta(seconds=self._stream.journal_max_age_seconds)
+        conn.execute(
+            "DELETE FROM events WHERE ts < ?", (cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z"),)
+        )

@@ -1,0 +1,1 @@
+"""The pure twin-state core: no asyncio, database, MQTT or HTTP in here."""

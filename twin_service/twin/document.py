@@ -1,0 +1,299 @@
+"""The twin document, its change events, and the one transition that commits a change.
+
+Invariants kept by :func:`apply_change`:
+- ``revision`` increases by exactly 1 on every committed change (creation is revision 1);
+- ``desiredVersion`` / ``reportedVersion`` increase by 1 when that section's value changes;
+- ``metadata`` stamps every leaf of desired, reported and live with when and at which
+  revision it was last written;
+- limits (size, depth, keys) hold for the committed document, checked after the change.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from twin_service.errors import BadRequest
+from twin_service.twin.delta import compute_delta
+from twin_service.twin.jsonvalue import Limits, check_size, check_structure, dumps
+from twin_service.twin.metadata import stamp
+from twin_service.twin.patch import diff_merge_patch, json_equal
+from twin_service.types import JSON, JSONObject
+
+SECTIONS: tuple[str, ...] = ("attributes", "desired", "reported", "live")
+STAMPED: tuple[str, ...] = ("desired", "reported", "live")
+WRITABLE: tuple[str, ...] = ("definition", *SECTIONS)
+READ_ONLY: tuple[str, ...] = (
+    "twinId",
+    "namespace",
+    "delta",
+    "connection",
+    "revision",
+    "desiredVersion",
+    "reportedVersion",
+    "created",
+    "modified",
+    "metadata",
+    "lifecycle",
+)
+Action = Literal["created", "modified", "deleted"]
+#: Written leaf paths per section; ``None`` means the whole section was written.
+Written = dict[str, set[tuple[str, ...]] | None]
+
+
+def now_iso(moment: datetime | None = None) -> str:
+    """UTC ISO 8601 with millisecond precision and a ``Z`` suffix."""
+    moment = (moment or datetime.now(UTC)).astimezone(UTC)
+    # Not strftime: glibc's %Y does not zero-pad years before 1000.
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+        f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond // 1000:03d}Z"
+    )
+
+
+@dataclass(frozen=True)
+class Twin:
+    """A committed twin. Sections are plain JSON objects and must be treated as immutable."""
+
+    twin_id: str
+    namespace: str
+    revision: int
+    created: str
+    modified: str
+    definition: str | None = None
+    attributes: JSONObject = field(default_factory=dict)
+    desired: JSONObject = field(default_factory=dict)
+    reported: JSONObject = field(default_factory=dict)
+    live: JSONObject = field(default_factory=dict)
+    connection: JSONObject = field(default_factory=dict)
+    desired_version: int = 0
+    reported_version: int = 0
+    metadata: JSONObject = field(default_factory=dict)
+    lifecycle: JSONObject = field(default_factory=dict)
+    #: Service-private bookkeeping (recent client tokens...), never shown in the API.
+    private: JSONObject = field(default_factory=dict)
+
+    @property
+    def delta(self) -> JSONObject:
+        return compute_delta(self.desired, self.reported)
+
+    def section(self, name: str) -> JSON:
+        return {
+            "definition": self.definition,
+            "attributes": self.attributes,
+            "desired": self.desired,
+            "reported": self.reported,
+            "live": self.live,
+        }[name]
+
+    def writable(self) -> JSONObject:
+        """The user-writable view: definition and the four sections."""
+        view: JSONObject = {name: self.section(name) for name in SECTIONS}
+        if self.definition is not None:
+            view = {"definition": self.definition, **view}
+        return view
+
+    def to_document(self) -> JSONObject:
+        """The API representation (read-only fields included)."""
+        doc: JSONObject = {"twinId": self.twin_id, "namespace": self.namespace}
+        if self.definition is not None:
+            doc["definition"] = self.definition
+        doc.update(
+            attributes=self.attributes,
+            desired=self.desired,
+            reported=self.reported,
+            live=self.live,
+            delta=self.delta,
+            connection=self.connection,
+            lifecycle=self.lifecycle,
+            revision=self.revision,
+            desiredVersion=self.desired_version,
+            reportedVersion=self.reported_version,
+            created=self.created,
+            modified=self.modified,
+            metadata=self.metadata,
+        )
+        return doc
+
+    def to_storage(self) -> JSONObject:
+        """What the stores persist: the document without the derived delta, plus private."""
+        doc = self.to_document()
+        del doc["delta"]
+        doc["_private"] = self.private
+        return doc
+
+    @classmethod
+    def from_storage(cls, doc: JSONObject) -> Twin:
+        return cls(
+            twin_id=doc["twinId"],
+            namespace=doc["namespace"],
+            definition=doc.get("definition"),
+            attributes=doc.get("attributes", {}),
+            desired=doc.get("desired", {}),
+            reported=doc.get("reported", {}),
+            live=doc.get("live", {}),
+            connection=doc.get("connection", {}),
+            revision=doc["revision"],
+            desired_version=doc.get("desiredVersion", 0),
+            reported_version=doc.get("reportedVersion", 0),
+            created=doc["created"],
+            modified=doc["modified"],
+            metadata=doc.get("metadata", {}),
+            lifecycle=doc.get("lifecycle", {}),
+            private=doc.get("_private", {}),
+        )
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """Exactly one per committed write; ``changes`` maps a section to the merge patch applied."""
+
+    twin_id: str
+    revision: int
+    timestamp: str
+    origin: str
+    action: Action
+    changes: JSONObject
+
+    def to_json(self) -> JSONObject:
+        return {
+            "twinId": self.twin_id,
+            "revision": self.revision,
+            "timestamp": self.timestamp,
+            "origin": self.origin,
+            "action": self.action,
+            "changes": self.changes,
+        }
+
+    @classmethod
+    def from_json(cls, doc: JSONObject) -> ChangeEvent:
+        return cls(
+            twin_id=doc["twinId"],
+            revision=doc["revision"],
+            timestamp=doc["timestamp"],
+            origin=doc["origin"],
+            action=doc["action"],
+            changes=doc["changes"],
+        )
+
+
+def validate_writable(values: JSONObject, limits: Limits) -> None:
+    """Type and structure checks for user-supplied sections (400 on failure)."""
+    for name, value in values.items():
+        if name == "definition":
+            if value is not None and not isinstance(value, str):
+                raise BadRequest("'definition' must be a string.", code="twin.invalid")
+            continue
+        if name not in SECTIONS:
+            raise BadRequest(f"Unknown or read-only field {name!r}.", code="twin.invalid")
+        if not isinstance(value, dict):
+            raise BadRequest(f"'{name}' must be a JSON object.", code="twin.invalid")
+        check_structure(value, limits, where=f"/{name}", depth=1)
+
+
+def apply_change(
+    old: Twin | None,
+    *,
+    twin_id: str,
+    namespace: str,
+    values: JSONObject,
+    written: Written,
+    timestamp: str,
+    origin: str,
+    limits: Limits,
+    connection: JSONObject | None = None,
+    lifecycle: JSONObject | None = None,
+    private: JSONObject | None = None,
+) -> tuple[Twin, ChangeEvent]:
+    """Commit ``values`` (a subset of WRITABLE) onto ``old``, producing the next revision.
+
+    Sections not in ``values`` keep their old content. Raises before producing anything if the
+    result breaks a limit, so nothing invalid can ever reach a store.
+    """
+    validate_writable(values, limits)
+    base = old or Twin(
+        twin_id=twin_id,
+        namespace=namespace,
+        revision=0,
+        created=timestamp,
+        modified=timestamp,
+        connection={"status": "unknown", "since": timestamp, "lastSeen": None},
+    )
+    merged: dict[str, Any] = {name: values.get(name, base.section(name)) for name in WRITABLE}
+    check_size(dumps({k: v for k, v in merged.items() if v is not None}), limits)
+    revision = base.revision + 1
+    metadata = dict(base.metadata)
+    for name in STAMPED:
+        if name in values:
+            section_meta = stamp(
+                base.metadata.get(name, {}),
+                base.section(name),
+                merged[name],
+                written.get(name),
+                timestamp,
+                revision,
+            )
+            if section_meta:
+                metadata[name] = section_meta
+            else:
+                metadata.pop(name, None)
+    desired_changed = not json_equal(base.desired, merged["desired"])
+    reported_changed = not json_equal(base.reported, merged["reported"])
+    new = replace(
+        base,
+        definition=merged["definition"],
+        attributes=copy.deepcopy(merged["attributes"]),
+        desired=copy.deepcopy(merged["desired"]),
+        reported=copy.deepcopy(merged["reported"]),
+        live=copy.deepcopy(merged["live"]),
+        revision=revision,
+        modified=timestamp,
+        desired_version=base.desired_version + (1 if desired_changed or old is None else 0),
+        reported_version=base.reported_version + (1 if reported_changed or old is None else 0),
+        metadata=metadata,
+        connection=connection if connection is not None else base.connection,
+        lifecycle=lifecycle if lifecycle is not None else base.lifecycle,
+        private=private if private is not None else base.private,
+    )
+    event = ChangeEvent(
+        twin_id=twin_id,
+        revision=revision,
+        timestamp=timestamp,
+        origin=origin,
+        action="created" if old is None else "modified",
+        changes=describe_changes(old, new),
+    )
+    return new, event
+
+
+def describe_changes(old: Twin | None, new: Twin) -> JSONObject:
+    """Per section, the merge patch that turns ``old`` into ``new``."""
+    changes: JSONObject = {}
+    if old is None:
+        changes = {k: copy.deepcopy(v) for k, v in new.writable().items() if v != {}}
+        changes["connection"] = copy.deepcopy(new.connection)
+        if new.lifecycle:
+            changes["lifecycle"] = copy.deepcopy(new.lifecycle)
+        return changes
+    if old.definition != new.definition:
+        changes["definition"] = new.definition
+    for name in (*SECTIONS, "connection", "lifecycle"):
+        before = old.connection if name == "connection" else getattr(old, name)
+        after = new.connection if name == "connection" else getattr(new, name)
+        patch = diff_merge_patch(before, after)
+        if patch:
+            changes[name] = patch
+    return changes
+
+
+def deletion_event(old: Twin, *, timestamp: str, origin: str) -> ChangeEvent:
+    return ChangeEvent(
+        twin_id=old.twin_id,
+        revision=old.revision + 1,
+        timestamp=timestamp,
+        origin=origin,
+        action="deleted",
+        changes={},
+    )

@@ -1,0 +1,117 @@
+"""Pure translation of API requests into the ``values``/``written`` of a change.
+
+Each function takes the current twin (or ``None``) and the request and returns a
+:class:`Edit` for :func:`twin_service.twin.document.apply_change`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twin_service.errors import BadRequest, NotFound
+from twin_service.twin.document import READ_ONLY, SECTIONS, WRITABLE, Twin, Written
+from twin_service.twin.metadata import written_paths
+from twin_service.twin.patch import (
+    apply_json_patch,
+    get_at,
+    merge_patch,
+    remove_at,
+    set_at,
+)
+from twin_service.types import JSON, JSONObject
+
+
+@dataclass(frozen=True)
+class Edit:
+    values: JSONObject
+    written: Written
+
+
+def replace_twin(body: JSON, twin_id: str) -> Edit:
+    """PUT of the whole twin: writable fields from ``body``, the rest reset to empty.
+
+    Read-only fields are accepted (so a GET result can be PUT back) but ignored, except
+    a ``twinId`` that names another twin.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("A twin must be a JSON object.", code="twin.invalid")
+    if "twinId" in body and body["twinId"] != twin_id:
+        raise BadRequest(
+            f"Body twinId {body['twinId']!r} does not match the URL's {twin_id!r}.",
+            code="twin.invalid",
+        )
+    unknown = set(body) - set(WRITABLE) - set(READ_ONLY)
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}.", code="twin.invalid")
+    values: JSONObject = {name: body.get(name, {}) for name in SECTIONS}
+    values["definition"] = body.get("definition")
+    return Edit(values=values, written=dict.fromkeys(SECTIONS))
+
+
+def merge_patch_twin(twin: Twin, patch: JSON) -> Edit:
+    """RFC 7396 merge patch over the writable view of the twin."""
+    if not isinstance(patch, dict):
+        raise BadRequest("A merge patch of a twin must be a JSON object.", code="patch.invalid")
+    _refuse_read_only(patch)
+    patched = merge_patch(twin.writable(), patch)
+    values = {name: patched.get(name, {}) for name in patch if name in SECTIONS}
+    if "definition" in patch:
+        values["definition"] = patched.get("definition")
+    written: Written = {
+        name: written_paths(patch[name]) if isinstance(patch[name], dict) else None
+        for name in patch
+        if name in SECTIONS
+    }
+    return Edit(values=values, written=written)
+
+
+def json_patch_twin(twin: Twin, operations: JSON) -> Edit:
+    """RFC 6902 JSON Patch over the writable view of the twin."""
+    patched = apply_json_patch(twin.writable(), operations)
+    if not isinstance(patched, dict):
+        raise BadRequest("A JSON Patch must leave the twin an object.", code="patch.invalid")
+    _refuse_read_only(patched)
+    values: JSONObject = {name: patched.get(name, {}) for name in SECTIONS}
+    values["definition"] = patched.get("definition")
+    # JSON Patch has no cheap notion of "written": changed leaves are stamped by value.
+    return Edit(values=values, written={name: set() for name in SECTIONS})
+
+
+def put_at(twin: Twin | None, section: str, parts: list[str], value: JSON) -> Edit:
+    """PUT a value at a pointer inside a section (missing parent objects are created)."""
+    current = twin.section(section) if twin else ({} if section != "definition" else None)
+    new = set_at(current, parts, value)
+    return Edit(values={section: new}, written={section: {tuple(parts)} if parts else None})
+
+
+def patch_at(twin: Twin, section: str, parts: list[str], patch: JSON) -> Edit:
+    """Merge-patch the value at a pointer inside a section."""
+    current = twin.section(section)
+    try:
+        target = get_at(current, parts)
+    except NotFound:
+        target = None
+    new = (
+        set_at(current, parts, merge_patch(target, patch)) if parts else merge_patch(target, patch)
+    )
+    written = {tuple(parts) + p for p in written_paths(patch)}
+    return Edit(values={section: new}, written={section: written})
+
+
+def delete_at(twin: Twin, section: str, parts: list[str]) -> Edit:
+    """DELETE the value at a pointer (the whole section becomes ``{}`` for an empty pointer)."""
+    if section == "definition":
+        return Edit(values={"definition": None}, written={})
+    current = twin.section(section)
+    new = remove_at(current, parts) if parts else {}
+    return Edit(values={section: new}, written={section: {tuple(parts)}})
+
+
+def _refuse_read_only(doc: JSONObject) -> None:
+    bad = sorted(set(doc) - set(WRITABLE))
+    if bad:
+        raise BadRequest(
+            f"Field(s) {', '.join(bad)} cannot be written.",
+            code="twin.readonly",
+            description=f"Writable fields are: {', '.join(WRITABLE)}.",
+        )

@@ -1,0 +1,221 @@
+"""JSON Merge Patch (RFC 7396), JSON Patch (RFC 6902) and JSON Pointer (RFC 6901) edits.
+
+All functions are pure: they return new values and never mutate their inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonpointer
+
+from twin_service.errors import InvalidPatch, InvalidPointer, NotFound, PreconditionFailed
+from twin_service.types import JSON, JSONObject
+
+
+def merge_patch(target: JSON, patch: JSON) -> JSON:
+    """Apply an RFC 7396 merge patch; ``null`` in the patch deletes the key."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result: JSONObject = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def diff_merge_patch(old: JSON, new: JSON) -> JSON:
+    """The merge patch that turns ``old`` into ``new`` (``{}`` when they are equal).
+
+    Only valid for object roots; used to describe what a change did in change events.
+    """
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return copy.deepcopy(new)
+    patch: JSONObject = {}
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(old[key], dict):
+            sub = diff_merge_patch(old[key], value)
+            if sub:
+                patch[key] = sub
+        elif not json_equal(old[key], value):
+            patch[key] = copy.deepcopy(value)
+    return patch
+
+
+def json_equal(a: JSON, b: JSON) -> bool:
+    """JSON value equality: numbers by value (1 == 1.0), booleans never equal numbers."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def split_pointer(pointer: str) -> list[str]:
+    """Parse an RFC 6901 pointer (``""`` is the whole document) into unescaped tokens."""
+    try:
+        return list(jsonpointer.JsonPointer(pointer).parts)
+    except jsonpointer.JsonPointerException as exc:
+        raise InvalidPointer(f"Invalid JSON pointer {pointer!r}: {exc}") from exc
+
+
+def join_pointer(parts: list[str]) -> str:
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def get_at(doc: JSON, parts: list[str]) -> JSON:
+    """The value at ``parts``; :class:`NotFound` when any step is missing."""
+    node = doc
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and _is_index(part) and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise NotFound(f"Nothing at {join_pointer(parts[: i + 1])}.", code="pointer.notfound")
+    return node
+
+
+def set_at(doc: JSON, parts: list[str], value: JSON) -> JSON:
+    """A copy of ``doc`` with ``value`` at ``parts``, creating missing parent objects."""
+    if not parts:
+        return copy.deepcopy(value)
+    head, rest = parts[0], parts[1:]
+    if isinstance(doc, list):
+        if head == "-" and not rest:
+            return [*doc, copy.deepcopy(value)]
+        if not _is_index(head) or int(head) >= len(doc):
+            raise NotFound(f"Array index {head!r} is out of range.", code="pointer.notfound")
+        result_list = list(doc)
+        result_list[int(head)] = set_at(doc[int(head)], rest, value)
+        return result_list
+    result: JSONObject = dict(doc) if isinstance(doc, dict) else {}
+    if doc is not None and not isinstance(doc, dict):
+        raise InvalidPointer(f"Cannot set {head!r} inside a non-object value.")
+    result[head] = set_at(result.get(head), rest, value)
+    return result
+
+
+def remove_at(doc: JSON, parts: list[str]) -> JSON:
+    """A copy of ``doc`` without the value at ``parts``; :class:`NotFound` if absent."""
+    if not parts:
+        raise InvalidPointer("Cannot remove the root.")
+    get_at(doc, parts)
+    head, rest = parts[0], parts[1:]
+    if isinstance(doc, list):
+        idx = int(head)
+        if not rest:
+            return doc[:idx] + doc[idx + 1 :]
+        result_list = list(doc)
+        result_list[idx] = remove_at(doc[idx], rest)
+        return result_list
+    assert isinstance(doc, dict)
+    result = dict(doc)
+    if not rest:
+        del result[head]
+    else:
+        result[head] = remove_at(doc[head], rest)
+    return result
+
+
+def _is_index(part: str) -> bool:
+    # ASCII only: str.isdigit() also accepts '²' and other Unicode digits (RFC 6901 section 4).
+    return part.isascii() and part.isdigit() and (part == "0" or not part.startswith("0"))
+
+
+def apply_json_patch(doc: JSON, operations: JSON) -> JSON:
+    """Apply an RFC 6902 JSON Patch atomically: either every operation applies or none."""
+    if not isinstance(operations, list):
+        raise InvalidPatch("A JSON Patch must be an array of operations.")
+    result = copy.deepcopy(doc)
+    for index, op in enumerate(operations):
+        try:
+            result = _apply_operation(result, op)
+        except (InvalidPatch, InvalidPointer, NotFound) as exc:
+            raise InvalidPatch(
+                f"Operation {index} failed: {exc.message}", code=_patch_code(exc)
+            ) from exc
+    return result
+
+
+def _patch_code(exc: Exception) -> str:
+    if isinstance(exc, NotFound):
+        return "patch.path.notfound"
+    if isinstance(exc, InvalidPointer):
+        return "pointer.invalid"
+    return "patch.invalid"
+
+
+def _apply_operation(doc: JSON, op: Any) -> JSON:
+    if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+        raise InvalidPatch("Each operation must be an object with an 'op' string.")
+    name = op["op"]
+    path = _pointer_member(op, "path")
+    if name == "add":
+        return _add(doc, path, _value_member(op))
+    if name == "remove":
+        return remove_at(doc, path)
+    if name == "replace":
+        get_at(doc, path)
+        return set_at(doc, path, _value_member(op)) if path else _value_member(op)
+    if name in ("move", "copy"):
+        source = _pointer_member(op, "from")
+        value = get_at(doc, source)
+        if name == "move":
+            if path[: len(source)] == source and len(path) > len(source):
+                raise InvalidPatch("Cannot move a value into one of its own children.")
+            doc = remove_at(doc, source) if source != path else doc
+        return _add(doc, path, value)
+    if name == "test":
+        if not json_equal(get_at(doc, path), _value_member(op)):
+            raise PreconditionFailed(
+                f"Test at {join_pointer(path)} failed.", code="patch.test.failed"
+            )
+        return doc
+    raise InvalidPatch(f"Unknown operation {name!r}.")
+
+
+def _add(doc: JSON, path: list[str], value: JSON) -> JSON:
+    if not path:
+        return copy.deepcopy(value)
+    parent = get_at(doc, path[:-1])
+    last = path[-1]
+    if isinstance(parent, list):
+        if last == "-":
+            index = len(parent)
+        elif _is_index(last) and int(last) <= len(parent):
+            index = int(last)
+        else:
+            raise NotFound(f"Array index {last!r} is out of range.", code="pointer.notfound")
+        new_parent = [*parent[:index], copy.deepcopy(value), *parent[index:]]
+        return set_at(doc, path[:-1], new_parent) if path[:-1] else new_parent
+    if not isinstance(parent, dict):
+        raise InvalidPatch(f"Cannot add {last!r} inside a non-container value.")
+    return set_at(doc, path, value)
+
+
+def _pointer_member(op: JSONObject, member: str) -> list[str]:
+    pointer = op.get(member)
+    if not isinstance(pointer, str):
+        raise InvalidPatch(f"Operation {op.get('op')!r} needs a string {member!r}.")
+    if pointer and not pointer.startswith("/"):
+        raise InvalidPointer(f"JSON pointer {pointer!r} must start with '/'.")
+    return split_pointer(pointer)
+
+
+def _value_member(op: JSONObject) -> JSON:
+    if "value" not in op:
+        raise InvalidPatch(f"Operation {op.get('op')!r} needs a 'value'.")
+    return op["value"]
