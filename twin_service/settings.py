@@ -89,6 +89,13 @@ class MqttSettings(BaseModel):
     max_inflight: int = Field(64, ge=1)
 
 
+class ElasticsearchSettings(BaseModel):
+    index_name: str = Field("twins", description="Name (alias) of the twin index.")
+    batch_size: int = Field(500, ge=1, description="Twins per bulk request of the indexer.")
+    poll_interval_seconds: float = Field(0.05, gt=0, description="Indexer idle poll interval.")
+    wait_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for the index.")
+
+
 class StreamSettings(BaseModel):
     journal_max_per_twin: int = Field(1000, ge=1)
     journal_max_age_seconds: int = Field(7 * 24 * 3600, ge=60)
@@ -117,6 +124,7 @@ class Settings(BaseSettings):
     query: SearchSettings = Field(default_factory=SearchSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
 
     @model_validator(mode="after")
     def _refuse_insecure(self) -> Settings:

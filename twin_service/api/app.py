@@ -13,6 +13,7 @@ from twin_service.api import errors
 from twin_service.api.context import AppContext, Component
 from twin_service.api.routes import health, search, twins
 from twin_service.auth import TokenRegistry, load_tokens
+from twin_service.index.base import BuiltinIndex, SearchIndex
 from twin_service.service import TwinService
 from twin_service.settings import Settings
 from twin_service.store.base import TwinStore
@@ -22,15 +23,27 @@ log = logging.getLogger(__name__)
 
 def build_store(settings: Settings) -> TwinStore:
     if settings.store == "mongodb":
-        from twin_service.store.mongodb import MongoStore  # type: ignore[import-not-found]
+        from twin_service.store.mongodb import MongoStore  # type: ignore[import-not-found,unused-ignore]
 
         store: TwinStore = MongoStore(settings)
         return store
     from twin_service.store.sqlite import SqliteStore
 
     return SqliteStore(
-        settings.data_dir / settings.sqlite.file_name, settings.sqlite, settings.stream
+        settings.data_dir / settings.sqlite.file_name,
+        settings.sqlite,
+        settings.stream,
+        outbox=settings.search != "builtin",
     )
+
+
+def build_index(settings: Settings, store: TwinStore) -> SearchIndex:
+    if settings.search == "elasticsearch":
+        from twin_service.index.elasticsearch import ElasticsearchIndex  # type: ignore[import-not-found,unused-ignore]
+
+        index: SearchIndex = ElasticsearchIndex(settings, store)
+        return index
+    return BuiltinIndex(store)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -44,7 +57,12 @@ def create_app(settings: Settings) -> FastAPI:
         store = build_store(settings)
         await store.open()
         service = TwinService(store, settings.limits.to_limits(), settings.default_namespace)
-        ctx = AppContext(settings, store, service, TokenRegistry(tokens, settings.auth.disabled))
+        index = build_index(settings, store)
+        await index.start()
+        ctx = AppContext(
+            settings, store, service, TokenRegistry(tokens, settings.auth.disabled), index
+        )
+        ctx.readiness["index"] = index.health
         app.state.ctx = ctx
         started: list[Component] = []
         try:
@@ -58,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
                     await component.stop()
                 except Exception:
                     log.exception("stopping %s failed", component)
+            await index.stop()
             await store.close()
 
     app = FastAPI(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twin_service.auth import TokenRegistry
+from twin_service.index.base import SearchIndex
 from twin_service.service import TwinService
 from twin_service.settings import Settings
 from twin_service.store.base import TwinStore
@@ -17,6 +18,7 @@ class AppContext:
     store: TwinStore
     service: TwinService
     tokens: TokenRegistry
+    index: SearchIndex
     #: Extra readiness checks (broker, index) added by the components that own them.
     readiness: dict[str, Any] = field(default_factory=dict)
     #: Components started with the app (MQTT bridge, event hub...), keyed by name.

@@ -45,6 +45,20 @@ class StoredEvent:
     event: ChangeEvent
 
 
+@dataclass(frozen=True)
+class IndexTask:
+    """A twin whose latest committed state an external search index has not taken yet.
+
+    ``seq`` is the global sequence number of the twin's latest write; it only grows, even
+    across delete and re-create, so an index can use it as an external version and ignore
+    stale updates. ``twin is None`` means the twin was deleted.
+    """
+
+    twin_id: str
+    seq: int
+    twin: Twin | None
+
+
 class TwinStore(Protocol):
     async def open(self) -> None: ...
 
@@ -76,5 +90,19 @@ class TwinStore(Protocol):
 
     async def oldest_seq(self) -> int:
         """The lowest sequence number still journaled (0 when the journal is empty)."""
+
+    async def last_seq(self) -> int:
+        """The highest sequence number committed so far (0 when nothing was written)."""
+
+    # -- external index outbox (only kept when the store was opened with outbox=True) -----
+
+    async def pending_index(self, limit: int) -> list[IndexTask]:
+        """Twins whose latest write is not yet acknowledged by the external index."""
+
+    async def mark_indexed(self, tasks: list[IndexTask]) -> None:
+        """Forget tasks the index took; a twin written again since stays pending."""
+
+    async def index_backlog(self) -> tuple[int, int | None]:
+        """(pending twin count, lowest pending seq or None) for lag metrics and waiting."""
 
     def describe(self) -> dict[str, Any]: ...

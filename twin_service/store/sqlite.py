@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from search import sqlite as sqlite_index
 from twin_service.errors import Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
-from twin_service.store.base import RevisionConflict, StoredEvent, Write
+from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write
 from twin_service.twin.document import ChangeEvent, Twin
 from twin_service.twin.jsonvalue import dumps
 
@@ -45,6 +45,13 @@ _SCHEMA = [
     )""",
     "CREATE INDEX IF NOT EXISTS events_by_twin ON events (twin_id, revision)",
     "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
+    # Outbox of the external search index: one row per twin whose latest write (seq) the
+    # index has not acknowledged, written in the same transaction as the twin.
+    """CREATE TABLE IF NOT EXISTS index_outbox (
+        twin_id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS index_outbox_by_seq ON index_outbox (seq)",
 ]
 
 
@@ -57,8 +64,16 @@ class _Pending:
 class SqliteStore:
     """:class:`twin_service.store.base.TwinStore` on SQLite."""
 
-    def __init__(self, path: Path, settings: SqliteSettings, stream: StreamSettings) -> None:
+    def __init__(
+        self,
+        path: Path,
+        settings: SqliteSettings,
+        stream: StreamSettings,
+        *,
+        outbox: bool = False,
+    ) -> None:
         self._path = path
+        self._outbox = outbox
         self._settings = settings
         self._stream = stream
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
@@ -209,6 +224,53 @@ class SqliteStore:
         )
         return int(row[0] or 0)
 
+    async def pending_index(self, limit: int) -> list[IndexTask]:
+        def run() -> list[IndexTask]:
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    "SELECT o.twin_id, o.seq, t.doc FROM index_outbox o "
+                    "LEFT JOIN twins t ON t.twin_id = o.twin_id ORDER BY o.seq LIMIT ?",
+                    (limit,),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return [
+                IndexTask(tid, seq, Twin.from_storage(json.loads(doc)) if doc else None)
+                for tid, seq, doc in rows
+            ]
+
+        result: list[IndexTask] = await self._read(run)
+        return result
+
+    async def mark_indexed(self, tasks: list[IndexTask]) -> None:
+        def run() -> None:
+            conn = self._write_conn
+            assert conn is not None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "DELETE FROM index_outbox WHERE twin_id = ? AND seq = ?",
+                    [(t.twin_id, t.seq) for t in tasks],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._writer, run)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+
+    async def index_backlog(self) -> tuple[int, int | None]:
+        row = await self._read(
+            lambda: self._reader().execute("SELECT COUNT(*), MIN(seq) FROM index_outbox").fetchone()
+        )
+        return int(row[0]), (int(row[1]) if row[1] is not None else None)
+
     # -- writes ----------------------------------------------------------------------------
 
     async def write(self, write: Write) -> int:
@@ -305,6 +367,12 @@ class SqliteStore:
             )
         seq = cursor.lastrowid
         assert seq is not None
+        if self._outbox:
+            conn.execute(
+                "INSERT INTO index_outbox (twin_id, seq) VALUES (?, ?) "
+                "ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
+                (write.twin_id, seq),
+            )
         return seq
 
     def _prune_by_age(self, conn: sqlite3.Connection) -> None:

@@ -1,0 +1,207 @@
+"""Differential testing of search backends against the reference evaluator.
+
+A backend under test implements :class:`SearchBackend`; a pytest fixture supplies it and the
+shared test in ``test_differential_sqlite.py`` (copy it for another backend, or parametrize
+the fixture) checks that every page, every "more pages" signal and every count equals what
+:func:`search.rql.page` computes in memory. Twins and queries are drawn from a small
+vocabulary of keys and values so that queries match, tie, collide across types and reach
+through arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from hypothesis import strategies as st
+
+from search.rql import (
+    And,
+    Compare,
+    Exists,
+    Filter,
+    In,
+    Like,
+    Not,
+    Or,
+    Path,
+    SearchQuery,
+    SortKey,
+    Value,
+    page,
+    selected,
+)
+from twin_service.types import JSONObject
+
+
+class SearchBackend(Protocol):
+    """What a search index must offer to be checked against the reference evaluator."""
+
+    async def load(self, docs: Sequence[JSONObject]) -> None:
+        """Make the index hold exactly ``docs`` (re-indexing or removing earlier twins)."""
+
+    async def search(self, query: SearchQuery) -> tuple[list[str], str | None]:
+        """One page of twin ids and the next cursor."""
+
+    async def count(self, filter: Filter | None, namespaces: Sequence[str] | None) -> int:
+        """Number of matching twins."""
+
+
+# --- vocabulary -------------------------------------------------------------------------------
+
+KEYS = ["a", "b", "c/d"]
+SCALARS: list[Value] = [None, True, False, 0, 1, 1.0, -2, 2.5, "", "a", "ab", "aB", "b*", "Ab", "é"]
+PATTERNS = ["a*", "*b", "a?", "?", "*", "", "a", "b\\*", "A*", "*B*", "\\?*", "é"]
+PATHS: list[Path] = [
+    ("twinId",),
+    ("namespace",),
+    ("definition",),
+    ("revision",),
+    ("connection", "status"),
+    ("connection", "lastSeen"),
+    ("attributes",),
+    ("delta",),
+    ("lifecycle",),
+    *[(root, key) for root in ("attributes", "desired", "delta") for key in KEYS],
+    *[("attributes", k1, k2) for k1 in KEYS for k2 in KEYS[:2]],
+    ("reported", "a", "a", "a"),
+    ("lifecycle", "c/d", "a"),
+]
+
+scalars = st.sampled_from(SCALARS)
+
+
+def json_values(depth: int = 3) -> st.SearchStrategy[Any]:
+    """Nested JSON over the shared keys: scalars, arrays, (empty) objects."""
+    return st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=3)
+        ),
+        max_leaves=6,
+    )
+
+
+objects = st.dictionaries(st.sampled_from(KEYS), scalars | json_values(), max_size=3)
+
+
+@st.composite
+def twins(draw: st.DrawFn, min_size: int = 3, max_size: int = 12) -> list[JSONObject]:
+    """Twin documents with unique ids in two namespaces."""
+    count = draw(st.integers(min_size, max_size))
+    docs = []
+    for i in range(count):
+        namespace = draw(st.sampled_from(["org.a", "org.b"]))
+        doc: JSONObject = {
+            "twinId": f"{namespace}:t{i:02d}",
+            "namespace": namespace,
+            "revision": draw(st.sampled_from([1, 2, 2.0, 3])),
+            "created": "2026-11-27T06:00:00.000Z",
+            "modified": draw(st.sampled_from(["2026-11-27T06:01:00.123Z", "2026-11-28"])),
+            "connection": {
+                "status": draw(st.sampled_from(["online", "offline", "unknown"])),
+                "since": "2026-11-27T06:00:00.000Z",
+                "lastSeen": draw(st.sampled_from([None, "2026-11-27T06:00:00.000Z"])),
+            },
+            "metadata": {"a": 1},
+        }
+        if draw(st.booleans()):
+            doc["definition"] = draw(st.sampled_from(["acme:pump:1", "acme:fan:1"]))
+        for root in ("attributes", "desired", "reported", "delta", "lifecycle"):
+            if draw(st.integers(0, 3)):
+                doc[root] = draw(objects)
+        docs.append(doc)
+    return docs
+
+
+# --- queries ----------------------------------------------------------------------------------
+
+_FREE_KEYS = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1)
+
+
+def _any_paths() -> st.SearchStrategy[Path]:
+    roots = st.sampled_from(["attributes", "desired", "reported", "live", "delta", "lifecycle"])
+    free = st.tuples(roots, st.lists(_FREE_KEYS, max_size=3)).map(lambda p: (p[0], *p[1]))
+    return st.sampled_from(PATHS) | free
+
+
+def _any_values() -> st.SearchStrategy[Value]:
+    return (
+        scalars
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)))
+    )
+
+
+def filters(vocabulary: bool = False) -> st.SearchStrategy[Filter]:
+    """Filter ASTs; with ``vocabulary`` only over the shared paths and values."""
+    paths = st.sampled_from(PATHS) if vocabulary else _any_paths()
+    values = scalars if vocabulary else _any_values()
+    pieces = st.sampled_from(["a", "*", "?", "\\*", "\\?", "\\\\", "é", " ", "/"])
+    patterns = st.sampled_from(PATTERNS)
+    if not vocabulary:
+        patterns |= st.lists(pieces, max_size=5).map("".join)
+    comparable = values.filter(lambda v: v is not None)
+    atoms = st.one_of(
+        st.builds(Compare, st.sampled_from(["eq", "ne"]), paths, values),
+        st.builds(Compare, st.sampled_from(["gt", "ge", "lt", "le"]), paths, comparable),
+        st.builds(In, paths, st.lists(values, min_size=1, max_size=3).map(tuple)),
+        st.builds(Like, paths, patterns, st.booleans()),
+        st.builds(Exists, paths),
+    )
+    return st.recursive(
+        atoms,
+        lambda inner: (
+            st.builds(And, st.lists(inner, min_size=1, max_size=3).map(tuple))
+            | st.builds(Or, st.lists(inner, min_size=1, max_size=3).map(tuple))
+            | st.builds(Not, inner)
+        ),
+        max_leaves=5,
+    )
+
+
+sorts = st.lists(st.builds(SortKey, st.sampled_from(PATHS), st.booleans()), max_size=3).map(tuple)
+namespaces = (
+    st.none()
+    | st.none()
+    | st.none()
+    | st.lists(st.sampled_from(["org.a", "org.b", "org.c"]), max_size=2).map(tuple)
+)
+
+
+@st.composite
+def queries(draw: st.DrawFn) -> SearchQuery:
+    """A first-page query over the shared vocabulary."""
+    return SearchQuery(
+        filter=draw(st.one_of(st.none(), *[filters(vocabulary=True)] * 4)),
+        sort=draw(sorts),
+        size=draw(st.integers(1, 5)),
+        namespaces=draw(namespaces),
+    )
+
+
+# --- the check --------------------------------------------------------------------------------
+
+
+async def check_backend(
+    backend: SearchBackend, docs: Sequence[JSONObject], query: SearchQuery
+) -> None:
+    """Assert that ``backend`` (already loaded with ``docs``) pages and counts like the oracle."""
+    expected_all = [d["twinId"] for d in docs if selected(d, query.filter, query.namespaces)]
+    assert await backend.count(query.filter, query.namespaces) == len(expected_all)
+    oracle_query, backend_query = query, query
+    seen: list[str] = []
+    for _ in range(len(docs) + 2):
+        expected_docs, oracle_cursor = page(docs, oracle_query)
+        ids, cursor = await backend.search(backend_query)
+        assert ids == [d["twinId"] for d in expected_docs]
+        assert (cursor is None) == (oracle_cursor is None)
+        seen.extend(ids)
+        if cursor is None or oracle_cursor is None:
+            break
+        oracle_query = replace(query, cursor=oracle_cursor)
+        backend_query = replace(query, cursor=cursor)
+    assert sorted(seen) == sorted(expected_all)
+    assert len(set(seen)) == len(seen)

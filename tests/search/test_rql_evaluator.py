@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import pytest
+
+from search.rql import exists, matches, order, parse_filter, parse_path, sort_key
+from search.rql.ast import SortKey
+from twin_service.types import JSONObject
+
+DOC: JSONObject = {
+    "twinId": "org.acme:pump-1",
+    "namespace": "org.acme",
+    "revision": 7,
+    "connection": {"status": "online", "since": "2026", "lastSeen": None},
+    "attributes": {
+        "n": 1,
+        "f": 2.5,
+        "s": "Pump*1",
+        "b": True,
+        "z": None,
+        "arr": [1, "x", [3, {"k": 1}]],
+        "objs": [{"k": "a"}, {"k": "b"}],
+        "empty": {},
+        "hollow": {"a": {}},
+        "noarr": [],
+        "a/b": {"c~d": "slash"},
+    },
+    "delta": {},
+    "desired": {"fan": {"speed": 3}},
+}
+
+CASES = [
+    ("eq(attributes/n,1)", True),
+    ("eq(attributes/n,1.0)", True),
+    ("eq(attributes/n,true)", False),
+    ("eq(attributes/b,1)", False),
+    ("eq(attributes/b,true)", True),
+    ("eq(attributes/n,'1')", False),
+    ("eq(attributes/z,null)", True),
+    ("eq(attributes/n,null)", False),
+    ("eq(attributes/missing,null)", False),
+    ("ne(attributes/n,2)", True),
+    ("ne(attributes/n,1)", False),
+    ("ne(attributes/n,'1')", True),
+    ("ne(attributes/missing,1)", False),
+    ("ne(attributes/z,null)", False),
+    ("ne(attributes/arr,1)", False),
+    ("ne(attributes/arr,2)", True),
+    ("gt(attributes/n,0)", True),
+    ("gt(attributes/n,1)", False),
+    ("ge(attributes/n,1.0)", True),
+    ("lt(attributes/f,3)", True),
+    ("le(attributes/f,2.5)", True),
+    ("gt(attributes/s,'A')", True),
+    ("gt(attributes/s,1)", False),
+    ("lt(attributes/n,'z')", False),
+    ("gt(attributes/b,false)", True),
+    ("in(attributes/n,5,1.0)", True),
+    ("in(attributes/n,'1',true)", False),
+    ("in(attributes/z,1,null)", True),
+    ("eq(attributes/arr,'x')", True),
+    ("eq(attributes/arr,3)", True),
+    ("gt(attributes/arr,2)", True),
+    ("eq(attributes/arr/k,1)", True),
+    ("eq(attributes/objs/k,'b')", True),
+    ("like(attributes/objs/k,'?')", True),
+    ("eq(attributes/a~1b/c~0d,'slash')", True),
+    ("like(attributes/s,'Pump*')", True),
+    ("like(attributes/s,'pump*')", False),
+    ("ilike(attributes/s,'pump*')", True),
+    ("like(attributes/s,'Pump\\\\*?')", True),
+    ("like(attributes/s,'Pump\\\\*')", False),
+    ("like(attributes/s,'Pump??')", True),
+    ("like(attributes/s,'Pump?')", False),
+    ("like(attributes/s,'ump*')", False),
+    ("like(attributes/n,'*')", False),
+    ("like(attributes/arr,'x')", True),
+    ("exists(attributes/n)", True),
+    ("exists(attributes/z)", True),
+    ("exists(attributes/missing)", False),
+    ("exists(attributes/empty)", False),
+    ("exists(attributes/hollow)", False),
+    ("exists(attributes/noarr)", True),
+    ("exists(attributes/arr/k)", True),
+    ("exists(attributes)", True),
+    ("exists(delta)", False),
+    ("exists(desired)", True),
+    ("exists(desired/fan)", True),
+    ("exists(connection/lastSeen)", True),
+    ("exists(definition)", False),
+    ("eq(connection/status,'online')", True),
+    ("and(eq(attributes/n,1),eq(revision,7))", True),
+    ("and(eq(attributes/n,1),eq(revision,8))", False),
+    ("or(eq(attributes/n,2),eq(revision,7))", True),
+    ("not(exists(delta))", True),
+    ("not(eq(attributes/missing,1))", True),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES)
+def test_matches(text: str, expected: bool) -> None:
+    assert matches(parse_filter(text), DOC) is expected
+
+
+def test_exists_delta_is_non_empty_delta() -> None:
+    for delta, expected in [({}, False), ({"a": 1}, True), ({"a": None}, True), ({"a": []}, True)]:
+        assert exists({"delta": delta}, ("delta",)) is expected
+    assert not exists({}, ("delta",))
+
+
+def test_sort_keys() -> None:
+    def key(path: str) -> tuple[object, ...]:
+        return sort_key(DOC, parse_path(path))
+
+    assert key("attributes/missing") == (-1, None)
+    assert key("attributes/z") == (0, None)
+    assert key("attributes/b") == (1, 1)
+    assert key("attributes/n") == (2, 1)
+    assert key("attributes/s") == (3, "Pump*1")
+    assert key("attributes/arr") == (4, None)
+    assert key("attributes/objs/k") == (-1, None)
+    assert key("desired/fan") == (5, None)
+    assert key("attributes/empty") == (-1, None)
+
+
+def test_order_types_then_twin_id() -> None:
+    values = [None, "b", 2, True, [1], {"x": 1}, "a", 1.0, False, 1, {}]
+    docs = [{"twinId": f"t{i:02d}", "attributes": {"v": v}} for i, v in enumerate(values)]
+    docs.append({"twinId": "t99", "attributes": {}})
+    ascending = [d["twinId"] for d in order(docs, [SortKey(("attributes", "v"))])]
+    assert ascending == [
+        "t10",
+        "t99",
+        "t00",
+        "t08",
+        "t03",
+        "t07",
+        "t09",
+        "t02",
+        "t06",
+        "t01",
+        "t04",
+        "t05",
+    ]
+    descending = [d["twinId"] for d in order(docs, [SortKey(("attributes", "v"), True)])]
+    assert descending == [
+        "t05",
+        "t04",
+        "t01",
+        "t06",
+        "t02",
+        "t07",
+        "t09",
+        "t03",
+        "t08",
+        "t00",
+        "t10",
+        "t99",
+    ]

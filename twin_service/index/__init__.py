@@ -1,0 +1,1 @@
+"""Search indexes behind one protocol: the built-in one (in the store) or an external engine."""

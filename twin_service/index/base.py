@@ -1,0 +1,54 @@
+"""The search index protocol the search routes use."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twin_service.store.base import TwinStore
+from twin_service.twin.document import Twin
+
+if TYPE_CHECKING:
+    from search.rql.query import SearchQuery
+
+
+class SearchIndex(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def search(
+        self, query: SearchQuery, *, wait_for_seq: int | None = None
+    ) -> tuple[list[Twin], str | None]:
+        """One page of twins and the next cursor.
+
+        ``wait_for_seq``: first wait (bounded) until the index covers that write.
+        """
+
+    async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int: ...
+
+    async def health(self) -> dict[str, Any]:
+        """``{"status": "up"|"down", ...}`` with lag figures where they exist."""
+
+
+class BuiltinIndex:
+    """The index kept by the store in the same transaction as each write: never behind."""
+
+    def __init__(self, store: TwinStore) -> None:
+        self._store = store
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def search(
+        self, query: SearchQuery, *, wait_for_seq: int | None = None
+    ) -> tuple[list[Twin], str | None]:
+        return await self._store.search(query)
+
+    async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int:
+        return await self._store.count(query)
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "up", "kind": "builtin", "lagSeconds": 0.0, "backlog": 0}
