@@ -32,6 +32,16 @@ class Principal:
     def may_see(self, namespace: str) -> bool:
         return self.namespaces is None or namespace in self.namespaces
 
+    def visible_namespaces(self, requested: str | None) -> str | None:
+        """A ``namespaces`` search parameter limited to what this token may read.
+
+        ``None`` means no restriction; ``""`` means nothing is visible.
+        """
+        if self.namespaces is None:
+            return requested
+        wanted = {n.strip() for n in (requested or "").split(",") if n.strip()}
+        return ",".join(sorted((wanted or set(self.namespaces)) & self.namespaces))
+
     def check_namespace(self, namespace: str) -> None:
         if not self.may_see(namespace):
             raise Forbidden(f"Token {self.name!r} may not use namespace {namespace!r}.")

@@ -87,6 +87,17 @@ class MqttSettings(BaseModel):
         32, ge=0, description="Client tokens kept per twin for dedupe."
     )
     max_inflight: int = Field(64, ge=1)
+    session_expiry_seconds: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="How long the broker keeps the service's session and queued messages.",
+    )
+    connect_timeout_seconds: float = Field(
+        10.0, gt=0, description="Wait at start-up for the broker before starting anyway."
+    )
+    ca_file: str | None = Field(None, description="CA bundle for mqtts:// brokers.")
+    cert_file: str | None = Field(None, description="Client certificate for mqtts:// brokers.")
+    key_file: str | None = Field(None, description="Key of the client certificate.")
 
 
 class ElasticsearchSettings(BaseModel):
@@ -94,12 +105,35 @@ class ElasticsearchSettings(BaseModel):
     batch_size: int = Field(500, ge=1, description="Twins per bulk request of the indexer.")
     poll_interval_seconds: float = Field(0.05, gt=0, description="Indexer idle poll interval.")
     wait_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for the index.")
+    request_timeout_seconds: float = Field(
+        30.0, gt=0, description="Timeout of one request to Elasticsearch."
+    )
+    retry_initial_seconds: float = Field(
+        0.1, gt=0, description="First indexer backoff after a failed bulk request."
+    )
+    retry_max_seconds: float = Field(
+        10.0, gt=0, description="Longest indexer backoff (doubling from the first)."
+    )
+    shards: int = Field(1, ge=1, description="Primary shards of a new twin index.")
+    replicas: int = Field(1, ge=0, description="Replicas of a new twin index.")
+    refresh_interval: str = Field(
+        "1s", description="How often new writes become searchable without waiting (ES syntax)."
+    )
 
 
 class StreamSettings(BaseModel):
     journal_max_per_twin: int = Field(1000, ge=1)
     journal_max_age_seconds: int = Field(7 * 24 * 3600, ge=60)
-    queue_size: int = Field(1000, ge=10, description="Events buffered per WebSocket client.")
+    queue_size: int = Field(
+        1000, ge=10, description="Messages buffered per WebSocket/SSE client before it is cut."
+    )
+    poll_interval_seconds: float = Field(
+        1.0, gt=0, description="Journal poll interval when no commit notice arrives."
+    )
+    bus: Literal["auto", "inprocess", "mqtt"] = Field(
+        "auto",
+        description="Commit notices between processes; auto = mqtt when mqtt_url is set.",
+    )
 
 
 class Settings(BaseSettings):

@@ -11,12 +11,14 @@ from fastapi import FastAPI
 from twin_service import __version__
 from twin_service.api import errors
 from twin_service.api.context import AppContext, Component
-from twin_service.api.routes import health, search, twins
+from twin_service.api.routes import health, search, streams, twins
 from twin_service.auth import TokenRegistry, load_tokens
 from twin_service.index.base import BuiltinIndex, SearchIndex
 from twin_service.service import TwinService
 from twin_service.settings import Settings
-from twin_service.store.base import TwinStore
+from twin_service.store.base import StoredEvent, TwinStore
+from twin_service.streams.bus import EventBus, InProcessBus, MqttBus
+from twin_service.streams.hub import EventHub
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,17 @@ def build_index(settings: Settings, store: TwinStore) -> SearchIndex:
     return BuiltinIndex(store)
 
 
+def build_bus(settings: Settings) -> EventBus:
+    kind = settings.stream.bus
+    if kind == "auto":
+        kind = "mqtt" if settings.mqtt_url and settings.mqtt.enabled else "inprocess"
+    if kind == "mqtt":
+        if not settings.mqtt_url:
+            raise ValueError("stream.bus=mqtt needs mqtt_url (an external broker).")
+        return MqttBus(settings.mqtt_url, settings.mqtt.client_id)
+    return InProcessBus()
+
+
 def create_app(settings: Settings) -> FastAPI:
     tokens, created = load_tokens(settings)
     if created:
@@ -59,10 +72,20 @@ def create_app(settings: Settings) -> FastAPI:
         service = TwinService(store, settings.limits.to_limits(), settings.default_namespace)
         index = build_index(settings, store)
         await index.start()
+        hub = EventHub(store, settings.stream.poll_interval_seconds)
+        await hub.start()
+        bus = build_bus(settings)
+        await bus.start(hub.poke)
+
+        async def announce(stored: StoredEvent, _twin: object) -> None:
+            await bus.announce(stored.seq)
+
+        service.add_listener(announce)
         ctx = AppContext(
-            settings, store, service, TokenRegistry(tokens, settings.auth.disabled), index
+            settings, store, service, TokenRegistry(tokens, settings.auth.disabled), index, hub
         )
         ctx.readiness["index"] = index.health
+        ctx.readiness["bus"] = bus.describe
         app.state.ctx = ctx
         started: list[Component] = []
         try:
@@ -76,6 +99,8 @@ def create_app(settings: Settings) -> FastAPI:
                     await component.stop()
                 except Exception:
                     log.exception("stopping %s failed", component)
+            await bus.stop()
+            await hub.stop()
             await index.stop()
             await store.close()
 
@@ -87,6 +112,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     errors.install(app)
     app.include_router(health.router)
+    # streams before twins: /twins/{id}/history must win over /twins/{id}/{section}.
+    app.include_router(streams.router)
     app.include_router(twins.router)
     app.include_router(search.router)
     return app
@@ -94,4 +121,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _components(settings: Settings) -> list[Component]:
     """Background components started with the app (MQTT bridge, event bus...)."""
-    return []
+    components: list[Component] = []
+    if settings.mqtt.enabled:
+        from connectivity.sync import MqttSync
+
+        components.append(MqttSync())
+    return components

@@ -10,6 +10,7 @@ from twin_service.index.base import SearchIndex
 from twin_service.service import TwinService
 from twin_service.settings import Settings
 from twin_service.store.base import TwinStore
+from twin_service.streams.hub import EventHub
 
 
 @dataclass
@@ -19,6 +20,7 @@ class AppContext:
     service: TwinService
     tokens: TokenRegistry
     index: SearchIndex
+    hub: EventHub
     #: Extra readiness checks (broker, index) added by the components that own them.
     readiness: dict[str, Any] = field(default_factory=dict)
     #: Components started with the app (MQTT bridge, event hub...), keyed by name.

@@ -43,6 +43,8 @@ class StoredEvent:
 
     seq: int
     event: ChangeEvent
+    #: The twin right after this change (``None`` for a deletion, or when not requested).
+    state: Twin | None = None
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,23 @@ class TwinStore(Protocol):
     async def count(self, query: SearchQuery) -> int: ...
 
     async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
-        """Journaled events with a sequence number above ``seq``, oldest first."""
+        """Journaled events with a sequence number above ``seq``, oldest first, with ``state``.
+
+        A reader that has seen sequence number N never later finds a committed event below N
+        (stores that allocate numbers before committing must hold back unsettled ones).
+        """
+
+    async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
+        """The twin as it was right after ``revision``; ``None`` when the journal lost it."""
 
     async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
         """Journaled events of one twin with since <= revision <= until, oldest first."""
+
+    async def pruned_seq(self) -> int:
+        """The highest sequence number ever removed from the journal (0: nothing removed).
+
+        A reader resuming after sequence number S gets a complete stream iff S >= this.
+        """
 
     async def oldest_seq(self) -> int:
         """The lowest sequence number still journaled (0 when the journal is empty)."""

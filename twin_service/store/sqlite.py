@@ -41,9 +41,12 @@ _SCHEMA = [
         twin_id TEXT NOT NULL,
         revision INTEGER NOT NULL,
         ts TEXT NOT NULL,
-        event TEXT NOT NULL
+        event TEXT NOT NULL,
+        state TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS events_by_twin ON events (twin_id, revision)",
+    "CREATE INDEX IF NOT EXISTS events_by_twin_seq ON events (twin_id, seq)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
     # Outbox of the external search index: one row per twin whose latest write (seq) the
     # index has not acknowledged, written in the same transaction as the twin.
@@ -193,9 +196,17 @@ class SqliteStore:
     async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
         def run() -> list[StoredEvent]:
             rows = self._reader().execute(
-                "SELECT seq, event FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+                "SELECT seq, event, state FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit),
             )
-            return [StoredEvent(s, ChangeEvent.from_json(json.loads(e))) for s, e in rows]
+            return [
+                StoredEvent(
+                    s,
+                    ChangeEvent.from_json(json.loads(e)),
+                    Twin.from_storage(json.loads(st)) if st else None,
+                )
+                for s, e, st in rows
+            ]
 
         result: list[StoredEvent] = await self._read(run)
         return result
@@ -211,6 +222,30 @@ class SqliteStore:
 
         result: list[StoredEvent] = await self._read(run)
         return result
+
+    async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
+        def run() -> Twin | None:
+            row = (
+                self._reader()
+                .execute(
+                    "SELECT state FROM events WHERE twin_id = ? AND revision = ? "
+                    "ORDER BY seq DESC LIMIT 1",
+                    (twin_id, revision),
+                )
+                .fetchone()
+            )
+            return Twin.from_storage(json.loads(row[0])) if row and row[0] else None
+
+        result: Twin | None = await self._read(run)
+        return result
+
+    async def pruned_seq(self) -> int:
+        row = await self._read(
+            lambda: (
+                self._reader().execute("SELECT value FROM meta WHERE key = 'pruned_seq'").fetchone()
+            )
+        )
+        return int(row[0]) if row else 0
 
     async def oldest_seq(self) -> int:
         row = await self._read(
@@ -343,28 +378,36 @@ class SqliteStore:
                 f"Twin {write.twin_id} is at revision {current}, not {write.expected_revision}."
             )
         twin = write.twin
+        state: str | None = None
         if twin is None:
             conn.execute("DELETE FROM twins WHERE twin_id = ?", (write.twin_id,))
             sqlite_index.unindex_twin(conn, write.twin_id)
         else:
+            state = dumps(twin.to_storage())
             conn.execute(
                 "INSERT INTO twins (twin_id, namespace, revision, doc) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (twin_id) DO UPDATE SET revision = excluded.revision, "
                 "doc = excluded.doc",
-                (twin.twin_id, twin.namespace, twin.revision, dumps(twin.to_storage())),
+                (twin.twin_id, twin.namespace, twin.revision, state),
             )
             sqlite_index.index_twin(conn, twin.to_document())
         event = write.event
         cursor = conn.execute(
-            "INSERT INTO events (twin_id, revision, ts, event) VALUES (?, ?, ?, ?)",
-            (event.twin_id, event.revision, event.timestamp, dumps(event.to_json())),
+            "INSERT INTO events (twin_id, revision, ts, event, state) VALUES (?, ?, ?, ?, ?)",
+            (event.twin_id, event.revision, event.timestamp, dumps(event.to_json()), state),
         )
         keep = self._stream.journal_max_per_twin
-        if event.revision > keep:
-            conn.execute(
-                "DELETE FROM events WHERE twin_id = ? AND revision <= ?",
-                (event.twin_id, event.revision - keep),
-            )
+        # Prune in chunks (every 64 revisions) so the common write pays nothing for it.
+        if event.revision > keep and event.revision % 64 == 0:
+            row = conn.execute(
+                "SELECT seq FROM events WHERE twin_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                (event.twin_id, keep),
+            ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "DELETE FROM events WHERE twin_id = ? AND seq <= ?", (event.twin_id, row[0])
+                )
+                self._record_pruned(conn, row[0])
         seq = cursor.lastrowid
         assert seq is not None
         if self._outbox:
@@ -377,6 +420,16 @@ class SqliteStore:
 
     def _prune_by_age(self, conn: sqlite3.Connection) -> None:
         cutoff = datetime.now(UTC) - timedelta(seconds=self._stream.journal_max_age_seconds)
+        stamp = cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        row = conn.execute("SELECT MAX(seq) FROM events WHERE ts < ?", (stamp,)).fetchone()
+        if row and row[0] is not None:
+            conn.execute("DELETE FROM events WHERE ts < ?", (stamp,))
+            self._record_pruned(conn, row[0])
+
+    @staticmethod
+    def _record_pruned(conn: sqlite3.Connection, seq: int) -> None:
         conn.execute(
-            "DELETE FROM events WHERE ts < ?", (cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z"),)
+            "INSERT INTO meta (key, value) VALUES ('pruned_seq', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+            (seq,),
         )

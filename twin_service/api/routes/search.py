@@ -6,12 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Response
 
-from search.rql.query import build_query
 from twin_service.api.deps import Context, Reader
-from twin_service.api.fields import parse_fields, select
 from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import CountResult, SearchResult, errors
-from twin_service.auth import Principal
+from twin_service.commands import count_twins, search_twins
 
 router = APIRouter(prefix="/api/v1/search", tags=["search"])
 
@@ -21,43 +19,8 @@ FieldsParam = Annotated[str | None, Query(description="Comma-separated paths to 
 NamespacesParam = Annotated[str | None, Query(description="Comma-separated namespaces")]
 
 
-def _visible_namespaces(namespaces: str | None, principal: Principal) -> str | None:
-    """The namespaces parameter limited to what the token may read ("" when nothing is left)."""
-    if principal.namespaces is None:
-        return namespaces
-    allowed = set(principal.namespaces)
-    wanted = {n.strip() for n in namespaces.split(",") if n.strip()} if namespaces else allowed
-    return ",".join(sorted(wanted & allowed))
-
-
-async def _search(
-    ctx: Context,
-    principal: Principal,
-    filter: str | None,
-    option: str | None,
-    fields: str | None,
-    namespaces: str | None,
-) -> Response:
-    paths = parse_fields(fields)
-    visible = _visible_namespaces(namespaces, principal)
-    query = build_query(
-        filter,
-        option,
-        visible,
-        default_size=ctx.settings.query.default_size,
-        max_size=ctx.settings.query.max_size,
-    )
-    if visible == "":
-        return json_response({"items": []})
-    twins, cursor = await ctx.store.search(query)
-    body: dict[str, object] = {"items": [select(t.to_document(), paths) for t in twins]}
-    if cursor is not None:
-        body["cursor"] = cursor
-    return json_response(body)
-
-
 @router.get("/twins", response_model=SearchResult, responses=errors())
-async def search_twins(
+async def search_get(
     ctx: Context,
     principal: Reader,
     filter: FilterParam = None,
@@ -65,7 +28,7 @@ async def search_twins(
     fields: FieldsParam = None,
     namespaces: NamespacesParam = None,
 ) -> Response:
-    return await _search(ctx, principal, filter, option, fields, namespaces)
+    return json_response(await search_twins(ctx, principal, filter, option, fields, namespaces))
 
 
 @router.post(
@@ -74,7 +37,7 @@ async def search_twins(
     responses=errors(),
     summary="Search with a form body (for long queries)",
 )
-async def search_twins_form(
+async def search_post(
     ctx: Context,
     principal: Reader,
     filter: Annotated[str | None, Form()] = None,
@@ -82,17 +45,14 @@ async def search_twins_form(
     fields: Annotated[str | None, Form()] = None,
     namespaces: Annotated[str | None, Form()] = None,
 ) -> Response:
-    return await _search(ctx, principal, filter, option, fields, namespaces)
+    return json_response(await search_twins(ctx, principal, filter, option, fields, namespaces))
 
 
 @router.get("/twins/count", response_model=CountResult, responses=errors())
-async def count_twins(
+async def count_get(
     ctx: Context,
     principal: Reader,
     filter: FilterParam = None,
     namespaces: NamespacesParam = None,
 ) -> Response:
-    visible = _visible_namespaces(namespaces, principal)
-    query = build_query(filter, None, visible)
-    count = 0 if visible == "" else await ctx.store.count(query)
-    return json_response({"count": count})
+    return json_response({"count": await count_twins(ctx, principal, filter, namespaces)})

@@ -18,11 +18,11 @@ from twin_service.api.deps import (
     parse_etag_revision,
     pointer_after,
 )
-from twin_service.api.fields import parse_fields, select
 from twin_service.api.schemas import TwinDocument, TwinWrite, errors, json_request_body
 from twin_service.auth import Principal
-from twin_service.errors import BadRequest, NotFound, UnsupportedMediaType
+from twin_service.errors import BadRequest, Gone, NotFound, UnsupportedMediaType
 from twin_service.twin.document import Twin
+from twin_service.twin.fields import parse_fields, select
 from twin_service.twin.ids import generate_twin_id, parse_twin_id
 from twin_service.twin.jsonvalue import dumps
 from twin_service.twin.operations import (
@@ -130,9 +130,22 @@ async def get_twin(
     twin_id: TwinId,
     fields: Fields = None,
     if_none_match: Annotated[str | None, Header()] = None,
+    at: Annotated[
+        int | None, Query(ge=1, description="Reconstruct the twin as of this revision")
+    ] = None,
 ) -> Response:
     _visible(principal, twin_id)
     twin = await ctx.service.get(twin_id)
+    if at is not None and at != twin.revision:
+        if at > twin.revision:
+            raise NotFound(
+                f"Twin {twin_id} is at revision {twin.revision}; revision {at} does not exist.",
+                code="revision.notfound",
+            )
+        old = await ctx.store.twin_at(twin_id, at)
+        if old is None:
+            raise Gone(f"Revision {at} of twin {twin_id} is no longer retained in the journal.")
+        twin = old
     if _not_modified(if_none_match, twin):
         return Response(status_code=304, headers={"ETag": etag(twin.revision)})
     return json_response(select(twin.to_document(), parse_fields(fields)), revision=twin.revision)

@@ -1,0 +1,295 @@
+"""Change streams over HTTP: per-twin history, the WebSocket API, and Server-Sent Events.
+
+WebSocket close codes: 4401 not authenticated, 4403 forbidden, 4408 slow consumer (resume
+with ``since``), 1011 internal error. Errors of single messages never close the socket: they
+come back as ``{"type": "error", ...}`` with the one error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+
+from search.rql.parser import parse_filter
+from twin_service.api.context import AppContext
+from twin_service.api.deps import Context, Reader, TwinId
+from twin_service.api.routes.twins import json_response
+from twin_service.api.schemas import errors
+from twin_service.auth import Principal
+from twin_service.commands import run_command
+from twin_service.errors import BadRequest, Gone, TwinServiceError, Unauthorized
+from twin_service.streams.session import StreamSession
+from twin_service.streams.subscription import Subscription, validate_id
+from twin_service.twin.fields import parse_fields
+from twin_service.twin.ids import parse_twin_id
+from twin_service.twin.jsonvalue import dumps, loads_strict
+from twin_service.types import JSONObject
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1", tags=["streams"])
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_SLOW_CONSUMER = 4408
+AUTH_TIMEOUT = 10.0
+SSE_KEEPALIVE = 15.0
+
+
+# -- history ---------------------------------------------------------------------------------
+
+
+@router.get(
+    "/twins/{twin_id}/history",
+    responses=errors(404, 410),
+    summary="Retained change events of one twin (since <= revision <= until)",
+)
+async def history(
+    ctx: Context,
+    principal: Reader,
+    twin_id: TwinId,
+    since: Annotated[int, Query(ge=0)] = 0,
+    until: Annotated[int | None, Query(ge=0)] = None,
+) -> Any:
+    principal.check_namespace(parse_twin_id(twin_id)[0])
+    events = await ctx.store.history(twin_id, since, until)
+    current = await ctx.store.get(twin_id)
+    if not events and current is None:
+        raise Gone(f"No retained history for twin {twin_id}.", code="twin.notfound")
+    # The journal covers `since` only if the oldest retained event of this incarnation is
+    # at or before it (or it starts at creation).
+    incarnation = _last_incarnation(events)
+    if incarnation and since > 0 and incarnation[0]["revision"] > max(since, 1):
+        first = incarnation[0]
+        if first["action"] != "created":
+            raise Gone(
+                f"History of {twin_id} before revision {first['revision']} is no longer retained.",
+                extra={"oldestRevision": first["revision"]},
+            )
+    return json_response({"items": incarnation})
+
+
+def _last_incarnation(events: list[Any]) -> list[JSONObject]:
+    items = [{"seq": e.seq, **e.event.to_json()} for e in events]
+    for index in range(len(items) - 1, -1, -1):
+        if items[index]["action"] == "created":
+            return items[index:]
+    return items
+
+
+# -- WebSocket -------------------------------------------------------------------------------
+
+
+def _authenticate(ctx: AppContext, websocket: WebSocket) -> Principal | None:
+    header = websocket.headers.get("authorization")
+    if header is None:
+        return None
+    return ctx.tokens.authenticate(header)
+
+
+def subscription_from(message: JSONObject) -> tuple[Subscription, int | None]:
+    filter_text = message.get("filter")
+    if filter_text is not None and not isinstance(filter_text, str):
+        raise BadRequest("'filter' must be an RQL string.")
+    namespaces = message.get("namespaces")
+    twins = message.get("twins")
+    for name, value in (("namespaces", namespaces), ("twins", twins)):
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ):
+            raise BadRequest(f"'{name}' must be a list of strings.")
+    fields = message.get("fields")
+    if fields is not None and not isinstance(fields, str):
+        raise BadRequest("'fields' must be a string like 'attributes,desired/fan'.")
+    since = message.get("since")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise BadRequest("'since' must be a non-negative sequence number.")
+    subscription = Subscription(
+        id=validate_id(message.get("id")),
+        filter=parse_filter(filter_text) if filter_text else None,
+        namespaces=frozenset(namespaces) if namespaces is not None else None,
+        twins=frozenset(twins) if twins is not None else None,
+        fields=parse_fields(fields),
+    )
+    return subscription, since
+
+
+@router.websocket("/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    ctx: AppContext = websocket.app.state.ctx
+    try:
+        principal = _authenticate(ctx, websocket)
+    except Unauthorized as exc:
+        await websocket.close(CLOSE_UNAUTHENTICATED, exc.message[:120])
+        return
+    await websocket.accept()
+    if principal is None:
+        principal = await _first_message_auth(ctx, websocket)
+        if principal is None:
+            return
+    session = StreamSession(ctx.hub, ctx.store, principal, ctx.settings.stream.queue_size)
+    writer = asyncio.create_task(_write_loop(websocket, session))
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        await websocket.send_text(dumps({"type": "welcome", "principal": principal.name}))
+        while True:
+            raw = await websocket.receive_text()
+            task = asyncio.create_task(_handle(ctx, principal, session, raw))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if writer.done():
+                break
+    except WebSocketDisconnect:
+        pass
+    finally:
+        session.close()
+        for task in tasks:
+            task.cancel()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+
+
+async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Principal | None:
+    try:
+        raw = await asyncio.wait_for(websocket.receive_text(), AUTH_TIMEOUT)
+        message = loads_strict(raw)
+        if not isinstance(message, dict) or message.get("type") != "auth":
+            raise Unauthorized('The first message must be {"type": "auth", "token": ...}.')
+        token = message.get("token")
+        if not isinstance(token, str):
+            raise Unauthorized("The auth message needs a 'token' string.")
+        return ctx.tokens.authenticate_token(token)
+    except (TimeoutError, TwinServiceError) as exc:
+        reason = exc.message if isinstance(exc, TwinServiceError) else "No auth message in time."
+        with contextlib.suppress(Exception):
+            await websocket.close(CLOSE_UNAUTHENTICATED, reason[:120])
+        return None
+    except WebSocketDisconnect:
+        return None
+
+
+async def _write_loop(websocket: WebSocket, session: StreamSession) -> None:
+    while True:
+        message = await session.next()
+        if message is None:
+            reason = f"slow consumer: resume with since={session.delivered_seq}"
+            await websocket.close(CLOSE_SLOW_CONSUMER, reason)
+            return
+        await websocket.send_text(dumps(message))
+
+
+async def _handle(ctx: AppContext, principal: Principal, session: StreamSession, raw: str) -> None:
+    correlation: Any = None
+    try:
+        message = loads_strict(raw)
+        if not isinstance(message, dict):
+            raise BadRequest("A message must be a JSON object.")
+        correlation = message.get("correlationId", message.get("id"))
+        kind = message.get("type")
+        if kind == "subscribe":
+            subscription, since = subscription_from(message)
+            await session.subscribe(subscription, since)
+        elif kind == "unsubscribe":
+            found = session.unsubscribe(validate_id(message.get("id")))
+            session.send({"type": "unsubscribed", "subscription": message["id"], "found": found})
+        elif kind == "command":
+            status, body = await run_command(ctx, principal, message)
+            session.send(
+                {"type": "response", "correlationId": correlation, "status": status, "body": body}
+            )
+        else:
+            raise BadRequest(f"Unknown message type {kind!r}.")
+    except TwinServiceError as exc:
+        session.send(
+            {
+                "type": "error",
+                "correlationId": correlation,
+                "status": exc.status,
+                "error": exc.to_body(),
+            }
+        )
+    except Exception:
+        log.exception("websocket message failed")
+        session.send(
+            {
+                "type": "error",
+                "correlationId": correlation,
+                "status": 500,
+                "error": {
+                    "status": 500,
+                    "error": "service.internal",
+                    "message": "Internal error.",
+                    "description": "",
+                },
+            }
+        )
+
+
+# -- Server-Sent Events ----------------------------------------------------------------------
+
+
+@router.get(
+    "/stream/twins",
+    responses=errors(),
+    summary="Server-Sent Events of twin changes; resume with Last-Event-ID",
+    response_class=StreamingResponse,
+)
+async def sse(
+    request: Request,
+    ctx: Context,
+    principal: Reader,
+    filter: str | None = None,
+    fields: str | None = None,
+    namespaces: str | None = None,
+    since: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    resume = since
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise BadRequest("Last-Event-ID must be a sequence number.")
+        resume = int(last_event_id)
+    message: JSONObject = {"id": "sse", "filter": filter, "fields": fields}
+    if namespaces:
+        message["namespaces"] = [n for n in namespaces.split(",") if n]
+    subscription, _ = subscription_from(message)
+    session = StreamSession(ctx.hub, ctx.store, principal, ctx.settings.stream.queue_size)
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            await session.subscribe(subscription, resume)
+            while True:
+                if await request.is_disconnected():
+                    return
+                try:
+                    item = await asyncio.wait_for(session.next(), SSE_KEEPALIVE)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if item is None:
+                    yield (
+                        "event: overflow\ndata: "
+                        + json.dumps({"resumeWith": session.delivered_seq})
+                        + "\n\n"
+                    )
+                    return
+                kind = item["type"]
+                if kind in ("event", "left"):
+                    yield f"id: {item['seq']}\nevent: {kind}\ndata: {dumps(item)}\n\n"
+                else:
+                    yield f"event: {kind}\ndata: {dumps(item)}\n\n"
+        finally:
+            session.close()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,183 @@
+"""Twin commands addressed by a single JSON pointer, for the WebSocket (and any other
+message-based transport): the same pure operations, service and errors as the REST routes.
+
+A command is ``{"command": "get"|"put"|"patch"|"delete"|"search", "twinId": ..., "path":
+"/desired/fan/speed" (optional, first token is the section), "value": ..., "patchType":
+"merge"|"json", "fields", "condition", "ifMatch": <revision>, "filter", "option",
+"namespaces"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.rql.parser import parse_filter
+from search.rql.query import build_query
+from twin_service.api.context import AppContext
+from twin_service.auth import Principal
+from twin_service.errors import BadRequest, NotFound
+from twin_service.service import Preconditions
+from twin_service.twin.document import SECTIONS, Twin
+from twin_service.twin.fields import parse_fields, select
+from twin_service.twin.ids import parse_twin_id
+from twin_service.twin.operations import (
+    Edit,
+    delete_at,
+    json_patch_twin,
+    merge_patch_twin,
+    patch_at,
+    put_at,
+    replace_twin,
+)
+from twin_service.twin.patch import get_at, split_pointer
+from twin_service.types import JSON, JSONObject
+
+READ_ONLY_VIEWS = ("delta", "connection", "metadata", "lifecycle")
+
+
+def _str(message: JSONObject, key: str, required: bool = False) -> str | None:
+    value = message.get(key)
+    if value is None:
+        if required:
+            raise BadRequest(f"Command needs a string {key!r}.")
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{key!r} must be a string.")
+    return value
+
+
+def _preconditions(message: JSONObject) -> Preconditions:
+    if_match = message.get("ifMatch")
+    if if_match is not None and (isinstance(if_match, bool) or not isinstance(if_match, int)):
+        raise BadRequest("'ifMatch' must be a revision number.")
+    condition = _str(message, "condition")
+    return Preconditions(
+        if_match=if_match,
+        if_none_match_any=message.get("ifNoneMatch") == "*",
+        condition=parse_filter(condition) if condition is not None else None,
+    )
+
+
+def _exists(twin: Twin | None) -> Twin:
+    if twin is None:
+        raise NotFound("Twin does not exist.")
+    return twin
+
+
+async def run_command(
+    ctx: AppContext, principal: Principal, message: JSONObject
+) -> tuple[int, JSON]:
+    """Execute one command; returns (HTTP-like status, body). Raises typed errors."""
+    name = _str(message, "command", required=True)
+    if name == "search":
+        principal.require("read")
+        return 200, await search_twins(
+            ctx,
+            principal,
+            _str(message, "filter"),
+            _str(message, "option"),
+            _str(message, "fields"),
+            _str(message, "namespaces"),
+        )
+    twin_id = _str(message, "twinId", required=True)
+    assert twin_id is not None
+    namespace, _ = parse_twin_id(twin_id)
+    principal.check_namespace(namespace)
+    parts = split_pointer(_str(message, "path") or "")
+    section = parts[0] if parts else None
+    pointer = parts[1:]
+    if section is not None and section not in (*SECTIONS, *READ_ONLY_VIEWS):
+        raise BadRequest(f"Unknown section {section!r} in path.")
+    if name == "get":
+        principal.require("read")
+        twin = await ctx.service.get(twin_id)
+        doc = twin.to_document()
+        if section is None:
+            return 200, select(doc, parse_fields(_str(message, "fields")))
+        return 200, get_at(doc[section], pointer)
+    principal.require("write")
+    if section in READ_ONLY_VIEWS:
+        raise BadRequest(f"{section!r} is read-only.", code="twin.readonly")
+    conditions = _preconditions(message)
+    value = message.get("value")
+    edit: Any
+    may_create = False
+    if name == "put":
+        if "value" not in message:
+            raise BadRequest("'put' needs a 'value'.")
+        if section is None:
+            change = replace_twin(value, twin_id)
+            edit = lambda _t: change  # noqa: E731
+            may_create = True
+        else:
+            edit = lambda t: put_at(_exists(t), section, pointer, value)  # noqa: E731
+    elif name == "patch":
+        kind = message.get("patchType", "merge")
+        if kind not in ("merge", "json"):
+            raise BadRequest("'patchType' must be 'merge' or 'json'.")
+        if section is None:
+            edit = (
+                (lambda t: merge_patch_twin(_exists(t), value))
+                if kind == "merge"
+                else (lambda t: json_patch_twin(_exists(t), value))
+            )
+        elif kind == "json":
+            raise BadRequest("JSON Patch applies to the whole twin (no 'path').")
+        else:
+            edit = lambda t: patch_at(_exists(t), section, pointer, value)  # noqa: E731
+    elif name == "delete":
+        if section is None:
+            edit = lambda _t: None  # noqa: E731
+        else:
+            edit = lambda t: delete_at(_exists(t), section, pointer)  # noqa: E731
+    else:
+        raise BadRequest(f"Unknown command {name!r}.")
+    outcome = await ctx.service.mutate(
+        twin_id,
+        edit,
+        origin=principal.name,
+        preconditions=conditions,
+        may_create=may_create,
+    )
+    if outcome.twin is None:
+        return 204, None
+    status = 201 if outcome.created else 200
+    return status, {"revision": outcome.twin.revision, "seq": outcome.stored.seq}
+
+
+async def search_twins(
+    ctx: AppContext,
+    principal: Principal,
+    filter: str | None,
+    option: str | None,
+    fields: str | None,
+    namespaces: str | None,
+) -> JSONObject:
+    """One page of search results, limited to the namespaces the token may read."""
+    visible = principal.visible_namespaces(namespaces)
+    paths = parse_fields(fields)
+    query = build_query(
+        filter,
+        option,
+        visible,
+        default_size=ctx.settings.query.default_size,
+        max_size=ctx.settings.query.max_size,
+    )
+    if visible == "":
+        return {"items": []}
+    twins, cursor = await ctx.index.search(query)
+    body: JSONObject = {"items": [select(t.to_document(), paths) for t in twins]}
+    if cursor is not None:
+        body["cursor"] = cursor
+    return body
+
+
+async def count_twins(
+    ctx: AppContext, principal: Principal, filter: str | None, namespaces: str | None
+) -> int:
+    visible = principal.visible_namespaces(namespaces)
+    query = build_query(filter, None, visible)
+    return 0 if visible == "" else await ctx.index.count(query)
+
+
+__all__ = ["Edit", "count_twins", "run_command", "search_twins"]

@@ -1,0 +1,1 @@
+"""Change streams: the journal tailer (hub), subscriptions, and the cross-process bus."""

@@ -1,0 +1,108 @@
+"""The event bus: tells every service process that the journal has grown.
+
+Events themselves are always read from the journal (in sequence order, exactly once); the bus
+only carries "sequence N committed" notices so other processes look promptly instead of at
+their next poll. A lost notice therefore delays an event by at most one poll interval and
+never loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+Notice = Callable[[int], None]
+
+
+class EventBus(Protocol):
+    async def start(self, on_notice: Notice) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def announce(self, seq: int) -> None: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+class InProcessBus:
+    """Single process: the notice goes straight back to this process's hub."""
+
+    def __init__(self) -> None:
+        self._on_notice: Notice | None = None
+
+    async def start(self, on_notice: Notice) -> None:
+        self._on_notice = on_notice
+
+    async def stop(self) -> None:
+        self._on_notice = None
+
+    async def announce(self, seq: int) -> None:
+        if self._on_notice is not None:
+            self._on_notice(seq)
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "in-process", "status": "up"}
+
+
+class MqttBus:
+    """Several processes: notices travel on an internal topic of the configured broker."""
+
+    TOPIC = "twin-service/internal/journal"
+
+    def __init__(self, url: str, client_id_prefix: str, topic: str = TOPIC) -> None:
+        from connectivity.mqtt_client import MqttClient
+        from connectivity.options import MqttOptions
+
+        self._origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._topic = topic
+        self._client = MqttClient(
+            MqttOptions(
+                url=url,
+                client_id=f"{client_id_prefix}-bus-{self._origin}",
+                persistent_session=False,
+            )
+        )
+        self._on_notice: Notice | None = None
+
+    async def start(self, on_notice: Notice) -> None:
+        from connectivity.messages import InboundMessage
+
+        self._on_notice = on_notice
+
+        async def handle(message: InboundMessage) -> None:
+            try:
+                notice = json.loads(message.payload)
+                seq = int(notice["seq"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring malformed bus notice on %s", message.topic)
+                return
+            if self._on_notice is not None:
+                self._on_notice(seq)
+
+        await self._client.subscribe(self._topic, 0, handle)
+        await self._client.start()
+
+    async def stop(self) -> None:
+        self._on_notice = None
+        await self._client.stop()
+
+    async def announce(self, seq: int) -> None:
+        if self._on_notice is not None:
+            self._on_notice(seq)
+        if not self._client.connected:
+            return  # the other processes' polling picks the event up
+        try:
+            payload = json.dumps({"seq": seq, "origin": self._origin})
+            await self._client.publish(self._topic, payload, qos=0)
+        except Exception as exc:  # a notice is an optimisation; polling covers its loss
+            log.debug("bus notice not sent: %s", exc)
+
+    def describe(self) -> dict[str, object]:
+        health = self._client.health()
+        return {"kind": "mqtt", "status": "up" if health.connected else "down"}

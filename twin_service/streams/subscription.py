@@ -1,0 +1,64 @@
+"""What a subscription sees of a change: pure decisions, no I/O.
+
+A subscription is told about a change when the twin matches its filter after the change
+(``event``), or when it matched before and no longer does (``left``, or the deletion event
+itself), so a client-side view of "twins matching F" stays exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from search.rql.ast import Filter
+from search.rql.evaluator import matches
+from twin_service.errors import BadRequest
+from twin_service.twin.document import ChangeEvent
+from twin_service.twin.fields import select
+from twin_service.types import JSONObject
+
+Outcome = Literal["event", "left"] | None
+
+
+@dataclass(frozen=True)
+class Subscription:
+    id: str
+    filter: Filter | None = None
+    namespaces: frozenset[str] | None = None
+    twins: frozenset[str] | None = None
+    fields: list[list[str]] | None = None
+
+    def in_scope(self, twin_id: str) -> bool:
+        if self.twins is not None and twin_id not in self.twins:
+            return False
+        if self.namespaces is not None:
+            namespace = twin_id.partition(":")[0]
+            return namespace in self.namespaces
+        return True
+
+    def _matches(self, doc: JSONObject | None) -> bool:
+        return doc is not None and (self.filter is None or matches(self.filter, doc))
+
+    def classify(
+        self, event: ChangeEvent, before: JSONObject | None, after: JSONObject | None
+    ) -> Outcome:
+        """``event``, ``left`` or nothing for this change; documents are API documents."""
+        if not self.in_scope(event.twin_id):
+            return None
+        if self._matches(after):
+            return "event"
+        if self._matches(before):
+            return "event" if event.action == "deleted" else "left"
+        return None
+
+    def view(self, doc: JSONObject | None) -> JSONObject | None:
+        """The requested fields of the twin after the change."""
+        if doc is None:
+            return None
+        return select(doc, self.fields)
+
+
+def validate_id(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise BadRequest("A subscription needs an 'id' string of 1 to 128 characters.")
+    return value
