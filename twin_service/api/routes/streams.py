@@ -123,12 +123,13 @@ def subscription_from(message: JSONObject) -> tuple[Subscription, int | None]:
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
     ctx: AppContext = websocket.app.state.ctx
+    # Accept first so that a refusal reaches the client as a close code and reason.
+    await websocket.accept()
     try:
         principal = _authenticate(ctx, websocket)
     except Unauthorized as exc:
         await websocket.close(CLOSE_UNAUTHENTICATED, exc.message[:120])
         return
-    await websocket.accept()
     if principal is None:
         principal = await _first_message_auth(ctx, websocket)
         if principal is None:

@@ -1,0 +1,369 @@
+"""WebSocket change streams and commands against the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from tests.service_process import ACME_TOKEN, ADMIN_TOKEN, READER_TOKEN, ServiceProcess
+
+Json = dict[str, Any]
+
+
+def ws_url(service: ServiceProcess) -> str:
+    return service.url.replace("http://", "ws://") + "/api/v1/ws"
+
+
+@asynccontextmanager
+async def connect(
+    service: ServiceProcess, token: str | None = ADMIN_TOKEN, **kwargs: Any
+) -> AsyncIterator[ClientConnection]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with websockets.connect(ws_url(service), additional_headers=headers, **kwargs) as ws:
+        if token:
+            welcome = await receive(ws)
+            assert welcome["type"] == "welcome"
+        yield ws
+
+
+async def receive(ws: ClientConnection, timeout: float = 15.0) -> Json:
+    message: Json = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    return message
+
+
+async def send(ws: ClientConnection, message: Json) -> None:
+    await ws.send(json.dumps(message))
+
+
+async def until(ws: ClientConnection, predicate: Callable[[Json], bool]) -> Json:
+    while True:
+        message = await receive(ws)
+        if predicate(message):
+            return message
+
+
+async def subscribe(ws: ClientConnection, **fields: Any) -> Json:
+    await send(ws, {"type": "subscribe", **fields})
+    reply = await receive(ws)
+    assert reply["type"] == "subscribed", reply
+    return reply
+
+
+async def command(ws: ClientConnection, correlation: str, **fields: Any) -> Json:
+    await send(ws, {"type": "command", "correlationId": correlation, **fields})
+    return await until(ws, lambda m: m.get("correlationId") == correlation)
+
+
+def namespace() -> str:
+    return f"org.ws{uuid.uuid4().hex[:10]}"
+
+
+def test_subscribe_filter_enter_leave_fields_unsubscribe(service: ServiceProcess) -> None:
+    ns = namespace()
+
+    async def run() -> None:
+        async with connect(service) as ws, service.async_client() as api:
+            await subscribe(
+                ws,
+                id="s1",
+                filter='eq(attributes/site,"a")',
+                namespaces=[ns],
+                fields="attributes,revision",
+            )
+            await api.put(f"/api/v1/twins/{ns}:x", json={"attributes": {"site": "b"}})
+            await api.put(f"/api/v1/twins/{ns}:y", json={"attributes": {"site": "a"}})
+            entered = await receive(ws)
+            assert entered["type"] == "event" and entered["subscription"] == "s1"
+            assert entered["event"]["twinId"] == f"{ns}:y"
+            assert entered["event"]["action"] == "created"
+            assert entered["twin"] == {"attributes": {"site": "a"}, "revision": 1}
+            await api.put(f"/api/v1/twins/{ns}:y/attributes/site", json="c")
+            left = await receive(ws)
+            assert left["type"] == "left" and left["event"]["twinId"] == f"{ns}:y"
+            assert left["event"]["changes"] == {"attributes": {"site": "c"}}
+            assert left["seq"] > entered["seq"]
+            # A twin that did not match before and does not match now produces nothing.
+            await api.put(f"/api/v1/twins/{ns}:y/attributes/site", json="d")
+            await api.put(f"/api/v1/twins/{ns}:x/attributes/site", json="a")
+            entered_x = await receive(ws)
+            assert entered_x["event"]["twinId"] == f"{ns}:x"
+            await api.delete(f"/api/v1/twins/{ns}:x")
+            deleted = await receive(ws)
+            assert deleted["type"] == "event" and deleted["event"]["action"] == "deleted"
+            assert deleted["twin"] is None
+            await send(ws, {"type": "unsubscribe", "id": "s1"})
+            assert (await receive(ws))["type"] == "unsubscribed"
+            await api.put(f"/api/v1/twins/{ns}:z", json={"attributes": {"site": "a"}})
+            result = await command(ws, "probe", command="get", twinId=f"{ns}:z")
+            assert result["type"] == "response"  # nothing else arrived in between
+
+    asyncio.run(run())
+
+
+def test_twins_subscription_and_namespace_visibility(service: ServiceProcess) -> None:
+    async def run() -> None:
+        async with connect(service, ACME_TOKEN) as ws, service.async_client() as api:
+            await subscribe(ws, id="all")
+            await api.put("/api/v1/twins/org.other:hidden", json={"desired": {"a": 1}})
+            await api.put(f"/api/v1/twins/org.acme:{uuid.uuid4().hex}", json={})
+            event = await receive(ws)
+            assert event["event"]["twinId"].startswith("org.acme:")
+        async with connect(service) as ws, service.async_client() as api:
+            twin = f"{namespace()}:only"
+            await subscribe(ws, id="one", twins=[twin])
+            await api.put(f"/api/v1/twins/{namespace()}:other", json={})
+            await api.put(f"/api/v1/twins/{twin}", json={})
+            assert (await receive(ws))["event"]["twinId"] == twin
+
+    asyncio.run(run())
+
+
+def test_commands_with_correlation_ids(service: ServiceProcess) -> None:
+    ns = namespace()
+    twin = f"{ns}:cmd"
+
+    async def run() -> None:
+        async with connect(service) as ws:
+            created = await command(
+                ws, "c1", command="put", twinId=twin, value={"desired": {"fan": {"speed": 1}}}
+            )
+            assert created["status"] == 201 and created["body"]["revision"] == 1
+            value = await command(
+                ws, "c2", command="put", twinId=twin, path="/desired/fan/speed", value=3
+            )
+            assert value["status"] == 200 and value["body"]["revision"] == 2
+            merged = await command(
+                ws, "c3", command="patch", twinId=twin, value={"reported": {"fan": {"speed": 3}}}
+            )
+            assert merged["status"] == 200
+            patched = await command(
+                ws,
+                "c4",
+                command="patch",
+                patchType="json",
+                twinId=twin,
+                value=[{"op": "add", "path": "/attributes/site", "value": "s"}],
+            )
+            assert patched["body"]["revision"] == 4
+            got = await command(ws, "c5", command="get", twinId=twin, fields="desired,delta")
+            assert got["body"] == {"desired": {"fan": {"speed": 3}}, "delta": {}}
+            leaf = await command(ws, "c6", command="get", twinId=twin, path="/attributes/site")
+            assert leaf["body"] == "s"
+            found = await command(
+                ws,
+                "c7",
+                command="search",
+                filter='eq(attributes/site,"s")',
+                namespaces=ns,
+                fields="twinId",
+            )
+            assert found["body"] == {"items": [{"twinId": twin}]}
+            failed = await command(
+                ws, "c8", command="delete", twinId=twin, condition='eq(attributes/site,"x")'
+            )
+            assert failed["type"] == "error" and failed["status"] == 412
+            assert failed["error"]["error"] == "twin.condition.failed"
+            stale = await command(
+                ws, "c9", command="put", twinId=twin, path="/live/a", value=1, ifMatch=1
+            )
+            assert stale["error"]["error"] == "twin.precondition.failed"
+            bad = await command(ws, "c10", command="get", twinId="no separator")
+            assert bad["status"] == 400 and bad["error"]["error"] == "twin.id.invalid"
+            bad_rql = await command(ws, "c11", command="search", filter="eq(")
+            assert bad_rql["error"]["error"] == "rql.syntax" and "position" in bad_rql["error"]
+            unknown = await command(ws, "c12", command="explode", twinId=twin)
+            assert unknown["status"] == 400
+            await ws.send("{not json")
+            malformed = await until(ws, lambda m: m["type"] == "error")
+            assert malformed["error"]["error"] == "json.invalid"
+            deleted = await command(ws, "c13", command="delete", twinId=twin)
+            assert deleted["status"] == 204
+            gone = await command(ws, "c14", command="get", twinId=twin)
+            assert gone["status"] == 404 and gone["error"]["error"] == "twin.notfound"
+        async with connect(service, READER_TOKEN) as ws:
+            denied = await command(ws, "r1", command="put", twinId=twin, value={})
+            assert denied["status"] == 403 and denied["error"]["error"] == "auth.forbidden"
+
+    asyncio.run(run())
+
+
+def test_authentication_failures_and_first_message_auth(service: ServiceProcess) -> None:
+    async def run() -> None:
+        async with connect(service, token=None) as ws:
+            await send(ws, {"type": "subscribe", "id": "x"})
+            with pytest.raises(ConnectionClosed) as closed:
+                await receive(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        async with connect(service, token=None) as ws:
+            await send(ws, {"type": "auth", "token": "wrong-token-wrong-token"})
+            with pytest.raises(ConnectionClosed) as closed:
+                await receive(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        headers = {"Authorization": "Bearer nope-nope-nope-nope"}
+        async with websockets.connect(ws_url(service), additional_headers=headers) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await receive(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        async with connect(service, token=None) as ws:
+            await send(ws, {"type": "auth", "token": ADMIN_TOKEN})
+            assert (await receive(ws))["type"] == "welcome"
+            await subscribe(ws, id="ok")
+
+    asyncio.run(run())
+
+
+def test_resume_after_disconnect_during_burst(service: ServiceProcess) -> None:
+    """1,000 writes; the client drops mid-burst and resumes with since: no gap, no duplicate."""
+    ns = namespace()
+    total = 1000
+
+    async def writer(api: httpx.AsyncClient) -> None:
+        semaphore = asyncio.Semaphore(16)
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                response = await api.put(f"/api/v1/twins/{ns}:t{i % 20}/reported/n{i}", json=i)
+                assert response.status_code in (201, 204)
+
+        await asyncio.gather(*(one(i) for i in range(total)))
+
+    async def run() -> None:
+        seen: list[int] = []
+        async with service.async_client() as api:
+            for t in range(20):
+                assert (await api.put(f"/api/v1/twins/{ns}:t{t}", json={})).status_code == 201
+            async with connect(service) as ws:
+                start = (await subscribe(ws, id="s", namespaces=[ns]))["seq"]
+                burst = asyncio.create_task(writer(api))
+                while len(seen) < 300:
+                    message = await receive(ws)
+                    assert message["type"] == "event"
+                    seen.append(message["seq"])
+            # Disconnected while the burst goes on; resume from the last seq received.
+            await asyncio.sleep(0.2)
+            async with connect(service) as ws:
+                await subscribe(ws, id="s", namespaces=[ns], since=seen[-1])
+                while len(seen) < total:
+                    message = await receive(ws)
+                    assert message["type"] == "event"
+                    seen.append(message["seq"])
+                await burst
+        assert len(seen) == len(set(seen)) == total, "duplicates"
+        assert seen == sorted(seen), "out of order"
+        assert seen[0] > start
+        # Every event of the namespace is there: compare with the journal's own history.
+        async with service.async_client() as api:
+            revisions = 0
+            for t in range(20):
+                history = (await api.get(f"/api/v1/twins/{ns}:t{t}/history")).json()["items"]
+                revisions += len(history)
+        # 20 creations before the subscription + the 1,000 writes it saw.
+        assert revisions == total + 20
+
+    asyncio.run(run())
+
+
+def test_resync_required_when_journal_was_pruned(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    proc = service_factory(env={"TWIN_STREAM__JOURNAL_MAX_PER_TWIN": "1"})
+    twin = "org.acme:pruned"
+
+    async def run() -> None:
+        async with proc.async_client() as api:
+            await api.put(f"/api/v1/twins/{twin}", json={})
+            for i in range(130):  # pruning runs every 64 revisions
+                await api.put(f"/api/v1/twins/{twin}/desired/n", json=i)
+            history = (await api.get(f"/api/v1/twins/{twin}/history")).json()["items"]
+            assert len(history) < 130
+            expired = await api.get(f"/api/v1/twins/{twin}", params={"at": 3})
+            assert expired.status_code == 410 and expired.json()["error"] == "history.expired"
+            expired = await api.get(f"/api/v1/twins/{twin}/history", params={"since": 2})
+            assert expired.status_code == 410
+        async with connect(proc) as ws:
+            await send(ws, {"type": "subscribe", "id": "old", "since": 0})
+            reply = await receive(ws)
+            assert reply["type"] == "resync.required" and reply["subscription"] == "old"
+            async with proc.async_client() as api:
+                await api.put(f"/api/v1/twins/{twin}/desired/n", json=-1)
+            live = await receive(ws)  # still subscribed live from the current position
+            assert live["type"] == "event" and live["seq"] > reply["seq"]
+
+    asyncio.run(run())
+
+
+def _masked_text_frame(text: str) -> bytes:
+    data = text.encode()
+    mask = os.urandom(4)
+    length = (
+        bytes([0x80 | len(data)])
+        if len(data) < 126
+        else bytes([0xFE]) + len(data).to_bytes(2, "big")
+    )
+    return bytes([0x81]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def test_slow_consumer_is_closed_with_resume_hint(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """A client that never reads: the server must cut it off, not buffer without bound.
+
+    A raw socket with a tiny receive buffer stands for the stuck consumer (client libraries
+    keep reading into their own buffers, which would hide the server's behaviour).
+    """
+    proc = service_factory(env={"TWIN_STREAM__QUEUE_SIZE": "10"})
+    twin = "org.acme:firehose"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proc.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            "GET /api/v1/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+        ).encode()
+    )
+    handshake = sock.recv(4096)
+    assert handshake.startswith(b"HTTP/1.1 101")
+    sock.sendall(_masked_text_frame(json.dumps({"type": "subscribe", "id": "s", "fields": "live"})))
+
+    async def write_burst() -> None:
+        async with proc.async_client() as api:
+            await api.put(f"/api/v1/twins/{twin}", json={})
+            blob = "x" * 30_000
+            for i in range(400):
+                response = await api.put(f"/api/v1/twins/{twin}/live/blob", json=f"{i}{blob}")
+                assert response.status_code in (201, 204)  # a stuck reader never blocks writers
+
+    asyncio.run(write_burst())
+    received = b""
+    sock.settimeout(20)
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        received += chunk
+    sock.close()
+    # The last frame is a close frame: 0x88, length, code 4408, then the reason.
+    close_at = received.rfind(b"\x88")
+    assert close_at > 0
+    code = int.from_bytes(received[close_at + 2 : close_at + 4], "big")
+    reason = received[close_at + 4 :].decode()
+    assert code == 4408
+    assert reason.startswith("slow consumer: resume with since=")
+    assert received.count(b'"type":"event"') < 400
