@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.service_process import ServiceProcess
 from tests.servers.mosquitto import Mosquitto
+from tests.service_process import ServiceProcess
 from tests.streams.test_websocket import connect, receive, subscribe
 
 
