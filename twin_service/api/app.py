@@ -121,9 +121,4 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _components(settings: Settings) -> list[Component]:
     """Background components started with the app (MQTT bridge, event bus...)."""
-    components: list[Component] = []
-    if settings.mqtt.enabled:
-        from connectivity.sync import MqttSync
-
-        components.append(MqttSync())
-    return components
+    return []
