@@ -1,0 +1,85 @@
+"""The Kubernetes manifests are consistent with the service they deploy."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from twin_service.api.app import create_app
+from twin_service.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+
+
+def documents() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted(DEPLOY.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def env_names(model: type[BaseModel] = Settings, prefix: str = "TWIN_") -> set[str]:
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= env_names(annotation, f"{prefix}{name.upper()}__")
+        else:
+            names.add(f"{prefix}{name.upper()}")
+    return names
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+
+
+def test_every_twin_setting_named_in_manifests_exists() -> None:
+    known = env_names()
+    used: set[str] = set()
+    for doc in documents():
+        if doc["kind"] == "ConfigMap":
+            used |= {k for k in doc["data"] if k.startswith("TWIN_")}
+        for container in _containers(doc):
+            used |= {e["name"] for e in container.get("env", []) if e["name"].startswith("TWIN_")}
+    assert used, "the manifests configure nothing"
+    assert used <= known, f"unknown settings: {sorted(used - known)}"
+
+
+def test_probes_point_at_real_endpoints_and_resources_are_set() -> None:
+    app = create_app(Settings(auth={"disabled": True}))  # type: ignore[arg-type]
+    routes = set(app.openapi()["paths"])
+    deployments = [d for d in documents() if d["kind"] in ("Deployment", "StatefulSet")]
+    assert {d["metadata"]["name"] for d in deployments} == {"twin-service", "mosquitto"}
+    for doc in deployments:
+        for container in _containers(doc):
+            assert "limits" in container["resources"] and "requests" in container["resources"]
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert probe in container
+                path = container[probe].get("httpGet", {}).get("path")
+                if path is not None:
+                    assert path in routes
+
+
+def test_mosquitto_queue_limit_is_large_and_not_zero() -> None:
+    config = next(
+        d for d in documents() if d["metadata"]["name"] == "mosquitto" and d["kind"] == "ConfigMap"
+    )
+    text = config["data"]["mosquitto.conf"]
+    queued = int(re.search(r"^max_queued_messages (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    assert queued >= 10_000
+    assert "allow_anonymous false" in text
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    containers: list[dict[str, Any]] = spec.get("containers", [])
+    return containers
