@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twin_service.errors import Conflict, NotFound, PreconditionFailed
+from twin_service.errors import Conflict, NotFound, PreconditionFailed, TwinServiceError
 from twin_service.store.base import RevisionConflict, StoredEvent, TwinStore, Write
-from twin_service.twin.document import Twin, apply_change, deletion_event, now_iso
+from twin_service.twin.document import ChangeEvent, Twin, apply_change, deletion_event, now_iso
 from twin_service.twin.ids import parse_twin_id
 from twin_service.twin.jsonvalue import Limits
 from twin_service.twin.operations import Edit
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Attempts of one write under contention before giving up with 409.
 MAX_ATTEMPTS = 200
+#: Twins kept for the write path's first read (see TwinService._recent).
+RECENT_CAPACITY = 10_000
 
 #: A listener is told about every committed change, after the commit, in commit order per twin.
 Listener = Callable[[StoredEvent, Twin | None], Awaitable[None]]
@@ -89,6 +92,11 @@ class TwinService:
         self.limits = limits
         self.default_namespace = default_namespace
         self._listeners: list[Listener] = []
+        # Latest twins this process committed or read for a write. Only the write path uses
+        # it: a stale entry (another process wrote since) loses the compare-and-set, or fails
+        # a check, and the write is retried from a fresh read, so it can never cause a wrong
+        # result, only save the read in the common case.
+        self._recent: OrderedDict[str, Twin] = OrderedDict()
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -113,39 +121,28 @@ class TwinService:
         namespace, _ = parse_twin_id(twin_id)
         preconditions = preconditions or Preconditions()
         for attempt in range(MAX_ATTEMPTS):
-            current = await self.store.get(twin_id)
-            preconditions.check(current)
-            if current is None and not may_create:
-                raise NotFound(f"Twin {twin_id} does not exist.")
-            change = edit(current)
-            timestamp = now_iso()
-            new: Twin | None
-            if change is None:
-                if current is None:
-                    raise NotFound(f"Twin {twin_id} does not exist.")
-                new = None
-                event = deletion_event(current, timestamp=timestamp, origin=origin)
-            else:
-                extra = amend(current, change) if amend else {}
-                new, event = apply_change(
-                    current,
-                    twin_id=twin_id,
-                    namespace=namespace,
-                    values=change.values,
-                    written=change.written,
-                    timestamp=timestamp,
-                    origin=origin,
-                    limits=self.limits,
-                    **extra,
+            cached = self._recent.get(twin_id) if attempt == 0 else None
+            current = cached if cached is not None else await self.store.get(twin_id)
+            try:
+                new, event = self._compute(
+                    current, twin_id, namespace, edit, origin, preconditions, may_create, amend
                 )
+            except TwinServiceError:
+                if cached is None:
+                    raise
+                self._forget(twin_id)  # judged on a cached copy: judge again on a fresh one
+                continue
             write = Write(twin_id, current.revision if current else 0, new, event)
             try:
                 seq = await self.store.write(write)
             except RevisionConflict:
+                self._forget(twin_id)
                 # Someone else committed first: re-read and recompute, with jitter so a
                 # crowd of writers on one twin spreads out instead of colliding again.
-                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
+                if cached is None:
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
                 continue
+            self._remember(twin_id, new)
             outcome = Outcome(new, current, StoredEvent(seq, event))
             await self._notify(outcome)
             return outcome
@@ -153,6 +150,51 @@ class TwinService:
             f"Twin {twin_id} is changing too fast: gave up after {MAX_ATTEMPTS} attempts.",
             code="twin.contention",
         )
+
+    def _compute(
+        self,
+        current: Twin | None,
+        twin_id: str,
+        namespace: str,
+        edit: EditFn,
+        origin: str,
+        preconditions: Preconditions,
+        may_create: bool,
+        amend: Amend | None,
+    ) -> tuple[Twin | None, ChangeEvent]:
+        preconditions.check(current)
+        if current is None and not may_create:
+            raise NotFound(f"Twin {twin_id} does not exist.")
+        change = edit(current)
+        timestamp = now_iso()
+        if change is None:
+            if current is None:
+                raise NotFound(f"Twin {twin_id} does not exist.")
+            return None, deletion_event(current, timestamp=timestamp, origin=origin)
+        extra = amend(current, change) if amend else {}
+        return apply_change(
+            current,
+            twin_id=twin_id,
+            namespace=namespace,
+            values=change.values,
+            written=change.written,
+            timestamp=timestamp,
+            origin=origin,
+            limits=self.limits,
+            **extra,
+        )
+
+    def _remember(self, twin_id: str, twin: Twin | None) -> None:
+        if twin is None:
+            self._recent.pop(twin_id, None)
+            return
+        self._recent[twin_id] = twin
+        self._recent.move_to_end(twin_id)
+        while len(self._recent) > RECENT_CAPACITY:
+            self._recent.popitem(last=False)
+
+    def _forget(self, twin_id: str) -> None:
+        self._recent.pop(twin_id, None)
 
     async def _notify(self, outcome: Outcome) -> None:
         for listener in self._listeners:

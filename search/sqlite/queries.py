@@ -14,7 +14,7 @@ from search.rql.query import SearchQuery
 from twin_service.types import JSONObject
 
 from .rows import leaves
-from .translate import Sql, filter_sql
+from .translate import Sql, _selectivity, bind_value, filter_sql
 
 
 def _rql_like(pattern: str, ignore_case: int, value: Any) -> int:
@@ -44,11 +44,48 @@ def index_twin(conn: sqlite3.Connection, doc: JSONObject) -> None:
         (doc["twinId"], doc.get("namespace", "")),
     )
     (tid,) = cur.fetchone()
-    cur.execute("DELETE FROM search_leaf WHERE tid = ?", (tid,))
-    cur.executemany(
-        "INSERT INTO search_leaf (tid, path, seq, t, v, a) VALUES (?, ?, ?, ?, ?, ?)",
-        [(tid, path, seq, t, v, a) for seq, (path, t, v, a) in enumerate(leaves(doc))],
-    )
+    # Only rows that changed are written: a typical write touches a few leaves (and the
+    # revision/modified rows) out of dozens, and every row costs two B-tree updates.
+    old = {
+        (path, seq): (t, v, a)
+        for path, seq, t, v, a in cur.execute(
+            "SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ?", (tid,)
+        )
+    }
+    new = keyed_rows(leaves(doc))
+    stale = [(tid, path, seq) for (path, seq) in old.keys() - new.keys()]
+    if stale:
+        cur.executemany("DELETE FROM search_leaf WHERE tid = ? AND path = ? AND seq = ?", stale)
+    changed = [
+        (tid, path, seq, *row)
+        for (path, seq), row in new.items()
+        if _differs(old.get((path, seq)), row)
+    ]
+    if changed:
+        cur.executemany(
+            "INSERT INTO search_leaf (tid, path, seq, t, v, a) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tid, path, seq) DO UPDATE SET t = excluded.t, v = excluded.v, "
+            "a = excluded.a",
+            changed,
+        )
+
+
+def keyed_rows(
+    rows: list[tuple[str, int, Any, int]],
+) -> dict[tuple[str, int], tuple[int, Any, int]]:
+    """Rows keyed by (path, position among the rows of that path): stable across writes."""
+    counters: dict[str, int] = {}
+    keyed: dict[tuple[str, int], tuple[int, Any, int]] = {}
+    for path, t, v, a in rows:
+        position = counters.get(path, 0)
+        counters[path] = position + 1
+        keyed[(path, position)] = (t, v, a)
+    return keyed
+
+
+def _differs(old: tuple[int, Any, int] | None, new: tuple[int, Any, int]) -> bool:
+    # Compare types too: 1 and 1.0 are equal in Python but stored differently.
+    return old is None or old != new or type(old[1]) is not type(new[1])
 
 
 def unindex_twin(conn: sqlite3.Connection, twin_id: str) -> None:
@@ -68,7 +105,13 @@ def _where(filter: Filter | None, namespaces: Sequence[str] | None) -> Sql:
         parts.append(sql)
         params.extend(p)
     if namespaces is not None:
-        parts.append(f"t.namespace IN ({','.join('?' * len(namespaces))})")
+        # With a selective filter, "+" keeps SQLite off the (namespace, twin_id) index:
+        # walking it in twin_id order and probing the filter per twin scans the whole
+        # namespace when matches are rare; the filter's value-index lookup drives instead.
+        # Broad filters keep the walk, which stops after one page of matches.
+        selective = filter is not None and _selectivity(filter) <= 2
+        column = "+t.namespace" if selective else "t.namespace"
+        parts.append(f"{column} IN ({','.join('?' * len(namespaces))})")
         params.extend(namespaces)
     return " AND ".join(parts) or "1", params
 
@@ -93,9 +136,10 @@ def _keyset(sort: Sequence[SortKey], exprs: list[tuple[str, str]], after: Sequen
             beyond, beyond_params = f"{value} {op} ?", [cursor_value]
             equal, equal_params = f"{value} = ?", [cursor_value]
         else:
+            bound = bind_value(cursor_value)
             beyond = f"({rank} {op} ? OR ({rank} = ? AND {value} {op} ?))"
-            beyond_params = [cursor_rank, cursor_rank, cursor_value]
-            equal, equal_params = f"{rank} = ? AND {value} IS ?", [cursor_rank, cursor_value]
+            beyond_params = [cursor_rank, cursor_rank, bound]
+            equal, equal_params = f"{rank} = ? AND {value} IS ?", [cursor_rank, bound]
         alternatives.append("(" + " AND ".join([*same, beyond]) + ")")
         params.extend([*same_params, *beyond_params])
         same.append(equal)

@@ -17,7 +17,9 @@ from twin_service.twin.patch import split_pointer
 from twin_service.types import JSON
 
 
-def get_context(request: Request) -> AppContext:
+# Dependencies are ``async def`` although they never await: FastAPI runs plain ``def``
+# dependencies in a worker thread, and those hops cost more than the work itself.
+async def get_context(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx
     return ctx
 
@@ -25,16 +27,18 @@ def get_context(request: Request) -> AppContext:
 Context = Annotated[AppContext, Depends(get_context)]
 
 
-def authenticate(ctx: Context, authorization: Annotated[str | None, Header()] = None) -> Principal:
+async def authenticate(
+    ctx: Context, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
     return ctx.tokens.authenticate(authorization)
 
 
-def require_read(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+async def require_read(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     principal.require("read")
     return principal
 
 
-def require_write(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+async def require_write(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     principal.require("write")
     return principal
 
@@ -43,7 +47,7 @@ Reader = Annotated[Principal, Depends(require_read)]
 Writer = Annotated[Principal, Depends(require_write)]
 
 
-def _twin_id(twin_id: Annotated[str, Path(description="namespace:name")]) -> str:
+async def _twin_id(twin_id: Annotated[str, Path(description="namespace:name")]) -> str:
     parse_twin_id(twin_id)
     return twin_id
 
@@ -111,7 +115,7 @@ def etag(revision: int) -> str:
     return f'"rev:{revision}"'
 
 
-def preconditions(
+async def preconditions(
     if_match: Annotated[str | None, Header()] = None,
     if_none_match: Annotated[str | None, Header()] = None,
     condition: Annotated[

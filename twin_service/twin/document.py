@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal
 
 from twin_service.errors import BadRequest
@@ -75,8 +76,10 @@ class Twin:
     #: Service-private bookkeeping (recent client tokens...), never shown in the API.
     private: JSONObject = field(default_factory=dict)
 
-    @property
+    @cached_property
     def delta(self) -> JSONObject:
+        # Cached: a twin is immutable, and the delta is read for the response, the index,
+        # the journal and the device path of the same write.
         return compute_delta(self.desired, self.reported)
 
     def section(self, name: str) -> JSON:
