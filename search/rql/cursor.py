@@ -10,6 +10,8 @@ import base64
 import binascii
 import hashlib
 import json
+import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,8 @@ from twin_service.errors import RqlInvalid
 from .ast import Filter, SortKey
 from .ordering import ARRAY, MISSING, OBJECT, Key
 from .printer import print_filter, print_sort
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def fingerprint(
@@ -49,8 +53,9 @@ def _valid_key(item: Any) -> bool:
     if rank == 1:
         return type(value) is int and value in (0, 1)
     if rank == 2:
-        return type(value) in (int, float)
-    return rank == 3 and isinstance(value, str)
+        # Finite and within the double range, like every number a query can hold.
+        return type(value) in (int, float) and abs(value) <= sys.float_info.max
+    return rank == 3 and isinstance(value, str) and _SURROGATE.search(value) is None
 
 
 def decode_cursor(token: str, fp: str, sort: Sequence[SortKey]) -> list[Key]:

@@ -44,6 +44,8 @@ _SIMPLE_ESCAPES = {
     "t": "\t",
 }
 _ESCAPES_TEXT = "an escape (\\\\ \\\" \\' \\/ \\b \\f \\n \\r \\t \\uXXXX)"
+_LOW_SURROGATE = "a \\u escape of a low surrogate (DC00-DFFF) after a high surrogate"
+_LONE_SURROGATE = "a high surrogate escape (D800-DBFF) before a low surrogate"
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,35 @@ class _Scanner:
                     out.append(_SIMPLE_ESCAPES[esc])
                     self.pos += 2
                 elif esc == "u":
-                    digits = self.text[self.pos + 2 : self.pos + 6]
-                    if len(digits) != 4 or not all(c in "0123456789abcdefABCDEF" for c in digits):
-                        raise self.fail("4 hex digits after \\u", self.pos + 2)
-                    out.append(chr(int(digits, 16)))
-                    self.pos += 6
+                    out.append(self.unicode_escape())
                 else:
                     raise self.fail(_ESCAPES_TEXT, self.pos + 1)
             else:
                 out.append(ch)
                 self.pos += 1
+
+    def hex4(self, at: int) -> int:
+        digits = self.text[at : at + 4]
+        if len(digits) != 4 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+            raise self.fail("4 hex digits after \\u", at)
+        return int(digits, 16)
+
+    def unicode_escape(self) -> str:
+        """``\\uXXXX`` at ``pos``; a surrogate pair is one character, as in JSON."""
+        start = self.pos
+        code = self.hex4(start + 2)
+        self.pos += 6
+        if 0xDC00 <= code <= 0xDFFF:
+            raise self.fail(_LONE_SURROGATE, start)
+        if 0xD800 <= code <= 0xDBFF:
+            if self.text[self.pos : self.pos + 2] != "\\u":
+                raise self.fail(_LOW_SURROGATE, self.pos)
+            low = self.hex4(self.pos + 2)
+            if not 0xDC00 <= low <= 0xDFFF:
+                raise self.fail(_LOW_SURROGATE, self.pos)
+            self.pos += 6
+            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+        return chr(code)
 
     def bare(self, expected: str) -> str:
         self.skip_ws()
@@ -152,11 +173,12 @@ class _Scanner:
             if match is None:
                 raise self.fail(_VALUE)
             self.pos = match.end()
-            if match.group(1) is None and match.group(2) is None:
-                return int(match.group())
+            # float() first: it bounds the magnitude (and so the digits int() has to convert).
             number = float(match.group())
             if not math.isfinite(number):
                 raise RqlInvalid(f"number out of range at position {match.start()}")
+            if match.group(1) is None and match.group(2) is None:
+                return int(match.group())
             return number
         start = self.pos
         match = _WORD.match(self.text, self.pos)

@@ -15,6 +15,7 @@ Sql: TypeAlias = tuple[str, list[Any]]
 
 _OPS = {"eq": "=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _MAX_CHAR = chr(0x10FFFF)
+_INT64 = range(-(2**63), 2**63)
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,17 @@ class _Branch:
 LeafSet: TypeAlias = list[_Branch]
 
 
-def _param(value: Value) -> Any:
-    return int(value) if isinstance(value, bool) else value
+def bind_value(value: Value) -> Any:
+    """A literal as bound to SQLite: booleans as 0/1, integers beyond 64 bits as doubles.
+
+    The index holds such integers as doubles too (:mod:`search.sqlite.rows`); binding them
+    as Python ints would overflow.
+    """
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value not in _INT64:
+        return float(value)
+    return value
 
 
 def _leaf_set(path: Path, condition: str = "", *params: Any) -> LeafSet:
@@ -70,7 +80,7 @@ def _member(leaf_set: LeafSet, driving: bool, negate: bool = False) -> Sql:
 def _eq_set(path: Path, value: Value) -> LeafSet:
     if value is None:
         return _leaf_set(path, "{t} = 0")
-    return _leaf_set(path, "{t} = ? AND {v} = ?", type_rank(value), _param(value))
+    return _leaf_set(path, "{t} = ? AND {v} = ?", type_rank(value), bind_value(value))
 
 
 def _upper_bound(prefix: str) -> str | None:
@@ -103,7 +113,7 @@ def _like(node: Like) -> LeafSet:
 def _in(node: In) -> LeafSet:
     by_rank: dict[int, list[Any]] = defaultdict(list)
     for value in node.values:
-        by_rank[type_rank(value)].append(_param(value))
+        by_rank[type_rank(value)].append(bind_value(value))
     out: LeafSet = []
     for rank, values in sorted(by_rank.items()):
         if rank == 0:
@@ -149,7 +159,7 @@ def filter_sql(node: Filter, driving: bool = True) -> Sql:
             has = _member(_leaf_set(node.path), driving)
             return _join("AND", [has, _member(_eq_set(node.path, node.value), False, True)])
         condition = f"{{t}} = ? AND {{v}} {_OPS[node.op]} ?"
-        rank, value = type_rank(node.value), _param(node.value)
+        rank, value = type_rank(node.value), bind_value(node.value)
         return _member(_leaf_set(node.path, condition, rank, value), driving)
     if isinstance(node, In):
         return _member(_in(node), driving)
