@@ -85,6 +85,7 @@ class SqliteStore:
         )
         self._local = threading.local()
         self._write_conn: sqlite3.Connection | None = None
+        self._loop_conn: sqlite3.Connection | None = None
         self._pending: list[_Pending] = []
         self._flushing = False
         self._flush_task: asyncio.Task[None] | None = None
@@ -155,8 +156,18 @@ class SqliteStore:
         await self._read(lambda: self._reader().execute("SELECT 1").fetchone())
 
     async def get(self, twin_id: str) -> Twin | None:
-        twins: list[Twin] = await self._read(self._get_many, [twin_id])
-        return twins[0] if twins else None
+        # A primary-key lookup on a WAL database takes a few microseconds and never waits
+        # for writers, while a hop to a reader thread costs tens; so this one read runs on the
+        # event loop's own connection. Anything that scans (search, journal) uses the pool.
+        conn = self._loop_conn
+        if conn is None:
+            conn = self._loop_conn = self._connect()
+            conn.execute("PRAGMA query_only = 1")
+        try:
+            row = conn.execute("SELECT doc FROM twins WHERE twin_id = ?", (twin_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        return Twin.from_storage(json.loads(row[0])) if row else None
 
     async def get_many(self, twin_ids: list[str]) -> list[Twin]:
         result: list[Twin] = await self._read(self._get_many, twin_ids)

@@ -182,8 +182,11 @@ class ChangeEvent:
         )
 
 
-def validate_writable(values: JSONObject, limits: Limits) -> None:
-    """Type and structure checks for user-supplied sections (400 on failure)."""
+def validate_writable(values: JSONObject, limits: Limits, old: Twin | None = None) -> None:
+    """Type and structure checks for user-supplied sections (400 on failure).
+
+    Subtrees shared with ``old`` (already validated when they were written) are skipped.
+    """
     for name, value in values.items():
         if name == "definition":
             if value is not None and not isinstance(value, str):
@@ -193,7 +196,8 @@ def validate_writable(values: JSONObject, limits: Limits) -> None:
             raise BadRequest(f"Unknown or read-only field {name!r}.", code="twin.invalid")
         if not isinstance(value, dict):
             raise BadRequest(f"'{name}' must be a JSON object.", code="twin.invalid")
-        check_structure(value, limits, where=f"/{name}", depth=1)
+        previous = old.section(name) if old is not None else None
+        check_structure(value, limits, where=f"/{name}", depth=1, checked=previous)
 
 
 def apply_change(
@@ -215,7 +219,7 @@ def apply_change(
     Sections not in ``values`` keep their old content. Raises before producing anything if the
     result breaks a limit, so nothing invalid can ever reach a store.
     """
-    validate_writable(values, limits)
+    validate_writable(values, limits, old)
     base = old or Twin(
         twin_id=twin_id,
         namespace=namespace,
@@ -242,15 +246,17 @@ def apply_change(
                 metadata[name] = section_meta
             else:
                 metadata.pop(name, None)
-    desired_changed = not json_equal(base.desired, merged["desired"])
-    reported_changed = not json_equal(base.reported, merged["reported"])
+    desired_changed = "desired" in values and not json_equal(base.desired, merged["desired"])
+    reported_changed = "reported" in values and not json_equal(base.reported, merged["reported"])
     new = replace(
         base,
         definition=merged["definition"],
-        attributes=copy.deepcopy(merged["attributes"]),
-        desired=copy.deepcopy(merged["desired"]),
-        reported=copy.deepcopy(merged["reported"]),
-        live=copy.deepcopy(merged["live"]),
+        # No copies: sections are immutable by contract, so the new twin shares every
+        # subtree the change did not touch with the old one (and with the caller's values).
+        attributes=merged["attributes"],
+        desired=merged["desired"],
+        reported=merged["reported"],
+        live=merged["live"],
         revision=revision,
         modified=timestamp,
         desired_version=base.desired_version + (1 if desired_changed or old is None else 0),

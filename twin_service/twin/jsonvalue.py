@@ -114,17 +114,30 @@ class Limits:
     max_key_length: int = 256
 
 
-def check_structure(value: JSON, limits: Limits, *, where: str = "", depth: int = 0) -> None:
-    """Validate depth, key length and forbidden keys of a JSON value (recursively)."""
+def check_structure(
+    value: JSON, limits: Limits, *, where: str = "", depth: int = 0, checked: JSON = None
+) -> None:
+    """Validate depth, key length and forbidden keys of a JSON value (recursively).
+
+    ``checked`` is a value already validated at the same place (the previous version of a
+    section): subtrees that are the very same objects are skipped, so a small patch of a
+    large twin only pays for what it changed.
+    """
+    if checked is not None and value is checked:
+        return
     if depth > limits.max_depth:
         raise LimitExceeded(
             f"Nesting at {where or '/'} is deeper than the limit of {limits.max_depth} levels.",
             extra={"limit": limits.max_depth},
         )
     if isinstance(value, dict):
+        known = checked if isinstance(checked, dict) else {}
         for key, child in value.items():
-            check_key(key, limits, where=where)
-            check_structure(child, limits, where=f"{where}/{key}", depth=depth + 1)
+            if key not in known:
+                check_key(key, limits, where=where)
+            check_structure(
+                child, limits, where=f"{where}/{key}", depth=depth + 1, checked=known.get(key)
+            )
     elif isinstance(value, list):
         for index, child in enumerate(value):
             check_structure(child, limits, where=f"{where}/{index}", depth=depth + 1)

@@ -32,6 +32,8 @@ def diff_merge_patch(old: JSON, new: JSON) -> JSON:
 
     Only valid for object roots; used to describe what a change did in change events.
     """
+    if old is new:
+        return {}
     if not isinstance(old, dict) or not isinstance(new, dict):
         return copy.deepcopy(new)
     patch: JSONObject = {}
@@ -52,6 +54,8 @@ def diff_merge_patch(old: JSON, new: JSON) -> JSON:
 
 def json_equal(a: JSON, b: JSON) -> bool:
     """JSON value equality: numbers by value (1 == 1.0), booleans never equal numbers."""
+    if a is b:
+        return True
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
     if isinstance(a, int | float) and isinstance(b, int | float):
