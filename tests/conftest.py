@@ -2,4 +2,8 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests.servers.fixtures", "tests.service_fixtures"]
+pytest_plugins = [
+    "tests.servers.fixtures",
+    "tests.servers.search_fixtures",
+    "tests.service_fixtures",
+]

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from connectivity.cli import add_subcommands as add_device_commands
 from twin_service import __version__
+from twin_service.index.cli import add_subcommands as add_index_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,12 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML settings file")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     sub.add_parser("version", help="print the version")
-    try:
-        from connectivity.cli import add_subcommands
-    except ImportError:  # connectivity is optional only while it is being built
-        pass
-    else:
-        add_subcommands(sub)
+    parser.add_argument(
+        "--data-dir", dest="root_data_dir", type=Path, help="data directory (devices, index)"
+    )
+    parser.add_argument("--config", dest="root_config", type=Path, help="TOML settings file")
+    add_device_commands(sub)
+    add_index_commands(sub)
     return parser
 
 
@@ -41,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         print(f"unknown command {args.command}", file=sys.stderr)
         return 2
+    if args.command == "devices":
+        from twin_service.settings import load_settings
+
+        settings = load_settings(args.root_config, data_dir=args.root_data_dir)
+        device_result: int = handler(args, settings.data_dir)
+        return device_result
     result: int = handler(args)
     return result
 

@@ -78,6 +78,7 @@ async def run_command(
             _str(message, "option"),
             _str(message, "fields"),
             _str(message, "namespaces"),
+            _str(message, "waitFor"),
         )
     twin_id = _str(message, "twinId", required=True)
     assert twin_id is not None
@@ -152,8 +153,13 @@ async def search_twins(
     option: str | None,
     fields: str | None,
     namespaces: str | None,
+    wait_for: str | None = None,
 ) -> JSONObject:
-    """One page of search results, limited to the namespaces the token may read."""
+    """One page of search results, limited to the namespaces the token may read.
+
+    ``wait_for``: a write's sequence number (``X-Twin-Seq``) or ``latest``; the search then
+    first waits until the index covers that write (external indexes only lag behind).
+    """
     visible = principal.visible_namespaces(namespaces)
     paths = parse_fields(fields)
     query = build_query(
@@ -165,7 +171,8 @@ async def search_twins(
     )
     if visible == "":
         return {"items": []}
-    twins, cursor = await ctx.index.search(query)
+    seq = await _wait_target(ctx, wait_for)
+    twins, cursor = await ctx.index.search(query, wait_for_seq=seq)
     body: JSONObject = {"items": [select(t.to_document(), paths) for t in twins]}
     if cursor is not None:
         body["cursor"] = cursor
@@ -173,11 +180,29 @@ async def search_twins(
 
 
 async def count_twins(
-    ctx: AppContext, principal: Principal, filter: str | None, namespaces: str | None
+    ctx: AppContext,
+    principal: Principal,
+    filter: str | None,
+    namespaces: str | None,
+    wait_for: str | None = None,
 ) -> int:
     visible = principal.visible_namespaces(namespaces)
     query = build_query(filter, None, visible)
-    return 0 if visible == "" else await ctx.index.count(query)
+    if visible == "":
+        return 0
+    return await ctx.index.count(query, wait_for_seq=await _wait_target(ctx, wait_for))
+
+
+async def _wait_target(ctx: AppContext, wait_for: str | None) -> int | None:
+    if wait_for is None or wait_for == "":
+        return None
+    if wait_for == "latest":
+        return await ctx.store.last_seq()
+    if wait_for.isdigit():
+        return int(wait_for)
+    raise BadRequest(
+        f"waitFor must be a sequence number (X-Twin-Seq of a write) or 'latest', not {wait_for!r}."
+    )
 
 
 __all__ = ["Edit", "count_twins", "run_command", "search_twins"]

@@ -62,9 +62,31 @@ class SqliteSettings(BaseModel):
 
 
 class MongoSettings(BaseModel):
-    database: str = "twin_service"
-    write_concern: str = "majority"
-    read_preference: str = "primary"
+    database: str = Field("twin_service", description="Database holding the twin collections.")
+    write_concern: str = Field(
+        "majority",
+        pattern=r"^(majority|[0-9]+)$",
+        description="Write concern w of every write: majority or a number of members.",
+    )
+    read_preference: Literal[
+        "primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest"
+    ] = Field(
+        "primary",
+        description="Where GET and search read twins; writes and the journal use the primary.",
+    )
+    server_selection_timeout_ms: int = Field(
+        5000, ge=100, description="How long an operation waits for a usable server."
+    )
+    max_pool_size: int = Field(100, ge=1, description="Connections per replica to the server.")
+    gap_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long a reader of the journal waits for an allocated sequence number "
+        "to be committed before it fences the number off.",
+    )
+    maintenance_interval_seconds: float = Field(
+        5.0, gt=0, description="Journal retention, stray-event sweep and tombstone cleanup period."
+    )
 
 
 class SearchSettings(BaseModel):

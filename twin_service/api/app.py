@@ -41,7 +41,7 @@ def build_store(settings: Settings) -> TwinStore:
 
 def build_index(settings: Settings, store: TwinStore) -> SearchIndex:
     if settings.search == "elasticsearch":
-        from twin_service.index.elasticsearch import ElasticsearchIndex  # type: ignore[import-not-found,unused-ignore]
+        from twin_service.index.elasticsearch import ElasticsearchIndex
 
         index: SearchIndex = ElasticsearchIndex(settings, store)
         return index

@@ -17,6 +17,11 @@ FilterParam = Annotated[str | None, Query(description='RQL filter, e.g. eq(attri
 OptionParam = Annotated[str | None, Query(description="sort(+p,-q),size(n),cursor(c)")]
 FieldsParam = Annotated[str | None, Query(description="Comma-separated paths to include")]
 NamespacesParam = Annotated[str | None, Query(description="Comma-separated namespaces")]
+WAIT_DOC = (
+    "Wait until the index covers this write (its X-Twin-Seq) or 'latest'; 503 index.timeout "
+    "after elasticsearch.wait_timeout_seconds. The built-in index never lags."
+)
+WaitParam = Annotated[str | None, Query(alias="waitFor", description=WAIT_DOC)]
 
 
 @router.get("/twins", response_model=SearchResult, responses=errors())
@@ -27,8 +32,11 @@ async def search_get(
     option: OptionParam = None,
     fields: FieldsParam = None,
     namespaces: NamespacesParam = None,
+    wait_for: WaitParam = None,
 ) -> Response:
-    return json_response(await search_twins(ctx, principal, filter, option, fields, namespaces))
+    return json_response(
+        await search_twins(ctx, principal, filter, option, fields, namespaces, wait_for)
+    )
 
 
 @router.post(
@@ -44,8 +52,11 @@ async def search_post(
     option: Annotated[str | None, Form()] = None,
     fields: Annotated[str | None, Form()] = None,
     namespaces: Annotated[str | None, Form()] = None,
+    wait_for: Annotated[str | None, Form(alias="waitFor", description=WAIT_DOC)] = None,
 ) -> Response:
-    return json_response(await search_twins(ctx, principal, filter, option, fields, namespaces))
+    return json_response(
+        await search_twins(ctx, principal, filter, option, fields, namespaces, wait_for)
+    )
 
 
 @router.get("/twins/count", response_model=CountResult, responses=errors())
@@ -54,5 +65,7 @@ async def count_get(
     principal: Reader,
     filter: FilterParam = None,
     namespaces: NamespacesParam = None,
+    wait_for: WaitParam = None,
 ) -> Response:
-    return json_response({"count": await count_twins(ctx, principal, filter, namespaces)})
+    count = await count_twins(ctx, principal, filter, namespaces, wait_for)
+    return json_response({"count": count})

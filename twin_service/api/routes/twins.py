@@ -21,6 +21,7 @@ from twin_service.api.deps import (
 from twin_service.api.schemas import TwinDocument, TwinWrite, errors, json_request_body
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, Gone, NotFound, UnsupportedMediaType
+from twin_service.service import Outcome
 from twin_service.twin.document import Twin
 from twin_service.twin.fields import parse_fields, select
 from twin_service.twin.ids import generate_twin_id, parse_twin_id
@@ -54,6 +55,15 @@ def json_response(value: JSON, status: int = 200, revision: int | None = None) -
     return Response(
         dumps(value), status_code=status, media_type="application/json", headers=headers
     )
+
+
+def written(response: Response, outcome: Outcome) -> Response:
+    """Headers of every write response: the new ETag, and ``X-Twin-Seq``, the write's
+    journal sequence number (to resume streams from, or to wait for in a search)."""
+    if outcome.twin is not None:
+        response.headers["ETag"] = etag(outcome.twin.revision)
+    response.headers["X-Twin-Seq"] = str(outcome.stored.seq)
+    return response
 
 
 def _visible(principal: Principal, twin_id: str) -> None:
@@ -90,9 +100,9 @@ async def create_twin(
         twin_id, lambda _: edit, origin=principal.name, may_create=True
     )
     assert outcome.twin is not None
-    response = json_response(outcome.twin.to_document(), 201, outcome.twin.revision)
+    response = json_response(outcome.twin.to_document(), 201)
     response.headers["Location"] = f"/api/v1/twins/{twin_id}"
-    return response
+    return written(response, outcome)
 
 
 @router.get(
@@ -168,12 +178,10 @@ async def put_twin(
         twin_id, lambda _: edit, origin=principal.name, preconditions=conditions, may_create=True
     )
     assert outcome.twin is not None
-    response = json_response(
-        outcome.twin.to_document(), 201 if outcome.created else 200, outcome.twin.revision
-    )
+    response = json_response(outcome.twin.to_document(), 201 if outcome.created else 200)
     if outcome.created:
         response.headers["Location"] = f"/api/v1/twins/{twin_id}"
-    return response
+    return written(response, outcome)
 
 
 @router.patch(
@@ -197,7 +205,7 @@ async def patch_twin(
         preconditions=conditions,
     )
     assert outcome.twin is not None
-    return json_response(outcome.twin.to_document(), revision=outcome.twin.revision)
+    return written(json_response(outcome.twin.to_document()), outcome)
 
 
 @router.delete("/twins/{twin_id}", status_code=204, responses=errors(404, 412))
@@ -205,10 +213,10 @@ async def delete_twin(
     ctx: Context, principal: Writer, twin_id: TwinId, conditions: Conditions
 ) -> Response:
     _visible(principal, twin_id)
-    await ctx.service.mutate(
+    outcome = await ctx.service.mutate(
         twin_id, lambda _: None, origin=principal.name, preconditions=conditions
     )
-    return Response(status_code=204)
+    return written(Response(status_code=204), outcome)
 
 
 # -- sections by JSON pointer ----------------------------------------------------------------
@@ -276,8 +284,8 @@ async def put_section(
     )
     assert outcome.twin is not None
     if existed and not existed[-1]:
-        return json_response(body, 201, outcome.twin.revision)
-    return Response(status_code=204, headers={"ETag": etag(outcome.twin.revision)})
+        return written(json_response(body, 201), outcome)
+    return written(Response(status_code=204), outcome)
 
 
 @router.patch(
@@ -311,7 +319,7 @@ async def patch_section(
         preconditions=conditions,
     )
     assert outcome.twin is not None
-    return Response(status_code=204, headers={"ETag": etag(outcome.twin.revision)})
+    return written(Response(status_code=204), outcome)
 
 
 @router.delete("/twins/{twin_id}/{section}", status_code=204, responses=errors(404, 412))
@@ -336,7 +344,7 @@ async def delete_section(
         preconditions=conditions,
     )
     assert outcome.twin is not None
-    return Response(status_code=204, headers={"ETag": etag(outcome.twin.revision)})
+    return written(Response(status_code=204), outcome)
 
 
 def _exists(twin: Twin | None) -> Twin:

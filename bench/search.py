@@ -1,0 +1,419 @@
+"""Search benchmark of the built-in SQLite index (issue 3). Not a test.
+
+1. Loads ``--twins`` (default 100,000) generated twins of about 30 leaves each (attributes,
+   desired and reported config, live telemetry; seeded, so every run has the same data) in
+   process, through the store API (``SqliteStore.write`` with twins built by
+   ``apply_change``), not through 100,000 HTTP requests. That is the same write path as the
+   service's (group commit, index rows in the same transaction), minus HTTP.
+2. Starts the real service on that data dir and measures searches through HTTP at
+   concurrency 1 and 8: p50, p99 and req/s of each query below.
+3. Measures write throughput through HTTP (merge PATCH, ``--writes`` requests at
+   ``--write-concurrency``); the built-in index is always on in the service.
+4. Stops the service and measures the cost of the index on writes in process, on the same
+   file: ``SqliteStore.write`` (real store, index on), and a plain sqlite3 loop doing what the
+   store's write does (revision check, upsert of the twin, journal insert, batches of 256 per
+   transaction) with and without ``search.sqlite.index_twin``. The ratio of the two loops is
+   the index's share of the write cost. (The store has no switch to skip the index.)
+
+Run from the repository root: ``python -m bench.search`` (``--help`` for the knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import Request, Service, Summary, machine, markdown_table, run_load
+from search import sqlite as sqlite_index
+from twin_service.settings import Settings
+from twin_service.store.base import Write
+from twin_service.store.sqlite import SqliteStore
+from twin_service.twin.document import Twin, apply_change, now_iso
+from twin_service.twin.jsonvalue import Limits, dumps
+from twin_service.twin.operations import merge_patch_twin, replace_twin
+from twin_service.types import JSONObject
+
+NAMESPACE = "org.bench"
+SITES = 50
+MODELS = 20
+OWNERS = 1000
+VENDORS = 10
+MERGE = "application/merge-patch+json"
+MODES = ("auto", "eco", "boost", "manual")
+TAGS = ("indoor", "outdoor", "critical", "spare", "legacy", "pilot", "atex", "backup")
+
+
+def twin_id(i: int) -> str:
+    return f"{NAMESPACE}:pump-{i:06d}"
+
+
+def generate(i: int, rng: random.Random) -> JSONObject:
+    """Twin number ``i``: 12 attribute leaves (+ tags), 4 desired, 6 reported, 7 live.
+
+    About 10% of the twins have a reported config that differs from the desired one (so a
+    non-empty delta); uptimes are uniform in [0, 10^7) seconds.
+    """
+    speed = rng.randrange(6)
+    desired: JSONObject = {
+        "mode": rng.choice(MODES),
+        "setpoint": round(rng.uniform(10, 90), 1),
+        "fan": {"speed": speed},
+        "interval": rng.choice((1, 5, 10, 60)),
+    }
+    reported: JSONObject = {**desired, "fan": {"speed": speed}}
+    if rng.random() < 0.1:
+        reported["fan"] = {"speed": (speed + 1) % 6}
+    return {
+        "definition": f"acme:pump:{1 + i % 3}",
+        "attributes": {
+            "site": f"plant-{rng.randrange(SITES):02d}",
+            "model": f"P-{100 * (1 + rng.randrange(MODELS))}",
+            "owner": f"owner-{rng.randrange(OWNERS):04d}",
+            "vendor": f"vendor-{rng.randrange(VENDORS)}",
+            "serial": f"SN-{i:07d}",
+            "firmware": f"{rng.randrange(1, 4)}.{rng.randrange(10)}.{rng.randrange(20)}",
+            "installed": f"20{rng.randrange(15, 25)}-{rng.randrange(1, 13):02d}-01",
+            "location": {
+                "lat": round(rng.uniform(-60, 70), 5),
+                "lon": round(rng.uniform(-180, 180), 5),
+            },
+            "ratedKw": rng.choice((1.5, 3, 5.5, 7.5, 11, 15)),
+            "line": rng.randrange(1, 9),
+            "active": rng.random() < 0.95,
+            "tags": rng.sample(TAGS, rng.randrange(1, 4)),
+        },
+        "desired": {"config": desired},
+        "reported": {
+            "config": reported,
+            "uptime": rng.randrange(10_000_000),
+            "firmware": f"{rng.randrange(1, 4)}.{rng.randrange(10)}.0",
+        },
+        "live": {
+            "telemetry": {
+                "temp": round(rng.gauss(55, 10), 2),
+                "pressure": round(rng.uniform(1, 9), 3),
+                "rpm": rng.randrange(600, 3600),
+                "vibration": round(rng.expovariate(4), 4),
+                "power": round(rng.uniform(0.5, 15), 2),
+                "flow": round(rng.uniform(0, 120), 1),
+            },
+            "ts": now_iso(),
+        },
+    }
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def open_store(settings: Settings) -> SqliteStore:
+    return SqliteStore(
+        settings.data_dir / settings.sqlite.file_name, settings.sqlite, settings.stream
+    )
+
+
+async def load_twins(settings: Settings, count: int, seed: int) -> float:
+    """Write ``count`` new twins through ``SqliteStore.write``; returns twins per second."""
+    store = open_store(settings)
+    await store.open()
+    rng = random.Random(seed)
+    limits = settings.limits.to_limits()
+    started = time.perf_counter()
+    try:
+        for start in range(0, count, 2000):
+            writes = []
+            for i in range(start, min(count, start + 2000)):
+                writes.append(build_write(None, twin_id(i), generate(i, rng), limits))
+            await asyncio.gather(*(store.write(w) for w in writes))
+            if start and start % 20_000 == 0:
+                rate = start / (time.perf_counter() - started)
+                print(f"  loaded {start:,} twins ({rate:,.0f}/s)", flush=True)
+    finally:
+        await store.close()
+    return count / (time.perf_counter() - started)
+
+
+def build_write(current: Twin | None, tid: str, body: JSONObject, limits: Limits) -> Write:
+    edit = replace_twin(body, tid) if current is None else merge_patch_twin(current, body)
+    twin, event = apply_change(
+        current,
+        twin_id=tid,
+        namespace=NAMESPACE,
+        values=edit.values,
+        written=edit.written,
+        timestamp=now_iso(),
+        origin="bench",
+        limits=limits,
+    )
+    return Write(tid, current.revision if current else 0, twin, event)
+
+
+# -- searches over HTTP -------------------------------------------------------------------------
+
+
+def queries(count: int) -> dict[str, tuple[str, Callable[[random.Random], Request]]]:
+    """Name -> (description, request factory). Parameters vary per request."""
+    path = "/api/v1/search/twins"
+
+    def search(filter: Callable[[random.Random], str]) -> Callable[[random.Random], Request]:
+        return lambda rng: Request("GET", path, {"filter": filter(rng), "namespaces": NAMESPACE})
+
+    # gt(reported/uptime, x) with x chosen so that about 1% of the twins match.
+    uptime_cut = 9_900_000
+    # Serials are SN-%07d below ``count``: fixing all but ``free`` digits matches 10^free twins.
+    free = max(1, round(math.log10(max(count / 1000, 1))))
+    prefixes = max(1, count // 10**free)
+    return {
+        "eq attribute (0.1%)": (
+            'eq(attributes/owner,"owner-NNNN")',
+            search(lambda rng: f'eq(attributes/owner,"owner-{rng.randrange(OWNERS):04d}")'),
+        ),
+        "range reported (1%)": (
+            f"gt(reported/uptime,{uptime_cut}-x)",
+            search(lambda rng: f"gt(reported/uptime,{uptime_cut - rng.randrange(1000)})"),
+        ),
+        "and of two eq (0.1%)": (
+            'and(eq(attributes/site,"plant-NN"),eq(attributes/model,"P-N00"))',
+            search(
+                lambda rng: (
+                    f'and(eq(attributes/site,"plant-{rng.randrange(SITES):02d}"),'
+                    f'eq(attributes/model,"P-{100 * (1 + rng.randrange(MODELS))}"))'
+                )
+            ),
+        ),
+        "exists(delta) (10%)": ("exists(delta)", search(lambda rng: "exists(delta)")),
+        "prefix like (0.1%)": (
+            'like(attributes/serial,"SN-NNNN*")',
+            search(
+                lambda rng: (
+                    'like(attributes/serial,"SN-'
+                    + f"{rng.randrange(prefixes):0{7 - free}d}"
+                    + '*")'
+                )
+            ),
+        ),
+        "count 10% match": (
+            'count eq(attributes/vendor,"vendor-N")',
+            lambda rng: Request(
+                "GET",
+                f"{path}/count",
+                {"filter": f'eq(attributes/vendor,"vendor-{rng.randrange(VENDORS)}")'},
+            ),
+        ),
+    }
+
+
+def patch_request(count: int) -> Callable[[random.Random], Request]:
+    def make(rng: random.Random) -> Request:
+        body = {
+            "reported": {"uptime": rng.randrange(10_000_000)},
+            "live": {"telemetry": {"temp": round(rng.gauss(55, 10), 2)}},
+        }
+        return Request(
+            "PATCH",
+            f"/api/v1/twins/{twin_id(rng.randrange(count))}",
+            body=dumps(body).encode(),
+            content_type=MERGE,
+        )
+
+    return make
+
+
+# -- index cost on writes, in process -----------------------------------------------------------
+
+
+async def store_writes(settings: Settings, writes: list[Write]) -> float:
+    store = open_store(settings)
+    await store.open()
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(store.write(w) for w in writes))
+        return len(writes) / (time.perf_counter() - started)
+    finally:
+        await store.close()
+
+
+def raw_writes(path: Path, writes: list[Write], index: bool, batch: int) -> float:
+    """What ``SqliteStore._apply`` does for an update, with or without the index rows."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    try:
+        started = time.perf_counter()
+        for start in range(0, len(writes), batch):
+            conn.execute("BEGIN IMMEDIATE")
+            for write in writes[start : start + batch]:
+                twin = write.twin
+                assert twin is not None
+                conn.execute("SELECT revision FROM twins WHERE twin_id = ?", (write.twin_id,))
+                conn.execute(
+                    "INSERT INTO twins (twin_id, namespace, revision, doc) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (twin_id) DO UPDATE SET revision = excluded.revision, "
+                    "doc = excluded.doc",
+                    (twin.twin_id, twin.namespace, twin.revision, dumps(twin.to_storage())),
+                )
+                if index:
+                    sqlite_index.index_twin(conn, twin.to_document())
+                event = write.event
+                conn.execute(
+                    "INSERT INTO events (twin_id, revision, ts, event) VALUES (?, ?, ?, ?)",
+                    (event.twin_id, event.revision, event.timestamp, dumps(event.to_json())),
+                )
+            conn.execute("COMMIT")
+        return len(writes) / (time.perf_counter() - started)
+    finally:
+        conn.close()
+
+
+async def next_writes(settings: Settings, count: int, n: int, seed: int) -> list[Write]:
+    """``n`` merge patches of distinct random twins, built on their current revision."""
+    rng = random.Random(seed)
+    ids = [twin_id(i) for i in rng.sample(range(count), n)]
+    store = open_store(settings)
+    await store.open()
+    try:
+        current = {t.twin_id: t for t in await store.get_many(ids)}
+    finally:
+        await store.close()
+    patch = patch_request(count)
+    return [build_write(current[i], i, json.loads(patch(rng).body or b"{}"), Limits()) for i in ids]
+
+
+def index_cost(settings: Settings, count: int, n: int, rounds: int) -> dict[str, float]:
+    path = settings.data_dir / settings.sqlite.file_name
+    batch = settings.sqlite.max_batch
+    best: dict[str, list[float]] = {"store": [], "raw on": [], "raw off": []}
+    for r in range(rounds):
+        writes = asyncio.run(next_writes(settings, count, n, seed=100 + r))
+        best["store"].append(asyncio.run(store_writes(settings, writes)))
+        writes = asyncio.run(next_writes(settings, count, n, seed=200 + r))
+        # The raw loops write the same revisions again: they do not check them.
+        best["raw on"].append(raw_writes(path, writes, True, batch))
+        best["raw off"].append(raw_writes(path, writes, False, batch))
+    return {k: sorted(v)[len(v) // 2] for k, v in best.items()}
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--twins", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=3000, help="most requests per query")
+    parser.add_argument("--seconds", type=float, default=8.0, help="most seconds per query")
+    parser.add_argument("--writes", type=int, default=5000)
+    parser.add_argument("--write-concurrency", type=int, default=32)
+    parser.add_argument("--index-writes", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data-dir", type=Path, help="keep the data here (default: temporary)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="twin-bench-search-"))
+    settings = Settings(data_dir=data_dir)
+    figures: dict[str, Any] = {"machine": machine(), "twins": args.twins}
+    try:
+        print(f"Loading {args.twins:,} twins in process into {data_dir} ...", flush=True)
+        figures["load_per_s"] = asyncio.run(load_twins(settings, args.twins, args.seed))
+        db = data_dir / settings.sqlite.file_name
+        with sqlite3.connect(db) as conn:
+            leaves = conn.execute("SELECT count(*) FROM search_leaf").fetchone()[0]
+        figures["index_rows"] = leaves
+        print(f"  {figures['load_per_s']:,.0f} twins/s, {leaves / args.twins:.1f} index rows/twin")
+
+        rows: list[list[object]] = []
+        with Service(data_dir) as service:
+            for name, (text, make) in queries(args.twins).items():
+                for concurrency in (1, 8):
+                    result = run_load(
+                        service.url,
+                        service.headers,
+                        make,
+                        concurrency=concurrency,
+                        count=args.requests,
+                        seconds=args.seconds,
+                        warmup=20,
+                    )
+                    check(result, name)
+                    rows.append([name, concurrency, result.p50_ms, result.p99_ms, result.rps])
+                    figures[f"search {name} c{concurrency}"] = summary_json(result)
+                    print(f"  {name:24} c={concurrency}: {fmt(result)}  {text}", flush=True)
+            writes = run_load(
+                service.url,
+                service.headers,
+                patch_request(args.twins),
+                concurrency=args.write_concurrency,
+                count=args.writes,
+                warmup=50,
+            )
+            check(writes, "PATCH")
+            figures["http patch"] = summary_json(writes)
+            print(f"  HTTP PATCH c={args.write_concurrency}: {fmt(writes)}", flush=True)
+        rows.append(
+            ["PATCH (index on)", args.write_concurrency, writes.p50_ms, writes.p99_ms, writes.rps]
+        )
+
+        print("Index cost on writes, in process ...", flush=True)
+        cost = index_cost(settings, args.twins, min(args.index_writes, args.twins), args.rounds)
+        figures["in process writes/s"] = cost
+        print()
+        print(f"Search, {args.twins:,} twins ({machine()}):")
+        print()
+        print(markdown_table(["query", "concurrency", "p50 ms", "p99 ms", "req/s"], rows))
+        print()
+        print(
+            markdown_table(
+                ["in-process writes (median of rounds)", "writes/s"],
+                [
+                    ["SqliteStore.write (group commit, index on)", cost["store"]],
+                    ["plain sqlite3 loop, index on", cost["raw on"]],
+                    ["plain sqlite3 loop, index off", cost["raw off"]],
+                ],
+            )
+        )
+        ratio = cost["raw on"] / cost["raw off"]
+        figures["index on/off ratio"] = ratio
+        print()
+        print(f"index on / index off write throughput: {ratio:.2f} ({1 / ratio:.2f}x cost)")
+        print(f"HTTP PATCH / in-process store writes: {writes.rps / cost['store']:.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+    finally:
+        if args.data_dir is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    return 0
+
+
+def check(result: Summary, name: str) -> None:
+    if result.errors:
+        raise RuntimeError(f"{name}: {result.errors} of {result.requests} requests failed")
+
+
+def fmt(result: Summary) -> str:
+    return (
+        f"{result.requests:6} req, p50 {result.p50_ms:7.2f} ms, p99 {result.p99_ms:7.2f} ms, "
+        f"{result.rps:8.1f} req/s"
+    )
+
+
+def summary_json(result: Summary) -> dict[str, float]:
+    return {
+        "requests": result.requests,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "rps": result.rps,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The one fixed Elasticsearch mapping of the twin index, and twin documents in its shape. Pure.
+
+Every searchable node of a twin becomes one nested ``leaves`` entry, built from the same rows
+as the built-in SQLite index (:func:`search.sqlite.leaves`), so any path is queryable with one
+schema and a twin may change a leaf's type between writes:
+
+* ``p``: the escaped path (:func:`search.rql.format_path`), arrays elided;
+* ``t``: the rank of :mod:`search.rql.ordering` (0 null, 1 boolean, 2 number, 3 string,
+  4 array, 5 object holding something); empty objects get no entry;
+* ``n``: booleans (0/1) and numbers, as a double;
+* ``s``: strings, as a keyword (byte order of UTF-8 is code point order, like the evaluator);
+* ``a``: true when the node was reached through an array (such entries never give a sort value).
+
+Top level: ``twinId`` and ``namespace`` (keywords) and ``seq``, the store sequence number of
+the indexed state (also the document's external version).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.sqlite import leaves
+from twin_service.types import JSONObject
+
+#: Bumped when the mapping changes; ``twin-service index rebuild`` moves the alias over.
+MAPPING_VERSION = 1
+
+#: Lucene refuses terms over 32766 bytes; 8191 characters of at most 4 UTF-8 bytes fit.
+#: Longer strings are kept in the twin but are not searchable or sortable by value.
+MAX_INDEXED_STRING = 8191
+
+MAPPING: dict[str, Any] = {
+    "dynamic": "strict",
+    "_source": {"excludes": ["leaves"]},
+    "properties": {
+        "twinId": {"type": "keyword"},
+        "namespace": {"type": "keyword"},
+        "seq": {"type": "long"},
+        "leaves": {
+            "type": "nested",
+            "dynamic": "strict",
+            "properties": {
+                "p": {"type": "keyword"},
+                "t": {"type": "integer"},
+                "n": {"type": "double"},
+                "s": {"type": "keyword", "ignore_above": MAX_INDEXED_STRING},
+                "a": {"type": "boolean"},
+            },
+        },
+    },
+}
+
+
+def index_settings(
+    max_leaves: int, *, shards: int = 1, replicas: int = 1, refresh_interval: str = "1s"
+) -> dict[str, Any]:
+    """Settings of a new concrete index; ``max_leaves`` bounds the nested entries per twin."""
+    return {
+        "number_of_shards": shards,
+        "number_of_replicas": replicas,
+        "refresh_interval": refresh_interval,
+        "mapping.nested_objects.limit": max_leaves,
+        # External versions of deletes are remembered this long; a stale index operation of
+        # a deleted twin arriving later than this could bring it back.
+        "gc_deletes": "1h",
+    }
+
+
+def max_leaves(max_twin_bytes: int) -> int:
+    """An upper bound of the leaves of a twin of ``max_twin_bytes`` (each takes 2+ bytes)."""
+    return max(10_000, max_twin_bytes // 2 + 64)
+
+
+def to_es_document(doc: JSONObject, seq: int) -> dict[str, Any]:
+    """The index document of the twin document ``doc`` written at sequence number ``seq``."""
+    entries: list[dict[str, Any]] = []
+    for path, rank, value, in_array in leaves(doc):
+        entry: dict[str, Any] = {"p": path, "t": rank, "a": bool(in_array)}
+        if rank in (1, 2):
+            entry["n"] = float(value)
+        elif rank == 3:
+            entry["s"] = value
+        entries.append(entry)
+    return {
+        "twinId": doc["twinId"],
+        "namespace": doc.get("namespace", ""),
+        "seq": seq,
+        "leaves": entries,
+    }

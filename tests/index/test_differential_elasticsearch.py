@@ -1,0 +1,103 @@
+"""The differential suite against Elasticsearch: same ids, same order, same counts, same pages.
+
+Each hypothesis example loads its twins with the next external version (re-indexing kept
+twins, deleting the others with a version too) and refreshes, so it also checks that
+versioned writes and deletes replace earlier state. Example counts are modest: every example
+costs a few round trips to a real node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import cast
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from search.elasticsearch import Change, Outcome
+from search.rql import Filter, SearchQuery
+from tests.index.helpers import es_settings, index_name
+from tests.search.differential import SearchBackend, check_backend, queries, twins
+from tests.servers.search_engine import SearchEngine
+from twin_service.index.elasticsearch import ElasticsearchIndex
+from twin_service.store.base import TwinStore
+from twin_service.types import JSONObject
+
+pytestmark = pytest.mark.server("elasticsearch")
+
+
+class ElasticsearchBackend:
+    """The Elasticsearch index of the service, written through its bulk path."""
+
+    def __init__(self, index: ElasticsearchIndex) -> None:
+        self.index = index
+        self.version = 0
+        self.loaded: set[str] = set()
+
+    async def load(self, docs: Sequence[JSONObject]) -> None:
+        self.version += 1
+        keep = {doc["twinId"] for doc in docs}
+        changes = [Change(doc["twinId"], self.version, doc) for doc in docs]
+        changes += [Change(i, self.version, None) for i in sorted(self.loaded - keep)]
+        outcomes = await self.index.write(changes)
+        assert all(o is Outcome.DONE for o in outcomes)
+        self.loaded = keep
+        await self.index.client.indices.refresh(index=self.index.alias)
+
+    async def search(self, query: SearchQuery) -> tuple[list[str], str | None]:
+        return await self.index.search_ids(query)
+
+    async def count(self, filter: Filter | None, namespaces: Sequence[str] | None) -> int:
+        query = SearchQuery(filter, namespaces=None if namespaces is None else tuple(namespaces))
+        return await self.index.count(query)
+
+
+@pytest.fixture
+async def backend(search_engine: SearchEngine, tmp_path: Path) -> AsyncIterator[SearchBackend]:
+    settings_ = es_settings(search_engine, tmp_path, index_name("diff"))
+    # Only the bulk and query paths are used: no store, no indexer loop.
+    index = ElasticsearchIndex(settings_, cast(TwinStore, None), run_indexer=False)
+    await index.start()
+    try:
+        yield ElasticsearchBackend(index)
+    finally:
+        await index.client.indices.delete(index=f"{index.alias}-*")
+        await index.stop()
+
+
+def relaxed(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+@relaxed(60)
+@given(docs=twins(), query=queries())
+async def test_pages_and_counts_match_the_evaluator(
+    backend: SearchBackend, docs: list[JSONObject], query: SearchQuery
+) -> None:
+    await backend.load(docs)
+    await check_backend(backend, docs, query)
+
+
+@relaxed(25)
+@given(before=twins(), after=twins(), query=queries())
+async def test_reindexing_replaces_earlier_documents(
+    backend: SearchBackend, before: list[JSONObject], after: list[JSONObject], query: SearchQuery
+) -> None:
+    await backend.load(before)
+    await backend.load(after)
+    await check_backend(backend, after, query)
+
+
+@relaxed(20)
+@given(docs=twins(min_size=8, max_size=20), query=queries(), size=st.integers(1, 3))
+async def test_small_pages_cover_everything_once(
+    backend: SearchBackend, docs: list[JSONObject], query: SearchQuery, size: int
+) -> None:
+    await backend.load(docs)
+    await check_backend(backend, docs, SearchQuery(query.filter, query.sort, size))

@@ -1,0 +1,152 @@
+"""The indexer and the consistency options in process: a real SQLite store with its outbox,
+the real index on the test node, writes through the real twin service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from search.elasticsearch import Change, Outcome
+from search.rql import SearchQuery, parse_filter
+from tests.index.helpers import es_settings, index_name
+from tests.servers.search_engine import SearchEngine
+from twin_service.errors import Unavailable
+from twin_service.index.elasticsearch import ElasticsearchIndex
+from twin_service.service import TwinService
+from twin_service.settings import Settings
+from twin_service.store.sqlite import SqliteStore
+from twin_service.twin.jsonvalue import Limits
+from twin_service.twin.operations import replace_twin
+
+pytestmark = pytest.mark.server("elasticsearch")
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    store: SqliteStore
+    service: TwinService
+    index: ElasticsearchIndex
+
+    async def put(self, twin_id: str, body: dict[str, Any]) -> int:
+        edit = replace_twin(body, twin_id)
+        outcome = await self.service.mutate(twin_id, lambda _: edit, origin="test", may_create=True)
+        return outcome.stored.seq
+
+    async def delete(self, twin_id: str) -> int:
+        outcome = await self.service.mutate(twin_id, lambda _: None, origin="test")
+        return outcome.stored.seq
+
+    async def ids(self, rql: str | None = None, **kwargs: Any) -> list[str]:
+        query = SearchQuery(parse_filter(rql) if rql else None, size=200)
+        twins, _ = await self.index.search(query, **kwargs)
+        return [t.twin_id for t in twins]
+
+
+async def make_stack(
+    engine: SearchEngine, tmp_path: Path, *, run_indexer: bool = True, **es: Any
+) -> AsyncIterator[Stack]:
+    settings = es_settings(engine, tmp_path, index_name("proc"), **es)
+    store = SqliteStore(tmp_path / "twins.sqlite3", settings.sqlite, settings.stream, outbox=True)
+    await store.open()
+    index = ElasticsearchIndex(settings, store, run_indexer=run_indexer)
+    await index.start()
+    try:
+        yield Stack(settings, store, TwinService(store, Limits(), "default"), index)
+    finally:
+        await index.client.indices.delete(index=f"{index.alias}-*")
+        await index.stop()
+        await store.close()
+
+
+@pytest.fixture
+async def stack(search_engine: SearchEngine, tmp_path: Path) -> AsyncIterator[Stack]:
+    # Searches see new writes only through an explicit refresh: waiting must do it.
+    async for s in make_stack(search_engine, tmp_path, refresh_interval="60s"):
+        yield s
+
+
+@pytest.fixture
+async def stalled(search_engine: SearchEngine, tmp_path: Path) -> AsyncIterator[Stack]:
+    """No indexer running: the outbox only grows."""
+    async for s in make_stack(search_engine, tmp_path, run_indexer=False, wait_timeout_seconds=0.3):
+        yield s
+
+
+async def test_start_is_idempotent_and_uses_an_alias(stack: Stack) -> None:
+    await stack.index.ensure_index()
+    await stack.index.ensure_index()
+    aliases = await stack.index.client.indices.get_alias(name=stack.index.alias)
+    assert list(aliases) == [f"{stack.index.alias}-v1"]
+
+
+async def test_wait_for_seq_sees_the_write(stack: Stack) -> None:
+    seq = await stack.put("org.a:w1", {"attributes": {"site": "x"}})
+    assert await stack.ids('eq(attributes/site,"x")', wait_for_seq=seq) == ["org.a:w1"]
+    assert (
+        await stack.index.count(SearchQuery(parse_filter("exists(attributes)")), wait_for_seq=seq)
+        == 1
+    )
+    seq = await stack.delete("org.a:w1")
+    assert await stack.ids(wait_for_seq=seq) == []
+
+
+async def test_wait_times_out_with_index_timeout(stalled: Stack) -> None:
+    seq = await stalled.put("org.a:t1", {"attributes": {"n": 1}})
+    with pytest.raises(Unavailable) as caught:
+        await stalled.ids(wait_for_seq=seq)
+    assert caught.value.code == "index.timeout"
+    assert caught.value.status == 503
+    health = await stalled.index.health()
+    assert health["status"] == "up" and health["kind"] == "elasticsearch"
+    assert health["backlog"] == 1 and health["lagSeconds"] >= 0
+    assert await stalled.index.index_pending() == 1
+    assert await stalled.ids(wait_for_seq=seq) == ["org.a:t1"]
+    assert (await stalled.index.health())["backlog"] == 0
+
+
+async def test_stale_and_duplicate_versions_are_harmless(stalled: Stack) -> None:
+    index = stalled.index
+    new = {"twinId": "org.a:v", "namespace": "org.a", "attributes": {"v": "new"}}
+    old = {"twinId": "org.a:v", "namespace": "org.a", "attributes": {"v": "old"}}
+    assert await index.write([Change("org.a:v", 10, new)]) == [Outcome.DONE]
+    # Another replica late with an older state, and the same state twice: both "done".
+    assert await index.write([Change("org.a:v", 9, old)]) == [Outcome.DONE]
+    assert await index.write([Change("org.a:v", 10, new)]) == [Outcome.DONE]
+    await index.client.indices.refresh(index=index.alias)
+    query = SearchQuery(parse_filter('eq(attributes/v,"new")'))
+    assert (await index.search_ids(query))[0] == ["org.a:v"]
+    # A stale delete does not remove a newer state; a newer one does, and stays deleted.
+    assert await index.write([Change("org.a:v", 5, None)]) == [Outcome.DONE]
+    assert await index.write([Change("org.a:v", 11, None)]) == [Outcome.DONE]
+    assert await index.write([Change("org.a:v", 10, new)]) == [Outcome.DONE]
+    await index.client.indices.refresh(index=index.alias)
+    assert await index.count(SearchQuery()) == 0
+
+
+async def test_search_after_a_type_change(stack: Stack) -> None:
+    await stack.put("org.a:x", {"attributes": {"level": 5}})
+    seq = await stack.put("org.a:x", {"attributes": {"level": "high"}})
+    assert await stack.ids("gt(attributes/level,1)", wait_for_seq=seq) == []
+    assert await stack.ids('eq(attributes/level,"high")') == ["org.a:x"]
+    seq = await stack.put("org.a:x", {"attributes": {"level": 7}})
+    assert await stack.ids("gt(attributes/level,1)", wait_for_seq=seq) == ["org.a:x"]
+
+
+async def test_unreachable_engine_is_unavailable(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        search="elasticsearch",
+        elasticsearch_url="http://127.0.0.1:9",
+        elasticsearch={"request_timeout_seconds": 2},
+    )
+    store = SqliteStore(tmp_path / "t.sqlite3", settings.sqlite, settings.stream, outbox=True)
+    index = ElasticsearchIndex(settings, store)
+    with pytest.raises(Unavailable) as caught:
+        await index.start()
+    assert caught.value.code == "index.unavailable"
+    await index.stop()

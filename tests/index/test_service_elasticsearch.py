@@ -1,0 +1,235 @@
+"""The real service process with ``TWIN_SEARCH=elasticsearch`` on the test node.
+
+What the index holds is checked in Elasticsearch itself (an index client in this process on
+the same alias), what users see over REST, and readiness figures on ``/ready``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+
+from search.rql import SearchQuery, parse_filter
+from tests.index.helpers import es_env, es_settings, index_name
+from tests.servers.search_engine import SearchEngine
+from tests.service_process import ServiceProcess
+from twin_service.index.elasticsearch import ElasticsearchIndex
+from twin_service.store.base import TwinStore
+
+pytestmark = pytest.mark.server("elasticsearch")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def put(api: httpx.Client, twin_id: str, body: dict[str, Any]) -> httpx.Response:
+    response = api.put(f"/api/v1/twins/{twin_id}", json=body)
+    assert response.status_code in (200, 201), response.text
+    return response
+
+
+def index_check(api: httpx.Client) -> dict[str, Any]:
+    checks: dict[str, Any] = api.get("/ready").json()["checks"]
+    return cast(dict[str, Any], checks["index"])
+
+
+def wait_converged(api: httpx.Client, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll /ready until the index has no backlog and no lag; its last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check = index_check(api)
+        if check["backlog"] == 0 and check["lagSeconds"] == 0:
+            return check
+        assert time.monotonic() < deadline, f"index did not converge: {check}"
+        time.sleep(0.05)
+
+
+class Probe:
+    """Reads the alias directly (after a refresh), bypassing the service."""
+
+    def __init__(self, index: ElasticsearchIndex) -> None:
+        self.index = index
+
+    async def ids(self, rql: str | None = None) -> list[str]:
+        await self.index.client.indices.refresh(index=self.index.alias)
+        query = SearchQuery(parse_filter(rql) if rql else None, size=200)
+        ids, _ = await self.index.search_ids(query)
+        return ids
+
+    async def count(self, rql: str | None = None) -> int:
+        await self.index.client.indices.refresh(index=self.index.alias)
+        return await self.index.count(SearchQuery(parse_filter(rql) if rql else None))
+
+
+@pytest.fixture
+def alias() -> str:
+    return index_name("svc")
+
+
+@pytest.fixture
+async def probe(search_engine: SearchEngine, tmp_path: Path, alias: str) -> AsyncIterator[Probe]:
+    index = ElasticsearchIndex(
+        es_settings(search_engine, tmp_path, alias), cast(TwinStore, None), run_indexer=False
+    )
+    await index.start()
+    try:
+        yield Probe(index)
+    finally:
+        await index.client.indices.delete(index=f"{alias}-*")
+        await index.stop()
+
+
+@pytest.fixture
+def service(
+    search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
+) -> Iterator[ServiceProcess]:
+    proc = ServiceProcess(tmp_path / "svc", env=es_env(search_engine, alias)).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def api(service: ServiceProcess) -> Iterator[httpx.Client]:
+    with service.client() as client:
+        yield client
+
+
+async def test_ready_reports_the_index(api: httpx.Client) -> None:
+    check = index_check(api)
+    assert check["status"] == "up"
+    assert check["kind"] == "elasticsearch"
+    assert {"backlog", "lagSeconds"} <= set(check)
+
+
+async def test_search_count_deletes_and_lag_after_a_burst(api: httpx.Client, probe: Probe) -> None:
+    def write(i: int) -> None:
+        site = "north" if i % 3 == 0 else "south"
+        put(api, f"org.acme:p{i:03d}", {"attributes": {"site": site, "n": i}})
+
+    await asyncio.gather(*(asyncio.to_thread(write, i) for i in range(120)))
+    check = wait_converged(api)
+    assert check["status"] == "up"
+    north = [f"org.acme:p{i:03d}" for i in range(0, 120, 3)]
+    assert await probe.ids('eq(attributes/site,"north")') == north
+    assert await probe.count("gt(attributes/n,99)") == 20
+    # What users see over REST.
+    response = api.get(
+        "/api/v1/search/twins",
+        params={"filter": 'eq(attributes/site,"north")', "option": "size(200)"},
+    )
+    assert [t["twinId"] for t in response.json()["items"]] == north
+    count = api.get("/api/v1/search/twins/count", params={"filter": "gt(attributes/n,99)"})
+    assert count.json() == {"count": 20}
+    for i in range(0, 120, 2):
+        assert api.delete(f"/api/v1/twins/org.acme:p{i:03d}").status_code == 204
+    wait_converged(api)
+    assert await probe.count() == 60
+    assert await probe.ids('eq(attributes/site,"north")') == north[1::2]
+
+
+async def test_type_change_of_a_leaf(api: httpx.Client, probe: Probe) -> None:
+    put(api, "org.acme:m1", {"reported": {"temp": 21.5}})
+    wait_converged(api)
+    assert await probe.ids("gt(reported/temp,20)") == ["org.acme:m1"]
+    put(api, "org.acme:m1", {"reported": {"temp": "broken"}})
+    wait_converged(api)
+    assert await probe.ids("gt(reported/temp,20)") == []
+    assert await probe.ids('like(reported/temp,"bro*")') == ["org.acme:m1"]
+
+
+async def test_wait_for_over_rest(api: httpx.Client, service: ServiceProcess) -> None:
+    params = {p["name"] for p in _search_parameters(api)}
+    assert "waitFor" in params
+    response = put(api, "org.acme:w", {"attributes": {"k": "waited"}})
+    seq = response.headers["X-Twin-Seq"]
+    found = api.get(
+        "/api/v1/search/twins", params={"filter": 'eq(attributes/k,"waited")', "waitFor": seq}
+    )
+    assert [t["twinId"] for t in found.json()["items"]] == ["org.acme:w"]
+    latest = api.get("/api/v1/search/twins/count", params={"waitFor": "latest"})
+    assert latest.json()["count"] >= 1
+
+
+def _search_parameters(api: httpx.Client) -> list[dict[str, Any]]:
+    spec = api.get("/openapi.json").json()
+    params: list[dict[str, Any]] = spec["paths"]["/api/v1/search/twins"]["get"]["parameters"]
+    return params
+
+
+async def test_crash_after_commit_loses_nothing(
+    search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
+) -> None:
+    # A very slow indexer: writes pile up in the outbox, then the process is killed.
+    env = es_env(search_engine, alias, TWIN_ELASTICSEARCH__POLL_INTERVAL_SECONDS="60")
+    data = tmp_path / "crash"
+    first = ServiceProcess(data, env=env).start()
+    try:
+        time.sleep(0.3)  # the indexer found nothing to do and sleeps
+        with first.client() as api:
+            for i in range(50):
+                put(api, f"org.acme:c{i:02d}", {"desired": {"on": True, "i": i}})
+            assert index_check(api)["backlog"] == 50
+    finally:
+        first.kill()
+    assert await probe.count() == 0
+    second = ServiceProcess(data, env=es_env(search_engine, alias)).start()
+    try:
+        with second.client() as api:
+            wait_converged(api)
+    finally:
+        second.stop()
+    assert await probe.count("eq(desired/on,true)") == 50
+
+
+async def test_rebuild_indexes_an_existing_store(
+    search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
+) -> None:
+    data = tmp_path / "rebuild"
+    builtin = ServiceProcess(data).start()  # built-in search: nothing goes to Elasticsearch
+    try:
+        with builtin.client() as api:
+            for i in range(300):
+                put(api, f"org.acme:r{i:03d}", {"attributes": {"i": i}})
+    finally:
+        builtin.stop()
+    assert await probe.count() == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    env.update(es_env(search_engine, alias))
+    before = set(await probe.index.client.indices.get_alias(name=alias))
+    result = subprocess.run(
+        [sys.executable, "-m", "twin_service.index.cli", "rebuild", "--data-dir", str(data)],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "indexed 300/300 twins" in result.stderr and "twins/s" in result.stderr
+    after = set(await probe.index.client.indices.get_alias(name=alias))
+    assert len(after) == 1 and after != before
+    assert await probe.count() == 300
+    assert await probe.ids("lt(attributes/i,3)") == [
+        "org.acme:r000",
+        "org.acme:r001",
+        "org.acme:r002",
+    ]
+    # The service keeps indexing into the rebuilt index.
+    service = ServiceProcess(data, env=es_env(search_engine, alias)).start()
+    try:
+        with service.client() as api:
+            put(api, "org.acme:r999", {"attributes": {"i": -1}})
+            wait_converged(api)
+    finally:
+        service.stop()
+    assert await probe.ids("lt(attributes/i,0)") == ["org.acme:r999"]

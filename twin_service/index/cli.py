@@ -1,0 +1,106 @@
+"""Command line: ``twin-service index rebuild`` (reindex every twin into Elasticsearch).
+
+Wired into ``twin_service.cli`` with :func:`add_subcommands`; also runnable on its own as
+``python -m twin_service.index.cli rebuild``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from twin_service.errors import TwinServiceError
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``index rebuild`` to the ``twin-service`` sub-command parsers."""
+    index = subparsers.add_parser("index", help="manage the external search index")
+    sub = index.add_subparsers(dest="index_command", required=True)
+    rebuild = sub.add_parser(
+        "rebuild", help="reindex every twin from the store into a fresh index, then switch"
+    )
+    rebuild.add_argument("--config", type=Path, help="TOML settings file")
+    rebuild.add_argument("--data-dir", type=Path, help="directory of the database")
+    rebuild.add_argument("--page-size", type=int, default=500, help="twins read per page")
+    rebuild.set_defaults(handler=run_rebuild)
+
+
+class ProgressLine:
+    """Live ``done/total, twins/s`` on a terminal (one line a second otherwise)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._tty = out.isatty()
+        self._start = time.monotonic()
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self._tty and now - self._last < 1.0 and done < total:
+            return
+        self._last = now
+        rate = done / max(now - self._start, 1e-9)
+        text = f"indexed {done:,}/{total:,} twins ({rate:,.0f} twins/s)"
+        self._out.write(f"\r{text}\x1b[K" if self._tty else text + "\n")
+        self._out.flush()
+
+    def finish(self, done: int) -> None:
+        elapsed = time.monotonic() - self._start
+        end = "\n" if self._tty else ""
+        self._out.write(f"{end}rebuilt the index with {done:,} twins in {elapsed:.1f}s\n")
+
+
+def run_rebuild(args: argparse.Namespace) -> int:
+    """Handler of ``index rebuild``: 0 on success, 2 on bad settings, 1 on failure."""
+    from twin_service.settings import load_settings
+
+    try:
+        settings = load_settings(args.config, data_dir=args.data_dir)
+    except (ValidationError, ValueError) as exc:
+        print(f"twin-service: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if settings.search != "elasticsearch":
+        print("twin-service: index rebuild needs search=elasticsearch", file=sys.stderr)
+        return 2
+    progress = ProgressLine(sys.stderr)
+    try:
+        done = asyncio.run(_rebuild(settings, progress, args.page_size))
+    except TwinServiceError as exc:
+        print(
+            f"\ntwin-service: rebuild failed: {exc.message} {exc.description or ''}",
+            file=sys.stderr,
+        )
+        return 1
+    progress.finish(done)
+    return 0
+
+
+async def _rebuild(settings: Any, progress: ProgressLine, page_size: int) -> int:
+    from twin_service.api.app import build_store
+    from twin_service.index.elasticsearch import rebuild
+
+    store = build_store(settings)
+    await store.open()
+    try:
+        return await rebuild(settings, store, progress, page_size)
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m twin_service.index.cli rebuild ...`` (the same as ``twin-service index``)."""
+    parser = argparse.ArgumentParser(prog="twin-service")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["index", *(argv if argv is not None else sys.argv[1:])])
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
