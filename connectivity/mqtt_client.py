@@ -238,8 +238,9 @@ class MqttClient:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         timeout: float | None = None,
+        await_ack: bool = True,
     ) -> None:
-        """Publish; for QoS 1 return only once the broker sent PUBACK.
+        """Publish; for QoS 1 return only once the broker sent PUBACK (unless ``await_ack=False``).
 
         Raises NotConnected when there is no session, PublishTimeout when no PUBACK came within
         ``timeout`` (default ``options.ack_timeout``; the message may still be delivered), and
@@ -261,7 +262,7 @@ class MqttClient:
             raise NotConnected("not connected to the MQTT broker")
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise MqttUnavailable(f"publish failed: {paho.error_string(info.rc)}")
-        if qos == 0:
+        if qos == 0 or not await_ack:
             return
         # Registered before any await: paho's PUBACK callback reaches us via call_soon_threadsafe,
         # so it cannot run before this line.

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from connectivity.cli import add_subcommands as add_device_commands
+from connectivity.simulate import add_subcommands as add_simulate_command
 from twin_service import __version__
 from twin_service.index.cli import add_subcommands as add_index_commands
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", dest="root_config", type=Path, help="TOML settings file")
     add_device_commands(sub)
     add_index_commands(sub)
+    add_simulate_command(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from twin_service.store.base import RevisionConflict, StoredEvent, TwinStore, Wr
 from twin_service.twin.document import ChangeEvent, Twin, apply_change, deletion_event, now_iso
 from twin_service.twin.ids import parse_twin_id
 from twin_service.twin.jsonvalue import Limits
+from twin_service.twin.lifecycle import lifecycle_amend
 from twin_service.twin.operations import Edit
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ class TwinService:
         """Apply ``edit`` to the current twin with compare-and-set, retrying on conflicts."""
         namespace, _ = parse_twin_id(twin_id)
         preconditions = preconditions or Preconditions()
+        # Every transport keeps the desired lifecycle (pending/applied/...) up to date.
+        amend = amend or lifecycle_amend
         for attempt in range(MAX_ATTEMPTS):
             cached = self._recent.get(twin_id) if attempt == 0 else None
             current = cached if cached is not None else await self.store.get(twin_id)

@@ -36,6 +36,7 @@ def build_store(settings: Settings) -> TwinStore:
         settings.sqlite,
         settings.stream,
         outbox=settings.search != "builtin",
+        builtin_index=settings.search == "builtin",
     )
 
 
@@ -121,4 +122,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _components(settings: Settings) -> list[Component]:
     """Background components started with the app (MQTT bridge, event bus...)."""
-    return []
+    components: list[Component] = []
+    if settings.mqtt.enabled:
+        from connectivity.sync import MqttSync
+
+        components.append(MqttSync())
+    return components

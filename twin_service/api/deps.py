@@ -10,9 +10,10 @@ from fastapi import Depends, Header, Path, Query, Request
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from twin_service.service import Preconditions
+from twin_service.service import Amend, Preconditions
 from twin_service.twin.ids import parse_twin_id
 from twin_service.twin.jsonvalue import loads_strict
+from twin_service.twin.lifecycle import lifecycle_amend_ttl
 from twin_service.twin.patch import split_pointer
 from twin_service.types import JSON
 
@@ -145,6 +146,22 @@ async def preconditions(
 
 
 Conditions = Annotated[Preconditions, Depends(preconditions)]
+
+
+async def ttl_amend(
+    ttl: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            description="Seconds after which desired values written here that the device "
+            "has not applied become 'expired' in the lifecycle.",
+        ),
+    ] = None,
+) -> Amend | None:
+    return lifecycle_amend_ttl(ttl) if ttl is not None else None
+
+
+DesiredTtl = Annotated[Amend | None, Depends(ttl_amend)]
 
 
 def pointer_after(request: Request, fixed_segments: int) -> list[str]:

@@ -336,7 +336,7 @@ async def rebuild(
 ) -> int:
     """Reindex every twin of ``store`` into a fresh index and move the alias to it.
 
-    Twins are read with a match-all search of the store's built-in index, in pages, and
+    Twins are read from the store in id order (``scan``), in pages, and
     written with the store's last sequence number at the start as version; writes committed
     meanwhile are caught up from the journal after the alias moved, so the running indexers
     of the service lose nothing. Returns the number of twins indexed.
@@ -354,14 +354,17 @@ async def _rebuild(
 ) -> int:
     client, alias = index.client, index.alias
     start_seq = await store.last_seq()
-    total = await store.count(SearchQuery())
+    total = await store.twin_count()
     target = f"{alias}-v{MAPPING_VERSION}-{int(time.time() * 1000)}"
     async with _es_errors("rebuild"):
         await index.create_index(target, alias=False, refresh="-1")
     done = 0
-    cursor: str | None = None
+    after: str | None = None
     while True:
-        twins, cursor = await store.search(SearchQuery(size=page_size, cursor=cursor))
+        twins = await store.scan(after, page_size)
+        if not twins:
+            break
+        after = twins[-1].twin_id
         changes = [Change(t.twin_id, start_seq, t.to_document()) for t in twins]
         outcomes = await index.write(changes, index=target)
         if any(o is Outcome.RETRY for o in outcomes):
@@ -369,8 +372,6 @@ async def _rebuild(
         done += len(twins)
         if progress is not None:
             progress(done, max(total, done))
-        if cursor is None:
-            break
     async with _es_errors("rebuild"):
         await client.indices.put_settings(
             index=target,

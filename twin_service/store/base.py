@@ -79,6 +79,11 @@ class TwinStore(Protocol):
         Raises :class:`RevisionConflict` when the stored revision is not the expected one.
         """
 
+    async def scan(self, after_id: str | None, limit: int) -> list[Twin]:
+        """Up to ``limit`` twins with an id above ``after_id``, in id order (for rebuilds)."""
+
+    async def twin_count(self) -> int: ...
+
     async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
         """One page of matching twins in order, and the cursor of the next page."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from twin_service.twin.jsonvalue import dumps
 
 if TYPE_CHECKING:
     from search.rql.query import SearchQuery
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS twins (
@@ -74,9 +77,11 @@ class SqliteStore:
         stream: StreamSettings,
         *,
         outbox: bool = False,
+        builtin_index: bool = True,
     ) -> None:
         self._path = path
         self._outbox = outbox
+        self._builtin_index = builtin_index
         self._settings = settings
         self._stream = stream
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
@@ -116,11 +121,32 @@ class SqliteStore:
         try:
             for statement in (*_SCHEMA, *sqlite_index.SCHEMA):
                 conn.execute(statement)
+            self._sync_builtin_index(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         self._write_conn = conn
+
+    def _sync_builtin_index(self, conn: sqlite3.Connection) -> None:
+        """Record whether the built-in index is maintained; rebuild it when it was not.
+
+        A database used with an external index (builtin off) has a stale built-in index; the
+        first start with it on again re-indexes every twin, inside the opening transaction.
+        """
+        row = conn.execute("SELECT value FROM meta WHERE key = 'builtin_index'").fetchone()
+        was_on = row is None or row[0] == 1
+        if self._builtin_index and not was_on:
+            log.warning("rebuilding the built-in search index of %s", self._path.name)
+            conn.execute("DELETE FROM search_leaf")
+            conn.execute("DELETE FROM search_twin")
+            for (doc,) in conn.execute("SELECT doc FROM twins").fetchall():
+                sqlite_index.index_twin(conn, Twin.from_storage(json.loads(doc)).to_document())
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('builtin_index', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (1 if self._builtin_index else 0,),
+        )
 
     async def close(self) -> None:
         while self._pending or self._flushing:
@@ -184,7 +210,33 @@ class SqliteStore:
                 found[twin.twin_id] = twin
         return [found[i] for i in twin_ids if i in found]
 
+    def _require_index(self) -> None:
+        if not self._builtin_index:
+            raise Unavailable(
+                "The built-in search index is off (an external index is configured).",
+                code="index.unavailable",
+            )
+
+    async def scan(self, after_id: str | None, limit: int) -> list[Twin]:
+        def run() -> list[Twin]:
+            rows = self._reader().execute(
+                "SELECT doc FROM twins WHERE twin_id > ? ORDER BY twin_id LIMIT ?",
+                (after_id or "", limit),
+            )
+            return [Twin.from_storage(json.loads(doc)) for (doc,) in rows]
+
+        result: list[Twin] = await self._read(run)
+        return result
+
+    async def twin_count(self) -> int:
+        row = await self._read(
+            lambda: self._reader().execute("SELECT COUNT(*) FROM twins").fetchone()
+        )
+        return int(row[0])
+
     async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
+        self._require_index()
+
         def run() -> tuple[list[Twin], str | None]:
             conn = self._reader()
             # One read transaction so the page and the documents are the same snapshot.
@@ -199,6 +251,7 @@ class SqliteStore:
         return result
 
     async def count(self, query: SearchQuery) -> int:
+        self._require_index()
         result: int = await self._read(
             lambda: sqlite_index.count(self._reader(), query.filter, query.namespaces)
         )
@@ -392,7 +445,8 @@ class SqliteStore:
         state: str | None = None
         if twin is None:
             conn.execute("DELETE FROM twins WHERE twin_id = ?", (write.twin_id,))
-            sqlite_index.unindex_twin(conn, write.twin_id)
+            if self._builtin_index:
+                sqlite_index.unindex_twin(conn, write.twin_id)
         else:
             state = dumps(twin.to_storage())
             conn.execute(
@@ -401,7 +455,8 @@ class SqliteStore:
                 "doc = excluded.doc",
                 (twin.twin_id, twin.namespace, twin.revision, state),
             )
-            sqlite_index.index_twin(conn, twin.to_document())
+            if self._builtin_index:
+                sqlite_index.index_twin(conn, twin.to_document())
         event = write.event
         cursor = conn.execute(
             "INSERT INTO events (twin_id, revision, ts, event, state) VALUES (?, ?, ?, ?, ?)",

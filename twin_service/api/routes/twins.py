@@ -10,6 +10,7 @@ from twin_service.api.deps import (
     Body,
     Conditions,
     Context,
+    DesiredTtl,
     Reader,
     TwinId,
     Writer,
@@ -170,12 +171,22 @@ async def get_twin(
     summary="Create (201) or replace (200) a twin",
 )
 async def put_twin(
-    ctx: Context, principal: Writer, twin_id: TwinId, body: Body, conditions: Conditions
+    ctx: Context,
+    principal: Writer,
+    twin_id: TwinId,
+    body: Body,
+    conditions: Conditions,
+    ttl: DesiredTtl,
 ) -> Response:
     _visible(principal, twin_id)
     edit = replace_twin(body, twin_id)
     outcome = await ctx.service.mutate(
-        twin_id, lambda _: edit, origin=principal.name, preconditions=conditions, may_create=True
+        twin_id,
+        lambda _: edit,
+        origin=principal.name,
+        preconditions=conditions,
+        may_create=True,
+        amend=ttl,
     )
     assert outcome.twin is not None
     response = json_response(outcome.twin.to_document(), 201 if outcome.created else 200)
@@ -192,7 +203,12 @@ async def put_twin(
     summary="Merge patch (RFC 7396) or JSON Patch (RFC 6902) a twin",
 )
 async def patch_twin(
-    request: Request, ctx: Context, principal: Writer, twin_id: TwinId, conditions: Conditions
+    request: Request,
+    ctx: Context,
+    principal: Writer,
+    twin_id: TwinId,
+    conditions: Conditions,
+    ttl: DesiredTtl,
 ) -> Response:
     _visible(principal, twin_id)
     kind, body = await _patch_body(request, ctx)
@@ -203,6 +219,7 @@ async def patch_twin(
         else (lambda t: json_patch_twin(_exists(t), body)),
         origin=principal.name,
         preconditions=conditions,
+        amend=ttl,
     )
     assert outcome.twin is not None
     return written(json_response(outcome.twin.to_document()), outcome)
@@ -261,6 +278,7 @@ async def put_section(
     section: Section,
     body: Body,
     conditions: Conditions,
+    ttl: DesiredTtl,
     pointer: str = "",
 ) -> Response:
     _visible(principal, twin_id)
@@ -281,6 +299,7 @@ async def put_section(
         edit,
         origin=principal.name,
         preconditions=conditions,
+        amend=ttl,
     )
     assert outcome.twin is not None
     if existed and not existed[-1]:
@@ -307,6 +326,7 @@ async def patch_section(
     twin_id: TwinId,
     section: Section,
     conditions: Conditions,
+    ttl: DesiredTtl,
     pointer: str = "",
 ) -> Response:
     _visible(principal, twin_id)
@@ -317,6 +337,7 @@ async def patch_section(
         lambda t: patch_at(_exists(t), section, parts, body),
         origin=principal.name,
         preconditions=conditions,
+        amend=ttl,
     )
     assert outcome.twin is not None
     return written(Response(status_code=204), outcome)

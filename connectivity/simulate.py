@@ -1,0 +1,145 @@
+"""``twin-service simulate``: N simulated devices reporting to the service, for demos and load.
+
+Devices are multiplexed over a few MQTT connections (``--connections``), so the broker account
+used must be allowed on every device's topics (the service account, or an anonymous broker).
+Each device reports ``{"state": {"counter": i}, "clientToken": ...}`` at ``--rate`` messages
+per second in total; ``--offline-fraction`` of the devices are announced ``offline`` and stay
+silent. Progress is printed every second; the summary gives messages, acks (``accepted``),
+rejects and the publish-to-accepted latency percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from connectivity.messages import InboundMessage
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
+from connectivity.topics import DEFAULT_PREFIX, TopicLayout
+
+
+def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
+    sim: argparse.ArgumentParser = subparsers.add_parser(
+        "simulate", help="drive simulated devices against the service"
+    )
+    sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker URL with credentials")
+    sim.add_argument("--devices", type=int, default=100)
+    sim.add_argument("--rate", type=float, default=100.0, help="reports per second, all devices")
+    sim.add_argument("--offline-fraction", type=float, default=0.0)
+    sim.add_argument("--duration", type=float, default=10.0, help="seconds")
+    sim.add_argument("--namespace", default="sim")
+    sim.add_argument("--connections", type=int, default=4)
+    sim.add_argument("--protocol", type=int, choices=[4, 5], default=5)
+    sim.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    sim.set_defaults(handler=cmd_simulate)
+    return sim
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Simulation:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.layout = TopicLayout(args.topic_prefix)
+        self.twins = [f"{args.namespace}:dev-{n:05d}" for n in range(args.devices)]
+        offline = int(len(self.twins) * args.offline_fraction)
+        self.offline = set(random.sample(self.twins, offline))
+        self.sent: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.messages = self.acks = self.rejects = 0
+        self.clients: list[MqttClient] = []
+
+    async def on_reply(self, msg: InboundMessage) -> None:
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        started = self.sent.pop(str(body.get("clientToken")), None)
+        if msg.topic.endswith("/rejected"):
+            self.rejects += 1
+        else:
+            self.acks += 1
+        if started is not None:
+            self.latencies.append(time.perf_counter() - started)
+
+    async def run(self, out: Any) -> int:
+        a = self.args
+        protocol: Literal[4, 5] = 5 if a.protocol == 5 else 4
+        for n in range(max(1, a.connections)):
+            client = MqttClient(
+                MqttOptions(
+                    url=a.url,
+                    client_id=f"sim-{n}-{random.getrandbits(24):06x}",
+                    protocol=protocol,
+                    persistent_session=False,
+                )
+            )
+            await client.subscribe(self.layout.all_twins("reported/update/+"), 1, self.on_reply)
+            await client.start()
+            await client.wait_connected(10)
+            self.clients.append(client)
+        for i, twin in enumerate(self.twins):
+            status = b"offline" if twin in self.offline else b"online"
+            client = self.clients[i % len(self.clients)]
+            await client.publish(self.layout.topic(twin, "status"), status, retain=True)
+        online = [t for t in self.twins if t not in self.offline] or self.twins[:1]
+        interval = 1.0 / a.rate if a.rate > 0 else 0.0
+        deadline = time.monotonic() + a.duration
+        next_report = time.monotonic() + 1
+        seq = 0
+        while time.monotonic() < deadline:
+            twin = online[seq % len(online)]
+            token = f"s{seq}"
+            body = json.dumps({"state": {"counter": seq}, "clientToken": token}).encode()
+            self.sent[token] = time.perf_counter()
+            client = self.clients[seq % len(self.clients)]
+            await client.publish(self.layout.topic(twin, "reported/update"), body, await_ack=False)
+            self.messages += 1
+            seq += 1
+            if interval:
+                await asyncio.sleep(interval)
+            if time.monotonic() >= next_report:
+                next_report += 1
+                print(
+                    f"\rsent {self.messages} acks {self.acks} rejects {self.rejects}",
+                    end="",
+                    file=out,
+                )
+        settle = time.monotonic() + 10
+        while self.acks + self.rejects < self.messages and time.monotonic() < settle:
+            await asyncio.sleep(0.05)
+        for client in self.clients:
+            await client.stop(grace=0)
+        ms = [x * 1000 for x in self.latencies]
+        print(file=out)
+        lost = self.messages - self.acks - self.rejects
+        print(
+            f"devices {len(self.twins)} (offline {len(self.offline)}) messages {self.messages} "
+            f"acks {self.acks} rejects {self.rejects} unanswered {lost}",
+            file=out,
+        )
+        print(
+            f"latency ms p50 {percentile(ms, 0.5):.1f} p90 {percentile(ms, 0.9):.1f} "
+            f"p99 {percentile(ms, 0.99):.1f} max {max(ms, default=float('nan')):.1f}",
+            file=out,
+        )
+        return 0
+
+
+def cmd_simulate(
+    args: argparse.Namespace, data_dir: Path | None = None, out: Any = sys.stdout
+) -> int:
+    """``simulate --devices N --rate R --offline-fraction F``; twins must exist (else 404s)."""
+    return asyncio.run(Simulation(args).run(out))

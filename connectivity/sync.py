@@ -1,0 +1,224 @@
+"""The MQTT device-sync component: broker connection, subscriptions, replies, deltas.
+
+Started with the app (``twin_service.api.app._components``) when ``mqtt.enabled``. It connects
+to ``TWIN_MQTT_URL`` or, when unset, starts the embedded amqtt broker (MQTT 3.1.1) with a
+service password generated for this process. One persistent session with QoS 1 and manual
+acknowledgements: a device message is acked only after its write committed. On MQTT 5 brokers
+the device topics are subscribed as ``$share/<group>/...`` so replicas split the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
+from connectivity.credentials import CredentialStore
+from connectivity.errors import ConnectRefused, MqttUnavailable, NotConnected
+from connectivity.messages import Handler, InboundMessage
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import BrokerAddress, MqttOptions
+from connectivity.sync_deltas import DeltaPublisher
+from connectivity.sync_handlers import DeviceHandlers, HandlerSettings
+from connectivity.topics import TopicLayout
+from twin_service.twin.jsonvalue import dumps
+from twin_service.types import JSONObject
+
+if TYPE_CHECKING:
+    from twin_service.api.context import AppContext
+    from twin_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Device -> service topics and what handles them.
+INBOUND = ("reported/update", "live/update", "get", "status")
+
+
+def _redact(url: str) -> str:
+    addr = BrokerAddress.parse(url)
+    return f"{'mqtts' if addr.tls else 'mqtt'}://{addr.host}:{addr.port}"
+
+
+class MqttSync:
+    """``Component``: reconciles twins with devices over MQTT."""
+
+    def __init__(self) -> None:
+        self.client: MqttClient | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.deltas: DeltaPublisher | None = None
+        self.handlers: DeviceHandlers | None = None
+        self.layout = TopicLayout()
+        self._url = ""
+        self._background: set[asyncio.Task[Any]] = set()
+        self._filters: dict[str, Handler] = {}
+        self._connections = 0
+
+    def options(self, settings: Settings, url: str, password: str | None) -> MqttOptions:
+        m = settings.mqtt
+        addr = BrokerAddress.parse(url)
+        return MqttOptions(
+            url=url,
+            client_id=m.client_id,
+            protocol=m.protocol if settings.mqtt_url else 4,
+            persistent_session=True,
+            session_expiry=m.session_expiry_seconds,
+            max_in_flight=m.max_inflight,
+            username=addr.username if addr.username is not None else m.service_username,
+            password=addr.password if addr.password is not None else password,
+            ca_file=m.ca_file,
+            cert_file=m.cert_file,
+            key_file=m.key_file,
+        )
+
+    async def start(self, ctx: AppContext) -> None:
+        settings = ctx.settings
+        m = settings.mqtt
+        self.layout = TopicLayout(m.topic_prefix)
+        password = m.service_password
+        if settings.mqtt_url:
+            url = settings.mqtt_url
+        else:
+            password = password or secrets.token_urlsafe(24)
+            self.broker = EmbeddedBroker(
+                EmbeddedBrokerConfig(
+                    service_username=m.service_username,
+                    service_password=password,
+                    credentials_path=CredentialStore.in_data_dir(settings.data_dir).path,
+                    host=m.embedded_host,
+                    port=m.embedded_port,
+                    topic_prefix=m.topic_prefix,
+                    session_expiry=m.session_expiry_seconds,
+                )
+            )
+            await self.broker.start()
+            url = self.broker.url
+        self._url = url
+        options = self.options(settings, url, password)
+        layout = self.layout
+        client = MqttClient(options, key=lambda topic: layout.twin_id(topic) or topic)
+        self.client = client
+        self.handlers = DeviceHandlers(
+            ctx.service,
+            layout,
+            HandlerSettings(
+                max_payload_bytes=settings.limits.max_twin_bytes,
+                client_token_memory=m.client_token_memory,
+                lastseen_coalesce_seconds=m.lastseen_coalesce_seconds,
+            ),
+            self._reply,
+        )
+        self.deltas = DeltaPublisher(self._publish_delta, layout, ctx.store)
+        shared = options.protocol == 5 and bool(m.shared_group)
+        handlers = {
+            "reported/update": self.handlers.on_reported,
+            "live/update": self.handlers.on_live,
+            "get": self.handlers.on_get,
+            "status": self.handlers.on_status,
+        }
+        for suffix in INBOUND:
+            topic_filter = layout.all_twins(suffix)
+            if shared:
+                topic_filter = f"$share/{m.shared_group}/{topic_filter}"
+            self._filters[topic_filter] = handlers[suffix]
+            await client.subscribe(topic_filter, 1, handlers[suffix])
+        client.on_connect(self._on_connect)
+        ctx.service.add_listener(self.deltas.on_change)
+        ctx.readiness["mqtt"] = self.health
+        ctx.components["mqtt"] = self
+        await client.start()
+        try:
+            await client.wait_connected(m.connect_timeout_seconds)
+        except ConnectRefused:
+            await self.stop()
+            raise
+        except NotConnected as exc:
+            # Keep starting: paho keeps retrying and /ready reports the broker as down.
+            log.warning("MQTT broker %s not reachable yet: %s", _redact(url), exc)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.stop()
+        if self.deltas is not None:
+            await self.deltas.stop()
+        for task in list(self._background):
+            task.cancel()
+        if self.broker is not None:
+            await self.broker.stop()
+
+    def health(self) -> JSONObject:
+        client = self.client
+        if client is None:
+            return {"status": "down", "error": "not started"}
+        h = client.health()
+        body: JSONObject = {
+            "status": "up" if h.connected else "down",
+            "broker": "embedded" if self.broker else "external",
+            "url": _redact(self._url),
+            "reconnects": h.reconnect_count,
+            "pendingAcks": h.pending_acks,
+            "handlerFailures": h.handler_failures,
+        }
+        if h.last_error:
+            body["lastError"] = h.last_error
+        if self.deltas is not None:
+            body["deltasPublished"] = self.deltas.published
+        if self.handlers is not None:
+            body["applied"] = self.handlers.applied
+            body["duplicates"] = self.handlers.duplicates
+            body["rejected"] = self.handlers.rejected
+        return body
+
+    # -- internals -----------------------------------------------------------------------
+
+    async def _on_connect(self) -> None:
+        self._connections += 1
+        if self._connections > 1 and self.client is not None:
+            # mosquitto 2.0 restores a persistent session after its own restart but not the
+            # session's shared subscriptions (seen in tests/sync/test_delivery.py): subscribing
+            # again is idempotent and costs one round trip per reconnection.
+            for topic_filter, handler in self._filters.items():
+                try:
+                    await self.client.subscribe(topic_filter, 1, handler)
+                except MqttUnavailable as exc:
+                    log.warning("re-subscribing %s failed: %s", topic_filter, exc)
+        if self.deltas is None:
+            return
+        task = asyncio.create_task(self._republish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _republish(self) -> None:
+        assert self.deltas is not None
+        try:
+            count = await self.deltas.republish()
+        except Exception:
+            log.exception("republishing deltas failed")
+            return
+        log.info("republishing %d deltas after connecting", count)
+
+    async def _publish_delta(self, topic: str, payload: bytes) -> None:
+        assert self.client is not None
+        await self.client.publish(topic, payload, qos=1, retain=True)
+
+    async def _reply(
+        self, request: InboundMessage, twin_id: str, suffix: str, body: JSONObject
+    ) -> None:
+        """Answer on ``<base>/<suffix>``, or on the MQTT 5 response topic when one is given.
+
+        A response topic outside the device's own subtree is ignored, so a device cannot make
+        the service publish into another twin's topics.
+        """
+        assert self.client is not None
+        topic = self.layout.topic(twin_id, suffix)
+        correlation: bytes | None = None
+        response = request.response_topic
+        if response and response.startswith(self.layout.base(twin_id) + "/"):
+            topic, correlation = response, request.correlation_data
+        try:
+            await self.client.publish(
+                topic, dumps(body).encode(), qos=1, correlation_data=correlation, await_ack=False
+            )
+        except MqttUnavailable as exc:
+            log.info("reply to %s lost (the device will retry): %s", twin_id, exc)

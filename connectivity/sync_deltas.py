@@ -1,0 +1,154 @@
+"""Publishing the retained ``.../delta`` of each twin, in order, never stale.
+
+Ordering rules (per twin):
+
+- one worker task per twin publishes; a change that arrives while it is busy replaces the
+  pending one, so a burst of changes ends in one message carrying the newest delta;
+- a twin's delta is published only for a revision above the last one published for it, and only
+  when the payload differs from the last one, so a reported update that leaves the delta as it
+  was costs nothing;
+- after each publish the worker re-reads the twin: if another replica committed a newer change
+  meanwhile whose delta differs, it publishes that too, so the retained message ends at the
+  newest state even when two replicas race;
+- an empty delta (or a deleted twin) publishes an empty retained payload, which clears it;
+- a publish that fails (broker down) is remembered and retried after the next connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from connectivity.errors import MqttUnavailable
+from connectivity.sync_messages import delta_message
+from connectivity.topics import TopicLayout
+from search.rql.parser import parse_filter
+from search.rql.query import SearchQuery
+from twin_service.store.base import StoredEvent, TwinStore
+from twin_service.twin.document import Twin
+from twin_service.twin.jsonvalue import dumps
+
+log = logging.getLogger(__name__)
+
+#: ``publish(topic, payload)``: QoS 1, retained; returns after the broker's PUBACK.
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _Job:
+    revision: int
+    twin: Twin | None
+    force: bool = False
+
+
+class DeltaPublisher:
+    """A :data:`twin_service.service.Listener` that keeps each twin's retained delta current."""
+
+    def __init__(
+        self, publish: Publish, layout: TopicLayout, store: TwinStore, memory: int = 100_000
+    ) -> None:
+        self._publish = publish
+        self._layout = layout
+        self._store = store
+        self._memory = memory
+        #: twin id -> (revision, payload) last published, least recently used first.
+        self._published: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self._pending: dict[str, _Job] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._failed: set[str] = set()
+        self.published = 0
+        self.failures = 0
+
+    async def on_change(self, stored: StoredEvent, twin: Twin | None) -> None:
+        event = stored.event
+        if event.action == "modified" and not {"desired", "reported"} & set(event.changes):
+            return
+        if event.action != "modified":
+            # Revisions start again at 1 when a deleted twin is created anew.
+            self._published.pop(event.twin_id, None)
+        self.submit(event.twin_id, _Job(event.revision, twin))
+
+    def submit(self, twin_id: str, job: _Job) -> None:
+        current = self._pending.get(twin_id)
+        if current is None or job.revision >= current.revision:
+            self._pending[twin_id] = _Job(
+                job.revision, job.twin, job.force or bool(current and current.force)
+            )
+        if twin_id not in self._workers:
+            self._workers[twin_id] = asyncio.create_task(self._drain(twin_id))
+
+    async def republish(self, page_size: int = 200) -> int:
+        """Publish every non-empty delta again, plus any that failed to go out.
+
+        Called after each connection: the broker may have lost its retained messages (the
+        embedded broker keeps none across restarts), and a crash between a commit and its
+        publish would otherwise leave the device with an old delta. Retained publishes are
+        idempotent and devices ignore versions they have, so repeating one is harmless.
+        """
+        count = 0
+        for twin_id in list(self._failed):
+            twin = await self._store.get(twin_id)
+            self.submit(twin_id, _Job(twin.revision if twin else 0, twin, force=True))
+            count += 1
+        query = SearchQuery(filter=parse_filter("exists(delta)"), size=page_size)
+        while True:
+            twins, cursor = await self._store.search(query)
+            for twin in twins:
+                if twin.twin_id not in self._failed:
+                    self.submit(twin.twin_id, _Job(twin.revision, twin, force=True))
+                    count += 1
+            if cursor is None:
+                return count
+            query = SearchQuery(filter=query.filter, size=page_size, cursor=cursor)
+
+    async def idle(self) -> None:
+        """Wait until nothing is queued (tests, shutdown)."""
+        while self._workers:
+            await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in list(self._workers.values()):
+            task.cancel()
+        await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
+
+    async def _drain(self, twin_id: str) -> None:
+        try:
+            while twin_id in self._pending:
+                job = self._pending.pop(twin_id)
+                if await self._publish_job(twin_id, job):
+                    newer = await self._store.get(twin_id)
+                    if newer is not None and newer.revision > job.revision:
+                        self.submit(twin_id, _Job(newer.revision, newer))
+        finally:
+            del self._workers[twin_id]
+
+    async def _publish_job(self, twin_id: str, job: _Job) -> bool:
+        last = self._published.get(twin_id)
+        twin = job.twin
+        payload = dumps(delta_message(twin)).encode() if twin and twin.delta else b""
+        if last is not None:
+            if job.revision < last[0] or (job.revision == last[0] and not job.force):
+                return False
+            if payload == last[1] and not job.force:
+                self._remember(twin_id, job.revision, payload)
+                return False
+        try:
+            await self._publish(self._layout.topic(twin_id, "delta"), payload)
+        except MqttUnavailable as exc:
+            self.failures += 1
+            self._failed.add(twin_id)
+            log.warning("delta of %s not published (retried on reconnect): %s", twin_id, exc)
+            return False
+        self._failed.discard(twin_id)
+        self.published += 1
+        self._remember(twin_id, job.revision, payload)
+        return True
+
+    def _remember(self, twin_id: str, revision: int, payload: bytes) -> None:
+        self._published[twin_id] = (revision, payload)
+        self._published.move_to_end(twin_id)
+        while len(self._published) > self._memory:
+            self._published.popitem(last=False)

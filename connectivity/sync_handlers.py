@@ -1,0 +1,249 @@
+"""Device -> service messages: each one is validated, committed through ``TwinService.mutate``
+and answered. The MQTT client acknowledges a message only after its handler returned, so a
+handler returns only once the write is committed (or the message is answered as rejected).
+
+A store that is unavailable is retried for a while; if it stays down the handler raises, the
+message stays unacknowledged and the broker redelivers it on the next session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from connectivity.messages import InboundMessage
+from connectivity.sync_messages import (
+    Status,
+    get_accepted,
+    parse_get,
+    parse_live_update,
+    parse_reported_update,
+    parse_status,
+    rejection,
+    report_accepted,
+    token_hint,
+)
+from connectivity.topics import TopicLayout
+from twin_service.errors import NotFound, TwinServiceError, Unavailable
+from twin_service.service import Outcome, TwinService
+from twin_service.twin.device import DeviceBook, TokenRecord, next_connection
+from twin_service.twin.document import Twin
+from twin_service.twin.lifecycle import lifecycle_for_edit
+from twin_service.twin.metadata import written_paths
+from twin_service.twin.operations import Edit
+from twin_service.twin.patch import json_equal, merge_patch
+from twin_service.types import JSONObject
+
+log = logging.getLogger(__name__)
+
+#: ``reply(request, twin_id, suffix, body)`` publishes an answer to the device.
+Reply = Callable[[InboundMessage, str, str, JSONObject], Awaitable[None]]
+T = TypeVar("T")
+
+#: Back-off (seconds) while the store is unavailable, before leaving the message unacked.
+_STORE_RETRIES = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    max_payload_bytes: int
+    client_token_memory: int
+    lastseen_coalesce_seconds: float
+
+
+class _Duplicate(Exception):
+    def __init__(self, record: TokenRecord) -> None:
+        super().__init__(record.token)
+        self.record = record
+
+
+class DeviceHandlers:
+    """The handlers for ``reported/update``, ``live/update``, ``get`` and ``status``."""
+
+    def __init__(
+        self, service: TwinService, layout: TopicLayout, settings: HandlerSettings, reply: Reply
+    ) -> None:
+        self._service = service
+        self._layout = layout
+        self._settings = settings
+        self._reply = reply
+        self.applied = 0
+        self.duplicates = 0
+        self.rejected = 0
+
+    # -- reported/update ---------------------------------------------------------------
+
+    async def on_reported(self, msg: InboundMessage) -> None:
+        twin_id = self._twin(msg)
+        token: str | None = None
+        try:
+            update = parse_reported_update(msg.payload, self._settings.max_payload_bytes)
+            token = update.client_token
+            book_holder: list[DeviceBook] = []
+
+            def edit(current: Twin | None) -> Edit:
+                assert current is not None  # mutate raises NotFound first
+                book = DeviceBook.read(current.private)
+                record = book.find(token)
+                if record is not None:
+                    raise _Duplicate(record)
+                book.check_desired_version(update.desired_version, current.desired_version)
+                book_holder[:] = [book]
+                reported = merge_patch(current.reported, update.state)
+                return Edit({"reported": reported}, {"reported": written_paths(update.state)})
+
+            def amend(current: Twin | None, change: Edit) -> dict[str, Any]:
+                assert current is not None
+                now = datetime.now(UTC)
+                changed = not json_equal(current.reported, change.values["reported"])
+                book = book_holder[0].after_report(
+                    token,
+                    update.desired_version,
+                    current.revision + 1,
+                    current.reported_version + (1 if changed else 0),
+                    self._settings.client_token_memory,
+                )
+                extra: dict[str, Any] = {
+                    "private": book.write(current.private),
+                    "lifecycle": lifecycle_for_edit(
+                        current, change, now, rejected=dict(update.rejected)
+                    ),
+                }
+                connection = self._connection(current, now, None)
+                if connection is not None:
+                    extra["connection"] = connection
+                return extra
+
+            outcome = await self._mutate(twin_id, edit, amend)
+        except _Duplicate as dup:
+            self.duplicates += 1
+            body = report_accepted(token, dup.record.revision, dup.record.reported_version, True)
+            await self._reply(msg, twin_id, "reported/update/accepted", body)
+            return
+        except TwinServiceError as exc:
+            if isinstance(exc, Unavailable):
+                raise
+            self.rejected += 1
+            body = rejection(exc, token or token_hint(msg.payload))
+            await self._reply(msg, twin_id, "reported/update/rejected", body)
+            return
+        assert outcome.twin is not None
+        self.applied += 1
+        body = report_accepted(token, outcome.twin.revision, outcome.twin.reported_version)
+        await self._reply(msg, twin_id, "reported/update/accepted", body)
+
+    # -- live/update -------------------------------------------------------------------
+
+    async def on_live(self, msg: InboundMessage) -> None:
+        twin_id = self._twin(msg)
+        try:
+            patch = parse_live_update(msg.payload, self._settings.max_payload_bytes)
+
+            def edit(current: Twin | None) -> Edit:
+                assert current is not None
+                return Edit(
+                    {"live": merge_patch(current.live, patch)}, {"live": written_paths(patch)}
+                )
+
+            def amend(current: Twin | None, _change: Edit) -> dict[str, Any]:
+                assert current is not None
+                connection = self._connection(current, datetime.now(UTC), None)
+                return {} if connection is None else {"connection": connection}
+
+            await self._mutate(twin_id, edit, amend)
+        except TwinServiceError as exc:
+            if isinstance(exc, Unavailable):
+                raise
+            self.rejected += 1
+            await self._reply(msg, twin_id, "live/update/rejected", rejection(exc, None))
+            return
+        self.applied += 1
+
+    # -- get -------------------------------------------------------------------------------
+
+    async def on_get(self, msg: InboundMessage) -> None:
+        twin_id = self._twin(msg)
+        token: str | None = None
+        try:
+            request = parse_get(msg.payload, self._settings.max_payload_bytes)
+            token = request.client_token
+            twin = await self._retry(lambda: self._service.get(twin_id))
+        except TwinServiceError as exc:
+            if isinstance(exc, Unavailable):
+                raise
+            body = rejection(exc, token or token_hint(msg.payload))
+            await self._reply(msg, twin_id, "get/rejected", body)
+            return
+        await self._reply(msg, twin_id, "get/accepted", get_accepted(twin, token))
+        await self._touch(twin_id, twin, None)
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def on_status(self, msg: InboundMessage) -> None:
+        status = parse_status(msg.payload)
+        if status is None:
+            return  # a cleared retained status, or noise: nothing to record
+        twin_id = self._twin(msg)
+        try:
+            twin = await self._retry(lambda: self._service.get(twin_id))
+        except NotFound:
+            log.debug("status for unknown twin %s ignored", twin_id)
+            return
+        except TwinServiceError as exc:
+            if isinstance(exc, Unavailable):
+                raise
+            return
+        await self._touch(twin_id, twin, status)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _twin(self, msg: InboundMessage) -> str:
+        twin_id = self._layout.twin_id(msg.topic)
+        assert twin_id is not None, f"subscribed filter matched a foreign topic {msg.topic!r}"
+        return twin_id
+
+    def _connection(self, twin: Twin, now: datetime, status: Status | None) -> JSONObject | None:
+        return next_connection(
+            twin.connection,
+            now=now,
+            status=status,
+            coalesce_seconds=self._settings.lastseen_coalesce_seconds,
+        )
+
+    async def _touch(self, twin_id: str, twin: Twin, status: Status | None) -> None:
+        """Write ``connection`` only when it changes (status, or a stale ``lastSeen``)."""
+        if self._connection(twin, datetime.now(UTC), status) is None:
+            return
+
+        def amend(current: Twin | None, _change: Edit) -> dict[str, Any]:
+            assert current is not None
+            connection = self._connection(current, datetime.now(UTC), status)
+            return {} if connection is None else {"connection": connection}
+
+        try:
+            await self._mutate(twin_id, lambda _t: Edit({}, {}), amend)
+        except NotFound:
+            return
+
+    async def _mutate(
+        self,
+        twin_id: str,
+        edit: Callable[[Twin | None], Edit],
+        amend: Callable[[Twin | None, Edit], dict[str, Any]],
+    ) -> Outcome:
+        return await self._retry(
+            lambda: self._service.mutate(twin_id, edit, origin="device", amend=amend)
+        )
+
+    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        for delay in _STORE_RETRIES:
+            try:
+                return await call()
+            except Unavailable as exc:
+                log.warning("store unavailable, retrying in %ss: %s", delay, exc)
+                await asyncio.sleep(delay)
+        return await call()

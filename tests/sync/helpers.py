@@ -1,0 +1,149 @@
+"""Helpers for the device-sync tests: a service wired to a broker, devices, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from connectivity.device import DeviceClient, DeviceConfig
+from tests.service_process import ServiceProcess
+
+
+def sync_service(
+    data_dir: Path, broker_url: str, client_id: str | None = None, **env: str
+) -> ServiceProcess:
+    """A started service process connected to ``broker_url`` (MQTT enabled).
+
+    Each service gets its own shared-subscription group unless told otherwise: on a broker
+    shared by many tests, the persistent session of a stopped service would otherwise keep
+    receiving its share of the group's messages.
+    """
+    settings = {
+        "TWIN_MQTT__SHARED_GROUP": f"g{uuid.uuid4().hex[:8]}",
+        "TWIN_MQTT__ENABLED": "true",
+        "TWIN_MQTT_URL": broker_url,
+        "TWIN_MQTT__CLIENT_ID": client_id or f"svc-{uuid.uuid4().hex[:8]}",
+        "TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "0",
+        **env,
+    }
+    return ServiceProcess(data_dir, env=settings).start()
+
+
+def wait_mqtt_up(proc: ServiceProcess, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{proc.url}/ready", timeout=5).json()
+        if body["checks"].get("mqtt", {}).get("status") == "up":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"MQTT never up: {body}\n{proc.log_tail()}")
+
+
+def put_twin(api: httpx.Client, twin_id: str, **sections: Any) -> dict[str, Any]:
+    response = api.put(f"/api/v1/twins/{twin_id}", json=sections)
+    assert response.status_code in (200, 201), response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def get_twin(api: httpx.Client, twin_id: str) -> dict[str, Any]:
+    response = api.get(f"/api/v1/twins/{twin_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def patch_desired(api: httpx.Client, twin_id: str, patch: dict[str, Any]) -> dict[str, Any]:
+    response = api.patch(
+        f"/api/v1/twins/{twin_id}",
+        content=json.dumps({"desired": patch}),
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def device(url: str, twin_id: str, **kw: Any) -> DeviceClient:
+    return DeviceClient(
+        DeviceConfig(url=url, twin_id=twin_id, password=kw.pop("password", "x"), **kw)
+    )
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 15) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def until_twin(
+    api: httpx.AsyncClient,
+    twin_id: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float = 15,
+) -> dict[str, Any]:
+    """Poll the twin until ``predicate`` holds; return it."""
+    doc: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                doc = (await api.get(f"/api/v1/twins/{twin_id}")).json()
+                if predicate(doc):
+                    return doc
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"twin never matched; last: {doc}") from None
+
+
+class RawDevice:
+    """A device speaking raw MQTT: publishes bytes, collects everything under its twin."""
+
+    def __init__(self, url: str, twin_id: str, **options: Any) -> None:
+        from connectivity.mqtt_client import MqttClient
+        from connectivity.options import MqttOptions
+        from tests.connectivity.helpers import Collector
+
+        self.twin_id = twin_id
+        self.base = f"twins/{twin_id}"
+        self.inbox = Collector()
+        options.setdefault("persistent_session", False)
+        self.client = MqttClient(
+            MqttOptions(url=url, client_id=f"raw-{uuid.uuid4().hex[:8]}", **options)
+        )
+
+    async def __aenter__(self) -> RawDevice:
+        await self.client.start()
+        await self.client.wait_connected(10)
+        await self.client.subscribe(f"{self.base}/#", 1, self.inbox)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.stop(grace=0)
+
+    async def send(self, suffix: str, payload: bytes | dict[str, Any], **kw: Any) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        await self.client.publish(f"{self.base}/{suffix}", data, **kw)
+
+    async def reply(self, topic_suffix: str, index: int = 0, timeout: float = 10) -> Any:
+        """The ``index``-th message received on ``<base>/<topic_suffix>``, decoded."""
+        topic = f"{self.base}/{topic_suffix}"
+        async with asyncio.timeout(timeout):
+            while True:
+                found = [m for m in self.inbox.messages if m.topic == topic]
+                if len(found) > index:
+                    return json.loads(found[index].payload)
+                await asyncio.sleep(0.01)
+
+    async def call(self, suffix: str, payload: bytes | dict[str, Any], outcome: str) -> Any:
+        """Send a request and wait for the next answer on ``<suffix>/<outcome>``."""
+        topic = f"{self.base}/{suffix}/{outcome}"
+        seen = len([m for m in self.inbox.messages if m.topic == topic])
+        await self.send(suffix, payload)
+        return await self.reply(f"{suffix}/{outcome}", seen)

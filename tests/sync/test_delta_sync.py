@@ -1,0 +1,120 @@
+"""A device that was away gets exactly the latest delta, reports it, and the delta empties."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from connectivity.messages import InboundMessage
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
+from tests.connectivity.helpers import Collector
+from tests.servers.mosquitto import Mosquitto
+from tests.sync.helpers import (
+    device,
+    patch_desired,
+    put_twin,
+    sync_service,
+    until,
+    until_twin,
+    wait_mqtt_up,
+)
+
+
+async def _device_session(url: str, twin: str, persistent: bool, sink: Collector) -> MqttClient:
+    """A raw device connection that (re)subscribes to its delta on every connection.
+
+    Re-subscribing makes the broker send the retained delta; QoS 0 on the subscription keeps a
+    persistent session from queueing every intermediate delta while the device is away.
+    """
+    client = MqttClient(
+        MqttOptions(url=url, client_id=f"dev-{twin}", persistent_session=persistent)
+    )
+    topic = f"twins/{twin}/delta"
+
+    async def resubscribe() -> None:
+        await client.subscribe(topic, 0, sink)
+
+    client.on_connect(resubscribe)
+    await client.start()
+    await client.wait_connected(10)
+    return client
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["clean", "persistent"])
+async def test_offline_device_gets_one_final_delta(
+    mosquitto_server: Mosquitto, tmp_path: Path, unique_name: str, persistent: bool
+) -> None:
+    twin = f"org.acme:{unique_name}"
+    proc = sync_service(tmp_path / "svc", mosquitto_server.url)
+    try:
+        wait_mqtt_up(proc)
+        with proc.client() as api:
+            put_twin(api, twin, desired={"fan": {"speed": 1}}, reported={"fan": {"speed": 1}})
+            sink = Collector()
+            client = await _device_session(mosquitto_server.url, twin, persistent, sink)
+            await client.stop()
+            sink.messages.clear()
+            # Offline while desired changes three times.
+            observer = Collector()
+            watch = MqttClient(
+                MqttOptions(
+                    url=mosquitto_server.url, client_id=f"obs-{twin}", persistent_session=False
+                )
+            )
+            await watch.start()
+            await watch.wait_connected(10)
+            await watch.subscribe(f"twins/{twin}/delta", 1, observer)
+            for speed in (2, 3, 4):
+                last = patch_desired(api, twin, {"fan": {"speed": speed}, "mode": f"m{speed}"})
+            # Reconnect only once the service has published the final delta.
+            await until(
+                lambda: any(
+                    _json(m) and _json(m)["desiredVersion"] == last["desiredVersion"]  # type: ignore[index]
+                    for m in observer.messages
+                )
+            )
+            client = await _device_session(mosquitto_server.url, twin, persistent, sink)
+            try:
+                await sink.wait_for(1)
+                await _settle()
+                deltas = [json.loads(m.payload) for m in sink.messages]
+                assert deltas == [
+                    {
+                        "state": {"fan": {"speed": 4}, "mode": "m4"},
+                        "desiredVersion": last["desiredVersion"],
+                    }
+                ]
+            finally:
+                await client.stop()
+        # The device (library) reports what it applied, naming the desired version.
+        dev = device(mosquitto_server.url, twin, client_id=f"lib-{unique_name}")
+        await dev.start()
+        try:
+            accepted = await dev.report(
+                {"fan": {"speed": 4}, "mode": "m4"}, desired_version=last["desiredVersion"]
+            )
+            assert accepted["revision"] > last["revision"]
+            # The retained delta is cleared (empty payload) once reported matches.
+            await until(lambda: observer.messages[-1].payload == b"")
+        finally:
+            await dev.stop()
+            await watch.stop()
+        async with proc.async_client() as aapi:
+            doc = await until_twin(aapi, twin, lambda d: d["delta"] == {})
+        assert doc["lifecycle"]["fan/speed"]["state"] == "applied"
+        assert doc["lifecycle"]["mode"]["state"] == "applied"
+    finally:
+        proc.stop()
+
+
+async def _settle() -> None:
+    import asyncio
+
+    await asyncio.sleep(0.5)
+
+
+def _json(msg: InboundMessage) -> object:
+    return json.loads(msg.payload) if msg.payload else None

@@ -1,0 +1,243 @@
+"""The device protocol against the real service and mosquitto: answers, rules, hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connectivity.messages import InboundMessage
+from tests.connectivity.helpers import Collector
+from tests.servers.mosquitto import Mosquitto
+from tests.service_process import ServiceProcess
+from tests.sync.helpers import (
+    RawDevice,
+    get_twin,
+    put_twin,
+    sync_service,
+    until_twin,
+    wait_mqtt_up,
+)
+
+
+@pytest.fixture(scope="module")
+def svc(
+    mosquitto_server: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    proc = sync_service(
+        tmp_path_factory.mktemp("svc"),
+        mosquitto_server.url,
+        TWIN_LIMITS__MAX_TWIN_BYTES="4096",
+        # Only the first message of a test twin writes lastSeen: revisions stay predictable.
+        TWIN_MQTT__LASTSEEN_COALESCE_SECONDS="600",
+    )
+    wait_mqtt_up(proc)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def twin(svc: ServiceProcess) -> str:
+    twin_id = f"org.acme:p-{uuid.uuid4().hex[:10]}"
+    with svc.client() as api:
+        put_twin(api, twin_id, desired={"fan": {"speed": 3}, "mode": "eco"}, reported={})
+    return twin_id
+
+
+async def test_report_accepted_and_get(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        got = await dev.call("get", {"clientToken": "g1"}, "accepted")
+        assert got["clientToken"] == "g1"
+        assert got["delta"] == {"fan": {"speed": 3}, "mode": "eco"}
+        assert (got["desiredVersion"], got["reportedVersion"]) == (1, 1)
+        await asyncio.sleep(0.2)  # the get's lastSeen write (first traffic) commits
+        with svc.client() as api:
+            base = get_twin(api, twin)["revision"]
+        ok = await dev.call(
+            "reported/update",
+            {"state": {"fan": {"speed": 3}}, "desiredVersion": 1, "clientToken": "r1"},
+            "accepted",
+        )
+        assert ok == {"clientToken": "r1", "revision": base + 1, "reportedVersion": 2}
+        bad = await dev.call(
+            "reported/update",
+            {"state": {}, "desiredVersion": 1, "rejected": {"mode": "not supported"}},
+            "accepted",
+        )
+        assert bad["revision"] == base + 2
+    with svc.client() as api:
+        doc = get_twin(api, twin)
+    assert doc["reported"] == {"fan": {"speed": 3}}
+    assert doc["lifecycle"]["fan/speed"]["state"] == "applied"
+    assert doc["lifecycle"]["mode"] == {
+        "state": "rejected",
+        "since": doc["lifecycle"]["mode"]["since"],
+        "desiredVersion": 1,
+        "reason": "not supported",
+    }
+    assert doc["connection"]["status"] == "online"
+
+
+async def test_duplicate_client_token_is_applied_once(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        body = {"state": {"counter": 1}, "clientToken": "dup-1"}
+        first = await dev.call("reported/update", body, "accepted")
+        again = await dev.call("reported/update", {**body, "state": {"counter": 2}}, "accepted")
+    assert again == {**first, "duplicate": True}
+    with svc.client() as api:
+        doc = get_twin(api, twin)
+    assert doc["reported"] == {"counter": 1}
+    assert doc["revision"] == first["revision"]
+
+
+async def test_stale_and_impossible_desired_versions_are_409(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    with svc.client() as api:
+        api.patch(
+            f"/api/v1/twins/{twin}",
+            content=json.dumps({"desired": {"mode": "boost"}}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        ).raise_for_status()
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        await dev.call(
+            "reported/update", {"state": {"mode": "boost"}, "desiredVersion": 2}, "accepted"
+        )
+        # Out of order: a report about version 1 arrives after the one about version 2.
+        stale = await dev.call(
+            "reported/update",
+            {"state": {"mode": "eco"}, "desiredVersion": 1, "clientToken": "late"},
+            "rejected",
+        )
+        ahead = await dev.call(
+            "reported/update",
+            {"state": {}, "desiredVersion": 9, "clientToken": "ahead"},
+            "rejected",
+        )
+    assert stale["code"] == 409 and stale["error"] == "version.conflict"
+    assert stale["clientToken"] == "late" and stale["desiredVersion"] == 2
+    assert ahead["code"] == 409
+    with svc.client() as api:
+        assert get_twin(api, twin)["reported"] == {"mode": "boost"}
+
+
+DEEP = b'{"state": ' + b'{"k": ' * 17 + b"1" + b"}" * 18
+
+HOSTILE = [
+    (b"{not json", 400, "json.invalid"),
+    (b'{"state": {"a": NaN}}', 400, "json.invalid"),
+    (b'{"state": 5, "clientToken": "t"}', 400, "request.invalid"),
+    (b'{"state": {}, "desiredVersion": "1"}', 400, "request.invalid"),
+    (b'{"state": {}, "clientToken": 7}', 400, "request.invalid"),
+    (b'{"state": {}, "extra": 1}', 400, "request.invalid"),
+    (b"[1, 2]", 400, "request.invalid"),
+    (b'{"state": {}, "rejected": {"a": 5}}', 400, "request.invalid"),
+    (
+        DEEP,
+        400,
+        "limits.exceeded",
+    ),
+    (json.dumps({"state": {"blob": "x" * 5000}}).encode(), 413, "twin.toolarge"),
+    (json.dumps({"state": {"blob": "x" * 4040}}).encode(), 413, "twin.toolarge"),
+    (b"\xff\xfe", 400, "json.invalid"),
+]
+
+
+@pytest.mark.parametrize(("payload", "status", "code"), HOSTILE)
+async def test_hostile_reports_are_rejected_and_change_nothing(
+    svc: ServiceProcess,
+    mosquitto_server: Mosquitto,
+    twin: str,
+    payload: bytes,
+    status: int,
+    code: str,
+) -> None:
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        await dev.call("get", {}, "accepted")
+        await asyncio.sleep(0.2)  # the get's lastSeen write (first traffic) commits
+        with svc.client() as api:
+            before = get_twin(api, twin)
+        answer = await dev.call("reported/update", payload, "rejected")
+        # The service is still alive and serving this twin.
+        await dev.call("get", {}, "accepted")
+    assert (answer["code"], answer["error"]) == (status, code), answer
+    assert answer["message"]
+    with svc.client() as api:
+        after = get_twin(api, twin)
+    assert after["revision"] == before["revision"]
+
+
+async def test_unknown_twin_is_404(svc: ServiceProcess, mosquitto_server: Mosquitto) -> None:
+    async with RawDevice(mosquitto_server.url, "org.acme:nobody") as dev:
+        report = await dev.call(
+            "reported/update", {"state": {"a": 1}, "clientToken": "n"}, "rejected"
+        )
+        got = await dev.call("get", {"clientToken": "g"}, "rejected")
+        await dev.send("status", b"online", retain=False)
+        await dev.send("live/update", {"t": 1})
+    assert (report["code"], report["error"], report["clientToken"]) == (404, "twin.notfound", "n")
+    assert (got["code"], got["clientToken"]) == (404, "g")
+
+
+async def test_mqtt5_request_response(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        inbox = f"{dev.base}/inbox/{uuid.uuid4().hex[:6]}"
+        await dev.client.publish(
+            f"{dev.base}/reported/update",
+            json.dumps({"state": {"x": 1}}).encode(),
+            response_topic=inbox,
+            correlation_data=b"corr-1",
+        )
+        await dev.client.publish(
+            f"{dev.base}/get", b"", response_topic=inbox, correlation_data=b"corr-2"
+        )
+        # A response topic in another twin's subtree is ignored: the answer goes home.
+        await dev.client.publish(
+            f"{dev.base}/get",
+            b'{"clientToken": "home"}',
+            response_topic="twins/org.acme:victim/inbox",
+            correlation_data=b"corr-3",
+        )
+        home = await dev.reply("get/accepted")
+        async with asyncio.timeout(10):
+            while len([m for m in dev.inbox.messages if m.topic == inbox]) < 2:
+                await asyncio.sleep(0.01)
+    answers = [m for m in dev.inbox.messages if m.topic == inbox]
+    by_corr = {_corr(m): json.loads(m.payload) for m in answers}
+    assert by_corr[b"corr-1"]["reportedVersion"] == 2
+    assert by_corr[b"corr-2"]["reported"] == {"x": 1}
+    assert home["clientToken"] == "home"
+
+
+def _corr(msg: InboundMessage) -> bytes | None:
+    return msg.correlation_data
+
+
+async def test_status_and_live(svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str) -> None:
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        await dev.send("status", b"online")
+        await dev.send("live/update", {"temp": 21.5})
+        await dev.send("live/update", b"not json")
+        rejected = await dev.reply("live/update/rejected")
+        await dev.send("status", b"offline")
+    assert rejected["error"] == "json.invalid"
+    async with svc.async_client() as api:
+        doc = await until_twin(api, twin, lambda d: d["connection"]["status"] == "offline")
+    assert doc["live"] == {"temp": 21.5}
+    assert doc["connection"]["status"] == "offline"
+    assert doc["connection"]["lastSeen"] is not None
+
+
+_ = Path, Collector

@@ -1,0 +1,282 @@
+"""Tables and properties for the pure sync rules: lifecycle, device book, connection, payloads."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from connectivity.sync_messages import (
+    GetRequest,
+    ReportedUpdate,
+    parse_get,
+    parse_reported_update,
+    parse_status,
+    rejection,
+)
+from tests.twin.strategies import objects
+from twin_service.errors import BadRequest, Conflict, InvalidJson, PayloadTooLarge
+from twin_service.twin.delta import compute_delta, leaf_paths
+from twin_service.twin.device import DeviceBook, TokenRecord, next_connection
+from twin_service.twin.lifecycle import (
+    APPLIED,
+    EXPIRED,
+    PENDING,
+    REJECTED,
+    expire_due,
+    next_lifecycle,
+    path_key,
+)
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+T1 = T0 + timedelta(seconds=10)
+
+
+def step(lc, old_d, d, r, v=2, old_r=None, now=T1, rejected=None, ttl=None):  # type: ignore[no-untyped-def]
+    return next_lifecycle(
+        lc,
+        old_desired=old_d,
+        desired=d,
+        reported=r,
+        desired_version=v,
+        old_reported=old_r,
+        now=now,
+        rejected=rejected,
+        ttl_seconds=ttl,
+    )
+
+
+PEND = {"state": PENDING, "since": "2030-01-01T00:00:00.000Z", "desiredVersion": 1}
+
+LIFECYCLE_TABLE = [
+    # (name, lifecycle, old desired, desired, reported, rejected, expected state of "a")
+    ("desired written -> pending", {}, {}, {"a": 1}, {}, None, PENDING),
+    ("already matching -> no entry", {}, {}, {"a": 1}, {"a": 1}, None, None),
+    (
+        "pending, device applies -> applied",
+        {"a": PEND},
+        {"a": 1},
+        {"a": 1},
+        {"a": 1},
+        None,
+        APPLIED,
+    ),
+    ("pending, still differs -> stays", {"a": PEND}, {"a": 1}, {"a": 1}, {"a": 0}, None, PENDING),
+    ("device rejects -> rejected", {"a": PEND}, {"a": 1}, {"a": 1}, {}, {"a": "no"}, REJECTED),
+    ("parent rejected -> rejected", {"a": PEND}, {"a": 1}, {"a": 1}, {}, {"": "all"}, REJECTED),
+    (
+        "applied, drift -> pending",
+        {"a": {"state": APPLIED}},
+        {"a": 1},
+        {"a": 1},
+        {"a": 2},
+        None,
+        PENDING,
+    ),
+    ("rejected stays", {"a": {"state": REJECTED}}, {"a": 1}, {"a": 1}, {}, None, REJECTED),
+    (
+        "rejected, rewritten -> pending",
+        {"a": {"state": REJECTED}},
+        {"a": 1},
+        {"a": 2},
+        {},
+        None,
+        PENDING,
+    ),
+    (
+        "rejected, applied later",
+        {"a": {"state": REJECTED}},
+        {"a": 1},
+        {"a": 1},
+        {"a": 1},
+        None,
+        APPLIED,
+    ),
+    ("expired stays", {"a": {"state": EXPIRED}}, {"a": 1}, {"a": 1}, {}, None, EXPIRED),
+    ("leaf removed -> gone", {"a": PEND}, {"a": 1}, {}, {}, None, None),
+    ("rejecting a matched leaf is ignored", {}, {"a": 1}, {"a": 1}, {"a": 1}, {"a": "x"}, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("lc", "old_d", "d", "r", "rejected", "expected"),
+    [row[1:] for row in LIFECYCLE_TABLE],
+    ids=[row[0] for row in LIFECYCLE_TABLE],
+)
+def test_lifecycle_table(lc, old_d, d, r, rejected, expected) -> None:  # type: ignore[no-untyped-def]
+    out = step(lc, old_d, d, r, rejected=rejected)
+    assert (out.get("a") or {}).get("state") == expected
+
+
+def test_untracked_leaf_that_was_in_delta_becomes_applied() -> None:
+    out = step({}, {"a": 1}, {"a": 1}, {"a": 1}, old_r={})
+    assert out["a"] == {
+        "state": APPLIED,
+        "since": "2030-01-01T00:00:10.000Z",
+        "at": "2030-01-01T00:00:10.000Z",
+        "desiredVersion": 2,
+    }
+
+
+def test_ttl_expires_pending_entries() -> None:
+    out = step({}, {}, {"a": 1, "b": {"c": 2}}, {}, ttl=5, now=T0)
+    assert out["a"]["expires"] == "2030-01-01T00:00:05.000Z"
+    assert expire_due(out, T0 + timedelta(seconds=4)) is None
+    expired = expire_due(out, T1)
+    assert expired is not None
+    assert {k: v["state"] for k, v in expired.items()} == {"a": EXPIRED, "b/c": EXPIRED}
+    # And the next change of the twin sees them expired too.
+    assert step(out, {"a": 1}, {"a": 1}, {}, now=T1)["a"]["state"] == EXPIRED
+
+
+def test_keys_are_escaped_pointers() -> None:
+    assert path_key(("fan", "speed")) == "fan/speed"
+    assert path_key(("a/b", "c~d")) == "a~1b/c~0d"
+
+
+@given(objects(), objects(), objects())
+def test_lifecycle_entries_are_exactly_the_tracked_desired_leaves(old_d, d, r) -> None:  # type: ignore[no-untyped-def]
+    first = step({}, {}, old_d, {}, old_r={})
+    out = step(first, old_d, d, r, old_r={})
+    leaves = {path_key(p) for p in leaf_paths(d) if p}
+    in_delta = {path_key(p) for p in leaf_paths(compute_delta(d, r)) if p}
+    assert set(out) <= leaves
+    assert in_delta <= set(out)
+    for key, entry in out.items():
+        assert (
+            entry["state"] in (PENDING, REJECTED, EXPIRED)
+            if key in in_delta
+            else entry["state"] == APPLIED
+        )
+
+
+# -- device book -------------------------------------------------------------------------
+
+
+def test_book_round_trip_and_memory() -> None:
+    book = DeviceBook()
+    for i in range(5):
+        book = book.after_report(f"t{i}", i, 10 + i, 20 + i, memory=3)
+    assert [t.token for t in book.tokens] == ["t2", "t3", "t4"]
+    assert book.applied_desired_version == 4
+    again = DeviceBook.read(book.write({"other": 1}))
+    assert again == book
+    assert again.find("t3") == TokenRecord("t3", 13, 23)
+    assert again.find("t0") is None and again.find(None) is None
+
+
+@pytest.mark.parametrize(
+    ("applied", "twin_version", "reported", "ok"),
+    [
+        (3, 5, None, True),
+        (3, 5, 3, True),
+        (3, 5, 5, True),
+        (3, 5, 2, False),
+        (3, 5, 6, False),
+        (0, 0, 0, True),
+    ],
+)
+def test_stale_rule(applied: int, twin_version: int, reported: int | None, ok: bool) -> None:
+    book = DeviceBook(applied_desired_version=applied)
+    if ok:
+        book.check_desired_version(reported, twin_version)
+    else:
+        with pytest.raises(Conflict) as info:
+            book.check_desired_version(reported, twin_version)
+        assert info.value.code == "version.conflict"
+
+
+CONNECTION_TABLE = [
+    (
+        {"status": "unknown", "since": "x", "lastSeen": None},
+        "online",
+        {"status": "online", "since": "S", "lastSeen": "S"},
+    ),
+    ({"status": "online", "since": "a", "lastSeen": "2030-01-01T00:00:08.000Z"}, None, None),
+    (
+        {"status": "online", "since": "a", "lastSeen": "2030-01-01T00:00:00.000Z"},
+        None,
+        {"status": "online", "since": "a", "lastSeen": "S"},
+    ),
+    (
+        {"status": "online", "since": "a", "lastSeen": "L"},
+        "offline",
+        {"status": "offline", "since": "S", "lastSeen": "L"},
+    ),
+    ({"status": "offline", "since": "a", "lastSeen": "L"}, "offline", None),
+    (
+        {"status": "offline", "since": "a", "lastSeen": "L"},
+        None,
+        {"status": "online", "since": "S", "lastSeen": "S"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("before", "status", "after"), CONNECTION_TABLE)
+def test_connection_table(before, status, after) -> None:  # type: ignore[no-untyped-def]
+    out = next_connection(before, now=T1, status=status, coalesce_seconds=5)
+    stamp = "2030-01-01T00:00:10.000Z"
+    expected = None if after is None else {k: (stamp if v == "S" else v) for k, v in after.items()}
+    assert out == expected
+
+
+# -- payloads ----------------------------------------------------------------------------
+
+GOOD = [
+    (b'{"state": {"a": 1}}', ReportedUpdate({"a": 1})),
+    (b'{"state": {}, "clientToken": "t", "desiredVersion": 3}', ReportedUpdate({}, "t", 3)),
+    (b'{"rejected": {"/a": "no"}}', ReportedUpdate({}, rejected=(("/a", "no"),))),
+]
+BAD = [
+    (b"", InvalidJson),
+    (b"{", InvalidJson),
+    (b'{"a": 1, "a": 2}', InvalidJson),
+    (b'{"state": Infinity}', InvalidJson),
+    (b"null", BadRequest),
+    (b'{"clientToken": "t"}', BadRequest),
+    (b'{"state": [], "clientToken": "t"}', BadRequest),
+    (b'{"state": {}, "desiredVersion": -1}', BadRequest),
+    (b'{"state": {}, "desiredVersion": true}', BadRequest),
+    (b'{"state": {}, "desiredVersion": 1.5}', BadRequest),
+    (b'{"state": {}, "clientToken": ""}', BadRequest),
+    (b'{"state": {}, "clientToken": "' + b"x" * 65 + b'"}', BadRequest),
+    (b'{"state": {}, "rejected": []}', BadRequest),
+    (b'{"state": {}, "rejected": {"a": "' + b"x" * 300 + b'"}}', BadRequest),
+    (b'{"state": {}, "version": 1}', BadRequest),
+    (b"x" * 2000, PayloadTooLarge),
+]
+
+
+@pytest.mark.parametrize(("payload", "expected"), GOOD)
+def test_parse_good_reports(payload: bytes, expected: ReportedUpdate) -> None:
+    assert parse_reported_update(payload, 1024) == expected
+
+
+@pytest.mark.parametrize(("payload", "error"), BAD)
+def test_parse_bad_reports(payload: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error) as info:
+        parse_reported_update(payload, 1024)
+    body = rejection(info.value, "tok")  # type: ignore[arg-type]
+    assert body["clientToken"] == "tok" and body["code"] in (400, 413) and body["message"]
+
+
+@given(st.binary(max_size=200))
+def test_parsers_never_raise_anything_untyped(payload: bytes) -> None:
+    for parse in (parse_reported_update, parse_get):
+        with contextlib.suppress(BadRequest, PayloadTooLarge):
+            parse(payload, 100)
+    assert parse_status(payload) in (None, "online", "offline")
+
+
+def test_get_and_status() -> None:
+    assert parse_get(b"", 10) == GetRequest()
+    assert parse_get(b'{"clientToken": "g"}', 100) == GetRequest("g")
+    assert [parse_status(p) for p in (b"online", b'"offline"', b"", b"bogus")] == [
+        "online",
+        "offline",
+        None,
+        None,
+    ]

@@ -1,0 +1,207 @@
+"""The desired lifecycle: what happened to each desired value the device had to apply.
+
+For every leaf path of desired that has been in the delta, ``lifecycle`` holds one entry keyed
+by the path with JSON-pointer escapes and no leading slash (``fan/speed``; a key ``a/b`` is
+``a~1b``), so RQL finds it as ``lifecycle/fan~1speed/state``::
+
+    {"state": "pending",  "since": t, "desiredVersion": n, "expires": t?}
+    {"state": "applied",  "since": t, "at": t, "desiredVersion": n}
+    {"state": "rejected", "since": t, "desiredVersion": n, "reason": "out of range"}
+    {"state": "expired",  "since": t, "desiredVersion": n}
+
+Transitions, computed by :func:`next_lifecycle` for each committed change:
+
+- a leaf enters the delta (desired written, or reported drifted away) -> ``pending``;
+  a desired write with a time to live sets ``expires``;
+- the device names the leaf (or a parent) in ``rejected`` while it is in the delta -> ``rejected``;
+- reported matches desired again -> ``applied``;
+- ``pending`` past ``expires`` -> ``expired`` (on the next change, or by a sweep calling
+  :func:`expire_due`);
+- ``rejected`` and ``expired`` stay until desired changes at that leaf (-> ``pending``) or the
+  device applies it (-> ``applied``);
+- a leaf that leaves desired loses its entry.
+
+Pure: no I/O; only the ``*_amend`` adapters read the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from twin_service.twin.delta import compute_delta, leaf_paths
+from twin_service.twin.document import Twin, now_iso
+from twin_service.twin.operations import Edit
+from twin_service.twin.patch import json_equal
+from twin_service.types import JSON, JSONObject
+
+PENDING: Final = "pending"
+APPLIED: Final = "applied"
+REJECTED: Final = "rejected"
+EXPIRED: Final = "expired"
+STATES: Final = (PENDING, APPLIED, REJECTED, EXPIRED)
+
+_MISSING: Final = object()
+
+
+def path_key(path: tuple[str, ...]) -> str:
+    """``("fan", "speed")`` -> ``"fan/speed"`` (``~`` and ``/`` inside keys escaped)."""
+    return "/".join(part.replace("~", "~0").replace("/", "~1") for part in path)
+
+
+def normalize_key(text: str) -> str:
+    """A device-supplied path (``fan/speed`` or ``/fan/speed``) in the key form."""
+    return text[1:] if text.startswith("/") else text
+
+
+def _covered(key: str, rejected: Mapping[str, str]) -> str | None:
+    """The reason if ``key`` or one of its parents is rejected."""
+    for candidate, reason in rejected.items():
+        if candidate == "" or key == candidate or key.startswith(candidate + "/"):
+            return reason
+    return None
+
+
+def next_lifecycle(
+    lifecycle: JSONObject,
+    *,
+    old_desired: JSONObject,
+    desired: JSONObject,
+    reported: JSONObject,
+    desired_version: int,
+    old_reported: JSONObject | None = None,
+    now: datetime,
+    rejected: Mapping[str, str] | None = None,
+    ttl_seconds: float | None = None,
+) -> JSONObject:
+    """The lifecycle after a change that leaves ``desired``/``reported`` as given.
+
+    ``old_reported`` (when known) lets a leaf that was in the delta before this change become
+    ``applied`` even if it has no entry yet (a twin written before lifecycles were kept).
+    ``desired_version`` is the version of the new desired; ``rejected`` maps normalized keys
+    (see :func:`normalize_key`) to the device's reasons; ``ttl_seconds`` applies to leaves whose
+    desired value this change wrote.
+    """
+    stamp = now_iso(now)
+    rejected = {normalize_key(k): v for k, v in (rejected or {}).items()}
+    old_leaves = {path_key(p): v for p, v in leaf_paths(old_desired).items() if p}
+    leaves = {path_key(p): v for p, v in leaf_paths(desired).items() if p}
+    in_delta = {path_key(p) for p in leaf_paths(compute_delta(desired, reported)) if p}
+    was_in_delta = (
+        {path_key(p) for p in leaf_paths(compute_delta(old_desired, old_reported)) if p}
+        if old_reported is not None
+        else set()
+    )
+    expired_now = expire_due(lifecycle, now) or lifecycle
+    out: JSONObject = {}
+    for key in leaves:
+        entry = expired_now.get(key)
+        state = entry.get("state") if isinstance(entry, dict) else None
+        written = not json_equal(old_leaves.get(key, _MISSING), leaves[key])
+        if key not in in_delta:
+            if state == APPLIED or (state is None and key not in was_in_delta):
+                if entry is not None:
+                    out[key] = entry
+                continue
+            out[key] = {
+                "state": APPLIED,
+                "since": stamp,
+                "at": stamp,
+                "desiredVersion": desired_version,
+            }
+            continue
+        reason = _covered(key, rejected)
+        if reason is not None:
+            out[key] = {
+                "state": REJECTED,
+                "since": stamp,
+                "desiredVersion": desired_version,
+                "reason": reason,
+            }
+        elif written or state is None or state == APPLIED:
+            pending: JSONObject = {
+                "state": PENDING,
+                "since": stamp,
+                "desiredVersion": desired_version,
+            }
+            if written and ttl_seconds is not None:
+                pending["expires"] = now_iso(now + timedelta(seconds=ttl_seconds))
+            out[key] = pending
+        else:
+            assert entry is not None
+            out[key] = entry
+    return out
+
+
+def expire_due(lifecycle: JSONObject, now: datetime) -> JSONObject | None:
+    """``lifecycle`` with every overdue ``pending`` entry ``expired``; None when none is due."""
+    stamp = now_iso(now)
+    changed = False
+    out: JSONObject = {}
+    for key, entry in lifecycle.items():
+        expires: JSON = entry.get("expires") if isinstance(entry, dict) else None
+        if entry.get("state") == PENDING and isinstance(expires, str) and expires <= stamp:
+            out[key] = {
+                "state": EXPIRED,
+                "since": expires,
+                "desiredVersion": entry.get("desiredVersion"),
+            }
+            changed = True
+        else:
+            out[key] = entry
+    return out if changed else None
+
+
+def next_expiry(lifecycle: JSONObject) -> str | None:
+    """The earliest ``expires`` of a pending entry, for scheduling a sweep."""
+    times = [
+        e["expires"]
+        for e in lifecycle.values()
+        if isinstance(e, dict) and e.get("state") == PENDING and isinstance(e.get("expires"), str)
+    ]
+    return min(times) if times else None
+
+
+def lifecycle_for_edit(
+    twin: Twin | None,
+    edit: Edit,
+    now: datetime,
+    *,
+    rejected: Mapping[str, str] | None = None,
+    ttl_seconds: float | None = None,
+) -> JSONObject:
+    """The lifecycle of the twin that ``edit`` will produce from ``twin`` (None: creation)."""
+    old_desired: JSONObject = twin.desired if twin else {}
+    desired: JSONObject = edit.values.get("desired", old_desired)
+    reported: JSONObject = edit.values.get("reported", twin.reported if twin else {})
+    if twin is None:
+        version = 1
+    else:
+        version = twin.desired_version + (0 if json_equal(old_desired, desired) else 1)
+    return next_lifecycle(
+        twin.lifecycle if twin else {},
+        old_desired=old_desired,
+        desired=desired,
+        reported=reported,
+        desired_version=version,
+        old_reported=twin.reported if twin else {},
+        now=now,
+        rejected=rejected,
+        ttl_seconds=ttl_seconds,
+    )
+
+
+def lifecycle_amend(twin: Twin | None, edit: Edit) -> dict[str, Any]:
+    """An ``Amend`` for API writes: ``service.mutate(..., amend=lifecycle_amend)``."""
+    return {"lifecycle": lifecycle_for_edit(twin, edit, datetime.now(UTC))}
+
+
+def lifecycle_amend_ttl(ttl_seconds: float | None) -> Callable[[Twin | None, Edit], dict[str, Any]]:
+    """Like :func:`lifecycle_amend`, with a time to live for the desired values written."""
+
+    def amend(twin: Twin | None, edit: Edit) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        return {"lifecycle": lifecycle_for_edit(twin, edit, now, ttl_seconds=ttl_seconds)}
+
+    return amend
