@@ -49,16 +49,22 @@ class TokenSettings(BaseModel):
 
 class AuthSettings(BaseModel):
     disabled: bool = Field(False, description="Development only; refused unless bound to loopback.")
-    tokens: list[TokenSettings] = Field(default_factory=list)
+    tokens: list[TokenSettings] = Field(
+        default_factory=list, description="Bearer tokens (JSON list)."
+    )
     tokens_file: Path | None = Field(None, description="JSON list of {name, token, role}.")
 
 
 class SqliteSettings(BaseModel):
-    file_name: str = "twins.sqlite3"
-    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
-    busy_timeout_ms: int = Field(10_000, ge=100)
+    file_name: str = Field("twins.sqlite3", description="Database file in data_dir.")
+    synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL", description="NORMAL survives a process crash; FULL also a power loss."
+    )
+    busy_timeout_ms: int = Field(
+        10_000, ge=100, description="Wait for another process's write lock."
+    )
     max_batch: int = Field(256, ge=1, description="Most writes grouped in one commit.")
-    read_threads: int = Field(4, ge=1, le=64)
+    read_threads: int = Field(4, ge=1, le=64, description="Threads for searches and scans.")
 
 
 class MongoSettings(BaseModel):
@@ -90,25 +96,33 @@ class MongoSettings(BaseModel):
 
 
 class SearchSettings(BaseModel):
-    default_size: int = Field(25, ge=1)
-    max_size: int = Field(200, ge=1)
+    default_size: int = Field(25, ge=1, description="Search page size without size().")
+    max_size: int = Field(200, ge=1, description="Largest size() and ids per GET /twins.")
 
 
 class MqttSettings(BaseModel):
-    enabled: bool = True
-    embedded_host: str = "127.0.0.1"
-    embedded_port: int = Field(1883, ge=0, le=65535)
+    enabled: bool = Field(True, description="Device sync over MQTT.")
+    embedded_host: str = Field("127.0.0.1", description="Built-in broker address (no mqtt_url).")
+    embedded_port: int = Field(1883, ge=0, le=65535, description="Built-in broker port.")
     topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
-    client_id: str = "twin-service"
-    shared_group: str = "twin-service"
-    protocol: Literal[5, 4] = 5
-    service_username: str = "twin-service"
-    service_password: str | None = None
-    lastseen_coalesce_seconds: float = Field(5.0, ge=0)
+    client_id: str = Field(
+        "twin-service", description="MQTT client id; stable and different for each replica."
+    )
+    shared_group: str = Field(
+        "twin-service", description="Shared-subscription group; empty disables sharing."
+    )
+    protocol: Literal[5, 4] = Field(5, description="MQTT 5, or 3.1.1 (4), to external brokers.")
+    service_username: str = Field("twin-service", description="The service's broker user.")
+    service_password: str | None = Field(
+        None, description="The service's broker password (generated for the built-in broker)."
+    )
+    lastseen_coalesce_seconds: float = Field(
+        5.0, ge=0, description="At most one lastSeen write per twin per this period."
+    )
     client_token_memory: int = Field(
         32, ge=0, description="Client tokens kept per twin for dedupe."
     )
-    max_inflight: int = Field(64, ge=1)
+    max_inflight: int = Field(64, ge=1, description="Device messages handled concurrently.")
     session_expiry_seconds: int = Field(
         7 * 24 * 3600,
         ge=60,
@@ -144,8 +158,10 @@ class ElasticsearchSettings(BaseModel):
 
 
 class StreamSettings(BaseModel):
-    journal_max_per_twin: int = Field(1000, ge=1)
-    journal_max_age_seconds: int = Field(7 * 24 * 3600, ge=60)
+    journal_max_per_twin: int = Field(1000, ge=1, description="Events kept per twin (at least).")
+    journal_max_age_seconds: int = Field(
+        7 * 24 * 3600, ge=60, description="Events older than this are removed."
+    )
     queue_size: int = Field(
         1000, ge=10, description="Messages buffered per WebSocket/SSE client before it is cut."
     )
@@ -163,15 +179,21 @@ class Settings(BaseSettings):
         env_prefix="TWIN_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    data_dir: Path = Path("./data")
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    default_namespace: str = "default"
-    store: Literal["sqlite", "mongodb"] = "sqlite"
-    mongodb_url: str | None = None
-    search: Literal["builtin", "elasticsearch"] = "builtin"
-    elasticsearch_url: str | None = None
+    data_dir: Path = Field(
+        Path("./data"), description="SQLite file, admin token, device credentials."
+    )
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    default_namespace: str = Field("default", description="Namespace of ids made by POST /twins.")
+    store: Literal["sqlite", "mongodb"] = Field("sqlite", description="Twin store.")
+    mongodb_url: str | None = Field(None, description="MongoDB URL (store=mongodb).")
+    search: Literal["builtin", "elasticsearch"] = Field("builtin", description="Search index.")
+    elasticsearch_url: str | None = Field(
+        None, description="Elasticsearch URL (search=elasticsearch)."
+    )
     mqtt_url: str | None = Field(None, description="External broker; unset = embedded broker.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
