@@ -155,6 +155,8 @@ class DeviceClient:
         await self.get()
 
     async def _on_delta(self, msg: InboundMessage) -> None:
+        if not msg.payload:
+            return  # the service cleared the retained delta: nothing left to apply
         body = _json(msg)
         if body is not None:
             self.deltas.put_nowait(body)
