@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-from search.rql.evaluator import present
 from search.rql.ordering import ARRAY, OBJECT
 from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path
 from twin_service.types import JSON, JSONObject
@@ -17,10 +16,13 @@ _INT64 = range(-(2**63), 2**63)
 
 def _flatten(node: JSON, path: str, in_array: int, out: list[Leaf]) -> None:
     if isinstance(node, dict):
-        if present(node):
-            out.append((path, OBJECT, None, in_array))
+        # An object is present exactly when something below it produced a row (scalars and
+        # arrays always do); deciding that bottom-up avoids re-walking every subtree.
+        before = len(out)
         for key, child in node.items():
             _flatten(child, f"{path}/{escape_key(key)}", in_array, out)
+        if len(out) > before:
+            out.insert(before, (path, OBJECT, None, in_array))
     elif isinstance(node, list):
         out.append((path, ARRAY, None, in_array))
         for element in node:
