@@ -4,6 +4,11 @@ Live delivery is driven by the journal, not by in-memory callbacks: a single tai
 process reads ``events_after(last)`` whenever it is poked (a local commit or a bus notice)
 and at least every poll interval, so every subscriber sees every event once, in sequence
 order, whichever process committed it.
+
+Fan-out goes through one :class:`SubscriptionIndex` shared by every session of the process:
+an event is offered only to the subscriptions it may concern, as one :class:`EventFrame`
+whose encodings they share. The tailer yields the event loop every couple of milliseconds
+of work so that HTTP requests and socket writes keep flowing during a large batch.
 """
 
 from __future__ import annotations
@@ -11,10 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol
 
 from twin_service.store.base import StoredEvent, TwinStore
+from twin_service.streams.messages import EventFrame
+from twin_service.streams.routing import SubscriptionIndex
+from twin_service.streams.subscription import Subscription
 from twin_service.twin.document import Twin
 from twin_service.types import JSONObject
 
@@ -24,6 +34,16 @@ log = logging.getLogger(__name__)
 Sink = Callable[[StoredEvent, JSONObject | None, JSONObject | None], None]
 
 _BATCH = 500
+#: Longest stretch of fan-out work, in seconds, before the tailer lets other tasks run.
+_SLICE = 0.002
+
+
+class Receiver(Protocol):
+    """One subscription's delivery handle, filed in the hub's index; must not block."""
+
+    def receive(self, frame: EventFrame) -> None: ...
+
+    def __hash__(self) -> int: ...
 
 
 class StateCache:
@@ -62,11 +82,11 @@ class EventHub:
     def __init__(self, store: TwinStore, poll_interval: float = 1.0) -> None:
         self._store = store
         self._poll_interval = poll_interval
-        self._sinks: set[Sink] = set()
+        self._index: SubscriptionIndex[Receiver] = SubscriptionIndex()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cache = StateCache(store)
-        #: Highest sequence number delivered to the sinks.
+        #: Highest sequence number offered to the receivers.
         self.position = 0
 
     async def start(self) -> None:
@@ -84,13 +104,18 @@ class EventHub:
         if seq is None or seq > self.position:
             self._wake.set()
 
-    def add(self, sink: Sink) -> int:
-        """Register a sink; it receives every event after the returned position."""
-        self._sinks.add(sink)
+    def register(self, receiver: Receiver, subscription: Subscription) -> int:
+        """File a subscription; it is offered every event it may concern after the returned
+        position (events are offered between awaits, never during this call)."""
+        self._index.add(receiver, subscription)
         return self.position
 
-    def remove(self, sink: Sink) -> None:
-        self._sinks.discard(sink)
+    def unregister(self, receiver: Receiver) -> None:
+        self._index.remove(receiver)
+
+    @property
+    def subscriptions(self) -> int:
+        return len(self._index)
 
     async def _run(self) -> None:
         while True:
@@ -104,6 +129,7 @@ class EventHub:
                 await asyncio.sleep(self._poll_interval)
 
     async def _drain(self) -> None:
+        slice_start = time.perf_counter()
         while True:
             batch = await self._store.events_after(self.position, _BATCH)
             if not batch:
@@ -113,13 +139,22 @@ class EventHub:
                 after = document_after(stored)
                 self._cache.remember(stored, after)
                 self.position = stored.seq
-                for sink in list(self._sinks):
-                    try:
-                        sink(stored, before, after)
-                    except Exception:
-                        log.exception("event sink failed")
+                self._fan_out(EventFrame(stored, before, after))
+                # Between two events every receiver has seen everything up to `position`,
+                # so a subscription registered while we yield starts exactly there.
+                if time.perf_counter() - slice_start >= _SLICE:
+                    await asyncio.sleep(0)
+                    slice_start = time.perf_counter()
             if len(batch) < _BATCH:
                 return
+
+    def _fan_out(self, frame: EventFrame) -> None:
+        twin_id = frame.stored.event.twin_id
+        for receiver in self._index.candidates(twin_id, frame.before, frame.after):
+            try:
+                receiver.receive(frame)
+            except Exception:
+                log.exception("event receiver failed")
 
 
 async def replay(store: TwinStore, since: int, until: int, sink: Sink, batch: int = _BATCH) -> None:

@@ -4,6 +4,10 @@ Resume without gap or duplicate: a subscription with ``since`` is registered wit
 first (live events are held back), then the journal is replayed up to the hub's position at
 registration, then the held-back live events are released. A consumer that falls more than
 ``queue_size`` messages behind is cut off (``overflowed``) and resumes with ``since``.
+
+Each subscription is filed in the hub's shared index (on subscribe; removed on unsubscribe and
+close), so the hub offers it only the events it may concern. Messages are queued ready to
+send (:class:`Outgoing`), composed from the parts the event's frame encoded once.
 """
 
 from __future__ import annotations
@@ -15,17 +19,22 @@ from dataclasses import dataclass, field
 from twin_service.auth import Principal
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.hub import EventHub, replay
+from twin_service.streams.messages import EventFrame, Outgoing
 from twin_service.streams.subscription import Subscription
 from twin_service.types import JSONObject
 
-Item = tuple[StoredEvent, JSONObject | None, JSONObject | None]
 
-
-@dataclass
+@dataclass(eq=False)
 class _Active:
+    """One subscription of a session: the hub's receiver for it (hashed by identity)."""
+
+    session: StreamSession
     subscription: Subscription
     replaying: bool = False
-    held: list[Item] = field(default_factory=list)
+    held: list[EventFrame] = field(default_factory=list)
+
+    def receive(self, frame: EventFrame) -> None:
+        self.session._receive(self, frame)
 
 
 class StreamSession:
@@ -36,31 +45,37 @@ class StreamSession:
         self._store = store
         self._principal = principal
         self._queue_size = queue_size
-        self._outbox: deque[JSONObject] = deque()
+        self._outbox: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
         self._subs: dict[str, _Active] = {}
         self.overflowed = False
         #: Highest sequence number handed to the client, for the resume hint.
         self.delivered_seq = 0
-        hub.add(self._on_event)
+        self._closed = False
 
     def close(self) -> None:
-        self._hub.remove(self._on_event)
+        self._closed = True
+        for active in self._subs.values():
+            self._hub.unregister(active)
         self._subs.clear()
 
     # -- outbox ----------------------------------------------------------------------------
 
     def send(self, message: JSONObject) -> None:
+        """Queue a control message (subscribed, response, error...)."""
+        self._push(Outgoing.of(message))
+
+    def _push(self, item: Outgoing) -> None:
         if self.overflowed:
             return
         if len(self._outbox) >= self._queue_size:
             self.overflowed = True
             self._outbox.clear()
         else:
-            self._outbox.append(message)
+            self._outbox.append(item)
         self._ready.set()
 
-    async def next(self) -> JSONObject | None:
+    async def next(self) -> Outgoing | None:
         """The next message to send; ``None`` once the consumer overflowed."""
         while not self._outbox:
             if self.overflowed:
@@ -69,11 +84,10 @@ class StreamSession:
             await self._ready.wait()
         if self.overflowed:
             return None
-        message = self._outbox.popleft()
-        seq = message.get("seq")
-        if isinstance(seq, int) and message.get("type") in ("event", "left"):
-            self.delivered_seq = max(self.delivered_seq, seq)
-        return message
+        item = self._outbox.popleft()
+        if item.advances_resume and item.seq is not None:
+            self.delivered_seq = max(self.delivered_seq, item.seq)
+        return item
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -82,14 +96,14 @@ class StreamSession:
             from twin_service.errors import BadRequest
 
             raise BadRequest(f"Subscription {subscription.id!r} already exists.")
-        active = _Active(subscription, replaying=since is not None)
+        if self._closed:
+            return  # a late message of a closed connection: filing it would leak
+        active = _Active(self, subscription, replaying=since is not None)
         self._subs[subscription.id] = active
-        position = self._hub.position
+        position = self._hub.register(active, subscription)
         if since is not None:
             pruned = await self._store.pruned_seq()
             if since < pruned:
-                active.replaying = False
-                active.held.clear()
                 self.send(
                     {
                         "type": "resync.required",
@@ -97,11 +111,12 @@ class StreamSession:
                         "seq": position,
                         "message": (
                             f"The journal no longer holds every event after {since} (events "
-                            f"up to {pruned} were removed): reload the twins, then subscribe "
-                            f"with since={position}."
+                            f"up to {pruned} were removed): reload the twins; this "
+                            f"subscription goes on live after seq {position}."
                         ),
                     }
                 )
+                self._release(active, position)
                 return
         self.send({"type": "subscribed", "subscription": subscription.id, "seq": position})
         if since is None or since >= position:
@@ -111,52 +126,45 @@ class StreamSession:
         def emit_replayed(
             stored: StoredEvent, before: JSONObject | None, after: JSONObject | None
         ) -> None:
-            self._deliver(active.subscription, stored, before, after)
+            self._deliver(active.subscription, EventFrame(stored, before, after))
 
         try:
             await replay(self._store, since, position, emit_replayed)
         finally:
-            held, active.held = active.held, []
-            active.replaying = False
-            for stored, before, after in held:
-                if stored.seq > position:
-                    self._deliver(active.subscription, stored, before, after)
+            self._release(active, position)
+
+    def _release(self, active: _Active, position: int) -> None:
+        """Go live: deliver the events held back while replaying, after ``position``."""
+        held, active.held = active.held, []
+        active.replaying = False
+        for frame in held:
+            if frame.stored.seq > position:
+                self._deliver(active.subscription, frame)
 
     def unsubscribe(self, subscription_id: str) -> bool:
-        return self._subs.pop(subscription_id, None) is not None
+        active = self._subs.pop(subscription_id, None)
+        if active is None:
+            return False
+        self._hub.unregister(active)
+        return True
 
-    def _on_event(
-        self, stored: StoredEvent, before: JSONObject | None, after: JSONObject | None
-    ) -> None:
-        for active in list(self._subs.values()):
-            if active.replaying:
-                if len(active.held) >= self._queue_size:
-                    self.overflowed = True
-                    self._ready.set()
-                    return
-                active.held.append((stored, before, after))
-            else:
-                self._deliver(active.subscription, stored, before, after)
+    def _receive(self, active: _Active, frame: EventFrame) -> None:
+        if self.overflowed:
+            return  # the writer is closing this session; spare the work
+        if active.replaying:
+            if len(active.held) >= self._queue_size:
+                self.overflowed = True
+                self._ready.set()
+                return
+            active.held.append(frame)
+        else:
+            self._deliver(active.subscription, frame)
 
-    def _deliver(
-        self,
-        subscription: Subscription,
-        stored: StoredEvent,
-        before: JSONObject | None,
-        after: JSONObject | None,
-    ) -> None:
-        event = stored.event
+    def _deliver(self, subscription: Subscription, frame: EventFrame) -> None:
+        event = frame.stored.event
         if not self._principal.may_see(event.twin_id.partition(":")[0]):
             return
-        outcome = subscription.classify(event, before, after)
+        outcome = subscription.classify(event, frame.before, frame.after)
         if outcome is None:
             return
-        message: JSONObject = {
-            "type": outcome,
-            "subscription": subscription.id,
-            "seq": stored.seq,
-            "event": event.to_json(),
-        }
-        if outcome == "event":
-            message["twin"] = subscription.view(after)
-        self.send(message)
+        self._push(frame.message(outcome, subscription))

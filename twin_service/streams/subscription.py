@@ -8,6 +8,7 @@ itself), so a client-side view of "twins matching F" stays exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from search.rql.ast import Filter
@@ -15,9 +16,12 @@ from search.rql.evaluator import matches
 from twin_service.errors import BadRequest
 from twin_service.twin.document import ChangeEvent
 from twin_service.twin.fields import select
+from twin_service.twin.jsonvalue import dumps
 from twin_service.types import JSONObject
 
 Outcome = Literal["event", "left"] | None
+#: A ``fields`` selection as a dictionary key (``None``: the whole document).
+FieldsKey = tuple[tuple[str, ...], ...] | None
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,16 @@ class Subscription:
     namespaces: frozenset[str] | None = None
     twins: frozenset[str] | None = None
     fields: list[list[str]] | None = None
+
+    @cached_property
+    def id_json(self) -> str:
+        """The id as JSON text, for messages composed from pre-encoded parts."""
+        return dumps(self.id)
+
+    @cached_property
+    def fields_key(self) -> FieldsKey:
+        """The ``fields`` selection as a hashable key: equal keys give equal views."""
+        return None if self.fields is None else tuple(tuple(path) for path in self.fields)
 
     def in_scope(self, twin_id: str) -> bool:
         if self.twins is not None and twin_id not in self.twins:

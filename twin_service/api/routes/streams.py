@@ -178,12 +178,12 @@ async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Principa
 
 async def _write_loop(websocket: WebSocket, session: StreamSession) -> None:
     while True:
-        message = await session.next()
-        if message is None:
+        item = await session.next()
+        if item is None:
             reason = f"slow consumer: resume with since={session.delivered_seq}"
             await websocket.close(CLOSE_SLOW_CONSUMER, reason)
             return
-        await websocket.send_text(dumps(message))
+        await websocket.send_text(item.text)
 
 
 async def _handle(ctx: AppContext, principal: Principal, session: StreamSession, raw: str) -> None:
@@ -281,11 +281,10 @@ async def sse(
                         + "\n\n"
                     )
                     return
-                kind = item["type"]
-                if kind in ("event", "left"):
-                    yield f"id: {item['seq']}\nevent: {kind}\ndata: {dumps(item)}\n\n"
+                if item.advances_resume:
+                    yield f"id: {item.seq}\nevent: {item.kind}\ndata: {item.text}\n\n"
                 else:
-                    yield f"event: {kind}\ndata: {dumps(item)}\n\n"
+                    yield f"event: {item.kind}\ndata: {item.text}\n\n"
         finally:
             session.close()
 
