@@ -24,11 +24,20 @@ def test_pending_applied_expired_and_search(api: httpx.Client) -> None:
     ).json()
     assert reported["lifecycle"]["fan/speed"]["state"] == "applied"
     assert reported["delta"] == {"led": "blue"}
-    time.sleep(0.4)
-    # Expiry is evaluated when the twin is next written.
-    api.put(f"/api/v1/twins/{twin}/attributes/touched", json=True)
-    lifecycle = api.get(f"/api/v1/twins/{twin}/lifecycle").json()
-    assert lifecycle["led"]["state"] == "expired"
+    # The sweeper commits the expiry when it falls due, without any other write.
+    revision = api.get(f"/api/v1/twins/{twin}").json()["revision"]
+    for _ in range(100):
+        time.sleep(0.05)
+        doc = api.get(f"/api/v1/twins/{twin}").json()
+        if doc["lifecycle"]["led"]["state"] == "expired":
+            break
+    assert doc["lifecycle"]["led"]["state"] == "expired"
+    assert doc["revision"] == revision + 1
+    history = api.get(f"/api/v1/twins/{twin}/history", params={"since": revision + 1}).json()
+    assert history["items"][0]["origin"] == "system"
+    changes = history["items"][0]["changes"]
+    assert set(changes) == {"lifecycle"}
+    assert changes["lifecycle"]["led"]["state"] == "expired"
     found = api.get(
         "/api/v1/search/twins",
         params={"filter": 'eq(lifecycle/led/state,"expired")', "namespaces": "org.acme"},

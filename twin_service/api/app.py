@@ -121,8 +121,10 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def _components(settings: Settings) -> list[Component]:
-    """Background components started with the app (MQTT bridge, event bus...)."""
-    components: list[Component] = []
+    """Background components started with the app (MQTT bridge, expiry sweeper...)."""
+    from twin_service.expiry import ExpirySweeper
+
+    components: list[Component] = [ExpirySweeper()]
     if settings.mqtt.enabled:
         from connectivity.sync import MqttSync
 

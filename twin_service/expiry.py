@@ -1,0 +1,120 @@
+"""Marks desired values whose time to live ran out as ``expired`` when they fall due.
+
+Without this, an overdue ``pending`` entry would only turn ``expired`` at the twin's next
+write. The sweeper learns due times from every committed twin (and, at start-up, from a scan
+of the store), sleeps until the earliest, then commits the expiry as a ``system`` change.
+Every replica may sweep: the compare-and-set and the "is anything due" check make a second
+sweeper of the same twin a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from twin_service.api.context import AppContext
+from twin_service.errors import TwinServiceError
+from twin_service.store.base import StoredEvent
+from twin_service.twin.document import Twin, now_iso
+from twin_service.twin.lifecycle import expire_due, next_expiry
+from twin_service.twin.operations import Edit
+
+log = logging.getLogger(__name__)
+
+SCAN_PAGE = 500
+IDLE_WAIT = 3600.0
+
+
+class _NothingDue(Exception):
+    """The twin has no overdue entry (any more): nothing to commit."""
+
+
+class ExpirySweeper:
+    def __init__(self) -> None:
+        self._due: list[tuple[str, str]] = []  # (expires ISO, twin id), a heap
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ctx: AppContext | None = None
+        self.expired = 0
+
+    async def start(self, ctx: AppContext) -> None:
+        self._ctx = ctx
+        ctx.service.add_listener(self._on_commit)
+        self._tasks = [
+            asyncio.create_task(self._run(), name="expiry-sweeper"),
+            asyncio.create_task(self._scan(), name="expiry-scan"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def watch(self, twin: Twin) -> None:
+        expires = next_expiry(twin.lifecycle)
+        if expires is not None:
+            heapq.heappush(self._due, (expires, twin.twin_id))
+            self._wake.set()
+
+    async def _on_commit(self, _stored: StoredEvent, twin: Twin | None) -> None:
+        if twin is not None:
+            self.watch(twin)
+
+    async def _scan(self) -> None:
+        assert self._ctx is not None
+        after: str | None = None
+        while True:
+            try:
+                twins = await self._ctx.store.scan(after, SCAN_PAGE)
+            except TwinServiceError as exc:
+                log.warning("expiry scan paused: %s", exc.message)
+                await asyncio.sleep(5)
+                continue
+            if not twins:
+                return
+            for twin in twins:
+                self.watch(twin)
+            after = twins[-1].twin_id
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            wait = IDLE_WAIT
+            if self._due:
+                due_at = datetime.fromisoformat(self._due[0][0].replace("Z", "+00:00"))
+                wait = max(0.0, (due_at - datetime.now(UTC)).total_seconds())
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                continue
+            now = now_iso()
+            while self._due and self._due[0][0] <= now:
+                _, twin_id = heapq.heappop(self._due)
+                await self._expire(twin_id)
+
+    async def _expire(self, twin_id: str) -> None:
+        assert self._ctx is not None
+        moment = datetime.now(UTC)
+
+        def edit(twin: Twin | None) -> Edit:
+            if twin is None or expire_due(twin.lifecycle, moment) is None:
+                raise _NothingDue
+            return Edit(values={}, written={})
+
+        def amend(twin: Twin | None, _edit: Edit) -> dict[str, Any]:
+            assert twin is not None
+            return {"lifecycle": expire_due(twin.lifecycle, moment)}
+
+        try:
+            await self._ctx.service.mutate(twin_id, edit, origin="system", amend=amend)
+            self.expired += 1
+        except _NothingDue:
+            pass
+        except TwinServiceError as exc:
+            log.warning("could not expire desired values of %s: %s", twin_id, exc.message)
