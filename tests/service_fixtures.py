@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,10 +13,27 @@ import pytest
 from tests.service_process import ServiceProcess
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """One service per test module on the embedded defaults (SQLite, built-in search)."""
-    proc = ServiceProcess(tmp_path_factory.mktemp("svc")).start()
+def mongodb_env(url: str, database: str) -> dict[str, str]:
+    """The settings of a service on the MongoDB store."""
+    return {
+        "TWIN_STORE": "mongodb",
+        "TWIN_MONGODB_URL": url,
+        "TWIN_MONGODB__DATABASE": database,
+    }
+
+
+@pytest.fixture(scope="module", params=["sqlite", "mongodb"])
+def service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """One service per test module and store: the embedded defaults (SQLite, built-in
+    search), then the MongoDB store on the session's FerretDB (a database per module)."""
+    env: dict[str, str] = {}
+    if request.param == "mongodb":
+        server = request.getfixturevalue("ferretdb_server")
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", request.module.__name__.rsplit(".", 1)[-1])[:40]
+        env = mongodb_env(server.url, f"svc_{stem}_{uuid.uuid4().hex[:8]}")
+    proc = ServiceProcess(tmp_path_factory.mktemp("svc"), env=env).start()
     try:
         yield proc
     finally:

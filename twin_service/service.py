@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from twin_service.errors import Conflict, NotFound, PreconditionFailed, TwinServiceError
 from twin_service.store.base import RevisionConflict, StoredEvent, TwinStore, Write
-from twin_service.twin.document import ChangeEvent, Twin, apply_change, deletion_event, now_iso
+from twin_service.twin.document import (
+    ChangeEvent,
+    Twin,
+    apply_change,
+    deletion_event,
+    now_iso,
+    validate_writable,
+)
 from twin_service.twin.ids import parse_twin_id
 from twin_service.twin.jsonvalue import Limits
 from twin_service.twin.lifecycle import lifecycle_amend
@@ -174,6 +181,8 @@ class TwinService:
             if current is None:
                 raise NotFound(f"Twin {twin_id} does not exist.")
             return None, deletion_event(current, timestamp=timestamp, origin=origin)
+        # Validate before the amend hook, which reads the new sections.
+        validate_writable(change.values, self.limits, current)
         extra = amend(current, change) if amend else {}
         return apply_change(
             current,

@@ -171,8 +171,11 @@ OPERATOR_CASES: list[tuple[str, list[str]]] = [
     ("exists(delta/fan/speed)", ["t2"]),
     ("eq(delta/fan/speed,4)", ["t2"]),
     ("eq(delta/fan/speed,3)", []),
-    ("exists(lifecycle)", []),
-    ("not(exists(lifecycle))", ALL),
+    # every desired write keeps the lifecycle: t2's pending fan speed is the only entry
+    ("exists(lifecycle)", ["t2"]),
+    ("not(exists(lifecycle))", ["t1", "t3", "t4", "t5"]),
+    ('eq(lifecycle/fan~1speed/state,"pending")', ["t2"]),
+    ("eq(lifecycle/fan~1speed/desiredVersion,1)", ["t2"]),
     # and / or / not
     ('and(eq(attributes/site,"plant1"),gt(reported/temp,10))', ["t1"]),
     ('and(eq(attributes/site,"plant1"),gt(reported/temp,25))', []),

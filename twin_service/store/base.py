@@ -112,7 +112,8 @@ class TwinStore(Protocol):
         """The lowest sequence number still journaled (0 when the journal is empty)."""
 
     async def last_seq(self) -> int:
-        """The highest sequence number committed so far (0 when nothing was written)."""
+        """The highest sequence number up to which the journal is complete (every lower
+        event is readable); 0 when nothing was written."""
 
     # -- external index outbox (only kept when the store was opened with outbox=True) -----
 

@@ -1,0 +1,61 @@
+"""The ``store_factory`` fixture: every store implementation, on a real database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from twin_service.settings import Settings, StreamSettings
+from twin_service.store.base import TwinStore
+
+#: ``make(stream=..., outbox=...)`` opens another store on the same database.
+StoreFactory = Callable[..., Awaitable[TwinStore]]
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+async def store_factory(
+    request: pytest.FixtureRequest, tmp_path: Path, unique_name: str
+) -> AsyncIterator[StoreFactory]:
+    """Opens stores sharing one database (like replicas); all closed after the test."""
+    opened: list[TwinStore] = []
+    url = None
+    if request.param == "mongodb":
+        url = request.getfixturevalue("ferretdb_server").url
+
+    async def make(
+        stream: StreamSettings | None = None, outbox: bool = False, **mongo: Any
+    ) -> TwinStore:
+        store: TwinStore
+        if request.param == "sqlite":
+            from twin_service.store.sqlite import SqliteStore
+
+            settings = Settings(data_dir=tmp_path)
+            store = SqliteStore(
+                tmp_path / "twins.sqlite3",
+                settings.sqlite,
+                stream or StreamSettings(),
+                outbox=outbox,
+            )
+        else:
+            from twin_service.store.mongodb import MongoStore
+
+            settings = Settings(
+                data_dir=tmp_path,
+                store="mongodb",
+                mongodb_url=url,
+                search="elasticsearch" if outbox else "builtin",
+                elasticsearch_url="http://127.0.0.1:9" if outbox else None,
+                mongodb={"database": unique_name, "gap_timeout_seconds": 2.0, **mongo},
+                stream=stream or StreamSettings(),
+            )
+            store = MongoStore(settings)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()

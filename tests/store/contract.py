@@ -1,0 +1,289 @@
+"""The one contract every :class:`twin_service.store.base.TwinStore` keeps.
+
+Subclass :class:`StoreContract` in a test module and provide a ``store_factory`` fixture
+(``await make(stream=..., outbox=...)`` opens a store; several stores from one factory share
+one database, like replicas do). ``tests/store/conftest.py`` provides it for SQLite and for
+MongoDB on FerretDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from search.rql import SearchQuery, parse_filter
+from twin_service.settings import StreamSettings
+from twin_service.store.base import IndexTask, RevisionConflict, TwinStore, Write
+from twin_service.twin.document import ChangeEvent, Twin, apply_change, deletion_event, now_iso
+from twin_service.twin.jsonvalue import Limits
+from twin_service.types import JSONObject
+
+StoreFactory = Callable[..., Awaitable[TwinStore]]
+
+
+def change(current: Twin | None, twin_id: str, values: JSONObject, **kwargs: Any) -> Write:
+    """The write that applies ``values`` (whole sections) to ``current``."""
+    new, event = apply_change(
+        current,
+        twin_id=twin_id,
+        namespace=twin_id.split(":")[0],
+        values=values,
+        written={name: None for name in values},
+        timestamp=kwargs.pop("timestamp", now_iso()),
+        origin="test",
+        limits=Limits(),
+    )
+    return Write(twin_id, current.revision if current else 0, new, event)
+
+
+def deletion(current: Twin) -> Write:
+    return Write(
+        current.twin_id,
+        current.revision,
+        None,
+        deletion_event(current, timestamp=now_iso(), origin="test"),
+    )
+
+
+async def mutate(store: TwinStore, twin_id: str, key: str) -> int:
+    """Add ``desired[key]`` with compare-and-set, retrying on conflicts like the service."""
+    for _ in range(500):
+        current = await store.get(twin_id)
+        desired = dict(current.desired) if current else {}
+        desired[key] = key
+        try:
+            return await store.write(change(current, twin_id, {"desired": desired}))
+        except RevisionConflict:
+            await asyncio.sleep(random.uniform(0, 0.01))
+    raise AssertionError("never won the compare-and-set")
+
+
+async def all_events(store: TwinStore) -> list[tuple[int, ChangeEvent]]:
+    out: list[tuple[int, ChangeEvent]] = []
+    position = 0
+    for _ in range(1000):
+        batch = await store.events_after(position, 50)
+        if not batch:
+            return out
+        out.extend((e.seq, e.event) for e in batch)
+        position = batch[-1].seq
+    raise AssertionError("journal never ended")
+
+
+class StoreContract:
+    async def test_create_update_delete_with_compare_and_set(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = await store_factory()
+        tid = "org.acme:cas"
+        assert await store.get(tid) is None
+        first = change(None, tid, {"attributes": {"a": 1}})
+        seq1 = await store.write(first)
+        assert seq1 > 0
+        created = await store.get(tid)
+        assert created == first.twin
+        with pytest.raises(RevisionConflict):
+            await store.write(change(None, tid, {"attributes": {"a": 2}}))
+        second = change(created, tid, {"attributes": {"a": 2}})
+        seq2 = await store.write(second)
+        assert seq2 > seq1
+        with pytest.raises(RevisionConflict):
+            await store.write(change(created, tid, {"attributes": {"a": 3}}))
+        current = await store.get(tid)
+        assert current is not None and current.revision == 2 and current.attributes == {"a": 2}
+        with pytest.raises(RevisionConflict):
+            await store.write(deletion(created))
+        seq3 = await store.write(deletion(current))
+        assert seq3 > seq2
+        assert await store.get(tid) is None
+        assert await store.get_many([tid]) == []
+        with pytest.raises(RevisionConflict):
+            await store.write(deletion(current))
+
+    async def test_get_many_keeps_the_requested_order(self, store_factory: StoreFactory) -> None:
+        store = await store_factory()
+        ids = [f"org.acme:m{i}" for i in range(5)]
+        for tid in ids:
+            await store.write(change(None, tid, {"attributes": {"i": tid}}))
+        wanted = [ids[3], "org.acme:missing", ids[0], ids[4]]
+        assert [t.twin_id for t in await store.get_many(wanted)] == [ids[3], ids[0], ids[4]]
+        assert await store.get_many([]) == []
+
+    async def test_concurrent_writers_on_two_stores_lose_nothing(
+        self, store_factory: StoreFactory
+    ) -> None:
+        one, two = await store_factory(), await store_factory()
+        tid = "org.acme:hot"
+        await one.write(change(None, tid, {"desired": {}}))
+        keys = [f"k{i}" for i in range(40)]
+        seqs = await asyncio.gather(
+            *(mutate(one if i % 2 else two, tid, key) for i, key in enumerate(keys))
+        )
+        assert len(set(seqs)) == len(keys)
+        for store in (one, two):
+            twin = await store.get(tid)
+            assert twin is not None and twin.revision == len(keys) + 1
+            assert twin.desired == {key: key for key in keys}
+        history = await one.history(tid, 1, None)
+        assert [e.event.revision for e in history] == list(range(1, len(keys) + 2))
+        assert [e.seq for e in history] == sorted(e.seq for e in history)
+
+    async def test_every_event_exactly_once_in_increasing_seq(
+        self, store_factory: StoreFactory
+    ) -> None:
+        one, two = await store_factory(), await store_factory()
+        ids = [f"org.acme:e{i}" for i in range(6)]
+        await asyncio.gather(
+            *(mutate(one if i % 2 else two, ids[i % 6], f"k{i}") for i in range(48))
+        )
+        events = await all_events(one)
+        seqs = [seq for seq, _ in events]
+        assert seqs == sorted(set(seqs))
+        assert len(events) == 48
+        for tid in ids:
+            revisions = [e.revision for _, e in events if e.twin_id == tid]
+            assert revisions == list(range(1, 9))
+        assert await one.last_seq() == seqs[-1]
+        assert await two.last_seq() == seqs[-1]
+        assert 0 < await one.oldest_seq() <= seqs[0]
+        middle = seqs[20]
+        after = await two.events_after(middle, 5)
+        assert [e.seq for e in after] == seqs[21:26]
+        assert all(e.state is not None for e in after)
+
+    async def test_empty_journal(self, store_factory: StoreFactory) -> None:
+        store = await store_factory()
+        assert await store.last_seq() == 0
+        assert await store.oldest_seq() == 0
+        assert await store.events_after(0, 10) == []
+        assert await store.pruned_seq() == 0
+
+    async def test_history_and_twin_at(self, store_factory: StoreFactory) -> None:
+        store = await store_factory()
+        tid = "org.acme:hist"
+        twin = None
+        for i in range(5):
+            await store.write(change(twin, tid, {"reported": {"n": i}}))
+            twin = await store.get(tid)
+        history = await store.history(tid, 2, 4)
+        assert [e.event.revision for e in history] == [2, 3, 4]
+        assert history[0].event.changes == {"reported": {"n": 1}}
+        assert [e.event.revision for e in await store.history(tid, 4, None)] == [4, 5]
+        at3 = await store.twin_at(tid, 3)
+        assert at3 is not None and at3.revision == 3 and at3.reported == {"n": 2}
+        assert await store.twin_at(tid, 9) is None
+
+    async def test_delete_and_recreate_restarts_revisions(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = await store_factory(outbox=True)
+        tid = "org.acme:phoenix"
+        await store.write(change(None, tid, {"attributes": {"life": 1}}))
+        old = await store.get(tid)
+        assert old is not None
+        await store.write(change(old, tid, {"attributes": {"life": 1.5}}))
+        old = await store.get(tid)
+        assert old is not None
+        deleted_seq = await store.write(deletion(old))
+        (task,) = await store.pending_index(10)
+        assert task == IndexTask(tid, deleted_seq, None)
+        reborn = change(None, tid, {"attributes": {"life": 2}})
+        reborn_seq = await store.write(reborn)
+        assert reborn_seq > deleted_seq
+        twin = await store.get(tid)
+        assert twin is not None and twin.revision == 1 and twin.attributes == {"life": 2}
+        events = [e for _, e in await all_events(store) if e.twin_id == tid]
+        assert [(e.revision, e.action) for e in events] == [
+            (1, "created"),
+            (2, "modified"),
+            (3, "deleted"),
+            (1, "created"),
+        ]
+        (task,) = await store.pending_index(10)
+        assert task.seq == reborn_seq and task.twin == twin
+        at1 = await store.twin_at(tid, 1)
+        assert at1 is not None and at1.attributes == {"life": 2}
+
+    async def test_retention_per_twin(self, store_factory: StoreFactory) -> None:
+        store = await store_factory(stream=StreamSettings(journal_max_per_twin=3))
+        tid = "org.acme:short"
+        twin = None
+        for i in range(140):
+            await store.write(change(twin, tid, {"reported": {"n": i}}))
+            twin = await store.get(tid)
+        revisions = [e.event.revision for e in await store.history(tid, 1, None)]
+        assert revisions[-3:] == [138, 139, 140]
+        assert len(revisions) < 140 and revisions[0] > 1
+        assert await store.pruned_seq() > 0
+        assert await store.oldest_seq() > 1
+
+    async def test_retention_by_age(self, store_factory: StoreFactory) -> None:
+        stream = StreamSettings(journal_max_age_seconds=60)
+        store = await store_factory(stream=stream)
+        old = change(None, "org.acme:old", {"attributes": {}}, timestamp="2000-01-01T00:00:00.000Z")
+        old_seq = await store.write(old)
+        await store.close()
+        again = await store_factory(stream=stream)
+        await again.write(change(None, "org.acme:new", {"attributes": {}}))
+        await again.last_seq()  # lets a store that prunes in the background catch up
+        reopened = await store_factory(stream=stream)
+        await reopened.write(change(None, "org.acme:newer", {"attributes": {}}))
+        seqs = [seq for seq, _ in await all_events(reopened)]
+        assert old_seq not in seqs and len(seqs) == 2
+        assert await reopened.pruned_seq() >= old_seq
+
+    async def test_index_outbox(self, store_factory: StoreFactory) -> None:
+        store = await store_factory(outbox=True)
+        assert await store.index_backlog() == (0, None)
+        a, b = "org.acme:ox-a", "org.acme:ox-b"
+        seq_a = await store.write(change(None, a, {"attributes": {"x": 1}}))
+        seq_b = await store.write(change(None, b, {"attributes": {"x": 2}}))
+        tasks = await store.pending_index(10)
+        assert [(t.twin_id, t.seq) for t in tasks] == [(a, seq_a), (b, seq_b)]
+        assert await store.index_backlog() == (2, seq_a)
+        twin_a = await store.get(a)
+        seq_a2 = await store.write(change(twin_a, a, {"attributes": {"x": 3}}))
+        await store.mark_indexed(tasks)  # a was written again since: it stays pending
+        (left,) = await store.pending_index(10)
+        assert left.twin_id == a and left.seq == seq_a2 and left.twin is not None
+        assert left.twin.attributes == {"x": 3}
+        await store.mark_indexed([left])
+        assert await store.pending_index(10) == []
+        assert await store.index_backlog() == (0, None)
+
+    async def test_search_and_count(self, store_factory: StoreFactory) -> None:
+        store = await store_factory()
+        for i in range(7):
+            await store.write(change(None, f"org.s:t{i}", {"attributes": {"n": i % 3}}))
+        query = SearchQuery(filter=parse_filter("ge(attributes/n,1)"), size=2)
+        assert await store.count(query) == 4
+        seen: list[str] = []
+        while True:
+            twins, cursor = await store.search(query)
+            seen.extend(t.twin_id for t in twins)
+            if cursor is None:
+                break
+            query = SearchQuery(query.filter, query.sort, query.size, cursor)
+        assert seen == ["org.s:t1", "org.s:t2", "org.s:t4", "org.s:t5"]
+        twin = await store.get("org.s:t1")
+        assert twin is not None
+        await store.write(deletion(twin))
+        assert await store.count(SearchQuery(filter=parse_filter("ge(attributes/n,1)"))) == 3
+
+    async def test_scan_and_twin_count(self, store_factory: StoreFactory) -> None:
+        store = await store_factory()
+        ids = [f"org.scan:t{i}" for i in (3, 1, 4, 0, 2)]
+        for tid in ids:
+            await store.write(change(None, tid, {}))
+        gone = await store.get("org.scan:t4")
+        assert gone is not None
+        await store.write(deletion(gone))
+        assert await store.twin_count() == 4
+        first = await store.scan(None, 3)
+        assert [t.twin_id for t in first] == ["org.scan:t0", "org.scan:t1", "org.scan:t2"]
+        rest = await store.scan(first[-1].twin_id, 3)
+        assert [t.twin_id for t in rest] == ["org.scan:t3"]

@@ -1,0 +1,489 @@
+"""The scale-out store: MongoDB (or a MongoDB-wire server) through PyMongo's asyncio API.
+
+One document per twin in ``twins``: ``_id`` (twin id), ``ns``, ``rev`` (0 for a deleted twin,
+kept as a tombstone while it still holds work), ``doc`` (the stored twin as a JSON string,
+because twins may hold keys with ``.`` or ``$`` that FerretDB refuses), the search fields
+``e`` and ``k`` (:mod:`search.mongodb`), ``ev`` (change events not yet journaled) and ``ix``
+(the seq the external search index has yet to take). Every write is one ``update_one``
+filtered on ``rev`` (compare-and-set; ``upsert`` with the unique ``_id`` for creation), so
+replicas never lose an update and the twin, its search fields and its change event commit
+together. The journal and its sequence numbers are in :mod:`twin_service.store.mongodb_journal`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import pymongo
+from pymongo import AsyncMongoClient, IndexModel, ReadPreference, WriteConcern
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from search import mongodb as mongo_index
+from twin_service.errors import Unavailable
+from twin_service.settings import Settings
+from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write
+from twin_service.store.mongodb_journal import (
+    Allocator,
+    InsertAllocator,
+    Journal,
+    Pending,
+    SeqAllocator,
+)
+from twin_service.twin.document import Twin
+from twin_service.twin.jsonvalue import dumps
+
+if TYPE_CHECKING:
+    from search.rql.query import SearchQuery
+
+log = logging.getLogger(__name__)
+
+Collection = AsyncCollection[dict[str, Any]]
+
+_READ_PREFERENCES = {
+    "primary": ReadPreference.PRIMARY,
+    "primaryPreferred": ReadPreference.PRIMARY_PREFERRED,
+    "secondary": ReadPreference.SECONDARY,
+    "secondaryPreferred": ReadPreference.SECONDARY_PREFERRED,
+    "nearest": ReadPreference.NEAREST,
+}
+
+_TWIN_INDEXES = [
+    IndexModel([("ns", 1), ("_id", 1)], name="ns_id"),
+    IndexModel([("ev", 1)], name="pending_events"),
+    IndexModel([("ix", 1)], name="index_outbox"),
+    IndexModel([("rev", 1)], name="rev"),
+]
+_EVENT_INDEXES = [
+    IndexModel([("o", 1)], name="allocated_seq", unique=True),
+    IndexModel([("t", 1), ("r", 1)], name="twin_revision"),
+    IndexModel([("ts", 1)], name="timestamp"),
+]
+#: Answers filters on any path (MongoDB 4.2+; not created on FerretDB, see open()).
+_WILDCARD = IndexModel([("e.$**", 1)], name="search_values")
+
+
+def _twin(raw: dict[str, Any]) -> Twin:
+    return Twin.from_storage(json.loads(raw["doc"]))
+
+
+#: How long a revision committed by this process is trusted to reject stale writers.
+_KNOWN_REVISION_SECONDS = 1.0
+
+
+@dataclass
+class _CountedLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    #: The revision the last writer here committed, and when.
+    revision: int | None = None
+    since: float = 0.0
+
+
+class MongoStore:
+    """:class:`twin_service.store.base.TwinStore` on MongoDB."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.mongodb_url is None:
+            raise ValueError("MongoStore needs settings.mongodb_url")
+        self._url = settings.mongodb_url
+        self._settings = settings.mongodb
+        self._stream = settings.stream
+        self._outbox = settings.search != "builtin"
+        self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self._server = "mongodb"
+        self._locks: dict[str, _CountedLock] = {}
+        #: The allocation counter at the previous maintenance round: events still pending
+        #: below it were committed by writers that have had a whole round to journal them.
+        self._swept_since = 0
+        self._swept_below = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        mongo = self._settings
+        w: int | str = int(mongo.write_concern) if mongo.write_concern.isdigit() else "majority"
+        self._client = AsyncMongoClient(
+            self._url,
+            serverSelectionTimeoutMS=mongo.server_selection_timeout_ms,
+            maxPoolSize=mongo.max_pool_size,
+            tz_aware=False,
+        )
+        db = self._client.get_database(mongo.database, write_concern=WriteConcern(w=w))
+        # Compare-and-set reads and the journal always go to the primary: a stale read there
+        # would only cost retries, but the watermark must see the latest fences.
+        self._twins: Collection = db.get_collection("twins")
+        self._reads: Collection = db.get_collection(
+            "twins", read_preference=_READ_PREFERENCES[mongo.read_preference]
+        )
+        self._events: Collection = db.get_collection("events")
+        self._meta: Collection = db.get_collection("meta")
+        self._claims: Collection = db.get_collection("claims")
+        try:
+            info = await self._client.admin.command("buildInfo")
+            self._server = "ferretdb" if "ferretdbVersion" in info else "mongodb"
+            self._allocator: Allocator
+            if self._racy_updates:
+                self._allocator = InsertAllocator(db.get_collection("numbers"))
+            else:
+                self._allocator = SeqAllocator(self._meta)
+            self._journal = Journal(
+                self._events,
+                self._twins,
+                self._meta,
+                self._allocator,
+                mongo.gap_timeout_seconds,
+                pull=not self._racy_updates,
+            )
+            # One index per call: FerretDB 1.24 panics on a createIndexes of several indexes
+            # that all exist already (the second replica to start).
+            for model in _TWIN_INDEXES:
+                await self._twins.create_indexes([model])
+            for model in _EVENT_INDEXES:
+                await self._events.create_indexes([model])
+            if not self._racy_updates:
+                # FerretDB 1.x accepts a wildcard index but then fails every write to the
+                # collection ("bad JSON path"): searches there scan, which is correct.
+                await self._twins.create_indexes([_WILDCARD])
+            await self._maintain(prune=True)
+        except PyMongoError as exc:
+            await self._client.close()
+            raise Unavailable(f"The twin store cannot open MongoDB: {exc}") from exc
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintenance_loop())
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+
+    @property
+    def _racy_updates(self) -> bool:
+        """FerretDB 1.x applies an update as a read and a later write (not atomically)."""
+        return self._server == "ferretdb"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "mongodb", "server": self._server, "database": self._settings.database}
+
+    async def ping(self) -> None:
+        assert self._client is not None
+        try:
+            await self._client.admin.command("ping")
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB does not answer: {exc}") from exc
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    async def _maintenance_loop(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(self._settings.maintenance_interval_seconds)
+            rounds += 1
+            try:
+                await self._maintain(prune=rounds % 12 == 0)
+            except PyMongoError as exc:
+                log.warning("journal maintenance failed: %s", exc)
+
+    async def _maintain(self, *, prune: bool) -> None:
+        """Advance the watermark, journal events of crashed writers, apply retention."""
+        below = await self._allocator.current()
+        await self._journal.sweep(self._swept_since, self._swept_below)
+        self._swept_since, self._swept_below = self._swept_below, below
+        await self._journal.read(after=2**62, limit=None)
+        if prune:
+            now = datetime.now(UTC)
+            cutoff = now - timedelta(seconds=self._stream.journal_max_age_seconds)
+            await self._journal.prune(cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z"))
+            if self._racy_updates:
+                assert isinstance(self._allocator, InsertAllocator)
+                await self._allocator.trim()
+                await self._claims.delete_many({"at": {"$lt": now - timedelta(minutes=10)}})
+            else:
+                # A tombstone may go once nothing is pending in it. Not where updates race:
+                # a re-creation could be read, then lost to this delete.
+                await self._twins.delete_many(
+                    {"rev": 0, "ev.0": {"$exists": False}, "ix": {"$exists": False}}
+                )
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, twin_id: str) -> Twin | None:
+        try:
+            # Filtered on _id only (FerretDB scans the collection for anything else).
+            raw = await self._twins.find_one({"_id": twin_id}, {"doc": 1, "rev": 1})
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        return _twin(raw) if raw and raw.get("rev") else None
+
+    async def get_many(self, twin_ids: list[str]) -> list[Twin]:
+        try:
+            found = {
+                raw["_id"]: _twin(raw)
+                async for raw in self._reads.find(
+                    {"_id": {"$in": list(dict.fromkeys(twin_ids))}, "rev": {"$gt": 0}},
+                    {"doc": 1},
+                )
+            }
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        return [found[i] for i in twin_ids if i in found]
+
+    async def scan(self, after_id: str | None, limit: int) -> list[Twin]:
+        try:
+            rows = await (
+                self._reads.find({"_id": {"$gt": after_id or ""}, "rev": {"$gt": 0}}, {"doc": 1})
+                .sort("_id", 1)
+                .limit(limit)
+            ).to_list()
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        return [_twin(raw) for raw in rows]
+
+    async def twin_count(self) -> int:
+        try:
+            return await self._reads.count_documents({"rev": {"$gt": 0}})
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to count: {exc}") from exc
+
+    async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
+        twins: dict[str, Twin] = {}
+
+        def document(raw: dict[str, Any]) -> dict[str, Any]:
+            return twins.setdefault(raw["_id"], _twin(raw)).to_document()
+
+        try:
+            rows, cursor = await mongo_index.search_page(self._reads, query, document, {"doc": 1})
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to search: {exc}") from exc
+        return [twins.get(raw["_id"]) or _twin(raw) for raw in rows], cursor
+
+    async def count(self, query: SearchQuery) -> int:
+        try:
+            return await mongo_index.count(self._reads, query.filter, query.namespaces)
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to count: {exc}") from exc
+
+    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+        try:
+            events, _ = await self._journal.read(seq, limit)
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+        return events
+
+    async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
+        try:
+            return await self._journal.history(twin_id, since, until)
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+
+    async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
+        try:
+            return await self._journal.twin_at(twin_id, revision)
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+
+    async def pruned_seq(self) -> int:
+        try:
+            return await self._journal.pruned()
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+
+    async def oldest_seq(self) -> int:
+        try:
+            return await self._journal.oldest()
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+
+    async def last_seq(self) -> int:
+        """The stable watermark: every event up to it is journaled (see the journal module)."""
+        try:
+            _, stable = await self._journal.read(after=2**62, limit=None)
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+        return stable
+
+    # -- external index outbox -------------------------------------------------------------
+
+    async def pending_index(self, limit: int) -> list[IndexTask]:
+        try:
+            rows = await (
+                self._twins.find({"ix": {"$exists": True}}, {"ix": 1, "rev": 1, "doc": 1})
+                .sort("ix", 1)
+                .limit(limit)
+            ).to_list()
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        return [
+            IndexTask(raw["_id"], int(raw["ix"]), _twin(raw) if raw.get("rev") else None)
+            for raw in rows
+        ]
+
+    async def mark_indexed(self, tasks: list[IndexTask]) -> None:
+        if not tasks:
+            return
+        try:
+            await self._twins.bulk_write(
+                [
+                    pymongo.UpdateOne({"_id": t.twin_id, "ix": t.seq}, {"$unset": {"ix": ""}})
+                    for t in tasks
+                ],
+                ordered=False,
+            )
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+
+    async def index_backlog(self) -> tuple[int, int | None]:
+        try:
+            pending = await self._twins.count_documents({"ix": {"$exists": True}})
+            lowest = await self._twins.find_one(
+                {"ix": {"$exists": True}}, {"ix": 1}, sort=[("ix", 1)]
+            )
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        return pending, (int(lowest["ix"]) if lowest else None)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def write(self, write: Write) -> int:
+        # Writers of one twin in this process take turns: a crowd of them on a hot twin then
+        # costs the server one attempt per replica at a time instead of one per request, and
+        # the ones that lost find out with a cheap read.
+        lock = self._locks.setdefault(write.twin_id, _CountedLock())
+        lock.users += 1
+        try:
+            async with lock.lock:
+                known = lock.revision
+                fresh = time.monotonic() - lock.since < _KNOWN_REVISION_SECONDS
+                if known is not None and fresh and 0 < write.expected_revision < known:
+                    # A writer of this process just moved the twin past that revision: no
+                    # need to ask. Trusted briefly only, as a delete and re-create elsewhere
+                    # may start the revisions again.
+                    raise RevisionConflict(
+                        f"Twin {write.twin_id} is at revision {known}, "
+                        f"not {write.expected_revision}."
+                    )
+                seq = await self._write(write)
+                lock.revision = write.twin.revision if write.twin is not None else 0
+                lock.since = time.monotonic()
+                return seq
+        finally:
+            lock.users -= 1
+            if lock.users == 0:
+                del self._locks[write.twin_id]
+
+    async def _write(self, write: Write) -> int:
+        if self._racy_updates:
+            await self._claim(write)
+        seq = await self._allocator.next()
+        event = write.event
+        twin = write.twin
+        state = dumps(twin.to_storage()) if twin is not None else None
+        pending = Pending(
+            seq, write.twin_id, event.revision, event.timestamp, dumps(event.to_json()), state
+        )
+        token = pending.token()
+        fields: dict[str, Any]
+        if twin is None:
+            fields = {"rev": 0, "doc": None, "e": {}, "k": {}}
+        else:
+            fields = {
+                "ns": twin.namespace,
+                "rev": twin.revision,
+                "doc": state,
+                **mongo_index.index_fields(twin.to_document()),
+            }
+        if self._outbox:
+            fields["ix"] = seq
+        update: dict[str, Any]
+        if self._racy_updates:
+            # The claimed writer is alone on this twin: events pending before were journaled
+            # by _claim, so the array is replaced, never pulled from (a pull would race).
+            update = {"$set": {**fields, "ev": [token], "seq": seq}}
+        else:
+            update = {"$set": {**fields, "seq": seq}, "$push": {"ev": token}}
+        try:
+            # A bounded commit (the server gets maxTimeMS on MongoDB) keeps the window in which
+            # a stalled write could land after readers fenced its number off small.
+            with pymongo.timeout(self._settings.gap_timeout_seconds * 0.8):
+                result = await self._twins.update_one(
+                    {"_id": write.twin_id, "rev": write.expected_revision},
+                    update,
+                    upsert=write.expected_revision == 0,
+                )
+            committed = result.matched_count == 1 or result.upserted_id is not None
+        except DuplicateKeyError:
+            committed = False
+        except PyMongoError as exc:
+            # Outcome unknown: if it committed, the event is pending in the twin and gets
+            # journaled by readers or the sweep; if not, readers fence the number off.
+            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+        if not committed:
+            await self._fence_quietly(seq)
+            raise RevisionConflict(
+                f"Twin {write.twin_id} is not at revision {write.expected_revision}."
+            )
+        return await self._journal_written(write, pending, token)
+
+    async def _claim(self, write: Write) -> None:
+        """Win the right to replace the twin's current version (servers with racy updates).
+
+        The claim is a unique insert keyed by the seq of the version being replaced (0 when
+        there is none), the one operation FerretDB 1.24 performs atomically; exactly one
+        writer wins each version, so the update that follows has the twin to itself.
+        """
+        try:
+            raw = await self._twins.find_one({"_id": write.twin_id}, {"rev": 1, "seq": 1, "ev": 1})
+            current = int(raw["rev"]) if raw else 0
+            if current != write.expected_revision:
+                raise RevisionConflict(
+                    f"Twin {write.twin_id} is at revision {current}, not {write.expected_revision}."
+                )
+            version = int(raw.get("seq", 0)) if raw else 0
+            try:
+                await self._claims.insert_one(
+                    {"_id": f"{write.twin_id}@{version}", "at": datetime.now(UTC)}
+                )
+            except DuplicateKeyError:
+                raise RevisionConflict(
+                    f"Twin {write.twin_id} revision {current} is being replaced."
+                ) from None
+            for token in raw.get("ev", []) if raw else []:
+                if not await self._journal.journaled(Pending.parse(token).seq):
+                    await self._journal.help(write.twin_id, token)
+        except PyMongoError as exc:
+            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+
+    async def _fence_quietly(self, seq: int) -> None:
+        try:
+            await self._journal.fence(seq)
+        except PyMongoError as exc:  # readers fence it after gap_timeout_seconds
+            log.warning("could not fence off seq %s: %s", seq, exc)
+
+    async def _journal_written(self, write: Write, pending: Pending, token: str) -> int:
+        """Copy the committed event into the journal; the write is acknowledged either way."""
+        try:
+            seq = await self._journal.commit(pending)
+            if not self._racy_updates:
+                await self._twins.update_one({"_id": write.twin_id}, {"$pull": {"ev": token}})
+            if seq != pending.seq and self._outbox:
+                await self._twins.update_one(
+                    {"_id": write.twin_id, "ix": pending.seq}, {"$set": {"ix": seq}}
+                )
+            keep = self._stream.journal_max_per_twin
+            if write.event.revision > keep:
+                await self._journal.prune_twin(
+                    write.twin_id, write.event.revision - keep, below_seq=seq
+                )
+        except PyMongoError as exc:
+            # The twin and its pending event are committed; readers journal it later.
+            log.warning("journaling seq %s deferred: %s", pending.seq, exc)
+            return pending.seq
+        return seq

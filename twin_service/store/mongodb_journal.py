@@ -1,0 +1,391 @@
+"""The change journal of the MongoDB store: sequence numbers, fencing and the stable watermark.
+
+Atomicity without transactions. A write's change event is first committed *inside the twin
+document*, as a pending entry of its ``ev`` array, by the same compare-and-set update that
+writes the twin; only then is it copied into the ``events`` collection (``_id`` = its
+sequence number, ``o`` = the number it was allocated with, unique) and pulled from the twin.
+A crash between the two leaves the event pending in the twin, where readers and the
+maintenance sweep find it and journal it; copying is idempotent (unique ``_id`` and ``o``).
+
+Sequence numbers. ``seq`` is allocated with ``$inc`` on one counter document *before* the
+compare-and-set, so a later revision of a twin always gets a higher number than an earlier
+one. Allocations commit out of order, so readers only hand out events below the *stable
+watermark*: the highest ``n`` such that every number up to ``n`` is journaled or fenced off.
+A number that stays missing longer than ``gap_timeout_seconds`` while a higher one is
+journaled is resolved by the reader: journaled from the twin holding it as pending, or fenced
+off with a placeholder (``b: true``) under its ``_id``. A writer whose number was fenced off
+journals its event under a fresh number instead, above everything any reader has seen. So a
+reader that has seen ``n`` never later finds an event below ``n``, and every event is
+journaled exactly once. Writers fence off their own number at once when the compare-and-set
+fails. The highest verified watermark is kept in ``meta`` (``stable``) so that readers start
+from it, and retention only ever deletes entries below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pymongo import ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from twin_service.errors import Unavailable
+from twin_service.store.base import StoredEvent
+from twin_service.twin.document import ChangeEvent, Twin
+
+Collection = AsyncCollection[dict[str, Any]]
+
+#: Journal entries read per round trip while verifying the watermark.
+_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A committed change event waiting in its twin document to be journaled."""
+
+    seq: int
+    twin_id: str
+    revision: int
+    timestamp: str
+    event: str
+    #: The stored twin right after the change (JSON), None for a deletion.
+    state: str | None
+
+    def token(self) -> str:
+        """The string kept in the twin's ``ev`` array; sortable and searchable by seq."""
+        body = json.dumps(
+            {
+                "t": self.twin_id,
+                "r": self.revision,
+                "ts": self.timestamp,
+                "e": self.event,
+                "s": self.state,
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return f"{seq_prefix(self.seq)}|{body}"
+
+    @classmethod
+    def parse(cls, token: str) -> Pending:
+        seq, _, body = token.partition("|")
+        data = json.loads(body)
+        return cls(int(seq), data["t"], data["r"], data["ts"], data["e"], data["s"])
+
+    def stored(self) -> StoredEvent:
+        return _stored(self.seq, self.event, self.state)
+
+
+def seq_prefix(seq: int) -> str:
+    """Zero-padded so that string order is numeric order."""
+    return f"{seq:020d}"
+
+
+def _stored(seq: int, event: str, state: str | None) -> StoredEvent:
+    twin = Twin.from_storage(json.loads(state)) if state else None
+    return StoredEvent(seq, ChangeEvent.from_json(json.loads(event)), twin)
+
+
+def stored_event(doc: dict[str, Any]) -> StoredEvent:
+    return _stored(int(doc["_id"]), doc["e"], doc.get("st"))
+
+
+class SeqAllocator:
+    """Hands out sequence numbers; concurrent requests of one process share one ``$inc``."""
+
+    def __init__(self, meta: Collection) -> None:
+        self._meta = meta
+        self._waiting: list[asyncio.Future[int]] = []
+        self._running = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def next(self) -> int:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._waiting.append(future)
+        if not self._running:
+            self._running = True
+            self._task = loop.create_task(self._run())
+        return await future
+
+    async def current(self) -> int:
+        doc = await self._meta.find_one({"_id": "seq"})
+        return int(doc["n"]) if doc is not None else 0
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    doc = await self._meta.find_one_and_update(
+                        {"_id": "seq"},
+                        {"$inc": {"n": len(batch)}},
+                        upsert=True,
+                        return_document=ReturnDocument.AFTER,
+                    )
+                except PyMongoError as exc:
+                    error = Unavailable(f"The twin store failed to allocate a sequence: {exc}")
+                    for future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                assert doc is not None  # upsert with ReturnDocument.AFTER
+                first = int(doc["n"]) - len(batch) + 1
+                for offset, future in enumerate(batch):
+                    if not future.done():
+                        future.set_result(first + offset)
+        finally:
+            self._running = False
+
+
+class InsertAllocator:
+    """Sequence numbers from unique inserts, for servers whose updates are not atomic.
+
+    FerretDB 1.24 on SQLite runs an update as a read and a separate write, so two concurrent
+    ``$inc`` may return the same number; a unique ``_id`` insert is atomic there. Each number
+    is the highest allocated so far plus one, so an allocation that starts after another
+    finished always gets a higher number.
+    """
+
+    def __init__(self, numbers: Collection) -> None:
+        self._numbers = numbers
+
+    async def current(self) -> int:
+        top = await self._numbers.find_one({}, {"_id": 1}, sort=[("_id", -1)])
+        return int(top["_id"]) if top is not None else 0
+
+    async def next(self) -> int:
+        while True:
+            candidate = await self.current() + 1
+            try:
+                await self._numbers.insert_one({"_id": candidate})
+            except DuplicateKeyError:
+                continue
+            if candidate % 200 == 0:
+                # Keep the collection small: finding the highest number sorts all of it.
+                await self._numbers.delete_many({"_id": {"$lt": candidate - 100}})
+            return candidate
+
+    async def trim(self) -> None:
+        """Forget old numbers (the highest one must stay)."""
+        await self._numbers.delete_many({"_id": {"$lt": await self.current() - 1000}})
+
+
+Allocator = SeqAllocator | InsertAllocator
+
+
+class Journal:
+    """The ``events`` collection, read only below the stable watermark."""
+
+    def __init__(
+        self,
+        events: Collection,
+        twins: Collection,
+        meta: Collection,
+        allocator: Allocator,
+        gap_timeout: float,
+        *,
+        pull: bool = True,
+    ) -> None:
+        self._events = events
+        self._twins = twins
+        self._meta = meta
+        self._allocator = allocator
+        self._gap_timeout = gap_timeout
+        #: Whether journaled events are pulled from their twin (not where updates race).
+        self._pull = pull
+        #: When this process first saw each unresolved gap (monotonic clock: no skew).
+        self._gaps: dict[int, float] = {}
+        #: The highest watermark this process knows to be verified.
+        self.stable_hint = 0
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def commit(self, pending: Pending) -> int:
+        """Journal ``pending`` (idempotent); returns the seq it is journaled under."""
+        seq = pending.seq
+        while True:
+            try:
+                await self._events.insert_one(
+                    {
+                        "_id": seq,
+                        "o": pending.seq,
+                        "t": pending.twin_id,
+                        "r": pending.revision,
+                        "ts": pending.timestamp,
+                        "e": pending.event,
+                        "st": pending.state,
+                    }
+                )
+                return seq
+            except DuplicateKeyError:
+                same = await self._events.find_one({"_id": seq}, {"o": 1})
+                if same is not None and same.get("o") == pending.seq:
+                    return seq
+                existing = await self._events.find_one({"o": pending.seq}, {"_id": 1})
+                if existing is not None:
+                    return int(existing["_id"])
+            # A reader fenced our number off: take a fresh one, above all it has seen.
+            seq = await self._allocator.next()
+
+    async def journaled(self, allocated: int) -> bool:
+        """Whether the event allocated ``allocated`` is in the journal (maybe renumbered)."""
+        # By _id first: the only lookup FerretDB answers without scanning the collection.
+        entry = await self._events.find_one({"_id": allocated}, {"o": 1})
+        if entry is not None and entry.get("o") == allocated:
+            return True
+        return await self._events.find_one({"o": allocated}, {"_id": 1}) is not None
+
+    async def fence(self, seq: int) -> None:
+        """Make ``seq`` permanently empty (no error if it is already used)."""
+        with contextlib.suppress(DuplicateKeyError):
+            await self._events.insert_one({"_id": seq, "o": -seq, "b": True})
+
+    async def help(self, twin_id: str, token: str) -> int:
+        """Journal a pending event found in a twin and pull it from there."""
+        seq = await self.commit(Pending.parse(token))
+        if self._pull:
+            await self._twins.update_one({"_id": twin_id}, {"$pull": {"ev": token}})
+        return seq
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def _load_hint(self) -> int:
+        doc = await self._meta.find_one({"_id": "stable"})
+        if doc is not None:
+            self.stable_hint = max(self.stable_hint, int(doc["n"]))
+        return self.stable_hint
+
+    async def _save_hint(self, verified: int) -> None:
+        if verified > self.stable_hint:
+            self.stable_hint = verified
+            await self._meta.update_one({"_id": "stable"}, {"$max": {"n": verified}}, upsert=True)
+
+    async def read(self, after: int, limit: int | None) -> tuple[list[StoredEvent], int]:
+        """Events with ``after < seq <= watermark`` (at most ``limit``), and the watermark."""
+        hint = await self._load_hint()
+        position = min(after, hint)
+        verified = hint
+        out: list[StoredEvent] = []
+        done = False
+        while not done:
+            batch = await (
+                self._events.find({"_id": {"$gt": position}}).sort("_id", 1).limit(_BATCH)
+            ).to_list()
+            rescan = False
+            for doc in batch:
+                seq = int(doc["_id"])
+                if seq > verified + 1:
+                    if await self._settle(verified + 1, seq):
+                        rescan = True
+                    else:
+                        done = True
+                    break
+                verified = max(verified, seq)
+                position = seq
+                if seq > after and not doc.get("b"):
+                    out.append(stored_event(doc))
+                    if limit is not None and len(out) >= limit:
+                        done = True
+                        break
+            if not rescan and len(batch) < _BATCH:
+                done = True
+        await self._save_hint(verified)
+        return out, verified
+
+    async def _settle(self, low: int, high: int) -> bool:
+        """Resolve the missing numbers ``low..high-1`` once they are old enough."""
+        now = time.monotonic()
+        missing = range(low, high)
+        first_seen = [self._gaps.setdefault(seq, now) for seq in missing]
+        if any(now - seen < self._gap_timeout for seen in first_seen):
+            return False
+        for seq in missing:
+            await self._resolve(seq)
+            self._gaps.pop(seq, None)
+        return True
+
+    async def _resolve(self, seq: int) -> None:
+        holder = await self._twins.find_one({"ev": {"$regex": f"^{seq_prefix(seq)}\\|"}}, {"ev": 1})
+        if holder is not None:
+            for token in holder["ev"]:
+                if token.startswith(seq_prefix(seq) + "|"):
+                    await self.help(holder["_id"], token)
+                    return
+        await self.fence(seq)
+
+    async def sweep(self, since: int, below: int) -> int:
+        """Journal events left pending in twins with ``since <= seq < below`` (crashed writers)."""
+        helped = 0
+        low, high = seq_prefix(since), seq_prefix(below)
+        found = self._twins.find({"ev": {"$lt": high}}, {"ev": 1})
+        async for holder in found:
+            for token in holder["ev"]:
+                if low <= token < high:
+                    await self.help(holder["_id"], token)
+                    helped += 1
+        return helped
+
+    async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
+        """Journaled and still pending events of one twin in a revision range, by seq."""
+        revisions: dict[str, int] = {"$gte": since}
+        if until is not None:
+            revisions["$lte"] = until
+        journaled = await self._events.find({"t": twin_id, "r": revisions}).to_list()
+        events = {int(doc["o"]): stored_event(doc) for doc in journaled}
+        holder = await self._twins.find_one({"_id": twin_id}, {"ev": 1})
+        for token in (holder or {}).get("ev", []):
+            pending = Pending.parse(token)
+            in_range = since <= pending.revision and (until is None or pending.revision <= until)
+            if in_range and pending.seq not in events:
+                events[pending.seq] = pending.stored()
+        return sorted(events.values(), key=lambda stored: stored.seq)
+
+    async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
+        """The twin right after ``revision`` (the latest lifetime's), journaled or pending."""
+        candidates = [
+            event for event in await self.history(twin_id, revision, revision) if event.state
+        ]
+        return candidates[-1].state if candidates else None
+
+    async def pruned(self) -> int:
+        doc = await self._meta.find_one({"_id": "pruned"})
+        return int(doc["n"]) if doc else 0
+
+    async def _delete(self, where: dict[str, Any]) -> None:
+        """Delete journal entries, first recording the highest seq removed."""
+        highest = await self._events.find_one(where, {"_id": 1}, sort=[("_id", -1)])
+        if highest is None:
+            return
+        await self._meta.update_one(
+            {"_id": "pruned"}, {"$max": {"n": int(highest["_id"])}}, upsert=True
+        )
+        await self._events.delete_many({"$and": [where, {"_id": {"$lte": highest["_id"]}}]})
+
+    async def oldest(self) -> int:
+        doc = await self._events.find_one({"b": {"$exists": False}}, sort=[("_id", 1)])
+        return int(doc["_id"]) if doc else 0
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def prune_twin(self, twin_id: str, below_revision: int, *, below_seq: int) -> None:
+        """Keep the newest revisions of one twin (called by its writer, after its own seq).
+
+        Entries above the watermark may go too: a reader that meets such a hole before the
+        watermark passes it only waits ``gap_timeout`` and fences it, and nothing it has not
+        already delivered is lost that retention did not mean to drop.
+        """
+        await self._delete({"t": twin_id, "r": {"$lte": below_revision}, "_id": {"$lt": below_seq}})
+
+    async def prune(self, cutoff: str) -> None:
+        """Drop events older than ``cutoff`` and fences, both below the watermark only."""
+        stable = await self._load_hint()
+        await self._delete(
+            {"ts": {"$lt": cutoff}, "_id": {"$lte": stable}, "b": {"$exists": False}}
+        )
+        await self._events.delete_many({"b": True, "_id": {"$lt": stable}})
