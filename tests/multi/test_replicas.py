@@ -1,7 +1,6 @@
 """Several service replicas on one MongoDB-wire server (FerretDB), clients spread over them.
 
-WebSocket and MQTT multi-replica tests (a subscriber on C sees A's and B's changes in order,
-device updates applied once) belong with the change stream and MQTT sync work.
+The WebSocket and MQTT guarantees across replicas are in test_replicas_live.py.
 """
 
 from __future__ import annotations
