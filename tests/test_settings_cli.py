@@ -1,0 +1,75 @@
+"""Settings sources and validation, and the command line, without a server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from twin_service import __version__
+from twin_service.settings import Settings, load_settings
+
+
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("TWIN_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_env_and_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env(monkeypatch)
+    defaults = Settings()
+    assert defaults.store == "sqlite" and defaults.search == "builtin"
+    assert defaults.limits.max_twin_bytes == 65536 and defaults.query.max_size == 200
+    config = tmp_path / "twin.toml"
+    config.write_text("port = 9000\n[limits]\nmax_depth = 8\n[query]\ndefault_size = 10\n")
+    monkeypatch.setenv("TWIN_LIMITS__MAX_DEPTH", "12")  # the environment wins over the file
+    settings = load_settings(config)
+    assert settings.port == 9000
+    assert settings.limits.max_depth == 12
+    assert settings.query.default_size == 10
+    assert load_settings(config, port=9100).port == 9100  # and the CLI over both
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"host": "0.0.0.0", "auth": {"disabled": True}}, "loopback"),
+        ({"store": "mongodb"}, "mongodb_url"),
+        ({"search": "elasticsearch"}, "elasticsearch_url"),
+        ({"mqtt": {"topic_prefix": "devices/x"}}, "twinId"),
+        ({"query": {"default_size": 300, "max_size": 200}}, "default_size"),
+        ({"limits": {"max_twin_bytes": 10}}, "max_twin_bytes"),
+        ({"unknown_setting": 1}, "unknown_setting"),
+    ],
+)
+def test_insecure_or_inconsistent_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, overrides: dict[str, object], message: str
+) -> None:
+    clean_env(monkeypatch)
+    with pytest.raises(ValidationError, match=message):
+        Settings(**overrides)  # type: ignore[arg-type]
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_cli_version_and_bad_settings(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    version = subprocess.run(
+        [sys.executable, "-m", "twin_service", "version"], capture_output=True, text=True, env=env
+    )
+    assert version.returncode == 0 and version.stdout.strip() == __version__
+    bad = subprocess.run(
+        [sys.executable, "-m", "twin_service", "serve", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**env, "TWIN_STORE": "mongodb"},
+    )
+    assert bad.returncode == 2 and "mongodb_url" in bad.stderr
