@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -231,7 +232,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("TWIN_CONFIG_FILE")
+        config_file = _config_file.get() or os.environ.get("TWIN_CONFIG_FILE")
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
@@ -248,8 +249,15 @@ def is_loopback(host: str) -> bool:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build Settings; a config file given here wins over ``TWIN_CONFIG_FILE``."""
-    if config_file is not None:
-        if not config_file.is_file():
-            raise ValueError(f"Config file {config_file} does not exist.")
-        os.environ["TWIN_CONFIG_FILE"] = str(config_file)
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if config_file is not None and not config_file.is_file():
+        raise ValueError(f"Config file {config_file} does not exist.")
+    token = _config_file.set(str(config_file) if config_file is not None else None)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _config_file.reset(token)
+
+
+#: The TOML file given to :func:`load_settings` (a context variable, not the environment, so
+#: loading settings never changes the process's environment).
+_config_file: ContextVar[str | None] = ContextVar("twin_config_file", default=None)
