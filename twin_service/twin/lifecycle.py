@@ -74,6 +74,7 @@ def next_lifecycle(
     now: datetime,
     rejected: Mapping[str, str] | None = None,
     ttl_seconds: float | None = None,
+    old_delta: JSONObject | None = None,
 ) -> JSONObject:
     """The lifecycle after a change that leaves ``desired``/``reported`` as given.
 
@@ -88,11 +89,9 @@ def next_lifecycle(
     old_leaves = {path_key(p): v for p, v in leaf_paths(old_desired).items() if p}
     leaves = {path_key(p): v for p, v in leaf_paths(desired).items() if p}
     in_delta = {path_key(p) for p in leaf_paths(compute_delta(desired, reported)) if p}
-    was_in_delta = (
-        {path_key(p) for p in leaf_paths(compute_delta(old_desired, old_reported)) if p}
-        if old_reported is not None
-        else set()
-    )
+    if old_delta is None and old_reported is not None:
+        old_delta = compute_delta(old_desired, old_reported)
+    was_in_delta = {path_key(p) for p in leaf_paths(old_delta) if p} if old_delta else set()
     expired_now = expire_due(lifecycle, now) or lifecycle
     out: JSONObject = {}
     for key in leaves:
@@ -172,6 +171,15 @@ def lifecycle_for_edit(
     ttl_seconds: float | None = None,
 ) -> JSONObject:
     """The lifecycle of the twin that ``edit`` will produce from ``twin`` (None: creation)."""
+    if (
+        twin is not None
+        and "desired" not in edit.values
+        and "reported" not in edit.values
+        and not rejected
+        and expire_due(twin.lifecycle, now) is None
+    ):
+        # The lifecycle only follows desired, reported, the device's refusals and the clock.
+        return twin.lifecycle
     old_desired: JSONObject = twin.desired if twin else {}
     desired: JSONObject = edit.values.get("desired", old_desired)
     reported: JSONObject = edit.values.get("reported", twin.reported if twin else {})
@@ -186,6 +194,7 @@ def lifecycle_for_edit(
         reported=reported,
         desired_version=version,
         old_reported=twin.reported if twin else {},
+        old_delta=twin.delta if twin else {},
         now=now,
         rejected=rejected,
         ttl_seconds=ttl_seconds,
