@@ -142,7 +142,7 @@ class TwinService:
                     raise
                 self._forget(twin_id)  # judged on a cached copy: judge again on a fresh one
                 continue
-            write = Write(twin_id, current.revision if current else 0, new, event)
+            write = Write(twin_id, current.revision if current else 0, new, event, current)
             try:
                 seq = await self.store.write(write)
             except RevisionConflict:

@@ -65,6 +65,10 @@ class SqliteSettings(BaseModel):
         10_000, ge=100, description="Wait for another process's write lock."
     )
     max_batch: int = Field(256, ge=1, description="Most writes grouped in one commit.")
+    cache_mib: int = Field(64, ge=1, description="Page cache of each connection (MiB).")
+    mmap_mib: int = Field(
+        256, ge=0, description="Memory-mapped I/O per connection (MiB; 0 turns it off)."
+    )
     read_threads: int = Field(4, ge=1, le=64, description="Threads for searches and scans.")
 
 

@@ -9,8 +9,9 @@ from typing import Any
 from search.rql import patterns
 from search.rql.ast import TWIN_ID_PATH, Filter, SortKey
 from search.rql.ordering import Key
-from search.rql.paths import format_path
+from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path
 from search.rql.query import SearchQuery
+from twin_service.twin.patch import json_equal
 from twin_service.types import JSONObject
 
 from .rows import leaves
@@ -35,8 +36,14 @@ def _cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
     return cur
 
 
-def index_twin(conn: sqlite3.Connection, doc: JSONObject) -> None:
-    """Replace the index rows of ``doc["twinId"]`` with the rows of ``doc``."""
+def index_twin(
+    conn: sqlite3.Connection, doc: JSONObject, previous: JSONObject | None = None
+) -> None:
+    """Replace the index rows of ``doc["twinId"]`` with the rows of ``doc``.
+
+    ``previous`` (the document this one replaces, when the caller has it) limits the work to
+    the tree roots whose content changed; the fixed properties are always compared.
+    """
     cur = _cursor(conn)
     cur.execute(
         "INSERT INTO search_twin (twin_id, namespace) VALUES (?, ?) "
@@ -46,13 +53,15 @@ def index_twin(conn: sqlite3.Connection, doc: JSONObject) -> None:
     (tid,) = cur.fetchone()
     # Only rows that changed are written: a typical write touches a few leaves (and the
     # revision/modified rows) out of dozens, and every row costs two B-tree updates.
-    old = {
-        (path, seq): (t, v, a)
-        for path, seq, t, v, a in cur.execute(
-            "SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ?", (tid,)
-        )
-    }
-    new = keyed_rows(leaves(doc))
+    if previous is None:
+        roots: list[str] | None = None
+        rows = cur.execute("SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ?", (tid,))
+    else:
+        roots = [r for r in sorted(TREE_ROOTS) if not _same(previous.get(r), doc.get(r))]
+        sql, params = _rows_under(tid, roots)
+        rows = cur.execute(sql, params)
+    old = {(path, seq): (t, v, a) for path, seq, t, v, a in rows}
+    new = keyed_rows(leaves(doc, roots))
     stale = [(tid, path, seq) for (path, seq) in old.keys() - new.keys()]
     if stale:
         cur.executemany("DELETE FROM search_leaf WHERE tid = ? AND path = ? AND seq = ?", stale)
@@ -68,6 +77,26 @@ def index_twin(conn: sqlite3.Connection, doc: JSONObject) -> None:
             "a = excluded.a",
             changed,
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or json_equal(a, b)
+
+
+_FIXED = sorted(format_path(p) for p in FIXED_PATHS)
+
+
+def _rows_under(tid: int, roots: list[str]) -> tuple[str, list[Any]]:
+    """The index rows of the fixed properties and of everything under ``roots``."""
+    clauses = [f"path IN ({','.join('?' * len(_FIXED))})"]
+    params: list[Any] = [tid, *_FIXED]
+    for root in roots:
+        key = escape_key(root)
+        # '0' follows '/': the range holds exactly the paths below the root.
+        clauses.append("path = ? OR (path >= ? AND path < ?)")
+        params += [key, key + "/", key + "0"]
+    sql = f"SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ? AND ({' OR '.join(clauses)})"
+    return sql, params
 
 
 def keyed_rows(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, TypeAlias
 
 from search.rql.ordering import ARRAY, OBJECT
@@ -49,14 +50,17 @@ def _lookup(doc: JSONObject, path: tuple[str, ...]) -> tuple[bool, JSON]:
     return True, node
 
 
-def leaves(doc: JSONObject) -> list[Leaf]:
-    """Every searchable node of ``doc`` as an index row."""
+def leaves(doc: JSONObject, roots: Iterable[str] | None = None) -> list[Leaf]:
+    """Every searchable node of ``doc`` as an index row.
+
+    ``roots`` limits the tree roots flattened (the fixed properties always are).
+    """
     out: list[Leaf] = []
     for fixed in sorted(FIXED_PATHS):
         found, node = _lookup(doc, fixed)
         if found:
             _flatten(node, format_path(fixed), 0, out)
-    for root in sorted(TREE_ROOTS):
+    for root in sorted(TREE_ROOTS if roots is None else roots):
         if root in doc:
             _flatten(doc[root], escape_key(root), 0, out)
     return out

@@ -35,6 +35,8 @@ class Write:
     expected_revision: int
     twin: Twin | None
     event: ChangeEvent
+    #: The twin this write replaces, when the caller has it (lets a store do less work).
+    previous: Twin | None = None
 
 
 @dataclass(frozen=True)
