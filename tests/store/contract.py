@@ -75,6 +75,34 @@ async def all_events(store: TwinStore) -> list[tuple[int, ChangeEvent]]:
 
 
 class StoreContract:
+    async def test_a_change_from_an_older_incarnation_is_refused(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """Delete and re-create to the same revision: a write computed from the twin as it
+        was before the delete must not pass the compare-and-set (revisions restart)."""
+        store = await store_factory()
+        twin_id = "org.acme:incarnations"
+        await store.write(
+            change(None, twin_id, {"desired": {"a": 1}}, timestamp="2026-01-01T00:00:00.000Z")
+        )
+        old = await store.get(twin_id)
+        assert old is not None and old.revision == 1
+        await store.write(deletion(old))
+        await store.write(
+            change(None, twin_id, {"desired": {"b": 2}}, timestamp="2026-01-01T00:00:01.000Z")
+        )
+        reborn = await store.get(twin_id)
+        assert reborn is not None and reborn.revision == 1 and reborn.created != old.created
+        stale = change(old, twin_id, {"desired": {"a": 9}})
+        with pytest.raises(RevisionConflict):
+            await store.write(Write(stale.twin_id, 1, stale.twin, stale.event, previous=old))
+        current = await store.get(twin_id)
+        assert current is not None and current.desired == {"b": 2}
+        fresh = change(current, twin_id, {"desired": {"b": 3}})
+        await store.write(Write(fresh.twin_id, 1, fresh.twin, fresh.event, previous=current))
+        final = await store.get(twin_id)
+        assert final is not None and final.desired == {"b": 3} and final.revision == 2
+
     async def test_create_update_delete_with_compare_and_set(
         self, store_factory: StoreFactory
     ) -> None:

@@ -392,11 +392,13 @@ class MongoStore:
         token = pending.token()
         fields: dict[str, Any]
         if twin is None:
-            fields = {"rev": 0, "doc": None, "e": {}, "k": {}}
+            fields = {"rev": 0, "doc": None, "e": {}, "k": {}, "cr": None}
         else:
             fields = {
                 "ns": twin.namespace,
                 "rev": twin.revision,
+                # Revisions restart after a delete: the creation time tells incarnations apart.
+                "cr": twin.created,
                 "doc": state,
                 **mongo_index.index_fields(twin.to_document()),
             }
@@ -414,7 +416,7 @@ class MongoStore:
             # a stalled write could land after readers fenced its number off small.
             with pymongo.timeout(self._settings.gap_timeout_seconds * 0.8):
                 result = await self._twins.update_one(
-                    {"_id": write.twin_id, "rev": write.expected_revision},
+                    self._cas_filter(write),
                     update,
                     upsert=write.expected_revision == 0,
                 )
@@ -432,6 +434,14 @@ class MongoStore:
             )
         return await self._journal_written(write, pending, token)
 
+    @staticmethod
+    def _cas_filter(write: Write) -> dict[str, Any]:
+        """The compare-and-set filter: the revision, and the incarnation when it is known."""
+        cas: dict[str, Any] = {"_id": write.twin_id, "rev": write.expected_revision}
+        if write.previous is not None and write.expected_revision > 0:
+            cas["cr"] = write.previous.created
+        return cas
+
     async def _claim(self, write: Write) -> None:
         """Win the right to replace the twin's current version (servers with racy updates).
 
@@ -440,12 +450,17 @@ class MongoStore:
         writer wins each version, so the update that follows has the twin to itself.
         """
         try:
-            raw = await self._twins.find_one({"_id": write.twin_id}, {"rev": 1, "seq": 1, "ev": 1})
+            raw = await self._twins.find_one(
+                {"_id": write.twin_id}, {"rev": 1, "seq": 1, "ev": 1, "cr": 1}
+            )
             current = int(raw["rev"]) if raw else 0
             if current != write.expected_revision:
                 raise RevisionConflict(
                     f"Twin {write.twin_id} is at revision {current}, not {write.expected_revision}."
                 )
+            expected = self._cas_filter(write).get("cr")
+            if raw and expected is not None and raw.get("cr") != expected:
+                raise RevisionConflict(f"Twin {write.twin_id} was deleted and created again.")
             version = int(raw.get("seq", 0)) if raw else 0
             try:
                 await self._claims.insert_one(
