@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from search.rql import (
@@ -205,3 +206,49 @@ async def check_backend(
         backend_query = replace(query, cursor=cursor)
     assert sorted(seen) == sorted(expected_all)
     assert len(set(seen)) == len(seen)
+
+
+# --- the suite --------------------------------------------------------------------------------
+
+RELAXED = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+class DifferentialSuite:
+    """The differential tests of an index backend.
+
+    Subclass it as ``Test...`` in a module that provides a ``backend`` fixture yielding a
+    :class:`SearchBackend` (empty or not: every test loads its own twins).
+    """
+
+    @RELAXED
+    @given(docs=twins(), query=queries())
+    async def test_pages_and_counts_match_the_evaluator(
+        self, backend: SearchBackend, docs: list[JSONObject], query: SearchQuery
+    ) -> None:
+        await backend.load(docs)
+        await check_backend(backend, docs, query)
+
+    @RELAXED
+    @given(before=twins(), after=twins(), query=queries())
+    async def test_reindexing_replaces_earlier_rows(
+        self,
+        backend: SearchBackend,
+        before: list[JSONObject],
+        after: list[JSONObject],
+        query: SearchQuery,
+    ) -> None:
+        await backend.load(before)
+        await backend.load(after)
+        await check_backend(backend, after, query)
+
+    @settings(
+        max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(docs=twins(min_size=8, max_size=20), query=queries(), size=st.integers(1, 3))
+    async def test_small_pages_cover_everything_once(
+        self, backend: SearchBackend, docs: list[JSONObject], query: SearchQuery, size: int
+    ) -> None:
+        await backend.load(docs)
+        await check_backend(backend, docs, SearchQuery(query.filter, query.sort, size))

@@ -7,13 +7,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from pymongo import AsyncMongoClient
 
 from search import mongodb as index
 from search.rql import Filter, SearchQuery
-from tests.search.differential import SearchBackend, check_backend, queries, twins
+from tests.search.differential import DifferentialSuite, SearchBackend
 from tests.servers.ferretdb import FerretDB
 from twin_service.types import JSONObject
 
@@ -62,36 +60,5 @@ async def backend(ferretdb_server: FerretDB, unique_name: str) -> AsyncIterator[
         await client.close()
 
 
-RELAXED = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-
-
-@RELAXED
-@given(docs=twins(), query=queries())
-async def test_pages_and_counts_match_the_evaluator(
-    backend: SearchBackend, docs: list[JSONObject], query: SearchQuery
-) -> None:
-    await backend.load(docs)
-    await check_backend(backend, docs, query)
-
-
-@RELAXED
-@given(before=twins(), after=twins(), query=queries())
-async def test_reindexing_replaces_earlier_rows(
-    backend: SearchBackend, before: list[JSONObject], after: list[JSONObject], query: SearchQuery
-) -> None:
-    await backend.load(before)
-    await backend.load(after)
-    await check_backend(backend, after, query)
-
-
-@settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(docs=twins(min_size=8, max_size=20), query=queries(), size=st.integers(1, 3))
-async def test_small_pages_cover_everything_once(
-    backend: SearchBackend, docs: list[JSONObject], query: SearchQuery, size: int
-) -> None:
-    await backend.load(docs)
-    await check_backend(backend, docs, SearchQuery(query.filter, query.sort, size))
+class TestDifferential(DifferentialSuite):
+    """The shared differential suite on this backend."""
