@@ -115,7 +115,10 @@ async def test_retained_and_last_will(env: Env) -> None:
     late = await env.service("svc-late")
     seen = Collector()
     await late.subscribe(status, 1, seen)
-    assert [m.payload for m in await seen.wait_for(1)] in ([b"offline"], [b"online"])
+    # QoS 1 is at-least-once: the broker may hand the retained status over more than once
+    # (seen with amqtt under load), but only ever one of the two states.
+    payloads = {m.payload for m in await seen.wait_for(1)}
+    assert payloads in ({b"offline"}, {b"online"})
     for c in (dev, svc, late):
         await c.stop(grace=0)
 
