@@ -44,6 +44,26 @@ def machine() -> str:
     )
 
 
+def wait_healthy(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, name: str, log: Path
+) -> bool:
+    """Poll ``url``/health until it answers 200 (True) or ``timeout`` passes (False).
+
+    Raises if the process exits first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited at start-up; see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 class Service:
     """``python -m twin_service serve`` on a free loopback port with one admin token.
 
@@ -82,18 +102,10 @@ class Service:
             self.proc = subprocess.Popen(
                 argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited at start-up; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"the service did not start in {timeout} s; see {self.log_path}")
+        if not wait_healthy(self.proc, self.url, timeout, "the service", self.log_path):
+            self.stop()
+            raise RuntimeError(f"the service did not start in {timeout} s; see {self.log_path}")
+        return self
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, machine
+from bench.common import ROOT, free_port, machine, wait_healthy
 
 TOKEN = "bench-admin-token-0123456789abcdef"
 NAMESPACE = "bench"
@@ -98,18 +98,10 @@ class Server:
             self.proc = subprocess.Popen(
                 self._argv, env=self._env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited at start-up; see {self._log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not start in {timeout} s; see {self._log}")
+        if not wait_healthy(self.proc, self.url, timeout, self.name, self._log):
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start in {timeout} s; see {self._log}")
+        return self
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server so far (Linux ``/proc``; 0 elsewhere)."""
