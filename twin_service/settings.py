@@ -70,6 +70,12 @@ class SqliteSettings(BaseModel):
         256, ge=0, description="Memory-mapped I/O per connection (MiB; 0 turns it off)."
     )
     read_threads: int = Field(4, ge=1, le=64, description="Threads for searches and scans.")
+    twin_cache: int = Field(
+        10_000,
+        ge=0,
+        description="Decoded twins kept for reads (each read still checks its revision in "
+        "the database; 0 turns the cache off).",
+    )
 
 
 class MongoSettings(BaseModel):

@@ -9,12 +9,11 @@ from typing import Any
 from search.rql import patterns
 from search.rql.ast import TWIN_ID_PATH, Filter, SortKey
 from search.rql.ordering import Key
-from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path
+from search.rql.paths import format_path
 from search.rql.query import SearchQuery
-from twin_service.twin.patch import json_equal
 from twin_service.types import JSONObject
 
-from .rows import leaves
+from .rows import RowChanges, diff_rows, leaves
 from .translate import Sql, _selectivity, bind_value, filter_sql
 
 
@@ -41,27 +40,29 @@ def index_twin(
 ) -> None:
     """Replace the index rows of ``doc["twinId"]`` with the rows of ``doc``.
 
-    ``previous`` (the document this one replaces, when the caller has it) limits the work to
-    the tree roots whose content changed; the fixed properties are always compared.
+    ``previous`` is the document this one replaces, as the index holds it (the caller read
+    it at the revision it replaces, in this transaction's snapshot). With it, only the rows
+    that differ are written, computed from the two documents alone: a typical write changes
+    a few leaves (and the revision and modified rows) out of dozens, and every row costs
+    two B-tree updates.
     """
     cur = _cursor(conn)
+    if previous is not None:
+        found = cur.execute(
+            "SELECT tid FROM search_twin WHERE twin_id = ?", (doc["twinId"],)
+        ).fetchone()
+        if found is not None:
+            _apply_changes(cur, found[0], diff_rows(previous, doc))
+            return
     cur.execute(
         "INSERT INTO search_twin (twin_id, namespace) VALUES (?, ?) "
         "ON CONFLICT (twin_id) DO UPDATE SET namespace = excluded.namespace RETURNING tid",
         (doc["twinId"], doc.get("namespace", "")),
     )
     (tid,) = cur.fetchone()
-    # Only rows that changed are written: a typical write touches a few leaves (and the
-    # revision/modified rows) out of dozens, and every row costs two B-tree updates.
-    if previous is None:
-        roots: list[str] | None = None
-        rows = cur.execute("SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ?", (tid,))
-    else:
-        roots = [r for r in sorted(TREE_ROOTS) if not _same(previous.get(r), doc.get(r))]
-        sql, params = _rows_under(tid, roots)
-        rows = cur.execute(sql, params)
+    rows = cur.execute("SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ?", (tid,))
     old = {(path, seq): (t, v, a) for path, seq, t, v, a in rows}
-    new = keyed_rows(leaves(doc, roots))
+    new = keyed_rows(leaves(doc))
     stale = [(tid, path, seq) for (path, seq) in old.keys() - new.keys()]
     if stale:
         cur.executemany("DELETE FROM search_leaf WHERE tid = ? AND path = ? AND seq = ?", stale)
@@ -70,33 +71,32 @@ def index_twin(
         for (path, seq), row in new.items()
         if _differs(old.get((path, seq)), row)
     ]
-    if changed:
+    _upsert(cur, changed)
+
+
+def _upsert(cur: sqlite3.Cursor, rows: list[tuple[int, str, int, int, Any, int]]) -> None:
+    if rows:
         cur.executemany(
             "INSERT INTO search_leaf (tid, path, seq, t, v, a) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (tid, path, seq) DO UPDATE SET t = excluded.t, v = excluded.v, "
             "a = excluded.a",
-            changed,
+            rows,
         )
 
 
-def _same(a: Any, b: Any) -> bool:
-    return a is b or json_equal(a, b)
-
-
-_FIXED = sorted(format_path(p) for p in FIXED_PATHS)
-
-
-def _rows_under(tid: int, roots: list[str]) -> tuple[str, list[Any]]:
-    """The index rows of the fixed properties and of everything under ``roots``."""
-    clauses = [f"path IN ({','.join('?' * len(_FIXED))})"]
-    params: list[Any] = [tid, *_FIXED]
-    for root in roots:
-        key = escape_key(root)
-        # '0' follows '/': the range holds exactly the paths below the root.
-        clauses.append("path = ? OR (path >= ? AND path < ?)")
-        params += [key, key + "/", key + "0"]
-    sql = f"SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ? AND ({' OR '.join(clauses)})"
-    return sql, params
+def _apply_changes(cur: sqlite3.Cursor, tid: int, changes: RowChanges) -> None:
+    for path in changes.subtrees:
+        # '0' follows '/': the range holds exactly the paths below ``path``.
+        cur.execute(
+            "DELETE FROM search_leaf WHERE tid = ? AND (path = ? OR (path >= ? AND path < ?))",
+            (tid, path, path + "/", path + "0"),
+        )
+    if changes.removed:
+        cur.executemany(
+            "DELETE FROM search_leaf WHERE tid = ? AND path = ? AND seq = ?",
+            [(tid, path, seq) for path, seq in changes.removed],
+        )
+    _upsert(cur, [(tid, *row) for row in changes.rows])
 
 
 def keyed_rows(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from search.rql.ordering import ARRAY, OBJECT
@@ -64,3 +65,121 @@ def leaves(doc: JSONObject, roots: Iterable[str] | None = None) -> list[Leaf]:
         if root in doc:
             _flatten(doc[root], escape_key(root), 0, out)
     return out
+
+
+#: A row as stored: ``(path, seq, t, v, a)``; ``seq`` counts the rows of one path.
+Row: TypeAlias = tuple[str, int, int, Any, int]
+
+_ABSENT: Any = object()
+
+
+@dataclass
+class RowChanges:
+    """What turns the index rows of one document into those of another.
+
+    Apply ``subtrees`` first (each path and every path below it loses all its rows), then
+    ``removed`` (single rows), then upsert ``rows``.
+    """
+
+    subtrees: list[str] = field(default_factory=list)
+    removed: list[tuple[str, int]] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+
+
+def _produces_rows(node: JSON) -> bool:
+    """Whether ``node`` yields any index row (only objects holding nothing do not)."""
+    if not isinstance(node, dict):
+        return True
+    return any(not isinstance(child, dict) or _produces_rows(child) for child in node.values())
+
+
+def _keyed(leaves_: list[Leaf]) -> list[Row]:
+    counters: dict[str, int] = {}
+    out: list[Row] = []
+    for path, t, v, a in leaves_:
+        seq = counters.get(path, 0)
+        counters[path] = seq + 1
+        out.append((path, seq, t, v, a))
+    return out
+
+
+def _same_rows(a: list[Row], b: list[Row]) -> bool:
+    # 1 and 1.0 compare equal in Python but are stored differently: compare types too.
+    return len(a) == len(b) and all(
+        x == y and type(x[3]) is type(y[3]) for x, y in zip(a, b, strict=True)
+    )
+
+
+def _scalar_row(node: Any, path: str) -> Row | None:
+    """The single row of a scalar outside any array (None for objects and arrays)."""
+    if isinstance(node, (dict, list)):
+        return None
+    flat: list[Leaf] = []
+    _flatten(node, path, 0, flat)
+    (leaf,) = flat
+    return (leaf[0], 0, leaf[1], leaf[2], leaf[3])
+
+
+def _diff_node(old: Any, new: Any, path: str, out: RowChanges) -> None:
+    if old is new:
+        return
+    if type(old) is type(new) and not isinstance(old, (dict, list)):
+        # The common case, a scalar replaced by another of the same type.
+        if old != new:
+            row = _scalar_row(new, path)
+            assert row is not None
+            out.rows.append(row)
+        return
+    if isinstance(old, dict) and isinstance(new, dict):
+        # Objects are never inside an array here (the walk does not enter arrays), so every
+        # path below ``path`` gets its rows from this node alone and can be diffed key by key.
+        for key in old.keys() | new.keys():
+            _diff_node(
+                old.get(key, _ABSENT), new.get(key, _ABSENT), f"{path}/{escape_key(key)}", out
+            )
+        had, has = _produces_rows(old), _produces_rows(new)
+        if had and not has:
+            out.removed.append((path, 0))
+        elif has and not had:
+            out.rows.append((path, 0, OBJECT, None, 0))
+        return
+    old_rows: list[Row] = []
+    new_rows: list[Row] = []
+    if old is not _ABSENT:
+        flat: list[Leaf] = []
+        _flatten(old, path, 0, flat)
+        old_rows = _keyed(flat)
+    if new is not _ABSENT:
+        flat = []
+        _flatten(new, path, 0, flat)
+        new_rows = _keyed(flat)
+    if _same_rows(old_rows, new_rows):
+        return
+    if len(old_rows) == len(new_rows) == 1 and old_rows[0][:2] == new_rows[0][:2]:
+        out.rows.append(new_rows[0])  # one value replaced by another: a single upsert
+        return
+    if old_rows:
+        out.subtrees.append(path)
+    out.rows.extend(new_rows)
+
+
+def diff_rows(old: JSONObject, new: JSONObject) -> RowChanges:
+    """The row changes from the index rows of ``old`` to those of ``new``.
+
+    Walks both documents together and skips shared subtrees by identity, so a write that
+    changed a few leaves costs a few rows, not a re-flattening of the whole twin.
+    """
+    out = RowChanges()
+    for fixed, text in _FIXED:
+        old_found, old_node = _lookup(old, fixed)
+        new_found, new_node = _lookup(new, fixed)
+        _diff_node(
+            old_node if old_found else _ABSENT, new_node if new_found else _ABSENT, text, out
+        )
+    for root, text in _ROOTS:
+        _diff_node(old.get(root, _ABSENT), new.get(root, _ABSENT), text, out)
+    return out
+
+
+_FIXED = [(path, format_path(path)) for path in sorted(FIXED_PATHS)]
+_ROOTS = [(root, escape_key(root)) for root in sorted(TREE_ROOTS)]

@@ -69,6 +69,38 @@ def test_two_processes_on_one_database_lose_nothing(
         assert len(doc["desired"]) == 80
 
 
+def test_reads_never_serve_a_twin_another_process_replaced(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """Each process caches the twins it read; a write by the other one must show at once,
+    including a delete and re-create that brings the twin back to the same revision."""
+    shared = tmp_path / "shared-reads"
+    first = service_factory(shared)
+    second = service_factory(shared)
+    twin_id = "org.acme:cached"
+    url = f"/api/v1/twins/{twin_id}"
+    with first.client() as a, second.client() as b:
+        assert a.put(url, json={"desired": {"v": 1}}).status_code == 201
+        assert a.get(url).json()["desired"] == {"v": 1}  # now cached in the first process
+        assert b.patch(url, json={"desired": {"v": 2}}, headers=MERGE).status_code == 200
+        doc = a.get(url).json()
+        assert (doc["revision"], doc["desired"]) == (2, {"v": 2})
+        before = a.get(url).json()
+        assert b.delete(url).status_code == 204
+        assert b.put(url, json={"desired": {"v": 3}}).status_code == 201
+        assert b.patch(url, json={"desired": {"v": 4}}, headers=MERGE).status_code == 200
+        doc = a.get(url).json()
+        assert doc["revision"] == before["revision"] == 2
+        assert doc["desired"] == {"v": 4} and doc["created"] != before["created"]
+        assert b.delete(url).status_code == 204
+        assert a.get(url).status_code == 404
+        assert b.put(url, json={"desired": {"v": 4}}).status_code == 201
+        # The other way round: the first process wrote, the second had it cached.
+        assert b.get(url).json()["desired"] == {"v": 4}
+        assert a.patch(url, json={"desired": {"v": 5}}, headers=MERGE).status_code == 200
+        assert b.get(url).json()["desired"] == {"v": 5}
+
+
 def test_restart_and_sigkill_keep_acknowledged_writes(
     service_factory: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:

@@ -191,6 +191,26 @@ def test_pointer_escaping(api: httpx.Client) -> None:
     assert bad.status_code == 400 and bad.json()["error"] == "pointer.invalid"
 
 
+def test_get_as_of_a_revision(api: httpx.Client) -> None:
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    assert api.put(url, json={"desired": {"a": 1}}).status_code == 201
+    for value in (2, 3):
+        assert api.patch(url, json={"desired": {"a": value}}, headers=MERGE).status_code == 200
+    first = api.get(url, params={"at": 1})
+    assert first.status_code == 200 and first.headers["ETag"] == '"rev:1"'
+    assert (first.json()["revision"], first.json()["desired"]) == (1, {"a": 1})
+    assert api.get(url, params={"at": 3}).json()["desired"] == {"a": 3}
+    assert api.get(url, params={"at": 2, "fields": "desired"}).json() == {"desired": {"a": 2}}
+    future = api.get(url, params={"at": 9})
+    assert future.status_code == 404 and future.json()["error"] == "revision.notfound"
+    for bad in ("0", "-1", "x", "1.5", ""):
+        response = api.get(url, params={"at": bad})
+        assert response.status_code == 400, bad
+        body = response.json()
+        assert body["error"] == "request.invalid" and "query/at" in body["message"], bad
+
+
 def test_etags_and_preconditions(api: httpx.Client) -> None:
     twin_id = new_id()
     url = f"/api/v1/twins/{twin_id}"
@@ -315,4 +335,22 @@ def test_health_ready_and_openapi(service: ServiceProcess) -> None:
         spec = client.get("/openapi.json").json()
         put_twin = spec["paths"]["/api/v1/twins/{twin_id}"]["put"]
         assert {"201", "400", "401", "403", "412", "413", "415"} <= set(put_twin["responses"])
+        get_twin = spec["paths"]["/api/v1/twins/{twin_id}"]["get"]
+        assert {(p["in"], p["name"]) for p in get_twin["parameters"]} == {
+            ("path", "twin_id"),
+            ("query", "fields"),
+            ("query", "at"),
+            ("header", "If-None-Match"),
+        }
+        # The token is one security scheme for every operation, not a header parameter.
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert spec["security"] == [{"bearer": []}]
+        assert spec["paths"]["/health"]["get"]["security"] == []
+        assert not [
+            p
+            for path in spec["paths"].values()
+            for op in path.values()
+            for p in op.get("parameters", [])
+            if p["name"].lower() == "authorization"
+        ]
         assert client.get("/docs").status_code == 200

@@ -14,6 +14,7 @@ import json
 import logging
 import sqlite3
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -97,6 +98,11 @@ class SqliteStore:
         self._batches = 0
         self._all_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        # Twins decoded by earlier reads or committed by this process, for point reads. Only
+        # the event loop's thread touches it. Every read still asks the database whether the
+        # twin is at the same revision of the same incarnation (another process may have
+        # written), so it saves the decoding, never the check.
+        self._cache: OrderedDict[str, Twin] = OrderedDict()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -193,11 +199,38 @@ class SqliteStore:
         if conn is None:
             conn = self._loop_conn = self._connect()
             conn.execute("PRAGMA query_only = 1")
+        cached = self._cache.get(twin_id)
         try:
-            row = conn.execute("SELECT doc FROM twins WHERE twin_id = ?", (twin_id,)).fetchone()
+            if cached is None:
+                row = conn.execute("SELECT doc FROM twins WHERE twin_id = ?", (twin_id,)).fetchone()
+            else:
+                # The document only when the cached copy is stale.
+                row = conn.execute(
+                    "SELECT CASE WHEN revision = ? AND json_extract(doc, '$.created') = ? "
+                    "THEN NULL ELSE doc END FROM twins WHERE twin_id = ?",
+                    (cached.revision, cached.created, twin_id),
+                ).fetchone()
         except sqlite3.Error as exc:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
-        return Twin.from_storage(json.loads(row[0])) if row else None
+        if row is None:
+            self._cache.pop(twin_id, None)
+            return None
+        if row[0] is None:
+            assert cached is not None
+            self._cache.move_to_end(twin_id)
+            return cached
+        twin = Twin.from_storage(json.loads(row[0]))
+        self._remember(twin_id, twin)
+        return twin
+
+    def _remember(self, twin_id: str, twin: Twin | None) -> None:
+        if twin is None or self._settings.twin_cache == 0:
+            self._cache.pop(twin_id, None)
+            return
+        self._cache[twin_id] = twin
+        self._cache.move_to_end(twin_id)
+        if len(self._cache) > self._settings.twin_cache:
+            self._cache.popitem(last=False)
 
     async def get_many(self, twin_ids: list[str]) -> list[Twin]:
         result: list[Twin] = await self._read(self._get_many, twin_ids)
@@ -402,6 +435,8 @@ class SqliteStore:
                             pending.future.set_exception(error)
                     continue
                 for pending, outcome in zip(batch, outcomes, strict=True):
+                    if not isinstance(outcome, BaseException):
+                        self._remember(pending.write.twin_id, pending.write.twin)
                     if pending.future.done():
                         continue
                     if isinstance(outcome, BaseException):

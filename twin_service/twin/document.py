@@ -120,6 +120,12 @@ class Twin:
         )
         return doc
 
+    @cached_property
+    def document_json(self) -> bytes:
+        """:meth:`to_document` encoded as UTF-8 JSON, encoded once per twin (it is immutable
+        and may be served from a cache many times)."""
+        return dumps(self.to_document()).encode()
+
     def to_storage(self) -> JSONObject:
         """What the stores persist: the document without the derived delta, plus private."""
         doc = self.to_document()

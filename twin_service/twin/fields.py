@@ -20,6 +20,9 @@ def select(doc: JSONObject, paths: list[list[str]] | None) -> JSONObject:
     if paths is None:
         return doc
     out: JSONObject = {}
+    # Objects built here, as opposed to subtrees of ``doc`` placed whole: those are shared
+    # with the twin (which may be cached) and must never be written into.
+    built = {id(out)}
     for path in paths:
         node: object = doc
         for part in path:
@@ -30,9 +33,13 @@ def select(doc: JSONObject, paths: list[list[str]] | None) -> JSONObject:
             target = out
             for part in path[:-1]:
                 existing = target.get(part)
+                if isinstance(existing, dict) and id(existing) not in built:
+                    break  # an enclosing path was selected whole: this one is in already
                 if not isinstance(existing, dict):
                     existing = {}
+                    built.add(id(existing))
                     target[part] = existing
                 target = existing
-            target[path[-1]] = node
+            else:
+                target[path[-1]] = node
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -14,7 +15,11 @@ from twin_service.errors import TwinServiceError
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Liveness: the process answers")
+#: No token needed: overrides the service-wide bearer security scheme in the OpenAPI.
+PUBLIC: dict[str, Any] = {"security": []}
+
+
+@router.get("/health", summary="Liveness: the process answers", openapi_extra=PUBLIC)
 async def health() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
 
@@ -23,6 +28,7 @@ async def health() -> dict[str, str]:
     "/ready",
     summary="Readiness: the store (and broker, index when configured) can serve",
     responses={503: {"description": "A dependency is not ready"}},
+    openapi_extra=PUBLIC,
 )
 async def ready(ctx: Context) -> JSONResponse:
     checks: dict[str, object] = {}

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from twin_service.api.deps import (
     Body,
     Conditions,
     Context,
     DesiredTtl,
+    RawParam,
     Reader,
     TwinId,
     Writer,
+    context,
+    documented,
     etag,
     json_body,
     parse_etag_revision,
@@ -55,6 +58,15 @@ def json_response(value: JSON, status: int = 200, revision: int | None = None) -
     headers = {"ETag": etag(revision)} if revision is not None else None
     return Response(
         dumps(value), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _document_response(twin: Twin, status: int = 200) -> Response:
+    return Response(
+        twin.document_json,
+        status_code=status,
+        media_type="application/json",
+        headers={"ETag": etag(twin.revision)},
     )
 
 
@@ -130,21 +142,30 @@ async def get_twins(
     )
 
 
+FIELDS = RawParam(
+    "fields",
+    "query",
+    "Comma-separated paths to include, e.g. attributes,desired/fan",
+    {"type": "string"},
+)
+AT = RawParam(
+    "at", "query", "Reconstruct the twin as of this revision", {"type": "integer", "minimum": 1}
+)
+IF_NONE_MATCH = RawParam(
+    "If-None-Match", "header", "ETags (or *) for which to answer 304", {"type": "string"}
+)
+
+
 @router.get(
     "/twins/{twin_id}",
     response_model=TwinDocument,
     responses={**errors(404, 410), 304: {"description": "Not modified"}},
+    openapi_extra=documented(FIELDS, AT, IF_NONE_MATCH),
 )
-async def get_twin(
-    ctx: Context,
-    principal: Reader,
-    twin_id: TwinId,
-    fields: Fields = None,
-    if_none_match: Annotated[str | None, Header()] = None,
-    at: Annotated[
-        int | None, Query(ge=1, description="Reconstruct the twin as of this revision")
-    ] = None,
-) -> Response:
+async def get_twin(request: Request, principal: Reader, twin_id: TwinId) -> Response:
+    # The most frequent request: parameters are read here rather than declared (RawParam).
+    ctx = context(request)
+    fields, at, if_none_match = FIELDS.get(request), AT.get_int(request), IF_NONE_MATCH.get(request)
     _visible(principal, twin_id)
     twin = await ctx.service.get(twin_id)
     if at is not None and at != twin.revision:
@@ -159,6 +180,8 @@ async def get_twin(
         twin = old
     if _not_modified(if_none_match, twin):
         return Response(status_code=304, headers={"ETag": etag(twin.revision)})
+    if fields is None:
+        return _document_response(twin)
     return json_response(select(twin.to_document(), parse_fields(fields)), revision=twin.revision)
 
 
