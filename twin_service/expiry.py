@@ -71,7 +71,8 @@ class ExpirySweeper:
         after: str | None = None
         while True:
             try:
-                twins = await self._ctx.store.scan(after, SCAN_PAGE)
+                # Only twins whose text holds an expiry can have one due.
+                twins = await self._ctx.store.scan(after, SCAN_PAGE, containing='"expires":')
             except TwinServiceError as exc:
                 log.warning("expiry scan paused: %s", exc.message)
                 await asyncio.sleep(5)

@@ -147,6 +147,49 @@ def _selectivity(node: Filter) -> int:
     return 7
 
 
+#: Conditions at least this selective (see :func:`_selectivity`) join an intersection:
+#: equalities, ``in`` and prefix ``like``. Broader ones (ranges, exists) could materialize a
+#: large share of the index, so they are probed per candidate instead.
+_INTERSECT_SELECTIVITY = 2
+
+
+def _positive_set(node: Filter) -> LeafSet | None:
+    """The leaf set whose twins are exactly the matches of ``node``, if it has one."""
+    if isinstance(node, Compare):
+        if node.op == "eq":
+            return _eq_set(node.path, node.value)
+        if node.op == "ne":
+            return None
+        condition = f"{{t}} = ? AND {{v}} {_OPS[node.op]} ?"
+        return _leaf_set(node.path, condition, type_rank(node.value), bind_value(node.value))
+    if isinstance(node, In):
+        return _in(node)
+    if isinstance(node, Like):
+        return _like(node)
+    if isinstance(node, Exists):
+        return _leaf_set(node.path)
+    return None
+
+
+def _select_tids(leaf_set: LeafSet) -> Sql:
+    selects, params = [], []
+    for branch in leaf_set:
+        sql, p = branch.sql("t", "v")
+        selects.append(f"SELECT tid FROM search_leaf WHERE {sql}")
+        params.extend(p)
+    if len(selects) == 1:
+        return selects[0], params
+    return f"SELECT tid FROM ({' UNION ALL '.join(selects)})", params
+
+
+def _intersection(leaf_sets: list[LeafSet]) -> Sql:
+    parts = [_select_tids(leaf_set) for leaf_set in leaf_sets]
+    return (
+        f"t.tid IN ({' INTERSECT '.join(p[0] for p in parts)})",
+        [x for p in parts for x in p[1]],
+    )
+
+
 def filter_sql(node: Filter, driving: bool = True) -> Sql:
     """A boolean SQL expression on ``t.tid`` equivalent to :func:`search.rql.matches`.
 
@@ -168,6 +211,23 @@ def filter_sql(node: Filter, driving: bool = True) -> Sql:
     if isinstance(node, Exists):
         return _member(_leaf_set(node.path), driving)
     if isinstance(node, And):
+        if driving:
+            # Two or more selective conditions: intersect their value-index lookups. Driving
+            # with one and probing the others twin by twin costs a random B-tree descent per
+            # candidate (4x slower at 100,000 twins for two equalities).
+            selective = [
+                (i, leaf_set)
+                for i, op in enumerate(node.operands)
+                if _selectivity(op) <= _INTERSECT_SELECTIVITY
+                and (leaf_set := _positive_set(op)) is not None
+            ]
+            if len(selective) >= 2:
+                chosen = {i for i, _ in selective}
+                parts = [_intersection([leaf_set for _, leaf_set in selective])]
+                parts += [
+                    filter_sql(op, False) for i, op in enumerate(node.operands) if i not in chosen
+                ]
+                return _join("AND", parts)
         best = min(range(len(node.operands)), key=lambda i: _selectivity(node.operands[i]))
         return _join(
             "AND", [filter_sql(op, driving and i == best) for i, op in enumerate(node.operands)]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+
+from tests.service_process import ServiceProcess
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
 
@@ -45,3 +49,29 @@ def test_pending_applied_expired_and_search(api: httpx.Client) -> None:
     assert twin in [item["twinId"] for item in found]
     bad = api.put(f"/api/v1/twins/{twin}/desired/x", params={"ttl": -1}, json=1)
     assert bad.status_code == 400
+
+
+def test_expiry_due_while_stopped_is_committed_after_a_restart(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """The sweeper learns pending expiries at start-up from a scan of the store."""
+    data = tmp_path / "expiry-restart"
+    first = service_factory(data)
+    url = "/api/v1/twins/org.acme:ttl-restart"
+    with first.client() as api:
+        assert api.put(url, json={"attributes": {"expires": "a user key, not an expiry"}})
+        assert api.put(f"{url}/desired/led", params={"ttl": 1}, json="red").status_code == 201
+        for i in range(30):  # twins without any expiry, which the scan may skip
+            assert api.put(f"/api/v1/twins/org.acme:plain-{i}", json={}).status_code == 201
+    first.stop()
+    time.sleep(1.2)  # the expiry fell due while no process ran
+    second = service_factory(data)
+    with second.client() as api:
+        for _ in range(100):
+            state = api.get(f"{url}/lifecycle").json()["led"]["state"]
+            if state == "expired":
+                break
+            time.sleep(0.05)
+        assert state == "expired"
+        history = api.get(f"{url}/history").json()["items"]
+        assert history[-1]["origin"] == "system"

@@ -136,8 +136,8 @@ def _any_values() -> st.SearchStrategy[Value]:
     )
 
 
-def filters(vocabulary: bool = False) -> st.SearchStrategy[Filter]:
-    """Filter ASTs; with ``vocabulary`` only over the shared paths and values."""
+def atoms(vocabulary: bool = False) -> st.SearchStrategy[Filter]:
+    """Single conditions; with ``vocabulary`` only over the shared paths and values."""
     paths = st.sampled_from(PATHS) if vocabulary else _any_paths()
     values = scalars if vocabulary else _any_values()
     pieces = st.sampled_from(["a", "*", "?", "\\*", "\\?", "\\\\", "é", " ", "/"])
@@ -145,15 +145,19 @@ def filters(vocabulary: bool = False) -> st.SearchStrategy[Filter]:
     if not vocabulary:
         patterns |= st.lists(pieces, max_size=5).map("".join)
     comparable = values.filter(lambda v: v is not None)
-    atoms = st.one_of(
+    return st.one_of(
         st.builds(Compare, st.sampled_from(["eq", "ne"]), paths, values),
         st.builds(Compare, st.sampled_from(["gt", "ge", "lt", "le"]), paths, comparable),
         st.builds(In, paths, st.lists(values, min_size=1, max_size=3).map(tuple)),
         st.builds(Like, paths, patterns, st.booleans()),
         st.builds(Exists, paths),
     )
+
+
+def filters(vocabulary: bool = False) -> st.SearchStrategy[Filter]:
+    """Filter ASTs; with ``vocabulary`` only over the shared paths and values."""
     return st.recursive(
-        atoms,
+        atoms(vocabulary),
         lambda inner: (
             st.builds(And, st.lists(inner, min_size=1, max_size=3).map(tuple))
             | st.builds(Or, st.lists(inner, min_size=1, max_size=3).map(tuple))
@@ -181,6 +185,18 @@ def queries(draw: st.DrawFn) -> SearchQuery:
         size=draw(st.integers(1, 5)),
         namespaces=draw(namespaces),
     )
+
+
+_NOTHING: Any = object()
+
+
+def _at(doc: JSONObject, path: Path) -> Any:
+    node: Any = doc
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return _NOTHING
+        node = node[key]
+    return node
 
 
 # --- the check --------------------------------------------------------------------------------
@@ -242,6 +258,33 @@ class DifferentialSuite:
         await backend.load(before)
         await backend.load(after)
         await check_backend(backend, after, query)
+
+    @settings(
+        max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(docs=twins(), query=queries(), data=st.data())
+    async def test_conjunctions_match_the_evaluator(
+        self,
+        backend: SearchBackend,
+        docs: list[JSONObject],
+        query: SearchQuery,
+        data: st.DataObject,
+    ) -> None:
+        # An ``and`` of plain conditions is planned on its own (SQLite intersects the
+        # selective ones): rarer among the recursive filters above, so tried here directly,
+        # with equalities on values the twins hold, so that each condition matches some.
+        held = [
+            (path, node)
+            for doc in docs
+            for path in PATHS
+            if (node := _at(doc, path)) is not _NOTHING and not isinstance(node, (dict, list))
+        ]
+        condition = atoms(vocabulary=True)
+        if held:
+            condition |= st.sampled_from(held).map(lambda pv: Compare("eq", pv[0], pv[1]))
+        conditions = data.draw(st.lists(condition, min_size=2, max_size=4))
+        await backend.load(docs)
+        await check_backend(backend, docs, replace(query, filter=And(tuple(conditions))))
 
     @settings(
         max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -42,9 +42,14 @@ PLANNED = [
     "exists(delta)",
     "and(eq(attributes/model,'m1'),gt(revision,3),exists(delta))",
 ]
+#: Two selective conditions or more: an intersection of value-index lookups.
+INTERSECTED = [
+    "and(eq(attributes/model,'m1'),in(attributes/loc/lat,1,2),gt(revision,3))",
+    "and(like(attributes/model,'m1*'),in(attributes/tags,'a',1,true),not(exists(delta)))",
+]
 
 
-@pytest.mark.parametrize("text", PLANNED)
+@pytest.mark.parametrize("text", PLANNED + INTERSECTED)
 def test_queries_use_the_value_index(conn: sqlite3.Connection, text: str) -> None:
     with conn:
         for i in range(50):
@@ -59,6 +64,7 @@ def test_queries_use_the_value_index(conn: sqlite3.Connection, text: str) -> Non
     )
     assert "USING COVERING INDEX search_leaf_value (path=?" in plan
     assert "SCAN t" not in plan and "SCAN search_leaf" not in plan
+    assert ("INTERSECT" in plan) == (text in INTERSECTED), plan
 
 
 def test_index_unindex_and_cursor_tokens_equal_the_evaluator(conn: sqlite3.Connection) -> None:

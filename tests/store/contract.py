@@ -315,3 +315,8 @@ class StoreContract:
         assert [t.twin_id for t in first] == ["org.scan:t0", "org.scan:t1", "org.scan:t2"]
         rest = await store.scan(first[-1].twin_id, 3)
         assert [t.twin_id for t in rest] == ["org.scan:t3"]
+        # ``containing`` is a hint: twins holding the text are never left out.
+        await store.write(change(None, "org.scan:t5", {"attributes": {"mark": "zz-hint"}}))
+        hinted = [t.twin_id for t in await store.scan(None, 10, containing="zz-hint")]
+        assert "org.scan:t5" in hinted
+        assert set(hinted) <= {t.twin_id for t in await store.scan(None, 10)}

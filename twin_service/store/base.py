@@ -81,8 +81,14 @@ class TwinStore(Protocol):
         Raises :class:`RevisionConflict` when the stored revision is not the expected one.
         """
 
-    async def scan(self, after_id: str | None, limit: int) -> list[Twin]:
-        """Up to ``limit`` twins with an id above ``after_id``, in id order (for rebuilds)."""
+    async def scan(
+        self, after_id: str | None, limit: int, *, containing: str | None = None
+    ) -> list[Twin]:
+        """Up to ``limit`` twins with an id above ``after_id``, in id order (for rebuilds).
+
+        ``containing`` is a hint: a store may skip twins whose stored JSON text lacks it
+        (callers still check each twin returned).
+        """
 
     async def twin_count(self) -> int: ...
 

@@ -236,7 +236,10 @@ class MongoStore:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
         return [found[i] for i in twin_ids if i in found]
 
-    async def scan(self, after_id: str | None, limit: int) -> list[Twin]:
+    async def scan(
+        self, after_id: str | None, limit: int, *, containing: str | None = None
+    ) -> list[Twin]:
+        # ``containing`` is only a hint; every twin is returned here.
         try:
             rows = await (
                 self._reads.find({"_id": {"$gt": after_id or ""}, "rev": {"$gt": 0}}, {"doc": 1})

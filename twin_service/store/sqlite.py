@@ -254,11 +254,16 @@ class SqliteStore:
                 code="index.unavailable",
             )
 
-    async def scan(self, after_id: str | None, limit: int) -> list[Twin]:
+    async def scan(
+        self, after_id: str | None, limit: int, *, containing: str | None = None
+    ) -> list[Twin]:
         def run() -> list[Twin]:
+            # The hint is checked on the raw text in SQLite: far cheaper than decoding every
+            # twin in Python (a start-up scan of 100,000 twins took seconds of CPU).
             rows = self._reader().execute(
-                "SELECT doc FROM twins WHERE twin_id > ? ORDER BY twin_id LIMIT ?",
-                (after_id or "", limit),
+                "SELECT doc FROM twins WHERE twin_id > ? AND (? IS NULL OR instr(doc, ?) > 0) "
+                "ORDER BY twin_id LIMIT ?",
+                (after_id or "", containing, containing, limit),
             )
             return [Twin.from_storage(json.loads(doc)) for (doc,) in rows]
 
