@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request, Response
 
 _STAMP = {"modified": "2025-01-01T00:00:00.000Z", "revision": 1}
@@ -55,9 +56,9 @@ def sample_document(twin_id: str) -> dict[str, Any]:
     }
 
 
-def _dumps(value: Any) -> str:
-    # Same encoder settings as twin_service.twin.jsonvalue.dumps.
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+def _dumps(value: Any) -> bytes:
+    # The service's encoder (twin_service.twin.jsonvalue.dumps_bytes): orjson, compact UTF-8.
+    return orjson.dumps(value)
 
 
 _DOCUMENT = sample_document("bench:pump-00000")

@@ -30,6 +30,9 @@ import multiprocessing
 import os
 import random
 import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from array import array
@@ -204,80 +207,183 @@ def commit_time(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
+class Subscriber(asyncio.Protocol):
+    """One WebSocket subscriber on websockets' sans-I/O client protocol.
+
+    The asyncio client of websockets costs a future and a task switch per message; with
+    30,000+ messages/s shared by two client processes on the server's machine, that load
+    generator overhead competed with the server for the CPU. This client does the same
+    protocol work (handshake, deflate if negotiated, pongs, close) in ``data_received`` and
+    keeps each message with its receipt time; the JSON is decoded after the run.
+    """
+
+    def __init__(self, protocol: Any, headers: dict[str, str]) -> None:
+        self.protocol = protocol
+        self.headers = headers
+        self.received: list[tuple[float, bytes]] = []
+        self.transport: Any = None
+        self.pending: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self.setup = True
+        self.fragments: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        request = self.protocol.connect()
+        for name, value in self.headers.items():
+            request.headers[name] = value
+        self.protocol.send_request(request)
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.protocol.data_to_send()
+        if data and self.transport is not None:
+            if data[-1] == b"":  # end of stream requested by the protocol
+                data = data[:-1]
+                self.transport.write(b"".join(data))
+                self.transport.close()
+                return
+            self.transport.write(b"".join(data))
+
+    def send(self, message: Spec) -> None:
+        self.protocol.send_text(json.dumps(message).encode())
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        from websockets.frames import Opcode
+        from websockets.http11 import Response
+
+        now = time.time()
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Response):
+                if event.status_code != 101 and not self.pending.done():
+                    self.pending.set_exception(RuntimeError(f"handshake {event.status_code}"))
+                continue
+            if event.opcode not in (Opcode.TEXT, Opcode.CONT):
+                continue
+            self.fragments.append(event.data)
+            if not event.fin:
+                continue
+            text = b"".join(self.fragments)
+            self.fragments = []
+            if self.setup:
+                if not self.pending.done():
+                    self.pending.set_result(json.loads(text))
+            else:
+                self.received.append((now, text))
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.pending.done():
+            self.pending.set_exception(ConnectionError("connection lost"))
+            self.pending.exception()  # an awaiting set-up sees it; nobody else needs to
+        if not self.closed.done():
+            received = self.protocol.close_rcvd
+            self.closed.set_result(received.code if received is not None else None)
+
+    async def next_message(self, timeout: float) -> Any:
+        message = await asyncio.wait_for(self.pending, timeout)
+        self.pending = asyncio.get_running_loop().create_future()
+        return message
+
+    def close(self) -> None:
+        from websockets.protocol import State
+
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(1000)
+            self.flush()
+        elif self.transport is not None:
+            self.transport.close()
+
+
 async def subscribe_load(
     conn: Connection, url: str, specs: list[Spec], deflate: bool, max_seconds: float
 ) -> dict[str, Any]:
     """Connect and subscribe every spec, report ready, record events until told to stop."""
-    import websockets
+    from websockets.client import ClientProtocol
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+    from websockets.uri import parse_uri
 
     ws_url = url.replace("http://", "ws://") + "/api/v1/ws"
+    uri = parse_uri(ws_url)
     headers = {"Authorization": f"Bearer {BENCH_TOKEN}"}
     stamps, sent_lat, commit_lat = array("d"), array("d"), array("d")
     counts = {"event": 0, "left": 0, "other": 0, "unstamped": 0, "out_of_order": 0}
     closes: dict[str, int] = {}
+    commit_times: dict[str, float] = {}
     gate = asyncio.Semaphore(50)
-    sockets: list[Any] = []
     failed = 0
+    loop = asyncio.get_running_loop()
 
-    async def open_one(spec: Spec) -> Any:
+    def record(received: list[tuple[float, bytes]]) -> None:
+        last = 0
+        for now, raw in received:
+            message = json.loads(raw)
+            kind = message.get("type")
+            if kind != "event":
+                counts["left" if kind == "left" else "other"] += 1
+                continue
+            counts["event"] += 1
+            if message["seq"] <= last:
+                counts["out_of_order"] += 1
+            last = message["seq"]
+            event = message["event"]
+            mark = event["changes"].get("reported", {}).get("bench")
+            if not isinstance(mark, dict) or "t" not in mark:
+                counts["unstamped"] += 1
+                continue
+            timestamp = event["timestamp"]
+            committed = commit_times.get(timestamp)
+            if committed is None:
+                committed = commit_times[timestamp] = commit_time(timestamp)
+            stamps.append(mark["t"])
+            sent_lat.append(now - mark["t"])
+            commit_lat.append(now - committed)
+
+    async def open_one(spec: Spec) -> Subscriber | None:
         nonlocal failed
         async with gate:
             try:
-                ws = await websockets.connect(
-                    ws_url,
-                    additional_headers=headers,
-                    compression="deflate" if deflate else None,
-                    open_timeout=60,
+                protocol = ClientProtocol(
+                    uri,
+                    extensions=[ClientPerMessageDeflateFactory()] if deflate else None,
                 )
-                welcome = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                _, client = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: Subscriber(protocol, headers), uri.host, uri.port
+                    ),
+                    60,
+                )
+                welcome = await client.next_message(30)
                 assert welcome["type"] == "welcome", welcome
-                await ws.send(json.dumps({"type": "subscribe", **spec}))
-                reply = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                client.send({"type": "subscribe", **spec})
+                reply = await client.next_message(30)
                 assert reply["type"] == "subscribed", reply
+                client.setup = False
             except Exception:
                 failed += 1
                 return None
-            return ws
-
-    async def receive(ws: Any) -> None:
-        last = 0
-        try:
-            async for raw in ws:
-                now = time.time()
-                message = json.loads(raw)
-                kind = message.get("type")
-                if kind != "event":
-                    counts["left" if kind == "left" else "other"] += 1
-                    continue
-                counts["event"] += 1
-                if message["seq"] <= last:
-                    counts["out_of_order"] += 1
-                last = message["seq"]
-                event = message["event"]
-                mark = event["changes"].get("reported", {}).get("bench")
-                if not isinstance(mark, dict) or "t" not in mark:
-                    counts["unstamped"] += 1
-                    continue
-                stamps.append(mark["t"])
-                sent_lat.append(now - mark["t"])
-                commit_lat.append(now - commit_time(event["timestamp"]))
-        except websockets.ConnectionClosed as exc:
-            code = str(exc.rcvd.code if exc.rcvd else "none")
-            closes[code] = closes.get(code, 0) + 1
+            return client
 
     opened = await asyncio.gather(*(open_one(spec) for spec in specs))
-    sockets = [ws for ws in opened if ws is not None]
-    receivers = [asyncio.create_task(receive(ws)) for ws in sockets]
-    conn.send({"ready": len(sockets), "failed": failed})
+    clients = [client for client in opened if client is not None]
+    conn.send({"ready": len(clients), "failed": failed})
     cpu0, wall0 = cpu_self(), time.monotonic()
     deadline = time.monotonic() + max_seconds
     while time.monotonic() < deadline and not conn.poll():
         await asyncio.sleep(0.1)
     cpu = (cpu_self() - cpu0) / max(time.monotonic() - wall0, 1e-9)
-    for task in receivers:
-        task.cancel()
-    await asyncio.gather(*receivers, return_exceptions=True)
-    await asyncio.wait([asyncio.create_task(ws.close()) for ws in sockets] or [], timeout=10)
+    for client in clients:
+        if client.closed.done():
+            code = str(client.closed.result() or "none")
+            closes[code] = closes.get(code, 0) + 1
+        client.setup = True  # ignore what arrives while closing
+        client.close()
+    await asyncio.wait([asyncio.ensure_future(c.closed) for c in clients] or [], timeout=10)
+    for client in clients:
+        record(client.received)
+        client.received = []
     return {
         "stamps": stamps,
         "sent_lat": sent_lat,
@@ -304,7 +410,20 @@ def receive_from(conn: Connection, timeout: float, what: str) -> Any:
     return conn.recv()
 
 
-def run_phase(service: Service, args: argparse.Namespace, subscribers: int) -> dict[str, Any]:
+def py_spy(service: Service, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of the service for ``seconds`` (needs ptrace rights)."""
+    executable = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    assert service.proc is not None
+    formats = {".json": "speedscope", ".txt": "raw"}
+    argv = [executable, "record", "--pid", str(service.proc.pid), "--duration"]
+    argv += [str(round(seconds)), "--rate", "250", "--nonblocking", "--threads"]
+    argv += ["--format", formats.get(out.suffix, "flamegraph"), "-o", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_phase(
+    service: Service, args: argparse.Namespace, subscribers: int, profile: bool = False
+) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     specs = [subscriber_spec(j, args.twins) for j in range(subscribers)]
     processes = min(args.processes, subscribers) if subscribers else 0
@@ -339,8 +458,11 @@ def run_phase(service: Service, args: argparse.Namespace, subscribers: int) -> d
         load0 = os.getloadavg()[0]
         wall0 = time.monotonic()
         writer.start()
+        recorder = py_spy(service, args.profile, args.seconds) if profile else None
         written = receive_from(parent, total_seconds + 120, "writer")
         writer.join(30)
+        if recorder is not None:
+            recorder.wait(60)
         server_cpu = service.cpu_seconds() - server_cpu0
         wall = time.monotonic() - wall0
         busy1 = machine_busy()
@@ -486,7 +608,9 @@ def report(args: argparse.Namespace, phases: list[dict[str, Any]]) -> str:
         f"Machine: {machine()}",
         f"{args.twins:,} twins, {args.rate:g} writes/s target (0 = unpaced), "
         f"{args.concurrency} in flight at most, {args.seconds:g} s measured after "
-        f"{args.warmup:g} s warm-up, per-message deflate {'on' if args.deflate else 'off'}; "
+        f"{args.warmup:g} s warm-up, per-message deflate offered by the clients "
+        f"{'yes' if args.deflate else 'no'}, accepted by the service "
+        f"{'yes' if args.server_deflate else 'no'}; "
         f"subscribers in {args.processes} process(es). CPU columns: cores used (100% = one core).",
         "",
         markdown_table(header, rows),
@@ -541,19 +665,30 @@ def main() -> int:
         "--deflate", action=argparse.BooleanOptionalAction, default=True,
         help="offer per-message deflate like browsers do (default on)",
     )  # fmt: skip
+    parser.add_argument(
+        "--server-deflate", action="store_true",
+        help="let the service accept deflate (TWIN_STREAM__WEBSOCKET_DEFLATE; off by default)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--profile", type=Path,
+        help="py-spy record of the service during the full phase (.svg flamegraph, "
+        ".json speedscope, .txt collapsed stacks); perturbs that phase's figures",
+    )  # fmt: skip
     args = parser.parse_args()
 
     phases: list[dict[str, Any]] = []
+    server_env = {"TWIN_STREAM__WEBSOCKET_DEFLATE": "true"} if args.server_deflate else {}
     with (
         tempfile.TemporaryDirectory(prefix="twin-bench-streams-") as tmp,
-        Service(Path(tmp) / "data") as service,
+        Service(Path(tmp) / "data", env=server_env) as service,
     ):
         run_loop(seed_twins(service.url, args.twins))
         for subscribers in (0, BASELINE_SUBSCRIBERS, args.subscribers):
             print(f"phase: {subscribers} subscribers ...", flush=True)
-            phases.append(run_phase(service, args, subscribers))
+            full = subscribers == args.subscribers and args.profile is not None
+            phases.append(run_phase(service, args, subscribers, profile=full))
     print(report(args, phases))
     if args.json:
         args.json.write_text(

@@ -60,6 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from twin_service.api.app import create_app
     from twin_service.settings import load_settings
+    from twin_service.streams.direct_ws import DirectWebSocketProtocol
 
     try:
         settings = load_settings(
@@ -79,6 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        ws=DirectWebSocketProtocol,
+        ws_per_message_deflate=settings.stream.websocket_deflate,
     )
     return 0
 

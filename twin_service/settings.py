@@ -183,6 +183,11 @@ class StreamSettings(BaseModel):
         "auto",
         description="Commit notices between processes; auto = mqtt when mqtt_url is set.",
     )
+    websocket_deflate: bool = Field(
+        False,
+        description="Accept per-message deflate offered by WebSocket clients; costs server CPU "
+        "for every message sent (see docs/performance.md, issue 5).",
+    )
 
 
 class Settings(BaseSettings):

@@ -337,3 +337,21 @@ def test_control_messages(message: JSONObject, kind: str, seq: int | None, advan
     item = Outgoing.of(message)
     assert (item.kind, item.seq, item.advances_resume) == (kind, seq, advances)
     assert item.text == dumps(message)
+
+
+def test_outcome_is_shared_by_subscriptions_of_the_same_scope() -> None:
+    frame = EventFrame(stored("ns:a"), None, AFTER)
+    x = 'eq(attributes/site,"x")'
+    a = Subscription(id="a", filter=parse_filter(x), fields=[["attributes"]])
+    b = Subscription(id="b", filter=parse_filter(x), namespaces=None)
+    c = Subscription(id="c", filter=parse_filter('eq(attributes/site,"y")'))
+    d = Subscription(id="d", filter=parse_filter(x), namespaces=frozenset({"other"}))
+    assert a.scope_key == b.scope_key
+    assert len({a.scope_key, c.scope_key, d.scope_key}) == 3
+    assert frame.outcome(a) == frame.outcome(b) == a.classify(frame.stored.event, None, AFTER)
+    assert frame.outcome(a) == "event"
+    assert frame.outcome(c) is None and frame.outcome(d) is None
+    # 1, 1.0 and true are different literals to the key, whatever the evaluator says.
+    keys = {Subscription(id="n", filter=parse_filter(f"eq(attributes/n,{v})")).scope_key
+            for v in ("1", "1.0", "true")}  # fmt: skip
+    assert len(keys) == 3

@@ -367,3 +367,37 @@ def test_slow_consumer_is_closed_with_resume_hint(
     assert code == 4408
     assert reason.startswith("slow consumer: resume with since=")
     assert received.count(b'"type":"event"') < 400
+
+
+async def _two_events_in_order(proc: ServiceProcess, ws: ClientConnection) -> None:
+    ns = namespace()
+    await subscribe(ws, id="d", namespaces=[ns])
+    async with proc.async_client() as api:
+        for i in range(2):
+            await api.put(f"/api/v1/twins/{ns}:t", json={"attributes": {"n": i, "pad": "ab" * 200}})
+    first, second = await receive(ws), await receive(ws)
+    assert first["type"] == second["type"] == "event"
+    assert [first["event"]["action"], second["event"]["action"]] == ["created", "modified"]
+    assert second["seq"] > first["seq"]
+
+
+def test_server_declines_per_message_deflate_by_default(service: ServiceProcess) -> None:
+    async def run() -> None:
+        async with connect(service, compression="deflate") as ws:
+            assert ws.protocol.extensions == []
+            await _two_events_in_order(service, ws)
+
+    asyncio.run(run())
+
+
+def test_per_message_deflate_when_enabled(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    proc = service_factory(env={"TWIN_STREAM__WEBSOCKET_DEFLATE": "true"})
+
+    async def run() -> None:
+        async with connect(proc, compression="deflate") as ws:
+            assert [type(e).__name__ for e in ws.protocol.extensions] == ["PerMessageDeflate"]
+            await _two_events_in_order(proc, ws)
+
+    asyncio.run(run())

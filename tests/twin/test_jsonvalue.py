@@ -17,6 +17,7 @@ from twin_service.twin.jsonvalue import (
     check_size,
     check_structure,
     dumps,
+    dumps_bytes,
     loads_strict,
 )
 from twin_service.twin.patch import json_equal
@@ -235,10 +236,10 @@ SIZE_ROWS = [
 @pytest.mark.parametrize(("encoded", "size"), SIZE_ROWS)
 def test_size_limit_in_utf8_bytes(encoded: str, size: int | None) -> None:
     if size is None:
-        check_size(encoded, LIMITS)
+        check_size(encoded.encode(), LIMITS)
         return
     with pytest.raises(PayloadTooLarge) as info:
-        check_size(encoded, LIMITS)
+        check_size(encoded.encode(), LIMITS)
     assert info.value.status == 413 and info.value.code == "twin.toolarge"
     assert info.value.extra == {"size": size, "limit": 100}
     assert str(size) in info.value.message and "100" in info.value.message
@@ -253,6 +254,14 @@ def test_dumps_is_compact_utf8(value: JSON, text: str) -> None:
     assert json.loads(text) == value
 
 
-def test_dumps_refuses_non_finite() -> None:
-    with pytest.raises(ValueError):
-        dumps(math.nan)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_numbers_are_refused_before_encoding(value: float) -> None:
+    # The encoder would write them as null; validation refuses them before any write.
+    with pytest.raises(InvalidJson):
+        check_structure({"a": [1, {"b": value}]}, Limits())
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**70), {"big": [10**300, 1.5]}])
+def test_dumps_keeps_integers_beyond_64_bits_exact(value: JSON) -> None:
+    assert json.loads(dumps(value)) == value
+    assert dumps_bytes(value) == dumps(value).encode()

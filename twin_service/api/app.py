@@ -118,11 +118,15 @@ def create_app(settings: Settings) -> FastAPI:
     # /twins/{id}/history must win over /twins/{id}/{section}). include_router() would wrap
     # each router in a sub-router that FastAPI matches twice per request (a fifth of a
     # twin GET's cost).
-    app.router.routes[:0] = [
+    ours = [
         route
         for router in (streams.router, twins.router, search.router, health.router)
         for route in router.routes
     ]
+    # The whole-twin routes take most requests: they are tried first (no other route
+    # matches their one-segment path).
+    hot = [r for r in ours if getattr(r, "path", "") == "/api/v1/twins/{twin_id}"]
+    app.router.routes[:0] = hot + [r for r in ours if r not in hot]
     _document_bearer_auth(app)
     return app
 

@@ -95,10 +95,15 @@ def _authenticate(request: Request) -> Principal:
     return ctx.tokens.authenticate(request.headers.get("authorization"))
 
 
-async def require_read(request: Request) -> Principal:
+def read_access(request: Request) -> Principal:
+    """The caller, who must be allowed to read (for routes that skip the dependency)."""
     principal = _authenticate(request)
     principal.require("read")
     return principal
+
+
+async def require_read(request: Request) -> Principal:
+    return read_access(request)
 
 
 async def require_write(request: Request) -> Principal:

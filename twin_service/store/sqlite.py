@@ -102,7 +102,7 @@ class SqliteStore:
         # the event loop's thread touches it. Every read still asks the database whether the
         # twin is at the same revision of the same incarnation (another process may have
         # written), so it saves the decoding, never the check.
-        self._cache: OrderedDict[str, Twin] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Twin, int | None]] = OrderedDict()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -199,8 +199,15 @@ class SqliteStore:
         if conn is None:
             conn = self._loop_conn = self._connect()
             conn.execute("PRAGMA query_only = 1")
-        cached = self._cache.get(twin_id)
+        entry = self._cache.get(twin_id)
+        cached = entry[0] if entry is not None else None
         try:
+            # data_version changes whenever any other connection (this process's writer, or
+            # another process) commits: while it stands still, a validated copy is current.
+            (version,) = conn.execute("PRAGMA data_version").fetchone()
+            if entry is not None and entry[1] == version:
+                self._cache.move_to_end(twin_id)
+                return cached
             if cached is None:
                 row = conn.execute("SELECT doc FROM twins WHERE twin_id = ?", (twin_id,)).fetchone()
             else:
@@ -217,17 +224,19 @@ class SqliteStore:
             return None
         if row[0] is None:
             assert cached is not None
-            self._cache.move_to_end(twin_id)
+            self._remember(twin_id, cached, version)
             return cached
         twin = Twin.from_storage(json.loads(row[0]))
-        self._remember(twin_id, twin)
+        self._remember(twin_id, twin, version)
         return twin
 
-    def _remember(self, twin_id: str, twin: Twin | None) -> None:
+    def _remember(self, twin_id: str, twin: Twin | None, version: int | None = None) -> None:
+        """Cache ``twin``, checked against the database at data_version ``version`` (None:
+        not checked yet, as for a twin this process just committed)."""
         if twin is None or self._settings.twin_cache == 0:
             self._cache.pop(twin_id, None)
             return
-        self._cache[twin_id] = twin
+        self._cache[twin_id] = (twin, version)
         self._cache.move_to_end(twin_id)
         if len(self._cache) > self._settings.twin_cache:
             self._cache.popitem(last=False)

@@ -9,6 +9,10 @@ Fan-out goes through one :class:`SubscriptionIndex` shared by every session of t
 an event is offered only to the subscriptions it may concern, as one :class:`EventFrame`
 whose encodings they share. The tailer yields the event loop every couple of milliseconds
 of work so that HTTP requests and socket writes keep flowing during a large batch.
+
+Receivers queue their messages and :meth:`EventHub.defer` their session; before every pause
+(a yield, a journal read, the end of a drain) the hub flushes each deferred session once, so
+a session that received several events in one stretch writes them together.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ class Receiver(Protocol):
     """One subscription's delivery handle, filed in the hub's index; must not block."""
 
     def receive(self, frame: EventFrame) -> None: ...
+
+    def __hash__(self) -> int: ...
+
+
+class Flushable(Protocol):
+    """A session with queued messages, flushed by the hub before it pauses; must not block."""
+
+    def flush(self) -> None: ...
 
     def __hash__(self) -> int: ...
 
@@ -86,6 +98,7 @@ class EventHub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cache = StateCache(store)
+        self._deferred: dict[Flushable, None] = {}
         #: Highest sequence number offered to the receivers.
         self.position = 0
 
@@ -113,6 +126,18 @@ class EventHub:
     def unregister(self, receiver: Receiver) -> None:
         self._index.remove(receiver)
 
+    def defer(self, target: Flushable) -> None:
+        """Have ``target`` flushed before the hub next pauses (once, however often deferred)."""
+        self._deferred[target] = None
+
+    def _flush(self) -> None:
+        deferred, self._deferred = self._deferred, {}
+        for target in deferred:
+            try:
+                target.flush()
+            except Exception:
+                log.exception("event receiver failed to flush")
+
     @property
     def subscriptions(self) -> int:
         return len(self._index)
@@ -129,8 +154,15 @@ class EventHub:
                 await asyncio.sleep(self._poll_interval)
 
     async def _drain(self) -> None:
+        try:
+            await self._drain_batches()
+        finally:
+            self._flush()
+
+    async def _drain_batches(self) -> None:
         slice_start = time.perf_counter()
         while True:
+            self._flush()
             batch = await self._store.events_after(self.position, _BATCH)
             if not batch:
                 return
@@ -143,6 +175,7 @@ class EventHub:
                 # Between two events every receiver has seen everything up to `position`,
                 # so a subscription registered while we yield starts exactly there.
                 if time.perf_counter() - slice_start >= _SLICE:
+                    self._flush()
                     await asyncio.sleep(0)
                     slice_start = time.perf_counter()
             if len(batch) < _BATCH:

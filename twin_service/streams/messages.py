@@ -1,25 +1,33 @@
 """Stream messages encoded once and shared by every subscriber of an event. Pure, no I/O.
 
 A change delivered to N subscriptions used to be JSON-encoded N times. An :class:`EventFrame`
-encodes the ``event`` object once and the twin view once per distinct ``fields``
-selection; each subscriber's message is then composed from those parts. The composed text
-is byte for byte what ``dumps(message)`` gives for the message object (same keys, same
-order, same compact separators).
+encodes everything after the subscription id once per outcome and distinct ``fields``
+selection, and classifies the change once per distinct scope (filter, namespaces, twins);
+each subscriber's message is then one concatenation. The composed text is byte for byte
+what ``dumps(message)`` gives for the message object (same keys, same order, same compact
+separators).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from twin_service.store.base import StoredEvent
 from twin_service.streams.subscription import FieldsKey, Outcome, Subscription
 from twin_service.twin.jsonvalue import dumps
 from twin_service.types import JSONObject
 
+_HEADS = {
+    "event": '{"type":"event","subscription":',
+    "left": '{"type":"left","subscription":',
+}
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A message ready to send: its JSON text, plus its type and seq for SSE and resume."""
+
+class Outgoing(NamedTuple):
+    """A message ready to send: its JSON text, plus its type and seq for SSE and resume.
+
+    A named tuple rather than a frozen dataclass: one is made per delivered event.
+    """
 
     kind: str
     text: str
@@ -44,16 +52,32 @@ class Outgoing:
 class EventFrame:
     """One journaled change with the documents around it and its shared encodings."""
 
-    __slots__ = ("_event_text", "_views", "after", "before", "stored")
+    __slots__ = (
+        "_event_text", "_outcomes", "_tails", "_views", "after", "before", "namespace", "stored",
+    )  # fmt: skip
 
     def __init__(
         self, stored: StoredEvent, before: JSONObject | None, after: JSONObject | None
     ) -> None:
         self.stored = stored
+        self.namespace = stored.event.twin_id.partition(":")[0]
         self.before = before
         self.after = after
         self._event_text: str | None = None
         self._views: dict[FieldsKey, str] = {}
+        self._tails: dict[tuple[str, FieldsKey], str] = {}
+        self._outcomes: dict[str, Outcome] = {}
+
+    def outcome(self, subscription: Subscription) -> Outcome:
+        """``subscription.classify`` of this change, computed once per distinct scope."""
+        key = subscription.scope_key
+        try:
+            return self._outcomes[key]
+        except KeyError:
+            pass
+        event = self.stored.event
+        outcome = self._outcomes[key] = subscription.classify(event, self.before, self.after)
+        return outcome
 
     @property
     def event_text(self) -> str:
@@ -77,9 +101,13 @@ class EventFrame:
         """
         assert outcome is not None
         seq = self.stored.seq
-        head = f'{{"type":"{outcome}","subscription":{subscription.id_json},"seq":{seq}'
-        if outcome == "event":
-            text = f'{head},"event":{self.event_text},"twin":{self.view_text(subscription)}}}'
-        else:
-            text = f'{head},"event":{self.event_text}}}'
-        return Outgoing(kind=outcome, text=text, seq=seq)
+        key = (outcome, subscription.fields_key if outcome == "event" else None)
+        tail = self._tails.get(key)
+        if tail is None:
+            if outcome == "event":
+                twin = self.view_text(subscription)
+                tail = f',"seq":{seq},"event":{self.event_text},"twin":{twin}}}'
+            else:
+                tail = f',"seq":{seq},"event":{self.event_text}}}'
+            self._tails[key] = tail
+        return Outgoing(outcome, _HEADS[outcome] + subscription.id_json + tail, seq)

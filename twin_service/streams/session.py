@@ -8,13 +8,21 @@ registration, then the held-back live events are released. A consumer that falls
 Each subscription is filed in the hub's shared index (on subscribe; removed on unsubscribe and
 close), so the hub offers it only the events it may concern. Messages are queued ready to
 send (:class:`Outgoing`), composed from the parts the event's frame encoded once.
+
+Live events are not sent one by one: the hub queues them and calls :meth:`StreamSession.flush`
+once per session when it pauses (every couple of milliseconds of fan-out work). With an
+:class:`Output` attached (a WebSocket's direct writer) that is ready, flush hands every queued
+message to it at once; otherwise it wakes the connection's writer task, which uses
+:meth:`wait` and :meth:`next`, or :meth:`flush` again once the output is writable.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from twin_service.auth import Principal
 from twin_service.store.base import StoredEvent, TwinStore
@@ -22,6 +30,17 @@ from twin_service.streams.hub import EventHub, replay
 from twin_service.streams.messages import EventFrame, Outgoing
 from twin_service.streams.subscription import Subscription
 from twin_service.types import JSONObject
+
+
+class Output(Protocol):
+    """Where a session's messages go when it can take them without waiting."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`write_texts` may be called now (open, not paused)."""
+        ...
+
+    def write_texts(self, texts: Sequence[str]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -34,7 +53,13 @@ class _Active:
     held: list[EventFrame] = field(default_factory=list)
 
     def receive(self, frame: EventFrame) -> None:
-        self.session._receive(self, frame)
+        session = self.session
+        if session.overflowed:
+            return  # the writer is closing this session; spare the work
+        if self.replaying:
+            session._hold(self, frame)
+        elif session._deliver(self.subscription, frame):
+            session._hub.defer(session)
 
 
 class StreamSession:
@@ -52,6 +77,11 @@ class StreamSession:
         #: Highest sequence number handed to the client, for the resume hint.
         self.delivered_seq = 0
         self._closed = False
+        self._output: Output | None = None
+
+    def attach(self, output: Output) -> None:
+        """Let :meth:`flush` write straight to ``output`` when it is ready."""
+        self._output = output
 
     def close(self) -> None:
         self._closed = True
@@ -64,16 +94,46 @@ class StreamSession:
     def send(self, message: JSONObject) -> None:
         """Queue a control message (subscribed, response, error...)."""
         self._push(Outgoing.of(message))
+        self._ready.set()
 
-    def _push(self, item: Outgoing) -> None:
+    def _push(self, item: Outgoing) -> bool:
+        """Queue ``item``; the caller wakes the writer (or defers to a flush)."""
         if self.overflowed:
-            return
+            return False
         if len(self._outbox) >= self._queue_size:
             self.overflowed = True
             self._outbox.clear()
-        else:
-            self._outbox.append(item)
-        self._ready.set()
+            self._ready.set()
+            return False
+        self._outbox.append(item)
+        return True
+
+    def flush(self) -> None:
+        """Write every queued message to the attached output if it is ready, else wake the
+        writer task."""
+        if not self._outbox:
+            if self.overflowed:
+                self._ready.set()
+            return
+        output = self._output
+        if output is None or self.overflowed or not output.ready:
+            self._ready.set()
+            return
+        items, self._outbox = self._outbox, deque()
+        output.write_texts([item.text for item in items])
+        for item in reversed(items):
+            if item.advances_resume and item.seq is not None:
+                self.delivered_seq = max(self.delivered_seq, item.seq)
+                break
+
+    async def wait(self) -> bool:
+        """Wait until a message is queued: ``True``, or ``False`` once the consumer overflowed."""
+        while not self._outbox:
+            if self.overflowed:
+                return False
+            self._ready.clear()
+            await self._ready.wait()
+        return not self.overflowed
 
     async def next(self) -> Outgoing | None:
         """The next message to send; ``None`` once the consumer overflowed."""
@@ -127,6 +187,7 @@ class StreamSession:
             stored: StoredEvent, before: JSONObject | None, after: JSONObject | None
         ) -> None:
             self._deliver(active.subscription, EventFrame(stored, before, after))
+            self._ready.set()
 
         try:
             await replay(self._store, since, position, emit_replayed)
@@ -140,6 +201,7 @@ class StreamSession:
         for frame in held:
             if frame.stored.seq > position:
                 self._deliver(active.subscription, frame)
+        self._ready.set()
 
     def unsubscribe(self, subscription_id: str) -> bool:
         active = self._subs.pop(subscription_id, None)
@@ -148,23 +210,19 @@ class StreamSession:
         self._hub.unregister(active)
         return True
 
-    def _receive(self, active: _Active, frame: EventFrame) -> None:
-        if self.overflowed:
-            return  # the writer is closing this session; spare the work
-        if active.replaying:
-            if len(active.held) >= self._queue_size:
-                self.overflowed = True
-                self._ready.set()
-                return
-            active.held.append(frame)
-        else:
-            self._deliver(active.subscription, frame)
+    def _hold(self, active: _Active, frame: EventFrame) -> None:
+        """Keep a live event of a subscription that is still replaying."""
+        if len(active.held) >= self._queue_size:
+            self.overflowed = True
+            self._ready.set()
+            return
+        active.held.append(frame)
 
-    def _deliver(self, subscription: Subscription, frame: EventFrame) -> None:
-        event = frame.stored.event
-        if not self._principal.may_see(event.twin_id.partition(":")[0]):
-            return
-        outcome = subscription.classify(event, frame.before, frame.after)
+    def _deliver(self, subscription: Subscription, frame: EventFrame) -> bool:
+        """Queue the message of ``frame`` for ``subscription``, if any: whether one was."""
+        if not self._principal.may_see(frame.namespace):
+            return False
+        outcome = frame.outcome(subscription)
         if outcome is None:
-            return
-        self._push(frame.message(outcome, subscription))
+            return False
+        return self._push(frame.message(outcome, subscription))

@@ -42,6 +42,18 @@ class Subscription:
         """The ``fields`` selection as a hashable key: equal keys give equal views."""
         return None if self.fields is None else tuple(tuple(path) for path in self.fields)
 
+    @cached_property
+    def scope_key(self) -> str:
+        """What :meth:`classify` depends on: subscriptions with equal keys classify alike.
+
+        The representation of the filter tree (frozen dataclasses of tuples and literals,
+        whose ``repr`` tells ``1``, ``1.0`` and ``true`` apart) and of the sorted scopes; a
+        string, because its hash is computed once (the hash of a dataclass tree is not).
+        """
+        namespaces = sorted(self.namespaces) if self.namespaces is not None else None
+        twins = sorted(self.twins) if self.twins is not None else None
+        return repr((self.filter, namespaces, twins))
+
     def in_scope(self, twin_id: str) -> bool:
         if self.twins is not None and twin_id not in self.twins:
             return False

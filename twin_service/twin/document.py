@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from twin_service.errors import BadRequest
 from twin_service.twin.delta import compute_delta
-from twin_service.twin.jsonvalue import Limits, check_size, check_structure, dumps
+from twin_service.twin.jsonvalue import Limits, check_size, check_structure, dumps_bytes
 from twin_service.twin.metadata import stamp
 from twin_service.twin.patch import diff_merge_patch, json_equal
 from twin_service.types import JSON, JSONObject
@@ -124,7 +124,7 @@ class Twin:
     def document_json(self) -> bytes:
         """:meth:`to_document` encoded as UTF-8 JSON, encoded once per twin (it is immutable
         and may be served from a cache many times)."""
-        return dumps(self.to_document()).encode()
+        return dumps_bytes(self.to_document())
 
     def to_storage(self) -> JSONObject:
         """What the stores persist: the document without the derived delta, plus private."""
@@ -235,7 +235,7 @@ def apply_change(
         connection={"status": "unknown", "since": timestamp, "lastSeen": None},
     )
     merged: dict[str, Any] = {name: values.get(name, base.section(name)) for name in WRITABLE}
-    check_size(dumps({k: v for k, v in merged.items() if v is not None}), limits)
+    check_size(dumps_bytes({k: v for k, v in merged.items() if v is not None}), limits)
     revision = base.revision + 1
     metadata = dict(base.metadata)
     for name in STAMPED:

@@ -25,6 +25,7 @@ from twin_service.api.schemas import errors
 from twin_service.auth import Principal
 from twin_service.commands import run_command
 from twin_service.errors import BadRequest, Gone, TwinServiceError, Unauthorized
+from twin_service.streams.direct_ws import pump_websocket
 from twin_service.streams.session import StreamSession
 from twin_service.streams.subscription import Subscription, validate_id
 from twin_service.twin.fields import parse_fields
@@ -135,7 +136,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         if principal is None:
             return
     session = StreamSession(ctx.hub, ctx.store, principal, ctx.settings.stream.queue_size)
-    writer = asyncio.create_task(_write_loop(websocket, session))
+    writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
     tasks: set[asyncio.Task[None]] = set()
     try:
         await websocket.send_text(dumps({"type": "welcome", "principal": principal.name}))
@@ -174,16 +175,6 @@ async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Principa
         return None
     except WebSocketDisconnect:
         return None
-
-
-async def _write_loop(websocket: WebSocket, session: StreamSession) -> None:
-    while True:
-        item = await session.next()
-        if item is None:
-            reason = f"slow consumer: resume with since={session.delivered_seq}"
-            await websocket.close(CLOSE_SLOW_CONSUMER, reason)
-            return
-        await websocket.send_text(item.text)
 
 
 async def _handle(ctx: AppContext, principal: Principal, session: StreamSession, raw: str) -> None:
