@@ -401,3 +401,40 @@ def test_per_message_deflate_when_enabled(
             await _two_events_in_order(proc, ws)
 
     asyncio.run(run())
+
+
+def test_subscribers_after_unobserved_changes_see_the_right_before_state(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """With nobody subscribed the hub skips the journal; a twin deleted and created again
+    meanwhile must not be judged on what the hub remembered of its first incarnation."""
+    proc = service_factory()
+    ns = namespace()
+    url = f"/api/v1/twins/{ns}:x"
+
+    async def run() -> None:
+        async with proc.async_client() as api:
+            async with connect(proc) as ws:
+                await subscribe(ws, id="all", namespaces=[ns])
+                await api.put(url, json={"attributes": {"site": "a"}})
+                for n in (1, 2):
+                    await api.put(f"{url}/desired/n", json=n)
+                for _ in range(3):
+                    assert (await receive(ws))["type"] == "event"
+            await asyncio.sleep(0.3)  # the session is gone: nobody listens
+            assert (await api.delete(url)).status_code == 204
+            await api.put(url, json={"attributes": {"site": "b"}})
+            for n in (1, 2):
+                await api.put(f"{url}/desired/n", json=n)  # revision 3 again
+            await asyncio.sleep(0.3)
+            async with connect(proc) as ws:
+                await subscribe(ws, id="a", filter='eq(attributes/site,"a")', namespaces=[ns])
+                # Site b before and after: nothing for this subscription (a stale "before"
+                # of the first incarnation, site a, would make it a "left").
+                await api.put(f"{url}/desired/n", json=3)
+                await api.put(f"/api/v1/twins/{ns}:probe", json={"attributes": {"site": "a"}})
+                message = await receive(ws)
+                assert message["type"] == "event", message
+                assert message["event"]["twinId"] == f"{ns}:probe"
+
+    asyncio.run(run())

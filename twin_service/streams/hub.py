@@ -77,6 +77,9 @@ class StateCache:
         previous = await self._store.twin_at(event.twin_id, event.revision - 1)
         return previous.to_document() if previous is not None else None
 
+    def clear(self) -> None:
+        self._docs.clear()
+
     def remember(self, stored: StoredEvent, after: JSONObject | None) -> None:
         twin_id = stored.event.twin_id
         self._docs[twin_id] = (stored.event.revision, after)
@@ -163,6 +166,15 @@ class EventHub:
         slice_start = time.perf_counter()
         while True:
             self._flush()
+            if not self._index:
+                # Nobody listens: move to the end of the journal instead of reading and
+                # decoding every event (a sixth of a write's CPU when nobody subscribes).
+                last = await self._store.last_seq()
+                if not self._index:  # nobody registered while we waited either
+                    if last > self.position:
+                        self.position = last
+                        self._cache.clear()  # it no longer follows every change
+                    return
             batch = await self._store.events_after(self.position, _BATCH)
             if not batch:
                 return
