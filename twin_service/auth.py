@@ -48,6 +48,8 @@ class Principal:
 
 
 ANONYMOUS_ADMIN = Principal(name="anonymous", role="admin")
+#: Most Authorization header values remembered as accepted.
+_ACCEPTED_MAX = 1024
 
 
 class TokenRegistry:
@@ -61,16 +63,28 @@ class TokenRegistry:
             )
             for t in tokens
         }
+        # Authorization headers already accepted, so that a client's every request does not
+        # hash its token again. Only valid tokens get in (bounded by the tokens configured
+        # and the spellings of the header); a lookup compares strings only on a keyed-hash
+        # match, so it reveals nothing about tokens that are not in it.
+        self._accepted: dict[str, Principal] = {}
 
     def authenticate(self, authorization: str | None) -> Principal:
         if self.disabled:
             return ANONYMOUS_ADMIN
+        if authorization is not None:
+            known = self._accepted.get(authorization)
+            if known is not None:
+                return known
         if not authorization:
             raise Unauthorized("A bearer token is required (Authorization: Bearer <token>).")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("Authorization must be 'Bearer <token>'.")
-        return self.authenticate_token(token.strip())
+        principal = self.authenticate_token(token.strip())
+        if len(self._accepted) < _ACCEPTED_MAX:
+            self._accepted[authorization] = principal
+        return principal
 
     def authenticate_token(self, token: str) -> Principal:
         if self.disabled:
