@@ -59,7 +59,8 @@ def test_expiry_due_while_stopped_is_committed_after_a_restart(
     first = service_factory(data)
     url = "/api/v1/twins/org.acme:ttl-restart"
     with first.client() as api:
-        assert api.put(url, json={"attributes": {"expires": "a user key, not an expiry"}})
+        created = api.put(url, json={"attributes": {"expires": "a user key, not an expiry"}})
+        assert created.status_code == 201
         assert api.put(f"{url}/desired/led", params={"ttl": 1}, json="red").status_code == 201
         for i in range(30):  # twins without any expiry, which the scan may skip
             assert api.put(f"/api/v1/twins/org.acme:plain-{i}", json={}).status_code == 201
