@@ -169,7 +169,10 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
     # cached read (see RawParam).
     principal = read_access(request)
     ctx = context(request)
-    fields, at, if_none_match = FIELDS.get(request), AT.get_int(request), IF_NONE_MATCH.get(request)
+    fields = at = None
+    if request.scope.get("query_string"):  # most GETs have none: skip parsing it
+        fields, at = FIELDS.get(request), AT.get_int(request)
+    if_none_match = IF_NONE_MATCH.get(request)
     _visible(principal, twin_id)
     twin = await ctx.service.get(twin_id)
     if at is not None and at != twin.revision:
