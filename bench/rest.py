@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +130,14 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-def twin_server(data_dir: Path, log: Path) -> Server:
+def twin_server(data_dir: Path, log: Path, settings: dict[str, str] | None = None) -> Server:
     env = _base_env()
     env.update(
         {
             "TWIN_AUTH__TOKENS": json.dumps([{"name": "bench", "token": TOKEN, "role": "admin"}]),
             "TWIN_MQTT__ENABLED": "false",
             "TWIN_LOG_LEVEL": "warning",
+            **(settings or {}),
         }
     )
     argv = [sys.executable, "-m", "twin_service", "serve", "--host", "127.0.0.1"]
@@ -354,6 +355,8 @@ class Options:
     rounds: int
     loadgen: str
     profile: Path | None
+    #: Extra ``TWIN_*`` environment of the service (``--set``), for A/B runs of a setting.
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 PHASES = [("twin", "GET"), ("twin", "PATCH"), ("bare", "GET"), ("bare", "PATCH")]
@@ -435,7 +438,7 @@ def run(options: Options) -> dict[str, Any]:
         script = work / "rest.lua"
         script.write_text(_WRK_SCRIPT)
         servers = {
-            "twin": twin_server(work / "data", work / "twin.log"),
+            "twin": twin_server(work / "data", work / "twin.log", options.settings),
             "bare": bare_server(work / "bare.log"),
         }
         try:
@@ -521,7 +524,17 @@ def main(argv: list[str] | None = None) -> int:
         "(.svg flamegraph, .json speedscope); the figures of that round are perturbed",
     )
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TWIN_NAME=VALUE",
+        help="a setting of the service as its environment variable (repeatable)",
+    )
     args = parser.parse_args(argv)
+    settings = dict(item.split("=", 1) for item in args.set)
+    if not all(name.startswith("TWIN_") for name in settings):
+        parser.error("--set takes TWIN_NAME=VALUE")
     options = Options(
         args.twins,
         args.connections,
@@ -530,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds,
         args.loadgen,
         args.profile,
+        settings,
     )
     summary = run(options)
     if args.json is not None:

@@ -70,6 +70,12 @@ class SqliteSettings(BaseModel):
         256, ge=0, description="Memory-mapped I/O per connection (MiB; 0 turns it off)."
     )
     read_threads: int = Field(4, ge=1, le=64, description="Threads for searches and scans.")
+    wal_autocheckpoint: int = Field(
+        10_000,
+        ge=0,
+        description="WAL pages (4 KiB) after which a commit copies them back into the "
+        "database; SQLite's default of 1000 made PATCH 10-20% slower.",
+    )
     twin_cache: int = Field(
         10_000,
         ge=0,

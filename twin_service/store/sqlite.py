@@ -120,6 +120,7 @@ class SqliteStore:
         # SQLite's 2 MiB default keep hot pages in reach without a read() per page.
         conn.execute(f"PRAGMA cache_size = -{int(self._settings.cache_mib) * 1024}")
         conn.execute(f"PRAGMA mmap_size = {int(self._settings.mmap_mib) * 1024 * 1024}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(self._settings.wal_autocheckpoint)}")
         sqlite_index.register_functions(conn)
         with self._conns_lock:
             self._all_conns.append(conn)
