@@ -6,7 +6,7 @@ from typing import Any
 
 from search.rql.evaluator import present, type_rank
 from search.rql.ordering import ARRAY, OBJECT
-from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path
+from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path, lookup
 from twin_service.types import JSON, JSONObject
 
 from .encoding import encode_value, field_key
@@ -48,15 +48,6 @@ def _sort_keys(node: JSON, path: str, out: dict[str, str]) -> None:
         out[field_key(path)] = encode_value(node)
 
 
-def _lookup(doc: JSONObject, path: tuple[str, ...]) -> tuple[bool, Any]:
-    node: Any = doc
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return False, None
-        node = node[key]
-    return True, node
-
-
 def index_fields(doc: JSONObject) -> dict[str, Any]:
     """``{"e": {...}, "k": {...}}`` for a twin document (the API form, with ``delta``).
 
@@ -66,7 +57,7 @@ def index_fields(doc: JSONObject) -> dict[str, Any]:
     values: Values = {}
     keys: dict[str, str] = {}
     for fixed in FIXED_PATHS:
-        found, node = _lookup(doc, fixed)
+        found, node = lookup(doc, fixed)
         if found:
             _values(node, format_path(fixed), values)
             _sort_keys(node, format_path(fixed), keys)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twin_service.errors import RqlInvalid
+from twin_service.types import JSONObject
 
 from .ast import Path
 
@@ -24,6 +27,16 @@ FIXED_PATHS: frozenset[Path] = frozenset(
 TREE_ROOTS: frozenset[str] = frozenset(
     {"attributes", "desired", "reported", "live", "delta", "lifecycle"}
 )
+
+
+def lookup(doc: JSONObject, path: Path) -> tuple[bool, Any]:
+    """``(True, node)`` at ``path`` through nested objects, ``(False, None)`` if it is absent."""
+    node: Any = doc
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
 
 
 def escape_key(key: str) -> str:

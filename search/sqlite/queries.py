@@ -13,7 +13,7 @@ from search.rql.paths import format_path
 from search.rql.query import SearchQuery
 from twin_service.types import JSONObject
 
-from .rows import RowChanges, diff_rows, leaves
+from .rows import RowChanges, diff_rows, leaves, numbered
 from .translate import Sql, _selectivity, bind_value, filter_sql
 
 
@@ -103,13 +103,7 @@ def keyed_rows(
     rows: list[tuple[str, int, Any, int]],
 ) -> dict[tuple[str, int], tuple[int, Any, int]]:
     """Rows keyed by (path, position among the rows of that path): stable across writes."""
-    counters: dict[str, int] = {}
-    keyed: dict[tuple[str, int], tuple[int, Any, int]] = {}
-    for path, t, v, a in rows:
-        position = counters.get(path, 0)
-        counters[path] = position + 1
-        keyed[(path, position)] = (t, v, a)
-    return keyed
+    return {(path, seq): (t, v, a) for path, seq, t, v, a in numbered(rows)}
 
 
 def _differs(old: tuple[int, Any, int] | None, new: tuple[int, Any, int]) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from search.rql.ordering import ARRAY, OBJECT
-from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path
+from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path, lookup
 from twin_service.types import JSON, JSONObject
 
 #: ``(path, t, v, a)`` as described in :mod:`search.sqlite.schema`.
@@ -42,15 +42,6 @@ def _flatten(node: JSON, path: str, in_array: int, out: list[Leaf]) -> None:
         out.append((path, 3, str(node), in_array))
 
 
-def _lookup(doc: JSONObject, path: tuple[str, ...]) -> tuple[bool, JSON]:
-    node: Any = doc
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return False, None
-        node = node[key]
-    return True, node
-
-
 def leaves(doc: JSONObject, roots: Iterable[str] | None = None) -> list[Leaf]:
     """Every searchable node of ``doc`` as an index row.
 
@@ -58,7 +49,7 @@ def leaves(doc: JSONObject, roots: Iterable[str] | None = None) -> list[Leaf]:
     """
     out: list[Leaf] = []
     for fixed in sorted(FIXED_PATHS):
-        found, node = _lookup(doc, fixed)
+        found, node = lookup(doc, fixed)
         if found:
             _flatten(node, format_path(fixed), 0, out)
     for root in sorted(TREE_ROOTS if roots is None else roots):
@@ -93,7 +84,8 @@ def _produces_rows(node: JSON) -> bool:
     return any(not isinstance(child, dict) or _produces_rows(child) for child in node.values())
 
 
-def _keyed(leaves_: list[Leaf]) -> list[Row]:
+def numbered(leaves_: list[Leaf]) -> list[Row]:
+    """The rows as stored: ``seq`` numbers the rows of each path in order."""
     counters: dict[str, int] = {}
     out: list[Row] = []
     for path, t, v, a in leaves_:
@@ -148,11 +140,11 @@ def _diff_node(old: Any, new: Any, path: str, out: RowChanges) -> None:
     if old is not _ABSENT:
         flat: list[Leaf] = []
         _flatten(old, path, 0, flat)
-        old_rows = _keyed(flat)
+        old_rows = numbered(flat)
     if new is not _ABSENT:
         flat = []
         _flatten(new, path, 0, flat)
-        new_rows = _keyed(flat)
+        new_rows = numbered(flat)
     if _same_rows(old_rows, new_rows):
         return
     if len(old_rows) == len(new_rows) == 1 and old_rows[0][:2] == new_rows[0][:2]:
@@ -171,8 +163,8 @@ def diff_rows(old: JSONObject, new: JSONObject) -> RowChanges:
     """
     out = RowChanges()
     for fixed, text in _FIXED:
-        old_found, old_node = _lookup(old, fixed)
-        new_found, new_node = _lookup(new, fixed)
+        old_found, old_node = lookup(old, fixed)
+        new_found, new_node = lookup(new, fixed)
         _diff_node(
             old_node if old_found else _ABSENT, new_node if new_found else _ABSENT, text, out
         )

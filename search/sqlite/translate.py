@@ -59,14 +59,10 @@ def _member(leaf_set: LeafSet, driving: bool, negate: bool = False) -> Sql:
     (``+t``/``+v`` keep the planner off the value index there), so a broad condition in an
     ``and`` is never materialized whole.
     """
-    params: list[Any] = []
     if driving and not negate:
-        selects = []
-        for branch in leaf_set:
-            sql, p = branch.sql("t", "v")
-            selects.append(f"SELECT tid FROM search_leaf WHERE {sql}")
-            params.extend(p)
-        return f"t.tid IN ({' UNION ALL '.join(selects)})", params
+        union, union_params = _union_of_tids(leaf_set)
+        return f"t.tid IN ({union})", union_params
+    params: list[Any] = []
     conditions = []
     for branch in leaf_set:
         sql, p = branch.sql("+t", "+v")
@@ -171,19 +167,22 @@ def _positive_set(node: Filter) -> LeafSet | None:
     return None
 
 
-def _select_tids(leaf_set: LeafSet) -> Sql:
+def _union_of_tids(leaf_set: LeafSet) -> Sql:
+    """A compound SELECT of the ``tid`` of every leaf in ``leaf_set`` (value-index lookups)."""
     selects, params = [], []
     for branch in leaf_set:
         sql, p = branch.sql("t", "v")
         selects.append(f"SELECT tid FROM search_leaf WHERE {sql}")
         params.extend(p)
-    if len(selects) == 1:
-        return selects[0], params
-    return f"SELECT tid FROM ({' UNION ALL '.join(selects)})", params
+    return " UNION ALL ".join(selects), params
 
 
 def _intersection(leaf_sets: list[LeafSet]) -> Sql:
-    parts = [_select_tids(leaf_set) for leaf_set in leaf_sets]
+    parts = []
+    for leaf_set in leaf_sets:
+        sql, params = _union_of_tids(leaf_set)
+        # A union must be a subquery here: compound operators associate to the left.
+        parts.append((sql if len(leaf_set) == 1 else f"SELECT tid FROM ({sql})", params))
     return (
         f"t.tid IN ({' INTERSECT '.join(p[0] for p in parts)})",
         [x for p in parts for x in p[1]],
@@ -195,21 +194,12 @@ def filter_sql(node: Filter, driving: bool = True) -> Sql:
 
     In an ``and`` only the operand that looks most selective drives the query.
     """
-    if isinstance(node, Compare):
-        if node.op == "eq":
-            return _member(_eq_set(node.path, node.value), driving)
-        if node.op == "ne":
-            has = _member(_leaf_set(node.path), driving)
-            return _join("AND", [has, _member(_eq_set(node.path, node.value), False, True)])
-        condition = f"{{t}} = ? AND {{v}} {_OPS[node.op]} ?"
-        rank, value = type_rank(node.value), bind_value(node.value)
-        return _member(_leaf_set(node.path, condition, rank, value), driving)
-    if isinstance(node, In):
-        return _member(_in(node), driving)
-    if isinstance(node, Like):
-        return _member(_like(node), driving)
-    if isinstance(node, Exists):
-        return _member(_leaf_set(node.path), driving)
+    leaf_set = _positive_set(node)
+    if leaf_set is not None:
+        return _member(leaf_set, driving)
+    if isinstance(node, Compare):  # ne: has the property, with another value
+        has = _member(_leaf_set(node.path), driving)
+        return _join("AND", [has, _member(_eq_set(node.path, node.value), False, True)])
     if isinstance(node, And):
         if driving:
             # Two or more selective conditions: intersect their value-index lookups. Driving

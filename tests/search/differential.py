@@ -33,6 +33,7 @@ from search.rql import (
     page,
     selected,
 )
+from search.rql.paths import lookup
 from twin_service.types import JSONObject
 
 
@@ -187,18 +188,6 @@ def queries(draw: st.DrawFn) -> SearchQuery:
     )
 
 
-_NOTHING: Any = object()
-
-
-def _at(doc: JSONObject, path: Path) -> Any:
-    node: Any = doc
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return _NOTHING
-        node = node[key]
-    return node
-
-
 # --- the check --------------------------------------------------------------------------------
 
 
@@ -277,7 +266,8 @@ class DifferentialSuite:
             (path, node)
             for doc in docs
             for path in PATHS
-            if (node := _at(doc, path)) is not _NOTHING and not isinstance(node, (dict, list))
+            for found, node in [lookup(doc, path)]
+            if found and not isinstance(node, (dict, list))
         ]
         condition = atoms(vocabulary=True)
         if held:

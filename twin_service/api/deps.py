@@ -20,18 +20,17 @@ from twin_service.types import JSON
 
 # Dependencies are ``async def`` although they never await: FastAPI runs plain ``def``
 # dependencies in a worker thread, and those hops cost more than the work itself.
-async def get_context(request: Request) -> AppContext:
+def context(request: Request) -> AppContext:
+    """The context (also for the hot routes that skip the ``Context`` dependency)."""
     ctx: AppContext = request.app.state.ctx
     return ctx
+
+
+async def get_context(request: Request) -> AppContext:
+    return context(request)
 
 
 Context = Annotated[AppContext, Depends(get_context)]
-
-
-def context(request: Request) -> AppContext:
-    """The context, for the hot routes that skip the ``Context`` dependency."""
-    ctx: AppContext = request.app.state.ctx
-    return ctx
 
 
 @dataclass(frozen=True)
@@ -91,8 +90,8 @@ def _authenticate(request: Request) -> Principal:
     # The Authorization header is read here rather than declared as a parameter: it is
     # documented once, as the OpenAPI bearer security scheme (see app.py), and every
     # declared parameter costs FastAPI noticeable time on each request.
-    ctx: AppContext = request.app.state.ctx
-    return ctx.tokens.authenticate(request.headers.get("authorization"))
+    principal = context(request).tokens.authenticate(request.headers.get("authorization"))
+    return principal
 
 
 def read_access(request: Request) -> Principal:
@@ -102,14 +101,19 @@ def read_access(request: Request) -> Principal:
     return principal
 
 
+def write_access(request: Request) -> Principal:
+    """The caller, who must be allowed to write."""
+    principal = _authenticate(request)
+    principal.require("write")
+    return principal
+
+
 async def require_read(request: Request) -> Principal:
     return read_access(request)
 
 
 async def require_write(request: Request) -> Principal:
-    principal = _authenticate(request)
-    principal.require("write")
-    return principal
+    return write_access(request)
 
 
 Reader = Annotated[Principal, Depends(require_read)]

@@ -56,19 +56,12 @@ TWIN_BASE = 4  # raw path segments before a section: "", api, v1, twins, {id}
 
 
 def json_response(value: JSON, status: int = 200, revision: int | None = None) -> Response:
+    return _encoded_response(dumps_bytes(value), status, revision)
+
+
+def _encoded_response(body: bytes, status: int = 200, revision: int | None = None) -> Response:
     headers = {"ETag": etag(revision)} if revision is not None else None
-    return Response(
-        dumps_bytes(value), status_code=status, media_type="application/json", headers=headers
-    )
-
-
-def _document_response(twin: Twin, status: int = 200) -> Response:
-    return Response(
-        twin.document_json,
-        status_code=status,
-        media_type="application/json",
-        headers={"ETag": etag(twin.revision)},
-    )
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def written(response: Response, outcome: Outcome) -> Response:
@@ -188,7 +181,7 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
     if _not_modified(if_none_match, twin):
         return Response(status_code=304, headers={"ETag": etag(twin.revision)})
     if fields is None:
-        return _document_response(twin)
+        return _encoded_response(twin.document_json, revision=twin.revision)
     return json_response(select(twin.to_document(), parse_fields(fields)), revision=twin.revision)
 
 
