@@ -278,8 +278,30 @@ async def next_writes(settings: Settings, count: int, n: int, seed: int) -> list
         current = {t.twin_id: t for t in await store.get_many(ids)}
     finally:
         await store.close()
-    patch = patch_request(count)
-    return [build_write(current[i], i, json.loads(patch(rng).body or b"{}"), Limits()) for i in ids]
+    writes = []
+    for i in ids:
+        twin = current[i]
+        # Both leaves really change (uptime grows, the temperature moves), as telemetry does:
+        # random values alone repeat when the same seed already wrote them to this database,
+        # and a write that changes nothing but the revision costs the index half as much.
+        uptime = twin.reported.get("uptime")
+        temp = twin.live.get("telemetry", {}).get("temp")
+        body: JSONObject = {
+            "reported": {
+                "uptime": (uptime if isinstance(uptime, int) else 0) + rng.randrange(1, 3600)
+            },
+            "live": {
+                "telemetry": {
+                    "temp": round(
+                        (temp if isinstance(temp, float) else 55.0)
+                        + rng.choice((-1, 1)) * rng.uniform(0.01, 2.0),
+                        2,
+                    )
+                }
+            },
+        }
+        writes.append(build_write(twin, i, body, Limits()))
+    return writes
 
 
 def index_cost(settings: Settings, count: int, n: int, rounds: int) -> dict[str, float]:

@@ -74,7 +74,14 @@ class SqliteSettings(BaseModel):
         10_000,
         ge=0,
         description="WAL pages (4 KiB) after which a commit copies them back into the "
-        "database; SQLite's default of 1000 made PATCH 10-20% slower.",
+        "database (whatever the background checkpoint has not copied yet); SQLite's default "
+        "of 1000 made PATCH 10-20% slower.",
+    )
+    checkpoint_interval_ms: int = Field(
+        250,
+        ge=0,
+        description="A background thread copies committed WAL pages into the database at "
+        "this interval, so commits rarely do it themselves (0 turns it off).",
     )
     twin_cache: int = Field(
         10_000,

@@ -85,7 +85,10 @@ def filter_query(node: Filter) -> Query:
     if isinstance(node, Exists):
         return {path_field(node.path): {"$exists": True}}
     if isinstance(node, In):
-        alternatives = [_equal(node.path, v) for v in dict.fromkeys(node.values)]
+        # Duplicates are dropped by (is boolean, value): Python takes True == 1, so keying by
+        # value alone lost one of in(p, true, 1). (1 and 1.0 are one number, also in RQL.)
+        distinct = {(isinstance(v, bool), v): v for v in node.values}
+        alternatives = [_equal(node.path, v) for v in distinct.values()]
         return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
     if isinstance(node, Like):
         patterns.validate(node.pattern)

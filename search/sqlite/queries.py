@@ -97,6 +97,16 @@ def _apply_changes(cur: sqlite3.Cursor, tid: int, changes: RowChanges) -> None:
             [(tid, path, seq) for path, seq in changes.removed],
         )
     _upsert(cur, [(tid, *row) for row in changes.rows])
+    if changes.updated:
+        # An UPDATE skips the failed insert an upsert starts with (one B-tree descent per row).
+        updated = [(t, v, a, tid, path, seq) for path, seq, t, v, a in changes.updated]
+        cur.executemany(
+            "UPDATE search_leaf SET t = ?, v = ?, a = ? WHERE tid = ? AND path = ? AND seq = ?",
+            updated,
+        )
+        if cur.rowcount != len(updated):
+            # The index did not hold the previous document's rows after all: write them whole.
+            _upsert(cur, [(tid, *row) for row in changes.updated])
 
 
 def keyed_rows(

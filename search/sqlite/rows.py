@@ -69,19 +69,30 @@ class RowChanges:
     """What turns the index rows of one document into those of another.
 
     Apply ``subtrees`` first (each path and every path below it loses all its rows), then
-    ``removed`` (single rows), then upsert ``rows``.
+    ``removed`` (single rows), then upsert ``rows``, then ``updated``: rows whose
+    ``(path, seq)`` the old document already had, whose values change in place.
     """
 
     subtrees: list[str] = field(default_factory=list)
     removed: list[tuple[str, int]] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
+    updated: list[Row] = field(default_factory=list)
 
 
 def _produces_rows(node: JSON) -> bool:
     """Whether ``node`` yields any index row (only objects holding nothing do not)."""
     if not isinstance(node, dict):
         return True
-    return any(not isinstance(child, dict) or _produces_rows(child) for child in node.values())
+    # A loop, not any() over a generator: this runs for every object a write passes through.
+    for child in node.values():
+        if not isinstance(child, dict) or _produces_rows(child):
+            return True
+    return False
+
+
+def _segment(key: str) -> str:
+    # Keys almost never need escaping; skipping the two replace() calls matters here.
+    return escape_key(key) if "~" in key or "/" in key else key
 
 
 def numbered(leaves_: list[Leaf]) -> list[Row]:
@@ -120,15 +131,19 @@ def _diff_node(old: Any, new: Any, path: str, out: RowChanges) -> None:
         if old != new:
             row = _scalar_row(new, path)
             assert row is not None
-            out.rows.append(row)
+            out.updated.append(row)
         return
     if isinstance(old, dict) and isinstance(new, dict):
         # Objects are never inside an array here (the walk does not enter arrays), so every
         # path below ``path`` gets its rows from this node alone and can be diffed key by key.
-        for key in old.keys() | new.keys():
-            _diff_node(
-                old.get(key, _ABSENT), new.get(key, _ABSENT), f"{path}/{escape_key(key)}", out
-            )
+        # Children shared by identity are skipped before their path is even built.
+        for key, child in new.items():
+            before = old.get(key, _ABSENT)
+            if before is not child:
+                _diff_node(before, child, f"{path}/{_segment(key)}", out)
+        for key, before in old.items():
+            if key not in new:
+                _diff_node(before, _ABSENT, f"{path}/{_segment(key)}", out)
         had, has = _produces_rows(old), _produces_rows(new)
         if had and not has:
             out.removed.append((path, 0))
@@ -148,7 +163,7 @@ def _diff_node(old: Any, new: Any, path: str, out: RowChanges) -> None:
     if _same_rows(old_rows, new_rows):
         return
     if len(old_rows) == len(new_rows) == 1 and old_rows[0][:2] == new_rows[0][:2]:
-        out.rows.append(new_rows[0])  # one value replaced by another: a single upsert
+        out.updated.append(new_rows[0])  # one value replaced by another in place
         return
     if old_rows:
         out.subtrees.append(path)
@@ -163,14 +178,26 @@ def diff_rows(old: JSONObject, new: JSONObject) -> RowChanges:
     """
     out = RowChanges()
     for fixed, text in _FIXED:
-        old_found, old_node = lookup(old, fixed)
-        new_found, new_node = lookup(new, fixed)
-        _diff_node(
-            old_node if old_found else _ABSENT, new_node if new_found else _ABSENT, text, out
-        )
+        before, after = _at(old, fixed), _at(new, fixed)
+        if before is not after:
+            _diff_node(before, after, text, out)
     for root, text in _ROOTS:
-        _diff_node(old.get(root, _ABSENT), new.get(root, _ABSENT), text, out)
+        before, after = old.get(root, _ABSENT), new.get(root, _ABSENT)
+        if before is not after:
+            _diff_node(before, after, text, out)
     return out
+
+
+def _at(doc: JSONObject, path: tuple[str, ...]) -> Any:
+    """The node at ``path``, or ``_ABSENT``."""
+    node: Any = doc
+    for key in path:
+        if not isinstance(node, dict):
+            return _ABSENT
+        node = node.get(key, _ABSENT)
+        if node is _ABSENT:
+            break
+    return node
 
 
 _FIXED = [(path, format_path(path)) for path in sorted(FIXED_PATHS)]

@@ -285,3 +285,23 @@ class DifferentialSuite:
     ) -> None:
         await backend.load(docs)
         await check_backend(backend, docs, SearchQuery(query.filter, query.sort, size))
+
+    async def test_in_keeps_true_and_1_apart(self, backend: SearchBackend) -> None:
+        """``in(p, true, 1)`` matches both values: Python takes ``True == 1``, and a
+        translation that dropped "duplicate" values by Python equality lost one of them
+        (found by the MongoDB run of this suite)."""
+        docs: list[JSONObject] = [
+            {
+                "twinId": f"org.a:t{i:02d}",
+                "namespace": "org.a",
+                "revision": 1,
+                "created": "2026-11-27T06:00:00.000Z",
+                "modified": "2026-11-27T06:00:00.000Z",
+                "delta": {"a": value},
+            }
+            for i, value in enumerate([True, 1, 1.0, "1", False, 0])
+        ]
+        await backend.load(docs)
+        for values in [(True, 1), (1, True), (1.0, True, 1), (False, 0)]:
+            query = SearchQuery(In(("delta", "a"), values), (SortKey(("twinId",)),), 25)
+            await check_backend(backend, docs, query)

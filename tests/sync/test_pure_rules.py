@@ -27,9 +27,11 @@ from twin_service.twin.lifecycle import (
     PENDING,
     REJECTED,
     expire_due,
+    leaf_keys,
     next_lifecycle,
     path_key,
 )
+from twin_service.types import JSON
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 T1 = T0 + timedelta(seconds=10)
@@ -280,3 +282,10 @@ def test_get_and_status() -> None:
         None,
         None,
     ]
+
+
+@given(value=objects() | st.integers() | st.text(max_size=3))
+def test_leaf_keys_are_the_escaped_leaf_paths(value: JSON) -> None:
+    expected = {path_key(p): v for p, v in leaf_paths(value).items() if p}
+    assert leaf_keys(value) == expected
+    assert list(leaf_keys(value)) == list(expected)  # same order too

@@ -52,6 +52,21 @@ class RawParam:
         source = request.query_params if self.location == "query" else request.headers
         return source.get(self.name)
 
+    def get_positive_float(self, request: Request) -> float | None:
+        raw = self.get(request)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise BadRequest(
+                f"Invalid request at {self.location}/{self.name}: expected a number > 0, "
+                f"got {raw!r}."
+            )
+        return value
+
     def get_int(self, request: Request) -> int | None:
         raw = self.get(request)
         if raw is None:
@@ -190,6 +205,44 @@ async def preconditions(
     condition: Annotated[
         str | None, Query(description="RQL that must hold for the current twin.")
     ] = None,
+) -> Preconditions:
+    return parse_preconditions(if_match, if_none_match, condition)
+
+
+_TEXT = {"type": "string"}
+IF_MATCH = RawParam(
+    "If-Match", "header", "Write only if the twin is at this ETag (or exists, for *)", _TEXT
+)
+IF_NONE_MATCH_WRITE = RawParam(
+    "If-None-Match", "header", "Only *: write only if the twin does not exist", _TEXT
+)
+CONDITION = RawParam("condition", "query", "RQL that must hold for the current twin.", _TEXT)
+TTL = RawParam(
+    "ttl",
+    "query",
+    "Seconds after which desired values written here that the device has not applied "
+    "become 'expired' in the lifecycle.",
+    {"type": "number", "exclusiveMinimum": 0},
+)
+#: The parameters of a write read with :func:`write_options`, for ``documented``.
+WRITE_OPTIONS = (IF_MATCH, IF_NONE_MATCH_WRITE, CONDITION, TTL)
+
+
+def write_options(request: Request) -> tuple[Preconditions, Amend | None]:
+    """What :data:`Conditions` and :data:`DesiredTtl` give, read without dependencies
+    (for the hot write routes; see :class:`RawParam`)."""
+    query = bool(request.scope.get("query_string"))
+    ttl = TTL.get_positive_float(request) if query else None
+    conditions = parse_preconditions(
+        IF_MATCH.get(request),
+        IF_NONE_MATCH_WRITE.get(request),
+        CONDITION.get(request) if query else None,
+    )
+    return conditions, (lifecycle_amend_ttl(ttl) if ttl is not None else None)
+
+
+def parse_preconditions(
+    if_match: str | None, if_none_match: str | None, condition: str | None
 ) -> Preconditions:
     match_rev = None
     match_any = False

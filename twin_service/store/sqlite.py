@@ -103,6 +103,8 @@ class SqliteStore:
         # twin is at the same revision of the same incarnation (another process may have
         # written), so it saves the decoding, never the check.
         self._cache: OrderedDict[str, tuple[Twin, int | None]] = OrderedDict()
+        self._checkpointer: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -110,6 +112,33 @@ class SqliteStore:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, self._open_writer)
+        if self._settings.checkpoint_interval_ms > 0:
+            self._stopping.clear()
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="sqlite-checkpointer", daemon=True
+            )
+            self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Copy committed WAL pages back into the database, beside the writer.
+
+        A checkpoint run by the committing writer (SQLite's auto-checkpoint) stalls every
+        write queued behind that commit while it copies thousands of pages and syncs. Run
+        here, it overlaps with the writer (PASSIVE never blocks it, nor readers). The writer
+        keeps ``wal_autocheckpoint`` as a backstop: when it fires after this thread has
+        copied most pages, only the remainder is left, and the log restarts from the top.
+        """
+        conn = self._connect()
+        interval = self._settings.checkpoint_interval_ms / 1000
+        last = None
+        while not self._stopping.wait(interval):
+            try:
+                (version,) = conn.execute("PRAGMA data_version").fetchone()
+                if version != last:
+                    last = version
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:  # e.g. the disk is full: the writer reports it
+                log.warning("background checkpoint of %s failed: %s", self._path.name, exc)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -162,6 +191,10 @@ class SqliteStore:
     async def close(self) -> None:
         while self._pending or self._flushing:
             await asyncio.sleep(0.01)
+        if self._checkpointer is not None:
+            self._stopping.set()
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.join)
+            self._checkpointer = None
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         with self._conns_lock:

@@ -99,7 +99,13 @@ class Twin:
         return view
 
     def to_document(self) -> JSONObject:
-        """The API representation (read-only fields included)."""
+        """The API representation (read-only fields included); a new dict on every call."""
+        return dict(self._document)
+
+    @cached_property
+    def _document(self) -> JSONObject:
+        # Built once: one write reads it for storage, the index, the journal and the
+        # response, and the next write diffs its index rows against it.
         doc: JSONObject = {"twinId": self.twin_id, "namespace": self.namespace}
         if self.definition is not None:
             doc["definition"] = self.definition
@@ -124,7 +130,7 @@ class Twin:
     def document_json(self) -> bytes:
         """:meth:`to_document` encoded as UTF-8 JSON, encoded once per twin (it is immutable
         and may be served from a cache many times)."""
-        return dumps_bytes(self.to_document())
+        return dumps_bytes(self._document)
 
     def to_storage(self) -> JSONObject:
         """What the stores persist: the document without the derived delta, plus private."""
@@ -272,6 +278,9 @@ def apply_change(
         lifecycle=lifecycle if lifecycle is not None else base.lifecycle,
         private=private if private is not None else base.private,
     )
+    if old is not None and new.desired is old.desired and new.reported is old.reported:
+        # Same sections, same delta: share it (and let the index diff skip it by identity).
+        new.__dict__["delta"] = old.delta
     event = ChangeEvent(
         twin_id=twin_id,
         revision=revision,

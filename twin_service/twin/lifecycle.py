@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from twin_service.twin.delta import compute_delta, leaf_paths
+from twin_service.twin.delta import compute_delta
 from twin_service.twin.document import Twin, now_iso
 from twin_service.twin.operations import Edit
 from twin_service.twin.patch import json_equal
@@ -48,6 +48,27 @@ _MISSING: Final = object()
 def path_key(path: tuple[str, ...]) -> str:
     """``("fan", "speed")`` -> ``"fan/speed"`` (``~`` and ``/`` inside keys escaped)."""
     return "/".join(part.replace("~", "~0").replace("/", "~1") for part in path)
+
+
+def leaf_keys(value: JSON) -> dict[str, JSON]:
+    """Every leaf below the root of ``value`` by its key (see :func:`path_key`); what
+    ``{path_key(p): v for p, v in leaf_paths(value).items() if p}`` gives, without building
+    the tuples (this runs for desired, its delta and the old ones on every write)."""
+    out: dict[str, JSON] = {}
+    if isinstance(value, dict):
+        _collect_leaves(value, "", out)
+    return out
+
+
+def _collect_leaves(node: JSONObject, prefix: str, out: dict[str, JSON]) -> None:
+    for key, child in node.items():
+        if "~" in key or "/" in key:
+            key = key.replace("~", "~0").replace("/", "~1")
+        path = f"{prefix}/{key}" if prefix else key
+        if isinstance(child, dict) and child:
+            _collect_leaves(child, path, out)
+        else:
+            out[path] = child
 
 
 def normalize_key(text: str) -> str:
@@ -86,12 +107,13 @@ def next_lifecycle(
     """
     stamp = now_iso(now)
     rejected = {normalize_key(k): v for k, v in (rejected or {}).items()}
-    old_leaves = {path_key(p): v for p, v in leaf_paths(old_desired).items() if p}
-    leaves = {path_key(p): v for p, v in leaf_paths(desired).items() if p}
-    in_delta = {path_key(p) for p in leaf_paths(compute_delta(desired, reported)) if p}
+    old_leaves = leaf_keys(old_desired)
+    # A write that left desired alone (a device report) shares it: walk it once.
+    leaves = old_leaves if desired is old_desired else leaf_keys(desired)
+    in_delta = leaf_keys(compute_delta(desired, reported)).keys()
     if old_delta is None and old_reported is not None:
         old_delta = compute_delta(old_desired, old_reported)
-    was_in_delta = {path_key(p) for p in leaf_paths(old_delta) if p} if old_delta else set()
+    was_in_delta = leaf_keys(old_delta).keys() if old_delta else set()
     expired_now = expire_due(lifecycle, now) or lifecycle
     out: JSONObject = {}
     for key in leaves:

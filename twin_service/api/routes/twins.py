@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, Response
 
 from twin_service.api.deps import (
+    WRITE_OPTIONS,
     Body,
     Conditions,
     Context,
@@ -22,6 +23,8 @@ from twin_service.api.deps import (
     parse_etag_revision,
     pointer_after,
     read_access,
+    write_access,
+    write_options,
 )
 from twin_service.api.schemas import TwinDocument, TwinWrite, errors, json_request_body
 from twin_service.auth import Principal
@@ -222,17 +225,19 @@ async def put_twin(
     "/twins/{twin_id}",
     response_model=TwinDocument,
     responses=errors(404, 409, 412, 413, 415),
-    openapi_extra=json_request_body(None, MERGE, JSON_PATCH),
+    openapi_extra={
+        **json_request_body(None, MERGE, JSON_PATCH),
+        **documented(*WRITE_OPTIONS),
+    },
     summary="Merge patch (RFC 7396) or JSON Patch (RFC 6902) a twin",
 )
-async def patch_twin(
-    request: Request,
-    ctx: Context,
-    principal: Writer,
-    twin_id: TwinId,
-    conditions: Conditions,
-    ttl: DesiredTtl,
-) -> Response:
+async def patch_twin(request: Request, twin_id: TwinId) -> Response:
+    # The most frequent write: access and parameters are read here, not through
+    # dependencies (see RawParam), which cost FastAPI about as much as the write's own work
+    # in the event loop.
+    principal = write_access(request)
+    ctx = context(request)
+    conditions, ttl = write_options(request)
     _visible(principal, twin_id)
     kind, body = await _patch_body(request, ctx)
     outcome = await ctx.service.mutate(
@@ -281,29 +286,31 @@ async def get_section(
     return json_response(value, revision=twin.revision)
 
 
+_WRITE_EXTRA = {**json_request_body(), **documented(*WRITE_OPTIONS)}
+_MERGE_EXTRA = {**json_request_body(None, MERGE), **documented(*WRITE_OPTIONS)}
+
+
 @router.put(
     "/twins/{twin_id}/{section}",
     status_code=204,
     responses={**errors(404, 412, 413, 415), 201: {"description": "Created"}},
-    openapi_extra=json_request_body(),
+    openapi_extra=_WRITE_EXTRA,
 )
 @router.put(
     "/twins/{twin_id}/{section}/{pointer:path}",
     status_code=204,
     responses={**errors(404, 412, 413, 415), 201: {"description": "Created"}},
-    openapi_extra=json_request_body(),
+    openapi_extra=_WRITE_EXTRA,
 )
 async def put_section(
-    request: Request,
-    ctx: Context,
-    principal: Writer,
-    twin_id: TwinId,
-    section: Section,
-    body: Body,
-    conditions: Conditions,
-    ttl: DesiredTtl,
-    pointer: str = "",
+    request: Request, twin_id: TwinId, section: Section, pointer: str = ""
 ) -> Response:
+    # Section writes are what devices' apps and dashboards send most: like patch_twin, they
+    # read access, body and options themselves instead of through dependencies.
+    principal = write_access(request)
+    ctx = context(request)
+    body = await json_body(request, ctx)
+    conditions, ttl = write_options(request)
     _visible(principal, twin_id)
     parts = pointer_after(request, TWIN_BASE + 1)
     existed: list[bool] = []
@@ -334,24 +341,20 @@ async def put_section(
     "/twins/{twin_id}/{section}",
     status_code=204,
     responses=errors(404, 412, 413, 415),
-    openapi_extra=json_request_body(None, MERGE),
+    openapi_extra=_MERGE_EXTRA,
 )
 @router.patch(
     "/twins/{twin_id}/{section}/{pointer:path}",
     status_code=204,
     responses=errors(404, 412, 413, 415),
-    openapi_extra=json_request_body(None, MERGE),
+    openapi_extra=_MERGE_EXTRA,
 )
 async def patch_section(
-    request: Request,
-    ctx: Context,
-    principal: Writer,
-    twin_id: TwinId,
-    section: Section,
-    conditions: Conditions,
-    ttl: DesiredTtl,
-    pointer: str = "",
+    request: Request, twin_id: TwinId, section: Section, pointer: str = ""
 ) -> Response:
+    principal = write_access(request)
+    ctx = context(request)
+    conditions, ttl = write_options(request)
     _visible(principal, twin_id)
     parts = pointer_after(request, TWIN_BASE + 1)
     _, body = await _patch_body(request, ctx, allow_json_patch=False)
