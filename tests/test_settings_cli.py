@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from twin_service import __version__
+from twin_service.cli import tune_gc
 from twin_service.settings import Settings, load_settings
 
 
@@ -73,3 +75,15 @@ def test_cli_version_and_bad_settings(tmp_path: Path) -> None:
         env={**env, "TWIN_STORE": "mongodb"},
     )
     assert bad.returncode == 2 and "mongodb_url" in bad.stderr
+
+
+def test_serve_keeps_full_collections_rare() -> None:
+    """``serve`` freezes what start-up built and applies ``gc_thresholds``."""
+    before = gc.get_threshold()
+    try:
+        tune_gc(Settings(gc_thresholds=(900, 12, 345)).gc_thresholds)
+        assert gc.get_threshold() == (900, 12, 345)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
