@@ -127,3 +127,18 @@ def test_reindexing_with_the_previous_document_gives_the_same_rows(
     index.index_twin(conn, new)
     fresh = sorted(conn.execute("SELECT path, seq, t, v, a FROM search_leaf"), key=repr)
     assert incremental == fresh
+
+
+def test_an_in_place_change_of_a_row_the_index_lost_writes_the_row(
+    conn: sqlite3.Connection,
+) -> None:
+    """A changed value is an UPDATE of its row; if the index did not hold that row after all,
+    the row is written anyway (and not silently dropped)."""
+    old = doc(3)
+    new = {**old, "revision": 4, "attributes": {**old["attributes"], "model": "changed"}}  # type: ignore[dict-item]
+    index.index_twin(conn, old)
+    conn.execute("DELETE FROM search_leaf WHERE path = 'attributes/model'")
+    index.index_twin(conn, new, previous=old)
+    rows = {p: v for p, v in conn.execute("SELECT path, v FROM search_leaf WHERE seq = 0")}
+    assert rows["attributes/model"] == "changed"
+    assert rows["revision"] == 4
