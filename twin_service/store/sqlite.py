@@ -62,6 +62,13 @@ _SCHEMA = [
 ]
 
 
+#: The newest event older than the age limit. ``INDEXED BY``: left to itself, SQLite answers
+#: ``MAX(seq)`` by walking the table backwards from the newest event until one is old
+#: enough, which reads the whole journal when none is (230 ms at 190,000 events, in the
+#: writer, every 100 commits: the PATCH p99 at 100,000 twins).
+LATEST_EXPIRED_SQL = "SELECT MAX(seq) FROM events INDEXED BY events_by_ts WHERE ts < ?"
+
+
 @dataclass
 class _Pending:
     write: Write
@@ -586,7 +593,7 @@ class SqliteStore:
     def _prune_by_age(self, conn: sqlite3.Connection) -> None:
         cutoff = datetime.now(UTC) - timedelta(seconds=self._stream.journal_max_age_seconds)
         stamp = cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        row = conn.execute("SELECT MAX(seq) FROM events WHERE ts < ?", (stamp,)).fetchone()
+        row = conn.execute(LATEST_EXPIRED_SQL, (stamp,)).fetchone()
         if row and row[0] is not None:
             conn.execute("DELETE FROM events WHERE ts < ?", (stamp,))
             self._record_pruned(conn, row[0])
