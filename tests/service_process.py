@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.servers.process import free_port
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 WRITER_TOKEN = "test-writer-token-0123456789"
@@ -25,13 +26,6 @@ TOKENS = [
     {"name": "reader", "token": READER_TOKEN, "role": "read"},
     {"name": "acme", "token": ACME_TOKEN, "role": "write", "namespaces": ["org.acme"]},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ServiceProcess:

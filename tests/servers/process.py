@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,8 +23,31 @@ class ServerStartError(RuntimeError):
     """A server process exited or never became reachable; the message holds its log tail."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free a moment ago (another process may still take it)."""
+    """Return a TCP port that was free a moment ago, below the ephemeral range.
+
+    Outgoing connections take their local ports from the ephemeral range, and so does
+    ``bind(0)``. A server given such a port and later restarted on it (after a SIGKILL, say)
+    could find it taken by some client's connection: CI saw a service fail to start again
+    with "address already in use". Ports below the range are only ever taken by a bind.
+    """
+    low = _ephemeral_low()
+    if low > 10_100:
+        for _ in range(200):
+            port = random.randrange(10_000, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
