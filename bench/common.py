@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+from tests.servers.process import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_TOKEN = "bench-admin-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def machine() -> str:
@@ -44,24 +36,14 @@ def machine() -> str:
     )
 
 
-def wait_healthy(
-    proc: subprocess.Popen[bytes], url: str, timeout: float, name: str, log: Path
-) -> bool:
-    """Poll ``url``/health until it answers 200 (True) or ``timeout`` passes (False).
-
-    Raises if the process exits first.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited at start-up; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    return False
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Service:
@@ -119,14 +101,7 @@ class Service:
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the service so far (Linux ``/proc``; 0 elsewhere)."""
-        if self.proc is None:
-            return 0.0
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return 0.0
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
 
     def __enter__(self) -> Service:
         return self.start()

@@ -35,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine
+from bench.common import machine, process_cpu_seconds
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess
 
@@ -194,19 +194,22 @@ def bare_rate(port: int, total: int, conns: int, window: int) -> tuple[float, fl
 
 def ingest_rate(
     svc: ServiceProcess, port: int, twins: list[str], total: int, conns: int, window: int
-) -> tuple[float, float]:
-    """(reported updates committed by the service per second, publishers' messages/s)."""
+) -> tuple[float, float, float]:
+    """(reported updates committed per second, publishers' messages/s, service CPU µs each)."""
 
     def applied() -> int:
         return int(httpx.get(f"{svc.url}/ready").json()["checks"]["mqtt"]["applied"])
 
     before = applied()
+    assert svc.proc is not None
+    cpu = process_cpu_seconds(svc.proc.pid)
     start, elapsed = _publish_all(
         port, [f"twins/{t}/reported/update" for t in twins], total, conns, None, window
     )
     while applied() - before < total:
         time.sleep(0.02)
-    return total / (time.perf_counter() - start), total / elapsed
+    cpu = process_cpu_seconds(svc.proc.pid) - cpu
+    return total / (time.perf_counter() - start), total / elapsed, cpu / total * 1e6
 
 
 def _resolve(fut: asyncio.Future[float], value: float) -> None:
@@ -288,13 +291,14 @@ def main() -> None:
                     ).raise_for_status()
             bare, bare_pub = bare_rate(port, args.messages, args.connections, args.window)
             print(f"bare paho subscriber   : {bare:9.0f} QoS 1 msg/s", flush=True)
-            ingest, ingest_pub = ingest_rate(
+            ingest, ingest_pub, cpu_us = ingest_rate(
                 svc, port, twins, args.messages, args.connections, args.window
             )
             print(
                 f"service ingest (commit): {ingest:9.0f} reported updates/s ({args.devices} twins)",
                 flush=True,
             )
+            print(f"service CPU per report : {cpu_us:9.0f} us (all threads)", flush=True)
             lat = sorted(
                 x * 1000 for x in asyncio.run(delta_latency(svc, port, twins, args.rounds))
             )

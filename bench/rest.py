@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, machine, wait_healthy
+from bench.common import ROOT, free_port, machine, process_cpu_seconds, wait_healthy
 
 TOKEN = "bench-admin-token-0123456789abcdef"
 NAMESPACE = "bench"
@@ -105,13 +105,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server so far (Linux ``/proc``; 0 elsewhere)."""
-        if self.proc is None:
-            return 0.0
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

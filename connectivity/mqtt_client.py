@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from connectivity.errors import (
 )
 from connectivity.messages import Handler, Health, InboundMessage
 from connectivity.options import MqttOptions
-from connectivity.topics import TopicLayout
+from connectivity.topics import TopicFilter, TopicLayout
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ _FATAL_CONNACK = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
 class _Subscription:
     qos: int
     handler: Handler
+    filter: TopicFilter
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,6 @@ def default_key(topic: str) -> str:
 
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
-
-
-def _plain_filter(topic_filter: str) -> str:
-    """``$share/<group>/<filter>`` -> ``<filter>`` for local matching."""
-    if topic_filter.startswith("$share/"):
-        parts = topic_filter.split("/", 2)
-        return parts[2] if len(parts) == 3 else topic_filter
-    return topic_filter
 
 
 class MqttClient:
@@ -102,6 +96,9 @@ class MqttClient:
         self._background: set[asyncio.Task[None]] = set()
         self._parked: list[tuple[InboundMessage, int, int]] = []
         self._connect_listeners: list[Callable[[], Awaitable[None]]] = []
+        # Calls from paho's thread, run on the loop in arrival order (see ``_to_loop``).
+        self._inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._inbox_woken = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -223,7 +220,7 @@ class MqttClient:
         ``$share/<group>/<filter>`` makes a shared subscription (MQTT 5 brokers). When
         connected, waits for the SUBACK and raises :class:`Refused` if the broker said no.
         """
-        self._subs[topic_filter] = _Subscription(qos, handler)
+        self._subs[topic_filter] = _Subscription(qos, handler, TopicFilter.parse(topic_filter))
         if self._dispatcher is not None:
             self._release_parked()
         if self._connected:
@@ -360,11 +357,7 @@ class MqttClient:
         self._dispatch(msg, mid, connection, handlers)
 
     def _handlers_for(self, topic: str) -> list[Handler]:
-        return [
-            s.handler
-            for f, s in self._subs.items()
-            if paho.topic_matches_sub(_plain_filter(f), topic)
-        ]
+        return [s.handler for s in self._subs.values() if s.filter.matches(topic)]
 
     def _dispatch(
         self, msg: InboundMessage, mid: int, connection: int, handlers: list[Handler]
@@ -409,10 +402,32 @@ class MqttClient:
         task.add_done_callback(self._background.discard)
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop (called on paho's thread).
+
+        Under load, messages arrive faster than the loop turns: one wake-up (a write to the
+        loop's self-pipe) serves every call queued until the loop gets to it, instead of
+        one per message.
+        """
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None or loop.is_closed():
+            return
+        self._inbox.append((fn, args))
+        if not self._inbox_woken:
+            self._inbox_woken = True
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(fn, *args)
+                loop.call_soon_threadsafe(self._drain_inbox)
+
+    def _drain_inbox(self) -> None:
+        # Cleared before draining: a call queued after the last popleft below sees False
+        # and wakes the loop again, so nothing is left behind.
+        self._inbox_woken = False
+        inbox = self._inbox
+        while inbox:
+            fn, args = inbox.popleft()
+            try:
+                fn(*args)
+            except Exception:  # one bad callback must not strand the calls behind it
+                log.exception("MQTT callback %r failed", fn)
 
     # -- paho callbacks: run on paho's thread, only marshal to the loop --------------------
 

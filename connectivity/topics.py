@@ -17,6 +17,40 @@ _PLACEHOLDER = "{twinId}"
 _FORBIDDEN_IN_TWIN_ID = frozenset("/+#\x00")
 
 
+@dataclass(frozen=True)
+class TopicFilter:
+    """An MQTT topic filter split into levels once, matched against many topics.
+
+    paho's ``topic_matches_sub`` builds a matcher tree on every call: with a handful of
+    subscriptions that was about 6% of the service's CPU per device message.
+    ``$share/<group>/`` is dropped: the broker picks the subscriber, the topic is matched
+    against the filter behind it.
+    """
+
+    levels: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, topic_filter: str) -> TopicFilter:
+        if topic_filter.startswith("$share/"):
+            parts = topic_filter.split("/", 2)
+            if len(parts) == 3:
+                topic_filter = parts[2]
+        return cls(tuple(topic_filter.split("/")))
+
+    def matches(self, topic: str) -> bool:
+        levels = self.levels
+        names = topic.split("/")
+        # Wildcards at the first level never match topics starting with '$' (MQTT 4.7.2).
+        if names[0].startswith("$") and levels[0] in ("+", "#"):
+            return False
+        for i, level in enumerate(levels):
+            if level == "#":
+                return True  # also matches the parent level itself: 'a/#' matches 'a'
+            if i == len(names) or (level != "+" and level != names[i]):
+                return False
+        return len(names) == len(levels)
+
+
 def check_twin_id_for_topics(twin_id: str) -> None:
     """Refuse twin ids that would break out of their topic level (``/``, wildcards)."""
     if not twin_id or any(ch in _FORBIDDEN_IN_TWIN_ID for ch in twin_id):

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.servers.process import free_port
+from tests.servers.process import ServerStartError, free_port, wait_healthy
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 WRITER_TOKEN = "test-writer-token-0123456789"
@@ -71,16 +70,12 @@ class ServiceProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited at start-up:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        try:
+            healthy = wait_healthy(self.proc, self.url, timeout, "service", self.log_path)
+        except ServerStartError:
+            raise RuntimeError(f"service exited at start-up:\n{self.log_tail()}") from None
+        if healthy:
+            return self
         self.stop()
         raise RuntimeError(f"service did not start in {timeout}s:\n{self.log_tail()}")
 

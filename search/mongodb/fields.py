@@ -6,7 +6,8 @@ from typing import Any
 
 from search.rql.evaluator import present, type_rank
 from search.rql.ordering import ARRAY, OBJECT
-from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path, lookup
+from search.rql.paths import FIXED_PATHS, TREE_ROOTS, format_path, lookup
+from twin_service.twin.pointer import escape_token
 from twin_service.types import JSON, JSONObject
 
 from .encoding import encode_value, field_key
@@ -22,7 +23,7 @@ def _values(node: JSON, path: str, out: Values) -> None:
         if present(node):
             out.setdefault(slot, {})[f"t{OBJECT}"] = True
         for key, child in node.items():
-            _values(child, f"{path}/{escape_key(key)}", out)
+            _values(child, f"{path}/{escape_token(key)}", out)
     elif isinstance(node, list):
         out.setdefault(slot, {})[f"t{ARRAY}"] = True
         for element in node:
@@ -41,7 +42,7 @@ def _sort_keys(node: JSON, path: str, out: dict[str, str]) -> None:
         if present(node):
             out[field_key(path)] = str(OBJECT)
             for key, child in node.items():
-                _sort_keys(child, f"{path}/{escape_key(key)}", out)
+                _sort_keys(child, f"{path}/{escape_token(key)}", out)
     elif isinstance(node, list):
         out[field_key(path)] = str(ARRAY)
     else:
@@ -63,6 +64,6 @@ def index_fields(doc: JSONObject) -> dict[str, Any]:
             _sort_keys(node, format_path(fixed), keys)
     for root in TREE_ROOTS:
         if root in doc:
-            _values(doc[root], escape_key(root), values)
-            _sort_keys(doc[root], escape_key(root), keys)
+            _values(doc[root], escape_token(root), values)
+            _sort_keys(doc[root], escape_token(root), keys)
     return {"e": values, "k": keys}

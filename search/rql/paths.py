@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twin_service.errors import RqlInvalid
+from twin_service.twin.pointer import key_path
 from twin_service.types import JSONObject
 
 from .ast import Path
@@ -39,14 +40,9 @@ def lookup(doc: JSONObject, path: Path) -> tuple[bool, Any]:
     return True, node
 
 
-def escape_key(key: str) -> str:
-    """Escape one key for use as a path segment."""
-    return key.replace("~", "~0").replace("/", "~1")
-
-
 def format_path(path: Path) -> str:
     """The escaped textual form of ``path``; also the ``path`` column of the SQLite index."""
-    return "/".join(escape_key(key) for key in path)
+    return key_path(path)
 
 
 def _unescape(segment: str, text: str) -> str:

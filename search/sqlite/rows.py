@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from search.rql.ordering import ARRAY, OBJECT
-from search.rql.paths import FIXED_PATHS, TREE_ROOTS, escape_key, format_path, lookup
+from search.rql.paths import FIXED_PATHS, TREE_ROOTS, format_path, lookup
+from twin_service.twin.pointer import escape_token
 from twin_service.types import JSON, JSONObject
 
 #: ``(path, t, v, a)`` as described in :mod:`search.sqlite.schema`.
@@ -22,7 +23,7 @@ def _flatten(node: JSON, path: str, in_array: int, out: list[Leaf]) -> None:
         # arrays always do); deciding that bottom-up avoids re-walking every subtree.
         before = len(out)
         for key, child in node.items():
-            _flatten(child, f"{path}/{escape_key(key)}", in_array, out)
+            _flatten(child, f"{path}/{escape_token(key)}", in_array, out)
         if len(out) > before:
             out.insert(before, (path, OBJECT, None, in_array))
     elif isinstance(node, list):
@@ -54,7 +55,7 @@ def leaves(doc: JSONObject, roots: Iterable[str] | None = None) -> list[Leaf]:
             _flatten(node, format_path(fixed), 0, out)
     for root in sorted(TREE_ROOTS if roots is None else roots):
         if root in doc:
-            _flatten(doc[root], escape_key(root), 0, out)
+            _flatten(doc[root], escape_token(root), 0, out)
     return out
 
 
@@ -88,11 +89,6 @@ def _produces_rows(node: JSON) -> bool:
         if not isinstance(child, dict) or _produces_rows(child):
             return True
     return False
-
-
-def _segment(key: str) -> str:
-    # Keys almost never need escaping; skipping the two replace() calls matters here.
-    return escape_key(key) if "~" in key or "/" in key else key
 
 
 def numbered(leaves_: list[Leaf]) -> list[Row]:
@@ -140,10 +136,10 @@ def _diff_node(old: Any, new: Any, path: str, out: RowChanges) -> None:
         for key, child in new.items():
             before = old.get(key, _ABSENT)
             if before is not child:
-                _diff_node(before, child, f"{path}/{_segment(key)}", out)
+                _diff_node(before, child, f"{path}/{escape_token(key)}", out)
         for key, before in old.items():
             if key not in new:
-                _diff_node(before, _ABSENT, f"{path}/{_segment(key)}", out)
+                _diff_node(before, _ABSENT, f"{path}/{escape_token(key)}", out)
         had, has = _produces_rows(old), _produces_rows(new)
         if had and not has:
             out.removed.append((path, 0))
@@ -190,15 +186,9 @@ def diff_rows(old: JSONObject, new: JSONObject) -> RowChanges:
 
 def _at(doc: JSONObject, path: tuple[str, ...]) -> Any:
     """The node at ``path``, or ``_ABSENT``."""
-    node: Any = doc
-    for key in path:
-        if not isinstance(node, dict):
-            return _ABSENT
-        node = node.get(key, _ABSENT)
-        if node is _ABSENT:
-            break
-    return node
+    found, node = lookup(doc, path)
+    return node if found else _ABSENT
 
 
 _FIXED = [(path, format_path(path)) for path in sorted(FIXED_PATHS)]
-_ROOTS = [(root, escape_key(root)) for root in sorted(TREE_ROOTS)]
+_ROOTS = [(root, escape_token(root)) for root in sorted(TREE_ROOTS)]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import paho.mqtt.client as paho
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from connectivity.dispatch import AckWindow
-from connectivity.topics import TopicLayout
+from connectivity.topics import TopicFilter, TopicLayout
 
 
 def test_ack_window_releases_in_arrival_order() -> None:
@@ -60,3 +61,39 @@ def test_topic_layout_refuses_bad_ids() -> None:
     with pytest.raises(ValueError):
         TopicLayout("twins/+")
     assert TopicLayout().all_twins("get") == "twins/+/get"
+
+
+FILTER_TABLE = [
+    ("twins/+/reported/update", "twins/a:b/reported/update", True),
+    ("twins/+/reported/update", "twins/a:b/reported/update/accepted", False),
+    ("twins/+/reported/update", "twins/reported/update", False),
+    ("$share/svc/twins/+/get", "twins/a:b/get", True),
+    ("$share/svc/twins/+/get", "$share/svc/twins/a:b/get", False),
+    ("twins/#", "twins", True),
+    ("twins/#", "twins/a/b/c", True),
+    ("#", "$SYS/broker", False),
+    ("+/x", "$SYS/x", False),
+    ("$SYS/#", "$SYS/broker", True),
+    ("a/+/+", "a//", True),
+    ("a/b", "a/b/", False),
+    ("+", "", True),
+]
+
+
+@pytest.mark.parametrize(("topic_filter", "topic", "expected"), FILTER_TABLE)
+def test_topic_filter(topic_filter: str, topic: str, expected: bool) -> None:
+    assert TopicFilter.parse(topic_filter).matches(topic) is expected
+
+
+_LEVEL = st.sampled_from(["a", "b", "", "$x", "twins"])
+
+
+@given(
+    st.lists(st.one_of(_LEVEL, st.just("+")), min_size=1, max_size=4).map("/".join)
+    | st.lists(st.one_of(_LEVEL, st.just("+")), max_size=3).map(lambda ls: "/".join([*ls, "#"])),
+    st.lists(_LEVEL, min_size=1, max_size=5).map("/".join),
+)
+def test_topic_filter_agrees_with_paho(topic_filter: str, topic: str) -> None:
+    assert TopicFilter.parse(topic_filter).matches(topic) is paho.topic_matches_sub(
+        topic_filter, topic
+    )

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import httpx
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """Root of the checkout; build products live under ``REPO_ROOT / ".cache"``."""
 
@@ -51,6 +53,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def wait_healthy(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, name: str, log: Path
+) -> bool:
+    """Poll ``url``/health until it answers 200 (True) or ``timeout`` passes (False).
+
+    Raises :class:`ServerStartError` if the process exits first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerStartError(f"{name} exited at start-up; see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    return False
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -29,8 +29,8 @@ from twin_service.twin.lifecycle import (
     expire_due,
     leaf_keys,
     next_lifecycle,
-    path_key,
 )
+from twin_service.twin.pointer import key_path
 from twin_service.types import JSON
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -135,16 +135,16 @@ def test_ttl_expires_pending_entries() -> None:
 
 
 def test_keys_are_escaped_pointers() -> None:
-    assert path_key(("fan", "speed")) == "fan/speed"
-    assert path_key(("a/b", "c~d")) == "a~1b/c~0d"
+    assert key_path(("fan", "speed")) == "fan/speed"
+    assert key_path(("a/b", "c~d")) == "a~1b/c~0d"
 
 
 @given(objects(), objects(), objects())
 def test_lifecycle_entries_are_exactly_the_tracked_desired_leaves(old_d, d, r) -> None:  # type: ignore[no-untyped-def]
     first = step({}, {}, old_d, {}, old_r={})
     out = step(first, old_d, d, r, old_r={})
-    leaves = {path_key(p) for p in leaf_paths(d) if p}
-    in_delta = {path_key(p) for p in leaf_paths(compute_delta(d, r)) if p}
+    leaves = {key_path(p) for p in leaf_paths(d) if p}
+    in_delta = {key_path(p) for p in leaf_paths(compute_delta(d, r)) if p}
     assert set(out) <= leaves
     assert in_delta <= set(out)
     for key, entry in out.items():
@@ -168,6 +168,29 @@ def test_book_round_trip_and_memory() -> None:
     assert again == book
     assert again.find("t3") == TokenRecord("t3", 13, 23)
     assert again.find("t0") is None and again.find(None) is None
+
+
+def test_book_keeps_stored_entries_and_skips_malformed_ones() -> None:
+    stored = {
+        "device": {
+            "tokens": [["a", 1, 1], "junk", ["b", "2", 2], ["c", 3], ["d", 4, 4]],
+            "appliedDesiredVersion": 2,
+        }
+    }
+    book = DeviceBook.read(stored)
+    assert book.tokens == (TokenRecord("a", 1, 1), TokenRecord("d", 4, 4))
+    assert book.find("d") == TokenRecord("d", 4, 4)
+    assert book.find("b") is None and book.find("c") is None
+    after = book.after_report("e", 3, 5, 5, memory=3)
+    # The book keeps what it read (malformed entries age out like any other) and adds one.
+    assert after.write({})["device"] == {
+        "tokens": [["c", 3], ["d", 4, 4], ["e", 5, 5]],
+        "appliedDesiredVersion": 3,
+    }
+    assert stored["device"]["tokens"][-1] == ["d", 4, 4]  # the stored book is not mutated
+    assert (
+        DeviceBook.read({"device": {"tokens": "x", "appliedDesiredVersion": "7"}}) == DeviceBook()
+    )
 
 
 @pytest.mark.parametrize(
@@ -286,6 +309,6 @@ def test_get_and_status() -> None:
 
 @given(value=objects() | st.integers() | st.text(max_size=3))
 def test_leaf_keys_are_the_escaped_leaf_paths(value: JSON) -> None:
-    expected = {path_key(p): v for p, v in leaf_paths(value).items() if p}
+    expected = {key_path(p): v for p, v in leaf_paths(value).items() if p}
     assert leaf_keys(value) == expected
     assert list(leaf_keys(value)) == list(expected)  # same order too

@@ -6,8 +6,10 @@ import copy
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.twin.strategies import non_null_scalars, objects, scalars, values
+from tests.twin.test_delta import _same
 from twin_service.twin.patch import diff_merge_patch, json_equal, merge_patch
 from twin_service.types import JSON, JSONObject
 
@@ -135,6 +137,23 @@ EQUALITY: list[tuple[JSON, JSON, bool]] = [
 def test_json_equal_table(a: JSON, b: JSON, equal: bool) -> None:
     assert json_equal(a, b) is equal
     assert json_equal(b, a) is equal
+
+
+# A tiny domain, so that equal and nearly equal pairs (1 and 1.0, 0 and False) are common.
+_tiny = st.recursive(
+    st.sampled_from([0, 1, 1.0, 0.0, True, False, None, "a", "1", ""]),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.sampled_from("ab"), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@given(_tiny, _tiny)
+def test_json_equal_agrees_with_an_independent_oracle(a: JSON, b: JSON) -> None:
+    assert json_equal(a, b) is _same(a, b)
+    assert json_equal(b, a) is _same(a, b)
+    assert json_equal(a, copy.deepcopy(a))
 
 
 non_null_objects = objects(non_null_scalars)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
-from fastapi import Depends, Header, Path, Query, Request
+from fastapi import Depends, Path, Request
 
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
@@ -15,6 +15,7 @@ from twin_service.service import Amend, Preconditions
 from twin_service.twin.jsonvalue import loads_strict
 from twin_service.twin.lifecycle import lifecycle_amend_ttl
 from twin_service.twin.patch import split_pointer
+from twin_service.twin.pointer import unescape_token
 from twin_service.types import JSON
 
 
@@ -199,16 +200,6 @@ def etag(revision: int) -> str:
     return f'"rev:{revision}"'
 
 
-async def preconditions(
-    if_match: Annotated[str | None, Header()] = None,
-    if_none_match: Annotated[str | None, Header()] = None,
-    condition: Annotated[
-        str | None, Query(description="RQL that must hold for the current twin.")
-    ] = None,
-) -> Preconditions:
-    return parse_preconditions(if_match, if_none_match, condition)
-
-
 _TEXT = {"type": "string"}
 IF_MATCH = RawParam(
     "If-Match", "header", "Write only if the twin is at this ETag (or exists, for *)", _TEXT
@@ -224,20 +215,30 @@ TTL = RawParam(
     "become 'expired' in the lifecycle.",
     {"type": "number", "exclusiveMinimum": 0},
 )
-#: The parameters of a write read with :func:`write_options`, for ``documented``.
-WRITE_OPTIONS = (IF_MATCH, IF_NONE_MATCH_WRITE, CONDITION, TTL)
+#: The parameters :func:`request_preconditions` reads, for ``documented``.
+PRECONDITIONS = (IF_MATCH, IF_NONE_MATCH_WRITE, CONDITION)
+#: The parameters :func:`write_options` reads, for ``documented``.
+WRITE_OPTIONS = (*PRECONDITIONS, TTL)
 
 
-def write_options(request: Request) -> tuple[Preconditions, Amend | None]:
-    """What :data:`Conditions` and :data:`DesiredTtl` give, read without dependencies
-    (for the hot write routes; see :class:`RawParam`)."""
+def request_preconditions(request: Request) -> Preconditions:
+    """The preconditions of a write (``If-Match``, ``If-None-Match: *``, ``condition``).
+
+    Every write route reads them itself (see :class:`RawParam`) and documents them with
+    ``documented(*PRECONDITIONS)`` or ``documented(*WRITE_OPTIONS)``.
+    """
     query = bool(request.scope.get("query_string"))
-    ttl = TTL.get_positive_float(request) if query else None
-    conditions = parse_preconditions(
+    return parse_preconditions(
         IF_MATCH.get(request),
         IF_NONE_MATCH_WRITE.get(request),
         CONDITION.get(request) if query else None,
     )
+
+
+def write_options(request: Request) -> tuple[Preconditions, Amend | None]:
+    """:func:`request_preconditions`, and the lifecycle amend of a ``ttl``, if given."""
+    ttl = TTL.get_positive_float(request) if request.scope.get("query_string") else None
+    conditions = request_preconditions(request)
     return conditions, (lifecycle_amend_ttl(ttl) if ttl is not None else None)
 
 
@@ -266,25 +267,6 @@ def parse_preconditions(
     return Preconditions(match_rev, match_any, none_match_any, node)
 
 
-Conditions = Annotated[Preconditions, Depends(preconditions)]
-
-
-async def ttl_amend(
-    ttl: Annotated[
-        float | None,
-        Query(
-            gt=0,
-            description="Seconds after which desired values written here that the device "
-            "has not applied become 'expired' in the lifecycle.",
-        ),
-    ] = None,
-) -> Amend | None:
-    return lifecycle_amend_ttl(ttl) if ttl is not None else None
-
-
-DesiredTtl = Annotated[Amend | None, Depends(ttl_amend)]
-
-
 def pointer_after(request: Request, fixed_segments: int) -> list[str]:
     """Unescaped JSON pointer tokens from the raw URL path after ``fixed_segments`` segments.
 
@@ -303,11 +285,11 @@ def pointer_after(request: Request, fixed_segments: int) -> list[str]:
         decoded = [unquote(segment, errors="strict") for segment in segments]
     except UnicodeDecodeError as exc:
         raise BadRequest("The pointer is not valid percent-encoded UTF-8.") from exc
-    return [unescape_token(s) for s in decoded]
+    return [_pointer_token(s) for s in decoded]
 
 
-def unescape_token(token: str) -> str:
+def _pointer_token(token: str) -> str:
     """RFC 6901 token unescaping; a ``~`` not followed by 0 or 1 is an error."""
     if "~" in token:
         split_pointer("/" + token)  # raises InvalidPointer on a bad escape
-    return token.replace("~1", "/").replace("~0", "~")
+    return unescape_token(token)

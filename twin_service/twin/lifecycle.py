@@ -34,6 +34,7 @@ from twin_service.twin.delta import compute_delta
 from twin_service.twin.document import Twin, now_iso
 from twin_service.twin.operations import Edit
 from twin_service.twin.patch import json_equal
+from twin_service.twin.pointer import escape_token
 from twin_service.types import JSON, JSONObject
 
 PENDING: Final = "pending"
@@ -45,14 +46,9 @@ STATES: Final = (PENDING, APPLIED, REJECTED, EXPIRED)
 _MISSING: Final = object()
 
 
-def path_key(path: tuple[str, ...]) -> str:
-    """``("fan", "speed")`` -> ``"fan/speed"`` (``~`` and ``/`` inside keys escaped)."""
-    return "/".join(part.replace("~", "~0").replace("/", "~1") for part in path)
-
-
 def leaf_keys(value: JSON) -> dict[str, JSON]:
-    """Every leaf below the root of ``value`` by its key (see :func:`path_key`); what
-    ``{path_key(p): v for p, v in leaf_paths(value).items() if p}`` gives, without building
+    """Every leaf below the root of ``value`` by its key (see :func:`key_path`); what
+    ``{key_path(p): v for p, v in leaf_paths(value).items() if p}`` gives, without building
     the tuples (this runs for desired, its delta and the old ones on every write)."""
     out: dict[str, JSON] = {}
     if isinstance(value, dict):
@@ -62,8 +58,7 @@ def leaf_keys(value: JSON) -> dict[str, JSON]:
 
 def _collect_leaves(node: JSONObject, prefix: str, out: dict[str, JSON]) -> None:
     for key, child in node.items():
-        if "~" in key or "/" in key:
-            key = key.replace("~", "~0").replace("/", "~1")
+        key = escape_token(key)
         path = f"{prefix}/{key}" if prefix else key
         if isinstance(child, dict) and child:
             _collect_leaves(child, path, out)

@@ -11,6 +11,7 @@ from typing import Any
 import jsonpointer
 
 from twin_service.errors import InvalidPatch, InvalidPointer, NotFound, PreconditionFailed
+from twin_service.twin.pointer import escape_token
 from twin_service.types import JSON, JSONObject
 
 
@@ -56,6 +57,37 @@ def json_equal(a: JSON, b: JSON) -> bool:
     """JSON value equality: numbers by value (1 == 1.0), booleans never equal numbers."""
     if a is b:
         return True
+    # Exact types first: parsed JSON holds only dict, list, str, int, float, bool and None
+    # (bool is not int here), and every write compares whole sections.
+    ta, tb = type(a), type(b)
+    if ta is tb:
+        if ta is dict:
+            if a.keys() != b.keys():
+                return False
+            # Loops, not all() over generators: a generator frame per object costs more.
+            for key, value in a.items():  # noqa: SIM110
+                if not json_equal(value, b[key]):
+                    return False
+            return True
+        if ta is list:
+            if len(a) != len(b):
+                return False
+            for x, y in zip(a, b, strict=True):  # noqa: SIM110
+                if not json_equal(x, y):
+                    return False
+            return True
+        if ta in _SCALARS:
+            return bool(a == b)
+    elif ta in _NUMBERS and tb in _NUMBERS:
+        return bool(a == b)
+    return _json_equal_slow(a, b)
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_NUMBERS = frozenset({int, float})
+
+
+def _json_equal_slow(a: JSON, b: JSON) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
     if isinstance(a, int | float) and isinstance(b, int | float):
@@ -76,7 +108,7 @@ def split_pointer(pointer: str) -> list[str]:
 
 
 def join_pointer(parts: list[str]) -> str:
-    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+    return "".join("/" + escape_token(p) for p in parts)
 
 
 def get_at(doc: JSON, parts: list[str]) -> JSON:

@@ -7,11 +7,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, Response
 
 from twin_service.api.deps import (
+    PRECONDITIONS,
     WRITE_OPTIONS,
     Body,
-    Conditions,
     Context,
-    DesiredTtl,
     RawParam,
     Reader,
     TwinId,
@@ -23,6 +22,7 @@ from twin_service.api.deps import (
     parse_etag_revision,
     pointer_after,
     read_access,
+    request_preconditions,
     write_access,
     write_options,
 )
@@ -193,17 +193,16 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
     response_model=TwinDocument,
     status_code=200,
     responses={**errors(404, 409, 412, 413, 415), 201: {"model": TwinDocument}},
-    openapi_extra=json_request_body(TwinWrite.model_json_schema()),
+    openapi_extra={
+        **json_request_body(TwinWrite.model_json_schema()),
+        **documented(*WRITE_OPTIONS),
+    },
     summary="Create (201) or replace (200) a twin",
 )
 async def put_twin(
-    ctx: Context,
-    principal: Writer,
-    twin_id: TwinId,
-    body: Body,
-    conditions: Conditions,
-    ttl: DesiredTtl,
+    request: Request, ctx: Context, principal: Writer, twin_id: TwinId, body: Body
 ) -> Response:
+    conditions, ttl = write_options(request)
     _visible(principal, twin_id)
     edit = replace_twin(body, twin_id)
     outcome = await ctx.service.mutate(
@@ -253,10 +252,16 @@ async def patch_twin(request: Request, twin_id: TwinId) -> Response:
     return written(json_response(outcome.twin.to_document()), outcome)
 
 
-@router.delete("/twins/{twin_id}", status_code=204, responses=errors(404, 412))
+@router.delete(
+    "/twins/{twin_id}",
+    status_code=204,
+    responses=errors(404, 412),
+    openapi_extra=documented(*PRECONDITIONS),
+)
 async def delete_twin(
-    ctx: Context, principal: Writer, twin_id: TwinId, conditions: Conditions
+    request: Request, ctx: Context, principal: Writer, twin_id: TwinId
 ) -> Response:
+    conditions = request_preconditions(request)
     _visible(principal, twin_id)
     outcome = await ctx.service.mutate(
         twin_id, lambda _: None, origin=principal.name, preconditions=conditions
@@ -369,9 +374,20 @@ async def patch_section(
     return written(Response(status_code=204), outcome)
 
 
-@router.delete("/twins/{twin_id}/{section}", status_code=204, responses=errors(404, 412))
+_DELETE_EXTRA = documented(*PRECONDITIONS)
+
+
 @router.delete(
-    "/twins/{twin_id}/{section}/{pointer:path}", status_code=204, responses=errors(404, 412)
+    "/twins/{twin_id}/{section}",
+    status_code=204,
+    responses=errors(404, 412),
+    openapi_extra=_DELETE_EXTRA,
+)
+@router.delete(
+    "/twins/{twin_id}/{section}/{pointer:path}",
+    status_code=204,
+    responses=errors(404, 412),
+    openapi_extra=_DELETE_EXTRA,
 )
 async def delete_section(
     request: Request,
@@ -379,9 +395,9 @@ async def delete_section(
     principal: Writer,
     twin_id: TwinId,
     section: Section,
-    conditions: Conditions,
     pointer: str = "",
 ) -> Response:
+    conditions = request_preconditions(request)
     _visible(principal, twin_id)
     parts = pointer_after(request, TWIN_BASE + 1)
     outcome = await ctx.service.mutate(
