@@ -6,10 +6,16 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
+import uvicorn
+from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
 from twin_service.auth import Principal
-from twin_service.streams.direct_ws import text_frame_header
+from twin_service.streams.direct_ws import (
+    DirectWebSocketProtocol,
+    supports_direct_writes,
+    text_frame_header,
+)
 from twin_service.streams.session import StreamSession
 
 
@@ -18,6 +24,22 @@ def test_text_frame_header_is_what_websockets_serializes(length: int) -> None:
     payload = b"x" * length
     expected = Frame(Opcode.TEXT, payload).serialize(mask=False)
     assert text_frame_header(length) + payload == expected
+
+
+def test_installed_uvicorn_supports_direct_writes() -> None:
+    """The writer uses uvicorn internals: an upgrade that moved them fails here, loudly,
+    instead of only slowing streams down through the fallback."""
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("not called")
+
+    async def build() -> DirectWebSocketProtocol:
+        config = uvicorn.Config(app, ws=DirectWebSocketProtocol, log_config=None)
+        config.load()
+        return DirectWebSocketProtocol(config=config, server_state=ServerState(), app_state={})
+
+    assert supports_direct_writes(asyncio.run(build()))
+    assert not supports_direct_writes(object())
 
 
 class FakeOutput:

@@ -18,6 +18,8 @@ message with ``websocket.send_text`` as before.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
 from collections.abc import Sequence
 
@@ -27,6 +29,8 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 from twin_service.streams.session import StreamSession
+
+log = logging.getLogger(__name__)
 
 EXTENSION = "twin.websocket.direct"
 
@@ -87,12 +91,48 @@ class DirectWriter:
         p.transport.write(b"".join(parts))
 
 
+#: What :class:`DirectWriter` uses of uvicorn's protocol object and of its websockets
+#: connection: not a public API, so checked before the extension is offered.
+_PROTOCOL_ATTRIBUTES = (
+    "writable",
+    "close_sent",
+    "disconnected",
+    "handshake_complete",
+    "conn",
+    "transport",
+)
+_CONNECTION_ATTRIBUTES = ("state", "extensions", "send_text", "data_to_send")
+
+
+def supports_direct_writes(protocol: object) -> bool:
+    """True when ``protocol`` has everything :class:`DirectWriter` reads and calls."""
+    return (
+        all(hasattr(protocol, name) for name in _PROTOCOL_ATTRIBUTES)
+        and isinstance(getattr(protocol, "writable", None), asyncio.Event)
+        and all(hasattr(getattr(protocol, "conn", None), n) for n in _CONNECTION_ATTRIBUTES)
+    )
+
+
 class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets protocol offering a :class:`DirectWriter` as an ASGI extension."""
+    """uvicorn's websockets protocol offering a :class:`DirectWriter` as an ASGI extension.
+
+    A uvicorn release that changed the internals the writer uses gets the plain ASGI path
+    (slower with many subscribers, same messages) and one warning, not a failure.
+    """
+
+    _warned = False
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
+        if not supports_direct_writes(self):
+            if not DirectWebSocketProtocol._warned:
+                DirectWebSocketProtocol._warned = True
+                log.warning(
+                    "this uvicorn's WebSocket protocol lacks what direct stream writes use; "
+                    "streams go through ASGI instead"
+                )
+            return
         if scope is not None:  # the app task is created but has not run yet
             extensions = scope.setdefault("extensions", {})
             if extensions is not None:
