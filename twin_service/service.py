@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ class TwinService:
         extra = amend(current, change) if amend else {}
         return apply_change(
             current,
+            incarnation=secrets.token_hex(8) if current is None else None,
             twin_id=twin_id,
             namespace=namespace,
             values=change.values,

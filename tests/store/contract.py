@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,6 +37,8 @@ def change(current: Twin | None, twin_id: str, values: JSONObject, **kwargs: Any
         timestamp=kwargs.pop("timestamp", now_iso()),
         origin="test",
         limits=Limits(),
+        # As the service does: every creation draws its own incarnation token.
+        incarnation=secrets.token_hex(8) if current is None else None,
     )
     return Write(twin_id, current.revision if current else 0, new, event)
 
@@ -102,6 +105,29 @@ class StoreContract:
         await store.write(Write(fresh.twin_id, 1, fresh.twin, fresh.event, previous=current))
         final = await store.get(twin_id)
         assert final is not None and final.desired == {"b": 3} and final.revision == 2
+
+    async def test_a_twin_created_again_in_the_same_millisecond_is_another_incarnation(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """Same id, same revision, same creation time: only the incarnation token tells the
+        two twins apart, and a write computed from the first must still be refused."""
+        store = await store_factory()
+        twin_id = "org.acme:same-ms"
+        stamp = "2026-01-01T00:00:00.000Z"
+        await store.write(change(None, twin_id, {"desired": {"a": 1}}, timestamp=stamp))
+        old = await store.get(twin_id)
+        assert old is not None
+        await store.write(deletion(old))
+        await store.write(change(None, twin_id, {"desired": {"b": 2}}, timestamp=stamp))
+        reborn = await store.get(twin_id)
+        assert reborn is not None and reborn.revision == old.revision
+        assert reborn.created == old.created and reborn.incarnation != old.incarnation
+        stale = change(old, twin_id, {"desired": {"a": 9}})
+        with pytest.raises(RevisionConflict):
+            await store.write(Write(stale.twin_id, 1, stale.twin, stale.event, previous=old))
+        current = await store.get(twin_id)
+        assert current is not None and current.desired == {"b": 2}
+        assert current.incarnation == reborn.incarnation
 
     async def test_create_update_delete_with_compare_and_set(
         self, store_factory: StoreFactory

@@ -400,8 +400,10 @@ class MongoStore:
             fields = {
                 "ns": twin.namespace,
                 "rev": twin.revision,
-                # Revisions restart after a delete: the creation time tells incarnations apart.
-                "cr": twin.created,
+                # Revisions restart after a delete: see Twin.incarnation. (Documents written
+                # before there were incarnation tokens hold the creation time, which is what
+                # Twin.incarnation falls back to for them.)
+                "cr": twin.incarnation,
                 "doc": state,
                 **mongo_index.index_fields(twin.to_document()),
             }
@@ -442,7 +444,7 @@ class MongoStore:
         """The compare-and-set filter: the revision, and the incarnation when it is known."""
         cas: dict[str, Any] = {"_id": write.twin_id, "rev": write.expected_revision}
         if write.previous is not None and write.expected_revision > 0:
-            cas["cr"] = write.previous.created
+            cas["cr"] = write.previous.incarnation
         return cas
 
     async def _claim(self, write: Write) -> None:

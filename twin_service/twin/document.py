@@ -40,6 +40,8 @@ READ_ONLY: tuple[str, ...] = (
     "lifecycle",
 )
 Action = Literal["created", "modified", "deleted"]
+#: Key of :attr:`Twin.incarnation` in ``private``.
+INCARNATION = "incarnation"
 #: Written leaf paths per section; ``None`` means the whole section was written.
 Written = dict[str, set[tuple[str, ...]] | None]
 
@@ -75,6 +77,18 @@ class Twin:
     lifecycle: JSONObject = field(default_factory=dict)
     #: Service-private bookkeeping (recent client tokens...), never shown in the API.
     private: JSONObject = field(default_factory=dict)
+
+    @property
+    def incarnation(self) -> str:
+        """What tells this twin apart from an earlier one of the same id.
+
+        Revisions restart when a twin is deleted and created again, so the stores'
+        compare-and-set checks this too. A random token from the creation; twins created
+        before there was one fall back to their creation time, which is the same only if
+        the two creations fell in the same millisecond.
+        """
+        token = self.private.get(INCARNATION)
+        return token if isinstance(token, str) else self.created
 
     @cached_property
     def delta(self) -> JSONObject:
@@ -225,9 +239,12 @@ def apply_change(
     connection: JSONObject | None = None,
     lifecycle: JSONObject | None = None,
     private: JSONObject | None = None,
+    incarnation: str | None = None,
 ) -> tuple[Twin, ChangeEvent]:
     """Commit ``values`` (a subset of WRITABLE) onto ``old``, producing the next revision.
 
+    A creation (``old`` None) records ``incarnation``, a token unique to it (see
+    :attr:`Twin.incarnation`); the caller draws it, so this stays pure.
     Sections not in ``values`` keep their old content. Raises before producing anything if the
     result breaks a limit, so nothing invalid can ever reach a store.
     """
@@ -278,6 +295,8 @@ def apply_change(
         lifecycle=lifecycle if lifecycle is not None else base.lifecycle,
         private=private if private is not None else base.private,
     )
+    if old is None and incarnation is not None:
+        new = replace(new, private={**new.private, INCARNATION: incarnation})
     if old is not None and new.desired is old.desired and new.reported is old.reported:
         # Same sections, same delta: share it (and let the index diff skip it by identity).
         new.__dict__["delta"] = old.delta
