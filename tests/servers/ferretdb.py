@@ -6,7 +6,6 @@ The server is our own small Go program (tests/servers/ferretdb/main.go) embeddin
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from tests.servers.process import (
     REPO_ROOT,
+    LocalServer,
     ManagedProcess,
     ServerStartError,
     port_accepts,
@@ -54,7 +54,7 @@ def ensure_binary() -> Path | None:
     return DEFAULT_BINARY if DEFAULT_BINARY.exists() else None
 
 
-class FerretDB:
+class FerretDB(LocalServer):
     """One FerretDB server on 127.0.0.1 with its SQLite files in `workdir/data`.
 
     The port is picked by the server itself at the first start (no race) and reused by
@@ -92,13 +92,6 @@ class FerretDB:
             raise RuntimeError("ferretdb has not been started")
         return f"mongodb://{self.host}:{self.port}/"
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def running(self) -> bool:
-        return self._process is not None and self._process.running()
-
     def start(self) -> FerretDB:
         """Start the server and wait until it listens."""
         if self.running():
@@ -129,30 +122,6 @@ class FerretDB:
             self._process = None
             raise
         return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._process is not None:
-            self._process.stop(timeout)
-            self._process = None
-
-    def kill(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process = None
-
-    def restart(self) -> FerretDB:
-        """Stop and start again on the same port with the same data."""
-        self.stop()
-        return self.start()
-
-    async def astart(self) -> FerretDB:
-        return await asyncio.to_thread(self.start)
-
-    async def astop(self) -> None:
-        await asyncio.to_thread(self.stop)
-
-    async def arestart(self) -> FerretDB:
-        return await asyncio.to_thread(self.restart)
 
     def _ready(self) -> bool:
         if not self.ready_file.exists():

@@ -5,7 +5,6 @@ Install the binary with `scripts/servers/install-mosquitto`.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import shutil
@@ -13,7 +12,13 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tests.servers.process import ManagedProcess, ServerStartError, free_port, port_accepts
+from tests.servers.process import (
+    LocalServer,
+    ManagedProcess,
+    ServerStartError,
+    free_port,
+    port_accepts,
+)
 
 INSTALL_HINT = "not installed: run scripts/servers/install-mosquitto"
 
@@ -41,7 +46,7 @@ def write_password_file(path: Path, users: Mapping[str, str]) -> Path:
     return path
 
 
-class Mosquitto:
+class Mosquitto(LocalServer):
     """One mosquitto broker listening on 127.0.0.1.
 
     All its files live in `workdir`: `mosquitto.conf`, `persistence/`, `mosquitto.log` (the
@@ -101,13 +106,6 @@ class Mosquitto:
         """``mqtt://127.0.0.1:PORT``."""
         return f"mqtt://{self.host}:{self._bound_port()}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def running(self) -> bool:
-        return self._process is not None and self._process.running()
-
     def start(self) -> Mosquitto:
         """Write the config, start the broker and wait until its port accepts connections."""
         if self.running():
@@ -128,32 +126,6 @@ class Mosquitto:
             self.port = port
             return self
         raise AssertionError("unreachable")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (mosquitto writes its persistence file), SIGKILL after `timeout`."""
-        if self._process is not None:
-            self._process.stop(timeout)
-            self._process = None
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, without saving persistence."""
-        if self._process is not None:
-            self._process.kill()
-            self._process = None
-
-    def restart(self) -> Mosquitto:
-        """Stop gracefully and start again on the same port with the same persistence."""
-        self.stop()
-        return self.start()
-
-    async def astart(self) -> Mosquitto:
-        return await asyncio.to_thread(self.start)
-
-    async def astop(self) -> None:
-        await asyncio.to_thread(self.stop)
-
-    async def arestart(self) -> Mosquitto:
-        return await asyncio.to_thread(self.restart)
 
     def config_text(self, port: int) -> str:
         """The generated mosquitto.conf for `port`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -13,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import httpx
 
@@ -179,3 +180,48 @@ class ManagedProcess:
 def _stop_leftovers() -> None:
     for process in list(ManagedProcess._live):
         process.stop(timeout=5.0)
+
+
+class LocalServer:
+    """What every test server helper shares: one :class:`ManagedProcess` behind ``start``.
+
+    Subclasses set ``self._process`` in ``start`` and return ``self``.
+    """
+
+    _process: ManagedProcess | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (the server shuts down cleanly), SIGKILL after ``timeout``."""
+        if self._process is not None:
+            self._process.stop(timeout)
+            self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash."""
+        if self._process is not None:
+            self._process.kill()
+            self._process = None
+
+    def restart(self) -> Self:
+        """Stop and start again on the same port with the same data."""
+        self.stop()
+        return self.start()
+
+    async def astart(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    async def arestart(self) -> Self:
+        return await asyncio.to_thread(self.restart)
