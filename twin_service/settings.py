@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -67,6 +67,20 @@ class SqliteSettings(BaseModel):
         10_000, ge=100, description="Wait for another process's write lock."
     )
     max_batch: int = Field(256, ge=1, description="Most writes grouped in one commit.")
+    page_size: int = Field(
+        4096,
+        ge=1024,
+        le=65536,
+        description="Page size (bytes, a power of two) of a new database; an existing one "
+        "keeps its own (VACUUM INTO a new file converts it).",
+    )
+
+    @field_validator("page_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"{value} is not a power of two")
+        return value
     cache_mib: int = Field(64, ge=1, description="Page cache of each connection (MiB).")
     mmap_mib: int = Field(
         256, ge=0, description="Memory-mapped I/O per connection (MiB; 0 turns it off)."
@@ -75,7 +89,7 @@ class SqliteSettings(BaseModel):
     wal_autocheckpoint: int = Field(
         10_000,
         ge=0,
-        description="WAL pages (4 KiB) after which a commit copies them back into the "
+        description="WAL pages after which a commit copies them back into the "
         "database (whatever the background checkpoint has not copied yet); SQLite's default "
         "of 1000 made PATCH 10-20% slower.",
     )

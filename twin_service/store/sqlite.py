@@ -154,6 +154,8 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
+        # Only takes effect on a new, empty database, and only before WAL mode is set.
+        conn.execute(f"PRAGMA page_size = {int(self._settings.page_size)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self._settings.synchronous}")
         # Index rows of random twins are scattered pages: a cache and mmap well above
@@ -177,6 +179,15 @@ class SqliteStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        if page_size != self._settings.page_size:
+            log.info(
+                "%s keeps its page size of %d bytes (sqlite.page_size %d applies to new "
+                "databases)",
+                self._path.name,
+                page_size,
+                self._settings.page_size,
+            )
         self._write_conn = conn
 
     def _sync_builtin_index(self, conn: sqlite3.Connection) -> None:
