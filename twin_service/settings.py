@@ -81,6 +81,7 @@ class SqliteSettings(BaseModel):
         if value & (value - 1):
             raise ValueError(f"{value} is not a power of two")
         return value
+
     cache_mib: int = Field(64, ge=1, description="Page cache of each connection (MiB).")
     mmap_mib: int = Field(
         256, ge=0, description="Memory-mapped I/O per connection (MiB; 0 turns it off)."

@@ -182,8 +182,7 @@ class SqliteStore:
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
         if page_size != self._settings.page_size:
             log.info(
-                "%s keeps its page size of %d bytes (sqlite.page_size %d applies to new "
-                "databases)",
+                "%s keeps its page size of %d bytes (sqlite.page_size %d applies to new databases)",
                 self._path.name,
                 page_size,
                 self._settings.page_size,
