@@ -418,11 +418,12 @@ class MqttClient:
                 loop.call_soon_threadsafe(self._drain_inbox)
 
     def _drain_inbox(self) -> None:
-        # Cleared before draining: a call queued after the last popleft below sees False
-        # and wakes the loop again, so nothing is left behind.
+        # Cleared before draining: a call queued from here on sees False and wakes the loop
+        # again, so nothing is left behind. Only what is queued now runs in this turn, so a
+        # steady stream of messages cannot keep the loop from everything else.
         self._inbox_woken = False
         inbox = self._inbox
-        while inbox:
+        for _ in range(len(inbox)):
             fn, args = inbox.popleft()
             try:
                 fn(*args)
