@@ -485,7 +485,13 @@ class SqliteStore:
         if not self._flushing:
             self._flushing = True
             self._flush_task = loop.create_task(self._flush_loop())
-        return await future
+        try:
+            return await future
+        finally:
+            # A raised conflict's traceback holds this frame: without the future in it, the
+            # exception is not part of a cycle (future -> exception -> frame -> future) and
+            # reference counting frees it at once.
+            del future
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -529,7 +535,10 @@ class SqliteStore:
                 except RevisionConflict as exc:
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
-                    outcomes.append(exc)
+                    # Without its traceback: that references this frame, whose `writes`
+                    # and `outcomes` hold the exception, a cycle keeping the whole batch
+                    # alive until a full garbage collection.
+                    outcomes.append(exc.with_traceback(None))
             self._batches += 1
             if self._batches % 100 == 1:
                 self._prune_by_age(conn)
