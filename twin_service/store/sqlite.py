@@ -62,14 +62,14 @@ _SCHEMA = [
 ]
 
 
-#: The newest event older than the age limit. ``INDEXED BY``: left to itself, SQLite answers
-#: ``MAX(seq)`` by walking the table backwards from the newest event until one is old
-#: enough, which reads the whole journal when none is (230 ms at 190,000 events, in the
-#: writer, every 100 commits: the PATCH p99 at 100,000 twins).
 #: The stored twin's incarnation, as :attr:`Twin.incarnation` computes it.
 _INCARNATION_SQL = (
     "COALESCE(json_extract(doc, '$._private.incarnation'), json_extract(doc, '$.created'))"
 )
+#: The newest event older than the age limit. ``INDEXED BY``: left to itself, SQLite answers
+#: ``MAX(seq)`` by walking the table backwards from the newest event until one is old
+#: enough, which reads the whole journal when none is (230 ms at 190,000 events, in the
+#: writer, every 100 commits: the PATCH p99 at 100,000 twins).
 LATEST_EXPIRED_SQL = "SELECT MAX(seq) FROM events INDEXED BY events_by_ts WHERE ts < ?"
 
 

@@ -56,8 +56,8 @@ class DeviceBook:
     """The book as stored: its token entries stay the JSON lists they were read as.
 
     Every reported update reads the book and writes it back, with up to
-    ``client_token_memory`` (32) entries: turning each into a record and back cost more
-    than the rest of the dedupe check (about 5% of a report's CPU), so entries are
+    ``client_token_memory`` (32) entries: turning each into a record and back held the
+    interpreter lock about a tenth of a report's time under ingest, so entries are
     decoded only when their token matches.
     """
 

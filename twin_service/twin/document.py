@@ -277,6 +277,9 @@ def apply_change(
                 metadata.pop(name, None)
     desired_changed = "desired" in values and not json_equal(base.desired, merged["desired"])
     reported_changed = "reported" in values and not json_equal(base.reported, merged["reported"])
+    new_private = private if private is not None else base.private
+    if old is None and incarnation is not None:
+        new_private = {**new_private, INCARNATION: incarnation}
     new = replace(
         base,
         definition=merged["definition"],
@@ -293,10 +296,8 @@ def apply_change(
         metadata=metadata,
         connection=connection if connection is not None else base.connection,
         lifecycle=lifecycle if lifecycle is not None else base.lifecycle,
-        private=private if private is not None else base.private,
+        private=new_private,
     )
-    if old is None and incarnation is not None:
-        new = replace(new, private={**new.private, INCARNATION: incarnation})
     if old is not None and new.desired is old.desired and new.reported is old.reported:
         # Same sections, same delta: share it (and let the index diff skip it by identity).
         new.__dict__["delta"] = old.delta
