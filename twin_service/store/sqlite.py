@@ -1,15 +1,16 @@
-"""The default store: one SQLite file in WAL mode, used from asyncio through threads.
+"""The default store: one SQLite file in WAL mode, used from asyncio.
 
-Writes go through one writer thread with group commit: every write that arrives while a
-commit is running joins the next transaction, and each caller is answered only after its
-own transaction committed. Each write is a compare-and-set on the revision inside
-``BEGIN IMMEDIATE``, so several processes sharing the file never lose an update. The built-in
-search index (:mod:`search.sqlite_index`) is updated in the same transaction as the twin.
+Reads run on the event loop's own connection (point reads) or a pool of reader threads.
+Writes go to the writer process (:mod:`.sqlite_writer`, :mod:`.writer_process`) with group
+commit: writes that arrive while earlier ones are being committed join the next
+transaction, up to ``sqlite.max_batch`` each, with up to ``sqlite.batches_in_flight``
+batches sent ahead; each caller is answered only after its own transaction committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sqlite3
@@ -17,60 +18,25 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search import sqlite as sqlite_index
 from twin_service.errors import Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
-from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write
+from twin_service.store.base import IndexTask, StoredEvent, Write
+from twin_service.store.sqlite_writer import (
+    INCARNATION_SQL,
+    WriterConfig,
+    connect,
+)
+from twin_service.store.writer_process import WriterGone, WriterProcess
 from twin_service.twin.document import ChangeEvent, Twin
-from twin_service.twin.jsonvalue import dumps
 
 if TYPE_CHECKING:
     from search.rql.query import SearchQuery
 
 log = logging.getLogger(__name__)
-
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS twins (
-        twin_id TEXT PRIMARY KEY,
-        namespace TEXT NOT NULL,
-        revision INTEGER NOT NULL,
-        doc TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        twin_id TEXT NOT NULL,
-        revision INTEGER NOT NULL,
-        ts TEXT NOT NULL,
-        event TEXT NOT NULL,
-        state TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS events_by_twin ON events (twin_id, revision)",
-    "CREATE INDEX IF NOT EXISTS events_by_twin_seq ON events (twin_id, seq)",
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
-    # Outbox of the external search index: one row per twin whose latest write (seq) the
-    # index has not acknowledged, written in the same transaction as the twin.
-    """CREATE TABLE IF NOT EXISTS index_outbox (
-        twin_id TEXT PRIMARY KEY,
-        seq INTEGER NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS index_outbox_by_seq ON index_outbox (seq)",
-]
-
-
-#: The stored twin's incarnation, as :attr:`Twin.incarnation` computes it.
-_INCARNATION_SQL = (
-    "COALESCE(json_extract(doc, '$._private.incarnation'), json_extract(doc, '$.created'))"
-)
-#: The newest event older than the age limit. ``INDEXED BY``: left to itself, SQLite answers
-#: ``MAX(seq)`` by walking the table backwards from the newest event until one is old
-#: enough, which reads the whole journal when none is (230 ms at 190,000 events, in the
-#: writer, every 100 commits: the PATCH p99 at 100,000 twins).
-LATEST_EXPIRED_SQL = "SELECT MAX(seq) FROM events INDEXED BY events_by_ts WHERE ts < ?"
 
 
 @dataclass
@@ -96,17 +62,20 @@ class SqliteStore:
         self._builtin_index = builtin_index
         self._settings = settings
         self._stream = stream
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._writer = WriterProcess(
+            WriterConfig(path, settings, stream, outbox, builtin_index, log.getEffectiveLevel())
+        )
+        self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
+        self._unanswered = 0  # batches sent to the writer and not answered yet
+        self._restarting = asyncio.Lock()
         self._readers = ThreadPoolExecutor(
             max_workers=settings.read_threads, thread_name_prefix="sqlite-reader"
         )
         self._local = threading.local()
-        self._write_conn: sqlite3.Connection | None = None
         self._loop_conn: sqlite3.Connection | None = None
         self._pending: list[_Pending] = []
         self._flushing = False
         self._flush_task: asyncio.Task[None] | None = None
-        self._batches = 0
         self._all_conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         # Twins decoded by earlier reads or committed by this process, for point reads. Only
@@ -122,7 +91,17 @@ class SqliteStore:
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, self._open_writer)
+        await loop.run_in_executor(None, self._writer.start)
+        (page_size,) = await self._read(
+            lambda: self._reader().execute("PRAGMA page_size").fetchone()
+        )
+        if page_size != self._settings.page_size:
+            log.info(
+                "%s keeps its page size of %d bytes (sqlite.page_size %d applies to new databases)",
+                self._path.name,
+                page_size,
+                self._settings.page_size,
+            )
         if self._settings.checkpoint_interval_ms > 0:
             self._stopping.clear()
             self._checkpointer = threading.Thread(
@@ -152,71 +131,19 @@ class SqliteStore:
                 log.warning("background checkpoint of %s failed: %s", self._path.name, exc)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
-        # Only takes effect on a new, empty database, and only before WAL mode is set.
-        conn.execute(f"PRAGMA page_size = {int(self._settings.page_size)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self._settings.synchronous}")
-        # Index rows of random twins are scattered pages: a cache and mmap well above
-        # SQLite's 2 MiB default keep hot pages in reach without a read() per page.
-        conn.execute(f"PRAGMA cache_size = -{int(self._settings.cache_mib) * 1024}")
-        conn.execute(f"PRAGMA mmap_size = {int(self._settings.mmap_mib) * 1024 * 1024}")
-        conn.execute(f"PRAGMA wal_autocheckpoint = {int(self._settings.wal_autocheckpoint)}")
-        sqlite_index.register_functions(conn)
+        conn = connect(self._path, self._settings)
         with self._conns_lock:
             self._all_conns.append(conn)
         return conn
 
-    def _open_writer(self) -> None:
-        conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in (*_SCHEMA, *sqlite_index.SCHEMA):
-                conn.execute(statement)
-            self._sync_builtin_index(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
-        if page_size != self._settings.page_size:
-            log.info(
-                "%s keeps its page size of %d bytes (sqlite.page_size %d applies to new databases)",
-                self._path.name,
-                page_size,
-                self._settings.page_size,
-            )
-        self._write_conn = conn
-
-    def _sync_builtin_index(self, conn: sqlite3.Connection) -> None:
-        """Record whether the built-in index is maintained; rebuild it when it was not.
-
-        A database used with an external index (builtin off) has a stale built-in index; the
-        first start with it on again re-indexes every twin, inside the opening transaction.
-        """
-        row = conn.execute("SELECT value FROM meta WHERE key = 'builtin_index'").fetchone()
-        was_on = row is None or row[0] == 1
-        if self._builtin_index and not was_on:
-            log.warning("rebuilding the built-in search index of %s", self._path.name)
-            conn.execute("DELETE FROM search_leaf")
-            conn.execute("DELETE FROM search_twin")
-            for (doc,) in conn.execute("SELECT doc FROM twins").fetchall():
-                sqlite_index.index_twin(conn, Twin.from_storage(json.loads(doc)).to_document())
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('builtin_index', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (1 if self._builtin_index else 0,),
-        )
-
     async def close(self) -> None:
-        while self._pending or self._flushing:
+        while self._pending or self._flushing or self._unanswered:
             await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.stop)
         if self._checkpointer is not None:
             self._stopping.set()
             await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.join)
             self._checkpointer = None
-        self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         with self._conns_lock:
             for conn in self._all_conns:
@@ -224,7 +151,9 @@ class SqliteStore:
             self._all_conns.clear()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "sqlite", "file": self._path.name}
+        # A writer that is not running is started again by the next write.
+        writer = {"running": self._writer.alive, "pid": self._writer.pid}
+        return {"kind": "sqlite", "file": self._path.name, "writer": writer}
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -268,7 +197,7 @@ class SqliteStore:
             else:
                 # The document only when the cached copy is stale.
                 row = conn.execute(
-                    f"SELECT CASE WHEN revision = ? AND {_INCARNATION_SQL} = ? "
+                    f"SELECT CASE WHEN revision = ? AND {INCARNATION_SQL} = ? "
                     "THEN NULL ELSE doc END FROM twins WHERE twin_id = ?",
                     (cached.revision, cached.incarnation, twin_id),
                 ).fetchone()
@@ -450,25 +379,23 @@ class SqliteStore:
         return result
 
     async def mark_indexed(self, tasks: list[IndexTask]) -> None:
-        def run() -> None:
-            conn = self._write_conn
-            assert conn is not None
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(
-                    "DELETE FROM index_outbox WHERE twin_id = ? AND seq = ?",
-                    [(t.twin_id, t.seq) for t in tasks],
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        await self._request("mark_indexed", [(t.twin_id, t.seq) for t in tasks])
 
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._writer, run)
-        except sqlite3.Error as exc:
-            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+    async def _request(self, kind: str, payload: Any) -> Any:
+        if not self._writer.alive:
+            await self._restart_writer()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def answered(outcome: str, result: Any) -> None:
+            if future.done():
+                return
+            if outcome == "ok":
+                future.set_result(result)
+            else:
+                future.set_exception(_unavailable(result))
+
+        self._writer.request(kind, payload, answered)
+        return await future
 
     async def index_backlog(self) -> tuple[int, int | None]:
         row = await self._read(
@@ -494,137 +421,62 @@ class SqliteStore:
             del future
 
     async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
+                # At most ``batches_in_flight`` batches are sent ahead: the writer never
+                # waits for a batch, and the rest keep joining the next one.
+                await self._in_flight.acquire()
                 batch = self._pending[: self._settings.max_batch]
                 del self._pending[: len(batch)]
-                try:
-                    outcomes = await loop.run_in_executor(
-                        self._writer, self._commit_batch, [p.write for p in batch]
-                    )
-                except sqlite3.Error as exc:
-                    error = Unavailable(f"The twin store failed to commit: {exc}")
-                    for pending in batch:
-                        if not pending.future.done():
-                            pending.future.set_exception(error)
-                    continue
-                for pending, outcome in zip(batch, outcomes, strict=True):
-                    if not isinstance(outcome, BaseException):
-                        self._remember(pending.write.twin_id, pending.write.twin)
-                    if pending.future.done():
+                if not self._writer.alive:
+                    try:
+                        await self._restart_writer()
+                    except Unavailable as exc:
+                        self._in_flight.release()
+                        for pending in batch:
+                            if not pending.future.done():
+                                pending.future.set_exception(exc)
                         continue
-                    if isinstance(outcome, BaseException):
-                        pending.future.set_exception(outcome)
-                    else:
-                        pending.future.set_result(outcome)
+                self._unanswered += 1
+                settle = functools.partial(self._settle, batch)
+                try:
+                    self._writer.request("commit", [p.write for p in batch], settle)
+                except Exception as exc:  # e.g. a write that cannot be pickled: a bug
+                    log.exception("could not send %d writes to the SQLite writer", len(batch))
+                    settle("error", exc.with_traceback(None))
         finally:
             self._flushing = False
 
-    def _commit_batch(self, writes: list[Write]) -> list[int | BaseException]:
-        conn = self._write_conn
-        assert conn is not None
-        outcomes: list[int | BaseException] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for write in writes:
-                conn.execute("SAVEPOINT w")
-                try:
-                    outcomes.append(self._apply(conn, write))
-                    conn.execute("RELEASE w")
-                except RevisionConflict as exc:
-                    conn.execute("ROLLBACK TO w")
-                    conn.execute("RELEASE w")
-                    # Without its traceback: that references this frame, whose `writes`
-                    # and `outcomes` hold the exception, a cycle keeping the whole batch
-                    # alive until a full garbage collection.
-                    outcomes.append(exc.with_traceback(None))
-            self._batches += 1
-            if self._batches % 100 == 1:
-                self._prune_by_age(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return outcomes
-
-    def _apply(self, conn: sqlite3.Connection, write: Write) -> int:
-        row = conn.execute(
-            f"SELECT revision, {_INCARNATION_SQL} FROM twins WHERE twin_id = ?",
-            (write.twin_id,),
-        ).fetchone()
-        current = row[0] if row else 0
-        if current != write.expected_revision:
-            raise RevisionConflict(
-                f"Twin {write.twin_id} is at revision {current}, not {write.expected_revision}."
-            )
-        # Revisions restart when a twin is deleted and created again: the incarnation tells
-        # them apart, so a change computed from an older one cannot slip through.
-        if row and write.previous is not None and row[1] != write.previous.incarnation:
-            raise RevisionConflict(f"Twin {write.twin_id} was deleted and created again.")
-        twin = write.twin
-        state: str | None = None
-        if twin is None:
-            conn.execute("DELETE FROM twins WHERE twin_id = ?", (write.twin_id,))
-            if self._builtin_index:
-                sqlite_index.unindex_twin(conn, write.twin_id)
-        else:
-            state = dumps(twin.to_storage())
-            conn.execute(
-                "INSERT INTO twins (twin_id, namespace, revision, doc) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (twin_id) DO UPDATE SET revision = excluded.revision, "
-                "doc = excluded.doc",
-                (twin.twin_id, twin.namespace, twin.revision, state),
-            )
-            if self._builtin_index:
-                previous = write.previous
-                # Only a twin read at the revision being replaced describes the old rows.
-                old_doc = (
-                    previous.to_document()
-                    if previous is not None and previous.revision == write.expected_revision
-                    else None
-                )
-                sqlite_index.index_twin(conn, twin.to_document(), old_doc)
-        event = write.event
-        cursor = conn.execute(
-            "INSERT INTO events (twin_id, revision, ts, event, state) VALUES (?, ?, ?, ?, ?)",
-            (event.twin_id, event.revision, event.timestamp, dumps(event.to_json()), state),
+    def _settle(self, batch: list[_Pending], outcome: str, result: Any) -> None:
+        self._unanswered -= 1
+        self._in_flight.release()
+        outcomes: list[int | BaseException] = (
+            result if outcome == "ok" else [_unavailable(result)] * len(batch)
         )
-        keep = self._stream.journal_max_per_twin
-        # Prune in chunks (every 64 revisions) so the common write pays nothing for it.
-        if event.revision > keep and event.revision % 64 == 0:
-            row = conn.execute(
-                "SELECT seq FROM events WHERE twin_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
-                (event.twin_id, keep),
-            ).fetchone()
-            if row is not None:
-                conn.execute(
-                    "DELETE FROM events WHERE twin_id = ? AND seq <= ?", (event.twin_id, row[0])
-                )
-                self._record_pruned(conn, row[0])
-        seq = cursor.lastrowid
-        assert seq is not None
-        if self._outbox:
-            conn.execute(
-                "INSERT INTO index_outbox (twin_id, seq) VALUES (?, ?) "
-                "ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
-                (write.twin_id, seq),
-            )
-        return seq
+        for pending, done in zip(batch, outcomes, strict=True):
+            if not isinstance(done, BaseException):
+                self._remember(pending.write.twin_id, pending.write.twin)
+            if pending.future.done():
+                continue
+            if isinstance(done, BaseException):
+                pending.future.set_exception(done)
+            else:
+                pending.future.set_result(done)
 
-    def _prune_by_age(self, conn: sqlite3.Connection) -> None:
-        cutoff = datetime.now(UTC) - timedelta(seconds=self._stream.journal_max_age_seconds)
-        stamp = cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        row = conn.execute(LATEST_EXPIRED_SQL, (stamp,)).fetchone()
-        if row and row[0] is not None:
-            conn.execute("DELETE FROM events WHERE ts < ?", (stamp,))
-            self._record_pruned(conn, row[0])
+    async def _restart_writer(self) -> None:
+        async with self._restarting:
+            if self._writer.alive:  # another caller restarted it meanwhile
+                return
+            log.warning("starting the SQLite writer process again")
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._writer.start)
+            except Exception as exc:
+                raise Unavailable(f"The SQLite writer could not start: {exc}") from exc
 
-    @staticmethod
-    def _record_pruned(conn: sqlite3.Connection, seq: int) -> None:
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('pruned_seq', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
-            (seq,),
-        )
+
+def _unavailable(error: BaseException) -> BaseException:
+    """What a caller gets for a failed request: the database or the writer process failing
+    is a 503; anything else (a refusal, a bug) is passed on as it is."""
+    if isinstance(error, (sqlite3.Error, WriterGone, OSError)):
+        return Unavailable(f"The twin store failed to commit: {error}")
+    return error

@@ -1,0 +1,145 @@
+"""The SQLite store's writer process: it starts and stops with the store, a crash of it
+costs at most the writes in flight (answered 503, never left hanging), and it never
+outlives the service."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service_process import ServiceProcess
+from tests.store.contract import change
+from twin_service.errors import Unavailable
+from twin_service.settings import SqliteSettings, StreamSettings
+from twin_service.store.sqlite import SqliteStore
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers signal 0; its state says it is gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def writer_pid(store: SqliteStore) -> int:
+    writer = store.describe()["writer"]
+    assert writer["running"], writer
+    return int(writer["pid"])
+
+
+def test_the_writer_runs_beside_the_store_and_stops_with_it(tmp_path: Path) -> None:
+    async def run() -> int:
+        store = SqliteStore(tmp_path / "twins.sqlite3", SqliteSettings(), StreamSettings())
+        await store.open()
+        pid = writer_pid(store)
+        assert pid != os.getpid() and alive(pid)
+        await store.write(change(None, "org.acme:a", {"desired": {"n": 1}}))
+        await store.close()
+        return pid
+
+    pid = asyncio.run(run())
+    assert wait_gone(pid, 1.0)
+
+
+def test_a_killed_writer_is_replaced_and_costs_only_writes_in_flight(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = SqliteStore(tmp_path / "twins.sqlite3", SqliteSettings(), StreamSettings())
+        await store.open()
+        try:
+            await store.write(change(None, "org.acme:a", {"desired": {"n": 1}}))
+            first = writer_pid(store)
+            os.kill(first, signal.SIGKILL)
+            assert wait_gone(first)
+            # The write that finds the dead writer may be refused with 503 (it could not be
+            # acknowledged); the next one gets a new writer. Nothing hangs.
+            refused = 0
+            for attempt in range(3):
+                try:
+                    await asyncio.wait_for(
+                        store.write(change(None, "org.acme:b", {"desired": {"n": attempt}})), 30
+                    )
+                    break
+                except Unavailable:
+                    refused += 1
+            else:
+                pytest.fail("the store never wrote again after its writer was killed")
+            assert refused <= 1
+            assert writer_pid(store) != first
+            a, b = await store.get("org.acme:a"), await store.get("org.acme:b")
+            assert a is not None and a.desired == {"n": 1}
+            assert b is not None and b.revision == 1
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_writes_in_flight_when_the_writer_dies_are_answered(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = SqliteStore(tmp_path / "twins.sqlite3", SqliteSettings(), StreamSettings())
+        await store.open()
+        try:
+            pid = writer_pid(store)
+            writes = [
+                asyncio.ensure_future(
+                    store.write(change(None, f"org.acme:w{i}", {"desired": {"i": i}}))
+                )
+                for i in range(200)
+            ]
+            await asyncio.sleep(0)  # the first batches are on their way
+            os.kill(pid, signal.SIGKILL)
+            results = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 60)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            assert all(isinstance(r, Unavailable) for r in failed), failed
+            # Every acknowledged write is there.
+            for i, result in enumerate(results):
+                if not isinstance(result, BaseException):
+                    twin = await store.get(f"org.acme:w{i}")
+                    assert twin is not None and twin.desired == {"i": i}
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_the_writer_does_not_outlive_a_killed_service(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path / "data").start()
+    try:
+        with service.client() as api:
+            assert (
+                api.put("/api/v1/twins/org.acme:x", json={"desired": {"n": 1}}).status_code == 201
+            )
+            ready = api.get("/ready").json()
+        pid = int(ready["checks"]["store"]["writer"]["pid"])
+        assert alive(pid)
+    finally:
+        service.stop(signal.SIGKILL)
+    assert wait_gone(pid), "the writer process outlived the service"
+    # And the acknowledged write survived both.
+    again = ServiceProcess(tmp_path / "data").start()
+    try:
+        with again.client() as api:
+            response = api.get("/api/v1/twins/org.acme:x")
+            assert response.status_code == 200 and response.json()["desired"] == {"n": 1}
+    finally:
+        again.stop()
