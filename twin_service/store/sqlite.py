@@ -67,6 +67,8 @@ class SqliteStore:
         )
         self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
         self._unanswered = 0  # batches sent to the writer and not answered yet
+        self._writes_in_flight = 0  # the writes in them
+        self._slots = settings.batches_in_flight
         self._restarting = asyncio.Lock()
         self._readers = ThreadPoolExecutor(
             max_workers=settings.read_threads, thread_name_prefix="sqlite-reader"
@@ -426,7 +428,12 @@ class SqliteStore:
                 # At most ``batches_in_flight`` batches are sent ahead: the writer never
                 # waits for a batch, and the rest keep joining the next one.
                 await self._in_flight.acquire()
-                batch = self._pending[: self._settings.max_batch]
+                # Each batch takes its share of all writes not yet answered: with 32
+                # clients and 2 batches in flight, 16 each, so one fills while the other
+                # commits (one batch of 32 made the loop and the writer take turns); with
+                # hundreds waiting (MQTT ingest), up to ``max_batch``, fewer commits.
+                share = -(-(len(self._pending) + self._writes_in_flight) // self._slots)
+                batch = self._pending[: max(1, min(self._settings.max_batch, share))]
                 del self._pending[: len(batch)]
                 if not self._writer.alive:
                     try:
@@ -438,6 +445,7 @@ class SqliteStore:
                                 pending.future.set_exception(exc)
                         continue
                 self._unanswered += 1
+                self._writes_in_flight += len(batch)
                 settle = functools.partial(self._settle, batch)
                 try:
                     self._writer.request("commit", [p.write for p in batch], settle)
@@ -449,6 +457,7 @@ class SqliteStore:
 
     def _settle(self, batch: list[_Pending], outcome: str, result: Any) -> None:
         self._unanswered -= 1
+        self._writes_in_flight -= len(batch)
         self._in_flight.release()
         outcomes: list[int | BaseException] = (
             result if outcome == "ok" else [_unavailable(result)] * len(batch)
