@@ -167,6 +167,11 @@ class WriterProcess:
                 proc.wait()
         if self._receiver is not None:
             self._receiver.join(timeout)
+        with self._lock:
+            # Normally the receiver has done this on the end of the channel; a request
+            # after this is answered at once instead of waiting on a closed channel.
+            if self._channel is channel:
+                self._channel = None
         if channel is not None:
             channel.close()
         self._proc = None
