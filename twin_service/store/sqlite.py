@@ -58,17 +58,13 @@ class SqliteStore:
         builtin_index: bool = True,
     ) -> None:
         self._path = path
-        self._outbox = outbox
         self._builtin_index = builtin_index
         self._settings = settings
-        self._stream = stream
         self._writer = WriterProcess(
             WriterConfig(path, settings, stream, outbox, builtin_index, log.getEffectiveLevel())
         )
         self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
-        self._unanswered = 0  # batches sent to the writer and not answered yet
-        self._writes_in_flight = 0  # the writes in them
-        self._slots = settings.batches_in_flight
+        self._writes_in_flight = 0  # in batches sent to the writer, not answered yet
         self._restarting = asyncio.Lock()
         self._readers = ThreadPoolExecutor(
             max_workers=settings.read_threads, thread_name_prefix="sqlite-reader"
@@ -139,7 +135,7 @@ class SqliteStore:
         return conn
 
     async def close(self) -> None:
-        while self._pending or self._flushing or self._unanswered:
+        while self._pending or self._flushing or self._writes_in_flight:
             await asyncio.sleep(0.01)
         await asyncio.get_running_loop().run_in_executor(None, self._writer.stop)
         if self._checkpointer is not None:
@@ -432,21 +428,18 @@ class SqliteStore:
                 # clients and 2 batches in flight, 16 each, so one fills while the other
                 # commits (one batch of 32 made the loop and the writer take turns); with
                 # hundreds waiting (MQTT ingest), up to ``max_batch``, fewer commits.
-                share = -(-(len(self._pending) + self._writes_in_flight) // self._slots)
+                unanswered = len(self._pending) + self._writes_in_flight
+                share = -(-unanswered // self._settings.batches_in_flight)
                 batch = self._pending[: max(1, min(self._settings.max_batch, share))]
                 del self._pending[: len(batch)]
+                self._writes_in_flight += len(batch)
+                settle = functools.partial(self._settle, batch)
                 if not self._writer.alive:
                     try:
                         await self._restart_writer()
                     except Unavailable as exc:
-                        self._in_flight.release()
-                        for pending in batch:
-                            if not pending.future.done():
-                                pending.future.set_exception(exc)
+                        settle("error", exc)
                         continue
-                self._unanswered += 1
-                self._writes_in_flight += len(batch)
-                settle = functools.partial(self._settle, batch)
                 try:
                     self._writer.request("commit", [p.write for p in batch], settle)
                 except Exception as exc:  # e.g. a write that cannot be pickled: a bug
@@ -456,7 +449,6 @@ class SqliteStore:
             self._flushing = False
 
     def _settle(self, batch: list[_Pending], outcome: str, result: Any) -> None:
-        self._unanswered -= 1
         self._writes_in_flight -= len(batch)
         self._in_flight.release()
         outcomes: list[int | BaseException] = (

@@ -82,15 +82,12 @@ class WriterProcess:
             if not channel.poll(timeout):
                 raise WriterGone(f"the SQLite writer did not open the database in {timeout} s")
             kind, result = pickle.loads(channel.recv_bytes())
-        except (EOFError, OSError) as exc:
+        except BaseException as exc:
             channel.close()
             proc.kill()
             proc.wait()
-            raise WriterGone(f"the SQLite writer process exited at start: {exc}") from exc
-        except BaseException:
-            channel.close()
-            proc.kill()
-            proc.wait()
+            if isinstance(exc, (EOFError, OSError)):
+                raise WriterGone(f"the SQLite writer process exited at start: {exc}") from exc
             raise
         if kind != "ok":
             channel.close()
