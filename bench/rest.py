@@ -38,9 +38,16 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, machine, process_cpu_seconds, wait_healthy
+from bench.common import (
+    BENCH_TOKEN,
+    ROOT,
+    free_port,
+    machine,
+    process_cpu_seconds,
+    wait_healthy,
+)
 
-TOKEN = "bench-admin-token-0123456789abcdef"
+TOKEN = BENCH_TOKEN
 NAMESPACE = "bench"
 MERGE = "application/merge-patch+json"
 
@@ -227,7 +234,10 @@ function request()
   end
   return wrk.format("GET", path, headers, nil)
 end
+"""
 
+#: The ``done()`` every wrk script of the benchmarks ends with: the line :func:`run_wrk` reads.
+WRK_DONE = r"""
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -236,6 +246,7 @@ function done(summary, latency, requests)
     e.connect + e.read + e.write + e.timeout + e.status))
 end
 """
+_WRK_SCRIPT += WRK_DONE
 
 
 def run_wrk(

@@ -7,12 +7,15 @@
    service's (group commit, index rows in the same transaction), minus HTTP.
 2. Starts the real service on that data dir and measures searches through HTTP at
    concurrency 1 and 8: p50, p99 and req/s of each query below.
-3. Measures write throughput through HTTP (merge PATCH, ``--writes`` requests at
-   ``--write-concurrency``); the built-in index is always on in the service.
-4. Stops the service and measures the cost of the index on writes in process: the same
-   ``--index-writes`` merge patches through ``SqliteStore.write`` (group commit) with
-   ``builtin_index=True`` on the data file and ``builtin_index=False`` on a copy of it, per
-   round, order alternating. The ratio on/off is the target of issue 3 (>= 0.5).
+3. Stops it and measures the cost of the index on the service's write throughput: per
+   round and side (order alternating), the service on a fresh copy of the data with
+   ``search`` builtin or off, merge PATCHes of random twins through HTTP for
+   ``--write-seconds`` at ``--write-concurrency`` (wrk when installed). The ratio of the
+   median PATCH/s on/off is the target of issue 3 (>= 0.5).
+4. The same cost for the store alone, in process: ``--index-writes`` merge patches through
+   ``SqliteStore.write`` (group commit) with ``builtin_index=True`` and ``False`` on two
+   fresh copies, per round, order alternating. With no HTTP, no request handling and no
+   load generator sharing the cores, this isolates what the index rows cost SQLite.
 
 Run from the repository root: ``python -m bench.search`` (``--help`` for the knobs).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Request, Service, Summary, machine, markdown_table, run_load
+from bench.rest import WRK_DONE, run_wrk
 from twin_service.cli import tune_gc
 from twin_service.settings import Settings
 from twin_service.store.base import Write
@@ -229,6 +234,90 @@ def patch_request(count: int) -> Callable[[random.Random], Request]:
     return make
 
 
+# -- index cost on writes, through the API --------------------------------------------------------
+
+#: The writes of :func:`patch_request`, for wrk (arguments: method, twin count, token).
+_WRK_WRITES = (
+    r"""
+local count, token
+
+function init(args)
+  count, token = tonumber(args[2]), args[3]
+  math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 100000)
+end
+
+function request()
+  local path = string.format("/api/v1/twins/org.bench:pump-%06d", math.random(0, count - 1))
+  local headers = {["Authorization"] = "Bearer " .. token,
+                   ["Content-Type"] = "application/merge-patch+json"}
+  local body = string.format('{"reported":{"uptime":%d},"live":{"telemetry":{"temp":%d.%02d}}}',
+    math.random(0, 9999999), math.random(30, 80), math.random(0, 99))
+  return wrk.format("PATCH", path, headers, body)
+end
+"""
+    + WRK_DONE
+)
+
+#: ``search`` of the service for each side of the comparison.
+SIDES = {"on": "builtin", "off": "off"}
+
+
+def http_index_cost(
+    data_dir: Path, count: int, rounds: int, seconds: float, connections: int
+) -> dict[str, list[Summary]]:
+    """HTTP merge PATCHes (:func:`patch_request`) per second with the index on and off.
+
+    Per round and side, in alternating order: a fresh copy of the database (flushed to
+    disk), the service started on it with ``search`` builtin or off, a 3 s warm-up, then
+    ``seconds`` of load at ``connections``. wrk when installed (a C client: the load
+    generator's share of the two cores stays small), else the aiohttp client.
+    """
+    db = data_dir / Settings().sqlite.file_name
+    script = data_dir / "index-cost-writes.lua"
+    script.write_text(_WRK_WRITES)
+    use_wrk = shutil.which("wrk") is not None
+    runs: dict[str, list[Summary]] = {"on": [], "off": []}
+    for r in range(rounds):
+        for side in SIDES if r % 2 == 0 else reversed(SIDES):
+            copy_dir = data_dir / f"http-index-{side}"
+            shutil.rmtree(copy_dir, ignore_errors=True)
+            copy_dir.mkdir()
+            copy_database(db, copy_dir / db.name)
+            os.sync()
+            try:
+                with Service(copy_dir, env={"TWIN_SEARCH": SIDES[side]}) as service:
+                    if use_wrk:
+                        run_wrk(script, service.url, "PATCH", count, connections, 3)
+                        result = run_wrk(script, service.url, "PATCH", count, connections, seconds)
+                        summary = Summary(
+                            requests=result.requests,
+                            errors=result.errors,
+                            seconds=result.seconds,
+                            p50_ms=result.p50_ms,
+                            p99_ms=result.p99_ms,
+                            max_ms=math.nan,  # wrk's done() does not report it
+                        )
+                    else:
+                        make = patch_request(count)
+                        run_load(
+                            service.url, service.headers, make, concurrency=connections, seconds=3
+                        )
+                        summary = run_load(
+                            service.url,
+                            service.headers,
+                            make,
+                            concurrency=connections,
+                            seconds=seconds,
+                        )
+            finally:
+                shutil.rmtree(copy_dir, ignore_errors=True)
+            check(summary, f"PATCH index {side}")
+            runs[side].append(summary)
+            client = "wrk" if use_wrk else "aiohttp"
+            print(f"  round {r + 1}: index {side:3} {fmt(summary)} ({client})", flush=True)
+    return runs
+
+
 # -- index cost on writes, in process -----------------------------------------------------------
 
 
@@ -356,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--requests", type=int, default=3000, help="most requests per query")
     parser.add_argument("--seconds", type=float, default=8.0, help="most seconds per query")
-    parser.add_argument("--writes", type=int, default=5000)
+    parser.add_argument(
+        "--write-seconds", type=float, default=10.0, help="seconds per side and round (HTTP)"
+    )
     parser.add_argument("--write-concurrency", type=int, default=32)
     parser.add_argument("--index-writes", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -367,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --data-dir: keep the twins already there when there are --twins of them "
         "(the index-cost rounds write to copies)",
+    )
+    parser.add_argument(
+        "--skip-queries", action="store_true", help="measure only the index cost on writes"
     )
     args = parser.parse_args(argv)
 
@@ -387,8 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {leaves / args.twins:.1f} index rows/twin", flush=True)
 
         rows: list[list[object]] = []
-        with Service(data_dir) as service:
-            for name, (text, make) in queries(args.twins).items():
+        searches = {} if args.skip_queries else queries(args.twins)
+        with Service(data_dir) if searches else contextlib.nullcontext() as service:
+            for name, (text, make) in searches.items():
+                assert service is not None
                 for concurrency in (1, 8):
                     result = run_load(
                         service.url,
@@ -403,20 +499,23 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append([name, concurrency, result.p50_ms, result.p99_ms, result.rps])
                     figures[f"search {name} c{concurrency}"] = summary_json(result)
                     print(f"  {name:24} c={concurrency}: {fmt(result)}  {text}", flush=True)
-            writes = run_load(
-                service.url,
-                service.headers,
-                patch_request(args.twins),
-                concurrency=args.write_concurrency,
-                count=args.writes,
-                warmup=50,
-            )
-            check(writes, "PATCH")
-            figures["http patch"] = summary_json(writes)
-            print(f"  HTTP PATCH c={args.write_concurrency}: {fmt(writes)}", flush=True)
-        rows.append(
-            ["PATCH (index on)", args.write_concurrency, writes.p50_ms, writes.p99_ms, writes.rps]
+
+        print("Index cost on writes, through HTTP ...", flush=True)
+        http = http_index_cost(
+            data_dir, args.twins, args.rounds, args.write_seconds, args.write_concurrency
         )
+        http_median = {side: _median(runs) for side, runs in http.items()}
+        for side, result in http_median.items():
+            figures[f"http patch index {side}"] = summary_json(result)
+            rows.append(
+                [
+                    f"PATCH (index {side})",
+                    args.write_concurrency,
+                    result.p50_ms,
+                    result.p99_ms,
+                    result.rps,
+                ]
+            )
 
         print("Index cost on writes, in process ...", flush=True)
         cost = index_cost(settings, args.twins, min(args.index_writes, args.twins), args.rounds)
@@ -435,14 +534,22 @@ def main(argv: list[str] | None = None) -> int:
                 ],
             )
         )
+        http_ratio = http_median["on"].rps / http_median["off"].rps
         ratio = cost["on"] / cost["off"]
+        figures["http index on/off ratio"] = http_ratio
+        figures["http index on/off ratio per round"] = [
+            on.rps / off.rps for on, off in zip(http["on"], http["off"], strict=True)
+        ]
         figures["index on/off ratio"] = ratio
         print()
         print(
-            f"index on / index off write throughput: {ratio:.2f} "
-            f"(target of issue 3: >= 0.50, {'met' if ratio >= 0.5 else 'not met'})"
+            f"index on / index off, HTTP PATCH/s (the service's write throughput): "
+            f"{http_ratio:.2f} (target of issue 3: >= 0.50, "
+            f"{'met' if http_ratio >= 0.5 else 'not met'}; rounds "
+            + ", ".join(f"{x:.2f}" for x in figures["http index on/off ratio per round"])
+            + ")"
         )
-        print(f"HTTP PATCH / in-process store writes (index on): {writes.rps / cost['on']:.2f}")
+        print(f"index on / index off, SqliteStore.write alone, in process: {ratio:.2f}")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
     finally:
@@ -454,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
 def check(result: Summary, name: str) -> None:
     if result.errors:
         raise RuntimeError(f"{name}: {result.errors} of {result.requests} requests failed")
+
+
+def _median(runs: list[Summary]) -> Summary:
+    """The run with the median throughput (its latencies with it)."""
+    return sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
 
 
 def fmt(result: Summary) -> str:

@@ -16,6 +16,7 @@ from search.rql.query import build_query
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, NotFound
+from twin_service.index.base import search_disabled
 from twin_service.service import Preconditions
 from twin_service.twin.document import SECTIONS, Twin
 from twin_service.twin.fields import parse_fields, select
@@ -160,6 +161,7 @@ async def search_twins(
     ``wait_for``: a write's sequence number (``X-Twin-Seq``) or ``latest``; the search then
     first waits until the index covers that write (external indexes only lag behind).
     """
+    _refuse_when_off(ctx)
     visible = principal.visible_namespaces(namespaces)
     paths = parse_fields(fields)
     query = build_query(
@@ -186,11 +188,19 @@ async def count_twins(
     namespaces: str | None,
     wait_for: str | None = None,
 ) -> int:
+    _refuse_when_off(ctx)
     visible = principal.visible_namespaces(namespaces)
     query = build_query(filter, None, visible)
     if visible == "":
         return 0
     return await ctx.index.count(query, wait_for_seq=await _wait_target(ctx, wait_for))
+
+
+def _refuse_when_off(ctx: AppContext) -> None:
+    # Before the query is parsed or the namespaces narrowed: with search off, every search
+    # gets the same answer, whatever it asks.
+    if ctx.settings.search == "off":
+        raise search_disabled()
 
 
 async def _wait_target(ctx: AppContext, wait_for: str | None) -> int | None:

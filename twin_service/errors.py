@@ -16,6 +16,7 @@ error message over WebSocket, and to a ``rejected`` message over MQTT.
     ├── Unauthorized (401)            auth.required
     ├── Forbidden (403)               auth.forbidden
     ├── NotFound (404)                twin.notfound / pointer.notfound
+    │   └── SearchDisabled            search.disabled
     ├── Conflict (409)                twin.conflict / version.conflict
     ├── Gone (410)                    history.expired
     ├── PreconditionFailed (412)      twin.precondition.failed / twin.condition.failed
@@ -119,6 +120,12 @@ class Forbidden(TwinServiceError):
 class NotFound(TwinServiceError):
     status = 404
     default_code = "twin.notfound"
+
+
+class SearchDisabled(NotFound):
+    """The search API is turned off (``search = "off"``)."""
+
+    default_code = "search.disabled"
 
 
 class Conflict(TwinServiceError):

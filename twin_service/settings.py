@@ -256,7 +256,13 @@ class Settings(BaseSettings):
     )
     store: Literal["sqlite", "mongodb"] = Field("sqlite", description="Twin store.")
     mongodb_url: str | None = Field(None, description="MongoDB URL (store=mongodb).")
-    search: Literal["builtin", "elasticsearch"] = Field("builtin", description="Search index.")
+    search: Literal["builtin", "elasticsearch", "off"] = Field(
+        "builtin",
+        description="Search index: builtin (kept by the store in the same transaction), "
+        "elasticsearch, or off (the search API answers 404 search.disabled and the SQLite "
+        "store keeps no index rows; builtin again rebuilds them on start, elasticsearch "
+        "again needs `twin-service index rebuild`).",
+    )
     elasticsearch_url: str | None = Field(
         None, description="Elasticsearch URL (search=elasticsearch)."
     )

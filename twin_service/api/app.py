@@ -14,7 +14,7 @@ from twin_service.api import errors
 from twin_service.api.context import AppContext, Component
 from twin_service.api.routes import health, search, streams, twins
 from twin_service.auth import TokenRegistry, load_tokens
-from twin_service.index.base import BuiltinIndex, SearchIndex
+from twin_service.index.base import BuiltinIndex, NoIndex, SearchIndex
 from twin_service.service import TwinService
 from twin_service.settings import Settings
 from twin_service.store.base import StoredEvent, TwinStore
@@ -36,7 +36,7 @@ def build_store(settings: Settings) -> TwinStore:
         settings.data_dir / settings.sqlite.file_name,
         settings.sqlite,
         settings.stream,
-        outbox=settings.search != "builtin",
+        outbox=settings.search == "elasticsearch",
         builtin_index=settings.search == "builtin",
     )
 
@@ -47,6 +47,8 @@ def build_index(settings: Settings, store: TwinStore) -> SearchIndex:
 
         index: SearchIndex = ElasticsearchIndex(settings, store)
         return index
+    if settings.search == "off":
+        return NoIndex()
     return BuiltinIndex(store)
 
 

@@ -73,7 +73,7 @@ _DESCRIPTIONS = {
     400: "Invalid input (JSON, pointer, patch, RQL, limits)",
     401: "Missing or invalid bearer token",
     403: "The token's role or namespaces do not allow this",
-    404: "Twin or path not found",
+    404: "Twin or path not found; on search routes, search.disabled (search is off)",
     409: "Conflict",
     410: "History no longer retained",
     412: "Precondition (If-Match, If-None-Match, condition) failed",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twin_service.errors import SearchDisabled
 from twin_service.store.base import TwinStore
 from twin_service.twin.document import Twin
 
@@ -28,6 +29,36 @@ class SearchIndex(Protocol):
 
     async def health(self) -> dict[str, Any]:
         """``{"status": "up"|"down", ...}`` with lag figures where they exist."""
+
+
+class NoIndex:
+    """``search = "off"``: no index is kept, and the search API says so."""
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def search(
+        self, query: SearchQuery, *, wait_for_seq: int | None = None
+    ) -> tuple[list[Twin], str | None]:
+        raise search_disabled()
+
+    async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int:
+        raise search_disabled()
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "up", "kind": "off"}
+
+
+def search_disabled() -> SearchDisabled:
+    """The error of every search while ``search = \"off\"``."""
+    return SearchDisabled(
+        "Search is turned off on this service.",
+        description='The setting search is "off" (TWIN_SEARCH); set it to "builtin" or '
+        '"elasticsearch" to search twins.',
+    )
 
 
 class BuiltinIndex:

@@ -95,7 +95,7 @@ class MongoStore:
         self._url = settings.mongodb_url
         self._settings = settings.mongodb
         self._stream = settings.stream
-        self._outbox = settings.search != "builtin"
+        self._outbox = settings.search == "elasticsearch"
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._server = "mongodb"

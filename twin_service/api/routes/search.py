@@ -24,7 +24,7 @@ WAIT_DOC = (
 WaitParam = Annotated[str | None, Query(alias="waitFor", description=WAIT_DOC)]
 
 
-@router.get("/twins", response_model=SearchResult, responses=errors())
+@router.get("/twins", response_model=SearchResult, responses=errors(404, 503))
 async def search_get(
     ctx: Context,
     principal: Reader,
@@ -42,7 +42,7 @@ async def search_get(
 @router.post(
     "/twins",
     response_model=SearchResult,
-    responses=errors(),
+    responses=errors(404, 503),
     summary="Search with a form body (for long queries)",
 )
 async def search_post(
@@ -59,7 +59,7 @@ async def search_post(
     )
 
 
-@router.get("/twins/count", response_model=CountResult, responses=errors())
+@router.get("/twins/count", response_model=CountResult, responses=errors(404, 503))
 async def count_get(
     ctx: Context,
     principal: Reader,
