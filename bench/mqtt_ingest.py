@@ -267,7 +267,17 @@ def main() -> None:
     )
     parser.add_argument("--window", type=int, default=500, help="unacked QoS 1 per publisher")
     parser.add_argument("--rounds", type=int, default=300, help="delta latency samples")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TWIN_NAME=VALUE",
+        help="a setting of the service as its environment variable (repeatable), for A/B runs",
+    )
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.set)
+    if not all(name.startswith("TWIN_") for name in extra):
+        parser.error("--set takes TWIN_NAME=VALUE")
     print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp) / "mosquitto", max_inflight_messages=1000).start()
@@ -280,6 +290,7 @@ def main() -> None:
                 "TWIN_MQTT_URL": broker.url,
                 "TWIN_MQTT__CLIENT_ID": "bench-svc",
                 "TWIN_MQTT__MAX_INFLIGHT": "256",
+                **extra,
             },
         ).start()
         try:

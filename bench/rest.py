@@ -166,7 +166,12 @@ def bare_server(log: Path) -> Server:
 
 async def seed(url: str, count: int, concurrency: int) -> float:
     """PUT ``count`` twins with ``concurrency`` requests in flight; returns PUTs per second."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Connections idle in the pool expire before uvicorn's 5 s keep-alive closes them: at
+    # httpx's default (also 5 s), a request now and then went out on a connection the
+    # server was closing, and the seeding failed with a ReadError (3 of 13 runs).
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0
+    )
     headers = {"Authorization": f"Bearer {TOKEN}"}
     next_index = iter(range(count))
     started = time.perf_counter()

@@ -109,10 +109,13 @@ class SqliteSettings(BaseModel):
         "(docs/performance.md).",
     )
     checkpoint_interval_ms: int = Field(
-        250,
+        50,
         ge=0,
         description="A background thread copies committed WAL pages into the database at "
-        "this interval, so commits rarely do it themselves (0 turns it off).",
+        "this interval, so commits rarely do it themselves (0 turns it off). When the WAL "
+        "reaches wal_autocheckpoint pages, the writer still finishes a checkpoint itself "
+        "(its fsyncs are the PATCH tail): the shorter the interval, the less is left for "
+        "it. 50 instead of 250 ms: PATCH p99 about 43 instead of 58 ms at the same rate.",
     )
     twin_cache: int = Field(
         10_000,
