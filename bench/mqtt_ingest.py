@@ -275,9 +275,9 @@ def main() -> None:
         help="a setting of the service as its environment variable (repeatable), for A/B runs",
     )
     args = parser.parse_args()
-    extra = dict(item.split("=", 1) for item in args.set)
-    if not all(name.startswith("TWIN_") for name in extra):
+    if not all(item.startswith("TWIN_") and "=" in item for item in args.set):
         parser.error("--set takes TWIN_NAME=VALUE")
+    extra = dict(item.split("=", 1) for item in args.set)
     print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp) / "mosquitto", max_inflight_messages=1000).start()

@@ -542,9 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a setting of the service as its environment variable (repeatable)",
     )
     args = parser.parse_args(argv)
-    settings = dict(item.split("=", 1) for item in args.set)
-    if not all(name.startswith("TWIN_") for name in settings):
+    if not all(item.startswith("TWIN_") and "=" in item for item in args.set):
         parser.error("--set takes TWIN_NAME=VALUE")
+    settings = dict(item.split("=", 1) for item in args.set)
     options = Options(
         args.twins,
         args.connections,

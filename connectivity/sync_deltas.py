@@ -93,6 +93,8 @@ class DeltaPublisher:
             twin = await self._store.get(twin_id)
             self.submit(twin_id, _Job(twin.revision if twin else 0, twin, force=True))
             count += 1
+        if not self._store.searchable:
+            return count + await self._republish_by_scan(page_size)
         query = SearchQuery(filter=parse_filter("exists(delta)"), size=page_size)
         while True:
             twins, cursor = await self._store.search(query)
@@ -103,6 +105,22 @@ class DeltaPublisher:
             if cursor is None:
                 return count
             query = SearchQuery(filter=query.filter, size=page_size, cursor=cursor)
+
+    async def _republish_by_scan(self, page_size: int) -> int:
+        """:meth:`republish` without an index (``search`` off or external, on SQLite): every
+        twin is read, page by page, and those with a delta are published (the external index
+        may lag behind the store, so it cannot say which twins have one)."""
+        count = 0
+        after: str | None = None
+        while True:
+            twins = await self._store.scan(after, page_size)
+            for twin in twins:
+                if twin.delta and twin.twin_id not in self._failed:
+                    self.submit(twin.twin_id, _Job(twin.revision, twin, force=True))
+                    count += 1
+            if len(twins) < page_size:
+                return count
+            after = twins[-1].twin_id
 
     async def idle(self) -> None:
         """Wait until nothing is queued (tests, shutdown)."""

@@ -12,7 +12,14 @@ from connectivity.cli import cmd_add
 from connectivity.errors import ConnectRefused
 from tests.servers.process import free_port
 from tests.service_process import ServiceProcess
-from tests.sync.helpers import device, patch_desired, put_twin, until_twin, wait_mqtt_up
+from tests.sync.helpers import (
+    RawDevice,
+    device,
+    patch_desired,
+    put_twin,
+    until_twin,
+    wait_mqtt_up,
+)
 
 
 def _add_device(data_dir: Path, twin: str) -> str:
@@ -68,3 +75,45 @@ async def test_embedded_broker_device_syncs_delta(tmp_path: Path) -> None:
         await bad.mqtt.stop(grace=0)
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("search", ["builtin", "off"])
+async def test_a_restarted_service_publishes_pending_deltas_again(
+    tmp_path: Path, search: str
+) -> None:
+    """The embedded broker keeps no retained message across a restart: the service publishes
+    every pending delta again when it connects, with or without a search index (without
+    one it finds them by reading every twin)."""
+    data = tmp_path / "svc"
+    data.mkdir()
+    twin, synced = "org.acme:emb-pending", "org.acme:emb-synced"
+    password = _add_device(data, twin)
+    port = free_port()
+    env = {
+        "TWIN_MQTT__ENABLED": "true",
+        "TWIN_MQTT__EMBEDDED_PORT": str(port),
+        "TWIN_SEARCH": search,
+    }
+    first = ServiceProcess(data, env=env).start()
+    try:
+        wait_mqtt_up(first)
+        with first.client() as api:
+            put_twin(api, twin, desired={"fan": {"speed": 3}})
+            put_twin(api, synced, desired={"x": 1}, reported={"x": 1})
+    finally:
+        first.stop()
+    second = ServiceProcess(data, env=env).start()
+    try:
+        wait_mqtt_up(second)
+        url = f"mqtt://127.0.0.1:{port}"
+        # A raw subscriber, not the device library: that one also asks for the twin on
+        # connect, which would deliver the delta even if nothing had been republished.
+        async with RawDevice(url, twin, username=twin, password=password, protocol=4) as raw:
+            delta = await raw.reply("delta")
+        assert delta["state"] == {"fan": {"speed": 3}}
+        assert delta["desiredVersion"] == 1
+    finally:
+        second.stop()
+    log = second.log_path.read_text(errors="replace")
+    assert "republishing deltas failed" not in log, log
+    assert "Traceback" not in log, log

@@ -92,8 +92,16 @@ class TwinStore(Protocol):
 
     async def twin_count(self) -> int: ...
 
+    @property
+    def searchable(self) -> bool:
+        """Whether :meth:`search` and :meth:`count` work: the store keeps its own index (the
+        SQLite store does not when ``search`` is ``off`` or ``elasticsearch``)."""
+
     async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
-        """One page of matching twins in order, and the cursor of the next page."""
+        """One page of matching twins in order, and the cursor of the next page.
+
+        Raises :class:`twin_service.errors.Unavailable` when the store is not
+        :attr:`searchable`."""
 
     async def count(self, query: SearchQuery) -> int: ...
 

@@ -256,6 +256,12 @@ class MongoStore:
         except PyMongoError as exc:
             raise Unavailable(f"The twin store failed to count: {exc}") from exc
 
+    @property
+    def searchable(self) -> bool:
+        # The search fields live in each twin document and are written with it, whatever
+        # the search setting: there is no separate index to keep or rebuild.
+        return True
+
     async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
         twins: dict[str, Twin] = {}
 

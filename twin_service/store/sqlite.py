@@ -238,10 +238,14 @@ class SqliteStore:
                 found[twin.twin_id] = twin
         return [found[i] for i in twin_ids if i in found]
 
+    @property
+    def searchable(self) -> bool:
+        return self._builtin_index
+
     def _require_index(self) -> None:
         if not self._builtin_index:
             raise Unavailable(
-                "The built-in search index is off (an external index is configured).",
+                "The built-in search index is off (search is off or external).",
                 code="index.unavailable",
             )
 
