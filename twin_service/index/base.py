@@ -31,14 +31,18 @@ class SearchIndex(Protocol):
         """``{"status": "up"|"down", ...}`` with lag figures where they exist."""
 
 
-class NoIndex:
-    """``search = "off"``: no index is kept, and the search API says so."""
+class _Passive:
+    """An index with nothing to start or stop: it lives in the store, or not at all."""
 
     async def start(self) -> None:
         return None
 
     async def stop(self) -> None:
         return None
+
+
+class NoIndex(_Passive):
+    """``search = "off"``: no index is kept, and the search API says so."""
 
     async def search(
         self, query: SearchQuery, *, wait_for_seq: int | None = None
@@ -61,17 +65,11 @@ def search_disabled() -> SearchDisabled:
     )
 
 
-class BuiltinIndex:
+class BuiltinIndex(_Passive):
     """The index kept by the store in the same transaction as each write: never behind."""
 
     def __init__(self, store: TwinStore) -> None:
         self._store = store
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
 
     async def search(
         self, query: SearchQuery, *, wait_for_seq: int | None = None
