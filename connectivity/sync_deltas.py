@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from connectivity.errors import MqttUnavailable
@@ -93,34 +93,34 @@ class DeltaPublisher:
             twin = await self._store.get(twin_id)
             self.submit(twin_id, _Job(twin.revision if twin else 0, twin, force=True))
             count += 1
-        if not self._store.searchable:
-            return count + await self._republish_by_scan(page_size)
-        query = SearchQuery(filter=parse_filter("exists(delta)"), size=page_size)
-        while True:
-            twins, cursor = await self._store.search(query)
-            for twin in twins:
-                if twin.twin_id not in self._failed:
-                    self.submit(twin.twin_id, _Job(twin.revision, twin, force=True))
-                    count += 1
-            if cursor is None:
-                return count
-            query = SearchQuery(filter=query.filter, size=page_size, cursor=cursor)
+        async for twin in self._twins_with_delta(page_size):
+            if twin.twin_id not in self._failed:
+                self.submit(twin.twin_id, _Job(twin.revision, twin, force=True))
+                count += 1
+        return count
 
-    async def _republish_by_scan(self, page_size: int) -> int:
-        """:meth:`republish` without an index (``search`` off or external, on SQLite): every
-        twin is read, page by page, and those with a delta are published (the external index
-        may lag behind the store, so it cannot say which twins have one)."""
-        count = 0
+    async def _twins_with_delta(self, page_size: int) -> AsyncIterator[Twin]:
+        """Every twin with a non-empty delta, page by page: through the store's index, or
+        without one (``search`` off or external, on SQLite) by reading every twin (an
+        external index may lag behind the store, so it cannot say which twins have one)."""
+        if self._store.searchable:
+            query = SearchQuery(filter=parse_filter("exists(delta)"), size=page_size)
+            while True:
+                twins, cursor = await self._store.search(query)
+                for twin in twins:
+                    yield twin
+                if cursor is None:
+                    return
+                query = SearchQuery(filter=query.filter, size=page_size, cursor=cursor)
         after: str | None = None
         while True:
-            twins = await self._store.scan(after, page_size)
-            for twin in twins:
-                if twin.delta and twin.twin_id not in self._failed:
-                    self.submit(twin.twin_id, _Job(twin.revision, twin, force=True))
-                    count += 1
-            if len(twins) < page_size:
-                return count
-            after = twins[-1].twin_id
+            page = await self._store.scan(after, page_size)
+            for twin in page:
+                if twin.delta:
+                    yield twin
+            if len(page) < page_size:
+                return
+            after = page[-1].twin_id
 
     async def idle(self) -> None:
         """Wait until nothing is queued (tests, shutdown)."""

@@ -61,12 +61,12 @@ class WriterProcess:
         proc = self._proc
         return proc.pid if proc is not None and self._channel is not None else None
 
-    def start(self, timeout: float | None = None) -> None:
+    def start(self) -> None:
         """Start the process and wait until its database is open (blocking).
 
-        With no ``timeout``, waits as long as the process lives: opening may rebuild the
-        built-in index (``search`` back to builtin), which takes long on a large database,
-        and a start that gave up would roll the rebuild back and begin it again next time.
+        Waits as long as the process lives: opening may rebuild the built-in index
+        (``search`` back to builtin), which takes long on a large database, and a start
+        that gave up would roll the rebuild back and begin it again next time.
         """
         self._reap()
         ours, theirs = socket.socketpair()
@@ -84,7 +84,7 @@ class WriterProcess:
         channel = Connection(ours.detach())
         try:
             channel.send_bytes(pickle.dumps(self._config))
-            _wait_open(channel, proc, timeout)
+            _wait_open(channel, proc)
             kind, result = pickle.loads(channel.recv_bytes())
         except BaseException as exc:
             channel.close()
@@ -178,13 +178,11 @@ class WriterProcess:
         self._proc = None
 
 
-def _wait_open(channel: Connection, proc: subprocess.Popen[bytes], timeout: float | None) -> None:
+def _wait_open(channel: Connection, proc: subprocess.Popen[bytes]) -> None:
     """Until the writer's first answer (or its exit: the channel then reads EOF)."""
     waited = 0.0
     while not channel.poll(_OPEN_NOTICE_SECONDS):
         waited += _OPEN_NOTICE_SECONDS
-        if timeout is not None and waited >= timeout:
-            raise WriterGone(f"the SQLite writer did not open the database in {timeout} s")
         if proc.poll() is not None:
             return
         log.warning(
