@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from twin_service import __version__
 from twin_service.api import errors
 from twin_service.api.context import AppContext, Component
+from twin_service.api.hot_routes import TwinApp
 from twin_service.api.routes import health, search, streams, twins
 from twin_service.auth import TokenRegistry, load_tokens
 from twin_service.index.base import BuiltinIndex, NoIndex, SearchIndex
@@ -108,12 +109,13 @@ def create_app(settings: Settings) -> FastAPI:
             await index.stop()
             await store.close()
 
-    app = FastAPI(
+    app = TwinApp(
         title="twin-service",
         version=__version__,
         description="Digital twin state: desired, reported, delta, live and attributes.",
         lifespan=lifespan,
     )
+    app.hot_routes = settings.api_hot_routes
     errors.install(app)
     # The routes go straight into the app's route list, ahead of the documentation routes
     # (matching is a linear scan) and in this order (streams before twins:

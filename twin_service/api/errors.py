@@ -34,6 +34,18 @@ def _body(status: int, code: str, message: str, description: str = "") -> JSONRe
     )
 
 
+def unexpected_response(_exc: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    return _body(500, "service.internal", "Internal error; see the service log.")
+
+
+def disconnected_response(request: Request) -> Response:
+    # The client went away while its body was being read: nobody gets this answer, and
+    # it is not a server error worth a traceback in the log.
+    log.debug("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(TwinServiceError)
     async def _twin_error(_: Request, exc: TwinServiceError) -> JSONResponse:
@@ -54,12 +66,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, _: ClientDisconnect) -> Response:
-        # The client went away while its body was being read: nobody gets this answer, and
-        # it is not a server error worth a traceback in the log.
-        log.debug("client disconnected during %s %s", request.method, request.url.path)
-        return Response(status_code=499)
+        return disconnected_response(request)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return _body(500, "service.internal", "Internal error; see the service log.")
+        return unexpected_response(exc)

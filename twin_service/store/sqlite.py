@@ -29,6 +29,7 @@ from twin_service.store.sqlite_writer import (
     INCARNATION_SQL,
     WriterConfig,
     connect,
+    wire_write,
 )
 from twin_service.store.writer_process import WriterGone, WriterProcess
 from twin_service.twin.document import ChangeEvent, Twin
@@ -445,7 +446,7 @@ class SqliteStore:
                         settle("error", exc)
                         continue
                 try:
-                    self._writer.request("commit", [p.write for p in batch], settle)
+                    self._writer.request("commit", [wire_write(p.write) for p in batch], settle)
                 except Exception as exc:  # e.g. a write that cannot be pickled: a bug
                     log.exception("could not send %d writes to the SQLite writer", len(batch))
                     settle("error", exc.with_traceback(None))

@@ -19,6 +19,7 @@ import pickle
 import signal
 import sqlite3
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
@@ -28,8 +29,9 @@ from typing import Any
 from search import sqlite as sqlite_index
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import RevisionConflict, Write
-from twin_service.twin.document import Twin
+from twin_service.twin.document import ChangeEvent, Twin
 from twin_service.twin.jsonvalue import dumps
+from twin_service.types import JSONObject
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,19 @@ def connect(path: Path, settings: SqliteSettings) -> sqlite3.Connection:
     return conn
 
 
+#: What the store sends the writer process for one :class:`Write`: twin id, expected
+#: revision, the incarnation of the twin it replaces (``None``: not known), the new twin
+#: (``None`` deletes) and the event. The previous twin itself stays behind: pickling it
+#: cost as much as the new one, and the writer keeps the documents it indexed itself.
+WireWrite = tuple[str, int, str | None, Twin | None, ChangeEvent]
+
+
+def wire_write(write: Write) -> WireWrite:
+    previous = write.previous
+    incarnation = previous.incarnation if previous is not None else None
+    return (write.twin_id, write.expected_revision, incarnation, write.twin, write.event)
+
+
 @dataclass(frozen=True)
 class WriterConfig:
     """Everything the writer needs, sent to its process when it starts."""
@@ -108,6 +123,11 @@ class SqliteWriter:
         self._config = config
         self._conn: sqlite3.Connection | None = None
         self._batches = 0
+        # The document of each twin as this writer last indexed it, with the incarnation:
+        # the next write of that twin diffs its index rows against it. Only a write that
+        # replaces exactly that revision of that incarnation uses it (another process may
+        # have written since); anything else re-reads the rows from the index.
+        self._indexed: OrderedDict[str, tuple[int, str, JSONObject]] = OrderedDict()
 
     def open(self) -> None:
         """Create the schema (idempotent) and bring the built-in index in line."""
@@ -152,7 +172,7 @@ class SqliteWriter:
 
     # -- commits ---------------------------------------------------------------------------
 
-    def commit(self, writes: list[Write]) -> list[int | BaseException]:
+    def commit(self, writes: list[WireWrite]) -> list[int | BaseException]:
         """One transaction for ``writes``; per write, its journal sequence number or its
         :class:`RevisionConflict` (a refused write changes nothing)."""
         conn = self._conn
@@ -166,6 +186,7 @@ class SqliteWriter:
                     outcomes.append(self._apply(conn, write))
                     conn.execute("RELEASE w")
                 except RevisionConflict as exc:
+                    self._indexed.pop(write[0], None)
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
                     # Without its traceback: that references this frame, whose `writes`
@@ -177,32 +198,32 @@ class SqliteWriter:
                 self._prune_by_age(conn)
             conn.execute("COMMIT")
         except BaseException:
+            self._indexed.clear()  # what it says may have been rolled back
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         return outcomes
 
-    def _apply(self, conn: sqlite3.Connection, write: Write) -> int:
+    def _apply(self, conn: sqlite3.Connection, write: WireWrite) -> int:
+        twin_id, expected, incarnation, twin, event = write
         row = conn.execute(
             f"SELECT revision, {INCARNATION_SQL} FROM twins WHERE twin_id = ?",
-            (write.twin_id,),
+            (twin_id,),
         ).fetchone()
         current = row[0] if row else 0
-        if current != write.expected_revision:
-            raise RevisionConflict(
-                f"Twin {write.twin_id} is at revision {current}, not {write.expected_revision}."
-            )
+        if current != expected:
+            raise RevisionConflict(f"Twin {twin_id} is at revision {current}, not {expected}.")
         # Revisions restart when a twin is deleted and created again: the incarnation tells
         # them apart, so a change computed from an older one cannot slip through.
-        if row and write.previous is not None and row[1] != write.previous.incarnation:
-            raise RevisionConflict(f"Twin {write.twin_id} was deleted and created again.")
-        twin = write.twin
+        if row and incarnation is not None and row[1] != incarnation:
+            raise RevisionConflict(f"Twin {twin_id} was deleted and created again.")
         state: str | None = None
         builtin = self._config.builtin_index
+        indexed = self._indexed.pop(twin_id, None)
         if twin is None:
-            conn.execute("DELETE FROM twins WHERE twin_id = ?", (write.twin_id,))
+            conn.execute("DELETE FROM twins WHERE twin_id = ?", (twin_id,))
             if builtin:
-                sqlite_index.unindex_twin(conn, write.twin_id)
+                sqlite_index.unindex_twin(conn, twin_id)
         else:
             state = dumps(twin.to_storage())
             conn.execute(
@@ -212,15 +233,18 @@ class SqliteWriter:
                 (twin.twin_id, twin.namespace, twin.revision, state),
             )
             if builtin:
-                previous = write.previous
-                # Only a twin read at the revision being replaced describes the old rows.
+                # Only the document indexed at the revision and incarnation being replaced
+                # describes the rows in the index.
                 old_doc = (
-                    previous.to_document()
-                    if previous is not None and previous.revision == write.expected_revision
+                    indexed[2]
+                    if row and indexed is not None and indexed[:2] == (current, row[1])
                     else None
                 )
-                sqlite_index.index_twin(conn, twin.to_document(), old_doc)
-        event = write.event
+                doc = twin.to_document()
+                sqlite_index.index_twin(conn, doc, old_doc)
+                self._indexed[twin_id] = (twin.revision, twin.incarnation, doc)
+                if len(self._indexed) > self._config.settings.twin_cache:
+                    self._indexed.popitem(last=False)
         cursor = conn.execute(
             "INSERT INTO events (twin_id, revision, ts, event, state) VALUES (?, ?, ?, ?, ?)",
             (event.twin_id, event.revision, event.timestamp, dumps(event.to_json()), state),
@@ -243,7 +267,7 @@ class SqliteWriter:
             conn.execute(
                 "INSERT INTO index_outbox (twin_id, seq) VALUES (?, ?) "
                 "ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
-                (write.twin_id, seq),
+                (twin_id, seq),
             )
         return seq
 

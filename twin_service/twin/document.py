@@ -153,6 +153,12 @@ class Twin:
         doc["_private"] = self.private
         return doc
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Without the cached views (document, delta, encoded JSON): they more than double
+        # what a write costs to pickle to the SQLite writer process, and are derived again
+        # there only where needed.
+        return {k: v for k, v in self.__dict__.items() if k not in _DERIVED}
+
     @classmethod
     def from_storage(cls, doc: JSONObject) -> Twin:
         return cls(
@@ -173,6 +179,10 @@ class Twin:
             lifecycle=doc.get("lifecycle", {}),
             private=doc.get("_private", {}),
         )
+
+
+#: The cached properties of :class:`Twin`, left out when it is pickled.
+_DERIVED = frozenset({"delta", "_document", "document_json"})
 
 
 @dataclass(frozen=True)
