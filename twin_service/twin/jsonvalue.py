@@ -73,6 +73,15 @@ def _refuse_surrogates(value: JSON) -> None:
             _refuse_surrogates(child)
 
 
+#: One decoder for every call: ``json.loads`` with hooks builds a new one each time.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+    parse_int=_finite_int,
+)
+
+
 def loads_strict(data: bytes | str) -> JSON:
     """Decode JSON, refusing invalid UTF-8, duplicate keys and non-finite numbers."""
     if isinstance(data, bytes):
@@ -83,13 +92,7 @@ def loads_strict(data: bytes | str) -> JSON:
     else:
         text = data
     try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            parse_int=_finite_int,
-        )
+        value = _DECODER.decode(text)
         if _MAYBE_SURROGATE.search(text):
             _refuse_surrogates(value)
     except json.JSONDecodeError as exc:
