@@ -153,12 +153,6 @@ class Twin:
         doc["_private"] = self.private
         return doc
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Without the cached views (document, delta, encoded JSON): they more than double
-        # what a write costs to pickle to the SQLite writer process, and are derived again
-        # there only where needed.
-        return {k: v for k, v in self.__dict__.items() if k not in _DERIVED}
-
     @classmethod
     def from_storage(cls, doc: JSONObject) -> Twin:
         return cls(
@@ -181,8 +175,12 @@ class Twin:
         )
 
 
-#: The cached properties of :class:`Twin`, left out when it is pickled.
-_DERIVED = frozenset({"delta", "_document", "document_json"})
+def document_from_storage(stored: JSONObject) -> JSONObject:
+    """What ``Twin.from_storage(stored).to_document()`` holds (keys in another order),
+    made from ``stored`` in place without building the twin."""
+    stored.pop("_private", None)
+    stored["delta"] = compute_delta(stored.get("desired", {}), stored.get("reported", {}))
+    return stored
 
 
 @dataclass(frozen=True)
