@@ -220,7 +220,7 @@ class SqliteWriter:
         return outcomes
 
     def _apply(self, conn: sqlite3.Connection, write: WireWrite) -> int:
-        twin_id, expected, incarnation, twin, _ = write
+        twin_id, expected, incarnation, twin, (event_revision, timestamp, event) = write
         row = conn.execute(
             f"SELECT revision, {INCARNATION_SQL} FROM twins WHERE twin_id = ?",
             (twin_id,),
@@ -263,7 +263,6 @@ class SqliteWriter:
                 self._indexed[twin_id] = (revision, new_incarnation, doc)
                 if len(self._indexed) > self._config.settings.twin_cache:
                     self._indexed.popitem(last=False)
-        event_revision, timestamp, event = write[4]
         cursor = conn.execute(
             "INSERT INTO events (twin_id, revision, ts, event, state) VALUES (?, ?, ?, ?, ?)",
             (twin_id, event_revision, timestamp, event.decode(), state),
