@@ -31,7 +31,7 @@ import orjson
 from search import sqlite as sqlite_index
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import RevisionConflict, Write
-from twin_service.twin.document import Twin, document_from_storage
+from twin_service.twin.document import document_from_storage
 from twin_service.twin.jsonvalue import dumps_bytes
 from twin_service.types import JSONObject
 
@@ -178,7 +178,7 @@ class SqliteWriter:
             conn.execute("DELETE FROM search_leaf")
             conn.execute("DELETE FROM search_twin")
             for (doc,) in conn.execute("SELECT doc FROM twins").fetchall():
-                sqlite_index.index_twin(conn, Twin.from_storage(json.loads(doc)).to_document())
+                sqlite_index.index_twin(conn, document_from_storage(json.loads(doc)))
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('builtin_index', ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
