@@ -249,7 +249,8 @@ async def patch_twin(request: Request, twin_id: TwinId) -> Response:
         amend=ttl,
     )
     assert outcome.twin is not None
-    return written(json_response(outcome.twin.to_document()), outcome)
+    # The twin's own encoding: a GET served from the cache sends these same bytes.
+    return written(_encoded_response(outcome.twin.document_json), outcome)
 
 
 @router.delete(
