@@ -91,8 +91,16 @@ def patch_body(rng: random.Random) -> dict[str, Any]:
 class Server:
     """A server child process on a free loopback port, ready once ``/health`` answers."""
 
-    def __init__(self, name: str, argv: Callable[[int], list[str]], env: dict[str, str], log: Path):
+    def __init__(
+        self,
+        name: str,
+        argv: Callable[[int], list[str]],
+        env: dict[str, str],
+        log: Path,
+        root: Path = ROOT,
+    ):
         self.name = name
+        self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._argv = argv(self.port)
@@ -103,7 +111,7 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         with self._log.open("ab") as log:
             self.proc = subprocess.Popen(
-                self._argv, env=self._env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+                self._argv, env=self._env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT
             )
         if not wait_healthy(self.proc, self.url, timeout, self.name, self._log):
             self.stop()
@@ -125,14 +133,17 @@ class Server:
             self.proc.wait()
 
 
-def _base_env() -> dict[str, str]:
+def _base_env(root: Path = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     return env
 
 
-def twin_server(data_dir: Path, log: Path, settings: dict[str, str] | None = None) -> Server:
-    env = _base_env()
+def twin_server(
+    data_dir: Path, log: Path, settings: dict[str, str] | None = None, root: Path = ROOT
+) -> Server:
+    """The service of the source tree ``root`` (by default this one)."""
+    env = _base_env(root)
     env.update(
         {
             "TWIN_AUTH__TOKENS": json.dumps([{"name": "bench", "token": TOKEN, "role": "admin"}]),
@@ -147,6 +158,7 @@ def twin_server(data_dir: Path, log: Path, settings: dict[str, str] | None = Non
         lambda port: [*argv, "--port", str(port), "--data-dir", str(data_dir)],
         env,
         log,
+        root,
     )
 
 
