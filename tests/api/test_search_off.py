@@ -140,3 +140,38 @@ def test_turning_the_builtin_index_on_again_rebuilds_it(
         assert [item["twinId"] for item in found.json()["items"]] == [f"{ns}:a", f"{ns}:c"]
         north = api.get(COUNT, params={"filter": 'eq(attributes/site,"north")', "namespaces": ns})
         assert north.json() == {"count": 0}
+
+
+def test_the_rebuild_reads_the_twins_page_by_page(
+    tmp_path: Path, service_factory: Callable[..., ServiceProcess]
+) -> None:
+    """More twins than one page of the rebuild, so every page boundary is crossed."""
+    from twin_service.store.sqlite_writer import REBUILD_PAGE
+
+    data = tmp_path / "data"
+    ns = f"org.p{uuid.uuid4().hex[:8]}"
+    total = 2 * REBUILD_PAGE + 1
+    off = service_factory(data, env=OFF)
+
+    async def create_all() -> None:
+        async with off.async_client() as api:
+            sem = asyncio.Semaphore(16)
+
+            async def put(index: int) -> None:
+                async with sem:
+                    body = {"attributes": {"n": index, "site": "x"}}
+                    response = await api.put(f"/api/v1/twins/{ns}:t{index:05d}", json=body)
+                    assert response.status_code == 201, response.text
+
+            await asyncio.gather(*(put(i) for i in range(total)))
+
+    asyncio.run(create_all())
+    off.stop()
+
+    on_again = service_factory(data)
+    with on_again.client() as api:
+        count = api.get(COUNT, params={"filter": 'eq(attributes/site,"x")', "namespaces": ns})
+        assert count.json() == {"count": total}
+        for index in (0, REBUILD_PAGE - 1, REBUILD_PAGE, 2 * REBUILD_PAGE):
+            found = api.get(COUNT, params={"filter": f"eq(attributes/n,{index})", "namespaces": ns})
+            assert found.json() == {"count": 1}, index

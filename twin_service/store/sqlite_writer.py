@@ -69,6 +69,8 @@ SCHEMA = [
 INCARNATION_SQL = (
     "COALESCE(json_extract(doc, '$._private.incarnation'), json_extract(doc, '$.created'))"
 )
+#: Twins read at a time when the built-in index is rebuilt.
+REBUILD_PAGE = 500
 #: The newest event older than the age limit. ``INDEXED BY``: left to itself, SQLite answers
 #: ``MAX(seq)`` by walking the table backwards from the newest event until one is old
 #: enough, which reads the whole journal when none is (230 ms at 190,000 events, in the
@@ -177,8 +179,15 @@ class SqliteWriter:
             log.warning("rebuilding the built-in search index of %s", self._config.path.name)
             conn.execute("DELETE FROM search_leaf")
             conn.execute("DELETE FROM search_twin")
-            for (doc,) in conn.execute("SELECT doc FROM twins").fetchall():
-                sqlite_index.index_twin(conn, document_from_storage(json.loads(doc)))
+            # In pages, not one fetchall(): a large database does not fit in memory twice.
+            after = ""
+            while rows := conn.execute(
+                "SELECT twin_id, doc FROM twins WHERE twin_id > ? ORDER BY twin_id LIMIT ?",
+                (after, REBUILD_PAGE),
+            ).fetchall():
+                for _, doc in rows:
+                    sqlite_index.index_twin(conn, document_from_storage(json.loads(doc)))
+                after = rows[-1][0]
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('builtin_index', ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
