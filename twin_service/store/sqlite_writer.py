@@ -149,6 +149,11 @@ class SqliteWriter:
     def open(self) -> None:
         """Create the schema (idempotent) and bring the built-in index in line."""
         conn = connect(self._config.path, self._config.settings)
+        # Each write runs in a savepoint, whose sub-journal (the pages it changes, as they
+        # were) SQLite keeps in a temporary file once it passes 64 KiB: two pwrite(2) per
+        # page, about 60 per PATCH, more than the commit's own. In memory it is a copy;
+        # it never outgrows what one write (or one pruning DELETE) changes.
+        conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in (*SCHEMA, *sqlite_index.SCHEMA):
