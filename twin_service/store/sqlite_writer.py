@@ -210,18 +210,18 @@ class SqliteWriter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for write in writes:
-                conn.execute("SAVEPOINT w")
+                # A refused write is refused before it changes anything: no savepoint
+                # (each one journals every page its write changes) to roll it back.
                 try:
-                    outcomes.append(self._apply(conn, write))
-                    conn.execute("RELEASE w")
+                    current = self._check(conn, write)
                 except RevisionConflict as exc:
                     self._indexed.pop(write[0], None)
-                    conn.execute("ROLLBACK TO w")
-                    conn.execute("RELEASE w")
                     # Without its traceback: that references this frame, whose `writes`
                     # and `outcomes` hold the exception, a cycle keeping the whole batch
                     # alive until a full garbage collection.
                     outcomes.append(exc.with_traceback(None))
+                    continue
+                outcomes.append(self._apply(conn, write, current))
             self._batches += 1
             if self._batches % 100 == 1:
                 self._prune_by_age(conn)
@@ -233,9 +233,12 @@ class SqliteWriter:
             raise
         return outcomes
 
-    def _apply(self, conn: sqlite3.Connection, write: WireWrite) -> int:
-        twin_id, expected, incarnation, twin, (event_revision, timestamp, event) = write
-        row = conn.execute(
+    @staticmethod
+    def _check(conn: sqlite3.Connection, write: WireWrite) -> tuple[int, str] | None:
+        """The stored twin's (revision, incarnation), or ``None`` when there is none;
+        :class:`RevisionConflict` when ``write`` was computed from another version."""
+        twin_id, expected, incarnation = write[:3]
+        row: tuple[int, str] | None = conn.execute(
             f"SELECT revision, {INCARNATION_SQL} FROM twins WHERE twin_id = ?",
             (twin_id,),
         ).fetchone()
@@ -246,6 +249,14 @@ class SqliteWriter:
         # them apart, so a change computed from an older one cannot slip through.
         if row and incarnation is not None and row[1] != incarnation:
             raise RevisionConflict(f"Twin {twin_id} was deleted and created again.")
+        return row
+
+    def _apply(
+        self, conn: sqlite3.Connection, write: WireWrite, row: tuple[int, str] | None
+    ) -> int:
+        """Store ``write``, which :meth:`_check` accepted (``row`` is what it found)."""
+        twin_id, _, _, twin, (event_revision, timestamp, event) = write
+        current = row[0] if row else 0
         state: str | None = None
         builtin = self._config.builtin_index
         indexed = self._indexed.pop(twin_id, None)
@@ -284,13 +295,15 @@ class SqliteWriter:
         keep = self._config.stream.journal_max_per_twin
         # Prune in chunks (every 64 revisions) so the common write pays nothing for it.
         if event_revision > keep and event_revision % 64 == 0:
-            row = conn.execute(
+            oldest = conn.execute(
                 "SELECT seq FROM events WHERE twin_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
                 (twin_id, keep),
             ).fetchone()
-            if row is not None:
-                conn.execute("DELETE FROM events WHERE twin_id = ? AND seq <= ?", (twin_id, row[0]))
-                _record_pruned(conn, row[0])
+            if oldest is not None:
+                conn.execute(
+                    "DELETE FROM events WHERE twin_id = ? AND seq <= ?", (twin_id, oldest[0])
+                )
+                _record_pruned(conn, oldest[0])
         seq = cursor.lastrowid
         assert seq is not None
         if self._config.outbox:
