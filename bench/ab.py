@@ -11,6 +11,7 @@ alternates which load starts first; the median ratio over rounds is the figure t
 
     .venv/bin/python -m bench.ab --base HEAD~1                  # PATCH, 3 rounds of 10 s
     .venv/bin/python -m bench.ab --base main --method GET --rounds 5
+    .venv/bin/python -m bench.ab --base HEAD --new-set TWIN_SQLITE__PAGE_SIZE=8192  # a setting
 
 Needs ``wrk`` and git; Linux only (``/proc``). Settings for both sides: ``--set K=V``.
 """
@@ -52,10 +53,11 @@ def one_round(
     sides: list[Side], work: Path, options: argparse.Namespace, first: int
 ) -> dict[str, tuple[Result, float]]:
     """Start both services, seed, warm up, load both at once; per side (result, CPU µs/req)."""
-    settings = dict(s.split("=", 1) for s in options.set)
     try:
         for side in sides:
             data = Path(tempfile.mkdtemp(prefix=f"{side.name}-", dir=work))
+            extra = options.new_set if side.name == "new" else []
+            settings = dict(s.split("=", 1) for s in [*options.set, *extra])
             side.server = twin_server(data / "data", data / "log", settings, side.root).start()
             side.data = data
             asyncio.run(seed(side.server.url, options.twins, 32))
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="per round (2)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="TWIN_X=value, both sides")
+    parser.add_argument(
+        "--new-set", action="append", default=[], help="TWIN_X=value, the new side only"
+    )
     options = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
