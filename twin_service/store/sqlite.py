@@ -91,6 +91,7 @@ class SqliteStore:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._writer.start)
+        self._writer.listen(loop)
         (page_size,) = await self._read(
             lambda: self._reader().execute("PRAGMA page_size").fetchone()
         )
@@ -475,9 +476,11 @@ class SqliteStore:
                 return
             log.warning("starting the SQLite writer process again")
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self._writer.start)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, self._writer.start)
             except Exception as exc:
                 raise Unavailable(f"The SQLite writer could not start: {exc}") from exc
+            self._writer.listen(loop)
 
 
 def _unavailable(error: BaseException) -> BaseException:
