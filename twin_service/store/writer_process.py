@@ -49,7 +49,7 @@ class WriterProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._channel: Connection | None = None
         # (loop, callback) per request in flight, oldest first; appended by the requesting
-        # thread before the request is sent, taken by the receiver thread.
+        # thread before the request is sent, taken by the loop reading the answers.
         self._waiting: collections.deque[tuple[asyncio.AbstractEventLoop, Callback]] = (
             collections.deque()
         )
@@ -216,7 +216,7 @@ class WriterProcess:
         if not self._done.wait(timeout) and channel is not None:
             log.error("the SQLite writer's answers were not read to their end")
         with self._lock:
-            # Normally the receiver has done this on the end of the channel; a request
+            # Normally the reader has done this on the end of the channel; a request
             # after this is answered at once instead of waiting on a closed channel.
             if self._channel is channel:
                 self._channel = None
