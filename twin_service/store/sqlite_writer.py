@@ -149,10 +149,11 @@ class SqliteWriter:
     def open(self) -> None:
         """Create the schema (idempotent) and bring the built-in index in line."""
         conn = connect(self._config.path, self._config.settings)
-        # Each write runs in a savepoint, whose sub-journal (the pages it changes, as they
-        # were) SQLite keeps in a temporary file once it passes 64 KiB: two pwrite(2) per
-        # page, about 60 per PATCH, more than the commit's own. In memory it is a copy;
-        # it never outgrows what one write (or one pruning DELETE) changes.
+        # Statement and savepoint journals (the pages a statement changes, as they were)
+        # go to a temporary file once past 64 KiB: two pwrite(2) per page. When each
+        # write ran in a savepoint, that was about 60 per PATCH; writes no longer use
+        # one, so today this only keeps a large multi-row statement (a pruning DELETE)
+        # off the disk. In memory it never outgrows what that statement changes.
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("BEGIN IMMEDIATE")
         try:
