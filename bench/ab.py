@@ -37,7 +37,6 @@ class Side:
     name: str
     root: Path
     server: Server | None = None
-    data: Path | None = None
 
 
 def worktree(revision: str, into: Path) -> Path:
@@ -59,7 +58,6 @@ def one_round(
             extra = options.new_set if side.name == "new" else []
             settings = dict(s.split("=", 1) for s in [*options.set, *extra])
             side.server = twin_server(data / "data", data / "log", settings, side.root).start()
-            side.data = data
             asyncio.run(seed(side.server.url, options.twins, 32))
         script = work / "ab.lua"
         script.write_text(_WRK_SCRIPT)
