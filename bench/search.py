@@ -40,7 +40,7 @@ from typing import Any
 
 from bench.common import Request, Service, Summary, machine, markdown_table, run_load
 from bench.rest import WRK_DONE, run_wrk
-from twin_service.cli import tune_gc
+from twin_service.collector import tune_gc
 from twin_service.settings import Settings
 from twin_service.store.base import Write
 from twin_service.store.sqlite import SqliteStore
@@ -123,7 +123,10 @@ def generate(i: int, rng: random.Random) -> JSONObject:
 
 def open_store(settings: Settings) -> SqliteStore:
     return SqliteStore(
-        settings.data_dir / settings.sqlite.file_name, settings.sqlite, settings.stream
+        settings.data_dir / settings.sqlite.file_name,
+        settings.sqlite,
+        settings.stream,
+        gc_thresholds=settings.gc_thresholds,
     )
 
 
@@ -330,7 +333,13 @@ def stored_twins(db: Path) -> int:
 
 
 def open_store_at(settings: Settings, path: Path, builtin_index: bool) -> SqliteStore:
-    return SqliteStore(path, settings.sqlite, settings.stream, builtin_index=builtin_index)
+    return SqliteStore(
+        path,
+        settings.sqlite,
+        settings.stream,
+        builtin_index=builtin_index,
+        gc_thresholds=settings.gc_thresholds,
+    )
 
 
 async def store_writes(

@@ -187,7 +187,13 @@ async def main_async(args: argparse.Namespace, url: str, data_dir: Path) -> None
         elasticsearch_url=url,
         elasticsearch={"index_name": "bench-twins", "replicas": 0, "batch_size": args.batch},
     )
-    store = SqliteStore(data_dir / "twins.sqlite3", settings.sqlite, settings.stream, outbox=True)
+    store = SqliteStore(
+        data_dir / "twins.sqlite3",
+        settings.sqlite,
+        settings.stream,
+        outbox=True,
+        gc_thresholds=settings.gc_thresholds,
+    )
     await store.open()
     index = ElasticsearchIndex(settings, store, run_indexer=False)
     await index.start()

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from twin_service import __version__
-from twin_service.cli import tune_gc
+from twin_service.collector import tune_gc
 from twin_service.settings import Settings, load_settings
 
 

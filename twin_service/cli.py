@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 from connectivity.cli import add_subcommands as add_device_commands
 from connectivity.simulate import add_subcommands as add_simulate_command
 from twin_service import __version__
+from twin_service.collector import tune_gc
 from twin_service.index.cli import add_subcommands as add_index_commands
 
 
@@ -54,22 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return device_result
     result: int = handler(args)
     return result
-
-
-def tune_gc(thresholds: tuple[int, int, int]) -> None:
-    """Keep full garbage collections out of the request path.
-
-    Twins are trees of dicts, and the caches hold thousands of them: a full (oldest
-    generation) collection walks them all, about 150 ms at 10,000 cached twins. With
-    CPython's default thresholds one ran every few seconds under writes, and it was the p99 of
-    PATCH (and a fifth of its CPU). JSON trees hold no reference cycles, so reference counting
-    frees them either way; the collector is only needed for the rare cycles elsewhere, and
-    the young generations still catch those. Everything alive once the app is built
-    (modules, routes, schemas) is frozen out of every later collection.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*thresholds)
 
 
 def _serve(args: argparse.Namespace) -> int:

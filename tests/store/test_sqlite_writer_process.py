@@ -5,9 +5,13 @@ outlives the service."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import pickle
 import signal
+import threading
 import time
+from multiprocessing import Pipe
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from tests.store.contract import change
 from twin_service.errors import Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.sqlite import SqliteStore
+from twin_service.store.sqlite_writer import WriterConfig, serve
 
 
 def alive(pid: int) -> bool:
@@ -143,3 +148,31 @@ def test_the_writer_does_not_outlive_a_killed_service(tmp_path: Path) -> None:
             assert response.status_code == 200 and response.json()["desired"] == {"n": 1}
     finally:
         again.stop()
+
+
+def test_the_writer_keeps_full_collections_rare(tmp_path: Path) -> None:
+    """What the writer process runs applies the service's ``gc_thresholds`` once its
+    database is open (run here on a thread, so the collector seen is this process's)."""
+    before = gc.get_threshold()
+    parent, child = Pipe()
+    config = WriterConfig(
+        tmp_path / "twins.sqlite3",
+        SqliteSettings(),
+        StreamSettings(),
+        outbox=False,
+        builtin_index=True,
+        gc_thresholds=(900, 12, 345),
+    )
+    writer = threading.Thread(target=serve, args=(child,))
+    writer.start()
+    try:
+        parent.send_bytes(pickle.dumps(config))
+        assert pickle.loads(parent.recv_bytes()) == ("ok", None)
+        assert gc.get_threshold() == (900, 12, 345)
+        assert gc.get_freeze_count() > 0
+    finally:
+        parent.send_bytes(pickle.dumps(("stop", None)))
+        writer.join(timeout=10)
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    assert not writer.is_alive()

@@ -39,6 +39,7 @@ def build_store(settings: Settings) -> TwinStore:
         settings.stream,
         outbox=settings.search == "elasticsearch",
         builtin_index=settings.search == "builtin",
+        gc_thresholds=settings.gc_thresholds,
     )
 
 

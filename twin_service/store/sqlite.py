@@ -57,12 +57,21 @@ class SqliteStore:
         *,
         outbox: bool = False,
         builtin_index: bool = True,
+        gc_thresholds: tuple[int, int, int] | None = None,
     ) -> None:
         self._path = path
         self._builtin_index = builtin_index
         self._settings = settings
         self._writer = WriterProcess(
-            WriterConfig(path, settings, stream, outbox, builtin_index, log.getEffectiveLevel())
+            WriterConfig(
+                path,
+                settings,
+                stream,
+                outbox,
+                builtin_index,
+                log.getEffectiveLevel(),
+                gc_thresholds,
+            )
         )
         self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
         self._writes_in_flight = 0  # in batches sent to the writer, not answered yet
