@@ -13,8 +13,8 @@ from search.rql.paths import format_path
 from search.rql.query import SearchQuery
 from twin_service.types import JSONObject
 
-from .rows import RowChanges, diff_rows, leaves, numbered
-from .translate import Sql, _selectivity, bind_value, filter_sql
+from .rows import VALUELESS_ROOT, RowChanges, diff_rows, leaves, numbered
+from .translate import Sql, _selectivity, bind_value, filter_sql, valued_path
 
 
 def _rql_like(pattern: str, ignore_case: int, value: Any) -> int:
@@ -62,7 +62,7 @@ def index_twin(
     (tid,) = cur.fetchone()
     rows = cur.execute("SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ?", (tid,))
     old = {(path, seq): (t, v, a) for path, seq, t, v, a in rows}
-    new = keyed_rows(leaves(doc))
+    new = keyed_rows(leaves(doc, delta_values=False))
     stale = [(tid, path, seq) for (path, seq) in old.keys() - new.keys()]
     if stale:
         cur.executemany("DELETE FROM search_leaf WHERE tid = ? AND path = ? AND seq = ?", stale)
@@ -189,6 +189,17 @@ def search_ids(conn: sqlite3.Connection, query: SearchQuery) -> tuple[list[str],
     for i, key in enumerate(query.sort):
         if key.path == TWIN_ID_PATH:
             exprs.append(("3", "t.twin_id"))
+            continue
+        if key.path[0] == VALUELESS_ROOT:
+            # The delta's rows say whether it holds the path and what type; the value is
+            # desired's at the same path (search.sqlite.rows).
+            joins.append(
+                f"LEFT JOIN search_leaf d{i} ON d{i}.tid = t.tid AND d{i}.path = ? AND d{i}.a = 0 "
+                f"LEFT JOIN search_leaf s{i} ON s{i}.tid = d{i}.tid AND s{i}.path = ? "
+                f"AND s{i}.a = 0"
+            )
+            join_params += [format_path(key.path), format_path(valued_path(key.path))]
+            exprs.append((f"coalesce(d{i}.t, -1)", f"s{i}.v"))
             continue
         joins.append(
             f"LEFT JOIN search_leaf s{i} ON s{i}.tid = t.tid AND s{i}.path = ? AND s{i}.a = 0"

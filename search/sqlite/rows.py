@@ -14,6 +14,13 @@ from twin_service.types import JSON, JSONObject
 #: ``(path, t, v, a)`` as described in :mod:`search.sqlite.schema`.
 Leaf: TypeAlias = tuple[str, int, Any, int]
 
+#: The root whose rows the SQLite index stores without their values (``v`` NULL, type and
+#: position kept). The delta at any path, when present, is desired's value there, so a
+#: condition on a delta value is answered from desired's rows (:mod:`search.sqlite.translate`).
+#: Valued, every desired write that the device has not applied yet moved the same values a
+#: second time in the value index: two of the ten rows a PATCH of two leaves changes.
+VALUELESS_ROOT = "delta"
+
 _INT64 = range(-(2**63), 2**63)
 
 
@@ -43,10 +50,17 @@ def _flatten(node: JSON, path: str, in_array: int, out: list[Leaf]) -> None:
         out.append((path, 3, str(node), in_array))
 
 
-def leaves(doc: JSONObject, roots: Iterable[str] | None = None) -> list[Leaf]:
+def _without_values(leaves_: list[Leaf]) -> list[Leaf]:
+    return [(path, t, None, a) for path, t, _, a in leaves_]
+
+
+def leaves(
+    doc: JSONObject, roots: Iterable[str] | None = None, *, delta_values: bool = True
+) -> list[Leaf]:
     """Every searchable node of ``doc`` as an index row.
 
-    ``roots`` limits the tree roots flattened (the fixed properties always are).
+    ``roots`` limits the tree roots flattened (the fixed properties always are). Without
+    ``delta_values``, the rows of :data:`VALUELESS_ROOT` have no values (the SQLite index).
     """
     out: list[Leaf] = []
     for fixed in sorted(FIXED_PATHS):
@@ -55,7 +69,12 @@ def leaves(doc: JSONObject, roots: Iterable[str] | None = None) -> list[Leaf]:
             _flatten(node, format_path(fixed), 0, out)
     for root in sorted(TREE_ROOTS if roots is None else roots):
         if root in doc:
-            _flatten(doc[root], escape_token(root), 0, out)
+            if root == VALUELESS_ROOT and not delta_values:
+                flat: list[Leaf] = []
+                _flatten(doc[root], escape_token(root), 0, flat)
+                out += _without_values(flat)
+            else:
+                _flatten(doc[root], escape_token(root), 0, out)
     return out
 
 
@@ -119,12 +138,21 @@ def _scalar_row(node: Any, path: str) -> Row | None:
     return (leaf[0], 0, leaf[1], leaf[2], leaf[3])
 
 
-def _diff_node(old: Any, new: Any, path: str, out: RowChanges) -> None:
+def _rows(node: Any, path: str, values: bool) -> list[Row]:
+    if node is _ABSENT:
+        return []
+    flat: list[Leaf] = []
+    _flatten(node, path, 0, flat)
+    return numbered(flat if values else _without_values(flat))
+
+
+def _diff_node(old: Any, new: Any, path: str, out: RowChanges, values: bool = True) -> None:
     if old is new:
         return
     if type(old) is type(new) and not isinstance(old, (dict, list)):
-        # The common case, a scalar replaced by another of the same type.
-        if old != new:
+        # The common case, a scalar replaced by another of the same type (which, without
+        # values, leaves its row as it was).
+        if values and old != new:
             row = _scalar_row(new, path)
             assert row is not None
             out.updated.append(row)
@@ -136,26 +164,17 @@ def _diff_node(old: Any, new: Any, path: str, out: RowChanges) -> None:
         for key, child in new.items():
             before = old.get(key, _ABSENT)
             if before is not child:
-                _diff_node(before, child, f"{path}/{escape_token(key)}", out)
+                _diff_node(before, child, f"{path}/{escape_token(key)}", out, values)
         for key, before in old.items():
             if key not in new:
-                _diff_node(before, _ABSENT, f"{path}/{escape_token(key)}", out)
+                _diff_node(before, _ABSENT, f"{path}/{escape_token(key)}", out, values)
         had, has = _produces_rows(old), _produces_rows(new)
         if had and not has:
             out.removed.append((path, 0))
         elif has and not had:
             out.rows.append((path, 0, OBJECT, None, 0))
         return
-    old_rows: list[Row] = []
-    new_rows: list[Row] = []
-    if old is not _ABSENT:
-        flat: list[Leaf] = []
-        _flatten(old, path, 0, flat)
-        old_rows = numbered(flat)
-    if new is not _ABSENT:
-        flat = []
-        _flatten(new, path, 0, flat)
-        new_rows = numbered(flat)
+    old_rows, new_rows = _rows(old, path, values), _rows(new, path, values)
     if _same_rows(old_rows, new_rows):
         return
     if len(old_rows) == len(new_rows) == 1 and old_rows[0][:2] == new_rows[0][:2]:
@@ -167,7 +186,8 @@ def _diff_node(old: Any, new: Any, path: str, out: RowChanges) -> None:
 
 
 def diff_rows(old: JSONObject, new: JSONObject) -> RowChanges:
-    """The row changes from the index rows of ``old`` to those of ``new``.
+    """The row changes from the index rows of ``old`` to those of ``new``, as the SQLite
+    index stores them (no values under :data:`VALUELESS_ROOT`).
 
     Walks both documents together and skips shared subtrees by identity, so a write that
     changed a few leaves costs a few rows, not a re-flattening of the whole twin.
@@ -180,7 +200,7 @@ def diff_rows(old: JSONObject, new: JSONObject) -> RowChanges:
     for root, text in _ROOTS:
         before, after = old.get(root, _ABSENT), new.get(root, _ABSENT)
         if before is not after:
-            _diff_node(before, after, text, out)
+            _diff_node(before, after, text, out, root != VALUELESS_ROOT)
     return out
 
 

@@ -11,6 +11,8 @@ from search.rql.ast import And, Compare, Exists, Filter, In, Like, Not, Or, Path
 from search.rql.evaluator import type_rank
 from search.rql.paths import format_path
 
+from .rows import VALUELESS_ROOT
+
 Sql: TypeAlias = tuple[str, list[Any]]
 
 _OPS = {"eq": "=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -20,15 +22,23 @@ _INT64 = range(-(2**63), 2**63)
 
 @dataclass(frozen=True)
 class _Branch:
-    """Leaves at ``path`` satisfying ``condition``, written with ``{t}`` and ``{v}`` columns."""
+    """Leaves at ``path`` satisfying ``condition``, written with ``{t}`` and ``{v}`` columns;
+    with ``present``, only those of twins that also have a row at ``present``."""
 
     path: str
     condition: str = ""
     params: tuple[Any, ...] = ()
+    present: str | None = None
 
     def sql(self, t: str, v: str) -> Sql:
         cond = " AND " + self.condition.format(t=t, v=v) if self.condition else ""
-        return f"path = ?{cond}", [self.path, *self.params]
+        if self.present is None:
+            return f"path = ?{cond}", [self.path, *self.params]
+        # Correlated with the unaliased ``search_leaf`` each caller selects from.
+        presence = (
+            " AND EXISTS (SELECT 1 FROM search_leaf p WHERE p.tid = search_leaf.tid AND p.path = ?)"
+        )
+        return f"path = ?{cond}{presence}", [self.path, *self.params, self.present]
 
 
 LeafSet: TypeAlias = list[_Branch]
@@ -47,7 +57,16 @@ def bind_value(value: Value) -> Any:
     return value
 
 
+def valued_path(path: Path) -> Path:
+    """Where the value of a delta path is indexed: the delta's rows have none
+    (:data:`search.sqlite.rows.VALUELESS_ROOT`), and wherever the delta holds a path, its
+    value there is desired's, so both have the same rows at that path."""
+    return ("desired", *path[1:])
+
+
 def _leaf_set(path: Path, condition: str = "", *params: Any) -> LeafSet:
+    if path[0] == VALUELESS_ROOT and "{v}" in condition:
+        return [_Branch(format_path(valued_path(path)), condition, params, format_path(path))]
     return [_Branch(format_path(path), condition, params)]
 
 

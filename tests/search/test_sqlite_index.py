@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from search import sqlite as index
 from search.rql import build_query, page, parse_filter
+from search.sqlite.rows import diff_rows
 from search.sqlite.translate import filter_sql
+from twin_service.twin.delta import compute_delta
 from twin_service.twin.patch import merge_patch
 
 
@@ -29,6 +31,8 @@ def doc(i: int) -> dict[str, object]:
         "namespace": "org.acme",
         "revision": i,
         "attributes": {"model": f"m{i % 10}", "tags": ["a", f"t{i}"], "loc": {"lat": i / 7}},
+        "desired": {"x": 1},
+        "reported": {"x": 1 if i % 4 else 2},
         "delta": {"x": 1} if i % 4 == 0 else {},
     }
 
@@ -142,3 +146,72 @@ def test_an_in_place_change_of_a_row_the_index_lost_writes_the_row(
     rows = {p: v for p, v in conn.execute("SELECT path, v FROM search_leaf WHERE seq = 0")}
     assert rows["attributes/model"] == "changed"
     assert rows["revision"] == 4
+
+
+def pending(twin_id: str, speed: object, reported: object) -> dict[str, object]:
+    """A twin whose desired fan speed the device has not applied (unless it reported it)."""
+    doc: dict[str, object] = {
+        "twinId": twin_id,
+        "namespace": "org.acme",
+        "revision": 2,
+        "desired": {"fan": {"speed": speed}, "mode": "eco"},
+        "reported": {"fan": {"speed": reported}, "mode": "eco"},
+    }
+    doc["delta"] = compute_delta(doc["desired"], doc["reported"])  # type: ignore[arg-type]
+    return doc
+
+
+def test_delta_rows_keep_type_and_presence_but_no_value(conn: sqlite3.Connection) -> None:
+    index.index_twin(conn, pending("org.acme:a", 3, 1))
+    rows = set(conn.execute("SELECT path, t, v, a FROM search_leaf WHERE path LIKE 'delta%'"))
+    assert rows == {
+        ("delta", 5, None, 0),
+        ("delta/fan", 5, None, 0),
+        ("delta/fan/speed", 2, None, 0),
+    }
+
+
+def test_a_new_value_still_pending_changes_no_delta_row() -> None:
+    """The point of value-less delta rows: a desired write the device has not applied yet
+    moves desired's row in the value index, not a second copy of it under delta."""
+    changes = diff_rows(pending("org.acme:a", 3, 1), pending("org.acme:a", 7, 1))
+    touched = [row[0] for row in [*changes.rows, *changes.updated]] + changes.subtrees
+    assert touched == ["desired/fan/speed"]
+    assert changes.removed == []
+    # Entering or leaving the delta, or changing type there, still writes its rows.
+    applied = diff_rows(pending("org.acme:a", 3, 1), pending("org.acme:a", 3, 3))
+    assert applied.subtrees == ["delta/fan"]  # the subtree that left, and the row of delta
+    assert applied.removed == [("delta", 0)]
+    retyped = diff_rows(pending("org.acme:a", 3, 1), pending("org.acme:a", "3", 1))
+    assert ("delta/fan/speed", 0, 3, None, 0) in retyped.updated
+
+
+@pytest.mark.parametrize(
+    ("text", "sort", "expected"),
+    [
+        ("eq(delta/fan/speed,3)", "sort(+twinId)", ["org.acme:a"]),
+        ("ge(delta/fan/speed,3)", "sort(+twinId)", ["org.acme:a", "org.acme:c"]),
+        ("in(delta/fan/speed,1,5)", "sort(+twinId)", ["org.acme:c"]),
+        ("ne(delta/fan/speed,3)", "sort(+twinId)", ["org.acme:c"]),
+        ("ilike(delta/mode,'E*')", "sort(+twinId)", []),
+        ("exists(delta/fan/speed)", "sort(-delta/fan/speed)", ["org.acme:c", "org.acme:a"]),
+        (
+            "exists(desired)",
+            "sort(+delta/fan/speed,+twinId)",
+            ["org.acme:b", "org.acme:a", "org.acme:c"],
+        ),
+    ],
+)
+def test_delta_values_are_answered_from_desired(
+    conn: sqlite3.Connection, text: str, sort: str, expected: list[str]
+) -> None:
+    """b has applied its desired 3, so 3 is no delta value of b. An index written when delta
+    rows still held values answers the same (the values are never read)."""
+    docs = [pending("org.acme:a", 3, 1), pending("org.acme:b", 3, 3), pending("org.acme:c", 5, 1)]
+    for d in docs:
+        index.index_twin(conn, d)
+    query = build_query(text, sort, None)
+    assert index.search_ids(conn, query)[0] == expected
+    assert [d["twinId"] for d in page(docs, query)[0]] == expected
+    conn.execute("UPDATE search_leaf SET v = 99 WHERE path LIKE 'delta%'")
+    assert index.search_ids(conn, query)[0] == expected
