@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.servers.fixtures",
     "tests.servers.search_fixtures",
     "tests.service_fixtures",
+    "tests.terminate",
 ]

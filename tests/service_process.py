@@ -74,6 +74,11 @@ class ServiceProcess:
             healthy = wait_healthy(self.proc, self.url, timeout, "service", self.log_path)
         except ServerStartError:
             raise RuntimeError(f"service exited at start-up:\n{self.log_tail()}") from None
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C, SIGTERM: tests/terminate.py): the caller
+            # never got this process to stop, so it must not outlive the run.
+            self.kill()
+            raise
         if healthy:
             return self
         self.stop()
