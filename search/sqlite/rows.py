@@ -50,8 +50,11 @@ def _flatten(node: JSON, path: str, in_array: int, out: list[Leaf]) -> None:
         out.append((path, 3, str(node), in_array))
 
 
-def _without_values(leaves_: list[Leaf]) -> list[Leaf]:
-    return [(path, t, None, a) for path, t, _, a in leaves_]
+def _flat(node: JSON, path: str, values: bool = True) -> list[Leaf]:
+    """The rows of ``node`` (at ``path``, outside any array), without values if asked."""
+    out: list[Leaf] = []
+    _flatten(node, path, 0, out)
+    return out if values else [(path_, t, None, a) for path_, t, _, a in out]
 
 
 def leaves(
@@ -69,12 +72,7 @@ def leaves(
             _flatten(node, format_path(fixed), 0, out)
     for root in sorted(TREE_ROOTS if roots is None else roots):
         if root in doc:
-            if root == VALUELESS_ROOT and not delta_values:
-                flat: list[Leaf] = []
-                _flatten(doc[root], escape_token(root), 0, flat)
-                out += _without_values(flat)
-            else:
-                _flatten(doc[root], escape_token(root), 0, out)
+            out += _flat(doc[root], escape_token(root), delta_values or root != VALUELESS_ROOT)
     return out
 
 
@@ -132,18 +130,12 @@ def _scalar_row(node: Any, path: str) -> Row | None:
     """The single row of a scalar outside any array (None for objects and arrays)."""
     if isinstance(node, (dict, list)):
         return None
-    flat: list[Leaf] = []
-    _flatten(node, path, 0, flat)
-    (leaf,) = flat
+    (leaf,) = _flat(node, path)
     return (leaf[0], 0, leaf[1], leaf[2], leaf[3])
 
 
 def _rows(node: Any, path: str, values: bool) -> list[Row]:
-    if node is _ABSENT:
-        return []
-    flat: list[Leaf] = []
-    _flatten(node, path, 0, flat)
-    return numbered(flat if values else _without_values(flat))
+    return [] if node is _ABSENT else numbered(_flat(node, path, values))
 
 
 def _diff_node(old: Any, new: Any, path: str, out: RowChanges, values: bool = True) -> None:
