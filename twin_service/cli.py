@@ -84,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         ws=DirectWebSocketProtocol,
         ws_per_message_deflate=settings.stream.websocket_deflate,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
     return 0
 

@@ -19,6 +19,7 @@ from typing import Any
 from twin_service.api.context import AppContext
 from twin_service.errors import TwinServiceError
 from twin_service.store.base import StoredEvent
+from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin, now_iso
 from twin_service.twin.lifecycle import expire_due, next_expiry
 from twin_service.twin.operations import Edit
@@ -50,11 +51,7 @@ class ExpirySweeper:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*(stop_task(task) for task in self._tasks))
 
     def watch(self, twin: Twin) -> None:
         expires = next_expiry(twin.lifecycle)

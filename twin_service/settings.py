@@ -151,6 +151,12 @@ class MongoSettings(BaseModel):
         5000, ge=100, description="How long an operation waits for a usable server."
     )
     max_pool_size: int = Field(100, ge=1, description="Connections per replica to the server.")
+    turn_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long a write waits for the writes of the same twin queued ahead of "
+        "it in this replica before it is refused with 503.",
+    )
     gap_timeout_seconds: float = Field(
         10.0,
         gt=0,
@@ -260,6 +266,13 @@ class Settings(BaseSettings):
         "info", description="Log level."
     )
     default_namespace: str = Field("default", description="Namespace of ids made by POST /twins.")
+    shutdown_timeout_seconds: int = Field(
+        20,
+        ge=1,
+        description="On SIGTERM, how long requests in flight may run on before they are "
+        "answered 503 service.stopping and the service stops (keep it below the pod's "
+        "terminationGracePeriodSeconds).",
+    )
     api_hot_routes: bool = Field(
         True,
         description="Serve the whole-twin GET and PATCH ahead of FastAPI's middleware, routing "

@@ -11,6 +11,8 @@ when ``api_hot_routes`` is off, go through FastAPI as before.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
@@ -20,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from twin_service.api.errors import disconnected_response, error_response, unexpected_response
 from twin_service.api.routes import twins
-from twin_service.errors import TwinServiceError
+from twin_service.errors import TwinServiceError, Unavailable
 
 PREFIX = "/api/v1/twins/"
 
@@ -34,16 +36,24 @@ class TwinApp(FastAPI):
     hot_routes = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.hot_routes and scope["type"] == "http" and not self.root_path:
-            endpoint = ENDPOINTS.get(scope["method"])
-            path: str = scope["path"]
-            if endpoint is not None and path.startswith(PREFIX):
-                twin_id = path[len(PREFIX) :]
-                # The route's own match: one non-empty path segment.
-                if twin_id and "/" not in twin_id:
-                    await self._serve(endpoint, twin_id, scope, receive, send)
-                    return
-        await super().__call__(scope, receive, send)
+        try:
+            if self.hot_routes and scope["type"] == "http" and not self.root_path:
+                endpoint = ENDPOINTS.get(scope["method"])
+                path: str = scope["path"]
+                if endpoint is not None and path.startswith(PREFIX):
+                    twin_id = path[len(PREFIX) :]
+                    # The route's own match: one non-empty path segment.
+                    if twin_id and "/" not in twin_id:
+                        await self._serve(endpoint, twin_id, scope, receive, send)
+                        return
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] != "http":
+                raise
+            # uvicorn cancels the requests still running when its graceful shutdown timeout
+            # (Settings.shutdown_timeout_seconds) ends, and would answer them with a
+            # plain-text 500. The request's task ends here, answered in the one error shape.
+            await _answer_stopping(scope, receive, send)
 
     async def _serve(
         self, endpoint: Endpoint, twin_id: str, scope: Scope, receive: Receive, send: Send
@@ -58,4 +68,18 @@ class TwinApp(FastAPI):
             response = disconnected_response(request)
         except Exception as exc:
             response = unexpected_response(exc)
+        await response(scope, receive, send)
+
+
+async def _answer_stopping(scope: Scope, receive: Receive, send: Send) -> None:
+    response = error_response(
+        Unavailable(
+            "The service stopped before this request completed; a write may or may not "
+            "have been applied: read the twin, then retry.",
+            code="service.stopping",
+        )
+    )
+    response.headers["Connection"] = "close"
+    # RuntimeError: the response had already started; OSError: the client is gone.
+    with contextlib.suppress(RuntimeError, OSError):
         await response(scope, receive, send)

@@ -51,6 +51,7 @@ from search.rql.query import SearchQuery
 from twin_service.errors import Unavailable
 from twin_service.settings import Settings
 from twin_service.store.base import IndexTask, TwinStore
+from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,7 @@ class ElasticsearchIndex:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         if self._client is not None and self._own_client:
             await self._client.close()
             self._client = None

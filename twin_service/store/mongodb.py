@@ -23,19 +23,21 @@ from typing import TYPE_CHECKING, Any
 import pymongo
 from pymongo import AsyncMongoClient, IndexModel, ReadPreference, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError
 
 from search import mongodb as mongo_index
 from twin_service.errors import Unavailable
 from twin_service.settings import Settings
 from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write
 from twin_service.store.mongodb_journal import (
+    DRIVER_ERRORS,
     Allocator,
     InsertAllocator,
     Journal,
     Pending,
     SeqAllocator,
 )
+from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin
 from twin_service.twin.jsonvalue import dumps
 
@@ -153,15 +155,13 @@ class MongoStore:
                 # collection ("bad JSON path"): searches there scan, which is correct.
                 await self._twins.create_indexes([_WILDCARD])
             await self._maintain(prune=True)
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             await self._client.close()
             raise Unavailable(f"The twin store cannot open MongoDB: {exc}") from exc
         self._maintenance = asyncio.get_running_loop().create_task(self._maintenance_loop())
 
     async def close(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            await asyncio.gather(self._maintenance, return_exceptions=True)
+        await stop_task(self._maintenance)
         if self._client is not None:
             await self._client.close()
 
@@ -177,7 +177,7 @@ class MongoStore:
         assert self._client is not None
         try:
             await self._client.admin.command("ping")
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"MongoDB does not answer: {exc}") from exc
 
     # -- maintenance -----------------------------------------------------------------------
@@ -189,7 +189,7 @@ class MongoStore:
             rounds += 1
             try:
                 await self._maintain(prune=rounds % 12 == 0)
-            except PyMongoError as exc:
+            except DRIVER_ERRORS as exc:
                 log.warning("journal maintenance failed: %s", exc)
 
     async def _maintain(self, *, prune: bool) -> None:
@@ -219,7 +219,7 @@ class MongoStore:
         try:
             # Filtered on _id only (FerretDB scans the collection for anything else).
             raw = await self._twins.find_one({"_id": twin_id}, {"doc": 1, "rev": 1})
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
         return _twin(raw) if raw and raw.get("rev") else None
 
@@ -232,7 +232,7 @@ class MongoStore:
                     {"doc": 1},
                 )
             }
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
         return [found[i] for i in twin_ids if i in found]
 
@@ -246,14 +246,14 @@ class MongoStore:
                 .sort("_id", 1)
                 .limit(limit)
             ).to_list()
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
         return [_twin(raw) for raw in rows]
 
     async def twin_count(self) -> int:
         try:
             return await self._reads.count_documents({"rev": {"$gt": 0}})
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to count: {exc}") from exc
 
     @property
@@ -270,52 +270,52 @@ class MongoStore:
 
         try:
             rows, cursor = await mongo_index.search_page(self._reads, query, document, {"doc": 1})
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to search: {exc}") from exc
         return [twins.get(raw["_id"]) or _twin(raw) for raw in rows], cursor
 
     async def count(self, query: SearchQuery) -> int:
         try:
             return await mongo_index.count(self._reads, query.filter, query.namespaces)
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to count: {exc}") from exc
 
     async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
         try:
             events, _ = await self._journal.read(seq, limit)
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
         return events
 
     async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
         try:
             return await self._journal.history(twin_id, since, until)
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
 
     async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
         try:
             return await self._journal.twin_at(twin_id, revision)
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
 
     async def pruned_seq(self) -> int:
         try:
             return await self._journal.pruned()
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
 
     async def oldest_seq(self) -> int:
         try:
             return await self._journal.oldest()
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
 
     async def last_seq(self) -> int:
         """The stable watermark: every event up to it is journaled (see the journal module)."""
         try:
             _, stable = await self._journal.read(after=2**62, limit=None)
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
         return stable
 
@@ -328,7 +328,7 @@ class MongoStore:
                 .sort("ix", 1)
                 .limit(limit)
             ).to_list()
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
         return [
             IndexTask(raw["_id"], int(raw["ix"]), _twin(raw) if raw.get("rev") else None)
@@ -346,7 +346,7 @@ class MongoStore:
                 ],
                 ordered=False,
             )
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to commit: {exc}") from exc
 
     async def index_backlog(self) -> tuple[int, int | None]:
@@ -355,7 +355,7 @@ class MongoStore:
             lowest = await self._twins.find_one(
                 {"ix": {"$exists": True}}, {"ix": 1}, sort=[("ix", 1)]
             )
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
         return pending, (int(lowest["ix"]) if lowest else None)
 
@@ -368,7 +368,8 @@ class MongoStore:
         lock = self._locks.setdefault(write.twin_id, _CountedLock())
         lock.users += 1
         try:
-            async with lock.lock:
+            await self._take_turn(write.twin_id, lock.lock)
+            try:
                 known = lock.revision
                 fresh = time.monotonic() - lock.since < _KNOWN_REVISION_SECONDS
                 if known is not None and fresh and 0 < write.expected_revision < known:
@@ -383,15 +384,37 @@ class MongoStore:
                 lock.revision = write.twin.revision if write.twin is not None else 0
                 lock.since = time.monotonic()
                 return seq
+            finally:
+                lock.lock.release()
         finally:
             lock.users -= 1
             if lock.users == 0:
                 del self._locks[write.twin_id]
 
+    async def _take_turn(self, twin_id: str, lock: asyncio.Lock) -> None:
+        """Wait for the writes of this twin queued ahead, for a bounded time.
+
+        With the database out of reach each write ahead takes a whole server selection
+        timeout to fail: unbounded, a crowd on one twin waited minutes for its answers, and
+        shutdown waited for all of them.
+        """
+        limit = self._settings.turn_timeout_seconds
+        try:
+            async with asyncio.timeout(limit):
+                await lock.acquire()
+        except TimeoutError:
+            raise Unavailable(
+                f"Writes of twin {twin_id} queued ahead of this one did not finish "
+                f"within {limit:g} s; the database may be out of reach."
+            ) from None
+
     async def _write(self, write: Write) -> int:
         if self._racy_updates:
             await self._claim(write)
-        seq = await self._allocator.next()
+        try:
+            seq = await self._allocator.next()
+        except DRIVER_ERRORS as exc:
+            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
         event = write.event
         twin = write.twin
         state = dumps(twin.to_storage()) if twin is not None else None
@@ -434,7 +457,7 @@ class MongoStore:
             committed = result.matched_count == 1 or result.upserted_id is not None
         except DuplicateKeyError:
             committed = False
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             # Outcome unknown: if it committed, the event is pending in the twin and gets
             # journaled by readers or the sweep; if not, readers fence the number off.
             raise Unavailable(f"The twin store failed to commit: {exc}") from exc
@@ -484,13 +507,13 @@ class MongoStore:
             for token in raw.get("ev", []) if raw else []:
                 if not await self._journal.journaled(Pending.parse(token).seq):
                     await self._journal.help(write.twin_id, token)
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to commit: {exc}") from exc
 
     async def _fence_quietly(self, seq: int) -> None:
         try:
             await self._journal.fence(seq)
-        except PyMongoError as exc:  # readers fence it after gap_timeout_seconds
+        except DRIVER_ERRORS as exc:  # readers fence it after gap_timeout_seconds
             log.warning("could not fence off seq %s: %s", seq, exc)
 
     async def _journal_written(self, write: Write, pending: Pending, token: str) -> int:
@@ -508,7 +531,7 @@ class MongoStore:
                 await self._journal.prune_twin(
                     write.twin_id, write.event.revision - keep, below_seq=seq
                 )
-        except PyMongoError as exc:
+        except DRIVER_ERRORS as exc:
             # The twin and its pending event are committed; readers journal it later.
             log.warning("journaling seq %s deferred: %s", pending.seq, exc)
             return pending.seq

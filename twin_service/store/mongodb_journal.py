@@ -40,6 +40,11 @@ from twin_service.twin.document import ChangeEvent, Twin
 
 Collection = AsyncCollection[dict[str, Any]]
 
+#: What a failed driver call raises. pymongo 4.x lets a bare ``OSError("connection closed")``
+#: out of a read whose connection the server dropped (seen when MongoDB stopped under load);
+#: it means the same as ``AutoReconnect``: the database is out of reach.
+DRIVER_ERRORS = (PyMongoError, OSError)
+
 #: Journal entries read per round trip while verifying the watermark.
 _BATCH = 256
 
@@ -128,7 +133,7 @@ class SeqAllocator:
                         upsert=True,
                         return_document=ReturnDocument.AFTER,
                     )
-                except PyMongoError as exc:
+                except DRIVER_ERRORS as exc:
                     error = Unavailable(f"The twin store failed to allocate a sequence: {exc}")
                     for future in batch:
                         if not future.done():

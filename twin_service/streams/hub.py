@@ -29,6 +29,7 @@ from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.messages import EventFrame
 from twin_service.streams.routing import SubscriptionIndex
 from twin_service.streams.subscription import Subscription
+from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin
 from twin_service.types import JSONObject
 
@@ -112,11 +113,8 @@ class EventHub:
         self._task = asyncio.create_task(self._run(), name="event-hub")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
 
     def poke(self, seq: int | None = None) -> None:
         if seq is not None and seq > self._poked:
