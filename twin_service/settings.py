@@ -151,12 +151,6 @@ class MongoSettings(BaseModel):
         5000, ge=100, description="How long an operation waits for a usable server."
     )
     max_pool_size: int = Field(100, ge=1, description="Connections per replica to the server.")
-    turn_timeout_seconds: float = Field(
-        5.0,
-        gt=0,
-        description="How long a write waits for the writes of the same twin queued ahead of "
-        "it in this replica before it is refused with 503.",
-    )
     gap_timeout_seconds: float = Field(
         10.0,
         gt=0,

@@ -15,12 +15,13 @@ _RECANCEL_SECONDS = 0.2
 async def stop_task(task: asyncio.Task[Any] | None, deadline_seconds: float = 10.0) -> bool:
     """Cancel ``task`` and wait until it has ended; False if it outlived the deadline.
 
-    Why more than one cancellation: Python 3.11's ``asyncio.wait_for`` drops a cancellation
-    that arrives just as the future it waits on completes. pymongo's server selection waits
-    that way and is woken by every failed heartbeat, so with the database gone a cancelled
-    loop could carry on, take the library's timeout for an ordinary failure, log it and
-    retry: the service never stopped. A new cancellation lands at the loop's next await.
-    A task still running at the deadline is left behind (logged), so shutdown goes on.
+    Why more than once: a cancellation can be lost. Seen with MongoDB gone: the store's
+    maintenance loop, cancelled in pymongo's server selection, carried on, took the
+    selection timeout for an ordinary failure, logged it and retried, and the service never
+    stopped. (Python 3.11's ``asyncio.wait_for``, which that selection waits in, returns
+    normally when a cancellation arrives as its inner wait completes, and every failed
+    heartbeat completes it.) A new cancellation lands at the loop's next await. A task
+    still running at the deadline is left behind (logged), so shutdown goes on.
     """
     if task is None:
         return True

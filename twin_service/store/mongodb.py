@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -86,6 +87,8 @@ class _CountedLock:
     #: The revision the last writer here committed, and when.
     revision: int | None = None
     since: float = 0.0
+    #: When a write here last failed for want of the database.
+    unreachable_at: float = -math.inf
 
 
 class MongoStore:
@@ -368,8 +371,17 @@ class MongoStore:
         lock = self._locks.setdefault(write.twin_id, _CountedLock())
         lock.users += 1
         try:
-            await self._take_turn(write.twin_id, lock.lock)
-            try:
+            async with lock.lock:
+                # With the database out of reach, each write queued here would wait a whole
+                # server selection to fail, one after another: a crowd on one twin waited
+                # minutes for its answers, and shutdown for all of them. A failure within
+                # the last selection timeout stands for the writes queued behind it.
+                recent = self._settings.server_selection_timeout_ms / 1000
+                if time.monotonic() - lock.unreachable_at < recent:
+                    raise Unavailable(
+                        f"A write of twin {write.twin_id} just before this one found the "
+                        "database out of reach."
+                    )
                 known = lock.revision
                 fresh = time.monotonic() - lock.since < _KNOWN_REVISION_SECONDS
                 if known is not None and fresh and 0 < write.expected_revision < known:
@@ -380,33 +392,18 @@ class MongoStore:
                         f"Twin {write.twin_id} is at revision {known}, "
                         f"not {write.expected_revision}."
                     )
-                seq = await self._write(write)
+                try:
+                    seq = await self._write(write)
+                except Unavailable:
+                    lock.unreachable_at = time.monotonic()
+                    raise
                 lock.revision = write.twin.revision if write.twin is not None else 0
                 lock.since = time.monotonic()
                 return seq
-            finally:
-                lock.lock.release()
         finally:
             lock.users -= 1
             if lock.users == 0:
                 del self._locks[write.twin_id]
-
-    async def _take_turn(self, twin_id: str, lock: asyncio.Lock) -> None:
-        """Wait for the writes of this twin queued ahead, for a bounded time.
-
-        With the database out of reach each write ahead takes a whole server selection
-        timeout to fail: unbounded, a crowd on one twin waited minutes for its answers, and
-        shutdown waited for all of them.
-        """
-        limit = self._settings.turn_timeout_seconds
-        try:
-            async with asyncio.timeout(limit):
-                await lock.acquire()
-        except TimeoutError:
-            raise Unavailable(
-                f"Writes of twin {twin_id} queued ahead of this one did not finish "
-                f"within {limit:g} s; the database may be out of reach."
-            ) from None
 
     async def _write(self, write: Write) -> int:
         if self._racy_updates:
