@@ -18,10 +18,11 @@ async def stop_task(task: asyncio.Task[Any] | None, deadline_seconds: float = 10
     Why more than once: a cancellation can be lost. Seen with MongoDB gone: the store's
     maintenance loop, cancelled in pymongo's server selection, carried on, took the
     selection timeout for an ordinary failure, logged it and retried, and the service never
-    stopped. (Python 3.11's ``asyncio.wait_for``, which that selection waits in, returns
-    normally when a cancellation arrives as its inner wait completes, and every failed
-    heartbeat completes it.) A new cancellation lands at the loop's next await. A task
-    still running at the deadline is left behind (logged), so shutdown goes on.
+    stopped. (The likely mechanism: Python 3.11's ``asyncio.wait_for``, which that selection
+    waits in, returns normally when a cancellation arrives just as its inner wait completes;
+    a cancelled selection usually does end at once.) A new cancellation lands at the loop's
+    next await. A task still running at the deadline is left behind (logged), so shutdown
+    goes on.
     """
     if task is None:
         return True
