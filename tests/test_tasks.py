@@ -12,8 +12,8 @@ from twin_service.tasks import stop_task
 
 async def _retrying_loop(dropped: list[int], drops: list[int]) -> None:
     """A retry loop as the store's maintenance: every error is logged and retried. The
-    first `drops[0]` cancellations are lost, as Python 3.11's wait_for loses one that arrives
-    as the awaited future completes."""
+    first `drops[0]` cancellations are lost, as the store's maintenance loop lost one inside
+    pymongo's server selection (see twin_service.tasks.stop_task)."""
     while True:
         try:
             await asyncio.sleep(0.01)

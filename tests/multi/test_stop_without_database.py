@@ -84,7 +84,7 @@ async def _writes_cut_off(svc: ServiceProcess, ferretdb: FerretDB) -> list[objec
             "service.stopping",
         ),
     ],
-    ids=["turn-timeout", "shutdown-timeout"],
+    ids=["queued-behind-a-failure", "shutdown-timeout"],
 )
 async def test_writes_in_flight_when_the_database_dies_are_all_answered(
     fresh_ferretdb: FerretDB, tmp_path: Path, settings: dict[str, str], refusal: str
