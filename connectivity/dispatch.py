@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from twin_service.tasks import stop_task
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,4 @@ class KeyedDispatcher(Generic[T]):
 
     async def cancel(self) -> None:
         """Stop all workers now; queued jobs are dropped (and stay unacked)."""
-        for task in list(self._workers):
-            task.cancel()
-        await asyncio.gather(*list(self._workers), return_exceptions=True)
+        await asyncio.gather(*(stop_task(task) for task in list(self._workers)))

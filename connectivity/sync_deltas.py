@@ -28,6 +28,7 @@ from connectivity.topics import TopicLayout
 from search.rql.parser import parse_filter
 from search.rql.query import SearchQuery
 from twin_service.store.base import StoredEvent, TwinStore
+from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin
 from twin_service.twin.jsonvalue import dumps
 
@@ -128,9 +129,7 @@ class DeltaPublisher:
             await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
 
     async def stop(self) -> None:
-        for task in list(self._workers.values()):
-            task.cancel()
-        await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
+        await asyncio.gather(*(stop_task(task) for task in list(self._workers.values())))
 
     async def _drain(self, twin_id: str) -> None:
         try:
