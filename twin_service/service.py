@@ -20,6 +20,7 @@ from twin_service.errors import Conflict, NotFound, PreconditionFailed, TwinServ
 from twin_service.store.base import RevisionConflict, StoredEvent, TwinStore, Write
 from twin_service.twin.document import (
     ChangeEvent,
+    Tombstone,
     Twin,
     apply_change,
     deletion_event,
@@ -134,16 +135,29 @@ class TwinService:
         for attempt in range(MAX_ATTEMPTS):
             cached = self._recent.get(twin_id) if attempt == 0 else None
             current = cached if cached is not None else await self.store.get(twin_id)
+            # A new twin goes on from what a deleted one of its id left (see Tombstone).
+            tombstone = (
+                await self.store.tombstone(twin_id) if current is None and may_create else None
+            )
             try:
                 new, event = self._compute(
-                    current, twin_id, namespace, edit, origin, preconditions, may_create, amend
+                    current,
+                    tombstone,
+                    twin_id,
+                    namespace,
+                    edit,
+                    origin,
+                    preconditions,
+                    may_create,
+                    amend,
                 )
             except TwinServiceError:
                 if cached is None:
                     raise
                 self._forget(twin_id)  # judged on a cached copy: judge again on a fresh one
                 continue
-            write = Write(twin_id, current.revision if current else 0, new, event, current)
+            expected = current.revision if current else tombstone.revision if tombstone else 0
+            write = Write(twin_id, expected, new, event, current)
             try:
                 seq = await self.store.write(write)
             except RevisionConflict:
@@ -165,6 +179,7 @@ class TwinService:
     def _compute(
         self,
         current: Twin | None,
+        tombstone: Tombstone | None,
         twin_id: str,
         namespace: str,
         edit: EditFn,
@@ -188,6 +203,7 @@ class TwinService:
         return apply_change(
             current,
             incarnation=secrets.token_hex(8) if current is None else None,
+            tombstone=tombstone,
             twin_id=twin_id,
             namespace=namespace,
             values=change.values,

@@ -234,6 +234,37 @@ def test_etags_and_preconditions(api: httpx.Client) -> None:
     assert missing.status_code == 412
 
 
+def test_an_etag_of_a_deleted_twin_never_matches_a_new_one(api: httpx.Client) -> None:
+    """A client holding the ETag of a deleted twin must not write over the next twin of the
+    id once that reaches the same revision number: revisions go on after a delete."""
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    first = api.put(url, json={"desired": {"mode": "eco"}})
+    assert first.status_code == 201 and first.headers["ETag"] == '"rev:1"'
+    patched = api.patch(url, content=b'{"desired":{"mode":"boost"}}', headers=MERGE)
+    assert patched.headers["ETag"] == '"rev:2"' and patched.json()["desiredVersion"] == 2
+    held = patched.headers["ETag"]
+    assert api.delete(url).status_code == 204
+    reborn = api.put(url, json={"attributes": {"owner": "ops"}})
+    assert reborn.status_code == 201
+    body = reborn.json()
+    assert reborn.headers["ETag"] == '"rev:4"' and body["revision"] == 4
+    assert body["desiredVersion"] == 3 and body["reportedVersion"] == 2
+    assert body["desired"] == {} and body["created"] >= first.json()["created"]
+    for tag in (held, '"rev:1"', '"rev:3"'):
+        stale = api.patch(
+            url, content=b'{"desired":{"mode":"off"}}', headers={**MERGE, "If-Match": tag}
+        )
+        assert stale.status_code == 412, tag
+    assert api.get(url, headers={"If-None-Match": held}).status_code == 200
+    current = api.patch(
+        url, content=b'{"desired":{"mode":"off"}}', headers={**MERGE, "If-Match": '"rev:4"'}
+    )
+    assert current.status_code == 200 and current.json()["revision"] == 5
+    history = api.get(f"{url}/history", params={"since": 4}).json()["items"]
+    assert [(e["revision"], e["action"]) for e in history] == [(4, "created"), (5, "modified")]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

@@ -17,17 +17,32 @@ from typing import Any
 import pytest
 
 from search.rql import SearchQuery, parse_filter
+from tests.legacy import forget_sqlite_tombstone
 from twin_service.settings import StreamSettings
 from twin_service.store.base import IndexTask, RevisionConflict, TwinStore, Write
-from twin_service.twin.document import ChangeEvent, Twin, apply_change, deletion_event, now_iso
+from twin_service.twin.document import (
+    ChangeEvent,
+    Tombstone,
+    Twin,
+    apply_change,
+    deletion_event,
+    now_iso,
+)
 from twin_service.twin.jsonvalue import Limits
 from twin_service.types import JSONObject
 
 StoreFactory = Callable[..., Awaitable[TwinStore]]
 
 
-def change(current: Twin | None, twin_id: str, values: JSONObject, **kwargs: Any) -> Write:
-    """The write that applies ``values`` (whole sections) to ``current``."""
+def change(
+    current: Twin | None,
+    twin_id: str,
+    values: JSONObject,
+    tombstone: Tombstone | None = None,
+    **kwargs: Any,
+) -> Write:
+    """The write that applies ``values`` (whole sections) to ``current`` (``None``: creates
+    the twin, going on from ``tombstone`` as the service does)."""
     new, event = apply_change(
         current,
         twin_id=twin_id,
@@ -39,8 +54,10 @@ def change(current: Twin | None, twin_id: str, values: JSONObject, **kwargs: Any
         limits=Limits(),
         # As the service does: every creation draws its own incarnation token.
         incarnation=secrets.token_hex(8) if current is None else None,
+        tombstone=tombstone,
     )
-    return Write(twin_id, current.revision if current else 0, new, event)
+    expected = current.revision if current else tombstone.revision if tombstone else 0
+    return Write(twin_id, expected, new, event, current)
 
 
 def deletion(current: Twin) -> Write:
@@ -49,7 +66,23 @@ def deletion(current: Twin) -> Write:
         current.revision,
         None,
         deletion_event(current, timestamp=now_iso(), origin="test"),
+        current,
     )
+
+
+async def forget_tombstone(store: TwinStore, twin_id: str) -> None:
+    """Remove the tombstone of ``twin_id`` as a database from before there were tombstones
+    lacks it: the next twin of the id starts again at revision 1."""
+    from twin_service.store.mongodb import MongoStore
+    from twin_service.store.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore):
+        forget_sqlite_tombstone(store._path, twin_id)
+    else:
+        assert isinstance(store, MongoStore)
+        await store._twins.update_one(
+            {"_id": twin_id}, {"$unset": {"gone": "", "gdv": "", "grv": ""}}
+        )
 
 
 async def mutate(store: TwinStore, twin_id: str, key: str) -> int:
@@ -81,8 +114,9 @@ class StoreContract:
     async def test_a_change_from_an_older_incarnation_is_refused(
         self, store_factory: StoreFactory
     ) -> None:
-        """Delete and re-create to the same revision: a write computed from the twin as it
-        was before the delete must not pass the compare-and-set (revisions restart)."""
+        """Delete and re-create to the same revision (a database from before tombstones,
+        where revisions restarted): a write computed from the twin as it was before the
+        delete must not pass the compare-and-set."""
         store = await store_factory()
         twin_id = "org.acme:incarnations"
         await store.write(
@@ -91,6 +125,7 @@ class StoreContract:
         old = await store.get(twin_id)
         assert old is not None and old.revision == 1
         await store.write(deletion(old))
+        await forget_tombstone(store, twin_id)
         await store.write(
             change(None, twin_id, {"desired": {"b": 2}}, timestamp="2026-01-01T00:00:01.000Z")
         )
@@ -109,8 +144,9 @@ class StoreContract:
     async def test_a_twin_created_again_in_the_same_millisecond_is_another_incarnation(
         self, store_factory: StoreFactory
     ) -> None:
-        """Same id, same revision, same creation time: only the incarnation token tells the
-        two twins apart, and a write computed from the first must still be refused."""
+        """Same id, same revision, same creation time (revisions restarted before there were
+        tombstones): only the incarnation token tells the two twins apart, and a write
+        computed from the first must still be refused."""
         store = await store_factory()
         twin_id = "org.acme:same-ms"
         stamp = "2026-01-01T00:00:00.000Z"
@@ -118,6 +154,7 @@ class StoreContract:
         old = await store.get(twin_id)
         assert old is not None
         await store.write(deletion(old))
+        await forget_tombstone(store, twin_id)
         await store.write(change(None, twin_id, {"desired": {"b": 2}}, timestamp=stamp))
         reborn = await store.get(twin_id)
         assert reborn is not None and reborn.revision == old.revision
@@ -231,7 +268,7 @@ class StoreContract:
         assert at3 is not None and at3.revision == 3 and at3.reported == {"n": 2}
         assert await store.twin_at(tid, 9) is None
 
-    async def test_delete_and_recreate_restarts_revisions(
+    async def test_delete_and_recreate_continues_revisions(
         self, store_factory: StoreFactory
     ) -> None:
         store = await store_factory(outbox=True)
@@ -245,22 +282,56 @@ class StoreContract:
         deleted_seq = await store.write(deletion(old))
         (task,) = await store.pending_index(10)
         assert task == IndexTask(tid, deleted_seq, None)
-        reborn = change(None, tid, {"attributes": {"life": 2}})
+        tombstone = await store.tombstone(tid)
+        assert tombstone == Tombstone(3, old.desired_version, old.reported_version)
+        # A creation that did not see the tombstone would reuse revision 1: refused.
+        with pytest.raises(RevisionConflict):
+            await store.write(change(None, tid, {"attributes": {"life": 0}}))
+        reborn = change(None, tid, {"attributes": {"life": 2}}, tombstone)
         reborn_seq = await store.write(reborn)
         assert reborn_seq > deleted_seq
+        assert await store.tombstone(tid) is None
         twin = await store.get(tid)
-        assert twin is not None and twin.revision == 1 and twin.attributes == {"life": 2}
+        assert twin is not None and twin.revision == 4 and twin.attributes == {"life": 2}
+        assert twin.desired_version == old.desired_version + 1
         events = [e for _, e in await all_events(store) if e.twin_id == tid]
         assert [(e.revision, e.action) for e in events] == [
             (1, "created"),
             (2, "modified"),
             (3, "deleted"),
-            (1, "created"),
+            (4, "created"),
         ]
         (task,) = await store.pending_index(10)
         assert task.seq == reborn_seq and task.twin == twin
         at1 = await store.twin_at(tid, 1)
-        assert at1 is not None and at1.attributes == {"life": 2}
+        assert at1 is not None and at1.attributes == {"life": 1}
+        at4 = await store.twin_at(tid, 4)
+        assert at4 is not None and at4.attributes == {"life": 2}
+
+    async def test_a_creation_from_a_stale_tombstone_is_refused(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """Two creators read the same tombstone; one creates, deletes: the other's creation,
+        computed from the older tombstone, would reuse a revision and must lose."""
+        one, two = await store_factory(), await store_factory()
+        tid = "org.acme:lazarus"
+        await one.write(change(None, tid, {"desired": {"v": 1}}))
+        first = await one.get(tid)
+        assert first is not None
+        await one.write(deletion(first))
+        seen = await two.tombstone(tid)
+        assert seen is not None and seen.revision == 2 and seen.desired_version == 1
+        await one.write(change(None, tid, {"desired": {"v": 2}}, seen))
+        second = await one.get(tid)
+        assert second is not None and second.revision == 3 and second.desired_version == 2
+        await one.write(deletion(second))
+        with pytest.raises(RevisionConflict):
+            await two.write(change(None, tid, {"desired": {"v": 3}}, seen))
+        latest = await two.tombstone(tid)
+        assert latest == Tombstone(4, 2, 2)
+        await two.write(change(None, tid, {"desired": {"v": 3}}, latest))
+        third = await one.get(tid)
+        assert third is not None and third.revision == 5 and third.desired == {"v": 3}
 
     async def test_retention_per_twin(self, store_factory: StoreFactory) -> None:
         store = await store_factory(stream=StreamSettings(journal_max_per_twin=3))

@@ -23,12 +23,14 @@ from twin_service.twin.delta import leaf_paths
 from twin_service.twin.document import (
     SECTIONS,
     STAMPED,
+    Tombstone,
     Twin,
     Written,
     apply_change,
     deletion_event,
     document_from_storage,
     now_iso,
+    tombstone_of,
 )
 from twin_service.twin.jsonvalue import Limits, dumps
 from twin_service.twin.patch import json_equal, merge_patch
@@ -359,6 +361,40 @@ def test_definition_removal_event(base: Twin) -> None:
 def test_deletion_event(base: Twin) -> None:
     event = deletion_event(base, timestamp=T2, origin="tester")
     assert event.action == "deleted" and event.revision == 2 and event.changes == {}
+
+
+def test_tombstone_of_a_deletion(base: Twin) -> None:
+    reported, _ = change(base, {"reported": {"speed": 1}}, timestamp=T3)
+    gone = tombstone_of(reported)
+    assert gone == Tombstone(3, reported.desired_version, 2)
+    assert gone.revision == deletion_event(reported, timestamp=T3, origin="t").revision
+
+
+@pytest.mark.parametrize(
+    ("values", "revision", "desired_version", "reported_version"),
+    [
+        ({}, 8, 4, 3),
+        ({"desired": {"fan": 1}}, 8, 4, 3),
+        ({"reported": {"fan": 1}, "attributes": {"a": 1}}, 8, 4, 3),
+    ],
+)
+def test_a_creation_goes_on_from_the_tombstone(
+    values: JSONObject, revision: int, desired_version: int, reported_version: int
+) -> None:
+    """Every creation counts one on each version, as without a tombstone (1, 1)."""
+    twin, event = change(None, values, tombstone=Tombstone(7, 3, 2), incarnation="i2")
+    assert (twin.revision, twin.desired_version, twin.reported_version) == (
+        revision,
+        desired_version,
+        reported_version,
+    )
+    assert event.action == "created" and event.revision == revision
+    assert twin.created == twin.modified == T2 and twin.incarnation == "i2"
+    stamps = [json.dumps(stamp) for stamp in twin.metadata.values()]
+    assert all(f'"revision": {revision}' in text for text in stamps)
+    assert len(stamps) == len(set(values) & set(STAMPED))
+    fresh, _ = change(None, values)
+    assert (fresh.revision, fresh.desired_version, fresh.reported_version) == (1, 1, 1)
 
 
 sections = st.fixed_dictionaries(

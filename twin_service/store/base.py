@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twin_service.errors import Conflict
-from twin_service.twin.document import ChangeEvent, Twin
+from twin_service.twin.document import ChangeEvent, Tombstone, Twin
 
 if TYPE_CHECKING:
     from search.rql.query import SearchQuery
@@ -26,9 +26,13 @@ class RevisionConflict(Conflict):
 
 @dataclass(frozen=True)
 class Write:
-    """Replace the twin stored at ``expected_revision`` (0: must not exist) with ``twin``.
+    """Replace the twin stored at ``expected_revision`` with ``twin``.
 
-    ``twin is None`` deletes it. ``event`` is journaled in the same atomic step.
+    For a creation (``event.action == "created"``), ``expected_revision`` is the revision
+    of the id's :class:`Tombstone` (0: the id was never used, or its tombstone predates
+    them), so a creation racing another delete and create of the id is refused like any
+    stale write. ``twin is None`` deletes it and leaves a tombstone (its versions come from
+    ``previous``, 0 without it). ``event`` is journaled in the same atomic step.
     """
 
     twin_id: str
@@ -74,6 +78,9 @@ class TwinStore(Protocol):
     async def get(self, twin_id: str) -> Twin | None: ...
 
     async def get_many(self, twin_ids: list[str]) -> list[Twin]: ...
+
+    async def tombstone(self, twin_id: str) -> Tombstone | None:
+        """What the last deleted twin of this id left, when no twin of it exists now."""
 
     async def write(self, write: Write) -> int:
         """Commit atomically; returns the event's global sequence number.

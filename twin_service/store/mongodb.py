@@ -1,13 +1,14 @@
 """The scale-out store: MongoDB (or a MongoDB-wire server) through PyMongo's asyncio API.
 
 One document per twin in ``twins``: ``_id`` (twin id), ``ns``, ``rev`` (0 for a deleted twin,
-kept as a tombstone while it still holds work), ``doc`` (the stored twin as a JSON string,
-because twins may hold keys with ``.`` or ``$`` that FerretDB refuses), the search fields
-``e`` and ``k`` (:mod:`search.mongodb`), ``ev`` (change events not yet journaled) and ``ix``
-(the seq the external search index has yet to take). Every write is one ``update_one``
-filtered on ``rev`` (compare-and-set; ``upsert`` with the unique ``_id`` for creation), so
-replicas never lose an update and the twin, its search fields and its change event commit
-together. The journal and its sequence numbers are in :mod:`twin_service.store.mongodb_journal`.
+kept as a tombstone: ``gone``, ``gdv`` and ``grv`` hold its :class:`Tombstone`), ``doc``
+(the stored twin as a JSON string, because twins may hold keys with ``.`` or ``$`` that
+FerretDB refuses), the search fields ``e`` and ``k`` (:mod:`search.mongodb`), ``ev``
+(change events not yet journaled) and ``ix`` (the seq the external search index has yet to
+take). Every write is one ``update_one`` filtered on ``rev`` (compare-and-set; ``upsert``
+with the unique ``_id`` for creation), so replicas never lose an update and the twin, its
+search fields and its change event commit together. The journal and its sequence numbers
+are in :mod:`twin_service.store.mongodb_journal`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from twin_service.store.mongodb_journal import (
     SeqAllocator,
 )
 from twin_service.tasks import stop_task
-from twin_service.twin.document import Twin
+from twin_service.twin.document import Tombstone, Twin, tombstone_of
 from twin_service.twin.jsonvalue import dumps
 
 if TYPE_CHECKING:
@@ -210,10 +211,16 @@ class MongoStore:
                 await self._allocator.trim()
                 await self._claims.delete_many({"at": {"$lt": now - timedelta(minutes=10)}})
             else:
-                # A tombstone may go once nothing is pending in it. Not where updates race:
-                # a re-creation could be read, then lost to this delete.
+                # A tombstone from before they were kept (no ``gone``) may go once nothing
+                # is pending in it. Not where updates race: a re-creation could be read,
+                # then lost to this delete.
                 await self._twins.delete_many(
-                    {"rev": 0, "ev.0": {"$exists": False}, "ix": {"$exists": False}}
+                    {
+                        "rev": 0,
+                        "gone": {"$exists": False},
+                        "ev.0": {"$exists": False},
+                        "ix": {"$exists": False},
+                    }
                 )
 
     # -- reads -----------------------------------------------------------------------------
@@ -225,6 +232,17 @@ class MongoStore:
         except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
         return _twin(raw) if raw and raw.get("rev") else None
+
+    async def tombstone(self, twin_id: str) -> Tombstone | None:
+        try:
+            raw = await self._twins.find_one(
+                {"_id": twin_id}, {"rev": 1, "gone": 1, "gdv": 1, "grv": 1}
+            )
+        except DRIVER_ERRORS as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        if not raw or raw.get("rev") or not raw.get("gone"):
+            return None
+        return Tombstone(int(raw["gone"]), int(raw.get("gdv", 0)), int(raw.get("grv", 0)))
 
     async def get_many(self, twin_ids: list[str]) -> list[Twin]:
         try:
@@ -397,7 +415,7 @@ class MongoStore:
                 except Unavailable:
                     lock.unreachable_at = time.monotonic()
                     raise
-                lock.revision = write.twin.revision if write.twin is not None else 0
+                lock.revision = write.event.revision
                 lock.since = time.monotonic()
                 return seq
         finally:
@@ -422,6 +440,12 @@ class MongoStore:
         fields: dict[str, Any]
         if twin is None:
             fields = {"rev": 0, "doc": None, "e": {}, "k": {}, "cr": None}
+            # The next twin of the id goes on from here. (A creation over a tombstone leaves
+            # these behind: creations match on ``rev`` 0 only, and the next deletion
+            # replaces them.)
+            gone = tombstone_of(write.previous) if write.previous else Tombstone(event.revision)
+            fields |= {"gone": gone.revision, "gdv": gone.desired_version}
+            fields["grv"] = gone.reported_version
         else:
             fields = {
                 "ns": twin.namespace,
@@ -449,7 +473,7 @@ class MongoStore:
                 result = await self._twins.update_one(
                     self._cas_filter(write),
                     update,
-                    upsert=write.expected_revision == 0,
+                    upsert=write.event.action == "created",
                 )
             committed = result.matched_count == 1 or result.upserted_id is not None
         except DuplicateKeyError:
@@ -467,9 +491,14 @@ class MongoStore:
 
     @staticmethod
     def _cas_filter(write: Write) -> dict[str, Any]:
-        """The compare-and-set filter: the revision, and the incarnation when it is known."""
+        """The compare-and-set filter: the revision, and the incarnation when it is known;
+        for a creation, no twin and the tombstone's revision (none: no tombstone, or one
+        from before they were kept)."""
+        if write.event.action == "created":
+            gone = write.expected_revision or {"$in": [0, None]}
+            return {"_id": write.twin_id, "rev": 0, "gone": gone}
         cas: dict[str, Any] = {"_id": write.twin_id, "rev": write.expected_revision}
-        if write.previous is not None and write.expected_revision > 0:
+        if write.previous is not None:
             cas["cr"] = write.previous.incarnation
         return cas
 
@@ -482,9 +511,9 @@ class MongoStore:
         """
         try:
             raw = await self._twins.find_one(
-                {"_id": write.twin_id}, {"rev": 1, "seq": 1, "ev": 1, "cr": 1}
+                {"_id": write.twin_id}, {"rev": 1, "seq": 1, "ev": 1, "cr": 1, "gone": 1}
             )
-            current = int(raw["rev"]) if raw else 0
+            current = int(raw["rev"] or raw.get("gone", 0)) if raw else 0
             if current != write.expected_revision:
                 raise RevisionConflict(
                     f"Twin {write.twin_id} is at revision {current}, not {write.expected_revision}."

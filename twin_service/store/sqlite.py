@@ -32,7 +32,7 @@ from twin_service.store.sqlite_writer import (
     wire_write,
 )
 from twin_service.store.writer_process import WriterGone, WriterProcess
-from twin_service.twin.document import ChangeEvent, Twin
+from twin_service.twin.document import ChangeEvent, Tombstone, Twin
 
 if TYPE_CHECKING:
     from search.rql.query import SearchQuery
@@ -184,14 +184,18 @@ class SqliteStore:
     async def ping(self) -> None:
         await self._read(lambda: self._reader().execute("SELECT 1").fetchone())
 
-    async def get(self, twin_id: str) -> Twin | None:
-        # A primary-key lookup on a WAL database takes a few microseconds and never waits
-        # for writers, while a hop to a reader thread costs tens; so this one read runs on the
-        # event loop's own connection. Anything that scans (search, journal) uses the pool.
+    def _loop_connection(self) -> sqlite3.Connection:
         conn = self._loop_conn
         if conn is None:
             conn = self._loop_conn = self._connect()
             conn.execute("PRAGMA query_only = 1")
+        return conn
+
+    async def get(self, twin_id: str) -> Twin | None:
+        # A primary-key lookup on a WAL database takes a few microseconds and never waits
+        # for writers, while a hop to a reader thread costs tens; so this one read runs on the
+        # event loop's own connection. Anything that scans (search, journal) uses the pool.
+        conn = self._loop_connection()
         entry = self._cache.get(twin_id)
         cached = entry[0] if entry is not None else None
         try:
@@ -222,6 +226,19 @@ class SqliteStore:
         twin = Twin.from_storage(json.loads(row[0]))
         self._remember(twin_id, twin, version)
         return twin
+
+    async def tombstone(self, twin_id: str) -> Tombstone | None:
+        # Read for creations only; the same primary-key lookup as get, on the same connection.
+        conn = self._loop_connection()
+        try:
+            row = conn.execute(
+                "SELECT revision, desired_version, reported_version FROM tombstones "
+                "WHERE twin_id = ?",
+                (twin_id,),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        return Tombstone(*row) if row else None
 
     def _remember(self, twin_id: str, twin: Twin | None, version: int | None = None) -> None:
         """Cache ``twin``, checked against the database at data_version ``version`` (None:

@@ -64,6 +64,14 @@ SCHEMA = [
         seq INTEGER NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS index_outbox_by_seq ON index_outbox (seq)",
+    # What each deleted twin left for the next twin of its id (Tombstone). A creation
+    # removes its id's row, so a row means no twin of that id exists.
+    """CREATE TABLE IF NOT EXISTS tombstones (
+        twin_id TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        desired_version INTEGER NOT NULL,
+        reported_version INTEGER NOT NULL
+    )""",
 ]
 
 #: The stored twin's incarnation, as :attr:`Twin.incarnation` computes it.
@@ -255,11 +263,19 @@ class SqliteWriter:
             f"SELECT revision, {INCARNATION_SQL} FROM twins WHERE twin_id = ?",
             (twin_id,),
         ).fetchone()
-        current = row[0] if row else 0
+        if row:
+            current = row[0]
+        else:
+            # A creation goes on from the id's tombstone (a rare write: one more lookup).
+            gone = conn.execute(
+                "SELECT revision FROM tombstones WHERE twin_id = ?", (twin_id,)
+            ).fetchone()
+            current = gone[0] if gone else 0
         if current != expected:
             raise RevisionConflict(f"Twin {twin_id} is at revision {current}, not {expected}.")
-        # Revisions restart when a twin is deleted and created again: the incarnation tells
-        # them apart, so a change computed from an older one cannot slip through.
+        # Revisions restarted at 1 for twins deleted before there were tombstones: the
+        # incarnation tells them apart, so a change computed from an older one cannot slip
+        # through.
         if row and incarnation is not None and row[1] != incarnation:
             raise RevisionConflict(f"Twin {twin_id} was deleted and created again.")
         return row
@@ -274,12 +290,23 @@ class SqliteWriter:
         builtin = self._config.builtin_index
         indexed = self._indexed.pop(twin_id, None)
         if twin is None:
+            # The versions as stored: they are what the next twin of the id goes on from.
+            conn.execute(
+                "INSERT OR REPLACE INTO tombstones "
+                "(twin_id, revision, desired_version, reported_version) "
+                "SELECT twin_id, ?, COALESCE(json_extract(doc, '$.desiredVersion'), 0), "
+                "COALESCE(json_extract(doc, '$.reportedVersion'), 0) "
+                "FROM twins WHERE twin_id = ?",
+                (event_revision, twin_id),
+            )
             conn.execute("DELETE FROM twins WHERE twin_id = ?", (twin_id,))
             if builtin:
                 sqlite_index.unindex_twin(conn, twin_id)
         else:
             namespace, revision, new_incarnation, stored = twin
             state = stored.decode()
+            if row is None and write[1] > 0:  # a creation that goes on from a tombstone
+                conn.execute("DELETE FROM tombstones WHERE twin_id = ?", (twin_id,))
             conn.execute(
                 "INSERT INTO twins (twin_id, namespace, revision, doc) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (twin_id) DO UPDATE SET revision = excluded.revision, "

@@ -2,7 +2,10 @@
 
 Invariants kept by :func:`apply_change`:
 - ``revision`` increases by exactly 1 on every committed change (creation is revision 1);
-- ``desiredVersion`` / ``reportedVersion`` increase by 1 when that section's value changes;
+  a twin created again after a delete goes on from its :class:`Tombstone`, so no revision
+  (and no ETag) of an id is ever used twice;
+- ``desiredVersion`` / ``reportedVersion`` increase by 1 when that section's value changes
+  (they too go on from the tombstone);
 - ``metadata`` stamps every leaf of desired, reported and live with when and at which
   revision it was last written;
 - limits (size, depth, keys) hold for the committed document, checked after the change.
@@ -57,6 +60,23 @@ def now_iso(moment: datetime | None = None) -> str:
 
 
 @dataclass(frozen=True)
+class Tombstone:
+    """What a deleted twin leaves behind for the next twin of its id.
+
+    A client may hold ``ETag: "rev:5"`` of the deleted twin, and a device the desired
+    version it applied. Were they to start again at 1, a new twin reaching revision 5 would
+    pass that client's ``If-Match`` with a change computed from another twin, and the device
+    would drop the new twin's deltas as older than what it has. So the next twin goes on
+    from here, as Ditto's revisions and AWS shadow versions do.
+    """
+
+    #: The deletion's revision: the next twin of the id starts one above.
+    revision: int
+    desired_version: int = 0
+    reported_version: int = 0
+
+
+@dataclass(frozen=True)
 class Twin:
     """A committed twin. Sections are plain JSON objects and must be treated as immutable."""
 
@@ -82,10 +102,11 @@ class Twin:
     def incarnation(self) -> str:
         """What tells this twin apart from an earlier one of the same id.
 
-        Revisions restart when a twin is deleted and created again, so the stores'
-        compare-and-set checks this too. A random token from the creation; twins created
-        before there was one fall back to their creation time, which is the same only if
-        the two creations fell in the same millisecond.
+        Revisions go on after a delete (:class:`Tombstone`), but they restarted at 1 for
+        twins deleted before there were tombstones, so the stores' compare-and-set checks
+        this too. A random token from the creation; twins created before there was one fall
+        back to their creation time, which is the same only if the two creations fell in
+        the same millisecond.
         """
         token = self.private.get(INCARNATION)
         return token if isinstance(token, str) else self.created
@@ -248,11 +269,13 @@ def apply_change(
     lifecycle: JSONObject | None = None,
     private: JSONObject | None = None,
     incarnation: str | None = None,
+    tombstone: Tombstone | None = None,
 ) -> tuple[Twin, ChangeEvent]:
     """Commit ``values`` (a subset of WRITABLE) onto ``old``, producing the next revision.
 
     A creation (``old`` None) records ``incarnation``, a token unique to it (see
-    :attr:`Twin.incarnation`); the caller draws it, so this stays pure.
+    :attr:`Twin.incarnation`); the caller draws it, so this stays pure. It goes on from
+    ``tombstone``, what a deleted twin of the same id left, when there is one.
     Sections not in ``values`` keep their old content. Raises before producing anything if the
     result breaks a limit, so nothing invalid can ever reach a store.
     """
@@ -260,7 +283,9 @@ def apply_change(
     base = old or Twin(
         twin_id=twin_id,
         namespace=namespace,
-        revision=0,
+        revision=tombstone.revision if tombstone else 0,
+        desired_version=tombstone.desired_version if tombstone else 0,
+        reported_version=tombstone.reported_version if tombstone else 0,
         created=timestamp,
         modified=timestamp,
         connection={"status": "unknown", "since": timestamp, "lastSeen": None},
@@ -338,6 +363,11 @@ def describe_changes(old: Twin | None, new: Twin) -> JSONObject:
         if patch:
             changes[name] = patch
     return changes
+
+
+def tombstone_of(deleted: Twin) -> Tombstone:
+    """What the deletion of ``deleted`` (see :func:`deletion_event`) leaves behind."""
+    return Tombstone(deleted.revision + 1, deleted.desired_version, deleted.reported_version)
 
 
 def deletion_event(old: Twin, *, timestamp: str, origin: str) -> ChangeEvent:

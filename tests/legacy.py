@@ -1,0 +1,21 @@
+"""Databases as twin-service wrote them before it kept tombstones of deleted twins.
+
+A twin created again then started at revision 1, so caches and compare-and-set checks must
+still tell two twins of one id at the same revision apart (their incarnation).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def forget_sqlite_tombstone(database: Path, twin_id: str) -> None:
+    """Remove the tombstone of ``twin_id`` from the SQLite file ``database`` (the service
+    may be running on it): the next twin of the id starts again at revision 1."""
+    conn = sqlite3.connect(database, timeout=30)
+    try:
+        conn.execute("DELETE FROM tombstones WHERE twin_id = ?", (twin_id,))
+        conn.commit()
+    finally:
+        conn.close()
