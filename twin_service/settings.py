@@ -286,8 +286,9 @@ class Settings(BaseSettings):
         "builtin",
         description="Search index: builtin (kept by the store in the same transaction), "
         "elasticsearch, or off (the search API answers 404 search.disabled and the SQLite "
-        "store writes no index rows; builtin again rebuilds them on start, elasticsearch "
-        "again needs `twin-service index rebuild`).",
+        "store writes no index rows; builtin again rebuilds them on start, and with the "
+        "SQLite store elasticsearch again queues every twin for its indexer on start; with "
+        "MongoDB run `twin-service index rebuild`).",
     )
     elasticsearch_url: str | None = Field(
         None, description="Elasticsearch URL (search=elasticsearch)."

@@ -233,3 +233,57 @@ async def test_rebuild_indexes_an_existing_store(
     finally:
         service.stop()
     assert await probe.ids("lt(attributes/i,0)") == ["org.acme:r999"]
+
+
+async def test_switching_back_to_elasticsearch_catches_up_on_its_own(
+    search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
+) -> None:
+    """Writes made while search was builtin (or off) never reached the outbox: the first
+    start with elasticsearch again queues every twin and tombstone, with no rebuild."""
+    data = tmp_path / "switch"
+    env = es_env(search_engine, alias)
+    first = ServiceProcess(data, env=env).start()
+    try:
+        with first.client() as api:
+            for name in ("a", "b", "c"):
+                put(api, f"org.acme:s-{name}", {"attributes": {"i": 1}})
+            wait_converged(api)
+    finally:
+        first.stop()
+    assert await probe.ids() == ["org.acme:s-a", "org.acme:s-b", "org.acme:s-c"]
+    builtin = ServiceProcess(data).start()
+    try:
+        with builtin.client() as api:
+            assert api.delete("/api/v1/twins/org.acme:s-b").status_code == 204
+            put(api, "org.acme:s-a", {"attributes": {"i": 10}})
+            put(api, "org.acme:s-d", {"attributes": {"i": 1}})
+    finally:
+        builtin.stop()
+    assert await probe.ids() == ["org.acme:s-a", "org.acme:s-b", "org.acme:s-c"]  # stale
+    again = ServiceProcess(data, env=env).start()
+    try:
+        with again.client() as api:
+            wait_converged(api)
+            found = api.get(
+                "/api/v1/search/twins",
+                params={"filter": "exists(attributes/i)", "waitFor": "latest"},
+            ).json()
+            assert [t["twinId"] for t in found["items"]] == [
+                "org.acme:s-a",
+                "org.acme:s-c",
+                "org.acme:s-d",
+            ]
+    finally:
+        again.stop()
+    assert "queued 4 twins and tombstones" in again.log_path.read_text()
+    assert await probe.ids("eq(attributes/i,10)") == ["org.acme:s-a"]
+    # Kept since: the next start queues nothing.
+    last = ServiceProcess(data, env=env)
+    logged = last.log_path.stat().st_size if last.log_path.exists() else 0
+    last.start()
+    try:
+        with last.client() as api:
+            wait_converged(api)
+    finally:
+        last.stop()
+    assert "queued" not in last.log_path.read_bytes()[logged:].decode()

@@ -179,6 +179,7 @@ class SqliteWriter:
         try:
             for statement in (*SCHEMA, *sqlite_index.SCHEMA):
                 conn.execute(statement)
+            self._sync_outbox(conn)  # first: it reads what the last start recorded
             self._sync_builtin_index(conn)
             conn.execute("COMMIT")
         except BaseException:
@@ -191,6 +192,46 @@ class SqliteWriter:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _sync_outbox(self, conn: sqlite3.Connection) -> None:
+        """Record whether the external index's outbox is kept; fill it when it was not.
+
+        While search was ``builtin`` or ``off``, writes never reached the outbox, so the
+        first start with ``elasticsearch`` again queues every twin, and every tombstone
+        (the index may still hold a twin deleted meanwhile), for the service's indexer.
+        """
+        row = conn.execute("SELECT value FROM meta WHERE key = 'outbox'").fetchone()
+        if row is not None:
+            kept = row[0] == 1
+        else:
+            # Databases from before this record: the built-in index was kept last time
+            # exactly when the outbox was not. (Unknown for a new database: nothing to fill.)
+            builtin = conn.execute("SELECT value FROM meta WHERE key = 'builtin_index'").fetchone()
+            kept = builtin is None or builtin[0] == 0
+        if self._config.outbox and not kept:
+            # One version for all: above any the index has seen, below any later write.
+            (last,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'"
+            ).fetchone()
+            queued = 0
+            for table in ("twins", "tombstones"):
+                queued += conn.execute(
+                    "INSERT INTO index_outbox (twin_id, seq) "
+                    f"SELECT twin_id, ? FROM {table} WHERE true "
+                    "ON CONFLICT (twin_id) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                    (last,),
+                ).rowcount
+            log.warning(
+                "queued %d twins and tombstones of %s for the external search index "
+                "(search was not elasticsearch when they were written)",
+                queued,
+                self._config.path.name,
+            )
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('outbox', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (1 if self._config.outbox else 0,),
+        )
 
     def _sync_builtin_index(self, conn: sqlite3.Connection) -> None:
         """Record whether the built-in index is maintained; rebuild it when it was not.
