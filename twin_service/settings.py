@@ -286,9 +286,8 @@ class Settings(BaseSettings):
         "builtin",
         description="Search index: builtin (kept by the store in the same transaction), "
         "elasticsearch, or off (the search API answers 404 search.disabled and the SQLite "
-        "store writes no index rows; builtin again rebuilds them on start, and with the "
-        "SQLite store elasticsearch again queues every twin for its indexer on start; with "
-        "MongoDB run `twin-service index rebuild`).",
+        "store writes no index rows; builtin again rebuilds them on start, and elasticsearch "
+        "again has its indexer catch up on every write made meanwhile).",
     )
     elasticsearch_url: str | None = Field(
         None, description="Elasticsearch URL (search=elasticsearch)."

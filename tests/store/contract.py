@@ -361,6 +361,25 @@ class StoreContract:
         assert old_seq not in seqs and len(seqs) == 2
         assert await reopened.pruned_seq() >= old_seq
 
+    async def test_writes_made_without_the_outbox_are_pending_once_it_is_kept(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """search switched from builtin (or off) to elasticsearch: what was written meanwhile,
+        deletions included, reaches the external index with no rebuild."""
+        plain = await store_factory()
+        ids = [f"org.acme:o-{name}" for name in "abc"]
+        for tid in ids:
+            await plain.write(change(None, tid, {"attributes": {"n": 1}}))
+        doomed = await plain.get(ids[1])
+        assert doomed is not None
+        await plain.write(deletion(doomed))
+        kept = await store_factory(outbox=True)
+        tasks = {t.twin_id: t.twin for t in await kept.pending_index(100)}
+        assert set(tasks) == set(ids) and tasks[ids[1]] is None
+        assert tasks[ids[0]] == await kept.get(ids[0])
+        await kept.mark_indexed(await kept.pending_index(100))
+        assert await store_factory(outbox=True) and await kept.pending_index(100) == []
+
     async def test_index_outbox(self, store_factory: StoreFactory) -> None:
         store = await store_factory(outbox=True)
         assert await store.index_backlog() == (0, None)

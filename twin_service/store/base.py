@@ -138,7 +138,8 @@ class TwinStore(Protocol):
         """The highest sequence number up to which the journal is complete (every lower
         event is readable); 0 when nothing was written."""
 
-    # -- external index outbox (only kept when the store was opened with outbox=True) -----
+    # -- external index outbox: every write since the store last kept it is pending when --
+    # -- it is opened with outbox=True (MongoDB queues every write; SQLite fills it then) --
 
     async def pending_index(self, limit: int) -> list[IndexTask]:
         """Twins whose latest write is not yet acknowledged by the external index."""

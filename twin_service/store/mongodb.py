@@ -101,7 +101,6 @@ class MongoStore:
         self._url = settings.mongodb_url
         self._settings = settings.mongodb
         self._stream = settings.stream
-        self._outbox = settings.search == "elasticsearch"
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._server = "mongodb"
@@ -159,10 +158,30 @@ class MongoStore:
                 # collection ("bad JSON path"): searches there scan, which is correct.
                 await self._twins.create_indexes([_WILDCARD])
             await self._maintain(prune=True)
+            await self._queue_older_writes()
         except DRIVER_ERRORS as exc:
             await self._client.close()
             raise Unavailable(f"The twin store cannot open MongoDB: {exc}") from exc
         self._maintenance = asyncio.get_running_loop().create_task(self._maintenance_loop())
+
+    async def _queue_older_writes(self) -> None:
+        """Once per database: queue for the external index the twins written before every
+        write was (those a store without search = elasticsearch left out of the outbox)."""
+        if await self._meta.find_one({"_id": "outbox"}) is not None:
+            return
+        # Above any version the index has seen, and below any later write; several replicas
+        # doing this at once only queue the same twins twice.
+        last = await self._allocator.current()
+        result = await self._twins.update_many({"ix": {"$exists": False}}, {"$set": {"ix": last}})
+        if result.modified_count:
+            log.warning(
+                "queued %d twins and tombstones for the external search index (written "
+                "before every write was queued)",
+                result.modified_count,
+            )
+        await self._meta.update_one(
+            {"_id": "outbox"}, {"$set": {"since": datetime.now(UTC)}}, upsert=True
+        )
 
     async def close(self) -> None:
         await stop_task(self._maintenance)
@@ -457,8 +476,10 @@ class MongoStore:
                 "doc": state,
                 **mongo_index.index_fields(twin.to_document()),
             }
-        if self._outbox:
-            fields["ix"] = seq
+        # Queued for the external index whatever ``search`` is now: a switch to elasticsearch
+        # later (even by some replicas of a rolling update first) finds every write since
+        # pending, with no one to fill the outbox. The field costs nothing on this update.
+        fields["ix"] = seq
         update: dict[str, Any]
         if self._racy_updates:
             # The claimed writer is alone on this twin: events pending before were journaled
@@ -548,7 +569,7 @@ class MongoStore:
             seq = await self._journal.commit(pending)
             if not self._racy_updates:
                 await self._twins.update_one({"_id": write.twin_id}, {"$pull": {"ev": token}})
-            if seq != pending.seq and self._outbox:
+            if seq != pending.seq:
                 await self._twins.update_one(
                     {"_id": write.twin_id, "ix": pending.seq}, {"$set": {"ix": seq}}
                 )
