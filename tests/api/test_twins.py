@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import httpx
 import pytest
 
+from tests.legacy import forget_sqlite_tombstone
 from tests.service_process import READER_TOKEN, ServiceProcess
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -263,6 +265,39 @@ def test_an_etag_of_a_deleted_twin_never_matches_a_new_one(api: httpx.Client) ->
     assert current.status_code == 200 and current.json()["revision"] == 5
     history = api.get(f"{url}/history", params={"since": 4}).json()["items"]
     assert [(e["revision"], e["action"]) for e in history] == [(4, "created"), (5, "modified")]
+    # One story across the two twins: a client that saw revision 2 learns of the delete.
+    history = api.get(f"{url}/history", params={"since": 3}).json()["items"]
+    assert [(e["revision"], e["action"]) for e in history] == [
+        (3, "deleted"),
+        (4, "created"),
+        (5, "modified"),
+    ]
+    assert len(api.get(f"{url}/history").json()["items"]) == 5
+
+
+def test_history_of_a_twin_created_again_before_tombstones_starts_at_its_creation(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """In a database from before tombstones, the next twin of an id started again at
+    revision 1: its history does not mix in the revisions of the deleted twin."""
+    service = service_factory()
+    with service.client() as api:
+        _history_of_a_legacy_recreation(service, api)
+
+
+def _history_of_a_legacy_recreation(service: ServiceProcess, api: httpx.Client) -> None:
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    put(api, twin_id, {"desired": {"a": 1}})
+    api.put(f"{url}/desired/a", json=2).raise_for_status()
+    assert api.delete(url).status_code == 204
+    forget_sqlite_tombstone(service.data_dir / "twins.sqlite3", twin_id)
+    assert put(api, twin_id, {"desired": {"b": 1}}).json()["revision"] == 1
+    api.put(f"{url}/desired/b", json=2).raise_for_status()
+    for since in (0, 1):
+        history = api.get(f"{url}/history", params={"since": since}).json()["items"]
+        assert [(e["revision"], e["action"]) for e in history] == [(1, "created"), (2, "modified")]
+    assert api.get(f"{url}/history", params={"since": 3}).json()["items"] == []
 
 
 @pytest.mark.parametrize(

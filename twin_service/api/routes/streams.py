@@ -63,23 +63,27 @@ async def history(
     current = await ctx.store.get(twin_id)
     if not events and current is None:
         raise Gone(f"No retained history for twin {twin_id}.", code="twin.notfound")
-    # The journal covers `since` only if the oldest retained event of this incarnation is
-    # at or before it (or it starts at creation).
-    incarnation = _last_incarnation(events)
-    if incarnation and since > 0 and incarnation[0]["revision"] > max(since, 1):
-        first = incarnation[0]
-        if first["action"] != "created":
-            raise Gone(
-                f"History of {twin_id} before revision {first['revision']} is no longer retained.",
-                extra={"oldestRevision": first["revision"]},
-            )
-    return json_response({"items": incarnation})
+    items = _current_lineage(events)
+    if current is not None:  # nor later revisions of an earlier twin (same legacy case)
+        items = [item for item in items if item["revision"] <= current.revision]
+    # Revisions of an id are contiguous (a twin created again goes on from its deletion),
+    # so the journal covers `since` only if its oldest retained event is at it (or is the
+    # first creation of the id).
+    if items and since > 0 and items[0]["revision"] > max(since, 1):
+        first = items[0]
+        raise Gone(
+            f"History of {twin_id} before revision {first['revision']} is no longer retained.",
+            extra={"oldestRevision": first["revision"]},
+        )
+    return json_response({"items": items})
 
 
-def _last_incarnation(events: list[Any]) -> list[JSONObject]:
+def _current_lineage(events: list[Any]) -> list[JSONObject]:
+    """The events (in journal order) since revisions last started again at 1: a twin
+    deleted before there were tombstones had its revisions reused by the next one."""
     items = [{"seq": e.seq, **e.event.to_json()} for e in events]
-    for index in range(len(items) - 1, -1, -1):
-        if items[index]["action"] == "created":
+    for index in range(len(items) - 1, 0, -1):
+        if items[index]["revision"] <= items[index - 1]["revision"]:
             return items[index:]
     return items
 
