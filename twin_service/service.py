@@ -29,7 +29,7 @@ from twin_service.twin.document import (
 )
 from twin_service.twin.ids import parse_twin_id
 from twin_service.twin.jsonvalue import Limits
-from twin_service.twin.lifecycle import lifecycle_amend
+from twin_service.twin.lifecycle import continue_versions, lifecycle_amend
 from twin_service.twin.operations import Edit
 
 if TYPE_CHECKING:
@@ -200,6 +200,8 @@ class TwinService:
         # Validate before the amend hook, which reads the new sections.
         validate_writable(change.values, self.limits, current)
         extra = amend(current, change) if amend else {}
+        if current is None and tombstone is not None and "lifecycle" in extra:
+            extra["lifecycle"] = continue_versions(extra["lifecycle"], tombstone.desired_version)
         return apply_change(
             current,
             incarnation=secrets.token_hex(8) if current is None else None,

@@ -247,12 +247,15 @@ def test_an_etag_of_a_deleted_twin_never_matches_a_new_one(api: httpx.Client) ->
     assert patched.headers["ETag"] == '"rev:2"' and patched.json()["desiredVersion"] == 2
     held = patched.headers["ETag"]
     assert api.delete(url).status_code == 204
-    reborn = api.put(url, json={"attributes": {"owner": "ops"}})
+    reborn = api.put(url, json={"attributes": {"owner": "ops"}, "desired": {"fan": 1}})
     assert reborn.status_code == 201
     body = reborn.json()
     assert reborn.headers["ETag"] == '"rev:4"' and body["revision"] == 4
     assert body["desiredVersion"] == 3 and body["reportedVersion"] == 2
-    assert body["desired"] == {} and body["created"] >= first.json()["created"]
+    assert body["desired"] == {"fan": 1} and body["created"] >= first.json()["created"]
+    # The device is told the same version in the lifecycle as in the twin.
+    assert body["lifecycle"]["fan"]["state"] == "pending"
+    assert body["lifecycle"]["fan"]["desiredVersion"] == 3
     for tag in (held, '"rev:1"', '"rev:3"'):
         stale = api.patch(
             url, content=b'{"desired":{"mode":"off"}}', headers={**MERGE, "If-Match": tag}

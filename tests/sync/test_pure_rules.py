@@ -26,6 +26,7 @@ from twin_service.twin.lifecycle import (
     EXPIRED,
     PENDING,
     REJECTED,
+    continue_versions,
     expire_due,
     leaf_keys,
     next_lifecycle,
@@ -132,6 +133,16 @@ def test_ttl_expires_pending_entries() -> None:
     assert {k: v["state"] for k, v in expired.items()} == {"a": EXPIRED, "b/c": EXPIRED}
     # And the next change of the twin sees them expired too.
     assert step(out, {"a": 1}, {"a": 1}, {}, now=T1)["a"]["state"] == EXPIRED
+
+
+def test_a_creation_after_a_delete_continues_the_desired_versions() -> None:
+    created = step({}, {}, {"a": 1, "b": {"c": 2}}, {}, v=1, now=T0)
+    assert {k: v["desiredVersion"] for k, v in created.items()} == {"a": 1, "b/c": 1}
+    after = continue_versions(created, 7)
+    assert {k: v["desiredVersion"] for k, v in after.items()} == {"a": 8, "b/c": 8}
+    assert after["a"] == {**created["a"], "desiredVersion": 8}
+    assert continue_versions(created, 0) is created
+    assert continue_versions({"odd": "kept"}, 3) == {"odd": "kept"}
 
 
 def test_keys_are_escaped_pointers() -> None:

@@ -218,6 +218,21 @@ def lifecycle_for_edit(
     )
 
 
+def continue_versions(lifecycle: JSONObject, desired_version: int) -> JSONObject:
+    """The lifecycle of a creation, for a twin whose desired versions go on from
+    ``desired_version`` (a deleted twin's: :class:`~twin_service.twin.document.Tombstone`)
+    instead of 0. Amends see a creation as a twin from nothing, whose first desired
+    version is 1."""
+    if not desired_version:
+        return lifecycle
+    return {
+        key: {**entry, "desiredVersion": entry["desiredVersion"] + desired_version}
+        if isinstance(entry, dict) and isinstance(entry.get("desiredVersion"), int)
+        else entry
+        for key, entry in lifecycle.items()
+    }
+
+
 def lifecycle_amend(twin: Twin | None, edit: Edit) -> dict[str, Any]:
     """An ``Amend`` for API writes: ``service.mutate(..., amend=lifecycle_amend)``."""
     return {"lifecycle": lifecycle_for_edit(twin, edit, datetime.now(UTC))}
