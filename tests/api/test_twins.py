@@ -262,6 +262,10 @@ def test_an_etag_of_a_deleted_twin_never_matches_a_new_one(api: httpx.Client) ->
         )
         assert stale.status_code == 412, tag
     assert api.get(url, headers={"If-None-Match": held}).status_code == 200
+    # The earlier twin's revisions stay readable; its deletion is no twin at all.
+    assert api.get(url, params={"at": 2}).json()["desired"] == {"mode": "boost"}
+    deletion = api.get(url, params={"at": 3})
+    assert deletion.status_code == 404 and deletion.json()["error"] == "revision.notfound"
     current = api.patch(
         url, content=b'{"desired":{"mode":"off"}}', headers={**MERGE, "If-Match": '"rev:4"'}
     )

@@ -179,6 +179,13 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
             )
         old = await ctx.store.twin_at(twin_id, at)
         if old is None:
+            journaled = await ctx.store.history(twin_id, at, at)
+            if journaled and journaled[-1].event.action == "deleted":
+                raise NotFound(
+                    f"Revision {at} of {twin_id} is the deletion of an earlier twin of this id: "
+                    "no twin is at that revision.",
+                    code="revision.notfound",
+                )
             raise Gone(f"Revision {at} of twin {twin_id} is no longer retained in the journal.")
         twin = old
     if _not_modified(if_none_match, twin):
