@@ -67,7 +67,7 @@ class Tombstone:
     version it applied. Were they to start again at 1, a new twin reaching revision 5 would
     pass that client's ``If-Match`` with a change computed from another twin, and the device
     would drop the new twin's deltas as older than what it has. So the next twin goes on
-    from here, as Ditto's revisions and AWS shadow versions do.
+    from here (AWS shadows keep their version across a delete too, for 48 hours).
     """
 
     #: The deletion's revision: the next twin of the id starts one above.
