@@ -200,14 +200,11 @@ class SqliteWriter:
         first start with ``elasticsearch`` again queues every twin, and every tombstone
         (the index may still hold a twin deleted meanwhile), for the service's indexer.
         """
-        row = conn.execute("SELECT value FROM meta WHERE key = 'outbox'").fetchone()
-        if row is not None:
-            kept = row[0] == 1
-        else:
+        kept = _meta(conn, "outbox")
+        if kept is None:
             # Databases from before this record: the built-in index was kept last time
             # exactly when the outbox was not. (Unknown for a new database: nothing to fill.)
-            builtin = conn.execute("SELECT value FROM meta WHERE key = 'builtin_index'").fetchone()
-            kept = builtin is None or builtin[0] == 0
+            kept = 0 if _meta(conn, "builtin_index") == 1 else 1
         if self._config.outbox and not kept:
             # One version for all: above any the index has seen, below any later write.
             (last,) = conn.execute(
@@ -227,11 +224,7 @@ class SqliteWriter:
                 queued,
                 self._config.path.name,
             )
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('outbox', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (1 if self._config.outbox else 0,),
-        )
+        _set_meta(conn, "outbox", 1 if self._config.outbox else 0)
 
     def _sync_builtin_index(self, conn: sqlite3.Connection) -> None:
         """Record whether the built-in index is maintained; rebuild it when it was not.
@@ -240,8 +233,7 @@ class SqliteWriter:
         first start with it on again re-indexes every twin, inside the opening transaction.
         """
         builtin = self._config.builtin_index
-        row = conn.execute("SELECT value FROM meta WHERE key = 'builtin_index'").fetchone()
-        was_on = row is None or row[0] == 1
+        was_on = _meta(conn, "builtin_index") in (None, 1)
         if builtin and not was_on:
             log.warning("rebuilding the built-in search index of %s", self._config.path.name)
             conn.execute("DELETE FROM search_leaf")
@@ -255,11 +247,7 @@ class SqliteWriter:
                 for _, doc in rows:
                     sqlite_index.index_twin(conn, document_from_storage(json.loads(doc)))
                 after = rows[-1][0]
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('builtin_index', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (1 if builtin else 0,),
-        )
+        _set_meta(conn, "builtin_index", 1 if builtin else 0)
 
     # -- commits ---------------------------------------------------------------------------
 
@@ -416,6 +404,19 @@ class SqliteWriter:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: int) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
 
 
 def _record_pruned(conn: sqlite3.Connection, seq: int) -> None:
