@@ -150,6 +150,23 @@ def test_patch_needs_patch_media_type(api: httpx.Client) -> None:
     assert response.status_code == 415
 
 
+def test_a_method_not_allowed_is_405_naming_every_method_of_the_path(
+    api: httpx.Client,
+) -> None:
+    twin = f"/api/v1/twins/{new_id()}"
+    for method, url, allowed in [
+        ("TRACE", twin, "DELETE, GET, PATCH, PUT"),
+        ("POST", twin, "DELETE, GET, PATCH, PUT"),
+        ("DELETE", "/api/v1/twins", "GET, POST"),
+        ("POST", twin + "/desired/fan", "DELETE, GET, PATCH, PUT"),
+        ("POST", "/health", "GET"),
+    ]:
+        response = api.request(method, url)
+        assert response.status_code == 405, (method, url)
+        assert response.headers["Allow"] == allowed, (method, url)
+        assert response.json()["error"] == "request.method"
+
+
 def test_sub_resources_by_pointer(api: httpx.Client) -> None:
     twin_id = new_id()
     put(api, twin_id, {"desired": {}})

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from twin_service.errors import TwinServiceError
 
@@ -46,6 +47,18 @@ def disconnected_response(request: Request) -> Response:
     return Response(status_code=499)
 
 
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route of ``app`` takes at the request's path (RFC 9110 asks a 405
+    to list them in ``Allow``). Starlette names only the methods of the first route whose
+    path matched, while each method of a path here is a route of its own."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(TwinServiceError)
     async def _twin_error(_: Request, exc: TwinServiceError) -> JSONResponse:
@@ -60,9 +73,12 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STARLETTE_CODES.get(exc.status_code, "request.invalid")
-        return _body(exc.status_code, code, str(exc.detail))
+        response = _body(exc.status_code, code, str(exc.detail))
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(app, request))
+        return response
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, _: ClientDisconnect) -> Response:
