@@ -10,6 +10,7 @@ import pytest
 
 from tests.legacy import forget_sqlite_tombstone
 from tests.service_process import READER_TOKEN, ServiceProcess
+from twin_service.twin.ids import TWIN_ID_PATTERN
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
@@ -432,6 +433,9 @@ def test_health_ready_and_openapi(service: ServiceProcess) -> None:
             ("query", "at"),
             ("header", "If-None-Match"),
         }
+        (twin_id,) = [p for p in get_twin["parameters"] if p["name"] == "twin_id"]
+        assert twin_id["schema"]["pattern"] == TWIN_ID_PATTERN
+        assert twin_id["schema"]["maxLength"] == 256
         # The token is one security scheme for every operation, not a header parameter.
         assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
         assert spec["security"] == [{"bearer": []}]

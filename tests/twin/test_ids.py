@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from twin_service.errors import InvalidTwinId
-from twin_service.twin.ids import MAX_ID_LENGTH, generate_twin_id, parse_twin_id, validate_namespace
+from twin_service.twin.ids import (
+    MAX_ID_LENGTH,
+    TWIN_ID_PATTERN,
+    generate_twin_id,
+    parse_twin_id,
+    validate_namespace,
+)
 
 VALID = [
     ("org.acme.plant1:pump-1", ("org.acme.plant1", "pump-1")),
@@ -110,3 +118,29 @@ def test_parse_accepts_or_raises_invalid_twin_id(twin_id: str) -> None:
     assert f"{namespace}:{name}" == twin_id
     assert "/" not in name and len(twin_id) <= MAX_ID_LENGTH
     assert twin_id.isascii() and twin_id.isprintable()
+
+
+def _pattern_takes(twin_id: str) -> bool:
+    """What a JSON Schema validator reads from the published pattern and length (ECMA-262
+    ``$`` ends the text; Python's would also match before a final newline)."""
+    assert TWIN_ID_PATTERN.startswith("^") and TWIN_ID_PATTERN.endswith("$")
+    core = TWIN_ID_PATTERN[1:-1]
+    return len(twin_id) <= MAX_ID_LENGTH and re.fullmatch(core, twin_id) is not None
+
+
+def _parses(twin_id: str) -> bool:
+    try:
+        parse_twin_id(twin_id)
+    except InvalidTwinId:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("twin_id", [valid for valid, _ in VALID] + INVALID)
+def test_the_published_pattern_is_the_rule(twin_id: str) -> None:
+    assert _pattern_takes(twin_id) == _parses(twin_id)
+
+
+@given(st.text(alphabet=st.sampled_from("aZ9_.:%/-~é 2F\n"), max_size=20))
+def test_the_published_pattern_agrees_on_any_text(twin_id: str) -> None:
+    assert _pattern_takes(twin_id) == _parses(twin_id)

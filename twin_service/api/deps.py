@@ -12,6 +12,7 @@ from twin_service.api.context import AppContext
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from twin_service.service import Amend, Preconditions
+from twin_service.twin.ids import MAX_ID_LENGTH, TWIN_ID_PATTERN
 from twin_service.twin.jsonvalue import loads_strict
 from twin_service.twin.lifecycle import lifecycle_amend_ttl
 from twin_service.twin.patch import split_pointer
@@ -137,7 +138,14 @@ Writer = Annotated[Principal, Depends(require_write)]
 
 #: A twin id path parameter. Routes check it with ``parse_twin_id`` (400 on a bad id) after
 #: authentication, instead of through one more dependency per request.
-TwinId = Annotated[str, Path(description="namespace:name")]
+TwinId = Annotated[
+    str,
+    Path(
+        description="namespace:name",
+        # Described, not enforced here: the routes' check answers with twin.id.invalid.
+        json_schema_extra={"pattern": TWIN_ID_PATTERN, "maxLength": MAX_ID_LENGTH},
+    ),
+]
 
 
 async def read_body(request: Request, ctx: AppContext) -> bytes:
