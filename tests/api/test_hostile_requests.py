@@ -1,0 +1,248 @@
+"""Random hostile requests against the real service: never a 5xx, always the one error body,
+and a refused write never changes the twin.
+
+The requests come from a seeded generator (the same ones on every run): malformed and
+oversized bodies, wrong media types, bad JSON pointers and percent escapes, bad RQL,
+`fields` and preconditions, mixed with well-formed writes so that the refusals happen to a
+twin that keeps changing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from tests.service_process import ServiceProcess
+
+REQUESTS = 1200
+WRITES = ("PUT", "PATCH", "DELETE", "POST")
+
+_RAW_BODIES = [
+    b"",
+    b"{",
+    b"null",
+    b"[]",
+    b'{"a": 1, "a": 2}',
+    b'{"desired": {"a": NaN}}',
+    b'{"desired": {"a": Infinity}}',
+    b'{"desired": {"a": 1e999}}',
+    b"\xff\xfe",
+    b'{"desired": {"a": "\xc3"}}',
+    b'"\\ud800"',
+    b'{"desired": {"\\ud800": 1}}',
+    b'{"\\u0000": 1}',
+    b"[" * 2000 + b"]" * 2000,
+    b'{"desired": ' + b'{"k": ' * 40 + b"1" + b"}" * 41,
+    b'{"desired": {"blob": "' + b"x" * 70_000 + b'"}}',
+    b'{"live": {"blob": "' + b"x" * 40_000 + b'", "more": "' + b"x" * 30_000 + b'"}}',
+    b'[{"op": "add", "path": "/desired/blob", "value": "' + b"x" * 70_000 + b'"}]',
+]
+_CONTENT_TYPES = [
+    "application/json",
+    "application/merge-patch+json",
+    "application/json-patch+json",
+    "application/merge-patch+json; charset=utf-8",
+    "application/json; charset=latin1",
+    "text/plain",
+    "multipart/form-data",
+    "",
+]
+_SECTIONS = ["attributes", "desired", "reported", "live", "delta", "connection", "metadata"]
+_SECTIONS += ["lifecycle", "history", "nosuch", ""]
+_TOKENS = ["", "~", "~0", "~1", "~2", "..", "-", "0", "00", "99999999999999999999", "fan"]
+_TOKENS += ["speed", "arr", "a b", "é", "%", "%ZZ", "%2F", "%00"]
+_KEYS = ["", "a", "fan", "speed", "arr", "a/b", "~1", "\u0000", "é", "x" * 300, "$x", "a.b"]
+_JSON_PATCH_PATHS = ["/desired/a", "/desired", "", "/", "/reported/x/0", "/desired/arr/-"]
+_JSON_PATCH_PATHS += ["/revision", "/delta", "/attributes/~1x", "/desired/arr/9"]
+_RQL = ["eq(desired/a,1)", "eq(", "and()", "or(eq(a,1))", "like(a,'*')", "in(a)", "exists()"]
+_RQL += ["gt(revision,0)", "eq(desired/a,1e999)", "not(not(not(eq(a,1))))", "eq(a,'\\", ")"]
+_FIELDS = ["attributes", "desired/fan", "", ",", "x", "desired(a)", "//", "~", "revision"]
+
+
+@dataclass
+class Hostile:
+    """Makes the requests; ``twin_id`` is the twin most of them aim at."""
+
+    rng: random.Random
+    twin_id: str
+
+    def text(self) -> str:
+        pick = self.rng.random()
+        if pick < 0.5:
+            return self.rng.choice(_KEYS + _TOKENS)
+        if pick < 0.9:
+            size = self.rng.randint(0, 8)
+            return "".join(self.rng.choice(string.printable) for _ in range(size))
+        return "y" * self.rng.choice([257, 5000])
+
+    def value(self, depth: int = 0) -> Any:
+        kind = self.rng.randint(0, 9 if depth < 4 else 3)
+        if kind == 0:
+            return None
+        if kind == 1:
+            return self.rng.choice([True, False])
+        if kind == 2:
+            return self.rng.choice([0, -1, 1.5, 3, 10**20, 2**63, -(2**64), 1e308])
+        if kind == 3:
+            return self.text()
+        if kind <= 6:
+            return {self.text(): self.value(depth + 1) for _ in range(self.rng.randint(0, 4))}
+        if kind <= 8:
+            return [self.value(depth + 1) for _ in range(self.rng.randint(0, 4))]
+        return self.rng.choice([{}, [], ""])
+
+    def json_patch(self) -> bytes:
+        ops = []
+        for _ in range(self.rng.randint(0, 4)):
+            op: dict[str, Any] = {
+                "op": self.rng.choice(["add", "remove", "replace", "move", "copy", "test", "x"]),
+                "path": self.rng.choice([*_JSON_PATCH_PATHS, self.text()]),
+            }
+            if self.rng.random() < 0.7:
+                op["value"] = self.value()
+            if self.rng.random() < 0.3:
+                op["from"] = self.rng.choice(["/desired/a", "/desired", "", self.text()])
+            ops.append(op)
+        return json.dumps(ops).encode()
+
+    def body(self) -> bytes:
+        pick = self.rng.random()
+        if pick < 0.25:
+            return self.rng.choice(_RAW_BODIES)
+        if pick < 0.5:
+            return self.json_patch()
+        if pick < 0.8:
+            section = self.rng.choice(["desired", "reported", "attributes", "live"])
+            return json.dumps({section: self.value(1)}).encode()
+        ascii_only = self.rng.random() < 0.5
+        return json.dumps(self.value(), ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+    def segment(self) -> str:
+        raw = self.text().encode("utf-8", "surrogatepass")
+        return quote(raw, safe="~%") if self.rng.random() < 0.85 else quote(raw, safe="")
+
+    def twin_path(self) -> str:
+        twin_id = self.rng.choice(
+            [self.twin_id] * 6 + ["org.hostile:missing", "bad", "a:b/c", "x" * 300, ":", "org.:x"]
+        )
+        path = f"/api/v1/twins/{quote(twin_id, safe=':')}"
+        if self.rng.random() < 0.6:
+            path += "/" + self.rng.choice(_SECTIONS)
+            for _ in range(self.rng.randint(0, 3)):
+                path += "/" + self.segment()
+        return path
+
+    def query(self) -> dict[str, str]:
+        query: dict[str, str] = {}
+        for name, chance, choices in [
+            ("fields", 0.3, _FIELDS),
+            ("condition", 0.1, _RQL),
+            ("at", 0.1, ["0", "-1", "1", "x", "99999999999999999999"]),
+            ("ttl", 0.1, ["0", "-1", "1", "x", "1e9", "nan", "inf"]),
+            ("since", 0.05, ["0", "-1", "x", "99999999999999999999"]),
+        ]:
+            if self.rng.random() < chance:
+                query[name] = self.rng.choice([*choices, self.text()])
+        return query
+
+    def collection(self) -> tuple[str, str, dict[str, str]]:
+        method, path = self.rng.choice(
+            [
+                ("GET", "/api/v1/twins"),
+                ("POST", "/api/v1/twins"),
+                ("GET", "/api/v1/search/twins"),
+                ("POST", "/api/v1/search/twins"),
+                ("GET", "/api/v1/search/twins/count"),
+            ]
+        )
+        query: dict[str, str] = {}
+        if self.rng.random() < 0.5:
+            query["filter"] = self.rng.choice([*_RQL, self.text()])
+        if self.rng.random() < 0.3:
+            query["option"] = self.rng.choice(
+                ["size(0)", "size(1000)", "cursor(zz)", "sort(+x)", "sort(", self.text()]
+            )
+        if self.rng.random() < 0.3:
+            query["ids"] = self.rng.choice(["", ",", self.twin_id, ",".join([self.twin_id] * 300)])
+        if self.rng.random() < 0.2:
+            query["namespace"] = self.rng.choice(["org.hostile", "", "1x", self.text()])
+        return method, path, query
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.rng.random() < 0.8:
+            headers["Content-Type"] = self.rng.choice(_CONTENT_TYPES)
+        if self.rng.random() < 0.1:
+            headers["If-Match"] = self.rng.choice(['"rev:1"', "*", "rev:x", '"rev:-1"', 'W/"x"'])
+        if self.rng.random() < 0.1:
+            headers["If-None-Match"] = self.rng.choice(["*", '"rev:1"', "x", ""])
+        return headers
+
+    def request(self) -> tuple[str, str, dict[str, str], dict[str, str], bytes | None]:
+        if self.rng.random() < 0.15:
+            method, path, query = self.collection()
+        else:
+            method = self.rng.choice(["GET", "GET", "PUT", "PATCH", "PATCH", "DELETE", "POST"])
+            path, query = self.twin_path(), self.query()
+        body = self.body() if method in ("PUT", "PATCH", "POST") else None
+        return method, path, query, self.headers(), body
+
+
+def _assert_error_body(response: httpx.Response, where: str) -> None:
+    try:
+        body = response.json()
+    except ValueError:
+        raise AssertionError(f"{where}: not JSON: {response.text[:200]!r}") from None
+    assert body.get("status") == response.status_code, where
+    assert isinstance(body.get("error"), str) and body["error"], where
+    assert isinstance(body.get("message"), str) and body["message"], where
+
+
+def _reset(api: httpx.Client, twin_id: str) -> dict[str, Any]:
+    created = api.put(
+        f"/api/v1/twins/{twin_id}",
+        json={"attributes": {"m": "x"}, "desired": {"fan": {"speed": 3}, "arr": [1, 2]}},
+    )
+    assert created.status_code in (200, 201), created.text
+    doc: dict[str, Any] = created.json()
+    return doc
+
+
+def test_hostile_requests_get_a_4xx_and_leave_the_twin_alone(service: ServiceProcess) -> None:
+    twin_id = f"org.hostile:t-{uuid.uuid4().hex[:8]}"
+    hostile = Hostile(random.Random(20261204), twin_id)
+    statuses: dict[int, int] = {}
+    with service.client() as api:
+        doc = _reset(api, twin_id)
+        for number in range(REQUESTS):
+            method, path, query, headers, body = hostile.request()
+            where = f"request {number}: {method} {path[:120]} {query} {headers}"
+            response = api.request(method, path, params=query, headers=headers, content=body)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, f"{where}: {response.text[:300]}"
+            if response.status_code >= 400:
+                _assert_error_body(response, where)
+            if method not in WRITES or not path.startswith(f"/api/v1/twins/{twin_id}"):
+                continue
+            now = api.get(f"/api/v1/twins/{twin_id}")
+            if response.status_code >= 400:
+                # A refused write leaves every byte of the twin as it was.
+                assert now.status_code == 200 and now.json() == doc, where
+            elif now.status_code == 404:
+                doc = _reset(api, twin_id)
+            else:
+                doc = now.json()
+                assert response.headers.get("ETag", f'"rev:{doc["revision"]}"') == (
+                    f'"rev:{doc["revision"]}"'
+                ), where
+        assert api.get("/ready").status_code == 200
+    # The mix reached the service's refusals and its successes, not only one kind.
+    assert {200, 201, 204, 400, 404, 412, 413, 415} <= set(statuses), statuses
+    assert "unexpected error" not in service.log_tail(10_000)
