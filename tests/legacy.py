@@ -19,3 +19,14 @@ def forget_sqlite_tombstone(database: Path, twin_id: str) -> None:
         conn.commit()
     finally:
         conn.close()
+
+
+def age_out_sqlite_journal(database: Path, twin_id: str) -> None:
+    """Remove every journal event of ``twin_id`` from ``database``, as pruning by age does
+    once they are older than ``stream.journal_max_age_seconds``."""
+    conn = sqlite3.connect(database, timeout=30)
+    try:
+        conn.execute("DELETE FROM events WHERE twin_id = ?", (twin_id,))
+        conn.commit()
+    finally:
+        conn.close()

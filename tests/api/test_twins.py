@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.legacy import forget_sqlite_tombstone
+from tests.legacy import age_out_sqlite_journal, forget_sqlite_tombstone
 from tests.service_process import READER_TOKEN, ServiceProcess
 from twin_service.twin.ids import TWIN_ID_PATTERN
 
@@ -298,6 +298,29 @@ def test_an_etag_of_a_deleted_twin_never_matches_a_new_one(api: httpx.Client) ->
         (5, "modified"),
     ]
     assert len(api.get(f"{url}/history").json()["items"]) == 5
+
+
+def test_history_of_an_id_that_never_had_a_twin_is_404(api: httpx.Client) -> None:
+    response = api.get(f"/api/v1/twins/{new_id()}/history")
+    assert response.status_code == 404
+    assert response.json()["error"] == "twin.notfound"
+
+
+def test_history_of_a_deleted_twin_that_aged_out_is_410(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    service = service_factory()
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    with service.client() as api:
+        put(api, twin_id, {"desired": {"a": 1}})
+        assert api.delete(url).status_code == 204
+        assert [e["revision"] for e in api.get(f"{url}/history").json()["items"]] == [1, 2]
+        age_out_sqlite_journal(service.data_dir / "twins.sqlite3", twin_id)
+        response = api.get(f"{url}/history")
+    assert response.status_code == 410
+    assert response.json()["error"] == "history.expired"
+    assert response.json()["deletedRevision"] == 2
 
 
 def test_history_of_a_twin_created_again_before_tombstones_starts_at_its_creation(

@@ -228,7 +228,8 @@ class SqliteStore:
         return twin
 
     async def tombstone(self, twin_id: str) -> Tombstone | None:
-        # Read for creations only; the same primary-key lookup as get, on the same connection.
+        # Read for creations (and the history of an id with no twin); the same primary-key
+        # lookup as get, on the same connection.
         conn = self._loop_connection()
         try:
             row = conn.execute(

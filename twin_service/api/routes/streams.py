@@ -24,7 +24,7 @@ from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import errors
 from twin_service.auth import Principal
 from twin_service.commands import run_command
-from twin_service.errors import BadRequest, Gone, TwinServiceError, Unauthorized
+from twin_service.errors import BadRequest, Gone, NotFound, TwinServiceError, Unauthorized
 from twin_service.streams.direct_ws import pump_websocket
 from twin_service.streams.session import StreamSession
 from twin_service.streams.subscription import Subscription, validate_id
@@ -62,7 +62,15 @@ async def history(
     events = await ctx.store.history(twin_id, since, until)
     current = await ctx.store.get(twin_id)
     if not events and current is None:
-        raise Gone(f"No retained history for twin {twin_id}.", code="twin.notfound")
+        # A tombstone tells a twin whose whole history aged out from one that never was.
+        gone = await ctx.store.tombstone(twin_id)
+        if gone is None:
+            raise NotFound(f"Twin {twin_id} does not exist and has no retained history.")
+        raise Gone(
+            f"Twin {twin_id} was deleted at revision {gone.revision}; "
+            "its history is no longer retained.",
+            extra={"deletedRevision": gone.revision},
+        )
     items = _current_lineage(events)
     if current is not None:  # nor later revisions of an earlier twin (same legacy case)
         items = [item for item in items if item["revision"] <= current.revision]
