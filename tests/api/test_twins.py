@@ -160,12 +160,30 @@ def test_a_method_not_allowed_is_405_naming_every_method_of_the_path(
         ("POST", twin, "DELETE, GET, PATCH, PUT"),
         ("DELETE", "/api/v1/twins", "GET, POST"),
         ("POST", twin + "/desired/fan", "DELETE, GET, PATCH, PUT"),
+        # The views of a twin are read-only.
+        ("PUT", twin + "/delta", "GET"),
+        ("PATCH", twin + "/metadata", "GET"),
+        ("DELETE", twin + "/lifecycle/fan", "GET"),
+        ("PUT", twin + "/connection/status", "GET"),
+        ("DELETE", twin + "/history", "GET"),
         ("POST", "/health", "GET"),
     ]:
         response = api.request(method, url)
         assert response.status_code == 405, (method, url)
         assert response.headers["Allow"] == allowed, (method, url)
         assert response.json()["error"] == "request.method"
+
+
+def test_a_twin_has_no_other_sub_resources(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"a": 1}})
+    for method in ("GET", "PUT", "PATCH", "DELETE"):
+        for part in ("nosuch", "Desired", "revision", "nosuch/a"):
+            response = api.request(
+                method, f"/api/v1/twins/{twin_id}/{part}", content=b"1", headers=MERGE
+            )
+            assert response.status_code == 404, (method, part, response.text)
+            assert response.json()["error"] == "resource.notfound"
 
 
 def test_sub_resources_by_pointer(api: httpx.Client) -> None:
@@ -412,10 +430,9 @@ def test_small_patch_making_twin_too_large_is_413(api: httpx.Client) -> None:
 )
 def test_invalid_twin_ids(api: httpx.Client, twin_id: str) -> None:
     response = api.put(f"/api/v1/twins/{twin_id}", json={})
-    assert response.status_code == 400
-    # A '/' makes the rest look like a section name, which is refused as an invalid request.
-    expected = "request.invalid" if "/" in twin_id else "twin.id.invalid"
-    assert response.json()["error"] == expected
+    # A '/' makes the rest a sub-resource of the twin, and no twin has one of that name.
+    expected = (404, "resource.notfound") if "/" in twin_id else (400, "twin.id.invalid")
+    assert (response.status_code, response.json()["error"]) == expected
 
 
 def test_authentication_and_roles(service: ServiceProcess) -> None:

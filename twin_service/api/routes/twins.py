@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Query, Request, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from twin_service.api.deps import (
     PRECONDITIONS,
@@ -50,6 +51,30 @@ router = APIRouter(prefix="/api/v1", tags=["twins"])
 
 Section = Literal["attributes", "desired", "reported", "live"]
 View = Literal["delta", "connection", "metadata", "lifecycle"]
+
+
+class _SectionSegment(Convertor[str]):
+    """A path segment naming a writable section. The routes themselves say which resources
+    exist, so a write to a read-only view is 405 (``Allow: GET``) and a segment that names
+    nothing is 404, instead of a 400 from validating the parameter."""
+
+    regex = "|".join(get_args(Section))
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+class _PartSegment(_SectionSegment):
+    """A path segment naming a section or a read-only view."""
+
+    regex = "|".join(get_args(Section) + get_args(View))
+
+
+register_url_convertor("twin_section", _SectionSegment())
+register_url_convertor("twin_part", _PartSegment())
 Fields = Annotated[
     str | None, Query(description="Comma-separated paths to include, e.g. attributes,desired/fan")
 ]
@@ -282,8 +307,8 @@ async def delete_twin(
 _POINTER_DOC = "JSON pointer inside the section (RFC 6901; ~1 is '/', ~0 is '~')"
 
 
-@router.get("/twins/{twin_id}/{section}", responses=errors(404))
-@router.get("/twins/{twin_id}/{section}/{pointer:path}", responses=errors(404))
+@router.get("/twins/{twin_id}/{section:twin_part}", responses=errors(404))
+@router.get("/twins/{twin_id}/{section:twin_part}/{pointer:path}", responses=errors(404))
 async def get_section(
     request: Request,
     ctx: Context,
@@ -304,13 +329,13 @@ _MERGE_EXTRA = {**json_request_body(None, MERGE), **documented(*WRITE_OPTIONS)}
 
 
 @router.put(
-    "/twins/{twin_id}/{section}",
+    "/twins/{twin_id}/{section:twin_section}",
     status_code=204,
     responses={**errors(404, 412, 413, 415), 201: {"description": "Created"}},
     openapi_extra=_WRITE_EXTRA,
 )
 @router.put(
-    "/twins/{twin_id}/{section}/{pointer:path}",
+    "/twins/{twin_id}/{section:twin_section}/{pointer:path}",
     status_code=204,
     responses={**errors(404, 412, 413, 415), 201: {"description": "Created"}},
     openapi_extra=_WRITE_EXTRA,
@@ -351,13 +376,13 @@ async def put_section(
 
 
 @router.patch(
-    "/twins/{twin_id}/{section}",
+    "/twins/{twin_id}/{section:twin_section}",
     status_code=204,
     responses=errors(404, 412, 413, 415),
     openapi_extra=_MERGE_EXTRA,
 )
 @router.patch(
-    "/twins/{twin_id}/{section}/{pointer:path}",
+    "/twins/{twin_id}/{section:twin_section}/{pointer:path}",
     status_code=204,
     responses=errors(404, 412, 413, 415),
     openapi_extra=_MERGE_EXTRA,
@@ -386,13 +411,13 @@ _DELETE_EXTRA = documented(*PRECONDITIONS)
 
 
 @router.delete(
-    "/twins/{twin_id}/{section}",
+    "/twins/{twin_id}/{section:twin_section}",
     status_code=204,
     responses=errors(404, 412),
     openapi_extra=_DELETE_EXTRA,
 )
 @router.delete(
-    "/twins/{twin_id}/{section}/{pointer:path}",
+    "/twins/{twin_id}/{section:twin_section}/{pointer:path}",
     status_code=204,
     responses=errors(404, 412),
     openapi_extra=_DELETE_EXTRA,
