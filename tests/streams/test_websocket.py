@@ -226,6 +226,38 @@ def test_authentication_failures_and_first_message_auth(service: ServiceProcess)
     asyncio.run(run())
 
 
+def test_binary_frames_close_with_1003_and_replies_echo_only_short_correlations(
+    service: ServiceProcess,
+) -> None:
+    async def closed_by(ws: ClientConnection) -> tuple[int, str]:
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive(ws)
+        assert closed.value.rcvd is not None
+        return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    async def run() -> None:
+        async with connect(service) as ws:
+            await subscribe(ws, id="before")
+            await ws.send(b'{"type": "subscribe", "id": "binary"}')
+            assert await closed_by(ws) == (1003, "Messages are JSON in text frames.")
+        async with connect(service, token=None) as ws:  # instead of the auth message
+            await ws.send(json.dumps({"type": "auth", "token": ADMIN_TOKEN}).encode())
+            assert (await closed_by(ws))[0] == 1003
+        async with connect(service) as ws:
+            long_id = "x" * 10_000
+            await send(ws, {"type": "subscribe", "id": long_id})
+            refused = await receive(ws)
+            assert refused["type"] == "error" and refused["correlationId"] is None
+            await send(ws, {"type": "command", "correlationId": {"a": 1}})
+            assert (await receive(ws))["correlationId"] is None
+            await send(ws, {"type": "command", "correlationId": 7})
+            assert (await receive(ws))["correlationId"] == 7
+        # The service logged no failure of its own for any of it.
+        assert "Traceback" not in service.log_tail(100_000)
+
+    asyncio.run(run())
+
+
 def test_resume_after_disconnect_during_burst(service: ServiceProcess) -> None:
     """1,000 writes; the client drops mid-burst and resumes with since: no gap, no duplicate."""
     ns = namespace()

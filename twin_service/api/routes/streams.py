@@ -39,6 +39,9 @@ router = APIRouter(prefix="/api/v1", tags=["streams"])
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_SLOW_CONSUMER = 4408
+CLOSE_UNSUPPORTED_DATA = 1003
+#: Longest correlation id a reply echoes.
+MAX_CORRELATION = 256
 AUTH_TIMEOUT = 10.0
 SSE_KEEPALIVE = 15.0
 
@@ -153,7 +156,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         await websocket.send_text(dumps({"type": "welcome", "principal": principal.name}))
         while True:
-            raw = await websocket.receive_text()
+            raw = await _receive_text(websocket)
+            if raw is None:
+                break
             task = asyncio.create_task(_handle(ctx, principal, session, raw))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -170,9 +175,23 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await writer
 
 
+async def _receive_text(websocket: WebSocket) -> str | None:
+    """The next text message; a binary one closes the connection with 1003 (RFC 6455: data
+    of a type the endpoint cannot accept) and gives ``None``."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text: str | None = message.get("text")
+    if text is None:
+        await websocket.close(CLOSE_UNSUPPORTED_DATA, "Messages are JSON in text frames.")
+    return text
+
+
 async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Principal | None:
     try:
-        raw = await asyncio.wait_for(websocket.receive_text(), AUTH_TIMEOUT)
+        raw = await asyncio.wait_for(_receive_text(websocket), AUTH_TIMEOUT)
+        if raw is None:
+            return None
         message = loads_strict(raw)
         if not isinstance(message, dict) or message.get("type") != "auth":
             raise Unauthorized('The first message must be {"type": "auth", "token": ...}.')
@@ -189,13 +208,23 @@ async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Principa
         return None
 
 
+def _correlation(value: Any) -> Any:
+    """What a reply echoes of a request's ``correlationId`` (or ``id``): a string of at most
+    ``MAX_CORRELATION`` characters or a number, else null (never a client's whole payload)."""
+    if isinstance(value, str) and len(value) <= MAX_CORRELATION:
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    return None
+
+
 async def _handle(ctx: AppContext, principal: Principal, session: StreamSession, raw: str) -> None:
     correlation: Any = None
     try:
         message = loads_strict(raw)
         if not isinstance(message, dict):
             raise BadRequest("A message must be a JSON object.")
-        correlation = message.get("correlationId", message.get("id"))
+        correlation = _correlation(message.get("correlationId", message.get("id")))
         kind = message.get("type")
         if kind == "subscribe":
             subscription, since = subscription_from(message)
