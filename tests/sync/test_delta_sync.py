@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+
+import httpx
 
 import pytest
 
@@ -12,6 +15,7 @@ from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
 from tests.connectivity.helpers import Collector
 from tests.servers.mosquitto import Mosquitto
+from tests.service_process import ADMIN_TOKEN
 from tests.sync.helpers import (
     device,
     patch_desired,
@@ -118,3 +122,61 @@ async def _settle() -> None:
 
 def _json(msg: InboundMessage) -> object:
     return json.loads(msg.payload) if msg.payload else None
+
+
+async def test_a_change_whose_client_left_at_once_still_reaches_the_device(
+    mosquitto_server: Mosquitto, tmp_path: Path, unique_name: str
+) -> None:
+    """A WebSocket command sent by a client that closes right after it: the service may
+    still be committing when the socket closes, and whatever it commits, the device's delta
+    follows (no change without its delta)."""
+    import websockets
+
+    twin = f"org.acme:{unique_name}"
+    proc = sync_service(tmp_path / "svc", mosquitto_server.url)
+    try:
+        wait_mqtt_up(proc)
+        with proc.client() as api:
+            put_twin(api, twin, desired={"n": 0}, reported={"n": 0})
+        observer = Collector()
+        watch = MqttClient(
+            MqttOptions(url=mosquitto_server.url, client_id=f"obs-{twin}", persistent_session=False)
+        )
+        await watch.start()
+        await watch.wait_connected(10)
+        await watch.subscribe(f"twins/{twin}/delta", 1, observer)
+        url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        for n in range(1, 21):
+            async with websockets.connect(url, additional_headers=headers) as ws:
+                await ws.recv()  # welcome
+                command = {"type": "command", "command": "put", "twinId": twin}
+                await ws.send(json.dumps({**command, "path": "/desired/n", "value": n}))
+            # Closed without waiting for the answer.
+        doc = await _settled(proc.client(), twin)
+        # Every command the service received ran to its end: 20 changes after the creation.
+        assert doc["revision"] == 21
+        try:
+            # The retained delta on the broker is the twin's current one.
+            await until(
+                lambda: any(
+                    _json(m) == {"state": doc["delta"], "desiredVersion": doc["desiredVersion"]}
+                    for m in observer.messages
+                )
+            )
+        finally:
+            await watch.stop()
+    finally:
+        proc.stop()
+
+
+async def _settled(api: httpx.Client, twin: str) -> dict[str, object]:
+    """The twin once its revision has not moved for a second."""
+    with api:
+        doc: dict[str, object] = api.get(f"/api/v1/twins/{twin}").json()
+        while True:
+            await asyncio.sleep(1.0)
+            now: dict[str, object] = api.get(f"/api/v1/twins/{twin}").json()
+            if now["revision"] == doc["revision"]:
+                return now
+            doc = now

@@ -159,9 +159,16 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             raw = await _receive_text(websocket)
             if raw is None:
                 break
-            task = asyncio.create_task(_handle(ctx, principal, session, raw))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            message = _parse(raw, session)
+            if message is None:
+                continue
+            task = asyncio.create_task(_handle(ctx, principal, session, message))
+            # A command runs to its end even if the client leaves meanwhile: its write
+            # may be queued already, and a commit must never skip its listeners (the
+            # device's delta among them). The rest stops with the connection.
+            group = _COMMANDS if message.get("type") == "command" else tasks
+            group.add(task)
+            task.add_done_callback(group.discard)
             if writer.done():
                 break
     except WebSocketDisconnect:
@@ -218,13 +225,27 @@ def _correlation(value: Any) -> Any:
     return None
 
 
-async def _handle(ctx: AppContext, principal: Principal, session: StreamSession, raw: str) -> None:
-    correlation: Any = None
+def _parse(raw: str, session: StreamSession) -> JSONObject | None:
+    """The message as a JSON object, or ``None`` once the error has been sent back."""
     try:
         message = loads_strict(raw)
         if not isinstance(message, dict):
             raise BadRequest("A message must be a JSON object.")
-        correlation = _correlation(message.get("correlationId", message.get("id")))
+    except TwinServiceError as exc:
+        session.send(_error(None, exc.status, exc.to_body()))
+        return None
+    return message
+
+
+def _error(correlation: Any, status: int, body: JSONObject) -> JSONObject:
+    return {"type": "error", "correlationId": correlation, "status": status, "error": body}
+
+
+async def _handle(
+    ctx: AppContext, principal: Principal, session: StreamSession, message: JSONObject
+) -> None:
+    correlation = _correlation(message.get("correlationId", message.get("id")))
+    try:
         kind = message.get("type")
         if kind == "subscribe":
             subscription, since = subscription_from(message)
@@ -240,29 +261,21 @@ async def _handle(ctx: AppContext, principal: Principal, session: StreamSession,
         else:
             raise BadRequest(f"Unknown message type {kind!r}.")
     except TwinServiceError as exc:
-        session.send(
-            {
-                "type": "error",
-                "correlationId": correlation,
-                "status": exc.status,
-                "error": exc.to_body(),
-            }
-        )
+        session.send(_error(correlation, exc.status, exc.to_body()))
     except Exception:
         log.exception("websocket message failed")
-        session.send(
-            {
-                "type": "error",
-                "correlationId": correlation,
-                "status": 500,
-                "error": {
-                    "status": 500,
-                    "error": "service.internal",
-                    "message": "Internal error.",
-                    "description": "",
-                },
-            }
-        )
+        internal = {
+            "status": 500,
+            "error": "service.internal",
+            "message": "Internal error.",
+            "description": "",
+        }
+        session.send(_error(correlation, 500, internal))
+
+
+#: Commands of every connection still running (the loop keeps only weak references to
+#: tasks; a command outlives its connection).
+_COMMANDS: set[asyncio.Task[None]] = set()
 
 
 # -- Server-Sent Events ----------------------------------------------------------------------
