@@ -466,6 +466,8 @@ def test_health_ready_and_openapi(service: ServiceProcess) -> None:
         spec = client.get("/openapi.json").json()
         put_twin = spec["paths"]["/api/v1/twins/{twin_id}"]["put"]
         assert {"201", "400", "401", "403", "412", "413", "415"} <= set(put_twin["responses"])
+        (if_none_match,) = [p for p in put_twin["parameters"] if p["name"] == "If-None-Match"]
+        assert if_none_match["schema"]["enum"] == ["*"]  # the only value a write takes
         get_twin = spec["paths"]["/api/v1/twins/{twin_id}"]["get"]
         assert {(p["in"], p["name"]) for p in get_twin["parameters"]} == {
             ("path", "twin_id"),

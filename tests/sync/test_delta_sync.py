@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import httpx
-
 import pytest
+import websockets
 
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
@@ -115,8 +115,6 @@ async def test_offline_device_gets_one_final_delta(
 
 
 async def _settle() -> None:
-    import asyncio
-
     await asyncio.sleep(0.5)
 
 
@@ -130,7 +128,6 @@ async def test_a_change_whose_client_left_at_once_still_reaches_the_device(
     """A WebSocket command sent by a client that closes right after it: the service may
     still be committing when the socket closes, and whatever it commits, the device's delta
     follows (no change without its delta)."""
-    import websockets
 
     twin = f"org.acme:{unique_name}"
     proc = sync_service(tmp_path / "svc", mosquitto_server.url)

@@ -213,7 +213,10 @@ IF_MATCH = RawParam(
     "If-Match", "header", "Write only if the twin is at this ETag (or exists, for *)", _TEXT
 )
 IF_NONE_MATCH_WRITE = RawParam(
-    "If-None-Match", "header", "Only *: write only if the twin does not exist", _TEXT
+    "If-None-Match",
+    "header",
+    "Only *: write only if the twin does not exist",
+    {"type": "string", "enum": ["*"]},
 )
 CONDITION = RawParam("condition", "query", "RQL that must hold for the current twin.", _TEXT)
 TTL = RawParam(
