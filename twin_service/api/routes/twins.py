@@ -75,6 +75,7 @@ class _PartSegment(_SectionSegment):
 
 register_url_convertor("twin_section", _SectionSegment())
 register_url_convertor("twin_part", _PartSegment())
+
 Fields = Annotated[
     str | None, Query(description="Comma-separated paths to include, e.g. attributes,desired/fan")
 ]
