@@ -78,6 +78,11 @@ def test_get_many_and_fields(api: httpx.Client) -> None:
     assert many.json() == [{"attributes": {"x": 1}}, {"attributes": {"x": 2}}]
     one = api.get(f"/api/v1/twins/{a}", params={"fields": "twinId,desired/fan/speed"})
     assert one.json() == {"twinId": a, "desired": {"fan": {"speed": 1}}}
+    # Ditto's groups: a prefix with its paths in parentheses.
+    grouped = api.get(f"/api/v1/twins/{a}", params={"fields": "attributes(x),desired(fan(dir))"})
+    assert grouped.json() == {"attributes": {"x": 1}, "desired": {"fan": {"dir": "l"}}}
+    unbalanced = api.get(f"/api/v1/twins/{a}", params={"fields": "desired(fan"})
+    assert (unbalanced.status_code, unbalanced.json()["error"]) == (400, "fields.invalid")
 
 
 def test_delete(api: httpx.Client) -> None:

@@ -1,18 +1,65 @@
-"""The ``fields`` selector: ``attributes,desired/fan`` picks parts of a document."""
+"""The ``fields`` selector: ``attributes,desired/fan`` picks parts of a document.
+
+As in Eclipse Ditto, parentheses group paths under a common prefix:
+``attributes(model,site),desired/fan`` is ``attributes/model,attributes/site,desired/fan``,
+and groups nest (``desired(fan(speed,mode),light)``).
+"""
 
 from __future__ import annotations
 
 from twin_service.errors import BadRequest
 from twin_service.types import JSONObject
 
+#: What the selector is, for the API's description of its ``fields`` parameters.
+DESCRIPTION = (
+    "Comma-separated paths to include, e.g. attributes,desired/fan; "
+    "parentheses group paths under a prefix, e.g. attributes(model,site)"
+)
+#: Groups nest at most this deep (a document is at most ``limits.max_depth`` deep anyway).
+MAX_GROUP_DEPTH = 32
+
 
 def parse_fields(fields: str | None) -> list[list[str]] | None:
     if fields is None:
         return None
-    paths = [[p for p in part.strip().split("/")] for part in fields.split(",")]
-    if any(not path or any(not p for p in path) for path in paths):
-        raise BadRequest(f"Invalid fields selector {fields!r}.", code="fields.invalid")
+    paths, end = _selector(fields, 0, 0)
+    if end != len(fields) or not paths:
+        raise _invalid(fields)
     return paths
+
+
+def _selector(text: str, at: int, depth: int) -> tuple[list[list[str]], int]:
+    """The comma-separated items from ``at`` up to a closing parenthesis or the end."""
+    if depth > MAX_GROUP_DEPTH:
+        raise _invalid(text)
+    paths: list[list[str]] = []
+    while True:
+        item, at = _item(text, at, depth)
+        paths += item
+        if at < len(text) and text[at] == ",":
+            at += 1
+            continue
+        return paths, at
+
+
+def _item(text: str, at: int, depth: int) -> tuple[list[list[str]], int]:
+    """One path, and the paths of its group when parentheses follow it."""
+    start = at
+    while at < len(text) and text[at] not in ",()":
+        at += 1
+    prefix = text[start:at].strip().split("/")
+    if any(not segment for segment in prefix):
+        raise _invalid(text)
+    if at < len(text) and text[at] == "(":
+        group, at = _selector(text, at + 1, depth + 1)
+        if at >= len(text) or text[at] != ")":
+            raise _invalid(text)
+        return [prefix + path for path in group], at + 1
+    return [prefix], at
+
+
+def _invalid(fields: str) -> BadRequest:
+    return BadRequest(f"Invalid fields selector {fields!r}.", code="fields.invalid")
 
 
 def select(doc: JSONObject, paths: list[list[str]] | None) -> JSONObject:

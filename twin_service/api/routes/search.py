@@ -10,12 +10,13 @@ from twin_service.api.deps import Context, Reader
 from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import CountResult, SearchResult, errors
 from twin_service.commands import count_twins, search_twins
+from twin_service.twin.fields import DESCRIPTION as FIELDS_DESCRIPTION
 
 router = APIRouter(prefix="/api/v1/search", tags=["search"])
 
 FilterParam = Annotated[str | None, Query(description='RQL filter, e.g. eq(attributes/site,"a")')]
 OptionParam = Annotated[str | None, Query(description="sort(+p,-q),size(n),cursor(c)")]
-FieldsParam = Annotated[str | None, Query(description="Comma-separated paths to include")]
+FieldsParam = Annotated[str | None, Query(description=FIELDS_DESCRIPTION)]
 NamespacesParam = Annotated[str | None, Query(description="Comma-separated namespaces")]
 WAIT_DOC = (
     "Wait until the index covers this write (its X-Twin-Seq) or 'latest'; 503 index.timeout "

@@ -32,6 +32,7 @@ from twin_service.auth import Principal
 from twin_service.errors import BadRequest, Gone, NotFound, UnsupportedMediaType
 from twin_service.service import Outcome
 from twin_service.twin.document import Twin
+from twin_service.twin.fields import DESCRIPTION as FIELDS_DESCRIPTION
 from twin_service.twin.fields import parse_fields, select
 from twin_service.twin.ids import generate_twin_id, parse_twin_id
 from twin_service.twin.jsonvalue import dumps_bytes
@@ -76,9 +77,7 @@ class _PartSegment(_SectionSegment):
 register_url_convertor("twin_section", _SectionSegment())
 register_url_convertor("twin_part", _PartSegment())
 
-Fields = Annotated[
-    str | None, Query(description="Comma-separated paths to include, e.g. attributes,desired/fan")
-]
+Fields = Annotated[str | None, Query(description=FIELDS_DESCRIPTION)]
 MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 TWIN_BASE = 4  # raw path segments before a section: "", api, v1, twins, {id}
@@ -168,7 +167,7 @@ async def get_twins(
 FIELDS = RawParam(
     "fields",
     "query",
-    "Comma-separated paths to include, e.g. attributes,desired/fan",
+    FIELDS_DESCRIPTION,
     {"type": "string"},
 )
 AT = RawParam(
