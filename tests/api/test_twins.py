@@ -480,6 +480,13 @@ def test_health_ready_and_openapi(service: ServiceProcess) -> None:
             ("query", "at"),
             ("header", "If-None-Match"),
         }
+        # With fields, a twin is only the selected parts: documented as such.
+        ok = get_twin["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok["anyOf"] == [
+            {"$ref": "#/components/schemas/TwinDocument"},
+            {"$ref": "#/components/schemas/TwinSelection"},
+        ]
+        assert "required" not in spec["components"]["schemas"]["TwinSelection"]
         (twin_id,) = [p for p in get_twin["parameters"] if p["name"] == "twin_id"]
         assert twin_id["schema"]["pattern"] == TWIN_ID_PATTERN
         assert twin_id["schema"]["maxLength"] == 256

@@ -41,6 +41,30 @@ class TwinDocument(BaseModel):
     metadata: dict[str, Any] = {}
 
 
+class TwinSelection(BaseModel):
+    """A twin document reduced to the paths asked for with ``fields``: the properties of a
+    twin document, none of them required (a path the twin lacks is left out)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    twinId: str | None = None
+    namespace: str | None = None
+    definition: str | None = None
+    attributes: dict[str, Any] | None = None
+    desired: dict[str, Any] | None = None
+    reported: dict[str, Any] | None = None
+    live: dict[str, Any] | None = None
+    delta: dict[str, Any] | None = None
+    connection: dict[str, Any] | None = None
+    lifecycle: dict[str, Any] | None = None
+    revision: int | None = None
+    desiredVersion: int | None = None
+    reportedVersion: int | None = None
+    created: str | None = None
+    modified: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
 class TwinWrite(BaseModel):
     """A twin as written by PUT/POST (read-only fields are ignored)."""
 

@@ -27,7 +27,13 @@ from twin_service.api.deps import (
     write_access,
     write_options,
 )
-from twin_service.api.schemas import TwinDocument, TwinWrite, errors, json_request_body
+from twin_service.api.schemas import (
+    TwinDocument,
+    TwinSelection,
+    TwinWrite,
+    errors,
+    json_request_body,
+)
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, Gone, NotFound, UnsupportedMediaType
 from twin_service.service import Outcome
@@ -142,7 +148,7 @@ async def create_twin(
 
 @router.get(
     "/twins",
-    response_model=list[TwinDocument],
+    response_model=list[TwinDocument | TwinSelection],
     responses=errors(),
     summary="Get several twins at once (missing or invisible ones are left out)",
 )
@@ -180,7 +186,8 @@ IF_NONE_MATCH = RawParam(
 
 @router.get(
     "/twins/{twin_id}",
-    response_model=TwinDocument,
+    # With ``fields``, only the selected parts.
+    response_model=TwinDocument | TwinSelection,
     responses={**errors(404, 410), 304: {"description": "Not modified"}},
     openapi_extra=documented(FIELDS, AT, IF_NONE_MATCH),
 )
