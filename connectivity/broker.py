@@ -24,13 +24,20 @@ from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
+from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from connectivity.credentials import CredentialStore, twin_id_from_username
+from connectivity.errors import MqttUnavailable
 from connectivity.topics import DEFAULT_PREFIX, TopicLayout
 
 log = logging.getLogger(__name__)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = None
+    return True
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,15 @@ class EmbeddedBroker:
                 },
             }
         )
-        await broker.start()
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(_without_traceback)  # the reason is in the error raised below
+        try:
+            await broker.start()
+        except BrokerError as exc:  # the port taken, an address not of this host...
+            reason = exc.__cause__ or exc
+            raise MqttUnavailable(f"The embedded MQTT broker cannot start: {reason}") from exc
+        finally:
+            amqtt_log.removeFilter(_without_traceback)
         self._broker = broker
 
     async def stop(self) -> None:

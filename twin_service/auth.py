@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from twin_service.errors import Forbidden, Unauthorized
-from twin_service.settings import Settings, TokenSettings
+from twin_service.settings import Settings, TokenSettings, describe_invalid
 
 Role = Literal["read", "write", "admin"]
 _RANK = {"read": 0, "write": 1, "admin": 2}
@@ -100,6 +100,17 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _read_tokens_file(path: Path) -> list[TokenSettings]:
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, list):
+            raise ValueError("it must hold a JSON array of tokens")
+        return [TokenSettings.model_validate(item) for item in raw]
+    except (OSError, ValueError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) else describe_invalid(exc)
+        raise ValueError(f"The tokens file {path} cannot be used: {detail}") from None
+
+
 def load_tokens(settings: Settings) -> tuple[list[TokenSettings], str | None]:
     """Tokens from Settings and the tokens file; creates an admin token when there are none.
 
@@ -107,8 +118,7 @@ def load_tokens(settings: Settings) -> tuple[list[TokenSettings], str | None]:
     """
     tokens = list(settings.auth.tokens)
     if settings.auth.tokens_file is not None:
-        raw = json.loads(settings.auth.tokens_file.read_text())
-        tokens.extend(TokenSettings.model_validate(item) for item in raw)
+        tokens.extend(_read_tokens_file(settings.auth.tokens_file))
     if tokens or settings.auth.disabled:
         return tokens, None
     path = settings.data_dir / ADMIN_TOKEN_FILE

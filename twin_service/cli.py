@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from connectivity.cli import add_subcommands as add_device_commands
 from connectivity.simulate import add_subcommands as add_simulate_command
 from twin_service import __version__
 from twin_service.collector import tune_gc
 from twin_service.index.cli import add_subcommands as add_index_commands
+
+if TYPE_CHECKING:
+    from twin_service.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,34 +49,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {args.command}", file=sys.stderr)
         return 2
     if args.command == "devices":
-        from twin_service.settings import load_settings
-
-        settings = load_settings(args.root_config, data_dir=args.root_data_dir)
+        settings = _settings(args.root_config, data_dir=args.root_data_dir)
+        if settings is None:
+            return 2
         device_result: int = handler(args, settings.data_dir)
         return device_result
     result: int = handler(args)
     return result
 
 
+def _settings(config: Path | None, **overrides: Any) -> Settings | None:
+    """The settings, or None after saying on stderr why they are invalid."""
+    from twin_service.settings import describe_invalid, load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except ValueError as exc:  # pydantic's ValidationError included
+        print(f"twin-service: invalid settings: {describe_invalid(exc)}", file=sys.stderr)
+        return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from twin_service.api.app import create_app
-    from twin_service.settings import load_settings
     from twin_service.streams.direct_ws import DirectWebSocketProtocol
 
-    try:
-        settings = load_settings(
-            args.config,
-            host=args.host,
-            port=args.port,
-            data_dir=args.data_dir,
-            log_level=args.log_level,
-        )
-    except (ValidationError, ValueError) as exc:
-        print(f"twin-service: invalid settings: {exc}", file=sys.stderr)
+    settings = _settings(
+        args.config,
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        log_level=args.log_level,
+    )
+    if settings is None:
         return 2
-    app = create_app(settings)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        app = create_app(settings)  # reads the tokens file, or writes the admin token
+    except (OSError, ValueError) as exc:
+        print(f"twin-service cannot start: {exc}", file=sys.stderr)
+        return 2
     tune_gc(settings.gc_thresholds)
     uvicorn.run(
         app,

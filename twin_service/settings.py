@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -302,6 +311,15 @@ class Settings(BaseSettings):
     stream: StreamSettings = Field(default_factory=StreamSettings)
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
 
+    @field_validator("mqtt_url", "mongodb_url", "elasticsearch_url")
+    @classmethod
+    def _check_url(cls, url: str | None, info: ValidationInfo) -> str | None:
+        # Checked here, so that a typo is an invalid setting at once rather than a failed
+        # start (or a broker client retrying forever) later.
+        if url is not None:
+            check_url(url, _URL_SCHEMES[info.field_name or ""])
+        return url
+
     @model_validator(mode="after")
     def _refuse_insecure(self) -> Settings:
         if self.auth.disabled and not is_loopback(self.host):
@@ -313,6 +331,8 @@ class Settings(BaseSettings):
             raise ValueError("store=mongodb needs mongodb_url (TWIN_MONGODB_URL).")
         if self.search == "elasticsearch" and not self.elasticsearch_url:
             raise ValueError("search=elasticsearch needs elasticsearch_url.")
+        if self.stream.bus == "mqtt" and not self.mqtt_url:
+            raise ValueError("stream.bus=mqtt needs mqtt_url (an external broker).")
         if "{twinId}" not in self.mqtt.topic_prefix:
             raise ValueError("mqtt.topic_prefix must contain {twinId}.")
         if self.query.default_size > self.query.max_size:
@@ -335,6 +355,33 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+#: The URL schemes each URL setting takes.
+_URL_SCHEMES = {
+    "mqtt_url": ("mqtt", "mqtts"),
+    "mongodb_url": ("mongodb", "mongodb+srv"),
+    "elasticsearch_url": ("http", "https"),
+}
+
+
+def check_url(url: str, schemes: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``url`` has one of ``schemes``, a host and a valid port.
+
+    The messages never repeat the URL: it may hold a password.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        expected = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise ValueError(f"must start with {expected}, not {parts.scheme or 'no scheme'}")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    if "," in parts.netloc:  # a MongoDB seed list (h1,h2:27018) is pymongo's to read
+        return
+    try:
+        parts.port  # noqa: B018 - reading it checks it
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -345,14 +392,33 @@ def is_loopback(host: str) -> bool:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build Settings; a config file given here wins over ``TWIN_CONFIG_FILE``."""
+    """Build Settings; a config file given here wins over ``TWIN_CONFIG_FILE``.
+
+    Raises ValueError (pydantic's ValidationError is one) for invalid settings.
+    """
     if config_file is not None and not config_file.is_file():
         raise ValueError(f"Config file {config_file} does not exist.")
     token = _config_file.set(str(config_file) if config_file is not None else None)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except tomllib.TOMLDecodeError as exc:
+        name = _config_file.get() or os.environ.get("TWIN_CONFIG_FILE")
+        raise ValueError(f"{name} is not valid TOML: {exc}") from None
     finally:
         _config_file.reset(token)
+
+
+def describe_invalid(exc: ValueError) -> str:
+    """One line per problem, ``where: what``, without the values given: a setting or a
+    token file holds secrets, which pydantic's own message would repeat."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    problems = exc.errors(include_url=False, include_input=False, include_context=False)
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: "
+        + problem["msg"].removeprefix("Value error, ")
+        for problem in problems
+    )
 
 
 #: The TOML file given to :func:`load_settings` (a context variable, not the environment, so

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,6 +16,7 @@ from twin_service.api.context import AppContext, Component
 from twin_service.api.hot_routes import TwinApp
 from twin_service.api.routes import health, search, streams, twins
 from twin_service.auth import TokenRegistry, load_tokens
+from twin_service.errors import TwinServiceError
 from twin_service.index.base import BuiltinIndex, NoIndex, SearchIndex
 from twin_service.service import TwinService
 from twin_service.settings import Settings
@@ -59,8 +61,7 @@ def build_bus(settings: Settings) -> EventBus:
     if kind == "auto":
         kind = "mqtt" if settings.mqtt_url and settings.mqtt.enabled else "inprocess"
     if kind == "mqtt":
-        if not settings.mqtt_url:
-            raise ValueError("stream.bus=mqtt needs mqtt_url (an external broker).")
+        assert settings.mqtt_url, "Settings refuses stream.bus=mqtt without mqtt_url"
         return MqttBus(settings.mqtt_url, settings.mqtt.client_id)
     return InProcessBus()
 
@@ -73,42 +74,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = build_store(settings)
-        await store.open()
-        service = TwinService(store, settings.limits.to_limits(), settings.default_namespace)
-        index = build_index(settings, store)
-        await index.start()
-        hub = EventHub(store, settings.stream.poll_interval_seconds)
-        await hub.start()
-        bus = build_bus(settings)
-        await bus.start(hub.poke)
-
-        async def announce(stored: StoredEvent, _twin: object) -> None:
-            await bus.announce(stored.seq)
-
-        service.add_listener(announce)
-        ctx = AppContext(
-            settings, store, service, TokenRegistry(tokens, settings.auth.disabled), index, hub
-        )
-        ctx.readiness["index"] = index.health
-        ctx.readiness["bus"] = bus.describe
-        app.state.ctx = ctx
-        started: list[Component] = []
-        try:
-            for component in _components(settings):
-                await component.start(ctx)
-                started.append(component)
+        async with AsyncExitStack() as stack:
+            try:
+                registry = TokenRegistry(tokens, settings.auth.disabled)
+                app.state.ctx = await _start(settings, registry, stack)
+            except STARTUP_ERRORS as exc:
+                # A database, broker or index out of reach is the operator's to fix: uvicorn
+                # prints this line instead of a traceback (TwinApp), and exits with status 3.
+                app.state.startup_failure = f"twin-service cannot start: {_reason(exc)}"
+                raise
             yield
-        finally:
-            for component in reversed(started):
-                try:
-                    await component.stop()
-                except Exception:
-                    log.exception("stopping %s failed", component)
-            await bus.stop()
-            await hub.stop()
-            await index.stop()
-            await store.close()
 
     app = TwinApp(
         title="twin-service",
@@ -156,6 +131,63 @@ def _document_bearer_auth(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+#: What a start can fail with for reasons outside the service (unreachable or unusable
+#: database, broker, index or port): reported in one line. Anything else is a bug, and
+#: keeps its traceback.
+STARTUP_ERRORS = (TwinServiceError, OSError)
+
+
+def _reason(exc: BaseException) -> str:
+    if not isinstance(exc, TwinServiceError):
+        return str(exc)
+    return f"{exc.message} ({exc.description})" if exc.description else exc.message
+
+
+async def _start(settings: Settings, tokens: TokenRegistry, stack: AsyncExitStack) -> AppContext:
+    """Start the store, the index, the change feed and the components, in that order.
+
+    Each part's stop is registered before its start, so a start that fails part way (a
+    client opened, then its server out of reach) still closes what it opened; the stack
+    stops everything in reverse order.
+    """
+    store = build_store(settings)
+    await _begin(stack, "the store", store.open, store.close)
+    service = TwinService(store, settings.limits.to_limits(), settings.default_namespace)
+    index = build_index(settings, store)
+    await _begin(stack, "the search index", index.start, index.stop)
+    hub = EventHub(store, settings.stream.poll_interval_seconds)
+    await _begin(stack, "the event hub", hub.start, hub.stop)
+    bus = build_bus(settings)
+    await _begin(stack, "the bus", functools.partial(bus.start, hub.poke), bus.stop)
+
+    async def announce(stored: StoredEvent, _twin: object) -> None:
+        await bus.announce(stored.seq)
+
+    service.add_listener(announce)
+    ctx = AppContext(settings, store, service, tokens, index, hub)
+    ctx.readiness["index"] = index.health
+    ctx.readiness["bus"] = bus.describe
+    for component in _components(settings):
+        await _begin(stack, str(component), functools.partial(component.start, ctx), component.stop)
+    return ctx
+
+
+async def _begin(
+    stack: AsyncExitStack,
+    name: str,
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+) -> None:
+    async def stop_quietly() -> None:
+        try:
+            await stop()
+        except Exception:  # the other parts still stop
+            log.exception("stopping %s failed", name)
+
+    stack.push_async_callback(stop_quietly)
+    await start()
 
 
 def _components(settings: Settings) -> list[Component]:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from twin_service.api.errors import disconnected_response, error_response, unexpected_response
 from twin_service.api.routes import twins
@@ -36,6 +36,9 @@ class TwinApp(FastAPI):
     hot_routes = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await super().__call__(scope, receive, self._startup_failure_in_one_line(send))
+            return
         try:
             if self.hot_routes and scope["type"] == "http" and not self.root_path:
                 endpoint = ENDPOINTS.get(scope["method"])
@@ -54,6 +57,18 @@ class TwinApp(FastAPI):
             # (Settings.shutdown_timeout_seconds) ends, and would answer them with a
             # plain-text 500. The request's task ends here, answered in the one error shape.
             await _answer_stopping(scope, receive, send)
+
+    def _startup_failure_in_one_line(self, send: Send) -> Send:
+        """Starlette reports a failed start with the traceback; for a failure the lifespan
+        recognised (``state.startup_failure``, see ``api.app``) uvicorn prints its line."""
+
+        async def relay(message: Message) -> None:
+            failure = getattr(self.state, "startup_failure", None)
+            if message["type"] == "lifespan.startup.failed" and failure:
+                message = {**message, "message": failure}
+            await send(message)
+
+        return relay
 
     async def _serve(
         self, endpoint: Endpoint, twin_id: str, scope: Scope, receive: Receive, send: Send

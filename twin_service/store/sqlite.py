@@ -97,9 +97,13 @@ class SqliteStore:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._writer.start)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            await loop.run_in_executor(None, self._writer.start)
+        except (sqlite3.Error, WriterGone, OSError) as exc:
+            # Not a database, a damaged one, a directory in its place, a full disk...
+            raise Unavailable(f"The twin store cannot open {self._path}: {exc}") from exc
         self._writer.listen(loop)
         (page_size,) = await self._read(
             lambda: self._reader().execute("PRAGMA page_size").fetchone()

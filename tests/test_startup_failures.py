@@ -1,0 +1,142 @@
+"""A service that cannot start says why in one line, with no traceback and no secret.
+
+Each case runs ``twin-service serve`` for real and reads what an operator would see: exit
+status 2 for settings (refused before anything starts), 3 for a start that failed (uvicorn's
+status), and the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers.process import free_port
+
+SECRET = "never-print-this-secret"
+
+
+def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    base |= {"TWIN_MQTT__EMBEDDED_PORT": str(free_port()), "TWIN_PORT": str(free_port())}
+    return subprocess.run(
+        [sys.executable, "-m", "twin_service", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=base | env,
+        timeout=60,
+    )
+
+
+def assert_refused(run: subprocess.CompletedProcess[str], status: int, *expected: str) -> None:
+    output = run.stdout + run.stderr
+    assert run.returncode == status, output
+    for text in expected:
+        assert text in run.stderr, output
+    assert "Traceback" not in output, output
+    assert SECRET not in output, output
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+def test_a_config_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
+    (tmp_path / "broken.toml").write_text("port = [\n")
+    run = serve(tmp_path, "serve", "--config", "broken.toml", "--data-dir", "data")
+    assert_refused(run, 2, "invalid settings: broken.toml is not valid TOML")
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "problem"),
+    [
+        ("TWIN_MQTT_URL", f"http://device:{SECRET}@broker", "must start with mqtt:// or mqtts://"),
+        ("TWIN_MQTT_URL", f"mqtt://device:{SECRET}@broker:99999", "has a port that is not"),
+        ("TWIN_ELASTICSEARCH_URL", f"elastic://user:{SECRET}@es", "must start with http://"),
+        ("TWIN_MONGODB_URL", f"postgres://user:{SECRET}@db", "must start with mongodb://"),
+    ],
+)
+def test_a_malformed_url_is_refused_without_repeating_it(
+    tmp_path: Path, name: str, url: str, problem: str
+) -> None:
+    run = serve(tmp_path, "serve", "--data-dir", "data", **{name: url})
+    setting = name.removeprefix("TWIN_").lower()
+    assert_refused(run, 2, f"invalid settings: {setting}: {problem}")
+
+
+def test_every_command_reports_invalid_settings_the_same_way(tmp_path: Path) -> None:
+    run = serve(tmp_path, "devices", "list", TWIN_PORT="eighty")
+    assert_refused(run, 2, "invalid settings: port: Input should be a valid integer")
+
+
+def test_a_tokens_file_that_cannot_be_used(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(f'[{{"name": "ops", "token": "{SECRET}", "role": "superuser"}}]')
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_AUTH__TOKENS_FILE=str(tokens))
+    assert_refused(run, 2, f"The tokens file {tokens} cannot be used: role: Input should be")
+    tokens.write_text("{not json")
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_AUTH__TOKENS_FILE=str(tokens))
+    assert_refused(run, 2, "cannot be used: Expecting property name")
+
+
+def test_a_data_directory_that_cannot_be_made(tmp_path: Path) -> None:
+    (tmp_path / "occupied").write_text("a file where the directory should be")
+    run = serve(tmp_path, "serve", "--data-dir", "occupied/data")
+    assert_refused(run, 2, "twin-service cannot start:", "occupied/data")
+
+
+def test_a_damaged_database_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "twins.sqlite3").write_bytes(b"not a database " * 300)
+    run = serve(tmp_path, "serve", "--data-dir", "data")
+    assert_refused(
+        run,
+        3,
+        "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
+        "file is not a database",
+    )
+
+
+def test_the_embedded_broker_port_taken(tmp_path: Path, taken_port: int) -> None:
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_MQTT__EMBEDDED_PORT=str(taken_port))
+    assert_refused(
+        run, 3, "twin-service cannot start: The embedded MQTT broker cannot start:", "in use"
+    )
+
+
+def test_an_index_out_of_reach(tmp_path: Path) -> None:
+    # A listener that never answers HTTP would hang the client; a closed port refuses at once.
+    closed = free_port()
+    run = serve(
+        tmp_path,
+        "serve",
+        "--data-dir",
+        "data",
+        TWIN_SEARCH="elasticsearch",
+        TWIN_ELASTICSEARCH_URL=f"http://user:{SECRET}@127.0.0.1:{closed}",
+    )
+    assert_refused(run, 3, "twin-service cannot start: The search index failed to create")
+
+
+def test_a_database_out_of_reach(tmp_path: Path) -> None:
+    closed = free_port()
+    run = serve(
+        tmp_path,
+        "serve",
+        "--data-dir",
+        "data",
+        TWIN_STORE="mongodb",
+        TWIN_MONGODB_URL=f"mongodb://user:{SECRET}@127.0.0.1:{closed}/twins",
+        TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS="500",
+    )
+    assert_refused(run, 3, "twin-service cannot start: The twin store cannot open MongoDB")
