@@ -335,6 +335,8 @@ class MqttClient:
         try:
             await self._send_subscribe(list(self._subs))
         except MqttUnavailable as exc:
+            if self._client is None:
+                return  # stopped meanwhile (a start that failed later on, a quick shutdown)
             self._last_error = f"resubscribe failed: {exc}"
             log.error("MQTT resubscribe failed: %s", exc)
 

@@ -140,3 +140,10 @@ def test_a_database_out_of_reach(tmp_path: Path) -> None:
         TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS="500",
     )
     assert_refused(run, 3, "twin-service cannot start: The twin store cannot open MongoDB")
+
+
+def test_the_http_port_taken(tmp_path: Path, taken_port: int) -> None:
+    # uvicorn binds after the lifespan started everything: it all stops again, quietly.
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_PORT=str(taken_port))
+    assert_refused(run, 3, f"error while attempting to bind on address ('127.0.0.1', {taken_port})")
+    assert "failed" not in run.stderr.replace("Application startup failed", ""), run.stderr
