@@ -28,7 +28,7 @@ from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from connectivity.credentials import CredentialStore, twin_id_from_username
+from connectivity.credentials import CredentialError, CredentialStore, twin_id_from_username
 from connectivity.errors import MqttUnavailable
 from connectivity.topics import DEFAULT_PREFIX, TopicLayout
 
@@ -81,7 +81,11 @@ class TwinAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
         if username == self._cfg.service_username:
             return hmac.compare_digest(password.encode(), self._cfg.service_password.encode())
         # Reads the file and runs PBKDF2: keep both off the event loop.
-        ok = await asyncio.to_thread(self._store.verify, username, password)
+        try:
+            ok = await asyncio.to_thread(self._store.verify, username, password)
+        except CredentialError as exc:  # a damaged file refuses every device, loudly
+            log.error("embedded broker refused login for %r: %s", username, exc)
+            return False
         if not ok:
             log.info("embedded broker refused login for %r", username)
         return ok

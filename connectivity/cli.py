@@ -7,8 +7,10 @@ The main CLI calls :func:`add_subcommands` with its subparsers and, for the pars
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,19 +27,19 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
 
     add = sub.add_parser("add", help="create credentials; prints the password once")
     add.add_argument("twin_id")
-    add.set_defaults(handler=cmd_add)
+    add.set_defaults(handler=_reporting(cmd_add))
 
     rotate = sub.add_parser("rotate", help="replace a password; prints the new one once")
     rotate.add_argument("twin_id")
-    rotate.set_defaults(handler=cmd_rotate)
+    rotate.set_defaults(handler=_reporting(cmd_rotate))
 
     remove = sub.add_parser("remove", help="delete a device's credentials")
     remove.add_argument("twin_id")
-    remove.set_defaults(handler=cmd_remove)
+    remove.set_defaults(handler=_reporting(cmd_remove))
 
     lst = sub.add_parser("list", help="list devices with credentials")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.set_defaults(handler=cmd_list)
+    lst.set_defaults(handler=_reporting(cmd_list))
 
     export = sub.add_parser("export-mosquitto", help="write a mosquitto password file and ACL")
     export.add_argument("--password-file", type=Path, required=True)
@@ -49,7 +51,7 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="read the service account's password from stdin and include its hash",
     )
-    export.set_defaults(handler=cmd_export_mosquitto)
+    export.set_defaults(handler=_reporting(cmd_export_mosquitto))
     return devices
 
 
@@ -65,21 +67,32 @@ def _fail(exc: Exception) -> int:
     return 1
 
 
+Handler = Callable[[argparse.Namespace, Path, TextIO], int]
+
+
+def _reporting(command: Handler) -> Handler:
+    """``command``, with a credentials file it cannot use (damaged, unreadable, unwritable)
+    reported in one line and exit status 1."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+        try:
+            return command(args, data_dir, out)
+        except (CredentialError, OSError) as exc:
+            return _fail(exc)
+
+    return run
+
+
 def cmd_add(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
     """``devices add TWIN_ID``."""
-    try:
-        _print_secret(args.twin_id, CredentialStore.in_data_dir(data_dir).add(args.twin_id), out)
-    except CredentialError as exc:
-        return _fail(exc)
+    _print_secret(args.twin_id, CredentialStore.in_data_dir(data_dir).add(args.twin_id), out)
     return 0
 
 
 def cmd_rotate(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
     """``devices rotate TWIN_ID``."""
-    try:
-        password = CredentialStore.in_data_dir(data_dir).rotate(args.twin_id)
-    except CredentialError as exc:
-        return _fail(exc)
+    password = CredentialStore.in_data_dir(data_dir).rotate(args.twin_id)
     _print_secret(args.twin_id, password, out)
     return 0
 
@@ -123,7 +136,7 @@ def cmd_export_mosquitto(args: argparse.Namespace, data_dir: Path, out: TextIO =
             args.topic_prefix,
             service_password=service_password,
         )
-    except (CredentialError, ValueError) as exc:
+    except ValueError as exc:  # a topic prefix without {twinId} (CredentialError is one too)
         return _fail(exc)
     print(f"wrote {args.password_file} and {args.acl_file}; reload mosquitto (SIGHUP)", file=out)
     return 0

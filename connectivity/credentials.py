@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from connectivity.topics import TopicLayout, check_twin_id_for_topics
+from twin_service.errors import InvalidTwinId
+from twin_service.twin.ids import parse_twin_id
 
 #: Generated passwords carry 256 bits of entropy, so the KDF cost is not what protects them;
 #: a modest count keeps CONNECT cheap on both brokers (mosquitto_passwd's own default is 101).
@@ -77,6 +79,10 @@ def twin_id_from_username(username: str) -> str:
 
 
 def _check_device_id(twin_id: str) -> None:
+    try:
+        parse_twin_id(twin_id)
+    except InvalidTwinId as exc:  # credentials no twin could ever use
+        raise CredentialError(f"{exc.message} {exc.description}") from None
     try:
         check_twin_id_for_topics(twin_id)
     except ValueError as exc:
@@ -179,9 +185,16 @@ class CredentialStore:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
-        if data.get("format") != _FORMAT:
+        except (OSError, ValueError) as exc:
+            raise CredentialError(f"{self.path} cannot be read: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise CredentialError(f"{self.path}: unknown credentials file format")
-        devices: dict[str, dict[str, Any]] = data["devices"]
+        devices = data.get("devices")
+        if not isinstance(devices, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("hash"), str)
+            for entry in devices.values()
+        ):
+            raise CredentialError(f"{self.path}: the devices are not a map of id to hash")
         return devices
 
     def _save(self, devices: dict[str, dict[str, Any]]) -> None:

@@ -5,16 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from connectivity.cli import add_subcommands as add_device_commands
 from connectivity.simulate import add_subcommands as add_simulate_command
 from twin_service import __version__
 from twin_service.collector import tune_gc
 from twin_service.index.cli import add_subcommands as add_index_commands
-
-if TYPE_CHECKING:
-    from twin_service.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {args.command}", file=sys.stderr)
         return 2
     if args.command == "devices":
-        settings = _settings(args.root_config, data_dir=args.root_data_dir)
+        from twin_service.settings import settings_for_command
+
+        settings = settings_for_command(args.root_config, data_dir=args.root_data_dir)
         if settings is None:
             return 2
         device_result: int = handler(args, settings.data_dir)
@@ -58,24 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     return result
 
 
-def _settings(config: Path | None, **overrides: Any) -> Settings | None:
-    """The settings, or None after saying on stderr why they are invalid."""
-    from twin_service.settings import describe_invalid, load_settings
-
-    try:
-        return load_settings(config, **overrides)
-    except ValueError as exc:  # pydantic's ValidationError included
-        print(f"twin-service: invalid settings: {describe_invalid(exc)}", file=sys.stderr)
-        return None
-
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from twin_service.api.app import create_app
+    from twin_service.settings import settings_for_command
     from twin_service.streams.direct_ws import DirectWebSocketProtocol
 
-    settings = _settings(
+    settings = settings_for_command(
         args.config,
         host=args.host,
         port=args.port,

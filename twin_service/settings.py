@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -406,6 +407,16 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ValueError(f"{name} is not valid TOML: {exc}") from None
     finally:
         _config_file.reset(token)
+
+
+def settings_for_command(config_file: Path | None, **overrides: Any) -> Settings | None:
+    """For the command line: the settings, or None after saying on stderr why they are
+    invalid (the caller exits with status 2)."""
+    try:
+        return load_settings(config_file, **overrides)
+    except ValueError as exc:  # pydantic's ValidationError included
+        print(f"twin-service: invalid settings: {describe_invalid(exc)}", file=sys.stderr)
+        return None
 
 
 def describe_invalid(exc: ValueError) -> str:

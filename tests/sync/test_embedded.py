@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from connectivity.cli import cmd_add
+from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.errors import ConnectRefused
 from tests.servers.process import free_port
 from tests.service_process import ServiceProcess
@@ -116,4 +117,37 @@ async def test_a_restarted_service_publishes_pending_deltas_again(
         second.stop()
     log = second.log_path.read_text(errors="replace")
     assert "republishing deltas failed" not in log, log
+    assert "Traceback" not in log, log
+
+
+async def test_a_damaged_credentials_file_refuses_devices_and_says_why(tmp_path: Path) -> None:
+    """The broker reads the file at each login: damaged, it refuses every device (never lets
+    one in unchecked, never fails the broker) and logs the reason; mended, logins work."""
+    data = tmp_path / "svc"
+    data.mkdir()
+    twin = "org.acme:emb-damaged"
+    password = _add_device(data, twin)
+    credentials = CredentialStore.in_data_dir(data).path
+    good = credentials.read_bytes()
+    port = free_port()
+    env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)}
+    proc = ServiceProcess(data, env=env).start()
+    url = f"mqtt://127.0.0.1:{port}"
+    try:
+        wait_mqtt_up(proc)
+        credentials.write_text('{"format": 1, "devices": {"org.acme:emb-damaged": ')
+        refused = device(url, twin, password=password, protocol=4, client_id="emb-damaged")
+        with pytest.raises(ConnectRefused):
+            await refused.start(timeout=5)
+        await refused.mqtt.stop(grace=0)
+        credentials.write_bytes(good)
+        mended = device(url, twin, password=password, protocol=4, client_id="emb-mended")
+        await mended.start(timeout=5)
+        await mended.stop()
+        with proc.client() as api:
+            assert api.get("/ready").status_code == 200
+    finally:
+        proc.stop()
+    log = proc.log_path.read_text(errors="replace")
+    assert f"refused login for '{mqtt_username(twin)}': {credentials} cannot be read" in log, log
     assert "Traceback" not in log, log

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from pydantic import ValidationError
-
 from twin_service.errors import TwinServiceError
 
 
@@ -58,12 +56,10 @@ class ProgressLine:
 
 def run_rebuild(args: argparse.Namespace) -> int:
     """Handler of ``index rebuild``: 0 on success, 2 on bad settings, 1 on failure."""
-    from twin_service.settings import load_settings
+    from twin_service.settings import settings_for_command
 
-    try:
-        settings = load_settings(args.config, data_dir=args.data_dir)
-    except (ValidationError, ValueError) as exc:
-        print(f"twin-service: invalid settings: {exc}", file=sys.stderr)
+    settings = settings_for_command(args.config, data_dir=args.data_dir)
+    if settings is None:
         return 2
     if settings.search != "elasticsearch":
         print("twin-service: index rebuild needs search=elasticsearch", file=sys.stderr)

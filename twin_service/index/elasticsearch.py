@@ -340,8 +340,8 @@ async def rebuild(
     of the service lose nothing. Returns the number of twins indexed.
     """
     index = ElasticsearchIndex(settings, store, run_indexer=False)
-    await index.start()
     try:
+        await index.start()  # inside: a start that fails has a client to close
         return await _rebuild(index, store, progress, page_size)
     finally:
         await index.stop()

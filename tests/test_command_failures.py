@@ -1,8 +1,8 @@
-"""A service that cannot start says why in one line, with no traceback and no secret.
+"""A command that cannot do its work says why in one line, with no traceback and no secret.
 
-Each case runs ``twin-service serve`` for real and reads what an operator would see: exit
-status 2 for settings (refused before anything starts), 3 for a start that failed (uvicorn's
-status), and the reason on stderr.
+Each case runs ``twin-service`` for real and reads what an operator would see: for ``serve``,
+exit status 2 for settings (refused before anything starts) and 3 for a start that failed
+(uvicorn's status); 1 for a ``devices`` or ``index`` command that failed; the reason on stderr.
 """
 
 from __future__ import annotations
@@ -147,3 +147,41 @@ def test_the_http_port_taken(tmp_path: Path, taken_port: int) -> None:
     run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_PORT=str(taken_port))
     assert_refused(run, 3, f"error while attempting to bind on address ('127.0.0.1', {taken_port})")
     assert "failed" not in run.stderr.replace("Application startup failed", ""), run.stderr
+
+
+def test_credentials_for_an_id_no_twin_can_have_are_refused(tmp_path: Path) -> None:
+    run = serve(tmp_path, "--data-dir", "data", "devices", "add", "no-namespace")
+    assert_refused(run, 1, "error: Twin id 'no-namespace' is not valid.")
+    assert not (tmp_path / "data" / "device-credentials.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{broken", "cannot be read: Expecting property name"),
+        ("[]", "unknown credentials file format"),
+        ('{"format": 1, "devices": {"org.a:b": "hash"}}', "not a map of id to hash"),
+    ],
+)
+def test_a_damaged_credentials_file_is_named(tmp_path: Path, text: str, problem: str) -> None:
+    credentials = tmp_path / "data" / "device-credentials.json"
+    credentials.parent.mkdir()
+    credentials.write_text(text)
+    for command in (["list"], ["add", "org.a:c"], ["rotate", "org.a:b"], ["remove", "org.a:b"]):
+        run = serve(tmp_path, "--data-dir", "data", "devices", *command)
+        assert_refused(run, 1, "error: data/device-credentials.json", problem)
+    assert credentials.read_text() == text  # nothing written over it
+
+
+def test_an_index_rebuild_with_the_index_out_of_reach(tmp_path: Path) -> None:
+    run = serve(
+        tmp_path,
+        "--data-dir",
+        "data",
+        "index",
+        "rebuild",
+        TWIN_SEARCH="elasticsearch",
+        TWIN_ELASTICSEARCH_URL=f"http://user:{SECRET}@127.0.0.1:{free_port()}",
+    )
+    assert_refused(run, 1, "twin-service: rebuild failed: The search index failed to create")
+    assert "Unclosed" not in run.stderr  # the client was closed
