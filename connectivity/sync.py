@@ -20,9 +20,11 @@ from connectivity.errors import ConnectRefused, MqttUnavailable, NotConnected
 from connectivity.messages import Handler, InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
+from connectivity.retained import read_retained
 from connectivity.sync_deltas import DeltaPublisher
 from connectivity.sync_handlers import DeviceHandlers, HandlerSettings
 from connectivity.topics import TopicLayout
+from twin_service.tasks import stop_task
 from twin_service.twin.jsonvalue import dumps
 from twin_service.types import JSONObject
 
@@ -54,6 +56,7 @@ class MqttSync:
         self._background: set[asyncio.Task[Any]] = set()
         self._filters: dict[str, Handler] = {}
         self._connections = 0
+        self._options: MqttOptions | None = None
 
     def options(self, settings: Settings, url: str, password: str | None) -> MqttOptions:
         m = settings.mqtt
@@ -96,6 +99,7 @@ class MqttSync:
             url = self.broker.url
         self._url = url
         options = self.options(settings, url, password)
+        self._options = options
         layout = self.layout
         client = MqttClient(options, key=lambda topic: layout.twin_id(topic) or topic)
         self.client = client
@@ -138,12 +142,12 @@ class MqttSync:
             log.warning("MQTT broker %s not reachable yet: %s", _redact(url), exc)
 
     async def stop(self) -> None:
+        # First what runs after a connection (republish, correction): it queues publishes.
+        await asyncio.gather(*(stop_task(task) for task in list(self._background)))
         if self.client is not None:
             await self.client.stop()
         if self.deltas is not None:
             await self.deltas.stop()
-        for task in list(self._background):
-            task.cancel()
         if self.broker is not None:
             await self.broker.stop()
 
@@ -190,13 +194,22 @@ class MqttSync:
         task.add_done_callback(self._background.discard)
 
     async def _republish(self) -> None:
-        assert self.deltas is not None
+        assert self.deltas is not None and self._options is not None
         try:
             count = await self.deltas.republish()
+            log.info("republishing %d deltas after connecting", count)
+            topic_filter = self.layout.all_twins("delta")
+            retained = await read_retained(self._options, topic_filter)
+            held = {
+                twin_id: payload
+                for topic, payload in retained.items()
+                if (twin_id := self.layout.twin_id(topic)) is not None
+            }
+            corrected = await self.deltas.correct(held)
         except Exception:
             log.exception("republishing deltas failed")
             return
-        log.info("republishing %d deltas after connecting", count)
+        log.info("correcting %d of the %d deltas the broker retains", corrected, len(held))
 
     async def _publish_delta(self, topic: str, payload: bytes) -> None:
         assert self.client is not None

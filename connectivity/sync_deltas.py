@@ -11,7 +11,12 @@ Ordering rules (per twin):
   meanwhile whose delta differs, it publishes that too, so the retained message ends at the
   newest state even when two replicas race;
 - an empty delta (or a deleted twin) publishes an empty retained payload, which clears it;
-- a publish that fails (broker down) is remembered and retried after the next connection.
+- a publish that fails (broker down) is remembered and retried after the next connection;
+- after each connection every non-empty delta is published again (the broker may have lost
+  them), and every retained delta the broker holds that is not the twin's current one is
+  corrected (:meth:`DeltaPublisher.correct`): a commit whose publish never went out (the
+  process killed, or stopped while a writer it had cancelled still committed) would otherwise
+  leave a delta the twin no longer has, and a reconnecting device would apply it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from connectivity.errors import MqttUnavailable
@@ -100,6 +105,29 @@ class DeltaPublisher:
                 count += 1
         return count
 
+    async def correct(self, retained: Mapping[str, bytes], page_size: int = 200) -> int:
+        """Publish the current delta of every twin whose retained one (``retained``: twin id
+        -> the payload the broker holds) is not it: cleared when the twin has none any more
+        or was deleted. Returns how many were queued.
+
+        An id the store has never known (no twin, no tombstone) is left alone: its delta is
+        not this deployment's (another one on the same broker, a test's).
+        """
+        count = 0
+        ids = sorted(retained)
+        for start in range(0, len(ids), page_size):
+            page = ids[start : start + page_size]
+            twins = {twin.twin_id: twin for twin in await self._store.get_many(page)}
+            for twin_id in page:
+                twin = twins.get(twin_id)
+                if retained[twin_id] == delta_payload(twin):
+                    continue
+                if twin is None and await self._store.tombstone(twin_id) is None:
+                    continue
+                self.submit(twin_id, _Job(twin.revision if twin else 0, twin, force=True))
+                count += 1
+        return count
+
     async def _twins_with_delta(self, page_size: int) -> AsyncIterator[Twin]:
         """Every twin with a non-empty delta, page by page: through the store's index, or
         without one (``search`` off or external, on SQLite) by reading every twin (an
@@ -144,8 +172,7 @@ class DeltaPublisher:
 
     async def _publish_job(self, twin_id: str, job: _Job) -> bool:
         last = self._published.get(twin_id)
-        twin = job.twin
-        payload = dumps(delta_message(twin)).encode() if twin and twin.delta else b""
+        payload = delta_payload(job.twin)
         if last is not None:
             if job.revision < last[0] or (job.revision == last[0] and not job.force):
                 return False
@@ -169,3 +196,8 @@ class DeltaPublisher:
         self._published.move_to_end(twin_id)
         while len(self._published) > self._memory:
             self._published.popitem(last=False)
+
+
+def delta_payload(twin: Twin | None) -> bytes:
+    """The retained payload of a twin's delta topic: empty (cleared) without a delta."""
+    return dumps(delta_message(twin)).encode() if twin and twin.delta else b""

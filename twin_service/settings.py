@@ -183,7 +183,10 @@ class MqttSettings(BaseModel):
     embedded_port: int = Field(1883, ge=0, le=65535, description="Built-in broker port.")
     topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
     client_id: str = Field(
-        "twin-service", description="MQTT client id; stable and different for each replica."
+        "twin-service",
+        description="MQTT client id; stable and different for each replica. After each "
+        "connection a second, short clean session <client_id>-retained reads the retained "
+        "deltas (brokers that restrict client ids must allow it too).",
     )
     shared_group: str = Field(
         "twin-service", description="Shared-subscription group; empty disables sharing."

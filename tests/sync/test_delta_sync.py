@@ -16,6 +16,7 @@ from tests.connectivity.helpers import Collector
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ADMIN_TOKEN
 from tests.sync.helpers import (
+    RawDevice,
     device,
     patch_desired,
     put_twin,
@@ -164,3 +165,68 @@ async def test_a_change_whose_client_left_at_once_still_reaches_the_device(
             await watch.stop()
     finally:
         proc.stop()
+
+
+async def _retained_delta(url: str, twin: str) -> bytes | None:
+    """What a device subscribing now gets on its delta topic: the retained payload, if any."""
+    async with RawDevice(url, twin) as raw:
+        await asyncio.sleep(0.5)  # retained messages come right after the SUBACK
+        held = [m.payload for m in raw.inbox.messages if m.topic.endswith("/delta") and m.retain]
+    return held[-1] if held else None
+
+
+async def test_retained_deltas_the_twins_no_longer_have_are_corrected_on_connect(
+    tmp_path: Path, mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    """A service killed between a commit and its publish leaves the broker holding a delta
+    the twin no longer has; a device that reconnects would apply it. After connecting, the
+    service compares what the broker retains with the store and publishes what is current."""
+    url = mosquitto_server.url
+    emptied, deleted, changed, current, foreign = (
+        f"org.acme:{unique_name}-{kind}"
+        for kind in ("emptied", "deleted", "changed", "current", "foreign")
+    )
+    data = tmp_path / "svc"
+    svc = sync_service(data, url)
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            put_twin(api, emptied, desired={"fan": 2}, reported={"fan": 2})
+            put_twin(api, changed, desired={"fan": 3})
+            put_twin(api, current, desired={"fan": 4})
+            put_twin(api, deleted, desired={"fan": 5})
+            assert api.delete(f"/api/v1/twins/{deleted}").status_code == 204
+    finally:
+        svc.stop()
+    # What the lost publishes left: the broker's deltas are older than the store's twins.
+    # (The foreign one is a twin of another deployment on this broker: not to be touched.)
+    stale = {"state": {"fan": 9}, "desiredVersion": 1}
+    for twin in (emptied, deleted, changed, foreign):
+        async with RawDevice(url, twin) as raw:
+            await raw.send("delta", stale, retain=True)
+    current_payload = await _retained_delta(url, current)
+    assert current_payload is not None and json.loads(current_payload)["state"] == {"fan": 4}
+
+    svc = sync_service(data, url)
+    try:
+        wait_mqtt_up(svc)
+
+        async def corrected() -> bool:
+            return (
+                await _retained_delta(url, emptied) is None
+                and await _retained_delta(url, deleted) is None
+                and await _retained_delta(url, changed) != json.dumps(stale).encode()
+            )
+
+        async with asyncio.timeout(20):
+            while not await corrected():
+                await asyncio.sleep(0.2)
+        fresh = await _retained_delta(url, changed)
+        assert fresh is not None
+        assert json.loads(fresh) == {"state": {"fan": 3}, "desiredVersion": 1}
+        assert await _retained_delta(url, current) == current_payload  # left as it was
+        assert await _retained_delta(url, foreign) == json.dumps(stale).encode()
+    finally:
+        svc.stop()
+    log = svc.log_path.read_text(errors="replace")
+    assert "republishing deltas failed" not in log and "Traceback" not in log, log
