@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
 from connectivity.credentials import CredentialStore
-from connectivity.errors import ConnectRefused, MqttUnavailable, NotConnected
+from connectivity.errors import MqttUnavailable, NotConnected
 from connectivity.messages import Handler, InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
@@ -134,9 +134,6 @@ class MqttSync:
         await client.start()
         try:
             await client.wait_connected(m.connect_timeout_seconds)
-        except ConnectRefused:
-            await self.stop()
-            raise
         except NotConnected as exc:
             # Keep starting: paho keeps retrying and /ready reports the broker as down.
             log.warning("MQTT broker %s not reachable yet: %s", _redact(url), exc)

@@ -11,11 +11,13 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from connectivity.credentials import CredentialStore
+from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
 
 SECRET = "never-print-this-secret"
@@ -185,3 +187,21 @@ def test_an_index_rebuild_with_the_index_out_of_reach(tmp_path: Path) -> None:
     )
     assert_refused(run, 1, "twin-service: rebuild failed: The search index failed to create")
     assert "Unclosed" not in run.stderr  # the client was closed
+
+
+def test_a_broker_that_refuses_the_service(
+    tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]
+) -> None:
+    passwords = tmp_path / "passwd"
+    CredentialStore(tmp_path / "devices.json").write_mosquitto_files(
+        passwords, tmp_path / "acl", "service", "twins/{twinId}", service_password="right"
+    )
+    broker = mosquitto_factory(password_file=passwords, acl_file=tmp_path / "acl")
+    run = serve(
+        tmp_path,
+        "serve",
+        "--data-dir",
+        "data",
+        TWIN_MQTT_URL=f"mqtt://service:{SECRET}@127.0.0.1:{broker.port}",
+    )
+    assert_refused(run, 3, "twin-service cannot start: broker refused the connection")
