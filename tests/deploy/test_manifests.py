@@ -79,6 +79,25 @@ def test_mosquitto_queue_limit_is_large_and_not_zero() -> None:
     assert "allow_anonymous false" in text
 
 
+def test_each_replica_has_its_own_stable_mqtt_client_id() -> None:
+    """Replicas sharing a client id take the broker session from each other without end, and
+    one that comes back under a new id strands the messages queued for its old session: the
+    replicas are a StatefulSet and the pod name is the id."""
+    docs = documents()
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    service = next(d for d in workloads if d["metadata"]["name"] == "twin-service")
+    assert service["kind"] == "StatefulSet" and service["spec"]["replicas"] > 1
+    governing = next(
+        d
+        for d in docs
+        if d["kind"] == "Service" and d["metadata"]["name"] == service["spec"]["serviceName"]
+    )
+    assert governing["spec"]["clusterIP"] == "None"
+    (container,) = _containers(service)
+    client_id = next(e for e in container["env"] if e["name"] == "TWIN_MQTT__CLIENT_ID")
+    assert client_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc.get("spec", {}).get("template", {}).get("spec", {})
     containers: list[dict[str, Any]] = spec.get("containers", [])
