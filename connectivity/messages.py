@@ -34,3 +34,5 @@ class Health:
     reconnect_count: int
     handler_failures: int
     pending_acks: int
+    #: Messages received since the start (handled, parked or refused).
+    received: int = 0

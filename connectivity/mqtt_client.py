@@ -83,6 +83,10 @@ class MqttClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
         self._subs: dict[str, _Subscription] = {}
+        #: Filters unsubscribed with ``keep_routing``: the session's queued messages still
+        #: reach their handlers, the broker sends no new ones.
+        self._routes: dict[str, _Subscription] = {}
+        self._received = 0
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._dispatcher: KeyedDispatcher[_AckToken] | None = None
         self._connected = False
@@ -138,7 +142,8 @@ class MqttClient:
         client.on_disconnect = self._paho_on_disconnect
         client.on_message = self._paho_on_message
         client.on_publish = self._paho_on_publish
-        client.on_subscribe = self._paho_on_subscribe
+        client.on_subscribe = self._paho_on_sub_or_unsuback
+        client.on_unsubscribe = self._paho_on_sub_or_unsuback
         properties: Properties | None = None
         clean_start: bool = not opts.persistent_session
         if v5:
@@ -151,11 +156,14 @@ class MqttClient:
         )
         client.loop_start()
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0, *, end_session: bool = False) -> None:
         """Let running handlers finish (up to ``grace`` s), disconnect cleanly and stop.
 
         Handlers still running after ``grace`` are cancelled; their messages stay unacked and
         the broker redelivers them to the next session with the same client id.
+        ``end_session`` (MQTT 5) has the broker discard the session at the disconnect, with
+        its subscriptions and whatever it still queues: for a client id that will not come
+        back.
         """
         client, dispatcher = self._client, self._dispatcher
         if client is None or dispatcher is None:
@@ -163,7 +171,11 @@ class MqttClient:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(dispatcher.join(), grace)
         await dispatcher.cancel()
-        client.disconnect()
+        properties: Properties | None = None
+        if end_session and self.options.protocol == 5:
+            properties = _properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+        client.disconnect(properties=properties)
         await asyncio.to_thread(client.loop_stop)
         for task in list(self._background):
             task.cancel()
@@ -202,6 +214,7 @@ class MqttClient:
             reconnect_count=max(self._connects - 1, 0),
             handler_failures=d.failures if d else 0,
             pending_acks=d.pending_acks if d else 0,
+            received=self._received,
         )
 
     # -- subscribe / publish -------------------------------------------------------------
@@ -225,6 +238,29 @@ class MqttClient:
             self._release_parked()
         if self._connected:
             await self._send_subscribe([topic_filter])
+
+    async def unsubscribe(self, topic_filter: str, *, keep_routing: bool = False) -> None:
+        """Tell the broker, when connected, that ``topic_filter`` is no longer wanted (waits
+        for its UNSUBACK): it sends nothing new for the filter, and a shared subscription's
+        messages go to the group's other members. With ``keep_routing``, messages the session
+        had queued still reach the handler (the broker delivers those after an UNSUBSCRIBE);
+        the filter is not subscribed again after a reconnection either way."""
+        subscription = self._subs.pop(topic_filter, None)
+        if keep_routing and subscription is not None:
+            self._routes[topic_filter] = subscription
+        client = self._client
+        if client is None or not self._connected:
+            return
+        rc, mid = client.unsubscribe(topic_filter)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise NotConnected(f"unsubscribe failed: {paho.error_string(rc)}")
+        fut = self._new_waiter(mid)
+        try:
+            await asyncio.wait_for(fut, self.options.ack_timeout)
+        except TimeoutError:
+            raise PublishTimeout(f"no UNSUBACK for {topic_filter} within the timeout") from None
+        finally:
+            self._pending.pop(mid, None)
 
     async def publish(
         self,
@@ -349,6 +385,7 @@ class MqttClient:
         self._set_connected(False)
 
     def _on_message(self, msg: InboundMessage, mid: int, connection: int) -> None:
+        self._received += 1
         handlers = self._handlers_for(msg.topic)
         if not handlers:
             # A persistent session can replay messages before the application subscribed its
@@ -359,7 +396,10 @@ class MqttClient:
         self._dispatch(msg, mid, connection, handlers)
 
     def _handlers_for(self, topic: str) -> list[Handler]:
-        return [s.handler for s in self._subs.values() if s.filter.matches(topic)]
+        handlers = [s.handler for s in self._subs.values() if s.filter.matches(topic)]
+        if self._routes:
+            handlers += [s.handler for s in self._routes.values() if s.filter.matches(topic)]
+        return handlers
 
     def _dispatch(
         self, msg: InboundMessage, mid: int, connection: int, handlers: list[Handler]
@@ -476,7 +516,7 @@ class MqttClient:
         error = Refused(f"broker refused the publish: {code}") if code.is_failure else None
         self._to_loop(self._resolve, mid, None, error)
 
-    def _paho_on_subscribe(
+    def _paho_on_sub_or_unsuback(
         self, _c: paho.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any
     ) -> None:
         self._to_loop(self._resolve, mid, list(codes), None)

@@ -148,6 +148,30 @@ class MqttSync:
         if self.broker is not None:
             await self.broker.stop()
 
+    async def retire(self, connect_timeout: float, quiet_seconds: float) -> int:
+        """End this client id's broker session for good, losing nothing it holds: for a
+        replica removed by scaling down.
+
+        Its session stays a member of the shared subscriptions after the replica is gone, and
+        the broker goes on queueing a share of the device messages there. This leaves the
+        subscriptions (new messages go to the other replicas), handles what the session had
+        queued until none has come for ``quiet_seconds``, and ends the session. Returns the
+        number of messages handled.
+        """
+        client = self.client
+        assert client is not None, "start() first"
+        await client.wait_connected(connect_timeout)
+        for topic_filter in self._filters:
+            await client.unsubscribe(topic_filter, keep_routing=True)
+        loop = asyncio.get_running_loop()
+        received, since = client.health().received, loop.time()
+        while loop.time() - since < quiet_seconds or client.health().pending_acks:
+            await asyncio.sleep(min(0.1, quiet_seconds))
+            if client.health().received != received:
+                received, since = client.health().received, loop.time()
+        await client.stop(end_session=True)
+        return received
+
     def health(self) -> JSONObject:
         client = self.client
         if client is None:

@@ -27,6 +27,20 @@ TOKENS = [
 ]
 
 
+def service_env(settings: dict[str, str]) -> dict[str, str]:
+    """The environment of a service process (or another ``twin-service`` command): this
+    one's without its TWIN_ variables, the test tokens, MQTT off, then ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    env.update(
+        {
+            "TWIN_AUTH__TOKENS": json.dumps(TOKENS),
+            "TWIN_MQTT__ENABLED": "false",
+            "TWIN_LOG_LEVEL": "warning",
+        }
+    )
+    return env | settings
+
+
 class ServiceProcess:
     """One service process; ``env`` entries are ``TWIN_*`` settings."""
 
@@ -43,15 +57,7 @@ class ServiceProcess:
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
-        env.update(
-            {
-                "TWIN_AUTH__TOKENS": json.dumps(TOKENS),
-                "TWIN_MQTT__ENABLED": "false",
-                "TWIN_LOG_LEVEL": "warning",
-            }
-        )
-        env.update(self.env)
+        env = service_env(self.env)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from connectivity.cli import add_subcommands as add_device_commands
+from connectivity.retire import add_subcommands as add_mqtt_commands
 from connectivity.simulate import add_subcommands as add_simulate_command
 from twin_service import __version__
 from twin_service.collector import tune_gc
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", dest="root_config", type=Path, help="TOML settings file")
     add_device_commands(sub)
     add_index_commands(sub)
+    add_mqtt_commands(sub)
     add_simulate_command(sub)
     return parser
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from connectivity.errors import MqttUnavailable
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
 from tests.servers.mosquitto import Mosquitto
+from tests.service_process import service_env
 from tests.sync.helpers import get_twin, put_twin, sync_service, until_twin, wait_mqtt_up
 
 QUIET = {"TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "100000", "TWIN_MQTT__CLIENT_TOKEN_MEMORY": "500"}
@@ -152,3 +155,58 @@ def _counter_is(n: int) -> Callable[[dict[str, object]], bool]:
 
 
 _ = get_twin
+
+
+async def test_retiring_a_removed_replica_hands_its_share_over(
+    fresh_mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A replica removed by scaling down leaves its session on the broker, still a member of
+    the shared subscription: mosquitto queues a share of the device messages there. ``mqtt
+    retire`` handles what it queued and ends it, so later messages all reach the others."""
+    url = fresh_mosquitto.url
+    data = tmp_path / "shared"
+    env = {**QUIET, "TWIN_MQTT__SHARED_GROUP": "replicas"}
+    stays = sync_service(data, url, client_id="svc-stays", **env)
+    removed = sync_service(data, url, client_id="svc-removed", **env)
+    twins = [f"org.acme:retire{n}" for n in range(20)]
+    device = await _publisher(url, "dev-retire")
+
+    async def report_all(n: int) -> None:
+        for t in twins:
+            body = {"state": {"n": n}, "clientToken": f"{t}-{n}"}
+            await _send_reliably(device, f"twins/{t}/reported/update", body)
+
+    def reported() -> list[object]:
+        with stays.client() as api:
+            return [get_twin(api, t)["reported"].get("n") for t in twins]
+
+    try:
+        wait_mqtt_up(stays)
+        wait_mqtt_up(removed)
+        with stays.client() as api:
+            for t in twins:
+                put_twin(api, t, reported={"n": -1})
+        removed.stop()  # scaled down: its session stays, a member of the group
+        await report_all(1)
+        await asyncio.sleep(3)
+        assert -1 in reported(), "mosquitto handed the removed replica no share this time"
+
+        command = ["mqtt", "retire", "svc-removed", "--data-dir", str(data), "--quiet-seconds", "1"]
+        retire = subprocess.run(
+            [sys.executable, "-m", "twin_service", *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=service_env(env | {"TWIN_MQTT_URL": url, "TWIN_MQTT__ENABLED": "true"}),
+        )
+        assert retire.returncode == 0, retire.stdout + retire.stderr
+        assert "ended the MQTT session svc-removed" in retire.stdout
+        assert reported() == [1] * len(twins)  # what its session held was handled
+
+        await report_all(2)  # and nothing more is queued for it
+        async with stays.async_client() as api:
+            for t in twins:
+                await until_twin(api, t, _counter_is(2), 15)
+    finally:
+        await device.stop()
+        stays.stop()

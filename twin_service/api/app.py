@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with AsyncExitStack() as stack:
             try:
                 registry = TokenRegistry(tokens, settings.auth.disabled)
-                app.state.ctx = await _start(settings, registry, stack)
+                app.state.ctx = await start_service(settings, registry, stack)
             except STARTUP_ERRORS as exc:
                 # A database, broker or index out of reach is the operator's to fix: uvicorn
                 # prints this line instead of a traceback (TwinApp), and exits with status 3.
@@ -145,7 +145,9 @@ def _reason(exc: BaseException) -> str:
     return f"{exc.message} ({exc.description})" if exc.description else exc.message
 
 
-async def _start(settings: Settings, tokens: TokenRegistry, stack: AsyncExitStack) -> AppContext:
+async def start_service(
+    settings: Settings, tokens: TokenRegistry, stack: AsyncExitStack
+) -> AppContext:
     """Start the store, the index, the change feed and the components, in that order.
 
     Each part's stop is registered before its start, so a start that fails part way (a
