@@ -116,32 +116,32 @@ def test_the_embedded_broker_port_taken(tmp_path: Path, taken_port: int) -> None
     )
 
 
-def test_an_index_out_of_reach(tmp_path: Path) -> None:
-    # A listener that never answers HTTP would hang the client; a closed port refuses at once.
-    closed = free_port()
-    run = serve(
-        tmp_path,
-        "serve",
-        "--data-dir",
-        "data",
-        TWIN_SEARCH="elasticsearch",
-        TWIN_ELASTICSEARCH_URL=f"http://user:{SECRET}@127.0.0.1:{closed}",
-    )
-    assert_refused(run, 3, "twin-service cannot start: The search index failed to create")
-
-
-def test_a_database_out_of_reach(tmp_path: Path) -> None:
-    closed = free_port()
-    run = serve(
-        tmp_path,
-        "serve",
-        "--data-dir",
-        "data",
-        TWIN_STORE="mongodb",
-        TWIN_MONGODB_URL=f"mongodb://user:{SECRET}@127.0.0.1:{closed}/twins",
-        TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS="500",
-    )
-    assert_refused(run, 3, "twin-service cannot start: The twin store cannot open MongoDB")
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {
+                "TWIN_SEARCH": "elasticsearch",
+                "TWIN_ELASTICSEARCH_URL": "http://user:{secret}@127.0.0.1:{port}",
+            },
+            "The search index failed to create",
+        ),
+        (
+            {
+                "TWIN_STORE": "mongodb",
+                "TWIN_MONGODB_URL": "mongodb://user:{secret}@127.0.0.1:{port}/twins",
+                "TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS": "500",
+            },
+            "The twin store cannot open MongoDB",
+        ),
+    ],
+    ids=["elasticsearch", "mongodb"],
+)
+def test_a_server_out_of_reach(tmp_path: Path, settings: dict[str, str], expected: str) -> None:
+    # A closed port refuses at once (a listener that never answers would hang the client).
+    env = {name: value.format(secret=SECRET, port=free_port()) for name, value in settings.items()}
+    run = serve(tmp_path, "serve", "--data-dir", "data", **env)
+    assert_refused(run, 3, f"twin-service cannot start: {expected}")
 
 
 def test_the_http_port_taken(tmp_path: Path, taken_port: int) -> None:
