@@ -205,3 +205,20 @@ def test_a_broker_that_refuses_the_service(
         TWIN_MQTT_URL=f"mqtt://service:{SECRET}@127.0.0.1:{broker.port}",
     )
     assert_refused(run, 3, "twin-service cannot start: broker refused the connection")
+
+
+def test_retiring_a_session_needs_a_broker_that_answers(tmp_path: Path) -> None:
+    run = serve(tmp_path, "mqtt", "retire", "twin-service-2", "--data-dir", "data")
+    assert_refused(run, 2, "mqtt retire needs an external broker (mqtt_url)")
+    run = serve(
+        tmp_path,
+        "mqtt",
+        "retire",
+        "twin-service-2",
+        "--data-dir",
+        "data",
+        TWIN_MQTT_URL=f"mqtt://service:{SECRET}@127.0.0.1:{free_port()}",
+        TWIN_MQTT__ENABLED="true",
+        TWIN_MQTT__CONNECT_TIMEOUT_SECONDS="1",
+    )
+    assert_refused(run, 1, "twin-service: retire failed: no MQTT session within 1.0s")
