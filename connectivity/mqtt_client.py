@@ -234,6 +234,7 @@ class MqttClient:
         connected, waits for the SUBACK and raises :class:`Refused` if the broker said no.
         """
         self._subs[topic_filter] = _Subscription(qos, handler, TopicFilter.parse(topic_filter))
+        self._routes.pop(topic_filter, None)  # one route per filter: never handled twice
         if self._dispatcher is not None:
             self._release_parked()
         if self._connected:

@@ -57,6 +57,8 @@ class MqttSync:
         self._filters: dict[str, Handler] = {}
         self._connections = 0
         self._options: MqttOptions | None = None
+        self._republishing: asyncio.Task[None] | None = None
+        self._retiring = False
 
     def options(self, settings: Settings, url: str, password: str | None) -> MqttOptions:
         m = settings.mqtt
@@ -160,6 +162,7 @@ class MqttSync:
         """
         client = self.client
         assert client is not None, "start() first"
+        self._retiring = True  # a reconnection must not subscribe again
         await client.wait_connected(connect_timeout)
         for topic_filter in self._filters:
             await client.unsubscribe(topic_filter, keep_routing=True)
@@ -199,7 +202,7 @@ class MqttSync:
 
     async def _on_connect(self) -> None:
         self._connections += 1
-        if self._connections > 1 and self.client is not None:
+        if self._connections > 1 and self.client is not None and not self._retiring:
             # mosquitto 2.0 restores a persistent session after its own restart but not the
             # session's shared subscriptions (seen in tests/sync/test_delivery.py): subscribing
             # again is idempotent and costs one round trip per reconnection.
@@ -210,7 +213,10 @@ class MqttSync:
                     log.warning("re-subscribing %s failed: %s", topic_filter, exc)
         if self.deltas is None:
             return
-        task = asyncio.create_task(self._republish())
+        # A pass still running from the connection before is superseded by this one (two
+        # would read the retained deltas with one client id, taking turns at the session).
+        await stop_task(self._republishing)
+        task = self._republishing = asyncio.create_task(self._republish())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
