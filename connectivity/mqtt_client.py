@@ -87,6 +87,8 @@ class MqttClient:
         #: reach their handlers, the broker sends no new ones.
         self._routes: dict[str, _Subscription] = {}
         self._received = 0
+        #: Message ids of QoS 1 publishes not acknowledged yet (``options.max_unacked_out``).
+        self._unacked_out: set[int] = set()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._dispatcher: KeyedDispatcher[_AckToken] | None = None
         self._connected = False
@@ -183,6 +185,7 @@ class MqttClient:
             if not fut.done():
                 fut.set_exception(NotConnected("client stopped"))
         self._pending.clear()
+        self._unacked_out.clear()
         self._set_connected(False)
         self._client = None
 
@@ -296,7 +299,10 @@ class MqttClient:
             raise NotConnected("not connected to the MQTT broker")
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise MqttUnavailable(f"publish failed: {paho.error_string(info.rc)}")
-        if qos == 0 or not await_ack:
+        if qos == 0:
+            return
+        self._unacked_out.add(info.mid)
+        if not await_ack and len(self._unacked_out) <= self.options.max_unacked_out:
             return
         # Registered before any await: paho's PUBACK callback reaches us via call_soon_threadsafe,
         # so it cannot run before this line.
@@ -305,6 +311,8 @@ class MqttClient:
         try:
             await asyncio.wait_for(fut, wait)
         except TimeoutError:
+            if not await_ack:
+                return  # still queued in paho: it goes out when the broker takes it
             raise PublishTimeout(f"no PUBACK for {topic!r} within {wait}s") from None
         finally:
             self._pending.pop(info.mid, None)
@@ -515,7 +523,11 @@ class MqttClient:
         self, _c: paho.Client, _u: Any, mid: int, code: ReasonCode, _p: Any
     ) -> None:
         error = Refused(f"broker refused the publish: {code}") if code.is_failure else None
-        self._to_loop(self._resolve, mid, None, error)
+        self._to_loop(self._on_published, mid, error)
+
+    def _on_published(self, mid: int, error: Exception | None) -> None:
+        self._unacked_out.discard(mid)  # paho calls this for QoS 0 sends too
+        self._resolve(mid, None, error)
 
     def _paho_on_sub_or_unsuback(
         self, _c: paho.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any

@@ -63,6 +63,9 @@ class MqttOptions:
     reconnect_min_delay: float = 0.5
     reconnect_max_delay: float = 30.0
     max_in_flight: int = 32
+    #: Publishes not awaited (``await_ack=False``) that may wait for their PUBACK before a
+    #: new one waits too: bounds what queues in paho behind a slow broker or a busy process.
+    max_unacked_out: int = 1000
     ack_timeout: float = 10.0
     ca_file: str | None = None
     cert_file: str | None = None

@@ -209,3 +209,26 @@ async def test_reconnects_and_resubscribes_after_broker_restart(
     assert sub.health().last_error is not None
     await sub.stop()
     await pub.stop()
+
+
+async def test_unawaited_publishes_queue_only_up_to_a_bound(
+    fresh_mosquitto: Mosquitto, unique_name: str
+) -> None:
+    """Publishes not awaited (the service's replies) return at once while few wait for the
+    broker; past ``max_unacked_out`` each waits for its own PUBACK. Without that bound, a
+    process answering faster than the broker acknowledges queued replies without end, and a
+    delta published then waited behind all of them."""
+    pub = await started(fresh_mosquitto.url, unique_name, max_unacked_out=3, ack_timeout=30)
+    assert fresh_mosquitto.pid is not None
+    os.kill(fresh_mosquitto.pid, signal.SIGSTOP)  # the broker takes nothing, acks nothing
+    try:
+        for n in range(3):
+            await asyncio.wait_for(pub.publish(f"{unique_name}/r", str(n), await_ack=False), 5)
+        fourth = asyncio.create_task(pub.publish(f"{unique_name}/r", "3", await_ack=False))
+        await asyncio.sleep(0.5)
+        assert not fourth.done()  # held: three already wait for the broker
+    finally:
+        os.kill(fresh_mosquitto.pid, signal.SIGCONT)
+    await asyncio.wait_for(fourth, 10)  # the broker caught up: it goes on
+    await pub.publish(f"{unique_name}/r", "4", await_ack=False)
+    await pub.stop()
