@@ -70,6 +70,7 @@ class MqttSync:
             persistent_session=True,
             session_expiry=m.session_expiry_seconds,
             max_in_flight=m.max_inflight,
+            max_unacked_out=m.max_unacked_replies,
             username=addr.username if addr.username is not None else m.service_username,
             password=addr.password if addr.password is not None else password,
             ca_file=m.ca_file,

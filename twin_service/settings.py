@@ -203,6 +203,13 @@ class MqttSettings(BaseModel):
         32, ge=0, description="Client tokens kept per twin for dedupe."
     )
     max_inflight: int = Field(64, ge=1, description="Device messages handled concurrently.")
+    max_unacked_replies: int = Field(
+        1000,
+        ge=1,
+        description="Replies to devices that may wait for the broker's PUBACK; past that, "
+        "handlers wait, which slows intake (bounds the queue, and how long a delta waits "
+        "behind it).",
+    )
     session_expiry_seconds: int = Field(
         7 * 24 * 3600,
         ge=60,
