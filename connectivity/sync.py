@@ -169,10 +169,13 @@ class MqttSync:
             await client.unsubscribe(topic_filter, keep_routing=True)
         loop = asyncio.get_running_loop()
         received, since = client.health().received, loop.time()
-        while loop.time() - since < quiet_seconds or client.health().pending_acks:
+        while True:
             await asyncio.sleep(min(0.1, quiet_seconds))
-            if client.health().received != received:
-                received, since = client.health().received, loop.time()
+            health = client.health()
+            if health.received != received:
+                received, since = health.received, loop.time()
+            elif loop.time() - since >= quiet_seconds and not health.pending_acks:
+                break
         await client.stop(end_session=True)
         return received
 
