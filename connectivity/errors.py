@@ -42,12 +42,14 @@ class ConnectRefused(MqttUnavailable):
     """The broker refused the CONNECT (bad credentials, not authorised, bad protocol...)."""
 
     default_code = "mqtt.connect.refused"
+    retry_after_seconds = None  # credentials or the ACL must change first
 
 
 class Refused(MqttUnavailable):
     """The broker refused a SUBSCRIBE or (MQTT 5) a PUBLISH, usually because of its ACL."""
 
     default_code = "mqtt.refused"
+    retry_after_seconds = None
 
 
 class RequestRejected(BadRequest):

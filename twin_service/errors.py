@@ -156,3 +156,6 @@ class UnsupportedMediaType(TwinServiceError):
 class Unavailable(TwinServiceError):
     status = 503
     default_code = "service.unavailable"
+    #: Seconds a client should wait before it tries again (HTTP ``Retry-After``), or
+    #: ``None`` where trying again cannot help until an operator acts (a broker's refusal).
+    retry_after_seconds: ClassVar[int | None] = 1

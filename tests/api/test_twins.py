@@ -498,6 +498,23 @@ def test_health_ready_and_openapi(service: ServiceProcess) -> None:
         # The token is one security scheme for every operation, not a header parameter.
         assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
         assert spec["security"] == [{"bearer": []}]
+        # Invalid parameters are answered 400 in the one error body, never 422; and every
+        # operation of the API can meet an unavailable store (503, with Retry-After), and
+        # every write a twin that changes too fast (409 twin.contention).
+        operations = [
+            (method, path, op)
+            for path, item in spec["paths"].items()
+            for method, op in item.items()
+            if path.startswith("/api/v1/")
+        ]
+        assert len(operations) > 15
+        for method, path, op in operations:
+            responses = op["responses"]
+            assert "422" not in responses, (method, path)
+            assert "Retry-After" in responses["503"]["headers"], (method, path)
+            if method in ("put", "patch", "delete") and path.startswith("/api/v1/twins/"):
+                assert "409" in responses, (method, path)
+        assert "HTTPValidationError" not in schemas
         assert spec["paths"]["/health"]["get"]["security"] == []
         assert not [
             p

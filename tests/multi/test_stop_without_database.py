@@ -103,6 +103,7 @@ async def test_writes_in_flight_when_the_database_dies_are_all_answered(
             codes["ok"] = codes.get("ok", 0) + 1
             continue
         assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "1"
         body = answer.json()
         assert body["status"] == 503
         codes[body["error"]] = codes.get(body["error"], 0) + 1

@@ -107,30 +107,48 @@ def create_app(settings: Settings) -> FastAPI:
     # matches their one-segment path).
     hot = [r for r in ours if getattr(r, "path", "") == "/api/v1/twins/{twin_id}"]
     app.router.routes[:0] = hot + [r for r in ours if r not in hot]
-    _document_bearer_auth(app)
+    _complete_openapi(app)
     return app
 
 
-def _document_bearer_auth(app: FastAPI) -> None:
-    """Declare the bearer token once, as the OpenAPI security scheme of every operation.
-
-    The routes read the Authorization header themselves (see ``api.deps``); operations
-    open to anyone (health) declare ``security: []``.
-    """
+def _complete_openapi(app: FastAPI) -> None:
+    """What FastAPI's generated document does not know: the bearer token, and that no
+    request is ever answered 422."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = generate()  # built once, then cached by FastAPI
-        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes["bearer"] = {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "A token of the service (admin-token file, auth.tokens).",
-        }
-        schema["security"] = [{"bearer": []}]
+        _declare_bearer_auth(schema)
+        _drop_validation_422(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _declare_bearer_auth(schema: dict[str, Any]) -> None:
+    """The bearer token is the security scheme of every operation.
+
+    The routes read the Authorization header themselves (see ``api.deps``); operations
+    open to anyone (health) declare ``security: []``.
+    """
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["bearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A token of the service (admin-token file, auth.tokens).",
+    }
+    schema["security"] = [{"bearer": []}]
+
+
+def _drop_validation_422(schema: dict[str, Any]) -> None:
+    """FastAPI documents a 422 on every operation with parameters; the service answers
+    invalid parameters 400 ``request.invalid`` in the one error body (``api.errors``)."""
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            operation.get("responses", {}).pop("422", None)
+    schemas = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
 
 
 #: What a start can fail with for reasons outside the service (unreachable or unusable

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from twin_service.errors import TwinServiceError
+from twin_service.errors import TwinServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,14 @@ _STARLETTE_CODES = {
 
 
 def error_response(error: TwinServiceError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.to_body(), status_code=error.status, headers=headers)
+    headers: dict[str, str] = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(error, Unavailable) and error.retry_after_seconds is not None:
+        # Clients and proxies back off by this rather than hammer a store, index or
+        # broker that is restarting.
+        headers["Retry-After"] = str(error.retry_after_seconds)
+    return JSONResponse(error.to_body(), status_code=error.status, headers=headers or None)
 
 
 def _body(status: int, code: str, message: str, description: str = "") -> JSONResponse:

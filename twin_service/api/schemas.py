@@ -85,10 +85,16 @@ class CountResult(BaseModel):
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for the given error statuses."""
-    base = {400, 401, 403}
+    """OpenAPI ``responses`` entries for the given error statuses, and those every
+    operation can meet: invalid input, authentication, and an unavailable store, index or
+    broker (or a service stopping with the request still running)."""
+    base = {400, 401, 403, 503}
     return {
-        status: {"model": ErrorBody, "description": _DESCRIPTIONS.get(status, "Error")}
+        status: {
+            "model": ErrorBody,
+            "description": _DESCRIPTIONS.get(status, "Error"),
+            **_HEADERS.get(status, {}),
+        }
         for status in sorted(base | set(statuses))
     }
 
@@ -103,7 +109,19 @@ _DESCRIPTIONS = {
     412: "Precondition (If-Match, If-None-Match, condition) failed",
     413: "Request or resulting twin too large",
     415: "Unsupported Content-Type",
-    503: "Store unavailable",
+    503: "Store, index or broker unavailable, or the service stopping",
+}
+
+_HEADERS: dict[int, dict[str, Any]] = {
+    503: {
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again; absent where the "
+                "broker refused (mqtt.connect.refused, mqtt.refused).",
+                "schema": {"type": "integer"},
+            }
+        }
+    }
 }
 
 

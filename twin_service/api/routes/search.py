@@ -25,7 +25,7 @@ WAIT_DOC = (
 WaitParam = Annotated[str | None, Query(alias="waitFor", description=WAIT_DOC)]
 
 
-@router.get("/twins", response_model=SearchResult, responses=errors(404, 503))
+@router.get("/twins", response_model=SearchResult, responses=errors(404))
 async def search_get(
     ctx: Context,
     principal: Reader,
@@ -43,7 +43,7 @@ async def search_get(
 @router.post(
     "/twins",
     response_model=SearchResult,
-    responses=errors(404, 503),
+    responses=errors(404),
     summary="Search with a form body (for long queries)",
 )
 async def search_post(
@@ -60,7 +60,7 @@ async def search_post(
     )
 
 
-@router.get("/twins/count", response_model=CountResult, responses=errors(404, 503))
+@router.get("/twins/count", response_model=CountResult, responses=errors(404))
 async def count_get(
     ctx: Context,
     principal: Reader,
