@@ -176,7 +176,9 @@ def test_a_method_not_allowed_is_405_naming_every_method_of_the_path(
         response = api.request(method, url)
         assert response.status_code == 405, (method, url)
         assert response.headers["Allow"] == allowed, (method, url)
-        assert response.json()["error"] == "request.method"
+        body = response.json()
+        assert body["error"] == "request.method"
+        assert body["message"] == f"{method} is not allowed on {url}; it takes {allowed}."
 
 
 def test_a_twin_has_no_other_sub_resources(api: httpx.Client) -> None:

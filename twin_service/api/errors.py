@@ -81,9 +81,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STARLETTE_CODES.get(exc.status_code, "request.invalid")
-        response = _body(exc.status_code, code, str(exc.detail))
-        if exc.status_code == 405:
-            response.headers["Allow"] = ", ".join(allowed_methods(app, request))
+        if exc.status_code != 405:
+            return _body(exc.status_code, code, str(exc.detail))
+        allowed = ", ".join(allowed_methods(app, request))
+        # The usual case: a write to what the service computes (delta, lifecycle, ...).
+        message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed}."
+        response = _body(405, code, message)
+        response.headers["Allow"] = allowed
         return response
 
     @app.exception_handler(ClientDisconnect)
