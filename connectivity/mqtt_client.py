@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ log = logging.getLogger(__name__)
 
 #: CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 return codes to them).
 _FATAL_CONNACK = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
+#: MQTT 5 DISCONNECT reason: another client connected with this client id.
+_SESSION_TAKEN_OVER = 0x8E
+#: A connection the broker closes sooner than this after accepting it is cut short;
+#: ``_CUT_SHORT_TO_NAME`` of them in a row are named in the log and ``/ready``.
+_CUT_SHORT_SECONDS = 10.0
+_CUT_SHORT_TO_NAME = 3
 
 
 @dataclass
@@ -96,6 +103,9 @@ class MqttClient:
         self._refusal: ConnectRefused | None = None
         self._last_error: str | None = None
         self._connects = 0
+        self._connected_at: float | None = None
+        #: Connections in a row the broker closed within _CUT_SHORT_SECONDS.
+        self._cut_short = 0
         # Incremented on paho's thread at every CONNACK; an ack token from an older connection
         # carries a packet id the broker has reassigned, so it must not be sent.
         self._paho_connection = 0
@@ -357,6 +367,7 @@ class MqttClient:
             self._changed.set()
             return
         self._connects += 1
+        self._connected_at = time.monotonic()
         self._refusal = None
         self._set_connected(True)
         log.info("MQTT connected (session present: %s)", session_present)
@@ -386,12 +397,36 @@ class MqttClient:
             log.error("MQTT resubscribe failed: %s", exc)
 
     def _on_disconnected(self, code: ReasonCode | None) -> None:
+        connected_at, self._connected_at = self._connected_at, None
         if code is not None and code.is_failure:
             self._last_error = f"disconnected: {code}"
+            if connected_at is not None:
+                self._note_closed_by_broker(code, time.monotonic() - connected_at)
         if self._dispatcher is not None:
             self._dispatcher.reset_acks()
         self._parked.clear()
         self._set_connected(False)
+
+    def _note_closed_by_broker(self, code: ReasonCode, lasted: float) -> None:
+        """Name the likely cause when the broker keeps closing the connection just after
+        accepting it. Two clients with one client id take the session from each other
+        that way, forever, and each reconnects at once; MQTT 5 brokers say so (reason
+        0x8E), but mosquitto 2.0 closes without a reason, so the pattern is what tells."""
+        if lasted >= _CUT_SHORT_SECONDS:
+            self._cut_short = 0
+            return
+        self._cut_short += 1
+        taken_over = code.value == _SESSION_TAKEN_OVER
+        if not taken_over and self._cut_short < _CUT_SHORT_TO_NAME:
+            return
+        self._last_error = (
+            f"the broker closed {self._cut_short} connection(s) in a row within "
+            f"{_CUT_SHORT_SECONDS:g} s of accepting them ({code}): another client may be "
+            f"using client id {self.options.client_id!r} (each service replica needs its "
+            "own mqtt.client_id), or see the broker's log"
+        )
+        if self._cut_short == (1 if taken_over else _CUT_SHORT_TO_NAME):
+            log.error("MQTT: %s", self._last_error)
 
     def _on_message(self, msg: InboundMessage, mid: int, connection: int) -> None:
         self._received += 1
@@ -491,7 +526,13 @@ class MqttClient:
         self._to_loop(self._on_connected, flags.session_present, code)
 
     def _paho_on_connect_fail(self, _c: paho.Client, _u: Any) -> None:
-        self._to_loop(self._record_error, "could not reach the broker")
+        self._to_loop(self._on_unreachable)
+
+    def _on_unreachable(self) -> None:
+        # A broker that is down (restarting) is no client taking the session over: a
+        # taken-over client gets back in at its first attempt.
+        self._cut_short = 0
+        self._record_error("could not reach the broker")
 
     def _record_error(self, text: str) -> None:
         self._last_error = text

@@ -13,6 +13,7 @@ import pytest
 
 from connectivity.errors import NotConnected
 from connectivity.messages import InboundMessage
+from connectivity.mqtt_client import MqttClient
 from tests.connectivity.helpers import Collector, eventually, started
 from tests.servers.mosquitto import Mosquitto
 
@@ -232,3 +233,47 @@ async def test_unawaited_publishes_queue_only_up_to_a_bound(
     await asyncio.wait_for(fourth, 10)  # the broker caught up: it goes on
     await pub.publish(f"{unique_name}/r", "4", await_ack=False)
     await pub.stop()
+
+
+async def test_two_clients_with_one_client_id_are_named_as_the_likely_cause(
+    mosquitto_server: Mosquitto, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker hands the session to whichever connected last, and the other reconnects
+    # at once: both flap forever. That was three Kubernetes replicas with one default id.
+    first = await started(mosquitto_server.url, unique_name, reconnect_min_delay=0.1)
+    second = await started(mosquitto_server.url, unique_name, reconnect_min_delay=0.1)
+    alone = await started(mosquitto_server.url, f"{unique_name}-alone")
+    try:
+
+        def named(client: MqttClient) -> bool:
+            return f"client id {unique_name!r}" in (client.health().last_error or "")
+
+        await eventually(lambda: named(first) and named(second), timeout=30)
+        assert first.health().reconnect_count >= 2 and second.health().reconnect_count >= 2
+        named_in_log = [r for r in caplog.records if f"client id {unique_name!r}" in r.message]
+        assert named_in_log and all(r.levelname == "ERROR" for r in named_in_log)
+        # Said once per run of cut-short connections, not at every one of them.
+        assert len(named_in_log) <= 2 * 2  # each client, at most a second run
+        assert not named(alone) and alone.connected
+    finally:
+        await first.stop(grace=0)
+        await second.stop(grace=0)
+        await alone.stop(grace=0)
+
+
+async def test_a_broker_that_was_down_is_not_mistaken_for_a_shared_client_id(
+    fresh_mosquitto: Mosquitto, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await started(fresh_mosquitto.url, unique_name, reconnect_min_delay=0.1)
+    try:
+        for _ in range(4):  # each connection closed by the broker within seconds
+            await fresh_mosquitto.astop()
+            # Down long enough for an attempt to fail: a client whose session was taken
+            # over gets back in at once instead.
+            await eventually(lambda: client.health().last_error == "could not reach the broker")
+            await fresh_mosquitto.astart()
+            await client.wait_connected(10)
+        assert client.health().reconnect_count == 4
+        assert not [r for r in caplog.records if "client id" in r.message]
+    finally:
+        await client.stop(grace=0)
