@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
+from twin_service.urls import check_url
+
 
 @dataclass(frozen=True)
 class LastWill:
@@ -30,12 +32,13 @@ class BrokerAddress:
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         """Parse a broker URL; user and password may be percent-encoded."""
+        try:
+            check_url(url, ("mqtt", "mqtts"))
+        except ValueError as exc:
+            raise ValueError(f"broker URL {exc}") from None  # not the URL: it may hold a password
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"broker URL has no host: {url!r}")
         tls = parts.scheme == "mqtts"
+        assert parts.hostname is not None  # checked above
         return cls(
             host=parts.hostname,
             port=parts.port or (8883 if tls else 1883),

@@ -15,7 +15,6 @@ import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -33,6 +32,7 @@ from pydantic_settings import (
 )
 
 from twin_service.twin.jsonvalue import Limits
+from twin_service.urls import check_url
 
 _Count = Annotated[int, Field(ge=0)]
 
@@ -372,25 +372,6 @@ _URL_SCHEMES = {
     "mongodb_url": ("mongodb", "mongodb+srv"),
     "elasticsearch_url": ("http", "https"),
 }
-
-
-def check_url(url: str, schemes: tuple[str, ...]) -> None:
-    """Raise ValueError unless ``url`` has one of ``schemes``, a host and a valid port.
-
-    The messages never repeat the URL: it may hold a password.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in schemes:
-        expected = " or ".join(f"{scheme}://" for scheme in schemes)
-        raise ValueError(f"must start with {expected}, not {parts.scheme or 'no scheme'}")
-    if not parts.hostname:
-        raise ValueError("has no host")
-    if "," in parts.netloc:  # a MongoDB seed list (h1,h2:27018) is pymongo's to read
-        return
-    try:
-        parts.port  # noqa: B018 - reading it checks it
-    except ValueError:
-        raise ValueError("has a port that is not a number from 0 to 65535") from None
 
 
 def is_loopback(host: str) -> bool:

@@ -1,0 +1,28 @@
+"""Checks of the URLs the service is given (broker, database, search engine).
+
+Apart from the settings so that the device library (``connectivity``) can use them without
+loading the service's settings.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+
+def check_url(url: str, schemes: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``url`` has one of ``schemes``, a host and a valid port.
+
+    The messages never repeat the URL: it may hold a password.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        expected = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise ValueError(f"must start with {expected}, not {parts.scheme or 'no scheme'}")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    if "," in parts.netloc:  # a MongoDB seed list (h1,h2:27018) is pymongo's to read
+        return
+    try:
+        parts.port  # noqa: B018 - reading it checks it
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
