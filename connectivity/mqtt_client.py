@@ -370,7 +370,9 @@ class MqttClient:
         self._connected_at = time.monotonic()
         self._refusal = None
         self._set_connected(True)
-        log.info("MQTT connected (session present: %s)", session_present)
+        log.info(
+            "MQTT connected as %s (session present: %s)", self.options.client_id, session_present
+        )
         if self._subs and not (session_present and self._connects > 1):
             # A new process cannot know which filters an old session held, so it subscribes to
             # all of them once; later, only a lost session needs it again.

@@ -43,6 +43,7 @@ def add_subcommands(subparsers: Any) -> None:
 
 def run_retire(args: argparse.Namespace) -> int:
     """0 when the session was ended, 2 on bad settings, 1 when the broker or store failed."""
+    from twin_service import logs
     from twin_service.errors import TwinServiceError
     from twin_service.settings import settings_for_command
 
@@ -52,6 +53,7 @@ def run_retire(args: argparse.Namespace) -> int:
     if not settings.mqtt_url or not settings.mqtt.enabled:
         print("twin-service: mqtt retire needs an external broker (mqtt_url)", file=sys.stderr)
         return 2
+    logs.configure(settings.log_level)
     mqtt = settings.mqtt.model_copy(update={"client_id": args.client_id})
     settings = settings.model_copy(update={"mqtt": mqtt})
     try:
@@ -69,7 +71,8 @@ async def _retire(settings: Settings, quiet_seconds: float) -> int:
     from twin_service.auth import TokenRegistry
 
     async with AsyncExitStack() as stack:
-        ctx = await start_service(settings, TokenRegistry([], disabled=True), stack)
-        sync = ctx.components["mqtt"]
-        assert isinstance(sync, MqttSync)
+        # MQTT sync alone, and retiring from the start: the deltas and the expiry of
+        # desired values are for the replicas that stay to keep.
+        sync = MqttSync(retiring=True)
+        await start_service(settings, TokenRegistry([], disabled=True), stack, [sync])
         return await sync.retire(settings.mqtt.connect_timeout_seconds, quiet_seconds)

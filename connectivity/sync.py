@@ -46,7 +46,8 @@ def _redact(url: str) -> str:
 class MqttSync:
     """``Component``: reconciles twins with devices over MQTT."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, retiring: bool = False) -> None:
+        """``retiring``: started only to :meth:`retire` its client id's session."""
         self.client: MqttClient | None = None
         self.broker: EmbeddedBroker | None = None
         self.deltas: DeltaPublisher | None = None
@@ -58,7 +59,7 @@ class MqttSync:
         self._connections = 0
         self._options: MqttOptions | None = None
         self._republishing: asyncio.Task[None] | None = None
-        self._retiring = False
+        self._retiring = retiring
 
     def options(self, settings: Settings, url: str, password: str | None) -> MqttOptions:
         m = settings.mqtt
@@ -163,7 +164,10 @@ class MqttSync:
         """
         client = self.client
         assert client is not None, "start() first"
-        self._retiring = True  # a reconnection must not subscribe again
+        # A reconnection must not subscribe again, and the deltas are for the replicas that
+        # stay to keep: no republish and correction pass on this session's way out.
+        self._retiring = True
+        await stop_task(self._republishing)
         await client.wait_connected(connect_timeout)
         for topic_filter in self._filters:
             await client.unsubscribe(topic_filter, keep_routing=True)
@@ -215,7 +219,7 @@ class MqttSync:
                     await self.client.subscribe(topic_filter, 1, handler)
                 except MqttUnavailable as exc:
                     log.warning("re-subscribing %s failed: %s", topic_filter, exc)
-        if self.deltas is None:
+        if self.deltas is None or self._retiring:
             return
         # A pass still running from the connection before is superseded by this one (two
         # would read the retained deltas with one client id, taking turns at the session).

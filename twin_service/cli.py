@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from twin_service import logs
     from twin_service.api.app import create_app
     from twin_service.settings import settings_for_command
     from twin_service.streams.direct_ws import DirectWebSocketProtocol
@@ -74,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if settings is None:
         return 2
+    logs.configure(settings.log_level)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         app = create_app(settings)  # reads the tokens file, or writes the admin token

@@ -197,10 +197,15 @@ async def test_retiring_a_removed_replica_hands_its_share_over(
             capture_output=True,
             text=True,
             timeout=120,
-            env=service_env(env | {"TWIN_MQTT_URL": url, "TWIN_MQTT__ENABLED": "true"}),
+            env=service_env(
+                env | {"TWIN_MQTT_URL": url, "TWIN_MQTT__ENABLED": "true", "TWIN_LOG_LEVEL": "info"}
+            ),
         )
         assert retire.returncode == 0, retire.stdout + retire.stderr
         assert "ended the MQTT session svc-removed" in retire.stdout
+        # The deltas are the remaining replicas' to keep: no pass over them on the way out.
+        assert "MQTT connected as svc-removed" in retire.stderr
+        assert "republishing" not in retire.stderr
         assert reported() == [1] * len(twins)  # what its session held was handled
 
         await report_all(2)  # and nothing more is queued for it

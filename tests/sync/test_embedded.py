@@ -151,3 +151,21 @@ async def test_a_damaged_credentials_file_refuses_devices_and_says_why(tmp_path:
     log = proc.log_path.read_text(errors="replace")
     assert f"refused login for '{mqtt_username(twin)}': {credentials} cannot be read" in log, log
     assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("level", ["info", "warning"])
+def test_the_services_own_log_lines_follow_log_level(tmp_path: Path, level: str) -> None:
+    env = {
+        "TWIN_MQTT__ENABLED": "true",
+        "TWIN_MQTT__EMBEDDED_PORT": str(free_port()),
+        "TWIN_LOG_LEVEL": level,
+    }
+    svc = ServiceProcess(tmp_path / "svc", env=env).start()
+    try:
+        wait_mqtt_up(svc)
+        log = svc.log_tail(10_000)
+    finally:
+        svc.stop()
+    # Named and levelled like the writer process's lines; uvicorn's lines are its own.
+    connected = "INFO connectivity.mqtt_client: MQTT connected as twin-service "
+    assert (connected in log) == (level == "info"), log

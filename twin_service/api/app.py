@@ -164,9 +164,13 @@ def _reason(exc: BaseException) -> str:
 
 
 async def start_service(
-    settings: Settings, tokens: TokenRegistry, stack: AsyncExitStack
+    settings: Settings,
+    tokens: TokenRegistry,
+    stack: AsyncExitStack,
+    components: list[Component] | None = None,
 ) -> AppContext:
-    """Start the store, the index, the change feed and the components, in that order.
+    """Start the store, the index, the change feed and the components (by default those
+    the settings ask for), in that order.
 
     Each part's stop is registered before its start, so a start that fails part way (a
     client opened, then its server out of reach) still closes what it opened; the stack
@@ -189,7 +193,7 @@ async def start_service(
     ctx = AppContext(settings, store, service, tokens, index, hub)
     ctx.readiness["index"] = index.health
     ctx.readiness["bus"] = bus.describe
-    for component in _components(settings):
+    for component in _components(settings) if components is None else components:
         await _begin(stack, str(component), functools.partial(component.start, ctx), component.stop)
     return ctx
 

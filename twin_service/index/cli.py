@@ -56,11 +56,13 @@ class ProgressLine:
 
 def run_rebuild(args: argparse.Namespace) -> int:
     """Handler of ``index rebuild``: 0 on success, 2 on bad settings, 1 on failure."""
+    from twin_service import logs
     from twin_service.settings import settings_for_command
 
     settings = settings_for_command(args.config, data_dir=args.data_dir)
     if settings is None:
         return 2
+    logs.configure(settings.log_level)
     if settings.search != "elasticsearch":
         print("twin-service: index rebuild needs search=elasticsearch", file=sys.stderr)
         return 2
