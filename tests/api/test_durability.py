@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import websockets
 
 from tests.legacy import forget_sqlite_tombstone
 from tests.service_process import ServiceProcess
@@ -182,5 +184,21 @@ def test_auth_disabled_on_loopback_serves_without_token(tmp_path: Path) -> None:
     try:
         with proc.client(token="") as api:
             assert api.put("/api/v1/twins/org.acme:dev", json={}).status_code == 201
+        asyncio.run(_websocket_without_token(proc))
     finally:
         proc.stop()
+
+
+async def _websocket_without_token(proc: ServiceProcess) -> None:
+    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
+    async with websockets.connect(url) as ws:
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome", welcome
+        # What a client written for tokens sends first: answered, and the socket stays.
+        await ws.send(json.dumps({"type": "auth", "token": "any"}))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert reply["type"] == "error" and reply["error"]["error"] == "auth.done", reply
+        get = {"type": "command", "correlationId": "g", "command": "get", "twinId": "org.acme:dev"}
+        await ws.send(json.dumps(get))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert reply["type"] == "response" and reply["status"] == 200, reply
