@@ -334,6 +334,20 @@ def test_resync_required_when_journal_was_pruned(
                 await api.put(f"/api/v1/twins/{twin}/desired/n", json=-1)
             live = await receive(ws)  # still subscribed live from the current position
             assert live["type"] == "event" and live["seq"] > reply["seq"]
+            head = live["seq"]
+            # Resuming at the newest event is the normal case; beyond it, the reader's
+            # position comes from another journal (a restored or replaced database).
+            await subscribe(ws, id="current", since=head)
+            await send(ws, {"type": "subscribe", "id": "other", "since": head + 1000})
+            reply = await until(ws, lambda m: m.get("subscription") == "other")
+            assert reply["type"] == "resync.required" and reply["seq"] == head, reply
+            assert f"beyond the newest event of this journal ({head})" in reply["message"]
+            async with proc.async_client() as api:
+                await api.put(f"/api/v1/twins/{twin}/desired/n", json=-2)
+            # Both go on live.
+            live = [await receive(ws), await receive(ws), await receive(ws)]
+            got = sorted(m["subscription"] for m in live if m["type"] == "event")
+            assert got == ["current", "old", "other"], live
 
     asyncio.run(run())
 

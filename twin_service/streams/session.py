@@ -162,18 +162,15 @@ class StreamSession:
         self._subs[subscription.id] = active
         position = self._hub.register(active, subscription)
         if since is not None:
-            pruned = await self._store.pruned_seq()
-            if since < pruned:
+            gap = await self._journal_gap(since, position)
+            if gap is not None:
                 self.send(
                     {
                         "type": "resync.required",
                         "subscription": subscription.id,
                         "seq": position,
-                        "message": (
-                            f"The journal no longer holds every event after {since} (events "
-                            f"up to {pruned} were removed): reload the twins; this "
-                            f"subscription goes on live after seq {position}."
-                        ),
+                        "message": f"{gap}: reload the twins; this subscription goes on live "
+                        f"after seq {position}.",
                     }
                 )
                 self._release(active, position)
@@ -193,6 +190,24 @@ class StreamSession:
             await replay(self._store, since, position, emit_replayed)
         finally:
             self._release(active, position)
+
+    async def _journal_gap(self, since: int, position: int) -> str | None:
+        """Why the journal cannot bring a reader at ``since`` up to date, if it cannot."""
+        pruned = await self._store.pruned_seq()
+        if since < pruned:
+            return (
+                f"The journal no longer holds every event after {since} (events up to "
+                f"{pruned} were removed)"
+            )
+        # Ahead of this hub is normal for a moment (another replica's commit not seen
+        # yet); ahead of the store is a sequence number of another journal: the database
+        # was restored from a backup or replaced, and the reader holds changes it lacks.
+        if since > position and since > (head := await self._store.last_seq()):
+            return (
+                f"Sequence number {since} is beyond the newest event of this journal "
+                f"({head}): it comes from another journal (a restored or replaced database)"
+            )
+        return None
 
     def _release(self, active: _Active, position: int) -> None:
         """Go live: deliver the events held back while replaying, after ``position``."""
