@@ -484,3 +484,37 @@ def test_subscribers_after_unobserved_changes_see_the_right_before_state(
                 assert message["event"]["twinId"] == f"{ns}:probe"
 
     asyncio.run(run())
+
+
+def test_resuming_ahead_of_a_replica_that_has_not_seen_the_commit_yet_repeats_nothing(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """A reader that saw seq S on replica A resumes on replica B before B learned of S
+    (two processes on one SQLite file; B polls the journal every 2 s). S reaches B later,
+    as a live event: the reader must not get it a second time."""
+    data = tmp_path / "shared"
+    a = service_factory(data)
+    b = service_factory(data, env={"TWIN_STREAM__POLL_INTERVAL_SECONDS": "2"})
+    twin = "org.acme:ahead"
+
+    async def run() -> None:
+        async with a.async_client() as api_a, connect(b) as ws:
+            assert (await api_a.put(f"/api/v1/twins/{twin}", json={})).status_code == 201
+            for attempt in range(5):
+                write = await api_a.put(f"/api/v1/twins/{twin}/desired/n", json=attempt)
+                seen = int(write.headers["X-Twin-Seq"])
+                reply = await subscribe(ws, id=f"s{attempt}", twins=[twin], since=seen)
+                if reply["seq"] < seen:  # B had not polled since the write: the case
+                    break
+                await send(ws, {"type": "unsubscribe", "id": f"s{attempt}"})
+                await until(ws, lambda m: m["type"] == "unsubscribed")
+            else:
+                pytest.fail("replica B saw every write at once: the case did not arise")
+            # B's next poll brings `seen` to it; then a write the reader has not seen.
+            await asyncio.sleep(3)
+            later = await api_a.put(f"/api/v1/twins/{twin}/desired/n", json="later")
+            event = await receive(ws, timeout=10)
+            assert event["type"] == "event", event
+            assert event["seq"] == int(later.headers["X-Twin-Seq"]) > seen, (event, seen)
+
+    asyncio.run(run())

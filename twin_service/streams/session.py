@@ -51,11 +51,15 @@ class _Active:
     subscription: Subscription
     replaying: bool = False
     held: list[EventFrame] = field(default_factory=list)
+    #: Events up to this one the reader had before it subscribed (see ``subscribe``).
+    had_through: int = 0
 
     def receive(self, frame: EventFrame) -> None:
         session = self.session
         if session.overflowed:
             return  # the writer is closing this session; spare the work
+        if frame.stored.seq <= self.had_through:
+            return
         if self.replaying:
             session._hold(self, frame)
         elif session._deliver(self.subscription, frame):
@@ -177,6 +181,9 @@ class StreamSession:
                 return
         self.send({"type": "subscribed", "subscription": subscription.id, "seq": position})
         if since is None or since >= position:
+            # Resuming ahead of this hub: another replica's commits the reader has seen
+            # and this hub has not yet. They reach it later, as live events: not again.
+            active.had_through = since or 0
             active.replaying = False
             return
 
