@@ -1,4 +1,4 @@
-"""Command line: ``twin-service serve | version | devices ...``."""
+"""Command line: ``twin-service serve | version | devices | backup ...``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from connectivity.simulate import add_subcommands as add_simulate_command
 from twin_service import __version__
 from twin_service.collector import tune_gc
 from twin_service.index.cli import add_subcommands as add_index_commands
+from twin_service.store.backup import add_subcommands as add_backup_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_commands(sub)
     add_mqtt_commands(sub)
     add_simulate_command(sub)
+    add_backup_command(sub)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""``twin-service backup``: a consistent copy of the SQLite store taken while the service
+writes, restorable by putting it in place of the database (docs/backup.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.service_process import ServiceProcess, service_env
+
+TWINS = 40
+
+
+def backup(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "twin_service", "backup", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=service_env(settings),
+    )
+
+
+def test_a_backup_taken_while_twins_change_restores_every_write_acknowledged_before_it(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "live"
+    copy = tmp_path / "backup.sqlite3"
+    live = ServiceProcess(data).start()
+    acknowledged: dict[str, int] = {}  # twin -> revision acknowledged before the backup began
+
+    async def write_on(api: httpx.AsyncClient, twin: str, stop: asyncio.Event) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            response = await api.put(f"/api/v1/twins/{twin}/desired/n", json=n)
+            assert response.status_code in (201, 204), response.text
+
+    async def run() -> subprocess.CompletedProcess[str]:
+        async with live.async_client() as api:
+            for i in range(TWINS):
+                response = await api.put(f"/api/v1/twins/org.acme:b{i}", json={"desired": {}})
+                assert response.status_code == 201
+                acknowledged[f"org.acme:b{i}"] = 1
+            stop = asyncio.Event()
+            writers = [asyncio.create_task(write_on(api, t, stop)) for t in acknowledged]
+            await asyncio.sleep(0.5)
+            for twin in acknowledged:  # what was acknowledged before the backup started
+                acknowledged[twin] = (await api.get(f"/api/v1/twins/{twin}")).json()["revision"]
+            done = await asyncio.to_thread(backup, str(copy), "--data-dir", str(data))
+            await asyncio.sleep(0.3)  # the writes go on after it
+            stop.set()
+            await asyncio.gather(*writers)
+            return done
+
+    try:
+        done = asyncio.run(run())
+        with live.client() as api:
+            after = {t: api.get(f"/api/v1/twins/{t}").json()["revision"] for t in acknowledged}
+    finally:
+        live.stop()
+    assert done.returncode == 0, done.stderr
+    assert f"backed up {TWINS} twins" in done.stdout and str(copy) in done.stdout
+    assert not list(tmp_path.glob(".backup.sqlite3.partial-*"))
+
+    # Restore: the backup in place of the database of a new data directory.
+    restored_dir = tmp_path / "restored"
+    restored_dir.mkdir()
+    shutil.copyfile(copy, restored_dir / "twins.sqlite3")
+    restored = ServiceProcess(restored_dir).start()
+    try:
+        with restored.client() as api:
+            for twin, revision in acknowledged.items():
+                got = api.get(f"/api/v1/twins/{twin}")
+                assert got.status_code == 200, got.text
+                body = got.json()
+                # Every write acknowledged before the backup, none that did not happen.
+                assert revision <= body["revision"] <= after[twin], (twin, body["revision"])
+                assert body["desired"] == {"n": body["revision"] - 1}, body
+                # The twin and its journal were copied at one instant.
+                history = api.get(f"/api/v1/twins/{twin}/history").json()["items"]
+                assert history[-1]["revision"] == body["revision"], twin
+            # The built-in index came along too.
+            found = api.get("/api/v1/search/twins", params={"filter": "exists(desired/n)"})
+            assert found.status_code == 200 and len(found.json()["items"]) == min(TWINS, 25)
+            twin = next(iter(acknowledged))
+            assert api.put(f"/api/v1/twins/{twin}/desired/n", json=-1).status_code == 204
+    finally:
+        restored.stop()
+
+
+def test_backup_refusals_are_one_line_and_leave_files_alone(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    missing = backup(str(tmp_path / "b.sqlite3"), "--data-dir", str(data))
+    assert missing.returncode == 1
+    assert missing.stderr == f"twin-service: there is no twin store at {data / 'twins.sqlite3'}\n"
+
+    ServiceProcess(data).start().stop()  # creates the database
+    existing = tmp_path / "existing.sqlite3"
+    existing.write_bytes(b"keep me")
+    refused = backup(str(existing), "--data-dir", str(data))
+    assert refused.returncode == 1
+    assert "exists; choose another name or pass --force" in refused.stderr
+    assert existing.read_bytes() == b"keep me"
+    replaced = backup(str(existing), "--data-dir", str(data), "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    assert existing.read_bytes().startswith(b"SQLite format 3\x00")
+
+    nowhere = backup(str(tmp_path / "no" / "such" / "dir.sqlite3"), "--data-dir", str(data))
+    assert nowhere.returncode == 1 and "is not a directory" in nowhere.stderr
+    assert backup(str(tmp_path), "--data-dir", str(data)).returncode == 1
+
+    mongo = backup(
+        str(tmp_path / "m"),
+        "--data-dir",
+        str(data),
+        TWIN_STORE="mongodb",
+        TWIN_MONGODB_URL="mongodb://db.invalid",
+    )
+    assert mongo.returncode == 2 and "mongodump" in mongo.stderr
+    for line in (missing.stderr, refused.stderr, nowhere.stderr, mongo.stderr):
+        assert line.count("\n") == 1 and "Traceback" not in line

@@ -1,0 +1,133 @@
+"""``twin-service backup DEST``: a consistent copy of the SQLite store, taken while the
+service runs.
+
+Copying ``twins.sqlite3`` with ``cp`` while the service writes is not a backup: the newest
+commits live in the ``-wal`` file, and a copy taken between the two is torn. This reads one
+snapshot (a read transaction: the service's writer goes on, as with any reader) and writes
+it, compacted, with ``VACUUM INTO`` into a file beside ``DEST``, checks the copy, makes it
+durable and only then renames it to ``DEST``: a failed backup never leaves a partial file
+under that name. Restoring is docs/backup.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class BackupError(Exception):
+    """The backup could not be made; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: Path
+    twins: int
+    #: The newest change event in the copy: a reader resuming after it on a service
+    #: restored from this copy is asked to resync (docs/api.md).
+    last_seq: int
+    size: int
+
+
+def backup_sqlite(source: Path, dest: Path, *, overwrite: bool = False) -> Backup:
+    if not source.is_file():
+        raise BackupError(f"there is no twin store at {source}")
+    if dest.is_dir():
+        raise BackupError(f"{dest} is a directory; name the backup file")
+    if dest.exists() and not overwrite:
+        raise BackupError(f"{dest} exists; choose another name or pass --force")
+    if not dest.parent.is_dir():
+        raise BackupError(f"cannot write {dest}: {dest.parent} is not a directory")
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    partial.unlink(missing_ok=True)
+    try:
+        _copy_snapshot(source, partial)
+        twins, last_seq = _check(partial)
+        _sync(partial)
+        os.replace(partial, dest)
+        _sync(dest.parent)
+    except sqlite3.Error as exc:
+        raise BackupError(f"the backup of {source} failed: {exc}") from None
+    except OSError as exc:
+        raise BackupError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return Backup(dest, twins, last_seq, dest.stat().st_size)
+
+
+def _copy_snapshot(source: Path, target: Path) -> None:
+    # Read-only: the backup never creates, changes or recovers the service's database.
+    conn = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("VACUUM INTO ?", (str(target),))
+    finally:
+        conn.close()
+
+
+def _check(copy: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(copy)
+    try:
+        (verdict,) = conn.execute("PRAGMA quick_check").fetchone()
+        if verdict != "ok":
+            raise BackupError(f"the copy failed its check: {verdict}")
+        (twins,) = conn.execute("SELECT count(*) FROM twins").fetchone()
+        (last_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+    finally:
+        conn.close()
+    return int(twins), int(last_seq)
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``backup`` to the ``twin-service`` sub-command parsers."""
+    parser = subparsers.add_parser(
+        "backup", help="write a consistent copy of the SQLite twin store (while it runs)"
+    )
+    parser.add_argument("dest", type=Path, help="the backup file to write")
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--data-dir", type=Path, help="directory of the database")
+    parser.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    parser.set_defaults(handler=run_backup)
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    """0 when the backup is written, 2 on bad settings or another store, 1 when it failed."""
+    from twin_service.settings import settings_for_command
+
+    settings = settings_for_command(args.config, data_dir=args.data_dir)
+    if settings is None:
+        return 2
+    if settings.store != "sqlite":
+        print(
+            "twin-service: backup copies the SQLite store; back MongoDB up with its own "
+            "tools (mongodump, or snapshots of its volumes)",
+            file=sys.stderr,
+        )
+        return 2
+    source = settings.data_dir / settings.sqlite.file_name
+    try:
+        done = backup_sqlite(source, args.dest, overwrite=args.force)
+    except BackupError as exc:
+        print(f"twin-service: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"backed up {done.twins:,} twins (journal up to seq {done.last_seq:,}) "
+        f"to {done.path} ({done.size / 2**20:.1f} MiB)"
+    )
+    return 0
