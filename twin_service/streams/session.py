@@ -183,8 +183,9 @@ class StreamSession:
         if since is None or since >= position:
             # Resuming ahead of this hub: another replica's commits the reader has seen
             # and this hub has not yet. They reach it later, as live events: not again.
+            # Events held while the journal was consulted above go out if they are new.
             active.had_through = since or 0
-            active.replaying = False
+            self._release(active, max(position, since or 0))
             return
 
         def emit_replayed(
