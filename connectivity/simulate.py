@@ -16,13 +16,17 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from connectivity.errors import MqttUnavailable
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
-from connectivity.options import MqttOptions
+from connectivity.options import BrokerAddress, MqttOptions
 from connectivity.topics import DEFAULT_PREFIX, TopicLayout
+
+T = TypeVar("T", int, float)
 
 
 def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,16 +34,35 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         "simulate", help="drive simulated devices against the service"
     )
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker URL with credentials")
-    sim.add_argument("--devices", type=int, default=100)
-    sim.add_argument("--rate", type=float, default=100.0, help="reports per second, all devices")
-    sim.add_argument("--offline-fraction", type=float, default=0.0)
-    sim.add_argument("--duration", type=float, default=10.0, help="seconds")
+    sim.add_argument("--devices", type=_at_least(1, int), default=100)
+    sim.add_argument(
+        "--rate", type=_at_least(0, float), default=100.0, help="reports per second, all devices"
+    )
+    sim.add_argument("--offline-fraction", type=_fraction, default=0.0, help="0 to 1")
+    sim.add_argument("--duration", type=_at_least(0, float), default=10.0, help="seconds")
     sim.add_argument("--namespace", default="sim")
-    sim.add_argument("--connections", type=int, default=4)
+    sim.add_argument("--connections", type=_at_least(1, int), default=4)
     sim.add_argument("--protocol", type=int, choices=[4, 5], default=5)
     sim.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
     sim.set_defaults(handler=cmd_simulate)
     return sim
+
+
+def _at_least(low: float, kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be from 0 to 1")
+    return value
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -67,14 +90,22 @@ class Simulation:
         except ValueError:
             return
         started = self.sent.pop(str(body.get("clientToken")), None)
+        if started is None:
+            return  # not a report of this run, or answered already (a redelivered reply)
         if msg.topic.endswith("/rejected"):
             self.rejects += 1
         else:
             self.acks += 1
-        if started is not None:
-            self.latencies.append(time.perf_counter() - started)
+        self.latencies.append(time.perf_counter() - started)
 
     async def run(self, out: Any) -> int:
+        try:
+            return await self._run(out)
+        finally:
+            for client in self.clients:
+                await client.stop(grace=0)
+
+    async def _run(self, out: Any) -> int:
         a = self.args
         protocol: Literal[4, 5] = 5 if a.protocol == 5 else 4
         for n in range(max(1, a.connections)):
@@ -86,10 +117,13 @@ class Simulation:
                     persistent_session=False,
                 )
             )
-            await client.subscribe(self.layout.all_twins("reported/update/+"), 1, self.on_reply)
+            if n == 0:
+                # One connection takes every reply: with a subscription on each, every
+                # reply came once per connection and was counted as many times.
+                await client.subscribe(self.layout.all_twins("reported/update/+"), 1, self.on_reply)
+            self.clients.append(client)
             await client.start()
             await client.wait_connected(10)
-            self.clients.append(client)
         for i, twin in enumerate(self.twins):
             status = b"offline" if twin in self.offline else b"online"
             client = self.clients[i % len(self.clients)]
@@ -120,8 +154,6 @@ class Simulation:
         settle = time.monotonic() + 10
         while self.acks + self.rejects < self.messages and time.monotonic() < settle:
             await asyncio.sleep(0.05)
-        for client in self.clients:
-            await client.stop(grace=0)
         ms = [x * 1000 for x in self.latencies]
         print(file=out)
         lost = self.messages - self.acks - self.rejects
@@ -141,5 +173,18 @@ class Simulation:
 def cmd_simulate(
     args: argparse.Namespace, data_dir: Path | None = None, out: Any = sys.stdout
 ) -> int:
-    """``simulate --devices N --rate R --offline-fraction F``; twins must exist (else 404s)."""
-    return asyncio.run(Simulation(args).run(out))
+    """``simulate --devices N --rate R --offline-fraction F``; twins must exist (else 404s).
+
+    0 after the summary; 2 for a broker URL it cannot use; 1 when the broker cannot be
+    reached or refuses (one line on stderr, never the URL: it holds the password)."""
+    try:
+        BrokerAddress.parse(args.url)
+    except ValueError as exc:
+        print(f"twin-service simulate: --url: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(Simulation(args).run(out))
+    except MqttUnavailable as exc:
+        detail = f" ({exc.description})" if exc.description else ""
+        print(f"twin-service simulate: {exc.message}{detail}", file=sys.stderr)
+        return 1

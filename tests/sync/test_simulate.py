@@ -1,0 +1,78 @@
+"""``twin-service simulate``: simulated devices against the real service and mosquitto."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from tests.servers.mosquitto import Mosquitto
+from tests.service_process import service_env
+from tests.sync.helpers import get_twin, put_twin, sync_service, wait_mqtt_up
+
+
+def simulate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "twin_service", "simulate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=service_env({}),
+    )
+
+
+def test_simulated_devices_report_and_every_report_is_answered(
+    mosquitto_server: Mosquitto, tmp_path: Path
+) -> None:
+    namespace = f"sim{uuid.uuid4().hex[:8]}"
+    devices = 20
+    svc = sync_service(tmp_path / "svc", mosquitto_server.url)
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            for n in range(devices):
+                put_twin(api, f"{namespace}:dev-{n:05d}")
+        run = simulate(
+            "--url", mosquitto_server.url, "--namespace", namespace, "--devices", str(devices),
+            "--rate", "200", "--duration", "2", "--offline-fraction", "0.25", "--connections", "2",
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        summary = re.search(
+            r"devices (\d+) \(offline (\d+)\) messages (\d+) acks (\d+) rejects (\d+) "
+            r"unanswered (\d+)",
+            run.stdout,
+        )
+        assert summary is not None, run.stdout
+        total, offline, messages, acks, rejects, unanswered = map(int, summary.groups())
+        assert (total, offline) == (devices, 5)
+        assert messages >= 100 and acks == messages and rejects == unanswered == 0, run.stdout
+        assert re.search(r"latency ms p50 [\d.]+ p90 [\d.]+ p99 [\d.]+ max [\d.]+", run.stdout)
+        assert re.search(r"sent \d+ acks \d+ rejects \d+\n", run.stdout)  # the progress line
+        with svc.client() as api:
+            twins = [get_twin(api, f"{namespace}:dev-{n:05d}") for n in range(devices)]
+        statuses = [t["connection"]["status"] for t in twins]
+        assert statuses.count("offline") == 5 and statuses.count("online") == 15, statuses
+        reporting = [t for t in twins if t["connection"]["status"] == "online"]
+        assert all(isinstance(t["reported"].get("counter"), int) for t in reporting)
+        assert sum(t["reportedVersion"] - 1 for t in twins) == messages
+    finally:
+        svc.stop()
+
+
+def test_simulate_refuses_what_it_cannot_use_in_one_line(tmp_path: Path) -> None:
+    secret = "pw-not-to-be-shown"
+    bad_url = simulate("--url", f"http://u:{secret}@broker", "--duration", "1")
+    assert bad_url.returncode == 2
+    assert bad_url.stderr == (
+        "twin-service simulate: --url: broker URL must start with mqtt:// or mqtts://, not http\n"
+    )
+    unreachable = simulate("--url", f"mqtt://u:{secret}@127.0.0.1:1", "--duration", "1")
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith("twin-service simulate: no MQTT session within")
+    assert unreachable.stderr.count("\n") == 1
+    bad_fraction = simulate("--offline-fraction", "1.5")
+    assert bad_fraction.returncode == 2 and "must be from 0 to 1" in bad_fraction.stderr
+    for run in (bad_url, unreachable, bad_fraction):
+        assert secret not in run.stderr + run.stdout and "Traceback" not in run.stderr
