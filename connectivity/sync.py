@@ -47,7 +47,9 @@ class MqttSync:
     """``Component``: reconciles twins with devices over MQTT."""
 
     def __init__(self, *, retiring: bool = False) -> None:
-        """``retiring``: started only to :meth:`retire` its client id's session."""
+        """``retiring``: started only to :meth:`retire` its client id's session. A
+        reconnection then subscribes nothing again, and no delta republish and correction
+        pass runs: the deltas are the remaining replicas' to keep."""
         self.client: MqttClient | None = None
         self.broker: EmbeddedBroker | None = None
         self.deltas: DeltaPublisher | None = None
@@ -164,10 +166,7 @@ class MqttSync:
         """
         client = self.client
         assert client is not None, "start() first"
-        # A reconnection must not subscribe again, and the deltas are for the replicas that
-        # stay to keep: no republish and correction pass on this session's way out.
-        self._retiring = True
-        await stop_task(self._republishing)
+        assert self._retiring, "construct with MqttSync(retiring=True)"
         await client.wait_connected(connect_timeout)
         for topic_filter in self._filters:
             await client.unsubscribe(topic_filter, keep_routing=True)
