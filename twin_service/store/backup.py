@@ -6,7 +6,7 @@ commits live in the ``-wal`` file, and a copy taken between the two is torn. Thi
 snapshot (a read transaction: the service's writer goes on, as with any reader) and writes
 it, compacted, with ``VACUUM INTO`` into a file beside ``DEST``, checks the copy, makes it
 durable and only then renames it to ``DEST``: a failed backup never leaves a partial file
-under that name. Restoring is docs/backup.md.
+under that name. How to restore: docs/backup.md.
 """
 
 from __future__ import annotations
