@@ -14,12 +14,17 @@ import random
 import string
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 from tests.service_process import ServiceProcess
+from twin_service.api.app import create_app
+from twin_service.settings import load_settings
 
 REQUESTS = 1200
 WRITES = ("PUT", "PATCH", "DELETE", "POST")
@@ -215,11 +220,35 @@ def _reset(api: httpx.Client, twin_id: str) -> dict[str, Any]:
     return doc
 
 
-def test_hostile_requests_get_a_4xx_and_leave_the_twin_alone(service: ServiceProcess) -> None:
+class Operations:
+    """Which documented operation a request reaches, found with the service's own routes
+    (an app built in process, never started), and the statuses its OpenAPI entry lists."""
+
+    def __init__(self, spec: dict[str, Any], data_dir: Path) -> None:
+        app = create_app(load_settings(data_dir=data_dir, auth={"disabled": True}))
+        self._routes = [r for r in app.router.routes if isinstance(r, APIRoute)]
+        self._spec = spec
+
+    def documented(self, method: str, path: str) -> set[str] | None:
+        """The statuses of the operation ``method path`` reaches; ``None`` when it reaches
+        none (the router answers 404 or 405 itself: request.method, resource.notfound)."""
+        scope = {"type": "http", "method": method, "path": unquote(path), "root_path": ""}
+        for route in self._routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                operation = self._spec["paths"][route.path_format][method.lower()]
+                return set(operation["responses"])
+        return None
+
+
+def test_hostile_requests_get_a_4xx_and_leave_the_twin_alone(
+    service: ServiceProcess, tmp_path: Path
+) -> None:
     twin_id = f"org.hostile:t-{uuid.uuid4().hex[:8]}"
     hostile = Hostile(random.Random(20261204), twin_id)
     statuses: dict[int, int] = {}
     with service.client() as api:
+        operations = Operations(api.get("/openapi.json").json(), tmp_path)
         doc = _reset(api, twin_id)
         for number in range(REQUESTS):
             method, path, query, headers, body = hostile.request()
@@ -227,6 +256,9 @@ def test_hostile_requests_get_a_4xx_and_leave_the_twin_alone(service: ServicePro
             response = api.request(method, path, params=query, headers=headers, content=body)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             assert response.status_code < 500, f"{where}: {response.text[:300]}"
+            documented = operations.documented(method, path)
+            if documented is not None:  # every status an operation answers is in its entry
+                assert str(response.status_code) in documented, f"{where}: {response.text[:200]}"
             if response.status_code >= 400:
                 _assert_error_body(response, where)
             if method not in WRITES or not path.startswith(f"/api/v1/twins/{twin_id}"):
