@@ -108,7 +108,7 @@ class Simulation:
     async def _run(self, out: Any) -> int:
         a = self.args
         protocol: Literal[4, 5] = 5 if a.protocol == 5 else 4
-        for n in range(max(1, a.connections)):
+        for n in range(a.connections):
             client = MqttClient(
                 MqttOptions(
                     url=a.url,
