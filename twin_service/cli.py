@@ -93,6 +93,9 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         ws=DirectWebSocketProtocol,
         ws_per_message_deflate=settings.stream.websocket_deflate,
+        # uvicorn's default is 16 MiB: a message is parsed whole, so the REST body limit
+        # applies to it too (a larger one closes the socket with 1009, message too big).
+        ws_max_size=settings.limits.max_request_bytes,
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
     return 0

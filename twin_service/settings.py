@@ -42,7 +42,7 @@ class LimitsSettings(BaseModel):
     max_depth: int = Field(16, ge=2, le=64, description="Deepest nesting inside a twin.")
     max_key_length: int = Field(256, ge=1, le=4096, description="Longest key in a twin.")
     max_request_bytes: int = Field(
-        1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
+        1024 * 1024, ge=1024, description="Largest HTTP request body or WebSocket message accepted."
     )
 
     def to_limits(self) -> Limits:

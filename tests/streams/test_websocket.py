@@ -226,7 +226,7 @@ def test_authentication_failures_and_first_message_auth(service: ServiceProcess)
     asyncio.run(run())
 
 
-def test_binary_frames_close_with_1003_and_replies_echo_only_short_correlations(
+def test_binary_and_oversized_frames_close_the_socket_and_replies_echo_only_short_correlations(
     service: ServiceProcess,
 ) -> None:
     async def closed_by(ws: ClientConnection) -> tuple[int, str]:
@@ -252,6 +252,15 @@ def test_binary_frames_close_with_1003_and_replies_echo_only_short_correlations(
             assert (await receive(ws))["correlationId"] is None
             await send(ws, {"type": "command", "correlationId": 7})
             assert (await receive(ws))["correlationId"] == 7
+        # limits.max_request_bytes (1 MiB) bounds a message as it bounds a request body:
+        # just under it gets its answer, just over it closes the socket (1009, too big).
+        async with connect(service, max_size=None) as ws:
+            head = '{"type": "command", "correlationId": "big", "value": "'
+            padding = 1024 * 1024 - len(head) - 2
+            await ws.send(head + "x" * padding + '"}')
+            assert (await receive(ws))["correlationId"] == "big"
+            await ws.send(head + "x" * (padding + 1) + '"}')
+            assert (await closed_by(ws))[0] == 1009
         # The service logged no failure of its own for any of it.
         assert "Traceback" not in service.log_tail(100_000)
 
