@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from connectivity.errors import MqttUnavailable
 from connectivity.sync_messages import delta_message
-from connectivity.topics import TopicLayout
+from connectivity.topics import TopicLayout, fits_topics
 from search.rql.parser import parse_filter
 from search.rql.query import SearchQuery
 from twin_service.store.base import StoredEvent, TwinStore
@@ -65,6 +65,7 @@ class DeltaPublisher:
         self._pending: dict[str, _Job] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._failed: set[str] = set()
+        self._told_no_topics: set[str] = set()
         self.published = 0
         self.failures = 0
 
@@ -78,6 +79,9 @@ class DeltaPublisher:
         self.submit(event.twin_id, _Job(event.revision, twin))
 
     def submit(self, twin_id: str, job: _Job) -> None:
+        if not fits_topics(twin_id):
+            self._no_topics(twin_id)
+            return
         current = self._pending.get(twin_id)
         if current is None or job.revision >= current.revision:
             self._pending[twin_id] = _Job(
@@ -190,6 +194,18 @@ class DeltaPublisher:
         self.published += 1
         self._remember(twin_id, job.revision, payload)
         return True
+
+    def _no_topics(self, twin_id: str) -> None:
+        """Say once per twin (not on every change of it) that its delta cannot go out."""
+        if twin_id in self._told_no_topics:
+            return
+        if len(self._told_no_topics) < self._memory:
+            self._told_no_topics.add(twin_id)
+        log.warning(
+            "twin %s gets no delta over MQTT: its id contains '+', which MQTT forbids in a "
+            "topic name (rename the twin to reach a device)",
+            twin_id,
+        )
 
     def _remember(self, twin_id: str, revision: int, payload: bytes) -> None:
         self._published[twin_id] = (revision, payload)

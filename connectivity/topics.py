@@ -51,9 +51,15 @@ class TopicFilter:
         return len(names) == len(levels)
 
 
+def fits_topics(twin_id: str) -> bool:
+    """Whether ``twin_id`` can be one topic level: no ``/``, and no wildcard, which MQTT
+    forbids in a topic name (a twin name may hold ``+``, a URL-safe character)."""
+    return bool(twin_id) and not any(ch in _FORBIDDEN_IN_TWIN_ID for ch in twin_id)
+
+
 def check_twin_id_for_topics(twin_id: str) -> None:
     """Refuse twin ids that would break out of their topic level (``/``, wildcards)."""
-    if not twin_id or any(ch in _FORBIDDEN_IN_TWIN_ID for ch in twin_id):
+    if not fits_topics(twin_id):
         raise ValueError(f"twin id {twin_id!r} cannot be used in an MQTT topic")
 
 

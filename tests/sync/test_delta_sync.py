@@ -230,3 +230,27 @@ async def test_retained_deltas_the_twins_no_longer_have_are_corrected_on_connect
         svc.stop()
     log = svc.log_path.read_text(errors="replace")
     assert "republishing deltas failed" not in log and "Traceback" not in log, log
+
+
+async def test_a_twin_whose_id_has_no_topic_is_told_once_and_holds_up_nothing(
+    tmp_path: Path, mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    """A twin name may contain '+' (URL-safe), which MQTT forbids in a topic name: that
+    twin has no delta topic. Its changes must not fail a publish task on every change (the
+    log filled with 'Task exception was never retrieved'), nor hold up other twins."""
+    plus, plain = f"org.acme:{unique_name}+1", f"org.acme:{unique_name}"
+    svc = sync_service(tmp_path / "svc", mosquitto_server.url)
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            put_twin(api, plus, desired={"fan": 1})
+            patch_desired(api, plus, {"fan": 2})
+            put_twin(api, plain, desired={"fan": 3})
+        async with asyncio.timeout(15):
+            while await _retained_delta(mosquitto_server.url, plain) is None:
+                await asyncio.sleep(0.1)
+    finally:
+        svc.stop()
+    log = svc.log_path.read_text(errors="replace")
+    assert log.count(f"twin {plus} gets no delta over MQTT") == 1, log
+    assert "Traceback" not in log and "never retrieved" not in log, log
