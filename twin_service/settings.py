@@ -252,6 +252,9 @@ class StreamSettings(BaseModel):
     queue_size: int = Field(
         1000, ge=10, description="Messages buffered per WebSocket/SSE client before it is cut."
     )
+    max_subscriptions: int = Field(
+        100, ge=1, description="Subscriptions one WebSocket connection may hold at once."
+    )
     poll_interval_seconds: float = Field(
         1.0, gt=0, description="Journal poll interval when no commit notice arrives."
     )

@@ -527,3 +527,20 @@ def test_resuming_ahead_of_a_replica_that_has_not_seen_the_commit_yet_repeats_no
             assert event["seq"] == int(later.headers["X-Twin-Seq"]) > seen, (event, seen)
 
     asyncio.run(run())
+
+
+def test_a_connection_holds_at_most_max_subscriptions(service: ServiceProcess) -> None:
+    async def run() -> None:
+        async with connect(service) as ws:
+            for number in range(100):  # stream.max_subscriptions, by default
+                await subscribe(ws, id=f"s{number}")
+            await send(ws, {"type": "subscribe", "id": "one-too-many"})
+            refused = await receive(ws)
+            assert (refused["type"], refused["status"]) == ("error", 400), refused
+            assert refused["error"]["error"] == "limits.exceeded"
+            assert "stream.max_subscriptions" in refused["error"]["message"]
+            await send(ws, {"type": "unsubscribe", "id": "s0"})
+            assert (await receive(ws))["found"] is True
+            await subscribe(ws, id="one-too-many")
+
+    asyncio.run(run())

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from twin_service.auth import Principal
+from twin_service.errors import BadRequest, LimitExceeded
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.hub import EventHub, replay
 from twin_service.streams.messages import EventFrame, Outgoing
@@ -68,12 +69,18 @@ class _Active:
 
 class StreamSession:
     def __init__(
-        self, hub: EventHub, store: TwinStore, principal: Principal, queue_size: int
+        self,
+        hub: EventHub,
+        store: TwinStore,
+        principal: Principal,
+        queue_size: int,
+        max_subscriptions: int = 1,
     ) -> None:
         self._hub = hub
         self._store = store
         self._principal = principal
         self._queue_size = queue_size
+        self._max_subscriptions = max_subscriptions
         self._outbox: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
         self._subs: dict[str, _Active] = {}
@@ -157,9 +164,14 @@ class StreamSession:
 
     async def subscribe(self, subscription: Subscription, since: int | None) -> None:
         if subscription.id in self._subs:
-            from twin_service.errors import BadRequest
-
             raise BadRequest(f"Subscription {subscription.id!r} already exists.")
+        if len(self._subs) >= self._max_subscriptions:
+            # Every event is classified once per distinct subscription scope: one connection
+            # with unbounded subscriptions would slow every other reader's events.
+            raise LimitExceeded(
+                f"This connection has {len(self._subs)} subscriptions, the most "
+                "stream.max_subscriptions allows: unsubscribe one, or widen one's filter.",
+            )
         if self._closed:
             return  # a late message of a closed connection: filing it would leak
         active = _Active(self, subscription, replaying=since is not None)

@@ -153,7 +153,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         principal = await _first_message_auth(ctx, websocket)
         if principal is None:
             return
-    session = StreamSession(ctx.hub, ctx.store, principal, ctx.settings.stream.queue_size)
+    stream = ctx.settings.stream
+    session = StreamSession(
+        ctx.hub, ctx.store, principal, stream.queue_size, stream.max_subscriptions
+    )
     writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
     tasks: set[asyncio.Task[None]] = set()
     try:
