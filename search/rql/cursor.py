@@ -63,7 +63,7 @@ def decode_cursor(token: str, fp: str, sort: Sequence[SortKey]) -> list[Key]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw.decode())
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise RqlInvalid("malformed cursor") from None
     if not isinstance(data, dict) or not isinstance(data.get("k"), list):
         raise RqlInvalid("malformed cursor")

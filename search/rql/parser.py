@@ -61,6 +61,7 @@ class _Scanner:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        self.conditions = 0
 
     def fail(self, expected: str, position: int | None = None) -> RqlSyntaxError:
         at = self.pos if position is None else position
@@ -197,20 +198,37 @@ def _check_value(op: str, value: Value, start: int) -> None:
         raise RqlInvalid(f"{op} cannot compare with null (at position {start})")
 
 
-def _filter(sc: _Scanner) -> Filter:
+#: Deepest nesting of and/or/not. Every store and index turns a filter into a nested query
+#: (SQLite's parser overflows at about 100 levels; the translations recurse) and no real
+#: query comes near it.
+MAX_DEPTH = 32
+#: Most conditions (comparisons, in, like, exists) in one filter: SQLite answers a
+#: compound query of more than 500 parts with an error.
+MAX_CONDITIONS = 256
+
+
+def _filter(sc: _Scanner, depth: int = 1) -> Filter:
     name, start = sc.word(f"an operator ({_OPERATORS_TEXT})")
     if name not in OPERATORS:
         raise sc.fail(f"an operator ({_OPERATORS_TEXT})", start)
+    if depth > MAX_DEPTH:
+        raise RqlInvalid(f"filter nests deeper than {MAX_DEPTH} levels (at position {start})")
+    if name not in ("and", "or", "not"):
+        sc.conditions += 1
+        if sc.conditions > MAX_CONDITIONS:
+            raise RqlInvalid(
+                f"filter has more than {MAX_CONDITIONS} conditions (at position {start})"
+            )
     sc.expect("(")
     result: Filter
     if name in ("and", "or"):
-        operands = [_filter(sc)]
+        operands = [_filter(sc, depth + 1)]
         while sc.peek() == ",":
             sc.pos += 1
-            operands.append(_filter(sc))
+            operands.append(_filter(sc, depth + 1))
         result = And(tuple(operands)) if name == "and" else Or(tuple(operands))
     elif name == "not":
-        result = Not(_filter(sc))
+        result = Not(_filter(sc, depth + 1))
     elif name == "exists":
         result = Exists(sc.property())
     else:

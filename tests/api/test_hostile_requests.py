@@ -45,6 +45,7 @@ _RAW_BODIES = [
     b'{"\\u0000": 1}',
     b"[" * 2000 + b"]" * 2000,
     b'{"desired": ' + b'{"k": ' * 40 + b"1" + b"}" * 41,
+    b'{"desired": {"a": ' + b"[" * 600 + b"]" * 600 + b"}}",
     b'{"desired": {"blob": "' + b"x" * 70_000 + b'"}}',
     b'{"live": {"blob": "' + b"x" * 40_000 + b'", "more": "' + b"x" * 30_000 + b'"}}',
     b'[{"op": "add", "path": "/desired/blob", "value": "' + b"x" * 70_000 + b'"}]',
@@ -68,6 +69,7 @@ _JSON_PATCH_PATHS = ["/desired/a", "/desired", "", "/", "/reported/x/0", "/desir
 _JSON_PATCH_PATHS += ["/revision", "/delta", "/attributes/~1x", "/desired/arr/9"]
 _RQL = ["eq(desired/a,1)", "eq(", "and()", "or(eq(a,1))", "like(a,'*')", "in(a)", "exists()"]
 _RQL += ["gt(revision,0)", "eq(desired/a,1e999)", "not(not(not(eq(a,1))))", "eq(a,'\\", ")"]
+_RQL += ["not(" * 200 + "exists(desired/a)" + ")" * 200, "or(" + "exists(x)," * 300 + "exists(x))"]
 _FIELDS = ["attributes", "desired/fan", "", ",", "x", "desired(a)", "//", "~", "revision"]
 
 

@@ -559,6 +559,10 @@ def test_option_syntax_errors(
     assert body["position"] == position and body["expected"] == expected
 
 
+#: A cursor whose JSON nests 3,000 arrays deep: decoding it used to raise RecursionError (500).
+_DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     ("filter", "option", "fragment"),
     [
@@ -578,6 +582,9 @@ def test_option_syntax_errors(
         (None, "size(3),size(4)", "given twice"),
         (None, "sort(+foo)", "unknown property 'foo'"),
         (None, "cursor(not-a-cursor!)", "malformed cursor"),
+        (None, f"cursor({_DEEP_CURSOR})", "malformed cursor"),
+        ("not(" * 100 + "exists(attributes/a)" + ")" * 100, "", "nests deeper than 32"),
+        ("or(" + ",".join(["exists(attributes/a)"] * 600) + ")", "", "more than 256 conditions"),
     ],
 )
 def test_invalid_queries(

@@ -410,6 +410,39 @@ def test_bad_input_is_refused_and_twin_unchanged(
     assert doc["desired"] == {"keep": 1} and doc["revision"] == 1
 
 
+_DEEP = b"[" * 600 + b"]" * 600  # 1.2 kB; the JSON decoder reads it (it stops near 1,000)
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix", "content_type", "body"),
+    [
+        ("PATCH", "", "application/merge-patch+json", b'{"desired": {"a": ' + _DEEP + b"}}"),
+        ("PATCH", "", "application/json-patch+json",
+         b'[{"op": "add", "path": "/desired/a", "value": ' + _DEEP + b"}]"),
+        ("PUT", "/desired/a", "application/json", _DEEP),
+        ("PATCH", "/desired", "application/merge-patch+json", b'{"a": ' + _DEEP + b"}"),
+    ],
+)  # fmt: skip
+def test_values_nested_hundreds_deep_are_refused_before_any_work(
+    api: httpx.Client, method: str, suffix: str, content_type: str, body: bytes
+) -> None:
+    """Copying a merge patch's array recursed past Python's limit (a 500) before the depth
+    limit was checked on the result; such values are refused as they are decoded."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"keep": 1}})
+    response = api.request(
+        method,
+        f"/api/v1/twins/{twin_id}{suffix}",
+        content=body,
+        headers={"Content-Type": content_type},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "limits.exceeded"
+    assert "nested deeper than 128 levels" in response.json()["message"]
+    doc = api.get(f"/api/v1/twins/{twin_id}").json()
+    assert doc["desired"] == {"keep": 1} and doc["revision"] == 1
+
+
 def test_small_patch_making_twin_too_large_is_413(api: httpx.Client) -> None:
     twin_id = new_id()
     put(api, twin_id, {"live": {"a": "x" * 40_000}})

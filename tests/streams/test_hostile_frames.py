@@ -106,6 +106,8 @@ class HostileFrames:
         message["value"] = self.values.value(1)
         if self.rng.random() < 0.05:
             message["value"] = {"blob": "x" * 70_000}  # past the twin size limit
+        elif self.rng.random() < 0.02:
+            message["value"] = _nested_lists(600)  # far past the depth limit
         return message
 
     def command(self) -> Json:
@@ -254,3 +256,10 @@ def _object(frame: str) -> Json:
     except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _nested_lists(depth: int) -> Any:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value

@@ -73,6 +73,25 @@ def _refuse_surrogates(value: JSON) -> None:
             _refuse_surrogates(child)
 
 
+#: Deeper than any accepted value can be (``limits.max_depth`` is at most 64, and a request
+#: wraps its value in a few levels). The functions that copy, merge and compare values
+#: recurse, some with more than one frame per level: a value nested a few hundred levels
+#: deep, which the decoder still reads, would hit Python's recursion limit in them.
+MAX_NESTING = 128
+
+
+def _deeper_than(value: JSON, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` objects or arrays (without recursing)."""
+    stack: list[tuple[JSON, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
 #: One decoder for every call: ``json.loads`` with hooks builds a new one each time.
 _DECODER = json.JSONDecoder(
     object_pairs_hook=_no_duplicates,
@@ -93,6 +112,11 @@ def loads_strict(data: bytes | str) -> JSON:
         text = data
     try:
         value = _DECODER.decode(text)
+        # Counting brackets (strings included) is cheap, and bounds the depth from above.
+        if text.count("[") + text.count("{") > MAX_NESTING and _deeper_than(value, MAX_NESTING):
+            raise LimitExceeded(
+                f"JSON is nested deeper than {MAX_NESTING} levels.", extra={"limit": MAX_NESTING}
+            )
         if _MAYBE_SURROGATE.search(text):
             _refuse_surrogates(value)
     except json.JSONDecodeError as exc:
@@ -100,8 +124,10 @@ def loads_strict(data: bytes | str) -> JSON:
             f"Malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.",
             extra={"position": exc.pos},
         ) from exc
-    except RecursionError as exc:
-        raise InvalidJson("JSON is nested too deeply.") from exc
+    except RecursionError as exc:  # deeper than the decoder goes (about 1,000 levels)
+        raise LimitExceeded(
+            f"JSON is nested deeper than {MAX_NESTING} levels.", extra={"limit": MAX_NESTING}
+        ) from exc
     return value
 
 
