@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
+
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
 from tests.servers.mosquitto import Mosquitto
 from twin_service.streams.bus import MqttBus
 
@@ -50,3 +55,42 @@ def test_notices_of_one_turn_are_coalesced_into_the_highest(mosquitto_server: Mo
     assert local[:100] == list(range(1, 101))
     assert sorted(set(local)) == list(range(1, 151))
     assert remote == [100, 150]
+
+
+def test_malformed_notices_are_ignored_with_a_warning(
+    mosquitto_server: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who may publish on the internal topic can send anything there: each bad
+    notice is one warning (a deeply nested one raised RecursionError in the handler)."""
+    bad = [b"", b"not json", b"[1]", b'{"seq": "x"}', b"{}", b"[" * 5000 + b"]" * 5000]
+
+    async def run() -> list[int]:
+        bus = MqttBus(mosquitto_server.url, "bus-test-bad")
+        sender = MqttBus(mosquitto_server.url, "bus-test-good")
+        raw = MqttClient(MqttOptions(url=mosquitto_server.url, client_id="bus-test-raw"))
+        heard: list[int] = []
+        await bus.start(heard.append)
+        await sender.start(lambda _seq: None)
+        await raw.start()
+        try:
+            await _connected(bus, sender)
+            await raw.wait_connected(10)
+            await asyncio.sleep(0.2)  # the subscription is active
+            for payload in bad:
+                await raw.publish(MqttBus.TOPIC, payload)
+            await sender.announce(7)  # after the bad ones: when it arrives, they have
+            for _ in range(100):
+                if heard:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await raw.stop()
+            await sender.stop()
+            await bus.stop()
+        return heard
+
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(run()) == [7]
+    warnings = [r for r in caplog.records if "malformed bus notice" in r.getMessage()]
+    assert len(warnings) == 2 * len(bad), caplog.text  # both buses hear them
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

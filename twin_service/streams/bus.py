@@ -84,7 +84,7 @@ class MqttBus:
             try:
                 notice = json.loads(message.payload)
                 seq = int(notice["seq"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 log.warning("ignoring malformed bus notice on %s", message.topic)
                 return
             if self._on_notice is not None:
