@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -73,6 +74,17 @@ def default_key(topic: str) -> str:
 
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def _send_at_once(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    """Turn Nagle's algorithm off on the broker connection (paho leaves it on).
+
+    MQTT is request and answer in small packets: with Nagle, an answer written right after
+    the PUBACK of its request waits for the broker's delayed ACK of that PUBACK (40 ms on
+    Linux), so every device round trip through the service took over 40 ms more.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # a socket without TCP options
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class MqttClient:
@@ -149,6 +161,7 @@ class MqttClient:
             client.will_set(w.topic, w.payload, w.qos, w.retain)
         # paho types these as int, but only compares and sleeps with them.
         client.reconnect_delay_set(opts.reconnect_min_delay, opts.reconnect_max_delay)  # type: ignore[arg-type]
+        client.on_socket_open = _send_at_once
         client.on_connect = self._paho_on_connect
         client.on_connect_fail = self._paho_on_connect_fail
         client.on_disconnect = self._paho_on_disconnect

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -35,6 +36,21 @@ async def test_round_trip_qos1_and_v311(mosquitto_server: Mosquitto, unique_name
         await pub.publish(f"{unique_name}/{protocol}/b", b"", qos=1, retain=True)
         await sub.stop()
         await pub.stop()
+
+
+async def test_packets_go_out_at_once(mosquitto_server: Mosquitto, unique_name: str) -> None:
+    """TCP_NODELAY on the broker connection: with Nagle's algorithm, an answer written after
+    the PUBACK of its request waited for the broker's delayed ACK, 40 ms a round trip
+    (docs/performance.md measures the round trip)."""
+    client = await started(mosquitto_server.url, unique_name)
+    try:
+        paho_client = client._client
+        assert paho_client is not None
+        sock = paho_client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        await client.stop()
 
 
 async def test_mqtt5_properties(mosquitto_server: Mosquitto, unique_name: str) -> None:

@@ -143,6 +143,9 @@ class Mosquitto(LocalServer):
             *(f"log_type {log_type}" for log_type in self.log_types),
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "connection_messages true",
+            # As the shipped configurations: Nagle's algorithm holds an answer that follows a
+            # PUBACK for the peer's delayed ACK (40 ms a round trip).
+            "set_tcp_nodelay true",
         ]
         # Started as root, mosquitto would switch to the `mosquitto` user and lose access to
         # our files; naming the current user keeps it as it is.
