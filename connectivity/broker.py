@@ -2,7 +2,8 @@
 
 For the zero-config default only; production should run mosquitto (see
 :meth:`connectivity.credentials.CredentialStore.write_mosquitto_files`). amqtt 0.12 speaks
-MQTT 3.1.1 only, so clients of this broker must use ``protocol=4``.
+MQTT 3.1.1 only, so clients of this broker must use ``protocol=4``; :class:`_TwinBroker`
+refuses any other protocol level with CONNACK 0x01 and a warning naming the client.
 
 Access rules, enforced by the two plugins below:
 
@@ -16,12 +17,14 @@ Access rules, enforced by the two plugins below:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
 from amqtt.errors import BrokerError
@@ -127,6 +130,121 @@ def device_may_use(layout: TopicLayout, twin_id: str, topic: str) -> bool:
     return topic.startswith(base + "/")
 
 
+#: CONNACK with return code 0x01, "unacceptable protocol version" (MQTT 3.1.1 [MQTT-3.1.2-2]);
+#: paho's MQTT 5 client reads it as "Unsupported protocol version".
+_CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
+_VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
+
+
+class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's broker, but a CONNECT of another protocol level than 3.1.1 is refused here.
+
+    amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the client id:
+    amqtt misreads the lengths and waits for bytes that never come, so the device gets no
+    CONNACK (it gives up at its keep-alive), and the log a bare amqtt line without the client
+    id, only then. amqtt's plugin events come after that parse, too late to help.
+    """
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        packet = await _first_packet(reader)
+        refused = _other_protocol_level(packet)
+        if refused is None:
+            # amqtt parses the CONNECT itself, from its first byte.
+            replay = _Replay(reader, packet)
+            await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
+            return
+        level, client_id = refused
+        log.warning(
+            "embedded broker refused client %r: it connects with %s, and the embedded broker "
+            "speaks MQTT 3.1.1 only; connect with MQTT 3.1.1 or configure an external broker "
+            "(TWIN_MQTT_URL)",
+            client_id,
+            _VERSIONS.get(level, f"MQTT protocol level {level}"),
+        )
+        writer.write(_CONNACK_BAD_VERSION)
+        with contextlib.suppress(ConnectionError):  # the device may be gone already
+            await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def _first_packet(reader: asyncio.StreamReader) -> bytes:
+    """The bytes of the first MQTT packet, or as many as came before the stream ended."""
+    data = bytearray()
+    try:
+        data += await reader.readexactly(1)
+        length = shift = 0
+        while True:  # the remaining length: 1 to 4 bytes of 7 bits, low ones first
+            byte = await reader.readexactly(1)
+            data += byte
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80 or shift == 28:
+                break
+        data += await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        data += exc.partial
+    except ConnectionError:
+        pass  # amqtt meets the same end of the stream and says so
+    return bytes(data)
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    """An MQTT variable byte integer at ``data[i:]``: its value and the index after it."""
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not byte & 0x80 or shift == 28:
+            return value, i
+
+
+def _other_protocol_level(packet: bytes) -> tuple[int, str] | None:
+    """(protocol level, client id) of a CONNECT that is not MQTT 3.1.1, else None."""
+    if packet[:1] != b"\x10":
+        return None  # not a CONNECT: amqtt refuses it
+    try:
+        _, i = _varint(packet, 1)
+        i += 2 + int.from_bytes(packet[i : i + 2])  # the protocol name
+        level = packet[i]
+    except IndexError:
+        return None  # cut short: amqtt reports it
+    if level == 4:
+        return None
+    client_id = "?"
+    with contextlib.suppress(IndexError):
+        i += 4  # level, flags, keep alive
+        if level == 5:
+            properties, i = _varint(packet, i)
+            i += properties
+        end = i + 2 + int.from_bytes(packet[i : i + 2])
+        client_id = packet[i + 2 : end].decode(errors="replace")
+    return level, client_id
+
+
+class _Replay(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
+    """A stream with the bytes already read from it put back in front."""
+
+    def __init__(self, reader: asyncio.StreamReader, head: bytes) -> None:
+        super().__init__(reader)
+        self._head = head
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            rest: bytes = await super().read(n)
+            return rest
+        if n < 0:
+            n = len(self._head)
+        data, self._head = self._head[:n], self._head[n:]
+        if len(data) < n:
+            data += await super().read(n - len(data))
+        return data
+
+
 class EmbeddedBroker:
     """An amqtt broker running on the current event loop."""
 
@@ -151,7 +269,7 @@ class EmbeddedBroker:
             "topic_prefix": cfg.topic_prefix,
             "allow_anonymous": cfg.allow_anonymous,
         }
-        broker = Broker(
+        broker = _TwinBroker(
             {
                 "listeners": {"default": {"type": "tcp", "bind": f"{cfg.host}:{cfg.port}"}},
                 "session_expiry_interval": cfg.session_expiry,

@@ -280,7 +280,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Level of the service's log lines (stderr) and uvicorn's."
+        "info",
+        description="Level of the service's log lines (stderr) and uvicorn's; "
+        "libraries' lines from WARNING up (INFO at debug).",
     )
     default_namespace: str = Field("default", description="Namespace of ids made by POST /twins.")
     shutdown_timeout_seconds: int = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
 from connectivity.credentials import CredentialStore, mqtt_username
-from connectivity.errors import Refused
+from connectivity.errors import ConnectRefused, Refused
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import LastWill, MqttOptions
@@ -76,6 +77,41 @@ async def test_auth(env: Env) -> None:
     await assert_refused(env.url, "bad3", protocol=4, username="service", password="nope")
     await assert_refused(env.url, "anon", protocol=4)
     await svc.stop()
+
+
+async def test_an_mqtt5_client_is_refused_and_the_log_says_why(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt misread an MQTT 5 CONNECT and waited: the device got no CONNACK at all. Now it
+    gets 0x01, which paho's MQTT 5 client reads as "Unsupported protocol version"."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    # persistent_session: an MQTT 5 session expiry property, before the client id.
+    client = MqttClient(
+        MqttOptions(
+            url=env.url,
+            client_id="dev-v5",
+            protocol=5,
+            username=TWIN,
+            password=env.passwords[TWIN],
+            persistent_session=True,
+        )
+    )
+    await client.start()
+    try:
+        with pytest.raises(ConnectRefused, match="Unsupported protocol version"):
+            await client.wait_connected(5)
+    finally:
+        await client.stop(grace=0)
+    warning = (
+        "embedded broker refused client 'dev-v5': it connects with MQTT 5, and the embedded "
+        "broker speaks MQTT 3.1.1 only; connect with MQTT 3.1.1 or configure an external "
+        "broker (TWIN_MQTT_URL)"
+    )
+    lines = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert ("connectivity.broker", logging.WARNING, warning) in lines, lines
+    # The broker still serves MQTT 3.1.1 clients.
+    dev = await env.device(TWIN, "dev-v311")
+    await dev.stop()
 
 
 async def test_topic_acl(env: Env) -> None:

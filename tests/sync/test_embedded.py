@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.sync.helpers import (
     device,
     patch_desired,
     put_twin,
+    until,
     until_twin,
     wait_mqtt_up,
 )
@@ -169,3 +171,44 @@ def test_the_services_own_log_lines_follow_log_level(tmp_path: Path, level: str)
     # Named and levelled like the writer process's lines; uvicorn's lines are its own.
     connected = "INFO connectivity.mqtt_client: MQTT connected as twin-service "
     assert (connected in log) == (level == "info"), log
+
+
+@pytest.mark.parametrize("level", ["info", "warning"])
+async def test_library_warnings_are_named_and_levelled_too(tmp_path: Path, level: str) -> None:
+    """amqtt's warnings printed bare, through Python's last-resort handler; they now share the
+    service's format, and only from WARNING up (its INFO lines are one per connection)."""
+    data = tmp_path / "svc"
+    data.mkdir()
+    twin = "org.acme:emb-v5"
+    password = _add_device(data, twin)
+    port = free_port()
+    env = {
+        "TWIN_MQTT__ENABLED": "true",
+        "TWIN_MQTT__EMBEDDED_PORT": str(port),
+        "TWIN_LOG_LEVEL": level,
+    }
+    svc = ServiceProcess(data, env=env).start()
+    try:
+        wait_mqtt_up(svc)
+        # A TCP health check: connects and hangs up without a CONNECT.
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        await writer.wait_closed()
+        v5 = device(f"mqtt://127.0.0.1:{port}", twin, password=password, client_id="emb-v5")
+        with pytest.raises(ConnectRefused, match="Unsupported protocol version"):
+            await v5.start(timeout=5)
+        await v5.mqtt.stop(grace=0)
+        await until(lambda: "WARNING amqtt.broker: " in svc.log_tail(10_000))
+    finally:
+        svc.stop()
+    log = svc.log_path.read_text(errors="replace")
+    assert "WARNING amqtt.broker: Failed to initialize client session: No data" in log, log
+    assert (
+        "WARNING connectivity.broker: embedded broker refused client 'emb-v5': it connects with "
+        "MQTT 5, and the embedded broker speaks MQTT 3.1.1 only; connect with MQTT 3.1.1 or "
+        "configure an external broker (TWIN_MQTT_URL)"
+    ) in log, log
+    assert "\nFailed to initialize" not in log, log  # no bare line
+    assert "INFO amqtt" not in log, log
+    # uvicorn's lines are its own, once: its loggers do not propagate to the root logger.
+    assert "uvicorn.error" not in log, log
