@@ -258,6 +258,47 @@ async def delta_latency(
     return out
 
 
+async def device_round_trip(port: int, twins: list[str], rounds: int) -> list[float]:
+    """A device's ``get`` to its ``get/accepted``, one at a time: the service's answer path
+    with nothing else going on."""
+    loop = asyncio.get_running_loop()
+    answers: dict[str, asyncio.Future[float]] = {}
+
+    def on_message(_c: paho.Client, _u: object, m: paho.MQTTMessage) -> None:
+        fut = answers.get(json.loads(m.payload).get("clientToken", ""))
+        if fut is not None:
+            loop.call_soon_threadsafe(_resolve, fut, time.perf_counter())
+
+    def no_delay(_c: paho.Client, _u: object, sock: socket.socket) -> None:
+        # As connectivity.device does; paho's own default would add the Nagle delay here.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    dev = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-rtt", protocol=paho.MQTTv5)
+    dev.on_message = on_message
+    dev.on_socket_open = no_delay
+    dev.connect("127.0.0.1", port)
+    dev.subscribe("twins/+/get/accepted", 1)
+    dev.loop_start()
+    await asyncio.sleep(1)
+    out: list[float] = []
+    for n in range(rounds):
+        token = f"rtt-{n}"
+        fut: asyncio.Future[float] = loop.create_future()
+        answers[token] = fut
+        start = time.perf_counter()
+        dev.publish(f"twins/{twins[n % len(twins)]}/get", json.dumps({"clientToken": token}), 1)
+        out.append((await asyncio.wait_for(fut, 10)) - start)
+    dev.loop_stop()
+    dev.disconnect()
+    return out
+
+
+def _percentiles(samples: list[float]) -> str:
+    ms = sorted(x * 1000 for x in samples)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    return f"p50 {ms[len(ms) // 2]:.1f}  p99 {p99:.1f}  max {ms[-1]:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000, help="twins / device topics")
@@ -310,18 +351,15 @@ def main() -> None:
                 flush=True,
             )
             print(f"service CPU per report : {cpu_us:9.0f} us (all threads)", flush=True)
-            lat = sorted(
-                x * 1000 for x in asyncio.run(delta_latency(svc, port, twins, args.rounds))
-            )
+            lat = asyncio.run(delta_latency(svc, port, twins, args.rounds))
+            trips = asyncio.run(device_round_trip(port, twins, args.rounds))
             print(
                 f"publishers alone       : {bare_pub:9.0f} msg/s PUBACKed during the bare run, "
                 f"{ingest_pub:.0f} during ingest ({args.connections} processes)"
             )
             print(f"ratio ingest/bare      : {ingest / bare:9.1%}")
-            print(
-                f"delta latency (ms)     : p50 {lat[len(lat) // 2]:.1f}  "
-                f"p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.1f}  max {lat[-1]:.1f}"
-            )
+            print(f"delta latency (ms)     : {_percentiles(lat)}")
+            print(f"device get round trip  : {_percentiles(trips)} (ms)")
             print(f"load average at the end: {os.getloadavg()[0]:.2f}")
         finally:
             svc.stop()
