@@ -205,6 +205,9 @@ MAX_DEPTH = 32
 #: Most conditions (comparisons, in, like, exists) in one filter: SQLite answers a
 #: compound query of more than 500 parts with an error.
 MAX_CONDITIONS = 256
+#: Most values of one ``in``: Elasticsearch refuses a terms query of more
+#: (``index.max_terms_count``), and SQLite binds each as a parameter.
+MAX_IN_VALUES = 65_536
 
 
 def _filter(sc: _Scanner, depth: int = 1) -> Filter:
@@ -242,6 +245,10 @@ def _filter(sc: _Scanner, depth: int = 1) -> Filter:
             values = [value]
             while sc.peek() == ",":
                 sc.pos += 1
+                if len(values) == MAX_IN_VALUES:
+                    raise RqlInvalid(
+                        f"in has more than {MAX_IN_VALUES} values (at position {start})"
+                    )
                 values.append(sc.value())
                 sc.delimiter()
             result = In(path, tuple(values))

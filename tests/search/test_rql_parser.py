@@ -124,6 +124,8 @@ INVALID = [
     ("and(" * 3000 + "exists(attributes/a)" + ")" * 3000, "nests deeper than 32 levels"),
     # SQLite refuses a compound query of more than 500 parts.
     ("or(" + ",".join(["exists(attributes/a)"] * 257) + ")", "more than 256 conditions"),
+    # Elasticsearch refuses a terms query of more values (index.max_terms_count).
+    ("in(attributes/a," + ",".join(["1"] * 65_537) + ")", "more than 65536 values"),
 ]
 
 
@@ -134,6 +136,8 @@ def test_the_deepest_and_widest_filters_allowed() -> None:
         deepest = deepest.operand
     widest = parse_filter("and(" + ",".join(["exists(attributes/a)"] * 256) + ")")
     assert isinstance(widest, And) and len(widest.operands) == 256
+    largest = parse_filter("in(attributes/a," + ",".join(["1"] * 65_536) + ")")
+    assert isinstance(largest, In) and len(largest.values) == 65_536
 
 
 @pytest.mark.parametrize(("text", "message"), INVALID)
