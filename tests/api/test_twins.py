@@ -443,6 +443,27 @@ def test_values_nested_hundreds_deep_are_refused_before_any_work(
     assert doc["desired"] == {"keep": 1} and doc["revision"] == 1
 
 
+@pytest.mark.parametrize(
+    ("method", "content_type"),
+    [("PUT", "application/json"), ("PATCH", "application/merge-patch+json")],
+)
+def test_a_pointer_thousands_deep_is_refused(
+    api: httpx.Client, method: str, content_type: str
+) -> None:
+    """Making each missing parent recursed once per token: a 500 at 3,000 tokens."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"keep": 1}})
+    response = api.request(
+        method,
+        f"/api/v1/twins/{twin_id}/desired" + "/a" * 3000,
+        content=b"{}",
+        headers={"Content-Type": content_type},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "limits.exceeded"
+    assert api.get(f"/api/v1/twins/{twin_id}").json()["revision"] == 1
+
+
 def test_small_patch_making_twin_too_large_is_413(api: httpx.Client) -> None:
     twin_id = new_id()
     put(api, twin_id, {"live": {"a": "x" * 40_000}})

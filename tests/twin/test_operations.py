@@ -373,3 +373,15 @@ def test_delete_at_drops_metadata(twin: Twin) -> None:
     after = commit(twin, delete_at(twin, "desired", ["fan"]))
     assert after.metadata["desired"] == {"tags": S1}
     assert after.desired_version == 2
+
+
+@pytest.mark.parametrize("write", [put_at, patch_at])
+def test_a_pointer_deeper_than_any_value_is_refused_before_the_parents_are_made(
+    twin: Twin, write: Any
+) -> None:
+    """Each missing parent was made one recursion deeper: 3,000 tokens raised RecursionError."""
+    assert write(twin, "desired", ["a"] * 128, 1).values["desired"]  # the deepest allowed
+    for tokens in (129, 3000):
+        with pytest.raises(TwinServiceError) as refused:
+            write(twin, "desired", ["a"] * tokens, 1)
+        assert (refused.value.status, refused.value.code) == (400, "limits.exceeded")

@@ -10,7 +10,14 @@ from typing import Any
 
 import jsonpointer
 
-from twin_service.errors import InvalidPatch, InvalidPointer, NotFound, PreconditionFailed
+from twin_service.errors import (
+    InvalidPatch,
+    InvalidPointer,
+    LimitExceeded,
+    NotFound,
+    PreconditionFailed,
+)
+from twin_service.twin.jsonvalue import MAX_NESTING
 from twin_service.twin.pointer import escape_token
 from twin_service.types import JSON, JSONObject
 
@@ -126,6 +133,11 @@ def get_at(doc: JSON, parts: list[str]) -> JSON:
 
 def set_at(doc: JSON, parts: list[str], value: JSON) -> JSON:
     """A copy of ``doc`` with ``value`` at ``parts``, creating missing parent objects."""
+    if len(parts) > MAX_NESTING:  # each token is a level of recursion, and of nesting
+        raise LimitExceeded(
+            f"The pointer has {len(parts)} tokens: nothing nests deeper than {MAX_NESTING}.",
+            extra={"limit": MAX_NESTING},
+        )
     if not parts:
         return copy.deepcopy(value)
     head, rest = parts[0], parts[1:]
