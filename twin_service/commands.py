@@ -208,8 +208,16 @@ async def _wait_target(ctx: AppContext, wait_for: str | None) -> int | None:
         return None
     if wait_for == "latest":
         return await ctx.store.last_seq()
-    if wait_for.isdigit():
-        return int(wait_for)
+    if wait_for.isascii() and wait_for.isdigit():
+        seq = int(wait_for)
+        # Beyond the store's newest write it names no write: waiting for it would end only
+        # in index.timeout (503), which blames the index for the client's mistake.
+        if seq > (newest := await ctx.store.last_seq()):
+            raise BadRequest(
+                f"waitFor {seq} is beyond the newest write ({newest}): it must be the "
+                "X-Twin-Seq of a write."
+            )
+        return seq
     raise BadRequest(
         f"waitFor must be a sequence number (X-Twin-Seq of a write) or 'latest', not {wait_for!r}."
     )

@@ -158,6 +158,11 @@ async def test_wait_for_over_rest(api: httpx.Client, service: ServiceProcess) ->
     assert [t["twinId"] for t in found.json()["items"]] == ["org.acme:w"]
     latest = api.get("/api/v1/search/twins/count", params={"waitFor": "latest"})
     assert latest.json()["count"] >= 1
+    # A sequence no write has: a client's mistake, told at once (it waited for index.timeout).
+    for bad in (str(int(seq) + 1000), "9" * 30, "١٢", "-1", "x"):
+        refused = api.get("/api/v1/search/twins", params={"waitFor": bad})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "request.invalid"
 
 
 def _search_parameters(api: httpx.Client) -> list[dict[str, Any]]:
