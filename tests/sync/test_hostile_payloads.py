@@ -36,7 +36,6 @@ import json
 import random
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +44,12 @@ import pytest
 
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess
-from tests.sync.helpers import RawDevice, sync_service, until_twin, wait_mqtt_up
+from tests.sync.conftest import SVC_MAX_TWIN_BYTES
+from tests.sync.helpers import RawDevice, until_twin
 
 SEED = 20261205
 MESSAGES = 400
-MAX_TWIN_BYTES = 4096
+MAX_TWIN_BYTES = SVC_MAX_TWIN_BYTES  # the svc fixture's limit
 #: How far the test's size estimate of a twin may be from the service's own encoding.
 SIZE_SLACK = 64
 MAX_DEPTH = 16
@@ -367,24 +367,6 @@ class Hostile:
             body = self.rng.choice([{}, {"clientToken": self.token()}, {"other": 1}, []])
             return "get", *self.encoded(body)
         return self.rng.choice(UNSERVED), *self.encoded(self.report(doc))
-
-
-@pytest.fixture(scope="module")
-def svc(
-    mosquitto_server: Mosquitto, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    proc = sync_service(
-        tmp_path_factory.mktemp("svc"),
-        mosquitto_server.url,
-        TWIN_LIMITS__MAX_TWIN_BYTES=str(MAX_TWIN_BYTES),
-        # Only the first message of a twin writes lastSeen: revisions stay predictable.
-        TWIN_MQTT__LASTSEEN_COALESCE_SECONDS="600",
-    )
-    wait_mqtt_up(proc)
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 class Device(RawDevice):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,28 +17,8 @@ from tests.sync.helpers import (
     RawDevice,
     get_twin,
     put_twin,
-    sync_service,
     until_twin,
-    wait_mqtt_up,
 )
-
-
-@pytest.fixture(scope="module")
-def svc(
-    mosquitto_server: Mosquitto, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    proc = sync_service(
-        tmp_path_factory.mktemp("svc"),
-        mosquitto_server.url,
-        TWIN_LIMITS__MAX_TWIN_BYTES="4096",
-        # Only the first message of a test twin writes lastSeen: revisions stay predictable.
-        TWIN_MQTT__LASTSEEN_COALESCE_SECONDS="600",
-    )
-    wait_mqtt_up(proc)
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
