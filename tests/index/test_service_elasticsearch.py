@@ -292,3 +292,18 @@ async def test_switching_back_to_elasticsearch_catches_up_on_its_own(
     finally:
         last.stop()
     assert "queued" not in last.log_path.read_bytes()[logged:].decode()
+
+
+def test_the_widest_filters_the_parser_allows_run_on_elasticsearch(api: httpx.Client) -> None:
+    """The RQL limits (256 conditions, 65,536 values in one in) sit within what
+    Elasticsearch takes (max_clause_count, index.max_terms_count): never a 5xx."""
+    put(api, "org.acme:wide", {"attributes": {"k": "v255", "n": 65_535}})
+    widest = "or(" + ",".join(f'eq(attributes/k,"v{i}")' for i in range(256)) + ")"
+    largest = "in(attributes/n," + ",".join(str(i) for i in range(65_536)) + ")"
+    for rql in (widest, largest):
+        found = api.post(
+            "/api/v1/search/twins",
+            data={"filter": rql, "namespaces": "org.acme", "waitFor": "latest"},
+        )
+        assert found.status_code == 200, found.text[:300]
+        assert "org.acme:wide" in [t["twinId"] for t in found.json()["items"]], rql[:40]
