@@ -22,7 +22,7 @@ from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
 from connectivity.retained import read_retained
 from connectivity.sync_deltas import DeltaPublisher
-from connectivity.sync_handlers import DeviceHandlers, HandlerSettings
+from connectivity.sync_handlers import DeviceHandlers, HandlerSettings, ignoring_replays
 from connectivity.topics import TopicLayout
 from twin_service.tasks import stop_task
 from twin_service.twin.jsonvalue import dumps
@@ -122,9 +122,10 @@ class MqttSync:
         self.deltas = DeltaPublisher(self._publish_delta, layout, ctx.store)
         shared = options.protocol == 5 and bool(m.shared_group)
         handlers = {
-            "reported/update": self.handlers.on_reported,
-            "live/update": self.handlers.on_live,
-            "get": self.handlers.on_get,
+            "reported/update": ignoring_replays(self.handlers.on_reported),
+            "live/update": ignoring_replays(self.handlers.on_live),
+            "get": ignoring_replays(self.handlers.on_get),
+            # A retained status is the design: the device's last word, and its last will.
             "status": self.handlers.on_status,
         }
         for suffix in INBOUND:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from connectivity.messages import InboundMessage
+from connectivity.messages import Handler, InboundMessage
 from connectivity.sync_messages import (
     Status,
     get_accepted,
@@ -59,6 +59,28 @@ class _Duplicate(Exception):
     def __init__(self, record: TokenRecord) -> None:
         super().__init__(record.token)
         self.record = record
+
+
+def ignoring_replays(handler: Handler) -> Handler:
+    """``handler``, except for a message the broker replays from its retained store.
+
+    A request a device published with the retain flag stays on the broker, which sends it
+    again (retain flag set) at every new subscription of the service: a reported or live
+    update would be applied again at each reconnection, putting back values the device has
+    long changed. The first delivery, live, has the flag cleared and is handled as usual.
+    """
+
+    async def handle(msg: InboundMessage) -> None:
+        if msg.retain:
+            log.warning(
+                "ignored a retained request the broker replayed on %s: devices must publish "
+                "requests without the retain flag (clear it with an empty retained publish)",
+                msg.topic,
+            )
+            return
+        await handler(msg)
+
+    return handle
 
 
 class DeviceHandlers:

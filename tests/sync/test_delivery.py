@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from connectivity.errors import MqttUnavailable
+from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
 from tests.servers.mosquitto import Mosquitto
@@ -215,3 +216,56 @@ async def test_retiring_a_removed_replica_hands_its_share_over(
     finally:
         await device.stop()
         stays.stop()
+
+
+async def test_a_retained_request_is_applied_once_not_at_every_reconnection(
+    mosquitto_server: Mosquitto, tmp_path: Path, unique_name: str
+) -> None:
+    """A report or live update published with the retain flag stays on the broker, which
+    replays it at each new subscription: a restarted service put the device's stale values
+    back (reported a=1 over a=2, live t=1 over t=2)."""
+    twin = f"org.acme:{unique_name}"
+    data, client_id = tmp_path / "svc", f"svc-{unique_name}"[:60]
+    svc = sync_service(data, mosquitto_server.url, client_id=client_id)
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            put_twin(api, twin, desired={"a": 2})
+        device = await _publisher(mosquitto_server.url, f"dev-{unique_name}"[:60])
+        base = f"twins/{twin}"
+        await device.publish(f"{base}/reported/update", b'{"state": {"a": 1}}', retain=True)
+        await device.publish(f"{base}/live/update", b'{"t": 1}', retain=True)
+        await device.publish(f"{base}/reported/update", b'{"state": {"a": 2}}')
+        await device.publish(f"{base}/live/update", b'{"t": 2}')
+        async with svc.async_client() as api:
+            before = await until_twin(api, twin, lambda d: d["live"] == {"t": 2})
+        assert before["reported"] == {"a": 2}
+    finally:
+        svc.stop()
+    svc = sync_service(data, mosquitto_server.url, client_id=client_id)
+    try:
+        wait_mqtt_up(svc)
+        # The replays arrive with the new subscriptions; a get after them is answered last.
+        answered = await _publisher(mosquitto_server.url, f"obs-{unique_name}"[:60])
+        got: list[bytes] = []
+
+        async def collect(msg: InboundMessage) -> None:
+            got.append(msg.payload)
+
+        await answered.subscribe(f"{base}/get/accepted", 1, collect)
+        await answered.publish(f"{base}/get", b"")
+        async with asyncio.timeout(15):
+            while not got:
+                await asyncio.sleep(0.05)
+        await answered.stop()
+        with svc.client() as api:
+            after = get_twin(api, twin)
+    finally:
+        await device.stop()
+        svc.stop()
+    assert (after["reported"], after["live"]) == ({"a": 2}, {"t": 2})
+    # Not written again either (a get writes lastSeen, so the revision moves).
+    for section, key in (("reported", "a"), ("live", "t")):
+        assert after["metadata"][section][key] == before["metadata"][section][key]
+    log = svc.log_path.read_text(errors="replace")
+    assert log.count("ignored a retained request the broker replayed") == 2, log
