@@ -65,7 +65,6 @@ BAD_JSON: list[bytes | str] = [
     ".5",
     '"\x01"',
     '"\\x41"',
-    "[" * 100_000,
 ]
 
 
@@ -74,6 +73,28 @@ def test_bad_json_is_refused(data: bytes | str) -> None:
     with pytest.raises(InvalidJson) as info:
         loads_strict(data)
     assert info.value.status == 400 and info.value.code == "json.invalid"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "[" * 129 + "]" * 129,
+        '{"a": ' * 129 + "1" + "}" * 129,
+        "[" * 600 + "]" * 600,  # the decoder reads it; copying it would recurse too deep
+        "[" * 100_000,  # deeper than the decoder goes: it stops before the missing end
+    ],
+)
+def test_json_nested_deeper_than_any_value_is_refused(data: str) -> None:
+    with pytest.raises(LimitExceeded) as info:
+        loads_strict(data)
+    assert info.value.status == 400 and "nested deeper than 128 levels" in info.value.message
+
+
+def test_json_nested_128_deep_is_read() -> None:
+    assert loads_strict("[" * 128 + "]" * 128) is not None
+    assert loads_strict('{"a": ' * 128 + "1" + "}" * 128) is not None
+    # Many brackets side by side are not depth: they are walked, and read.
+    assert loads_strict("[" + ",".join(["[[]]"] * 500) + "]") is not None
 
 
 GOOD_JSON: list[tuple[bytes | str, JSON]] = [
