@@ -15,6 +15,7 @@ from multiprocessing import Pipe
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from tests.service_process import ServiceProcess
 from tests.store.contract import change
@@ -125,6 +126,44 @@ def test_writes_in_flight_when_the_writer_dies_are_answered(tmp_path: Path) -> N
             await store.close()
 
     asyncio.run(run())
+
+
+def test_requests_larger_than_the_socket_takes_wait_whole(tmp_path: Path) -> None:
+    """On uvloop (as the service runs) the parent's end of the channel is non-blocking. With
+    the writer stopped, 2 MB of requests cannot go out at once: what is left waits, whole,
+    and goes when the writer reads again. A frame cut short used to kill the writer."""
+
+    async def run() -> None:
+        store = SqliteStore(tmp_path / "twins.sqlite3", SqliteSettings(), StreamSettings())
+        await store.open()
+        try:
+            pid = writer_pid(store)
+            big = "x" * 50_000
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                writes = [
+                    asyncio.ensure_future(
+                        store.write(change(None, f"org.acme:big{i}", {"desired": {"v": big}}))
+                    )
+                    for i in range(40)
+                ]
+                deadline = time.monotonic() + 10
+                while store.describe()["writer"]["unsent"] == 0:
+                    assert time.monotonic() < deadline, "the requests all fit the socket"
+                    await asyncio.sleep(0.01)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(*writes), 60)
+            assert writer_pid(store) == pid  # the same writer: it never choked
+            assert store.describe()["writer"]["unsent"] == 0
+            for i in range(40):
+                twin = await store.get(f"org.acme:big{i}")
+                assert twin is not None and twin.desired == {"v": big}
+        finally:
+            await store.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
 
 
 def test_the_writer_does_not_outlive_a_killed_service(tmp_path: Path) -> None:

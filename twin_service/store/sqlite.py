@@ -165,7 +165,11 @@ class SqliteStore:
 
     def describe(self) -> dict[str, Any]:
         # A writer that is not running is started again by the next write.
-        writer = {"running": self._writer.alive, "pid": self._writer.pid}
+        writer = {
+            "running": self._writer.alive,
+            "pid": self._writer.pid,
+            "unsent": self._writer.unsent,
+        }
         return {"kind": "sqlite", "file": self._path.name, "writer": writer}
 
     # -- reads -----------------------------------------------------------------------------

@@ -9,6 +9,13 @@ with each request, in the same order. A thread reading them instead cost a wake-
 hand-over of the interpreter lock and a wake-up of the loop per batch: about a tenth of a
 PATCH's CPU.
 
+The parent's end of the socket is non-blocking once the loop listens (uvloop makes it so in
+``add_reader``, and a blocking one would let the loop and the writer each wait to send to the
+other): what the socket does not take at once waits in :attr:`WriterProcess.unsent` and the
+listening loop sends it as the writer reads. A request is never cut short: a frame written
+in part, the rest dropped, corrupted the stream and killed the writer (big twins written by
+many clients at once).
+
 When the process dies, every request in flight is answered with :class:`WriterGone`
 (whether its transaction committed is unknown: the callers were not acknowledged), and
 :meth:`WriterProcess.start` may be called again.
@@ -57,6 +64,8 @@ class WriterProcess:
         # The loop reading the answers, and the bytes read of answers not yet complete.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = bytearray()
+        # Framed requests the socket did not take yet (guarded by _lock), in order.
+        self._unsent = bytearray()
         # Set once the loop has stopped reading a channel that ended.
         self._done = threading.Event()
         self._done.set()
@@ -64,6 +73,11 @@ class WriterProcess:
     @property
     def alive(self) -> bool:
         return self._channel is not None
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of requests waiting for the writer to read what was sent before them."""
+        return len(self._unsent)
 
     @property
     def pid(self) -> int | None:
@@ -116,6 +130,7 @@ class WriterProcess:
             return
         self._loop = loop
         self._pending.clear()
+        os.set_blocking(channel.fileno(), False)
         loop.add_reader(channel.fileno(), self._readable, channel)
 
     def request(self, kind: str, payload: Any, callback: Callback) -> None:
@@ -128,9 +143,56 @@ class WriterProcess:
                 loop.call_soon(callback, "error", WriterGone("the SQLite writer is not running"))
                 return
             self._waiting.append((loop, callback))
-            # On a broken channel the reader sees the same, and answers every waiter.
-            with contextlib.suppress(OSError):
+            self._send(channel, data)
+
+    def _send(self, channel: Connection, data: bytes) -> None:
+        """Send one message framed as ``multiprocessing.connection`` does (``_lock`` held)."""
+        loop = self._loop
+        if loop is None:  # nobody listens yet, so the socket blocks: this sends it all
+            with contextlib.suppress(OSError):  # broken: the next read sees the end
                 channel.send_bytes(data)
+            return
+        size = len(data)
+        head = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+        if self._unsent:  # behind what waits already
+            self._unsent += head
+            self._unsent += data
+            return
+        frame = head + data
+        try:
+            sent = os.write(channel.fileno(), frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # broken: the reader sees the end, and answers every waiter
+            return
+        if sent == len(frame):
+            return
+        self._unsent += memoryview(frame)[sent:]
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            loop.add_writer(channel.fileno(), self._writable, channel)
+        else:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the channel ends too
+                loop.call_soon_threadsafe(
+                    loop.add_writer, channel.fileno(), self._writable, channel
+                )
+
+    def _writable(self, channel: Connection) -> None:
+        with self._lock:
+            if self._channel is not channel:
+                return
+            try:
+                sent = os.write(channel.fileno(), self._unsent)
+            except BlockingIOError:
+                return
+            except OSError:  # broken: the reader sees the end, and answers every waiter
+                sent = len(self._unsent)
+            del self._unsent[:sent]
+            if not self._unsent and self._loop is not None:
+                self._loop.remove_writer(channel.fileno())
 
     def _readable(self, channel: Connection) -> None:
         try:
@@ -170,9 +232,11 @@ class WriterProcess:
     def _ended(self, channel: Connection) -> None:
         if self._loop is not None:
             self._loop.remove_reader(channel.fileno())
+            self._loop.remove_writer(channel.fileno())
         with self._lock:
             if self._channel is channel:
                 self._channel = None
+            self._unsent.clear()
             waiting = list(self._waiting)
             self._waiting.clear()
         self._done.set()
@@ -203,8 +267,7 @@ class WriterProcess:
         with self._lock:
             channel, proc = self._channel, self._proc
             if channel is not None:
-                with contextlib.suppress(OSError):
-                    channel.send_bytes(pickle.dumps(("stop", None)))
+                self._send(channel, pickle.dumps(("stop", None)))
         if proc is not None:
             try:
                 proc.wait(timeout)
