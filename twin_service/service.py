@@ -16,8 +16,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twin_service.errors import Conflict, NotFound, PreconditionFailed, TwinServiceError
+from twin_service.errors import (
+    Conflict,
+    NotFound,
+    PreconditionFailed,
+    TwinServiceError,
+    Unavailable,
+)
 from twin_service.store.base import RevisionConflict, StoredEvent, TwinStore, Write
+from twin_service.turns import Turns
 from twin_service.twin.document import (
     ChangeEvent,
     Tombstone,
@@ -107,6 +114,11 @@ class TwinService:
         # a check, and the write is retried from a fresh read, so it can never cause a wrong
         # result, only save the read in the common case.
         self._recent: OrderedDict[str, Twin] = OrderedDict()
+        # Writers of one twin in this process take turns (see Turns).
+        self._turns = Turns()
+        #: Writes committed, and attempts that lost the compare-and-set to another writer.
+        self.committed = 0
+        self.retried = 0
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -132,8 +144,45 @@ class TwinService:
         preconditions = preconditions or Preconditions()
         # Every transport keeps the desired lifecycle (pending/applied/...) up to date.
         amend = amend or lifecycle_amend
+        async with self._turns.take(twin_id) as ticket:
+            if ticket.failed_ahead:
+                # Each would wait out the same failure (a whole server selection on MongoDB)
+                # one after another: minutes for a crowd, and shutdown waited for all of it.
+                raise Unavailable(
+                    f"A write of twin {twin_id} ahead of this one found the store out of reach."
+                )
+            try:
+                return await self._attempts(
+                    twin_id,
+                    namespace,
+                    edit,
+                    origin,
+                    preconditions,
+                    may_create,
+                    amend,
+                    # A writer that waited for its turn reads afresh rather than trust the copy
+                    # its predecessor left. That copy is right unless another process wrote,
+                    # but with it the writers of this process would always beat those of
+                    # another process (who must read after losing) to the next revision.
+                    trust_recent=not ticket.waited,
+                )
+            except Unavailable:
+                ticket.fail()
+                raise
+
+    async def _attempts(
+        self,
+        twin_id: str,
+        namespace: str,
+        edit: EditFn,
+        origin: str,
+        preconditions: Preconditions,
+        may_create: bool,
+        amend: Amend,
+        trust_recent: bool,
+    ) -> Outcome:
         for attempt in range(MAX_ATTEMPTS):
-            cached = self._recent.get(twin_id) if attempt == 0 else None
+            cached = self._recent.get(twin_id) if attempt == 0 and trust_recent else None
             current = cached if cached is not None else await self.store.get(twin_id)
             # A new twin goes on from what a deleted one of its id left (see Tombstone).
             tombstone = (
@@ -161,14 +210,17 @@ class TwinService:
             try:
                 seq = await self.store.write(write)
             except RevisionConflict:
+                self.retried += 1
+                # Another process committed first: re-read and recompute, with jitter so that
+                # replicas writing one twin drift apart instead of colliding again.
                 self._forget(twin_id)
-                # Someone else committed first: re-read and recompute, with jitter so a
-                # crowd of writers on one twin spreads out instead of colliding again.
                 if cached is None:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
                 continue
+            self.committed += 1
             self._remember(twin_id, new)
             outcome = Outcome(new, current, StoredEvent(seq, event))
+            # Still in the twin's turn: listeners hear of its changes in commit order.
             await self._notify(outcome)
             return outcome
         raise Conflict(

@@ -16,9 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -77,21 +74,6 @@ def _twin(raw: dict[str, Any]) -> Twin:
     return Twin.from_storage(json.loads(raw["doc"]))
 
 
-#: How long a revision committed by this process is trusted to reject stale writers.
-_KNOWN_REVISION_SECONDS = 1.0
-
-
-@dataclass
-class _CountedLock:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-    #: The revision the last writer here committed, and when.
-    revision: int | None = None
-    since: float = 0.0
-    #: When a write here last failed for want of the database.
-    unreachable_at: float = -math.inf
-
-
 class MongoStore:
     """:class:`twin_service.store.base.TwinStore` on MongoDB."""
 
@@ -104,7 +86,6 @@ class MongoStore:
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._server = "mongodb"
-        self._locks: dict[str, _CountedLock] = {}
         #: The allocation counter at the previous maintenance round: events still pending
         #: below it were committed by writers that have had a whole round to journal them.
         self._swept_since = 0
@@ -402,47 +383,8 @@ class MongoStore:
     # -- writes ----------------------------------------------------------------------------
 
     async def write(self, write: Write) -> int:
-        # Writers of one twin in this process take turns: a crowd of them on a hot twin then
-        # costs the server one attempt per replica at a time instead of one per request, and
-        # the ones that lost find out with a cheap read.
-        lock = self._locks.setdefault(write.twin_id, _CountedLock())
-        lock.users += 1
-        try:
-            async with lock.lock:
-                # With the database out of reach, each write queued here would wait a whole
-                # server selection to fail, one after another: a crowd on one twin waited
-                # minutes for its answers, and shutdown for all of them. A failure within
-                # the last selection timeout stands for the writes queued behind it.
-                recent = self._settings.server_selection_timeout_ms / 1000
-                if time.monotonic() - lock.unreachable_at < recent:
-                    raise Unavailable(
-                        f"A write of twin {write.twin_id} just before this one found the "
-                        "database out of reach."
-                    )
-                known = lock.revision
-                fresh = time.monotonic() - lock.since < _KNOWN_REVISION_SECONDS
-                if known is not None and fresh and 0 < write.expected_revision < known:
-                    # A writer of this process just moved the twin past that revision: no
-                    # need to ask. Trusted briefly only, as a delete and re-create elsewhere
-                    # may start the revisions again.
-                    raise RevisionConflict(
-                        f"Twin {write.twin_id} is at revision {known}, "
-                        f"not {write.expected_revision}."
-                    )
-                try:
-                    seq = await self._write(write)
-                except Unavailable:
-                    lock.unreachable_at = time.monotonic()
-                    raise
-                lock.revision = write.event.revision
-                lock.since = time.monotonic()
-                return seq
-        finally:
-            lock.users -= 1
-            if lock.users == 0:
-                del self._locks[write.twin_id]
-
-    async def _write(self, write: Write) -> int:
+        # The service's writers of one twin take turns (twin_service.turns): a crowd on a hot
+        # twin costs the server one attempt per replica at a time, not one per request.
         if self._racy_updates:
             await self._claim(write)
         try:

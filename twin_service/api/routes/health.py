@@ -35,7 +35,8 @@ async def ready(ctx: Context) -> JSONResponse:
     ok = True
     try:
         await ctx.store.ping()
-        checks["store"] = {"status": "up", **ctx.store.describe()}
+        writes = {"committed": ctx.service.committed, "retried": ctx.service.retried}
+        checks["store"] = {"status": "up", **ctx.store.describe(), "writes": writes}
     except TwinServiceError as exc:
         ok = False
         checks["store"] = {"status": "down", "error": exc.message}
