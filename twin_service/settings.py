@@ -255,6 +255,13 @@ class StreamSettings(BaseModel):
     max_subscriptions: int = Field(
         100, ge=1, description="Subscriptions one WebSocket connection may hold at once."
     )
+    max_in_flight: int = Field(
+        64,
+        ge=1,
+        description="Messages of one WebSocket connection handled at once (commands, "
+        "subscribes); the connection is read no further until one is done, so a client that "
+        "sends faster than it is served is held back by TCP instead of piling up work.",
+    )
     poll_interval_seconds: float = Field(
         1.0, gt=0, description="Journal poll interval when no commit notice arrives."
     )

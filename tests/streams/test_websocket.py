@@ -544,3 +544,52 @@ def test_a_connection_holds_at_most_max_subscriptions(service: ServiceProcess) -
             await subscribe(ws, id="one-too-many")
 
     asyncio.run(run())
+
+
+def test_one_connection_gets_at_most_max_in_flight_messages_handled_at_once(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """With ``stream.max_in_flight`` 1, a burst of writes (each waits for its commit) and
+    reads (none does) is answered strictly in the order sent: the next message is not even
+    read before the one ahead is done. Handled side by side, the reads overtake the writes."""
+    svc = service_factory(env={"TWIN_STREAM__MAX_IN_FLIGHT": "1"}).start()
+    ns = namespace()
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with connect(svc) as ws:
+            for name in ("written", "read"):
+                reply = await command(ws, name, command="put", twinId=f"{ns}:{name}", value={})
+                assert reply["status"] == 201, reply
+            sent = []
+            for i in range(40):
+                sent.append(f"w{i}")
+                await send(
+                    ws,
+                    {
+                        "type": "command",
+                        "correlationId": f"w{i}",
+                        "command": "patch",
+                        "twinId": f"{ns}:written",
+                        "path": "/desired",
+                        "value": {f"k{i}": "x" * 500},
+                    },
+                )
+                sent.append(f"r{i}")
+                await send(
+                    ws,
+                    {
+                        "type": "command",
+                        "correlationId": f"r{i}",
+                        "command": "get",
+                        "twinId": f"{ns}:read",
+                    },
+                )
+            answered = []
+            for _ in sent:
+                reply = await receive(ws)
+                assert reply["type"] == "response" and reply["status"] == 200, reply
+                answered.append(reply["correlationId"])
+            return answered, sent
+
+    answered, sent = asyncio.run(run())
+    assert answered == sent

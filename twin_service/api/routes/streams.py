@@ -159,6 +159,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     )
     writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
     tasks: set[asyncio.Task[None]] = set()
+    in_flight = asyncio.Semaphore(stream.max_in_flight)
     try:
         await websocket.send_text(dumps({"type": "welcome", "principal": principal.name}))
         while True:
@@ -168,7 +169,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             message = _parse(raw, session)
             if message is None:
                 continue
+            await in_flight.acquire()
             task = asyncio.create_task(_handle(ctx, principal, session, message))
+            task.add_done_callback(lambda _: in_flight.release())
             # A command runs to its end even if the client leaves meanwhile: its write
             # may be queued already, and a commit must never skip its listeners (the
             # device's delta among them). The rest stops with the connection.
