@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from twin_service import logs
     from twin_service.api.app import create_app
+    from twin_service.api.http_protocol import JsonErrorHttpProtocol
     from twin_service.settings import settings_for_command
     from twin_service.streams.direct_ws import DirectWebSocketProtocol
 
@@ -91,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        http=JsonErrorHttpProtocol,
         ws=DirectWebSocketProtocol,
         ws_per_message_deflate=settings.stream.websocket_deflate,
         # uvicorn's default is 16 MiB: a message is parsed whole, so the REST body limit

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import string
 import uuid
 from dataclasses import dataclass
@@ -280,3 +281,43 @@ def test_hostile_requests_get_a_4xx_and_leave_the_twin_alone(
     # The mix reached the service's refusals and its successes, not only one kind.
     assert {200, 201, 204, 400, 404, 412, 413, 415} <= set(statuses), statuses
     assert "unexpected error" not in service.log_tail(10_000)
+
+
+_UNPARSABLE = [
+    b"GET /api/v1/twins HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    b"\x00\x01\x02 binary garbage\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"GET /api/v1/twins HTTP/1.1\r\nHo st: x\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+]
+
+
+def _raw_exchange(service: ServiceProcess, request: bytes) -> bytes:
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # the service closes the connection after it
+            answer += chunk
+    return answer
+
+
+def test_requests_the_http_parser_refuses_get_the_json_error_body(
+    service: ServiceProcess,
+) -> None:
+    """Refused before the application sees them, by the server itself, which answered in
+    plain text before."""
+    for request in _UNPARSABLE:
+        answer = _raw_exchange(service, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0] == "HTTP/1.1 400 Bad Request", (request, answer)
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        assert headers["content-type"] == "application/json", (request, answer)
+        assert int(headers["content-length"]) == len(body)
+        error = json.loads(body)
+        assert set(error) == {"status", "error", "message", "description"}, error
+        assert (error["status"], error["error"]) == (400, "request.invalid"), error
+    # And the service goes on serving.
+    with service.client() as api:
+        assert api.get("/health").status_code == 200
