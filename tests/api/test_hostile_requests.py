@@ -23,6 +23,7 @@ import httpx
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
+from tests.hostile_json import JsonValues
 from tests.service_process import ServiceProcess
 from twin_service.api.app import create_app
 from twin_service.settings import load_settings
@@ -91,20 +92,8 @@ class Hostile:
         return "y" * self.rng.choice([257, 5000])
 
     def value(self, depth: int = 0) -> Any:
-        kind = self.rng.randint(0, 9 if depth < 4 else 3)
-        if kind == 0:
-            return None
-        if kind == 1:
-            return self.rng.choice([True, False])
-        if kind == 2:
-            return self.rng.choice([0, -1, 1.5, 3, 10**20, 2**63, -(2**64), 1e308])
-        if kind == 3:
-            return self.text()
-        if kind <= 6:
-            return {self.text(): self.value(depth + 1) for _ in range(self.rng.randint(0, 4))}
-        if kind <= 8:
-            return [self.value(depth + 1) for _ in range(self.rng.randint(0, 4))]
-        return self.rng.choice([{}, [], ""])
+        numbers = [0, -1, 1.5, 3, 10**20, 2**63, -(2**64), 1e308]
+        return JsonValues(self.rng, self.text, self.text, numbers).value(depth)
 
     def json_patch(self) -> bytes:
         ops = []

@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.hostile_json import JsonValues
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess
 from tests.sync.conftest import SVC_MAX_TWIN_BYTES
@@ -289,24 +290,8 @@ class Hostile:
             )
         return "y" * self.rng.choice([1000, 2500, 5000])
 
-    def value(self, depth: int = 0) -> Any:
-        kind = self.rng.randint(0, 9 if depth < 4 else 3)
-        if kind == 0:
-            return None
-        if kind == 1:
-            return self.rng.choice([True, False])
-        if kind == 2:
-            return self.rng.choice(_NUMBERS)
-        if kind == 3:
-            return self.text()
-        if kind <= 6:
-            return self.patch(depth + 1)
-        if kind <= 8:
-            return [self.value(depth + 1) for _ in range(self.rng.randint(0, 4))]
-        return self.rng.choice([{}, [], ""])
-
-    def patch(self, depth: int = 0) -> dict[str, Any]:
-        return {self.key(): self.value(depth) for _ in range(self.rng.randint(0, 4))}
+    def patch(self) -> dict[str, Any]:
+        return JsonValues(self.rng, self.key, self.text, _NUMBERS).object()
 
     def token(self) -> Any:
         self.made += 1
