@@ -552,7 +552,7 @@ def test_one_connection_gets_at_most_max_in_flight_messages_handled_at_once(
     """With ``stream.max_in_flight`` 1, a burst of writes (each waits for its commit) and
     reads (none does) is answered strictly in the order sent: the next message is not even
     read before the one ahead is done. Handled side by side, the reads overtake the writes."""
-    svc = service_factory(env={"TWIN_STREAM__MAX_IN_FLIGHT": "1"}).start()
+    svc = service_factory(env={"TWIN_STREAM__MAX_IN_FLIGHT": "1"})
     ns = namespace()
 
     async def run() -> tuple[list[str], list[str]]:
