@@ -56,6 +56,10 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            # A second process on the same port would fail to bind, while the health check
+            # found the first one healthy: the first was then never stopped.
+            raise RuntimeError(f"the service on port {self.port} is running already")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = service_env(self.env)
         log = self.log_path.open("ab")
