@@ -50,6 +50,8 @@ MAX_ATTEMPTS = 200
 RECENT_CAPACITY = 10_000
 
 #: A listener is told about every committed change, after the commit, in commit order per twin.
+#: It runs in the twin's turn: awaiting a write of the same twin there would wait forever
+#: (start a task for that instead).
 Listener = Callable[[StoredEvent, Twin | None], Awaitable[None]]
 
 
