@@ -43,6 +43,34 @@ def _redact(url: str) -> str:
     return f"{'mqtts' if addr.tls else 'mqtt'}://{addr.host}:{addr.port}"
 
 
+def service_options(
+    settings: Settings,
+    url: str,
+    password: str | None,
+    *,
+    client_id: str,
+    persistent_session: bool,
+) -> MqttOptions:
+    """How the service's own clients (device sync, the event bus) connect: as the service's
+    broker user (credentials in the URL win), with its TLS files and protocol."""
+    m = settings.mqtt
+    addr = BrokerAddress.parse(url)
+    return MqttOptions(
+        url=url,
+        client_id=client_id,
+        protocol=m.protocol if settings.mqtt_url else 4,
+        persistent_session=persistent_session,
+        session_expiry=m.session_expiry_seconds,
+        max_in_flight=m.max_inflight,
+        max_unacked_out=m.max_unacked_replies,
+        username=addr.username if addr.username is not None else m.service_username,
+        password=addr.password if addr.password is not None else password,
+        ca_file=m.ca_file,
+        cert_file=m.cert_file,
+        key_file=m.key_file,
+    )
+
+
 class MqttSync:
     """``Component``: reconciles twins with devices over MQTT."""
 
@@ -64,21 +92,8 @@ class MqttSync:
         self._retiring = retiring
 
     def options(self, settings: Settings, url: str, password: str | None) -> MqttOptions:
-        m = settings.mqtt
-        addr = BrokerAddress.parse(url)
-        return MqttOptions(
-            url=url,
-            client_id=m.client_id,
-            protocol=m.protocol if settings.mqtt_url else 4,
-            persistent_session=True,
-            session_expiry=m.session_expiry_seconds,
-            max_in_flight=m.max_inflight,
-            max_unacked_out=m.max_unacked_replies,
-            username=addr.username if addr.username is not None else m.service_username,
-            password=addr.password if addr.password is not None else password,
-            ca_file=m.ca_file,
-            cert_file=m.cert_file,
-            key_file=m.key_file,
+        return service_options(
+            settings, url, password, client_id=settings.mqtt.client_id, persistent_session=True
         )
 
     async def start(self, ctx: AppContext) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -62,7 +64,19 @@ def build_bus(settings: Settings) -> EventBus:
         kind = "mqtt" if settings.mqtt_url and settings.mqtt.enabled else "inprocess"
     if kind == "mqtt":
         assert settings.mqtt_url, "Settings refuses stream.bus=mqtt without mqtt_url"
-        return MqttBus(settings.mqtt_url, settings.mqtt.client_id)
+        from connectivity.sync import service_options
+
+        # As the service's broker user, like its device sync: a broker with a password file
+        # refused an anonymous bus, and /ready stayed 503 for good.
+        origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        options = service_options(
+            settings,
+            settings.mqtt_url,
+            settings.mqtt.service_password,
+            client_id=f"{settings.mqtt.client_id}-bus-{origin}",
+            persistent_session=False,
+        )
+        return MqttBus(options)
     return InProcessBus()
 
 

@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from connectivity.options import MqttOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +58,12 @@ class MqttBus:
 
     TOPIC = "twin-service/internal/journal"
 
-    def __init__(self, url: str, client_id_prefix: str, topic: str = TOPIC) -> None:
+    def __init__(self, options: MqttOptions, topic: str = TOPIC) -> None:
         from connectivity.mqtt_client import MqttClient
-        from connectivity.options import MqttOptions
 
-        self._origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._origin = options.client_id
         self._topic = topic
-        self._client = MqttClient(
-            MqttOptions(
-                url=url,
-                client_id=f"{client_id_prefix}-bus-{self._origin}",
-                persistent_session=False,
-            )
-        )
+        self._client = MqttClient(options)
         self._on_notice: Notice | None = None
         self._latest = 0  # highest sequence announced here
         self._sent = 0  # highest sequence published
