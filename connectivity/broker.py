@@ -56,6 +56,8 @@ class EmbeddedBrokerConfig:
     allow_anonymous: bool = False
     #: Seconds an offline persistent session (and its queued QoS 1 messages) is kept.
     session_expiry: int | None = 7 * 24 * 3600
+    #: Seconds a new connection may take to send its whole CONNECT before it is closed.
+    connect_timeout: float = 10.0
 
 
 @dataclass
@@ -145,10 +147,61 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     id, only then. amqtt's plugin events come after that parse, too late to help.
     """
 
+    #: Set by EmbeddedBroker (see EmbeddedBrokerConfig.connect_timeout).
+    connect_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._retained_sends: set[asyncio.Task[None]] = set()
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        """Retained messages for a filter only if this session holds it, and in a task.
+
+        amqtt calls this at every connection for every filter that *any* client holds, and
+        never asks the topic plugin: each device was sent the retained deltas and statuses
+        of other twins (the service's own ``twins/+/status`` matches them all). It awaits
+        the sends while it iterates the broker's subscription table, which a client
+        subscribing meanwhile changes: "dictionary changed size during iteration" dropped
+        the new connection. A filter a session holds passed the topic plugin when it
+        subscribed; sending from a task leaves that iteration nothing to wait for.
+        """
+        topic_filter = subscription[0]
+        granted = next(
+            (
+                qos
+                for holder, qos in self._subscriptions.get(topic_filter, ())
+                if holder.client_id == session.client_id
+            ),
+            None,
+        )
+        if granted is None:
+            return
+        send = super()._publish_retained_messages_for_subscription((topic_filter, granted), session)
+        task = asyncio.create_task(send)
+        self._retained_sends.add(task)
+        task.add_done_callback(self._retained_sent)
+
+    def _retained_sent(self, task: asyncio.Task[None]) -> None:
+        self._retained_sends.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("embedded broker: retained messages not sent: %s", task.exception())
+
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        packet = await _first_packet(reader)
+        # Before anyone is authenticated, so bounded in time and size: a connection that
+        # never sent its CONNECT was held for good, and one that announced 200 MB had it
+        # read into memory (the process held 600 MB after it).
+        try:
+            packet = await asyncio.wait_for(_first_packet(reader), self.connect_timeout)
+        except (TimeoutError, _ConnectTooLarge) as exc:
+            peer = writer.get_extra_info("peername")
+            reason = "no CONNECT in time" if isinstance(exc, TimeoutError) else str(exc)
+            log.warning("embedded broker closed a connection from %s: %s", peer, reason)
+            writer.close()
+            return
         refused = _other_protocol_level(packet)
         if refused is None:
             # amqtt parses the CONNECT itself, from its first byte.
@@ -171,6 +224,15 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             await writer.wait_closed()
 
 
+#: A CONNECT carries a client id, credentials and a last will: small. Beyond this it is
+#: refused unread.
+MAX_CONNECT_BYTES = 65_536
+
+
+class _ConnectTooLarge(Exception):
+    pass
+
+
 async def _first_packet(reader: asyncio.StreamReader) -> bytes:
     """The bytes of the first MQTT packet, or as many as came before the stream ended."""
     data = bytearray()
@@ -184,6 +246,10 @@ async def _first_packet(reader: asyncio.StreamReader) -> bytes:
             shift += 7
             if not byte[0] & 0x80 or shift == 28:
                 break
+        if length > MAX_CONNECT_BYTES:
+            raise _ConnectTooLarge(
+                f"a first packet of {length} bytes (a CONNECT may have {MAX_CONNECT_BYTES})"
+            )
         data += await reader.readexactly(length)
     except asyncio.IncompleteReadError as exc:
         data += exc.partial
@@ -279,6 +345,7 @@ class EmbeddedBroker:
                 },
             }
         )
+        broker.connect_timeout = cfg.connect_timeout
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(_without_traceback)  # the reason is in the error raised below
         try:

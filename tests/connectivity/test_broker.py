@@ -7,8 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
 from connectivity.credentials import CredentialStore, mqtt_username
@@ -16,7 +19,7 @@ from connectivity.errors import ConnectRefused, Refused
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import LastWill, MqttOptions
-from tests.connectivity.helpers import Collector, assert_refused, started
+from tests.connectivity.helpers import Collector, assert_refused, eventually, started
 from tests.servers.process import free_port
 
 TWIN = "org.acme:pump-1"
@@ -215,3 +218,112 @@ async def test_unacked_message_is_redelivered_after_reconnect(env: Env) -> None:
     finally:
         await again.stop()
         await pub.stop()
+
+
+def _raw_device(env: Env, twin: str, client_id: str) -> tuple[paho.Client, list[str]]:
+    """A paho device that records the topic of everything it is sent, asked for or not."""
+    received: list[str] = []
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv311
+    )
+    client.username_pw_set(mqtt_username(twin), env.passwords[twin])
+    client.on_message = lambda _c, _u, message: received.append(message.topic)
+    return client, received
+
+
+async def test_a_device_is_sent_no_retained_message_of_another_twin(env: Env) -> None:
+    """amqtt sent each new connection the retained messages of every filter any client held,
+    the topic rules unasked: here the service's ``twins/+/status`` and ``twins/+/delta``."""
+    svc = await env.service("svc")
+    await svc.subscribe("twins/+/status", 1, Collector())
+    await svc.subscribe("twins/+/delta", 1, Collector())
+    await svc.publish(f"twins/{OTHER}/delta", b'{"state": {"secret": 1}}', retain=True)
+    other = await env.device(OTHER, "dev-other")
+    await other.publish(f"twins/{OTHER}/status", b"online", retain=True)
+
+    client, received = _raw_device(env, TWIN, "dev-snooped")
+    own = f"twins/{TWIN}/delta"
+    subscribed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    client.on_subscribe = lambda *_: loop.call_soon_threadsafe(subscribed.set)
+    client.connect("127.0.0.1", env.broker.config.port)
+    client.loop_start()
+    try:
+        client.subscribe(own, 1)
+        await asyncio.wait_for(subscribed.wait(), 10)
+        # After the SUBACK, a message on its own topic: whatever was sent at the connection
+        # came before it on the same socket.
+        await svc.publish(own, b'{"state": {"mine": 1}}', retain=True)
+        await eventually(lambda: own in received)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert received == [own], received
+    for c in (other, svc):
+        await c.stop(grace=0)
+
+
+async def test_devices_connecting_at_once_are_all_served(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each connection's retained-message pass iterated the broker's subscription table
+    while it waited: another client subscribing then broke it (RuntimeError), and amqtt
+    dropped that connection."""
+    svc = await env.service("svc")
+    await svc.subscribe("twins/+/status", 1, Collector())
+    # Retained messages under that filter: each connection's pass then has sends to wait on.
+    for i in range(5):
+        await svc.publish(f"twins/org.acme:gone-{i}/status", b"offline", retain=True)
+    passwords = {f"org.acme:crowd-{i}": "" for i in range(40)}
+    for twin in passwords:
+        env.passwords[twin] = env.store.add(twin)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    subacked: set[str] = set()
+    clients = []
+    for twin in passwords:
+        client, _ = _raw_device(env, twin, f"dev-{twin}")
+        client.on_connect = lambda c, _u, _f, _rc, _p, t=twin: c.subscribe(f"twins/{t}/delta", 1)
+        client.on_subscribe = lambda *_a, t=twin: loop.call_soon_threadsafe(subacked.add, t)
+        clients.append(client)
+    try:
+        for client in clients:
+            client.connect_async("127.0.0.1", env.broker.config.port)
+            client.loop_start()
+        await eventually(lambda: len(subacked) == len(passwords), timeout=30)
+    finally:
+        for client in clients:
+            client.disconnect()
+            client.loop_stop()
+        loop.set_exception_handler(None)
+    assert errors == []
+    await svc.stop(grace=0)
+
+
+async def test_a_connection_without_a_timely_small_connect_is_closed(tmp_path: Path) -> None:
+    store = CredentialStore(tmp_path / "creds.json")
+    config = EmbeddedBrokerConfig(
+        service_username="service",
+        service_password="svc-pw",
+        credentials_path=store.path,
+        port=free_port(),
+        connect_timeout=0.5,
+    )
+    broker = EmbeddedBroker(config)
+    await broker.start()
+    try:
+        # Silent: closed once connect_timeout has passed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", config.port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        # A CONNECT announcing 200 MB: closed before any of it is read.
+        reader, writer = await asyncio.open_connection("127.0.0.1", config.port)
+        writer.write(bytes([0x10, 0x80, 0x80, 0x80, 0x64]) + b"x" * 1000)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        # An ordinary client still gets in.
+        dev = await started(broker.url, "svc", protocol=4, username="service", password="svc-pw")
+        await dev.stop(grace=0)
+    finally:
+        await broker.stop()
