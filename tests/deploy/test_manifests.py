@@ -78,6 +78,8 @@ def test_mosquitto_queue_limit_is_large_and_not_zero() -> None:
     assert queued >= 10_000
     assert "allow_anonymous false" in text
     assert "set_tcp_nodelay true" in text  # else 40 ms more on every device round trip
+    # Bounded, and above what the service answers with 413 (limits.max_twin_bytes).
+    assert "max_packet_size 2097152" in text
 
 
 def test_each_replica_has_its_own_stable_mqtt_client_id() -> None:
