@@ -12,7 +12,8 @@ import logging
 import random
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +147,58 @@ class TwinService:
         preconditions = preconditions or Preconditions()
         # Every transport keeps the desired lifecycle (pending/applied/...) up to date.
         amend = amend or lifecycle_amend
+        async with self._turn(twin_id) as trust_recent:
+            for attempt in range(MAX_ATTEMPTS):
+                cached = self._recent.get(twin_id) if attempt == 0 and trust_recent else None
+                current = cached if cached is not None else await self.store.get(twin_id)
+                # A new twin goes on from what a deleted one of its id left (see Tombstone).
+                tombstone = (
+                    await self.store.tombstone(twin_id) if current is None and may_create else None
+                )
+                try:
+                    new, event = self._compute(
+                        current,
+                        tombstone,
+                        twin_id,
+                        namespace,
+                        edit,
+                        origin,
+                        preconditions,
+                        may_create,
+                        amend,
+                    )
+                except TwinServiceError:
+                    if cached is None:
+                        raise
+                    self._forget(twin_id)  # judged on a cached copy: judge again on a fresh one
+                    continue
+                expected = current.revision if current else tombstone.revision if tombstone else 0
+                write = Write(twin_id, expected, new, event, current)
+                try:
+                    seq = await self.store.write(write)
+                except RevisionConflict:
+                    self.retried += 1
+                    # Another process committed first: re-read and recompute, with jitter so that
+                    # replicas writing one twin drift apart instead of colliding again.
+                    self._forget(twin_id)
+                    if cached is None:
+                        await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
+                    continue
+                self.committed += 1
+                self._remember(twin_id, new)
+                outcome = Outcome(new, current, StoredEvent(seq, event))
+                # Still in the twin's turn: listeners hear of its changes in commit order.
+                await self._notify(outcome)
+                return outcome
+            raise Conflict(
+                f"Twin {twin_id} is changing too fast: gave up after {MAX_ATTEMPTS} attempts.",
+                code="twin.contention",
+            )
+
+    @asynccontextmanager
+    async def _turn(self, twin_id: str) -> AsyncIterator[bool]:
+        """Hold the twin's turn (see Turns); yields whether the copy in ``_recent`` may be
+        trusted for the first attempt."""
         async with self._turns.take(twin_id) as ticket:
             if ticket.failed_ahead:
                 # Each would wait out the same failure (a whole server selection on MongoDB)
@@ -154,81 +207,14 @@ class TwinService:
                     f"A write of twin {twin_id} ahead of this one found the store out of reach."
                 )
             try:
-                return await self._attempts(
-                    twin_id,
-                    namespace,
-                    edit,
-                    origin,
-                    preconditions,
-                    may_create,
-                    amend,
-                    # A writer that waited for its turn reads afresh rather than trust the copy
-                    # its predecessor left. That copy is right unless another process wrote,
-                    # but with it the writers of this process would always beat those of
-                    # another process (who must read after losing) to the next revision.
-                    trust_recent=not ticket.waited,
-                )
+                # A writer that waited for its turn reads afresh rather than trust the copy its
+                # predecessor left. That copy is right unless another process wrote, but with
+                # it the writers of this process would always beat those of another process
+                # (who must read after losing) to the next revision.
+                yield not ticket.waited
             except Unavailable:
                 ticket.fail()
                 raise
-
-    async def _attempts(
-        self,
-        twin_id: str,
-        namespace: str,
-        edit: EditFn,
-        origin: str,
-        preconditions: Preconditions,
-        may_create: bool,
-        amend: Amend,
-        trust_recent: bool,
-    ) -> Outcome:
-        for attempt in range(MAX_ATTEMPTS):
-            cached = self._recent.get(twin_id) if attempt == 0 and trust_recent else None
-            current = cached if cached is not None else await self.store.get(twin_id)
-            # A new twin goes on from what a deleted one of its id left (see Tombstone).
-            tombstone = (
-                await self.store.tombstone(twin_id) if current is None and may_create else None
-            )
-            try:
-                new, event = self._compute(
-                    current,
-                    tombstone,
-                    twin_id,
-                    namespace,
-                    edit,
-                    origin,
-                    preconditions,
-                    may_create,
-                    amend,
-                )
-            except TwinServiceError:
-                if cached is None:
-                    raise
-                self._forget(twin_id)  # judged on a cached copy: judge again on a fresh one
-                continue
-            expected = current.revision if current else tombstone.revision if tombstone else 0
-            write = Write(twin_id, expected, new, event, current)
-            try:
-                seq = await self.store.write(write)
-            except RevisionConflict:
-                self.retried += 1
-                # Another process committed first: re-read and recompute, with jitter so that
-                # replicas writing one twin drift apart instead of colliding again.
-                self._forget(twin_id)
-                if cached is None:
-                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
-                continue
-            self.committed += 1
-            self._remember(twin_id, new)
-            outcome = Outcome(new, current, StoredEvent(seq, event))
-            # Still in the twin's turn: listeners hear of its changes in commit order.
-            await self._notify(outcome)
-            return outcome
-        raise Conflict(
-            f"Twin {twin_id} is changing too fast: gave up after {MAX_ATTEMPTS} attempts.",
-            code="twin.contention",
-        )
 
     def _compute(
         self,
