@@ -499,7 +499,7 @@ def _py_spy(server: Server, out: Path, seconds: float) -> Callable[[], subproces
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     assert server.proc is not None
     pid = server.proc.pid
-    fmt = "speedscope" if out.suffix == ".json" else "flamegraph"
+    fmt = {".json": "speedscope", ".txt": "raw"}.get(out.suffix, "flamegraph")
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -514,6 +514,7 @@ def _py_spy(server: Server, out: Path, seconds: float) -> Callable[[], subproces
                 "250",
                 "--nonblocking",
                 "--threads",
+                "--subprocesses",  # the SQLite writer process too
                 "--format",
                 fmt,
                 "-o",
@@ -543,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         type=Path,
         help="py-spy record of the service during the first twin PATCH phase "
-        "(.svg flamegraph, .json speedscope); the figures of that round are perturbed",
+        "(.svg flamegraph, .json speedscope, .txt collapsed stacks, the writer process "
+        "included); the figures of that round are perturbed",
     )
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import pytest
 from connectivity.cli import cmd_add
 from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.errors import ConnectRefused
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
 from tests.servers.process import free_port
 from tests.service_process import ServiceProcess
 from tests.sync.helpers import (
@@ -212,3 +217,105 @@ async def test_library_warnings_are_named_and_levelled_too(tmp_path: Path, level
     assert "INFO amqtt" not in log, log
     # uvicorn's lines are its own, once: its loggers do not propagate to the root logger.
     assert "uvicorn.error" not in log, log
+
+
+async def test_a_report_is_acknowledged_to_the_device_only_once_committed(
+    tmp_path: Path,
+) -> None:
+    """The embedded broker lives and dies with the service: a report it had acknowledged to
+    the device before the service committed it was lost with a crash of the process. The
+    device's PUBACK now waits for the service's, which follows the commit, so a device keeps
+    (and sends again after the restart) every report the crash took."""
+    data = tmp_path / "svc"
+    data.mkdir()
+    twin = "org.acme:emb-crash"
+    password = _add_device(data, twin)
+    port = free_port()
+    env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)}
+    proc = ServiceProcess(data, env=env).start()
+    url = f"mqtt://127.0.0.1:{port}"
+    dev = MqttClient(
+        MqttOptions(
+            url=url,
+            client_id="emb-crash",
+            protocol=4,
+            username=mqtt_username(twin),
+            password=password,
+            reconnect_min_delay=0.1,
+            reconnect_max_delay=0.5,
+        )
+    )
+    try:
+        wait_mqtt_up(proc)
+        with proc.client() as api:
+            start = put_twin(api, twin, reported={"counter": -1})
+            writer = int(api.get("/ready").json()["checks"]["store"]["writer"]["pid"])
+        await dev.start()
+        await dev.wait_connected(10)
+        os.kill(writer, signal.SIGSTOP)  # nothing commits from here on
+        topic = f"twins/{twin}/reported/update"
+        sends = [
+            asyncio.create_task(dev.publish(topic, json.dumps(body).encode(), qos=1, timeout=120))
+            for body in ({"state": {"counter": i}, "clientToken": f"k{i}"} for i in range(20))
+        ]
+        await asyncio.sleep(2)
+        assert not any(send.done() for send in sends), "acknowledged before the commit"
+        proc.kill()
+        os.kill(writer, signal.SIGKILL)
+        proc = ServiceProcess(data, env=env).start()
+        # The device reconnects and sends again what was never acknowledged.
+        await asyncio.wait_for(asyncio.gather(*sends), 60)
+        async with proc.async_client() as api:
+            doc = await until_twin(api, twin, lambda d: d["reported"]["counter"] == 19, 30)
+        assert doc["revision"] == start["revision"] + 20, doc
+    finally:
+        await dev.stop()
+        proc.stop()
+
+
+async def test_a_commit_slower_than_five_seconds_is_waited_for(tmp_path: Path) -> None:
+    """amqtt gave a subscriber 5 s for its PUBACK, then forgot the message with a warning;
+    the service acknowledges after its commit, which may take longer under a burst."""
+    data = tmp_path / "svc"
+    data.mkdir()
+    twin = "org.acme:emb-slow"
+    password = _add_device(data, twin)
+    port = free_port()
+    env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)}
+    proc = ServiceProcess(data, env=env).start()
+    dev = MqttClient(
+        MqttOptions(
+            url=f"mqtt://127.0.0.1:{port}",
+            client_id="emb-slow",
+            protocol=4,
+            username=mqtt_username(twin),
+            password=password,
+        )
+    )
+    try:
+        wait_mqtt_up(proc)
+        with proc.client() as api:
+            start = put_twin(api, twin, reported={"counter": -1})
+            writer = int(api.get("/ready").json()["checks"]["store"]["writer"]["pid"])
+        await dev.start()
+        await dev.wait_connected(10)
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            topic = f"twins/{twin}/reported/update"
+            sends = [
+                asyncio.create_task(dev.publish(topic, json.dumps(body).encode(), timeout=60))
+                for body in ({"state": {"counter": i}, "clientToken": f"s{i}"} for i in range(5))
+            ]
+            await asyncio.sleep(6.5)
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*sends), 30)
+        async with proc.async_client() as api:
+            doc = await until_twin(api, twin, lambda d: d["reported"]["counter"] == 4)
+        assert doc["revision"] == start["revision"] + 5, doc
+    finally:
+        await dev.stop()
+        proc.stop()
+    log = proc.log_path.read_text(errors="replace")
+    assert "Timeout waiting for PUBACK" not in log, log
+    assert "not acknowledged by every subscriber" not in log, log
