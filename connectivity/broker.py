@@ -62,6 +62,9 @@ class EmbeddedBrokerConfig:
     session_expiry: int | None = 7 * 24 * 3600
     #: Seconds a new connection may take to send its whole CONNECT before it is closed.
     connect_timeout: float = 10.0
+    #: Largest packet (its remaining length) a client may send; a larger one ends its
+    #: connection. The shipped mosquitto configuration has the same limit.
+    max_packet_size: int = 2 * 1024 * 1024
 
 
 @dataclass
@@ -273,8 +276,9 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     id, only then. amqtt's plugin events come after that parse, too late to help.
     """
 
-    #: Set by EmbeddedBroker (see EmbeddedBrokerConfig.connect_timeout).
+    #: Set by EmbeddedBroker (see EmbeddedBrokerConfig).
     connect_timeout = 10.0
+    max_packet = 2 * 1024 * 1024
 
     def __init__(self, *args: Any, service_username: str = "", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -396,7 +400,8 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         refused = _other_protocol_level(packet)
         if refused is None:
             # amqtt parses the CONNECT itself, from its first byte.
-            replay = _Replay(reader, packet)
+            peer = writer.get_extra_info("peername")
+            replay = _Replay(reader, packet, self.max_packet, peer)
             await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
             return
         level, client_id = refused
@@ -484,22 +489,69 @@ def _other_protocol_level(packet: bytes) -> tuple[int, str] | None:
 
 
 class _Replay(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
-    """A stream with the bytes already read from it put back in front."""
+    """A stream with the bytes already read from it put back in front, that ends the
+    connection at a packet larger than ``max_packet``.
 
-    def __init__(self, reader: asyncio.StreamReader, head: bytes) -> None:
+    amqtt reads any packet whole, whatever its size: a logged-in device that announced
+    100 MB had it read into memory, and handed on to the service. This follows the packets
+    as amqtt reads them (each begins with a type byte and its remaining length) and refuses
+    one whose length is too large before its body is read, as mosquitto's
+    ``max_packet_size`` does.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, head: bytes, max_packet: int, peer: object
+    ) -> None:
         super().__init__(reader)
         self._head = head
+        self._max_packet = max_packet
+        self._peer = peer
+        self._header_left = 1  # bytes of the type byte still to come, then 0
+        self._length = self._shift = 0
+        self._in_length = False
+        self._body_left = 0
 
     async def read(self, n: int = -1) -> bytes:
         if not self._head:
-            rest: bytes = await super().read(n)
-            return rest
-        if n < 0:
-            n = len(self._head)
-        data, self._head = self._head[:n], self._head[n:]
-        if len(data) < n:
-            data += await super().read(n - len(data))
+            data: bytes = await super().read(n)
+        else:
+            if n < 0:
+                n = len(self._head)
+            data, self._head = self._head[:n], self._head[n:]
+            if len(data) < n:
+                data += await super().read(n - len(data))
+        self._follow(data)
         return data
+
+    def _follow(self, data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            if self._body_left:
+                step = min(self._body_left, len(data) - i)
+                self._body_left -= step
+                i += step
+            elif not self._in_length:  # a packet's type byte
+                self._in_length, self._length, self._shift = True, 0, 0
+                i += 1
+            else:  # its remaining length: 1 to 4 bytes of 7 bits, low ones first
+                byte = data[i]
+                i += 1
+                self._length |= (byte & 0x7F) << self._shift
+                self._shift += 7
+                if byte & 0x80 and self._shift < 28:
+                    continue
+                self._in_length = False
+                if self._length > self._max_packet:
+                    log.warning(
+                        "embedded broker closed a connection from %s: a packet of %d bytes "
+                        "(at most %d)",
+                        self._peer,
+                        self._length,
+                        self._max_packet,
+                    )
+                    # What amqtt meets when a client goes away: it ends the session so.
+                    raise ConnectionResetError("packet too large")
+                self._body_left = self._length
 
 
 class EmbeddedBroker:
@@ -538,6 +590,7 @@ class EmbeddedBroker:
             },
         )
         broker.connect_timeout = cfg.connect_timeout
+        broker.max_packet = cfg.max_packet_size
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(_without_traceback)  # the reason is in the error raised below
         try:

@@ -114,6 +114,8 @@ class MqttSync:
                     port=m.embedded_port,
                     topic_prefix=m.topic_prefix,
                     session_expiry=m.session_expiry_seconds,
+                    # Room for a whole twin in a message, as the shipped mosquitto's limit.
+                    max_packet_size=max(2 * 1024 * 1024, 2 * settings.limits.max_twin_bytes),
                 )
             )
             await self.broker.start()

@@ -327,3 +327,63 @@ async def test_a_connection_without_a_timely_small_connect_is_closed(tmp_path: P
         await dev.stop(grace=0)
     finally:
         await broker.stop()
+
+
+def _connect_packet(client_id: str, username: str, password: str) -> bytes:
+    """A raw MQTT 3.1.1 CONNECT with a clean session, a username and a password."""
+
+    def string(value: str) -> bytes:
+        raw = value.encode()
+        return len(raw).to_bytes(2, "big") + raw
+
+    body = string("MQTT") + bytes([4, 0xC2, 0, 60]) + string(client_id)
+    body += string(username) + string(password)
+    return b"\x10" + _remaining_length(len(body)) + body
+
+
+def _remaining_length(n: int) -> bytes:
+    """MQTT's variable byte integer: 7 bits a byte, low ones first."""
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+async def test_a_packet_over_max_packet_size_ends_the_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt read any packet whole: a logged-in client that announced 100 MB had it read
+    into memory. Past max_packet_size the connection ends before the body is read."""
+    store = CredentialStore(tmp_path / "creds.json")
+    config = EmbeddedBrokerConfig(
+        service_username="service",
+        service_password="svc-pw",
+        credentials_path=store.path,
+        port=free_port(),
+        max_packet_size=65_536,
+    )
+    broker = EmbeddedBroker(config)
+    await broker.start()
+    try:
+        sub = await started(broker.url, "sub", protocol=4, username="service", password="svc-pw")
+        got = Collector()
+        await sub.subscribe("big/#", 1, got)
+        reader, writer = await asyncio.open_connection("127.0.0.1", config.port)
+        writer.write(_connect_packet("raw", "service", "svc-pw"))
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x20\x02\x00\x00"
+        # Within the limit: delivered (topic "big/ok", QoS 0, a 60,000-byte payload).
+        body = b"\x00\x06big/ok" + b"x" * 60_000
+        writer.write(b"\x30" + _remaining_length(len(body)) + body)
+        (small,) = await got.wait_for(1)
+        assert len(small.payload) == 60_000
+        # A PUBLISH announcing 100 MB: the connection ends with a thousand bytes sent.
+        with caplog.at_level(logging.WARNING, logger="connectivity.broker"):
+            writer.write(b"\x30" + _remaining_length(100 * 2**20) + b"\x00\x06big/no" + b"x" * 1000)
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert "a packet of 104857600 bytes (at most 65536)" in caplog.text
+        writer.close()
+        await sub.stop(grace=0)
+    finally:
+        await broker.stop()
