@@ -5,7 +5,10 @@ used must be allowed on every device's topics (the service account, or an anonym
 Each device reports ``{"state": {"counter": i}, "clientToken": ...}`` at ``--rate`` messages
 per second in total; ``--offline-fraction`` of the devices are announced ``offline`` and stay
 silent. Progress is printed every second; the summary gives messages, acks (``accepted``),
-rejects and the publish-to-accepted latency percentiles.
+rejects by error code and the publish-to-accepted latency percentiles.
+
+Devices never create twins (a report to a missing one is rejected with ``twin.notfound``);
+``--create`` creates the missing ones first through the REST API (``--api``, ``--token``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -44,6 +52,17 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     sim.add_argument("--connections", type=_at_least(1, int), default=4)
     sim.add_argument("--protocol", type=int, choices=[4, 5], default=5)
     sim.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    sim.add_argument(
+        "--create",
+        action="store_true",
+        help="create the simulated twins that do not exist yet, through the REST API",
+    )
+    sim.add_argument("--api", default="http://127.0.0.1:8080", help="the service, for --create")
+    sim.add_argument(
+        "--token",
+        default=os.environ.get("TWIN_TOKEN"),
+        help="a write token, for --create (default: $TWIN_TOKEN)",
+    )
     sim.set_defaults(handler=cmd_simulate)
     return sim
 
@@ -82,6 +101,7 @@ class Simulation:
         self.sent: dict[str, float] = {}
         self.latencies: list[float] = []
         self.messages = self.acks = self.rejects = 0
+        self.reasons: Counter[str] = Counter()
         self.clients: list[MqttClient] = []
 
     async def on_reply(self, msg: InboundMessage) -> None:
@@ -94,6 +114,7 @@ class Simulation:
             return  # not a report of this run, or answered already (a redelivered reply)
         if msg.topic.endswith("/rejected"):
             self.rejects += 1
+            self.reasons[str(body.get("error"))] += 1
         else:
             self.acks += 1
         self.latencies.append(time.perf_counter() - started)
@@ -167,6 +188,15 @@ class Simulation:
             f"p99 {percentile(ms, 0.99):.1f} max {max(ms, default=float('nan')):.1f}",
             file=out,
         )
+        if self.reasons:
+            reasons = ", ".join(f"{code} {n}" for code, n in self.reasons.most_common())
+            print(f"rejected: {reasons}", file=out)
+        if self.reasons["twin.notfound"]:
+            print(
+                f"devices never create twins: create {self.twins[0]} to {self.twins[-1]} "
+                "first, or run again with --create (--api, --token)",
+                file=out,
+            )
         return 0
 
 
@@ -182,9 +212,50 @@ def cmd_simulate(
     except ValueError as exc:
         print(f"twin-service simulate: --url: {exc}", file=sys.stderr)
         return 2
+    simulation = Simulation(args)
+    if args.create:
+        if not args.token:
+            print("twin-service simulate: --create needs --token (or TWIN_TOKEN)", file=sys.stderr)
+            return 2
+        try:
+            created = create_twins(args.api, args.token, simulation.twins)
+        except CreateFailed as exc:
+            print(f"twin-service simulate: --create: {exc}", file=sys.stderr)
+            return 1
+        print(f"created {created} of {len(simulation.twins)} twins", file=out)
     try:
-        return asyncio.run(Simulation(args).run(out))
+        return asyncio.run(simulation.run(out))
     except MqttUnavailable as exc:
         detail = f" ({exc.description})" if exc.description else ""
         print(f"twin-service simulate: {exc.message}{detail}", file=sys.stderr)
         return 1
+
+
+class CreateFailed(Exception):
+    pass
+
+
+def create_twins(api: str, token: str, twins: list[str]) -> int:
+    """Creates those of ``twins`` that do not exist (``If-None-Match: *``); returns how many."""
+    created = 0
+    for twin in twins:
+        request = urllib.request.Request(
+            f"{api.rstrip('/')}/api/v1/twins/{urllib.parse.quote(twin, safe=':')}",
+            data=b"{}",
+            method="PUT",
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+                "If-None-Match": "*",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10):
+                created += 1
+        except urllib.error.HTTPError as exc:
+            if exc.code != 412:  # 412: it exists already
+                raise CreateFailed(f"{exc.code} for {twin}: {exc.read()[:300].decode()}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CreateFailed(f"the service at {api} cannot be reached: {reason}") from None
+    return created

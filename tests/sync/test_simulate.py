@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from tests.servers.mosquitto import Mosquitto
-from tests.service_process import service_env
+from tests.service_process import ADMIN_TOKEN, service_env
 from tests.sync.helpers import get_twin, put_twin, sync_service, wait_mqtt_up
 
 
@@ -61,6 +61,38 @@ def test_simulated_devices_report_and_every_report_is_answered(
         svc.stop()
 
 
+def test_reports_to_missing_twins_are_explained_and_create_makes_them(
+    mosquitto_server: Mosquitto, tmp_path: Path
+) -> None:
+    namespace = f"sim{uuid.uuid4().hex[:8]}"
+    svc = sync_service(tmp_path / "svc", mosquitto_server.url)
+    common = ["--url", mosquitto_server.url, "--namespace", namespace, "--devices", "5"]
+    common += ["--rate", "50", "--duration", "1", "--connections", "1"]
+    try:
+        wait_mqtt_up(svc)
+        missing = simulate(*common)
+        assert missing.returncode == 0, missing.stdout + missing.stderr
+        rejected = re.search(r"acks 0 rejects (\d+) unanswered 0", missing.stdout)
+        assert rejected is not None, missing.stdout
+        assert f"rejected: twin.notfound {rejected.group(1)}\n" in missing.stdout
+        assert (
+            f"devices never create twins: create {namespace}:dev-00000 to "
+            f"{namespace}:dev-00004 first, or run again with --create" in missing.stdout
+        )
+        refused = simulate(*common, "--create", "--api", svc.url, "--token", "not-a-token")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stderr.startswith(f"twin-service simulate: --create: 401 for {namespace}:")
+        created = simulate(*common, "--create", "--api", svc.url, "--token", ADMIN_TOKEN)
+        assert created.returncode == 0, created.stdout + created.stderr
+        assert "created 5 of 5 twins\n" in created.stdout
+        assert re.search(r"messages (\d+) acks \1 rejects 0 unanswered 0", created.stdout)
+        assert "rejected:" not in created.stdout
+        again = simulate(*common, "--create", "--api", svc.url, "--token", ADMIN_TOKEN)
+        assert "created 0 of 5 twins\n" in again.stdout, again.stdout + again.stderr
+    finally:
+        svc.stop()
+
+
 def test_simulate_refuses_what_it_cannot_use_in_one_line(tmp_path: Path) -> None:
     secret = "pw-not-to-be-shown"
     bad_url = simulate("--url", f"http://u:{secret}@broker", "--duration", "1")
@@ -74,5 +106,13 @@ def test_simulate_refuses_what_it_cannot_use_in_one_line(tmp_path: Path) -> None
     assert unreachable.stderr.count("\n") == 1
     bad_fraction = simulate("--offline-fraction", "1.5")
     assert bad_fraction.returncode == 2 and "must be from 0 to 1" in bad_fraction.stderr
-    for run in (bad_url, unreachable, bad_fraction):
+    no_token = simulate("--create", "--token", "")
+    assert no_token.returncode == 2
+    assert no_token.stderr == "twin-service simulate: --create needs --token (or TWIN_TOKEN)\n"
+    no_service = simulate("--create", "--api", "http://127.0.0.1:1", "--token", secret)
+    assert no_service.returncode == 1
+    assert no_service.stderr.startswith(
+        "twin-service simulate: --create: the service at http://127.0.0.1:1 cannot be reached"
+    )
+    for run in (bad_url, unreachable, bad_fraction, no_token, no_service):
         assert secret not in run.stderr + run.stdout and "Traceback" not in run.stderr
