@@ -397,6 +397,12 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             log.warning("embedded broker closed a connection from %s: %s", peer, reason)
             writer.close()
             return
+        if not packet:
+            # Closed before a byte was sent: a TCP health check (a Kubernetes tcpSocket
+            # probe, a load balancer). amqtt warned twice about each one.
+            log.debug("embedded broker: a connection closed before sending anything")
+            writer.close()
+            return
         refused = _other_protocol_level(packet)
         if refused is None:
             # amqtt parses the CONNECT itself, from its first byte.
