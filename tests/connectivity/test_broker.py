@@ -301,16 +301,22 @@ async def test_devices_connecting_at_once_are_all_served(
     await svc.stop(grace=0)
 
 
-async def test_a_connection_without_a_timely_small_connect_is_closed(tmp_path: Path) -> None:
-    store = CredentialStore(tmp_path / "creds.json")
-    config = EmbeddedBrokerConfig(
-        service_username="service",
-        service_password="svc-pw",
-        credentials_path=store.path,
-        port=free_port(),
-        connect_timeout=0.5,
+def _bare_broker(tmp_path: Path, **limits: Any) -> EmbeddedBroker:
+    """A broker with the service account only, and ``limits`` of EmbeddedBrokerConfig."""
+    return EmbeddedBroker(
+        EmbeddedBrokerConfig(
+            service_username="service",
+            service_password="svc-pw",
+            credentials_path=tmp_path / "creds.json",
+            port=free_port(),
+            **limits,
+        )
     )
-    broker = EmbeddedBroker(config)
+
+
+async def test_a_connection_without_a_timely_small_connect_is_closed(tmp_path: Path) -> None:
+    broker = _bare_broker(tmp_path, connect_timeout=0.5)
+    config = broker.config
     await broker.start()
     try:
         # Silent: closed once connect_timeout has passed.
@@ -356,15 +362,8 @@ async def test_a_packet_over_max_packet_size_ends_the_connection(
 ) -> None:
     """amqtt read any packet whole: a logged-in client that announced 100 MB had it read
     into memory. Past max_packet_size the connection ends before the body is read."""
-    store = CredentialStore(tmp_path / "creds.json")
-    config = EmbeddedBrokerConfig(
-        service_username="service",
-        service_password="svc-pw",
-        credentials_path=store.path,
-        port=free_port(),
-        max_packet_size=65_536,
-    )
-    broker = EmbeddedBroker(config)
+    broker = _bare_broker(tmp_path, max_packet_size=65_536)
+    config = broker.config
     await broker.start()
     try:
         sub = await started(broker.url, "sub", protocol=4, username="service", password="svc-pw")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
 import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,25 +230,44 @@ async def test_library_warnings_are_named_and_levelled_too(tmp_path: Path, level
     assert "uvicorn.error" not in log, log
 
 
-async def test_a_report_is_acknowledged_to_the_device_only_once_committed(
-    tmp_path: Path,
-) -> None:
-    """The embedded broker lives and dies with the service: a report it had acknowledged to
-    the device before the service committed it was lost with a crash of the process. The
-    device's PUBACK now waits for the service's, which follows the commit, so a device keeps
-    (and sends again after the restart) every report the crash took."""
+@dataclass
+class _Rig:
+    """A service on the embedded broker, a device of one twin connected to it."""
+
+    data: Path
+    env: dict[str, str]
+    proc: ServiceProcess
+    device: MqttClient
+    twin: dict[str, Any]  # as created
+    writer: int  # the SQLite writer process's pid
+
+    def report(self, count: int, prefix: str) -> list[asyncio.Task[None]]:
+        """``count`` QoS 1 reports of a counter (0 to count - 1), each awaiting its PUBACK."""
+        topic = f"twins/{self.twin['twinId']}/reported/update"
+        bodies = ({"state": {"counter": i}, "clientToken": f"{prefix}{i}"} for i in range(count))
+        return [
+            asyncio.create_task(self.device.publish(topic, json.dumps(b).encode(), timeout=120))
+            for b in bodies
+        ]
+
+    async def until_counter(self, value: int) -> dict[str, Any]:
+        async with self.proc.async_client() as api:
+            twin_id = self.twin["twinId"]
+            return await until_twin(api, twin_id, lambda d: d["reported"]["counter"] == value, 30)
+
+
+@contextlib.asynccontextmanager
+async def _rig(tmp_path: Path, twin: str) -> AsyncIterator[_Rig]:
     data = tmp_path / "svc"
     data.mkdir()
-    twin = "org.acme:emb-crash"
     password = _add_device(data, twin)
     port = free_port()
     env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)}
     proc = ServiceProcess(data, env=env).start()
-    url = f"mqtt://127.0.0.1:{port}"
-    dev = MqttClient(
+    device = MqttClient(
         MqttOptions(
-            url=url,
-            client_id="emb-crash",
+            url=f"mqtt://127.0.0.1:{port}",
+            client_id=twin.replace(":", "-"),
             protocol=4,
             username=mqtt_username(twin),
             password=password,
@@ -252,77 +275,55 @@ async def test_a_report_is_acknowledged_to_the_device_only_once_committed(
             reconnect_max_delay=0.5,
         )
     )
+    rig = None
     try:
         wait_mqtt_up(proc)
         with proc.client() as api:
-            start = put_twin(api, twin, reported={"counter": -1})
+            created = put_twin(api, twin, reported={"counter": -1})
             writer = int(api.get("/ready").json()["checks"]["store"]["writer"]["pid"])
-        await dev.start()
-        await dev.wait_connected(10)
-        os.kill(writer, signal.SIGSTOP)  # nothing commits from here on
-        topic = f"twins/{twin}/reported/update"
-        sends = [
-            asyncio.create_task(dev.publish(topic, json.dumps(body).encode(), qos=1, timeout=120))
-            for body in ({"state": {"counter": i}, "clientToken": f"k{i}"} for i in range(20))
-        ]
+        await device.start()
+        await device.wait_connected(10)
+        rig = _Rig(data, env, proc, device, created, writer)
+        yield rig
+    finally:
+        await device.stop()
+        (rig.proc if rig else proc).stop()
+
+
+async def test_a_report_is_acknowledged_to_the_device_only_once_committed(
+    tmp_path: Path,
+) -> None:
+    """The embedded broker lives and dies with the service: a report it had acknowledged to
+    the device before the service committed it was lost with a crash of the process. The
+    device's PUBACK now waits for the service's, which follows the commit, so a device keeps
+    (and sends again after the restart) every report the crash took."""
+    async with _rig(tmp_path, "org.acme:emb-crash") as rig:
+        os.kill(rig.writer, signal.SIGSTOP)  # nothing commits from here on
+        sends = rig.report(20, "k")
         await asyncio.sleep(2)
         assert not any(send.done() for send in sends), "acknowledged before the commit"
-        proc.kill()
-        os.kill(writer, signal.SIGKILL)
-        proc = ServiceProcess(data, env=env).start()
+        rig.proc.kill()
+        os.kill(rig.writer, signal.SIGKILL)
+        rig.proc = ServiceProcess(rig.data, env=rig.env).start()
         # The device reconnects and sends again what was never acknowledged.
         await asyncio.wait_for(asyncio.gather(*sends), 60)
-        async with proc.async_client() as api:
-            doc = await until_twin(api, twin, lambda d: d["reported"]["counter"] == 19, 30)
-        assert doc["revision"] == start["revision"] + 20, doc
-    finally:
-        await dev.stop()
-        proc.stop()
+        doc = await rig.until_counter(19)
+        assert doc["revision"] == rig.twin["revision"] + 20, doc
 
 
 async def test_a_commit_slower_than_five_seconds_is_waited_for(tmp_path: Path) -> None:
     """amqtt gave a subscriber 5 s for its PUBACK, then forgot the message with a warning;
     the service acknowledges after its commit, which may take longer under a burst."""
-    data = tmp_path / "svc"
-    data.mkdir()
-    twin = "org.acme:emb-slow"
-    password = _add_device(data, twin)
-    port = free_port()
-    env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)}
-    proc = ServiceProcess(data, env=env).start()
-    dev = MqttClient(
-        MqttOptions(
-            url=f"mqtt://127.0.0.1:{port}",
-            client_id="emb-slow",
-            protocol=4,
-            username=mqtt_username(twin),
-            password=password,
-        )
-    )
-    try:
-        wait_mqtt_up(proc)
-        with proc.client() as api:
-            start = put_twin(api, twin, reported={"counter": -1})
-            writer = int(api.get("/ready").json()["checks"]["store"]["writer"]["pid"])
-        await dev.start()
-        await dev.wait_connected(10)
-        os.kill(writer, signal.SIGSTOP)
+    async with _rig(tmp_path, "org.acme:emb-slow") as rig:
+        os.kill(rig.writer, signal.SIGSTOP)
         try:
-            topic = f"twins/{twin}/reported/update"
-            sends = [
-                asyncio.create_task(dev.publish(topic, json.dumps(body).encode(), timeout=60))
-                for body in ({"state": {"counter": i}, "clientToken": f"s{i}"} for i in range(5))
-            ]
+            sends = rig.report(5, "s")
             await asyncio.sleep(6.5)
         finally:
-            os.kill(writer, signal.SIGCONT)
+            os.kill(rig.writer, signal.SIGCONT)
         await asyncio.wait_for(asyncio.gather(*sends), 30)
-        async with proc.async_client() as api:
-            doc = await until_twin(api, twin, lambda d: d["reported"]["counter"] == 4)
-        assert doc["revision"] == start["revision"] + 5, doc
-    finally:
-        await dev.stop()
-        proc.stop()
-    log = proc.log_path.read_text(errors="replace")
+        doc = await rig.until_counter(4)
+        assert doc["revision"] == rig.twin["revision"] + 5, doc
+    log = rig.proc.log_path.read_text(errors="replace")
     assert "Timeout waiting for PUBACK" not in log, log
     assert "not acknowledged by every subscriber" not in log, log
