@@ -193,22 +193,33 @@ def bare_rate(port: int, total: int, conns: int, window: int) -> tuple[float, fl
 
 
 def ingest_rate(
-    svc: ServiceProcess, port: int, twins: list[str], total: int, conns: int, window: int
+    services: list[ServiceProcess],
+    port: int,
+    twins: list[str],
+    total: int,
+    conns: int,
+    window: int,
 ) -> tuple[float, float, float]:
-    """(reported updates committed per second, publishers' messages/s, service CPU µs each)."""
+    """(reported updates committed per second, publishers' messages/s, service CPU µs each),
+    over all ``services`` (replicas sharing the device topics)."""
 
     def applied() -> int:
-        return int(httpx.get(f"{svc.url}/ready").json()["checks"]["mqtt"]["applied"])
+        return sum(
+            int(httpx.get(f"{svc.url}/ready").json()["checks"]["mqtt"]["applied"])
+            for svc in services
+        )
+
+    def cpu_seconds() -> float:
+        return sum(process_cpu_seconds(svc.proc.pid) for svc in services if svc.proc)
 
     before = applied()
-    assert svc.proc is not None
-    cpu = process_cpu_seconds(svc.proc.pid)
+    cpu = cpu_seconds()
     start, elapsed = _publish_all(
         port, [f"twins/{t}/reported/update" for t in twins], total, conns, None, window
     )
     while applied() - before < total:
         time.sleep(0.02)
-    cpu = process_cpu_seconds(svc.proc.pid) - cpu
+    cpu = cpu_seconds() - cpu
     return total / (time.perf_counter() - start), total / elapsed, cpu / total * 1e6
 
 
@@ -309,6 +320,13 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=500, help="unacked QoS 1 per publisher")
     parser.add_argument("--rounds", type=int, default=300, help="delta latency samples")
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="service processes on one database, sharing the device topics (MQTT 5 shared "
+        "subscription); the ingest rate and CPU are their sums (1)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -324,17 +342,22 @@ def main() -> None:
         broker = Mosquitto(Path(tmp) / "mosquitto", max_inflight_messages=1000).start()
         port = broker.port
         assert port is not None
-        svc = ServiceProcess(
-            Path(tmp) / "svc",
-            env={
-                "TWIN_MQTT__ENABLED": "true",
-                "TWIN_MQTT_URL": broker.url,
-                "TWIN_MQTT__CLIENT_ID": "bench-svc",
-                "TWIN_MQTT__MAX_INFLIGHT": "256",
-                **extra,
-            },
-        ).start()
+        services: list[ServiceProcess] = []
         try:
+            for n in range(args.replicas):
+                replica = ServiceProcess(
+                    Path(tmp) / "svc",
+                    env={
+                        "TWIN_MQTT__ENABLED": "true",
+                        "TWIN_MQTT_URL": broker.url,
+                        "TWIN_MQTT__CLIENT_ID": f"bench-svc-{n}",
+                        "TWIN_MQTT__MAX_INFLIGHT": "256",
+                        **extra,
+                    },
+                )
+                services.append(replica)
+                replica.start()
+            svc = services[0]
             twins = [f"bench:d{n:05d}" for n in range(args.devices)]
             with svc.client() as api:
                 for t in twins:
@@ -344,10 +367,11 @@ def main() -> None:
             bare, bare_pub = bare_rate(port, args.messages, args.connections, args.window)
             print(f"bare paho subscriber   : {bare:9.0f} QoS 1 msg/s", flush=True)
             ingest, ingest_pub, cpu_us = ingest_rate(
-                svc, port, twins, args.messages, args.connections, args.window
+                services, port, twins, args.messages, args.connections, args.window
             )
             print(
-                f"service ingest (commit): {ingest:9.0f} reported updates/s ({args.devices} twins)",
+                f"service ingest (commit): {ingest:9.0f} reported updates/s ({args.devices} twins, "
+                f"{args.replicas} service process(es))",
                 flush=True,
             )
             print(f"service CPU per report : {cpu_us:9.0f} us (all threads)", flush=True)
@@ -362,7 +386,8 @@ def main() -> None:
             print(f"device get round trip  : {_percentiles(trips)} (ms)")
             print(f"load average at the end: {os.getloadavg()[0]:.2f}")
         finally:
-            svc.stop()
+            for replica in services:
+                replica.stop()
             broker.stop()
 
 

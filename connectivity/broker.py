@@ -268,29 +268,30 @@ class _LastTaken(asyncio.Queue[dict[str, Any]]):
 
 
 class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
-    """amqtt's broker, but a CONNECT of another protocol level than 3.1.1 is refused here.
+    """amqtt's broker, with what it lacks for devices of a twin service:
 
-    amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the client id:
-    amqtt misreads the lengths and waits for bytes that never come, so the device gets no
-    CONNACK (it gives up at its keep-alive), and the log a bare amqtt line without the client
-    id, only then. amqtt's plugin events come after that parse, too late to help.
+    * a first packet bounded in size and time, and any packet in size (see _Replay);
+    * a device's QoS 1 message acknowledged only once the service has it (see _Handler);
+    * retained messages only for a session's own filters;
+    * a CONNECT of another protocol level than 3.1.1 refused with a reason.
+
+    On the last: amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the
+    client id: amqtt misreads the lengths and waits for bytes that never come, so the device
+    gets no CONNACK (it gives up at its keep-alive), and the log a bare amqtt line without the
+    client id, only then. amqtt's plugin events come after that parse, too late to help.
     """
 
-    #: Set by EmbeddedBroker (see EmbeddedBrokerConfig).
-    connect_timeout = 10.0
-    max_packet = 2 * 1024 * 1024
-
-    def __init__(self, *args: Any, service_username: str = "", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, amqtt_config: dict[str, Any], config: EmbeddedBrokerConfig) -> None:
+        super().__init__(amqtt_config)
+        self._config = config
         self._retained_sends: set[asyncio.Task[None]] = set()
-        self._service_username = service_username
         # Replaced before the broadcast loop starts, which reads them from here on.
         self._tasks_queue = _TaskLog()
         self._broadcast_queue = _LastTaken()
 
     async def _initialize_client_session(self, *args: Any) -> tuple[_Handler, Session]:
         handler, session = await super()._initialize_client_session(*args)
-        return _Handler.adopt(handler, self._service_username), session
+        return _Handler.adopt(handler, self._config.service_username), session
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
@@ -337,10 +338,12 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         log_.noted = []
         try:
             await super()._run_broadcast(running_tasks)
+        except Exception:
+            _resolve(self._taken_forward(), False)
+            raise
         finally:
             sent, log_.noted = log_.noted, None
-        broadcast, self._broadcast_queue.last = self._broadcast_queue.last, None
-        forwarded = broadcast.get("forwarded") if broadcast else None
+        forwarded = self._taken_forward()
         if forwarded is None:
             return
         if not sent:  # no subscriber, or kept for offline sessions
@@ -348,6 +351,11 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return
         deliveries = asyncio.gather(*sent, return_exceptions=True)
         deliveries.add_done_callback(lambda done: _resolve(forwarded, _all_acknowledged(done)))
+
+    def _taken_forward(self) -> asyncio.Future[bool] | None:
+        """The delivery outcome the broadcast taken last carries, if any; once."""
+        broadcast, self._broadcast_queue.last = self._broadcast_queue.last, None
+        return broadcast.get("forwarded") if broadcast else None
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -390,7 +398,7 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # never sent its CONNECT was held for good, and one that announced 200 MB had it
         # read into memory (the process held 600 MB after it).
         try:
-            packet = await asyncio.wait_for(_first_packet(reader), self.connect_timeout)
+            packet = await asyncio.wait_for(_first_packet(reader), self._config.connect_timeout)
         except (TimeoutError, _ConnectTooLarge) as exc:
             peer = writer.get_extra_info("peername")
             reason = "no CONNECT in time" if isinstance(exc, TimeoutError) else str(exc)
@@ -407,7 +415,7 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if refused is None:
             # amqtt parses the CONNECT itself, from its first byte.
             peer = writer.get_extra_info("peername")
-            replay = _Replay(reader, packet, self.max_packet, peer)
+            replay = _Replay(reader, packet, self._config.max_packet_size, peer)
             await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
             return
         level, client_id = refused
@@ -512,7 +520,6 @@ class _Replay(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self._head = head
         self._max_packet = max_packet
         self._peer = peer
-        self._header_left = 1  # bytes of the type byte still to come, then 0
         self._length = self._shift = 0
         self._in_length = False
         self._body_left = 0
@@ -585,8 +592,7 @@ class EmbeddedBroker:
             "allow_anonymous": cfg.allow_anonymous,
         }
         broker = _TwinBroker(
-            service_username=cfg.service_username,
-            config={
+            {
                 "listeners": {"default": {"type": "tcp", "bind": f"{cfg.host}:{cfg.port}"}},
                 "session_expiry_interval": cfg.session_expiry,
                 "plugins": {
@@ -594,9 +600,8 @@ class EmbeddedBroker:
                     f"{__name__}.TwinTopicPlugin": plugin_cfg,
                 },
             },
+            cfg,
         )
-        broker.connect_timeout = cfg.connect_timeout
-        broker.max_packet = cfg.max_packet_size
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(_without_traceback)  # the reason is in the error raised below
         try:
