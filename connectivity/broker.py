@@ -65,6 +65,10 @@ class EmbeddedBrokerConfig:
     #: Largest packet (its remaining length) a client may send; a larger one ends its
     #: connection. The shipped mosquitto configuration has the same limit.
     max_packet_size: int = 2 * 1024 * 1024
+    #: Whether devices may log in from the start. The service sets False and calls
+    #: EmbeddedBroker.admit_devices once it has subscribed: a device that got in first
+    #: had its QoS 1 reports acknowledged with no subscriber, and lost.
+    admit_devices_at_start: bool = True
 
 
 @dataclass
@@ -285,6 +289,9 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         super().__init__(amqtt_config)
         self._config = config
         self._retained_sends: set[asyncio.Task[None]] = set()
+        self.devices_admitted = asyncio.Event()
+        if config.admit_devices_at_start:
+            self.devices_admitted.set()
         # Replaced before the broadcast loop starts, which reads them from here on.
         self._tasks_queue = _TaskLog()
         self._broadcast_queue = _LastTaken()
@@ -391,6 +398,21 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if not task.cancelled() and task.exception() is not None:
             log.warning("embedded broker: retained messages not sent: %s", task.exception())
 
+    async def _until_devices_admitted(self, connect: bytes) -> None:
+        """Holds a client other than the service until devices are admitted (bounded by
+        connect_timeout, so that a service that never subscribes shuts no one out)."""
+        if self.devices_admitted.is_set():
+            return
+        if _connect_username(connect) == self._config.service_username:
+            return
+        try:
+            await asyncio.wait_for(self.devices_admitted.wait(), self._config.connect_timeout)
+        except TimeoutError:
+            log.warning(
+                "embedded broker: devices were not admitted within %.0f s; letting one in",
+                self._config.connect_timeout,
+            )
+
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
@@ -413,6 +435,7 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return
         refused = _other_protocol_level(packet)
         if refused is None:
+            await self._until_devices_admitted(packet)
             # amqtt parses the CONNECT itself, from its first byte.
             peer = writer.get_extra_info("peername")
             replay = _Replay(reader, packet, self._config.max_packet_size, peer)
@@ -477,6 +500,24 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
         i, shift = i + 1, shift + 7
         if not byte & 0x80 or shift == 28:
             return value, i
+
+
+def _connect_username(packet: bytes) -> str | None:
+    """The username of an MQTT 3.1.1 CONNECT, or None (none given, or cut short)."""
+    try:
+        _, i = _varint(packet, 1)
+        i += 2 + int.from_bytes(packet[i : i + 2])  # the protocol name
+        flags = packet[i + 1]
+        i += 4  # level, flags, keep alive
+        fields = 1 + (2 if flags & 0x04 else 0)  # client id, then will topic and message
+        for _ in range(fields):
+            i += 2 + int.from_bytes(packet[i : i + 2])
+        if not flags & 0x80 or i + 2 > len(packet):
+            return None
+        end = i + 2 + int.from_bytes(packet[i : i + 2])
+        return packet[i + 2 : end].decode(errors="replace")
+    except IndexError:
+        return None
 
 
 def _other_protocol_level(packet: bytes) -> tuple[int, str] | None:
@@ -618,6 +659,11 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         if broker is not None:
             await broker.shutdown()
+
+    def admit_devices(self) -> None:
+        """Lets devices log in (see EmbeddedBrokerConfig.admit_devices_at_start)."""
+        if self._broker is not None:
+            self._broker.devices_admitted.set()
 
     @property
     def ready(self) -> bool:

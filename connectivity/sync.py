@@ -116,6 +116,7 @@ class MqttSync:
                     session_expiry=m.session_expiry_seconds,
                     # Room for a whole twin in a message, as the shipped mosquitto's limit.
                     max_packet_size=max(2 * 1024 * 1024, 2 * settings.limits.max_twin_bytes),
+                    admit_devices_at_start=False,
                 )
             )
             await self.broker.start()
@@ -151,6 +152,9 @@ class MqttSync:
                 topic_filter = f"$share/{m.shared_group}/{topic_filter}"
             self._filters[topic_filter] = handlers[suffix]
             await client.subscribe(topic_filter, 1, handlers[suffix])
+        if self.broker is not None:
+            # After the SUBACK: from here on every device message has its subscriber.
+            client.on_connect(self._admit_devices)
         client.on_connect(self._on_connect)
         ctx.service.add_listener(self.deltas.on_change)
         ctx.readiness["mqtt"] = self.health
@@ -161,6 +165,10 @@ class MqttSync:
         except NotConnected as exc:
             # Keep starting: paho keeps retrying and /ready reports the broker as down.
             log.warning("MQTT broker %s not reachable yet: %s", _redact(url), exc)
+
+    async def _admit_devices(self) -> None:
+        assert self.broker is not None
+        self.broker.admit_devices()
 
     async def stop(self) -> None:
         # First what runs after a connection (republish, correction): it queues publishes.

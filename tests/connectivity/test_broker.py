@@ -386,3 +386,28 @@ async def test_a_packet_over_max_packet_size_ends_the_connection(
         await sub.stop(grace=0)
     finally:
         await broker.stop()
+
+
+async def test_devices_wait_until_admitted_and_the_service_does_not(tmp_path: Path) -> None:
+    """The service admits devices once it has subscribed: a device let in before had its
+    reports acknowledged with no subscriber to take them, and they were lost."""
+    broker = _bare_broker(tmp_path, admit_devices_at_start=False)
+    password = CredentialStore(broker.config.credentials_path).add(TWIN)
+    await broker.start()
+    clients: list[MqttClient] = []
+    try:
+        will = LastWill(f"twins/{TWIN}/status", b"offline")  # the username comes after it
+        device = asyncio.create_task(
+            started(broker.url, "dev", protocol=4, username=TWIN, password=password, last_will=will)
+        )
+        clients.append(
+            await started(broker.url, "svc", protocol=4, username="service", password="svc-pw")
+        )
+        await asyncio.sleep(1)
+        assert not device.done()
+        broker.admit_devices()
+        clients.append(await asyncio.wait_for(device, 10))
+    finally:
+        for client in clients:
+            await client.stop(grace=0)
+        await broker.stop()
