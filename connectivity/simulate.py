@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from connectivity.errors import MqttUnavailable
+from connectivity.errors import ConnectRefused, MqttUnavailable
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
@@ -227,8 +227,22 @@ def cmd_simulate(
         return asyncio.run(simulation.run(out))
     except MqttUnavailable as exc:
         detail = f" ({exc.description})" if exc.description else ""
-        print(f"twin-service simulate: {exc.message}{detail}", file=sys.stderr)
+        print(f"twin-service simulate: {exc.message}{detail}{_hint(exc, args)}", file=sys.stderr)
         return 1
+
+
+def _hint(exc: MqttUnavailable, args: argparse.Namespace) -> str:
+    """What to change when the broker refused the simulator's CONNECT."""
+    if not isinstance(exc, ConnectRefused):
+        return ""
+    if "protocol version" in exc.message and args.protocol == 5:
+        return "; the embedded broker speaks MQTT 3.1.1 only: pass --protocol 4"
+    if "authori" in exc.message or "password" in exc.message:
+        return (
+            "; the simulator logs in as the service's broker account: put its user and "
+            "password (mqtt.service_password) in --url"
+        )
+    return ""
 
 
 class CreateFailed(Exception):

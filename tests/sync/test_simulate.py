@@ -9,7 +9,8 @@ import uuid
 from pathlib import Path
 
 from tests.servers.mosquitto import Mosquitto
-from tests.service_process import ADMIN_TOKEN, service_env
+from tests.servers.process import free_port
+from tests.service_process import ADMIN_TOKEN, ServiceProcess, service_env
 from tests.sync.helpers import get_twin, put_twin, sync_service, wait_mqtt_up
 
 
@@ -89,6 +90,36 @@ def test_reports_to_missing_twins_are_explained_and_create_makes_them(
         assert "rejected:" not in created.stdout
         again = simulate(*common, "--create", "--api", svc.url, "--token", ADMIN_TOKEN)
         assert "created 0 of 5 twins\n" in again.stdout, again.stdout + again.stderr
+    finally:
+        svc.stop()
+
+
+def test_a_refused_login_on_the_embedded_broker_says_what_to_change(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "TWIN_MQTT__ENABLED": "true",
+        "TWIN_MQTT__EMBEDDED_PORT": str(port),
+        "TWIN_MQTT__SERVICE_PASSWORD": "demo-secret",
+    }
+    svc = ServiceProcess(tmp_path / "svc", env=env).start()
+    try:
+        wait_mqtt_up(svc)
+        url = f"mqtt://twin-service:demo-secret@127.0.0.1:{port}"
+        mqtt5 = simulate("--url", url, "--duration", "1")
+        assert mqtt5.returncode == 1
+        assert mqtt5.stderr.endswith(
+            "Unsupported protocol version; the embedded broker speaks MQTT 3.1.1 only: "
+            "pass --protocol 4\n"
+        ), mqtt5.stderr
+        wrong = simulate("--url", url.replace("demo-secret", "nope"), "--protocol", "4")
+        assert wrong.returncode == 1
+        assert wrong.stderr.endswith(
+            "the simulator logs in as the service's broker account: put its user and "
+            "password (mqtt.service_password) in --url\n"
+        ), wrong.stderr
+        assert "nope" not in wrong.stderr
+        works = simulate("--url", url, "--protocol", "4", "--duration", "1", "--rate", "10")
+        assert works.returncode == 0, works.stderr
     finally:
         svc.stop()
 
