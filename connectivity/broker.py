@@ -22,6 +22,7 @@ import contextvars
 import hmac
 import logging
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,22 @@ class _TaskLog(deque[asyncio.Task[Any]]):
             self.noted.append(task)
 
 
+class _Snapshots(dict[str, list[Any]]):
+    """amqtt's subscription table, iterated over a copy.
+
+    amqtt walks the table to broadcast a message and awaits in that walk (the topic plugin,
+    queueing for offline sessions); a client subscribing or leaving meanwhile changed it,
+    "dictionary changed size during iteration" ended the broadcast, and the message was
+    lost (every subscriber, the service included, missed it).
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.keys()))
+
+    def items(self) -> list[tuple[str, list[Any]]]:  # type: ignore[override]
+        return [(key, list(value)) for key, value in super().items()]
+
+
 class _LastTaken(asyncio.Queue[dict[str, Any]]):
     """amqtt's broadcast queue, remembering the broadcast taken last."""
 
@@ -295,6 +312,7 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # Replaced before the broadcast loop starts, which reads them from here on.
         self._tasks_queue = _TaskLog()
         self._broadcast_queue = _LastTaken()
+        self._subscriptions = _Snapshots()
 
     async def _initialize_client_session(self, *args: Any) -> tuple[_Handler, Session]:
         handler, session = await super()._initialize_client_session(*args)
@@ -397,6 +415,14 @@ class _TwinBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         self._retained_sends.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("embedded broker: retained messages not sent: %s", task.exception())
+
+    async def close_to_devices(self) -> None:
+        self.devices_admitted.clear()
+        for session, handler in list(self._sessions.values()):
+            if session.username == self._config.service_username or handler.writer is None:
+                continue
+            with contextlib.suppress(Exception):  # already closing
+                await handler.writer.close()
 
     async def _until_devices_admitted(self, connect: bytes) -> None:
         """Holds a client other than the service until devices are admitted (bounded by
@@ -664,6 +690,13 @@ class EmbeddedBroker:
         """Lets devices log in (see EmbeddedBrokerConfig.admit_devices_at_start)."""
         if self._broker is not None:
             self._broker.devices_admitted.set()
+
+    async def close_to_devices(self) -> None:
+        """Disconnects every device and holds new logins: for the service's shutdown, before
+        it disconnects. A device message that came after that went to the service's offline
+        session, was acknowledged to the device, and was lost when the broker stopped."""
+        if self._broker is not None:
+            await self._broker.close_to_devices()
 
     @property
     def ready(self) -> bool:

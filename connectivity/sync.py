@@ -173,6 +173,10 @@ class MqttSync:
     async def stop(self) -> None:
         # First what runs after a connection (republish, correction): it queues publishes.
         await asyncio.gather(*(stop_task(task) for task in list(self._background)))
+        if self.broker is not None:
+            # Unacknowledged (the service's PUBACK did not come), device messages the service
+            # is handling now are sent again after the restart (see _Handler).
+            await self.broker.close_to_devices()
         if self.client is not None:
             await self.client.stop()
         if self.deltas is not None:

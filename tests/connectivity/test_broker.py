@@ -335,6 +335,36 @@ async def test_a_connection_without_a_timely_small_connect_is_closed(tmp_path: P
         await broker.stop()
 
 
+async def test_clients_coming_and_going_lose_no_message_of_another(env: Env) -> None:
+    """amqtt's broadcast walked the subscription table while it awaited; a client that
+    subscribed or left meanwhile ended the walk (RuntimeError) and the message was lost."""
+    svc = await env.service("svc")
+    got = Collector()
+    await svc.subscribe("twins/+/reported/update", 1, got)
+    dev = await env.device(TWIN, "dev")
+    churn_done = asyncio.Event()
+
+    async def churn(k: int) -> None:
+        n = 0
+        while not churn_done.is_set():
+            n += 1
+            client = await env.service(f"churn-{k}-{n}")
+            await client.subscribe(f"churn/{k}/{n}/#", 1, Collector())
+            await client.stop(grace=0)
+
+    churning = [asyncio.create_task(churn(k)) for k in range(4)]
+    try:
+        topic = f"twins/{TWIN}/reported/update"
+        await asyncio.gather(*(dev.publish(topic, str(i).encode()) for i in range(300)))
+        await got.wait_for(300, timeout=30)
+    finally:
+        churn_done.set()
+        await asyncio.gather(*churning)
+        await dev.stop(grace=0)
+        await svc.stop(grace=0)
+    assert sorted(int(m.payload) for m in got.messages) == list(range(300))
+
+
 def _connect_packet(client_id: str, username: str, password: str) -> bytes:
     """A raw MQTT 3.1.1 CONNECT with a clean session, a username and a password."""
 

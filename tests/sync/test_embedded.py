@@ -327,3 +327,19 @@ async def test_a_commit_slower_than_five_seconds_is_waited_for(tmp_path: Path) -
     log = rig.proc.log_path.read_text(errors="replace")
     assert "Timeout waiting for PUBACK" not in log, log
     assert "not acknowledged by every subscriber" not in log, log
+
+
+async def test_a_graceful_restart_loses_no_report(tmp_path: Path) -> None:
+    """Reports that keep coming while the service shuts down and starts again: each is
+    applied once. In 3 runs of 8 this lost a report or applied hundreds twice: a broadcast
+    broke when the subscription table changed under it (the service's clients subscribe
+    and leave at start-up while the device sends again)."""
+    async with _rig(tmp_path, "org.acme:emb-restart") as rig:
+        sends = rig.report(2000, "g")
+        await until(lambda: sum(send.done() for send in sends) >= 100)
+        rig.proc.stop()  # SIGTERM, mid-stream
+        assert not all(send.done() for send in sends), "the stream ended before the restart"
+        rig.proc = ServiceProcess(rig.data, env=rig.env).start()
+        await asyncio.wait_for(asyncio.gather(*sends), 60)
+        doc = await rig.until_counter(1999)
+        assert doc["revision"] == rig.twin["revision"] + 2000, doc
