@@ -175,7 +175,7 @@ class MqttSync:
         await asyncio.gather(*(stop_task(task) for task in list(self._background)))
         if self.broker is not None:
             # Unacknowledged (the service's PUBACK did not come), device messages the service
-            # is handling now are sent again after the restart (see _Handler).
+            # is handling now are sent again after the restart (see AckingHandler).
             await self.broker.close_to_devices()
         if self.client is not None:
             await self.client.stop()

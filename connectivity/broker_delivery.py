@@ -1,0 +1,247 @@
+"""QoS 1 acknowledged end to end on the embedded broker (amqtt 0.12).
+
+amqtt acknowledges a PUBLISH as soon as it has read it and keeps it in memory, which here is
+the service's process: a crash lost reports the devices had been told were delivered. With
+:class:`EndToEndAcks`, a device's message is acknowledged once every subscriber it went to
+has acknowledged it (the service does after its commit); see :class:`AckingHandler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import INCOMING, OUTGOING, OutgoingApplicationMessage, Session
+
+# The embedded broker's lines, under the one name its documentation and log filters use.
+log = logging.getLogger("connectivity.broker")
+
+
+#: The device message whose delivery the broker is handling in this task (see AckingHandler).
+_forwarding: contextvars.ContextVar[asyncio.Future[bool] | None] = contextvars.ContextVar(
+    "_forwarding", default=None
+)
+
+
+class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's connection handler, with QoS 1 acknowledged end to end.
+
+    amqtt acknowledges a PUBLISH as soon as it has read it, and keeps it only in memory until
+    the subscribers have it. Here that memory is the service's process: a crash between the
+    device's PUBACK and the service's commit lost the report, though the device had been told
+    it was delivered. A device's PUBACK now waits until every subscriber the message went to
+    acknowledged it (the service does so after the commit), so until then the device keeps
+    the message and sends it again after a reconnect. This also holds each device back to
+    its own in-flight window: amqtt otherwise read whatever devices sent and queued it.
+
+    The other change: amqtt gave a subscriber 5 s for its PUBACK and then forgot the message
+    (with a warning per message). The service acknowledges after its commit, which under a
+    burst of reports can take longer; it now gets as long as its connection lasts.
+    """
+
+    #: The service account, whose own publishes are acknowledged at once.
+    service_username: str
+    #: Delivery outcome of each device message not yet handed to the broadcast, by id().
+    forwards: dict[int, asyncio.Future[bool]]
+
+    @classmethod
+    def adopt(cls, handler: BrokerProtocolHandler, service_username: str) -> AckingHandler:
+        """Makes amqtt's handler one of these: amqtt builds it in a class method of its own
+        class, with no way to pass another (its ``_init_handler`` is never called)."""
+        handler.__class__ = cls
+        handler.service_username = service_username
+        handler.forwards = {}
+        return handler  # type: ignore[no-any-return]
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        if app_message.direction == OUTGOING:
+            await self._send_and_wait_for_puback(app_message)
+            return
+        if app_message.direction != INCOMING or self.session.username == self.service_username:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        forwarded = asyncio.get_running_loop().create_future()
+        self.forwards[id(app_message)] = forwarded
+        await self.session.delivered_message_queue.put(app_message)
+        if not await forwarded:
+            # A subscriber's connection ended before it acknowledged: unacknowledged, the
+            # device keeps the message; it sends it again once it has reconnected.
+            log.warning(
+                "embedded broker: a message of %r on %r was not acknowledged by every "
+                "subscriber; closing the connection so that the device sends it again",
+                self.session.client_id,
+                app_message.topic,
+            )
+            with contextlib.suppress(Exception):
+                await self.writer.close()
+            return
+        puback = PubackPacket.build(app_message.packet_id)
+        await self._send_packet(puback)
+        app_message.puback_packet = puback
+
+    def _stop_waiters(self) -> None:
+        # The connection ended: messages not yet broadcast stay unacknowledged, and their
+        # flows end (the device sends them again after it reconnects).
+        super()._stop_waiters()
+        for forwarded in self.forwards.values():
+            forwarded.cancel()
+        self.forwards.clear()
+
+    async def _send_and_wait_for_puback(self, app_message: Any) -> None:
+        """amqtt's outgoing QoS 1 flow, without its 5 s limit on the PUBACK."""
+        packet_id = app_message.packet_id
+        if isinstance(app_message, OutgoingApplicationMessage):
+            self.session.inflight_out.setdefault(packet_id, app_message)
+        again = app_message.publish_packet is not None
+        packet = app_message.build_publish_packet(dup=again)
+        await self._send_packet(packet)
+        app_message.publish_packet = packet
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            app_message.puback_packet = await waiter
+        finally:
+            self._puback_waiters.pop(packet_id, None)
+            self.session.inflight_out.pop(packet_id, None)
+
+
+def _resolve(forwarded: asyncio.Future[bool] | None, delivered: bool) -> None:
+    if forwarded is not None and not forwarded.done():
+        forwarded.set_result(delivered)
+
+
+def _all_acknowledged(deliveries: asyncio.Future[list[Any]]) -> bool:
+    if deliveries.cancelled():
+        return False
+    return not any(isinstance(outcome, BaseException) for outcome in deliveries.result())
+
+
+class _TaskLog(deque[asyncio.Task[Any]]):
+    """amqtt's deque of delivery tasks, noting those one broadcast adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noted: list[asyncio.Task[Any]] | None = None
+
+    def append(self, task: asyncio.Task[Any]) -> None:
+        super().append(task)
+        if self.noted is not None:
+            self.noted.append(task)
+
+
+class _Snapshots(dict[str, list[Any]]):
+    """amqtt's subscription table, iterated over a copy.
+
+    amqtt walks the table to broadcast a message and awaits in that walk (the topic plugin,
+    queueing for offline sessions); a client subscribing or leaving meanwhile changed it,
+    "dictionary changed size during iteration" ended the broadcast, and the message was
+    lost (every subscriber, the service included, missed it).
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.keys()))
+
+    def items(self) -> list[tuple[str, list[Any]]]:  # type: ignore[override]
+        return [(key, list(value)) for key, value in super().items()]
+
+
+class _LastTaken(asyncio.Queue[dict[str, Any]]):
+    """amqtt's broadcast queue, remembering the broadcast taken last."""
+
+    last: dict[str, Any] | None = None
+
+    async def get(self) -> dict[str, Any]:
+        self.last = await super().get()
+        return self.last
+
+
+class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's broker, handing each device message's delivery outcome to the device's flow.
+
+    Also walks its subscription table over a copy: amqtt awaited while walking it, and a
+    client subscribing or leaving meanwhile raised RuntimeError and lost the message.
+    """
+
+    def __init__(self, amqtt_config: dict[str, Any], service_username: str) -> None:
+        super().__init__(amqtt_config)
+        self._service_username = service_username
+        # Replaced before the broadcast loop starts, which reads them from here on.
+        self._tasks_queue = _TaskLog()
+        self._broadcast_queue = _LastTaken()
+        self._subscriptions = _Snapshots()
+
+    async def _initialize_client_session(self, *args: Any) -> tuple[AckingHandler, Session]:
+        handler, session = await super()._initialize_client_session(*args)
+        return AckingHandler.adopt(handler, self._service_username), session
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        """Passes a device message's delivery outcome on to its broadcast (see AckingHandler)."""
+        forwards: dict[int, asyncio.Future[bool]] = getattr(handler, "forwards", {})
+        forwarded = forwards.pop(id(wait_deliver.result()), None)
+        token = _forwarding.set(forwarded)
+        try:
+            carry_on: bool = await super()._handle_message_delivery(
+                client_session, handler, wait_deliver
+            )
+            # Still set when the message was not broadcast (a topic the device may not use):
+            # there is nothing to wait for, and MQTT 3.1.1 cannot refuse it in the PUBACK.
+            _resolve(_forwarding.get(), True)
+        except BaseException:
+            _resolve(forwarded, False)
+            raise
+        finally:
+            _forwarding.reset(token)
+        return carry_on
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        forwarded = _forwarding.get()
+        if forwarded is None:
+            await super()._broadcast_message(session, topic, data, force_qos)
+            return
+        _forwarding.set(None)  # the broadcast resolves it now
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        broadcast["forwarded"] = forwarded
+        await self._broadcast_queue.put(broadcast)
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
+        """One broadcast; a device message's outcome once its deliveries are done."""
+        log_ = self._tasks_queue
+        log_.noted = []
+        try:
+            await super()._run_broadcast(running_tasks)
+        except Exception:
+            _resolve(self._taken_forward(), False)
+            raise
+        finally:
+            sent, log_.noted = log_.noted, None
+        forwarded = self._taken_forward()
+        if forwarded is None:
+            return
+        if not sent:  # no subscriber, or kept for offline sessions
+            _resolve(forwarded, True)
+            return
+        deliveries = asyncio.gather(*sent, return_exceptions=True)
+        deliveries.add_done_callback(lambda done: _resolve(forwarded, _all_acknowledged(done)))
+
+    def _taken_forward(self) -> asyncio.Future[bool] | None:
+        """The delivery outcome the broadcast taken last carries, if any; once."""
+        broadcast, self._broadcast_queue.last = self._broadcast_queue.last, None
+        return broadcast.get("forwarded") if broadcast else None

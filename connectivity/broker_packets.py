@@ -1,0 +1,165 @@
+"""MQTT packets as the embedded broker reads them before and beside amqtt: the first one
+(bounded, and looked into for the protocol level and the username), and every later one's
+size (see :class:`PacketReader`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from amqtt.adapters import StreamReaderAdapter
+
+# The embedded broker's lines, under the one name its documentation and log filters use.
+log = logging.getLogger("connectivity.broker")
+
+
+#: A CONNECT carries a client id, credentials and a last will: small. Beyond this it is
+#: refused unread.
+MAX_CONNECT_BYTES = 65_536
+
+
+class ConnectTooLarge(Exception):
+    pass
+
+
+async def first_packet(reader: asyncio.StreamReader) -> bytes:
+    """The bytes of the first MQTT packet, or as many as came before the stream ended."""
+    data = bytearray()
+    try:
+        data += await reader.readexactly(1)
+        length = shift = 0
+        while True:  # the remaining length: 1 to 4 bytes of 7 bits, low ones first
+            byte = await reader.readexactly(1)
+            data += byte
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80 or shift == 28:
+                break
+        if length > MAX_CONNECT_BYTES:
+            raise ConnectTooLarge(
+                f"a first packet of {length} bytes (a CONNECT may have {MAX_CONNECT_BYTES})"
+            )
+        data += await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        data += exc.partial
+    except ConnectionError:
+        pass  # amqtt meets the same end of the stream and says so
+    return bytes(data)
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    """An MQTT variable byte integer at ``data[i:]``: its value and the index after it."""
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not byte & 0x80 or shift == 28:
+            return value, i
+
+
+def connect_username(packet: bytes) -> str | None:
+    """The username of an MQTT 3.1.1 CONNECT, or None (none given, or cut short)."""
+    try:
+        _, i = _varint(packet, 1)
+        i += 2 + int.from_bytes(packet[i : i + 2])  # the protocol name
+        flags = packet[i + 1]
+        i += 4  # level, flags, keep alive
+        fields = 1 + (2 if flags & 0x04 else 0)  # client id, then will topic and message
+        for _ in range(fields):
+            i += 2 + int.from_bytes(packet[i : i + 2])
+        if not flags & 0x80 or i + 2 > len(packet):
+            return None
+        end = i + 2 + int.from_bytes(packet[i : i + 2])
+        return packet[i + 2 : end].decode(errors="replace")
+    except IndexError:
+        return None
+
+
+def other_protocol_level(packet: bytes) -> tuple[int, str] | None:
+    """(protocol level, client id) of a CONNECT that is not MQTT 3.1.1, else None."""
+    if packet[:1] != b"\x10":
+        return None  # not a CONNECT: amqtt refuses it
+    try:
+        _, i = _varint(packet, 1)
+        i += 2 + int.from_bytes(packet[i : i + 2])  # the protocol name
+        level = packet[i]
+    except IndexError:
+        return None  # cut short: amqtt reports it
+    if level == 4:
+        return None
+    client_id = "?"
+    with contextlib.suppress(IndexError):
+        i += 4  # level, flags, keep alive
+        if level == 5:
+            properties, i = _varint(packet, i)
+            i += properties
+        end = i + 2 + int.from_bytes(packet[i : i + 2])
+        client_id = packet[i + 2 : end].decode(errors="replace")
+    return level, client_id
+
+
+class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
+    """A stream with the bytes already read from it put back in front, that ends the
+    connection at a packet larger than ``max_packet``.
+
+    amqtt reads any packet whole, whatever its size: a logged-in device that announced
+    100 MB had it read into memory, and handed on to the service. This follows the packets
+    as amqtt reads them (each begins with a type byte and its remaining length) and refuses
+    one whose length is too large before its body is read, as mosquitto's
+    ``max_packet_size`` does.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, head: bytes, max_packet: int, peer: object
+    ) -> None:
+        super().__init__(reader)
+        self._head = head
+        self._max_packet = max_packet
+        self._peer = peer
+        self._length = self._shift = 0
+        self._in_length = False
+        self._body_left = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            data: bytes = await super().read(n)
+        else:
+            if n < 0:
+                n = len(self._head)
+            data, self._head = self._head[:n], self._head[n:]
+            if len(data) < n:
+                data += await super().read(n - len(data))
+        self._follow(data)
+        return data
+
+    def _follow(self, data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            if self._body_left:
+                step = min(self._body_left, len(data) - i)
+                self._body_left -= step
+                i += step
+            elif not self._in_length:  # a packet's type byte
+                self._in_length, self._length, self._shift = True, 0, 0
+                i += 1
+            else:  # its remaining length: 1 to 4 bytes of 7 bits, low ones first
+                byte = data[i]
+                i += 1
+                self._length |= (byte & 0x7F) << self._shift
+                self._shift += 7
+                if byte & 0x80 and self._shift < 28:
+                    continue
+                self._in_length = False
+                if self._length > self._max_packet:
+                    log.warning(
+                        "embedded broker closed a connection from %s: a packet of %d bytes "
+                        "(at most %d)",
+                        self._peer,
+                        self._length,
+                        self._max_packet,
+                    )
+                    # What amqtt meets when a client goes away: it ends the session so.
+                    raise ConnectionResetError("packet too large")
+                self._body_left = self._length
