@@ -59,20 +59,32 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
             return value, i
 
 
+def _level_at(packet: bytes) -> int:
+    """Where a CONNECT's protocol level is: after the fixed header and the protocol name.
+    The connect flags and the keep-alive follow it, then the payload."""
+    _, i = _varint(packet, 1)
+    return i + 2 + int.from_bytes(packet[i : i + 2])
+
+
+def _string_at(packet: bytes, i: int) -> tuple[str, int]:
+    """The length-prefixed string at ``packet[i:]`` (as much of it as there is) and the
+    index after it."""
+    end = i + 2 + int.from_bytes(packet[i : i + 2])
+    return packet[i + 2 : end].decode(errors="replace"), end
+
+
 def connect_username(packet: bytes) -> str | None:
     """The username of an MQTT 3.1.1 CONNECT, or None (none given, or cut short)."""
     try:
-        _, i = _varint(packet, 1)
-        i += 2 + int.from_bytes(packet[i : i + 2])  # the protocol name
+        i = _level_at(packet)
         flags = packet[i + 1]
-        i += 4  # level, flags, keep alive
-        fields = 1 + (2 if flags & 0x04 else 0)  # client id, then will topic and message
-        for _ in range(fields):
-            i += 2 + int.from_bytes(packet[i : i + 2])
+        _, i = _string_at(packet, i + 4)  # the client id
+        if flags & 0x04:  # the will's topic and message
+            _, i = _string_at(packet, i)
+            _, i = _string_at(packet, i)
         if not flags & 0x80 or i + 2 > len(packet):
             return None
-        end = i + 2 + int.from_bytes(packet[i : i + 2])
-        return packet[i + 2 : end].decode(errors="replace")
+        return _string_at(packet, i)[0]
     except IndexError:
         return None
 
@@ -82,8 +94,7 @@ def other_protocol_level(packet: bytes) -> tuple[int, str] | None:
     if packet[:1] != b"\x10":
         return None  # not a CONNECT: amqtt refuses it
     try:
-        _, i = _varint(packet, 1)
-        i += 2 + int.from_bytes(packet[i : i + 2])  # the protocol name
+        i = _level_at(packet)
         level = packet[i]
     except IndexError:
         return None  # cut short: amqtt reports it
@@ -95,8 +106,7 @@ def other_protocol_level(packet: bytes) -> tuple[int, str] | None:
         if level == 5:
             properties, i = _varint(packet, i)
             i += properties
-        end = i + 2 + int.from_bytes(packet[i : i + 2])
-        client_id = packet[i + 2 : end].decode(errors="replace")
+        client_id = _string_at(packet, i)[0]
     return level, client_id
 
 
