@@ -36,31 +36,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, process_cpu_seconds
+from tests.mqtt_packets import connect, packet, string
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
 def _publish_packet(topic: str, packet_id: int, payload: bytes) -> bytes:
     """An MQTT 3.1.1 QoS 1 PUBLISH."""
-    return _packet(0x32, _string(topic) + packet_id.to_bytes(2, "big") + payload)
+    return packet(0x32, string(topic) + packet_id.to_bytes(2, "big") + payload)
 
 
 def _payload(n: int, constant: bytes | None) -> bytes:
@@ -85,8 +68,7 @@ def _publisher(
     """
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    connect = _string("MQTT") + bytes([4, 0x02]) + (60).to_bytes(2, "big") + _string(name)
-    sock.sendall(_packet(0x10, connect))
+    sock.sendall(connect(name))
     connack = b""
     while len(connack) < 4:
         connack += sock.recv(4 - len(connack))

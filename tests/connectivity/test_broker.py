@@ -19,6 +19,7 @@ from connectivity.errors import ConnectRefused, Refused
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import LastWill, MqttOptions
+from tests import mqtt_packets
 from tests.connectivity.helpers import Collector, assert_refused, eventually, started
 from tests.servers.process import free_port
 
@@ -365,28 +366,6 @@ async def test_clients_coming_and_going_lose_no_message_of_another(env: Env) -> 
     assert sorted(int(m.payload) for m in got.messages) == list(range(300))
 
 
-def _connect_packet(client_id: str, username: str, password: str) -> bytes:
-    """A raw MQTT 3.1.1 CONNECT with a clean session, a username and a password."""
-
-    def string(value: str) -> bytes:
-        raw = value.encode()
-        return len(raw).to_bytes(2, "big") + raw
-
-    body = string("MQTT") + bytes([4, 0xC2, 0, 60]) + string(client_id)
-    body += string(username) + string(password)
-    return b"\x10" + _remaining_length(len(body)) + body
-
-
-def _remaining_length(n: int) -> bytes:
-    """MQTT's variable byte integer: 7 bits a byte, low ones first."""
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 async def test_a_packet_over_max_packet_size_ends_the_connection(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -400,16 +379,17 @@ async def test_a_packet_over_max_packet_size_ends_the_connection(
         got = Collector()
         await sub.subscribe("big/#", 1, got)
         reader, writer = await asyncio.open_connection("127.0.0.1", config.port)
-        writer.write(_connect_packet("raw", "service", "svc-pw"))
+        writer.write(mqtt_packets.connect("raw", "service", "svc-pw"))
         assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x20\x02\x00\x00"
         # Within the limit: delivered (topic "big/ok", QoS 0, a 60,000-byte payload).
         body = b"\x00\x06big/ok" + b"x" * 60_000
-        writer.write(b"\x30" + _remaining_length(len(body)) + body)
+        writer.write(mqtt_packets.packet(0x30, body))
         (small,) = await got.wait_for(1)
         assert len(small.payload) == 60_000
         # A PUBLISH announcing 100 MB: the connection ends with a thousand bytes sent.
         with caplog.at_level(logging.WARNING, logger="connectivity.broker"):
-            writer.write(b"\x30" + _remaining_length(100 * 2**20) + b"\x00\x06big/no" + b"x" * 1000)
+            header = b"\x30" + mqtt_packets.varint(100 * 2**20)
+            writer.write(header + b"\x00\x06big/no" + b"x" * 1000)
             assert await asyncio.wait_for(reader.read(), 10) == b""
         assert "a packet of 104857600 bytes (at most 65536)" in caplog.text
         writer.close()
