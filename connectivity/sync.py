@@ -115,7 +115,9 @@ class MqttSync:
                     topic_prefix=m.topic_prefix,
                     session_expiry=m.session_expiry_seconds,
                     # Room for a whole twin in a message, as the shipped mosquitto's limit.
-                    max_packet_size=max(2 * 1024 * 1024, 2 * settings.limits.max_twin_bytes),
+                    max_packet_size=max(
+                        EmbeddedBrokerConfig.max_packet_size, 2 * settings.limits.max_twin_bytes
+                    ),
                     admit_devices_at_start=False,
                 )
             )
