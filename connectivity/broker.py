@@ -176,6 +176,7 @@ class _TwinBroker(EndToEndAcks):
         self._config = config
         self._retained_sends: set[asyncio.Task[None]] = set()
         self.devices_admitted = asyncio.Event()
+        self._closing = asyncio.Event()
         if config.admit_devices_at_start:
             self.devices_admitted.set()
 
@@ -213,6 +214,14 @@ class _TwinBroker(EndToEndAcks):
         if not task.cancelled() and task.exception() is not None:
             log.warning("embedded broker: retained messages not sent: %s", task.exception())
 
+    async def _stop_handler(self, handler: Any) -> None:
+        # The keeper's connection ended: devices logging in now would have nothing to take
+        # their messages; they wait until the service is back and admits them again.
+        session = getattr(handler, "session", None)
+        if self.keeper is not None and session is not None and session.client_id == self.keeper:
+            self.devices_admitted.clear()
+        await super()._stop_handler(handler)
+
     async def close_to_devices(self) -> None:
         self.devices_admitted.clear()
         for session, handler in list(self._sessions.values()):
@@ -221,20 +230,39 @@ class _TwinBroker(EndToEndAcks):
             with contextlib.suppress(Exception):  # already closing
                 await handler.writer.close()
 
-    async def _until_devices_admitted(self, connect: bytes) -> None:
+    async def _until_devices_admitted(self, connect: bytes) -> bool:
         """Holds a client other than the service until devices are admitted (bounded by
-        connect_timeout, so that a service that never subscribes shuts no one out)."""
+        connect_timeout, so that a service that never subscribes shuts no one out); False
+        when the broker shuts down meanwhile."""
         if self.devices_admitted.is_set():
-            return
+            return True
         if connect_username(connect) == self._config.service_username:
-            return
+            return True
+        admitted = asyncio.ensure_future(self.devices_admitted.wait())
+        closing = asyncio.ensure_future(self._closing.wait())
         try:
-            await asyncio.wait_for(self.devices_admitted.wait(), self._config.connect_timeout)
-        except TimeoutError:
+            done, _ = await asyncio.wait(
+                (admitted, closing),
+                timeout=self._config.connect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            admitted.cancel()
+            closing.cancel()
+        if closing in done:
+            return False
+        if not done:
             log.warning(
                 "embedded broker: devices were not admitted within %.0f s; letting one in",
                 self._config.connect_timeout,
             )
+        return True
+
+    async def shutdown(self) -> None:
+        # Connections held at the gate end now: they waited out connect_timeout after the
+        # broker had stopped, and a loop closing meanwhile logged each as an error.
+        self._closing.set()
+        await super().shutdown()
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -258,7 +286,9 @@ class _TwinBroker(EndToEndAcks):
             return
         refused = other_protocol_level(packet)
         if refused is None:
-            await self._until_devices_admitted(packet)
+            if not await self._until_devices_admitted(packet):
+                writer.close()
+                return
             # amqtt parses the CONNECT itself, from its first byte.
             peer = writer.get_extra_info("peername")
             replay = PacketReader(reader, packet, self._config.max_packet_size, peer)
@@ -332,9 +362,17 @@ class EmbeddedBroker:
         if broker is not None:
             await broker.shutdown()
 
-    def admit_devices(self) -> None:
-        """Lets devices log in (see EmbeddedBrokerConfig.admit_devices_at_start)."""
+    def admit_devices(self, keeper: str | None = None) -> None:
+        """Lets devices log in (see EmbeddedBrokerConfig.admit_devices_at_start).
+
+        ``keeper`` is the client id of the service session that takes the device messages.
+        While that session is away, device logins are held again (until it is back, or
+        ``connect_timeout``), and a device message that would wait in its offline queue is
+        not acknowledged: the device keeps it and sends it again (see EndToEndAcks).
+        """
         if self._broker is not None:
+            if keeper is not None:
+                self._broker.keeper = keeper
             self._broker.devices_admitted.set()
 
     async def close_to_devices(self) -> None:

@@ -173,6 +173,8 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
     def __init__(self, amqtt_config: dict[str, Any], service_username: str) -> None:
         super().__init__(amqtt_config)
         self._service_username = service_username
+        #: Client id of the service session that takes the device messages, once known.
+        self.keeper: str | None = None
         # Replaced before the broadcast loop starts, which reads them from here on.
         self._tasks_queue = _TaskLog()
         self._broadcast_queue = _LastTaken()
@@ -220,6 +222,23 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
             broadcast["qos"] = force_qos
         broadcast["forwarded"] = forwarded
         await self._broadcast_queue.put(broadcast)
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        """amqtt queues a message for an offline persistent session; not a device message for
+        the service's own session while it is away.
+
+        Queued, the message was acknowledged to the device at once (no delivery to wait for)
+        and kept only in this process's memory until the service reconnected: a crash
+        meanwhile lost it. Refused, the device keeps it and sends it again after a
+        reconnect, which the admission gate holds until the service is back.
+        """
+        forwarded = broadcast.get("forwarded")
+        if forwarded is not None and target_session.client_id == self.keeper:
+            _resolve(forwarded, False)
+            return
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
         """One broadcast; a device message's outcome once its deliveries are done."""

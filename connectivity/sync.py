@@ -169,8 +169,8 @@ class MqttSync:
             log.warning("MQTT broker %s not reachable yet: %s", _redact(url), exc)
 
     async def _admit_devices(self) -> None:
-        assert self.broker is not None
-        self.broker.admit_devices()
+        assert self.broker is not None and self.client is not None
+        self.broker.admit_devices(keeper=self.client.options.client_id)
 
     async def stop(self) -> None:
         # First what runs after a connection (republish, correction): it queues publishes.

@@ -421,3 +421,93 @@ async def test_devices_wait_until_admitted_and_the_service_does_not(tmp_path: Pa
         for client in clients:
             await client.stop(grace=0)
         await broker.stop()
+
+
+async def test_a_device_message_is_not_acknowledged_while_the_service_is_away(
+    tmp_path: Path,
+) -> None:
+    """With the service's session offline, amqtt queued a device's report for it and
+    acknowledged it at once: the report lived only in the broker's memory (the service's
+    process) until the service came back, and a crash meanwhile lost it."""
+    broker = _bare_broker(tmp_path, admit_devices_at_start=False, connect_timeout=30)
+    password = CredentialStore(broker.config.credentials_path).add(TWIN)
+    await broker.start()
+    got = Collector()
+    topic = f"twins/{TWIN}/reported/update"
+
+    async def service() -> MqttClient:
+        svc = MqttClient(
+            MqttOptions(
+                url=broker.url, client_id="svc", protocol=4, username="service", password="svc-pw"
+            )
+        )
+        await svc.subscribe("twins/+/reported/update", 1, got)
+
+        async def admit() -> None:
+            broker.admit_devices(keeper="svc")
+
+        svc.on_connect(admit)
+        await svc.start()
+        await svc.wait_connected(10)
+        return svc
+
+    loop = asyncio.get_running_loop()
+    acked: set[int] = set()
+    connects: list[int] = []
+    drops: list[int] = []
+    device = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="dev", protocol=MQTTProtocolVersion.MQTTv311
+    )
+    device.username_pw_set(mqtt_username(TWIN), password)
+    device.reconnect_delay_set(0.1, 0.5)
+    device.on_publish = lambda _c, _u, mid, _rc, _p: loop.call_soon_threadsafe(acked.add, mid)
+    device.on_connect = lambda *_: loop.call_soon_threadsafe(connects.append, 1)
+    device.on_disconnect = lambda *_: loop.call_soon_threadsafe(drops.append, 1)
+    svc = await service()
+    try:
+        device.connect("127.0.0.1", broker.config.port)
+        device.loop_start()
+        first = device.publish(topic, b"1", qos=1).mid
+        await eventually(lambda: first in acked)
+        await svc.stop()  # its persistent session stays, offline
+
+        second = device.publish(topic, b"2", qos=1).mid
+        await eventually(lambda: drops or second in acked)
+        assert second not in acked, "acknowledged while only the broker's memory held it"
+        await asyncio.sleep(1)  # the device's reconnection is held while the service is away
+        assert len(connects) == 1 and second not in acked
+
+        svc = await service()
+        await eventually(lambda: second in acked, timeout=15)
+        await eventually(lambda: len(got.messages) >= 2)
+        await asyncio.sleep(0.5)  # a copy queued for the offline session would come now
+        assert [m.payload for m in got.messages] == [b"1", b"2"]
+    finally:
+        device.disconnect()
+        device.loop_stop()
+        await svc.stop(grace=0)
+        await broker.stop()
+
+
+async def test_a_login_held_at_the_gate_ends_when_the_broker_stops(tmp_path: Path) -> None:
+    """A device waiting to be admitted kept its connection for connect_timeout after the
+    broker had stopped, and a loop closing meanwhile logged it as an error."""
+    broker = _bare_broker(tmp_path, admit_devices_at_start=False, connect_timeout=60)
+    password = CredentialStore(broker.config.credentials_path).add(TWIN)
+    await broker.start()
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", broker.config.port)
+        writer.write(mqtt_packets.connect("dev", mqtt_username(TWIN), password))
+        await asyncio.sleep(0.5)
+        assert not reader.at_eof()  # held, not refused
+        await broker.stop()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await asyncio.sleep(0.1)
+    finally:
+        loop.set_exception_handler(None)
+        await broker.stop()
+    assert errors == []
