@@ -113,6 +113,8 @@ class MqttClient:
         self._connected = False
         self._changed = asyncio.Event()
         self._refusal: ConnectRefused | None = None
+        #: Callers in wait_connected, which raise a refusal themselves.
+        self._waiting = 0
         self._last_error: str | None = None
         self._connects = 0
         self._connected_at: float | None = None
@@ -219,6 +221,7 @@ class MqttClient:
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait for a session; raise ConnectRefused if the broker refused us, else NotConnected."""
+        self._waiting += 1
         try:
             async with asyncio.timeout(timeout):
                 while not self._connected:
@@ -230,6 +233,8 @@ class MqttClient:
             raise NotConnected(
                 f"no MQTT session within {timeout}s", description=self._last_error
             ) from None
+        finally:
+            self._waiting -= 1
 
     def health(self) -> Health:
         """Connection state, last error and counters."""
@@ -374,9 +379,13 @@ class MqttClient:
     def _on_connected(self, session_present: bool, code: ReasonCode) -> None:
         if code.is_failure:
             self._last_error = f"CONNACK refused: {code}"
-            if code.value in _FATAL_CONNACK:
+            fatal = code.value in _FATAL_CONNACK
+            if fatal:
                 self._refusal = ConnectRefused(f"broker refused the connection: {code}")
-            log.warning("MQTT connect refused: %s", code)
+            # A caller waiting for the connection raises a fatal refusal and says it its own
+            # way (the simulator printed this line, then its own, for one refusal).
+            level = logging.DEBUG if fatal and self._waiting else logging.WARNING
+            log.log(level, "MQTT connect refused: %s", code)
             self._changed.set()
             return
         self._connects += 1

@@ -107,12 +107,15 @@ def test_a_refused_login_on_the_embedded_broker_says_what_to_change(tmp_path: Pa
         url = f"mqtt://twin-service:demo-secret@127.0.0.1:{port}"
         mqtt5 = simulate("--url", url, "--duration", "1")
         assert mqtt5.returncode == 1
+        # One line, the command's own: the client library's refusal line came before it.
+        assert mqtt5.stderr.count("\n") == 1, mqtt5.stderr
         assert mqtt5.stderr.endswith(
             "Unsupported protocol version; the embedded broker speaks MQTT 3.1.1 only: "
             "pass --protocol 4\n"
         ), mqtt5.stderr
         wrong = simulate("--url", url.replace("demo-secret", "nope"), "--protocol", "4")
         assert wrong.returncode == 1
+        assert wrong.stderr.count("\n") == 1, wrong.stderr
         assert wrong.stderr.endswith(
             "the simulator logs in as the service's broker account: put its user and "
             "password (mqtt.service_password) in --url\n"
