@@ -177,6 +177,8 @@ class MqttClient:
             properties = _properties(PacketTypes.CONNECT)
             if opts.persistent_session:
                 properties.SessionExpiryInterval = opts.session_expiry
+            if opts.max_packet_size is not None:
+                properties.MaximumPacketSize = opts.max_packet_size
         self._client = client
         client.connect_async(
             addr.host, addr.port, opts.keepalive, clean_start=clean_start, properties=properties

@@ -76,6 +76,9 @@ class MqttOptions:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     last_will: LastWill | None = None
+    #: MQTT 5: the largest packet the broker may send this client (Maximum Packet Size);
+    #: the broker drops a larger message for it instead. ``None``: no limit announced.
+    max_packet_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in (4, 5):

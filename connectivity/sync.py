@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
@@ -71,6 +72,12 @@ def service_options(
     )
 
 
+def device_packet_limit(settings: Settings) -> int:
+    """The largest device message the service takes: room for a whole twin, as the shipped
+    mosquitto's limit (2 MiB, or twice ``limits.max_twin_bytes`` when that is larger)."""
+    return max(EmbeddedBrokerConfig.max_packet_size, 2 * settings.limits.max_twin_bytes)
+
+
 class MqttSync:
     """``Component``: reconciles twins with devices over MQTT."""
 
@@ -92,9 +99,13 @@ class MqttSync:
         self._retiring = retiring
 
     def options(self, settings: Settings, url: str, password: str | None) -> MqttOptions:
-        return service_options(
+        options = service_options(
             settings, url, password, client_id=settings.mqtt.client_id, persistent_session=True
         )
+        # A device message larger than this cannot be accepted anyway (413). Announced, an
+        # MQTT 5 broker never sends it: one that allows 256 MB (HiveMQ) had the service read
+        # whatever a device sent, and a redelivered one could exhaust memory at every restart.
+        return replace(options, max_packet_size=device_packet_limit(settings))
 
     async def start(self, ctx: AppContext) -> None:
         settings = ctx.settings
@@ -114,10 +125,7 @@ class MqttSync:
                     port=m.embedded_port,
                     topic_prefix=m.topic_prefix,
                     session_expiry=m.session_expiry_seconds,
-                    # Room for a whole twin in a message, as the shipped mosquitto's limit.
-                    max_packet_size=max(
-                        EmbeddedBrokerConfig.max_packet_size, 2 * settings.limits.max_twin_bytes
-                    ),
+                    max_packet_size=device_packet_limit(settings),
                     admit_devices_at_start=False,
                 )
             )

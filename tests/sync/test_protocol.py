@@ -220,3 +220,22 @@ async def test_status_and_live(svc: ServiceProcess, mosquitto_server: Mosquitto,
 
 
 _ = Path, Collector
+
+
+async def test_a_message_over_the_packet_limit_never_reaches_the_service(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    """The service announces a Maximum Packet Size (MQTT 5) of 2 MiB, or twice the twin
+    limit: a broker with no limit of its own (this one; HiveMQ allows 256 MB) sent it
+    whatever a device published, read whole into memory, and again at every redelivery."""
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        blob = b"x" * (3 * 1024 * 1024)
+        await dev.send("reported/update", b'{"state": {"blob": "' + blob + b'"}}')
+        # The service handles a twin's messages in order: an answer to the large one would
+        # come before this one's.
+        after = await dev.call(
+            "reported/update", {"state": {"a": 1}, "clientToken": "after"}, "accepted"
+        )
+        await asyncio.sleep(0.3)
+    assert after["clientToken"] == "after"
+    assert [m.topic for m in dev.inbox.messages if m.topic.endswith("/rejected")] == []
