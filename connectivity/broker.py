@@ -77,6 +77,9 @@ class EmbeddedBrokerConfig:
     #: EmbeddedBroker.admit_devices once it has subscribed: a device that got in first
     #: had its QoS 1 reports acknowledged with no subscriber, and lost.
     admit_devices_at_start: bool = True
+    #: Seconds between two looks at the credentials file: a device whose credentials were
+    #: removed or replaced since it logged in is disconnected.
+    credentials_check_seconds: float = 2.0
 
 
 @dataclass
@@ -106,13 +109,16 @@ class TwinAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
             return hmac.compare_digest(password.encode(), self._cfg.service_password.encode())
         # Reads the file and runs PBKDF2: keep both off the event loop.
         try:
-            ok = await asyncio.to_thread(self._store.verify, username, password)
+            matched = await asyncio.to_thread(self._store.verified_hash, username, password)
         except CredentialError as exc:  # a damaged file refuses every device, loudly
             log.error("embedded broker refused login for %r: %s", username, exc)
             return False
-        if not ok:
+        if matched is None:
             log.info("embedded broker refused login for %r", username)
-        return ok
+            return False
+        # What this session logged in with: _TwinBroker ends it once that is gone.
+        session.credential_hash = matched
+        return True
 
 
 class TwinTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped
@@ -177,6 +183,7 @@ class _TwinBroker(EndToEndAcks):
         self._retained_sends: set[asyncio.Task[None]] = set()
         self.devices_admitted = asyncio.Event()
         self._closing = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
         if config.admit_devices_at_start:
             self.devices_admitted.set()
 
@@ -258,11 +265,50 @@ class _TwinBroker(EndToEndAcks):
             )
         return True
 
+    async def start(self) -> None:
+        await super().start()
+        self._watcher = asyncio.create_task(self._watch_credentials())
+
     async def shutdown(self) -> None:
         # Connections held at the gate end now: they waited out connect_timeout after the
         # broker had stopped, and a loop closing meanwhile logged each as an error.
         self._closing.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await super().shutdown()
+
+    async def _watch_credentials(self) -> None:
+        """Disconnects a device whose credentials were removed or replaced since it logged
+        in. Checked at login only, a revoked device stayed connected as long as it liked;
+        mosquitto re-checks its connected clients when it reloads the password file."""
+        store = CredentialStore(self._config.credentials_path)
+        seen = _file_state(store.path)
+        while True:
+            await asyncio.sleep(self._config.credentials_check_seconds)
+            state = _file_state(store.path)
+            if state == seen:
+                continue
+            seen = state
+            try:
+                hashes = await asyncio.to_thread(store.hashes)
+            except CredentialError as exc:  # logins are refused meanwhile; the connected stay
+                log.error("embedded broker: %s", exc)
+                continue
+            for session, handler in list(self._sessions.values()):
+                held = getattr(session, "credential_hash", None)
+                if held is None or session.transitions.state != "connected":
+                    continue
+                if hashes.get(twin_id_from_username(session.username)) == held:
+                    continue
+                log.warning(
+                    "embedded broker disconnected %r: its credentials were removed or replaced",
+                    session.username,
+                )
+                if handler is not None and handler.writer is not None:
+                    with contextlib.suppress(Exception):  # already closing
+                        await handler.writer.close()
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -308,6 +354,15 @@ class _TwinBroker(EndToEndAcks):
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file (the store replaces it whole: a new inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class EmbeddedBroker:

@@ -154,8 +154,19 @@ class CredentialStore:
 
     def verify(self, username: str, password: str) -> bool:
         """Check a device login; ``username`` may be the twin id or its MQTT spelling."""
+        return self.verified_hash(username, password) is not None
+
+    def verified_hash(self, username: str, password: str) -> str | None:
+        """The stored hash a device login matches (``None``: refused). A broker keeps it to
+        tell later whether those credentials still stand (see :meth:`hashes`)."""
         entry = self._load().get(twin_id_from_username(username))
-        return entry is not None and verify_password(password, entry["hash"])
+        if entry is None or not verify_password(password, entry["hash"]):
+            return None
+        return str(entry["hash"])
+
+    def hashes(self) -> dict[str, str]:
+        """The stored hash of every device, by twin id."""
+        return {tid: entry["hash"] for tid, entry in self._load().items()}
 
     def write_mosquitto_files(
         self,

@@ -511,3 +511,38 @@ async def test_a_login_held_at_the_gate_ends_when_the_broker_stops(tmp_path: Pat
         loop.set_exception_handler(None)
         await broker.stop()
     assert errors == []
+
+
+async def test_a_device_whose_credentials_go_is_disconnected(tmp_path: Path) -> None:
+    """Credentials were checked at login only: a removed or rotated device stayed connected
+    (mosquitto re-checks connected clients when it reloads its password file)."""
+    broker = _bare_broker(tmp_path, credentials_check_seconds=0.1)
+    store = CredentialStore(broker.config.credentials_path)
+    third = "org.acme:pump-3"
+    passwords = {twin: store.add(twin) for twin in (TWIN, OTHER, third)}
+    await broker.start()
+    clients: dict[str, MqttClient] = {}
+    try:
+        for twin, password in passwords.items():
+            clients[twin] = await started(
+                broker.url, f"dev-{twin}", protocol=4, username=twin, password=password
+            )
+        store.remove(TWIN)
+        await eventually(lambda: not clients[TWIN].health().connected)
+        new_password = store.rotate(OTHER)
+        await eventually(lambda: not clients[OTHER].health().connected)
+        await asyncio.sleep(0.5)  # a few more looks at the file
+        assert not clients[TWIN].health().connected  # its login is refused now
+        assert clients[third].health().connected
+        assert clients[third].health().reconnect_count == 0
+        await assert_refused(
+            broker.url, "dev-old", protocol=4, username=OTHER, password=passwords[OTHER]
+        )
+        rotated = await started(
+            broker.url, "dev-new", protocol=4, username=OTHER, password=new_password
+        )
+        await rotated.stop(grace=0)
+    finally:
+        for client in clients.values():
+            await client.stop(grace=0)
+        await broker.stop()
