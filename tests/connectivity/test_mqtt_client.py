@@ -293,3 +293,39 @@ async def test_a_broker_that_was_down_is_not_mistaken_for_a_shared_client_id(
         assert not [r for r in caplog.records if "client id" in r.message]
     finally:
         await client.stop(grace=0)
+
+
+async def test_messages_replayed_before_their_handler_wait_for_it_unacked(
+    mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    """A persistent session replays what it queued right after the CONNACK, before the
+    application may have subscribed its handler again: those messages wait for it, unacked,
+    instead of being acknowledged with no one to handle them."""
+    url, client_id, prefix = mosquitto_server.url, f"{unique_name}-sub", f"{unique_name}/q"
+    first = await started(url, client_id)
+    await first.subscribe(f"{prefix}/#", 1, Collector())
+    await first.stop()
+    pub = await started(url, f"{unique_name}-pub")
+    for n in range(5):
+        await pub.publish(f"{prefix}/{n}", str(n).encode(), qos=1)
+    await pub.stop()
+
+    again = await started(url, client_id)  # no handler subscribed yet
+    try:
+        await eventually(lambda: again.health().received == 5)
+        assert again.health().pending_acks == 0  # held, not dispatched or acknowledged
+        got = Collector()
+        await again.subscribe(f"{prefix}/#", 1, got)
+        msgs = await got.wait_for(5)
+        assert sorted(m.payload for m in msgs) == [b"0", b"1", b"2", b"3", b"4"]
+    finally:
+        await again.stop()
+    # Acknowledged once handled: a later session of the id gets none of them again.
+    last = await started(url, client_id)
+    try:
+        late = Collector()
+        await last.subscribe(f"{prefix}/#", 1, late)
+        await asyncio.sleep(1)
+        assert late.messages == []
+    finally:
+        await last.stop()
