@@ -120,7 +120,9 @@ class DeviceClient:
         rejected: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Report state; returns the accepted body or raises :class:`RequestRejected`.
+        """Report state; returns the accepted body or raises :class:`RequestRejected`, or
+        :class:`NoSubscriber` when the broker took it with no one subscribed (MQTT 5; the
+        service is not subscribed yet after a broker restart): send it again, same token.
 
         ``desired_version`` says which desired version the device has applied; ``rejected`` maps
         JSON pointers of desired values the device refuses to apply to reasons.
@@ -133,8 +135,13 @@ class DeviceClient:
         return await self._request("reported/update", body, timeout, client_token)
 
     async def update_live(self, values: dict[str, Any]) -> None:
-        """Send live (not persisted as reported) values; fire-and-forget at QoS 1."""
-        await self._client.publish(self.topic("live/update"), json.dumps(values).encode())
+        """Send live (not persisted as reported) values at QoS 1, without waiting for an answer.
+
+        Raises :class:`NoSubscriber` when the broker took it with no one subscribed (MQTT 5):
+        send it again."""
+        await self._client.publish(
+            self.topic("live/update"), json.dumps(values).encode(), require_subscriber=True
+        )
 
     async def _request(
         self, suffix: str, body: dict[str, Any], timeout: float | None, token: str | None = None
@@ -144,7 +151,11 @@ class DeviceClient:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[token] = fut
         try:
-            await self._client.publish(self.topic(suffix), json.dumps(body).encode())
+            # No subscriber (the service's subscription not back yet after a broker restart):
+            # the broker dropped it, and NoSubscriber says so now rather than a timeout later.
+            await self._client.publish(
+                self.topic(suffix), json.dumps(body).encode(), require_subscriber=True
+            )
             wait = self.config.request_timeout if timeout is None else timeout
             return await asyncio.wait_for(fut, wait)
         finally:

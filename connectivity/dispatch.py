@@ -44,6 +44,11 @@ class AckWindow(Generic[T]):
         self._slots: deque[Slot[T]] = deque()
         self._generation = 0
 
+    @property
+    def generation(self) -> int:
+        """How many times the window was reset: a slot of an older one is stale."""
+        return self._generation
+
     def __len__(self) -> int:
         return len(self._slots)
 
@@ -87,6 +92,11 @@ class KeyedDispatcher(Generic[T]):
         self._queues: dict[str, deque[tuple[Job, Slot[T] | None]]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self.failures = 0
+        #: Messages of a lost connection dropped unhandled, because the broker sends them again.
+        self.dropped_for_redelivery = 0
+        # Whether the broker redelivers a lost connection's unacknowledged messages, known at
+        # the next CONNACK (see resumed).
+        self._redelivers: asyncio.Future[bool] | None = None
 
     @property
     def pending_acks(self) -> int:
@@ -106,14 +116,29 @@ class KeyedDispatcher(Generic[T]):
         task.add_done_callback(self._workers.discard)
 
     def reset_acks(self) -> None:
-        """The connection was lost: running handlers finish, but nothing they held is acked."""
+        """The connection was lost: running handlers finish, but nothing they held is acked,
+        and acknowledgeable jobs not started yet wait for :meth:`resumed`."""
         self._window.reset()
+        if self._redelivers is None or self._redelivers.done():
+            self._redelivers = asyncio.get_running_loop().create_future()
+
+    def resumed(self, redelivers: bool) -> None:
+        """Connected again. ``redelivers``: the broker kept the session, so it sends every
+        unacknowledged message of the lost connection again, and the jobs of those not started
+        yet are dropped instead of handled twice (a backlog of hundreds was, after a broker
+        restart, past what client tokens dedupe). Otherwise they are handled: the only copy."""
+        if self._redelivers is not None and not self._redelivers.done():
+            self._redelivers.set_result(redelivers)
 
     async def _drain(self, key: str) -> None:
         queue = self._queues[key]
         try:
             while queue:
                 job, slot = queue[0]
+                if await self._redelivered(slot):
+                    queue.popleft()
+                    self.dropped_for_redelivery += 1
+                    continue
                 ok = False
                 async with self._sem:
                     try:
@@ -130,6 +155,14 @@ class KeyedDispatcher(Generic[T]):
                         self._ack(token)
         finally:
             del self._queues[key]
+
+    async def _redelivered(self, slot: Slot[T] | None) -> bool:
+        """Whether the broker sends this job's message again (a stale slot: waits until the
+        next connection says)."""
+        if slot is None or slot.generation == self._window.generation:
+            return False
+        redelivers = self._redelivers
+        return redelivers is not None and await asyncio.shield(redelivers)
 
     async def join(self) -> None:
         """Wait until every queued job has run."""

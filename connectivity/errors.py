@@ -7,7 +7,8 @@ Every paho or socket failure is translated once, here in the package, into one o
         ├── NotConnected              mqtt.notconnected   no session with the broker right now
         ├── PublishTimeout            mqtt.timeout        no PUBACK/SUBACK within the deadline
         ├── ConnectRefused            mqtt.connect.refused  CONNACK with a failure reason
-        └── Refused                   mqtt.refused        SUBACK or MQTT 5 PUBACK failure reason
+        ├── Refused                   mqtt.refused        SUBACK or MQTT 5 PUBACK failure reason
+        └── NoSubscriber              mqtt.nosubscriber   MQTT 5 PUBACK 0x10: no one took it
 
     twin_service.errors.BadRequest (400)
     └── RequestRejected           (code from the service)  a ``.../rejected`` answer to a device
@@ -50,6 +51,13 @@ class Refused(MqttUnavailable):
 
     default_code = "mqtt.refused"
     retry_after_seconds = None
+
+
+class NoSubscriber(MqttUnavailable):
+    """The broker had no subscriber for a message (MQTT 5 PUBACK reason code 0x10, "No
+    matching subscribers"): it acknowledged the message and dropped it. Send it again."""
+
+    default_code = "mqtt.nosubscriber"
 
 
 class RequestRejected(BadRequest):

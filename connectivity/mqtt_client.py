@@ -33,6 +33,7 @@ from connectivity.dispatch import KeyedDispatcher
 from connectivity.errors import (
     ConnectRefused,
     MqttUnavailable,
+    NoSubscriber,
     NotConnected,
     PublishTimeout,
     Refused,
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps 3.1.1 return codes to them).
 _FATAL_CONNACK = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
+#: MQTT 5 PUBACK reason: accepted, but no subscription matched (the broker dropped it).
+_NO_MATCHING_SUBSCRIBERS = 0x10
 #: MQTT 5 DISCONNECT reason: another client connected with this client id.
 _SESSION_TAKEN_OVER = 0x8E
 #: A connection the broker closes sooner than this after accepting it is cut short;
@@ -306,12 +309,15 @@ class MqttClient:
         correlation_data: bytes | None = None,
         timeout: float | None = None,
         await_ack: bool = True,
+        require_subscriber: bool = False,
     ) -> None:
         """Publish; for QoS 1 return only once the broker sent PUBACK (unless ``await_ack=False``).
 
         Raises NotConnected when there is no session, PublishTimeout when no PUBACK came within
         ``timeout`` (default ``options.ack_timeout``; the message may still be delivered), and
-        Refused when an MQTT 5 broker answered with a failure reason code.
+        Refused when an MQTT 5 broker answered with a failure reason code. With
+        ``require_subscriber``, NoSubscriber when an MQTT 5 broker said that no one subscribed
+        to it (reason code 0x10): the broker dropped it, so the caller should send it again.
         """
         client = self._client
         if client is None or not self._connected:
@@ -339,13 +345,15 @@ class MqttClient:
         fut = self._new_waiter(info.mid)
         wait = self.options.ack_timeout if timeout is None else timeout
         try:
-            await asyncio.wait_for(fut, wait)
+            reason = await asyncio.wait_for(fut, wait)
         except TimeoutError:
             if not await_ack:
                 return  # still queued in paho: it goes out when the broker takes it
             raise PublishTimeout(f"no PUBACK for {topic!r} within {wait}s") from None
         finally:
             self._pending.pop(info.mid, None)
+        if require_subscriber and reason == _NO_MATCHING_SUBSCRIBERS:
+            raise NoSubscriber(f"the broker had no subscriber for {topic!r} and dropped it")
 
     # -- internals on the event loop -----------------------------------------------------
 
@@ -392,17 +400,26 @@ class MqttClient:
             return
         self._connects += 1
         self._connected_at = time.monotonic()
+        if self._dispatcher is not None:
+            self._dispatcher.resumed(session_present and self.options.persistent_session)
         self._refusal = None
         self._set_connected(True)
         log.info(
             "MQTT connected as %s (session present: %s)", self.options.client_id, session_present
         )
-        if self._subs and not (session_present and self._connects > 1):
+        if self._subs and not (session_present and self._connects > 1 and not self._shared()):
             # A new process cannot know which filters an old session held, so it subscribes to
-            # all of them once; later, only a lost session needs it again.
+            # all of them once; later, only a lost session needs it again. And a session with
+            # shared subscriptions: mosquitto 2.0 restores a session after its own restart but
+            # not its shared subscriptions, and until they are back a device's message has no
+            # subscriber (acknowledged and dropped; MQTT 5 says so with reason code 0x10). All
+            # in one SUBSCRIBE, before anything else, to keep that window short.
             self._spawn(self._after_connect(resubscribe=True))
         else:
             self._spawn(self._after_connect(resubscribe=False))
+
+    def _shared(self) -> bool:
+        return any(topic_filter.startswith("$share/") for topic_filter in self._subs)
 
     async def _after_connect(self, resubscribe: bool) -> None:
         if resubscribe:
@@ -590,11 +607,11 @@ class MqttClient:
         self, _c: paho.Client, _u: Any, mid: int, code: ReasonCode, _p: Any
     ) -> None:
         error = Refused(f"broker refused the publish: {code}") if code.is_failure else None
-        self._to_loop(self._on_published, mid, error)
+        self._to_loop(self._on_published, mid, code.value, error)
 
-    def _on_published(self, mid: int, error: Exception | None) -> None:
+    def _on_published(self, mid: int, reason: int, error: Exception | None) -> None:
         self._unacked_out.discard(mid)  # paho calls this for QoS 0 sends too
-        self._resolve(mid, None, error)
+        self._resolve(mid, reason, error)
 
     def _paho_on_sub_or_unsuback(
         self, _c: paho.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any

@@ -93,7 +93,6 @@ class MqttSync:
         self._url = ""
         self._background: set[asyncio.Task[Any]] = set()
         self._filters: dict[str, Handler] = {}
-        self._connections = 0
         self._options: MqttOptions | None = None
         self._republishing: asyncio.Task[None] | None = None
         self._retiring = retiring
@@ -248,16 +247,6 @@ class MqttSync:
     # -- internals -----------------------------------------------------------------------
 
     async def _on_connect(self) -> None:
-        self._connections += 1
-        if self._connections > 1 and self.client is not None and not self._retiring:
-            # mosquitto 2.0 restores a persistent session after its own restart but not the
-            # session's shared subscriptions (seen in tests/sync/test_delivery.py): subscribing
-            # again is idempotent and costs one round trip per reconnection.
-            for topic_filter, handler in self._filters.items():
-                try:
-                    await self.client.subscribe(topic_filter, 1, handler)
-                except MqttUnavailable as exc:
-                    log.warning("re-subscribing %s failed: %s", topic_filter, exc)
         if self.deltas is None or self._retiring:
             return
         # A pass still running from the connection before is superseded by this one (two

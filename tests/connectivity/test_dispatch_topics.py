@@ -1,13 +1,16 @@
-"""Pure parts: the ordered ack window and the topic layout (tables, no sockets)."""
+"""Pure parts: the ordered ack window, the dispatcher and the topic layout (no sockets)."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
 
 import paho.mqtt.client as paho
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connectivity.dispatch import AckWindow
+from connectivity.dispatch import AckWindow, KeyedDispatcher
 from connectivity.topics import TopicFilter, TopicLayout
 
 
@@ -97,3 +100,36 @@ def test_topic_filter_agrees_with_paho(topic_filter: str, topic: str) -> None:
     assert TopicFilter.parse(topic_filter).matches(topic) is paho.topic_matches_sub(
         topic_filter, topic
     )
+
+
+@pytest.mark.parametrize("redelivers", [True, False])
+async def test_jobs_of_a_lost_connection_wait_for_the_next_and_run_only_if_not_redelivered(
+    redelivers: bool,
+) -> None:
+    """After a broker restart, a backlog of hundreds was handled, then sent again by the
+    broker and handled a second time: past what client tokens dedupe."""
+    acked: list[int] = []
+    ran: list[int] = []
+    dispatcher: KeyedDispatcher[int] = KeyedDispatcher(4, acked.append)
+    gate = asyncio.Event()
+
+    def job(n: int) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            if n == 0:
+                await gate.wait()
+            ran.append(n)
+
+        return run
+
+    for n in range(5):
+        dispatcher.submit("twin", job(n), n)
+    await asyncio.sleep(0.01)  # job 0 runs; 1-4 wait behind it
+    dispatcher.reset_acks()  # the connection is lost
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert ran == [0]  # running, it finished; the others wait for the next CONNACK
+    dispatcher.resumed(redelivers)
+    await dispatcher.join()
+    assert ran == ([0] if redelivers else [0, 1, 2, 3, 4])
+    assert dispatcher.dropped_for_redelivery == (4 if redelivers else 0)
+    assert acked == []  # nothing of the old connection is acknowledged on the new one

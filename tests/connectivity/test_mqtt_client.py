@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from connectivity.errors import NotConnected
+from connectivity.errors import NoSubscriber, NotConnected
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from tests.connectivity.helpers import Collector, eventually, started
@@ -329,3 +329,55 @@ async def test_messages_replayed_before_their_handler_wait_for_it_unacked(
         assert late.messages == []
     finally:
         await last.stop()
+
+
+async def test_a_publish_no_one_subscribed_to_is_reported_when_asked(
+    mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    """An MQTT 5 broker acknowledges a message no subscription matches with reason code 0x10
+    and drops it; a sender that needs it delivered (a device's report) is told."""
+    pub = await started(mosquitto_server.url, f"{unique_name}-pub")
+    sub = await started(mosquitto_server.url, f"{unique_name}-sub")
+    try:
+        topic = f"{unique_name}/t"
+        await pub.publish(topic, b"x")  # dropped, and fine for this sender
+        with pytest.raises(NoSubscriber):
+            await pub.publish(topic, b"x", require_subscriber=True)
+        got = Collector()
+        await sub.subscribe(f"$share/g/{unique_name}/#", 1, got)
+        await pub.publish(topic, b"y", require_subscriber=True)
+        assert [m.payload for m in await got.wait_for(1)] == [b"y"]
+    finally:
+        await pub.stop()
+        await sub.stop()
+
+
+async def test_a_backlog_is_handled_once_across_a_broker_restart(
+    fresh_mosquitto: Mosquitto, unique_name: str
+) -> None:
+    """mosquitto sends a subscriber its whole backlog (it does not hold MQTT 5 clients to
+    max_inflight_messages), and after its restart sends every unacknowledged message again:
+    the old connection's queued jobs were handled, then their copies a second time (775 of
+    2,000 in one probe), past what client tokens dedupe."""
+    handled: list[bytes] = []
+
+    async def slow(msg: InboundMessage) -> None:
+        await asyncio.sleep(0.02)
+        handled.append(msg.payload)
+
+    sub = await started(fresh_mosquitto.url, f"{unique_name}-sub")
+    await sub.subscribe(f"{unique_name}/#", 1, slow)  # one topic: handled one by one
+    pub = await started(fresh_mosquitto.url, f"{unique_name}-pub")
+    try:
+        for n in range(150):
+            await pub.publish(f"{unique_name}/t", str(n).encode(), qos=1)
+        await eventually(lambda: len(handled) >= 10)
+        await fresh_mosquitto.arestart()  # about 140 wait in the subscriber now
+        await eventually(lambda: len(set(handled)) == 150, timeout=60)
+        await asyncio.sleep(0.5)
+        twice = len(handled) - len(set(handled))
+        # Only what was running, or handled while the broker shut down (it stops reading first).
+        assert twice <= 5, twice  # before: 24-25 here
+    finally:
+        await pub.stop()
+        await sub.stop()
