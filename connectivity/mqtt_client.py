@@ -401,7 +401,10 @@ class MqttClient:
         self._connects += 1
         self._connected_at = time.monotonic()
         if self._dispatcher is not None:
-            self._dispatcher.resumed(session_present and self.options.persistent_session)
+            opts = self.options
+            self._dispatcher.resumed(
+                session_present and opts.persistent_session and opts.broker_redelivers
+            )
         self._refusal = None
         self._set_connected(True)
         log.info(

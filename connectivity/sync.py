@@ -104,7 +104,12 @@ class MqttSync:
         # A device message larger than this cannot be accepted anyway (413). Announced, an
         # MQTT 5 broker never sends it: one that allows 256 MB (HiveMQ) had the service read
         # whatever a device sent, and a redelivered one could exhaust memory at every restart.
-        return replace(options, max_packet_size=device_packet_limit(settings))
+        return replace(
+            options,
+            max_packet_size=device_packet_limit(settings),
+            # amqtt does not send unacknowledged messages again after a reconnection.
+            broker_redelivers=bool(settings.mqtt_url),
+        )
 
     async def start(self, ctx: AppContext) -> None:
         settings = ctx.settings
