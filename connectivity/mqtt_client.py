@@ -200,6 +200,10 @@ class MqttClient:
         client, dispatcher = self._client, self._dispatcher
         if client is None or dispatcher is None:
             return
+        # Messages of a lost connection still waiting for a reconnection's verdict: none comes
+        # now, and a kept session has the broker send them to the next process.
+        opts = self.options
+        dispatcher.resumed(opts.persistent_session and opts.broker_redelivers)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(dispatcher.join(), grace)
         await dispatcher.cancel()
