@@ -232,10 +232,8 @@ class _TwinBroker(EndToEndAcks):
     async def close_to_devices(self) -> None:
         self.devices_admitted.clear()
         for session, handler in list(self._sessions.values()):
-            if session.username == self._config.service_username or handler.writer is None:
-                continue
-            with contextlib.suppress(Exception):  # already closing
-                await handler.writer.close()
+            if session.username != self._config.service_username:
+                await _close_connection(handler)
 
     async def _until_devices_admitted(self, connect: bytes) -> bool:
         """Holds a client other than the service until devices are admitted (bounded by
@@ -306,9 +304,7 @@ class _TwinBroker(EndToEndAcks):
                     "embedded broker disconnected %r: its credentials were removed or replaced",
                     session.username,
                 )
-                if handler is not None and handler.writer is not None:
-                    with contextlib.suppress(Exception):  # already closing
-                        await handler.writer.close()
+                await _close_connection(handler)
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -354,6 +350,13 @@ class _TwinBroker(EndToEndAcks):
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def _close_connection(handler: Any) -> None:
+    """Ends a client's connection, if it still has one."""
+    if handler is not None and handler.writer is not None:
+        with contextlib.suppress(Exception):  # already closing
+            await handler.writer.close()
 
 
 def _file_state(path: Path) -> tuple[int, int, int] | None:

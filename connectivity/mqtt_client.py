@@ -40,7 +40,7 @@ from connectivity.errors import (
 )
 from connectivity.messages import Handler, Health, InboundMessage
 from connectivity.options import MqttOptions
-from connectivity.topics import TopicFilter, TopicLayout
+from connectivity.topics import TopicFilter, TopicLayout, is_shared
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,7 @@ class MqttClient:
             return
         # Messages of a lost connection still waiting for a reconnection's verdict: none comes
         # now, and a kept session has the broker send them to the next process.
-        opts = self.options
-        dispatcher.resumed(opts.persistent_session and opts.broker_redelivers)
+        dispatcher.resumed(self._broker_resends_unacked)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(dispatcher.join(), grace)
         await dispatcher.cancel()
@@ -405,10 +404,7 @@ class MqttClient:
         self._connects += 1
         self._connected_at = time.monotonic()
         if self._dispatcher is not None:
-            opts = self.options
-            self._dispatcher.resumed(
-                session_present and opts.persistent_session and opts.broker_redelivers
-            )
+            self._dispatcher.resumed(session_present and self._broker_resends_unacked)
         self._refusal = None
         self._set_connected(True)
         log.info(
@@ -425,8 +421,13 @@ class MqttClient:
         else:
             self._spawn(self._after_connect(resubscribe=False))
 
+    @property
+    def _broker_resends_unacked(self) -> bool:
+        """Whether a session the broker kept brings back what we left unacknowledged."""
+        return self.options.persistent_session and self.options.broker_redelivers
+
     def _shared(self) -> bool:
-        return any(topic_filter.startswith("$share/") for topic_filter in self._subs)
+        return any(is_shared(topic_filter) for topic_filter in self._subs)
 
     async def _after_connect(self, resubscribe: bool) -> None:
         if resubscribe:

@@ -24,7 +24,7 @@ from connectivity.options import BrokerAddress, MqttOptions
 from connectivity.retained import read_retained
 from connectivity.sync_deltas import DeltaPublisher
 from connectivity.sync_handlers import DeviceHandlers, HandlerSettings, ignoring_replays
-from connectivity.topics import TopicLayout
+from connectivity.topics import SHARE_PREFIX, TopicLayout
 from twin_service.tasks import stop_task
 from twin_service.twin.jsonvalue import dumps
 from twin_service.types import JSONObject
@@ -163,7 +163,7 @@ class MqttSync:
         for suffix in INBOUND:
             topic_filter = layout.all_twins(suffix)
             if shared:
-                topic_filter = f"$share/{m.shared_group}/{topic_filter}"
+                topic_filter = f"{SHARE_PREFIX}{m.shared_group}/{topic_filter}"
             self._filters[topic_filter] = handlers[suffix]
             await client.subscribe(topic_filter, 1, handlers[suffix])
         if self.broker is not None:

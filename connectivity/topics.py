@@ -17,6 +17,14 @@ _PLACEHOLDER = "{twinId}"
 _FORBIDDEN_IN_TWIN_ID = frozenset("/+#\x00")
 
 
+#: What starts a shared subscription's filter: ``$share/<group>/<filter>`` (MQTT 5).
+SHARE_PREFIX = "$share/"
+
+
+def is_shared(topic_filter: str) -> bool:
+    return topic_filter.startswith(SHARE_PREFIX)
+
+
 @dataclass(frozen=True)
 class TopicFilter:
     """An MQTT topic filter split into levels once, matched against many topics.
@@ -31,7 +39,7 @@ class TopicFilter:
 
     @classmethod
     def parse(cls, topic_filter: str) -> TopicFilter:
-        if topic_filter.startswith("$share/"):
+        if is_shared(topic_filter):
             parts = topic_filter.split("/", 2)
             if len(parts) == 3:
                 topic_filter = parts[2]

@@ -94,6 +94,13 @@ def test_reports_to_missing_twins_are_explained_and_create_makes_them(
         svc.stop()
 
 
+def _refused_in_one_line(result: subprocess.CompletedProcess[str], ending: str) -> None:
+    assert result.returncode == 1
+    # One line, the command's own: the client library's refusal line came before it.
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.endswith(ending), result.stderr
+
+
 def test_a_refused_login_on_the_embedded_broker_says_what_to_change(tmp_path: Path) -> None:
     port = free_port()
     env = {
@@ -105,21 +112,17 @@ def test_a_refused_login_on_the_embedded_broker_says_what_to_change(tmp_path: Pa
     try:
         wait_mqtt_up(svc)
         url = f"mqtt://twin-service:demo-secret@127.0.0.1:{port}"
-        mqtt5 = simulate("--url", url, "--duration", "1")
-        assert mqtt5.returncode == 1
-        # One line, the command's own: the client library's refusal line came before it.
-        assert mqtt5.stderr.count("\n") == 1, mqtt5.stderr
-        assert mqtt5.stderr.endswith(
+        _refused_in_one_line(
+            simulate("--url", url, "--duration", "1"),
             "Unsupported protocol version; the embedded broker speaks MQTT 3.1.1 only: "
-            "pass --protocol 4\n"
-        ), mqtt5.stderr
+            "pass --protocol 4\n",
+        )
         wrong = simulate("--url", url.replace("demo-secret", "nope"), "--protocol", "4")
-        assert wrong.returncode == 1
-        assert wrong.stderr.count("\n") == 1, wrong.stderr
-        assert wrong.stderr.endswith(
+        _refused_in_one_line(
+            wrong,
             "the simulator logs in as the service's broker account: put its user and "
-            "password (mqtt.service_password) in --url\n"
-        ), wrong.stderr
+            "password (mqtt.service_password) in --url\n",
+        )
         assert "nope" not in wrong.stderr
         works = simulate("--url", url, "--protocol", "4", "--duration", "1", "--rate", "10")
         assert works.returncode == 0, works.stderr
