@@ -30,7 +30,7 @@ from connectivity.sync_messages import (
 from connectivity.topics import TopicLayout
 from twin_service.errors import NotFound, TwinServiceError, Unavailable
 from twin_service.service import Outcome, TwinService
-from twin_service.twin.device import DeviceBook, TokenRecord, next_connection
+from twin_service.twin.device import DeviceBook, TokenRecord, earlier_books, next_connection
 from twin_service.twin.document import Twin
 from twin_service.twin.lifecycle import lifecycle_for_edit
 from twin_service.twin.metadata import written_paths
@@ -105,6 +105,10 @@ class DeviceHandlers:
         try:
             update = parse_reported_update(msg.payload, self._settings.max_payload_bytes)
             token = update.client_token
+            if msg.duplicate and token is not None:
+                earlier = await self._retry(lambda: self._committed_earlier(twin_id, token))
+                if earlier is not None:
+                    raise _Duplicate(earlier)
             book_holder: list[DeviceBook] = []
 
             def edit(current: Twin | None) -> Edit:
@@ -157,6 +161,29 @@ class DeviceHandlers:
         self.applied += 1
         body = report_accepted(token, outcome.twin.revision, outcome.twin.reported_version)
         await self._reply(msg, twin_id, "reported/update/accepted", body)
+
+    async def _committed_earlier(self, twin_id: str, token: str) -> TokenRecord | None:
+        """The record of ``token`` if a report with it was committed before, looking beyond
+        the twin's book into the books the journal kept with earlier revisions.
+
+        Only for a message the broker marked as a redelivery: a replica killed after
+        committing reports and before acknowledging them gets them again when its session
+        resumes, which can be many reports later (its share of the device's messages went
+        on to other replicas meanwhile), past the book's last ``client_token_memory``
+        tokens; applying one again would put back a value the device has since changed.
+        """
+        twin = await self._service.store.get(twin_id)
+        if twin is None:
+            return None  # the write that follows answers 404
+        record = DeviceBook.read(twin.private).find(token)
+        for revision in earlier_books(twin.revision, self._settings.client_token_memory):
+            if record is not None:
+                return record
+            past = await self._service.store.twin_at(twin_id, revision)
+            if past is None:
+                return None  # the journal kept nothing older
+            record = DeviceBook.read(past.private).find(token)
+        return record
 
     # -- live/update -------------------------------------------------------------------
 

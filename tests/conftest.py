@@ -6,5 +6,6 @@ pytest_plugins = [
     "tests.servers.fixtures",
     "tests.servers.search_fixtures",
     "tests.service_fixtures",
+    "tests.store_fixtures",
     "tests.terminate",
 ]

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from search.rql import SearchQuery, parse_filter
 from tests.legacy import forget_sqlite_tombstone
+from tests.store_fixtures import StoreFactory
 from twin_service.settings import StreamSettings
 from twin_service.store.base import IndexTask, RevisionConflict, TwinStore, Write
 from twin_service.twin.document import (
@@ -30,8 +30,6 @@ from twin_service.twin.document import (
 )
 from twin_service.twin.jsonvalue import Limits
 from twin_service.types import JSONObject
-
-StoreFactory = Callable[..., Awaitable[TwinStore]]
 
 
 def change(

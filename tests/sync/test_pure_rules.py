@@ -20,7 +20,7 @@ from connectivity.sync_messages import (
 from tests.twin.strategies import objects
 from twin_service.errors import BadRequest, Conflict, InvalidJson, PayloadTooLarge
 from twin_service.twin.delta import compute_delta, leaf_paths
-from twin_service.twin.device import DeviceBook, TokenRecord, next_connection
+from twin_service.twin.device import DeviceBook, TokenRecord, earlier_books, next_connection
 from twin_service.twin.lifecycle import (
     APPLIED,
     EXPIRED,
@@ -179,6 +179,25 @@ def test_book_round_trip_and_memory() -> None:
     assert again == book
     assert again.find("t3") == TokenRecord("t3", 13, 23)
     assert again.find("t0") is None and again.find(None) is None
+
+
+@given(st.lists(st.booleans(), max_size=60), st.integers(0, 8))
+def test_earlier_books_together_hold_every_token_committed(
+    reports: list[bool], memory: int
+) -> None:
+    # Revision r + 1 is a report with token f"t{r}" where reports[r], another change otherwise.
+    books = {0: DeviceBook()}
+    for r, is_report in enumerate(reports):
+        book = books[r]
+        books[r + 1] = book.after_report(f"t{r}", None, r + 1, 0, memory) if is_report else book
+    latest = len(reports)
+    looked_at = [latest, *earlier_books(latest, memory)]
+    assert looked_at == sorted(set(looked_at), reverse=True) and min(looked_at) >= 0
+    found = {t.token for r in looked_at for t in books[r].tokens}
+    committed = {f"t{r}" for r, is_report in enumerate(reports) if is_report}
+    assert found == (committed if memory else set())
+    # One book per `memory` revisions: no more lookups than needed.
+    assert len(looked_at) - 1 <= (latest // memory if memory else 0)
 
 
 def test_book_keeps_stored_entries_and_skips_malformed_ones() -> None:

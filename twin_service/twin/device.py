@@ -10,7 +10,9 @@ by every replica::
 Rules:
 
 - a reported update whose ``clientToken`` is in the book was already committed: it is answered
-  again from the book and not applied twice (MQTT QoS 1 redelivers after a crash);
+  again from the book and not applied twice (MQTT QoS 1 redelivers after a crash); for a
+  redelivery the books of earlier revisions, kept by the journal, are looked at too
+  (:func:`earlier_books`);
 - a reported update whose ``desiredVersion`` is below ``appliedDesiredVersion`` is stale (409),
   and one above the twin's ``desiredVersion`` names a version that never existed (409);
 - ``connection`` follows the ``status`` topic (``online``/``offline``) and traffic (a device
@@ -137,6 +139,14 @@ class DeviceBook:
             entries = (*entries, [token, revision, reported_version])[-memory:]
         applied = max(self.applied_desired_version, desired_version or 0)
         return DeviceBook(entries, applied)
+
+
+def earlier_books(revision: int, memory: int) -> range:
+    """The revisions whose books, with the one at ``revision``, hold every token committed
+    before it: each book holds the last ``memory`` tokens, so it covers the ``memory``
+    revisions up to its own, and one book every ``memory`` revisions going back covers them
+    all (newest first, down to revision 1; none when tokens are not kept)."""
+    return range(revision - memory, 0, -memory) if memory > 0 else range(0)
 
 
 def next_connection(

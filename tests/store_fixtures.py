@@ -1,4 +1,5 @@
-"""The ``store_factory`` fixture: every store implementation, on a real database."""
+"""The ``store_factory`` fixture: every store implementation, on a real database (the store
+contract and the device handlers run on each)."""
 
 from __future__ import annotations
 
