@@ -112,6 +112,7 @@ class MqttClient:
         #: Message ids of QoS 1 publishes not acknowledged yet (``options.max_unacked_out``).
         self._unacked_out: set[int] = set()
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._stopping: asyncio.Future[None] | None = None
         self._dispatcher: KeyedDispatcher[_AckToken] | None = None
         self._connected = False
         self._changed = asyncio.Event()
@@ -196,7 +197,23 @@ class MqttClient:
         ``end_session`` (MQTT 5) has the broker discard the session at the disconnect, with
         its subscriptions and whatever it still queues: for a client id that will not come
         back.
+
+        A cancellation of the caller does not cut the stop short: it goes on to the end
+        without it. A client left half-stopped stayed connected and reconnected for good;
+        with one client id per purpose, it took turns at the session with its successor
+        (the retained deltas' reader, whose pass is cancelled at every reconnection).
         """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace, end_session))
+            self._stopping.add_done_callback(self._stopped)
+        await asyncio.shield(self._stopping)
+
+    def _stopped(self, stopping: asyncio.Future[None]) -> None:
+        self._stopping = None
+        if not stopping.cancelled() and stopping.exception() is not None:
+            log.error("stopping the MQTT client failed", exc_info=stopping.exception())
+
+    async def _stop(self, grace: float, end_session: bool) -> None:
         client, dispatcher = self._client, self._dispatcher
         if client is None or dispatcher is None:
             return

@@ -256,13 +256,16 @@ class MqttSync:
             return
         # A pass still running from the connection before is superseded by this one (two
         # would read the retained deltas with one client id, taking turns at the session).
-        await stop_task(self._republishing)
-        task = self._republishing = asyncio.create_task(self._republish())
+        # The new pass stops it first; handing over here, without an await, keeps two quick
+        # reconnections from both stopping the same old pass and then running side by side.
+        superseded = self._republishing
+        task = self._republishing = asyncio.create_task(self._republish(superseded))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _republish(self) -> None:
+    async def _republish(self, superseded: asyncio.Task[None] | None) -> None:
         assert self.deltas is not None and self._options is not None
+        await stop_task(superseded)
         try:
             count = await self.deltas.republish()
             log.info("republishing %d deltas after connecting", count)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -381,3 +382,36 @@ async def test_a_backlog_is_handled_once_across_a_broker_restart(
     finally:
         await pub.stop()
         await sub.stop()
+
+
+async def test_a_stop_whose_caller_is_cancelled_still_stops_the_client(
+    mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    """The caller of stop() may be cancelled while it waits (``stop_task`` cancels again every
+    0.2 s): the client went on connected and reconnecting for good, and with the retained
+    deltas' reader, took turns at the session with the next reader of the same client id."""
+    client = await started(mosquitto_server.url, unique_name)
+    release = asyncio.Event()
+    running = asyncio.Event()
+
+    async def slow(_msg: InboundMessage) -> None:
+        running.set()
+        await release.wait()
+
+    await client.subscribe(f"{unique_name}/t", 1, slow)
+    pub = await started(mosquitto_server.url, f"{unique_name}-pub")
+    try:
+        await pub.publish(f"{unique_name}/t", b"x", qos=1)
+        await asyncio.wait_for(running.wait(), 10)
+        stopping = asyncio.create_task(client.stop(grace=1.0))  # waits for the handler
+        await asyncio.sleep(0.1)
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+        await eventually(lambda: not client.connected, timeout=10)
+        await asyncio.sleep(1.5)  # and it stays stopped: no reconnection
+        assert not client.connected
+    finally:
+        release.set()
+        await pub.stop(grace=0)
+        await client.stop(grace=0)
