@@ -10,6 +10,7 @@ semaphore caps how many handlers run at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -77,6 +78,8 @@ class AckWindow(Generic[T]):
 
 
 Job = Callable[[], Awaitable[None]]
+#: Called when a job is dropped unrun because the broker sends its message again.
+Dropped = Callable[[], None]
 
 
 class KeyedDispatcher(Generic[T]):
@@ -89,8 +92,9 @@ class KeyedDispatcher(Generic[T]):
         self._sem = asyncio.Semaphore(max_in_flight)
         self._ack = ack
         self._window: AckWindow[T] = AckWindow()
-        self._queues: dict[str, deque[tuple[Job, Slot[T] | None]]] = {}
+        self._queues: dict[str, deque[tuple[Job, Slot[T] | None, Dropped | None]]] = {}
         self._workers: set[asyncio.Task[None]] = set()
+        self._running: set[str] = set()  # keys whose first queued job is running
         self.failures = 0
         #: Messages of a lost connection dropped unhandled, because the broker sends them again.
         self.dropped_for_redelivery = 0
@@ -103,14 +107,15 @@ class KeyedDispatcher(Generic[T]):
         """How many acknowledgeable messages are waiting for their handler or an earlier one."""
         return len(self._window)
 
-    def submit(self, key: str, job: Job, token: T | None) -> None:
-        """Queue ``job`` behind earlier jobs of ``key``; ``token`` (if any) is acked after it."""
+    def submit(self, key: str, job: Job, token: T | None, dropped: Dropped | None = None) -> None:
+        """Queue ``job`` behind earlier jobs of ``key``; ``token`` (if any) is acked after it.
+        ``dropped`` is called when the job is to be dropped unrun for the broker's redelivery."""
         slot = self._window.open(token) if token is not None else None
         queue = self._queues.get(key)
         if queue is not None:
-            queue.append((job, slot))
+            queue.append((job, slot, dropped))
             return
-        self._queues[key] = deque([(job, slot)])
+        self._queues[key] = deque([(job, slot, dropped)])
         task = asyncio.create_task(self._drain(key), name=f"mqtt-key:{key}")
         self._workers.add(task)
         task.add_done_callback(self._workers.discard)
@@ -129,18 +134,27 @@ class KeyedDispatcher(Generic[T]):
         restart, past what client tokens dedupe). Otherwise they are handled: the only copy."""
         if self._redelivers is not None and not self._redelivers.done():
             self._redelivers.set_result(redelivers)
+            if redelivers:
+                # Said now, not as each worker reaches them: the copies follow this CONNACK
+                # at once, ahead of the workers.
+                for key, queue in self._queues.items():
+                    waiting = itertools.islice(queue, 1 if key in self._running else 0, None)
+                    for _job, slot, dropped in waiting:
+                        if dropped is not None and self._stale(slot):
+                            dropped()
 
     async def _drain(self, key: str) -> None:
         queue = self._queues[key]
         try:
             while queue:
-                job, slot = queue[0]
+                job, slot, _dropped = queue[0]
                 if await self._redelivered(slot):
                     queue.popleft()
                     self.dropped_for_redelivery += 1
                     continue
                 ok = False
                 async with self._sem:
+                    self._running.add(key)
                     try:
                         await job()
                         ok = True
@@ -149,6 +163,8 @@ class KeyedDispatcher(Generic[T]):
                     except Exception:
                         self.failures += 1
                         log.exception("MQTT handler failed for key %r; message left unacked", key)
+                    finally:
+                        self._running.discard(key)
                 queue.popleft()
                 if slot is not None:
                     for token in self._window.settle(slot, ok):
@@ -159,10 +175,14 @@ class KeyedDispatcher(Generic[T]):
     async def _redelivered(self, slot: Slot[T] | None) -> bool:
         """Whether the broker sends this job's message again (a stale slot: waits until the
         next connection says)."""
-        if slot is None or slot.generation == self._window.generation:
+        if not self._stale(slot):
             return False
         redelivers = self._redelivers
         return redelivers is not None and await asyncio.shield(redelivers)
+
+    def _stale(self, slot: Slot[T] | None) -> bool:
+        """Whether the job's message came on a connection since lost (it cannot be acked)."""
+        return slot is not None and slot.generation != self._window.generation
 
     async def join(self) -> None:
         """Wait until every queued job has run."""

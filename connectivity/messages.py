@@ -14,6 +14,8 @@ class InboundMessage:
     payload: bytes
     qos: int
     retain: bool
+    #: The broker's DUP flag: it may have delivered this message before. Cleared for a
+    #: message this client had first-hand and dropped unhandled when its connection was lost.
     duplicate: bool
     #: MQTT 5 request/response properties, None when absent (always None on 3.1.1).
     response_topic: str | None = None

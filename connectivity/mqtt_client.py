@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ _SESSION_TAKEN_OVER = 0x8E
 #: ``_CUT_SHORT_TO_NAME`` of them in a row are named in the log and ``/ready``.
 _CUT_SHORT_SECONDS = 10.0
 _CUT_SHORT_TO_NAME = 3
+#: At most this many dropped-unhandled messages are remembered (their hashes).
+_DROPPED_UNHANDLED_KEPT = 65536
 
 
 @dataclass
@@ -113,6 +116,11 @@ class MqttClient:
         self._unacked_out: set[int] = set()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._stopping: asyncio.Future[None] | None = None
+        # Messages first delivered to this process (no DUP flag) whose jobs a lost connection
+        # dropped unrun: the broker sends them again flagged as redeliveries, but nobody has
+        # handled them, so they are handed over unflagged (a handler may look a flagged one
+        # up at length: for a whole backlog after a broker restart, that halved the intake).
+        self._dropped_unhandled: OrderedDict[int, bool] = OrderedDict()
         self._dispatcher: KeyedDispatcher[_AckToken] | None = None
         self._connected = False
         self._changed = asyncio.Event()
@@ -498,6 +506,9 @@ class MqttClient:
 
     def _on_message(self, msg: InboundMessage, mid: int, connection: int) -> None:
         self._received += 1
+        unhandled = self._dropped_unhandled
+        if msg.duplicate and unhandled and unhandled.pop(hash((msg.topic, msg.payload)), False):
+            msg = dataclasses.replace(msg, duplicate=False)
         handlers = self._handlers_for(msg.topic)
         if not handlers:
             # A persistent session can replay messages before the application subscribed its
@@ -523,7 +534,16 @@ class MqttClient:
             for handler in handlers:
                 await handler(msg)
 
-        self._dispatcher.submit(self._key(msg.topic), job, token)
+        dropped = None
+        if token is not None and not msg.duplicate:
+            key = hash((msg.topic, msg.payload))
+
+            def dropped() -> None:
+                self._dropped_unhandled[key] = True
+                if len(self._dropped_unhandled) > _DROPPED_UNHANDLED_KEPT:
+                    self._dropped_unhandled.popitem(last=False)
+
+        self._dispatcher.submit(self._key(msg.topic), job, token, dropped)
 
     def _release_parked(self) -> None:
         parked, self._parked = self._parked, []

@@ -148,6 +148,7 @@ class MqttSync:
                 max_payload_bytes=settings.limits.max_twin_bytes,
                 client_token_memory=m.client_token_memory,
                 lastseen_coalesce_seconds=m.lastseen_coalesce_seconds,
+                redelivery_depth=settings.stream.journal_max_per_twin,
             ),
             self._reply,
         )

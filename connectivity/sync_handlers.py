@@ -53,6 +53,9 @@ class HandlerSettings:
     max_payload_bytes: int
     client_token_memory: int
     lastseen_coalesce_seconds: float
+    #: How many revisions back a redelivered report's token is looked for (the journal keeps
+    #: at least ``stream.journal_max_per_twin`` events per twin).
+    redelivery_depth: int
 
 
 class _Duplicate(Exception):
@@ -171,19 +174,26 @@ class DeviceHandlers:
         resumes, which can be many reports later (its share of the device's messages went
         on to other replicas meanwhile), past the book's last ``client_token_memory``
         tokens; applying one again would put back a value the device has since changed.
+        Redeliveries are recognised within ``redelivery_depth`` revisions.
         """
-        twin = await self._service.store.get(twin_id)
+        store = self._service.store
+        twin = await store.get(twin_id)
         if twin is None:
             return None  # the write that follows answers 404
         record = DeviceBook.read(twin.private).find(token)
-        for revision in earlier_books(twin.revision, self._settings.client_token_memory):
+        if record is not None:
+            return record
+        s = self._settings
+        revisions = earlier_books(twin.revision, s.client_token_memory, s.redelivery_depth)
+        if not revisions:
+            return None
+        # One read for all of them: after a broker restart most of a backlog comes back
+        # flagged, never committed, so each one looks back all the way.
+        for private in (await store.privates_at(twin_id, revisions)).values():
+            record = DeviceBook.read(private).find(token)
             if record is not None:
                 return record
-            past = await self._service.store.twin_at(twin_id, revision)
-            if past is None:
-                return None  # the journal kept nothing older
-            record = DeviceBook.read(past.private).find(token)
-        return record
+        return None
 
     # -- live/update -------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 
 import paho.mqtt.client as paho
@@ -133,3 +134,33 @@ async def test_jobs_of_a_lost_connection_wait_for_the_next_and_run_only_if_not_r
     assert ran == ([0] if redelivers else [0, 1, 2, 3, 4])
     assert dispatcher.dropped_for_redelivery == (4 if redelivers else 0)
     assert acked == []  # nothing of the old connection is acknowledged on the new one
+
+
+@pytest.mark.parametrize("redelivers", [True, False])
+async def test_jobs_to_be_dropped_are_named_at_the_connack_not_the_running_one(
+    redelivers: bool,
+) -> None:
+    """The broker's copies follow the CONNACK at once, ahead of the worker that drops the
+    waiting jobs: the client must know by then which copies nobody handled."""
+    dropped: list[int] = []
+    dispatcher: KeyedDispatcher[int] = KeyedDispatcher(4, lambda _token: None)
+    gate = asyncio.Event()
+
+    async def held() -> None:
+        await gate.wait()
+
+    async def quick() -> None:
+        return None
+
+    for n in range(4):
+        dispatcher.submit(
+            "twin", held if n == 0 else quick, n, functools.partial(dropped.append, n)
+        )
+    await asyncio.sleep(0.01)  # job 0 runs; 1-3 wait behind it
+    dispatcher.reset_acks()
+    dispatcher.resumed(redelivers)
+    # At once, with job 0 still running (its copy may well have been handled: not named).
+    assert dropped == ([1, 2, 3] if redelivers else [])
+    gate.set()
+    await dispatcher.join()
+    assert dropped == ([1, 2, 3] if redelivers else [])

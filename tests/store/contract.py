@@ -251,7 +251,7 @@ class StoreContract:
         assert await store.events_after(0, 10) == []
         assert await store.pruned_seq() == 0
 
-    async def test_history_and_twin_at(self, store_factory: StoreFactory) -> None:
+    async def test_history_twin_at_and_privates_at(self, store_factory: StoreFactory) -> None:
         store = await store_factory()
         tid = "org.acme:hist"
         twin = None
@@ -265,6 +265,10 @@ class StoreContract:
         at3 = await store.twin_at(tid, 3)
         assert at3 is not None and at3.revision == 3 and at3.reported == {"n": 2}
         assert await store.twin_at(tid, 9) is None
+        privates = await store.privates_at(tid, [5, 3, 9, 1, 3])
+        assert twin is not None and privates.keys() == {5, 3, 1} and privates[5] == twin.private
+        assert await store.privates_at(tid, [9]) == {}
+        assert await store.privates_at("org.acme:no", [1]) == {}
 
     async def test_delete_and_recreate_continues_revisions(
         self, store_factory: StoreFactory
@@ -305,6 +309,8 @@ class StoreContract:
         assert at1 is not None and at1.attributes == {"life": 1}
         at4 = await store.twin_at(tid, 4)
         assert at4 is not None and at4.attributes == {"life": 2}
+        # The deletion (revision 3) left no twin, so no private part either.
+        assert (await store.privates_at(tid, [1, 3, 4])).keys() == {1, 4}
 
     async def test_a_creation_from_a_stale_tombstone_is_refused(
         self, store_factory: StoreFactory

@@ -181,9 +181,9 @@ def test_book_round_trip_and_memory() -> None:
     assert again.find("t0") is None and again.find(None) is None
 
 
-@given(st.lists(st.booleans(), max_size=60), st.integers(0, 8))
-def test_earlier_books_together_hold_every_token_committed(
-    reports: list[bool], memory: int
+@given(st.lists(st.booleans(), max_size=60), st.integers(0, 8), st.integers(1, 70))
+def test_earlier_books_together_hold_every_token_committed_within_the_depth(
+    reports: list[bool], memory: int, depth: int
 ) -> None:
     # Revision r + 1 is a report with token f"t{r}" where reports[r], another change otherwise.
     books = {0: DeviceBook()}
@@ -191,13 +191,18 @@ def test_earlier_books_together_hold_every_token_committed(
         book = books[r]
         books[r + 1] = book.after_report(f"t{r}", None, r + 1, 0, memory) if is_report else book
     latest = len(reports)
-    looked_at = [latest, *earlier_books(latest, memory)]
+    looked_at = [latest, *earlier_books(latest, memory, depth)]
     assert looked_at == sorted(set(looked_at), reverse=True) and min(looked_at) >= 0
     found = {t.token for r in looked_at for t in books[r].tokens}
-    committed = {f"t{r}" for r, is_report in enumerate(reports) if is_report}
-    assert found == (committed if memory else set())
-    # One book per `memory` revisions: no more lookups than needed.
-    assert len(looked_at) - 1 <= (latest // memory if memory else 0)
+    within = {
+        f"t{r}" for r, is_report in enumerate(reports) if is_report and r + 1 > latest - depth
+    }
+    if memory:
+        assert within <= found
+        # One book per `memory` revisions within the depth: no more reads than needed.
+        assert len(looked_at) - 1 <= -(-min(depth, latest) // memory)
+    else:
+        assert found == set() and looked_at == [latest]
 
 
 def test_book_keeps_stored_entries_and_skips_malformed_ones() -> None:

@@ -21,6 +21,7 @@ from twin_service.types import JSONObject
 
 TWIN = "org.acme:redelivered"
 MEMORY = 4
+DEPTH = 50
 
 
 def _report(token: str, value: int, *, redelivered: bool) -> InboundMessage:
@@ -40,7 +41,10 @@ async def _handlers(
         answers.append({"suffix": suffix, **body})
 
     settings = HandlerSettings(
-        max_payload_bytes=65536, client_token_memory=MEMORY, lastseen_coalesce_seconds=1e6
+        max_payload_bytes=65536,
+        client_token_memory=MEMORY,
+        lastseen_coalesce_seconds=1e6,
+        redelivery_depth=DEPTH,
     )
     return DeviceHandlers(service, TopicLayout(), settings, reply), service, answers
 
@@ -77,3 +81,19 @@ async def test_a_redelivery_never_committed_is_applied_once(store_factory: Store
     after = await service.get(TWIN)
     assert after.revision == before.revision + 1 and after.reported == {"counter": 99}
     assert [a.get("duplicate", False) for a in answers[-2:]] == [False, True]
+
+
+async def test_a_redelivery_is_looked_for_only_within_the_depth(
+    store_factory: StoreFactory,
+) -> None:
+    # The look back is bounded: a backlog of redeliveries must not each read a week of journal.
+    handlers, service, answers = await _handlers(store_factory)
+    await handlers.on_reported(_report("old", 0, redelivered=False))
+    for n in range(1, DEPTH + MEMORY + 1):
+        await handlers.on_reported(_report(f"later-{n}", n, redelivered=False))
+    before = await service.get(TWIN)
+
+    await handlers.on_reported(_report("old", 0, redelivered=True))
+
+    after = await service.get(TWIN)
+    assert after.revision == before.revision + 1 and "duplicate" not in answers[-1]

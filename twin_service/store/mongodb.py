@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ from twin_service.store.mongodb_journal import (
 from twin_service.tasks import stop_task
 from twin_service.twin.document import Tombstone, Twin, tombstone_of
 from twin_service.twin.jsonvalue import dumps
+from twin_service.types import JSONObject
 
 if TYPE_CHECKING:
     from search.rql.query import SearchQuery
@@ -317,6 +319,12 @@ class MongoStore:
     async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
         try:
             return await self._journal.twin_at(twin_id, revision)
+        except DRIVER_ERRORS as exc:
+            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+
+    async def privates_at(self, twin_id: str, revisions: Sequence[int]) -> dict[int, JSONObject]:
+        try:
+            return await self._journal.privates_at(twin_id, revisions)
         except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
 

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,9 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from twin_service.errors import Unavailable
-from twin_service.store.base import StoredEvent
+from twin_service.store.base import StoredEvent, latest_lifetime
 from twin_service.twin.document import ChangeEvent, Twin
+from twin_service.types import JSONObject
 
 Collection = AsyncCollection[dict[str, Any]]
 
@@ -341,15 +343,9 @@ class Journal:
         revisions: dict[str, int] = {"$gte": since}
         if until is not None:
             revisions["$lte"] = until
-        journaled = await self._events.find({"t": twin_id, "r": revisions}).to_list()
-        events = {int(doc["o"]): stored_event(doc) for doc in journaled}
-        holder = await self._twins.find_one({"_id": twin_id}, {"ev": 1})
-        for token in (holder or {}).get("ev", []):
-            pending = Pending.parse(token)
-            in_range = since <= pending.revision and (until is None or pending.revision <= until)
-            if in_range and pending.seq not in events:
-                events[pending.seq] = pending.stored()
-        return sorted(events.values(), key=lambda stored: stored.seq)
+        return await self._events_of(
+            twin_id, revisions, lambda r: since <= r and (until is None or r <= until)
+        )
 
     async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
         """The twin right after ``revision`` (the latest lifetime's), journaled or pending."""
@@ -357,6 +353,28 @@ class Journal:
             event for event in await self.history(twin_id, revision, revision) if event.state
         ]
         return candidates[-1].state if candidates else None
+
+    async def privates_at(self, twin_id: str, revisions: Sequence[int]) -> dict[int, JSONObject]:
+        """The twin's private part right after each revision, journaled or pending."""
+        wanted = sorted(set(revisions))
+        events = await self._events_of(twin_id, {"$in": wanted}, set(wanted).__contains__)
+        return latest_lifetime(
+            (e.event.revision, None if e.state is None else e.state.private) for e in events
+        )
+
+    async def _events_of(
+        self, twin_id: str, revisions: dict[str, Any], pending_wanted: Callable[[int], bool]
+    ) -> list[StoredEvent]:
+        """Journaled and pending events of one twin whose revisions match, by seq
+        (``revisions`` as a query, ``pending_wanted`` for the pending ones)."""
+        journaled = await self._events.find({"t": twin_id, "r": revisions}).to_list()
+        events = {int(doc["o"]): stored_event(doc) for doc in journaled}
+        holder = await self._twins.find_one({"_id": twin_id}, {"ev": 1})
+        for token in (holder or {}).get("ev", []):
+            pending = Pending.parse(token)
+            if pending_wanted(pending.revision) and pending.seq not in events:
+                events[pending.seq] = pending.stored()
+        return sorted(events.values(), key=lambda stored: stored.seq)
 
     async def pruned(self) -> int:
         doc = await self._meta.find_one({"_id": "pruned"})

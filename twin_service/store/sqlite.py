@@ -16,6 +16,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from search import sqlite as sqlite_index
 from twin_service.errors import Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
-from twin_service.store.base import IndexTask, StoredEvent, Write
+from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifetime
 from twin_service.store.sqlite_writer import (
     INCARNATION_SQL,
     WriterConfig,
@@ -33,6 +34,7 @@ from twin_service.store.sqlite_writer import (
 )
 from twin_service.store.writer_process import WriterGone, WriterProcess
 from twin_service.twin.document import ChangeEvent, Tombstone, Twin
+from twin_service.types import JSONObject
 
 if TYPE_CHECKING:
     from search.rql.query import SearchQuery
@@ -375,6 +377,19 @@ class SqliteStore:
             return Twin.from_storage(json.loads(row[0])) if row and row[0] else None
 
         result: Twin | None = await self._read(run)
+        return result
+
+    async def privates_at(self, twin_id: str, revisions: Sequence[int]) -> dict[int, JSONObject]:
+        def run() -> dict[int, JSONObject]:
+            wanted = sorted(set(revisions))
+            rows = self._reader().execute(
+                "SELECT revision, json_extract(state, '$._private') FROM events "
+                f"WHERE twin_id = ? AND revision IN ({','.join('?' * len(wanted))}) ORDER BY seq",
+                (twin_id, *wanted),
+            )
+            return latest_lifetime((r, None if p is None else json.loads(p)) for r, p in rows)
+
+        result: dict[int, JSONObject] = await self._read(run)
         return result
 
     async def pruned_seq(self) -> int:

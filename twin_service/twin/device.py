@@ -141,12 +141,12 @@ class DeviceBook:
         return DeviceBook(entries, applied)
 
 
-def earlier_books(revision: int, memory: int) -> range:
-    """The revisions whose books, with the one at ``revision``, hold every token committed
-    before it: each book holds the last ``memory`` tokens, so it covers the ``memory``
-    revisions up to its own, and one book every ``memory`` revisions going back covers them
-    all (newest first, down to revision 1; none when tokens are not kept)."""
-    return range(revision - memory, 0, -memory) if memory > 0 else range(0)
+def earlier_books(revision: int, memory: int, depth: int) -> range:
+    """The revisions whose books, with the one at ``revision``, hold every token committed in
+    the ``depth`` revisions up to it: each book holds the last ``memory`` tokens, so it covers
+    the ``memory`` revisions up to its own, and one book every ``memory`` revisions going back
+    covers them all (newest first; none when tokens are not kept)."""
+    return range(revision - memory, max(revision - depth, 0), -memory) if memory > 0 else range(0)
 
 
 def next_connection(
