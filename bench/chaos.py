@@ -1,0 +1,253 @@
+"""Delivery under faults: devices report while replicas are killed and the broker restarts.
+
+Every report the broker acknowledged must be applied, and applied once. The run sets up what
+deploy/ ships: mosquitto with per-device credentials and the ACL the service writes, N service
+replicas on one SQLite file sharing the device topics, and D MQTT 5 devices. Each device sends
+R reports (distinct keys and client tokens, W in flight), and sends one again when the broker
+says no subscriber took it (reason code 0x10), as ``connectivity.device`` does. Faults come at
+random intervals: SIGKILL of a replica (started again after a pause) or a mosquitto restart.
+
+Two phases in one run, same devices and load: without faults (the baseline), then with them.
+Printed per phase: acknowledged reports, those never applied, revisions beyond one per report
+(reports applied twice), and the rate at which reports were applied, from the first publish to
+the last commit. The rate under faults is given as a ratio of the baseline's. The exit status
+is 1 when a report was lost or applied twice.
+
+    .venv/bin/python -m bench.chaos --devices 20 --reports 300 --replicas 2 --faults kill,broker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.common import machine
+from connectivity.credentials import CredentialStore, mqtt_username
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
+from tests.servers.mosquitto import Mosquitto
+from tests.service_process import ServiceProcess
+from tests.sync.helpers import wait_mqtt_up
+
+SERVICE_USER, SERVICE_PASSWORD = "twin-service", "chaos-service-password"
+
+
+@dataclass
+class Outcome:
+    acked: int
+    missing: int
+    extra_revisions: int
+    seconds: float
+    faults: list[str]
+
+    @property
+    def rate(self) -> float:
+        return self.acked / self.seconds if self.seconds else 0.0
+
+
+class Fleet:
+    """The broker, the replicas and the device credentials of one run."""
+
+    def __init__(self, root: Path, devices: int, replicas: int) -> None:
+        self.data = root / "data"
+        self.data.mkdir(parents=True)
+        credentials = CredentialStore.in_data_dir(self.data)
+        self.twins = [f"chaos:d{n:04d}" for n in range(devices)]
+        self.passwords = {t: credentials.add(t) for t in self.twins}
+        credentials.write_mosquitto_files(
+            root / "passwd",
+            root / "acl",
+            SERVICE_USER,
+            "twins/{twinId}",
+            service_password=SERVICE_PASSWORD,
+        )
+        self.broker = Mosquitto(
+            root / "mosquitto", password_file=root / "passwd", acl_file=root / "acl"
+        ).start()
+        url = self.broker.url.replace("mqtt://", f"mqtt://{SERVICE_USER}:{SERVICE_PASSWORD}@")
+        self.replicas = [
+            ServiceProcess(
+                self.data,
+                env={
+                    "TWIN_MQTT__ENABLED": "true",
+                    "TWIN_MQTT_URL": url,
+                    "TWIN_MQTT__CLIENT_ID": f"chaos-svc-{n}",
+                    "TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "100000",
+                },
+            )
+            for n in range(replicas)
+        ]
+        for replica in self.replicas:
+            replica.start()
+            wait_mqtt_up(replica, 30)
+        with self.replicas[0].client() as api:
+            for twin in self.twins:
+                api.put(f"/api/v1/twins/{twin}", json={"reported": {}}).raise_for_status()
+
+    def stop(self) -> None:
+        for replica in self.replicas:
+            replica.stop()
+        self.broker.stop()
+
+    async def revisions(self) -> dict[str, tuple[int, set[str]]]:
+        """Twin -> (revision, reported keys), read through a replica that answers."""
+        for replica in self.replicas:
+            found: dict[str, tuple[int, set[str]]] = {}
+            try:
+                async with replica.async_client() as api:
+                    for at in range(0, len(self.twins), 100):
+                        ids = ",".join(self.twins[at : at + 100])
+                        response = await api.get("/api/v1/twins", params={"ids": ids})
+                        response.raise_for_status()
+                        for doc in response.json():
+                            found[doc["twinId"]] = (doc["revision"], set(doc["reported"]))
+                return found
+            except httpx.HTTPError:
+                continue  # killed, or being started again
+        raise RuntimeError("no replica answers")
+
+
+async def _device(fleet: Fleet, twin: str) -> MqttClient:
+    client = MqttClient(
+        MqttOptions(
+            url=fleet.broker.url,
+            client_id=f"dev-{twin.replace(':', '-')}",
+            username=mqtt_username(twin),
+            password=fleet.passwords[twin],
+            reconnect_min_delay=0.2,
+            reconnect_max_delay=1.0,
+            ack_timeout=600,
+        )
+    )
+    await client.start()
+    await client.wait_connected(10)
+    return client
+
+
+async def phase(
+    fleet: Fleet,
+    phase_name: str,
+    reports: int,
+    window: int,
+    fault_kinds: list[str],
+    events: int,
+    rng: random.Random,
+) -> Outcome:
+    """One round of reports with ``events`` faults; keys are ``<phase>-<n>``."""
+    before = await fleet.revisions()
+    devices = [await _device(fleet, twin) for twin in fleet.twins]
+    acked = 0
+
+    async def send_all(twin: str, client: MqttClient) -> None:
+        room = asyncio.Semaphore(window)
+
+        async def one(n: int) -> None:
+            nonlocal acked
+            body = {"state": {f"{phase_name}-{n}": n}, "clientToken": f"{phase_name}-{n}"}
+            async with room:
+                while True:
+                    try:
+                        await client.publish(
+                            f"twins/{twin}/reported/update",
+                            json.dumps(body).encode(),
+                            timeout=600,
+                            require_subscriber=True,
+                        )
+                        acked += 1
+                        return
+                    except Exception:  # not connected, or no subscriber: send it again
+                        await asyncio.sleep(0.2)
+
+        await asyncio.gather(*(one(n) for n in range(reports)))
+
+    started = time.monotonic()
+    load = asyncio.gather(*(send_all(t, c) for t, c in zip(fleet.twins, devices, strict=True)))
+    keys = {f"{phase_name}-{n}" for n in range(reports)}
+    faults: list[str] = []
+    next_fault = started + rng.uniform(0.5, 2.0)
+    # Faults come while the service has work, until everything sent is applied: the broker
+    # acknowledges each publish at once, so the devices are done long before the service.
+    while True:
+        after = await fleet.revisions()
+        missing = sum(len(keys - after[t][1]) for t in fleet.twins)
+        now = time.monotonic()
+        if (load.done() and missing == 0) or now - started > 900:
+            break
+        if len(faults) < events and now >= next_fault:
+            faults.append(await _fault(fleet, fault_kinds, rng))
+            faults[-1] += f" after {acked} acks"
+            next_fault = time.monotonic() + rng.uniform(0.5, 2.0)
+        await asyncio.sleep(0.1)
+    seconds = time.monotonic() - started
+    await asyncio.wait_for(load, 60)
+    for client in devices:
+        await client.stop(grace=0)
+    # One revision per report: the devices' online/offline status is not written
+    # (no last will here), and lastSeen writes are coalesced away.
+    extra = sum(after[t][0] - before[t][0] for t in fleet.twins) - len(fleet.twins) * reports
+    return Outcome(acked, missing, extra, seconds, faults)
+
+
+async def _fault(fleet: Fleet, kinds: list[str], rng: random.Random) -> str:
+    kind = rng.choice(kinds)
+    if kind == "broker":
+        await fleet.broker.arestart()
+        return "broker restart"
+    n = rng.randrange(len(fleet.replicas))
+    fleet.replicas[n].kill()
+    await asyncio.sleep(rng.uniform(0.0, 0.5))
+    await asyncio.to_thread(fleet.replicas[n].start)
+    await asyncio.to_thread(wait_mqtt_up, fleet.replicas[n], 30)
+    return f"SIGKILL of replica {n}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--reports", type=int, default=300, help="per device and phase")
+    parser.add_argument("--window", type=int, default=10, help="reports in flight per device")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--faults", default="kill,broker", help="kill and/or broker")
+    parser.add_argument("--events", type=int, default=3, help="faults in the second phase")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    kinds = [k for k in args.faults.split(",") if k]
+    if not kinds or set(kinds) - {"kill", "broker"}:
+        parser.error("--faults takes kill and/or broker")
+    print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
+        fleet = Fleet(Path(tmp), args.devices, args.replicas)
+        try:
+            load = (args.reports, args.window, kinds)
+            base = asyncio.run(phase(fleet, "base", *load, events=0, rng=rng))
+            hurt = asyncio.run(phase(fleet, "faults", *load, events=args.events, rng=rng))
+        finally:
+            fleet.stop()
+    print(
+        f"{args.devices} devices x {args.reports} reports, {args.window} in flight each, "
+        f"{args.replicas} replica(s)"
+    )
+    for name, o in (("no faults (baseline)", base), ("with faults", hurt)):
+        print(
+            f"{name:21}: acked {o.acked}, never applied {o.missing}, applied twice "
+            f"{o.extra_revisions}, {o.rate:.0f} reports/s applied"
+        )
+    print(f"faults: {'; '.join(hurt.faults) or 'none (the load ended first)'}")
+    print(f"rate with faults / baseline: {hurt.rate / base.rate:.2f}")
+    failed = any(o.missing or o.extra_revisions for o in (base, hurt))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
