@@ -140,8 +140,8 @@ class TwinStore(Protocol):
     async def privates_at(self, twin_id: str, revisions: Sequence[int]) -> dict[int, JSONObject]:
         """The twin's private part (:attr:`Twin.private`) as it was right after each of
         ``revisions``, in one read, for those the journal still holds (a deletion has none).
-        Only that part: reading whole twins cost six times as much, in a look-up that runs for
-        every message of a backlog the broker sends again."""
+        Only that part: most of a stored twin is not needed there, and the device handlers
+        read this for every report the broker sends again (see ``DeviceHandlers``)."""
 
     async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
         """Journaled events of one twin with since <= revision <= until, oldest first."""
