@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import socket
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ _CUT_SHORT_SECONDS = 10.0
 _CUT_SHORT_TO_NAME = 3
 #: At most this many dropped-unhandled messages are remembered (their hashes).
 _DROPPED_UNHANDLED_KEPT = 65536
+#: How far apart two clients' lost connections may be to count as one event of the broker.
+_SIBLING_NEWS_SECONDS = 1.0
+#: The started clients of this process (to tell a broker restart from a taken-over session).
+_LIVE_CLIENTS: weakref.WeakSet[MqttClient] = weakref.WeakSet()
 
 
 @dataclass
@@ -132,6 +137,8 @@ class MqttClient:
         self._connected_at: float | None = None
         #: Connections in a row the broker closed within _CUT_SHORT_SECONDS.
         self._cut_short = 0
+        self._lost_at: float | None = None  # when the last connection ended (monotonic)
+        self._named = False  # this run of cut-short connections named a shared client id
         # Incremented on paho's thread at every CONNACK; an ack token from an older connection
         # carries a packet id the broker has reassigned, so it must not be sent.
         self._paho_connection = 0
@@ -196,6 +203,7 @@ class MqttClient:
             addr.host, addr.port, opts.keepalive, clean_start=clean_start, properties=properties
         )
         client.loop_start()
+        _LIVE_CLIENTS.add(self)
 
     async def stop(self, grace: float = 5.0, *, end_session: bool = False) -> None:
         """Let running handlers finish (up to ``grace`` s), disconnect cleanly and stop.
@@ -246,6 +254,7 @@ class MqttClient:
         self._unacked_out.clear()
         self._set_connected(False)
         self._client = None
+        _LIVE_CLIENTS.discard(self)
 
     @property
     def connected(self) -> bool:
@@ -475,6 +484,7 @@ class MqttClient:
     def _on_disconnected(self, code: ReasonCode | None) -> None:
         connected_at, self._connected_at = self._connected_at, None
         if code is not None and code.is_failure:
+            self._lost_at = time.monotonic()
             self._last_error = f"disconnected: {code}"
             if connected_at is not None:
                 self._note_closed_by_broker(code, time.monotonic() - connected_at)
@@ -489,20 +499,48 @@ class MqttClient:
         that way, forever, and each reconnects at once; MQTT 5 brokers say so (reason
         0x8E), but mosquitto 2.0 closes without a reason, so the pattern is what tells."""
         if lasted >= _CUT_SHORT_SECONDS:
-            self._cut_short = 0
+            self._cut_short, self._named = 0, False
             return
         self._cut_short += 1
-        taken_over = code.value == _SESSION_TAKEN_OVER
-        if not taken_over and self._cut_short < _CUT_SHORT_TO_NAME:
-            return
+        if code.value == _SESSION_TAKEN_OVER or self._named:
+            self._name_shared_client_id(code)
+        elif self._cut_short >= _CUT_SHORT_TO_NAME:
+            # A broker restarting (a crash loop) closes every connection just as soon, and
+            # is back before the first reconnection attempt: then this process's other
+            # clients of that broker lose theirs in the same moment, which a taken-over
+            # client id does not do. Their news comes through the loop a little later.
+            lost_at = time.monotonic()
+
+            def name_unless_the_broker_went() -> None:
+                still = self._cut_short >= _CUT_SHORT_TO_NAME and not self._named
+                if still and not self._siblings_lost_at(lost_at):
+                    self._name_shared_client_id(code)
+
+            assert self._loop is not None
+            self._loop.call_later(_SIBLING_NEWS_SECONDS, name_unless_the_broker_went)
+
+    def _name_shared_client_id(self, code: ReasonCode) -> None:
         self._last_error = (
             f"the broker closed {self._cut_short} connection(s) in a row within "
             f"{_CUT_SHORT_SECONDS:g} s of accepting them ({code}): another client may be "
             f"using client id {self.options.client_id!r} (each service replica needs its "
             "own mqtt.client_id), or see the broker's log"
         )
-        if self._cut_short == (1 if taken_over else _CUT_SHORT_TO_NAME):
+        if not self._named:  # once per run of cut-short connections
             log.error("MQTT: %s", self._last_error)
+        self._named = True
+
+    def _siblings_lost_at(self, moment: float) -> bool:
+        """Whether another client of this process (another client id) lost its connection
+        to the same broker within ``_SIBLING_NEWS_SECONDS`` of ``moment``."""
+        here = self.options.address
+        return any(
+            other.options.client_id != self.options.client_id
+            and other._lost_at is not None
+            and abs(other._lost_at - moment) <= _SIBLING_NEWS_SECONDS
+            and (other.options.address.host, other.options.address.port) == (here.host, here.port)
+            for other in list(_LIVE_CLIENTS)
+        )
 
     def _on_message(self, msg: InboundMessage, mid: int, connection: int) -> None:
         self._received += 1
@@ -619,7 +657,7 @@ class MqttClient:
     def _on_unreachable(self) -> None:
         # A broker that is down (restarting) is no client taking the session over: a
         # taken-over client gets back in at its first attempt.
-        self._cut_short = 0
+        self._cut_short, self._named = 0, False
         self._record_error("could not reach the broker")
 
     def _record_error(self, text: str) -> None:

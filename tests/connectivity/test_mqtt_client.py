@@ -422,3 +422,25 @@ async def test_a_stop_whose_caller_is_cancelled_still_stops_the_client(
         release.set()
         await pub.stop(grace=0)
         await client.stop(grace=0)
+
+
+async def test_a_broker_restarting_quickly_is_not_mistaken_for_a_shared_client_id(
+    fresh_mosquitto: Mosquitto, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker restarted three times within seconds (a crash loop) closes each connection
+    soon after accepting it, like a client taking the session over, and it is back before
+    the first reconnection attempt. The service's clients (its session, its event bus) all
+    lose their connections at once then; a taken-over client id loses only its own."""
+    clients = [await started(fresh_mosquitto.url, f"{unique_name}-{n}") for n in range(2)]
+    try:
+        for _ in range(4):
+            await fresh_mosquitto.arestart()
+            for client in clients:
+                await client.wait_connected(15)
+        await asyncio.sleep(2.0)  # the naming waits a moment for the other clients' news
+        assert all(c.health().reconnect_count == 4 for c in clients)
+        assert not [r for r in caplog.records if "client id" in r.message]
+        assert not any("client id" in (c.health().last_error or "") for c in clients)
+    finally:
+        for client in clients:
+            await client.stop(grace=0)
