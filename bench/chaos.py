@@ -2,10 +2,11 @@
 
 Every report the broker acknowledged must be applied, and applied once. The run sets up what
 deploy/ ships: mosquitto with per-device credentials and the ACL the service writes, N service
-replicas on one SQLite file sharing the device topics, and D MQTT 5 devices. Each device sends
-R reports (distinct keys and client tokens, W in flight), and sends one again when the broker
-says no subscriber took it (reason code 0x10), as ``connectivity.device`` does. Faults come at
-random intervals: SIGKILL of a replica (started again after a pause) or a mosquitto restart.
+replicas on one SQLite file (or FerretDB, ``--store mongodb``) sharing the device topics, and
+D MQTT 5 devices. Each device sends R reports (distinct keys and client tokens, W in flight),
+and sends one again when the broker says no subscriber took it (reason code 0x10), as
+``connectivity.device`` does. Faults come at random intervals: SIGKILL of a replica (started
+again after a pause) or a mosquitto restart.
 
 Two phases in one run, same devices and load: without faults (the baseline), then with them.
 Printed per phase: acknowledged reports, those never applied, revisions beyond one per report
@@ -35,6 +36,7 @@ from bench.common import machine
 from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
+from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess
 from tests.sync.helpers import wait_mqtt_up
@@ -58,9 +60,13 @@ class Outcome:
 class Fleet:
     """The broker, the replicas and the device credentials of one run."""
 
-    def __init__(self, root: Path, devices: int, replicas: int) -> None:
+    def __init__(self, root: Path, devices: int, replicas: int, store: str) -> None:
         self.data = root / "data"
         self.data.mkdir(parents=True)
+        self.ferretdb = FerretDB(root / "ferretdb").start() if store == "mongodb" else None
+        stored = {}
+        if self.ferretdb is not None:
+            stored = {"TWIN_STORE": "mongodb", "TWIN_MONGODB_URL": self.ferretdb.url}
         credentials = CredentialStore.in_data_dir(self.data)
         self.twins = [f"chaos:d{n:04d}" for n in range(devices)]
         self.passwords = {t: credentials.add(t) for t in self.twins}
@@ -83,6 +89,7 @@ class Fleet:
                     "TWIN_MQTT_URL": url,
                     "TWIN_MQTT__CLIENT_ID": f"chaos-svc-{n}",
                     "TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "100000",
+                    **stored,
                 },
             )
             for n in range(replicas)
@@ -98,6 +105,8 @@ class Fleet:
         for replica in self.replicas:
             replica.stop()
         self.broker.stop()
+        if self.ferretdb is not None:
+            self.ferretdb.stop()
 
     async def revisions(self) -> dict[str, tuple[int, set[str]]]:
         """Twin -> (revision, reported keys), read through a replica that answers."""
@@ -220,6 +229,9 @@ def main() -> int:
     parser.add_argument("--faults", default="kill,broker", help="kill and/or broker")
     parser.add_argument("--events", type=int, default=3, help="faults in the second phase")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--store", choices=["sqlite", "mongodb"], default="sqlite", help="mongodb: on FerretDB"
+    )
     args = parser.parse_args()
     kinds = [k for k in args.faults.split(",") if k]
     if not kinds or set(kinds) - {"kill", "broker"}:
@@ -227,7 +239,7 @@ def main() -> int:
     print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
-        fleet = Fleet(Path(tmp), args.devices, args.replicas)
+        fleet = Fleet(Path(tmp), args.devices, args.replicas, args.store)
         try:
             load = (args.reports, args.window, kinds)
             base = asyncio.run(phase(fleet, "base", *load, events=0, rng=rng))
@@ -236,7 +248,7 @@ def main() -> int:
             fleet.stop()
     print(
         f"{args.devices} devices x {args.reports} reports, {args.window} in flight each, "
-        f"{args.replicas} replica(s)"
+        f"{args.replicas} replica(s), {args.store} store"
     )
     for name, o in (("no faults (baseline)", base), ("with faults", hurt)):
         print(
