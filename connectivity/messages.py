@@ -38,3 +38,5 @@ class Health:
     pending_acks: int
     #: Messages received since the start (handled, parked or refused).
     received: int = 0
+    #: When ``last_error`` happened (Unix time).
+    last_error_at: float | None = None

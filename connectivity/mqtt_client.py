@@ -133,6 +133,7 @@ class MqttClient:
         #: Callers in wait_connected, which raise a refusal themselves.
         self._waiting = 0
         self._last_error: str | None = None
+        self._last_error_at: float | None = None  # Unix time
         self._connects = 0
         self._connected_at: float | None = None
         #: Connections in a row the broker closed within _CUT_SHORT_SECONDS.
@@ -284,6 +285,7 @@ class MqttClient:
         return Health(
             connected=self._connected,
             last_error=self._last_error,
+            last_error_at=self._last_error_at,
             reconnect_count=max(self._connects - 1, 0),
             handler_failures=d.failures if d else 0,
             pending_acks=d.pending_acks if d else 0,
@@ -425,7 +427,7 @@ class MqttClient:
 
     def _on_connected(self, session_present: bool, code: ReasonCode) -> None:
         if code.is_failure:
-            self._last_error = f"CONNACK refused: {code}"
+            self._record_error(f"CONNACK refused: {code}")
             fatal = code.value in _FATAL_CONNACK
             if fatal:
                 self._refusal = ConnectRefused(f"broker refused the connection: {code}")
@@ -478,14 +480,14 @@ class MqttClient:
         except MqttUnavailable as exc:
             if self._client is None:
                 return  # stopped meanwhile (a start that failed later on, a quick shutdown)
-            self._last_error = f"resubscribe failed: {exc}"
+            self._record_error(f"resubscribe failed: {exc}")
             log.error("MQTT resubscribe failed: %s", exc)
 
     def _on_disconnected(self, code: ReasonCode | None) -> None:
         connected_at, self._connected_at = self._connected_at, None
         if code is not None and code.is_failure:
             self._lost_at = time.monotonic()
-            self._last_error = f"disconnected: {code}"
+            self._record_error(f"disconnected: {code}")
             if connected_at is not None:
                 self._note_closed_by_broker(code, time.monotonic() - connected_at)
         if self._dispatcher is not None:
@@ -520,7 +522,7 @@ class MqttClient:
             self._loop.call_later(_SIBLING_NEWS_SECONDS, name_unless_the_broker_went)
 
     def _name_shared_client_id(self, code: ReasonCode) -> None:
-        self._last_error = (
+        self._record_error(
             f"the broker closed {self._cut_short} connection(s) in a row within "
             f"{_CUT_SHORT_SECONDS:g} s of accepting them ({code}): another client may be "
             f"using client id {self.options.client_id!r} (each service replica needs its "
@@ -662,6 +664,8 @@ class MqttClient:
 
     def _record_error(self, text: str) -> None:
         self._last_error = text
+        # When: a connection that has been up for an hour since reads the same otherwise.
+        self._last_error_at = time.time()
         self._changed.set()
 
     def _paho_on_disconnect(

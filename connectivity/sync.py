@@ -13,6 +13,7 @@ import asyncio
 import logging
 import secrets
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
@@ -26,6 +27,7 @@ from connectivity.sync_deltas import DeltaPublisher
 from connectivity.sync_handlers import DeviceHandlers, HandlerSettings, ignoring_replays
 from connectivity.topics import SHARE_PREFIX, TopicLayout
 from twin_service.tasks import stop_task
+from twin_service.twin.document import now_iso
 from twin_service.twin.jsonvalue import dumps
 from twin_service.types import JSONObject
 
@@ -242,6 +244,8 @@ class MqttSync:
         }
         if h.last_error:
             body["lastError"] = h.last_error
+        if h.last_error_at is not None:
+            body["lastErrorAt"] = now_iso(datetime.fromtimestamp(h.last_error_at, UTC))
         if self.deltas is not None:
             body["deltasPublished"] = self.deltas.published
         if self.handlers is not None:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -82,6 +83,7 @@ async def test_broker_restart_mid_stream_loses_nothing_acknowledged(
     and mosquitto acknowledges and drops it (MQTT 5 reason code 0x10). The device sends it
     again on that code, and the service subscribes again first thing after connecting."""
     twin = "org.acme:restarty"
+    began = datetime.now(UTC)
     proc = sync_service(
         tmp_path / "svc",
         fresh_mosquitto.url,
@@ -105,6 +107,10 @@ async def test_broker_restart_mid_stream_loses_nothing_acknowledged(
         wait_mqtt_up(proc)
         ready = httpx.get(f"{proc.url}/ready").json()["checks"]["mqtt"]
         assert ready["reconnects"] >= 1
+        # The connection is back: lastError is history, and says when it happened.
+        assert ready["status"] == "up" and ready["lastError"]
+        at = datetime.fromisoformat(ready["lastErrorAt"].replace("Z", "+00:00"))
+        assert began <= at <= datetime.now(UTC)
     finally:
         await device.stop()
         proc.stop()
