@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.common import ROOT
 from bench.rest import _WRK_SCRIPT, Result, Server, run_wrk, seed, twin_server
+from tests.terminate import interrupt_on_sigterm
 
 
 @dataclass
@@ -142,4 +143,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     raise SystemExit(main())

@@ -40,6 +40,7 @@ from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess
 from tests.sync.helpers import wait_mqtt_up
+from tests.terminate import interrupt_on_sigterm
 
 SERVICE_USER, SERVICE_PASSWORD = "twin-service", "chaos-service-password"
 
@@ -262,4 +263,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     sys.exit(main())

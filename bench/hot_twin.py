@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import Service, machine, markdown_table
+from tests.terminate import interrupt_on_sigterm
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
 
@@ -126,4 +127,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     main()

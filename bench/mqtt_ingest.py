@@ -39,6 +39,7 @@ from bench.common import machine, process_cpu_seconds
 from tests.mqtt_packets import connect, packet, string
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess
+from tests.terminate import interrupt_on_sigterm
 
 
 def _publish_packet(topic: str, packet_id: int, payload: bytes) -> bytes:
@@ -374,4 +375,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     main()

@@ -46,6 +46,7 @@ from bench.common import (
     process_cpu_seconds,
     wait_healthy,
 )
+from tests.terminate import interrupt_on_sigterm
 
 TOKEN = BENCH_TOKEN
 NAMESPACE = "bench"
@@ -576,4 +577,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     raise SystemExit(main())

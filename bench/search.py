@@ -40,6 +40,7 @@ from typing import Any
 
 from bench.common import Request, Service, Summary, machine, markdown_table, run_load
 from bench.rest import WRK_DONE, run_wrk
+from tests.terminate import interrupt_on_sigterm
 from twin_service.collector import tune_gc
 from twin_service.settings import Settings
 from twin_service.store.base import Write
@@ -594,4 +595,5 @@ def summary_json(result: Summary) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     raise SystemExit(main())

@@ -29,6 +29,7 @@ from typing import Any
 from bench.common import machine, markdown_table, percentile
 from bench.search import NAMESPACE, OWNERS, build_write, generate, twin_id
 from search.rql import SearchQuery, parse_filter
+from tests.terminate import interrupt_on_sigterm
 from twin_service.index.elasticsearch import ElasticsearchIndex
 from twin_service.settings import Settings
 from twin_service.store.sqlite import SqliteStore
@@ -246,4 +247,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     main()

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import Request, Service, Summary, load, machine, markdown_table
+from tests.terminate import interrupt_on_sigterm
 
 MERGE = "application/merge-patch+json"
 
@@ -158,4 +159,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     main()

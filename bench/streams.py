@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH_TOKEN, Service, machine, markdown_table, percentile
+from tests.terminate import interrupt_on_sigterm
 
 NAMESPACES = 10
 SITES = 10
@@ -700,4 +701,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # servers are stopped on SIGTERM too
     raise SystemExit(main())

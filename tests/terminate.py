@@ -19,5 +19,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM end this process as Ctrl-C does (the benchmarks use it too: a ``timeout``
+    left the servers of bench.chaos running)."""
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    interrupt_on_sigterm()
