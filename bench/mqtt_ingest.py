@@ -263,7 +263,7 @@ async def device_round_trip(port: int, twins: list[str], rounds: int) -> list[fl
         if fut is not None:
             loop.call_soon_threadsafe(_resolve, fut, time.perf_counter())
 
-    def no_delay(_c: paho.Client, _u: object, sock: socket.socket) -> None:
+    def no_delay(_c: paho.Client, _u: object, sock: Any) -> None:  # paho: a SocketLike
         # As connectivity.device does; paho's own default would add the Nagle delay here.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 

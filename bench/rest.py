@@ -38,14 +38,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import (
-    BENCH_TOKEN,
-    ROOT,
-    free_port,
-    machine,
-    process_cpu_seconds,
-    wait_healthy,
-)
+from bench.common import BENCH_TOKEN, ROOT, machine, process_cpu_seconds
+from tests.servers.process import free_port, wait_healthy
 from tests.terminate import interrupt_on_sigterm
 
 TOKEN = BENCH_TOKEN
