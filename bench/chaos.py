@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -39,7 +38,7 @@ from connectivity.options import MqttOptions
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess
-from tests.sync.helpers import wait_mqtt_up
+from tests.sync.helpers import send_reliably, wait_mqtt_up
 from tests.terminate import interrupt_on_sigterm
 
 SERVICE_USER, SERVICE_PASSWORD = "twin-service", "chaos-service-password"
@@ -165,18 +164,8 @@ async def phase(
             nonlocal acked
             body = {"state": {f"{phase_name}-{n}": n}, "clientToken": f"{phase_name}-{n}"}
             async with room:
-                while True:
-                    try:
-                        await client.publish(
-                            f"twins/{twin}/reported/update",
-                            json.dumps(body).encode(),
-                            timeout=600,
-                            require_subscriber=True,
-                        )
-                        acked += 1
-                        return
-                    except Exception:  # not connected, or no subscriber: send it again
-                        await asyncio.sleep(0.2)
+                await send_reliably(client, f"twins/{twin}/reported/update", body, timeout=600)
+                acked += 1
 
         await asyncio.gather(*(one(n) for n in range(reports)))
 

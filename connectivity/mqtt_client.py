@@ -64,6 +64,11 @@ _SIBLING_NEWS_SECONDS = 1.0
 _LIVE_CLIENTS: weakref.WeakSet[MqttClient] = weakref.WeakSet()
 
 
+def _copy_key(msg: InboundMessage) -> int:
+    """What identifies a message and the broker's copy of it (``_dropped_unhandled``)."""
+    return hash((msg.topic, msg.payload))
+
+
 @dataclass
 class _Subscription:
     qos: int
@@ -486,21 +491,21 @@ class MqttClient:
     def _on_disconnected(self, code: ReasonCode | None) -> None:
         connected_at, self._connected_at = self._connected_at, None
         if code is not None and code.is_failure:
-            self._lost_at = time.monotonic()
+            lost_at = self._lost_at = time.monotonic()
             self._record_error(f"disconnected: {code}")
             if connected_at is not None:
-                self._note_closed_by_broker(code, time.monotonic() - connected_at)
+                self._note_closed_by_broker(code, connected_at, lost_at)
         if self._dispatcher is not None:
             self._dispatcher.reset_acks()
         self._parked.clear()
         self._set_connected(False)
 
-    def _note_closed_by_broker(self, code: ReasonCode, lasted: float) -> None:
+    def _note_closed_by_broker(self, code: ReasonCode, connected_at: float, lost_at: float) -> None:
         """Name the likely cause when the broker keeps closing the connection just after
         accepting it. Two clients with one client id take the session from each other
         that way, forever, and each reconnects at once; MQTT 5 brokers say so (reason
         0x8E), but mosquitto 2.0 closes without a reason, so the pattern is what tells."""
-        if lasted >= _CUT_SHORT_SECONDS:
+        if lost_at - connected_at >= _CUT_SHORT_SECONDS:
             self._cut_short, self._named = 0, False
             return
         self._cut_short += 1
@@ -511,8 +516,6 @@ class MqttClient:
             # is back before the first reconnection attempt: then this process's other
             # clients of that broker lose theirs in the same moment, which a taken-over
             # client id does not do. Their news comes through the loop a little later.
-            lost_at = time.monotonic()
-
             def name_unless_the_broker_went() -> None:
                 still = self._cut_short >= _CUT_SHORT_TO_NAME and not self._named
                 if still and not self._siblings_lost_at(lost_at):
@@ -547,7 +550,7 @@ class MqttClient:
     def _on_message(self, msg: InboundMessage, mid: int, connection: int) -> None:
         self._received += 1
         unhandled = self._dropped_unhandled
-        if msg.duplicate and unhandled and unhandled.pop(hash((msg.topic, msg.payload)), False):
+        if msg.duplicate and unhandled and unhandled.pop(_copy_key(msg), False):
             msg = dataclasses.replace(msg, duplicate=False)
         handlers = self._handlers_for(msg.topic)
         if not handlers:
@@ -576,7 +579,7 @@ class MqttClient:
 
         dropped = None
         if token is not None and not msg.duplicate:
-            key = hash((msg.topic, msg.payload))
+            key = _copy_key(msg)
 
             def dropped() -> None:
                 self._dropped_unhandled[key] = True

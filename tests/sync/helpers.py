@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 
 from connectivity.device import DeviceClient, DeviceConfig
+from connectivity.errors import MqttUnavailable
+from connectivity.mqtt_client import MqttClient
 from tests.service_process import ServiceProcess
 
 
@@ -147,3 +149,18 @@ class RawDevice:
         seen = len([m for m in self.inbox.messages if m.topic == topic])
         await self.send(suffix, payload)
         return await self.reply(f"{suffix}/{outcome}", seen)
+
+
+async def send_reliably(
+    client: MqttClient, topic: str, body: dict[str, Any], timeout: float = 5.0
+) -> None:
+    """Publish with QoS 1 until the broker acknowledged it with a subscriber to take it (same
+    clientToken on every try), as connectivity.device's callers do."""
+    while True:
+        try:
+            await client.publish(
+                topic, json.dumps(body).encode(), qos=1, timeout=timeout, require_subscriber=True
+            )
+            return
+        except MqttUnavailable:  # not connected, no PUBACK in time, or no subscriber
+            await asyncio.sleep(0.1)

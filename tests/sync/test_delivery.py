@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,14 +12,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from connectivity.errors import MqttUnavailable
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
 from tests.connectivity.helpers import eventually
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import service_env
-from tests.sync.helpers import get_twin, put_twin, sync_service, until_twin, wait_mqtt_up
+from tests.sync.helpers import (
+    get_twin,
+    put_twin,
+    send_reliably,
+    sync_service,
+    until_twin,
+    wait_mqtt_up,
+)
 
 QUIET = {"TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "100000"}
 
@@ -32,19 +37,6 @@ async def _publisher(url: str, client_id: str) -> MqttClient:
     await client.start()
     await client.wait_connected(10)
     return client
-
-
-async def _send_reliably(client: MqttClient, topic: str, body: dict[str, object]) -> None:
-    """Publish with QoS 1 until the broker acknowledged it with a subscriber to take it (same
-    clientToken on every try), as connectivity.device does."""
-    while True:
-        try:
-            await client.publish(
-                topic, json.dumps(body).encode(), qos=1, timeout=5, require_subscriber=True
-            )
-            return
-        except MqttUnavailable:
-            await asyncio.sleep(0.1)
 
 
 async def test_sigkill_during_1000_reports_applies_each_exactly_once(
@@ -60,7 +52,7 @@ async def test_sigkill_during_1000_reports_applies_each_exactly_once(
     topic = f"twins/{twin}/reported/update"
     try:
         for i in range(1000):
-            await _send_reliably(device, topic, {"state": {"counter": i}, "clientToken": f"c{i}"})
+            await send_reliably(device, topic, {"state": {"counter": i}, "clientToken": f"c{i}"})
             if i == 300:
                 proc.kill()
         proc = sync_service(data, fresh_mosquitto.url, client_id="svc-crash", **QUIET)
@@ -98,7 +90,7 @@ async def test_broker_restart_mid_stream_loses_nothing_acknowledged(
     topic = f"twins/{twin}/reported/update"
     try:
         for i in range(300):
-            await _send_reliably(device, topic, {"state": {"counter": i}, "clientToken": f"r{i}"})
+            await send_reliably(device, topic, {"state": {"counter": i}, "clientToken": f"r{i}"})
             if i == 100:
                 await fresh_mosquitto.arestart()
         async with proc.async_client() as api:
@@ -134,7 +126,7 @@ async def test_two_replicas_share_the_work_and_handle_each_message_once(
             for i in range(10):
                 for t in twins:
                     body = {"state": {"n": i}, "clientToken": f"{t}-{i}"}
-                    await _send_reliably(device, f"twins/{t}/reported/update", body)
+                    await send_reliably(device, f"twins/{t}/reported/update", body)
         finally:
             await device.stop()
         async with one.async_client() as api:
@@ -170,7 +162,7 @@ async def test_a_killed_replica_applies_nothing_twice_when_its_session_resumes(
         nonlocal acked
         async with room:
             body = {"state": {f"k{n}": n}, "clientToken": f"{twin}-{n}"}
-            await _send_reliably(device, f"twins/{twin}/reported/update", body)
+            await send_reliably(device, f"twins/{twin}/reported/update", body)
             acked += 1
 
     try:
@@ -220,7 +212,7 @@ async def test_retiring_a_removed_replica_hands_its_share_over(
     async def report_all(n: int) -> None:
         for t in twins:
             body = {"state": {"n": n}, "clientToken": f"{t}-{n}"}
-            await _send_reliably(device, f"twins/{t}/reported/update", body)
+            await send_reliably(device, f"twins/{t}/reported/update", body)
 
     def reported() -> list[object]:
         with stays.client() as api:
