@@ -3,10 +3,15 @@
 Every report the broker acknowledged must be applied, and applied once. The run sets up what
 deploy/ ships: mosquitto with per-device credentials and the ACL the service writes, N service
 replicas on one SQLite file (or FerretDB, ``--store mongodb``) sharing the device topics, and
-D MQTT 5 devices. Each device sends R reports (distinct keys and client tokens, W in flight),
-and sends one again when the broker says no subscriber took it (reason code 0x10), as
-``connectivity.device`` does. Faults come at random intervals: SIGKILL of a replica (started
-again after a pause) or a mosquitto restart.
+D MQTT 5 devices. Each device sends R reports (distinct keys and client tokens, W in flight,
+at most ``--rate`` a second if given), and sends one again when the broker says no subscriber
+took it (reason code 0x10), as ``connectivity.device`` does. Faults come at random intervals:
+SIGKILL of a replica (started again after a pause), SIGKILL of a replica's SQLite writer
+process (the replica starts it again), or a mosquitto restart.
+
+``--broker embedded`` runs the quick start's setup instead: one service with its built-in
+broker, which acknowledges a report only once it is committed. A SIGKILL of the service takes
+the broker with it, and the devices send what was not acknowledged again when it is back.
 
 Two phases in one run, same devices and load: without faults (the baseline), then with them.
 Printed per phase: acknowledged reports, those never applied, revisions beyond one per report
@@ -15,6 +20,7 @@ the last commit. The rate under faults is given as a ratio of the baseline's. Th
 is 1 when a report was lost or applied twice.
 
     .venv/bin/python -m bench.chaos --devices 20 --reports 300 --replicas 2 --faults kill,broker
+    .venv/bin/python -m bench.chaos --broker embedded --replicas 1 --faults kill,writer --rate 50
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
 
@@ -37,6 +45,7 @@ from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
+from tests.servers.process import free_port
 from tests.service_process import ServiceProcess
 from tests.sync.helpers import send_reliably, wait_mqtt_up
 from tests.terminate import interrupt_on_sigterm
@@ -60,7 +69,7 @@ class Outcome:
 class Fleet:
     """The broker, the replicas and the device credentials of one run."""
 
-    def __init__(self, root: Path, devices: int, replicas: int, store: str) -> None:
+    def __init__(self, root: Path, devices: int, replicas: int, store: str, broker: str) -> None:
         self.data = root / "data"
         self.data.mkdir(parents=True)
         self.ferretdb = FerretDB(root / "ferretdb").start() if store == "mongodb" else None
@@ -77,18 +86,32 @@ class Fleet:
             "twins/{twinId}",
             service_password=SERVICE_PASSWORD,
         )
-        self.broker = Mosquitto(
-            root / "mosquitto", password_file=root / "passwd", acl_file=root / "acl"
-        ).start()
-        url = self.broker.url.replace("mqtt://", f"mqtt://{SERVICE_USER}:{SERVICE_PASSWORD}@")
+        self.broker: Mosquitto | None = None
+        self.device_protocol: Literal[4, 5] = 5
+        if broker == "mosquitto":
+            self.broker = Mosquitto(
+                root / "mosquitto", password_file=root / "passwd", acl_file=root / "acl"
+            ).start()
+            self.device_url = self.broker.url
+            service_url = self.broker.url.replace(
+                "mqtt://", f"mqtt://{SERVICE_USER}:{SERVICE_PASSWORD}@"
+            )
+            where = {"TWIN_MQTT_URL": service_url}
+        else:  # the service's own broker, on a port it keeps across restarts
+            port = free_port()
+            self.device_url = f"mqtt://127.0.0.1:{port}"
+            # amqtt speaks MQTT 3.1.1 only; it acknowledges after the commit, so no device
+            # needs MQTT 5's "no subscriber" answer there.
+            self.device_protocol = 4
+            where = {"TWIN_MQTT__EMBEDDED_PORT": str(port)}
         self.replicas = [
             ServiceProcess(
                 self.data,
                 env={
                     "TWIN_MQTT__ENABLED": "true",
-                    "TWIN_MQTT_URL": url,
                     "TWIN_MQTT__CLIENT_ID": f"chaos-svc-{n}",
                     "TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "100000",
+                    **where,
                     **stored,
                 },
             )
@@ -104,7 +127,8 @@ class Fleet:
     def stop(self) -> None:
         for replica in self.replicas:
             replica.stop()
-        self.broker.stop()
+        if self.broker is not None:
+            self.broker.stop()
         if self.ferretdb is not None:
             self.ferretdb.stop()
 
@@ -129,13 +153,14 @@ class Fleet:
 async def _device(fleet: Fleet, twin: str) -> MqttClient:
     client = MqttClient(
         MqttOptions(
-            url=fleet.broker.url,
+            url=fleet.device_url,
             client_id=f"dev-{twin.replace(':', '-')}",
             username=mqtt_username(twin),
             password=fleet.passwords[twin],
             reconnect_min_delay=0.2,
             reconnect_max_delay=1.0,
             ack_timeout=600,
+            protocol=fleet.device_protocol,
         )
     )
     await client.start()
@@ -148,6 +173,7 @@ async def phase(
     phase_name: str,
     reports: int,
     window: int,
+    rate: float,
     fault_kinds: list[str],
     events: int,
     rng: random.Random,
@@ -163,11 +189,20 @@ async def phase(
         async def one(n: int) -> None:
             nonlocal acked
             body = {"state": {f"{phase_name}-{n}": n}, "clientToken": f"{phase_name}-{n}"}
-            async with room:
+            try:
                 await send_reliably(client, f"twins/{twin}/reported/update", body, timeout=600)
                 acked += 1
+            finally:
+                room.release()
 
-        await asyncio.gather(*(one(n) for n in range(reports)))
+        sending = []
+        begun = time.monotonic()
+        for n in range(reports):
+            if rate:
+                await asyncio.sleep(max(0.0, begun + n / rate - time.monotonic()))
+            await room.acquire()
+            sending.append(asyncio.create_task(one(n)))
+        await asyncio.gather(*sending)
 
     started = time.monotonic()
     load = asyncio.gather(*(send_all(t, c) for t, c in zip(fleet.twins, devices, strict=True)))
@@ -203,9 +238,15 @@ async def phase(
 async def _fault(fleet: Fleet, kinds: list[str], rng: random.Random) -> str:
     kind = rng.choice(kinds)
     if kind == "broker":
+        assert fleet.broker is not None, "main() allows broker faults only on mosquitto"
         await fleet.broker.arestart()
         return "broker restart"
     n = rng.randrange(len(fleet.replicas))
+    if kind == "writer":
+        async with fleet.replicas[n].async_client() as api:
+            ready = (await api.get("/ready")).json()
+        os.kill(int(ready["checks"]["store"]["writer"]["pid"]), signal.SIGKILL)
+        return f"SIGKILL of replica {n}'s writer"
     fleet.replicas[n].kill()
     await asyncio.sleep(rng.uniform(0.0, 0.5))
     await asyncio.to_thread(fleet.replicas[n].start)
@@ -218,8 +259,12 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--reports", type=int, default=300, help="per device and phase")
     parser.add_argument("--window", type=int, default=10, help="reports in flight per device")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="reports a second per device (0: no limit)"
+    )
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--faults", default="kill,broker", help="kill and/or broker")
+    parser.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
+    parser.add_argument("--faults", default="kill,broker", help="kill, writer and/or broker")
     parser.add_argument("--events", type=int, default=3, help="faults in the second phase")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
@@ -227,21 +272,25 @@ def main() -> int:
     )
     args = parser.parse_args()
     kinds = [k for k in args.faults.split(",") if k]
-    if not kinds or set(kinds) - {"kill", "broker"}:
-        parser.error("--faults takes kill and/or broker")
+    if not kinds or set(kinds) - {"kill", "writer", "broker"}:
+        parser.error("--faults takes kill, writer and/or broker")
+    if args.broker == "embedded" and (args.replicas != 1 or "broker" in kinds):
+        parser.error("--broker embedded: one replica (the broker is in it), no broker faults")
+    if args.store == "mongodb" and "writer" in kinds:
+        parser.error("--faults writer: the SQLite writer process, not on --store mongodb")
     print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
-        fleet = Fleet(Path(tmp), args.devices, args.replicas, args.store)
+        fleet = Fleet(Path(tmp), args.devices, args.replicas, args.store, args.broker)
         try:
-            load = (args.reports, args.window, kinds)
+            load = (args.reports, args.window, args.rate, kinds)
             base = asyncio.run(phase(fleet, "base", *load, events=0, rng=rng))
             hurt = asyncio.run(phase(fleet, "faults", *load, events=args.events, rng=rng))
         finally:
             fleet.stop()
     print(
         f"{args.devices} devices x {args.reports} reports, {args.window} in flight each, "
-        f"{args.replicas} replica(s), {args.store} store"
+        f"{args.replicas} replica(s), {args.store} store, {args.broker} broker"
     )
     for name, o in (("no faults (baseline)", base), ("with faults", hurt)):
         print(
