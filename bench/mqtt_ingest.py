@@ -10,7 +10,8 @@
 The publishers are ``--connections`` separate processes writing pre-built MQTT 3.1.1 QoS 1
 PUBLISH packets on raw sockets (at most ``--window`` unacknowledged each), so they cost a few
 microseconds per message and do not limit either rate; their own rate is printed as well.
-3. Delta latency: PATCH desired of a twin over HTTP, time until the device receives the delta.
+3. Delta latency: PATCH desired of a twin over HTTP, time until the device receives the delta;
+   then the same while devices report steadily at ``--load-share`` of the rate of step 2.
 Prints figures only; nothing here asserts timings.
 """
 
@@ -59,6 +60,7 @@ def _publisher(
     ready: Any,
     go: Any,
     results: Any,
+    rate: float = 0.0,
 ) -> None:
     """One publisher process: pre-built QoS 1 PUBLISH packets over a raw MQTT 3.1.1 socket.
 
@@ -83,11 +85,16 @@ def _publisher(
     total = len(packets)
     while acked < total:
         room = min(acked + window - sent, total - sent)
+        if rate:  # no more than is due by now: a steady load, not a burst
+            room = min(room, int((time.perf_counter() - started) * rate) + 1 - sent)
         if room > 0:
             chunk = min(room, 256)
             sock.sendall(b"".join(packets[sent : sent + chunk]))
             sent += chunk
             flags = socket.MSG_DONTWAIT if sent - acked < window and sent < total else 0
+        elif rate and sent < total and sent - acked < window:
+            flags = socket.MSG_DONTWAIT
+            time.sleep(0.001)  # the next message is not due yet
         else:
             flags = 0
         try:
@@ -112,21 +119,26 @@ def _publish_all(
     conns: int,
     payload: bytes | None,
     window: int,
+    rate: float = 0.0,
+    first: int = 0,
 ) -> tuple[float, float]:
-    """Publish ``total`` QoS 1 messages from ``conns`` processes; message ``n`` goes to
-    ``topics[n % len(topics)]``. Returns (start time, slowest publisher's seconds until its
-    last PUBACK); the packets are built and the connections open before the start."""
+    """Publish ``total`` QoS 1 messages from ``conns`` processes (``rate`` messages/s in all,
+    0: as fast as they go); message ``n`` goes to ``topics[n % len(topics)]``. Returns (start
+    time, slowest publisher's seconds until its last PUBACK); the packets are built and the
+    connections open before the start."""
     ctx = multiprocessing.get_context("fork")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = []
     for c in range(conns):
         packets = [
-            _publish_packet(topics[n % len(topics)], n % 65535 + 1, _payload(n, payload))
+            _publish_packet(topics[n % len(topics)], n % 65535 + 1, _payload(first + n, payload))
             for n in range(c, total, conns)
         ]
         name = f"bench-pub-{c}-{time.time_ns()}"
         proc = ctx.Process(
-            target=_publisher, args=(port, name, packets, window, ready, go, results), daemon=True
+            target=_publisher,
+            args=(port, name, packets, window, ready, go, results, rate / conns),
+            daemon=True,
         )
         proc.start()
         procs.append(proc)
@@ -212,8 +224,10 @@ def _resolve(fut: asyncio.Future[float], value: float) -> None:
 
 
 async def delta_latency(
-    svc: ServiceProcess, port: int, twins: list[str], rounds: int
+    svc: ServiceProcess, port: int, twins: list[str], rounds: int, first: int = 0
 ) -> list[float]:
+    """PATCH desired of one twin at a time (values from ``first`` on, so that every PATCH is a
+    change) and time until the device receives its delta."""
     loop = asyncio.get_running_loop()
     arrivals: dict[str, asyncio.Future[float]] = {}
 
@@ -242,7 +256,7 @@ async def delta_latency(
             start = time.perf_counter()
             r = await api.patch(
                 f"/api/v1/twins/{twin}",
-                content=json.dumps({"desired": {"target": n}}),
+                content=json.dumps({"desired": {"target": first + n}}),
                 headers={"Content-Type": "application/merge-patch+json"},
             )
             r.raise_for_status()
@@ -250,6 +264,41 @@ async def delta_latency(
     dev.loop_stop()
     dev.disconnect()
     return out
+
+
+async def delta_latency_under_load(
+    services: list[ServiceProcess],
+    port: int,
+    twins: list[str],
+    rounds: int,
+    rate: float,
+    conns: int,
+    window: int,
+    first: int,
+) -> tuple[list[float], float]:
+    """Delta latency sampled while devices report at ``rate`` a second (steadily, not in a
+    burst): the deltas then share the service with the reports and their replies. Returns the
+    samples and the rate at which reports were committed meanwhile."""
+
+    def applied() -> int:
+        return sum(
+            int(httpx.get(f"{svc.url}/ready").json()["checks"]["mqtt"]["applied"])
+            for svc in services
+        )
+
+    before = applied()
+    seconds = 5.0 + rounds * 0.01  # the samples start after 1 s and take a few ms each
+    total = int(rate * seconds)
+    topics = [f"twins/{t}/reported/update" for t in twins]
+    load = asyncio.create_task(
+        asyncio.to_thread(_publish_all, port, topics, total, conns, None, window, rate, first)
+    )
+    await asyncio.sleep(1.0)
+    samples = await delta_latency(services[0], port, twins, rounds, first=rounds)
+    start, _ = await load
+    while applied() - before < total:
+        await asyncio.sleep(0.02)
+    return samples, total / (time.perf_counter() - start)
 
 
 async def device_round_trip(port: int, twins: list[str], rounds: int) -> list[float]:
@@ -302,6 +351,13 @@ def main() -> None:
     )
     parser.add_argument("--window", type=int, default=500, help="unacked QoS 1 per publisher")
     parser.add_argument("--rounds", type=int, default=300, help="delta latency samples")
+    parser.add_argument(
+        "--load-share",
+        type=float,
+        default=0.5,
+        help="delta latency is also sampled while devices report at this share of the "
+        "measured ingest rate (0: skip)",
+    )
     parser.add_argument(
         "--replicas",
         type=int,
@@ -360,12 +416,31 @@ def main() -> None:
             print(f"service CPU per report : {cpu_us:9.0f} us (all threads)", flush=True)
             lat = asyncio.run(delta_latency(svc, port, twins, args.rounds))
             trips = asyncio.run(device_round_trip(port, twins, args.rounds))
+            loaded: tuple[list[float], float] | None = None
+            if args.load_share > 0:
+                loaded = asyncio.run(
+                    delta_latency_under_load(
+                        services,
+                        port,
+                        twins,
+                        args.rounds,
+                        ingest * args.load_share,
+                        args.connections,
+                        args.window,
+                        first=args.messages,
+                    )
+                )
             print(
                 f"publishers alone       : {bare_pub:9.0f} msg/s PUBACKed during the bare run, "
                 f"{ingest_pub:.0f} during ingest ({args.connections} processes)"
             )
             print(f"ratio ingest/bare      : {ingest / bare:9.1%}")
             print(f"delta latency (ms)     : {_percentiles(lat)}")
+            if loaded is not None:
+                print(
+                    f"  under {ingest * args.load_share:.0f} reports/s: {_percentiles(loaded[0])} "
+                    f"({loaded[1]:.0f} reports/s committed meanwhile)"
+                )
             print(f"device get round trip  : {_percentiles(trips)} (ms)")
             print(f"load average at the end: {os.getloadavg()[0]:.2f}")
         finally:
