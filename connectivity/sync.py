@@ -9,7 +9,7 @@ the device topics are subscribed as ``$share/<group>/...`` so replicas split the
 Deltas go out on a connection of their own (client id ``<client_id>-deltas``). On the
 session's connection they queued behind the replies to devices: paho sends 20 QoS 1
 publishes at a time and waits for their PUBACKs, so under heavy ingest a delta waited for
-hundreds of replies to go first (p99 150-430 ms at 80% of the ingest rate).
+hundreds of replies to go first (p99 130-430 ms at 80% of the ingest rate).
 """
 
 from __future__ import annotations

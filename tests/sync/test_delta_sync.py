@@ -267,7 +267,7 @@ async def test_deltas_go_out_on_a_connection_of_their_own(
 ) -> None:
     """The connection that takes device messages also sends the replies, and under load
     hundreds of them wait for the broker's PUBACKs; a delta behind them waited too (p99
-    150-430 ms at 80% of the ingest rate, docs/performance.md). On a connection of its own it
+    130-430 ms at 80% of the ingest rate, docs/performance.md). On a connection of its own it
     goes out whatever that one is doing: even with it gone."""
     settings = load_settings(
         data_dir=tmp_path,
