@@ -6,8 +6,8 @@ service password generated for this process. One persistent session with QoS 1 a
 acknowledgements: a device message is acked only after its write committed. On MQTT 5 brokers
 the device topics are subscribed as ``$share/<group>/...`` so replicas split the work.
 
-Deltas go out on a connection of their own (client id ``<client_id>-deltas``). On the
-session's connection they queued behind the replies to devices: paho sends 20 QoS 1
+Deltas go out on a connection of their own (client id ``<client_id>-deltas-<random>``). On
+the session's connection they queued behind the replies to devices: paho sends 20 QoS 1
 publishes at a time and waits for their PUBACKs, so under heavy ingest a delta waited for
 hundreds of replies to go first (p99 130-430 ms at 80% of the ingest rate).
 """
@@ -151,9 +151,17 @@ class MqttSync:
         client = MqttClient(options, key=lambda topic: layout.twin_id(topic) or topic)
         self.client = client
         # It subscribes to nothing, and a publish a lost connection left unacknowledged is
-        # sent again by paho after the reconnection: no session to keep.
+        # sent again by paho after the reconnection: no session to keep, so an id of this
+        # process alone. With one derived from the configured id, replicas given the same id
+        # had two pairs of clients taking sessions from each other, losing their connections
+        # together as in a broker restart, and the main client no longer named the cause
+        # (MqttClient._siblings_lost_at).
         self.delta_client = MqttClient(
-            replace(options, client_id=f"{options.client_id}-deltas", persistent_session=False)
+            replace(
+                options,
+                client_id=f"{options.client_id}-deltas-{secrets.token_hex(4)}",
+                persistent_session=False,
+            )
         )
         self.handlers = DeviceHandlers(
             ctx.service,

@@ -17,7 +17,7 @@ from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
 from tests.connectivity.helpers import eventually
 from tests.servers.mosquitto import Mosquitto
-from tests.service_process import service_env
+from tests.service_process import ServiceProcess, service_env
 from tests.sync.helpers import (
     get_twin,
     put_twin,
@@ -106,6 +106,33 @@ async def test_broker_restart_mid_stream_loses_nothing_acknowledged(
     finally:
         await device.stop()
         proc.stop()
+
+
+async def test_two_replicas_given_one_client_id_are_told_so(
+    mosquitto_server: Mosquitto, tmp_path: Path, unique_name: str
+) -> None:
+    """The likeliest way to deploy replicas wrong: one mqtt.client_id for all of them. They
+    take the broker session from each other over and over, and each must say so in
+    /ready's mqtt.lastError. A client of the service that derived its id from the shared one
+    (the deltas' connection, at first) fought too, lost its connection at the same moments,
+    and made it look like a broker restarting: nothing was said."""
+    env = {**QUIET, "TWIN_MQTT__SHARED_GROUP": unique_name}
+    replicas = [
+        sync_service(tmp_path / f"r{n}", mosquitto_server.url, client_id=unique_name, **env)
+        for n in range(2)
+    ]
+    try:
+
+        def told(replica: ServiceProcess) -> bool:
+            mqtt = httpx.get(f"{replica.url}/ready", timeout=5).json()["checks"]["mqtt"]
+            return f"another client may be using client id {unique_name!r}" in str(
+                mqtt.get("lastError")
+            )
+
+        await eventually(lambda: all(told(r) for r in replicas), timeout=60)
+    finally:
+        for replica in replicas:
+            replica.stop()
 
 
 async def test_two_replicas_share_the_work_and_handle_each_message_once(
