@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from connectivity.dispatch import KeyedDispatcher
 from connectivity.errors import (
@@ -74,6 +75,7 @@ class _Subscription:
     qos: int
     handler: Handler
     filter: TopicFilter
+    no_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -303,8 +305,13 @@ class MqttClient:
         """Run ``listener`` (as a task) after every successful (re)connection."""
         self._connect_listeners.append(listener)
 
-    async def subscribe(self, topic_filter: str, qos: int, handler: Handler) -> None:
+    async def subscribe(
+        self, topic_filter: str, qos: int, handler: Handler, *, no_local: bool = False
+    ) -> None:
         """Route messages matching ``topic_filter`` to ``handler`` (kept across reconnects).
+
+        ``no_local`` (MQTT 5; not on a shared subscription): the broker does not send back
+        what this client publishes itself.
 
         Call it before :meth:`start` for filters the service always needs: a persistent session
         replays queued messages right after CONNACK. Messages that arrive before a matching
@@ -313,7 +320,9 @@ class MqttClient:
         ``$share/<group>/<filter>`` makes a shared subscription (MQTT 5 brokers). When
         connected, waits for the SUBACK and raises :class:`Refused` if the broker said no.
         """
-        self._subs[topic_filter] = _Subscription(qos, handler, TopicFilter.parse(topic_filter))
+        self._subs[topic_filter] = _Subscription(
+            qos, handler, TopicFilter.parse(topic_filter), no_local
+        )
         self._routes.pop(topic_filter, None)  # one route per filter: never handled twice
         if self._dispatcher is not None:
             self._release_parked()
@@ -411,8 +420,10 @@ class MqttClient:
         client = self._client
         if client is None:
             raise NotConnected("client not started")
-        topics = [(f, self._subs[f].qos) for f in filters]
-        rc, mid = client.subscribe(topics)
+        topics: list[tuple[str, int | SubscribeOptions]] = [
+            (f, self._subscribe_options(self._subs[f])) for f in filters
+        ]
+        rc, mid = client.subscribe(topics)  # type: ignore[arg-type]
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnected(f"subscribe failed: {paho.error_string(rc)}")
         fut = self._new_waiter(mid)
@@ -425,6 +436,11 @@ class MqttClient:
         refused = [f for f, code in zip(filters, codes, strict=False) if code.is_failure]
         if refused:
             raise Refused(f"broker refused subscription to {refused}")
+
+    def _subscribe_options(self, sub: _Subscription) -> int | SubscribeOptions:
+        if sub.no_local and self.options.protocol == 5:
+            return SubscribeOptions(qos=sub.qos, noLocal=True)
+        return sub.qos
 
     def _set_connected(self, value: bool) -> None:
         self._connected = value
