@@ -208,6 +208,30 @@ def ingest_rate(
     return total / (time.perf_counter() - start), total / elapsed, cpu / total * 1e6
 
 
+def steady_cost(
+    services: list[ServiceProcess],
+    port: int,
+    twins: list[str],
+    rate: float,
+    conns: int,
+    window: int,
+    first: int,
+    seconds: float = 8.0,
+) -> tuple[float, float]:
+    """Reports sent steadily at ``rate`` a second for ``seconds``: (reports/s committed,
+    service CPU µs per report). A burst fills group commits and amortises every wake-up of
+    the service's threads; a steady trickle pays them per report."""
+    total = int(rate * seconds)
+    before = _applied(services)
+    cpu = _cpu_seconds(services)
+    topics = [f"twins/{t}/reported/update" for t in twins]
+    start, _ = _publish_all(port, topics, total, conns, None, window, rate, first)
+    while _applied(services) - before < total:
+        time.sleep(0.02)
+    committed = total / (time.perf_counter() - start)
+    return committed, (_cpu_seconds(services) - cpu) / total * 1e6
+
+
 def _applied(services: list[ServiceProcess]) -> int:
     """Device messages the services applied (their ``/ready`` counters)."""
     return sum(
@@ -357,6 +381,13 @@ def main() -> None:
         "measured ingest rate (0: skip)",
     )
     parser.add_argument(
+        "--steady",
+        default="",
+        metavar="RATES",
+        help="comma-separated reports/s: the CPU per report when devices report steadily "
+        "at each rate for 8 s (after the delta latency)",
+    )
+    parser.add_argument(
         "--replicas",
         type=int,
         default=1,
@@ -441,6 +472,16 @@ def main() -> None:
                     "per report)"
                 )
             print(f"device get round trip  : {_percentiles(trips)} (ms)")
+            first = 10_000_000  # client tokens beyond those of the phases before
+            for rate in [float(r) for r in args.steady.split(",") if r]:
+                committed, cpu_each = steady_cost(
+                    services, port, twins, rate, args.connections, args.window, first
+                )
+                first += int(rate * 8)
+                print(
+                    f"steady {rate:6.0f} reports/s: {committed:6.0f} committed/s, "
+                    f"{cpu_each:5.0f} us CPU per report"
+                )
             print(f"load average at the end: {os.getloadavg()[0]:.2f}")
         finally:
             for replica in services:
