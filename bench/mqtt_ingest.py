@@ -194,42 +194,30 @@ def ingest_rate(
     total: int,
     conns: int,
     window: int,
+    rate: float = 0.0,
+    first: int = 0,
 ) -> tuple[float, float, float]:
-    """(reported updates committed per second, publishers' messages/s, service CPU µs each),
-    over all ``services`` (replicas sharing the device topics)."""
+    """``total`` reports to the twins, as fast as they go or ``rate`` a second (steadily):
+    (reports committed per second, publishers' messages/s, service CPU µs per report), over
+    all ``services`` (replicas sharing the device topics). A burst fills group commits and
+    amortises every wake-up of the service's threads; a steady trickle pays them per report.
+    """
     before = _applied(services)
     cpu = _cpu_seconds(services)
     start, elapsed = _publish_all(
-        port, [f"twins/{t}/reported/update" for t in twins], total, conns, None, window
+        port,
+        [f"twins/{t}/reported/update" for t in twins],
+        total,
+        conns,
+        None,
+        window,
+        rate,
+        first,
     )
     while _applied(services) - before < total:
         time.sleep(0.02)
     cpu = _cpu_seconds(services) - cpu
     return total / (time.perf_counter() - start), total / elapsed, cpu / total * 1e6
-
-
-def steady_cost(
-    services: list[ServiceProcess],
-    port: int,
-    twins: list[str],
-    rate: float,
-    conns: int,
-    window: int,
-    first: int,
-    seconds: float = 8.0,
-) -> tuple[float, float]:
-    """Reports sent steadily at ``rate`` a second for ``seconds``: (reports/s committed,
-    service CPU µs per report). A burst fills group commits and amortises every wake-up of
-    the service's threads; a steady trickle pays them per report."""
-    total = int(rate * seconds)
-    before = _applied(services)
-    cpu = _cpu_seconds(services)
-    topics = [f"twins/{t}/reported/update" for t in twins]
-    start, _ = _publish_all(port, topics, total, conns, None, window, rate, first)
-    while _applied(services) - before < total:
-        time.sleep(0.02)
-    committed = total / (time.perf_counter() - start)
-    return committed, (_cpu_seconds(services) - cpu) / total * 1e6
 
 
 def _applied(services: list[ServiceProcess]) -> int:
@@ -306,21 +294,16 @@ async def delta_latency_under_load(
     samples, the rate at which reports were committed meanwhile, and the service's CPU µs per
     report (the samples' HTTP requests included: a few hundred against thousands of
     reports)."""
-    before = _applied(services)
-    cpu = _cpu_seconds(services)
     seconds = 5.0 + rounds * 0.01  # the samples start after 1 s and take a few ms each
-    total = int(rate * seconds)
-    topics = [f"twins/{t}/reported/update" for t in twins]
     load = asyncio.create_task(
-        asyncio.to_thread(_publish_all, port, topics, total, conns, None, window, rate, first)
+        asyncio.to_thread(
+            ingest_rate, services, port, twins, int(rate * seconds), conns, window, rate, first
+        )
     )
     await asyncio.sleep(1.0)
     samples = await delta_latency(services[0], port, twins, rounds, first=rounds)
-    start, _ = await load
-    while _applied(services) - before < total:
-        await asyncio.sleep(0.02)
-    rate_committed = total / (time.perf_counter() - start)
-    return samples, rate_committed, (_cpu_seconds(services) - cpu) / total * 1e6
+    committed, _, cpu_each = await load
+    return samples, committed, cpu_each
 
 
 async def device_round_trip(port: int, twins: list[str], rounds: int) -> list[float]:
@@ -474,10 +457,11 @@ def main() -> None:
             print(f"device get round trip  : {_percentiles(trips)} (ms)")
             first = 10_000_000  # client tokens beyond those of the phases before
             for rate in [float(r) for r in args.steady.split(",") if r]:
-                committed, cpu_each = steady_cost(
-                    services, port, twins, rate, args.connections, args.window, first
+                total = int(rate * 8)
+                committed, _, cpu_each = ingest_rate(
+                    services, port, twins, total, args.connections, args.window, rate, first
                 )
-                first += int(rate * 8)
+                first += total
                 print(
                     f"steady {rate:6.0f} reports/s: {committed:6.0f} committed/s, "
                     f"{cpu_each:5.0f} us CPU per report"
