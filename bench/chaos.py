@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import os
 import random
 import signal
@@ -35,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -43,6 +45,7 @@ from bench.common import machine
 from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
+from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
@@ -60,6 +63,8 @@ class Outcome:
     extra_revisions: int
     seconds: float
     faults: list[str]
+    desired_changes: int = 0  # committed (the twins' desiredVersion)
+    stale_deltas: int = 0
 
     @property
     def rate(self) -> float:
@@ -103,7 +108,12 @@ class Fleet:
             # amqtt speaks MQTT 3.1.1 only; it acknowledges after the commit, so no device
             # needs MQTT 5's "no subscriber" answer there.
             self.device_protocol = 4
-            where = {"TWIN_MQTT__EMBEDDED_PORT": str(port)}
+            where = {
+                "TWIN_MQTT__EMBEDDED_PORT": str(port),
+                # Known, so that the run can read the retained deltas as the service.
+                "TWIN_MQTT__SERVICE_USERNAME": SERVICE_USER,
+                "TWIN_MQTT__SERVICE_PASSWORD": SERVICE_PASSWORD,
+            }
         self.replicas = [
             ServiceProcess(
                 self.data,
@@ -132,22 +142,64 @@ class Fleet:
         if self.ferretdb is not None:
             self.ferretdb.stop()
 
-    async def revisions(self) -> dict[str, tuple[int, set[str]]]:
-        """Twin -> (revision, reported keys), read through a replica that answers."""
+    async def documents(self) -> dict[str, dict[str, Any]]:
+        """Twin id -> its document, read through a replica that answers."""
         for replica in self.replicas:
-            found: dict[str, tuple[int, set[str]]] = {}
+            found: dict[str, dict[str, Any]] = {}
             try:
                 async with replica.async_client() as api:
                     for at in range(0, len(self.twins), 100):
                         ids = ",".join(self.twins[at : at + 100])
                         response = await api.get("/api/v1/twins", params={"ids": ids})
                         response.raise_for_status()
-                        for doc in response.json():
-                            found[doc["twinId"]] = (doc["revision"], set(doc["reported"]))
+                        found.update((doc["twinId"], doc) for doc in response.json())
                 return found
             except httpx.HTTPError:
                 continue  # killed, or being started again
         raise RuntimeError("no replica answers")
+
+    async def revisions(self) -> dict[str, tuple[int, set[str]]]:
+        """Twin -> (revision, reported keys)."""
+        docs = await self.documents()
+        return {t: (doc["revision"], set(doc["reported"])) for t, doc in docs.items()}
+
+    async def change_desired(self, twin: str, value: int) -> None:
+        """PATCH the twin's desired ``target`` through the first replica that takes the
+        connection. Whatever comes back is left at that: a request that reached a replica
+        may have committed even when its answer was an error or never came."""
+        for replica in self.replicas:
+            try:
+                async with replica.async_client() as api:
+                    await api.patch(
+                        f"/api/v1/twins/{twin}",
+                        json={"desired": {"target": value}},
+                        headers={"Content-Type": "application/merge-patch+json"},
+                    )
+                return
+            except httpx.ConnectError:
+                continue  # killed, or being started again: nothing was sent
+            except httpx.HTTPError:
+                return
+
+    async def stale_deltas(self) -> list[str]:
+        """Twins whose delta retained by the broker is not the one they have now (a device
+        that connects gets that message first). Empty when every one matches."""
+        options = MqttOptions(
+            url=self.device_url,
+            client_id=f"chaos-deltas-{time.time_ns()}",
+            username=SERVICE_USER,
+            password=SERVICE_PASSWORD,
+            protocol=self.device_protocol,
+        )
+        retained = await read_retained(options, "twins/+/delta")
+        docs = await self.documents()
+        stale = []
+        for twin, doc in docs.items():
+            held = retained.get(f"twins/{twin}/delta", b"")
+            want = {"state": doc["delta"], "desiredVersion": doc["desiredVersion"]}
+            if (json.loads(held) if held else None) != (want if doc["delta"] else None):
+                stale.append(f"{twin}: retained {held[:80]!r}, twin {want}")
+        return stale
 
 
 async def _device(fleet: Fleet, twin: str) -> MqttClient:
@@ -179,7 +231,7 @@ async def phase(
     rng: random.Random,
 ) -> Outcome:
     """One round of reports with ``events`` faults; keys are ``<phase>-<n>``."""
-    before = await fleet.revisions()
+    before = await fleet.documents()
     devices = [await _device(fleet, twin) for twin in fleet.twins]
     acked = 0
 
@@ -204,8 +256,18 @@ async def phase(
             sending.append(asyncio.create_task(one(n)))
         await asyncio.gather(*sending)
 
+    async def change_desired() -> None:
+        # Operators change desired state meanwhile: each change publishes a delta, which
+        # must end as the twin's own on the broker whatever the faults did. Every value is
+        # new: a change whose answer a fault cut off may have committed, and sent again it
+        # would be a write of the same value (a revision that changes no version).
+        for value in itertools.count():
+            await fleet.change_desired(fleet.twins[value % len(fleet.twins)], value)
+            await asyncio.sleep(0.02)
+
     started = time.monotonic()
     load = asyncio.gather(*(send_all(t, c) for t, c in zip(fleet.twins, devices, strict=True)))
+    operators = asyncio.create_task(change_desired())
     keys = {f"{phase_name}-{n}" for n in range(reports)}
     faults: list[str] = []
     next_fault = started + rng.uniform(0.5, 2.0)
@@ -223,16 +285,31 @@ async def phase(
             next_fault = time.monotonic() + rng.uniform(0.5, 2.0)
         await asyncio.sleep(0.1)
     seconds = time.monotonic() - started
+    operators.cancel()
+    await asyncio.gather(operators, return_exceptions=True)
     await asyncio.wait_for(load, 60)
     for client in devices:
         await client.stop(grace=0)
     # A redelivery can come after the last new report: count what it did too.
     await asyncio.sleep(2.0)
-    after = await fleet.revisions()
-    # One revision per report: the devices' online/offline status is not written
-    # (no last will here), and lastSeen writes are coalesced away.
-    extra = sum(after[t][0] - before[t][0] for t in fleet.twins) - len(fleet.twins) * reports
-    return Outcome(acked, missing, extra, seconds, faults)
+    # One revision per report: the devices' online/offline status is not written (no last
+    # will here), and lastSeen writes are coalesced away; and one per desired change,
+    # counted by the twins (a change whose answer a kill cut off may have committed).
+    final = await fleet.documents()
+    revisions = sum(final[t]["revision"] - before[t]["revision"] for t in fleet.twins)
+    desired = sum(final[t]["desiredVersion"] - before[t]["desiredVersion"] for t in fleet.twins)
+    extra = revisions - len(fleet.twins) * reports - desired
+    # The last deltas go out after their commits (and after a reconnection, its correction
+    # pass): allow them some seconds.
+    stale = await fleet.stale_deltas()
+    for _ in range(20):
+        if not stale:
+            break
+        await asyncio.sleep(0.5)
+        stale = await fleet.stale_deltas()
+    for line in stale[:5]:
+        print(f"stale delta: {line}")
+    return Outcome(acked, missing, extra, seconds, faults, desired, len(stale))
 
 
 async def _fault(fleet: Fleet, kinds: list[str], rng: random.Random) -> str:
@@ -295,11 +372,12 @@ def main() -> int:
     for name, o in (("no faults (baseline)", base), ("with faults", hurt)):
         print(
             f"{name:21}: acked {o.acked}, never applied {o.missing}, applied twice "
-            f"{o.extra_revisions}, {o.rate:.0f} reports/s applied"
+            f"{o.extra_revisions}, {o.rate:.0f} reports/s applied; {o.desired_changes} "
+            f"desired changes, {o.stale_deltas} stale deltas"
         )
     print(f"faults: {'; '.join(hurt.faults) or 'none (the load ended first)'}")
     print(f"rate with faults / baseline: {hurt.rate / base.rate:.2f}")
-    failed = any(o.missing or o.extra_revisions for o in (base, hurt))
+    failed = any(o.missing or o.extra_revisions or o.stale_deltas for o in (base, hurt))
     return 1 if failed else 0
 
 

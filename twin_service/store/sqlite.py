@@ -508,7 +508,7 @@ class SqliteStore:
         self._writes_in_flight -= len(batch)
         self._in_flight.release()
         outcomes: list[int | BaseException] = (
-            result if outcome == "ok" else [_unavailable(result)] * len(batch)
+            result if outcome == "ok" else [_unsettled(result)] * len(batch)
         )
         for pending, done in zip(batch, outcomes, strict=True):
             if not isinstance(done, BaseException):
@@ -531,6 +531,19 @@ class SqliteStore:
             except Exception as exc:
                 raise Unavailable(f"The SQLite writer could not start: {exc}") from exc
             self._writer.listen(loop)
+
+
+def _unsettled(error: BaseException) -> BaseException:
+    """What the writes of a batch get when it failed. A writer that exited before answering
+    may have committed them first: saying "failed" then made a client write again what it
+    had written (a second revision of one change)."""
+    if isinstance(error, WriterGone):
+        return Unavailable(
+            "The SQLite writer process exited before it confirmed this write: it may or may "
+            "not have been committed. Read the twin before writing again (If-Match makes a "
+            "retry safe)."
+        )
+    return _unavailable(error)
 
 
 def _unavailable(error: BaseException) -> BaseException:
