@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twin_service.errors import Conflict
+from twin_service.errors import Conflict, Unavailable
 from twin_service.twin.document import ChangeEvent, Tombstone, Twin
 from twin_service.types import JSONObject
 
@@ -172,3 +172,13 @@ class TwinStore(Protocol):
         """(pending twin count, lowest pending seq or None) for lag metrics and waiting."""
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def unconfirmed(reason: str) -> Unavailable:
+    """The 503 of a write whose commit was under way when the store stopped answering: it
+    may have been committed. Saying "failed" had clients write the same change again (a
+    second revision of it)."""
+    return Unavailable(
+        f"{reason}: it may or may not have been committed. Read the twin before writing "
+        "again (If-Match makes a retry safe)."
+    )

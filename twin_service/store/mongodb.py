@@ -28,7 +28,7 @@ from pymongo.errors import DuplicateKeyError
 from search import mongodb as mongo_index
 from twin_service.errors import Unavailable
 from twin_service.settings import Settings
-from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write
+from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write, unconfirmed
 from twin_service.store.mongodb_journal import (
     DRIVER_ERRORS,
     Allocator,
@@ -452,7 +452,7 @@ class MongoStore:
         except DRIVER_ERRORS as exc:
             # Outcome unknown: if it committed, the event is pending in the twin and gets
             # journaled by readers or the sweep; if not, readers fence the number off.
-            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+            raise unconfirmed(f"The database did not confirm this write ({exc})") from exc
         if not committed:
             await self._fence_quietly(seq)
             raise RevisionConflict(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from search import sqlite as sqlite_index
 from twin_service.errors import Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
-from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifetime
+from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifetime, unconfirmed
 from twin_service.store.sqlite_writer import (
     INCARNATION_SQL,
     WriterConfig,
@@ -534,15 +534,10 @@ class SqliteStore:
 
 
 def _unsettled(error: BaseException) -> BaseException:
-    """What the writes of a batch get when it failed. A writer that exited before answering
-    may have committed them first: saying "failed" then made a client write again what it
-    had written (a second revision of one change)."""
+    """What the writes of a batch get when it failed: a writer that exited before answering
+    may have committed them first."""
     if isinstance(error, WriterGone):
-        return Unavailable(
-            "The SQLite writer process exited before it confirmed this write: it may or may "
-            "not have been committed. Read the twin before writing again (If-Match makes a "
-            "retry safe)."
-        )
+        return unconfirmed("The SQLite writer process exited before it confirmed this write")
     return _unavailable(error)
 
 
