@@ -226,6 +226,7 @@ async def phase(
     reports: int,
     window: int,
     rate: float,
+    desired_rate: float,
     fault_kinds: list[str],
     events: int,
     rng: random.Random,
@@ -261,9 +262,11 @@ async def phase(
         # must end as the twin's own on the broker whatever the faults did. Every value is
         # new: a change whose answer a fault cut off may have committed, and sent again it
         # would be a write of the same value (a revision that changes no version).
+        if not desired_rate:
+            return
         for value in itertools.count():
             await fleet.change_desired(fleet.twins[value % len(fleet.twins)], value)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(1 / desired_rate)
 
     started = time.monotonic()
     load = asyncio.gather(*(send_all(t, c) for t, c in zip(fleet.twins, devices, strict=True)))
@@ -339,6 +342,13 @@ def main() -> int:
     parser.add_argument(
         "--rate", type=float, default=0.0, help="reports a second per device (0: no limit)"
     )
+    parser.add_argument(
+        "--desired-rate",
+        type=float,
+        default=10.0,
+        help="desired changes a second over HTTP during each phase (0: none; keep it low on "
+        "--store mongodb, whose FerretDB takes 10-30 writes a second)",
+    )
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
     parser.add_argument("--faults", default="kill,broker", help="kill, writer and/or broker")
@@ -360,7 +370,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
         fleet = Fleet(Path(tmp), args.devices, args.replicas, args.store, args.broker)
         try:
-            load = (args.reports, args.window, args.rate, kinds)
+            load = (args.reports, args.window, args.rate, args.desired_rate, kinds)
             base = asyncio.run(phase(fleet, "base", *load, events=0, rng=rng))
             hurt = asyncio.run(phase(fleet, "faults", *load, events=args.events, rng=rng))
         finally:
