@@ -304,12 +304,11 @@ async def phase(
     extra = revisions - len(fleet.twins) * reports - desired
     # The last deltas go out after their commits (and after a reconnection, its correction
     # pass): allow them some seconds.
-    stale = await fleet.stale_deltas()
-    for _ in range(20):
+    for _ in range(21):
+        stale = await fleet.stale_deltas()
         if not stale:
             break
         await asyncio.sleep(0.5)
-        stale = await fleet.stale_deltas()
     for line in stale[:5]:
         print(f"stale delta: {line}")
     return Outcome(acked, missing, extra, seconds, faults, desired, len(stale))
@@ -323,9 +322,7 @@ async def _fault(fleet: Fleet, kinds: list[str], rng: random.Random) -> str:
         return "broker restart"
     n = rng.randrange(len(fleet.replicas))
     if kind == "writer":
-        async with fleet.replicas[n].async_client() as api:
-            ready = (await api.get("/ready")).json()
-        os.kill(int(ready["checks"]["store"]["writer"]["pid"]), signal.SIGKILL)
+        os.kill(await asyncio.to_thread(fleet.replicas[n].writer_pid), signal.SIGKILL)
         return f"SIGKILL of replica {n}'s writer"
     fleet.replicas[n].kill()
     await asyncio.sleep(rng.uniform(0.0, 0.5))

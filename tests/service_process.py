@@ -113,6 +113,11 @@ class ServiceProcess:
         except OSError:
             return "(no log)"
 
+    def writer_pid(self) -> int:
+        """The process id of this service's SQLite writer process, from ``/ready``."""
+        ready = httpx.get(f"{self.url}/ready", timeout=10).json()
+        return int(ready["checks"]["store"]["writer"]["pid"])
+
     def client(self, token: str = ADMIN_TOKEN, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)

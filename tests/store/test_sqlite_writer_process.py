@@ -176,8 +176,7 @@ def test_the_writer_does_not_outlive_a_killed_service(tmp_path: Path) -> None:
             assert (
                 api.put("/api/v1/twins/org.acme:x", json={"desired": {"n": 1}}).status_code == 201
             )
-            ready = api.get("/ready").json()
-        pid = int(ready["checks"]["store"]["writer"]["pid"])
+        pid = service.writer_pid()
         assert alive(pid)
     finally:
         service.stop(signal.SIGKILL)

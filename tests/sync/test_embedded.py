@@ -280,7 +280,7 @@ async def _rig(tmp_path: Path, twin: str) -> AsyncIterator[_Rig]:
         wait_mqtt_up(proc)
         with proc.client() as api:
             created = put_twin(api, twin, reported={"counter": -1})
-            writer = int(api.get("/ready").json()["checks"]["store"]["writer"]["pid"])
+        writer = proc.writer_pid()
         await device.start()
         await device.wait_connected(10)
         rig = _Rig(data, env, proc, device, created, writer)
