@@ -1,0 +1,107 @@
+"""MqttClient over TLS (``mqtts://``) against a real mosquitto TLS listener."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
+from tests.connectivity.helpers import Collector, started
+from tests.mqtt_packets import packet, string
+from tests.servers.mosquitto import Mosquitto
+from tests.servers.process import free_port
+from tests.servers.require import require_server
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1, its own CA, and its key."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        require_server("openssl", "the TLS test makes its certificate with it: apt install openssl")
+    cert, key = directory / "broker.crt", directory / "broker.key"
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    new = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subprocess.run([*new, *files, *subject], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_a_burst_over_tls_arrives_whole_and_answers_go_back(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path, unique_name: str
+) -> None:
+    """The event loop watches the socket, and TLS hides from it what the SSL object has
+    already decrypted: messages left there would wait for the next bytes on the wire (a
+    ping, 30 s later), so the end of a burst must arrive without them."""
+    cert, key = _self_signed(tmp_path)
+    tls_port = free_port()
+    plain = mosquitto_factory(
+        extra_config=[f"listener {tls_port} 127.0.0.1", f"certfile {cert}", f"keyfile {key}"]
+    )
+    tls_url = f"mqtts://127.0.0.1:{tls_port}"
+    device = await started(tls_url, f"{unique_name}-tls", ca_file=str(cert))
+    other = await started(plain.url, f"{unique_name}-plain")
+    try:
+        to_device, to_other = Collector(), Collector()
+        await device.subscribe(f"{unique_name}/in/#", 1, to_device)
+        await other.subscribe(f"{unique_name}/out/#", 1, to_other)
+        count = 500
+        await asyncio.gather(
+            *(other.publish(f"{unique_name}/in/{n}", b"%d" % n * 40) for n in range(count))
+        )
+        received = await to_device.wait_for(count, timeout=5)
+        assert sorted(int(m.topic.rsplit("/", 1)[1]) for m in received) == list(range(count))
+        assert all(m.payload == m.topic.rsplit("/", 1)[1].encode() * 40 for m in received)
+        await asyncio.gather(
+            *(device.publish(f"{unique_name}/out/{n}", b"ok") for n in range(count))
+        )
+        assert len(await to_other.wait_for(count, timeout=5)) == count
+    finally:
+        await device.stop()
+        await other.stop()
+
+
+async def test_packets_sharing_a_tls_record_are_all_read(tmp_path: Path, unique_name: str) -> None:
+    """Brokers that coalesce writes (Netty's, for one) put many packets in one TLS record.
+    The selector sees the record's bytes once; paho reads one packet of them, and the rest
+    wait decrypted in the SSL object, where the selector does not look."""
+    cert, key = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    count = 50
+    burst = packet(0x20, b"\x00\x00") + b"".join(
+        packet(0x30, string(f"{unique_name}/{n}") + b"x") for n in range(count)
+    )
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # the CONNECT
+        writer.write(burst)  # the CONNACK and every message: one TLS record
+        await writer.drain()
+        while await reader.read(1024):  # SUBSCRIBE (unanswered), PINGREQ
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(broker, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    client = MqttClient(
+        MqttOptions(
+            url=f"mqtts://127.0.0.1:{port}",
+            client_id=unique_name,
+            ca_file=str(cert),
+            protocol=4,
+            persistent_session=False,
+        )
+    )
+    got = Collector()
+    await client.subscribe(f"{unique_name}/#", 0, got)
+    try:
+        await client.start()
+        messages = await got.wait_for(count, timeout=5)
+        assert [m.topic for m in messages] == [f"{unique_name}/{n}" for n in range(count)]
+    finally:
+        await client.stop(grace=0)
+        server.close()
