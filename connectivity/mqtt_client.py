@@ -650,7 +650,7 @@ class MqttClient:
             self._paho_connection += 1
         self._to_loop(self._on_connected, flags.session_present, code)
 
-    def _on_unreachable(self, error: OSError) -> None:
+    def _on_unreachable(self, error: Exception) -> None:
         # A broker that is down (restarting) is no client taking the session over: a
         # taken-over client gets back in at its first attempt.
         self._cut_short, self._named = 0, False

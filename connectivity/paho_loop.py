@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -51,7 +52,7 @@ class PahoLoop:
         *,
         min_delay: float,
         max_delay: float,
-        on_unreachable: Callable[[OSError], None],
+        on_unreachable: Callable[[Exception], None],
     ) -> None:
         self._client = client
         self._min_delay = min_delay
@@ -108,6 +109,9 @@ class PahoLoop:
                 await asyncio.shield(self._connecting)
             except OSError as exc:  # DNS, refused, timed out, TLS: paho's on_connect_fail
                 self._on_unreachable(exc)
+            except Exception as exc:  # paho's thread died of these; here, try again later
+                log.exception("MQTT connect to the broker failed")
+                self._on_unreachable(exc)
             else:
                 await self._serve(lost)
             finally:
@@ -120,10 +124,28 @@ class PahoLoop:
 
     async def _serve(self, lost: asyncio.Future[None]) -> None:
         """Run paho's keepalive until the connection's socket is closed."""
-        while not lost.done():
+        while not lost.done() and self._client.socket() is not None:
             await asyncio.wait([lost], timeout=_MISC_SECONDS)
             if not lost.done():
                 self._client.loop_misc()
+                self._look_for_an_end()
+
+    def _look_for_an_end(self) -> None:
+        """uvloop can close its poll handle of a socket (libuv reported an error for it, or
+        would not watch the descriptor) and then never calls the reader again. Seen when
+        mosquitto restarted: the next publish failed with "the handler is closed", and
+        paho learnt of the lost connection only from its keepalive, 30-45 s later. Once a
+        second, look: a socket with an error or at its end reads as readable, and paho's
+        read of it ends the connection."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            readable = [sock]
+        if readable:
+            self._readable()
 
     # -- the socket, on the loop -----------------------------------------------------------
 
@@ -139,16 +161,39 @@ class PahoLoop:
         self._client.loop_write()
 
     def _watch(self, sock: Any) -> None:
-        if sock.fileno() == -1 or self._client.socket() is not sock:
+        current: Any = self._client.socket()
+        if sock.fileno() == -1 or current is not sock:
             return  # closed before the loop got to it
         self._sock = sock
-        self._loop.add_reader(self._sock, self._readable)
+        try:
+            self._loop.add_reader(sock, self._readable)
+        except (RuntimeError, OSError):
+            # A poll handle uvloop closed (see _look_for_an_end) under this descriptor's
+            # number, which the new socket got again: drop it and watch again.
+            with _closed_by_someone_else():
+                self._loop.remove_reader(sock)
+            try:
+                self._loop.add_reader(sock, self._readable)
+            except (RuntimeError, OSError) as exc:
+                self._end(sock, exc)
 
     def _watch_writes(self, sock: Any) -> None:
         if sock is not self._sock or self._writing or sock.fileno() == -1:
             return
+        try:
+            self._loop.add_writer(sock, self._writable)
+        except (RuntimeError, OSError) as exc:  # uvloop closed its poll: _look_for_an_end
+            self._end(sock, exc)
+            return
         self._writing = True
-        self._loop.add_writer(sock, self._writable)
+
+    def _end(self, sock: Any, exc: Exception) -> None:
+        """End a connection the loop cannot watch: paho's read of the shut socket closes
+        it, and the next connection sends again what paho had not had acknowledged."""
+        log.warning("MQTT: the loop cannot watch the broker connection (%s); reconnecting", exc)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        self._loop.call_soon(self._readable)
 
     def _unwatch_writes(self, sock: Any) -> None:
         if sock is self._sock and self._writing:
