@@ -158,6 +158,24 @@ class Fleet:
                 continue  # killed, or being started again
         raise RuntimeError("no replica answers")
 
+    async def unexplained(self, since: dict[str, int]) -> list[str]:
+        """The revisions after ``since`` (twin -> revision) that are neither a desired
+        change nor a report's first write of its key: what a run's extra revisions are."""
+        found: list[str] = []
+        async with self.replicas[0].async_client() as api:
+            for twin in self.twins:
+                response = await api.get(f"/api/v1/twins/{twin}/history")
+                response.raise_for_status()
+                seen: set[str] = set()
+                for event in response.json()["items"]:
+                    if event["revision"] <= since[twin] or "desired" in event["changes"]:
+                        continue
+                    keys = set(event["changes"].get("reported", {}))
+                    if not keys or keys & seen:
+                        found.append(f"{twin}: {json.dumps(event)[:300]}")
+                    seen |= keys
+        return found
+
     async def revisions(self) -> dict[str, tuple[int, set[str]]]:
         """Twin -> (revision, reported keys)."""
         docs = await self.documents()
@@ -311,6 +329,10 @@ async def phase(
         await asyncio.sleep(0.5)
     for line in stale[:5]:
         print(f"stale delta: {line}")
+    if extra:
+        since = {t: before[t]["revision"] for t in fleet.twins}
+        for line in (await fleet.unexplained(since))[:5]:
+            print(f"extra revision: {line}")
     return Outcome(acked, missing, extra, seconds, faults, desired, len(stale))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +147,9 @@ async def test_retained_and_last_will(env: Env) -> None:
     await svc.subscribe(status, 1, got)
     (first,) = await got.wait_for(1)
     assert (first.payload, first.retain) == (b"online", True)
-    # Die without DISCONNECT: the connection ends as when the network goes (shut down, not
-    # closed: the event loop watches the socket, and a closed one would go stale in its
-    # selector).
+    # Die without DISCONNECT: close the socket under paho's feet.
     assert dev._client is not None
-    dev._client.socket().shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+    dev._client.socket().close()  # type: ignore[union-attr]
     msgs = await got.wait_for(2)
     assert msgs[1].payload == b"offline"
     late = await env.service("svc-late")

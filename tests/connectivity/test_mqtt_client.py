@@ -287,11 +287,7 @@ async def test_a_broker_that_was_down_is_not_mistaken_for_a_shared_client_id(
             await fresh_mosquitto.astop()
             # Down long enough for an attempt to fail: a client whose session was taken
             # over gets back in at once instead.
-            await eventually(
-                lambda: (client.health().last_error or "").startswith(
-                    "could not reach the broker: "
-                )
-            )
+            await eventually(lambda: client.health().last_error == "could not reach the broker")
             await fresh_mosquitto.astart()
             await client.wait_connected(10)
         assert client.health().reconnect_count == 4

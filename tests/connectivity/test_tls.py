@@ -34,9 +34,9 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 async def test_a_burst_over_tls_arrives_whole_and_answers_go_back(
     mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path, unique_name: str
 ) -> None:
-    """The event loop watches the socket, and TLS hides from it what the SSL object has
-    already decrypted: messages left there would wait for the next bytes on the wire (a
-    ping, 30 s later), so the end of a burst must arrive without them."""
+    """mqtts:// end to end: a burst in (the end of it too, with nothing on the wire after
+    it) and the answers out, through mosquitto's TLS listener, the certificate checked
+    against its CA. The service's TLS path had no test against a real broker."""
     cert, key = _self_signed(tmp_path)
     tls_port = free_port()
     plain = mosquitto_factory(
@@ -67,8 +67,9 @@ async def test_a_burst_over_tls_arrives_whole_and_answers_go_back(
 
 async def test_packets_sharing_a_tls_record_are_all_read(tmp_path: Path, unique_name: str) -> None:
     """Brokers that coalesce writes (Netty's, for one) put many packets in one TLS record.
-    The selector sees the record's bytes once; paho reads one packet of them, and the rest
-    wait decrypted in the SSL object, where the selector does not look."""
+    A select on the socket sees the record's bytes once; paho reads one packet of them,
+    and the rest wait decrypted in the SSL object, where select does not look (paho's
+    loop asks the SSL object; a loop of our own must too: it failed without)."""
     cert, key = _self_signed(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
