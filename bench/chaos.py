@@ -167,12 +167,19 @@ class Fleet:
                 response = await api.get(f"/api/v1/twins/{twin}/history")
                 response.raise_for_status()
                 seen: set[str] = set()
+                last_desired: dict[str, Any] = {}
                 for event in response.json()["items"]:
-                    if event["revision"] <= since[twin] or "desired" in event["changes"]:
+                    if event["revision"] <= since[twin]:
+                        continue
+                    if "desired" in event["changes"]:
+                        last_desired = event
                         continue
                     keys = set(event["changes"].get("reported", {}))
                     if not keys or keys & seen:
-                        found.append(f"{twin}: {json.dumps(event)[:300]}")
+                        found.append(
+                            f"{twin}: {json.dumps(event)[:300]}; the phase's last desired change "
+                            f"before it: {json.dumps(last_desired)[:300]}"
+                        )
                     seen |= keys
         return found
 
@@ -181,7 +188,7 @@ class Fleet:
         docs = await self.documents()
         return {t: (doc["revision"], set(doc["reported"])) for t, doc in docs.items()}
 
-    async def change_desired(self, twin: str, value: int) -> None:
+    async def change_desired(self, twin: str, value: str) -> None:
         """PATCH the twin's desired ``target`` through the first replica that takes the
         connection. Whatever comes back is left at that: a request that reached a replica
         may have committed even when its answer was an error or never came."""
@@ -279,11 +286,14 @@ async def phase(
         # Operators change desired state meanwhile: each change publishes a delta, which
         # must end as the twin's own on the broker whatever the faults did. Every value is
         # new: a change whose answer a fault cut off may have committed, and sent again it
-        # would be a write of the same value (a revision that changes no version).
+        # would be a write of the same value (a revision that changes no version). New in
+        # every phase too: numbers from 0 again each phase were values a twin could still
+        # hold from the phase before, an extra revision the run reported as a report
+        # applied twice.
         if not desired_rate:
             return
-        for value in itertools.count():
-            await fleet.change_desired(fleet.twins[value % len(fleet.twins)], value)
+        for n in itertools.count():
+            await fleet.change_desired(fleet.twins[n % len(fleet.twins)], f"{phase_name}-{n}")
             await asyncio.sleep(1 / desired_rate)
 
     started = time.monotonic()
