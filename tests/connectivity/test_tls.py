@@ -53,13 +53,13 @@ async def test_a_burst_over_tls_arrives_whole_and_answers_go_back(
         await asyncio.gather(
             *(other.publish(f"{unique_name}/in/{n}", b"%d" % n * 40) for n in range(count))
         )
-        received = await to_device.wait_for(count, timeout=5)
+        received = await to_device.wait_for(count, timeout=15)
         assert sorted(int(m.topic.rsplit("/", 1)[1]) for m in received) == list(range(count))
         assert all(m.payload == m.topic.rsplit("/", 1)[1].encode() * 40 for m in received)
         await asyncio.gather(
             *(device.publish(f"{unique_name}/out/{n}", b"ok") for n in range(count))
         )
-        assert len(await to_other.wait_for(count, timeout=5)) == count
+        assert len(await to_other.wait_for(count, timeout=15)) == count
     finally:
         await device.stop()
         await other.stop()
@@ -101,7 +101,7 @@ async def test_packets_sharing_a_tls_record_are_all_read(tmp_path: Path, unique_
     await client.subscribe(f"{unique_name}/#", 0, got)
     try:
         await client.start()
-        messages = await got.wait_for(count, timeout=5)
+        messages = await got.wait_for(count, timeout=15)
         assert [m.topic for m in messages] == [f"{unique_name}/{n}" for n in range(count)]
     finally:
         await client.stop(grace=0)
