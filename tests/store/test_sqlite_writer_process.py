@@ -131,6 +131,45 @@ def test_writes_in_flight_when_the_writer_dies_are_answered(tmp_path: Path) -> N
     asyncio.run(run())
 
 
+def test_a_writer_that_dies_unwatched_is_noticed(tmp_path: Path) -> None:
+    """The loop reads the end of the writer's channel when the writer dies. If it stopped
+    watching the channel (uvloop drops a descriptor's watch for good after an error on it),
+    the store still learns of the death from the process, answers the writes in flight and
+    starts another writer: a replica once hung for good that way."""
+
+    async def run() -> None:
+        store = SqliteStore(tmp_path / "twins.sqlite3", SqliteSettings(), StreamSettings())
+        await store.open()
+        try:
+            await store.write(change(None, "org.acme:a", {"desired": {"n": 1}}))
+            pid = writer_pid(store)
+            # What uvloop does to a watch it gave up: the channel is no longer read.
+            channel = store._writer._channel
+            assert channel is not None
+            asyncio.get_running_loop().remove_reader(channel.fileno())
+            os.kill(pid, signal.SIGSTOP)  # the writes below are in flight, not yet answered
+            writes = [
+                asyncio.ensure_future(
+                    store.write(change(None, f"org.acme:w{i}", {"desired": {"i": i}}))
+                )
+                for i in range(20)
+            ]
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            results = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 30)
+            assert results and all(isinstance(r, Unavailable) for r in results), results
+            assert all("may or may not have been committed" in str(r) for r in results)
+            assert wait_gone(pid)
+            # A new writer takes the next write, and the store says it runs.
+            await asyncio.wait_for(store.write(change(None, "org.acme:b", {"desired": {}})), 30)
+            assert writer_pid(store) != pid
+        finally:  # a store whose writes were never answered would wait for them forever
+            await asyncio.wait_for(store.close(), 30)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
+
+
 def test_requests_larger_than_the_socket_takes_wait_whole(tmp_path: Path) -> None:
     """On uvloop (as the service runs) the parent's end of the channel is non-blocking. With
     the writer stopped, 2 MB of requests cannot go out at once: what is left waits, whole,

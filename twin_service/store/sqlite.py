@@ -33,6 +33,7 @@ from twin_service.store.sqlite_writer import (
     wire_write,
 )
 from twin_service.store.writer_process import WriterGone, WriterProcess
+from twin_service.tasks import stop_task
 from twin_service.twin.document import ChangeEvent, Tombstone, Twin
 from twin_service.types import JSONObject
 
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from search.rql.query import SearchQuery
 
 log = logging.getLogger(__name__)
+
+#: How often the store asks whether its writer process exited unnoticed.
+_WRITER_CHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -95,6 +99,7 @@ class SqliteStore:
         self._cache: OrderedDict[str, tuple[Twin, int | None]] = OrderedDict()
         self._checkpointer: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -123,6 +128,17 @@ class SqliteStore:
                 target=self._checkpoint_loop, name="sqlite-checkpointer", daemon=True
             )
             self._checkpointer.start()
+        self._watcher = loop.create_task(self._watch_writer(), name="sqlite-writer-watch")
+
+    async def _watch_writer(self) -> None:
+        """Now and then, ask whether the writer exited without the loop noticing (see
+        :meth:`WriterProcess.check`): one cheap ``waitpid`` a second."""
+        while True:
+            await asyncio.sleep(_WRITER_CHECK_SECONDS)
+            try:
+                self._writer.check()
+            except Exception:  # a bug here must not end the watch
+                log.exception("checking the SQLite writer process failed")
 
     def _checkpoint_loop(self) -> None:
         """Copy committed WAL pages back into the database, beside the writer.
@@ -154,6 +170,8 @@ class SqliteStore:
     async def close(self) -> None:
         while self._pending or self._flushing or self._writes_in_flight:
             await asyncio.sleep(0.01)
+        await stop_task(self._watcher)
+        self._watcher = None
         await asyncio.get_running_loop().run_in_executor(None, self._writer.stop)
         if self._checkpointer is not None:
             self._stopping.set()

@@ -18,7 +18,9 @@ many clients at once).
 
 When the process dies, every request in flight is answered with :class:`WriterGone`
 (whether its transaction committed is unknown: the callers were not acknowledged), and
-:meth:`WriterProcess.start` may be called again.
+:meth:`WriterProcess.start` may be called again. The loop learns of the death from the end of
+the channel; :meth:`WriterProcess.check`, called now and then, learns it from the process,
+for the case where the loop no longer watches the channel.
 """
 
 from __future__ import annotations
@@ -194,16 +196,41 @@ class WriterProcess:
             if not self._unsent and self._loop is not None:
                 self._loop.remove_writer(channel.fileno())
 
-    def _readable(self, channel: Connection) -> None:
+    def check(self) -> bool:
+        """If the process exited and its channel is still open, read the channel to its end
+        here, so that every request in flight is answered; True when that was needed.
+
+        Called on the listening loop. Normally the loop reads the end of the channel the
+        moment the process dies, and this finds nothing to do. It is the backstop for a loop
+        that stopped watching the channel: uvloop gives up a descriptor's watch for good
+        after libuv reports an error on it (docs/performance.md, twenty-second session,
+        where a replica hung that way). The requests in flight would then wait forever, and
+        the store would believe its writer runs and never start another.
+        """
+        channel, proc = self._channel, self._proc
+        if channel is None or proc is None or proc.poll() is None:
+            return False
+        log.error(
+            "the SQLite writer process exited (status %s) and the event loop had not read "
+            "the end of its channel; answering what it left in flight",
+            proc.returncode,
+        )
+        while self._channel is channel:
+            if not self._readable(channel):  # an exited writer's channel always ends
+                self._ended(channel)
+        return True
+
+    def _readable(self, channel: Connection) -> bool:
+        """Take the answers that arrived; False if nothing could be read."""
         try:
             data = os.read(channel.fileno(), _READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._ended(channel)
-            return
+            return True
         pending = self._pending
         pending += data
         # multiprocessing.connection's frames: a signed 32-bit big-endian length, or -1
@@ -228,6 +255,7 @@ class WriterProcess:
                 callback(kind, result)
             except Exception:  # one broken callback must not strand the answers after it
                 log.exception("a callback of the SQLite writer's answers failed")
+        return True
 
     def _ended(self, channel: Connection) -> None:
         if self._loop is not None:
