@@ -268,9 +268,12 @@ def test_binary_and_oversized_frames_close_the_socket_and_replies_echo_only_shor
 
 
 def test_resume_after_disconnect_during_burst(service: ServiceProcess) -> None:
-    """1,000 writes; the client drops mid-burst and resumes with since: no gap, no duplicate."""
+    """A burst of writes; the client drops mid-burst and resumes with since: no gap, no
+    duplicate."""
     ns = namespace()
-    total = 1000
+    # FerretDB (the MongoDB-wire server of the tests) takes about 15 PATCHes a second: 1,000
+    # took 70-80 s there, for the same property as 300.
+    total = 300 if service.env.get("TWIN_STORE") == "mongodb" else 1000
 
     async def writer(api: httpx.AsyncClient) -> None:
         semaphore = asyncio.Semaphore(16)
@@ -290,7 +293,7 @@ def test_resume_after_disconnect_during_burst(service: ServiceProcess) -> None:
             async with connect(service) as ws:
                 start = (await subscribe(ws, id="s", namespaces=[ns]))["seq"]
                 burst = asyncio.create_task(writer(api))
-                while len(seen) < 300:
+                while len(seen) < total * 3 // 10:
                     message = await receive(ws)
                     assert message["type"] == "event"
                     seen.append(message["seq"])
@@ -312,7 +315,7 @@ def test_resume_after_disconnect_during_burst(service: ServiceProcess) -> None:
             for t in range(20):
                 history = (await api.get(f"/api/v1/twins/{ns}:t{t}/history")).json()["items"]
                 revisions += len(history)
-        # 20 creations before the subscription + the 1,000 writes it saw.
+        # 20 creations before the subscription + the writes it saw.
         assert revisions == total + 20
 
     asyncio.run(run())
