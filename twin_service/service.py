@@ -176,13 +176,14 @@ class TwinService:
                 write = Write(twin_id, expected, new, event, current)
                 try:
                     seq = await self.store.write(write)
-                except RevisionConflict:
+                except RevisionConflict as conflict:
                     self.retried += 1
                     # Another process committed first: re-read and recompute, with jitter so that
                     # replicas writing one twin drift apart instead of colliding again.
                     self._forget(twin_id)
-                    if cached is None:
-                        await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
+                    if cached is None or conflict.retry_after:
+                        jitter = random.uniform(0, min(0.05, 0.001 * (attempt + 1)))
+                        await asyncio.sleep(max(jitter, conflict.retry_after))
                     continue
                 self.committed += 1
                 self._remember(twin_id, new)

@@ -165,7 +165,8 @@ class MongoSettings(BaseModel):
         10.0,
         gt=0,
         description="How long a reader of the journal waits for an allocated sequence number "
-        "to be committed before it fences the number off.",
+        "to be committed before it fences the number off. On FerretDB, a claim of a twin's "
+        "version seen held for 1.5 times this is taken for a dead writer's (docs/scaling.md).",
     )
     maintenance_interval_seconds: float = Field(
         5.0, gt=0, description="Journal retention, stray-event sweep and tombstone cleanup period."

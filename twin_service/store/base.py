@@ -21,9 +21,14 @@ if TYPE_CHECKING:
 
 
 class RevisionConflict(Conflict):
-    """The twin's revision moved since it was read; the caller re-reads and retries."""
+    """The twin's revision moved since it was read; the caller re-reads and retries.
+
+    ``retry_after`` (seconds) is set when the store knows the conflict will not clear at
+    once, so that retries wait instead of spending their attempts (see MongoStore._claim).
+    """
 
     default_code = "twin.conflict"
+    retry_after = 0.0
 
 
 @dataclass(frozen=True)

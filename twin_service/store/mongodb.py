@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -70,6 +73,17 @@ _EVENT_INDEXES = [
 ]
 #: Answers filters on any path (MongoDB 4.2+; not created on FerretDB, see open()).
 _WILDCARD = IndexModel([("e.$**", 1)], name="search_values")
+#: A claim (FerretDB, see MongoStore._claim) seen held for this many gap timeouts is taken
+#: for the claim of a dead writer; its holder sends its update within the second figure.
+_CLAIM_LEASE = 1.5
+_CLAIM_SEND_WITHIN = 0.5
+#: Claims this process remembers seeing (the oldest are forgotten first).
+_CLAIMS_SEEN_KEPT = 10_000
+#: A write holds its claim for tens of milliseconds. Writers that find one held longer than
+#: this retry this much apart, so that they outlast the lease of a dead writer's claim
+#: (their attempts, MAX_ATTEMPTS, would be spent in a few seconds otherwise).
+_CLAIM_SLOW_SECONDS = 1.0
+_CLAIM_RETRY_SECONDS = 0.25
 
 
 def _twin(raw: dict[str, Any]) -> Twin:
@@ -84,6 +98,8 @@ class MongoStore:
             raise ValueError("MongoStore needs settings.mongodb_url")
         self._url = settings.mongodb_url
         self._settings = settings.mongodb
+        # Claims of other writers and when this process first saw each (see _claim).
+        self._claims_seen: OrderedDict[str, float] = OrderedDict()
         self._stream = settings.stream
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._maintenance: asyncio.Task[None] | None = None
@@ -393,8 +409,7 @@ class MongoStore:
     async def write(self, write: Write) -> int:
         # The service's writers of one twin take turns (twin_service.turns): a crowd on a hot
         # twin costs the server one attempt per replica at a time, not one per request.
-        if self._racy_updates:
-            await self._claim(write)
+        claimed = await self._claim(write) if self._racy_updates else None
         try:
             seq = await self._allocator.next()
         except DRIVER_ERRORS as exc:
@@ -437,10 +452,18 @@ class MongoStore:
             update = {"$set": {**fields, "ev": [token], "seq": seq}}
         else:
             update = {"$set": {**fields, "seq": seq}, "$push": {"ev": token}}
+        gap = self._settings.gap_timeout_seconds
+        if claimed is not None and time.monotonic() - claimed[1] > gap * _CLAIM_SEND_WITHIN:
+            # Too late to send it: the claim may be taken over (see _claim) while the update
+            # is on its way. Nothing of this write was sent, so this process's next attempt
+            # may take the claim's next generation at once.
+            self._claims_seen[claimed[0]] = -math.inf
+            await self._fence_quietly(seq)
+            raise RevisionConflict(f"Twin {write.twin_id}: the claim of its revision lapsed.")
         try:
             # A bounded commit (the server gets maxTimeMS on MongoDB) keeps the window in which
             # a stalled write could land after readers fenced its number off small.
-            with pymongo.timeout(self._settings.gap_timeout_seconds * 0.8):
+            with pymongo.timeout(gap * 0.8):
                 result = await self._twins.update_one(
                     self._cas_filter(write),
                     update,
@@ -473,12 +496,25 @@ class MongoStore:
             cas["cr"] = write.previous.incarnation
         return cas
 
-    async def _claim(self, write: Write) -> None:
-        """Win the right to replace the twin's current version (servers with racy updates).
+    async def _claim(self, write: Write) -> tuple[str, float]:
+        """Win the right to replace the twin's current version (servers with racy updates);
+        returns the claim's id and when it was won (``time.monotonic``).
 
         The claim is a unique insert keyed by the seq of the version being replaced (0 when
         there is none), the one operation FerretDB 1.24 performs atomically; exactly one
         writer wins each version, so the update that follows has the twin to itself.
+
+        A writer that died holding a claim (a replica killed between its claim and its
+        update) would keep every other writer off the twin until maintenance deletes old
+        claims, 10 minutes on: seen in bench.chaos, every write of the twin retried until
+        it gave up. So claims have generations. A writer that finds a claim it has itself
+        seen standing for ``_CLAIM_LEASE`` times the gap timeout inserts the next
+        generation instead, again a unique insert, so again one winner. A claim is never
+        changed or deleted (FerretDB's deletes and updates race), and the time is this
+        process's own from when it first saw the claim, so clocks of replicas that differ
+        cannot cut a live claim short. The holder sends its update within
+        ``_CLAIM_SEND_WITHIN`` of the gap timeout or gives up (see write), and the update
+        is bounded by 0.8 of it, so a live holder is done before the lease ends.
         """
         try:
             raw = await self._twins.find_one(
@@ -493,19 +529,44 @@ class MongoStore:
             if raw and expected is not None and raw.get("cr") != expected:
                 raise RevisionConflict(f"Twin {write.twin_id} was deleted and created again.")
             version = int(raw.get("seq", 0)) if raw else 0
-            try:
-                await self._claims.insert_one(
-                    {"_id": f"{write.twin_id}@{version}", "at": datetime.now(UTC)}
-                )
-            except DuplicateKeyError:
-                raise RevisionConflict(
-                    f"Twin {write.twin_id} revision {current} is being replaced."
-                ) from None
+            claim = f"{write.twin_id}@{version}"
+            generation = 0
+            while True:
+                try:
+                    await self._claims.insert_one({"_id": claim, "at": datetime.now(UTC)})
+                    claimed = time.monotonic()
+                    break
+                except DuplicateKeyError:
+                    held = self._claim_held(claim)
+                    if held < self._settings.gap_timeout_seconds * _CLAIM_LEASE:
+                        conflict = RevisionConflict(
+                            f"Twin {write.twin_id} revision {current} is being replaced."
+                        )
+                        if held >= _CLAIM_SLOW_SECONDS:  # likely a dead writer's: wait it out
+                            conflict.retry_after = _CLAIM_RETRY_SECONDS
+                        raise conflict from None
+                    log.warning(
+                        "the claim %s was held for %.0f s: its writer is taken for dead and "
+                        "the next generation claimed",
+                        claim,
+                        self._settings.gap_timeout_seconds * _CLAIM_LEASE,
+                    )
+                    generation += 1
+                    claim = f"{write.twin_id}@{version}~{generation}"
             for token in raw.get("ev", []) if raw else []:
                 if not await self._journal.journaled(Pending.parse(token).seq):
                     await self._journal.help(write.twin_id, token)
         except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+        return claim, claimed
+
+    def _claim_held(self, claim: str) -> float:
+        """For how long this process has seen ``claim`` held (see _claim)."""
+        now = time.monotonic()
+        seen = self._claims_seen.setdefault(claim, now)
+        if len(self._claims_seen) > _CLAIMS_SEEN_KEPT:
+            self._claims_seen.popitem(last=False)
+        return now - seen
 
     async def _fence_quietly(self, seq: int) -> None:
         try:

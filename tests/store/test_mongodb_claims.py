@@ -1,0 +1,121 @@
+"""Claims on FerretDB (its updates are not atomic, so each version of a twin is claimed with
+a unique insert before it is replaced): a writer that died holding one does not keep the
+twin from every other writer, and a live claim is not taken from its holder."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from tests.servers.ferretdb import FerretDB
+from tests.service_fixtures import mongodb_env
+from tests.service_process import ServiceProcess
+from tests.store.contract import change
+from twin_service.settings import Settings
+from twin_service.store.base import RevisionConflict
+from twin_service.store.mongodb import MongoStore
+
+GAP = 1.0  # gap_timeout_seconds: a claim is taken for dead after 1.5 of them
+
+
+@pytest.fixture
+async def store(
+    ferretdb_server: FerretDB, tmp_path: Path, unique_name: str
+) -> AsyncIterator[MongoStore]:
+    settings = Settings(
+        data_dir=tmp_path,
+        store="mongodb",
+        mongodb_url=ferretdb_server.url,
+        mongodb={"database": unique_name, "gap_timeout_seconds": GAP},
+    )
+    opened = MongoStore(settings)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def left_claim(url: str, database: str, twin_id: str, at: datetime | None = None) -> None:
+    """What a writer killed between its claim and its update leaves: the claim of the twin's
+    current version, and the twin unchanged."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+    try:
+        db = client.get_database(database)
+        raw = await db.twins.find_one({"_id": twin_id}, {"seq": 1})
+        assert raw is not None
+        claim = {"_id": f"{twin_id}@{raw['seq']}", "at": at or datetime.now(UTC)}
+        await db.claims.insert_one(claim)
+    finally:
+        await client.close()
+
+
+async def test_a_dead_writers_claim_lapses(
+    store: MongoStore, ferretdb_server: FerretDB, unique_name: str
+) -> None:
+    twin_id = "org.acme:claimed"
+    await store.write(change(None, twin_id, {"desired": {"n": 0}}))
+    await left_claim(ferretdb_server.url, unique_name, twin_id)
+    start = time.monotonic()
+    conflicts = 0
+    while True:
+        current = await store.get(twin_id)
+        assert current is not None
+        try:
+            await store.write(change(current, twin_id, {"desired": {"n": 1}}))
+            break
+        except RevisionConflict:
+            conflicts += 1
+            assert time.monotonic() - start < 30, "the dead writer's claim never lapsed"
+            await asyncio.sleep(0.1)
+    # Refused while the claim could still be a live writer's, then written once.
+    assert conflicts > 0
+    twin = await store.get(twin_id)
+    assert twin is not None and twin.desired == {"n": 1} and twin.revision == 2
+    # The twin is free again for the next writer at once.
+    await store.write(change(twin, twin_id, {"desired": {"n": 2}}))
+
+
+async def test_a_live_claim_is_not_taken(
+    store: MongoStore, ferretdb_server: FerretDB, unique_name: str
+) -> None:
+    """Another store (a replica) that sees a claim for the first time leaves it to its
+    holder, however old the claim's own timestamp says it is: replicas' clocks differ."""
+    twin_id = "org.acme:held"
+    await store.write(change(None, twin_id, {"desired": {"n": 0}}))
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    await left_claim(ferretdb_server.url, unique_name, twin_id, an_hour_ago)
+    current = await store.get(twin_id)
+    assert current is not None
+    for _ in range(3):
+        with pytest.raises(RevisionConflict):
+            await store.write(change(current, twin_id, {"desired": {"n": 1}}))
+    twin = await store.get(twin_id)
+    assert twin is not None and twin.revision == 1
+
+
+def test_a_write_through_the_service_outlasts_a_dead_writers_claim(
+    ferretdb_server: FerretDB, service_factory: Callable[..., ServiceProcess], unique_name: str
+) -> None:
+    """The service's retries of a twin whose claim a dead writer holds wait for the lease to
+    end rather than spend their attempts in the first seconds and answer 409
+    twin.contention (a device's report was rejected that way)."""
+    env = mongodb_env(ferretdb_server.url, unique_name)
+    env["TWIN_MONGODB__GAP_TIMEOUT_SECONDS"] = "4"  # a lease of 6 s
+    proc = service_factory(env=env)
+    twin_id = "org.acme:outlasts"
+    with proc.client() as api:
+        assert api.put(f"/api/v1/twins/{twin_id}", json={"desired": {"n": 0}}).status_code == 201
+        asyncio.run(left_claim(ferretdb_server.url, unique_name, twin_id))
+        response = api.put(f"/api/v1/twins/{twin_id}/desired/n", json=1, timeout=120)
+        assert response.status_code == 204, response.text
+        twin = api.get(f"/api/v1/twins/{twin_id}").json()
+    assert twin["desired"] == {"n": 1} and twin["revision"] == 2
+    assert "taken for dead" in proc.log_tail(100_000)
