@@ -477,6 +477,8 @@ class MongoStore:
             # journaled by readers or the sweep; if not, readers fence the number off.
             raise unconfirmed(f"The database did not confirm this write ({exc})") from exc
         if not committed:
+            if claimed is not None:  # the twin is as it was: this process may claim it again
+                self._claims_seen[claimed[0]] = -math.inf
             await self._fence_quietly(seq)
             raise RevisionConflict(
                 f"Twin {write.twin_id} is not at revision {write.expected_revision}."
