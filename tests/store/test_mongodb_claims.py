@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,29 +17,19 @@ from tests.servers.ferretdb import FerretDB
 from tests.service_fixtures import mongodb_env
 from tests.service_process import ServiceProcess
 from tests.store.contract import change
-from twin_service.settings import Settings
-from twin_service.store.base import RevisionConflict
-from twin_service.store.mongodb import MongoStore
+from tests.store_fixtures import StoreFactory
+from twin_service.store.base import RevisionConflict, TwinStore
 
 GAP = 1.0  # gap_timeout_seconds: a claim is taken for dead after 1.5 of them
 
 
+# The store fixture on the MongoDB store only (FerretDB is the one with claims).
+on_ferretdb = pytest.mark.parametrize("store_factory", ["mongodb"], indirect=True)
+
+
 @pytest.fixture
-async def store(
-    ferretdb_server: FerretDB, tmp_path: Path, unique_name: str
-) -> AsyncIterator[MongoStore]:
-    settings = Settings(
-        data_dir=tmp_path,
-        store="mongodb",
-        mongodb_url=ferretdb_server.url,
-        mongodb={"database": unique_name, "gap_timeout_seconds": GAP},
-    )
-    opened = MongoStore(settings)
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
+async def store(store_factory: StoreFactory) -> TwinStore:
+    return await store_factory(gap_timeout_seconds=GAP)
 
 
 async def left_claim(url: str, database: str, twin_id: str, at: datetime | None = None) -> None:
@@ -57,8 +46,9 @@ async def left_claim(url: str, database: str, twin_id: str, at: datetime | None 
         await client.close()
 
 
+@on_ferretdb
 async def test_a_dead_writers_claim_lapses(
-    store: MongoStore, ferretdb_server: FerretDB, unique_name: str
+    store: TwinStore, ferretdb_server: FerretDB, unique_name: str
 ) -> None:
     twin_id = "org.acme:claimed"
     await store.write(change(None, twin_id, {"desired": {"n": 0}}))
@@ -83,8 +73,9 @@ async def test_a_dead_writers_claim_lapses(
     await store.write(change(twin, twin_id, {"desired": {"n": 2}}))
 
 
+@on_ferretdb
 async def test_a_live_claim_is_not_taken(
-    store: MongoStore, ferretdb_server: FerretDB, unique_name: str
+    store: TwinStore, ferretdb_server: FerretDB, unique_name: str
 ) -> None:
     """Another store (a replica) that sees a claim for the first time leaves it to its
     holder, however old the claim's own timestamp says it is: replicas' clocks differ."""

@@ -196,9 +196,9 @@ class WriterProcess:
             if not self._unsent and self._loop is not None:
                 self._loop.remove_writer(channel.fileno())
 
-    def check(self) -> bool:
+    def check(self) -> None:
         """If the process exited and its channel is still open, read the channel to its end
-        here, so that every request in flight is answered; True when that was needed.
+        here, so that every request in flight is answered.
 
         Called on the listening loop. Normally the loop reads the end of the channel the
         moment the process dies, and this finds nothing to do. It is the backstop for a loop
@@ -209,7 +209,7 @@ class WriterProcess:
         """
         channel, proc = self._channel, self._proc
         if channel is None or proc is None or proc.poll() is None:
-            return False
+            return
         log.error(
             "the SQLite writer process exited (status %s) and the event loop had not read "
             "the end of its channel; answering what it left in flight",
@@ -218,7 +218,6 @@ class WriterProcess:
         while self._channel is channel:
             if not self._readable(channel):  # an exited writer's channel always ends
                 self._ended(channel)
-        return True
 
     def _readable(self, channel: Connection) -> bool:
         """Take the answers that arrived; False if nothing could be read."""
