@@ -377,6 +377,15 @@ async def _fault(fleet: Fleet, kinds: list[str], rng: random.Random) -> str:
         assert fleet.broker is not None, "main() allows broker faults only on mosquitto"
         await fleet.broker.arestart()
         return "broker restart"
+    if kind == "store":
+        # A crash of the database server itself: writes fail until it is back, and a report
+        # whose write failed must stay unacknowledged for the broker to deliver it again.
+        assert fleet.ferretdb is not None, "main() allows store faults only on --store mongodb"
+        fleet.ferretdb.kill()
+        down = rng.uniform(0.5, 3.0)
+        await asyncio.sleep(down)
+        await fleet.ferretdb.astart()
+        return f"SIGKILL of FerretDB, back after {down:.1f} s"
     n = rng.randrange(len(fleet.replicas))
     if kind == "writer":
         os.kill(await asyncio.to_thread(fleet.replicas[n].writer_pid), signal.SIGKILL)
@@ -405,7 +414,9 @@ def main() -> int:
     )
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
-    parser.add_argument("--faults", default="kill,broker", help="kill, writer and/or broker")
+    parser.add_argument(
+        "--faults", default="kill,broker", help="kill, writer, broker and/or store (FerretDB)"
+    )
     parser.add_argument("--events", type=int, default=3, help="faults in the second phase")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
@@ -413,12 +424,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     kinds = [k for k in args.faults.split(",") if k]
-    if not kinds or set(kinds) - {"kill", "writer", "broker"}:
-        parser.error("--faults takes kill, writer and/or broker")
+    if not kinds or set(kinds) - {"kill", "writer", "broker", "store"}:
+        parser.error("--faults takes kill, writer, broker and/or store")
     if args.broker == "embedded" and (args.replicas != 1 or "broker" in kinds):
         parser.error("--broker embedded: one replica (the broker is in it), no broker faults")
     if args.store == "mongodb" and "writer" in kinds:
         parser.error("--faults writer: the SQLite writer process, not on --store mongodb")
+    if args.store != "mongodb" and "store" in kinds:
+        parser.error("--faults store: a kill of FerretDB, only on --store mongodb")
     print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
