@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from connectivity.credentials import mqtt_username
-from connectivity.errors import RequestRejected
+from connectivity.errors import MqttUnavailable, NotConnected, RequestRejected
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import LastWill, MqttOptions
@@ -41,6 +42,11 @@ class DeviceConfig:
     reconnect_min_delay: float = 0.5
     reconnect_max_delay: float = 60.0
     request_timeout: float = 10.0
+    #: How long a request is sent again, with the same clientToken, after an outcome that a
+    #: later attempt may change (see :func:`worth_sending_again`); 0 sends it once.
+    retry_for: float = 30.0
+    retry_min_delay: float = 0.25
+    retry_max_delay: float = 4.0
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -58,6 +64,8 @@ class DeviceClient:
         #: The last ``get/accepted`` document, refreshed on every reconnection.
         self.twin: dict[str, Any] | None = None
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._stopped = False
+        self._subscribed = asyncio.Event()
         self._client = MqttClient(
             MqttOptions(
                 url=config.url,
@@ -87,16 +95,26 @@ class DeviceClient:
         return self._client
 
     async def start(self, timeout: float = 30.0) -> None:
-        """Connect, subscribe, announce ``online`` and fetch the twin."""
+        """Connect and subscribe; then, in the background, announce ``online`` and fetch the
+        twin (:attr:`twin`)."""
         await self._client.subscribe(self.topic("delta"), 1, self._on_delta)
         for suffix in _REPLIES:
             await self._client.subscribe(self.topic(suffix), 1, self._on_reply)
         self._client.on_connect(self._announce)
         await self._client.start()
         await self._client.wait_connected(timeout)
+        try:
+            # Connected is not yet subscribed: an answer to a request sent before the broker
+            # took the subscriptions would go nowhere.
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+        except TimeoutError:
+            raise NotConnected(
+                f"the broker did not acknowledge the subscriptions within {timeout}s"
+            ) from None
 
     async def stop(self) -> None:
         """Publish ``offline`` (retained) and disconnect."""
+        self._stopped = True
         if self._client.connected:
             try:
                 await self._client.publish(self.topic("status"), b"offline", retain=True)
@@ -121,8 +139,12 @@ class DeviceClient:
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """Report state; returns the accepted body or raises :class:`RequestRejected`, or
-        :class:`NoSubscriber` when the broker took it with no one subscribed (MQTT 5; the
-        service is not subscribed yet after a broker restart): send it again, same token.
+        an :class:`MqttUnavailable` or ``TimeoutError`` when no answer came.
+
+        An outcome that a later attempt may change is retried for ``config.retry_for``
+        seconds with the same clientToken, which the service applies once however often it
+        arrives: a ``twin.contention`` rejection, no subscriber (MQTT 5: the service is not
+        subscribed yet after a broker restart), no connection, and no answer in time.
 
         ``desired_version`` says which desired version the device has applied; ``rejected`` maps
         JSON pointers of desired values the device refuses to apply to reasons.
@@ -146,8 +168,27 @@ class DeviceClient:
     async def _request(
         self, suffix: str, body: dict[str, Any], timeout: float | None, token: str | None = None
     ) -> dict[str, Any]:
-        token = token or uuid.uuid4().hex
-        body = {**body, "clientToken": token}
+        # One token for every attempt: the service applies a report once however often it
+        # comes, and an answer to an earlier attempt answers this one as well.
+        body = {**body, "clientToken": token or uuid.uuid4().hex}
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.config.retry_for
+        delay = self.config.retry_min_delay
+        while True:
+            try:
+                return await self._send(suffix, body, timeout)
+            except Exception as exc:
+                again = worth_sending_again(exc) and not self._stopped
+                if not again or loop.time() + delay > give_up:
+                    raise
+                log.info("sending %s again in %.2f s: %s", suffix, delay, exc)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.config.retry_max_delay)
+
+    async def _send(
+        self, suffix: str, body: dict[str, Any], timeout: float | None
+    ) -> dict[str, Any]:
+        token = body["clientToken"]
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[token] = fut
         try:
@@ -162,8 +203,11 @@ class DeviceClient:
             self._waiters.pop(token, None)
 
     async def _announce(self) -> None:
+        # The client runs its connect listeners once its subscriptions are acknowledged.
+        self._subscribed.set()
         await self._client.publish(self.topic("status"), b"online", retain=True)
-        await self.get()
+        # Sent once: should this connection drop, the next one sends its own.
+        self.twin = await self._send("get", {"clientToken": uuid.uuid4().hex}, None)
 
     async def _on_delta(self, msg: InboundMessage) -> None:
         if not msg.payload:
@@ -183,6 +227,16 @@ class DeviceClient:
             fut.set_exception(RequestRejected(body))
         else:
             fut.set_result(body)
+
+
+def worth_sending_again(exc: BaseException) -> bool:
+    """Whether a request that ended in ``exc`` may get another outcome if sent again."""
+    if isinstance(exc, RequestRejected):
+        # The twin was busy; every other rejection is about the request itself.
+        return exc.code == "twin.contention"
+    if isinstance(exc, MqttUnavailable):
+        return exc.retry_after_seconds is not None  # not a refusal by the broker's ACL
+    return isinstance(exc, TimeoutError)
 
 
 def _json(msg: InboundMessage) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,8 @@ class FakeService:
         self.status: dict[str, str] = {}
         self.live: list[Any] = []
         self.revision = 0
+        #: Reports received, by clientToken.
+        self.attempts: Counter[str] = Counter()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -44,7 +47,8 @@ class FakeService:
         body = json.loads(m.payload)
         if suffix == "live/update":
             self.live.append(body)
-        elif suffix == "get":
+            return
+        if suffix == "get":
             self._reply(
                 twin,
                 "get/accepted",
@@ -57,7 +61,19 @@ class FakeService:
                     "clientToken": body["clientToken"],
                 },
             )
-        elif "bad" in body["state"]:
+            return
+        token = body["clientToken"]
+        self.attempts[token] += 1
+        state = body["state"]
+        if self.attempts[token] <= state.get("mute", 0):
+            return  # as if the answer were lost
+        if self.attempts[token] <= state.get("busy", 0):
+            self._reply(
+                twin,
+                "reported/update/rejected",
+                {"clientToken": token, "code": 409, "error": "twin.contention", "message": "busy"},
+            )
+        elif "bad" in state:
             self._reply(
                 twin,
                 "reported/update/rejected",
@@ -130,3 +146,85 @@ async def test_device_basics(
     await dev.stop()
     await eventually(lambda: service.status.get(twin) == "offline")
     service.send_delta(twin, {"state": {}, "desiredVersion": 2})  # clear the retained delta
+
+
+def _device(mosquitto_server: Mosquitto, prefix: str, **config: Any) -> DeviceClient:
+    return DeviceClient(
+        DeviceConfig(
+            url=mosquitto_server.url,
+            twin_id="org.acme:pump-2",
+            password="unused",
+            topic_prefix=f"{prefix}/{{twinId}}",
+            client_id=f"{prefix}-dev",
+            **config,
+        )
+    )
+
+
+async def test_report_sent_again_while_the_twin_is_busy(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    dev = _device(mosquitto_server, unique_name, retry_min_delay=0.05)
+    await dev.start()
+    try:
+        accepted = await dev.report({"busy": 2}, client_token="tok-busy")
+        assert accepted["clientToken"] == "tok-busy"
+        assert service.attempts["tok-busy"] == 3  # two twin.contention answers, then accepted
+
+        # A rejection of the report itself gets the same answer every time: sent once.
+        with pytest.raises(RequestRejected) as info:
+            await dev.report({"bad": True}, client_token="tok-bad")
+        assert info.value.code == "patch.invalid"
+        assert service.attempts["tok-bad"] == 1
+    finally:
+        await dev.stop()
+
+
+async def test_report_gives_up_on_a_busy_twin_after_retry_for(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    dev = _device(mosquitto_server, unique_name, retry_for=1.0, retry_min_delay=0.1)
+    await dev.start()
+    try:
+        with pytest.raises(RequestRejected) as info:
+            await dev.report({"busy": 1000}, client_token="tok-forever")
+        assert info.value.code == "twin.contention"
+        assert 2 <= service.attempts["tok-forever"] <= 10
+    finally:
+        await dev.stop()
+
+
+async def test_report_without_an_answer_is_sent_again(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    dev = _device(mosquitto_server, unique_name, request_timeout=0.5, retry_min_delay=0.05)
+    await dev.start()
+    try:
+        accepted = await dev.report({"mute": 1}, client_token="tok-lost")
+        assert accepted["clientToken"] == "tok-lost"
+        assert service.attempts["tok-lost"] == 2
+    finally:
+        await dev.stop()
+
+
+async def test_report_sent_again_until_the_service_subscribes(
+    mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    """MQTT 5: the broker drops a report no one subscribed to (the service's subscription is
+    not back yet after a broker restart) and says so; the device sends it again."""
+    assert mosquitto_server.port is not None
+    dev = _device(mosquitto_server, unique_name, retry_min_delay=0.1, request_timeout=30)
+    await dev.start()
+    try:
+        report = asyncio.create_task(dev.report({"speed": 1}, client_token="tok-early"))
+        await asyncio.sleep(0.5)
+        assert not report.done()
+        late = FakeService(mosquitto_server.port, unique_name)
+        try:
+            accepted = await asyncio.wait_for(report, 10)
+            assert accepted["clientToken"] == "tok-early"
+            assert late.attempts["tok-early"] == 1  # the earlier ones went nowhere
+        finally:
+            late.close()
+    finally:
+        await dev.stop()
