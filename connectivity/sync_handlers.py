@@ -2,8 +2,9 @@
 and answered. The MQTT client acknowledges a message only after its handler returned, so a
 handler returns only once the write is committed (or the message is answered as rejected).
 
-A store that is unavailable is retried for a while; if it stays down the handler raises, the
-message stays unacknowledged and the broker redelivers it on the next session.
+A store that is unavailable is retried for as long as it stays down: the message cannot be
+acknowledged before its write, and the broker would send it again only on a new session (see
+_retry). The handlers that wait hold the intake back meanwhile.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 Reply = Callable[[InboundMessage, str, str, JSONObject], Awaitable[None]]
 T = TypeVar("T")
 
-#: Back-off (seconds) while the store is unavailable, before leaving the message unacked.
+#: Back-off (seconds) while the store is unavailable; the last one repeats until it is back.
 _STORE_RETRIES = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -299,10 +300,21 @@ class DeviceHandlers:
         )
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        for delay in _STORE_RETRIES:
+        """``call()``, again and again while the store is unavailable.
+
+        Giving up would leave the message unacknowledged on a connection that goes on: the
+        broker sends it again only on a new session, so it stayed stuck after the store came
+        back, and once mosquitto's ``max_inflight_messages`` of them were stuck it sent this
+        client nothing more (a test on FerretDB showed the first). Shutdown cancels the wait;
+        the message is then sent to the next session.
+        """
+        attempt = 0
+        while True:
             try:
                 return await call()
             except Unavailable as exc:
-                log.warning("store unavailable, retrying in %ss: %s", delay, exc)
+                delay = _STORE_RETRIES[min(attempt, len(_STORE_RETRIES) - 1)]
+                if attempt < len(_STORE_RETRIES) or attempt % 8 == 0:  # a line a minute later
+                    log.warning("store unavailable, retrying in %ss: %s", delay, exc)
                 await asyncio.sleep(delay)
-        return await call()
+            attempt += 1
