@@ -159,3 +159,13 @@ class Unavailable(TwinServiceError):
     #: Seconds a client should wait before it tries again (HTTP ``Retry-After``), or
     #: ``None`` where trying again cannot help until an operator acts (a broker's refusal).
     retry_after_seconds: ClassVar[int | None] = 1
+
+
+class StoreFull(Unavailable):
+    """The store has no room for the write: the disk is full, or the SQLite database reached
+    ``sqlite.max_database_mib``. Nothing was written; writes succeed again once there is
+    room (an operator frees space or raises the limit)."""
+
+    status = 507
+    default_code = "store.full"
+    retry_after_seconds = None

@@ -104,6 +104,13 @@ class SqliteSettings(BaseModel):
             raise ValueError(f"{value} is not a power of two")
         return value
 
+    max_database_mib: int = Field(
+        0,
+        ge=0,
+        description="Largest size of the database (MiB; 0: no limit but the disk's). A write "
+        "that would grow it further gets 507 store.full, as on a full disk, and changes "
+        "nothing. A database already larger does not grow.",
+    )
     cache_mib: int = Field(64, ge=1, description="Page cache of each reading connection (MiB).")
     writer_cache_mib: int = Field(
         4,

@@ -110,6 +110,7 @@ _DESCRIPTIONS = {
     413: "Request or resulting twin too large",
     415: "Unsupported Content-Type",
     503: "Store, index or broker unavailable, or the service stopping",
+    507: "No room in the store for this write (full disk, or sqlite.max_database_mib)",
 }
 
 _HEADERS: dict[int, dict[str, Any]] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search import sqlite as sqlite_index
-from twin_service.errors import Unavailable
+from twin_service.errors import StoreFull, Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifetime, unconfirmed
 from twin_service.store.sqlite_writer import (
@@ -560,8 +560,15 @@ def _unsettled(error: BaseException) -> BaseException:
 
 
 def _unavailable(error: BaseException) -> BaseException:
-    """What a caller gets for a failed request: the database or the writer process failing
-    is a 503; anything else (a refusal, a bug) is passed on as it is."""
+    """What a caller gets for a failed request: no room for it is a 507, the database or
+    the writer process failing a 503; anything else (a refusal, a bug) is passed on as it
+    is."""
+    if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StoreFull(
+            f"The twin store has no room for this write ({error}); nothing was written.",
+            description="Free space on the data directory's disk, or raise "
+            "sqlite.max_database_mib.",
+        )
     if isinstance(error, (sqlite3.Error, WriterGone, OSError)):
         return Unavailable(f"The twin store failed to commit: {error}")
     return error

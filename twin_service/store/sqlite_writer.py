@@ -175,6 +175,12 @@ class SqliteWriter:
         # system's 3.40 confirms the gain). A small cache bounds the walk; pages it no
         # longer keeps are read through the memory map, or from the WAL.
         conn.execute(f"PRAGMA cache_size = -{int(self._config.settings.writer_cache_mib) * 1024}")
+        if self._config.settings.max_database_mib:
+            # Only this connection writes; SQLite keeps the database under the page count
+            # (never below its current one) and answers SQLITE_FULL past it.
+            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+            limit = self._config.settings.max_database_mib * 1024 * 1024 // page_size
+            conn.execute(f"PRAGMA max_page_count = {int(limit)}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in (*SCHEMA, *sqlite_index.SCHEMA):

@@ -123,7 +123,7 @@ def _not_modified(if_none_match: str | None, twin: Twin) -> bool:
     "/twins",
     status_code=201,
     response_model=TwinDocument,
-    responses=errors(413, 415),
+    responses=errors(413, 415, 507),
     openapi_extra=json_request_body(TwinWrite.model_json_schema()),
     summary="Create a twin with a generated id in the default namespace",
 )
@@ -231,7 +231,7 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
     "/twins/{twin_id}",
     response_model=TwinDocument,
     status_code=200,
-    responses={**errors(404, 409, 412, 413, 415), 201: {"model": TwinDocument}},
+    responses={**errors(404, 409, 412, 413, 415, 507), 201: {"model": TwinDocument}},
     openapi_extra={
         **json_request_body(TwinWrite.model_json_schema()),
         **documented(*WRITE_OPTIONS),
@@ -262,7 +262,7 @@ async def put_twin(
 @router.patch(
     "/twins/{twin_id}",
     response_model=TwinDocument,
-    responses=errors(404, 409, 412, 413, 415),
+    responses=errors(404, 409, 412, 413, 415, 507),
     openapi_extra={
         **json_request_body(None, MERGE, JSON_PATCH),
         **documented(*WRITE_OPTIONS),
@@ -295,7 +295,7 @@ async def patch_twin(request: Request, twin_id: TwinId) -> Response:
 @router.delete(
     "/twins/{twin_id}",
     status_code=204,
-    responses=errors(404, 409, 412),
+    responses=errors(404, 409, 412, 507),
     openapi_extra=documented(*PRECONDITIONS),
 )
 async def delete_twin(
@@ -338,13 +338,13 @@ _MERGE_EXTRA = {**json_request_body(None, MERGE), **documented(*WRITE_OPTIONS)}
 @router.put(
     "/twins/{twin_id}/{section:twin_section}",
     status_code=204,
-    responses={**errors(404, 409, 412, 413, 415), 201: {"description": "Created"}},
+    responses={**errors(404, 409, 412, 413, 415, 507), 201: {"description": "Created"}},
     openapi_extra=_WRITE_EXTRA,
 )
 @router.put(
     "/twins/{twin_id}/{section:twin_section}/{pointer:path}",
     status_code=204,
-    responses={**errors(404, 409, 412, 413, 415), 201: {"description": "Created"}},
+    responses={**errors(404, 409, 412, 413, 415, 507), 201: {"description": "Created"}},
     openapi_extra=_WRITE_EXTRA,
 )
 async def put_section(
@@ -385,13 +385,13 @@ async def put_section(
 @router.patch(
     "/twins/{twin_id}/{section:twin_section}",
     status_code=204,
-    responses=errors(404, 409, 412, 413, 415),
+    responses=errors(404, 409, 412, 413, 415, 507),
     openapi_extra=_MERGE_EXTRA,
 )
 @router.patch(
     "/twins/{twin_id}/{section:twin_section}/{pointer:path}",
     status_code=204,
-    responses=errors(404, 409, 412, 413, 415),
+    responses=errors(404, 409, 412, 413, 415, 507),
     openapi_extra=_MERGE_EXTRA,
 )
 async def patch_section(
@@ -420,13 +420,13 @@ _DELETE_EXTRA = documented(*PRECONDITIONS)
 @router.delete(
     "/twins/{twin_id}/{section:twin_section}",
     status_code=204,
-    responses=errors(404, 409, 412),
+    responses=errors(404, 409, 412, 507),
     openapi_extra=_DELETE_EXTRA,
 )
 @router.delete(
     "/twins/{twin_id}/{section:twin_section}/{pointer:path}",
     status_code=204,
-    responses=errors(404, 409, 412),
+    responses=errors(404, 409, 412, 507),
     openapi_extra=_DELETE_EXTRA,
 )
 async def delete_section(
