@@ -205,9 +205,12 @@ class DeviceClient:
     async def _announce(self) -> None:
         # The client runs its connect listeners once its subscriptions are acknowledged.
         self._subscribed.set()
-        await self._client.publish(self.topic("status"), b"online", retain=True)
-        # Sent once: should this connection drop, the next one sends its own.
-        self.twin = await self._send("get", {"clientToken": uuid.uuid4().hex}, None)
+        try:
+            await self._client.publish(self.topic("status"), b"online", retain=True)
+            await self.get()
+        except (MqttUnavailable, RequestRejected, TimeoutError) as exc:
+            # The retained delta still comes; the next connection fetches the twin again.
+            log.warning("could not fetch the twin after connecting: %s", exc)
 
     async def _on_delta(self, msg: InboundMessage) -> None:
         if not msg.payload:
