@@ -304,9 +304,10 @@ class DeviceHandlers:
 
         Giving up would leave the message unacknowledged on a connection that goes on: the
         broker sends it again only on a new session, so it stayed stuck after the store came
-        back, and once mosquitto's ``max_inflight_messages`` of them were stuck it sent this
-        client nothing more (a test on FerretDB showed the first). Shutdown cancels the wait;
-        the message is then sent to the next session.
+        back (a test on FerretDB showed it). And a broker sends a client only so many
+        unacknowledged messages at a time (mosquitto's ``max_inflight_messages``): enough
+        stuck ones would stop the intake. Shutdown cancels the wait; the message then goes
+        to the next session.
         """
         attempt = 0
         while True:
