@@ -196,6 +196,45 @@ async def test_crash_after_commit_loses_nothing(
     assert await probe.count("eq(desired/on,true)") == 50
 
 
+async def test_writes_while_the_engine_does_not_answer_are_all_indexed_after(
+    search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
+) -> None:
+    """Writes do not wait for the index: while the engine is frozen (nothing answers, its
+    connections stay open) they are all accepted, searches that wait for them say so, and
+    once it answers again the indexer catches up with every one."""
+    env = es_env(
+        search_engine,
+        alias,
+        TWIN_ELASTICSEARCH__REQUEST_TIMEOUT_SECONDS="1",
+        TWIN_ELASTICSEARCH__WAIT_TIMEOUT_SECONDS="1",
+        TWIN_ELASTICSEARCH__RETRY_MAX_SECONDS="1",
+    )
+    proc = ServiceProcess(tmp_path / "frozen", env=env).start()
+    try:
+        with proc.client() as api:
+            put(api, "org.acme:f-before", {"desired": {"n": -1}})
+            wait_converged(api)
+            with search_engine.frozen():
+                seqs = [
+                    put(api, f"org.acme:f{i:02d}", {"desired": {"n": i}}).headers["X-Twin-Seq"]
+                    for i in range(40)
+                ]
+                waited = api.get("/api/v1/search/twins/count", params={"waitFor": seqs[-1]})
+                assert waited.status_code == 503, waited.text
+                assert waited.json()["error"] == "index.timeout"
+                check = index_check(api)
+                assert check["backlog"] == 40 and check["status"] == "down", check
+            wait_converged(api, timeout=60)
+            count = api.get(
+                "/api/v1/search/twins/count",
+                params={"filter": "ge(desired/n,0)", "waitFor": seqs[-1]},
+            )
+            assert count.json() == {"count": 40}, count.text
+    finally:
+        proc.stop()
+    assert await probe.count("ge(desired/n,0)") == 40
+
+
 async def test_rebuild_indexes_an_existing_store(
     search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
 ) -> None:

@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -210,6 +211,18 @@ class SearchEngine:
         if workdir is not None and not self.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         return code
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The node stopped (SIGSTOP of its process group) for the ``with`` block, then
+        continued: its connections stay open and nothing answers, as in a long pause of
+        its JVM or a network partition."""
+        assert self._popen is not None, "the node is not running"
+        _signal_group(self._popen.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            _signal_group(self._popen.pid, signal.SIGCONT)
 
     def __enter__(self) -> SearchEngine:
         return self.start()
