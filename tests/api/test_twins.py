@@ -524,6 +524,13 @@ def test_health_ready_and_openapi(service: ServiceProcess) -> None:
         assert client.get("/health").json()["status"] == "ok"
         ready = client.get("/ready")
         assert ready.status_code == 200 and ready.json()["checks"]["store"]["status"] == "up"
+        only_store = client.get("/ready", params={"require": "store"})
+        assert only_store.status_code == 200
+        assert only_store.json()["checks"].keys() == ready.json()["checks"].keys()
+        unknown = client.get("/ready", params={"require": "store,elastic"})
+        assert unknown.status_code == 400, unknown.text
+        assert unknown.json()["error"] == "request.invalid"
+        assert "elastic" in unknown.json()["message"]
         spec = client.get("/openapi.json").json()
         put_twin = spec["paths"]["/api/v1/twins/{twin_id}"]["put"]
         assert {"201", "400", "401", "403", "412", "413", "415"} <= set(put_twin["responses"])

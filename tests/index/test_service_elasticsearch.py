@@ -224,6 +224,11 @@ async def test_writes_while_the_engine_does_not_answer_are_all_indexed_after(
                 assert waited.json()["error"] == "index.timeout"
                 check = index_check(api)
                 assert check["backlog"] == 40 and check["status"] == "down", check
+                # Not ready as a whole, but ready to serve twins (the manifests' probe).
+                assert api.get("/ready").status_code == 503
+                probe_answer = api.get("/ready", params={"require": "store"})
+                assert probe_answer.status_code == 200, probe_answer.text
+                assert probe_answer.json()["checks"]["index"]["status"] == "down"
             wait_converged(api, timeout=60)
             count = api.get(
                 "/api/v1/search/twins/count",

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from twin_service import __version__
 from twin_service.api.deps import Context
-from twin_service.errors import TwinServiceError
+from twin_service.api.schemas import ErrorBody
+from twin_service.errors import BadRequest, TwinServiceError
 
 router = APIRouter(tags=["health"])
 
@@ -27,10 +28,33 @@ async def health() -> dict[str, str]:
 @router.get(
     "/ready",
     summary="Readiness: the store (and broker, index when configured) can serve",
-    responses={503: {"description": "A dependency is not ready"}},
+    responses={
+        400: {"model": ErrorBody, "description": "Unknown check in `require`"},
+        503: {"description": "A dependency is not ready"},
+    },
     openapi_extra=PUBLIC,
 )
-async def ready(ctx: Context) -> JSONResponse:
+async def ready(
+    ctx: Context,
+    require: Annotated[
+        str | None,
+        Query(
+            description="Comma-separated checks that decide the status code (all by default; "
+            "the body shows every check either way). `store` suits a Kubernetes readiness "
+            "probe: a search engine or broker that is down for every replica should not take "
+            "every replica out of the Service, since twins are still read and written."
+        ),
+    ] = None,
+) -> JSONResponse:
+    known = ["store", *ctx.readiness]
+    counted = set(known) if require is None else {n.strip() for n in require.split(",")}
+    unknown = sorted(counted - set(known))
+    if unknown:
+        raise BadRequest(
+            f"Unknown readiness check(s) {', '.join(unknown)}: this service has "
+            f"{', '.join(known)}.",
+            code="request.invalid",
+        )
     checks: dict[str, object] = {}
     ok = True
     try:
@@ -38,14 +62,14 @@ async def ready(ctx: Context) -> JSONResponse:
         writes = {"committed": ctx.service.committed, "retried": ctx.service.retried}
         checks["store"] = {"status": "up", **ctx.store.describe(), "writes": writes}
     except TwinServiceError as exc:
-        ok = False
+        ok = ok and "store" not in counted
         checks["store"] = {"status": "down", "error": exc.message}
     for name, probe in ctx.readiness.items():
         result = probe()
         if inspect.isawaitable(result):
             result = await result
         checks[name] = result
-        if isinstance(result, dict) and result.get("status") != "up":
+        if name in counted and isinstance(result, dict) and result.get("status") != "up":
             ok = False
     return JSONResponse(
         {"status": "ready" if ok else "unavailable", "checks": checks},
