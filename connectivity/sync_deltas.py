@@ -32,6 +32,7 @@ from connectivity.sync_messages import delta_message
 from connectivity.topics import TopicLayout, fits_topics
 from search.rql.parser import parse_filter
 from search.rql.query import SearchQuery
+from twin_service.errors import Unavailable
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin
@@ -168,7 +169,13 @@ class DeltaPublisher:
             while twin_id in self._pending:
                 job = self._pending.pop(twin_id)
                 if await self._publish_job(twin_id, job):
-                    newer = await self._store.get(twin_id)
+                    try:
+                        newer = await self._store.get(twin_id)
+                    except Unavailable as exc:
+                        # Only a newer commit of another replica is missed (it publishes its
+                        # own delta too); leaving here would strand a job queued meanwhile.
+                        log.warning("delta of %s: could not look for a newer one: %s", twin_id, exc)
+                        continue
                     if newer is not None and newer.revision > job.revision:
                         self.submit(twin_id, _Job(newer.revision, newer))
         finally:
