@@ -31,6 +31,7 @@ from connectivity.retained import read_retained
 from connectivity.sync_deltas import DeltaPublisher
 from connectivity.sync_handlers import DeviceHandlers, HandlerSettings, ignoring_replays
 from connectivity.topics import SHARE_PREFIX, TopicLayout
+from twin_service.errors import Unavailable
 from twin_service.tasks import stop_task
 from twin_service.twin.document import now_iso
 from twin_service.twin.jsonvalue import dumps
@@ -299,22 +300,36 @@ class MqttSync:
         task.add_done_callback(self._background.discard)
 
     async def _republish(self, superseded: asyncio.Task[None] | None) -> None:
-        assert self.deltas is not None and self._options is not None
+        """Republish and correct the deltas, again until it succeeds while the store or the
+        broker cannot serve (the next connection's pass supersedes this one). Given up after
+        one failure, a delta the broker lost or holds stale stayed so until the next
+        reconnection, however long that took."""
         await stop_task(superseded)
-        try:
-            count = await self.deltas.republish()
-            log.info("republishing %d deltas after connecting", count)
-            topic_filter = self.layout.all_twins("delta")
-            retained = await read_retained(self._options, topic_filter)
-            held = {
-                twin_id: payload
-                for topic, payload in retained.items()
-                if (twin_id := self.layout.twin_id(topic)) is not None
-            }
-            corrected = await self.deltas.correct(held)
-        except Exception:
-            log.exception("republishing deltas failed")
-            return
+        delay = 1.0
+        while True:
+            try:
+                await self._republish_once()
+                return
+            except Unavailable as exc:
+                log.warning("republishing deltas failed, again in %.0f s: %s", delay, exc)
+            except Exception:
+                log.exception("republishing deltas failed")
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _republish_once(self) -> None:
+        assert self.deltas is not None and self._options is not None
+        count = await self.deltas.republish()
+        log.info("republishing %d deltas after connecting", count)
+        topic_filter = self.layout.all_twins("delta")
+        retained = await read_retained(self._options, topic_filter)
+        held = {
+            twin_id: payload
+            for topic, payload in retained.items()
+            if (twin_id := self.layout.twin_id(topic)) is not None
+        }
+        corrected = await self.deltas.correct(held)
         log.info("correcting %d of the %d deltas the broker retains", corrected, len(held))
 
     async def _publish_delta(self, topic: str, payload: bytes) -> None:

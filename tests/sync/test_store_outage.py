@@ -1,10 +1,14 @@
-"""Device messages while the store is out of reach: none is lost, and none stays stuck."""
+"""While the store is out of reach: no device message is lost or stuck, no delta left wrong."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
+from connectivity.options import MqttOptions
+from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.service_fixtures import mongodb_env
@@ -41,4 +45,50 @@ async def test_reports_sent_during_a_long_store_outage_are_applied_when_it_is_ba
     finally:
         if device is not None:
             await device.stop()
+        proc.stop()
+
+
+async def _retained_delta(url: str, twin: str) -> dict[str, object] | None:
+    held = await read_retained(
+        MqttOptions(url=url, client_id=f"probe-{time.monotonic_ns()}"),
+        f"twins/{twin}/delta",
+        quiet_seconds=0.3,
+    )
+    payload = held.get(f"twins/{twin}/delta")
+    return json.loads(payload) if payload else None
+
+
+async def test_deltas_are_put_right_when_the_store_is_back_after_a_reconnection(
+    fresh_ferretdb: FerretDB, fresh_mosquitto: Mosquitto, tmp_path: Path, unique_name: str
+) -> None:
+    """After each connection the service republishes the deltas and corrects those the
+    broker holds wrongly. With the store down at that moment it used to give up at once,
+    and the broker's wrong delta stayed until the next reconnection."""
+    env = mongodb_env(fresh_ferretdb.url, unique_name)
+    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "200"
+    proc = sync_service(tmp_path / "svc", fresh_mosquitto.url, **env, **QUIET)
+    try:
+        wait_mqtt_up(proc)
+        twin = "org.acme:lost-delta"
+        with proc.client() as api:
+            put_twin(api, twin, desired={"n": 1})
+        deadline = time.monotonic() + 15
+        while await _retained_delta(fresh_mosquitto.url, twin) is None:
+            assert time.monotonic() < deadline, "the delta was never published"
+        fresh_ferretdb.stop()
+        # The broker loses the delta (a restart without persistence does that), and the
+        # service connects again while its store is down.
+        wiper = await _publisher(fresh_mosquitto.url, f"{unique_name}-wiper")
+        await wiper.publish(f"twins/{twin}/delta", b"", retain=True)
+        await wiper.stop()
+        await fresh_mosquitto.arestart()
+        wait_mqtt_up(proc, timeout=30)
+        await asyncio.sleep(2)  # its pass after connecting has met the store down
+        assert await _retained_delta(fresh_mosquitto.url, twin) is None
+        await fresh_ferretdb.astart()
+        deadline = time.monotonic() + 30
+        while (delta := await _retained_delta(fresh_mosquitto.url, twin)) is None:
+            assert time.monotonic() < deadline, "the lost delta was never published again"
+        assert delta["state"] == {"n": 1}
+    finally:
         proc.stop()
