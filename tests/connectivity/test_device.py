@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -148,8 +149,12 @@ async def test_device_basics(
     service.send_delta(twin, {"state": {}, "desiredVersion": 2})  # clear the retained delta
 
 
-def _device(mosquitto_server: Mosquitto, prefix: str, **config: Any) -> DeviceClient:
-    return DeviceClient(
+@asynccontextmanager
+async def _device(
+    mosquitto_server: Mosquitto, prefix: str, **config: Any
+) -> AsyncIterator[DeviceClient]:
+    """A started device on ``prefix``, stopped after."""
+    dev = DeviceClient(
         DeviceConfig(
             url=mosquitto_server.url,
             twin_id="org.acme:pump-2",
@@ -159,14 +164,17 @@ def _device(mosquitto_server: Mosquitto, prefix: str, **config: Any) -> DeviceCl
             **config,
         )
     )
+    await dev.start()
+    try:
+        yield dev
+    finally:
+        await dev.stop()
 
 
 async def test_report_sent_again_while_the_twin_is_busy(
     mosquitto_server: Mosquitto, service: FakeService, unique_name: str
 ) -> None:
-    dev = _device(mosquitto_server, unique_name, retry_min_delay=0.05)
-    await dev.start()
-    try:
+    async with _device(mosquitto_server, unique_name, retry_min_delay=0.05) as dev:
         accepted = await dev.report({"busy": 2}, client_token="tok-busy")
         assert accepted["clientToken"] == "tok-busy"
         assert service.attempts["tok-busy"] == 3  # two twin.contention answers, then accepted
@@ -176,35 +184,27 @@ async def test_report_sent_again_while_the_twin_is_busy(
             await dev.report({"bad": True}, client_token="tok-bad")
         assert info.value.code == "patch.invalid"
         assert service.attempts["tok-bad"] == 1
-    finally:
-        await dev.stop()
 
 
 async def test_report_gives_up_on_a_busy_twin_after_retry_for(
     mosquitto_server: Mosquitto, service: FakeService, unique_name: str
 ) -> None:
-    dev = _device(mosquitto_server, unique_name, retry_for=1.0, retry_min_delay=0.1)
-    await dev.start()
-    try:
+    async with _device(mosquitto_server, unique_name, retry_for=1.0, retry_min_delay=0.1) as dev:
         with pytest.raises(RequestRejected) as info:
             await dev.report({"busy": 1000}, client_token="tok-forever")
         assert info.value.code == "twin.contention"
         assert 2 <= service.attempts["tok-forever"] <= 10
-    finally:
-        await dev.stop()
 
 
 async def test_report_without_an_answer_is_sent_again(
     mosquitto_server: Mosquitto, service: FakeService, unique_name: str
 ) -> None:
-    dev = _device(mosquitto_server, unique_name, request_timeout=0.5, retry_min_delay=0.05)
-    await dev.start()
-    try:
+    async with _device(
+        mosquitto_server, unique_name, request_timeout=0.5, retry_min_delay=0.05
+    ) as dev:
         accepted = await dev.report({"mute": 1}, client_token="tok-lost")
         assert accepted["clientToken"] == "tok-lost"
         assert service.attempts["tok-lost"] == 2
-    finally:
-        await dev.stop()
 
 
 async def test_report_sent_again_until_the_service_subscribes(
@@ -213,9 +213,9 @@ async def test_report_sent_again_until_the_service_subscribes(
     """MQTT 5: the broker drops a report no one subscribed to (the service's subscription is
     not back yet after a broker restart) and says so; the device sends it again."""
     assert mosquitto_server.port is not None
-    dev = _device(mosquitto_server, unique_name, retry_min_delay=0.1, request_timeout=30)
-    await dev.start()
-    try:
+    async with _device(
+        mosquitto_server, unique_name, retry_min_delay=0.1, request_timeout=30
+    ) as dev:
         report = asyncio.create_task(dev.report({"speed": 1}, client_token="tok-early"))
         await asyncio.sleep(0.5)
         assert not report.done()
@@ -226,5 +226,3 @@ async def test_report_sent_again_until_the_service_subscribes(
             assert late.attempts["tok-early"] == 1  # the earlier ones went nowhere
         finally:
             late.close()
-    finally:
-        await dev.stop()
