@@ -378,8 +378,8 @@ async def _fault(fleet: Fleet, kinds: list[str], rng: random.Random) -> str:
         await fleet.broker.arestart()
         return "broker restart"
     if kind == "store":
-        # A crash of the database server itself: writes fail until it is back, and a report
-        # whose write failed must stay unacknowledged for the broker to deliver it again.
+        # A crash of the database server itself: writes fail until it is back; the service
+        # keeps trying each device message meanwhile and acknowledges it after its commit.
         assert fleet.ferretdb is not None, "main() allows store faults only on --store mongodb"
         fleet.ferretdb.kill()
         down = rng.uniform(0.5, 3.0)
