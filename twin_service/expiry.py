@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from twin_service.api.context import AppContext
-from twin_service.errors import TwinServiceError
+from twin_service.errors import Conflict, TwinServiceError, Unavailable
 from twin_service.store.base import StoredEvent
 from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin, now_iso
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 SCAN_PAGE = 500
 IDLE_WAIT = 3600.0
+#: Seconds before an expiry the store could not take is tried again.
+RETRY_SECONDS = 2.0
 
 
 class _NothingDue(Exception):
@@ -114,5 +116,15 @@ class ExpirySweeper:
             self.expired += 1
         except _NothingDue:
             pass
+        except (Unavailable, Conflict) as exc:
+            # Dropped, the expiry would wait for the twin's next write or the next start.
+            log.warning(
+                "could not expire desired values of %s, again in %.0f s: %s",
+                twin_id,
+                RETRY_SECONDS,
+                exc.message,
+            )
+            again = moment + timedelta(seconds=RETRY_SECONDS)
+            heapq.heappush(self._due, (now_iso(again), twin_id))
         except TwinServiceError as exc:
             log.warning("could not expire desired values of %s: %s", twin_id, exc.message)

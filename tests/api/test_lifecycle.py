@@ -9,6 +9,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.servers.ferretdb import FerretDB
+from tests.service_fixtures import mongodb_env
 from tests.service_process import ServiceProcess
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -76,3 +78,29 @@ def test_expiry_due_while_stopped_is_committed_after_a_restart(
         assert state == "expired"
         history = api.get(f"{url}/history").json()["items"]
         assert history[-1]["origin"] == "system"
+
+
+def test_an_expiry_due_while_the_store_is_down_is_committed_when_it_is_back(
+    fresh_ferretdb: FerretDB, service_factory: Callable[..., ServiceProcess], unique_name: str
+) -> None:
+    """The sweeper used to drop an expiry the store could not take: the value stayed
+    pending past its time to live until the twin's next write or the next start."""
+    env = mongodb_env(fresh_ferretdb.url, unique_name)
+    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "200"
+    proc = service_factory(env=env)
+    twin = "org.acme:expiring"
+    with proc.client() as api:
+        assert api.put(f"/api/v1/twins/{twin}", json={}).status_code == 201
+        put = api.put(f"/api/v1/twins/{twin}/desired/led", params={"ttl": 1.0}, json="blue")
+        assert put.status_code == 201, put.text
+        fresh_ferretdb.kill()  # at once: a graceful stop may still take the expiry's write
+        time.sleep(3)  # due while the store is down: the sweeper's write fails
+        assert "could not expire desired values of org.acme:expiring" in proc.log_tail(100_000)
+        fresh_ferretdb.start()
+        deadline = time.monotonic() + 20
+        while True:
+            response = api.get(f"/api/v1/twins/{twin}/lifecycle")
+            if response.status_code == 200 and response.json()["led"]["state"] == "expired":
+                break
+            assert time.monotonic() < deadline, f"never expired: {response.text}"
+            time.sleep(0.1)
