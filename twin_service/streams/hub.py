@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+from twin_service.errors import Unavailable
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.messages import EventFrame
 from twin_service.streams.routing import SubscriptionIndex
@@ -148,15 +149,26 @@ class EventHub:
         return len(self._index)
 
     async def _run(self) -> None:
+        failing = False  # one line per outage of the store, not a traceback per poll
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
             self._wake.clear()
             try:
                 await self._drain()
+            except Unavailable as exc:
+                if not failing:
+                    log.warning("event hub cannot read the journal, retrying: %s", exc.message)
+                failing = True
+                await asyncio.sleep(self._poll_interval)
+                continue
             except Exception:
                 log.exception("event hub failed to read the journal; retrying")
                 await asyncio.sleep(self._poll_interval)
+                continue
+            if failing:
+                log.warning("event hub reads the journal again")
+                failing = False
 
     async def _drain(self) -> None:
         try:
