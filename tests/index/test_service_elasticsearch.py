@@ -240,6 +240,44 @@ async def test_writes_while_the_engine_does_not_answer_are_all_indexed_after(
     assert await probe.count("ge(desired/n,0)") == 40
 
 
+async def test_the_service_starts_and_serves_twins_while_the_engine_does_not_answer(
+    search_engine: SearchEngine, tmp_path: Path
+) -> None:
+    """It refused to start, so a replica restarted during an outage of the search engine
+    stayed down with it. Now it starts without its index, and the indexer creates the index
+    and catches up once the engine answers."""
+    alias = index_name("late")
+    env = es_env(
+        search_engine,
+        alias,
+        TWIN_ELASTICSEARCH__REQUEST_TIMEOUT_SECONDS="1",
+        TWIN_ELASTICSEARCH__RETRY_MAX_SECONDS="1",
+    )
+    proc = ServiceProcess(tmp_path / "late", env=env)
+    cleanup = ElasticsearchIndex(
+        es_settings(search_engine, tmp_path, alias), cast(TwinStore, None), run_indexer=False
+    )
+    try:
+        with search_engine.frozen():
+            proc.start()
+            with proc.client() as api:
+                for i in range(10):
+                    put(api, f"org.acme:late{i}", {"desired": {"n": i}})
+                assert api.get("/ready", params={"require": "store"}).status_code == 200
+                searched = api.get("/api/v1/search/twins/count")
+                assert searched.status_code == 503, searched.text
+                assert searched.json()["error"] == "index.unavailable"
+        with proc.client() as api:
+            wait_converged(api, timeout=60)
+            count = api.get("/api/v1/search/twins/count", params={"waitFor": "latest"})
+            assert count.json() == {"count": 10}, count.text
+    finally:
+        proc.stop()
+        await cleanup.start()
+        await cleanup.client.indices.delete(index=f"{alias}-*")
+        await cleanup.stop()
+
+
 async def test_rebuild_indexes_an_existing_store(
     search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
 ) -> None:

@@ -114,6 +114,8 @@ class ElasticsearchIndex:
         self._own_client = client is None
         self._run_indexer = run_indexer
         self._task: asyncio.Task[None] | None = None
+        #: Whether the index and its alias are known to exist (see start).
+        self._ensured = False
         self._refresh_lock = asyncio.Lock()
         self._last_refresh_start = 0.0
         self.rejected = 0
@@ -136,9 +138,19 @@ class ElasticsearchIndex:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the client and make sure of the index. With the indexer, an engine out of
+        reach does not stop the start: the service then serves twins, searches answer 503
+        and the indexer makes sure of the index once the engine answers (a service that
+        refused to start took every restarted replica down with the search engine)."""
         if self._client is None:
             self._client = make_client(self._settings)
-        await self.ensure_index()
+        try:
+            await self.ensure_index()
+            self._ensured = True
+        except Unavailable as exc:
+            if not self._run_indexer:
+                raise
+            log.warning("search engine out of reach at start, indexing waits for it: %s", exc)
         if self._run_indexer:
             self._task = asyncio.create_task(self.run(), name="es-indexer")
 
@@ -220,6 +232,11 @@ class ElasticsearchIndex:
         delay = self._es.retry_initial_seconds
         while True:
             try:
+                if not self._ensured:
+                    # Never index before: a bulk write to a missing alias is refused for good.
+                    await self.ensure_index()
+                    self._ensured = True
+                    log.info("search engine reached: indexing")
                 taken = await self.index_pending()
             except asyncio.CancelledError:
                 raise
