@@ -15,7 +15,11 @@ import httpx
 from connectivity.device import DeviceClient, DeviceConfig
 from connectivity.errors import MqttUnavailable
 from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
 from tests.service_process import ServiceProcess
+
+#: No lastSeen write after a twin's first message: revisions count reports only.
+QUIET = {"TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "100000"}
 
 
 def sync_service(
@@ -164,3 +168,13 @@ async def send_reliably(
             return
         except MqttUnavailable:  # not connected, no PUBACK in time, or no subscriber
             await asyncio.sleep(0.1)
+
+
+async def publisher(url: str, client_id: str) -> MqttClient:
+    """A plain client of the broker that reconnects fast (a device's, an observer's)."""
+    client = MqttClient(
+        MqttOptions(url=url, client_id=client_id, reconnect_min_delay=0.1, reconnect_max_delay=0.5)
+    )
+    await client.start()
+    await client.wait_connected(10)
+    return client

@@ -13,30 +13,19 @@ import httpx
 import pytest
 
 from connectivity.messages import InboundMessage
-from connectivity.mqtt_client import MqttClient
-from connectivity.options import MqttOptions
 from tests.connectivity.helpers import eventually
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess, service_env
 from tests.sync.helpers import (
+    QUIET,
     get_twin,
+    publisher,
     put_twin,
     send_reliably,
     sync_service,
     until_twin,
     wait_mqtt_up,
 )
-
-QUIET = {"TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "100000"}
-
-
-async def _publisher(url: str, client_id: str) -> MqttClient:
-    client = MqttClient(
-        MqttOptions(url=url, client_id=client_id, reconnect_min_delay=0.1, reconnect_max_delay=0.5)
-    )
-    await client.start()
-    await client.wait_connected(10)
-    return client
 
 
 async def test_sigkill_during_1000_reports_applies_each_exactly_once(
@@ -48,7 +37,7 @@ async def test_sigkill_during_1000_reports_applies_each_exactly_once(
     wait_mqtt_up(proc)
     with proc.client() as api:
         start = put_twin(api, twin, reported={"counter": -1})
-    device = await _publisher(fresh_mosquitto.url, "dev-crashy")
+    device = await publisher(fresh_mosquitto.url, "dev-crashy")
     topic = f"twins/{twin}/reported/update"
     try:
         for i in range(1000):
@@ -86,7 +75,7 @@ async def test_broker_restart_mid_stream_loses_nothing_acknowledged(
     wait_mqtt_up(proc)
     with proc.client() as api:
         start = put_twin(api, twin, reported={"counter": -1})
-    device = await _publisher(fresh_mosquitto.url, "dev-restarty")
+    device = await publisher(fresh_mosquitto.url, "dev-restarty")
     topic = f"twins/{twin}/reported/update"
     try:
         for i in range(300):
@@ -148,7 +137,7 @@ async def test_two_replicas_share_the_work_and_handle_each_message_once(
         wait_mqtt_up(two)
         with one.client() as api:
             starts = {t: put_twin(api, t, reported={"n": -1})["revision"] for t in twins}
-        device = await _publisher(fresh_mosquitto.url, "dev-many")
+        device = await publisher(fresh_mosquitto.url, "dev-many")
         try:
             for i in range(10):
                 for t in twins:
@@ -182,7 +171,7 @@ async def test_a_killed_replica_applies_nothing_twice_when_its_session_resumes(
     replicas = [sync_service(data, url, client_id=f"svc-{n}", **env) for n in range(2)]
     twins = [f"org.acme:kill{n}" for n in range(5)]
     per_twin = 300
-    device = await _publisher(url, "dev-kill")
+    device = await publisher(url, "dev-kill")
     acked = 0
 
     async def report(twin: str, n: int, room: asyncio.Semaphore) -> None:
@@ -234,7 +223,7 @@ async def test_retiring_a_removed_replica_hands_its_share_over(
     stays = sync_service(data, url, client_id="svc-stays", **env)
     removed = sync_service(data, url, client_id="svc-removed", **env)
     twins = [f"org.acme:retire{n}" for n in range(20)]
-    device = await _publisher(url, "dev-retire")
+    device = await publisher(url, "dev-retire")
 
     async def report_all(n: int) -> None:
         for t in twins:
@@ -295,7 +284,7 @@ async def test_a_retained_request_is_applied_once_not_at_every_reconnection(
         wait_mqtt_up(svc)
         with svc.client() as api:
             put_twin(api, twin, desired={"a": 2})
-        device = await _publisher(mosquitto_server.url, f"dev-{unique_name}"[:60])
+        device = await publisher(mosquitto_server.url, f"dev-{unique_name}"[:60])
         base = f"twins/{twin}"
         await device.publish(f"{base}/reported/update", b'{"state": {"a": 1}}', retain=True)
         await device.publish(f"{base}/live/update", b'{"t": 1}', retain=True)
@@ -310,7 +299,7 @@ async def test_a_retained_request_is_applied_once_not_at_every_reconnection(
     try:
         wait_mqtt_up(svc)
         # The replays arrive with the new subscriptions; a get after them is answered last.
-        answered = await _publisher(mosquitto_server.url, f"obs-{unique_name}"[:60])
+        answered = await publisher(mosquitto_server.url, f"obs-{unique_name}"[:60])
         got: list[bytes] = []
 
         async def collect(msg: InboundMessage) -> None:

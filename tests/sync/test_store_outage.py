@@ -12,8 +12,15 @@ from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.service_fixtures import mongodb_env
-from tests.sync.helpers import put_twin, send_reliably, sync_service, until_twin, wait_mqtt_up
-from tests.sync.test_delivery import QUIET, _publisher
+from tests.sync.helpers import (
+    QUIET,
+    publisher,
+    put_twin,
+    send_reliably,
+    sync_service,
+    until_twin,
+    wait_mqtt_up,
+)
 
 
 async def test_reports_sent_during_a_long_store_outage_are_applied_when_it_is_back(
@@ -21,8 +28,7 @@ async def test_reports_sent_during_a_long_store_outage_are_applied_when_it_is_ba
 ) -> None:
     """The handlers used to give up on a message after about 16 s of failed writes and leave
     it unacknowledged. The broker sends such a message again only on a new session, so
-    reports stayed stuck after the store came back, and 100 stuck ones (mosquitto's
-    max_inflight_messages) stopped all intake until the service restarted."""
+    the report stayed stuck after the store came back."""
     env = mongodb_env(fresh_ferretdb.url, unique_name)
     env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "200"  # each failed write takes 0.2 s
     proc = sync_service(tmp_path / "svc", fresh_mosquitto.url, **env, **QUIET)
@@ -32,7 +38,7 @@ async def test_reports_sent_during_a_long_store_outage_are_applied_when_it_is_ba
         twin = "org.acme:outage"
         with proc.client() as api:
             start = put_twin(api, twin, reported={"n": 0})
-        device = await _publisher(fresh_mosquitto.url, f"{unique_name}-dev")
+        device = await publisher(fresh_mosquitto.url, f"{unique_name}-dev")
         topic = f"twins/{twin}/reported/update"
         fresh_ferretdb.stop()
         for n in range(1, 4):
@@ -78,7 +84,7 @@ async def test_deltas_are_put_right_when_the_store_is_back_after_a_reconnection(
         fresh_ferretdb.stop()
         # The broker loses the delta (a restart without persistence does that), and the
         # service connects again while its store is down.
-        wiper = await _publisher(fresh_mosquitto.url, f"{unique_name}-wiper")
+        wiper = await publisher(fresh_mosquitto.url, f"{unique_name}-wiper")
         await wiper.publish(f"twins/{twin}/delta", b"", retain=True)
         await wiper.stop()
         await fresh_mosquitto.arestart()
