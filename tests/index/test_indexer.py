@@ -145,8 +145,18 @@ async def test_unreachable_engine_is_unavailable(tmp_path: Path) -> None:
         elasticsearch={"request_timeout_seconds": 2},
     )
     store = SqliteStore(tmp_path / "t.sqlite3", settings.sqlite, settings.stream, outbox=True)
-    index = ElasticsearchIndex(settings, store)
+    # Without its indexer (the `index` commands), the start fails and says why.
+    bare = ElasticsearchIndex(settings, store, run_indexer=False)
     with pytest.raises(Unavailable) as caught:
-        await index.start()
+        await bare.start()
     assert caught.value.code == "index.unavailable"
-    await index.stop()
+    await bare.stop()
+    # The service's starts all the same (its indexer waits for the engine); searches fail.
+    index = ElasticsearchIndex(settings, store)
+    await index.start()
+    try:
+        with pytest.raises(Unavailable) as caught:
+            await index.search_ids(SearchQuery(None))
+        assert caught.value.code == "index.unavailable"
+    finally:
+        await index.stop()
