@@ -26,15 +26,21 @@ from tests.servers.process import free_port
 SECRET = "never-print-this-secret"
 
 
-def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def command_env(**env: str) -> dict[str, str]:
+    """This process's environment without its ``TWIN_*`` settings, on free ports, plus
+    ``env``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
     base |= {"TWIN_MQTT__EMBEDDED_PORT": str(free_port()), "TWIN_PORT": str(free_port())}
+    return base | env
+
+
+def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "twin_service", *args],
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=base | env,
+        env=command_env(**env),
         timeout=60,
     )
 
@@ -137,14 +143,12 @@ def test_a_store_out_of_reach(tmp_path: Path) -> None:
 def test_a_search_engine_out_of_reach_is_named_and_the_service_starts(tmp_path: Path) -> None:
     """Twins are served without the engine (searches answer 503 until it is back), so the
     service starts, and says in one line, with no secret, what it waits for."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")} | {
-        "TWIN_MQTT__EMBEDDED_PORT": str(free_port()),
-        "TWIN_PORT": str(port),
-        "TWIN_SEARCH": "elasticsearch",
-        "TWIN_ELASTICSEARCH_URL": f"http://user:{SECRET}@127.0.0.1:{free_port()}",
-        "TWIN_ELASTICSEARCH__REQUEST_TIMEOUT_SECONDS": "1",
-    }
+    env = command_env(
+        TWIN_SEARCH="elasticsearch",
+        TWIN_ELASTICSEARCH_URL=f"http://user:{SECRET}@127.0.0.1:{free_port()}",
+        TWIN_ELASTICSEARCH__REQUEST_TIMEOUT_SECONDS="1",
+    )
+    port = env["TWIN_PORT"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "twin_service", "serve", "--data-dir", "data"],
         cwd=tmp_path,

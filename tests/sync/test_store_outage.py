@@ -12,6 +12,7 @@ from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.service_fixtures import mongodb_env
+from tests.service_process import ServiceProcess
 from tests.sync.helpers import (
     QUIET,
     publisher,
@@ -23,15 +24,23 @@ from tests.sync.helpers import (
 )
 
 
+def _service(
+    ferretdb: FerretDB, mosquitto: Mosquitto, tmp_path: Path, database: str
+) -> ServiceProcess:
+    """A service on ``ferretdb`` and ``mosquitto`` whose writes fail fast (in 0.2 s) while
+    the store is down."""
+    env = mongodb_env(ferretdb.url, database)
+    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "200"
+    return sync_service(tmp_path / "svc", mosquitto.url, **env, **QUIET)
+
+
 async def test_reports_sent_during_a_long_store_outage_are_applied_when_it_is_back(
     fresh_ferretdb: FerretDB, fresh_mosquitto: Mosquitto, tmp_path: Path, unique_name: str
 ) -> None:
     """The handlers used to give up on a message after about 16 s of failed writes and leave
     it unacknowledged. The broker sends such a message again only on a new session, so
     the report stayed stuck after the store came back."""
-    env = mongodb_env(fresh_ferretdb.url, unique_name)
-    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "200"  # each failed write takes 0.2 s
-    proc = sync_service(tmp_path / "svc", fresh_mosquitto.url, **env, **QUIET)
+    proc = _service(fresh_ferretdb, fresh_mosquitto, tmp_path, unique_name)
     device = None
     try:
         wait_mqtt_up(proc)
@@ -70,9 +79,7 @@ async def test_deltas_are_put_right_when_the_store_is_back_after_a_reconnection(
     """After each connection the service republishes the deltas and corrects those the
     broker holds wrongly. With the store down at that moment it used to give up at once,
     and the broker's wrong delta stayed until the next reconnection."""
-    env = mongodb_env(fresh_ferretdb.url, unique_name)
-    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "200"
-    proc = sync_service(tmp_path / "svc", fresh_mosquitto.url, **env, **QUIET)
+    proc = _service(fresh_ferretdb, fresh_mosquitto, tmp_path, unique_name)
     try:
         wait_mqtt_up(proc)
         twin = "org.acme:lost-delta"

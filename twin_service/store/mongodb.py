@@ -457,7 +457,7 @@ class MongoStore:
             # Too late to send it: the claim may be taken over (see _claim) while the update
             # is on its way. Nothing of this write was sent, so this process's next attempt
             # may take the claim's next generation at once.
-            self._claims_seen[claimed[0]] = -math.inf
+            self._may_claim_again(claimed[0])
             await self._fence_quietly(seq)
             raise RevisionConflict(f"Twin {write.twin_id}: the claim of its revision lapsed.")
         try:
@@ -478,7 +478,7 @@ class MongoStore:
             raise unconfirmed(f"The database did not confirm this write ({exc})") from exc
         if not committed:
             if claimed is not None:  # the twin is as it was: this process may claim it again
-                self._claims_seen[claimed[0]] = -math.inf
+                self._may_claim_again(claimed[0])
             await self._fence_quietly(seq)
             raise RevisionConflict(
                 f"Twin {write.twin_id} is not at revision {write.expected_revision}."
@@ -532,6 +532,7 @@ class MongoStore:
                 raise RevisionConflict(f"Twin {write.twin_id} was deleted and created again.")
             version = int(raw.get("seq", 0)) if raw else 0
             claim = f"{write.twin_id}@{version}"
+            lease = self._settings.gap_timeout_seconds * _CLAIM_LEASE
             generation = 0
             while True:
                 try:
@@ -540,7 +541,7 @@ class MongoStore:
                     break
                 except DuplicateKeyError:
                     held = self._claim_held(claim)
-                    if held < self._settings.gap_timeout_seconds * _CLAIM_LEASE:
+                    if held < lease:
                         conflict = RevisionConflict(
                             f"Twin {write.twin_id} revision {current} is being replaced."
                         )
@@ -551,7 +552,7 @@ class MongoStore:
                         "the claim %s was held for %.0f s: its writer is taken for dead and "
                         "the next generation claimed",
                         claim,
-                        self._settings.gap_timeout_seconds * _CLAIM_LEASE,
+                        lease,
                     )
                     generation += 1
                     claim = f"{write.twin_id}@{version}~{generation}"
@@ -561,6 +562,11 @@ class MongoStore:
         except DRIVER_ERRORS as exc:
             raise Unavailable(f"The twin store failed to commit: {exc}") from exc
         return claim, claimed
+
+    def _may_claim_again(self, claim: str) -> None:
+        """This process's own claim ``claim`` came to nothing (its update was never sent, or
+        matched nothing): its next attempt takes the claim's next generation at once."""
+        self._claims_seen[claim] = -math.inf
 
     def _claim_held(self, claim: str) -> float:
         """For how long this process has seen ``claim`` held (see _claim)."""

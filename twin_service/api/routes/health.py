@@ -62,7 +62,8 @@ async def ready(
         writes = {"committed": ctx.service.committed, "retried": ctx.service.retried}
         checks["store"] = {"status": "up", **ctx.store.describe(), "writes": writes}
     except TwinServiceError as exc:
-        ok = ok and "store" not in counted
+        if "store" in counted:
+            ok = False
         checks["store"] = {"status": "down", "error": exc.message}
     for name, probe in ctx.readiness.items():
         result = probe()
