@@ -7,7 +7,9 @@ D MQTT 5 devices. Each device sends R reports (distinct keys and client tokens, 
 at most ``--rate`` a second if given), and sends one again when the broker says no subscriber
 took it (reason code 0x10), as ``connectivity.device`` does. Faults come at random intervals:
 SIGKILL of a replica (started again after a pause), SIGKILL of a replica's SQLite writer
-process (the replica starts it again), or a mosquitto restart.
+process (the replica starts it again), a mosquitto restart, with ``--store mongodb`` a
+SIGKILL of FerretDB (``store``), or a replica killed and started again while FerretDB is
+down (``cold``: it waits for the store).
 
 ``--broker embedded`` runs the quick start's setup instead: one service with its built-in
 broker, which acknowledges a report only once it is committed. A SIGKILL of the service takes
@@ -387,6 +389,18 @@ async def _fault(fleet: Fleet, kinds: list[str], rng: random.Random) -> str:
         await fleet.ferretdb.astart()
         return f"SIGKILL of FerretDB, back after {down:.1f} s"
     n = rng.randrange(len(fleet.replicas))
+    if kind == "cold":
+        # A replica restarted while the database server is down: it waits for the store,
+        # answering 503, and starts when it answers; its devices' messages wait at the broker.
+        assert fleet.ferretdb is not None, "main() allows cold faults only on --store mongodb"
+        fleet.ferretdb.kill()
+        fleet.replicas[n].kill()
+        await asyncio.to_thread(fleet.replicas[n].start)
+        down = rng.uniform(1.0, 4.0)
+        await asyncio.sleep(down)
+        await fleet.ferretdb.astart()
+        await asyncio.to_thread(wait_mqtt_up, fleet.replicas[n], 60)
+        return f"SIGKILL of FerretDB and replica {n}, restarted first, FerretDB {down:.1f} s later"
     if kind == "writer":
         os.kill(await asyncio.to_thread(fleet.replicas[n].writer_pid), signal.SIGKILL)
         return f"SIGKILL of replica {n}'s writer"
@@ -415,7 +429,10 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
     parser.add_argument(
-        "--faults", default="kill,broker", help="kill, writer, broker and/or store (FerretDB)"
+        "--faults",
+        default="kill,broker",
+        help="kill, writer, broker, store (FerretDB) and/or cold (a replica restarted while "
+        "FerretDB is down)",
     )
     parser.add_argument("--events", type=int, default=3, help="faults in the second phase")
     parser.add_argument("--seed", type=int, default=1)
@@ -424,14 +441,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     kinds = [k for k in args.faults.split(",") if k]
-    if not kinds or set(kinds) - {"kill", "writer", "broker", "store"}:
-        parser.error("--faults takes kill, writer, broker and/or store")
+    if not kinds or set(kinds) - {"kill", "writer", "broker", "store", "cold"}:
+        parser.error("--faults takes kill, writer, broker, store and/or cold")
     if args.broker == "embedded" and (args.replicas != 1 or "broker" in kinds):
         parser.error("--broker embedded: one replica (the broker is in it), no broker faults")
     if args.store == "mongodb" and "writer" in kinds:
         parser.error("--faults writer: the SQLite writer process, not on --store mongodb")
-    if args.store != "mongodb" and "store" in kinds:
-        parser.error("--faults store: a kill of FerretDB, only on --store mongodb")
+    if args.store != "mongodb" and {"store", "cold"} & set(kinds):
+        parser.error("--faults store, cold: a kill of FerretDB, only on --store mongodb")
     print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:

@@ -125,19 +125,62 @@ def test_the_embedded_broker_port_taken(tmp_path: Path, taken_port: int) -> None
     )
 
 
-def test_a_store_out_of_reach(tmp_path: Path) -> None:
+def unreachable_store(wait_seconds: str) -> dict[str, str]:
     # A closed port refuses at once (a listener that never answers would hang the client).
-    url = f"mongodb://user:{SECRET}@127.0.0.1:{free_port()}/twins"
-    run = serve(
-        tmp_path,
-        "serve",
-        "--data-dir",
-        "data",
-        TWIN_STORE="mongodb",
-        TWIN_MONGODB_URL=url,
-        TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS="500",
-    )
+    return {
+        "TWIN_STORE": "mongodb",
+        "TWIN_MONGODB_URL": f"mongodb://user:{SECRET}@127.0.0.1:{free_port()}/twins",
+        "TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS": "300",
+        "TWIN_MONGODB__START_WAIT_SECONDS": wait_seconds,
+    }
+
+
+def test_a_store_out_of_reach_with_no_wait(tmp_path: Path) -> None:
+    run = serve(tmp_path, "serve", "--data-dir", "data", **unreachable_store("0"))
     assert_refused(run, 3, "twin-service cannot start: The twin store cannot open MongoDB")
+
+
+def test_a_store_out_of_reach_is_waited_for_then_named(tmp_path: Path) -> None:
+    """While it waits for its store the service is alive (/health) and answers everything
+    else 503 service.starting; when the wait is over it exits as a failed start does."""
+    env = command_env(**unreachable_store("4"))
+    url = f"http://127.0.0.1:{env['TWIN_PORT']}"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twin_service", "serve", "--data-dir", "data"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while True:
+            assert proc.poll() is None, "the service exited before it answered"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        ready = httpx.get(f"{url}/ready?require=store", timeout=5)
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "starting"
+        store = ready.json()["checks"]["store"]
+        assert store["status"] == "down"
+        assert "The twin store cannot open MongoDB" in store["error"]
+        assert SECRET not in ready.text
+        twin = httpx.get(f"{url}/api/v1/twins/org.acme:x", timeout=5)
+        assert twin.status_code == 503, twin.text
+        assert twin.json()["error"] == "service.starting"
+        assert twin.headers["retry-after"] == "1"
+    finally:
+        out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started >= 4  # it waited as long as it was told
+    assert_refused(
+        subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+        3,
+        "the twin store does not answer; starting when it does",
+        "twin-service cannot start: The twin store cannot open MongoDB",
+    )
 
 
 def test_a_search_engine_out_of_reach_is_named_and_the_service_starts(tmp_path: Path) -> None:

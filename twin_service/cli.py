@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"twin-service cannot start: {exc}", file=sys.stderr)
         return 2
     tune_gc(settings.gc_thresholds)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -100,6 +100,17 @@ def _serve(args: argparse.Namespace) -> int:
         ws_max_size=settings.limits.max_request_bytes,
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
+    server = uvicorn.Server(config)
+    # A start that fails after serving began (the store came back refusing, say; see
+    # api.app) ends the server as a shutdown would, and exits like a failed start.
+    app.state.end_serving = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if not server.started:
+        return 3  # the start failed; uvicorn logged why (uvicorn.run's status)
+    failure = getattr(app.state, "startup_failure", None)
+    if failure is not None:
+        print(failure, file=sys.stderr)
+        return 3
     return 0
 
 

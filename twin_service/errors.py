@@ -22,7 +22,9 @@ error message over WebSocket, and to a ``rejected`` message over MQTT.
     ├── PreconditionFailed (412)      twin.precondition.failed / twin.condition.failed
     ├── PayloadTooLarge (413)         twin.toolarge
     ├── UnsupportedMediaType (415)    request.mediatype
-    └── Unavailable (503)             service.unavailable
+    └── Unavailable (503)             service.unavailable / service.starting
+        ├── StoreUnreachable          (raised by a store's open)
+        └── StoreFull (507)           store.full
 """
 
 from __future__ import annotations
@@ -159,6 +161,12 @@ class Unavailable(TwinServiceError):
     #: Seconds a client should wait before it tries again (HTTP ``Retry-After``), or
     #: ``None`` where trying again cannot help until an operator acts (a broker's refusal).
     retry_after_seconds: ClassVar[int | None] = 1
+
+
+class StoreUnreachable(Unavailable):
+    """The store's server did not answer at all (down, or out of the network's reach), as
+    opposed to answering with a refusal: a starting service waits for it to come
+    (``mongodb.start_wait_seconds``) instead of exiting."""
 
 
 class StoreFull(Unavailable):

@@ -9,6 +9,7 @@ listed in docs/configuration.md.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import sys
 import tomllib
@@ -177,6 +178,13 @@ class MongoSettings(BaseModel):
     )
     maintenance_interval_seconds: float = Field(
         5.0, gt=0, description="Journal retention, stray-event sweep and tombstone cleanup period."
+    )
+    start_wait_seconds: float = Field(
+        math.inf,
+        ge=0,
+        description="How long a starting service waits for a MongoDB that does not answer "
+        "(inf: until it does; 0: exit at once, status 3). Meanwhile /health answers, /ready "
+        "and every other request 503 service.starting.",
     )
 
 

@@ -7,6 +7,10 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
+
 from connectivity.options import MqttOptions
 from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
@@ -104,4 +108,57 @@ async def test_deltas_are_put_right_when_the_store_is_back_after_a_reconnection(
             assert time.monotonic() < deadline, "the lost delta was never published again"
         assert delta["state"] == {"n": 1}
     finally:
+        proc.stop()
+
+
+async def _websocket_close_code(proc: ServiceProcess) -> int | None:
+    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
+    async with websockets.connect(url) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    return closed.value.rcvd.code if closed.value.rcvd else None
+
+
+async def test_a_service_started_while_the_store_is_down_starts_when_it_answers(
+    fresh_ferretdb: FerretDB, fresh_mosquitto: Mosquitto, tmp_path: Path, unique_name: str
+) -> None:
+    """A replica (re)started during a store outage used to exit at once ("cannot start"),
+    and Kubernetes restarts a container that keeps exiting later and later, long after the
+    store is back. It now waits, alive and answering 503 service.starting, and starts as
+    soon as the store answers; the reports its devices sent meanwhile wait at the broker
+    and are applied then."""
+    proc = _service(fresh_ferretdb, fresh_mosquitto, tmp_path, unique_name)
+    device = None
+    try:
+        wait_mqtt_up(proc)
+        twin = "org.acme:late-store"
+        with proc.client() as api:
+            start = put_twin(api, twin, reported={"n": 0})
+        proc.stop()
+        fresh_ferretdb.stop()
+        device = await publisher(fresh_mosquitto.url, f"{unique_name}-dev")
+        for n in range(1, 4):  # to the stopped service's persistent session
+            await send_reliably(
+                device, f"twins/{twin}/reported/update", {"state": {"n": n}, "clientToken": f"t{n}"}
+            )
+        proc.start()  # returns once /health answers
+        async with proc.async_client() as api:
+            ready = await api.get("/ready?require=store")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["status"] == "starting"
+            assert "cannot open MongoDB" in ready.json()["checks"]["store"]["error"]
+            refused = await api.get(f"/api/v1/twins/{twin}")
+            assert refused.status_code == 503
+            assert refused.json()["error"] == "service.starting"
+            assert await _websocket_close_code(proc) == 1013  # try again later
+            await asyncio.sleep(2)  # an attempt or two more meet the store down
+            assert (await api.get("/ready")).json()["status"] == "starting"
+            await fresh_ferretdb.astart()
+            doc = await until_twin(api, twin, lambda d: d.get("reported", {}).get("n") == 3, 45)
+            assert doc["reportedVersion"] == start["reportedVersion"] + 3  # each applied once
+            assert (await api.get("/ready?require=store")).status_code == 200
+        assert "the twin store answers: the service has started" in proc.log_tail()
+    finally:
+        if device is not None:
+            await device.stop()
         proc.stop()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,13 +20,14 @@ from twin_service.api.context import AppContext, Component
 from twin_service.api.hot_routes import TwinApp
 from twin_service.api.routes import health, search, streams, twins
 from twin_service.auth import TokenRegistry, load_tokens
-from twin_service.errors import TwinServiceError
+from twin_service.errors import StoreUnreachable, TwinServiceError
 from twin_service.index.base import BuiltinIndex, NoIndex, SearchIndex
 from twin_service.service import TwinService
 from twin_service.settings import Settings
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.bus import EventBus, InProcessBus, MqttBus
 from twin_service.streams.hub import EventHub
+from twin_service.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,19 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            registry = TokenRegistry(tokens, settings.auth.disabled)
             try:
-                registry = TokenRegistry(tokens, settings.auth.disabled)
                 app.state.ctx = await start_service(settings, registry, stack)
+            except StoreUnreachable as exc:
+                await stack.aclose()  # what the attempt started
+                if settings.mongodb.start_wait_seconds <= 0:
+                    app.state.startup_failure = f"twin-service cannot start: {_reason(exc)}"
+                    raise
+                waiting = asyncio.create_task(
+                    _start_when_the_store_answers(app, settings, registry, stack, exc),
+                    name="start-when-the-store-answers",
+                )
+                stack.push_async_callback(stop_task, waiting)
             except STARTUP_ERRORS as exc:
                 # A database, broker or index out of reach is the operator's to fix: uvicorn
                 # prints this line instead of a traceback (TwinApp), and exits with status 3.
@@ -210,6 +223,72 @@ async def start_service(
     for component in _components(settings) if components is None else components:
         await _begin(stack, str(component), functools.partial(component.start, ctx), component.stop)
     return ctx
+
+
+#: Attempts to start while the store does not answer: this far apart at first, doubling.
+_START_RETRY_SECONDS = (1.0, 30.0)
+
+
+async def _start_when_the_store_answers(
+    app: FastAPI,
+    settings: Settings,
+    tokens: TokenRegistry,
+    stack: AsyncExitStack,
+    unreachable: StoreUnreachable,
+) -> None:
+    """Start again and again until the store answers, serving meanwhile.
+
+    A replica (re)started while MongoDB is down used to exit, and Kubernetes restarts a
+    container that keeps exiting later and later (up to 5 minutes apart), long after the
+    store is back. Meanwhile ``/health`` answers (the process is alive), and ``/ready`` and
+    every other request answer 503 ``service.starting`` (``app.state.starting``: why). The
+    device sync is not running yet, so device messages wait at the broker. A failure other
+    than the store not answering, or ``mongodb.start_wait_seconds`` passing, ends the
+    process as a failed start does (status 3, see ``cli``).
+    """
+    give_up = time.monotonic() + settings.mongodb.start_wait_seconds
+    delay, longest = _START_RETRY_SECONDS
+    app.state.starting = _reason(unreachable)
+    log.warning("the twin store does not answer; starting when it does: %s", app.state.starting)
+    while True:
+        left = give_up - time.monotonic()
+        if left <= 0:
+            _end_serving(app, f"twin-service cannot start: {app.state.starting}")
+            return
+        await asyncio.sleep(min(delay, left))
+        delay = min(delay * 2, longest)
+        attempt = AsyncExitStack()
+        try:
+            ctx = await start_service(settings, tokens, attempt)
+        except StoreUnreachable as exc:
+            await attempt.aclose()
+            app.state.starting = _reason(exc)
+            continue
+        except STARTUP_ERRORS as exc:
+            await attempt.aclose()
+            _end_serving(app, f"twin-service cannot start: {_reason(exc)}")
+            return
+        except BaseException:  # cancelled by a shutdown meanwhile
+            await attempt.aclose()
+            raise
+        stack.push_async_callback(attempt.aclose)
+        app.state.ctx = ctx
+        del app.state.starting
+        log.warning("the twin store answers: the service has started")
+        return
+
+
+def _end_serving(app: FastAPI, failure: str) -> None:
+    """End the server as a failed start would: ``cli`` (which sets ``state.end_serving``)
+    prints ``failure`` and exits with status 3. Run another way, the app goes on answering
+    503, with the failure logged."""
+    app.state.starting = failure
+    app.state.startup_failure = failure
+    end_serving = getattr(app.state, "end_serving", None)
+    if end_serving is None:
+        log.error("%s", failure)
+    else:
+        end_serving()
 
 
 async def _begin(

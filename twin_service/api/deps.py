@@ -10,7 +10,7 @@ from fastapi import Depends, Path, Request
 
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
-from twin_service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from twin_service.errors import BadRequest, PayloadTooLarge, Unavailable, UnsupportedMediaType
 from twin_service.service import Amend, Preconditions
 from twin_service.twin.ids import MAX_ID_LENGTH, TWIN_ID_PATTERN
 from twin_service.twin.jsonvalue import loads_strict
@@ -24,8 +24,22 @@ from twin_service.types import JSON
 # dependencies in a worker thread, and those hops cost more than the work itself.
 def context(request: Request) -> AppContext:
     """The context (also for the hot routes that skip the ``Context`` dependency)."""
-    ctx: AppContext = request.app.state.ctx
+    try:
+        ctx: AppContext = request.app.state.ctx
+    except AttributeError:
+        raise starting() from None
     return ctx
+
+
+def starting() -> Unavailable:
+    """What a request gets while the service waits for its store to start (``api.app``);
+    the store's own error is for ``/ready`` and the log."""
+    return Unavailable(
+        "twin-service is starting: its twin store does not answer yet.",
+        code="service.starting",
+        description="The service serves once its store answers; try again later "
+        "(GET /ready says why it waits).",
+    )
 
 
 async def get_context(request: Request) -> AppContext:

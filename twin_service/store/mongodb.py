@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import pymongo
 from pymongo import AsyncMongoClient, IndexModel, ReadPreference, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
 from search import mongodb as mongo_index
-from twin_service.errors import Unavailable
+from twin_service.errors import StoreUnreachable, Unavailable
 from twin_service.settings import Settings
 from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write, unconfirmed
 from twin_service.store.mongodb_journal import (
@@ -160,7 +160,11 @@ class MongoStore:
             await self._queue_older_writes()
         except DRIVER_ERRORS as exc:
             await self._client.close()
-            raise Unavailable(f"The twin store cannot open MongoDB: {exc}") from exc
+            # No answer (server selection timed out, connection lost) may be a server still
+            # starting, so a starting service waits; an answer that refuses (credentials,
+            # a command failed) will not change by waiting.
+            error = StoreUnreachable if isinstance(exc, ConnectionFailure) else Unavailable
+            raise error(f"The twin store cannot open MongoDB: {exc}") from exc
         self._maintenance = asyncio.get_running_loop().create_task(self._maintenance_loop())
 
     async def _queue_older_writes(self) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from twin_service import __version__
-from twin_service.api.deps import Context
+from twin_service.api.deps import context
 from twin_service.api.schemas import ErrorBody
-from twin_service.errors import BadRequest, TwinServiceError
+from twin_service.errors import BadRequest, TwinServiceError, Unavailable
 
 router = APIRouter(tags=["health"])
 
@@ -35,7 +35,7 @@ async def health() -> dict[str, str]:
     openapi_extra=PUBLIC,
 )
 async def ready(
-    ctx: Context,
+    request: Request,
     require: Annotated[
         str | None,
         Query(
@@ -46,6 +46,11 @@ async def ready(
         ),
     ] = None,
 ) -> JSONResponse:
+    try:
+        ctx = context(request)
+    except Unavailable:  # starting, until the store answers (api.app)
+        down = {"status": "down", "error": request.app.state.starting}
+        return JSONResponse({"status": "starting", "checks": {"store": down}}, status_code=503)
     known = ["store", *ctx.readiness]
     counted = set(known) if require is None else {n.strip() for n in require.split(",")}
     unknown = sorted(counted - set(known))

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from search.rql.parser import parse_filter
 from twin_service.api.context import AppContext
-from twin_service.api.deps import Context, Reader, TwinId
+from twin_service.api.deps import Context, Reader, TwinId, starting
 from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import errors
 from twin_service.auth import Principal
@@ -40,6 +40,7 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_SLOW_CONSUMER = 4408
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_TRY_AGAIN_LATER = 1013
 #: Longest correlation id a reply echoes.
 MAX_CORRELATION = 256
 AUTH_TIMEOUT = 10.0
@@ -141,9 +142,13 @@ def subscription_from(message: JSONObject) -> tuple[Subscription, int | None]:
 
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
-    ctx: AppContext = websocket.app.state.ctx
     # Accept first so that a refusal reaches the client as a close code and reason.
     await websocket.accept()
+    try:
+        ctx: AppContext = websocket.app.state.ctx
+    except AttributeError:
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, starting().message)
+        return
     try:
         principal = _authenticate(ctx, websocket)
     except Unauthorized as exc:
