@@ -122,6 +122,11 @@ class TwinService:
         #: Writes committed, and attempts that lost the compare-and-set to another writer.
         self.committed = 0
         self.retried = 0
+        #: Writes the store failed (out of reach, full, not confirmed), and the last such
+        #: failure with when it happened (ISO 8601), for /ready: reads and pings can go on
+        #: working while no write does (a full disk).
+        self.failed = 0
+        self.last_failure: tuple[str, str] | None = None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -176,6 +181,10 @@ class TwinService:
                 write = Write(twin_id, expected, new, event, current)
                 try:
                     seq = await self.store.write(write)
+                except Unavailable as exc:
+                    self.failed += 1
+                    self.last_failure = (f"{exc.code}: {exc.message}", now_iso())
+                    raise
                 except RevisionConflict as conflict:
                     self.retried += 1
                     # Another process committed first: re-read and recompute, with jitter so that

@@ -53,6 +53,14 @@ def test_a_full_store_refuses_writes_with_507_and_keeps_what_it_acknowledged(
         )
         assert grown.status_code == 507, grown.text
         assert api.get(f"/api/v1/twins/{first}").json() == before
+
+        # /ready: the store answers (reads work), and its writes show the refusals.
+        store = httpx.get(f"{proc.url}/ready", timeout=10).json()["checks"]["store"]
+        assert store["status"] == "up"
+        assert store["writes"]["failed"] == 2
+        assert store["writes"]["committed"] == len(created)
+        assert store["writes"]["lastError"].startswith("store.full: ")
+        assert store["writes"]["lastErrorAt"].endswith("Z")
     proc.stop()
 
     # Room again (a larger limit): every acknowledged write is there, nothing refused is,

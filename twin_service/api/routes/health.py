@@ -64,7 +64,14 @@ async def ready(
     ok = True
     try:
         await ctx.store.ping()
-        writes = {"committed": ctx.service.committed, "retried": ctx.service.retried}
+        service = ctx.service
+        writes: dict[str, object] = {
+            "committed": service.committed,
+            "retried": service.retried,
+            "failed": service.failed,
+        }
+        if service.last_failure is not None:
+            writes["lastError"], writes["lastErrorAt"] = service.last_failure
         checks["store"] = {"status": "up", **ctx.store.describe(), "writes": writes}
     except TwinServiceError as exc:
         if "store" in counted:
