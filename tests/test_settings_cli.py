@@ -43,6 +43,22 @@ def test_defaults_env_and_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         ({"host": "0.0.0.0", "auth": {"disabled": True}}, "loopback"),
         ({"store": "mongodb"}, "mongodb_url"),
         ({"search": "elasticsearch"}, "elasticsearch_url"),
+        (
+            {
+                "search": "elasticsearch",
+                "elasticsearch_url": "http://127.0.0.1:9200",
+                "elasticsearch": {"ca_file": __file__},
+            },
+            "ca_file needs an https:// elasticsearch_url",
+        ),
+        (
+            {
+                "search": "elasticsearch",
+                "elasticsearch_url": "https://127.0.0.1:9200",
+                "elasticsearch": {"ca_file": "no-such-ca.pem"},
+            },
+            "ca_file: no such file",
+        ),
         ({"mqtt": {"topic_prefix": "devices/x"}}, "twinId"),
         ({"query": {"default_size": 300, "max_size": 200}}, "default_size"),
         ({"limits": {"max_twin_bytes": 10}}, "max_twin_bytes"),

@@ -258,6 +258,16 @@ class ElasticsearchSettings(BaseModel):
     refresh_interval: str = Field(
         "1s", description="How often new writes become searchable without waiting (ES syntax)."
     )
+    ca_file: str | None = Field(
+        None,
+        description="CA bundle that signed the engine's certificate, for an https:// URL "
+        "whose certificate is not signed by a public CA (ECK makes its own).",
+    )
+    api_key: str | None = Field(
+        None,
+        description="API key, sent as Authorization: ApiKey (or a user and password in "
+        "elasticsearch_url).",
+    )
 
 
 class StreamSettings(BaseModel):
@@ -370,6 +380,11 @@ class Settings(BaseSettings):
             raise ValueError("store=mongodb needs mongodb_url (TWIN_MONGODB_URL).")
         if self.search == "elasticsearch" and not self.elasticsearch_url:
             raise ValueError("search=elasticsearch needs elasticsearch_url.")
+        if self.elasticsearch.ca_file is not None and self.search == "elasticsearch":
+            if not (self.elasticsearch_url or "").startswith("https://"):
+                raise ValueError("elasticsearch.ca_file needs an https:// elasticsearch_url.")
+            if not Path(self.elasticsearch.ca_file).is_file():
+                raise ValueError("elasticsearch.ca_file: no such file.")
         if self.stream.bus == "mqtt" and not self.mqtt_url:
             raise ValueError("stream.bus=mqtt needs mqtt_url (an external broker).")
         if "{twinId}" not in self.mqtt.topic_prefix:

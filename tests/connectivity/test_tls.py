@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
+from tests.certificates import self_signed
 from tests.connectivity.helpers import Collector, started
 from tests.mqtt_packets import packet, string
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
-from tests.servers.require import require_server
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1, its own CA, and its key."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        require_server("openssl", "the TLS test makes its certificate with it: apt install openssl")
-    cert, key = directory / "broker.crt", directory / "broker.key"
-    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-    files = ["-keyout", str(key), "-out", str(cert)]
-    new = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subprocess.run([*new, *files, *subject], check=True, capture_output=True)
-    return cert, key
 
 
 async def test_a_burst_over_tls_arrives_whole_and_answers_go_back(
@@ -37,7 +22,7 @@ async def test_a_burst_over_tls_arrives_whole_and_answers_go_back(
     """mqtts:// end to end: a burst in (the end of it too, with nothing on the wire after
     it) and the answers out, through mosquitto's TLS listener, the certificate checked
     against its CA. The service's TLS path had no test against a real broker."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "broker")
     tls_port = free_port()
     plain = mosquitto_factory(
         extra_config=[f"listener {tls_port} 127.0.0.1", f"certfile {cert}", f"keyfile {key}"]
@@ -70,7 +55,7 @@ async def test_packets_sharing_a_tls_record_are_all_read(tmp_path: Path, unique_
     A select on the socket sees the record's bytes once; paho reads one packet of them,
     and the rest wait decrypted in the SSL object, where select does not look (paho's
     loop asks the SSL object; a loop of our own must too: it failed without)."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "broker")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     count = 50

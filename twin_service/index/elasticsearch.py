@@ -77,9 +77,14 @@ def make_client(settings: Settings) -> AsyncElasticsearch:
     """A client for ``settings.elasticsearch_url``."""
     if not settings.elasticsearch_url:
         raise ValueError("search=elasticsearch needs elasticsearch_url.")
+    es = settings.elasticsearch
+    # Only what is set: the client's defaults (the certifi bundle) differ from None.
+    tls: dict[str, Any] = {} if es.ca_file is None else {"ca_certs": es.ca_file}
     return AsyncElasticsearch(
         settings.elasticsearch_url,
-        request_timeout=settings.elasticsearch.request_timeout_seconds,
+        request_timeout=es.request_timeout_seconds,
+        api_key=es.api_key,
+        **tls,
     )
 
 
@@ -343,6 +348,8 @@ class ElasticsearchIndex:
                 out["status"] = "down"
         except Unavailable as exc:
             out.update(status="down", error=exc.message)
+            if exc.description:  # the client's reason: refused, certificate, timeout...
+                out["reason"] = exc.description
         return out
 
 
