@@ -39,6 +39,10 @@ class _NothingDue(Exception):
 class ExpirySweeper:
     def __init__(self) -> None:
         self._due: list[tuple[str, str]] = []  # (expires ISO, twin id), a heap
+        # The entry of the heap that counts for each twin: every commit of a twin with a
+        # pending expiry watches it, and one heap entry per commit grew the heap without
+        # bound (a device reporting 10 times a second under a day's TTL: 864,000 of them).
+        self._next: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ctx: AppContext | None = None
@@ -55,11 +59,26 @@ class ExpirySweeper:
     async def stop(self) -> None:
         await asyncio.gather(*(stop_task(task) for task in self._tasks))
 
+    @property
+    def scheduled(self) -> int:
+        """Twins with an expiry to sweep."""
+        return len(self._next)
+
     def watch(self, twin: Twin) -> None:
         expires = next_expiry(twin.lifecycle)
         if expires is not None:
-            heapq.heappush(self._due, (expires, twin.twin_id))
-            self._wake.set()
+            self._schedule(expires, twin.twin_id)
+
+    def _schedule(self, expires: str, twin_id: str) -> None:
+        """Sweep ``twin_id`` at ``expires`` unless it is due as early already. A later
+        expiry waits for the sweep of the earlier one, which schedules what the twin then
+        holds."""
+        scheduled = self._next.get(twin_id)
+        if scheduled is not None and scheduled <= expires:
+            return
+        self._next[twin_id] = expires
+        heapq.heappush(self._due, (expires, twin_id))
+        self._wake.set()
 
     async def _on_commit(self, _stored: StoredEvent, twin: Twin | None) -> None:
         if twin is not None:
@@ -95,7 +114,10 @@ class ExpirySweeper:
                 continue
             now = now_iso()
             while self._due and self._due[0][0] <= now:
-                _, twin_id = heapq.heappop(self._due)
+                expires, twin_id = heapq.heappop(self._due)
+                if self._next.get(twin_id) != expires:
+                    continue  # superseded by an earlier entry, which has been swept
+                del self._next[twin_id]
                 await self._expire(twin_id)
 
     async def _expire(self, twin_id: str) -> None:
@@ -104,7 +126,7 @@ class ExpirySweeper:
 
         def edit(twin: Twin | None) -> Edit:
             if twin is None or expire_due(twin.lifecycle, moment) is None:
-                raise _NothingDue
+                raise _NothingDue(twin)
             return Edit(values={}, written={})
 
         def amend(twin: Twin | None, _edit: Edit) -> dict[str, Any]:
@@ -113,9 +135,12 @@ class ExpirySweeper:
 
         try:
             await self._ctx.service.mutate(twin_id, edit, origin="system", amend=amend)
-            self.expired += 1
-        except _NothingDue:
-            pass
+            self.expired += 1  # the commit watched the twin again (_on_commit)
+        except _NothingDue as nothing:
+            # Its expiry changed since it was scheduled (a later TTL, or applied).
+            twin = nothing.args[0]
+            if twin is not None:
+                self.watch(twin)
         except (Unavailable, Conflict) as exc:
             # Dropped, the expiry would wait for the twin's next write or the next start.
             log.warning(
@@ -125,6 +150,6 @@ class ExpirySweeper:
                 exc.message,
             )
             again = moment + timedelta(seconds=RETRY_SECONDS)
-            heapq.heappush(self._due, (now_iso(again), twin_id))
+            self._schedule(now_iso(again), twin_id)
         except TwinServiceError as exc:
             log.warning("could not expire desired values of %s: %s", twin_id, exc.message)

@@ -53,6 +53,28 @@ def test_pending_applied_expired_and_search(api: httpx.Client) -> None:
     assert bad.status_code == 400
 
 
+def test_a_value_written_again_with_a_longer_ttl_expires_at_the_later_time(
+    api: httpx.Client,
+) -> None:
+    """The sweep scheduled for the first time to live finds nothing due, and schedules the
+    second (the sweeper keeps one sweep per twin, the earliest)."""
+    twin = f"org.acme:lc-{uuid.uuid4().hex[:8]}"
+    api.put(f"/api/v1/twins/{twin}", json={"desired": {}})
+    api.put(f"/api/v1/twins/{twin}/desired/led", params={"ttl": 0.4}, json="blue")
+    second = api.put(f"/api/v1/twins/{twin}/desired/led", params={"ttl": 2.0}, json="red")
+    assert second.status_code == 204, second.text
+    expires = api.get(f"/api/v1/twins/{twin}/lifecycle").json()["led"]["expires"]
+    time.sleep(1.0)  # the first time to live is over
+    assert api.get(f"/api/v1/twins/{twin}/lifecycle").json()["led"]["state"] == "pending"
+    deadline = time.monotonic() + 10
+    while (led := api.get(f"/api/v1/twins/{twin}/lifecycle").json()["led"])["state"] != "expired":
+        assert time.monotonic() < deadline, led
+        time.sleep(0.05)
+    history = api.get(f"/api/v1/twins/{twin}/history", params={"since": 1}).json()["items"]
+    expiry = [item for item in history if item["origin"] == "system"]
+    assert len(expiry) == 1 and expiry[0]["timestamp"] >= expires, history
+
+
 def test_expiry_due_while_stopped_is_committed_after_a_restart(
     service_factory: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
