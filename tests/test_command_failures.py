@@ -45,6 +45,30 @@ def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
+def serving(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``serve`` started in ``tmp_path`` with ``env``, once it answers ``/health``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twin_service", "serve", "--data-dir", "data"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the service exited before it answered:\n{out}{err}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{env['TWIN_PORT']}/health", timeout=1).is_success:
+                return proc
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the service never answered /health")
+        time.sleep(0.1)
+
+
 def assert_refused(run: subprocess.CompletedProcess[str], status: int, *expected: str) -> None:
     output = run.stdout + run.stderr
     assert run.returncode == status, output
@@ -146,21 +170,8 @@ def test_a_store_out_of_reach_is_waited_for_then_named(tmp_path: Path) -> None:
     env = command_env(**unreachable_store("4"))
     url = f"http://127.0.0.1:{env['TWIN_PORT']}"
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "twin_service", "serve", "--data-dir", "data"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = serving(tmp_path, env)
     try:
-        while True:
-            assert proc.poll() is None, "the service exited before it answered"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
         ready = httpx.get(f"{url}/ready?require=store", timeout=5)
         assert ready.status_code == 503
         assert ready.json()["status"] == "starting"
@@ -191,27 +202,9 @@ def test_a_search_engine_out_of_reach_is_named_and_the_service_starts(tmp_path: 
         TWIN_ELASTICSEARCH_URL=f"http://user:{SECRET}@127.0.0.1:{free_port()}",
         TWIN_ELASTICSEARCH__REQUEST_TIMEOUT_SECONDS="1",
     )
-    port = env["TWIN_PORT"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "twin_service", "serve", "--data-dir", "data"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the service exited"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the service never answered"
-            time.sleep(0.2)
-    finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=30)
+    proc = serving(tmp_path, env)
+    proc.terminate()
+    out, err = proc.communicate(timeout=30)
     output = out + err
     assert "search engine out of reach at start, indexing waits for it" in err, output
     assert "Traceback" not in output, output
