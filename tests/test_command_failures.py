@@ -183,6 +183,9 @@ def test_a_store_out_of_reach_is_waited_for_then_named(tmp_path: Path) -> None:
         assert twin.status_code == 503, twin.text
         assert twin.json()["error"] == "service.starting"
         assert twin.headers["retry-after"] == "1"
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+        assert "twin_service_starting 1" in metrics
+        assert 'twin_service_check_up{check="store"} 0' in metrics
     finally:
         out, err = proc.communicate(timeout=60)
     assert time.monotonic() - started >= 4  # it waited as long as it was told

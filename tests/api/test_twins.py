@@ -519,6 +519,27 @@ def test_namespace_restricted_token(service: ServiceProcess) -> None:
         assert acme.put(f"/api/v1/twins/{new_id('org.other')}", json={}).status_code == 403
 
 
+def test_metrics_are_the_readiness_figures(service: ServiceProcess) -> None:
+    """Prometheus scrapes /metrics without a token; its figures are /ready's."""
+    with service.client() as api:
+        for _ in range(3):
+            twin_id = f"org.metrics:t{uuid.uuid4().hex[:8]}"
+            assert api.put(f"/api/v1/twins/{twin_id}", json={}).is_success
+    with service.client(token="") as anonymous:
+        response = anonymous.get("/metrics")
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        committed = anonymous.get("/ready").json()["checks"]["store"]["writes"]["committed"]
+    assert committed >= 3  # the shared service takes other tests' writes too
+    values = dict(
+        line.rsplit(" ", 1) for line in response.text.splitlines() if not line.startswith("#")
+    )
+    assert int(values["twin_service_store_writes_committed_total"]) <= committed
+    assert int(values["twin_service_store_writes_committed_total"]) >= 3
+    assert values['twin_service_check_up{check="store"}'] == "1"
+    assert values["twin_service_starting"] == "0"
+
+
 def test_health_ready_and_openapi(service: ServiceProcess) -> None:
     with service.client(token="") as client:
         assert client.get("/health").json()["status"] == "ok"

@@ -1,4 +1,4 @@
-"""Liveness and readiness (no authentication)."""
+"""Liveness, readiness and metrics (no authentication)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import inspect
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from twin_service import __version__
+from twin_service.api.context import AppContext
 from twin_service.api.deps import context
 from twin_service.api.schemas import ErrorBody
 from twin_service.errors import BadRequest, TwinServiceError, Unavailable
+from twin_service.metrics import CONTENT_TYPE, render
 
 router = APIRouter(tags=["health"])
 
@@ -49,19 +51,50 @@ async def ready(
     try:
         ctx = context(request)
     except Unavailable:  # starting, until the store answers (api.app)
-        down = {"status": "down", "error": request.app.state.starting}
-        return JSONResponse({"status": "starting", "checks": {"store": down}}, status_code=503)
-    known = ["store", *ctx.readiness]
-    counted = set(known) if require is None else {n.strip() for n in require.split(",")}
-    unknown = sorted(counted - set(known))
+        return JSONResponse(
+            {"status": "starting", "checks": _starting_checks(request)}, status_code=503
+        )
+    checks = await _checks(ctx)
+    counted = set(checks) if require is None else {n.strip() for n in require.split(",")}
+    unknown = sorted(counted - set(checks))
     if unknown:
         raise BadRequest(
             f"Unknown readiness check(s) {', '.join(unknown)}: this service has "
-            f"{', '.join(known)}.",
+            f"{', '.join(checks)}.",
             code="request.invalid",
         )
-    checks: dict[str, object] = {}
-    ok = True
+    ok = all(checks[name].get("status") == "up" for name in counted)
+    return JSONResponse(
+        {"status": "ready" if ok else "unavailable", "checks": checks},
+        status_code=200 if ok else 503,
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="The readiness figures as Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Text exposition 0.0.4"}},
+    openapi_extra=PUBLIC,
+)
+async def metrics(request: Request) -> Response:
+    try:
+        ctx = context(request)
+    except Unavailable:
+        checks, starting = _starting_checks(request), True
+    else:
+        checks, starting = await _checks(ctx), False
+    body = render(checks, version=__version__, starting=starting)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
+def _starting_checks(request: Request) -> dict[str, dict[str, Any]]:
+    return {"store": {"status": "down", "error": request.app.state.starting}}
+
+
+async def _checks(ctx: AppContext) -> dict[str, dict[str, Any]]:
+    """Every check's answer, the store's first; a check is up when its ``status`` is."""
+    checks: dict[str, dict[str, Any]] = {}
     try:
         await ctx.store.ping()
         service = ctx.service
@@ -74,17 +107,10 @@ async def ready(
             writes["lastError"], writes["lastErrorAt"] = service.last_failure
         checks["store"] = {"status": "up", **ctx.store.describe(), "writes": writes}
     except TwinServiceError as exc:
-        if "store" in counted:
-            ok = False
         checks["store"] = {"status": "down", "error": exc.message}
     for name, probe in ctx.readiness.items():
         result = probe()
         if inspect.isawaitable(result):
             result = await result
         checks[name] = result
-        if name in counted and isinstance(result, dict) and result.get("status") != "up":
-            ok = False
-    return JSONResponse(
-        {"status": "ready" if ok else "unavailable", "checks": checks},
-        status_code=200 if ok else 503,
-    )
+    return checks

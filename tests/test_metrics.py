@@ -1,0 +1,112 @@
+"""The Prometheus exposition of the readiness checks (twin_service.metrics.render)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from twin_service.metrics import METRICS, render
+
+SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
+
+FULL: dict[str, Any] = {
+    "store": {
+        "status": "up",
+        "kind": "sqlite",
+        "writer": {"running": True, "pid": 7, "unsent": 2},
+        "writes": {"committed": 10, "retried": 1, "failed": 3, "lastError": "store.full: x"},
+    },
+    "index": {"status": "up", "kind": "es", "lagSeconds": 0.25, "backlog": 4, "rejected": 12},
+    "bus": {"kind": "in-process", "status": "up"},
+    "mqtt": {
+        "status": "down",
+        "reconnects": 5,
+        "pendingAcks": 6,
+        "handlerFailures": 0,
+        "deltasPublished": 7,
+        "applied": 8,
+        "duplicates": 9,
+        "rejected": 11,
+    },
+}
+
+
+def samples(text: str) -> dict[str, float]:
+    """Every sample of an exposition by name and labels; checks each line's form."""
+    out: dict[str, float] = {}
+    declared: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge"), line
+            declared.add(name)
+            continue
+        if line.startswith("# HELP "):
+            continue
+        match = SAMPLE.match(line)
+        assert match, line
+        assert match.group(1) in declared, f"{line}: no TYPE before it"
+        out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return out
+
+
+def test_every_figure_of_the_checks_is_a_metric() -> None:
+    text = render(FULL, version="1.2.3", starting=False)
+    assert text.endswith("\n")
+    got = samples(text)
+    assert got == {
+        'twin_service_info{version="1.2.3"}': 1,
+        "twin_service_starting": 0,
+        'twin_service_check_up{check="store"}': 1,
+        'twin_service_check_up{check="index"}': 1,
+        'twin_service_check_up{check="bus"}': 1,
+        'twin_service_check_up{check="mqtt"}': 0,
+        "twin_service_store_writes_committed_total": 10,
+        "twin_service_store_writes_retried_total": 1,
+        "twin_service_store_writes_failed_total": 3,
+        "twin_service_sqlite_writer_unsent": 2,
+        "twin_service_index_backlog": 4,
+        "twin_service_index_lag_seconds": 0.25,
+        "twin_service_index_rejected_total": 12,
+        "twin_service_mqtt_reconnects_total": 5,
+        "twin_service_mqtt_pending_acks": 6,
+        "twin_service_mqtt_handler_failures_total": 0,
+        "twin_service_mqtt_messages_applied_total": 8,
+        "twin_service_mqtt_messages_duplicate_total": 9,
+        "twin_service_mqtt_messages_rejected_total": 11,
+        "twin_service_mqtt_deltas_published_total": 7,
+    }
+    assert len(METRICS) == len(got) - 6  # every metric of the table was found
+
+
+def test_counters_end_in_total_and_names_are_unique() -> None:
+    names = [m.name for m in METRICS]
+    assert len(names) == len(set(names))
+    for metric in METRICS:
+        assert metric.name.endswith("_total") == (metric.kind == "counter"), metric.name
+
+
+def test_what_a_check_does_not_report_is_left_out() -> None:
+    starting = {"store": {"status": "down", "error": "MongoDB does not answer"}}
+    got = samples(render(starting, version="1", starting=True))
+    assert got == {
+        'twin_service_info{version="1"}': 1,
+        "twin_service_starting": 1,
+        'twin_service_check_up{check="store"}': 0,
+    }
+
+
+def test_flags_strings_and_odd_values() -> None:
+    checks: dict[str, Any] = {
+        "store": {"status": "up", "writes": {"committed": True, "retried": "3"}},
+        "index": {"status": "up", "backlog": 0, "lagSeconds": math.inf},
+        'we"ird\\': "not a mapping",
+    }
+    text = render(checks, version='a"b\\c\nd', starting=False)
+    got = samples(text)
+    assert "twin_service_store_writes_committed_total" not in got  # a flag, not a figure
+    assert "twin_service_store_writes_retried_total" not in got  # text
+    assert "twin_service_index_lag_seconds +Inf" in text.splitlines()
+    assert 'twin_service_info{version="a\\"b\\\\c\\nd"} 1' in text.splitlines()
+    assert 'twin_service_check_up{check="we\\"ird\\\\"} 0' in text.splitlines()
