@@ -37,12 +37,13 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
+from bench.chaos_watchers import Watcher
 from bench.common import machine
 from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.mqtt_client import MqttClient
@@ -51,7 +52,7 @@ from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
-from tests.service_process import ServiceProcess
+from tests.service_process import ADMIN_TOKEN, ServiceProcess
 from tests.sync.helpers import send_reliably, wait_mqtt_up
 from tests.terminate import interrupt_on_sigterm
 
@@ -68,6 +69,8 @@ class Outcome:
     desired_changes: int = 0  # committed (the twins' desiredVersion)
     stale_deltas: int = 0
     retried: int = 0  # writes that lost a compare-and-set and were tried again
+    stream_problems: list[str] = field(default_factory=list)
+    stream_connections: int = 0
 
     @property
     def rate(self) -> float:
@@ -271,8 +274,14 @@ async def phase(
     fault_kinds: list[str],
     events: int,
     rng: random.Random,
+    watchers: int,
 ) -> Outcome:
     """One round of reports with ``events`` faults; keys are ``<phase>-<n>``."""
+    urls = [replica.url.replace("http://", "ws://") + "/api/v1/ws" for replica in fleet.replicas]
+    watching = [Watcher(f"watcher {n}", urls, fleet.twins, ADMIN_TOKEN) for n in range(watchers)]
+    for n, watcher in enumerate(watching):
+        watcher.start(first=n)  # spread over the replicas
+    await asyncio.wait_for(asyncio.gather(*(w.subscribed.wait() for w in watching)), 60)
     before = await fleet.documents()
     devices = [await _device(fleet, twin) for twin in fleet.twins]
     acked = 0
@@ -366,11 +375,23 @@ async def phase(
         await asyncio.sleep(0.5)
     for line in stale[:5]:
         print(f"stale delta: {line}")
+    since = {t: before[t]["revision"] for t in fleet.twins}
     if extra:
-        since = {t: before[t]["revision"] for t in fleet.twins}
         for line in (await fleet.unexplained(since))[:5]:
             print(f"extra revision: {line}")
-    return Outcome(acked, missing, extra, seconds, faults, desired, len(stale), retried)
+    until = {t: final[t]["revision"] for t in fleet.twins}
+    deadline = time.monotonic() + 30
+    while not all(w.caught_up(until) for w in watching) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    for watcher in watching:
+        await watcher.stop()
+    problems = [p for w in watching for p in w.problems(since, until)]
+    for line in problems[:5]:
+        print(f"stream: {line}")
+    connections = sum(w.connections for w in watching)
+    outcome = Outcome(acked, missing, extra, seconds, faults, desired, len(stale), retried)
+    outcome.stream_problems, outcome.stream_connections = problems, connections
+    return outcome
 
 
 async def _fault(fleet: Fleet, kinds: list[str], rng: random.Random) -> str:
@@ -437,6 +458,12 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=3, help="faults in the second phase")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--watchers",
+        type=int,
+        default=2,
+        help="WebSocket subscribers of every twin, resuming on another replica after a close",
+    )
+    parser.add_argument(
         "--store", choices=["sqlite", "mongodb"], default="sqlite", help="mongodb: on FerretDB"
     )
     args = parser.parse_args()
@@ -455,8 +482,8 @@ def main() -> int:
         fleet = Fleet(Path(tmp), args.devices, args.replicas, args.store, args.broker)
         try:
             load = (args.reports, args.window, args.rate, args.desired_rate, kinds)
-            base = asyncio.run(phase(fleet, "base", *load, events=0, rng=rng))
-            hurt = asyncio.run(phase(fleet, "faults", *load, events=args.events, rng=rng))
+            base = asyncio.run(phase(fleet, "base", *load, 0, rng, args.watchers))
+            hurt = asyncio.run(phase(fleet, "faults", *load, args.events, rng, args.watchers))
         finally:
             fleet.stop()
     print(
@@ -467,11 +494,15 @@ def main() -> int:
         print(
             f"{name:21}: acked {o.acked}, never applied {o.missing}, applied twice "
             f"{o.extra_revisions}, {o.rate:.0f} reports/s applied; {o.desired_changes} "
-            f"desired changes, {o.stale_deltas} stale deltas; {o.retried} writes retried"
+            f"desired changes, {o.stale_deltas} stale deltas; {o.retried} writes retried; "
+            f"{args.watchers} watchers over {o.stream_connections} connections, "
+            f"{len(o.stream_problems)} stream problems"
         )
     print(f"faults: {'; '.join(hurt.faults) or 'none (the load ended first)'}")
     print(f"rate with faults / baseline: {hurt.rate / base.rate:.2f}")
-    failed = any(o.missing or o.extra_revisions or o.stale_deltas for o in (base, hurt))
+    failed = any(
+        o.missing or o.extra_revisions or o.stale_deltas or o.stream_problems for o in (base, hurt)
+    )
     return 1 if failed else 0
 
 
