@@ -18,8 +18,10 @@ the broker with it, and the devices send what was not acknowledged again when it
 Two phases in one run, same devices and load: without faults (the baseline), then with them.
 Printed per phase: acknowledged reports, those never applied, revisions beyond one per report
 (reports applied twice), and the rate at which reports were applied, from the first publish to
-the last commit. The rate under faults is given as a ratio of the baseline's. The exit status
-is 1 when a report was lost or applied twice.
+the last commit. The rate under faults is given as a ratio of the baseline's. Meanwhile
+``--watchers`` WebSocket subscribers follow every twin (bench/chaos_watchers.py), resuming
+on another replica after each close. The exit status is 1 when a report was lost or applied
+twice, a retained delta is stale, or a watcher missed a change or got one twice.
 
     .venv/bin/python -m bench.chaos --devices 20 --reports 300 --replicas 2 --faults kill,broker
     .venv/bin/python -m bench.chaos --broker embedded --replicas 1 --faults kill,writer --rate 50
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -457,6 +460,7 @@ def main() -> int:
     )
     parser.add_argument("--events", type=int, default=3, help="faults in the second phase")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workdir", help="a new directory for the run, kept (logs)")
     parser.add_argument(
         "--watchers",
         type=int,
@@ -478,7 +482,11 @@ def main() -> int:
         parser.error("--faults store, cold: a kill of FerretDB, only on --store mongodb")
     print(f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     rng = random.Random(args.seed)
-    with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
+    with contextlib.ExitStack() as kept:
+        if args.workdir is None:
+            tmp = kept.enter_context(tempfile.TemporaryDirectory(prefix="bench-chaos-"))
+        else:
+            tmp = args.workdir  # kept, with the replicas' logs
         fleet = Fleet(Path(tmp), args.devices, args.replicas, args.store, args.broker)
         try:
             load = (args.reports, args.window, args.rate, args.desired_rate, kinds)

@@ -31,6 +31,8 @@ class Watcher:
         self.seqs: list[int] = []
         self.resyncs = 0
         self.connections = 0
+        #: What each connection was answered, for the report of a failed run.
+        self.log: list[str] = []
         self.subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -69,6 +71,7 @@ class Watcher:
                 message = json.loads(raw)
                 kind = message.get("type")
                 if kind == "subscribed":
+                    self.log.append(f"{url}: since {request.get('since')}: {message}")
                     self.subscribed.set()
                 elif kind == "event":
                     self.seqs.append(message["seq"])
@@ -77,6 +80,9 @@ class Watcher:
                 elif kind == "resync.required":
                     self.resyncs += 1
                     self.subscribed.set()
+                elif kind == "error":  # the subscribe failed (the store out of reach)
+                    self.log.append(f"{url}: since {request.get('since')}: {message}")
+                    return  # on the next replica, from the same seq
 
     def caught_up(self, final: dict[str, int]) -> bool:
         return all(self.revisions[t] and self.revisions[t][-1] >= final[t] for t in self._twins)
@@ -87,6 +93,7 @@ class Watcher:
         found = []
         if self.resyncs:
             found.append(f"{self.name}: {self.resyncs} resync.required")
+        detail = f"{self.name}: connections: {'; '.join(self.log)}"
         if any(b <= a for a, b in zip(self.seqs, self.seqs[1:], strict=False)):
             found.append(f"{self.name}: seq did not rise throughout")
         for twin in self._twins:
@@ -99,4 +106,4 @@ class Watcher:
                     f"{self.name}: {twin}: {len(got)} events for {len(want)} revisions, "
                     f"missed {missed[:5]}, {twice} twice, in order: {got == sorted(got)}"
                 )
-        return found
+        return [*found, detail] if found else found

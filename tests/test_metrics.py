@@ -19,6 +19,7 @@ FULL: dict[str, Any] = {
     },
     "index": {"status": "up", "kind": "es", "lagSeconds": 0.25, "backlog": 4, "rejected": 12},
     "bus": {"kind": "in-process", "status": "up"},
+    "streams": {"status": "up", "subscriptions": 3, "position": 42},
     "mqtt": {
         "status": "down",
         "reconnects": 5,
@@ -61,6 +62,9 @@ def test_every_figure_of_the_checks_is_a_metric() -> None:
         'twin_service_check_up{check="store"}': 1,
         'twin_service_check_up{check="index"}': 1,
         'twin_service_check_up{check="bus"}': 1,
+        'twin_service_check_up{check="streams"}': 1,
+        "twin_service_stream_subscriptions": 3,
+        "twin_service_stream_position": 42,
         'twin_service_check_up{check="mqtt"}': 0,
         "twin_service_store_writes_committed_total": 10,
         "twin_service_store_writes_retried_total": 1,
@@ -77,7 +81,7 @@ def test_every_figure_of_the_checks_is_a_metric() -> None:
         "twin_service_mqtt_messages_rejected_total": 11,
         "twin_service_mqtt_deltas_published_total": 7,
     }
-    assert len(METRICS) == len(got) - 6  # every metric of the table was found
+    assert len(METRICS) == len(got) - 7  # every metric of the table was found
 
 
 def test_counters_end_in_total_and_names_are_unique() -> None:

@@ -68,6 +68,18 @@ METRICS = (
         ("index", "rejected"),
     ),
     Metric(
+        "twin_service_stream_subscriptions",
+        "gauge",
+        "Change-stream subscriptions (WebSocket and server-sent events) of this process.",
+        ("streams", "subscriptions"),
+    ),
+    Metric(
+        "twin_service_stream_position",
+        "gauge",
+        "Sequence number of the last journal event offered to this process's subscribers.",
+        ("streams", "position"),
+    ),
+    Metric(
         "twin_service_mqtt_reconnects_total",
         "counter",
         "Reconnections to the MQTT broker.",

@@ -220,6 +220,7 @@ async def start_service(
     ctx = AppContext(settings, store, service, tokens, index, hub)
     ctx.readiness["index"] = index.health
     ctx.readiness["bus"] = bus.describe
+    ctx.readiness["streams"] = hub.health
     for component in _components(settings) if components is None else components:
         await _begin(stack, str(component), functools.partial(component.start, ctx), component.stop)
     return ctx

@@ -108,6 +108,8 @@ class EventHub:
         self.position = 0
         #: Highest sequence number a commit notice reported.
         self._poked = 0
+        #: Why the journal cannot be read now (None: it can).
+        self._failing: str | None = None
 
     async def start(self) -> None:
         self.position = await self._store.last_seq()
@@ -148,8 +150,18 @@ class EventHub:
     def subscriptions(self) -> int:
         return len(self._index)
 
+    def health(self) -> dict[str, object]:
+        """The ``streams`` check of /ready: down while the journal cannot be read."""
+        out: dict[str, object] = {
+            "status": "down" if self._failing else "up",
+            "subscriptions": self.subscriptions,
+            "position": self.position,
+        }
+        if self._failing:
+            out["error"] = self._failing
+        return out
+
     async def _run(self) -> None:
-        failing = False  # one line per outage of the store, not a traceback per poll
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
@@ -157,18 +169,20 @@ class EventHub:
             try:
                 await self._drain()
             except Unavailable as exc:
-                if not failing:
+                # One line per outage of the store, not a traceback per poll.
+                if not self._failing:
                     log.warning("event hub cannot read the journal, retrying: %s", exc.message)
-                failing = True
+                self._failing = exc.message
                 await asyncio.sleep(self._poll_interval)
                 continue
-            except Exception:
+            except Exception as exc:
                 log.exception("event hub failed to read the journal; retrying")
+                self._failing = f"{type(exc).__name__}: {exc}"
                 await asyncio.sleep(self._poll_interval)
                 continue
-            if failing:
+            if self._failing:
                 log.warning("event hub reads the journal again")
-                failing = False
+                self._failing = None
 
     async def _drain(self) -> None:
         try:

@@ -25,12 +25,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from twin_service.auth import Principal
-from twin_service.errors import BadRequest, LimitExceeded
+from twin_service.errors import BadRequest, LimitExceeded, Unavailable
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.hub import EventHub, replay
 from twin_service.streams.messages import EventFrame, Outgoing
 from twin_service.streams.subscription import Subscription
 from twin_service.types import JSONObject
+
+#: A replay the store interrupted is tried again this long after, doubling up to the next.
+_REPLAY_RETRY_SECONDS = 0.5
+_REPLAY_RETRY_MAX_SECONDS = 5.0
 
 
 class Output(Protocol):
@@ -178,7 +182,14 @@ class StreamSession:
         self._subs[subscription.id] = active
         position = self._hub.register(active, subscription)
         if since is not None:
-            gap = await self._journal_gap(since, position)
+            try:
+                gap = await self._journal_gap(since, position)
+            except BaseException:
+                # The store did not answer: the error is the subscribe's answer, and the
+                # subscription must not stay filed. Left, it held its events for good, and
+                # the client could not subscribe again under its id.
+                self.unsubscribe(subscription.id)
+                raise
             if gap is not None:
                 self.send(
                     {
@@ -200,16 +211,35 @@ class StreamSession:
             self._release(active, max(position, since or 0))
             return
 
+        replayed = since
+
         def emit_replayed(
             stored: StoredEvent, before: JSONObject | None, after: JSONObject | None
         ) -> None:
+            nonlocal replayed
             self._deliver(active.subscription, EventFrame(stored, before, after))
+            replayed = stored.seq
             self._ready.set()
 
-        try:
-            await replay(self._store, since, position, emit_replayed)
-        finally:
-            self._release(active, position)
+        # "subscribed" is out, so this subscribe has had its answer: a replay the store
+        # interrupts goes on from where it stopped once the store answers. Released with a
+        # gap instead, the subscription went live without the events it had not replayed.
+        # Meanwhile live events are held; past stream.queue_size, the connection is closed
+        # as a slow consumer's, told where to resume.
+        delay = _REPLAY_RETRY_SECONDS
+        while True:
+            try:
+                await replay(self._store, replayed, position, emit_replayed)
+                break
+            except Unavailable:
+                if self._closed or self.overflowed or self._subs.get(subscription.id) is not active:
+                    return  # no one to replay to any more
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REPLAY_RETRY_MAX_SECONDS)
+            except BaseException:
+                self.unsubscribe(subscription.id)  # never live with a gap
+                raise
+        self._release(active, position)
 
     async def _journal_gap(self, since: int, position: int) -> str | None:
         """Why the journal cannot bring a reader at ``since`` up to date, if it cannot."""

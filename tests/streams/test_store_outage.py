@@ -1,0 +1,115 @@
+"""Change streams while the store is out of reach: /ready says so, and the subscribers get
+every change made before and after, once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from tests.servers.ferretdb import FerretDB
+from tests.service_fixtures import mongodb_env
+from tests.service_process import ADMIN_TOKEN, ServiceProcess
+
+
+async def _receive(ws: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 15))
+    return message
+
+
+async def _streams(api: httpx.AsyncClient) -> dict[str, Any]:
+    check: dict[str, Any] = (await api.get("/ready")).json()["checks"]["streams"]
+    return check
+
+
+async def _until(
+    api: httpx.AsyncClient, predicate: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while not predicate(check := await _streams(api)):
+        assert time.monotonic() < deadline, check
+        await asyncio.sleep(0.1)
+    return check
+
+
+async def test_the_streams_check_is_down_while_the_journal_cannot_be_read(
+    fresh_ferretdb: FerretDB,
+    service_factory: Callable[..., ServiceProcess],
+    tmp_path: Path,
+    unique_name: str,
+) -> None:
+    env = mongodb_env(fresh_ferretdb.url, unique_name)
+    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "300"
+    env["TWIN_LOG_LEVEL"] = "info"
+    proc = service_factory(tmp_path / "svc", env=env)
+    twin = "org.acme:watched"
+    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "id": "s", "twins": [twin]}))
+        while (await _receive(ws))["type"] != "subscribed":
+            pass
+        async with proc.async_client() as api:
+            check = await _streams(api)
+            assert check["status"] == "up" and check["subscriptions"] == 1, check
+            assert (await api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": 1}})).is_success
+            fresh_ferretdb.kill()
+            down = await _until(api, lambda c: c["status"] == "down")
+            assert "error" in down, down
+            await fresh_ferretdb.astart()
+            await _until(api, lambda c: c["status"] == "up")
+            patch = await api.patch(
+                f"/api/v1/twins/{twin}",
+                json={"desired": {"n": 2}},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            assert patch.status_code == 200, patch.text
+        revisions: list[int] = []
+        while len(revisions) < 2:
+            message = await _receive(ws)
+            if message["type"] == "event":
+                revisions.append(message["event"]["revision"])
+        assert revisions == [1, 2]
+    log = proc.log_tail(400)
+    assert log.count("event hub cannot read the journal") == 1, log
+    assert "event hub reads the journal again" in log, log
+
+
+async def test_a_resume_the_store_cannot_answer_is_refused_and_can_be_tried_again(
+    fresh_ferretdb: FerretDB,
+    service_factory: Callable[..., ServiceProcess],
+    tmp_path: Path,
+    unique_name: str,
+) -> None:
+    """The subscription of a resume whose journal check failed stayed filed: it held its
+    events for good, and subscribing again under its id was refused as a duplicate."""
+    env = mongodb_env(fresh_ferretdb.url, unique_name)
+    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "300"
+    proc = service_factory(tmp_path / "svc", env=env)
+    twin = "org.acme:resumed"
+    async with proc.async_client() as api:
+        for n in range(3):
+            response = await api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": n}})
+            assert response.is_success, response.text
+    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    subscribe = {"type": "subscribe", "id": "s", "twins": [twin], "since": 0}
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        fresh_ferretdb.kill()
+        await ws.send(json.dumps(subscribe))
+        refused = await _receive(ws)
+        while refused["type"] == "welcome":
+            refused = await _receive(ws)
+        assert refused["type"] == "error" and refused["status"] == 503, refused
+        await fresh_ferretdb.astart()
+        await ws.send(json.dumps(subscribe))
+        answers = [await _receive(ws) for _ in range(4)]
+    assert answers[0]["type"] == "subscribed", answers
+    assert [a["event"]["revision"] for a in answers[1:]] == [1, 2, 3], answers
