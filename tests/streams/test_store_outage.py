@@ -113,3 +113,38 @@ async def test_a_resume_the_store_cannot_answer_is_refused_and_can_be_tried_agai
         answers = [await _receive(ws) for _ in range(4)]
     assert answers[0]["type"] == "subscribed", answers
     assert [a["event"]["revision"] for a in answers[1:]] == [1, 2, 3], answers
+
+
+async def test_a_server_sent_events_resume_the_store_cannot_answer_is_a_503(
+    fresh_ferretdb: FerretDB,
+    service_factory: Callable[..., ServiceProcess],
+    tmp_path: Path,
+    unique_name: str,
+) -> None:
+    """It was a 200 whose stream was cut at once (and a traceback in the log); an
+    EventSource waits out a 503's Retry-After before it tries again."""
+    env = mongodb_env(fresh_ferretdb.url, unique_name)
+    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "300"
+    proc = service_factory(tmp_path / "svc", env=env)
+    twin = "org.acme:sse"
+    async with proc.async_client() as api:
+        for n in range(2):
+            response = await api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": n}})
+            assert response.is_success, response.text
+        fresh_ferretdb.kill()
+        refused = await api.get("/api/v1/stream/twins", headers={"Last-Event-ID": "0"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "service.unavailable"
+        assert refused.headers["retry-after"] == "1"
+        await fresh_ferretdb.astart()
+        headers = {"Last-Event-ID": "0"}
+        async with api.stream("GET", "/api/v1/stream/twins", headers=headers) as stream:
+            assert stream.status_code == 200
+            ids: list[int] = []
+            async for line in stream.aiter_lines():
+                if line.startswith("id: "):
+                    ids.append(int(line[4:]))
+                if len(ids) == 2:
+                    break
+    assert ids == sorted(ids) and len(set(ids)) == 2
+    assert "Traceback" not in proc.log_tail(400)

@@ -324,10 +324,16 @@ async def sse(
         message["namespaces"] = [n for n in namespaces.split(",") if n]
     subscription, _ = subscription_from(message)
     session = StreamSession(ctx.hub, ctx.store, principal, ctx.settings.stream.queue_size)
+    try:
+        # Before the response starts, so that a resume the store cannot serve now is a 503
+        # (with Retry-After, which an EventSource waits out), not a stream cut at once.
+        await session.subscribe(subscription, resume)
+    except BaseException:
+        session.close()
+        raise
 
     async def stream() -> AsyncIterator[str]:
         try:
-            await session.subscribe(subscription, resume)
             while True:
                 if await request.is_disconnected():
                     return
