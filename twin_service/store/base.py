@@ -95,6 +95,13 @@ class TwinStore(Protocol):
     async def ping(self) -> None:
         """Raise :class:`twin_service.errors.Unavailable` when the store cannot serve."""
 
+    @property
+    def commits_in_order(self) -> bool:
+        """Whether a committed ``seq`` means every lower one is committed too (or never
+        will be): a commit notice then says how far the journal is complete. SQLite numbers
+        writes as it commits them; MongoDB numbers them first, and a lower number may
+        commit later."""
+
     async def get(self, twin_id: str) -> Twin | None: ...
 
     async def get_many(self, twin_ids: list[str]) -> list[Twin]: ...

@@ -300,6 +300,10 @@ class MongoStore:
             raise Unavailable(f"The twin store failed to count: {exc}") from exc
 
     @property
+    def commits_in_order(self) -> bool:
+        return False  # numbers are allocated before the compare-and-set (mongodb_journal)
+
+    @property
     def searchable(self) -> bool:
         # The search fields live in each twin document and are written with it, whatever
         # the search setting: there is no separate index to keep or rebuild.

@@ -296,6 +296,10 @@ class SqliteStore:
         return [found[i] for i in twin_ids if i in found]
 
     @property
+    def commits_in_order(self) -> bool:
+        return True  # the writer numbers events in the transaction that commits them
+
+    @property
     def searchable(self) -> bool:
         return self._builtin_index
 
