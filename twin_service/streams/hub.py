@@ -122,7 +122,10 @@ class EventHub:
     def poke(self, seq: int | None = None) -> None:
         if seq is not None and seq > self._poked:
             self._poked = seq
-        if seq is None or seq > self.position:
+        if seq is None or (seq > self.position and (self._index or self._store.commits_in_order)):
+            # Not where nobody listens and the notice cannot move the hub (see _drain_batches):
+            # the periodic poll finds the journal's end, one store query a poll rather than
+            # one per commit.
             self._wake.set()
 
     def register(self, receiver: Receiver, subscription: Subscription) -> int:
