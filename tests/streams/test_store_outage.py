@@ -18,6 +18,28 @@ from tests.servers.ferretdb import FerretDB
 from tests.service_fixtures import mongodb_env
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
 
+Factory = Callable[..., ServiceProcess]
+
+
+def _service(ferretdb: FerretDB, factory: Factory, tmp_path: Path, database: str) -> ServiceProcess:
+    """A service on ``ferretdb`` whose store calls fail fast (0.3 s) while it is down."""
+    env = mongodb_env(ferretdb.url, database)
+    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "300"
+    env["TWIN_LOG_LEVEL"] = "info"
+    return factory(tmp_path / "svc", env=env)
+
+
+async def _write(proc: ServiceProcess, twin: str, count: int) -> None:
+    async with proc.async_client() as api:
+        for n in range(count):
+            response = await api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": n}})
+            assert response.is_success, response.text
+
+
+def _websocket(proc: ServiceProcess) -> websockets.connect:
+    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
+    return websockets.connect(url, additional_headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
 
 async def _receive(ws: ClientConnection) -> dict[str, Any]:
     message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 15))
@@ -41,18 +63,13 @@ async def _until(
 
 async def test_the_streams_check_is_down_while_the_journal_cannot_be_read(
     fresh_ferretdb: FerretDB,
-    service_factory: Callable[..., ServiceProcess],
+    service_factory: Factory,
     tmp_path: Path,
     unique_name: str,
 ) -> None:
-    env = mongodb_env(fresh_ferretdb.url, unique_name)
-    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "300"
-    env["TWIN_LOG_LEVEL"] = "info"
-    proc = service_factory(tmp_path / "svc", env=env)
+    proc = _service(fresh_ferretdb, service_factory, tmp_path, unique_name)
     twin = "org.acme:watched"
-    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    async with websockets.connect(url, additional_headers=headers) as ws:
+    async with _websocket(proc) as ws:
         await ws.send(json.dumps({"type": "subscribe", "id": "s", "twins": [twin]}))
         while (await _receive(ws))["type"] != "subscribed":
             pass
@@ -84,24 +101,17 @@ async def test_the_streams_check_is_down_while_the_journal_cannot_be_read(
 
 async def test_a_resume_the_store_cannot_answer_is_refused_and_can_be_tried_again(
     fresh_ferretdb: FerretDB,
-    service_factory: Callable[..., ServiceProcess],
+    service_factory: Factory,
     tmp_path: Path,
     unique_name: str,
 ) -> None:
     """The subscription of a resume whose journal check failed stayed filed: it held its
     events for good, and subscribing again under its id was refused as a duplicate."""
-    env = mongodb_env(fresh_ferretdb.url, unique_name)
-    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "300"
-    proc = service_factory(tmp_path / "svc", env=env)
+    proc = _service(fresh_ferretdb, service_factory, tmp_path, unique_name)
     twin = "org.acme:resumed"
-    async with proc.async_client() as api:
-        for n in range(3):
-            response = await api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": n}})
-            assert response.is_success, response.text
-    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    await _write(proc, twin, 3)
     subscribe = {"type": "subscribe", "id": "s", "twins": [twin], "since": 0}
-    async with websockets.connect(url, additional_headers=headers) as ws:
+    async with _websocket(proc) as ws:
         fresh_ferretdb.kill()
         await ws.send(json.dumps(subscribe))
         refused = await _receive(ws)
@@ -117,20 +127,16 @@ async def test_a_resume_the_store_cannot_answer_is_refused_and_can_be_tried_agai
 
 async def test_a_server_sent_events_resume_the_store_cannot_answer_is_a_503(
     fresh_ferretdb: FerretDB,
-    service_factory: Callable[..., ServiceProcess],
+    service_factory: Factory,
     tmp_path: Path,
     unique_name: str,
 ) -> None:
     """It was a 200 whose stream was cut at once (and a traceback in the log); an
     EventSource waits out a 503's Retry-After before it tries again."""
-    env = mongodb_env(fresh_ferretdb.url, unique_name)
-    env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "300"
-    proc = service_factory(tmp_path / "svc", env=env)
+    proc = _service(fresh_ferretdb, service_factory, tmp_path, unique_name)
     twin = "org.acme:sse"
+    await _write(proc, twin, 2)
     async with proc.async_client() as api:
-        for n in range(2):
-            response = await api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": n}})
-            assert response.is_success, response.text
         fresh_ferretdb.kill()
         refused = await api.get("/api/v1/stream/twins", headers={"Last-Event-ID": "0"})
         assert refused.status_code == 503, refused.text
