@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
             except StoreUnreachable as exc:
                 await stack.aclose()  # what the attempt started
                 if settings.mongodb.start_wait_seconds <= 0:
-                    app.state.startup_failure = f"twin-service cannot start: {_reason(exc)}"
+                    app.state.startup_failure = _cannot_start(exc)
                     raise
                 waiting = asyncio.create_task(
                     _start_when_the_store_answers(app, settings, registry, stack, exc),
@@ -108,7 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             except STARTUP_ERRORS as exc:
                 # A database, broker or index out of reach is the operator's to fix: uvicorn
                 # prints this line instead of a traceback (TwinApp), and exits with status 3.
-                app.state.startup_failure = f"twin-service cannot start: {_reason(exc)}"
+                app.state.startup_failure = _cannot_start(exc)
                 raise
             yield
 
@@ -184,6 +184,11 @@ def _drop_validation_422(schema: dict[str, Any]) -> None:
 STARTUP_ERRORS = (TwinServiceError, OSError)
 
 
+def _cannot_start(exc: BaseException) -> str:
+    """The one line a failed start prints."""
+    return f"twin-service cannot start: {_reason(exc)}"
+
+
 def _reason(exc: BaseException) -> str:
     if not isinstance(exc, TwinServiceError):
         return str(exc)
@@ -254,7 +259,7 @@ async def _start_when_the_store_answers(
     while True:
         left = give_up - time.monotonic()
         if left <= 0:
-            _end_serving(app, f"twin-service cannot start: {app.state.starting}")
+            _end_serving(app, _cannot_start(unreachable))
             return
         await asyncio.sleep(min(delay, left))
         delay = min(delay * 2, longest)
@@ -263,11 +268,12 @@ async def _start_when_the_store_answers(
             ctx = await start_service(settings, tokens, attempt)
         except StoreUnreachable as exc:
             await attempt.aclose()
+            unreachable = exc
             app.state.starting = _reason(exc)
             continue
         except STARTUP_ERRORS as exc:
             await attempt.aclose()
-            _end_serving(app, f"twin-service cannot start: {_reason(exc)}")
+            _end_serving(app, _cannot_start(exc))
             return
         except BaseException:  # cancelled by a shutdown meanwhile
             await attempt.aclose()

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 from fastapi import Depends, Path, Request
+from starlette.requests import HTTPConnection
 
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
@@ -22,16 +23,17 @@ from twin_service.types import JSON
 
 # Dependencies are ``async def`` although they never await: FastAPI runs plain ``def``
 # dependencies in a worker thread, and those hops cost more than the work itself.
-def context(request: Request) -> AppContext:
-    """The context (also for the hot routes that skip the ``Context`` dependency)."""
+def context(connection: HTTPConnection) -> AppContext:
+    """The context of a request or WebSocket (also for the hot routes that skip the
+    ``Context`` dependency)."""
     try:
-        ctx: AppContext = request.app.state.ctx
+        ctx: AppContext = connection.app.state.ctx
     except AttributeError:
-        raise starting() from None
+        raise _starting() from None
     return ctx
 
 
-def starting() -> Unavailable:
+def _starting() -> Unavailable:
     """What a request gets while the service waits for its store to start (``api.app``);
     the store's own error is for ``/ready`` and the log."""
     return Unavailable(

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from twin_service import __version__
-from twin_service.api.context import AppContext
 from twin_service.api.deps import context
 from twin_service.api.schemas import ErrorBody
 from twin_service.errors import BadRequest, TwinServiceError, Unavailable
@@ -48,13 +47,9 @@ async def ready(
         ),
     ] = None,
 ) -> JSONResponse:
-    try:
-        ctx = context(request)
-    except Unavailable:  # starting, until the store answers (api.app)
-        return JSONResponse(
-            {"status": "starting", "checks": _starting_checks(request)}, status_code=503
-        )
-    checks = await _checks(ctx)
+    checks, starting = await _checks(request)
+    if starting:
+        return JSONResponse({"status": "starting", "checks": checks}, status_code=503)
     counted = set(checks) if require is None else {n.strip() for n in require.split(",")}
     unknown = sorted(counted - set(checks))
     if unknown:
@@ -78,22 +73,19 @@ async def ready(
     openapi_extra=PUBLIC,
 )
 async def metrics(request: Request) -> Response:
-    try:
-        ctx = context(request)
-    except Unavailable:
-        checks, starting = _starting_checks(request), True
-    else:
-        checks, starting = await _checks(ctx), False
+    checks, starting = await _checks(request)
     body = render(checks, version=__version__, starting=starting)
     return Response(body, media_type=CONTENT_TYPE)
 
 
-def _starting_checks(request: Request) -> dict[str, dict[str, Any]]:
-    return {"store": {"status": "down", "error": request.app.state.starting}}
-
-
-async def _checks(ctx: AppContext) -> dict[str, dict[str, Any]]:
-    """Every check's answer, the store's first; a check is up when its ``status`` is."""
+async def _checks(request: Request) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Every check's answer, the store's first (a check is up when its ``status`` is), and
+    whether the service is still starting: then only the store's, down, with why it waits
+    (api.app)."""
+    try:
+        ctx = context(request)
+    except Unavailable:
+        return {"store": {"status": "down", "error": request.app.state.starting}}, True
     checks: dict[str, dict[str, Any]] = {}
     try:
         await ctx.store.ping()
@@ -113,4 +105,4 @@ async def _checks(ctx: AppContext) -> dict[str, dict[str, Any]]:
         if inspect.isawaitable(result):
             result = await result
         checks[name] = result
-    return checks
+    return checks, False

@@ -19,12 +19,19 @@ from fastapi.responses import StreamingResponse
 
 from search.rql.parser import parse_filter
 from twin_service.api.context import AppContext
-from twin_service.api.deps import Context, Reader, TwinId, starting
+from twin_service.api.deps import Context, Reader, TwinId, context
 from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import errors
 from twin_service.auth import Principal
 from twin_service.commands import run_command
-from twin_service.errors import BadRequest, Gone, NotFound, TwinServiceError, Unauthorized
+from twin_service.errors import (
+    BadRequest,
+    Gone,
+    NotFound,
+    TwinServiceError,
+    Unauthorized,
+    Unavailable,
+)
 from twin_service.streams.direct_ws import pump_websocket
 from twin_service.streams.session import StreamSession
 from twin_service.streams.subscription import Subscription, validate_id
@@ -145,9 +152,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     # Accept first so that a refusal reaches the client as a close code and reason.
     await websocket.accept()
     try:
-        ctx: AppContext = websocket.app.state.ctx
-    except AttributeError:
-        await websocket.close(CLOSE_TRY_AGAIN_LATER, starting().message)
+        ctx = context(websocket)
+    except Unavailable as exc:  # starting, until the store answers (api.app)
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, exc.message)
         return
     try:
         principal = _authenticate(ctx, websocket)
