@@ -23,7 +23,7 @@ error message over WebSocket, and to a ``rejected`` message over MQTT.
     ├── PayloadTooLarge (413)         twin.toolarge
     ├── UnsupportedMediaType (415)    request.mediatype
     └── Unavailable (503)             service.unavailable / service.starting
-        ├── StoreUnreachable          (raised by a store's open)
+        ├── StoreUnreachable          (the store did not answer)
         └── StoreFull (507)           store.full
 """
 

@@ -86,6 +86,15 @@ _CLAIM_SLOW_SECONDS = 1.0
 _CLAIM_RETRY_SECONDS = 0.25
 
 
+def _failure(what: str, exc: BaseException) -> Unavailable:
+    """The error for a driver failure. No answer (server selection timed out, connection
+    lost) may be a server still starting or restarting: a service starting meanwhile waits
+    for it, at any step of its start (the event hub's first read, too). An answer that
+    refuses (credentials, a command failed) will not change by waiting."""
+    error = StoreUnreachable if isinstance(exc, ConnectionFailure) else Unavailable
+    return error(f"{what}: {exc}")
+
+
 def _twin(raw: dict[str, Any]) -> Twin:
     return Twin.from_storage(json.loads(raw["doc"]))
 
@@ -160,11 +169,7 @@ class MongoStore:
             await self._queue_older_writes()
         except DRIVER_ERRORS as exc:
             await self._client.close()
-            # No answer (server selection timed out, connection lost) may be a server still
-            # starting, so a starting service waits; an answer that refuses (credentials,
-            # a command failed) will not change by waiting.
-            error = StoreUnreachable if isinstance(exc, ConnectionFailure) else Unavailable
-            raise error(f"The twin store cannot open MongoDB: {exc}") from exc
+            raise _failure("The twin store cannot open MongoDB", exc) from exc
         self._maintenance = asyncio.get_running_loop().create_task(self._maintenance_loop())
 
     async def _queue_older_writes(self) -> None:
@@ -204,7 +209,7 @@ class MongoStore:
         try:
             await self._client.admin.command("ping")
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"MongoDB does not answer: {exc}") from exc
+            raise _failure("MongoDB does not answer", exc) from exc
 
     # -- maintenance -----------------------------------------------------------------------
 
@@ -252,7 +257,7 @@ class MongoStore:
             # Filtered on _id only (FerretDB scans the collection for anything else).
             raw = await self._twins.find_one({"_id": twin_id}, {"doc": 1, "rev": 1})
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+            raise _failure("The twin store failed to read", exc) from exc
         return _twin(raw) if raw and raw.get("rev") else None
 
     async def tombstone(self, twin_id: str) -> Tombstone | None:
@@ -261,7 +266,7 @@ class MongoStore:
                 {"_id": twin_id}, {"rev": 1, "gone": 1, "gdv": 1, "grv": 1}
             )
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+            raise _failure("The twin store failed to read", exc) from exc
         if not raw or raw.get("rev") or not raw.get("gone"):
             return None
         return Tombstone(int(raw["gone"]), int(raw.get("gdv", 0)), int(raw.get("grv", 0)))
@@ -276,7 +281,7 @@ class MongoStore:
                 )
             }
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+            raise _failure("The twin store failed to read", exc) from exc
         return [found[i] for i in twin_ids if i in found]
 
     async def scan(
@@ -290,14 +295,14 @@ class MongoStore:
                 .limit(limit)
             ).to_list()
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+            raise _failure("The twin store failed to read", exc) from exc
         return [_twin(raw) for raw in rows]
 
     async def twin_count(self) -> int:
         try:
             return await self._reads.count_documents({"rev": {"$gt": 0}})
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to count: {exc}") from exc
+            raise _failure("The twin store failed to count", exc) from exc
 
     @property
     def commits_in_order(self) -> bool:
@@ -318,58 +323,58 @@ class MongoStore:
         try:
             rows, cursor = await mongo_index.search_page(self._reads, query, document, {"doc": 1})
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to search: {exc}") from exc
+            raise _failure("The twin store failed to search", exc) from exc
         return [twins.get(raw["_id"]) or _twin(raw) for raw in rows], cursor
 
     async def count(self, query: SearchQuery) -> int:
         try:
             return await mongo_index.count(self._reads, query.filter, query.namespaces)
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to count: {exc}") from exc
+            raise _failure("The twin store failed to count", exc) from exc
 
     async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
         try:
             events, _ = await self._journal.read(seq, limit)
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+            raise _failure("The twin store failed to read the journal", exc) from exc
         return events
 
     async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
         try:
             return await self._journal.history(twin_id, since, until)
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+            raise _failure("The twin store failed to read the journal", exc) from exc
 
     async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
         try:
             return await self._journal.twin_at(twin_id, revision)
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+            raise _failure("The twin store failed to read the journal", exc) from exc
 
     async def privates_at(self, twin_id: str, revisions: Sequence[int]) -> dict[int, JSONObject]:
         try:
             return await self._journal.privates_at(twin_id, revisions)
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+            raise _failure("The twin store failed to read the journal", exc) from exc
 
     async def pruned_seq(self) -> int:
         try:
             return await self._journal.pruned()
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+            raise _failure("The twin store failed to read the journal", exc) from exc
 
     async def oldest_seq(self) -> int:
         try:
             return await self._journal.oldest()
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+            raise _failure("The twin store failed to read the journal", exc) from exc
 
     async def last_seq(self) -> int:
         """The stable watermark: every event up to it is journaled (see the journal module)."""
         try:
             _, stable = await self._journal.read(after=2**62, limit=None)
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read the journal: {exc}") from exc
+            raise _failure("The twin store failed to read the journal", exc) from exc
         return stable
 
     # -- external index outbox -------------------------------------------------------------
@@ -382,7 +387,7 @@ class MongoStore:
                 .limit(limit)
             ).to_list()
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+            raise _failure("The twin store failed to read", exc) from exc
         return [
             IndexTask(raw["_id"], int(raw["ix"]), _twin(raw) if raw.get("rev") else None)
             for raw in rows
@@ -400,7 +405,7 @@ class MongoStore:
                 ordered=False,
             )
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+            raise _failure("The twin store failed to commit", exc) from exc
 
     async def index_backlog(self) -> tuple[int, int | None]:
         try:
@@ -409,7 +414,7 @@ class MongoStore:
                 {"ix": {"$exists": True}}, {"ix": 1}, sort=[("ix", 1)]
             )
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+            raise _failure("The twin store failed to read", exc) from exc
         return pending, (int(lowest["ix"]) if lowest else None)
 
     # -- writes ----------------------------------------------------------------------------
@@ -421,7 +426,7 @@ class MongoStore:
         try:
             seq = await self._allocator.next()
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+            raise _failure("The twin store failed to commit", exc) from exc
         event = write.event
         twin = write.twin
         state = dumps(twin.to_storage()) if twin is not None else None
@@ -568,7 +573,7 @@ class MongoStore:
                 if not await self._journal.journaled(Pending.parse(token).seq):
                     await self._journal.help(write.twin_id, token)
         except DRIVER_ERRORS as exc:
-            raise Unavailable(f"The twin store failed to commit: {exc}") from exc
+            raise _failure("The twin store failed to commit", exc) from exc
         return claim, claimed
 
     def _may_claim_again(self, claim: str) -> None:

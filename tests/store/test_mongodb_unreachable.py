@@ -1,0 +1,47 @@
+"""MongoDB stops answering after the store opened: the store says it is unreachable (the
+error a starting service waits out), not that it failed, at every step of a start."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.servers.ferretdb import FerretDB
+from twin_service.errors import StoreUnreachable
+from twin_service.settings import Settings
+from twin_service.store.mongodb import MongoStore
+from twin_service.streams.hub import EventHub
+
+
+async def test_a_server_gone_after_the_open_is_unreachable_not_failed(
+    fresh_ferretdb: FerretDB, tmp_path: Path, unique_name: str
+) -> None:
+    """A replica whose MongoDB went away between the store's open and the event hub's first
+    read used to exit (status 3) instead of waiting for it: the read failed with a plain
+    ``Unavailable``, which the start does not wait for."""
+    settings = Settings(
+        data_dir=tmp_path,
+        store="mongodb",
+        mongodb_url=fresh_ferretdb.url,
+        mongodb={"database": unique_name, "server_selection_timeout_ms": 300},
+    )
+    store = MongoStore(settings)
+    await store.open()
+    try:
+        fresh_ferretdb.stop()
+        steps: list[Callable[[], Awaitable[object]]] = [
+            EventHub(store).start,
+            store.last_seq,
+            functools.partial(store.get, "org.acme:gone"),
+            store.ping,
+        ]
+        for step in steps:
+            with pytest.raises(StoreUnreachable, match=r"failed to read|does not answer"):
+                await step()
+        await fresh_ferretdb.astart()
+        assert await store.get("org.acme:gone") is None
+    finally:
+        await store.close()
