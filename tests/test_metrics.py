@@ -1,4 +1,5 @@
-"""The Prometheus exposition of the readiness checks (twin_service.metrics.render)."""
+"""The Prometheus exposition of the readiness checks and of the HTTP requests
+(twin_service.metrics)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import math
 import re
 from typing import Any
 
-from twin_service.metrics import METRICS, render
+import pytest
 
-SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
+from twin_service.metrics import METRICS, RequestMetrics, render
+
+# Label values are quoted strings, which may hold braces (route templates) and escapes.
+SAMPLE = re.compile(r'^([a-z_]+)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})? (\S+)$')
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 FULL: dict[str, Any] = {
     "store": {
@@ -40,8 +45,8 @@ def samples(text: str) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge"), line
-            declared.add(name)
+            assert kind in ("counter", "gauge", "histogram"), line
+            declared |= {name + s for s in HISTOGRAM_SUFFIXES} if kind == "histogram" else {name}
             continue
         if line.startswith("# HELP "):
             continue
@@ -114,3 +119,54 @@ def test_flags_strings_and_odd_values() -> None:
     assert "twin_service_index_lag_seconds +Inf" in text.splitlines()
     assert 'twin_service_info{version="a\\"b\\\\c\\nd"} 1' in text.splitlines()
     assert 'twin_service_check_up{check="we\\"ird\\\\"} 0' in text.splitlines()
+
+
+TWIN = "/api/v1/twins/{twin_id}"
+
+
+def test_requests_are_counted_by_method_route_and_status() -> None:
+    requests = RequestMetrics()
+    for status, seconds in ((200, 0.0004), (200, 0.003), (404, 0.0025)):
+        requests.observe("GET", TWIN, status, seconds)
+    requests.observe("PATCH", TWIN, 200, 0.05)
+    got = samples(render({}, version="1", starting=False, requests=requests))
+    total = "twin_service_http_requests_total"
+    counts = {k: v for k, v in got.items() if k.startswith(total)}
+    assert counts == {
+        f'{total}{{method="GET",route="{TWIN}",status="200"}}': 2,
+        f'{total}{{method="GET",route="{TWIN}",status="404"}}': 1,
+        f'{total}{{method="PATCH",route="{TWIN}",status="200"}}': 1,
+    }
+    duration = "twin_service_http_request_duration_seconds"
+    get = f'method="GET",route="{TWIN}"'
+    # Cumulative buckets, each bound included in its own bucket (le: less or equal).
+    assert [
+        got[f'{duration}_bucket{{{get},le="{le}"}}'] for le in ("0.001", "0.0025", "0.005")
+    ] == [
+        1,
+        2,
+        3,
+    ]
+    assert got[f'{duration}_bucket{{{get},le="10.0"}}'] == 3
+    assert got[f'{duration}_bucket{{{get},le="+Inf"}}'] == 3
+    assert got[f"{duration}_count{{{get}}}"] == 3
+    assert got[f"{duration}_sum{{{get}}}"] == pytest.approx(0.0059)
+    patch = f'method="PATCH",route="{TWIN}"'
+    assert got[f'{duration}_bucket{{{patch},le="0.025"}}'] == 0
+    assert got[f'{duration}_bucket{{{patch},le="0.05"}}'] == 1
+
+
+def test_odd_methods_and_slow_requests() -> None:
+    """A method of the client's making is ``other`` (no series without end), and a request
+    slower than the last bound is only in +Inf."""
+    requests = RequestMetrics()
+    requests.observe("BREW", "unmatched", 405, 30.0)
+    requests.observe("PROPFIND", "unmatched", 405, 0.0)
+    got = samples(render({}, version="1", starting=False, requests=requests))
+    duration = "twin_service_http_request_duration_seconds"
+    other = 'method="other",route="unmatched"'
+    assert got[f'twin_service_http_requests_total{{{other},status="405"}}'] == 2
+    assert got[f'{duration}_bucket{{{other},le="0.001"}}'] == 1
+    assert got[f'{duration}_bucket{{{other},le="10.0"}}'] == 1
+    assert got[f'{duration}_bucket{{{other},le="+Inf"}}'] == 2
+    assert got[f"{duration}_sum{{{other}}}"] == 30.0

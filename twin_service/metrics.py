@@ -1,13 +1,15 @@
-"""The readiness checks as Prometheus metrics (text exposition format 0.0.4).
+"""The service's Prometheus metrics (text exposition format 0.0.4).
 
 ``GET /metrics`` renders the same figures as ``GET /ready``, read at scrape time from the
-counters the parts keep anyway: nothing is counted on the request path for it. A figure a
-part does not report (no broker, another store) is left out, as Prometheus expects.
+counters the parts keep anyway. A figure a part does not report (no broker, another store)
+is left out, as Prometheus expects. The one thing counted on the request path for it is
+:class:`RequestMetrics`: each HTTP request's route, status and duration.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -124,8 +126,90 @@ METRICS = (
 )
 
 
-def render(checks: Mapping[str, Any], *, version: str, starting: bool) -> str:
-    """The exposition of ``checks`` (the ``checks`` object of /ready)."""
+#: Upper bounds, in seconds, of the request duration histogram's buckets: from a GET served
+#: from the cache (about a millisecond under load) to a write that waited out a slow store.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: Methods counted under their name; any other (a client can send anything) as ``other``,
+#: so a hostile client cannot make series without end. Routes are templates for the same
+#: reason, and a path no route matches is ``unmatched``.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class _Durations:
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        # One more than the bounds: the requests slower than the last (only in +Inf).
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.total = 0.0
+
+    def add(self, other: _Durations) -> None:
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.total += other.total
+
+
+class RequestMetrics:
+    """HTTP requests by method, route template and status, and their durations by method
+    and route. One process's event loop calls it, so plain counters do."""
+
+    def __init__(self) -> None:
+        # Durations by method, route and status: one lookup a request (the count of a
+        # series is its buckets' sum); the histogram adds the statuses up when scraped.
+        self._series: dict[tuple[str, str, int], _Durations] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        durations = self._series.get((method, route, status))
+        if durations is None:
+            if method not in METHODS:
+                method = "other"
+            durations = self._series.setdefault((method, route, status), _Durations())
+        durations.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        durations.total += seconds
+
+    def exposition(self) -> list[str]:
+        name = "twin_service_http_requests_total"
+        lines = [
+            f"# HELP {name} HTTP requests answered, by method, route and status.",
+            f"# TYPE {name} counter",
+        ]
+        by_route: dict[tuple[str, str], _Durations] = {}
+        for (method, route, status), durations in sorted(self._series.items()):
+            count = sum(durations.buckets)
+            lines.append(f'{name}{{{_labels(method, route)},status="{status}"}} {count}')
+            by_route.setdefault((method, route), _Durations()).add(durations)
+        name = "twin_service_http_request_duration_seconds"
+        lines += [
+            f"# HELP {name} Time from a request's arrival to its response's end.",
+            f"# TYPE {name} histogram",
+        ]
+        for (method, route), durations in by_route.items():
+            labels = _labels(method, route)
+            seen = 0
+            for bound, count in zip(DURATION_BUCKETS, durations.buckets, strict=False):
+                seen += count
+                lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {seen}')
+            seen += durations.buckets[-1]
+            lines += [
+                f'{name}_bucket{{{labels},le="+Inf"}} {seen}',
+                f"{name}_sum{{{labels}}} {_number(durations.total)}",
+                f"{name}_count{{{labels}}} {seen}",
+            ]
+        return lines
+
+
+def _labels(method: str, route: str) -> str:
+    return f'method="{method}",route="{_label(route)}"'
+
+
+def render(
+    checks: Mapping[str, Any],
+    *,
+    version: str,
+    starting: bool,
+    requests: RequestMetrics | None = None,
+) -> str:
+    """The exposition of ``checks`` (the ``checks`` object of /ready), and of ``requests``."""
     lines = [
         "# HELP twin_service_info The service's version.",
         "# TYPE twin_service_info gauge",
@@ -148,6 +232,8 @@ def render(checks: Mapping[str, Any], *, version: str, starting: bool) -> str:
             f"# TYPE {metric.name} {metric.kind}",
             f"{metric.name} {_number(value)}",
         ]
+    if requests is not None:
+        lines += requests.exposition()
     return "\n".join(lines) + "\n"
 
 

@@ -540,6 +540,46 @@ def test_metrics_are_the_readiness_figures(service: ServiceProcess) -> None:
     assert values["twin_service_starting"] == "0"
 
 
+def _request_counts(client: httpx.Client) -> dict[str, float]:
+    text = client.get("/metrics").text
+    return {
+        key: float(value)
+        for key, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[0] != "#")
+        if key.startswith("twin_service_http_request")
+    }
+
+
+def test_metrics_count_requests_by_route_and_status(service: ServiceProcess) -> None:
+    """Requests served ahead of FastAPI (whole-twin GET) and through it are counted under
+    the same route template; an unknown path under ``unmatched``, not its own path."""
+    twin_id = f"org.metrics:r{uuid.uuid4().hex[:8]}"
+    twin = "/api/v1/twins/{twin_id}"
+    with service.client(token="") as anonymous, service.client() as api:
+        before = _request_counts(anonymous)
+        assert api.put(f"/api/v1/twins/{twin_id}", json={}).status_code == 201
+        for _ in range(2):
+            assert api.get(f"/api/v1/twins/{twin_id}").status_code == 200
+        assert api.get("/api/v1/twins/org.metrics:nobody").status_code == 404
+        assert api.get(f"/api/v1/twins/{twin_id}/desired").status_code == 200
+        assert api.get(f"/api/v1/nothing/{twin_id}").status_code == 404
+        after = _request_counts(anonymous)
+
+    def more(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    total = "twin_service_http_requests_total"
+    assert more(f'{total}{{method="PUT",route="{twin}",status="201"}}') == 1
+    assert more(f'{total}{{method="GET",route="{twin}",status="200"}}') == 2
+    assert more(f'{total}{{method="GET",route="{twin}",status="404"}}') == 1
+    section = "/api/v1/twins/{twin_id}/{section}"
+    assert more(f'{total}{{method="GET",route="{section}",status="200"}}') == 1
+    assert more(f'{total}{{method="GET",route="unmatched",status="404"}}') == 1
+    assert not any(twin_id in key for key in after)
+    count = 'twin_service_http_request_duration_seconds_count{method="GET",route="%s"}'
+    assert more(count % twin) == 3
+    assert more(count % "/metrics") == 1  # the first scrape; the second ends after its body
+
+
 def test_health_ready_and_openapi(service: ServiceProcess) -> None:
     with service.client(token="") as client:
         assert client.get("/health").json()["status"] == "ok"

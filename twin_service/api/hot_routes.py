@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect, Request
@@ -23,40 +25,79 @@ from starlette.types import Message, Receive, Scope, Send
 from twin_service.api.errors import disconnected_response, error_response, unexpected_response
 from twin_service.api.routes import twins
 from twin_service.errors import TwinServiceError, Unavailable
+from twin_service.metrics import RequestMetrics
 
 PREFIX = "/api/v1/twins/"
+#: The route label of the requests served here: FastAPI's template of the same route.
+HOT_ROUTE = "/api/v1/twins/{twin_id}"
+#: The route label of a request no route matched (a 404 or a request refused before routing).
+UNMATCHED = "unmatched"
 
 Endpoint = Callable[[Request, str], Awaitable[Response]]
 ENDPOINTS: dict[str, Endpoint] = {"GET": twins.get_twin, "PATCH": twins.patch_twin}
 
 
 class TwinApp(FastAPI):
-    """FastAPI, with the whole-twin GET and PATCH taken ahead of the framework."""
+    """FastAPI, with the whole-twin GET and PATCH taken ahead of the framework, and every
+    HTTP request counted for ``GET /metrics``."""
 
     hot_routes = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.requests = RequestMetrics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await super().__call__(scope, receive, self._startup_failure_in_one_line(send))
             return
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        start = time.perf_counter()
         try:
-            if self.hot_routes and scope["type"] == "http" and not self.root_path:
+            if self.hot_routes and not self.root_path:
                 endpoint = ENDPOINTS.get(scope["method"])
                 path: str = scope["path"]
                 if endpoint is not None and path.startswith(PREFIX):
                     twin_id = path[len(PREFIX) :]
                     # The route's own match: one non-empty path segment.
                     if twin_id and "/" not in twin_id:
-                        await self._serve(endpoint, twin_id, scope, receive, send)
+                        status = await self._serve(endpoint, twin_id, scope, receive, send)
+                        elapsed = time.perf_counter() - start
+                        self.requests.observe(scope["method"], HOT_ROUTE, status, elapsed)
                         return
-            await super().__call__(scope, receive, send)
+            await self._through_fastapi(scope, receive, send, start)
         except asyncio.CancelledError:
-            if scope["type"] != "http":
-                raise
             # uvicorn cancels the requests still running when its graceful shutdown timeout
             # (Settings.shutdown_timeout_seconds) ends, and would answer them with a
             # plain-text 500. The request's task ends here, answered in the one error shape.
             await _answer_stopping(scope, receive, send)
+
+    async def _through_fastapi(
+        self, scope: Scope, receive: Receive, send: Send, start: float
+    ) -> None:
+        # What uvicorn answers a request the app failed without answering.
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        def count() -> None:
+            route = getattr(scope.get("route"), "path_format", UNMATCHED)
+            self.requests.observe(scope["method"], route, status, time.perf_counter() - start)
+
+        try:
+            await super().__call__(scope, receive, send_noting_status)
+        except Exception:  # answered 500 by Starlette, which raises it again for uvicorn's log
+            count()
+            raise
+        # Not a request cut by the end of a shutdown (CancelledError): the counters end with
+        # the process.
+        count()
 
     def _startup_failure_in_one_line(self, send: Send) -> Send:
         """Starlette reports a failed start with the traceback; for a failure the lifespan
@@ -72,7 +113,8 @@ class TwinApp(FastAPI):
 
     async def _serve(
         self, endpoint: Endpoint, twin_id: str, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    ) -> int:
+        """Answer with ``endpoint``; the status answered."""
         scope["app"] = self  # what Starlette sets, and Request.app reads
         request = Request(scope, receive)
         try:
@@ -84,6 +126,7 @@ class TwinApp(FastAPI):
         except Exception as exc:
             response = unexpected_response(exc)
         await response(scope, receive, send)
+        return response.status_code
 
 
 async def _answer_stopping(scope: Scope, receive: Receive, send: Send) -> None:

@@ -74,7 +74,7 @@ async def ready(
 )
 async def metrics(request: Request) -> Response:
     checks, starting = await _checks(request)
-    body = render(checks, version=__version__, starting=starting)
+    body = render(checks, version=__version__, starting=starting, requests=request.app.requests)
     return Response(body, media_type=CONTENT_TYPE)
 
 
