@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.service_process import ServiceProcess
+from tests.service_process import ADMIN_TOKEN, ServiceProcess
+from tests.store.contract import mutate
+from twin_service.auth import Principal
+from twin_service.settings import Settings, StreamSettings
+from twin_service.store.sqlite import SqliteStore
+from twin_service.streams.hub import EventHub
+from twin_service.streams.session import StreamSession
+from twin_service.streams.subscription import Subscription
 
 
 def read_events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
@@ -70,3 +81,93 @@ def test_sse_stream_and_last_event_id_resume(service: ServiceProcess) -> None:
         assert bad_rql.status_code == 400 and bad_rql.json()["error"] == "rql.syntax"
     with service.client(token="") as anonymous:
         assert anonymous.get("/api/v1/stream/twins").status_code == 401
+
+
+def test_a_resume_further_back_than_the_queue_holds_is_streamed_whole(tmp_path: Path) -> None:
+    """The replay of a resume used to be queued whole before the response started: one
+    longer than ``stream.queue_size`` ended at once with an overflow, every time the
+    EventSource came back, so a reader that far behind could never catch up. (Its hint,
+    ``resumeWith``, was 0 as well.)"""
+    proc = ServiceProcess(tmp_path, env={"TWIN_STREAM__QUEUE_SIZE": "20"}).start()
+    try:
+        with proc.client() as api:
+            for n in range(5):
+                assert api.put(f"/api/v1/twins/org.sse:t{n}", json={}).status_code == 201
+            for n in range(100):
+                merge = {"Content-Type": "application/merge-patch+json"}
+                patch = {"desired": {"n": n}}
+                response = api.patch(f"/api/v1/twins/org.sse:t{n % 5}", json=patch, headers=merge)
+                assert response.status_code == 200, response.text
+            headers = {"Last-Event-ID": "3"}
+            with api.stream("GET", "/api/v1/stream/twins", headers=headers, timeout=30) as stream:
+                events = read_events(stream, 103)
+    finally:
+        proc.stop()
+    assert events[0]["event"] == "subscribed", events[0]
+    assert [int(e["id"]) for e in events[1:]] == list(range(4, 106))
+    assert all(e["event"] == "event" for e in events[1:])
+
+
+async def test_a_replay_waits_for_its_reader_and_a_reader_cut_off_resumes_where_it_asked(
+    tmp_path: Path,
+) -> None:
+    """A replay waits for its reader to make room (it used to fill the queue and cut the
+    reader off). Live events do not wait: a reader that falls ``queue_size`` of them behind
+    is cut off, told where to resume: the highest event it was handed, and before any, the
+    point it resumed from (it was 0: a replay of the whole journal, or a resync)."""
+    settings = Settings(data_dir=tmp_path)
+    store = SqliteStore(tmp_path / "twins.sqlite3", settings.sqlite, StreamSettings())
+    await store.open()
+    hub = EventHub(store, poll_interval=0.05)
+    await hub.start()
+    try:
+        for n in range(40):
+            await mutate(store, f"org.acme:t{n % 4}", f"k{n}")
+        while hub.position < 40:
+            await asyncio.sleep(0.01)
+        session = StreamSession(hub, store, Principal(name="t", role="admin"), queue_size=10)
+        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
+        await asyncio.sleep(0.3)  # nobody reads: 33 events to replay, room for 10
+        assert not subscribing.done()
+        assert not session.overflowed
+        for n in range(12):  # live events, held back while the replay waits
+            await mutate(store, "org.acme:live", f"k{n}")
+        await asyncio.wait_for(subscribing, 5)
+        assert session.overflowed
+        assert session.delivered_seq == 7
+    finally:
+        await hub.stop()
+        await store.close()
+
+
+def test_a_reader_that_leaves_during_its_replay_is_let_go(tmp_path: Path) -> None:
+    """The replay waits for a reader that does not read (large events fill the socket's
+    buffers, then the queue); when that reader leaves, its subscription and its replay
+    end. A replay used to run before the response started, where nothing noticed a
+    reader leave."""
+    proc = ServiceProcess(tmp_path, env={"TWIN_STREAM__QUEUE_SIZE": "10"}).start()
+    try:
+        with proc.client() as api:
+            for n in range(40):
+                body = {"desired": {"blob": f"{n}" + "x" * 50_000}}
+                assert api.put("/api/v1/twins/org.sse:big", json=body).is_success
+            with socket.create_connection(("127.0.0.1", proc.port)) as reader:
+                reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                reader.sendall(
+                    b"GET /api/v1/stream/twins HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n"
+                    + f"Authorization: Bearer {ADMIN_TOKEN}\r\n\r\n".encode()
+                )
+                assert reader.recv(200).startswith(b"HTTP/1.1 200")
+                time.sleep(1)  # the replay fills what it can, and waits
+                assert _subscriptions(api) == 1
+            deadline = time.monotonic() + 10
+            while _subscriptions(api) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _subscriptions(api) == 0
+    finally:
+        proc.stop()
+
+
+def _subscriptions(api: httpx.Client) -> int:
+    count: int = api.get("/ready").json()["checks"]["streams"]["subscriptions"]
+    return count

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from twin_service.errors import Unavailable
@@ -240,11 +240,21 @@ class EventHub:
                 log.exception("event receiver failed")
 
 
-async def replay(store: TwinStore, since: int, until: int, sink: Sink, batch: int = _BATCH) -> None:
-    """Feed ``sink`` every journaled event with since < seq <= until, in order."""
+async def replay(
+    store: TwinStore,
+    since: int,
+    until: int,
+    sink: Sink,
+    batch: int = _BATCH,
+    room: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """Feed ``sink`` every journaled event with since < seq <= until, in order; before
+    each batch, wait for ``room`` to have space for one (the sink's reader is paced)."""
     cache = StateCache(store, capacity=1000)
     position = since
     while position < until:
+        if room is not None:
+            await room(batch)
         events = await store.events_after(position, batch)
         if not events:
             return

@@ -19,6 +19,7 @@ message to it at once; otherwise it wakes the connection's writer task, which us
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,18 @@ from twin_service.streams.hub import EventHub, replay
 from twin_service.streams.messages import EventFrame, Outgoing
 from twin_service.streams.subscription import Subscription
 from twin_service.types import JSONObject
+
+log = logging.getLogger(__name__)
+
+#: Events a replay reads at a time, at most (half the queue where that is less).
+_REPLAY_BATCH = 500
+#: How often a replay waiting for its reader to make room looks again.
+_ROOM_POLL_SECONDS = 0.005
+
+
+class _ReaderGone(Exception):
+    """The reader of a replay closed its connection or was cut off: no one to replay to."""
+
 
 #: A replay the store interrupted is tried again this long after, doubling up to the next.
 _REPLAY_RETRY_SECONDS = 0.5
@@ -181,6 +194,7 @@ class StreamSession:
         active = _Active(self, subscription, replaying=since is not None)
         self._subs[subscription.id] = active
         position = self._hub.register(active, subscription)
+        self._starts_at(position if since is None else since)
         if since is not None:
             try:
                 gap = await self._journal_gap(since, position)
@@ -191,6 +205,7 @@ class StreamSession:
                 self.unsubscribe(subscription.id)
                 raise
             if gap is not None:
+                self._starts_at(position)
                 self.send(
                     {
                         "type": "resync.required",
@@ -229,8 +244,17 @@ class StreamSession:
         delay = _REPLAY_RETRY_SECONDS
         while True:
             try:
-                await replay(self._store, replayed, position, emit_replayed)
+                await replay(
+                    self._store,
+                    replayed,
+                    position,
+                    emit_replayed,
+                    batch=max(1, min(_REPLAY_BATCH, self._queue_size // 2)),
+                    room=self._room,
+                )
                 break
+            except _ReaderGone:
+                return
             except Unavailable:
                 if self._closed or self.overflowed or self._subs.get(subscription.id) is not active:
                     return  # no one to replay to any more
@@ -240,6 +264,17 @@ class StreamSession:
                 self.unsubscribe(subscription.id)  # never live with a gap
                 raise
         self._release(active, position)
+
+    async def _room(self, count: int) -> None:
+        """Wait until ``count`` more messages fit in the queue. A replay, which the service
+        paces, waits for its reader; live events do not wait, and cut off a reader that
+        falls ``queue_size`` behind. Queued whole instead, a replay longer than the queue
+        cut off every reader that resumed from that far back. Polled: a replay is a bulk
+        read, and its reader empties the queue meanwhile."""
+        while len(self._outbox) + count > self._queue_size:
+            if self._closed or self.overflowed:
+                raise _ReaderGone
+            await asyncio.sleep(_ROOM_POLL_SECONDS)
 
     async def _journal_gap(self, since: int, position: int) -> str | None:
         """Why the journal cannot bring a reader at ``since`` up to date, if it cannot."""
@@ -258,6 +293,52 @@ class StreamSession:
                 f"({head}): it comes from another journal (a restored or replaced database)"
             )
         return None
+
+    def _starts_at(self, seq: int) -> None:
+        """Where the resume hint (``delivered_seq``) starts for a connection's only
+        subscription: the point it resumed from, or went live after. It stayed at 0 until an
+        event was handed over, so a reader cut off before that was told to resume with 0.
+        (With several subscriptions, the hint is the highest event handed over, whichever
+        subscription it was for: raising it for a new one could skip another's events.)"""
+        if len(self._subs) == 1:
+            self.delivered_seq = max(self.delivered_seq, seq)
+
+    async def subscribe_in_background(
+        self, subscription: Subscription, since: int | None
+    ) -> asyncio.Task[None]:
+        """:meth:`subscribe`, returning once its answer (``subscribed``, or
+        ``resync.required``) is queued, or raising what it raised before that (the store
+        out of reach: a 503). The replay goes on in the returned task while the caller
+        reads the queue; a replay that fails after the answer ends the stream as an
+        overflow does, so the reader resumes from what it was handed.
+
+        For a reader that can only start reading once this returns (server-sent events:
+        the status is sent first). Awaiting :meth:`subscribe` whole there queued the whole
+        replay before the response started, and a replay longer than ``queue_size``
+        overflowed at once, at every resume: such a reader could never catch up.
+        """
+        task = asyncio.create_task(self.subscribe(subscription, since), name="subscribe")
+        answered = asyncio.create_task(self.wait(), name="subscribe-answered")
+        try:
+            await asyncio.wait({task, answered}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            answered.cancel()
+        if task.done():
+            task.result()
+        else:
+            task.add_done_callback(self._replay_ended)
+        return task
+
+    def _replay_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("a replay failed; the stream ends", exc_info=task.exception())
+        self.overflowed = True
+        self._outbox.clear()
+        self._ready.set()
 
     def _release(self, active: _Active, position: int) -> None:
         """Go live: deliver the events held back while replaying, after ``position``."""

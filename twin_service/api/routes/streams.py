@@ -332,9 +332,10 @@ async def sse(
     subscription, _ = subscription_from(message)
     session = StreamSession(ctx.hub, ctx.store, principal, ctx.settings.stream.queue_size)
     try:
-        # Before the response starts, so that a resume the store cannot serve now is a 503
-        # (with Retry-After, which an EventSource waits out), not a stream cut at once.
-        await session.subscribe(subscription, resume)
+        # Answered before the response starts, so that a resume the store cannot serve now
+        # is a 503 (with Retry-After, which an EventSource waits out), not a stream cut at
+        # once; the replay goes on while the response streams.
+        replaying = await session.subscribe_in_background(subscription, resume)
     except BaseException:
         session.close()
         raise
@@ -362,6 +363,7 @@ async def sse(
                     yield f"event: {item.kind}\ndata: {item.text}\n\n"
         finally:
             session.close()
+            replaying.cancel()
 
     return StreamingResponse(
         stream(),
