@@ -129,12 +129,17 @@ class StreamSession:
         if self.overflowed:
             return False
         if len(self._outbox) >= self._queue_size:
-            self.overflowed = True
-            self._outbox.clear()
-            self._ready.set()
+            self._cut_off()
             return False
         self._outbox.append(item)
         return True
+
+    def _cut_off(self) -> None:
+        """End the reader's stream: its writer sends where to resume (``delivered_seq``)
+        and closes; nothing queued is sent any more."""
+        self.overflowed = True
+        self._outbox.clear()
+        self._ready.set()
 
     def flush(self) -> None:
         """Write every queued message to the attached output if it is ready, else wake the
@@ -336,9 +341,7 @@ class StreamSession:
         if task.cancelled() or task.exception() is None:
             return
         log.error("a replay failed; the stream ends", exc_info=task.exception())
-        self.overflowed = True
-        self._outbox.clear()
-        self._ready.set()
+        self._cut_off()
 
     def _release(self, active: _Active, position: int) -> None:
         """Go live: deliver the events held back while replaying, after ``position``."""
@@ -359,8 +362,7 @@ class StreamSession:
     def _hold(self, active: _Active, frame: EventFrame) -> None:
         """Keep a live event of a subscription that is still replaying."""
         if len(active.held) >= self._queue_size:
-            self.overflowed = True
-            self._ready.set()
+            self._cut_off()
             return
         active.held.append(frame)
 
