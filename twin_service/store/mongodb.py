@@ -92,7 +92,10 @@ def _failure(what: str, exc: BaseException) -> Unavailable:
     for it, at any step of its start (the event hub's first read, too). An answer that
     refuses (credentials, a command failed) will not change by waiting."""
     error = StoreUnreachable if isinstance(exc, ConnectionFailure) else Unavailable
-    return error(f"{what}: {exc}")
+    # Server selection's message ends with the whole topology description, the reason of
+    # each server again among internals: /ready and the log keep the reason.
+    reason = str(exc).split(", Topology Description: ", 1)[0]
+    return error(f"{what}: {reason}")
 
 
 def _twin(raw: dict[str, Any]) -> Twin:
