@@ -19,9 +19,10 @@ Two phases in one run, same devices and load: without faults (the baseline), the
 Printed per phase: acknowledged reports, those never applied, revisions beyond one per report
 (reports applied twice), and the rate at which reports were applied, from the first publish to
 the last commit. The rate under faults is given as a ratio of the baseline's. Meanwhile
-``--watchers`` WebSocket subscribers follow every twin (bench/chaos_watchers.py), resuming
-on another replica after each close. The exit status is 1 when a report was lost or applied
-twice, a retained delta is stale, or a watcher missed a change or got one twice.
+``--watchers`` WebSocket subscribers and ``--sse-watchers`` server-sent events readers follow
+every twin (bench/chaos_watchers.py), resuming on another replica after each close. The
+exit status is 1 when a report was lost or applied twice, a retained delta is stale, or a
+watcher missed a change or got one twice.
 
     .venv/bin/python -m bench.chaos --devices 20 --reports 300 --replicas 2 --faults kill,broker
     .venv/bin/python -m bench.chaos --broker embedded --replicas 1 --faults kill,writer --rate 50
@@ -46,7 +47,7 @@ from typing import Any, Literal
 
 import httpx
 
-from bench.chaos_watchers import Watcher
+from bench.chaos_watchers import SseWatcher, Watcher
 from bench.common import machine
 from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.mqtt_client import MqttClient
@@ -278,10 +279,14 @@ async def phase(
     events: int,
     rng: random.Random,
     watchers: int,
+    sse_watchers: int,
 ) -> Outcome:
     """One round of reports with ``events`` faults; keys are ``<phase>-<n>``."""
-    urls = [replica.url.replace("http://", "ws://") + "/api/v1/ws" for replica in fleet.replicas]
+    urls = [replica.url for replica in fleet.replicas]
     watching = [Watcher(f"watcher {n}", urls, fleet.twins, ADMIN_TOKEN) for n in range(watchers)]
+    watching += [
+        SseWatcher(f"sse watcher {n}", urls, fleet.twins, ADMIN_TOKEN) for n in range(sse_watchers)
+    ]
     for n, watcher in enumerate(watching):
         watcher.start(first=n)  # spread over the replicas
     await asyncio.wait_for(asyncio.gather(*(w.subscribed.wait() for w in watching)), 60)
@@ -468,6 +473,12 @@ def main() -> int:
         help="WebSocket subscribers of every twin, resuming on another replica after a close",
     )
     parser.add_argument(
+        "--sse-watchers",
+        type=int,
+        default=1,
+        help="the same as server-sent events, resuming with Last-Event-ID",
+    )
+    parser.add_argument(
         "--store", choices=["sqlite", "mongodb"], default="sqlite", help="mongodb: on FerretDB"
     )
     args = parser.parse_args()
@@ -490,8 +501,9 @@ def main() -> int:
         fleet = Fleet(Path(tmp), args.devices, args.replicas, args.store, args.broker)
         try:
             load = (args.reports, args.window, args.rate, args.desired_rate, kinds)
-            base = asyncio.run(phase(fleet, "base", *load, 0, rng, args.watchers))
-            hurt = asyncio.run(phase(fleet, "faults", *load, args.events, rng, args.watchers))
+            watchers = (args.watchers, args.sse_watchers)
+            base = asyncio.run(phase(fleet, "base", *load, 0, rng, *watchers))
+            hurt = asyncio.run(phase(fleet, "faults", *load, args.events, rng, *watchers))
         finally:
             fleet.stop()
     print(
@@ -503,7 +515,8 @@ def main() -> int:
             f"{name:21}: acked {o.acked}, never applied {o.missing}, applied twice "
             f"{o.extra_revisions}, {o.rate:.0f} reports/s applied; {o.desired_changes} "
             f"desired changes, {o.stale_deltas} stale deltas; {o.retried} writes retried; "
-            f"{args.watchers} watchers over {o.stream_connections} connections, "
+            f"{args.watchers} + {args.sse_watchers} SSE watchers over "
+            f"{o.stream_connections} connections, "
             f"{len(o.stream_problems)} stream problems"
         )
     print(f"faults: {'; '.join(hurt.faults) or 'none (the load ended first)'}")

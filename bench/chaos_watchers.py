@@ -1,10 +1,10 @@
 """Change-stream subscribers of a chaos run: every change of every twin, once and in order.
 
-A watcher subscribes over WebSocket to all the run's twins on one replica. When its
-connection ends (the replica was killed, say) it connects to the next replica and resumes
-with ``since`` = the last ``seq`` it received, as a client is told to. At the end of a phase
-each watcher must have received, for each twin, every revision the phase made, each once, in
-order, with ``seq`` rising throughout.
+A watcher subscribes to all the run's twins on one replica, over WebSocket or as server-sent
+events. When its connection ends (the replica was killed, say) it connects to the next
+replica and resumes from the last ``seq`` it received (``since``, or ``Last-Event-ID``), as a
+client is told to. At the end of a phase each watcher must have received, for each twin,
+every revision the phase made, each once, in order, with ``seq`` rising throughout.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import json
 from typing import Any
 
+import httpx
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -22,6 +23,8 @@ RETRY_SECONDS = 0.2
 
 
 class Watcher:
+    """A WebSocket subscriber; ``urls`` are the replicas' base URLs (``http://host:port``)."""
+
     def __init__(self, name: str, urls: list[str], twins: list[str], token: str) -> None:
         self.name = name
         self._urls = urls
@@ -50,13 +53,16 @@ class Watcher:
         while True:
             url = self._urls[n % len(self._urls)]
             n += 1
-            with contextlib.suppress(OSError, TimeoutError, ConnectionClosed, InvalidHandshake):
+            with contextlib.suppress(
+                OSError, TimeoutError, ConnectionClosed, InvalidHandshake, httpx.HTTPError
+            ):
                 await self._follow(url)
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _follow(self, url: str) -> None:
         headers = {"Authorization": f"Bearer {self._token}"}
-        async with websockets.connect(url, additional_headers=headers, open_timeout=5) as ws:
+        ws_url = url.replace("http://", "ws://") + "/api/v1/ws"
+        async with websockets.connect(ws_url, additional_headers=headers, open_timeout=5) as ws:
             self.connections += 1
             request: dict[str, Any] = {
                 "type": "subscribe",
@@ -64,25 +70,32 @@ class Watcher:
                 "twins": self._twins,
                 "fields": "revision",
             }
-            if self.seqs:
-                request["since"] = self.seqs[-1]
+            since = self.seqs[-1] if self.seqs else None
+            if since is not None:
+                request["since"] = since
             await ws.send(json.dumps(request))
             async for raw in ws:
-                message = json.loads(raw)
-                kind = message.get("type")
-                if kind == "subscribed":
-                    self.log.append(f"{url}: since {request.get('since')}: {message}")
-                    self.subscribed.set()
-                elif kind == "event":
-                    self.seqs.append(message["seq"])
-                    event = message["event"]
-                    self.revisions[event["twinId"]].append(event["revision"])
-                elif kind == "resync.required":
-                    self.resyncs += 1
-                    self.subscribed.set()
-                elif kind == "error":  # the subscribe failed (the store out of reach)
-                    self.log.append(f"{url}: since {request.get('since')}: {message}")
-                    return  # on the next replica, from the same seq
+                if not self._take(json.loads(raw), url, since):
+                    return
+
+    def _take(self, message: dict[str, Any], url: str, since: int | None) -> bool:
+        """Record one message; False when the subscription failed (the store out of reach)
+        and is to be tried again on the next replica, from the same seq."""
+        kind = message.get("type")
+        if kind == "subscribed":
+            self.log.append(f"{url}: since {since}: {message}")
+            self.subscribed.set()
+        elif kind == "event":
+            self.seqs.append(message["seq"])
+            event = message["event"]
+            self.revisions[event["twinId"]].append(event["revision"])
+        elif kind == "resync.required":
+            self.resyncs += 1
+            self.subscribed.set()
+        elif kind == "error":
+            self.log.append(f"{url}: since {since}: {message}")
+            return False
+        return True
 
     def caught_up(self, final: dict[str, int]) -> bool:
         return all(self.revisions[t] and self.revisions[t][-1] >= final[t] for t in self._twins)
@@ -107,3 +120,41 @@ class Watcher:
                     f"missed {missed[:5]}, {twice} twice, in order: {got == sorted(got)}"
                 )
         return [*found, detail] if found else found
+
+
+class SseWatcher(Watcher):
+    """The same, as server-sent events (``GET /api/v1/stream/twins``, ``Last-Event-ID``)."""
+
+    async def _follow(self, url: str) -> None:
+        headers = {"Authorization": f"Bearer {self._token}"}
+        since = self.seqs[-1] if self.seqs else None
+        if since is not None:
+            headers["Last-Event-ID"] = str(since)
+        # Every twin of a chaos run is in its namespace.
+        namespaces = ",".join(sorted({twin.split(":", 1)[0] for twin in self._twins}))
+        params = {"namespaces": namespaces, "fields": "revision"}
+        timeout = httpx.Timeout(5.0, read=None)
+        async with (
+            httpx.AsyncClient(timeout=timeout) as client,
+            client.stream(
+                "GET", f"{url}/api/v1/stream/twins", params=params, headers=headers
+            ) as response,
+        ):
+            self.connections += 1
+            if response.status_code != 200:  # 503: the store out of reach
+                body = (await response.aread()).decode(errors="replace")
+                self.log.append(f"{url}: since {since}: {response.status_code} {body[:200]}")
+                return
+            kind, data = "", ""
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif not line and data:
+                    if kind == "overflow":
+                        self.log.append(f"{url}: since {since}: overflow {data}")
+                        return
+                    if not self._take(json.loads(data), url, since):
+                        return
+                    kind, data = "", ""
