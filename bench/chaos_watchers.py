@@ -53,10 +53,17 @@ class Watcher:
         while True:
             url = self._urls[n % len(self._urls)]
             n += 1
-            with contextlib.suppress(
-                OSError, TimeoutError, ConnectionClosed, InvalidHandshake, httpx.HTTPError
-            ):
+            try:
                 await self._follow(url)
+                self.log.append(f"{url}: the stream ended")
+            except (
+                OSError,
+                TimeoutError,
+                ConnectionClosed,
+                InvalidHandshake,
+                httpx.HTTPError,
+            ) as exc:
+                self.log.append(f"{url}: {type(exc).__name__}: {exc}")
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _follow(self, url: str) -> None:

@@ -152,12 +152,16 @@ class StreamSession:
         if output is None or self.overflowed or not output.ready:
             self._ready.set()
             return
+        output.write_texts([item.text for item in self.take_all()])
+
+    def take_all(self) -> deque[Outgoing]:
+        """Hand over every queued message at once (a reader that writes them together)."""
         items, self._outbox = self._outbox, deque()
-        output.write_texts([item.text for item in items])
         for item in reversed(items):
             if item.advances_resume and item.seq is not None:
                 self.delivered_seq = max(self.delivered_seq, item.seq)
                 break
+        return items
 
     async def wait(self) -> bool:
         """Wait until a message is queued: ``True``, or ``False`` once the consumer overflowed."""
