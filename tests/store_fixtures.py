@@ -12,6 +12,15 @@ import pytest
 from twin_service.settings import Settings, StreamSettings
 from twin_service.store.base import TwinStore
 
+
+def mongodb_settings(data_dir: Path, url: str, database: str, /, **options: Any) -> Settings:
+    """The settings of a MongoDB store on ``url``'s ``database``: ``options`` are settings
+    where they name one (``stream``, ``search``...), else ``mongodb.*`` settings."""
+    top = {name: options.pop(name) for name in list(options) if name in Settings.model_fields}
+    mongo = {"database": database, **options}
+    return Settings(data_dir=data_dir, store="mongodb", mongodb_url=url, mongodb=mongo, **top)
+
+
 #: ``make(stream=..., outbox=...)`` opens another store on the same database.
 StoreFactory = Callable[..., Awaitable[TwinStore]]
 
@@ -43,14 +52,16 @@ async def store_factory(
         else:
             from twin_service.store.mongodb import MongoStore
 
-            settings = Settings(
-                data_dir=tmp_path,
-                store="mongodb",
-                mongodb_url=url,
+            assert url is not None
+            settings = mongodb_settings(
+                tmp_path,
+                url,
+                unique_name,
                 search="elasticsearch" if outbox else "builtin",
                 elasticsearch_url="http://127.0.0.1:9" if outbox else None,
-                mongodb={"database": unique_name, "gap_timeout_seconds": 2.0, **mongo},
                 stream=stream or StreamSettings(),
+                gap_timeout_seconds=2.0,
+                **mongo,
             )
             store = MongoStore(settings)
         await store.open()

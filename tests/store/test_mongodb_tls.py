@@ -9,8 +9,8 @@ stands where a TLS-enabled server's listener would.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote
 
 import pytest
@@ -22,15 +22,21 @@ from tests.service_fixtures import mongodb_env
 from tests.service_process import ServiceProcess
 
 
+class Certificates(NamedTuple):
+    server: Path
+    server_key: Path
+    client: Path
+    #: The client's certificate and key in one PEM file (what ``tlsCertificateKeyFile`` takes).
+    client_pem: Path
+
+
 @pytest.fixture
-def certificates(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, Path]]:
-    """The server's certificate and key, the client's certificate, and the client's
-    certificate and key in one PEM file (what ``tlsCertificateKeyFile`` takes)."""
-    server_cert, server_key = self_signed(tmp_path, "server")
-    client_cert, client_key = self_signed(tmp_path, "client")
+def certs(tmp_path: Path) -> Certificates:
+    server, server_key = self_signed(tmp_path, "server")
+    client, client_key = self_signed(tmp_path, "client")
     client_pem = tmp_path / "client.pem"
-    client_pem.write_text(client_cert.read_text() + client_key.read_text())
-    yield server_cert, server_key, client_cert, client_pem
+    client_pem.write_text(client.read_text() + client_key.read_text())
+    return Certificates(server, server_key, client, client_pem)
 
 
 def _url(port: int, **options: Path | str) -> str:
@@ -52,13 +58,12 @@ def _service(tmp_path: Path, url: str, database: str) -> ServiceProcess:
 
 def test_the_store_over_tls_with_its_own_ca_and_a_client_certificate(
     ferretdb_server: FerretDB,
-    certificates: tuple[Path, Path, Path, Path],
+    certs: Certificates,
     tmp_path: Path,
     unique_name: str,
 ) -> None:
-    server_cert, server_key, client_cert, client_pem = certificates
-    with TlsProxy(_port(ferretdb_server), server_cert, server_key, client_ca=client_cert) as proxy:
-        url = _url(proxy.port, tlsCAFile=server_cert, tlsCertificateKeyFile=client_pem)
+    with TlsProxy(_port(ferretdb_server), certs.server, certs.server_key, certs.client) as proxy:
+        url = _url(proxy.port, tlsCAFile=certs.server, tlsCertificateKeyFile=certs.client_pem)
         proc = _service(tmp_path, url, unique_name)
         try:
             with proc.client() as api:
@@ -76,14 +81,13 @@ def test_the_store_over_tls_with_its_own_ca_and_a_client_certificate(
 
 def test_a_server_certificate_the_service_does_not_trust_is_named(
     ferretdb_server: FerretDB,
-    certificates: tuple[Path, Path, Path, Path],
+    certs: Certificates,
     tmp_path: Path,
     unique_name: str,
 ) -> None:
     """Without ``tlsCAFile`` the driver trusts the system's CAs only: the service waits
     for a store it can trust, and says why."""
-    server_cert, server_key, _, _ = certificates
-    with TlsProxy(_port(ferretdb_server), server_cert, server_key) as proxy:
+    with TlsProxy(_port(ferretdb_server), certs.server, certs.server_key) as proxy:
         proc = _service(tmp_path, _url(proxy.port), unique_name)
         try:
             with proc.client() as api:
@@ -103,13 +107,12 @@ def test_a_server_certificate_the_service_does_not_trust_is_named(
 
 def test_a_server_that_asks_for_a_client_certificate_gets_none(
     ferretdb_server: FerretDB,
-    certificates: tuple[Path, Path, Path, Path],
+    certs: Certificates,
     tmp_path: Path,
     unique_name: str,
 ) -> None:
-    server_cert, server_key, client_cert, _ = certificates
-    with TlsProxy(_port(ferretdb_server), server_cert, server_key, client_ca=client_cert) as proxy:
-        proc = _service(tmp_path, _url(proxy.port, tlsCAFile=server_cert), unique_name)
+    with TlsProxy(_port(ferretdb_server), certs.server, certs.server_key, certs.client) as proxy:
+        proc = _service(tmp_path, _url(proxy.port, tlsCAFile=certs.server), unique_name)
         try:
             with proc.client() as api:
                 ready = api.get("/ready")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.servers.ferretdb import FerretDB
+from tests.store_fixtures import mongodb_settings
 from twin_service.errors import StoreUnreachable
-from twin_service.settings import Settings
 from twin_service.store.mongodb import MongoStore
 from twin_service.streams.hub import EventHub
 
@@ -22,11 +22,8 @@ async def test_a_server_gone_after_the_open_is_unreachable_not_failed(
     """A replica whose MongoDB went away between the store's open and the event hub's first
     read used to exit (status 3) instead of waiting for it: the read failed with a plain
     ``Unavailable``, which the start does not wait for."""
-    settings = Settings(
-        data_dir=tmp_path,
-        store="mongodb",
-        mongodb_url=fresh_ferretdb.url,
-        mongodb={"database": unique_name, "server_selection_timeout_ms": 300},
+    settings = mongodb_settings(
+        tmp_path, fresh_ferretdb.url, unique_name, server_selection_timeout_ms=300
     )
     store = MongoStore(settings)
     await store.open()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.servers.ferretdb import FerretDB
 from tests.store.contract import mutate
-from twin_service.settings import Settings
+from tests.store_fixtures import mongodb_settings
 from twin_service.store.mongodb import MongoStore
 from twin_service.streams.hub import EventHub
 
@@ -22,11 +22,8 @@ from twin_service.streams.hub import EventHub
 async def test_a_notice_past_a_number_in_flight_does_not_move_the_hub_past_it(
     ferretdb_server: FerretDB, tmp_path: Path, unique_name: str
 ) -> None:
-    settings = Settings(
-        data_dir=tmp_path,
-        store="mongodb",
-        mongodb_url=ferretdb_server.url,
-        mongodb={"database": unique_name, "gap_timeout_seconds": 30.0},
+    settings = mongodb_settings(
+        tmp_path, ferretdb_server.url, unique_name, gap_timeout_seconds=30.0
     )
     store = MongoStore(settings)
     await store.open()
