@@ -171,3 +171,26 @@ def test_a_reader_that_leaves_during_its_replay_is_let_go(tmp_path: Path) -> Non
 def _subscriptions(api: httpx.Client) -> int:
     count: int = api.get("/ready").json()["checks"]["streams"]["subscriptions"]
     return count
+
+
+def test_events_queued_together_go_out_in_one_chunk(service: ServiceProcess) -> None:
+    """One write for everything queued, as over WebSocket: one write per event made an SSE
+    reader fall behind at a few hundred commits a second (bench.chaos --sse-watchers)."""
+    ns = f"org.chunk{uuid.uuid4().hex[:8]}"
+    with service.client() as api:
+        assert api.put(f"/api/v1/twins/{ns}:a", json={}).status_code == 201
+        for n in range(20):
+            merge = {"Content-Type": "application/merge-patch+json"}
+            api.patch(f"/api/v1/twins/{ns}:a", json={"desired": {"n": n}}, headers=merge)
+        # A replay of the journal (the 21 events of this namespace among the module's).
+        params = {"namespaces": ns, "since": 0}
+        with api.stream("GET", "/api/v1/stream/twins", params=params, timeout=30) as stream:
+            pieces: list[bytes] = []
+            events = 0
+            for piece in stream.iter_raw():
+                pieces.append(piece)
+                events += piece.count(b"\nid: ") + piece.startswith(b"id: ")
+                if events >= 21:
+                    break
+    assert events == 21
+    assert max(piece.count(b"id: ") for piece in pieces) > 1, [len(p) for p in pieces]
