@@ -194,3 +194,22 @@ def test_events_queued_together_go_out_in_one_chunk(service: ServiceProcess) -> 
                     break
     assert events == 21
     assert max(piece.count(b"id: ") for piece in pieces) > 1, [len(p) for p in pieces]
+
+
+def test_a_resync_carries_the_id_to_resume_from(tmp_path: Path) -> None:
+    """A resume from before the journal's start gets ``resync.required``; its id is where
+    the stream goes on, so a reader cut off before the next event does not resync again."""
+    env = {"TWIN_STREAM__JOURNAL_MAX_PER_TWIN": "1"}
+    proc = ServiceProcess(tmp_path, env=env).start()
+    try:
+        with proc.client() as api:
+            api.put("/api/v1/twins/org.sse:pruned", json={})
+            for n in range(130):  # pruning runs every 64 revisions
+                api.put("/api/v1/twins/org.sse:pruned/desired/n", json=n)
+            headers = {"Last-Event-ID": "1"}
+            with api.stream("GET", "/api/v1/stream/twins", headers=headers, timeout=30) as stream:
+                (resync,) = read_events(stream, 1)
+    finally:
+        proc.stop()
+    assert resync["event"] == "resync.required", resync
+    assert int(resync["id"]) == resync["data"]["seq"] == 131

@@ -307,7 +307,10 @@ _COMMANDS: set[asyncio.Task[None]] = set()
 
 
 def _sse_message(item: Outgoing) -> str:
-    if item.advances_resume:
+    # A resync's seq is where its subscription goes on live after the reader reloads: its
+    # id, so that an EventSource cut off before the next event resumes from there, not
+    # again from before the journal's start (one more resync).
+    if item.advances_resume or (item.kind == "resync.required" and item.seq is not None):
         return f"id: {item.seq}\nevent: {item.kind}\ndata: {item.text}\n\n"
     return f"event: {item.kind}\ndata: {item.text}\n\n"
 
