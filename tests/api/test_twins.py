@@ -648,3 +648,33 @@ def test_health_ready_and_openapi(service: ServiceProcess) -> None:
             if p["name"].lower() == "authorization"
         ]
         assert client.get("/docs").status_code == 200
+
+
+#: One past the largest sequence number or revision a store holds (SQLite INTEGER, BSON
+#: int64): it used to reach the store's query, a 500.
+TOO_BIG = str(2**63)
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "headers"),
+    [
+        ("/api/v1/twins/org.big:t/history", {"since": TOO_BIG}, {}),
+        ("/api/v1/twins/org.big:t/history", {"until": TOO_BIG}, {}),
+        ("/api/v1/twins/org.big:t", {"at": TOO_BIG}, {}),
+        ("/api/v1/stream/twins", {"since": TOO_BIG}, {}),
+        ("/api/v1/stream/twins", {}, {"Last-Event-ID": TOO_BIG}),
+        # A digit to str.isdigit, not to int().
+        ("/api/v1/stream/twins", {}, {"Last-Event-ID": b"\xb2"}),
+    ],
+)
+def test_sequence_numbers_no_store_can_hold_are_a_400(
+    service: ServiceProcess,
+    path: str,
+    params: dict[str, str],
+    headers: dict[str, str | bytes],
+) -> None:
+    with service.client() as api:
+        assert api.put("/api/v1/twins/org.big:t", json={}).is_success
+        response = api.get(path, params=params, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "request.invalid"

@@ -596,3 +596,17 @@ def test_one_connection_gets_at_most_max_in_flight_messages_handled_at_once(
 
     answered, sent = asyncio.run(run())
     assert answered == sent
+
+
+def test_a_since_no_store_can_hold_is_refused(service: ServiceProcess) -> None:
+    async def run() -> None:
+        async with connect(service) as ws:
+            await send(ws, {"type": "subscribe", "id": "s", "since": 2**63})
+            refused = await receive(ws)
+            assert (refused["type"], refused["status"]) == ("error", 400), refused
+            assert "'since'" in refused["error"]["message"]
+            await send(ws, {"type": "subscribe", "id": "s", "since": 2**63 - 1})
+            beyond = await receive(ws)  # a number, beyond this journal: reload
+            assert beyond["type"] == "resync.required", beyond
+
+    asyncio.run(run())

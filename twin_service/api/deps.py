@@ -89,15 +89,20 @@ class RawParam:
         raw = self.get(request)
         if raw is None:
             return None
-        minimum = self.schema.get("minimum")
+        minimum, maximum = self.schema.get("minimum"), self.schema.get("maximum")
         try:
             value = int(raw)
         except ValueError:
             value = None
-        if value is None or (minimum is not None and value < minimum):
-            floor = "" if minimum is None else f" >= {minimum}"
+        if (
+            value is None
+            or (minimum is not None and value < minimum)
+            or (maximum is not None and value > maximum)
+        ):
+            bounds = "" if minimum is None else f" >= {minimum}"
+            bounds += "" if maximum is None else f" and <= {maximum}"
             raise BadRequest(
-                f"Invalid request at {self.location}/{self.name}: expected an integer{floor}, "
+                f"Invalid request at {self.location}/{self.name}: expected an integer{bounds}, "
                 f"got {raw!r}."
             )
         return value

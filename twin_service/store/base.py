@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from search.rql.query import SearchQuery
 
 
+#: The largest sequence number or revision a store holds (SQLite INTEGER, BSON int64). A
+#: client's ``since``, ``until`` or ``at`` above it cannot name one, and would not fit the
+#: store's query: the API refuses it (400) before it gets there.
+MAX_SEQ = 2**63 - 1
+
+
 class RevisionConflict(Conflict):
     """The twin's revision moved since it was read; the caller re-reads and retries.
 

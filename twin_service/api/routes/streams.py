@@ -32,6 +32,7 @@ from twin_service.errors import (
     Unauthorized,
     Unavailable,
 )
+from twin_service.store.base import MAX_SEQ
 from twin_service.streams.direct_ws import pump_websocket
 from twin_service.streams.messages import Outgoing
 from twin_service.streams.session import StreamSession
@@ -67,8 +68,8 @@ async def history(
     ctx: Context,
     principal: Reader,
     twin_id: TwinId,
-    since: Annotated[int, Query(ge=0)] = 0,
-    until: Annotated[int | None, Query(ge=0)] = None,
+    since: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+    until: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
 ) -> Any:
     principal.check_namespace(parse_twin_id(twin_id)[0])
     events = await ctx.store.history(twin_id, since, until)
@@ -136,7 +137,9 @@ def subscription_from(message: JSONObject) -> tuple[Subscription, int | None]:
     if fields is not None and not isinstance(fields, str):
         raise BadRequest("'fields' must be a string like 'attributes,desired/fan'.")
     since = message.get("since")
-    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+    if since is not None and (
+        isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= MAX_SEQ
+    ):
         raise BadRequest("'since' must be a non-negative sequence number.")
     subscription = Subscription(
         id=validate_id(message.get("id")),
@@ -306,6 +309,15 @@ _COMMANDS: set[asyncio.Task[None]] = set()
 # -- Server-Sent Events ----------------------------------------------------------------------
 
 
+def _sequence_number(text: str) -> int | None:
+    """``text`` as a sequence number, if it is one: ASCII digits (``str.isdigit`` also takes
+    ``²``, which ``int`` refuses) and at most :data:`MAX_SEQ`."""
+    if not text.isascii() or not text.isdigit():
+        return None
+    value = int(text)
+    return value if value <= MAX_SEQ else None
+
+
 def _sse_message(item: Outgoing) -> str:
     # A resync's seq is where its subscription goes on live after the reader reloads: its
     # id, so that an EventSource cut off before the next event resumes from there, not
@@ -328,14 +340,14 @@ async def sse(
     filter: str | None = None,
     fields: str | None = None,
     namespaces: str | None = None,
-    since: Annotated[int | None, Query(ge=0)] = None,
+    since: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     resume = since
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
+        resume = _sequence_number(last_event_id.strip())
+        if resume is None:
             raise BadRequest("Last-Event-ID must be a sequence number.")
-        resume = int(last_event_id)
     message: JSONObject = {"id": "sse", "filter": filter, "fields": fields}
     if namespaces:
         message["namespaces"] = [n for n in namespaces.split(",") if n]

@@ -37,6 +37,7 @@ from twin_service.api.schemas import (
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, Gone, NotFound, UnsupportedMediaType
 from twin_service.service import Outcome
+from twin_service.store.base import MAX_SEQ
 from twin_service.twin.document import Twin
 from twin_service.twin.fields import DESCRIPTION as FIELDS_DESCRIPTION
 from twin_service.twin.fields import parse_fields, select
@@ -177,7 +178,10 @@ FIELDS = RawParam(
     {"type": "string"},
 )
 AT = RawParam(
-    "at", "query", "Reconstruct the twin as of this revision", {"type": "integer", "minimum": 1}
+    "at",
+    "query",
+    "Reconstruct the twin as of this revision",
+    {"type": "integer", "minimum": 1, "maximum": MAX_SEQ},
 )
 IF_NONE_MATCH = RawParam(
     "If-None-Match", "header", "ETags (or *) for which to answer 304", {"type": "string"}
