@@ -53,6 +53,21 @@ def test_pending_applied_expired_and_search(api: httpx.Client) -> None:
     assert bad.status_code == 400
 
 
+def test_a_time_to_live_is_at_most_a_century(api: httpx.Client) -> None:
+    """Further, the expiry time did not fit a timestamp (1e300 s: a 500, OverflowError)."""
+    twin = f"org.acme:ttl-{uuid.uuid4().hex[:8]}"
+    century = 100 * 365 * 24 * 3600
+    for ttl in ("1e300", str(century + 1)):
+        bad = api.put(f"/api/v1/twins/{twin}", params={"ttl": ttl}, json={"desired": {"x": 1}})
+        assert bad.status_code == 400, bad.text
+        assert "ttl" in bad.json()["message"]
+    assert api.get(f"/api/v1/twins/{twin}").status_code == 404  # nothing written
+    put = api.put(f"/api/v1/twins/{twin}", params={"ttl": century}, json={"desired": {"x": 1}})
+    assert put.status_code == 201, put.text
+    expires = put.json()["lifecycle"]["x"]["expires"]
+    assert int(expires[:4]) - int(put.json()["modified"][:4]) in (99, 100)
+
+
 def test_a_value_written_again_with_a_longer_ttl_expires_at_the_later_time(
     api: httpx.Client,
 ) -> None:

@@ -15,7 +15,7 @@ from twin_service.errors import BadRequest, PayloadTooLarge, Unavailable, Unsupp
 from twin_service.service import Amend, Preconditions
 from twin_service.twin.ids import MAX_ID_LENGTH, TWIN_ID_PATTERN
 from twin_service.twin.jsonvalue import loads_strict
-from twin_service.twin.lifecycle import lifecycle_amend_ttl
+from twin_service.twin.lifecycle import MAX_TTL_SECONDS, lifecycle_amend_ttl
 from twin_service.twin.patch import split_pointer
 from twin_service.twin.pointer import unescape_token
 from twin_service.types import JSON
@@ -74,13 +74,16 @@ class RawParam:
         raw = self.get(request)
         if raw is None:
             return None
+        maximum = self.schema.get("maximum", float("inf"))
         try:
             value = float(raw)
         except ValueError:
             value = None
-        if value is None or not value > 0 or value == float("inf"):
+        # ``not value > 0`` also refuses NaN; a finite maximum, infinity.
+        if value is None or not value > 0 or value == float("inf") or value > maximum:
+            most = "" if maximum == float("inf") else f" and <= {maximum}"
             raise BadRequest(
-                f"Invalid request at {self.location}/{self.name}: expected a number > 0, "
+                f"Invalid request at {self.location}/{self.name}: expected a number > 0{most}, "
                 f"got {raw!r}."
             )
         return value
@@ -245,7 +248,7 @@ TTL = RawParam(
     "query",
     "Seconds after which desired values written here that the device has not applied "
     "become 'expired' in the lifecycle.",
-    {"type": "number", "exclusiveMinimum": 0},
+    {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL_SECONDS},
 )
 #: The parameters :func:`request_preconditions` reads, for ``documented``.
 PRECONDITIONS = (IF_MATCH, IF_NONE_MATCH_WRITE, CONDITION)

@@ -43,6 +43,10 @@ REJECTED: Final = "rejected"
 EXPIRED: Final = "expired"
 STATES: Final = (PENDING, APPLIED, REJECTED, EXPIRED)
 
+#: The longest time to live a write may give (100 years). Longer is no expiry a device is
+#: waiting for, and past about 8,000 years the expiry time no longer fits a timestamp.
+MAX_TTL_SECONDS: Final = 100 * 365 * 24 * 3600
+
 _MISSING: Final = object()
 
 
