@@ -141,9 +141,10 @@ class Hostile:
         for name, chance, choices in [
             ("fields", 0.3, _FIELDS),
             ("condition", 0.1, _RQL),
-            ("at", 0.1, ["0", "-1", "1", "x", "99999999999999999999"]),
-            ("ttl", 0.1, ["0", "-1", "1", "x", "1e9", "nan", "inf"]),
-            ("since", 0.05, ["0", "-1", "x", "99999999999999999999"]),
+            ("at", 0.1, ["0", "-1", "1", "x", "99999999999999999999", "²"]),
+            ("ttl", 0.1, ["0", "-1", "1", "x", "1e9", "nan", "inf", "1e300", "1e-320"]),
+            ("since", 0.1, ["0", "-1", "x", "99999999999999999999", str(2**63 - 1)]),
+            ("until", 0.05, ["0", "-1", "99999999999999999999", str(2**63)]),
         ]:
             if self.rng.random() < chance:
                 query[name] = self.rng.choice([*choices, self.text()])
@@ -237,7 +238,7 @@ def test_hostile_requests_get_a_4xx_and_leave_the_twin_alone(
     service: ServiceProcess, tmp_path: Path
 ) -> None:
     twin_id = f"org.hostile:t-{uuid.uuid4().hex[:8]}"
-    hostile = Hostile(random.Random(20261204), twin_id)
+    hostile = Hostile(random.Random(20261205), twin_id)
     statuses: dict[int, int] = {}
     with service.client() as api:
         operations = Operations(api.get("/openapi.json").json(), tmp_path)
