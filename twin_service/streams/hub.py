@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 #: Receives (stored event, document before, document after); must not block.
 Sink = Callable[[StoredEvent, JSONObject | None, JSONObject | None], None]
 
-_BATCH = 500
+#: Journal events read at a time (the hub's tail, and a replay at most).
+JOURNAL_BATCH = 500
 #: Longest stretch of fan-out work, in seconds, before the tailer lets other tasks run.
 _SLICE = 0.002
 
@@ -213,7 +214,7 @@ class EventHub:
                         self.position = last
                         self._cache.clear()  # it no longer follows every change
                     return
-            batch = await self._store.events_after(self.position, _BATCH)
+            batch = await self._store.events_after(self.position, JOURNAL_BATCH)
             if not batch:
                 return
             for stored in batch:
@@ -228,7 +229,7 @@ class EventHub:
                     self._flush()
                     await asyncio.sleep(0)
                     slice_start = time.perf_counter()
-            if len(batch) < _BATCH:
+            if len(batch) < JOURNAL_BATCH:
                 return
 
     def _fan_out(self, frame: EventFrame) -> None:
@@ -245,7 +246,7 @@ async def replay(
     since: int,
     until: int,
     sink: Sink,
-    batch: int = _BATCH,
+    batch: int = JOURNAL_BATCH,
     room: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
     """Feed ``sink`` every journaled event with since < seq <= until, in order; before

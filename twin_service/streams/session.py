@@ -28,15 +28,13 @@ from typing import Protocol
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, LimitExceeded, Unavailable
 from twin_service.store.base import StoredEvent, TwinStore
-from twin_service.streams.hub import EventHub, replay
+from twin_service.streams.hub import JOURNAL_BATCH, EventHub, replay
 from twin_service.streams.messages import EventFrame, Outgoing
 from twin_service.streams.subscription import Subscription
 from twin_service.types import JSONObject
 
 log = logging.getLogger(__name__)
 
-#: Events a replay reads at a time, at most (half the queue where that is less).
-_REPLAY_BATCH = 500
 #: How often a replay waiting for its reader to make room looks again.
 _ROOM_POLL_SECONDS = 0.005
 
@@ -258,7 +256,7 @@ class StreamSession:
                     replayed,
                     position,
                     emit_replayed,
-                    batch=max(1, min(_REPLAY_BATCH, self._queue_size // 2)),
+                    batch=max(1, min(JOURNAL_BATCH, self._queue_size // 2)),
                     room=self._room,
                 )
                 break
