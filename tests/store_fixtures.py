@@ -60,8 +60,7 @@ async def store_factory(
                 search="elasticsearch" if outbox else "builtin",
                 elasticsearch_url="http://127.0.0.1:9" if outbox else None,
                 stream=stream or StreamSettings(),
-                gap_timeout_seconds=2.0,
-                **mongo,
+                **{"gap_timeout_seconds": 2.0, **mongo},
             )
             store = MongoStore(settings)
         await store.open()
