@@ -678,3 +678,19 @@ def test_sequence_numbers_no_store_can_hold_are_a_400(
         response = api.get(path, params=params, headers=headers)
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "request.invalid"
+
+
+def test_an_etag_with_a_digit_int_refuses_is_not_ours(service: ServiceProcess) -> None:
+    """``²`` is a digit to ``str.isdigit`` but not to ``int``: If-Match and If-None-Match
+    with ``"rev:²"`` were a 500."""
+    etag = {"If-Match": b'"rev:\xb2"'}
+    merge = {"Content-Type": "application/merge-patch+json"}
+    with service.client() as api:
+        assert api.put("/api/v1/twins/org.big:etag", json={}).is_success
+        write = api.patch(
+            "/api/v1/twins/org.big:etag", json={"desired": {"a": 1}}, headers={**etag, **merge}
+        )
+        read = api.get("/api/v1/twins/org.big:etag", headers={"If-None-Match": b'"rev:\xb2"'})
+    assert write.status_code == 400, write.text
+    assert "not an ETag of this service" in write.json()["message"]
+    assert read.status_code == 200, read.text

@@ -176,11 +176,12 @@ async def read_body(request: Request, ctx: AppContext) -> bytes:
     """The raw body, refusing anything over ``limits.max_request_bytes`` before reading it."""
     limit = ctx.settings.limits.max_request_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    announced = None if declared is None else ascii_integer(declared)
+    if announced is not None and announced > limit:
         raise PayloadTooLarge(
-            f"Request body of {declared} bytes exceeds the limit of {limit} bytes.",
+            f"Request body of {announced} bytes exceeds the limit of {limit} bytes.",
             code="request.toolarge",
-            extra={"size": int(declared), "limit": limit},
+            extra={"size": announced, "limit": limit},
         )
     chunks: list[bytes] = []
     size = 0
@@ -218,13 +219,20 @@ async def json_body(request: Request, ctx: Context) -> JSON:
 Body = Annotated[JSON, Depends(json_body)]
 
 
+def ascii_integer(text: str) -> int | None:
+    """``text`` as a non-negative integer if it is ASCII decimal digits, else ``None``.
+    ``str.isdigit`` alone also takes ``²``, which ``int`` refuses (a header value is Latin-1:
+    a 500 where a 400 was due)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def parse_etag_revision(value: str) -> int | None:
     """``"rev:N"`` (weak or strong) to N; ``None`` when it is not one of our ETags."""
     value = value.strip()
     if value.startswith("W/"):
         value = value[2:]
-    if value.startswith('"rev:') and value.endswith('"') and value[5:-1].isdigit():
-        return int(value[5:-1])
+    if value.startswith('"rev:') and value.endswith('"'):
+        return ascii_integer(value[5:-1])
     return None
 
 

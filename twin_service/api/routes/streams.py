@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from search.rql.parser import parse_filter
 from twin_service.api.context import AppContext
-from twin_service.api.deps import Context, Reader, TwinId, context
+from twin_service.api.deps import Context, Reader, TwinId, ascii_integer, context
 from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import errors
 from twin_service.auth import Principal
@@ -309,15 +309,6 @@ _COMMANDS: set[asyncio.Task[None]] = set()
 # -- Server-Sent Events ----------------------------------------------------------------------
 
 
-def _sequence_number(text: str) -> int | None:
-    """``text`` as a sequence number, if it is one: ASCII digits (``str.isdigit`` also takes
-    ``²``, which ``int`` refuses) and at most :data:`MAX_SEQ`."""
-    if not text.isascii() or not text.isdigit():
-        return None
-    value = int(text)
-    return value if value <= MAX_SEQ else None
-
-
 def _sse_message(item: Outgoing) -> str:
     # A resync's seq is where its subscription goes on live after the reader reloads: its
     # id, so that an EventSource cut off before the next event resumes from there, not
@@ -345,8 +336,8 @@ async def sse(
 ) -> StreamingResponse:
     resume = since
     if last_event_id is not None:
-        resume = _sequence_number(last_event_id.strip())
-        if resume is None:
+        resume = ascii_integer(last_event_id.strip())
+        if resume is None or resume > MAX_SEQ:
             raise BadRequest("Last-Event-ID must be a sequence number.")
     message: JSONObject = {"id": "sse", "filter": filter, "fields": fields}
     if namespaces:
