@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -14,13 +13,6 @@ from typing import Any
 import httpx
 
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
-from tests.store.contract import mutate
-from twin_service.auth import Principal
-from twin_service.settings import Settings, StreamSettings
-from twin_service.store.sqlite import SqliteStore
-from twin_service.streams.hub import EventHub
-from twin_service.streams.session import StreamSession
-from twin_service.streams.subscription import Subscription
 
 
 def read_events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
@@ -106,38 +98,6 @@ def test_a_resume_further_back_than_the_queue_holds_is_streamed_whole(tmp_path: 
     assert events[0]["event"] == "subscribed", events[0]
     assert [int(e["id"]) for e in events[1:]] == list(range(4, 106))
     assert all(e["event"] == "event" for e in events[1:])
-
-
-async def test_a_replay_waits_for_its_reader_and_a_reader_cut_off_resumes_where_it_asked(
-    tmp_path: Path,
-) -> None:
-    """A replay waits for its reader to make room (it used to fill the queue and cut the
-    reader off). Live events do not wait: a reader that falls ``queue_size`` of them behind
-    is cut off, told where to resume: the highest event it was handed, and before any, the
-    point it resumed from (it was 0: a replay of the whole journal, or a resync)."""
-    settings = Settings(data_dir=tmp_path)
-    store = SqliteStore(tmp_path / "twins.sqlite3", settings.sqlite, StreamSettings())
-    await store.open()
-    hub = EventHub(store, poll_interval=0.05)
-    await hub.start()
-    try:
-        for n in range(40):
-            await mutate(store, f"org.acme:t{n % 4}", f"k{n}")
-        while hub.position < 40:
-            await asyncio.sleep(0.01)
-        session = StreamSession(hub, store, Principal(name="t", role="admin"), queue_size=10)
-        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
-        await asyncio.sleep(0.3)  # nobody reads: 33 events to replay, room for 10
-        assert not subscribing.done()
-        assert not session.overflowed
-        for n in range(12):  # live events, held back while the replay waits
-            await mutate(store, "org.acme:live", f"k{n}")
-        await asyncio.wait_for(subscribing, 5)
-        assert session.overflowed
-        assert session.delivered_seq == 7
-    finally:
-        await hub.stop()
-        await store.close()
 
 
 def test_a_reader_that_leaves_during_its_replay_is_let_go(tmp_path: Path) -> None:

@@ -239,6 +239,7 @@ class StreamSession:
             stored: StoredEvent, before: JSONObject | None, after: JSONObject | None
         ) -> None:
             nonlocal replayed
+            self._check_reader(active)  # unsubscribed while a batch was being read
             self._deliver(active.subscription, EventFrame(stored, before, after))
             replayed = stored.seq
             self._ready.set()
@@ -257,14 +258,14 @@ class StreamSession:
                     position,
                     emit_replayed,
                     batch=max(1, min(JOURNAL_BATCH, self._queue_size // 2)),
-                    room=self._room,
+                    room=lambda count: self._room(active, count),
                 )
                 break
             except _ReaderGone:
                 return
             except Unavailable:
-                if self._closed or self.overflowed or self._subs.get(subscription.id) is not active:
-                    return  # no one to replay to any more
+                if not self._reading(active):
+                    return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _REPLAY_RETRY_MAX_SECONDS)
             except BaseException:
@@ -272,16 +273,31 @@ class StreamSession:
                 raise
         self._release(active, position)
 
-    async def _room(self, count: int) -> None:
+    async def _room(self, active: _Active, count: int) -> None:
         """Wait until ``count`` more messages fit in the queue. A replay, which the service
         paces, waits for its reader; live events do not wait, and cut off a reader that
         falls ``queue_size`` behind. Queued whole instead, a replay longer than the queue
         cut off every reader that resumed from that far back. Polled: a replay is a bulk
         read, and its reader empties the queue meanwhile."""
         while len(self._outbox) + count > self._queue_size:
-            if self._closed or self.overflowed:
-                raise _ReaderGone
+            self._check_reader(active)
             await asyncio.sleep(_ROOM_POLL_SECONDS)
+        self._check_reader(active)
+
+    def _reading(self, active: _Active) -> bool:
+        """Whether anyone still wants the replay of ``active``: the connection is open, its
+        reader was not cut off, and the subscription was not unsubscribed meanwhile."""
+        return (
+            not (self._closed or self.overflowed)
+            and self._subs.get(active.subscription.id) is active
+        )
+
+    def _check_reader(self, active: _Active) -> None:
+        """End a replay no one wants any more. Unchecked, a replay went on after its
+        subscription's ``unsubscribed`` reply: events the client had said it no longer
+        wanted, and a replay waiting for room waited until the connection closed."""
+        if not self._reading(active):
+            raise _ReaderGone
 
     async def _journal_gap(self, since: int, position: int) -> str | None:
         """Why the journal cannot bring a reader at ``since`` up to date, if it cannot."""

@@ -1,0 +1,84 @@
+"""How a stream session's replay (a resume with ``since``) is paced and ended: one session
+on the real SQLite store and event hub, with no connection, so that "nobody reads" is exact."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from tests.store.contract import mutate
+from twin_service.auth import Principal
+from twin_service.settings import Settings, StreamSettings
+from twin_service.store.sqlite import SqliteStore
+from twin_service.streams.hub import EventHub
+from twin_service.streams.session import StreamSession
+from twin_service.streams.subscription import Subscription
+
+
+@asynccontextmanager
+async def journal(tmp_path: Path, events: int) -> AsyncIterator[tuple[SqliteStore, EventHub]]:
+    """A store with ``events`` journaled changes of four twins, and a hub that has seen them."""
+    settings = Settings(data_dir=tmp_path)
+    store = SqliteStore(tmp_path / "twins.sqlite3", settings.sqlite, StreamSettings())
+    await store.open()
+    hub = EventHub(store, poll_interval=0.05)
+    await hub.start()
+    try:
+        for n in range(events):
+            await mutate(store, f"org.acme:t{n % 4}", f"k{n}")
+        while hub.position < events:
+            await asyncio.sleep(0.01)
+        yield store, hub
+    finally:
+        await hub.stop()
+        await store.close()
+
+
+def admin_session(hub: EventHub, store: SqliteStore, queue_size: int) -> StreamSession:
+    return StreamSession(hub, store, Principal(name="t", role="admin"), queue_size, 5)
+
+
+async def test_a_replay_waits_for_its_reader_and_a_reader_cut_off_resumes_where_it_asked(
+    tmp_path: Path,
+) -> None:
+    """A replay waits for its reader to make room (it used to fill the queue and cut the
+    reader off). Live events do not wait: a reader that falls ``queue_size`` of them behind
+    is cut off, told where to resume: the highest event it was handed, and before any, the
+    point it resumed from (it was 0: a replay of the whole journal, or a resync)."""
+    async with journal(tmp_path, 40) as (store, hub):
+        session = admin_session(hub, store, queue_size=10)
+        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
+        await asyncio.sleep(0.3)  # nobody reads: 33 events to replay, room for 10
+        assert not subscribing.done()
+        assert not session.overflowed
+        for n in range(12):  # live events, held back while the replay waits
+            await mutate(store, "org.acme:live", f"k{n}")
+        await asyncio.wait_for(subscribing, 5)
+        assert session.overflowed
+        assert session.delivered_seq == 7
+
+
+async def test_an_unsubscribe_ends_its_replay(tmp_path: Path) -> None:
+    """A subscription unsubscribed while its replay waits for room: the replay ends, and
+    nothing of it is queued after the ``unsubscribed`` reply, while the connection and its
+    other subscription go on. The replay used to go on, with events the client had said it
+    no longer wanted, and a replay waiting for room waited until the connection closed."""
+    async with journal(tmp_path, 40) as (store, hub):
+        session = admin_session(hub, store, queue_size=10)
+        await session.subscribe(Subscription(id="live"), since=None)
+        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
+        await asyncio.sleep(0.3)  # nobody reads: the replay waits for room
+        assert not subscribing.done()
+        queued = [item.text for item in session.take_all()]
+        assert session.unsubscribe("s")
+        session.send({"type": "unsubscribed", "subscription": "s", "found": True})
+        await asyncio.wait_for(subscribing, 5)
+        await mutate(store, "org.acme:after", "k")
+        await asyncio.sleep(0.3)  # the hub offers the live subscription the new event
+        after = [item.text for item in session.take_all()]
+        assert '"subscription":"s"' in "".join(queued)  # the replay had begun
+        assert after[0].startswith('{"type":"unsubscribed"'), after
+        assert len(after) == 2 and '"subscription":"live"' in after[1], after
+        assert not session.overflowed
