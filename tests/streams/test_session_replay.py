@@ -4,9 +4,11 @@ on the real SQLite store and event hub, with no connection, so that "nobody read
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from tests.store.contract import mutate
 from twin_service.auth import Principal
@@ -82,3 +84,37 @@ async def test_an_unsubscribe_ends_its_replay(tmp_path: Path) -> None:
         assert after[0].startswith('{"type":"unsubscribed"'), after
         assert len(after) == 2 and '"subscription":"live"' in after[1], after
         assert not session.overflowed
+
+
+async def test_a_replay_leaves_room_for_the_live_events_of_other_subscriptions(
+    tmp_path: Path,
+) -> None:
+    """A replay fills at most half the queue: the other half is for the live events of the
+    connection's other subscriptions and for replies. A replay used to fill the whole
+    queue while its reader was slow, and the next live event of another subscription cut
+    off a reader the replay itself had put behind."""
+    async with journal(tmp_path, 40) as (store, hub):
+        session = admin_session(hub, store, queue_size=10)
+        await session.subscribe(Subscription(id="live"), since=None)
+        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
+        await asyncio.sleep(0.3)  # nobody reads: the replay waits for room
+        assert not subscribing.done()
+        for n in range(4):
+            await mutate(store, "org.acme:live", f"k{n}")
+        while hub.position < 44:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert not session.overflowed
+        messages = taken(session)
+        assert [m["seq"] for m in messages if m["subscription"] == "live"] == [40, 41, 42, 43, 44]
+        replayed = [m for m in messages if m["subscription"] == "s" and m["type"] == "event"]
+        while not subscribing.done():  # a reader at last: the replay goes on, and ends
+            await asyncio.sleep(0.01)
+            replayed += taken(session)
+        subscribing.result()
+        assert [m["seq"] for m in replayed] == list(range(8, 45))  # then the held ones
+
+
+def taken(session: StreamSession) -> list[dict[str, Any]]:
+    """Every message queued, as the reader would parse it."""
+    return [json.loads(item.text) for item in session.take_all()]

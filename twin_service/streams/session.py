@@ -257,7 +257,7 @@ class StreamSession:
                     replayed,
                     position,
                     emit_replayed,
-                    batch=max(1, min(JOURNAL_BATCH, self._queue_size // 2)),
+                    batch=max(1, min(JOURNAL_BATCH, self._queue_size // 4)),
                     room=lambda count: self._room(active, count),
                 )
                 break
@@ -278,8 +278,13 @@ class StreamSession:
         paces, waits for its reader; live events do not wait, and cut off a reader that
         falls ``queue_size`` behind. Queued whole instead, a replay longer than the queue
         cut off every reader that resumed from that far back. Polled: a replay is a bulk
-        read, and its reader empties the queue meanwhile."""
-        while len(self._outbox) + count > self._queue_size:
+        read, and its reader empties the queue meanwhile.
+
+        A replay fills at most half the queue: the rest is for the live events of the
+        connection's other subscriptions and for replies. Filled whole, the next of those
+        cut off a reader that only the replay had put behind."""
+        limit = max(count, self._queue_size // 2)
+        while len(self._outbox) + count > limit:
             self._check_reader(active)
             await asyncio.sleep(_ROOM_POLL_SECONDS)
         self._check_reader(active)
