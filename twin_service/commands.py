@@ -15,6 +15,7 @@ from search.rql.parser import parse_filter
 from search.rql.query import build_query
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
+from twin_service.digits import ascii_integer
 from twin_service.errors import BadRequest, NotFound
 from twin_service.index.base import search_disabled
 from twin_service.service import Preconditions
@@ -208,8 +209,7 @@ async def _wait_target(ctx: AppContext, wait_for: str | None) -> int | None:
         return None
     if wait_for == "latest":
         return await ctx.store.last_seq()
-    if wait_for.isascii() and wait_for.isdigit():
-        seq = int(wait_for)
+    if (seq := ascii_integer(wait_for)) is not None:
         # Beyond the store's newest write it names no write: waiting for it would end only
         # in index.timeout (503), which blames the index for the client's mistake.
         if seq > (newest := await ctx.store.last_seq()):

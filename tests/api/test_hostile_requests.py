@@ -89,7 +89,8 @@ class Hostile:
         if pick < 0.9:
             size = self.rng.randint(0, 8)
             return "".join(self.rng.choice(string.printable) for _ in range(size))
-        return "y" * self.rng.choice([257, 5000])
+        # Long names, and more digits than int() converts (a JSON pointer index).
+        return self.rng.choice("y9") * self.rng.choice([257, 5000])
 
     def value(self, depth: int = 0) -> Any:
         numbers = [0, -1, 1.5, 3, 10**20, 2**63, -(2**64), 1e308]
@@ -169,6 +170,8 @@ class Hostile:
             )
         if self.rng.random() < 0.3:
             query["ids"] = self.rng.choice(["", ",", self.twin_id, ",".join([self.twin_id] * 300)])
+        if self.rng.random() < 0.1:
+            query["waitFor"] = self.rng.choice(["latest", "0", "x", "9" * 5000, self.text()])
         if self.rng.random() < 0.2:
             query["namespace"] = self.rng.choice(["org.hostile", "", "1x", self.text()])
         return method, path, query
@@ -178,7 +181,9 @@ class Hostile:
         if self.rng.random() < 0.8:
             headers["Content-Type"] = self.rng.choice(_CONTENT_TYPES)
         if self.rng.random() < 0.1:
-            headers["If-Match"] = self.rng.choice(['"rev:1"', "*", "rev:x", '"rev:-1"', 'W/"x"'])
+            headers["If-Match"] = self.rng.choice(
+                ['"rev:1"', "*", "rev:x", '"rev:-1"', 'W/"x"', f'"rev:{"9" * 5000}"']
+            )
         if self.rng.random() < 0.1:
             headers["If-None-Match"] = self.rng.choice(["*", '"rev:1"', "x", ""])
         return headers

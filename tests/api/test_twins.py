@@ -665,6 +665,9 @@ TOO_BIG = str(2**63)
         ("/api/v1/stream/twins", {}, {"Last-Event-ID": TOO_BIG}),
         # A digit to str.isdigit, not to int().
         ("/api/v1/stream/twins", {}, {"Last-Event-ID": b"\xb2"}),
+        # More digits than int() converts (4,300): waitFor was a 500.
+        ("/api/v1/search/twins", {"waitFor": "9" * 5000}, {}),
+        ("/api/v1/stream/twins", {}, {"Last-Event-ID": "9" * 5000}),
     ],
 )
 def test_sequence_numbers_no_store_can_hold_are_a_400(
@@ -680,17 +683,23 @@ def test_sequence_numbers_no_store_can_hold_are_a_400(
     assert response.json()["error"] == "request.invalid"
 
 
-def test_an_etag_with_a_digit_int_refuses_is_not_ours(service: ServiceProcess) -> None:
-    """``²`` is a digit to ``str.isdigit`` but not to ``int``: If-Match and If-None-Match
-    with ``"rev:²"`` were a 500."""
-    etag = {"If-Match": b'"rev:\xb2"'}
+@pytest.mark.parametrize("revision", [b"\xb2", b"9" * 5000])
+def test_an_etag_with_digits_int_refuses_is_not_ours(
+    service: ServiceProcess, revision: bytes
+) -> None:
+    """``²`` is a digit to ``str.isdigit`` but not to ``int``, and ``int`` refuses more
+    than 4,300 digits: If-Match and If-None-Match with such a ``"rev:N"`` were a 500."""
+    tag = b'"rev:' + revision + b'"'
     merge = {"Content-Type": "application/merge-patch+json"}
+    twin = "/api/v1/twins/org.big:etag"
     with service.client() as api:
-        assert api.put("/api/v1/twins/org.big:etag", json={}).is_success
-        write = api.patch(
-            "/api/v1/twins/org.big:etag", json={"desired": {"a": 1}}, headers={**etag, **merge}
-        )
-        read = api.get("/api/v1/twins/org.big:etag", headers={"If-None-Match": b'"rev:\xb2"'})
-    assert write.status_code == 400, write.text
-    assert "not an ETag of this service" in write.json()["message"]
+        put = api.put(twin, json={})
+        assert put.is_success
+        write = api.patch(twin, json={"desired": {"a": 1}}, headers={"If-Match": tag, **merge})
+        delete = api.delete(twin, headers={"If-Match": tag})
+        read = api.get(twin, headers={"If-None-Match": tag})
+        assert api.get(twin).json()["revision"] == put.json()["revision"]
+    for refused in (write, delete):
+        assert refused.status_code == 400, refused.text
+        assert "not an ETag of this service" in refused.json()["message"]
     assert read.status_code == 200, read.text

@@ -188,6 +188,13 @@ FAILING: list[tuple[JSON, JSON, type[TwinServiceError], str]] = [
     ([1, 2], [{"op": "remove", "path": "/+1"}], InvalidPatch, "patch.path.notfound"),
     ([1, 2], [{"op": "remove", "path": "/1.0"}], InvalidPatch, "patch.path.notfound"),
     ([1, 2], [{"op": "remove", "path": "/²"}], InvalidPatch, "patch.path.notfound"),
+    (
+        [1, 2],
+        [{"op": "add", "path": "/" + "9" * 5000, "value": 1}],
+        InvalidPatch,
+        "patch.path.notfound",
+    ),
+    ([1, 2], [{"op": "remove", "path": "/" + "9" * 5000}], InvalidPatch, "patch.path.notfound"),
     ([1, 2], [{"op": "remove", "path": "/١"}], InvalidPatch, "patch.path.notfound"),
     ([1, 2], [{"op": "add", "path": "/a", "value": 1}], InvalidPatch, "patch.path.notfound"),
     ({"a": 1}, [{"op": "add", "path": "/a/b", "value": 1}], InvalidPatch, "patch.invalid"),
@@ -336,7 +343,8 @@ def test_rfc6901_examples(pointer: str, value: JSON) -> None:
 
 
 @pytest.mark.parametrize(
-    "pointer", ["/foo/2", "/foo/-", "/foo/01", "/foo/x", "/bar", "/foo/0/x", "/ /x"]
+    "pointer",
+    ["/foo/2", "/foo/-", "/foo/01", "/foo/x", "/bar", "/foo/0/x", "/ /x", "/foo/" + "9" * 5000],
 )
 def test_get_at_missing(pointer: str) -> None:
     with pytest.raises(NotFound) as info:
@@ -371,6 +379,7 @@ def test_set_at_table(doc: JSON, parts: list[str], value: JSON, result: JSON) ->
         ({"a": [1]}, ["a", "1"], NotFound),
         ({"a": [1]}, ["a", "x"], NotFound),
         ({"a": [1]}, ["a", "²"], NotFound),
+        ({"a": [1]}, ["a", "9" * 5000], NotFound),  # more digits than int() takes
         ({"a": [1]}, ["a", "-", "b"], NotFound),
     ],
 )

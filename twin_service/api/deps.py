@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
+from twin_service.digits import ascii_integer
 from twin_service.errors import BadRequest, PayloadTooLarge, Unavailable, UnsupportedMediaType
 from twin_service.service import Amend, Preconditions
 from twin_service.twin.ids import MAX_ID_LENGTH, TWIN_ID_PATTERN
@@ -217,13 +218,6 @@ async def json_body(request: Request, ctx: Context) -> JSON:
 
 
 Body = Annotated[JSON, Depends(json_body)]
-
-
-def ascii_integer(text: str) -> int | None:
-    """``text`` as a non-negative integer if it is ASCII decimal digits, else ``None``.
-    ``str.isdigit`` alone also takes ``²``, which ``int`` refuses (a header value is Latin-1:
-    a 500 where a 400 was due)."""
-    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def parse_etag_revision(value: str) -> int | None:

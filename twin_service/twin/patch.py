@@ -178,9 +178,19 @@ def remove_at(doc: JSON, parts: list[str]) -> JSON:
     return result
 
 
+#: More digits than any list index can have (no list in a twin comes near 10**18 items).
+_MAX_INDEX_DIGITS = 18
+
+
 def _is_index(part: str) -> bool:
     # ASCII only: str.isdigit() also accepts '²' and other Unicode digits (RFC 6901 section 4).
-    return part.isascii() and part.isdigit() and (part == "0" or not part.startswith("0"))
+    # Bounded: past 4,300 digits int() raises ValueError, and the callers convert it.
+    return (
+        part.isascii()
+        and part.isdigit()
+        and (part == "0" or not part.startswith("0"))
+        and len(part) <= _MAX_INDEX_DIGITS
+    )
 
 
 def apply_json_patch(doc: JSON, operations: JSON) -> JSON:

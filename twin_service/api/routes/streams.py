@@ -19,11 +19,12 @@ from fastapi.responses import StreamingResponse
 
 from search.rql.parser import parse_filter
 from twin_service.api.context import AppContext
-from twin_service.api.deps import Context, Reader, TwinId, ascii_integer, context
+from twin_service.api.deps import Context, Reader, TwinId, context
 from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import errors
 from twin_service.auth import Principal
 from twin_service.commands import run_command
+from twin_service.digits import ascii_integer
 from twin_service.errors import (
     BadRequest,
     Gone,
