@@ -3,8 +3,8 @@ message-based transport): the same pure operations, service and errors as the RE
 
 A command is ``{"command": "get"|"put"|"patch"|"delete"|"search", "twinId": ..., "path":
 "/desired/fan/speed" (optional, first token is the section), "value": ..., "patchType":
-"merge"|"json", "fields", "condition", "ifMatch": <revision>, "filter", "option",
-"namespaces"}``.
+"merge"|"json", "fields", "condition", "ifMatch": <revision>, "ifNoneMatch": "*", "ttl":
+<seconds>, "filter", "option", "namespaces", "waitFor"}``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from twin_service.auth import Principal
 from twin_service.digits import ascii_integer
 from twin_service.errors import BadRequest, NotFound
 from twin_service.index.base import search_disabled
-from twin_service.service import Preconditions
+from twin_service.service import Amend, Preconditions
 from twin_service.twin.document import SECTIONS, Twin
 from twin_service.twin.fields import parse_fields, select
 from twin_service.twin.ids import parse_twin_id
+from twin_service.twin.lifecycle import MAX_TTL_SECONDS, lifecycle_amend_ttl
 from twin_service.twin.operations import (
     Edit,
     delete_at,
@@ -52,12 +53,30 @@ def _preconditions(message: JSONObject) -> Preconditions:
     if_match = message.get("ifMatch")
     if if_match is not None and (isinstance(if_match, bool) or not isinstance(if_match, int)):
         raise BadRequest("'ifMatch' must be a revision number.")
+    if_none_match = message.get("ifNoneMatch")
+    if if_none_match is not None and if_none_match != "*":
+        raise BadRequest("On writes, 'ifNoneMatch' only supports '*' (create only).")
     condition = _str(message, "condition")
     return Preconditions(
         if_match=if_match,
-        if_none_match_any=message.get("ifNoneMatch") == "*",
+        if_none_match_any=if_none_match == "*",
         condition=parse_filter(condition) if condition is not None else None,
     )
+
+
+def _ttl_amend(message: JSONObject) -> Amend | None:
+    """The lifecycle amend of a ``ttl`` (seconds), as REST's ``?ttl=``: desired values
+    written by the command that the device has not applied by then become ``expired``."""
+    ttl = message.get("ttl")
+    if ttl is None:
+        return None
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, int | float)
+        or not 0 < ttl <= MAX_TTL_SECONDS  # also refuses NaN
+    ):
+        raise BadRequest(f"'ttl' must be a number of seconds > 0 and <= {MAX_TTL_SECONDS}.")
+    return lifecycle_amend_ttl(float(ttl))
 
 
 def _exists(twin: Twin | None) -> Twin:
@@ -102,6 +121,7 @@ async def run_command(
     if section in READ_ONLY_VIEWS:
         raise BadRequest(f"{section!r} is read-only.", code="twin.readonly")
     conditions = _preconditions(message)
+    amend = _ttl_amend(message) if name != "delete" else None
     value = message.get("value")
     edit: Any
     may_create = False
@@ -141,6 +161,7 @@ async def run_command(
         origin=principal.name,
         preconditions=conditions,
         may_create=may_create,
+        amend=amend,
     )
     if outcome.twin is None:
         return 204, None

@@ -201,6 +201,47 @@ def test_commands_with_correlation_ids(service: ServiceProcess) -> None:
     asyncio.run(run())
 
 
+def test_commands_give_a_time_to_live_as_rest_does(service: ServiceProcess) -> None:
+    """``ttl`` on a put or patch, as REST's ``?ttl=``: the desired value expires unapplied.
+    The WebSocket used to ignore it (and an ``ifNoneMatch`` other than ``*``) silently."""
+    twin = f"{namespace()}:ttl"
+
+    async def run() -> None:
+        async with connect(service) as ws:
+            created = await command(ws, "c", command="put", twinId=twin, value={}, ttl=60)
+            assert created["status"] == 201, created
+            refused = [
+                await command(ws, f"b{n}", command="put", twinId=twin, value=1, **fields)
+                for n, fields in enumerate(
+                    [
+                        {"path": "/desired/led", "ttl": ttl}
+                        for ttl in (0, -1, "5", True, 1e300, 100 * 365 * 24 * 3600 + 1)
+                    ]
+                    + [{"path": "/desired/led", "ifNoneMatch": "x"}]
+                )
+            ]
+            for reply in refused:
+                assert (reply["status"], reply["error"]["error"]) == (400, "request.invalid")
+            put = await command(
+                ws, "p", command="patch", twinId=twin, path="/desired", value={"led": 1}, ttl=0.3
+            )
+            assert put["body"]["revision"] == 2, put  # nothing refused was written
+            led = await command(ws, "g", command="get", twinId=twin, path="/lifecycle/led")
+            assert (
+                led["body"]["state"] == "pending" and led["body"]["expires"] > led["body"]["since"]
+            )
+            for attempt in range(100):
+                await asyncio.sleep(0.05)
+                led = await command(
+                    ws, f"g{attempt}", command="get", twinId=twin, path="/lifecycle/led"
+                )
+                if led["body"]["state"] == "expired":
+                    break
+            assert led["body"]["state"] == "expired", led
+
+    asyncio.run(run())
+
+
 def test_authentication_failures_and_first_message_auth(service: ServiceProcess) -> None:
     async def run() -> None:
         async with connect(service, token=None) as ws:
