@@ -59,7 +59,7 @@ async def test_a_replay_waits_for_its_reader_and_a_reader_cut_off_resumes_where_
             await mutate(store, "org.acme:live", f"k{n}")
         await asyncio.wait_for(subscribing, 5)
         assert session.overflowed
-        assert session.delivered_seq == 7
+        assert session.resume_hint() == 7
 
 
 async def test_an_unsubscribe_ends_its_replay(tmp_path: Path) -> None:
@@ -113,6 +113,33 @@ async def test_a_replay_leaves_room_for_the_live_events_of_other_subscriptions(
             replayed += taken(session)
         subscribing.result()
         assert [m["seq"] for m in replayed] == list(range(8, 45))  # then the held ones
+
+
+async def test_the_resume_hint_leaves_no_subscription_a_gap(tmp_path: Path) -> None:
+    """Cut off while one subscription replays far behind another, live one, the reader is
+    told to resume from the last event the replay had handed over. It was told the highest
+    event handed over, whichever subscription's: resumed from there, the replaying
+    subscription missed every event it had not been handed yet."""
+    async with journal(tmp_path, 40) as (store, hub):
+        session = admin_session(hub, store, queue_size=20)
+        await session.subscribe(Subscription(id="live"), since=None)
+        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
+        await asyncio.sleep(0.3)  # the replay fills its half of the queue
+        for n in range(3):
+            await mutate(store, "org.acme:live", f"k{n}")
+        while hub.position < 43:
+            await asyncio.sleep(0.01)
+        handed = taken(session)
+        replayed = [m["seq"] for m in handed if m["subscription"] == "s" and "event" in m]
+        assert replayed and max(replayed) < 40, handed
+        assert max(m.get("seq", 0) for m in handed) == 43  # the live ones, handed over too
+        for n in range(30):  # nobody reads any more: live events cut the reader off
+            await mutate(store, "org.acme:live", f"more{n}")
+        while hub.position < 73:
+            await asyncio.sleep(0.01)
+        assert session.overflowed
+        assert session.resume_hint() == max(replayed)
+        await asyncio.wait_for(subscribing, 5)
 
 
 def taken(session: StreamSession) -> list[dict[str, Any]]:

@@ -152,7 +152,7 @@ async def pump_websocket(websocket: WebSocket, session: StreamSession, overflow_
         session.attach(writer)
     while True:
         if not await session.wait():
-            reason = f"slow consumer: resume with since={session.delivered_seq}"
+            reason = f"slow consumer: resume with since={session.resume_hint()}"
             await websocket.close(overflow_code, reason)
             return
         if writer is not None and writer.ready:

@@ -69,6 +69,15 @@ class _Active:
     held: list[EventFrame] = field(default_factory=list)
     #: Events up to this one the reader had before it subscribed (see ``subscribe``).
     had_through: int = 0
+    #: Every event of this subscription up to here was handed to the reader (so far as the
+    #: marks below were settled; see :meth:`StreamSession.resume_hint`).
+    through: int = 0
+    #: (messages queued, seq) while replaying: once the reader was handed that many
+    #: messages, it had every replayed event of this subscription up to seq.
+    marks: deque[tuple[int, int]] = field(default_factory=deque)
+    #: Messages queued when it went live; once that many were handed, the connection's
+    #: highest event handed over counts for it too. ``None`` while replaying.
+    live_from: int | None = None
 
     def receive(self, frame: EventFrame) -> None:
         session = self.session
@@ -100,8 +109,11 @@ class StreamSession:
         self._ready = asyncio.Event()
         self._subs: dict[str, _Active] = {}
         self.overflowed = False
-        #: Highest sequence number handed to the client, for the resume hint.
+        #: Highest sequence number handed to the client (see :meth:`resume_hint`).
         self.delivered_seq = 0
+        #: Messages queued and handed over since the start, to settle replay marks.
+        self._queued = 0
+        self._handed = 0
         self._closed = False
         self._output: Output | None = None
 
@@ -130,6 +142,7 @@ class StreamSession:
             self._cut_off()
             return False
         self._outbox.append(item)
+        self._queued += 1
         return True
 
     def _cut_off(self) -> None:
@@ -155,6 +168,7 @@ class StreamSession:
     def take_all(self) -> deque[Outgoing]:
         """Hand over every queued message at once (a reader that writes them together)."""
         items, self._outbox = self._outbox, deque()
+        self._handed += len(items)
         for item in reversed(items):
             if item.advances_resume and item.seq is not None:
                 self.delivered_seq = max(self.delivered_seq, item.seq)
@@ -180,6 +194,7 @@ class StreamSession:
         if self.overflowed:
             return None
         item = self._outbox.popleft()
+        self._handed += 1
         if item.advances_resume and item.seq is not None:
             self.delivered_seq = max(self.delivered_seq, item.seq)
         return item
@@ -201,7 +216,7 @@ class StreamSession:
         active = _Active(self, subscription, replaying=since is not None)
         self._subs[subscription.id] = active
         position = self._hub.register(active, subscription)
-        self._starts_at(position if since is None else since)
+        active.through = position if since is None else since
         if since is not None:
             try:
                 gap = await self._journal_gap(since, position)
@@ -212,7 +227,7 @@ class StreamSession:
                 self.unsubscribe(subscription.id)
                 raise
             if gap is not None:
-                self._starts_at(position)
+                active.through = position
                 self.send(
                     {
                         "type": "resync.required",
@@ -242,6 +257,7 @@ class StreamSession:
             self._check_reader(active)  # unsubscribed while a batch was being read
             self._deliver(active.subscription, EventFrame(stored, before, after))
             replayed = stored.seq
+            self._mark(active, stored.seq)
             self._ready.set()
 
         # "subscribed" is out, so this subscribe has had its answer: a replay the store
@@ -288,6 +304,7 @@ class StreamSession:
             self._check_reader(active)
             await asyncio.sleep(_ROOM_POLL_SECONDS)
         self._check_reader(active)
+        self._settled(active)  # its marks stay as few as the messages queued
 
     def _reading(self, active: _Active) -> bool:
         """Whether anyone still wants the replay of ``active``: the connection is open, its
@@ -322,14 +339,33 @@ class StreamSession:
             )
         return None
 
-    def _starts_at(self, seq: int) -> None:
-        """Where the resume hint (``delivered_seq``) starts for a connection's only
-        subscription: the point it resumed from, or went live after. It stayed at 0 until an
-        event was handed over, so a reader cut off before that was told to resume with 0.
-        (With several subscriptions, the hint is the highest event handed over, whichever
-        subscription it was for: raising it for a new one could skip another's events.)"""
-        if len(self._subs) == 1:
-            self.delivered_seq = max(self.delivered_seq, seq)
+    def _mark(self, active: _Active, seq: int) -> None:
+        """Note that ``active`` is through ``seq`` once every message queued so far is
+        handed over (one mark per message queued: a replay's marks stay few)."""
+        marks = active.marks
+        if marks and marks[-1][0] == self._queued:
+            marks[-1] = (self._queued, seq)
+        else:
+            marks.append((self._queued, seq))
+
+    def _settled(self, active: _Active) -> int:
+        """How far ``active`` is through: its marks the reader was handed, and once it is
+        live, the highest event handed over (live messages are queued in journal order, so
+        the reader had every earlier one of each live subscription)."""
+        marks = active.marks
+        while marks and marks[0][0] <= self._handed:
+            active.through = max(active.through, marks.popleft()[1])
+        if active.live_from is not None and self._handed >= active.live_from:
+            active.through = max(active.through, self.delivered_seq)
+        return active.through
+
+    def resume_hint(self) -> int:
+        """The ``since`` from which every subscription of this connection resumes without
+        a gap: the lowest point any of them is through. It was the highest event handed
+        over, whichever subscription's: a reader cut off while one subscription replayed
+        far behind another, live one was told to resume past the events the replay had
+        not handed over yet. (Subscriptions further along get some events again.)"""
+        return min(map(self._settled, self._subs.values()), default=self.delivered_seq)
 
     async def subscribe_in_background(
         self, subscription: Subscription, since: int | None
@@ -373,6 +409,8 @@ class StreamSession:
         for frame in held:
             if frame.stored.seq > position:
                 self._deliver(active.subscription, frame)
+        self._mark(active, position)
+        active.live_from = self._queued
         self._ready.set()
 
     def unsubscribe(self, subscription_id: str) -> bool:

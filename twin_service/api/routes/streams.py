@@ -367,7 +367,7 @@ async def sse(
                 if not queued:  # overflowed
                     yield (
                         "event: overflow\ndata: "
-                        + json.dumps({"resumeWith": session.delivered_seq})
+                        + json.dumps({"resumeWith": session.resume_hint()})
                         + "\n\n"
                     )
                     return
