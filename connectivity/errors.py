@@ -11,7 +11,8 @@ Every paho or socket failure is translated once, here in the package, into one o
         └── NoSubscriber              mqtt.nosubscriber   MQTT 5 PUBACK 0x10: no one took it
 
     twin_service.errors.BadRequest (400)
-    └── RequestRejected           (code from the service)  a ``.../rejected`` answer to a device
+    ├── RequestRejected           (code from the service)  a ``.../rejected`` answer to a device
+    └── InvalidTopic              mqtt.topic.invalid  no message can be published to that topic
 """
 
 from __future__ import annotations
@@ -72,3 +73,10 @@ class RequestRejected(BadRequest):
             extra={"clientToken": body.get("clientToken"), "statusCode": body.get("code")},
         )
         self.body = body
+
+
+class InvalidTopic(BadRequest):
+    """A publish to a topic name MQTT does not allow (a wildcard, NUL, too long): paho's
+    ``ValueError``, typed."""
+
+    default_code = "mqtt.topic.invalid"

@@ -35,6 +35,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from connectivity.dispatch import KeyedDispatcher
 from connectivity.errors import (
     ConnectRefused,
+    InvalidTopic,
     MqttUnavailable,
     NoSubscriber,
     NotConnected,
@@ -382,7 +383,10 @@ class MqttClient:
                 properties.ResponseTopic = response_topic
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
-        info = client.publish(topic, payload, qos, retain, properties=properties)
+        try:
+            info = client.publish(topic, payload, qos, retain, properties=properties)
+        except ValueError as exc:  # paho's checks of the topic and the payload's size
+            raise InvalidTopic(f"cannot publish to {topic[:200]!r}: {exc}") from None
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             # paho keeps QoS>0 messages queued for resend; drop our waiter, the caller is told.
             raise NotConnected("not connected to the MQTT broker")

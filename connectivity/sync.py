@@ -30,7 +30,7 @@ from connectivity.options import BrokerAddress, MqttOptions
 from connectivity.retained import read_retained
 from connectivity.sync_deltas import DeltaPublisher
 from connectivity.sync_handlers import DeviceHandlers, HandlerSettings, ignoring_replays
-from connectivity.topics import SHARE_PREFIX, TopicLayout
+from connectivity.topics import SHARE_PREFIX, TopicLayout, is_topic_name
 from twin_service.errors import Unavailable
 from twin_service.tasks import stop_task
 from twin_service.twin.document import now_iso
@@ -342,13 +342,18 @@ class MqttSync:
         """Answer on ``<base>/<suffix>``, or on the MQTT 5 response topic when one is given.
 
         A response topic outside the device's own subtree is ignored, so a device cannot make
-        the service publish into another twin's topics.
+        the service publish into another twin's topics; so is one no publish can go to (a
+        wildcard in it, which the broker let through: the handler failed, unanswered).
         """
         assert self.client is not None
         topic = self.layout.topic(twin_id, suffix)
         correlation: bytes | None = None
         response = request.response_topic
-        if response and response.startswith(self.layout.base(twin_id) + "/"):
+        if (
+            response
+            and response.startswith(self.layout.base(twin_id) + "/")
+            and is_topic_name(response)
+        ):
             topic, correlation = response, request.correlation_data
         try:
             await self.client.publish(

@@ -65,6 +65,22 @@ def fits_topics(twin_id: str) -> bool:
     return bool(twin_id) and not any(ch in _FORBIDDEN_IN_TWIN_ID for ch in twin_id)
 
 
+#: Longest topic name MQTT can carry (a UTF-8 string with a two-byte length).
+MAX_TOPIC_BYTES = 65_535
+
+
+def is_topic_name(topic: str) -> bool:
+    """Whether ``topic`` may be published to: not empty, no wildcard (MQTT forbids them in
+    a topic name), no NUL, at most ``MAX_TOPIC_BYTES`` of UTF-8. A device's MQTT 5 response
+    topic is only the device's word: the broker passed ``twins/<id>/#`` on, and paho's
+    publish to it raised ``ValueError``."""
+    return (
+        bool(topic)
+        and not any(ch in topic for ch in "+#\x00")
+        and len(topic.encode("utf-8", "surrogatepass")) <= MAX_TOPIC_BYTES
+    )
+
+
 def check_twin_id_for_topics(twin_id: str) -> None:
     """Refuse twin ids that would break out of their topic level (``/``, wildcards)."""
     if not fits_topics(twin_id):

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connectivity.dispatch import AckWindow, KeyedDispatcher
-from connectivity.topics import TopicFilter, TopicLayout
+from connectivity.topics import MAX_TOPIC_BYTES, TopicFilter, TopicLayout, is_topic_name
 
 
 def test_ack_window_releases_in_arrival_order() -> None:
@@ -65,6 +65,25 @@ def test_topic_layout_refuses_bad_ids() -> None:
     with pytest.raises(ValueError):
         TopicLayout("twins/+")
     assert TopicLayout().all_twins("get") == "twins/+/get"
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("twins/org.acme:t/inbox", True),
+        ("a", True),
+        ("é" * (MAX_TOPIC_BYTES // 2), True),  # 2 bytes each: exactly the limit
+        ("é" * (MAX_TOPIC_BYTES // 2) + "a" * 2, False),
+        ("", False),
+        ("twins/org.acme:t/#", False),
+        ("twins/org.acme:t/+/x", False),
+        ("twins/org.acme:t/a+b", False),
+        ("twins/org.acme:t/\x00", False),
+        ("\ud800", True),  # a lone surrogate: counted, not a crash
+    ],
+)
+def test_is_topic_name(topic: str, expected: bool) -> None:
+    assert is_topic_name(topic) is expected
 
 
 FILTER_TABLE = [

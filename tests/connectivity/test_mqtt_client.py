@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from connectivity.errors import NoSubscriber, NotConnected
+from connectivity.errors import InvalidTopic, NoSubscriber, NotConnected
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from tests.connectivity.helpers import Collector, eventually, started
@@ -66,6 +66,18 @@ async def test_mqtt5_properties(mosquitto_server: Mosquitto, unique_name: str) -
     assert msg.response_topic == f"{unique_name}/resp"
     assert msg.correlation_data == b"c1"
     await sub.stop()
+    await pub.stop()
+
+
+async def test_a_publish_to_a_topic_mqtt_forbids_is_a_typed_error(
+    mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    """paho's ValueError (a wildcard in the topic, one too long) was left to the caller."""
+    pub = await started(mosquitto_server.url, unique_name)
+    for topic in (f"{unique_name}/#", f"{unique_name}/+/x", "t" * 70_000):
+        with pytest.raises(InvalidTopic):
+            await pub.publish(topic, b"1")
+    await pub.publish(f"{unique_name}/x", b"1")  # the client is none the worse
     await pub.stop()
 
 

@@ -200,6 +200,26 @@ async def test_mqtt5_request_response(
     assert home["clientToken"] == "home"
 
 
+async def test_a_response_topic_no_publish_can_go_to_is_answered_home(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    """mosquitto passes a response topic with wildcards on; the service's reply to it
+    failed in paho (a handler failure: no answer, and the message left unacknowledged)."""
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        for n, response in enumerate((f"{dev.base}/#", f"{dev.base}/+/inbox")):
+            await dev.client.publish(
+                f"{dev.base}/get",
+                json.dumps({"clientToken": f"w{n}"}).encode(),
+                response_topic=response,
+                correlation_data=b"c",
+            )
+            home = await dev.reply("get/accepted", n)
+            assert home["clientToken"] == f"w{n}"
+    with svc.client() as api:
+        mqtt = api.get("/ready").json()["checks"]["mqtt"]
+    assert mqtt["handlerFailures"] == 0, mqtt
+
+
 def _corr(msg: InboundMessage) -> bytes | None:
     return msg.correlation_data
 
