@@ -4,6 +4,7 @@ on the real SQLite store and event hub, with no connection, so that "nobody read
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +43,30 @@ def admin_session(hub: EventHub, store: SqliteStore, queue_size: int) -> StreamS
     return StreamSession(hub, store, Principal(name="t", role="admin"), queue_size, 5)
 
 
+async def live_and_replaying(
+    hub: EventHub, store: SqliteStore, queue_size: int
+) -> tuple[StreamSession, asyncio.Task[None]]:
+    """A session with a live subscription, ``live``, and one replaying from seq 7, ``s``,
+    whose replay has filled its share of the queue (nobody reads) and waits for room."""
+    session = admin_session(hub, store, queue_size)
+    await session.subscribe(Subscription(id="live"), since=None)
+    subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
+    await asyncio.sleep(0.3)
+    assert not subscribing.done()
+    return session, subscribing
+
+
+_KEYS = itertools.count()
+
+
+async def live_events(store: SqliteStore, hub: EventHub, count: int) -> None:
+    """``count`` more changes, once the hub has offered them to the subscriptions."""
+    for _ in range(count):
+        target = await mutate(store, "org.acme:live", f"k{next(_KEYS)}")
+    while hub.position < target:
+        await asyncio.sleep(0.01)
+
+
 async def test_a_replay_waits_for_its_reader_and_a_reader_cut_off_resumes_where_it_asked(
     tmp_path: Path,
 ) -> None:
@@ -68,11 +93,7 @@ async def test_an_unsubscribe_ends_its_replay(tmp_path: Path) -> None:
     other subscription go on. The replay used to go on, with events the client had said it
     no longer wanted, and a replay waiting for room waited until the connection closed."""
     async with journal(tmp_path, 40) as (store, hub):
-        session = admin_session(hub, store, queue_size=10)
-        await session.subscribe(Subscription(id="live"), since=None)
-        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
-        await asyncio.sleep(0.3)  # nobody reads: the replay waits for room
-        assert not subscribing.done()
+        session, subscribing = await live_and_replaying(hub, store, queue_size=10)
         queued = [item.text for item in session.take_all()]
         assert session.unsubscribe("s")
         session.send({"type": "unsubscribed", "subscription": "s", "found": True})
@@ -94,15 +115,8 @@ async def test_a_replay_leaves_room_for_the_live_events_of_other_subscriptions(
     queue while its reader was slow, and the next live event of another subscription cut
     off a reader the replay itself had put behind."""
     async with journal(tmp_path, 40) as (store, hub):
-        session = admin_session(hub, store, queue_size=10)
-        await session.subscribe(Subscription(id="live"), since=None)
-        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
-        await asyncio.sleep(0.3)  # nobody reads: the replay waits for room
-        assert not subscribing.done()
-        for n in range(4):
-            await mutate(store, "org.acme:live", f"k{n}")
-        while hub.position < 44:
-            await asyncio.sleep(0.01)
+        session, subscribing = await live_and_replaying(hub, store, queue_size=10)
+        await live_events(store, hub, 4)
         await asyncio.sleep(0.1)
         assert not session.overflowed
         messages = taken(session)
@@ -121,22 +135,13 @@ async def test_the_resume_hint_leaves_no_subscription_a_gap(tmp_path: Path) -> N
     event handed over, whichever subscription's: resumed from there, the replaying
     subscription missed every event it had not been handed yet."""
     async with journal(tmp_path, 40) as (store, hub):
-        session = admin_session(hub, store, queue_size=20)
-        await session.subscribe(Subscription(id="live"), since=None)
-        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=7))
-        await asyncio.sleep(0.3)  # the replay fills its half of the queue
-        for n in range(3):
-            await mutate(store, "org.acme:live", f"k{n}")
-        while hub.position < 43:
-            await asyncio.sleep(0.01)
+        session, subscribing = await live_and_replaying(hub, store, queue_size=20)
+        await live_events(store, hub, 3)
         handed = taken(session)
         replayed = [m["seq"] for m in handed if m["subscription"] == "s" and "event" in m]
         assert replayed and max(replayed) < 40, handed
         assert max(m.get("seq", 0) for m in handed) == 43  # the live ones, handed over too
-        for n in range(30):  # nobody reads any more: live events cut the reader off
-            await mutate(store, "org.acme:live", f"more{n}")
-        while hub.position < 73:
-            await asyncio.sleep(0.01)
+        await live_events(store, hub, 30)  # nobody reads any more: they cut the reader off
         assert session.overflowed
         assert session.resume_hint() == max(replayed)
         await asyncio.wait_for(subscribing, 5)
