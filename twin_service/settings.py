@@ -281,6 +281,12 @@ class StreamSettings(BaseModel):
     max_subscriptions: int = Field(
         100, ge=1, description="Subscriptions one WebSocket connection may hold at once."
     )
+    max_listed: int = Field(
+        10_000,
+        ge=1,
+        description="Twin ids and namespaces the subscriptions of one WebSocket connection "
+        "may list in all ('twins', 'namespaces'); a filter or a namespace covers more.",
+    )
     max_in_flight: int = Field(
         64,
         ge=1,

@@ -590,6 +590,29 @@ def test_a_connection_holds_at_most_max_subscriptions(service: ServiceProcess) -
     asyncio.run(run())
 
 
+def test_a_connection_lists_at_most_max_listed_twins_and_namespaces(
+    service: ServiceProcess,
+) -> None:
+    """Each id a subscription lists is held by the connection: 25,000 in one message took
+    7 MB of the service's memory, a hundred times over per connection, before the limit."""
+    ids = [f"org.listed:t{n}" for n in range(10_001)]
+
+    async def run() -> None:
+        async with connect(service) as ws:
+            await subscribe(ws, id="a", twins=ids[:6000], namespaces=["org.listed"])
+            await send(ws, {"type": "subscribe", "id": "b", "twins": ids[6000:]})
+            refused = await receive(ws)  # 6,001 + 4,001 > 10,000 (stream.max_listed)
+            assert (refused["type"], refused["status"]) == ("error", 400), refused
+            assert refused["error"]["error"] == "limits.exceeded"
+            assert "stream.max_listed" in refused["error"]["message"]
+            await subscribe(ws, id="b", twins=ids[6000:9999])  # exactly 10,000 in all
+            await send(ws, {"type": "unsubscribe", "id": "a"})
+            assert (await receive(ws))["found"] is True
+            await subscribe(ws, id="c", twins=ids[:6000])
+
+    asyncio.run(run())
+
+
 def test_one_connection_gets_at_most_max_in_flight_messages_handled_at_once(
     service_factory: Callable[..., ServiceProcess],
 ) -> None:

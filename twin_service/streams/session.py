@@ -99,12 +99,14 @@ class StreamSession:
         principal: Principal,
         queue_size: int,
         max_subscriptions: int = 1,
+        max_listed: int = 10_000,
     ) -> None:
         self._hub = hub
         self._store = store
         self._principal = principal
         self._queue_size = queue_size
         self._max_subscriptions = max_subscriptions
+        self._max_listed = max_listed
         self._outbox: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
         self._subs: dict[str, _Active] = {}
@@ -210,6 +212,16 @@ class StreamSession:
             raise LimitExceeded(
                 f"This connection has {len(self._subs)} subscriptions, the most "
                 "stream.max_subscriptions allows: unsubscribe one, or widen one's filter.",
+            )
+        listed = sum(active.subscription.listed for active in self._subs.values())
+        if listed + subscription.listed > self._max_listed:
+            # Each id listed is held by the connection and filed in the shared index: 25,000
+            # ids in one message (under 1 MiB) took 7 MB, and a connection may hold
+            # stream.max_subscriptions such subscriptions.
+            raise LimitExceeded(
+                f"This subscription lists {subscription.listed} twins and namespaces, and "
+                f"the connection's others {listed}: stream.max_listed allows "
+                f"{self._max_listed} in all. Subscribe by namespace or filter instead.",
             )
         if self._closed:
             return  # a late message of a closed connection: filing it would leak

@@ -32,6 +32,11 @@ class Subscription:
     twins: frozenset[str] | None = None
     fields: list[list[str]] | None = None
 
+    @property
+    def listed(self) -> int:
+        """How many twin ids and namespaces it lists (each a key of the shared index)."""
+        return len(self.twins or ()) + len(self.namespaces or ())
+
     @cached_property
     def id_json(self) -> str:
         """The id as JSON text, for messages composed from pre-encoded parts."""

@@ -172,7 +172,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             return
     stream = ctx.settings.stream
     session = StreamSession(
-        ctx.hub, ctx.store, principal, stream.queue_size, stream.max_subscriptions
+        ctx.hub,
+        ctx.store,
+        principal,
+        stream.queue_size,
+        stream.max_subscriptions,
+        stream.max_listed,
     )
     writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
     tasks: set[asyncio.Task[None]] = set()
@@ -344,7 +349,10 @@ async def sse(
     if namespaces:
         message["namespaces"] = [n for n in namespaces.split(",") if n]
     subscription, _ = subscription_from(message)
-    session = StreamSession(ctx.hub, ctx.store, principal, ctx.settings.stream.queue_size)
+    limits = ctx.settings.stream
+    session = StreamSession(
+        ctx.hub, ctx.store, principal, limits.queue_size, max_listed=limits.max_listed
+    )
     try:
         # Answered before the response starts, so that a resume the store cannot serve now
         # is a 503 (with Retry-After, which an EventSource waits out), not a stream cut at
