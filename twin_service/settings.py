@@ -278,6 +278,12 @@ class StreamSettings(BaseModel):
     queue_size: int = Field(
         1000, ge=10, description="Messages buffered per WebSocket/SSE client before it is cut."
     )
+    queue_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Bytes of messages buffered per WebSocket/SSE client before it is cut "
+        "(whichever of queue_size and this comes first).",
+    )
     max_subscriptions: int = Field(
         100, ge=1, description="Subscriptions one WebSocket connection may hold at once."
     )

@@ -247,21 +247,22 @@ async def replay(
     until: int,
     sink: Sink,
     batch: int = JOURNAL_BATCH,
-    room: Callable[[int], Awaitable[None]] | None = None,
+    room: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Feed ``sink`` every journaled event with since < seq <= until, in order; before
-    each batch, wait for ``room`` to have space for one (the sink's reader is paced)."""
+    each event, wait for ``room`` (the sink's reader is paced: per event, because what
+    fits in the sink's queue depends on the events' sizes)."""
     cache = StateCache(store, capacity=1000)
     position = since
     while position < until:
-        if room is not None:
-            await room(batch)
         events = await store.events_after(position, batch)
         if not events:
             return
         for stored in events:
             if stored.seq > until:
                 return
+            if room is not None:
+                await room()
             before = await cache.before(stored)
             after = document_after(stored)
             cache.remember(stored, after)

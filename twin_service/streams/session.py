@@ -100,11 +100,15 @@ class StreamSession:
         queue_size: int,
         max_subscriptions: int = 1,
         max_listed: int = 10_000,
+        queue_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self._hub = hub
         self._store = store
         self._principal = principal
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        #: Characters of the messages queued (the JSON is ASCII but for non-ASCII text).
+        self._outbox_bytes = 0
         self._max_subscriptions = max_subscriptions
         self._max_listed = max_listed
         self._outbox: deque[Outgoing] = deque()
@@ -140,10 +144,17 @@ class StreamSession:
         """Queue ``item``; the caller wakes the writer (or defers to a flush)."""
         if self.overflowed:
             return False
-        if len(self._outbox) >= self._queue_size:
+        size = len(item.text)
+        if len(self._outbox) >= self._queue_size or (
+            # Counted alone, a thousand messages of a 64 KiB twin (and its changes) held
+            # 130 MB per reader that did not read: a few such readers, and the service ran
+            # out of memory. A message always fits an empty queue.
+            self._outbox and self._outbox_bytes + size > self._queue_bytes
+        ):
             self._cut_off()
             return False
         self._outbox.append(item)
+        self._outbox_bytes += size
         self._queued += 1
         return True
 
@@ -152,6 +163,7 @@ class StreamSession:
         and closes; nothing queued is sent any more."""
         self.overflowed = True
         self._outbox.clear()
+        self._outbox_bytes = 0
         self._ready.set()
 
     def flush(self) -> None:
@@ -170,6 +182,7 @@ class StreamSession:
     def take_all(self) -> deque[Outgoing]:
         """Hand over every queued message at once (a reader that writes them together)."""
         items, self._outbox = self._outbox, deque()
+        self._outbox_bytes = 0
         self._handed += len(items)
         for item in reversed(items):
             if item.advances_resume and item.seq is not None:
@@ -196,6 +209,7 @@ class StreamSession:
         if self.overflowed:
             return None
         item = self._outbox.popleft()
+        self._outbox_bytes -= len(item.text)
         self._handed += 1
         if item.advances_resume and item.seq is not None:
             self.delivered_seq = max(self.delivered_seq, item.seq)
@@ -286,7 +300,7 @@ class StreamSession:
                     position,
                     emit_replayed,
                     batch=max(1, min(JOURNAL_BATCH, self._queue_size // 4)),
-                    room=lambda count: self._room(active, count),
+                    room=lambda: self._room(active),
                 )
                 break
             except _ReaderGone:
@@ -301,18 +315,21 @@ class StreamSession:
                 raise
         self._release(active, position)
 
-    async def _room(self, active: _Active, count: int) -> None:
-        """Wait until ``count`` more messages fit in the queue. A replay, which the service
-        paces, waits for its reader; live events do not wait, and cut off a reader that
-        falls ``queue_size`` behind. Queued whole instead, a replay longer than the queue
-        cut off every reader that resumed from that far back. Polled: a replay is a bulk
-        read, and its reader empties the queue meanwhile.
+    async def _room(self, active: _Active) -> None:
+        """Wait until the replay of ``active`` may queue one more message. A replay, which
+        the service paces, waits for its reader; live events do not wait, and cut off a
+        reader that falls ``queue_size`` messages or ``queue_bytes`` behind. Queued whole
+        instead, a replay longer than the queue cut off every reader that resumed from that
+        far back. Polled: a replay is a bulk read, and its reader empties the queue
+        meanwhile.
 
-        A replay fills at most half the queue: the rest is for the live events of the
-        connection's other subscriptions and for replies. Filled whole, the next of those
-        cut off a reader that only the replay had put behind."""
-        limit = max(count, self._queue_size // 2)
-        while len(self._outbox) + count > limit:
+        A replay fills at most half the queue, in messages and in bytes: the rest is for
+        the live events of the connection's other subscriptions and for replies. Filled
+        whole, the next of those cut off a reader that only the replay had put behind."""
+        while self._outbox and (
+            len(self._outbox) >= self._queue_size // 2
+            or self._outbox_bytes >= self._queue_bytes // 2
+        ):
             self._check_reader(active)
             await asyncio.sleep(_ROOM_POLL_SECONDS)
         self._check_reader(active)

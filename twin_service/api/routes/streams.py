@@ -178,6 +178,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         stream.queue_size,
         stream.max_subscriptions,
         stream.max_listed,
+        stream.queue_bytes,
     )
     writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
     tasks: set[asyncio.Task[None]] = set()
@@ -351,7 +352,12 @@ async def sse(
     subscription, _ = subscription_from(message)
     limits = ctx.settings.stream
     session = StreamSession(
-        ctx.hub, ctx.store, principal, limits.queue_size, max_listed=limits.max_listed
+        ctx.hub,
+        ctx.store,
+        principal,
+        limits.queue_size,
+        max_listed=limits.max_listed,
+        queue_bytes=limits.queue_bytes,
     )
     try:
         # Answered before the response starts, so that a resume the store cannot serve now

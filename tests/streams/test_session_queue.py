@@ -1,5 +1,7 @@
-"""How a stream session's replay (a resume with ``since``) is paced and ended: one session
-on the real SQLite store and event hub, with no connection, so that "nobody reads" is exact."""
+"""How a stream session queues its reader's messages: how far live events may get ahead of
+the reader, how a replay (a resume with ``since``) is paced and ended, and where a reader
+cut off resumes. One session on the real SQLite store and event hub, with no connection,
+so that "nobody reads" is exact."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.store.contract import mutate
+from tests.store.contract import change, mutate
 from twin_service.auth import Principal
 from twin_service.settings import Settings, StreamSettings
 from twin_service.store.sqlite import SqliteStore
@@ -39,8 +41,21 @@ async def journal(tmp_path: Path, events: int) -> AsyncIterator[tuple[SqliteStor
         await store.close()
 
 
-def admin_session(hub: EventHub, store: SqliteStore, queue_size: int) -> StreamSession:
-    return StreamSession(hub, store, Principal(name="t", role="admin"), queue_size, 5)
+def admin_session(
+    hub: EventHub, store: SqliteStore, queue_size: int, queue_bytes: int = 8 << 20
+) -> StreamSession:
+    admin = Principal(name="t", role="admin")
+    return StreamSession(hub, store, admin, queue_size, 5, queue_bytes=queue_bytes)
+
+
+async def big_changes(store: SqliteStore, hub: EventHub, count: int) -> None:
+    """``count`` twins created with a 10 KB desired value (a message of 30.7 KB: the twin,
+    with its metadata and lifecycle, and the change), once the hub has offered them."""
+    for _ in range(count):
+        twin_id = f"org.acme:big{next(_KEYS)}"
+        target = await store.write(change(None, twin_id, {"desired": {"blob": "x" * 10_000}}))
+    while hub.position < target:
+        await asyncio.sleep(0.01)
 
 
 async def live_and_replaying(
@@ -150,3 +165,47 @@ async def test_the_resume_hint_leaves_no_subscription_a_gap(tmp_path: Path) -> N
 def taken(session: StreamSession) -> list[dict[str, Any]]:
     """Every message queued, as the reader would parse it."""
     return [json.loads(item.text) for item in session.take_all()]
+
+
+async def test_live_events_cut_off_a_reader_queue_bytes_behind(tmp_path: Path) -> None:
+    """Counted only in messages, a thousand messages of large twins held 130 MB for each
+    reader that did not read: a few such readers and the service ran out of memory."""
+    async with journal(tmp_path, 0) as (store, hub):
+        session = admin_session(hub, store, queue_size=1000, queue_bytes=100_000)
+        await session.subscribe(Subscription(id="live"), since=None)
+        await big_changes(store, hub, 3)  # 92 KB queued
+        assert not session.overflowed
+        await big_changes(store, hub, 1)
+        assert session.overflowed
+        assert session.resume_hint() == 0  # nothing was handed over
+
+
+async def test_one_message_larger_than_queue_bytes_still_goes_to_an_empty_queue(
+    tmp_path: Path,
+) -> None:
+    async with journal(tmp_path, 0) as (store, hub):
+        session = admin_session(hub, store, queue_size=1000, queue_bytes=10_000)
+        await session.subscribe(Subscription(id="live"), since=None)
+        taken(session)  # the "subscribed" reply
+        await big_changes(store, hub, 1)
+        assert not session.overflowed
+        assert [m["seq"] for m in taken(session)] == [1]
+
+
+async def test_a_replay_of_large_events_is_paced_by_bytes(tmp_path: Path) -> None:
+    """The replay fills half of ``queue_bytes`` (and one message), then waits for its
+    reader, however few messages that is."""
+    async with journal(tmp_path, 0) as (store, hub):
+        await big_changes(store, hub, 20)
+        session = admin_session(hub, store, queue_size=1000, queue_bytes=100_000)
+        subscribing = asyncio.create_task(session.subscribe(Subscription(id="s"), since=0))
+        await asyncio.sleep(0.3)  # nobody reads
+        assert not subscribing.done() and not session.overflowed
+        first = taken(session)
+        assert len(first) == 3, len(first)  # "subscribed", then events up to 50 KB, and one
+        replayed = first[1:]
+        while not subscribing.done():
+            await asyncio.sleep(0.01)
+            replayed += taken(session)
+        subscribing.result()
+        assert [m["seq"] for m in replayed] == list(range(1, 21))
