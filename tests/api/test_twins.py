@@ -193,6 +193,25 @@ def test_a_twin_has_no_other_sub_resources(api: httpx.Client) -> None:
             assert response.json()["error"] == "resource.notfound"
 
 
+def test_a_path_with_a_trailing_slash_is_404_never_a_redirect(api: httpx.Client) -> None:
+    """Starlette redirected such paths (307, method kept) to the path without the slash: a
+    DELETE of ``/twins/<id>%2F``, a twin id no twin can have, to the twin itself."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"a": 1}})
+    for path in (
+        f"/api/v1/twins/{twin_id}%2F",
+        f"/api/v1/twins/{twin_id}/",
+        "/api/v1/twins/",
+        "/api/v1/search/twins/",
+        "/health/",
+    ):
+        for method in ("GET", "DELETE"):
+            response = api.request(method, path)
+            assert response.status_code == 404, (method, path, response.status_code)
+            assert response.json()["error"] == "resource.notfound"
+    assert api.get(f"/api/v1/twins/{twin_id}").status_code == 200
+
+
 def test_sub_resources_by_pointer(api: httpx.Client) -> None:
     twin_id = new_id()
     put(api, twin_id, {"desired": {}})

@@ -117,6 +117,9 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description="Digital twin state: desired, reported, delta, live and attributes.",
         lifespan=lifespan,
+        # A path no route takes is a 404, not a 307 to a neighbour that one does: a DELETE
+        # of /twins/<id>%2F (or /twins/<id>/) was redirected, method kept, to the twin.
+        redirect_slashes=False,
     )
     app.hot_routes = settings.api_hot_routes
     errors.install(app)
