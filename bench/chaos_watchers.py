@@ -32,6 +32,11 @@ class Watcher:
         self._token = token
         self.revisions: dict[str, list[int]] = {twin: [] for twin in twins}
         self.seqs: list[int] = []
+        #: Where to resume: the last event's seq, or before any, where the subscription
+        #: went live ("subscribed", "resync.required"), as docs/api.md tells clients. A
+        #: watcher that resumed live instead, cut off before its first event, missed what
+        #: was committed while it was away.
+        self.resume: int | None = None
         self.resyncs = 0
         self.connections = 0
         #: What each connection was answered, for the report of a failed run.
@@ -77,7 +82,7 @@ class Watcher:
                 "twins": self._twins,
                 "fields": "revision",
             }
-            since = self.seqs[-1] if self.seqs else None
+            since = self.resume
             if since is not None:
                 request["since"] = since
             await ws.send(json.dumps(request))
@@ -91,13 +96,17 @@ class Watcher:
         kind = message.get("type")
         if kind == "subscribed":
             self.log.append(f"{url}: since {since}: {message}")
+            if since is None:
+                self.resume = message["seq"]
             self.subscribed.set()
         elif kind == "event":
             self.seqs.append(message["seq"])
+            self.resume = message["seq"]
             event = message["event"]
             self.revisions[event["twinId"]].append(event["revision"])
         elif kind == "resync.required":
             self.resyncs += 1
+            self.resume = message["seq"]
             self.subscribed.set()
         elif kind == "error":
             self.log.append(f"{url}: since {since}: {message}")
@@ -130,11 +139,14 @@ class Watcher:
 
 
 class SseWatcher(Watcher):
-    """The same, as server-sent events (``GET /api/v1/stream/twins``, ``Last-Event-ID``)."""
+    """The same, as server-sent events (``GET /api/v1/stream/twins``, ``Last-Event-ID``),
+    resuming as an EventSource does: from the ``id:`` of the last event dispatched."""
+
+    _last_id: int | None = None
 
     async def _follow(self, url: str) -> None:
         headers = {"Authorization": f"Bearer {self._token}"}
-        since = self.seqs[-1] if self.seqs else None
+        since = self._last_id
         if since is not None:
             headers["Last-Event-ID"] = str(since)
         # Every twin of a chaos run is in its namespace.
@@ -152,16 +164,20 @@ class SseWatcher(Watcher):
                 body = (await response.aread()).decode(errors="replace")
                 self.log.append(f"{url}: since {since}: {response.status_code} {body[:200]}")
                 return
-            kind, data = "", ""
+            kind, data, event_id = "", "", None
             async for line in response.aiter_lines():
-                if line.startswith("event: "):
+                if line.startswith("id: "):
+                    event_id = int(line[4:])
+                elif line.startswith("event: "):
                     kind = line[7:]
                 elif line.startswith("data: "):
                     data = line[6:]
                 elif not line and data:
+                    if event_id is not None:  # an EventSource takes it as it dispatches
+                        self._last_id = event_id
                     if kind == "overflow":
                         self.log.append(f"{url}: since {since}: overflow {data}")
                         return
                     if not self._take(json.loads(data), url, since):
                         return
-                    kind, data = "", ""
+                    kind, data, event_id = "", "", None

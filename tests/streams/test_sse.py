@@ -173,3 +173,24 @@ def test_a_resync_carries_the_id_to_resume_from(tmp_path: Path) -> None:
         proc.stop()
     assert resync["event"] == "resync.required", resync
     assert int(resync["id"]) == resync["data"]["seq"] == 131
+
+
+def test_a_stream_that_starts_live_gives_its_start_as_an_id(service: ServiceProcess) -> None:
+    """An EventSource cut off before its first event comes back with the id of
+    ``subscribed``, and gets what was committed while it was away. Without that id it came
+    back live from a later point, and missed those (bench.chaos, a replica killed)."""
+    ns = f"org.sse{uuid.uuid4().hex[:8]}"
+    params = {"namespaces": ns}
+    with service.client() as api:
+        with api.stream("GET", "/api/v1/stream/twins", params=params, timeout=30) as stream:
+            (subscribed,) = read_events(stream, 1)
+        assert subscribed["event"] == "subscribed"
+        assert int(subscribed["id"]) == subscribed["data"]["seq"]
+        assert api.put(f"/api/v1/twins/{ns}:away", json={}).status_code == 201
+        headers = {"Last-Event-ID": subscribed["id"]}
+        with api.stream(
+            "GET", "/api/v1/stream/twins", params=params, headers=headers, timeout=30
+        ) as stream:
+            resumed, missed = read_events(stream, 2)
+    assert resumed["event"] == "subscribed" and "id" not in resumed  # the reader's id stays
+    assert missed["data"]["event"]["twinId"] == f"{ns}:away"

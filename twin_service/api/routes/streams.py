@@ -316,11 +316,19 @@ _COMMANDS: set[asyncio.Task[None]] = set()
 # -- Server-Sent Events ----------------------------------------------------------------------
 
 
-def _sse_message(item: Outgoing) -> str:
+def _sse_message(item: Outgoing, started_live: bool) -> str:
     # A resync's seq is where its subscription goes on live after the reader reloads: its
     # id, so that an EventSource cut off before the next event resumes from there, not
-    # again from before the journal's start (one more resync).
-    if item.advances_resume or (item.kind == "resync.required" and item.seq is not None):
+    # again from before the journal's start (one more resync). So is the seq of a stream
+    # that started live (no resume point): without it, an EventSource cut off before its
+    # first event came back live from a later point, and missed what was committed in
+    # between (bench.chaos, a replica killed). A resumed stream's "subscribed" has none:
+    # its seq is where the replay ends, and the reader's own Last-Event-ID stays right.
+    if (
+        item.advances_resume
+        or (item.kind == "resync.required" and item.seq is not None)
+        or (item.kind == "subscribed" and started_live and item.seq is not None)
+    ):
         return f"id: {item.seq}\nevent: {item.kind}\ndata: {item.text}\n\n"
     return f"event: {item.kind}\ndata: {item.text}\n\n"
 
@@ -387,7 +395,7 @@ async def sse(
                     return
                 # Everything queued in one chunk: one write and one turn of this loop for a
                 # burst, not one per event (a reader fell behind 500 events/s that way).
-                yield "".join(map(_sse_message, session.take_all()))
+                yield "".join(_sse_message(item, resume is None) for item in session.take_all())
         finally:
             session.close()
             replaying.cancel()
