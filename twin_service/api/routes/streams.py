@@ -171,15 +171,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         if principal is None:
             return
     stream = ctx.settings.stream
-    session = StreamSession(
-        ctx.hub,
-        ctx.store,
-        principal,
-        stream.queue_size,
-        stream.max_subscriptions,
-        stream.max_listed,
-        stream.queue_bytes,
-    )
+    session = _session(ctx, principal, stream.max_subscriptions)
     writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
     tasks: set[asyncio.Task[None]] = set()
     in_flight = asyncio.Semaphore(stream.max_in_flight)
@@ -212,6 +204,20 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await writer
+
+
+def _session(ctx: AppContext, principal: Principal, max_subscriptions: int = 1) -> StreamSession:
+    """A reader's stream session, with the limits of the ``stream`` settings."""
+    limits = ctx.settings.stream
+    return StreamSession(
+        ctx.hub,
+        ctx.store,
+        principal,
+        limits.queue_size,
+        max_subscriptions,
+        limits.max_listed,
+        limits.queue_bytes,
+    )
 
 
 async def _receive_text(websocket: WebSocket) -> str | None:
@@ -358,15 +364,7 @@ async def sse(
     if namespaces:
         message["namespaces"] = [n for n in namespaces.split(",") if n]
     subscription, _ = subscription_from(message)
-    limits = ctx.settings.stream
-    session = StreamSession(
-        ctx.hub,
-        ctx.store,
-        principal,
-        limits.queue_size,
-        max_listed=limits.max_listed,
-        queue_bytes=limits.queue_bytes,
-    )
+    session = _session(ctx, principal)
     try:
         # Answered before the response starts, so that a resume the store cannot serve now
         # is a 503 (with Retry-After, which an EventSource waits out), not a stream cut at
