@@ -702,6 +702,33 @@ def test_sequence_numbers_no_store_can_hold_are_a_400(
     assert response.json()["error"] == "request.invalid"
 
 
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        # Starlette decodes the escapes with replacement characters: these searched for
+        # U+FFFD and answered 200, and fields= selected a member no twin has.
+        ("/api/v1/search/twins", 'filter=eq(attributes/site,"%FF")'),
+        ("/api/v1/search/twins/count", 'filter=eq(attributes/site,"%C3")'),
+        ("/api/v1/twins/org.q:t", "fields=desired/%FF"),  # the hot route
+        ("/api/v1/twins/org.q:t/desired", "fields=a%E2%82"),  # a cut sequence
+        ("/api/v1/stream/twins", "namespaces=org.q%80"),
+    ],
+)
+def test_a_query_whose_escapes_are_not_utf8_is_a_400(
+    service: ServiceProcess, path: str, query: str
+) -> None:
+    with service.client() as api:
+        assert api.put("/api/v1/twins/org.q:t", json={"attributes": {"site": "\ufffd"}}).is_success
+        response = api.get(f"{path}?{query}")
+        assert response.status_code == 400, response.text
+        assert response.json()["message"] == "The query string is not valid percent-encoded UTF-8."
+        # Escapes of UTF-8 still decode (U+00E9, then U+FFFD itself).
+        for site in ("%C3%A9", "%EF%BF%BD"):
+            found = api.get(f'/api/v1/search/twins/count?filter=eq(attributes/site,"{site}")')
+            assert found.status_code == 200, found.text
+        assert found.json() == {"count": 1}
+
+
 @pytest.mark.parametrize("revision", [b"\xb2", b"9" * 5000])
 def test_an_etag_with_digits_int_refuses_is_not_ours(
     service: ServiceProcess, revision: bytes

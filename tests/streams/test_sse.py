@@ -67,6 +67,14 @@ def test_sse_stream_and_last_event_id_resume(service: ServiceProcess) -> None:
         ) as response:
             replayed = read_events(response, 3)
         assert [e["id"] for e in replayed[1:]] == [second["id"], third["id"]]
+        # An empty Last-Event-ID is none (it was a 400): `since` says where to start.
+        again_params = {**params, "since": first["id"]}
+        headers = {"Last-Event-ID": ""}
+        with api.stream(
+            "GET", "/api/v1/stream/twins", params=again_params, headers=headers, timeout=30
+        ) as response:
+            again = read_events(response, 3)
+        assert [e["id"] for e in again[1:]] == [second["id"], third["id"]]
         bad = api.get("/api/v1/stream/twins", headers={"Last-Event-ID": "abc"})
         assert bad.status_code == 400
         bad_rql = api.get("/api/v1/stream/twins", params={"filter": "eq(attributes/a"})

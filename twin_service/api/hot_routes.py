@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect, Request
@@ -24,7 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from twin_service.api.errors import disconnected_response, error_response, unexpected_response
 from twin_service.api.routes import twins
-from twin_service.errors import TwinServiceError, Unavailable
+from twin_service.errors import BadRequest, TwinServiceError, Unavailable
 from twin_service.metrics import RequestMetrics
 
 PREFIX = "/api/v1/twins/"
@@ -32,6 +33,8 @@ PREFIX = "/api/v1/twins/"
 HOT_ROUTE = "/api/v1/twins/{twin_id}"
 #: The route label of a request no route matched (a 404 or a request refused before routing).
 UNMATCHED = "unmatched"
+
+BAD_QUERY = BadRequest("The query string is not valid percent-encoded UTF-8.")
 
 Endpoint = Callable[[Request, str], Awaitable[Response]]
 ENDPOINTS: dict[str, Endpoint] = {"GET": twins.get_twin, "PATCH": twins.patch_twin}
@@ -56,6 +59,10 @@ class TwinApp(FastAPI):
             return
         start = time.perf_counter()
         try:
+            if not _query_is_utf8(scope["query_string"]):
+                await error_response(BAD_QUERY)(scope, receive, send)
+                self.requests.observe(scope["method"], UNMATCHED, 400, time.perf_counter() - start)
+                return
             if self.hot_routes and not self.root_path:
                 endpoint = ENDPOINTS.get(scope["method"])
                 path: str = scope["path"]
@@ -127,6 +134,19 @@ class TwinApp(FastAPI):
             response = unexpected_response(exc)
         await response(scope, receive, send)
         return response.status_code
+
+
+def _query_is_utf8(query: bytes) -> bool:
+    """Whether the query's percent-escapes spell UTF-8 (the HTTP parser already refuses
+    raw bytes beyond ASCII). Starlette decodes them with replacement characters: a filter
+    with ``%FF`` searched for U+FFFD, and answered 200."""
+    if b"%" not in query:
+        return True
+    try:
+        unquote_to_bytes(query).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _answer_stopping(scope: Scope, receive: Receive, send: Send) -> None:

@@ -356,7 +356,9 @@ async def sse(
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     resume = since
-    if last_event_id is not None:
+    # An EventSource sends none while its last event id is empty; an empty one from
+    # elsewhere (a proxy, a hand-written client) means the same.
+    if last_event_id is not None and last_event_id.strip():
         resume = ascii_integer(last_event_id.strip())
         if resume is None or resume > MAX_SEQ:
             raise BadRequest("Last-Event-ID must be a sequence number.")
