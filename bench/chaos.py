@@ -187,13 +187,9 @@ class Fleet:
         found: list[str] = []
         async with self.replicas[0].async_client() as api:
             for twin in self.twins:
-                response = await api.get(f"/api/v1/twins/{twin}/history")
-                response.raise_for_status()
                 seen: set[str] = set()
                 last_desired: dict[str, Any] = {}
-                for event in response.json()["items"]:
-                    if event["revision"] <= since[twin]:
-                        continue
+                for event in await _history(api, twin, since[twin] + 1):
                     if "desired" in event["changes"]:
                         last_desired = event
                         continue
@@ -248,6 +244,20 @@ class Fleet:
             if (json.loads(held) if held else None) != (want if doc["delta"] else None):
                 stale.append(f"{twin}: retained {held[:80]!r}, twin {want}")
         return stale
+
+
+async def _history(api: httpx.AsyncClient, twin: str, since: int) -> list[dict[str, Any]]:
+    """The twin's history from revision ``since`` on, every page of it."""
+    events: list[dict[str, Any]] = []
+    while True:
+        params = {"since": since, "limit": 1000}
+        response = await api.get(f"/api/v1/twins/{twin}/history", params=params)
+        response.raise_for_status()
+        page = response.json()
+        events += page["items"]
+        if "nextSince" not in page:
+            return events
+        since = page["nextSince"]
 
 
 async def _device(fleet: Fleet, twin: str) -> MqttClient:

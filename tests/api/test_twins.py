@@ -344,6 +344,59 @@ def test_an_etag_of_a_deleted_twin_never_matches_a_new_one(api: httpx.Client) ->
     assert len(api.get(f"{url}/history").json()["items"]) == 5
 
 
+def pages_of_history(api: httpx.Client, url: str, **params: int) -> list[httpx.Response]:
+    """Every page of a twin's history, following ``nextSince``."""
+    pages = [api.get(f"{url}/history", params=params)]
+    while "nextSince" in pages[-1].json():
+        assert len(pages) < 100, "history pages never ended"
+        pages.append(
+            api.get(f"{url}/history", params={**params, "since": pages[-1].json()["nextSince"]})
+        )
+    assert all(page.status_code == 200 for page in pages)
+    return pages
+
+
+def test_history_comes_a_page_at_a_time(api: httpx.Client) -> None:
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    put(api, twin_id, {})
+    for n in range(249):
+        assert api.put(f"{url}/reported/n", json=n).is_success
+    first = api.get(f"{url}/history").json()
+    assert [e["revision"] for e in first["items"]] == list(range(1, 101))
+    assert first["nextSince"] == 101
+    pages = pages_of_history(api, url, limit=60)
+    assert [len(page.json()["items"]) for page in pages] == [60, 60, 60, 60, 10]
+    revisions = [e["revision"] for page in pages for e in page.json()["items"]]
+    assert revisions == list(range(1, 251))
+    # The last page has no nextSince, even when it is full.
+    assert [len(page.json()["items"]) for page in pages_of_history(api, url, limit=125)] == [
+        125,
+        125,
+    ]
+    whole = api.get(f"{url}/history", params={"limit": 1000, "since": 11, "until": 20}).json()
+    assert [e["revision"] for e in whole["items"]] == list(range(11, 21))
+    assert "nextSince" not in whole
+    for limit in (0, 1001, -1):
+        refused = api.get(f"{url}/history", params={"limit": limit})
+        assert refused.status_code == 400, refused.text
+
+
+def test_a_history_page_stops_at_a_megabyte(api: httpx.Client) -> None:
+    """1,000 revisions of a 60 KB twin were one 60 MB response."""
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    for n in range(40):
+        assert put(api, twin_id, {"desired": {"blob": f"{n:02}" + "x" * 50_000}}).is_success
+    pages = pages_of_history(api, url, limit=1000)
+    sizes = [len(page.content) for page in pages]
+    # Each page ends with the event that takes it past 1 MiB: 21 of about 50 KB.
+    assert [len(page.json()["items"]) for page in pages] == [21, 19]
+    assert max(sizes) < (1 << 20) + 60_000
+    blobs = [e["changes"]["desired"]["blob"][:2] for p in pages for e in p.json()["items"]]
+    assert blobs == [f"{n:02}" for n in range(40)]
+
+
 def test_history_of_an_id_that_never_had_a_twin_is_404(api: httpx.Client) -> None:
     response = api.get(f"/api/v1/twins/{new_id()}/history")
     assert response.status_code == 404
@@ -389,6 +442,11 @@ def _history_of_a_legacy_recreation(service: ServiceProcess, api: httpx.Client) 
     for since in (0, 1):
         history = api.get(f"{url}/history", params={"since": since}).json()["items"]
         assert [(e["revision"], e["action"]) for e in history] == [(1, "created"), (2, "modified")]
+    pages = [page.json()["items"] for page in pages_of_history(api, url, limit=1)]
+    assert [[(e["revision"], e["action"]) for e in page] for page in pages] == [
+        [(1, "created")],
+        [(2, "modified")],
+    ]
     assert api.get(f"{url}/history", params={"since": 3}).json()["items"] == []
 
 

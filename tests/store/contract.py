@@ -270,6 +270,39 @@ class StoreContract:
         assert await store.privates_at(tid, [9]) == {}
         assert await store.privates_at("org.acme:no", [1]) == {}
 
+    async def test_history_takes_a_limit_and_leaves_out_an_earlier_lifetime(
+        self, store_factory: StoreFactory
+    ) -> None:
+        store = await store_factory()
+        tid = "org.acme:pages"
+        twin = None
+        for i in range(6):
+            await store.write(change(twin, tid, {"reported": {"n": i}}))
+            twin = await store.get(tid)
+        assert [e.event.revision for e in await store.history(tid, 1, None, 2)] == [1, 2]
+        assert [e.event.revision for e in await store.history(tid, 3, 5, 10)] == [3, 4, 5]
+        assert [e.event.revision for e in await store.history(tid, 5, None, 1)] == [5]
+        assert twin is not None
+        # A twin created again in a database from before tombstones starts again at 1:
+        # its history, limited or not, holds none of the earlier twin's events.
+        await store.write(deletion(twin))
+        await forget_tombstone(store, tid)
+        twin = None
+        for i in range(3):
+            await store.write(change(twin, tid, {"desired": {"n": i}}))
+            twin = await store.get(tid)
+        whole = await store.history(tid, 0, None)
+        assert [(e.event.revision, e.event.action) for e in whole] == [
+            (1, "created"),
+            (2, "modified"),
+            (3, "modified"),
+        ]
+        assert all("desired" in e.event.changes for e in whole)
+        assert [e.event.revision for e in await store.history(tid, 2, None, 1)] == [2]
+        assert await store.history(tid, 4, None, 5) == []
+        at2 = await store.twin_at(tid, 2)
+        assert at2 is not None and at2.desired == {"n": 1}
+
     async def test_delete_and_recreate_continues_revisions(
         self, store_factory: StoreFactory
     ) -> None:

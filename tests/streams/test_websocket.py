@@ -354,7 +354,8 @@ def test_resume_after_disconnect_during_burst(service: ServiceProcess) -> None:
         async with service.async_client() as api:
             revisions = 0
             for t in range(20):
-                history = (await api.get(f"/api/v1/twins/{ns}:t{t}/history")).json()["items"]
+                url = f"/api/v1/twins/{ns}:t{t}/history"
+                history = (await api.get(url, params={"limit": 1000})).json()["items"]
                 revisions += len(history)
         # 20 creations before the subscription + the writes it saw.
         assert revisions == total + 20

@@ -161,8 +161,13 @@ class TwinStore(Protocol):
         Only that part: most of a stored twin is not needed there, and the device handlers
         read this for every report the broker sends again (see ``DeviceHandlers``)."""
 
-    async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
-        """Journaled events of one twin with since <= revision <= until, oldest first."""
+    async def history(
+        self, twin_id: str, since: int, until: int | None, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """The first ``limit`` (all when None) journaled events of one twin with
+        since <= revision <= until, oldest first. Revisions of an id go on across deletions,
+        but a twin created again in a database from before tombstones started again at 1:
+        events from before the id's latest revision 1 are left out."""
 
     async def pruned_seq(self) -> int:
         """The highest sequence number ever removed from the journal (0: nothing removed).

@@ -342,9 +342,11 @@ class MongoStore:
             raise _failure("The twin store failed to read the journal", exc) from exc
         return events
 
-    async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
+    async def history(
+        self, twin_id: str, since: int, until: int | None, limit: int | None = None
+    ) -> list[StoredEvent]:
         try:
-            return await self._journal.history(twin_id, since, until)
+            return await self._journal.history(twin_id, since, until, limit)
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to read the journal", exc) from exc
 

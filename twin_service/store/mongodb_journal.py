@@ -338,14 +338,31 @@ class Journal:
                     helped += 1
         return helped
 
-    async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
-        """Journaled and still pending events of one twin in a revision range, by seq."""
+    async def history(
+        self, twin_id: str, since: int, until: int | None, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """Journaled and still pending events of one twin in a revision range, by seq, from
+        the id's latest revision 1 on (see ``TwinStore.history``)."""
+        holder = await self._twins.find_one({"_id": twin_id}, {"ev": 1})
+        pending = [Pending.parse(token) for token in (holder or {}).get("ev", [])]
+        creations = [event.seq for event in pending if event.revision == 1]
+        creation = await self._events.find_one({"t": twin_id, "r": 1}, {"o": 1}, sort=[("o", -1)])
+        if creation is not None:
+            creations.append(int(creation["o"]))
+        start = max(creations, default=0)
         revisions: dict[str, int] = {"$gte": since}
         if until is not None:
             revisions["$lte"] = until
-        return await self._events_of(
-            twin_id, revisions, lambda r: since <= r and (until is None or r <= until)
-        )
+        found = self._events.find({"t": twin_id, "r": revisions, "o": {"$gte": start}})
+        journaled = await found.sort("o", 1).limit(limit or 0).to_list()
+        events = {int(doc["o"]): stored_event(doc) for doc in journaled}
+        for event in pending:
+            wanted = since <= event.revision and (until is None or event.revision <= until)
+            if wanted and event.seq >= start and event.seq not in events:
+                events[event.seq] = event.stored()
+        # The first `limit` of journaled and pending together: any of them is either
+        # pending or among the first `limit` journaled.
+        return sorted(events.values(), key=lambda stored: stored.seq)[:limit]
 
     async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
         """The twin right after ``revision`` (the latest lifetime's), journaled or pending."""

@@ -373,12 +373,16 @@ class SqliteStore:
         result: list[StoredEvent] = await self._read(run)
         return result
 
-    async def history(self, twin_id: str, since: int, until: int | None) -> list[StoredEvent]:
+    async def history(
+        self, twin_id: str, since: int, until: int | None, limit: int | None = None
+    ) -> list[StoredEvent]:
         def run() -> list[StoredEvent]:
             rows = self._reader().execute(
                 "SELECT seq, event FROM events WHERE twin_id = ? AND revision >= ? "
-                "AND revision <= ? ORDER BY seq",
-                (twin_id, since, until if until is not None else 2**62),
+                "AND revision <= ? AND seq >= (SELECT IFNULL(MAX(seq), 0) FROM events "
+                "WHERE twin_id = ? AND revision = 1) ORDER BY seq LIMIT ?",
+                # LIMIT -1: no limit
+                (twin_id, since, 2**62 if until is None else until, twin_id, limit or -1),
             )
             return [StoredEvent(s, ChangeEvent.from_json(json.loads(e))) for s, e in rows]
 

@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from search.rql.parser import parse_filter
 from twin_service.api.context import AppContext
 from twin_service.api.deps import Context, Reader, TwinId, context
-from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import errors
 from twin_service.auth import Principal
 from twin_service.commands import run_command
@@ -33,14 +32,14 @@ from twin_service.errors import (
     Unauthorized,
     Unavailable,
 )
-from twin_service.store.base import MAX_SEQ
+from twin_service.store.base import MAX_SEQ, TwinStore
 from twin_service.streams.direct_ws import pump_websocket
 from twin_service.streams.messages import Outgoing
 from twin_service.streams.session import StreamSession
 from twin_service.streams.subscription import Subscription, validate_id
 from twin_service.twin.fields import parse_fields
 from twin_service.twin.ids import parse_twin_id
-from twin_service.twin.jsonvalue import dumps, loads_strict
+from twin_service.twin.jsonvalue import dumps, dumps_bytes, loads_strict
 from twin_service.types import JSONObject
 
 log = logging.getLogger(__name__)
@@ -60,10 +59,20 @@ SSE_KEEPALIVE = 15.0
 # -- history ---------------------------------------------------------------------------------
 
 
+#: Events in a history page when the request names no ``limit``, and the most it may name.
+HISTORY_LIMIT = 100
+HISTORY_MAX_LIMIT = 1000
+#: A history page ends after the event that takes its events past this many bytes of JSON:
+#: 1,000 revisions of a 60 KB twin were one 60 MB response.
+HISTORY_PAGE_BYTES = 1 << 20
+#: Events read from the store at a time while a page fills.
+HISTORY_READ = 100
+
+
 @router.get(
     "/twins/{twin_id}/history",
     responses=errors(404, 410),
-    summary="Retained change events of one twin (since <= revision <= until)",
+    summary="Retained change events of one twin (since <= revision <= until), a page at a time",
 )
 async def history(
     ctx: Context,
@@ -71,10 +80,15 @@ async def history(
     twin_id: TwinId,
     since: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     until: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
+    limit: Annotated[int, Query(ge=1, le=HISTORY_MAX_LIMIT)] = HISTORY_LIMIT,
 ) -> Any:
     principal.check_namespace(parse_twin_id(twin_id)[0])
-    events = await ctx.store.history(twin_id, since, until)
     current = await ctx.store.get(twin_id)
+    if current is not None:
+        # One consistent page: nothing after the revision read (nor, in a database from
+        # before tombstones, later revisions of an earlier twin of the id).
+        until = current.revision if until is None else min(until, current.revision)
+    events, more = await _history_page(ctx.store, twin_id, since, until, limit)
     if not events and current is None:
         # A tombstone tells a twin whose whole history aged out from one that never was.
         gone = await ctx.store.tombstone(twin_id)
@@ -85,29 +99,41 @@ async def history(
             "its history is no longer retained.",
             extra={"deletedRevision": gone.revision},
         )
-    items = _current_lineage(events)
-    if current is not None:  # nor later revisions of an earlier twin (same legacy case)
-        items = [item for item in items if item["revision"] <= current.revision]
     # Revisions of an id are contiguous (a twin created again goes on from its deletion),
     # so the journal covers `since` only if its oldest retained event is at it (or is the
     # first creation of the id).
-    if items and since > 0 and items[0]["revision"] > max(since, 1):
-        first = items[0]
+    if events and since > 0 and events[0][0] > max(since, 1):
+        oldest = events[0][0]
         raise Gone(
-            f"History of {twin_id} before revision {first['revision']} is no longer retained.",
-            extra={"oldestRevision": first["revision"]},
+            f"History of {twin_id} before revision {oldest} is no longer retained.",
+            extra={"oldestRevision": oldest},
         )
-    return json_response({"items": items})
+    items = b",".join(encoded for _, encoded in events)
+    tail = b',"nextSince":%d' % (events[-1][0] + 1) if more else b""
+    return Response(b'{"items":[' + items + b"]" + tail + b"}", media_type="application/json")
 
 
-def _current_lineage(events: list[Any]) -> list[JSONObject]:
-    """The events (in journal order) since revisions last started again at 1: a twin
-    deleted before there were tombstones had its revisions reused by the next one."""
-    items = [{"seq": e.seq, **e.event.to_json()} for e in events]
-    for index in range(len(items) - 1, 0, -1):
-        if items[index]["revision"] <= items[index - 1]["revision"]:
-            return items[index:]
-    return items
+async def _history_page(
+    store: TwinStore, twin_id: str, since: int, until: int | None, limit: int
+) -> tuple[list[tuple[int, bytes]], bool]:
+    """At most ``limit`` events (revision, JSON) from revision ``since`` on, fewer when
+    they pass ``HISTORY_PAGE_BYTES`` (at least one), and whether more follow. Read a few
+    at a time, so that a page of small events reads no more than it holds and one of
+    large events no more than about its bytes."""
+    page: list[tuple[int, bytes]] = []
+    size = 0
+    while True:
+        want = min(HISTORY_READ, limit - len(page))
+        chunk = await store.history(twin_id, since, until, want + 1)
+        for index, stored in enumerate(chunk[:want]):
+            encoded = dumps_bytes({"seq": stored.seq, **stored.event.to_json()})
+            page.append((stored.event.revision, encoded))
+            size += len(encoded)
+            if size >= HISTORY_PAGE_BYTES:
+                return page, index + 1 < len(chunk)
+        if len(chunk) <= want or len(page) == limit:
+            return page, len(chunk) > want
+        since = page[-1][0] + 1
 
 
 # -- WebSocket -------------------------------------------------------------------------------
