@@ -76,6 +76,13 @@ METRICS = (
         ("streams", "subscriptions"),
     ),
     Metric(
+        "twin_service_stream_queued_bytes",
+        "gauge",
+        "Bytes of messages queued for this process's change-stream readers "
+        "(bounded by stream.total_queue_bytes).",
+        ("streams", "queuedBytes"),
+    ),
+    Metric(
         "twin_service_stream_position",
         "gauge",
         "Sequence number of the last journal event offered to this process's subscribers.",

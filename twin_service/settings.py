@@ -284,6 +284,12 @@ class StreamSettings(BaseModel):
         description="Bytes of messages buffered per WebSocket/SSE client before it is cut "
         "(whichever of queue_size and this comes first).",
     )
+    total_queue_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes of messages buffered for all WebSocket/SSE clients of one process: "
+        "past it, each client that is behind is cut (as past queue_bytes).",
+    )
     max_subscriptions: int = Field(
         100, ge=1, description="Subscriptions one WebSocket connection may hold at once."
     )

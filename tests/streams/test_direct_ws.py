@@ -16,6 +16,7 @@ from twin_service.streams.direct_ws import (
     supports_direct_writes,
     text_frame_header,
 )
+from twin_service.streams.hub import QueueBudget
 from twin_service.streams.session import StreamSession
 
 
@@ -52,6 +53,8 @@ class FakeOutput:
 
 
 class FakeHub:
+    queued = QueueBudget(2**62)
+
     def register(self, receiver: object, subscription: object) -> int:
         return 0
 

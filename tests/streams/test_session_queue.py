@@ -209,3 +209,70 @@ async def test_a_replay_of_large_events_is_paced_by_bytes(tmp_path: Path) -> Non
             replayed += taken(session)
         subscribing.result()
         assert [m["seq"] for m in replayed] == list(range(1, 21))
+
+
+async def test_readers_behind_are_cut_once_all_readers_hold_the_process_bound(
+    tmp_path: Path,
+) -> None:
+    """Each reader bounded alone (``queue_bytes``), a hundred slow readers held 800 MB.
+    With the process's bound reached, a reader that is behind is cut when its next event
+    comes, and what it held is let go; a reader that keeps up goes on."""
+    async with journal(tmp_path, 0) as (store, hub):
+        budget = hub.queued
+        budget.limit = 140_000  # four messages of 30.7 KB, not five
+        slow = [admin_session(hub, store, 1000) for _ in range(2)]
+        keeping_up = admin_session(hub, store, 1000)
+        for session in [*slow, keeping_up]:
+            await session.subscribe(Subscription(id="live"), since=None)
+            taken(session)
+        cut = []
+        for n in range(1, 6):
+            await big_changes(store, hub, 1)
+            assert [m["seq"] for m in taken(keeping_up)] == [n]
+            assert budget.used <= budget.limit
+            cut.append(sum(session.overflowed for session in slow))
+        # The first slow reader is cut at the third event (five held otherwise), which
+        # lets the second one hold two more.
+        assert cut == [0, 0, 1, 1, 2]
+        assert not keeping_up.overflowed and budget.used == 0
+        # Readers that leave give back what they held.
+        late = admin_session(hub, store, 1000)
+        await late.subscribe(Subscription(id="live"), since=None)
+        await big_changes(store, hub, 1)
+        assert budget.used > 60_000
+        late.close()
+        keeping_up.close()
+        assert budget.used == 0
+
+
+async def test_a_replay_waits_while_the_process_bound_is_three_quarters_used(
+    tmp_path: Path,
+) -> None:
+    """Replays are paced by the process's bound too: filled, it would leave the live
+    events of readers that keep up nothing but cuts."""
+    async with journal(tmp_path, 0) as (store, hub):
+        await big_changes(store, hub, 10)
+        budget = hub.queued
+        budget.limit = 400_000
+        stuck = admin_session(hub, store, 1000)
+        await stuck.subscribe(Subscription(id="live"), since=None)
+        await big_changes(store, hub, 10)  # 10 x 31 KB that nobody reads
+        held = budget.used
+        assert 300_000 < held < 400_000
+        resumed = admin_session(hub, store, 1000)
+        replay = asyncio.create_task(resumed.subscribe(Subscription(id="s"), since=0))
+        await asyncio.sleep(0.3)
+        assert not replay.done()
+        assert [m["type"] for m in taken(resumed)] == ["subscribed"]
+        for _ in range(2):  # one message at a time while it waits
+            await asyncio.sleep(0.1)
+            assert [m["type"] for m in taken(resumed)] == ["event"]
+        assert not replay.done()
+        stuck.close()  # room again: the replay runs to its end
+        replayed = 2
+        while not replay.done():
+            await asyncio.sleep(0.01)
+            replayed += len([m for m in taken(resumed) if m["type"] == "event"])
+        replay.result()
+        replayed += len([m for m in taken(resumed) if m["type"] == "event"])
+        assert replayed == 20 and not resumed.overflowed

@@ -136,9 +136,45 @@ def test_a_reader_that_leaves_during_its_replay_is_let_go(tmp_path: Path) -> Non
         proc.stop()
 
 
+def test_a_reader_behind_is_cut_at_the_process_bound_before_its_own(tmp_path: Path) -> None:
+    """``stream.total_queue_bytes`` bounds what all readers of a process hold: a reader
+    that does not read is cut once the process's readers hold it, though its own bound
+    (``queue_bytes``, 64 MiB here) is far off."""
+    env = {
+        "TWIN_STREAM__TOTAL_QUEUE_BYTES": str(1 << 20),
+        "TWIN_STREAM__QUEUE_BYTES": str(64 << 20),
+    }
+    proc = ServiceProcess(tmp_path, env=env).start()
+    try:
+        with proc.client() as api, socket.create_connection(("127.0.0.1", proc.port)) as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.sendall(
+                b"GET /api/v1/stream/twins HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {ADMIN_TOKEN}\r\n\r\n".encode()
+            )
+            assert reader.recv(200).startswith(b"HTTP/1.1 200")
+            held = []
+            for n in range(100):  # about 6 MB of events, a few of them in socket buffers
+                body = {"desired": {"blob": f"{n}" + "x" * 20_000}}
+                assert api.put("/api/v1/twins/org.sse:bound", json=body).is_success
+                held.append(_streams(api)["queuedBytes"])
+            # It was cut, what it held let go, and its subscription too (the overflow
+            # event waits in vain for room in its socket).
+            assert 900_000 < max(held) <= 1 << 20, held
+            assert held[-1] == 0 and _subscriptions(api) == 0
+    finally:
+        proc.stop()
+
+
 def _subscriptions(api: httpx.Client) -> int:
-    count: int = api.get("/ready").json()["checks"]["streams"]["subscriptions"]
+    count: int = _streams(api)["subscriptions"]
     return count
+
+
+def _streams(api: httpx.Client) -> dict[str, Any]:
+    """The ``streams`` check of ``/ready``."""
+    check: dict[str, Any] = api.get("/ready").json()["checks"]["streams"]
+    return check
 
 
 def test_events_queued_together_go_out_in_one_chunk(service: ServiceProcess) -> None:

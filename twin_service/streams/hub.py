@@ -96,9 +96,27 @@ def document_after(stored: StoredEvent) -> JSONObject | None:
     return state.to_document() if state is not None else None
 
 
+class QueueBudget:
+    """The bytes queued for the stream readers of one process, against a bound
+    (``stream.total_queue_bytes``). Each reader's own bound (``queue_bytes``) let a hundred
+    slow readers hold 800 MB, most of the manifests' 1 GiB."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def tight(self) -> bool:
+        """Whether a replay should wait: three quarters used, the rest kept for live events."""
+        return self.used >= self.limit * 3 // 4
+
+
 class EventHub:
-    def __init__(self, store: TwinStore, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self, store: TwinStore, poll_interval: float = 1.0, queued_limit: int = 2**62
+    ) -> None:
         self._store = store
+        #: Bytes queued for the readers it serves (``StreamSession``), against their bound.
+        self.queued = QueueBudget(queued_limit)
         self._poll_interval = poll_interval
         self._index: SubscriptionIndex[Receiver] = SubscriptionIndex()
         self._wake = asyncio.Event()
@@ -160,6 +178,7 @@ class EventHub:
             "status": "down" if self._failing else "up",
             "subscriptions": self.subscriptions,
             "position": self.position,
+            "queuedBytes": self.queued.used,
         }
         if self._failing:
             out["error"] = self._failing

@@ -109,6 +109,8 @@ class StreamSession:
         self._queue_bytes = queue_bytes
         #: Characters of the messages queued (the JSON is ASCII but for non-ASCII text).
         self._outbox_bytes = 0
+        #: What all readers of the process hold (the hub serves them all).
+        self._budget = hub.queued
         self._max_subscriptions = max_subscriptions
         self._max_listed = max_listed
         self._outbox: deque[Outgoing] = deque()
@@ -129,6 +131,8 @@ class StreamSession:
 
     def close(self) -> None:
         self._closed = True
+        self._count(-self._outbox_bytes)
+        self._outbox.clear()
         for active in self._subs.values():
             self._hub.unregister(active)
         self._subs.clear()
@@ -149,21 +153,36 @@ class StreamSession:
             # Counted alone, a thousand messages of a 64 KiB twin (and its changes) held
             # 130 MB per reader that did not read: a few such readers, and the service ran
             # out of memory. A message always fits an empty queue.
-            self._outbox and self._outbox_bytes + size > self._queue_bytes
+            self._outbox
+            and (
+                self._outbox_bytes + size > self._queue_bytes
+                # Of all readers, those behind are cut when the process's bound is reached.
+                or self._budget.used + size > self._budget.limit
+            )
         ):
             self._cut_off()
             return False
         self._outbox.append(item)
-        self._outbox_bytes += size
+        self._count(size)
         self._queued += 1
         return True
+
+    def _count(self, size: int) -> None:
+        """Count ``size`` more (or fewer, when negative) bytes queued, here and process-wide."""
+        self._outbox_bytes += size
+        self._budget.used += size
 
     def _cut_off(self) -> None:
         """End the reader's stream: its writer sends where to resume (``delivered_seq``)
         and closes; nothing queued is sent any more."""
         self.overflowed = True
         self._outbox.clear()
-        self._outbox_bytes = 0
+        self._count(-self._outbox_bytes)
+        # Filed no longer: the hub offered every event to a reader that did not read until
+        # it went (an SSE writer waits for room in the socket to send the overflow).
+        # Their marks stay, for the resume hint.
+        for active in self._subs.values():
+            self._hub.unregister(active)
         self._ready.set()
 
     def flush(self) -> None:
@@ -182,7 +201,7 @@ class StreamSession:
     def take_all(self) -> deque[Outgoing]:
         """Hand over every queued message at once (a reader that writes them together)."""
         items, self._outbox = self._outbox, deque()
-        self._outbox_bytes = 0
+        self._count(-self._outbox_bytes)
         self._handed += len(items)
         for item in reversed(items):
             if item.advances_resume and item.seq is not None:
@@ -209,7 +228,7 @@ class StreamSession:
         if self.overflowed:
             return None
         item = self._outbox.popleft()
-        self._outbox_bytes -= len(item.text)
+        self._count(-len(item.text))
         self._handed += 1
         if item.advances_resume and item.seq is not None:
             self.delivered_seq = max(self.delivered_seq, item.seq)
@@ -325,10 +344,14 @@ class StreamSession:
 
         A replay fills at most half the queue, in messages and in bytes: the rest is for
         the live events of the connection's other subscriptions and for replies. Filled
-        whole, the next of those cut off a reader that only the replay had put behind."""
+        whole, the next of those cut off a reader that only the replay had put behind.
+        Replays wait as well while the process's readers hold three quarters of
+        ``stream.total_queue_bytes`` (one message at a time still goes to a reader that
+        keeps up), so that live events, not a replay, reach the bound."""
         while self._outbox and (
             len(self._outbox) >= self._queue_size // 2
             or self._outbox_bytes >= self._queue_bytes // 2
+            or self._budget.tight()
         ):
             self._check_reader(active)
             await asyncio.sleep(_ROOM_POLL_SECONDS)
