@@ -256,8 +256,8 @@ class StreamSession:
                 f"the connection's others {listed}: stream.max_listed allows "
                 f"{self._max_listed} in all. Subscribe by namespace or filter instead.",
             )
-        if self._closed:
-            return  # a late message of a closed connection: filing it would leak
+        if self._closed or self.overflowed:
+            return  # a late message of a closed or cut-off connection: filing it would leak
         active = _Active(self, subscription, replaying=since is not None)
         self._subs[subscription.id] = active
         position = self._hub.register(active, subscription)
