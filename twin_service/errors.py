@@ -150,6 +150,11 @@ class PayloadTooLarge(TwinServiceError):
     default_code = "twin.toolarge"
 
 
+class HeadTooLarge(TwinServiceError):
+    status = 431
+    default_code = "request.head.toolarge"
+
+
 class UnsupportedMediaType(TwinServiceError):
     status = 415
     default_code = "request.mediatype"

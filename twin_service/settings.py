@@ -45,6 +45,12 @@ class LimitsSettings(BaseModel):
     max_request_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest HTTP request body or WebSocket message accepted."
     )
+    max_head_bytes: int = Field(
+        64 * 1024,
+        ge=8 * 1024,
+        description="Largest HTTP request line and headers accepted (WebSocket handshakes "
+        "too); a larger head is refused with 431 and the connection closed.",
+    )
 
     def to_limits(self) -> Limits:
         return Limits(

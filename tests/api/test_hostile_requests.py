@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import select
 import socket
 import string
 import uuid
@@ -322,3 +323,72 @@ def test_requests_the_http_parser_refuses_get_the_json_error_body(
     # And the service goes on serving.
     with service.client() as api:
         assert api.get("/health").status_code == 200
+
+
+_UPGRADE = (
+    b"GET /api/v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+def _dripped_exchange(service: ServiceProcess, head: bytes, piece: bytes, most: int) -> bytes:
+    """Send ``head``, then ``piece`` again and again (up to ``most`` bytes) until the
+    service answers; its answer. Sent whole, a large request could be reset by the
+    service's close before its answer was read."""
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        sent = 0
+        while sent < most and not select.select([sock], [], [], 0.001)[0]:
+            sock.sendall(piece)
+            sent += len(piece)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _json_error(answer: bytes) -> tuple[str, dict[str, Any]]:
+    """The status line and the JSON error body of an answer the service closed after."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert headers["content-type"] == "application/json", answer
+    assert headers["connection"] == "close" and int(headers["content-length"]) == len(body)
+    return lines[0], json.loads(body)
+
+
+def test_a_request_head_past_the_bound_is_a_431(service: ServiceProcess) -> None:
+    """Neither uvicorn nor its parser bounds the headers: a 10 MB header, or 200,000 small
+    ones, were read whole and answered 200."""
+    too_large = "HTTP/1.1 431 Request Header Fields Too Large"
+    heads = [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 10_000 + b"\r\n",
+        _UPGRADE + b"X-A: " + b"a" * 70_000 + b"\r\n\r\n",
+    ]
+    answers = [_raw_exchange(service, head) for head in heads]
+    # One header that never ends: refused while it is still being read.
+    start = b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: "
+    answers.append(_dripped_exchange(service, start, b"a" * 4096, 10_000_000))
+    for answer in answers:
+        status, error = _json_error(answer)
+        assert status == too_large, answer[:300]
+        assert (error["status"], error["error"]) == (431, "request.head.toolarge"), error
+        assert "limits.max_head_bytes (65536 bytes)" in error["message"], error
+    # Under the bound, all is as before.
+    with service.client() as api:
+        assert api.get("/health", headers={"X-A": "a" * 60_000}).status_code == 200
+
+
+def test_the_bound_on_a_request_head_is_a_setting(tmp_path: Path) -> None:
+    proc = ServiceProcess(tmp_path, env={"TWIN_LIMITS__MAX_HEAD_BYTES": "16384"}).start()
+    try:
+        status, error = _json_error(
+            _raw_exchange(proc, b"GET /health HTTP/1.1\r\nX-A: " + b"a" * 20_000 + b"\r\n\r\n")
+        )
+        assert status.startswith("HTTP/1.1 431") and "(16384 bytes)" in error["message"]
+        with proc.client() as api:
+            assert api.get("/health", headers={"X-A": "a" * 15_000}).status_code == 200
+    finally:
+        proc.stop()
