@@ -92,7 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        http=JsonErrorHttpProtocol.bounded(settings.limits.max_head_bytes),
+        http=JsonErrorHttpProtocol.bounded(
+            settings.limits.max_head_bytes, settings.limits.read_timeout_seconds
+        ),
         ws=DirectWebSocketProtocol,
         ws_per_message_deflate=settings.stream.websocket_deflate,
         # uvicorn's default is 16 MiB: a message is parsed whole, so the REST body limit

@@ -150,6 +150,11 @@ class PayloadTooLarge(TwinServiceError):
     default_code = "twin.toolarge"
 
 
+class RequestTimeout(TwinServiceError):
+    status = 408
+    default_code = "request.timeout"
+
+
 class HeadTooLarge(TwinServiceError):
     status = 431
     default_code = "request.head.toolarge"

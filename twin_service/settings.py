@@ -51,6 +51,14 @@ class LimitsSettings(BaseModel):
         description="Largest HTTP request line and headers accepted (WebSocket handshakes "
         "too); a larger head is refused with 431 and the connection closed.",
     )
+    read_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest an HTTP request line and headers may take to arrive (from the "
+        "connection's start, or a kept-alive connection's next request), and longest a "
+        "request body may pause: then 408 and the connection closed.",
+    )
 
     def to_limits(self) -> Limits:
         return Limits(

@@ -14,6 +14,7 @@ import random
 import select
 import socket
 import string
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from tests.hostile_json import JsonValues
-from tests.service_process import ServiceProcess
+from tests.service_process import ADMIN_TOKEN, ServiceProcess
 from twin_service.api.app import create_app
 from twin_service.settings import load_settings
 
@@ -390,5 +391,70 @@ def test_the_bound_on_a_request_head_is_a_setting(tmp_path: Path) -> None:
         assert status.startswith("HTTP/1.1 431") and "(16384 bytes)" in error["message"]
         with proc.client() as api:
             assert api.get("/health", headers={"X-A": "a" * 15_000}).status_code == 200
+    finally:
+        proc.stop()
+
+
+def _answer(sock: socket.socket) -> tuple[str, bytes]:
+    """The status line and body of the next response on ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed without an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = int(dict(line.lower().split(": ", 1) for line in lines[1:])["content-length"])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return lines[0], body
+
+
+def test_a_request_that_stops_arriving_is_a_408(tmp_path: Path) -> None:
+    """uvicorn waited for good for a connection that sent nothing, a head sent a piece at a
+    time, or a body that stopped half-way: a few thousand such, and the process had no
+    descriptors left. A head must arrive within limits.read_timeout_seconds (1 s here);
+    a body may take longer, but may not pause that long."""
+    proc = ServiceProcess(tmp_path, env={"TWIN_LIMITS__READ_TIMEOUT_SECONDS": "1"}).start()
+    host, port = proc.url.removeprefix("http://").split(":")
+    auth = f"Authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
+
+    def connect() -> socket.socket:
+        return socket.create_connection((host, int(port)), timeout=10)
+
+    put = b"PUT /api/v1/twins/org.slow:t HTTP/1.1\r\nHost: x\r\n" + auth
+    body = b'{"desired": {"a": 1}}'
+    put += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    try:
+        head = "The request line and headers did not arrive within"
+        with connect() as idle:
+            status, error = _answer(idle)
+        assert status == "HTTP/1.1 408 Request Timeout"
+        assert json.loads(error)["message"].startswith(head), error
+        with connect() as trickle:
+            for piece in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: b\r\n"):
+                trickle.sendall(piece)
+                time.sleep(0.4)
+            status, error = _answer(trickle)
+        assert status == "HTTP/1.1 408 Request Timeout" and head in error.decode()
+        with connect() as stalled:
+            stalled.sendall(put + body[:5])
+            status, error = _answer(stalled)
+        assert status == "HTTP/1.1 408 Request Timeout"
+        assert json.loads(error)["error"] == "request.timeout"
+        assert "body paused" in json.loads(error)["message"], error
+        with proc.client() as api:
+            assert api.get("/api/v1/twins/org.slow:t").status_code == 404
+        # A body that keeps coming may take longer than the timeout in all, and a
+        # kept-alive connection may wait between requests as long as uvicorn lets it.
+        with connect() as steady:
+            steady.sendall(put)
+            for at in range(0, len(body), 4):
+                steady.sendall(body[at : at + 4])
+                time.sleep(0.3)
+            assert _answer(steady)[0] == "HTTP/1.1 201 Created"
+            time.sleep(0.8)
+            steady.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _answer(steady)[0] == "HTTP/1.1 200 OK"
     finally:
         proc.stop()

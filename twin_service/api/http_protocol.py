@@ -1,5 +1,5 @@
 """uvicorn's HTTP protocol with the service's JSON error body for requests it cannot parse,
-and a bound on the size of a request's head.
+and bounds on the size of a request's head and the time a request takes to arrive.
 
 A request line or header that the HTTP parser refuses never reaches the application, so
 uvicorn answers it itself: 400 with a plain-text body. Clients of this API read one JSON
@@ -8,11 +8,21 @@ error shape (twin_service.api.errors); this gives them that shape there too.
 Neither uvicorn nor the parser bounds the headers: a 10 MB header, or 200,000 small ones,
 were read whole and answered. A head larger than ``limits.max_head_bytes`` is answered 431
 and the connection closed, WebSocket handshakes included.
+
+Nor does uvicorn bound the time a request takes to arrive: a connection that sent nothing,
+a header a byte at a time, or a body that stopped half-way was held for good (a few
+thousand such, and the process has no descriptors left). A head must be complete
+``limits.read_timeout_seconds`` after the connection opened (or, on a kept-alive one, after
+its next request began), and a body may not pause longer than that: else 408 and the
+connection closed.
 """
 
 from __future__ import annotations
 
-from twin_service.errors import BadRequest, HeadTooLarge, TwinServiceError
+import asyncio
+import enum
+
+from twin_service.errors import BadRequest, HeadTooLarge, RequestTimeout, TwinServiceError
 from twin_service.twin.jsonvalue import dumps_bytes
 
 try:  # what uvicorn's "auto" picks: httptools when installed, else h11
@@ -20,30 +30,102 @@ try:  # what uvicorn's "auto" picks: httptools when installed, else h11
 except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Base  # type: ignore[assignment]
 
-_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 class _HeadTooLargeSignal(Exception):
     """Raised in a parser callback to stop parsing a head past the bound."""
 
 
+class _Reading(enum.Enum):
+    HEAD = "head"
+    BODY = "body"
+
+
 class JsonErrorHttpProtocol(_Base):
     #: Bytes of a request line and headers past which the request is refused.
     max_head_bytes = 64 * 1024
+    #: Seconds a head may take, and a body may pause (see the module's documentation).
+    read_timeout = 30.0
     #: Bytes of the current request's head: its parts as parsed (url, headers), and the
     #: reads of the socket that began and ended inside it (a header still being read).
-    _in_head = False
     _head_bytes = 0
     _streamed = 0
+    #: What part of a request is awaited (None: no request is arriving), its timer, and
+    #: when the last bytes of a body came.
+    _reading: _Reading | None = None
+    _timer: asyncio.TimerHandle | None = None
+    _last_read = 0.0
 
     @classmethod
-    def bounded(cls, max_head_bytes: int) -> type[JsonErrorHttpProtocol]:
-        """This protocol with another bound on a request's head (for uvicorn's ``http``)."""
-        return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes})
+    def bounded(cls, max_head_bytes: int, read_timeout: float) -> type[JsonErrorHttpProtocol]:
+        """This protocol with other bounds (for uvicorn's ``http``)."""
+        bounds = {"max_head_bytes": max_head_bytes, "read_timeout": read_timeout}
+        return type(cls.__name__, (cls,), bounds)
+
+    # -- time ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._reading = _Reading.HEAD
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.read_timeout, self._timed_out)
+
+    def _stop_timer(self) -> None:
+        self._reading = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def on_body(self, body: bytes) -> None:
+        # Not a timer per piece: the timer looks at this when it fires.
+        self._last_read = self.loop.time()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._stop_timer()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._stop_timer()  # the connection is the WebSocket protocol's from here
+        super().handle_websocket_upgrade()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._reading is None or self.transport.is_closing():
+            return
+        if self._reading is _Reading.HEAD:
+            what = "The request line and headers did not arrive within"
+        else:
+            if self.flow.read_paused:
+                # The service stopped reading (flow control, the application behind): the
+                # pause is not the client's.
+                self._last_read = self.loop.time()
+            paused = self.loop.time() - self._last_read
+            if paused < self.read_timeout:
+                self._timer = self.loop.call_later(self.read_timeout - paused, self._timed_out)
+                return
+            cycle = self.cycle
+            if cycle is not None and cycle.response_started:
+                # Answered without the rest of its body (a refusal): nothing to say.
+                self.transport.close()
+                return
+            what = "The request body paused for longer than"
+        seconds = f"limits.read_timeout_seconds ({self.read_timeout:g} s)."
+        self._refuse(RequestTimeout(f"{what} {seconds}"))
+
+    # -- size ------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
+        self._await_head()  # a kept-alive connection's next request
         self._head_bytes = self._streamed = 0
 
     def on_url(self, url: bytes) -> None:
@@ -55,7 +137,8 @@ class JsonErrorHttpProtocol(_Base):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._reading = _Reading.BODY
+        self._last_read = self.loop.time()
         super().on_headers_complete()
 
     def _count(self, size: int) -> None:
@@ -68,9 +151,9 @@ class JsonErrorHttpProtocol(_Base):
         # The parser hands over a header only once it is whole: one header of 10 MB would be
         # read whole before on_header saw it. Reads that began and ended inside a head
         # count too, so that it cannot grow past the bound by more than a read or two.
-        inside = self._in_head
+        inside = self._reading is _Reading.HEAD
         super().data_received(data)
-        if inside and self._in_head and not self.transport.is_closing():
+        if inside and self._reading is _Reading.HEAD and not self.transport.is_closing():
             self._streamed += len(data)
             if self._streamed > self.max_head_bytes:
                 self._refuse(self._head_too_large())
@@ -81,6 +164,8 @@ class JsonErrorHttpProtocol(_Base):
             f"({self.max_head_bytes} bytes)."
         )
 
+    # -- answers ---------------------------------------------------------------------------
+
     def send_400_response(self, msg: str) -> None:
         if self._head_bytes > self.max_head_bytes:
             self._refuse(self._head_too_large())
@@ -89,6 +174,7 @@ class JsonErrorHttpProtocol(_Base):
 
     def _refuse(self, error: TwinServiceError) -> None:
         """Answer ``error`` in the one JSON shape, before the application, and close."""
+        self._stop_timer()
         body = dumps_bytes(error.to_body())
         head = [b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS[error.status])]
         for name, value in self.server_state.default_headers:
