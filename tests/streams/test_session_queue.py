@@ -243,6 +243,9 @@ async def test_readers_behind_are_cut_once_all_readers_hold_the_process_bound(
         late.close()
         keeping_up.close()
         assert budget.used == 0
+        # Nor does a reply to a connection already closed count (nobody would take it).
+        late.send({"type": "error", "message": "x" * 1000})
+        assert budget.used == 0
 
 
 async def test_a_replay_waits_while_the_process_bound_is_three_quarters_used(

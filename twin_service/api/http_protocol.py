@@ -27,8 +27,14 @@ from twin_service.twin.jsonvalue import dumps_bytes
 
 try:  # what uvicorn's "auto" picks: httptools when installed, else h11
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _Base
+
+    #: The bounds below follow httptools' callbacks; h11 has none of them (and bounds the
+    #: size of a head itself).
+    _BOUNDED = True
 except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Base  # type: ignore[assignment]
+
+    _BOUNDED = False
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -67,7 +73,8 @@ class JsonErrorHttpProtocol(_Base):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._await_head()
+        if _BOUNDED:  # else no callback would ever stop the timer
+            self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()

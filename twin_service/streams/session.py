@@ -146,8 +146,8 @@ class StreamSession:
 
     def _push(self, item: Outgoing) -> bool:
         """Queue ``item``; the caller wakes the writer (or defers to a flush)."""
-        if self.overflowed:
-            return False
+        if self.overflowed or self._closed:
+            return False  # counted in the process's bound, it would never be let go
         size = len(item.text)
         if len(self._outbox) >= self._queue_size or (
             # Counted alone, a thousand messages of a 64 KiB twin (and its changes) held
