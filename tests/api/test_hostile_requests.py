@@ -305,20 +305,24 @@ def _raw_exchange(service: ServiceProcess, request: bytes) -> bytes:
     return answer
 
 
+def _json_error(answer: bytes) -> tuple[str, dict[str, Any]]:
+    """The status line and the JSON error body of an answer the service closed after."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert headers["content-type"] == "application/json", answer
+    assert headers["connection"] == "close" and int(headers["content-length"]) == len(body)
+    return lines[0], json.loads(body)
+
+
 def test_requests_the_http_parser_refuses_get_the_json_error_body(
     service: ServiceProcess,
 ) -> None:
     """Refused before the application sees them, by the server itself, which answered in
     plain text before."""
     for request in _UNPARSABLE:
-        answer = _raw_exchange(service, request)
-        head, _, body = answer.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        assert lines[0] == "HTTP/1.1 400 Bad Request", (request, answer)
-        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-        assert headers["content-type"] == "application/json", (request, answer)
-        assert int(headers["content-length"]) == len(body)
-        error = json.loads(body)
+        status, error = _json_error(_raw_exchange(service, request))
+        assert status == "HTTP/1.1 400 Bad Request", request
         assert set(error) == {"status", "error", "message", "description"}, error
         assert (error["status"], error["error"]) == (400, "request.invalid"), error
     # And the service goes on serving.
@@ -347,16 +351,6 @@ def _dripped_exchange(service: ServiceProcess, head: bytes, piece: bytes, most: 
         while chunk := sock.recv(65536):
             answer += chunk
     return answer
-
-
-def _json_error(answer: bytes) -> tuple[str, dict[str, Any]]:
-    """The status line and the JSON error body of an answer the service closed after."""
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-    assert headers["content-type"] == "application/json", answer
-    assert headers["connection"] == "close" and int(headers["content-length"]) == len(body)
-    return lines[0], json.loads(body)
 
 
 def test_a_request_head_past_the_bound_is_a_431(service: ServiceProcess) -> None:
