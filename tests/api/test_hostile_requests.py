@@ -295,24 +295,41 @@ _UNPARSABLE = [
 ]
 
 
-def _raw_exchange(service: ServiceProcess, request: bytes) -> bytes:
-    host, port = service.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+def _connect(service: ServiceProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", service.port), timeout=10)
+
+
+def _raw_exchange(
+    service: ServiceProcess, request: bytes, piece: bytes = b"", most: int = 0
+) -> bytes:
+    """Send ``request``, then ``piece`` again and again (up to ``most`` bytes) until the
+    service answers; its answer, up to its close. Sent whole, a large request could be
+    reset by the service's close before its answer was read."""
+    with _connect(service) as sock:
         sock.sendall(request)
+        sent = 0
+        while sent < most and not select.select([sock], [], [], 0.001)[0]:
+            sock.sendall(piece)
+            sent += len(piece)
         answer = b""
         while chunk := sock.recv(65536):  # the service closes the connection after it
             answer += chunk
     return answer
 
 
+def _head(head: bytes) -> tuple[str, dict[str, str]]:
+    """The status line and the headers (names in lower case) of a response's head."""
+    lines = head.decode("latin-1").split("\r\n")
+    return lines[0], dict(line.lower().split(": ", 1) for line in lines[1:])
+
+
 def _json_error(answer: bytes) -> tuple[str, dict[str, Any]]:
     """The status line and the JSON error body of an answer the service closed after."""
     head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    status, headers = _head(head)
     assert headers["content-type"] == "application/json", answer
     assert headers["connection"] == "close" and int(headers["content-length"]) == len(body)
-    return lines[0], json.loads(body)
+    return status, json.loads(body)
 
 
 def test_requests_the_http_parser_refuses_get_the_json_error_body(
@@ -336,23 +353,6 @@ _UPGRADE = (
 )
 
 
-def _dripped_exchange(service: ServiceProcess, head: bytes, piece: bytes, most: int) -> bytes:
-    """Send ``head``, then ``piece`` again and again (up to ``most`` bytes) until the
-    service answers; its answer. Sent whole, a large request could be reset by the
-    service's close before its answer was read."""
-    host, port = service.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head)
-        sent = 0
-        while sent < most and not select.select([sock], [], [], 0.001)[0]:
-            sock.sendall(piece)
-            sent += len(piece)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
-
-
 def test_a_request_head_past_the_bound_is_a_431(service: ServiceProcess) -> None:
     """Neither uvicorn nor its parser bounds the headers: a 10 MB header, or 200,000 small
     ones, were read whole and answered 200."""
@@ -365,7 +365,7 @@ def test_a_request_head_past_the_bound_is_a_431(service: ServiceProcess) -> None
     answers = [_raw_exchange(service, head) for head in heads]
     # One header that never ends: refused while it is still being read.
     start = b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: "
-    answers.append(_dripped_exchange(service, start, b"a" * 4096, 10_000_000))
+    answers.append(_raw_exchange(service, start, b"a" * 4096, 10_000_000))
     for answer in answers:
         status, error = _json_error(answer)
         assert status == too_large, answer[:300]
@@ -397,11 +397,10 @@ def _answer(sock: socket.socket) -> tuple[str, bytes]:
         assert chunk, f"closed without an answer: {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    length = int(dict(line.lower().split(": ", 1) for line in lines[1:])["content-length"])
-    while len(body) < length:
+    status, headers = _head(head)
+    while len(body) < int(headers["content-length"]):
         body += sock.recv(65536)
-    return lines[0], body
+    return status, body
 
 
 def test_a_request_that_stops_arriving_is_a_408(tmp_path: Path) -> None:
@@ -410,28 +409,23 @@ def test_a_request_that_stops_arriving_is_a_408(tmp_path: Path) -> None:
     descriptors left. A head must arrive within limits.read_timeout_seconds (1 s here);
     a body may take longer, but may not pause that long."""
     proc = ServiceProcess(tmp_path, env={"TWIN_LIMITS__READ_TIMEOUT_SECONDS": "1"}).start()
-    host, port = proc.url.removeprefix("http://").split(":")
     auth = f"Authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
-
-    def connect() -> socket.socket:
-        return socket.create_connection((host, int(port)), timeout=10)
-
     put = b"PUT /api/v1/twins/org.slow:t HTTP/1.1\r\nHost: x\r\n" + auth
     body = b'{"desired": {"a": 1}}'
     put += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
     try:
         head = "The request line and headers did not arrive within"
-        with connect() as idle:
+        with _connect(proc) as idle:
             status, error = _answer(idle)
         assert status == "HTTP/1.1 408 Request Timeout"
         assert json.loads(error)["message"].startswith(head), error
-        with connect() as trickle:
+        with _connect(proc) as trickle:
             for piece in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"X-A: b\r\n"):
                 trickle.sendall(piece)
                 time.sleep(0.4)
             status, error = _answer(trickle)
         assert status == "HTTP/1.1 408 Request Timeout" and head in error.decode()
-        with connect() as stalled:
+        with _connect(proc) as stalled:
             stalled.sendall(put + body[:5])
             status, error = _answer(stalled)
         assert status == "HTTP/1.1 408 Request Timeout"
@@ -441,7 +435,7 @@ def test_a_request_that_stops_arriving_is_a_408(tmp_path: Path) -> None:
             assert api.get("/api/v1/twins/org.slow:t").status_code == 404
         # A body that keeps coming may take longer than the timeout in all, and a
         # kept-alive connection may wait between requests as long as uvicorn lets it.
-        with connect() as steady:
+        with _connect(proc) as steady:
             steady.sendall(put)
             for at in range(0, len(body), 4):
                 steady.sendall(body[at : at + 4])

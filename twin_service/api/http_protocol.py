@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from http import HTTPStatus
 
 from twin_service.errors import BadRequest, HeadTooLarge, RequestTimeout, TwinServiceError
 from twin_service.twin.jsonvalue import dumps_bytes
@@ -35,8 +36,6 @@ except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Base  # type: ignore[assignment]
 
     _BOUNDED = False
-
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 class _HeadTooLargeSignal(Exception):
@@ -183,7 +182,8 @@ class JsonErrorHttpProtocol(_Base):
         """Answer ``error`` in the one JSON shape, before the application, and close."""
         self._stop_timer()
         body = dumps_bytes(error.to_body())
-        head = [b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS[error.status])]
+        status = HTTPStatus(error.status)
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, status.phrase.encode())]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [

@@ -173,7 +173,7 @@ class StreamSession:
         self._budget.used += size
 
     def _cut_off(self) -> None:
-        """End the reader's stream: its writer sends where to resume (``delivered_seq``)
+        """End the reader's stream: its writer sends where to resume (:meth:`resume_hint`)
         and closes; nothing queued is sent any more."""
         self.overflowed = True
         self._outbox.clear()
