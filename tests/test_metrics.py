@@ -24,7 +24,13 @@ FULL: dict[str, Any] = {
     },
     "index": {"status": "up", "kind": "es", "lagSeconds": 0.25, "backlog": 4, "rejected": 12},
     "bus": {"kind": "in-process", "status": "up"},
-    "streams": {"status": "up", "subscriptions": 3, "position": 42, "queuedBytes": 4096},
+    "streams": {
+        "status": "up",
+        "subscriptions": 3,
+        "readers": 2,
+        "position": 42,
+        "queuedBytes": 4096,
+    },
     "mqtt": {
         "status": "down",
         "reconnects": 5,
@@ -69,6 +75,7 @@ def test_every_figure_of_the_checks_is_a_metric() -> None:
         'twin_service_check_up{check="bus"}': 1,
         'twin_service_check_up{check="streams"}': 1,
         "twin_service_stream_subscriptions": 3,
+        "twin_service_stream_readers": 2,
         "twin_service_stream_position": 42,
         "twin_service_stream_queued_bytes": 4096,
         'twin_service_check_up{check="mqtt"}': 0,

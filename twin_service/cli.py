@@ -66,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     from twin_service import logs
     from twin_service.api.app import create_app
     from twin_service.api.http_protocol import JsonErrorHttpProtocol
+    from twin_service.open_files import raise_open_files_limit
     from twin_service.settings import settings_for_command
     from twin_service.streams.direct_ws import DirectWebSocketProtocol
 
@@ -86,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"twin-service cannot start: {exc}", file=sys.stderr)
         return 2
     tune_gc(settings.gc_thresholds)
+    raise_open_files_limit(settings.stream.max_connections)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -173,6 +173,13 @@ class Unavailable(TwinServiceError):
     retry_after_seconds: ClassVar[int | None] = 1
 
 
+class TooManyStreams(Unavailable):
+    """The process serves ``stream.max_connections`` change-stream readers already."""
+
+    default_code = "stream.toomany"
+    retry_after_seconds = 5
+
+
 class StoreUnreachable(Unavailable):
     """The store's server did not answer at all (down, or out of the network's reach), as
     opposed to answering with a refusal: a starting service waits for it to come

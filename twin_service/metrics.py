@@ -76,6 +76,13 @@ METRICS = (
         ("streams", "subscriptions"),
     ),
     Metric(
+        "twin_service_stream_readers",
+        "gauge",
+        "Change-stream readers (WebSocket connections and server-sent-event streams) of this "
+        "process (bounded by stream.max_connections).",
+        ("streams", "readers"),
+    ),
+    Metric(
         "twin_service_stream_queued_bytes",
         "gauge",
         "Bytes of messages queued for this process's change-stream readers "

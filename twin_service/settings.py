@@ -304,6 +304,13 @@ class StreamSettings(BaseModel):
         description="Bytes of messages buffered for all WebSocket/SSE clients of one process: "
         "past it, each client that is behind is cut (as past queue_bytes).",
     )
+    max_connections: int = Field(
+        2000,
+        ge=1,
+        description="WebSocket and server-sent-event readers one process serves at once; "
+        "past it a new one is refused (503 stream.toomany, a WebSocket closed with 1013). "
+        "Each is a file descriptor and some memory for good.",
+    )
     max_subscriptions: int = Field(
         100, ge=1, description="Subscriptions one WebSocket connection may hold at once."
     )

@@ -216,7 +216,10 @@ async def start_service(
     service = TwinService(store, settings.limits.to_limits(), settings.default_namespace)
     index = build_index(settings, store)
     await _begin(stack, "the search index", index.start, index.stop)
-    hub = EventHub(store, settings.stream.poll_interval_seconds, settings.stream.total_queue_bytes)
+    stream = settings.stream
+    hub = EventHub(
+        store, stream.poll_interval_seconds, stream.total_queue_bytes, stream.max_connections
+    )
     await _begin(stack, "the event hub", hub.start, hub.stop)
     bus = build_bus(settings)
     await _begin(stack, "the bus", functools.partial(bus.start, hub.poke), bus.stop)

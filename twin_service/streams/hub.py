@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from twin_service.errors import Unavailable
+from twin_service.errors import TooManyStreams, Unavailable
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.messages import EventFrame
 from twin_service.streams.routing import SubscriptionIndex
@@ -112,9 +112,17 @@ class QueueBudget:
 
 class EventHub:
     def __init__(
-        self, store: TwinStore, poll_interval: float = 1.0, queued_limit: int = 2**62
+        self,
+        store: TwinStore,
+        poll_interval: float = 1.0,
+        queued_limit: int = 2**62,
+        max_readers: int = 2**62,
     ) -> None:
         self._store = store
+        #: Readers it serves (``StreamSession``), at most ``max_readers``: each holds a
+        #: connection (a file descriptor) for as long as its client likes.
+        self.readers = 0
+        self._max_readers = max_readers
         #: Bytes queued for the readers it serves (``StreamSession``), against their bound.
         self.queued = QueueBudget(queued_limit)
         self._poll_interval = poll_interval
@@ -156,6 +164,19 @@ class EventHub:
     def unregister(self, receiver: Receiver) -> None:
         self._index.remove(receiver)
 
+    def admit(self) -> None:
+        """Count one reader more, or refuse it with :class:`TooManyStreams` at the bound."""
+        if self.readers >= self._max_readers:
+            raise TooManyStreams(
+                f"This process serves {self.readers} change-stream readers, its most "
+                "(stream.max_connections); try again later."
+            )
+        self.readers += 1
+
+    def release(self) -> None:
+        """Count one reader fewer (one :meth:`admit` earlier)."""
+        self.readers -= 1
+
     def defer(self, target: Flushable) -> None:
         """Have ``target`` flushed before the hub next pauses (once, however often deferred)."""
         self._deferred[target] = None
@@ -177,6 +198,7 @@ class EventHub:
         out: dict[str, object] = {
             "status": "down" if self._failing else "up",
             "subscriptions": self.subscriptions,
+            "readers": self.readers,
             "position": self.position,
             "queuedBytes": self.queued.used,
         }

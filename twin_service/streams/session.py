@@ -102,6 +102,7 @@ class StreamSession:
         max_listed: int = 10_000,
         queue_bytes: int = 8 * 1024 * 1024,
     ) -> None:
+        hub.admit()  # first: a reader refused holds nothing
         self._hub = hub
         self._store = store
         self._principal = principal
@@ -130,6 +131,8 @@ class StreamSession:
         self._output = output
 
     def close(self) -> None:
+        if not self._closed:
+            self._hub.release()
         self._closed = True
         self._count(-self._outbox_bytes)
         self._outbox.clear()

@@ -28,6 +28,7 @@ from twin_service.errors import (
     BadRequest,
     Gone,
     NotFound,
+    TooManyStreams,
     TwinServiceError,
     Unauthorized,
     Unavailable,
@@ -202,7 +203,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         if principal is None:
             return
     stream = ctx.settings.stream
-    session = _session(ctx, principal, stream.max_subscriptions)
+    try:
+        session = _session(ctx, principal, stream.max_subscriptions)
+    except TooManyStreams as exc:
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, exc.message[:120])
+        return
     writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
     tasks: set[asyncio.Task[None]] = set()
     in_flight = asyncio.Semaphore(stream.max_in_flight)

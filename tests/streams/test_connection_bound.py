@@ -1,0 +1,120 @@
+"""A process serves at most ``stream.max_connections`` change-stream readers, WebSocket and
+server-sent events together; it raises its open files limit for them at start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from tests.service_process import ADMIN_TOKEN, ServiceProcess
+
+Factory = Callable[..., ServiceProcess]
+
+
+def _websocket(proc: ServiceProcess, token: str = ADMIN_TOKEN) -> websockets.connect:
+    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
+    return websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"})
+
+
+async def _welcomed(ws: ClientConnection) -> None:
+    message = json.loads(await asyncio.wait_for(ws.recv(), 15))
+    assert message["type"] == "welcome", message
+
+
+async def _readers(api: httpx.AsyncClient, expected: int) -> None:
+    """Wait until the process counts ``expected`` readers (a close is seen a moment later)."""
+    deadline = time.monotonic() + 15
+    while (readers := (await api.get("/ready")).json()["checks"]["streams"]["readers"]) != (
+        expected
+    ):
+        assert time.monotonic() < deadline, f"{readers} readers, not {expected}"
+        await asyncio.sleep(0.05)
+
+
+async def _refused_websocket(proc: ServiceProcess) -> ConnectionClosed:
+    async with _websocket(proc) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 15)
+    return closed.value
+
+
+async def test_readers_past_the_bound_are_refused_until_one_leaves(
+    service_factory: Factory,
+) -> None:
+    proc = service_factory(env={"TWIN_STREAM__MAX_CONNECTIONS": "3"})
+    async with AsyncExitStack() as stack, proc.async_client() as api:
+        first = await stack.enter_async_context(_websocket(proc))
+        await _welcomed(first)
+        await _welcomed(await stack.enter_async_context(_websocket(proc)))
+        # A connection that has not authenticated holds no reader's place.
+        with pytest.raises(ConnectionClosed) as unauthenticated:
+            async with _websocket(proc, "wrong-token") as stranger:
+                await asyncio.wait_for(stranger.recv(), 15)
+        assert unauthenticated.value.rcvd is not None
+        assert unauthenticated.value.rcvd.code == 4401
+        sse = await stack.enter_async_context(api.stream("GET", "/api/v1/stream/twins"))
+        assert sse.status_code == 200
+        await _readers(api, 3)
+
+        closed = await _refused_websocket(proc)
+        assert closed.rcvd is not None and closed.rcvd.code == 1013, closed
+        assert "stream.max_connections" in closed.rcvd.reason
+        refused = await api.get("/api/v1/stream/twins")
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "stream.toomany"
+        assert refused.headers["retry-after"] == "5"
+        metrics = (await api.get("/metrics")).text.splitlines()
+        assert "twin_service_stream_readers 3" in metrics
+        await _readers(api, 3)  # the refused ones hold nothing
+
+        await first.close()  # a WebSocket that leaves frees its place
+        await _readers(api, 2)
+        await _welcomed(await stack.enter_async_context(_websocket(proc)))
+        await _readers(api, 3)
+        await sse.aclose()  # and so does a server-sent-event stream
+        await _readers(api, 2)
+        again = await stack.enter_async_context(api.stream("GET", "/api/v1/stream/twins"))
+        assert again.status_code == 200
+        await _readers(api, 3)
+    async with proc.async_client() as api:
+        await _readers(api, 0)
+
+
+def _limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open files limit")
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one(service_factory: Factory) -> None:
+    """A shell's soft limit is often 1,024: past it the server accepted nobody, REST included."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard != resource.RLIM_INFINITY and hard > 1000, (soft, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1000, hard))
+    try:
+        proc = service_factory()  # inherits the lowered soft limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert proc.proc is not None
+    assert _limits(proc.proc.pid) == (hard, hard)
+    assert "open files limit" not in proc.log_tail()
+
+
+def test_a_limit_too_low_for_the_bound_is_named(service_factory: Factory) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    proc = service_factory(env={"TWIN_STREAM__MAX_CONNECTIONS": str(hard)})
+    log = proc.log_tail()
+    assert f"the open files limit is {hard}, less than stream.max_connections ({hard})" in log
