@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -44,10 +45,18 @@ def service_env(settings: dict[str, str]) -> dict[str, str]:
 class ServiceProcess:
     """One service process; ``env`` entries are ``TWIN_*`` settings."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        open_files: int | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.env = dict(env or {})
+        #: The process's open files limit (soft and hard), when not this one's.
+        self.open_files = open_files
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / f"service-{self.port}.log"
 
@@ -79,6 +88,7 @@ class ServiceProcess:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if self.open_files is None else self._limit_open_files,
         )
         try:
             healthy = wait_healthy(self.proc, self.url, timeout, "service", self.log_path)
@@ -93,6 +103,10 @@ class ServiceProcess:
             return self
         self.stop()
         raise RuntimeError(f"service did not start in {timeout}s:\n{self.log_tail()}")
+
+    def _limit_open_files(self) -> None:
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

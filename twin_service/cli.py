@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"twin-service cannot start: {exc}", file=sys.stderr)
         return 2
     tune_gc(settings.gc_thresholds)
-    raise_open_files_limit(settings.stream.max_connections)
+    raise_open_files_limit()
     config = uvicorn.Config(
         app,
         host=settings.host,

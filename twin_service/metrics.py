@@ -83,6 +83,13 @@ METRICS = (
         ("streams", "readers"),
     ),
     Metric(
+        "twin_service_stream_readers_max",
+        "gauge",
+        "Change-stream readers this process serves at most (stream.max_connections, or fewer "
+        "when the open files limit has no room for them).",
+        ("streams", "maxReaders"),
+    ),
+    Metric(
         "twin_service_stream_queued_bytes",
         "gauge",
         "Bytes of messages queued for this process's change-stream readers "

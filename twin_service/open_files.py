@@ -1,4 +1,5 @@
-"""The process's limit of open files, raised at start to what the system allows."""
+"""The process's limit of open files: raised at start to what the system allows, and the
+bound on change-stream readers kept within it."""
 
 from __future__ import annotations
 
@@ -11,34 +12,53 @@ log = logging.getLogger(__name__)
 RESERVED = 1024
 
 
-def raise_open_files_limit(readers: int) -> int | None:
-    """Raise the soft limit of open files to the hard one, and warn when it leaves fewer than
-    ``readers`` (``stream.max_connections``) plus :data:`RESERVED`. Returns the soft limit
-    now in force, or ``None`` where the platform has no such limit.
+def _limits() -> tuple[int, int] | None:
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one.
 
     Each connection (a stream reader, a request, a device of the embedded broker) holds a
     descriptor. The soft limit is often 1,024 (a login shell, systemd's default) while the
     hard one allows far more; the Go runtime and nginx raise it the same way. Past the soft
     limit the server stops accepting anyone, REST included, and only says so in a log line.
     """
+    limits = _limits()
+    if limits is None or limits[0] == limits[1]:
+        return
+    import resource
+
+    soft, hard = limits
     try:
-        import resource
-    except ImportError:  # not a POSIX system
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:  # some platforms cap it below the hard limit
-            log.info("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
-    if soft != resource.RLIM_INFINITY and soft < readers + RESERVED:
-        log.warning(
-            "the open files limit is %d, less than stream.max_connections (%d) and %d for "
-            "requests, devices and clients: past it nobody can connect; raise the limit "
-            "(ulimit -n, LimitNOFILE=) or lower stream.max_connections",
-            soft,
-            readers,
-            RESERVED,
-        )
-    return soft
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # some platforms cap it below the hard limit
+        log.info("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+
+
+def readers_bound(max_connections: int) -> int:
+    """``stream.max_connections``, or fewer when the open files limit has no room for that
+    many readers besides :data:`RESERVED` (then at least half the limit; said in the log)."""
+    limits = _limits()
+    if limits is None:
+        return max_connections
+    import resource
+
+    soft = limits[0]
+    if soft == resource.RLIM_INFINITY or soft - RESERVED >= max_connections:
+        return max_connections
+    bound = max(soft - RESERVED, soft // 2, 1)
+    log.warning(
+        "the open files limit is %d: change-stream readers are bounded at %d, not "
+        "stream.max_connections (%d), to keep %d for requests, devices and clients; raise "
+        "the limit (ulimit -n, LimitNOFILE=) to serve more",
+        soft,
+        bound,
+        max_connections,
+        RESERVED,
+    )
+    return bound

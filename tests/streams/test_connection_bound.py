@@ -110,11 +110,21 @@ def test_the_open_files_limit_is_raised_to_the_hard_one(service_factory: Factory
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert proc.proc is not None
     assert _limits(proc.proc.pid) == (hard, hard)
-    assert "open files limit" not in proc.log_tail()
+    if hard >= 2000 + 1024:  # room for the default bound
+        assert "open files limit" not in proc.log_tail()
+        with proc.client() as api:
+            assert api.get("/ready").json()["checks"]["streams"]["maxReaders"] == 2000
 
 
-def test_a_limit_too_low_for_the_bound_is_named(service_factory: Factory) -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    proc = service_factory(env={"TWIN_STREAM__MAX_CONNECTIONS": str(hard)})
-    log = proc.log_tail()
-    assert f"the open files limit is {hard}, less than stream.max_connections ({hard})" in log
+def test_a_limit_with_no_room_for_the_bound_lowers_it(tmp_path: Path) -> None:
+    proc = ServiceProcess(tmp_path, open_files=1100).start()
+    try:
+        assert proc.proc is not None and _limits(proc.proc.pid) == (1100, 1100)
+        with proc.client() as api:
+            assert api.get("/ready").json()["checks"]["streams"]["maxReaders"] == 550
+        assert (
+            "the open files limit is 1100: change-stream readers are bounded at 550, not "
+            "stream.max_connections (2000)"
+        ) in proc.log_tail()
+    finally:
+        proc.stop()

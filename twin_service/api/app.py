@@ -22,6 +22,7 @@ from twin_service.api.routes import health, search, streams, twins
 from twin_service.auth import TokenRegistry, load_tokens
 from twin_service.errors import StoreUnreachable, TwinServiceError
 from twin_service.index.base import BuiltinIndex, NoIndex, SearchIndex
+from twin_service.open_files import readers_bound
 from twin_service.service import TwinService
 from twin_service.settings import Settings
 from twin_service.store.base import StoredEvent, TwinStore
@@ -218,7 +219,10 @@ async def start_service(
     await _begin(stack, "the search index", index.start, index.stop)
     stream = settings.stream
     hub = EventHub(
-        store, stream.poll_interval_seconds, stream.total_queue_bytes, stream.max_connections
+        store,
+        stream.poll_interval_seconds,
+        stream.total_queue_bytes,
+        readers_bound(stream.max_connections),
     )
     await _begin(stack, "the event hub", hub.start, hub.stop)
     bus = build_bus(settings)

@@ -122,7 +122,7 @@ class EventHub:
         #: Readers it serves (``StreamSession``), at most ``max_readers``: each holds a
         #: connection (a file descriptor) for as long as its client likes.
         self.readers = 0
-        self._max_readers = max_readers
+        self.max_readers = max_readers
         #: Bytes queued for the readers it serves (``StreamSession``), against their bound.
         self.queued = QueueBudget(queued_limit)
         self._poll_interval = poll_interval
@@ -166,10 +166,10 @@ class EventHub:
 
     def admit(self) -> None:
         """Count one reader more, or refuse it with :class:`TooManyStreams` at the bound."""
-        if self.readers >= self._max_readers:
+        if self.readers >= self.max_readers:
             raise TooManyStreams(
                 f"This process serves {self.readers} change-stream readers, its most "
-                "(stream.max_connections); try again later."
+                "(stream.max_connections, open files); try again later."
             )
         self.readers += 1
 
@@ -199,6 +199,7 @@ class EventHub:
             "status": "down" if self._failing else "up",
             "subscriptions": self.subscriptions,
             "readers": self.readers,
+            "maxReaders": self.max_readers,
             "position": self.position,
             "queuedBytes": self.queued.used,
         }
