@@ -66,9 +66,9 @@ def _serve(args: argparse.Namespace) -> int:
     from twin_service import logs
     from twin_service.api.app import create_app
     from twin_service.api.http_protocol import JsonErrorHttpProtocol
+    from twin_service.api.websocket_protocol import BoundedWebSocketProtocol
     from twin_service.open_files import raise_open_files_limit
     from twin_service.settings import settings_for_command
-    from twin_service.streams.direct_ws import DirectWebSocketProtocol
 
     settings = settings_for_command(
         args.config,
@@ -97,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
         http=JsonErrorHttpProtocol.bounded(
             settings.limits.max_head_bytes, settings.limits.read_timeout_seconds
         ),
-        ws=DirectWebSocketProtocol,
+        ws=BoundedWebSocketProtocol.bounded(settings.limits.websocket_incoming_bytes),
         ws_per_message_deflate=settings.stream.websocket_deflate,
         # uvicorn's default is 16 MiB: a message is parsed whole, so the REST body limit
         # applies to it too (a larger one closes the socket with 1009, message too big).

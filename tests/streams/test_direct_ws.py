@@ -16,7 +16,7 @@ from twin_service.streams.direct_ws import (
     supports_direct_writes,
     text_frame_header,
 )
-from twin_service.streams.hub import QueueBudget
+from twin_service.streams.hub import EventHub
 from twin_service.streams.session import StreamSession
 
 
@@ -52,19 +52,10 @@ class FakeOutput:
         self.writes.append(list(texts))
 
 
-class FakeHub:
-    queued = QueueBudget(2**62)
-
-    def register(self, receiver: object, subscription: object) -> int:
-        return 0
-
-    def unregister(self, receiver: object) -> None:
-        pass
-
-
 def session(queue_size: int = 10) -> StreamSession:
+    """A session of a real hub that is never started (these tests need no store)."""
     principal = Principal(name="t", role="admin")
-    return StreamSession(FakeHub(), None, principal, queue_size)  # type: ignore[arg-type]
+    return StreamSession(EventHub(None), None, principal, queue_size)  # type: ignore[arg-type]
 
 
 def test_flush_writes_everything_queued_at_once_in_order() -> None:

@@ -97,9 +97,10 @@ def document_after(stored: StoredEvent) -> JSONObject | None:
 
 
 class QueueBudget:
-    """The bytes queued for the stream readers of one process, against a bound
-    (``stream.total_queue_bytes``). Each reader's own bound (``queue_bytes``) let a hundred
-    slow readers hold 800 MB, most of the manifests' 1 GiB."""
+    """Bytes held for the clients of one process, against a bound: here the messages
+    queued for the stream readers (``stream.total_queue_bytes``; each reader's own bound,
+    ``queue_bytes``, let a hundred slow readers hold 800 MB, most of the manifests' 1 GiB),
+    and in api.websocket_protocol the WebSocket messages still arriving."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

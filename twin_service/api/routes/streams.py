@@ -21,6 +21,7 @@ from search.rql.parser import parse_filter
 from twin_service.api.context import AppContext
 from twin_service.api.deps import Context, Reader, TwinId, context
 from twin_service.api.schemas import errors
+from twin_service.api.websocket_protocol import allow_full_messages
 from twin_service.auth import Principal
 from twin_service.commands import run_command
 from twin_service.digits import ascii_integer
@@ -186,22 +187,28 @@ def subscription_from(message: JSONObject) -> tuple[Subscription, int | None]:
 
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
-    # Accept first so that a refusal reaches the client as a close code and reason.
-    await websocket.accept()
+    refusal: tuple[int, str] | None = None
+    principal: Principal | None = None
     try:
         ctx = context(websocket)
-    except Unavailable as exc:  # starting, until the store answers (api.app)
-        await websocket.close(CLOSE_TRY_AGAIN_LATER, exc.message)
-        return
-    try:
         principal = _authenticate(ctx, websocket)
+    except Unavailable as exc:  # starting, until the store answers (api.app)
+        refusal = (CLOSE_TRY_AGAIN_LATER, exc.message)
     except Unauthorized as exc:
-        await websocket.close(CLOSE_UNAUTHENTICATED, exc.message[:120])
+        refusal = (CLOSE_UNAUTHENTICATED, exc.message[:120])
+    if principal is not None:
+        # Before the accept: the client sends nothing until it has it.
+        allow_full_messages(websocket)
+    # Accept first so that a refusal reaches the client as a close code and reason.
+    await websocket.accept()
+    if refusal is not None:
+        await websocket.close(*refusal)
         return
     if principal is None:
         principal = await _first_message_auth(ctx, websocket)
         if principal is None:
             return
+        allow_full_messages(websocket)
     stream = ctx.settings.stream
     try:
         session = _session(ctx, principal, stream.max_subscriptions)

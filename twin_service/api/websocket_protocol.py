@@ -1,0 +1,123 @@
+"""uvicorn's WebSocket protocol (with the direct stream writes) and bounds on what clients may
+make the service hold of messages they have not finished sending.
+
+websockets buffers an incoming message until it is whole, up to ``limits.max_request_bytes``
+(1 MiB), for as long as its sender likes: a client that sent most of a message and stopped
+held that much for good. Two bounds:
+
+- until the application has authenticated the connection, a message may be at most
+  :data:`UNAUTHENTICATED_MAX_BYTES` (the auth message is a token): anyone could otherwise
+  hold 1 MiB per connection for the ten seconds a connection may take to authenticate;
+- the messages still arriving on all connections of the process hold at most
+  ``limits.websocket_incoming_bytes``; the connection whose bytes pass it is closed with
+  1013 (try again later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.websockets import WebSocket
+from websockets.frames import CloseCode
+from websockets.http11 import Request
+from websockets.protocol import State
+
+from twin_service.streams.direct_ws import DirectWebSocketProtocol
+from twin_service.streams.hub import QueueBudget
+
+#: Largest message before the connection is authenticated (the auth message).
+UNAUTHENTICATED_MAX_BYTES = 16 * 1024
+EXTENSION = "twin.websocket.bounds"
+#: Silence after which a connection closed on an error is let go (see
+#: :meth:`BoundedWebSocketProtocol.handle_parser_exception`).
+QUIET_SECONDS = 0.5
+
+
+class BoundedWebSocketProtocol(DirectWebSocketProtocol):
+    #: Bytes of messages still arriving, of every connection of the process.
+    incoming = QueueBudget(64 * 1024 * 1024)
+    #: This connection's part of ``incoming``.
+    _held = 0
+    #: After a close on an error: closes the socket once the client has sent nothing for
+    #: :data:`QUIET_SECONDS`.
+    _quiet: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def bounded(cls, incoming_bytes: int) -> type[BoundedWebSocketProtocol]:
+        """This protocol with its own budget (for uvicorn's ``ws``)."""
+        return type(cls.__name__, (cls,), {"incoming": QueueBudget(incoming_bytes)})
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is None:  # the handshake was refused
+            return
+        full = self.conn.max_size
+        self.conn.max_size = (
+            UNAUTHENTICATED_MAX_BYTES if full is None else min(full, UNAUTHENTICATED_MAX_BYTES)
+        )
+
+        def authenticated() -> None:
+            self.conn.max_size = full
+
+        extensions = scope.setdefault("extensions", {})
+        if extensions is not None:
+            extensions[EXTENSION] = {"authenticated": authenticated}
+
+    def data_received(self, data: bytes) -> None:
+        if self._quiet is not None:  # dropping what comes after the close frame
+            self._close_when_quiet()
+        super().data_received(data)
+        # What the parser keeps of an unfinished frame, and the frames of an unfinished
+        # fragmented message (uvicorn joins them when the last one comes).
+        held = len(self.conn.reader.buffer) + sum(map(len, self.frames))
+        self.incoming.used += held - self._held
+        self._held = held
+        if held and self.incoming.used > self.incoming.limit and self.conn.state is State.OPEN:
+            self.conn.fail(CloseCode.TRY_AGAIN_LATER, "too much incoming data; try again later")
+            self.frames = []
+            self._release()
+            self.handle_parser_exception()
+
+    def handle_parser_exception(self) -> None:
+        """Send the close frame, then read and drop what the client still sends until it
+        has been quiet for :data:`QUIET_SECONDS` (or ``close_timeout`` passed), and close.
+        uvicorn closed the socket at once: with the client's bytes unread, that reset the
+        connection, and the client lost the frame saying why (a message too big, say).
+        Its reply to the close frame is dropped with the rest (the parser has failed), so
+        the service does not wait for it."""
+        close = self.conn.close_sent
+        assert close is not None
+        self.queue.put_nowait(
+            {"type": "websocket.disconnect", "code": close.code, "reason": close.reason}
+        )
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+        self._close_when_quiet()
+
+    def _close_when_quiet(self) -> None:
+        if self._quiet is not None:
+            self._quiet.cancel()
+        self._quiet = self.loop.call_later(QUIET_SECONDS, self.transport.close)
+
+    def _release(self) -> None:
+        self.incoming.used -= self._held
+        self._held = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._quiet is not None:
+            self._quiet.cancel()
+        self._release()
+        super().connection_lost(exc)
+
+
+def allow_full_messages(websocket: WebSocket) -> None:
+    """Lift the bound of an unauthenticated connection to ``limits.max_request_bytes``."""
+    extension = (websocket.scope.get("extensions") or {}).get(EXTENSION)
+    if isinstance(extension, dict):
+        extension["authenticated"]()
