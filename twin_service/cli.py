@@ -67,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
     from twin_service.api.app import create_app
     from twin_service.api.http_protocol import JsonErrorHttpProtocol
     from twin_service.api.websocket_protocol import BoundedWebSocketProtocol
+    from twin_service.budget import ByteBudget
     from twin_service.open_files import raise_open_files_limit
     from twin_service.settings import settings_for_command
 
@@ -88,6 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     tune_gc(settings.gc_thresholds)
     raise_open_files_limit()
+    # One bound for what clients are still sending, over HTTP and WebSocket alike.
+    incoming = ByteBudget(settings.limits.incoming_bytes)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -95,9 +98,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=False,
         http=JsonErrorHttpProtocol.bounded(
-            settings.limits.max_head_bytes, settings.limits.read_timeout_seconds
+            settings.limits.max_head_bytes, settings.limits.read_timeout_seconds, incoming
         ),
-        ws=BoundedWebSocketProtocol.bounded(settings.limits.websocket_incoming_bytes),
+        ws=BoundedWebSocketProtocol.bounded(incoming),
         ws_per_message_deflate=settings.stream.websocket_deflate,
         # uvicorn's default is 16 MiB: a message is parsed whole, so the REST body limit
         # applies to it too (a larger one closes the socket with 1009, message too big).

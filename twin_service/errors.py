@@ -180,6 +180,12 @@ class TooManyStreams(Unavailable):
     retry_after_seconds = 5
 
 
+class Busy(Unavailable):
+    """What clients are still sending holds ``limits.incoming_bytes`` of the process."""
+
+    default_code = "service.busy"
+
+
 class StoreUnreachable(Unavailable):
     """The store's server did not answer at all (down, or out of the network's reach), as
     opposed to answering with a refusal: a starting service waits for it to come

@@ -51,11 +51,12 @@ class LimitsSettings(BaseModel):
         description="Largest HTTP request line and headers accepted (WebSocket handshakes "
         "too); a larger head is refused with 431 and the connection closed.",
     )
-    websocket_incoming_bytes: int = Field(
+    incoming_bytes: int = Field(
         64 * 1024 * 1024,
         ge=1024 * 1024,
-        description="Bytes of WebSocket messages still arriving, of all connections of one "
-        "process; the connection whose bytes pass it is closed with 1013 (try again later).",
+        description="Bytes of HTTP request heads and WebSocket messages still arriving, of "
+        "all connections of one process together; the connection whose bytes pass it is "
+        "refused (503 service.busy, a WebSocket closed with 1013).",
     )
     read_timeout_seconds: float = Field(
         30.0,

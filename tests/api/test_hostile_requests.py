@@ -446,3 +446,68 @@ def test_a_request_that_stops_arriving_is_a_408(tmp_path: Path) -> None:
             assert _answer(steady)[0] == "HTTP/1.1 200 OK"
     finally:
         proc.stop()
+
+
+def _partial_heads(proc: ServiceProcess, count: int, size: int) -> list[socket.socket]:
+    """``count`` connections, each having sent about ``size`` bytes of a head, and stopped."""
+    socks = []
+    for _ in range(count):
+        sock = _connect(proc)
+        sock.sendall(b"GET /health HTTP/1.1\r\nX-A: " + b"a" * size)
+        socks.append(sock)
+    time.sleep(0.5)  # read by the service
+    return socks
+
+
+def _refused(socks: list[socket.socket]) -> list[bytes]:
+    """The answers of the connections the service answered (before their heads were whole)."""
+    ready, _, _ = select.select(socks, [], [], 0.5)
+    return [_raw_answer(sock) for sock in ready]
+
+
+def _raw_answer(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_heads_still_arriving_are_bounded_for_the_whole_process(tmp_path: Path) -> None:
+    """Each head was bounded (limits.max_head_bytes), not all of them: twenty thousand
+    connections sending most of one held about 1.2 GB for the 30 s a head may take. The
+    bound is shared with the WebSocket messages still arriving."""
+    proc = ServiceProcess(tmp_path, env={"TWIN_LIMITS__INCOMING_BYTES": str(1024 * 1024)})
+    proc.start()
+    try:
+        socks = _partial_heads(proc, 20, 60_000)  # 1.2 MB: the last few pass the bound
+        refused = _refused(socks)
+        assert 3 <= len(refused) <= 4, refused
+        for answer in refused:
+            status, error = _json_error(answer)
+            assert status == "HTTP/1.1 503 Service Unavailable", answer
+            assert error["error"] == "service.busy"
+            assert _head(answer.partition(b"\r\n\r\n")[0])[1]["retry-after"] == "1"
+        for sock in socks:
+            sock.close()
+        time.sleep(0.5)
+        # Closed connections gave their bytes back: as many again are held.
+        socks = _partial_heads(proc, 16, 60_000)
+        assert _refused(socks) == []
+        # The WebSocket messages still arriving count in the same bound.
+        with _connect(proc) as ws:
+            key = b"dGhlIHNhbXBsZSBub25jZQ=="
+            ws.sendall(
+                b"GET /api/v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: "
+                b"Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n"
+                b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\n\r\n"
+            )
+            assert b" 101 " in ws.recv(65536).split(b"\r\n")[0]
+            # A text frame of 200,000 bytes, masked with a zero key; most of it sent.
+            ws.sendall(b"\x81\xff" + (200_000).to_bytes(8, "big") + bytes(4) + b"a" * 150_000)
+            # After the welcome, a close frame: 1013, try again later (16 heads and it pass
+            # 1 MiB); then the service closes the connection.
+            assert (1013).to_bytes(2, "big") + b"too much incoming data" in _raw_answer(ws)
+        for sock in socks:
+            sock.close()
+    finally:
+        proc.stop()

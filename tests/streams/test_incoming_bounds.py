@@ -1,5 +1,5 @@
 """What a WebSocket client may make the service hold of messages it has not finished sending:
-at most 16 KiB before it has authenticated, and ``limits.websocket_incoming_bytes`` on all
+at most 16 KiB before it has authenticated, and ``limits.incoming_bytes`` on all
 connections of the process together. Raw sockets: a client library sends whole messages."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ async def test_a_large_message_before_authentication_is_refused_at_its_header(
 async def test_messages_still_arriving_are_bounded_for_the_whole_process(
     service_factory: Factory,
 ) -> None:
-    proc = service_factory(env={"TWIN_LIMITS__WEBSOCKET_INCOMING_BYTES": str(1024 * 1024)})
+    proc = service_factory(env={"TWIN_LIMITS__INCOMING_BYTES": str(1024 * 1024)})
     half = 600 * 1024
     async with (
         _raw_websocket(proc, ADMIN_TOKEN) as (first, first_out),

@@ -23,14 +23,19 @@ _STARLETTE_CODES = {
 }
 
 
-def error_response(error: TwinServiceError) -> JSONResponse:
-    headers: dict[str, str] = {}
+def error_headers(error: TwinServiceError) -> dict[str, str]:
+    """The headers that go with ``error``'s body."""
     if error.status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    elif isinstance(error, Unavailable) and error.retry_after_seconds is not None:
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(error, Unavailable) and error.retry_after_seconds is not None:
         # Clients and proxies back off by this rather than hammer a store, index or
         # broker that is restarting.
-        headers["Retry-After"] = str(error.retry_after_seconds)
+        return {"Retry-After": str(error.retry_after_seconds)}
+    return {}
+
+
+def error_response(error: TwinServiceError) -> JSONResponse:
+    headers = error_headers(error)
     return JSONResponse(error.to_body(), status_code=error.status, headers=headers or None)
 
 

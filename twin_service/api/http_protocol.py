@@ -23,7 +23,15 @@ import asyncio
 import enum
 from http import HTTPStatus
 
-from twin_service.errors import BadRequest, HeadTooLarge, RequestTimeout, TwinServiceError
+from twin_service.api.errors import error_headers
+from twin_service.budget import ByteBudget
+from twin_service.errors import (
+    BadRequest,
+    Busy,
+    HeadTooLarge,
+    RequestTimeout,
+    TwinServiceError,
+)
 from twin_service.twin.jsonvalue import dumps_bytes
 
 try:  # what uvicorn's "auto" picks: httptools when installed, else h11
@@ -62,10 +70,21 @@ class JsonErrorHttpProtocol(_Base):
     _timer: asyncio.TimerHandle | None = None
     _last_read = 0.0
 
+    #: Bytes of heads still arriving, of every connection of the process (WebSocket
+    #: messages too, api.websocket_protocol), and this connection's part.
+    incoming = ByteBudget(64 * 1024 * 1024)
+    _held = 0
+
     @classmethod
-    def bounded(cls, max_head_bytes: int, read_timeout: float) -> type[JsonErrorHttpProtocol]:
+    def bounded(
+        cls, max_head_bytes: int, read_timeout: float, incoming: ByteBudget
+    ) -> type[JsonErrorHttpProtocol]:
         """This protocol with other bounds (for uvicorn's ``http``)."""
-        bounds = {"max_head_bytes": max_head_bytes, "read_timeout": read_timeout}
+        bounds = {
+            "max_head_bytes": max_head_bytes,
+            "read_timeout": read_timeout,
+            "incoming": incoming,
+        }
         return type(cls.__name__, (cls,), bounds)
 
     # -- time ------------------------------------------------------------------------------
@@ -77,6 +96,7 @@ class JsonErrorHttpProtocol(_Base):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        self._hold(0)
         super().connection_lost(exc)
 
     def _await_head(self) -> None:
@@ -143,6 +163,7 @@ class JsonErrorHttpProtocol(_Base):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._hold(0)
         self._reading = _Reading.BODY
         self._last_read = self.loop.time()
         super().on_headers_complete()
@@ -161,8 +182,21 @@ class JsonErrorHttpProtocol(_Base):
         super().data_received(data)
         if inside and self._reading is _Reading.HEAD and not self.transport.is_closing():
             self._streamed += len(data)
+            self._hold(self._held + len(data))
             if self._streamed > self.max_head_bytes:
                 self._refuse(self._head_too_large())
+            elif self.incoming.used > self.incoming.limit:
+                self._refuse(
+                    Busy(
+                        "The requests and messages clients are still sending hold "
+                        "limits.incoming_bytes of this process; try again later."
+                    )
+                )
+
+    def _hold(self, size: int) -> None:
+        """Count ``size`` bytes of a head still arriving for this connection (0: none)."""
+        self.incoming.used += size - self._held
+        self._held = size
 
     def _head_too_large(self) -> HeadTooLarge:
         return HeadTooLarge(
@@ -181,6 +215,7 @@ class JsonErrorHttpProtocol(_Base):
     def _refuse(self, error: TwinServiceError) -> None:
         """Answer ``error`` in the one JSON shape, before the application, and close."""
         self._stop_timer()
+        self._hold(0)
         body = dumps_bytes(error.to_body())
         status = HTTPStatus(error.status)
         head = [b"HTTP/1.1 %d %s\r\n" % (status, status.phrase.encode())]
@@ -189,6 +224,7 @@ class JsonErrorHttpProtocol(_Base):
         head += [
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
+            *(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in error_headers(error).items()),
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)

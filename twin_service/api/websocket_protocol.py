@@ -8,9 +8,9 @@ held that much for good. Two bounds:
 - until the application has authenticated the connection, a message may be at most
   :data:`UNAUTHENTICATED_MAX_BYTES` (the auth message is a token): anyone could otherwise
   hold 1 MiB per connection for the ten seconds a connection may take to authenticate;
-- the messages still arriving on all connections of the process hold at most
-  ``limits.websocket_incoming_bytes``; the connection whose bytes pass it is closed with
-  1013 (try again later).
+- the messages still arriving on all connections of the process, with the request heads
+  (api.http_protocol), hold at most ``limits.incoming_bytes``; the connection whose bytes
+  pass it is closed with 1013 (try again later).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from twin_service.budget import ByteBudget
 from twin_service.streams.direct_ws import DirectWebSocketProtocol
-from twin_service.streams.hub import QueueBudget
 
 #: Largest message before the connection is authenticated (the auth message).
 UNAUTHENTICATED_MAX_BYTES = 16 * 1024
@@ -34,8 +34,8 @@ QUIET_SECONDS = 0.5
 
 
 class BoundedWebSocketProtocol(DirectWebSocketProtocol):
-    #: Bytes of messages still arriving, of every connection of the process.
-    incoming = QueueBudget(64 * 1024 * 1024)
+    #: Bytes still arriving, of every connection of the process (request heads too).
+    incoming = ByteBudget(64 * 1024 * 1024)
     #: This connection's part of ``incoming``.
     _held = 0
     #: After a close on an error: closes the socket once the client has sent nothing for
@@ -43,9 +43,9 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
     _quiet: asyncio.TimerHandle | None = None
 
     @classmethod
-    def bounded(cls, incoming_bytes: int) -> type[BoundedWebSocketProtocol]:
-        """This protocol with its own budget (for uvicorn's ``ws``)."""
-        return type(cls.__name__, (cls,), {"incoming": QueueBudget(incoming_bytes)})
+    def bounded(cls, incoming: ByteBudget) -> type[BoundedWebSocketProtocol]:
+        """This protocol counting in ``incoming`` (for uvicorn's ``ws``)."""
+        return type(cls.__name__, (cls,), {"incoming": incoming})
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

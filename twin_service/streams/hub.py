@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from twin_service.budget import ByteBudget
 from twin_service.errors import TooManyStreams, Unavailable
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.messages import EventFrame
@@ -96,21 +97,6 @@ def document_after(stored: StoredEvent) -> JSONObject | None:
     return state.to_document() if state is not None else None
 
 
-class QueueBudget:
-    """Bytes held for the clients of one process, against a bound: here the messages
-    queued for the stream readers (``stream.total_queue_bytes``; each reader's own bound,
-    ``queue_bytes``, let a hundred slow readers hold 800 MB, most of the manifests' 1 GiB),
-    and in api.websocket_protocol the WebSocket messages still arriving."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def tight(self) -> bool:
-        """Whether a replay should wait: three quarters used, the rest kept for live events."""
-        return self.used >= self.limit * 3 // 4
-
-
 class EventHub:
     def __init__(
         self,
@@ -125,7 +111,7 @@ class EventHub:
         self.readers = 0
         self.max_readers = max_readers
         #: Bytes queued for the readers it serves (``StreamSession``), against their bound.
-        self.queued = QueueBudget(queued_limit)
+        self.queued = ByteBudget(queued_limit)
         self._poll_interval = poll_interval
         self._index: SubscriptionIndex[Receiver] = SubscriptionIndex()
         self._wake = asyncio.Event()
