@@ -4,6 +4,7 @@ bound on change-stream readers kept within it."""
 from __future__ import annotations
 
 import logging
+import resource
 
 log = logging.getLogger(__name__)
 
@@ -12,28 +13,18 @@ log = logging.getLogger(__name__)
 RESERVED = 1024
 
 
-def _limits() -> tuple[int, int] | None:
-    try:
-        import resource
-    except ImportError:  # not a POSIX system
-        return None
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
 def raise_open_files_limit() -> None:
     """Raise the soft limit of open files to the hard one.
 
     Each connection (a stream reader, a request, a device of the embedded broker) holds a
     descriptor. The soft limit is often 1,024 (a login shell, systemd's default) while the
     hard one allows far more; the Go runtime and nginx raise it the same way. Past the soft
-    limit the server stops accepting anyone, REST included, and only says so in a log line.
+    limit the server could not take anyone, REST included, and the log said nothing (400
+    idle connections to a service limited to 300: its /health failed).
     """
-    limits = _limits()
-    if limits is None or limits[0] == limits[1]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
         return
-    import resource
-
-    soft, hard = limits
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError) as exc:  # some platforms cap it below the hard limit
@@ -43,12 +34,7 @@ def raise_open_files_limit() -> None:
 def readers_bound(max_connections: int) -> int:
     """``stream.max_connections``, or fewer when the open files limit has no room for that
     many readers besides :data:`RESERVED` (then at least half the limit; said in the log)."""
-    limits = _limits()
-    if limits is None:
-        return max_connections
-    import resource
-
-    soft = limits[0]
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY or soft - RESERVED >= max_connections:
         return max_connections
     bound = max(soft - RESERVED, soft // 2, 1)
