@@ -511,3 +511,15 @@ def test_heads_still_arriving_are_bounded_for_the_whole_process(tmp_path: Path) 
             sock.close()
     finally:
         proc.stop()
+
+
+def test_a_refusal_reaches_a_client_still_sending(service: ServiceProcess) -> None:
+    """The service closed the connection as it answered: with the rest of the client's head
+    unread, the close reset the connection, and the reset took the answer with it (a client
+    sending 5 MB at once got a broken pipe or a reset, never the 431). The service now reads
+    on, drops what comes, and closes once the client is quiet."""
+    with _connect(service) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nX-A: " + b"a" * 5_000_000)
+        status, error = _json_error(_raw_answer(sock))
+    assert status == "HTTP/1.1 431 Request Header Fields Too Large", error
+    assert error["error"] == "request.head.toolarge"

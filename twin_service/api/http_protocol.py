@@ -23,6 +23,7 @@ import asyncio
 import enum
 from http import HTTPStatus
 
+from twin_service.api.closing import QuietClose
 from twin_service.api.errors import error_headers
 from twin_service.budget import ByteBudget
 from twin_service.errors import (
@@ -74,6 +75,8 @@ class JsonErrorHttpProtocol(_Base):
     #: messages too, api.websocket_protocol), and this connection's part.
     incoming = ByteBudget(64 * 1024 * 1024)
     _held = 0
+    #: After an answer before the application, what closes the socket (see api.closing).
+    _closing: QuietClose | None = None
 
     @classmethod
     def bounded(
@@ -97,6 +100,8 @@ class JsonErrorHttpProtocol(_Base):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
         self._hold(0)
+        if self._closing is not None:
+            self._closing.cancel()
         super().connection_lost(exc)
 
     def _await_head(self) -> None:
@@ -175,6 +180,9 @@ class JsonErrorHttpProtocol(_Base):
             raise _HeadTooLargeSignal
 
     def data_received(self, data: bytes) -> None:
+        if self._closing is not None:  # refused: dropped
+            self._closing.heard()
+            return
         # The parser hands over a header only once it is whole: one header of 10 MB would be
         # read whole before on_header saw it. Reads that began and ended inside a head
         # count too, so that it cannot grow past the bound by more than a read or two.
@@ -214,6 +222,13 @@ class JsonErrorHttpProtocol(_Base):
 
     def _refuse(self, error: TwinServiceError) -> None:
         """Answer ``error`` in the one JSON shape, before the application, and close."""
+        # A head refused, with no earlier request of the connection still answering: the
+        # client may still be sending it, so the connection is read on (api.closing).
+        # Else close at once: a body refused (the client paused, nothing is in flight)
+        # tells the application reading it that the client is gone, and an earlier
+        # request's answer must not follow this one.
+        cycle = self.cycle
+        drain = self._reading is _Reading.HEAD and (cycle is None or cycle.response_complete)
         self._stop_timer()
         self._hold(0)
         body = dumps_bytes(error.to_body())
@@ -228,4 +243,7 @@ class JsonErrorHttpProtocol(_Base):
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        if drain:
+            self._closing = QuietClose(self.loop, self.transport, self.read_timeout)
+        else:
+            self.transport.close()

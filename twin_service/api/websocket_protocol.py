@@ -15,22 +15,18 @@ held that much for good. Two bounds:
 
 from __future__ import annotations
 
-import asyncio
-
 from starlette.websockets import WebSocket
 from websockets.frames import CloseCode
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from twin_service.api.closing import QuietClose
 from twin_service.budget import ByteBudget
 from twin_service.streams.direct_ws import DirectWebSocketProtocol
 
 #: Largest message before the connection is authenticated (the auth message).
 UNAUTHENTICATED_MAX_BYTES = 16 * 1024
 EXTENSION = "twin.websocket.bounds"
-#: Silence after which a connection closed on an error is let go (see
-#: :meth:`BoundedWebSocketProtocol.handle_parser_exception`).
-QUIET_SECONDS = 0.5
 
 
 class BoundedWebSocketProtocol(DirectWebSocketProtocol):
@@ -38,9 +34,8 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
     incoming = ByteBudget(64 * 1024 * 1024)
     #: This connection's part of ``incoming``.
     _held = 0
-    #: After a close on an error: closes the socket once the client has sent nothing for
-    #: :data:`QUIET_SECONDS`.
-    _quiet: asyncio.TimerHandle | None = None
+    #: After a close on an error, what closes the socket (see api.closing).
+    _closing: QuietClose | None = None
 
     @classmethod
     def bounded(cls, incoming: ByteBudget) -> type[BoundedWebSocketProtocol]:
@@ -65,8 +60,8 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
             extensions[EXTENSION] = {"authenticated": authenticated}
 
     def data_received(self, data: bytes) -> None:
-        if self._quiet is not None:  # dropping what comes after the close frame
-            self._close_when_quiet()
+        if self._closing is not None:  # the parser drops what comes after the close frame
+            self._closing.heard()
         super().data_received(data)
         # What the parser keeps of an unfinished frame, and the frames of an unfinished
         # fragmented message (uvicorn joins them when the last one comes).
@@ -80,12 +75,10 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
             self.handle_parser_exception()
 
     def handle_parser_exception(self) -> None:
-        """Send the close frame, then read and drop what the client still sends until it
-        has been quiet for :data:`QUIET_SECONDS` (or ``close_timeout`` passed), and close.
-        uvicorn closed the socket at once: with the client's bytes unread, that reset the
-        connection, and the client lost the frame saying why (a message too big, say).
-        Its reply to the close frame is dropped with the rest (the parser has failed), so
-        the service does not wait for it."""
+        """Send the close frame, then drop what the client still sends and close once it is
+        quiet (api.closing; uvicorn closed at once, and a client still sending lost the
+        frame saying why, a message too big say). Its reply to the close frame is dropped
+        with the rest (the parser has failed), so the service does not wait for it."""
         close = self.conn.close_sent
         assert close is not None
         self.queue.put_nowait(
@@ -96,22 +89,19 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
-        if self.close_timer is None:
-            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
-        self._close_when_quiet()
-
-    def _close_when_quiet(self) -> None:
-        if self._quiet is not None:
-            self._quiet.cancel()
-        self._quiet = self.loop.call_later(QUIET_SECONDS, self.transport.close)
+        if self._closing is None:
+            self._closing = QuietClose(self.loop, self.transport, self.close_timeout)
+            # uvicorn closes the socket when the application returns unless a close is
+            # timed already.
+            self.close_timer = self._closing.deadline
 
     def _release(self) -> None:
         self.incoming.used -= self._held
         self._held = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._quiet is not None:
-            self._quiet.cancel()
+        if self._closing is not None:
+            self._closing.cancel()
         self._release()
         super().connection_lost(exc)
 
