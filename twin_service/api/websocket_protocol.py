@@ -79,6 +79,8 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
         quiet (api.closing; uvicorn closed at once, and a client still sending lost the
         frame saying why, a message too big say). Its reply to the close frame is dropped
         with the rest (the parser has failed), so the service does not wait for it."""
+        if self._closing is not None:  # uvicorn calls this again on every later read
+            return
         close = self.conn.close_sent
         assert close is not None
         self.queue.put_nowait(
@@ -89,11 +91,9 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
-        if self._closing is None:
-            self._closing = QuietClose(self.loop, self.transport, self.close_timeout)
-            # uvicorn closes the socket when the application returns unless a close is
-            # timed already.
-            self.close_timer = self._closing.deadline
+        self._closing = QuietClose(self.loop, self.transport, self.close_timeout)
+        # uvicorn closes the socket when the application returns unless a close is timed.
+        self.close_timer = self._closing.deadline
 
     def _release(self) -> None:
         self.incoming.used -= self._held
