@@ -61,10 +61,8 @@ class JsonErrorHttpProtocol(_Base):
     max_head_bytes = 64 * 1024
     #: Seconds a head may take, and a body may pause (see the module's documentation).
     read_timeout = 30.0
-    #: Bytes of the current request's head: its parts as parsed (url, headers), and the
-    #: reads of the socket that began and ended inside it (a header still being read).
+    #: Bytes of the current request's head as parsed (url, headers).
     _head_bytes = 0
-    _streamed = 0
     #: What part of a request is awaited (None: no request is arriving), its timer, and
     #: when the last bytes of a body came.
     _reading: _Reading | None = None
@@ -72,7 +70,8 @@ class JsonErrorHttpProtocol(_Base):
     _last_read = 0.0
 
     #: Bytes of heads still arriving, of every connection of the process (WebSocket
-    #: messages too, api.websocket_protocol), and this connection's part.
+    #: messages too, api.websocket_protocol), and this connection's part: the reads of the
+    #: socket that began and ended inside the current head (a header still being read).
     incoming = ByteBudget(64 * 1024 * 1024)
     _held = 0
     #: After an answer before the application, what closes the socket (see api.closing).
@@ -157,7 +156,7 @@ class JsonErrorHttpProtocol(_Base):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._await_head()  # a kept-alive connection's next request
-        self._head_bytes = self._streamed = 0
+        self._head_bytes = 0  # and _held is 0 since the last head was whole
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -189,9 +188,8 @@ class JsonErrorHttpProtocol(_Base):
         inside = self._reading is _Reading.HEAD
         super().data_received(data)
         if inside and self._reading is _Reading.HEAD and not self.transport.is_closing():
-            self._streamed += len(data)
             self._hold(self._held + len(data))
-            if self._streamed > self.max_head_bytes:
+            if self._held > self.max_head_bytes:
                 self._refuse(self._head_too_large())
             elif self.incoming.used > self.incoming.limit:
                 self._refuse(
