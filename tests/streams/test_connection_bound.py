@@ -4,7 +4,6 @@ server-sent events together; it raises its open files limit for them at start.""
 from __future__ import annotations
 
 import asyncio
-import json
 import resource
 import time
 from collections.abc import Callable
@@ -13,23 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import websockets
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
+from tests.streams.test_websocket import connect
 
 Factory = Callable[..., ServiceProcess]
-
-
-def _websocket(proc: ServiceProcess, token: str = ADMIN_TOKEN) -> websockets.connect:
-    url = proc.url.replace("http://", "ws://") + "/api/v1/ws"
-    return websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"})
-
-
-async def _welcomed(ws: ClientConnection) -> None:
-    message = json.loads(await asyncio.wait_for(ws.recv(), 15))
-    assert message["type"] == "welcome", message
 
 
 async def _readers(api: httpx.AsyncClient, expected: int) -> None:
@@ -42,10 +30,11 @@ async def _readers(api: httpx.AsyncClient, expected: int) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _refused_websocket(proc: ServiceProcess) -> ConnectionClosed:
-    async with _websocket(proc) as ws:
-        with pytest.raises(ConnectionClosed) as closed:
-            await asyncio.wait_for(ws.recv(), 15)
+async def _refused(proc: ServiceProcess, token: str = ADMIN_TOKEN) -> ConnectionClosed:
+    """How the service closed a WebSocket it refused instead of welcoming it."""
+    with pytest.raises(ConnectionClosed) as closed:
+        async with connect(proc, token):
+            pass
     return closed.value
 
 
@@ -54,20 +43,17 @@ async def test_readers_past_the_bound_are_refused_until_one_leaves(
 ) -> None:
     proc = service_factory(env={"TWIN_STREAM__MAX_CONNECTIONS": "3"})
     async with AsyncExitStack() as stack, proc.async_client() as api:
-        first = await stack.enter_async_context(_websocket(proc))
-        await _welcomed(first)
-        await _welcomed(await stack.enter_async_context(_websocket(proc)))
+        first = await stack.enter_async_context(connect(proc))  # welcomed
+        await stack.enter_async_context(connect(proc))
         # A connection that has not authenticated holds no reader's place.
-        with pytest.raises(ConnectionClosed) as unauthenticated:
-            async with _websocket(proc, "wrong-token") as stranger:
-                await asyncio.wait_for(stranger.recv(), 15)
-        assert unauthenticated.value.rcvd is not None
-        assert unauthenticated.value.rcvd.code == 4401
+        unauthenticated = await _refused(proc, "wrong-token")
+        assert unauthenticated.rcvd is not None
+        assert unauthenticated.rcvd.code == 4401
         sse = await stack.enter_async_context(api.stream("GET", "/api/v1/stream/twins"))
         assert sse.status_code == 200
         await _readers(api, 3)
 
-        closed = await _refused_websocket(proc)
+        closed = await _refused(proc)
         assert closed.rcvd is not None and closed.rcvd.code == 1013, closed
         assert "stream.max_connections" in closed.rcvd.reason
         refused = await api.get("/api/v1/stream/twins")
@@ -80,7 +66,7 @@ async def test_readers_past_the_bound_are_refused_until_one_leaves(
 
         await first.close()  # a WebSocket that leaves frees its place
         await _readers(api, 2)
-        await _welcomed(await stack.enter_async_context(_websocket(proc)))
+        await stack.enter_async_context(connect(proc))
         await _readers(api, 3)
         await sse.aclose()  # and so does a server-sent-event stream
         await _readers(api, 2)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from tests.api.test_hostile_requests import _partial_heads
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
 
 Factory = Callable[..., ServiceProcess]
@@ -68,12 +69,17 @@ async def _next_text(reader: asyncio.StreamReader) -> dict[str, Any]:
     return message
 
 
-async def _close_code(reader: asyncio.StreamReader) -> int:
+async def _close(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """The code and reason of the close frame, past any other frame."""
     while True:
         opcode, payload = await _frame(reader)
         if opcode == CLOSE:
             code: int = struct.unpack("!H", payload[:2])[0]
-            return code
+            return code, payload[2:].decode()
+
+
+async def _close_code(reader: asyncio.StreamReader) -> int:
+    return (await _close(reader))[0]
 
 
 async def test_a_large_message_before_authentication_is_refused_at_its_header(
@@ -125,3 +131,19 @@ async def test_messages_still_arriving_are_bounded_for_the_whole_process(
         assert (await _next_text(third))["type"] == "welcome"
         third_out.write(_message(900 * 1024))
         assert (await _next_text(third))["correlationId"] == "c"
+
+
+async def test_request_heads_still_arriving_count_in_the_same_bound(
+    service_factory: Factory,
+) -> None:
+    proc = service_factory(env={"TWIN_LIMITS__INCOMING_BYTES": str(1024 * 1024)})
+    heads = _partial_heads(proc, 16, 60_000)  # 960 KB, held
+    try:
+        async with _raw_websocket(proc, ADMIN_TOKEN) as (reader, writer):
+            assert (await _next_text(reader))["type"] == "welcome"
+            writer.write(_text_header(200_000) + b"a" * 150_000)  # and this passes 1 MiB
+            code, reason = await _close(reader)
+        assert code == 1013 and reason.startswith("too much incoming data"), reason
+    finally:
+        for sock in heads:
+            sock.close()
