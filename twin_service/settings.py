@@ -54,9 +54,9 @@ class LimitsSettings(BaseModel):
     incoming_bytes: int = Field(
         64 * 1024 * 1024,
         ge=1024 * 1024,
-        description="Bytes of HTTP request heads and WebSocket messages still arriving, of "
-        "all connections of one process together; the connection whose bytes pass it is "
-        "refused (503 service.busy, a WebSocket closed with 1013).",
+        description="Bytes of HTTP request heads and bodies and WebSocket messages still "
+        "arriving, of all connections of one process together; the connection whose bytes "
+        "pass it is refused (503 service.busy, a WebSocket closed with 1013).",
     )
     read_timeout_seconds: float = Field(
         30.0,

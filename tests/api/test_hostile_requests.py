@@ -507,3 +507,81 @@ def test_a_refusal_reaches_a_client_still_sending(service: ServiceProcess) -> No
         status, error = _json_error(_raw_answer(sock))
     assert status == "HTTP/1.1 431 Request Header Fields Too Large", error
     assert error["error"] == "request.head.toolarge"
+
+
+def _put_head(twin_id: str, size: int, token: str | None = ADMIN_TOKEN) -> bytes:
+    auth = b"" if token is None else f"Authorization: Bearer {token}\r\n".encode()
+    return (
+        f"PUT /api/v1/twins/{twin_id} HTTP/1.1\r\nHost: x\r\n".encode()
+        + auth
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size
+    )
+
+
+#: A twin's PUT body of 400,000 bytes: JSON allows the whitespace after the value.
+_PADDED = b'{"desired": {"a": 1}}'.ljust(400_000)
+
+
+def _partial_bodies(
+    proc: ServiceProcess, names: list[str], token: str | None = ADMIN_TOKEN
+) -> list[socket.socket]:
+    """A connection per name, each having sent 300 KB of the body of a PUT of
+    ``org.body:<name>``, and stopped."""
+    socks = []
+    for name in names:
+        sock = _connect(proc)
+        sock.sendall(_put_head(f"org.body:{name}", len(_PADDED), token) + _PADDED[:300_000])
+        socks.append(sock)
+        time.sleep(0.1)  # read by the service, in this order
+    return socks
+
+
+def test_bodies_still_arriving_are_bounded_for_the_whole_process(tmp_path: Path) -> None:
+    """Each body was bounded (limits.max_request_bytes), not all of them: 300 clients each
+    stopping short of a 1 MB body held 295 MB for as long as they sent a byte now and then.
+    Bodies count in limits.incoming_bytes with the heads and WebSocket messages."""
+    proc = ServiceProcess(tmp_path, env={"TWIN_LIMITS__INCOMING_BYTES": str(1024 * 1024)})
+    proc.start()
+    try:
+        held = _partial_bodies(proc, ["a", "b", "c"])  # 900 KB
+        refused = _partial_bodies(proc, ["d"])  # and this one passes 1 MiB
+        assert _refused(held) == []
+        [answer] = _refused(refused)
+        status, error = _json_error(answer)
+        assert status == "HTTP/1.1 503 Service Unavailable", answer
+        assert error["error"] == "service.busy"
+        assert _head(answer.partition(b"\r\n\r\n")[0])[1]["retry-after"] == "1"
+        # A client still sending its whole body gets its answer too (the service reads
+        # on and drops what comes).
+        with _connect(proc) as sock:
+            sock.sendall(_put_head("org.body:e", len(_PADDED)) + _PADDED)
+            status, error = _json_error(_raw_answer(sock))
+        assert status == "HTTP/1.1 503 Service Unavailable" and error["status"] == 503
+        # A body held is not cut: it completes, and its bytes leave the budget.
+        held[0].sendall(_PADDED[300_000:])
+        assert _answer(held[0])[0] == "HTTP/1.1 201 Created"
+        with _connect(proc) as sock:
+            sock.sendall(_put_head("org.body:f", len(_PADDED)) + _PADDED)
+            assert _answer(sock)[0] == "HTTP/1.1 201 Created"
+        for sock in held:
+            sock.close()
+        time.sleep(0.5)
+        # Closed connections gave their bytes back, and a body refused before the
+        # application read it (401 here) holds nothing: three held again, and a fourth
+        # written whole.
+        strangers = _partial_bodies(proc, ["g", "h", "i", "j"], token=None)
+        held = _partial_bodies(proc, ["k", "l", "m"])
+        assert _refused(held) == []
+        with _connect(proc) as sock:
+            sock.sendall(_put_head("org.body:n", 1000) + _PADDED[:1000])
+            assert _answer(sock)[0] == "HTTP/1.1 201 Created"
+        for sock in held + strangers:
+            sock.close()
+        with proc.client() as api:
+            created = {"a", "f", "n"}
+            for name in "abcdefghijklmn":
+                found = api.get(f"/api/v1/twins/org.body:{name}").status_code
+                assert found == (200 if name in created else 404), name
+        assert "Traceback" not in proc.log_tail(400)
+    finally:
+        proc.stop()

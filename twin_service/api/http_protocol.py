@@ -15,6 +15,11 @@ thousand such, and the process has no descriptors left). A head must be complete
 ``limits.read_timeout_seconds`` after the connection opened (or, on a kept-alive one, after
 its next request began), and a body may not pause longer than that: else 408 and the
 connection closed.
+
+Each head and body has its bound, but not all of them together: 300 clients each stopping
+short of a 1 MB body held 295 MB, for as long as they sent a byte now and then. The heads
+and bodies still arriving count in ``limits.incoming_bytes`` (with the WebSocket messages,
+api.websocket_protocol); the connection whose bytes pass it is answered 503.
 """
 
 from __future__ import annotations
@@ -69,9 +74,10 @@ class JsonErrorHttpProtocol(_Base):
     _timer: asyncio.TimerHandle | None = None
     _last_read = 0.0
 
-    #: Bytes of heads still arriving, of every connection of the process (WebSocket
+    #: Bytes of requests still arriving, of every connection of the process (WebSocket
     #: messages too, api.websocket_protocol), and this connection's part: the reads of the
-    #: socket that began and ended inside the current head (a header still being read).
+    #: socket that began and ended inside the current head (a header still being read),
+    #: or the body as far as it came.
     incoming = ByteBudget(64 * 1024 * 1024)
     _held = 0
     #: After an answer before the application, what closes the socket (see api.closing).
@@ -117,11 +123,20 @@ class JsonErrorHttpProtocol(_Base):
     def on_body(self, body: bytes) -> None:
         # Not a timer per piece: the timer looks at this when it fires.
         self._last_read = self.loop.time()
+        if not self.cycle.response_complete:  # else uvicorn drops it
+            # Held until the body is whole: the application reads it all (api.deps).
+            self._hold(self._held + len(body))
         super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._stop_timer()
+        self._hold(0)
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        # Answered before its body was whole (a refusal): the application let go of it.
+        self._hold(0)
+        super().on_response_complete()
 
     def handle_websocket_upgrade(self) -> None:
         self._stop_timer()  # the connection is the WebSocket protocol's from here
@@ -187,20 +202,23 @@ class JsonErrorHttpProtocol(_Base):
         # count too, so that it cannot grow past the bound by more than a read or two.
         inside = self._reading is _Reading.HEAD
         super().data_received(data)
-        if inside and self._reading is _Reading.HEAD and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if inside and self._reading is _Reading.HEAD:
             self._hold(self._held + len(data))
             if self._held > self.max_head_bytes:
                 self._refuse(self._head_too_large())
-            elif self.incoming.used > self.incoming.limit:
-                self._refuse(
-                    Busy(
-                        "The requests and messages clients are still sending hold "
-                        "limits.incoming_bytes of this process; try again later."
-                    )
+                return
+        if self._held and self.incoming.used > self.incoming.limit:
+            self._refuse(
+                Busy(
+                    "The requests and messages clients are still sending hold "
+                    "limits.incoming_bytes of this process; try again later."
                 )
+            )
 
     def _hold(self, size: int) -> None:
-        """Count ``size`` bytes of a head still arriving for this connection (0: none)."""
+        """Count ``size`` bytes of a request still arriving for this connection (0: none)."""
         self.incoming.used += size - self._held
         self._held = size
 
@@ -220,13 +238,17 @@ class JsonErrorHttpProtocol(_Base):
 
     def _refuse(self, error: TwinServiceError) -> None:
         """Answer ``error`` in the one JSON shape, before the application, and close."""
-        # A head refused, with no earlier request of the connection still answering: the
-        # client may still be sending it, so the connection is read on (api.closing).
-        # Else close at once: a body refused (the client paused, nothing is in flight)
-        # tells the application reading it that the client is gone, and an earlier
-        # request's answer must not follow this one.
+        # The client may still be sending the request, so the connection is read on
+        # (api.closing), unless an answer has begun on it: an earlier request's, which
+        # must not follow this one, or this request's own. The application reading a
+        # refused body learns the client is gone, as it would from a closed connection.
         cycle = self.cycle
-        drain = self._reading is _Reading.HEAD and (cycle is None or cycle.response_complete)
+        if self._reading is _Reading.BODY:
+            drain = not cycle.response_started
+            cycle.disconnected = True
+            cycle.message_event.set()
+        else:  # a head: the cycle, if any, is an earlier request's
+            drain = cycle is None or cycle.response_complete
         self._stop_timer()
         self._hold(0)
         body = dumps_bytes(error.to_body())
@@ -242,6 +264,7 @@ class JsonErrorHttpProtocol(_Base):
         ]
         self.transport.write(b"".join(head) + body)
         if drain:
+            self.flow.resume_reading()  # paused while the application was behind
             self._closing = QuietClose(self.loop, self.transport, self.read_timeout)
         else:
             self.transport.close()

@@ -8,7 +8,7 @@ held that much for good. Two bounds:
 - until the application has authenticated the connection, a message may be at most
   :data:`UNAUTHENTICATED_MAX_BYTES` (the auth message is a token): anyone could otherwise
   hold 1 MiB per connection for the ten seconds a connection may take to authenticate;
-- the messages still arriving on all connections of the process, with the request heads
+- the messages still arriving on all connections of the process, with the requests
   (api.http_protocol), hold at most ``limits.incoming_bytes``; the connection whose bytes
   pass it is closed with 1013 (try again later).
 """
@@ -30,7 +30,7 @@ EXTENSION = "twin.websocket.bounds"
 
 
 class BoundedWebSocketProtocol(DirectWebSocketProtocol):
-    #: Bytes still arriving, of every connection of the process (request heads too).
+    #: Bytes still arriving, of every connection of the process (HTTP requests too).
     incoming = ByteBudget(64 * 1024 * 1024)
     #: This connection's part of ``incoming``.
     _held = 0
