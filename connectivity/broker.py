@@ -80,6 +80,10 @@ class EmbeddedBrokerConfig:
     #: Seconds between two looks at the credentials file: a device whose credentials were
     #: removed or replaced since it logged in is disconnected.
     credentials_check_seconds: float = 2.0
+    #: Device connections held at once (the service's own are not counted); one more is
+    #: refused. Each costs about 54 KB and a descriptor, and amqtt has no bound of its own
+    #: (its listener's max_connections makes the next connection wait, unanswered).
+    max_devices: int = 2000
 
 
 @dataclass
@@ -160,6 +164,10 @@ def device_may_use(layout: TopicLayout, twin_id: str, topic: str) -> bool:
 #: CONNACK with return code 0x01, "unacceptable protocol version" (MQTT 3.1.1 [MQTT-3.1.2-2]);
 #: paho's MQTT 5 client reads it as "Unsupported protocol version".
 _CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
+#: CONNACK with return code 0x03, "server unavailable": paho retries it as a lost connection.
+_CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
+#: Seconds between two log lines about devices refused at max_devices.
+_REFUSALS_LOGGED_EVERY = 60.0
 _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 
 
@@ -169,7 +177,8 @@ class _TwinBroker(EndToEndAcks):
     * a first packet bounded in size and time, and any packet in size (see PacketReader);
     * a device's QoS 1 message acknowledged only once the service has it (EndToEndAcks);
     * retained messages only for a session's own filters;
-    * a CONNECT of another protocol level than 3.1.1 refused with a reason.
+    * a CONNECT of another protocol level than 3.1.1 refused with a reason;
+    * at most ``max_devices`` device connections at once.
 
     On the last: amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the
     client id: amqtt misreads the lengths and waits for bytes that never come, so the device
@@ -184,6 +193,10 @@ class _TwinBroker(EndToEndAcks):
         self.devices_admitted = asyncio.Event()
         self._closing = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        #: Device connections held now, and those refused since the last log line about it.
+        self.devices = 0
+        self._refused_devices = 0
+        self._refusals_logged_at = -_REFUSALS_LOGGED_EVERY
         if config.admit_devices_at_start:
             self.devices_admitted.set()
 
@@ -235,13 +248,11 @@ class _TwinBroker(EndToEndAcks):
             if session.username != self._config.service_username:
                 await _close_connection(handler)
 
-    async def _until_devices_admitted(self, connect: bytes) -> bool:
-        """Holds a client other than the service until devices are admitted (bounded by
-        connect_timeout, so that a service that never subscribes shuts no one out); False
-        when the broker shuts down meanwhile."""
+    async def _until_devices_admitted(self) -> bool:
+        """Holds a device until devices are admitted (bounded by connect_timeout, so that a
+        service that never subscribes shuts no one out); False when the broker shuts down
+        meanwhile."""
         if self.devices_admitted.is_set():
-            return True
-        if connect_username(connect) == self._config.service_username:
             return True
         admitted = asyncio.ensure_future(self.devices_admitted.wait())
         closing = asyncio.ensure_future(self._closing.wait())
@@ -327,29 +338,60 @@ class _TwinBroker(EndToEndAcks):
             writer.close()
             return
         refused = other_protocol_level(packet)
-        if refused is None:
-            if not await self._until_devices_admitted(packet):
+        if refused is not None:
+            level, client_id = refused
+            log.warning(
+                "embedded broker refused client %r: it connects with %s, and the embedded "
+                "broker speaks MQTT 3.1.1 only; connect with MQTT 3.1.1 or configure an "
+                "external broker (TWIN_MQTT_URL)",
+                client_id,
+                _VERSIONS.get(level, f"MQTT protocol level {level}"),
+            )
+            await _answer_and_close(writer, _CONNACK_BAD_VERSION)
+            return
+        device = connect_username(packet) != self._config.service_username
+        if device and self.devices >= self._config.max_devices:
+            self._note_device_refused()
+            await _answer_and_close(writer, _CONNACK_UNAVAILABLE)
+            return
+        self.devices += 1 if device else 0
+        try:
+            if device and not await self._until_devices_admitted():
                 writer.close()
                 return
             # amqtt parses the CONNECT itself, from its first byte.
             peer = writer.get_extra_info("peername")
             replay = PacketReader(reader, packet, self._config.max_packet_size, peer)
             await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
+        finally:
+            self.devices -= 1 if device else 0
+
+    def _note_device_refused(self) -> None:
+        """Log the devices refused at ``max_devices``, at most once a minute (a fleet that
+        outgrew the bound retries all the time)."""
+        self._refused_devices += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusals_logged_at < _REFUSALS_LOGGED_EVERY:
             return
-        level, client_id = refused
         log.warning(
-            "embedded broker refused client %r: it connects with %s, and the embedded broker "
-            "speaks MQTT 3.1.1 only; connect with MQTT 3.1.1 or configure an external broker "
-            "(TWIN_MQTT_URL)",
-            client_id,
-            _VERSIONS.get(level, f"MQTT protocol level {level}"),
+            "embedded broker refused %d device connection(s) (CONNACK 3, server unavailable): "
+            "it holds mqtt.embedded_max_devices (%d) already; raise it, or run an external "
+            "broker (TWIN_MQTT_URL) for a fleet this size",
+            self._refused_devices,
+            self._config.max_devices,
         )
-        writer.write(_CONNACK_BAD_VERSION)
-        with contextlib.suppress(ConnectionError):  # the device may be gone already
-            await writer.drain()
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        self._refused_devices = 0
+        self._refusals_logged_at = now
+
+
+async def _answer_and_close(writer: asyncio.StreamWriter, connack: bytes) -> None:
+    """Refuse a client with ``connack`` (its CONNECT has been read whole) and close."""
+    writer.write(connack)
+    with contextlib.suppress(ConnectionError):  # the device may be gone already
+        await writer.drain()
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
 
 
 async def _close_connection(handler: Any) -> None:
@@ -439,6 +481,11 @@ class EmbeddedBroker:
         session, was acknowledged to the device, and was lost when the broker stopped."""
         if self._broker is not None:
             await self._broker.close_to_devices()
+
+    @property
+    def devices(self) -> int:
+        """Device connections held now (bounded by ``max_devices``)."""
+        return 0 if self._broker is None else self._broker.devices
 
     @property
     def ready(self) -> bool:

@@ -140,6 +140,7 @@ class MqttSync:
                     topic_prefix=m.topic_prefix,
                     session_expiry=m.session_expiry_seconds,
                     max_packet_size=device_packet_limit(settings),
+                    max_devices=m.embedded_max_devices,
                     admit_devices_at_start=False,
                 )
             )
@@ -273,6 +274,9 @@ class MqttSync:
             "pendingAcks": h.pending_acks,
             "handlerFailures": h.handler_failures,
         }
+        if self.broker is not None:
+            body["devices"] = self.broker.devices
+            body["maxDevices"] = self.broker.config.max_devices
         if h.last_error:
             body["lastError"] = h.last_error
         if h.last_error_at is not None:

@@ -35,6 +35,8 @@ FULL: dict[str, Any] = {
     "mqtt": {
         "status": "down",
         "reconnects": 5,
+        "devices": 3,
+        "maxDevices": 4,
         "pendingAcks": 6,
         "handlerFailures": 0,
         "deltasPublished": 7,
@@ -89,6 +91,8 @@ def test_every_figure_of_the_checks_is_a_metric() -> None:
         "twin_service_index_lag_seconds": 0.25,
         "twin_service_index_rejected_total": 12,
         "twin_service_mqtt_reconnects_total": 5,
+        "twin_service_mqtt_embedded_devices": 3,
+        "twin_service_mqtt_embedded_devices_max": 4,
         "twin_service_mqtt_pending_acks": 6,
         "twin_service_mqtt_handler_failures_total": 0,
         "twin_service_mqtt_messages_applied_total": 8,

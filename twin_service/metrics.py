@@ -109,6 +109,18 @@ METRICS = (
         ("mqtt", "reconnects"),
     ),
     Metric(
+        "twin_service_mqtt_embedded_devices",
+        "gauge",
+        "Device connections the embedded broker holds (bounded by mqtt.embedded_max_devices).",
+        ("mqtt", "devices"),
+    ),
+    Metric(
+        "twin_service_mqtt_embedded_devices_max",
+        "gauge",
+        "Device connections the embedded broker holds at most (mqtt.embedded_max_devices).",
+        ("mqtt", "maxDevices"),
+    ),
+    Metric(
         "twin_service_mqtt_pending_acks",
         "gauge",
         "Device messages received and not yet acknowledged to the broker.",

@@ -8,8 +8,8 @@ import resource
 
 log = logging.getLogger(__name__)
 
-#: Descriptors kept for everything but the change-stream readers: REST connections, the
-#: devices of the embedded broker, the store, the broker and index clients, the log.
+#: Descriptors kept for everything but the change-stream readers and the devices of the
+#: embedded broker: REST connections, the store, the broker and index clients, the log.
 RESERVED = 1024
 
 
@@ -31,13 +31,18 @@ def raise_open_files_limit() -> None:
         log.info("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
 
 
-def readers_bound(max_connections: int) -> int:
+def readers_bound(max_connections: int, devices: int = 0) -> int:
     """``stream.max_connections``, or fewer when the open files limit has no room for that
-    many readers besides :data:`RESERVED` (then at least half the limit; said in the log)."""
+    many readers besides :data:`RESERVED` and ``devices`` (the embedded broker's bound;
+    then at least half the limit; said in the log)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY or soft - RESERVED >= max_connections:
+    reserved = RESERVED + devices
+    if soft == resource.RLIM_INFINITY or soft - reserved >= max_connections:
         return max_connections
-    bound = max(soft - RESERVED, soft // 2, 1)
+    # Half the limit may be more than was asked for: with a smaller max_connections.
+    bound = min(max(soft - reserved, soft // 2, 1), max_connections)
+    if bound == max_connections:
+        return bound
     log.warning(
         "the open files limit is %d: change-stream readers are bounded at %d, not "
         "stream.max_connections (%d), to keep %d for requests, devices and clients; raise "
@@ -45,6 +50,6 @@ def readers_bound(max_connections: int) -> int:
         soft,
         bound,
         max_connections,
-        RESERVED,
+        reserved,
     )
     return bound

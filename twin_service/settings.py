@@ -218,6 +218,12 @@ class MqttSettings(BaseModel):
     enabled: bool = Field(True, description="Device sync over MQTT.")
     embedded_host: str = Field("127.0.0.1", description="Built-in broker address (no mqtt_url).")
     embedded_port: int = Field(1883, ge=0, le=65535, description="Built-in broker port.")
+    embedded_max_devices: int = Field(
+        2000,
+        ge=1,
+        description="Device connections the built-in broker holds at once (about 54 KB "
+        "each); one more is refused with CONNACK 3, server unavailable.",
+    )
     topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
     client_id: str = Field(
         "twin-service",

@@ -546,3 +546,72 @@ async def test_a_device_whose_credentials_go_is_disconnected(tmp_path: Path) -> 
         for client in clients.values():
             await client.stop(grace=0)
         await broker.stop()
+
+
+async def _login(
+    port: int, username: str, password: str, client_id: str
+) -> tuple[bytes, asyncio.StreamWriter]:
+    """The CONNACK a raw MQTT 3.1.1 login gets, and its connection (left open)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(mqtt_packets.connect(client_id, username, password))
+    return await asyncio.wait_for(reader.readexactly(4), 10), writer
+
+
+_ACCEPTED = b"\x20\x02\x00\x00"
+_UNAVAILABLE = b"\x20\x02\x00\x03"
+
+
+async def test_device_connections_are_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt held as many device connections as came (about 54 KB and a descriptor each;
+    its own listener bound makes the next one wait, unanswered). One past max_devices gets
+    CONNACK 3, server unavailable; the service's own connections are not counted."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    store = CredentialStore(tmp_path / "creds.json")
+    password = store.add(TWIN)
+    broker = _bare_broker(tmp_path, max_devices=2)
+    await broker.start()
+    port = broker.config.port
+    held: list[asyncio.StreamWriter] = []
+
+    async def login(username: str, password: str, client_id: str) -> bytes:
+        connack, writer = await _login(port, username, password, client_id)
+        held.append(writer)
+        return connack
+
+    try:
+        assert await login(TWIN, password, "d1") == _ACCEPTED
+        assert await login(TWIN, password, "d2") == _ACCEPTED
+        assert await login(TWIN, password, "d3") == _UNAVAILABLE
+        assert await login(TWIN, password, "d4") == _UNAVAILABLE
+        assert await login("service", "svc-pw", "svc") == _ACCEPTED
+        # Logged once a minute, not once per refusal.
+        refusals = [r.getMessage() for r in caplog.records if "max_devices" in r.getMessage()]
+        assert refusals == [
+            "embedded broker refused 1 device connection(s) (CONNACK 3, server unavailable): "
+            "it holds mqtt.embedded_max_devices (2) already; raise it, or run an external "
+            "broker (TWIN_MQTT_URL) for a fleet this size"
+        ], refusals
+        # A device that leaves frees its place.
+        held[0].close()
+        await eventually(lambda: broker.devices == 1)
+        assert await login(TWIN, password, "d5") == _ACCEPTED
+        # A client refused so tries again, and gets in once there is room.
+        late = MqttClient(
+            MqttOptions(
+                url=broker.url, client_id="d6", protocol=4, username=TWIN, password=password
+            )
+        )
+        await late.start()
+        try:
+            await eventually(lambda: "connect refused: Server unavailable" in caplog.text)
+            assert not late.health().connected
+            held[1].close()
+            await late.wait_connected(15)
+        finally:
+            await late.stop(grace=0)
+    finally:
+        for writer in held:
+            writer.close()
+        await broker.stop()

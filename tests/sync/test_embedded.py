@@ -54,6 +54,7 @@ async def test_embedded_broker_device_syncs_delta(tmp_path: Path) -> None:
             "TWIN_MQTT__ENABLED": "true",
             "TWIN_MQTT__EMBEDDED_PORT": str(port),
             "TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "0",
+            "TWIN_MQTT__EMBEDDED_MAX_DEVICES": "5",
         },
     ).start()
     url = f"mqtt://127.0.0.1:{port}"
@@ -70,6 +71,9 @@ async def test_embedded_broker_device_syncs_delta(tmp_path: Path) -> None:
             while delta["state"] != {"fan": {"speed": 5}}:
                 delta = await dev.deltas.get()
             await dev.report(delta["state"], desired_version=delta["desiredVersion"])
+            async with proc.async_client() as api:
+                mqtt = (await api.get("/ready")).json()["checks"]["mqtt"]
+            assert (mqtt["devices"], mqtt["maxDevices"]) == (1, 5), mqtt
             # The broker refuses the topics of another twin: MQTT 3.1.1 has no way to say so
             # in a PUBACK, so amqtt acknowledges and drops it (checked below: twin unchanged).
             await dev.mqtt.publish(

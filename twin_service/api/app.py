@@ -222,7 +222,7 @@ async def start_service(
         store,
         stream.poll_interval_seconds,
         stream.total_queue_bytes,
-        readers_bound(stream.max_connections),
+        readers_bound(stream.max_connections, _embedded_devices(settings)),
     )
     await _begin(stack, "the event hub", hub.start, hub.stop)
     bus = build_bus(settings)
@@ -306,6 +306,12 @@ def _end_serving(app: FastAPI, failure: str) -> None:
         log.error("%s", failure)
     else:
         end_serving()
+
+
+def _embedded_devices(settings: Settings) -> int:
+    """The embedded broker's bound on devices, when it runs: they share the descriptors."""
+    mqtt = settings.mqtt
+    return mqtt.embedded_max_devices if mqtt.enabled and not settings.mqtt_url else 0
 
 
 async def _begin(
