@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,10 @@ class EmbeddedBrokerConfig:
     #: refused. Each costs about 54 KB and a descriptor, and amqtt has no bound of its own
     #: (its listener's max_connections makes the next connection wait, unanswered).
     max_devices: int = 2000
+    #: Messages queued for one offline persistent session; past it the oldest go. amqtt's
+    #: queue grew without end: a device away for a month while its desired state changed
+    #: every second would come back to millions of deltas, all held in memory meanwhile.
+    max_queued: int = 1000
 
 
 @dataclass
@@ -166,8 +171,26 @@ def device_may_use(layout: TopicLayout, twin_id: str, topic: str) -> bool:
 _CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
 #: CONNACK with return code 0x03, "server unavailable": paho retries it as a lost connection.
 _CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
-#: Seconds between two log lines about devices refused at max_devices.
-_REFUSALS_LOGGED_EVERY = 60.0
+
+
+class _Tally:
+    """Events to log at most once a minute: a fleet that outgrew a bound meets it all the
+    time (devices refused at max_devices retry, queues at max_queued keep growing)."""
+
+    every = 60.0
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._logged_at: float | None = None
+
+    def add(self, count: int = 1) -> int | None:
+        """Count ``count`` events; the events to log now, or None."""
+        self._count += count
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self.every:
+            return None
+        logged, self._count, self._logged_at = self._count, 0, now
+        return logged
 _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 
 
@@ -178,7 +201,8 @@ class _TwinBroker(EndToEndAcks):
     * a device's QoS 1 message acknowledged only once the service has it (EndToEndAcks);
     * retained messages only for a session's own filters;
     * a CONNECT of another protocol level than 3.1.1 refused with a reason;
-    * at most ``max_devices`` device connections at once.
+    * at most ``max_devices`` device connections at once, and ``max_queued`` messages
+      for an offline session.
 
     On the last: amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the
     client id: amqtt misreads the lengths and waits for bytes that never come, so the device
@@ -193,12 +217,39 @@ class _TwinBroker(EndToEndAcks):
         self.devices_admitted = asyncio.Event()
         self._closing = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
-        #: Device connections held now, and those refused since the last log line about it.
+        #: Device connections held now.
         self.devices = 0
-        self._refused_devices = 0
-        self._refusals_logged_at = -_REFUSALS_LOGGED_EVERY
+        self._refused = _Tally()
+        self._dropped = _Tally()
         if config.admit_devices_at_start:
             self.devices_admitted.set()
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        """Queue a message for an offline device session, keeping the newest ``max_queued``.
+
+        The oldest go, not the newest (mosquitto drops the newest): a delta supersedes the
+        ones before it, and a device whose request went unanswered sends it again. The
+        service's sessions are not trimmed: what they are sent are device messages, none of
+        which may be lost.
+        """
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
+        if target_session.username == self._config.service_username:
+            return
+        queue = target_session.retained_messages
+        excess = queue.qsize() - self._config.max_queued
+        for _ in range(excess):
+            queue.get_nowait()
+        dropped = self._dropped.add(excess) if excess > 0 else None
+        if dropped:
+            log.warning(
+                "embedded broker dropped %d message(s) queued for offline sessions past "
+                "mqtt.embedded_max_queued (%d), the oldest of each (one of them: %r)",
+                dropped,
+                self._config.max_queued,
+                target_session.client_id,
+            )
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -367,21 +418,15 @@ class _TwinBroker(EndToEndAcks):
             self.devices -= 1 if device else 0
 
     def _note_device_refused(self) -> None:
-        """Log the devices refused at ``max_devices``, at most once a minute (a fleet that
-        outgrew the bound retries all the time)."""
-        self._refused_devices += 1
-        now = asyncio.get_running_loop().time()
-        if now - self._refusals_logged_at < _REFUSALS_LOGGED_EVERY:
-            return
-        log.warning(
-            "embedded broker refused %d device connection(s) (CONNACK 3, server unavailable): "
-            "it holds mqtt.embedded_max_devices (%d) already; raise it, or run an external "
-            "broker (TWIN_MQTT_URL) for a fleet this size",
-            self._refused_devices,
-            self._config.max_devices,
-        )
-        self._refused_devices = 0
-        self._refusals_logged_at = now
+        refused = self._refused.add()
+        if refused:
+            log.warning(
+                "embedded broker refused %d device connection(s) (CONNACK 3, server "
+                "unavailable): it holds mqtt.embedded_max_devices (%d) already; raise it, or "
+                "run an external broker (TWIN_MQTT_URL) for a fleet this size",
+                refused,
+                self._config.max_devices,
+            )
 
 
 async def _answer_and_close(writer: asyncio.StreamWriter, connack: bytes) -> None:

@@ -224,6 +224,12 @@ class MqttSettings(BaseModel):
         description="Device connections the built-in broker holds at once (about 54 KB "
         "each); one more is refused with CONNACK 3, server unavailable.",
     )
+    embedded_max_queued: int = Field(
+        1000,
+        ge=1,
+        description="Messages the built-in broker queues for one offline persistent "
+        "session; past it the oldest are dropped (a newer delta supersedes them).",
+    )
     topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
     client_id: str = Field(
         "twin-service",

@@ -615,3 +615,50 @@ async def test_device_connections_are_bounded(
         for writer in held:
             writer.close()
         await broker.stop()
+
+
+async def test_an_offline_session_keeps_the_newest_messages(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt queued every message for an offline persistent session, without end (a device
+    away for a month while its desired state changed every second). Past max_queued the
+    oldest go: a newer delta supersedes them. The service's own sessions keep all."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    store = CredentialStore(tmp_path / "creds.json")
+    device = {"protocol": 4, "username": TWIN, "password": store.add(TWIN)}
+    service = {"protocol": 4, "username": "service", "password": "svc-pw"}
+    broker = _bare_broker(tmp_path, max_queued=3)
+    await broker.start()
+    delta = f"twins/{TWIN}/delta"
+    try:
+        collected = {"away": Collector(), "svc-away": Collector()}
+        for client_id, login in (("away", device), ("svc-away", service)):
+            sub = await started(broker.url, client_id, **login)
+            await sub.subscribe(delta, 1, collected[client_id])
+            await sub.stop()  # its persistent session stays, offline
+        pub = await started(broker.url, "pub", **service)
+        for n in range(10):
+            await pub.publish(delta, str(n).encode())
+        await pub.stop()
+        for client_id, login in (("away", device), ("svc-away", service)):
+            again = MqttClient(MqttOptions(url=broker.url, client_id=client_id, **login))  # type: ignore[arg-type]
+            await again.subscribe(delta, 1, collected[client_id])
+            await again.start()
+            try:
+                await again.wait_connected(10)
+                await collected[client_id].wait_for(3)
+                await asyncio.sleep(0.5)  # and no more
+            finally:
+                await again.stop()
+        newest = [m.payload for m in collected["away"].messages]
+        assert newest == [b"7", b"8", b"9"]
+        every = [m.payload for m in collected["svc-away"].messages]
+        assert every == [str(n).encode() for n in range(10)]
+        # Logged once a minute: the first drop, then a count of those since.
+        drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        assert drops == [
+            "embedded broker dropped 1 message(s) queued for offline sessions past "
+            "mqtt.embedded_max_queued (3), the oldest of each (one of them: 'away')"
+        ], drops
+    finally:
+        await broker.stop()
