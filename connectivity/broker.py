@@ -171,6 +171,7 @@ def device_may_use(layout: TopicLayout, twin_id: str, topic: str) -> bool:
 _CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
 #: CONNACK with return code 0x03, "server unavailable": paho retries it as a lost connection.
 _CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
+_VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 
 
 class _Tally:
@@ -191,7 +192,6 @@ class _Tally:
             return None
         logged, self._count, self._logged_at = self._count, 0, now
         return logged
-_VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 
 
 class _TwinBroker(EndToEndAcks):
@@ -418,6 +418,7 @@ class _TwinBroker(EndToEndAcks):
             self.devices -= 1 if device else 0
 
     def _note_device_refused(self) -> None:
+        """Log the devices refused at ``max_devices``, at most once a minute."""
         refused = self._refused.add()
         if refused:
             log.warning(

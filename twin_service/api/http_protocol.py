@@ -123,7 +123,8 @@ class JsonErrorHttpProtocol(_Base):
     def on_body(self, body: bytes) -> None:
         # Not a timer per piece: the timer looks at this when it fires.
         self._last_read = self.loop.time()
-        if not self.cycle.response_complete:  # else uvicorn drops it
+        cycle = self.cycle  # None before a first request's head is whole, or an upgrade's
+        if cycle is not None and not cycle.response_complete:  # else uvicorn drops it
             # Held until the body is whole: the application reads it all (api.deps).
             self._hold(self._held + len(body))
         super().on_body(body)
@@ -243,7 +244,7 @@ class JsonErrorHttpProtocol(_Base):
         # must not follow this one, or this request's own. The application reading a
         # refused body learns the client is gone, as it would from a closed connection.
         cycle = self.cycle
-        if self._reading is _Reading.BODY:
+        if self._reading is _Reading.BODY and cycle is not None:
             drain = not cycle.response_started
             cycle.disconnected = True
             cycle.message_event.set()
