@@ -85,6 +85,10 @@ class EmbeddedBrokerConfig:
     #: refused. Each costs about 54 KB and a descriptor, and amqtt has no bound of its own
     #: (its listener's max_connections makes the next connection wait, unanswered).
     max_devices: int = 2000
+    #: Connections still sending their CONNECT at once (up to connect_timeout and 64 KiB
+    #: each); one more is closed at once. A device's CONNECT is a few hundred bytes, read
+    #: as soon as it comes: even a fleet reconnecting at once has few of them at a time.
+    max_connecting: int = 200
     #: Messages queued for one offline persistent session; past it the oldest go. amqtt's
     #: queue grew without end: a device away for a month while its desired state changed
     #: every second would come back to millions of deltas, all held in memory meanwhile.
@@ -201,8 +205,8 @@ class _TwinBroker(EndToEndAcks):
     * a device's QoS 1 message acknowledged only once the service has it (EndToEndAcks);
     * retained messages only for a session's own filters;
     * a CONNECT of another protocol level than 3.1.1 refused with a reason;
-    * at most ``max_devices`` device connections at once, and ``max_queued`` messages
-      for an offline session.
+    * at most ``max_devices`` device connections at once, ``max_connecting`` still sending
+      their CONNECT, and ``max_queued`` messages for an offline session.
 
     On the last: amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the
     client id: amqtt misreads the lengths and waits for bytes that never come, so the device
@@ -217,9 +221,11 @@ class _TwinBroker(EndToEndAcks):
         self.devices_admitted = asyncio.Event()
         self._closing = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
-        #: Device connections held now.
+        #: Device connections held now, and connections whose CONNECT is still arriving.
         self.devices = 0
+        self.arriving = 0
         self._refused = _Tally()
+        self._refused_arriving = _Tally()
         self._dropped = _Tally()
         if config.admit_devices_at_start:
             self.devices_admitted.set()
@@ -373,7 +379,13 @@ class _TwinBroker(EndToEndAcks):
     ) -> None:
         # Before anyone is authenticated, so bounded in time and size: a connection that
         # never sent its CONNECT was held for good, and one that announced 200 MB had it
-        # read into memory (the process held 600 MB after it).
+        # read into memory (the process held 600 MB after it). And in number: 3,000
+        # connections each sending 60 KB of a CONNECT held 143 MB, and descriptors.
+        if self.arriving >= self._config.max_connecting:
+            self._note_arrival_refused()
+            writer.close()
+            return
+        self.arriving += 1
         try:
             packet = await asyncio.wait_for(first_packet(reader), self._config.connect_timeout)
         except (TimeoutError, ConnectTooLarge) as exc:
@@ -382,6 +394,8 @@ class _TwinBroker(EndToEndAcks):
             log.warning("embedded broker closed a connection from %s: %s", peer, reason)
             writer.close()
             return
+        finally:
+            self.arriving -= 1
         if not packet:
             # Closed before a byte was sent: a TCP health check (a Kubernetes tcpSocket
             # probe, a load balancer). amqtt warned twice about each one.
@@ -416,6 +430,17 @@ class _TwinBroker(EndToEndAcks):
             await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
         finally:
             self.devices -= 1 if device else 0
+
+    def _note_arrival_refused(self) -> None:
+        """Log the connections closed at once for want of room, at most once a minute."""
+        closed = self._refused_arriving.add()
+        if closed:
+            log.warning(
+                "embedded broker closed %d connection(s) at once: as many as "
+                "mqtt.embedded_max_connecting (%d) were still sending their CONNECT",
+                closed,
+                self._config.max_connecting,
+            )
 
     def _note_device_refused(self) -> None:
         """Log the devices refused at ``max_devices``, at most once a minute."""
@@ -532,6 +557,11 @@ class EmbeddedBroker:
     def devices(self) -> int:
         """Device connections held now (bounded by ``max_devices``)."""
         return 0 if self._broker is None else self._broker.devices
+
+    @property
+    def arriving(self) -> int:
+        """Connections still sending their CONNECT (bounded by ``max_connecting``)."""
+        return 0 if self._broker is None else self._broker.arriving
 
     @property
     def ready(self) -> bool:

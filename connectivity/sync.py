@@ -141,6 +141,7 @@ class MqttSync:
                     session_expiry=m.session_expiry_seconds,
                     max_packet_size=device_packet_limit(settings),
                     max_devices=m.embedded_max_devices,
+                    max_connecting=m.embedded_max_connecting,
                     max_queued=m.embedded_max_queued,
                     admit_devices_at_start=False,
                 )

@@ -33,8 +33,8 @@ def raise_open_files_limit() -> None:
 
 def readers_bound(max_connections: int, devices: int = 0) -> int:
     """``stream.max_connections``, or fewer when the open files limit has no room for that
-    many readers besides :data:`RESERVED` and ``devices`` (the embedded broker's bound;
-    then at least half the limit; said in the log)."""
+    many readers besides :data:`RESERVED` and ``devices`` (the embedded broker's bounds on
+    connections; then at least half the limit; said in the log)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     reserved = RESERVED + devices
     if soft == resource.RLIM_INFINITY or soft - reserved >= max_connections:

@@ -224,6 +224,12 @@ class MqttSettings(BaseModel):
         description="Device connections the built-in broker holds at once (about 54 KB "
         "each); one more is refused with CONNACK 3, server unavailable.",
     )
+    embedded_max_connecting: int = Field(
+        200,
+        ge=1,
+        description="Connections to the built-in broker still sending their CONNECT (up to "
+        "10 s and 64 KiB each); one more is closed at once.",
+    )
     embedded_max_queued: int = Field(
         1000,
         ge=1,

@@ -662,3 +662,38 @@ async def test_an_offline_session_keeps_the_newest_messages(
         ], drops
     finally:
         await broker.stop()
+
+
+async def test_connections_still_sending_their_connect_are_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each was bounded in time and size, not their number: 3,000 connections each sending
+    60 KB of a CONNECT held 143 MB (and as many descriptors) for the 10 s allowed. One past
+    max_connecting is closed at once."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    broker = _bare_broker(tmp_path, max_connecting=2, connect_timeout=30)
+    await broker.start()
+    port = broker.config.port
+    silent: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(2):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\x10\xe8\xfb\x03" + b"\x00" * 1000)  # 1,000 of 65,000 bytes
+            silent.append(writer)
+        await eventually(lambda: broker.arriving == 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # not the 30 s
+        writer.close()
+        assert (
+            "embedded broker closed 1 connection(s) at once: as many as "
+            "mqtt.embedded_max_connecting (2) were still sending their CONNECT"
+        ) in caplog.text
+        silent.pop().close()
+        await eventually(lambda: broker.arriving == 1)
+        connack, writer = await _login(port, "service", "svc-pw", "svc")
+        silent.append(writer)
+        assert connack == _ACCEPTED
+    finally:
+        for writer in silent:
+            writer.close()
+        await broker.stop()

@@ -309,9 +309,12 @@ def _end_serving(app: FastAPI, failure: str) -> None:
 
 
 def _embedded_devices(settings: Settings) -> int:
-    """The embedded broker's bound on devices, when it runs: they share the descriptors."""
+    """The embedded broker's bounds on connections (devices, and logins under way), when it
+    runs: they share the process's descriptors."""
     mqtt = settings.mqtt
-    return mqtt.embedded_max_devices if mqtt.enabled and not settings.mqtt_url else 0
+    if not mqtt.enabled or settings.mqtt_url:
+        return 0
+    return mqtt.embedded_max_devices + mqtt.embedded_max_connecting
 
 
 async def _begin(
