@@ -5,7 +5,8 @@ For the zero-config default only; production should run mosquitto (see
 MQTT 3.1.1 only, so clients of this broker must use ``protocol=4``; :class:`_TwinBroker`
 refuses any other protocol level with CONNACK 0x01 and a warning naming the client.
 
-Access rules, enforced by the two plugins below:
+Access rules, checked before amqtt reads a CONNECT (see :meth:`_TwinBroker.stream_connected`)
+and enforced by the two plugins below:
 
 * the service account (username and password from the configuration) may use every topic;
 * a device logs in with its twin id (or :func:`~connectivity.credentials.mqtt_username` of it)
@@ -40,7 +41,7 @@ from connectivity.broker_delivery import EndToEndAcks
 from connectivity.broker_packets import (
     ConnectTooLarge,
     PacketReader,
-    connect_username,
+    connect_credentials,
     first_packet,
     other_protocol_level,
 )
@@ -104,6 +105,35 @@ class _PluginConfig:
     allow_anonymous: bool = False
 
 
+#: Logins _TwinBroker let in before amqtt read them, for TwinAuthPlugin to take instead of
+#: checking them again (PBKDF2 twice per login): (credentials file, username, password) to
+#: the stored hash a device's credentials matched (None for the service and anonymous).
+_accepted_logins: dict[tuple[str, str, str], str | None] = {}
+
+
+async def _check_login(
+    cfg: _PluginConfig | EmbeddedBrokerConfig,
+    store: CredentialStore,
+    username: str | None,
+    password: str | None,
+) -> tuple[bool, str | None]:
+    """Whether a login is let in, and the stored hash a device's credentials matched."""
+    password = password or ""
+    if not username:
+        return cfg.allow_anonymous, None
+    if username == cfg.service_username:
+        return hmac.compare_digest(password.encode(), cfg.service_password.encode()), None
+    # Reads the file and runs PBKDF2: keep both off the event loop.
+    try:
+        matched = await asyncio.to_thread(store.verified_hash, username, password)
+    except CredentialError as exc:  # a damaged file refuses every device, loudly
+        log.error("embedded broker refused login for %r: %s", username, exc)
+        return False, None
+    if matched is None:
+        log.info("embedded broker refused login for %r", username)
+    return matched is not None, matched
+
+
 class TwinAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
     """amqtt authentication: service account, device credentials, optional anonymous."""
 
@@ -116,22 +146,15 @@ class TwinAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
 
     async def authenticate(self, *, session: Session) -> bool | None:
         username, password = session.username, session.password or ""
-        if not username:
-            return self._cfg.allow_anonymous
-        if username == self._cfg.service_username:
-            return hmac.compare_digest(password.encode(), self._cfg.service_password.encode())
-        # Reads the file and runs PBKDF2: keep both off the event loop.
-        try:
-            matched = await asyncio.to_thread(self._store.verified_hash, username, password)
-        except CredentialError as exc:  # a damaged file refuses every device, loudly
-            log.error("embedded broker refused login for %r: %s", username, exc)
-            return False
-        if matched is None:
-            log.info("embedded broker refused login for %r", username)
-            return False
-        # What this session logged in with: _TwinBroker ends it once that is gone.
-        session.credential_hash = matched
-        return True
+        key = (self._cfg.credentials_path, username or "", password)
+        if key in _accepted_logins:
+            accepted, matched = True, _accepted_logins.pop(key)
+        else:  # not through _TwinBroker.stream_connected
+            accepted, matched = await _check_login(self._cfg, self._store, username, password)
+        if matched is not None:
+            # What this session logged in with: _TwinBroker ends it once that is gone.
+            session.credential_hash = matched
+        return accepted
 
 
 class TwinTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped
@@ -175,6 +198,8 @@ def device_may_use(layout: TopicLayout, twin_id: str, topic: str) -> bool:
 _CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
 #: CONNACK with return code 0x03, "server unavailable": paho retries it as a lost connection.
 _CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
+#: CONNACK with return code 0x05, "not authorized", as amqtt answers a refused login.
+_CONNACK_NOT_AUTHORIZED = b"\x20\x02\x00\x05"
 _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 
 
@@ -221,6 +246,7 @@ class _TwinBroker(EndToEndAcks):
         self.devices_admitted = asyncio.Event()
         self._closing = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._credentials = CredentialStore(config.credentials_path)
         #: Device connections held now, and connections whose CONNECT is still arriving.
         self.devices = 0
         self.arriving = 0
@@ -349,7 +375,7 @@ class _TwinBroker(EndToEndAcks):
         """Disconnects a device whose credentials were removed or replaced since it logged
         in. Checked at login only, a revoked device stayed connected as long as it liked;
         mosquitto re-checks its connected clients when it reloads the password file."""
-        store = CredentialStore(self._config.credentials_path)
+        store = self._credentials
         seen = _file_state(store.path)
         while True:
             await asyncio.sleep(self._config.credentials_check_seconds)
@@ -414,13 +440,31 @@ class _TwinBroker(EndToEndAcks):
             )
             await _answer_and_close(writer, _CONNACK_BAD_VERSION)
             return
-        device = connect_username(packet) != self._config.service_username
+        credentials = connect_credentials(packet)
+        if credentials is None:
+            peer = writer.get_extra_info("peername")
+            log.warning("embedded broker closed a connection from %s: a CONNECT cut short", peer)
+            writer.close()
+            return
+        username, password = credentials
+        device = username != self._config.service_username
         if device and self.devices >= self._config.max_devices:
             self._note_device_refused()
             await _answer_and_close(writer, _CONNACK_UNAVAILABLE)
             return
         self.devices += 1 if device else 0
+        login = (str(self._config.credentials_path), username or "", password or "")
         try:
+            # amqtt acts on a CONNECT's client id before it checks the credentials: it took
+            # a connected device's session over (the device, unaware, got nothing more),
+            # and deleted or rewrote an offline one, for anyone who knew the client id.
+            accepted, matched = await _check_login(
+                self._config, self._credentials, username, password
+            )
+            if not accepted:
+                await _answer_and_close(writer, _CONNACK_NOT_AUTHORIZED)
+                return
+            _accepted_logins[login] = matched  # TwinAuthPlugin takes it
             if device and not await self._until_devices_admitted():
                 writer.close()
                 return
@@ -430,6 +474,7 @@ class _TwinBroker(EndToEndAcks):
             await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
         finally:
             self.devices -= 1 if device else 0
+            _accepted_logins.pop(login, None)  # not taken: amqtt refused the CONNECT
 
     def _note_arrival_refused(self) -> None:
         """Log the connections closed at once for want of room, at most once a minute."""

@@ -1,5 +1,5 @@
 """MQTT packets as the embedded broker reads them before and beside amqtt: the first one
-(bounded, and looked into for the protocol level and the username), and every later one's
+(bounded, and looked into for the protocol level and the credentials), and every later one's
 size (see :class:`PacketReader`)."""
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def _string_at(packet: bytes, i: int) -> tuple[str, int]:
     return packet[i + 2 : end].decode(errors="replace"), end
 
 
-def connect_username(packet: bytes) -> str | None:
-    """The username of an MQTT 3.1.1 CONNECT, or None (none given, or cut short)."""
+def connect_credentials(packet: bytes) -> tuple[str | None, str | None] | None:
+    """The username and password of an MQTT 3.1.1 CONNECT (None where not given), or None
+    when the packet is cut short."""
     try:
         i = _level_at(packet)
         flags = packet[i + 1]
@@ -82,11 +83,14 @@ def connect_username(packet: bytes) -> str | None:
         if flags & 0x04:  # the will's topic and message
             _, i = _string_at(packet, i)
             _, i = _string_at(packet, i)
-        if not flags & 0x80 or i + 2 > len(packet):
-            return None
-        return _string_at(packet, i)[0]
+        username = password = None
+        if flags & 0x80:
+            username, i = _string_at(packet, i)
+        if flags & 0x40:
+            password, i = _string_at(packet, i)
     except IndexError:
         return None
+    return None if i > len(packet) else (username, password)
 
 
 def other_protocol_level(packet: bytes) -> tuple[int, str] | None:

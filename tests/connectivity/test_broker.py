@@ -697,3 +697,48 @@ async def test_connections_still_sending_their_connect_are_bounded(
         for writer in silent:
             writer.close()
         await broker.stop()
+
+
+async def test_a_refused_login_leaves_the_sessions_of_its_client_id_alone(env: Env) -> None:
+    """amqtt acted on a CONNECT's client id before it checked the credentials: anyone who
+    knew a device's client id (its twin id, with connectivity.device) took its connected
+    session over, and the device, still connected as far as it could tell, got nothing
+    more; a clean-session CONNECT deleted its offline session and what was queued there.
+    The login is now checked first."""
+    delta = f"twins/{TWIN}/delta"
+    got = Collector()
+    dev = await env.device(TWIN, TWIN)
+    await dev.subscribe(delta, 1, got)
+    away = Collector()
+    offline = await env.device(TWIN, "away")
+    await offline.subscribe(delta, 1, away)
+    await offline.stop()  # its persistent session stays, offline
+    svc = await env.service("svc")
+    try:
+        for client_id in (TWIN, "away"):  # clean session, a wrong password
+            connack, writer = await _login(env.broker.config.port, TWIN, "wrong", client_id)
+            writer.close()
+            assert connack == b"\x20\x02\x00\x05"  # not authorized
+        await svc.publish(delta, b"after")
+        assert [m.payload for m in (await got.wait_for(1))] == [b"after"]
+        assert dev.health().reconnect_count == 0
+        # The offline session kept its subscription and the message queued there.
+        again = MqttClient(
+            MqttOptions(
+                url=env.url,
+                client_id="away",
+                protocol=4,
+                username=TWIN,
+                password=env.passwords[TWIN],
+            )
+        )
+        await again.subscribe(delta, 1, away)
+        await again.start()
+        try:
+            await again.wait_connected(10)
+            assert [m.payload for m in (await away.wait_for(1))] == [b"after"]
+        finally:
+            await again.stop()
+    finally:
+        await dev.stop()
+        await svc.stop()

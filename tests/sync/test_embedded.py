@@ -21,6 +21,7 @@ from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.errors import ConnectRefused
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
+from tests import mqtt_packets
 from tests.servers.process import free_port
 from tests.service_process import ServiceProcess
 from tests.sync.helpers import (
@@ -204,7 +205,7 @@ async def test_library_warnings_are_named_and_levelled_too(tmp_path: Path, level
     try:
         wait_mqtt_up(svc)
         # A TCP health check: connects and hangs up without a CONNECT. It is not worth a
-        # line; a CONNECT cut short is, and amqtt says so.
+        # line; a CONNECT cut short is.
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
         await writer.wait_closed()
@@ -217,11 +218,18 @@ async def test_library_warnings_are_named_and_levelled_too(tmp_path: Path, level
         with pytest.raises(ConnectRefused, match="Unsupported protocol version"):
             await v5.start(timeout=5)
         await v5.mqtt.stop(grace=0)
+        # A CONNECT the service lets in and amqtt refuses: a protocol name not "MQTT".
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        connect = mqtt_packets.connect("emb-x", mqtt_username(twin), password)
+        writer.write(connect.replace(b"MQTT", b"MQTX", 1))
+        await writer.drain()
         await until(lambda: "WARNING amqtt.broker: " in svc.log_tail(10_000))
+        writer.close()
     finally:
         svc.stop()
     log = svc.log_path.read_text(errors="replace")
     # Once: for the CONNECT cut short, not for the health check.
+    assert log.count("a CONNECT cut short") == 1, log
     assert log.count("WARNING amqtt.broker: Failed to initialize client session: ") == 1, log
     assert (
         "WARNING connectivity.broker: embedded broker refused client 'emb-v5': it connects with "
