@@ -41,7 +41,7 @@ from connectivity.broker_delivery import EndToEndAcks
 from connectivity.broker_packets import (
     ConnectTooLarge,
     PacketReader,
-    connect_credentials,
+    connect_login,
     first_packet,
     other_protocol_level,
 )
@@ -440,20 +440,20 @@ class _TwinBroker(EndToEndAcks):
             )
             await _answer_and_close(writer, _CONNACK_BAD_VERSION)
             return
-        credentials = connect_credentials(packet)
-        if credentials is None:
+        login = connect_login(packet)
+        if login is None:
             peer = writer.get_extra_info("peername")
             log.warning("embedded broker closed a connection from %s: a CONNECT cut short", peer)
             writer.close()
             return
-        username, password = credentials
+        client_id, username, password = login
         device = username != self._config.service_username
         if device and self.devices >= self._config.max_devices:
             self._note_device_refused()
             await _answer_and_close(writer, _CONNACK_UNAVAILABLE)
             return
         self.devices += 1 if device else 0
-        login = (str(self._config.credentials_path), username or "", password or "")
+        accepted_as = (str(self._config.credentials_path), username or "", password or "")
         try:
             # amqtt acts on a CONNECT's client id before it checks the credentials: it took
             # a connected device's session over (the device, unaware, got nothing more),
@@ -464,17 +464,29 @@ class _TwinBroker(EndToEndAcks):
             if not accepted:
                 await _answer_and_close(writer, _CONNACK_NOT_AUTHORIZED)
                 return
-            _accepted_logins[login] = matched  # TwinAuthPlugin takes it
+            _accepted_logins[accepted_as] = matched  # TwinAuthPlugin takes it
             if device and not await self._until_devices_admitted():
                 writer.close()
                 return
+            await self._close_taken_over(client_id)
             # amqtt parses the CONNECT itself, from its first byte.
             peer = writer.get_extra_info("peername")
             replay = PacketReader(reader, packet, self._config.max_packet_size, peer)
             await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
         finally:
             self.devices -= 1 if device else 0
-            _accepted_logins.pop(login, None)  # not taken: amqtt refused the CONNECT
+            _accepted_logins.pop(accepted_as, None)  # not taken: amqtt refused the CONNECT
+
+    async def _close_taken_over(self, client_id: str) -> None:
+        """Close the connection of a session that a new login with its client id takes over.
+
+        amqtt moves the session to the new connection but leaves the old one open, its
+        client connected as far as it could tell and receiving nothing until its keep-alive
+        ran out; mosquitto closes it, and so does this.
+        """
+        session, handler = self._sessions.get(client_id, (None, None))
+        if session is not None and session.transitions.state == "connected":
+            await _close_connection(handler)
 
     def _note_arrival_refused(self) -> None:
         """Log the connections closed at once for want of room, at most once a minute."""

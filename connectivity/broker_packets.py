@@ -73,13 +73,13 @@ def _string_at(packet: bytes, i: int) -> tuple[str, int]:
     return packet[i + 2 : end].decode(errors="replace"), end
 
 
-def connect_credentials(packet: bytes) -> tuple[str | None, str | None] | None:
-    """The username and password of an MQTT 3.1.1 CONNECT (None where not given), or None
-    when the packet is cut short."""
+def connect_login(packet: bytes) -> tuple[str, str | None, str | None] | None:
+    """The client id, username and password of an MQTT 3.1.1 CONNECT (None where not
+    given), or None when the packet is cut short."""
     try:
         i = _level_at(packet)
         flags = packet[i + 1]
-        _, i = _string_at(packet, i + 4)  # the client id
+        client_id, i = _string_at(packet, i + 4)
         if flags & 0x04:  # the will's topic and message
             _, i = _string_at(packet, i)
             _, i = _string_at(packet, i)
@@ -90,7 +90,7 @@ def connect_credentials(packet: bytes) -> tuple[str | None, str | None] | None:
             password, i = _string_at(packet, i)
     except IndexError:
         return None
-    return None if i > len(packet) else (username, password)
+    return None if i > len(packet) else (client_id, username, password)
 
 
 def other_protocol_level(packet: bytes) -> tuple[int, str] | None:

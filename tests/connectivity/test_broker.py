@@ -550,11 +550,11 @@ async def test_a_device_whose_credentials_go_is_disconnected(tmp_path: Path) -> 
 
 async def _login(
     port: int, username: str, password: str, client_id: str
-) -> tuple[bytes, asyncio.StreamWriter]:
+) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
     """The CONNACK a raw MQTT 3.1.1 login gets, and its connection (left open)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(mqtt_packets.connect(client_id, username, password))
-    return await asyncio.wait_for(reader.readexactly(4), 10), writer
+    return await asyncio.wait_for(reader.readexactly(4), 10), reader, writer
 
 
 _ACCEPTED = b"\x20\x02\x00\x00"
@@ -576,7 +576,7 @@ async def test_device_connections_are_bounded(
     held: list[asyncio.StreamWriter] = []
 
     async def login(username: str, password: str, client_id: str) -> bytes:
-        connack, writer = await _login(port, username, password, client_id)
+        connack, _, writer = await _login(port, username, password, client_id)
         held.append(writer)
         return connack
 
@@ -690,7 +690,7 @@ async def test_connections_still_sending_their_connect_are_bounded(
         ) in caplog.text
         silent.pop().close()
         await eventually(lambda: broker.arriving == 1)
-        connack, writer = await _login(port, "service", "svc-pw", "svc")
+        connack, _, writer = await _login(port, "service", "svc-pw", "svc")
         silent.append(writer)
         assert connack == _ACCEPTED
     finally:
@@ -716,7 +716,7 @@ async def test_a_refused_login_leaves_the_sessions_of_its_client_id_alone(env: E
     svc = await env.service("svc")
     try:
         for client_id in (TWIN, "away"):  # clean session, a wrong password
-            connack, writer = await _login(env.broker.config.port, TWIN, "wrong", client_id)
+            connack, _, writer = await _login(env.broker.config.port, TWIN, "wrong", client_id)
             writer.close()
             assert connack == b"\x20\x02\x00\x05"  # not authorized
         await svc.publish(delta, b"after")
@@ -742,3 +742,19 @@ async def test_a_refused_login_leaves_the_sessions_of_its_client_id_alone(env: E
     finally:
         await dev.stop()
         await svc.stop()
+
+
+async def test_a_session_taken_over_closes_the_old_connection(env: Env) -> None:
+    """A second login with a client id takes its session over (MQTT 3.1.1, 3.1.4-2). amqtt
+    left the first connection open: its client, connected as far as it could tell, got
+    nothing more until its keep-alive ran out. mosquitto closes it, and so does the
+    embedded broker now."""
+    port = env.broker.config.port
+    first_ack, reader, first = await _login(port, TWIN, env.passwords[TWIN], "twice")
+    second_ack, _, second = await _login(port, TWIN, env.passwords[TWIN], "twice")
+    try:
+        assert first_ack == second_ack == _ACCEPTED
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the broker
+    finally:
+        first.close()
+        second.close()
