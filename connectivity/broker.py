@@ -47,7 +47,7 @@ from connectivity.broker_packets import (
 )
 from connectivity.credentials import CredentialError, CredentialStore, twin_id_from_username
 from connectivity.errors import MqttUnavailable
-from connectivity.topics import DEFAULT_PREFIX, TopicLayout
+from connectivity.topics import DEFAULT_PREFIX, TopicLayout, is_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ class TwinAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
         super().__init__(context)
         self._cfg: _PluginConfig = self.config
         self._store = CredentialStore(Path(self._cfg.credentials_path))
+        self._layout = TopicLayout(self._cfg.topic_prefix)
 
     async def authenticate(self, *, session: Session) -> bool | None:
         username, password = session.username, session.password or ""
@@ -154,7 +155,26 @@ class TwinAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
         if matched is not None:
             # What this session logged in with: _TwinBroker ends it once that is gone.
             session.credential_hash = matched
+            self._keep_will_inside(session)
         return accepted
+
+    def _keep_will_inside(self, session: Session) -> None:
+        """Drop a device's last will that is not on its own topics, as mosquitto does (it
+        checks a will against the ACL when it would publish it). amqtt published a will
+        wherever it said: a device could report for another twin, retained, by hanging up."""
+        topic = session.will_topic
+        if not session.will_flag or topic is None:
+            return
+        twin_id = twin_id_from_username(session.username)
+        if is_topic_name(topic) and device_may_use(self._layout, twin_id, topic):
+            return
+        log.warning(
+            "embedded broker dropped the last will of %r: its topic %r is not its own",
+            session.username,
+            topic,
+        )
+        session.will_flag = False
+        session.will_topic = session.will_message = None
 
 
 class TwinTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped

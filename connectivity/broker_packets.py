@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import NamedTuple
 
 from amqtt.adapters import StreamReaderAdapter
 
@@ -73,9 +74,16 @@ def _string_at(packet: bytes, i: int) -> tuple[str, int]:
     return packet[i + 2 : end].decode(errors="replace"), end
 
 
-def connect_login(packet: bytes) -> tuple[str, str | None, str | None] | None:
-    """The client id, username and password of an MQTT 3.1.1 CONNECT (None where not
-    given), or None when the packet is cut short."""
+class ConnectLogin(NamedTuple):
+    """What an MQTT 3.1.1 CONNECT says of who connects (None where not given)."""
+
+    client_id: str
+    username: str | None
+    password: str | None
+
+
+def connect_login(packet: bytes) -> ConnectLogin | None:
+    """What a CONNECT says of who connects, or None when the packet is cut short."""
     try:
         i = _level_at(packet)
         flags = packet[i + 1]
@@ -90,7 +98,7 @@ def connect_login(packet: bytes) -> tuple[str, str | None, str | None] | None:
             password, i = _string_at(packet, i)
     except IndexError:
         return None
-    return None if i > len(packet) else (client_id, username, password)
+    return None if i > len(packet) else ConnectLogin(client_id, username, password)
 
 
 def other_protocol_level(packet: bytes) -> tuple[int, str] | None:

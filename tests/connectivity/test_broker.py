@@ -758,3 +758,34 @@ async def test_a_session_taken_over_closes_the_old_connection(env: Env) -> None:
     finally:
         first.close()
         second.close()
+
+
+async def test_a_last_will_outside_the_devices_topics_is_dropped(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt published a last will wherever it said, past the topic rules: a device that
+    hung up reported for another twin (retained, too). Such a will is dropped, as mosquitto
+    drops it (the login is let in); a will on the device's own topics is published."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    got = Collector()
+    svc = await env.service("svc")
+    await svc.subscribe("twins/#", 1, got)
+    port, password = env.broker.config.port, env.passwords[TWIN]
+    spoof = (f"twins/{OTHER}/reported/update", b'{"state": {"x": 1}}')
+    own = (f"twins/{TWIN}/status", b"offline")
+    try:
+        for n, will in enumerate((spoof, (f"twins/{TWIN}/#", b"x"), own)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(mqtt_packets.connect(f"willing-{n}", TWIN, password, will))
+            assert await asyncio.wait_for(reader.readexactly(4), 10) == _ACCEPTED
+            writer.transport.abort()  # gone without a DISCONNECT: a will is published
+        (message,) = await got.wait_for(1)
+        assert (message.topic, message.payload) == own
+        await asyncio.sleep(0.3)
+        assert len(got.messages) == 1
+        assert (
+            f"embedded broker dropped the last will of '{TWIN}': its topic "
+            f"'twins/{OTHER}/reported/update' is not its own"
+        ) in caplog.text
+    finally:
+        await svc.stop()
