@@ -224,8 +224,8 @@ _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 
 
 class _Tally:
-    """Events to log at most once a minute: a fleet that outgrew a bound meets it all the
-    time (devices refused at max_devices retry, queues at max_queued keep growing)."""
+    """Events to log at most once a minute: what meets a bound (devices refused at
+    max_devices retry, queues at max_queued keep growing) tends to meet it all the time."""
 
     every = 60.0
 
@@ -251,7 +251,8 @@ class _TwinBroker(EndToEndAcks):
     * retained messages only for a session's own filters;
     * a CONNECT of another protocol level than 3.1.1 refused with a reason;
     * at most ``max_devices`` device connections at once, ``max_connecting`` still sending
-      their CONNECT, and ``max_queued`` messages for an offline session.
+      their CONNECT, and ``max_queued`` messages for an offline session;
+    * a device's messages retained only on its status topic.
 
     On the last: amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the
     client id: amqtt misreads the lengths and waits for bytes that never come, so the device
@@ -267,14 +268,45 @@ class _TwinBroker(EndToEndAcks):
         self._closing = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self._credentials = CredentialStore(config.credentials_path)
+        self._layout = TopicLayout(config.topic_prefix)
         #: Device connections held now, and connections whose CONNECT is still arriving.
         self.devices = 0
         self.arriving = 0
         self._refused = _Tally()
         self._refused_arriving = _Tally()
         self._dropped = _Tally()
+        self._not_retained = _Tally()
         if config.admit_devices_at_start:
             self.devices_admitted.set()
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """Retain what a device publishes with the retain flag only on its status topic.
+
+        That is the one retained message of the device protocol. amqtt kept any: a device
+        could hold memory with a retained message on each of as many topics of its own as
+        it liked (up to the packet bound each), or replace or clear the retained delta the
+        service keeps for it. The message itself is delivered as ever.
+        """
+        username = source_session.username if source_session is not None else None
+        if username and username != self._config.service_username and topic_name is not None:
+            status = self._layout.topic(twin_id_from_username(username), "status")
+            if topic_name != status:
+                not_retained = self._not_retained.add()
+                if not_retained:
+                    log.warning(
+                        "embedded broker retained none of %d message(s) devices published "
+                        "with the retain flag outside their status topic (one of them: %r)",
+                        not_retained,
+                        topic_name,
+                    )
+                return
+        await super().retain_message(source_session, topic_name, data, qos)
 
     async def _retain_broadcast_message(
         self, broadcast: dict[str, Any], qos: int, target_session: Session

@@ -789,3 +789,39 @@ async def test_a_last_will_outside_the_devices_topics_is_dropped(
         ) in caplog.text
     finally:
         await svc.stop()
+
+
+async def test_a_device_retains_only_its_status(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt retained whatever a device published with the retain flag: a device could hold
+    memory with a retained message on each of as many topics of its own as it liked, or
+    replace or clear the retained delta the service keeps for it. Only its status is
+    retained now; every message is still delivered."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    svc = await env.service("svc")
+    delta, status = f"twins/{TWIN}/delta", f"twins/{TWIN}/status"
+    await svc.publish(delta, b'{"state": {"fan": 1}}', retain=True)
+    dev = await env.device(TWIN, "dev")
+    live = Collector()
+    await svc.subscribe(f"twins/{TWIN}/#", 1, live)
+    try:
+        await dev.publish(delta, b"", retain=True)  # would clear the service's delta
+        await dev.publish(f"twins/{TWIN}/junk/1", b"x" * 1000, retain=True)
+        await dev.publish(status, b"online", retain=True)
+        await live.wait_for(3)  # delivered, all three
+        late = Collector()
+        other = await env.service("svc-late")
+        try:
+            await other.subscribe(f"twins/{TWIN}/#", 1, late)
+            await late.wait_for(2)
+            await asyncio.sleep(0.3)
+            retained = {m.topic: m.payload for m in late.messages}
+        finally:
+            await other.stop()
+        assert retained == {delta: b'{"state": {"fan": 1}}', status: b"online"}, retained
+        assert (
+            "embedded broker retained none of 1 message(s) devices published with the "
+            f"retain flag outside their status topic (one of them: '{delta}')"
+        ) in caplog.text
+    finally:
+        await dev.stop()
+        await svc.stop()
