@@ -224,23 +224,25 @@ _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 
 
 class _Tally:
-    """Events to log at most once a minute: what meets a bound (devices refused at
-    max_devices retry, queues at max_queued keep growing) tends to meet it all the time."""
+    """Events logged at most once a minute, with their count since the last line: what
+    meets a bound (devices refused at max_devices retry, queues at max_queued keep growing)
+    tends to meet it all the time. ``message`` takes the count, then the ``args`` of
+    :meth:`note`."""
 
     every = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, message: str) -> None:
+        self._message = message
         self._count = 0
         self._logged_at: float | None = None
 
-    def add(self, count: int = 1) -> int | None:
-        """Count ``count`` events; the events to log now, or None."""
+    def note(self, *args: object, count: int = 1) -> None:
         self._count += count
         now = time.monotonic()
         if self._logged_at is not None and now - self._logged_at < self.every:
-            return None
-        logged, self._count, self._logged_at = self._count, 0, now
-        return logged
+            return
+        log.warning(self._message, self._count, *args)
+        self._count, self._logged_at = 0, now
 
 
 class _TwinBroker(EndToEndAcks):
@@ -272,10 +274,23 @@ class _TwinBroker(EndToEndAcks):
         #: Device connections held now, and connections whose CONNECT is still arriving.
         self.devices = 0
         self.arriving = 0
-        self._refused = _Tally()
-        self._refused_arriving = _Tally()
-        self._dropped = _Tally()
-        self._not_retained = _Tally()
+        self._refused = _Tally(
+            "embedded broker refused %d device connection(s) (CONNACK 3, server unavailable): "
+            "it holds mqtt.embedded_max_devices (%d) already; raise it, or run an external "
+            "broker (TWIN_MQTT_URL) for a fleet this size"
+        )
+        self._refused_arriving = _Tally(
+            "embedded broker closed %d connection(s) at once: as many as "
+            "mqtt.embedded_max_connecting (%d) were still sending their CONNECT"
+        )
+        self._dropped = _Tally(
+            "embedded broker dropped %d message(s) queued for offline sessions past "
+            "mqtt.embedded_max_queued (%d), the oldest of each (one of them: %r)"
+        )
+        self._not_retained = _Tally(
+            "embedded broker retained none of %d message(s) devices published with the "
+            "retain flag outside their status topic (one of them: %r)"
+        )
         if config.admit_devices_at_start:
             self.devices_admitted.set()
 
@@ -297,14 +312,7 @@ class _TwinBroker(EndToEndAcks):
         if username and username != self._config.service_username and topic_name is not None:
             status = self._layout.topic(twin_id_from_username(username), "status")
             if topic_name != status:
-                not_retained = self._not_retained.add()
-                if not_retained:
-                    log.warning(
-                        "embedded broker retained none of %d message(s) devices published "
-                        "with the retain flag outside their status topic (one of them: %r)",
-                        not_retained,
-                        topic_name,
-                    )
+                self._not_retained.note(topic_name)
                 return
         await super().retain_message(source_session, topic_name, data, qos)
 
@@ -325,15 +333,8 @@ class _TwinBroker(EndToEndAcks):
         excess = queue.qsize() - self._config.max_queued
         for _ in range(excess):
             queue.get_nowait()
-        dropped = self._dropped.add(excess) if excess > 0 else None
-        if dropped:
-            log.warning(
-                "embedded broker dropped %d message(s) queued for offline sessions past "
-                "mqtt.embedded_max_queued (%d), the oldest of each (one of them: %r)",
-                dropped,
-                self._config.max_queued,
-                target_session.client_id,
-            )
+        if excess > 0:
+            self._dropped.note(self._config.max_queued, target_session.client_id, count=excess)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -460,7 +461,7 @@ class _TwinBroker(EndToEndAcks):
         # read into memory (the process held 600 MB after it). And in number: 3,000
         # connections each sending 60 KB of a CONNECT held 143 MB, and descriptors.
         if self.arriving >= self._config.max_connecting:
-            self._note_arrival_refused()
+            self._refused_arriving.note(self._config.max_connecting)
             writer.close()
             return
         self.arriving += 1
@@ -501,7 +502,7 @@ class _TwinBroker(EndToEndAcks):
         client_id, username, password = login
         device = username != self._config.service_username
         if device and self.devices >= self._config.max_devices:
-            self._note_device_refused()
+            self._refused.note(self._config.max_devices)
             await _answer_and_close(writer, _CONNACK_UNAVAILABLE)
             return
         self.devices += 1 if device else 0
@@ -539,29 +540,6 @@ class _TwinBroker(EndToEndAcks):
         session, handler = self._sessions.get(client_id, (None, None))
         if session is not None and session.transitions.state == "connected":
             await _close_connection(handler)
-
-    def _note_arrival_refused(self) -> None:
-        """Log the connections closed at once for want of room, at most once a minute."""
-        closed = self._refused_arriving.add()
-        if closed:
-            log.warning(
-                "embedded broker closed %d connection(s) at once: as many as "
-                "mqtt.embedded_max_connecting (%d) were still sending their CONNECT",
-                closed,
-                self._config.max_connecting,
-            )
-
-    def _note_device_refused(self) -> None:
-        """Log the devices refused at ``max_devices``, at most once a minute."""
-        refused = self._refused.add()
-        if refused:
-            log.warning(
-                "embedded broker refused %d device connection(s) (CONNACK 3, server "
-                "unavailable): it holds mqtt.embedded_max_devices (%d) already; raise it, or "
-                "run an external broker (TWIN_MQTT_URL) for a fleet this size",
-                refused,
-                self._config.max_devices,
-            )
 
 
 async def _answer_and_close(writer: asyncio.StreamWriter, connack: bytes) -> None:
