@@ -549,11 +549,15 @@ async def test_a_device_whose_credentials_go_is_disconnected(tmp_path: Path) -> 
 
 
 async def _login(
-    port: int, username: str, password: str, client_id: str
+    port: int,
+    username: str,
+    password: str,
+    client_id: str,
+    will: tuple[str, bytes] | None = None,
 ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
     """The CONNACK a raw MQTT 3.1.1 login gets, and its connection (left open)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(mqtt_packets.connect(client_id, username, password))
+    writer.write(mqtt_packets.connect(client_id, username, password, will))
     return await asyncio.wait_for(reader.readexactly(4), 10), reader, writer
 
 
@@ -775,9 +779,8 @@ async def test_a_last_will_outside_the_devices_topics_is_dropped(
     own = (f"twins/{TWIN}/status", b"offline")
     try:
         for n, will in enumerate((spoof, (f"twins/{TWIN}/#", b"x"), own)):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(mqtt_packets.connect(f"willing-{n}", TWIN, password, will))
-            assert await asyncio.wait_for(reader.readexactly(4), 10) == _ACCEPTED
+            connack, _, writer = await _login(port, TWIN, password, f"willing-{n}", will)
+            assert connack == _ACCEPTED
             writer.transport.abort()  # gone without a DISCONNECT: a will is published
         (message,) = await got.wait_for(1)
         assert (message.topic, message.payload) == own
