@@ -408,16 +408,23 @@ def _answer(sock: socket.socket) -> tuple[str, bytes]:
     return status, body
 
 
+def _put_head(twin_id: str, size: int, token: str | None = ADMIN_TOKEN) -> bytes:
+    auth = b"" if token is None else f"Authorization: Bearer {token}\r\n".encode()
+    return (
+        f"PUT /api/v1/twins/{twin_id} HTTP/1.1\r\nHost: x\r\n".encode()
+        + auth
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size
+    )
+
+
 def test_a_request_that_stops_arriving_is_a_408(tmp_path: Path) -> None:
     """uvicorn waited for good for a connection that sent nothing, a head sent a piece at a
     time, or a body that stopped half-way: a few thousand such, and the process had no
     descriptors left. A head must arrive within limits.read_timeout_seconds (1 s here);
     a body may take longer, but may not pause that long."""
     proc = ServiceProcess(tmp_path, env={"TWIN_LIMITS__READ_TIMEOUT_SECONDS": "1"}).start()
-    auth = f"Authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
-    put = b"PUT /api/v1/twins/org.slow:t HTTP/1.1\r\nHost: x\r\n" + auth
     body = b'{"desired": {"a": 1}}'
-    put += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    put = _put_head("org.slow:t", len(body))
     try:
         head = "The request line and headers did not arrive within"
         with _connect(proc) as idle:
@@ -507,15 +514,6 @@ def test_a_refusal_reaches_a_client_still_sending(service: ServiceProcess) -> No
         status, error = _json_error(_raw_answer(sock))
     assert status == "HTTP/1.1 431 Request Header Fields Too Large", error
     assert error["error"] == "request.head.toolarge"
-
-
-def _put_head(twin_id: str, size: int, token: str | None = ADMIN_TOKEN) -> bytes:
-    auth = b"" if token is None else f"Authorization: Bearer {token}\r\n".encode()
-    return (
-        f"PUT /api/v1/twins/{twin_id} HTTP/1.1\r\nHost: x\r\n".encode()
-        + auth
-        + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size
-    )
 
 
 #: A twin's PUT body of 400,000 bytes: JSON allows the whitespace after the value.
