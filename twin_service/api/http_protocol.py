@@ -220,8 +220,7 @@ class JsonErrorHttpProtocol(_Base):
 
     def _hold(self, size: int) -> None:
         """Count ``size`` bytes of a request still arriving for this connection (0: none)."""
-        self.incoming.used += size - self._held
-        self._held = size
+        self._held = self.incoming.move(self._held, size)
 
     def _head_too_large(self) -> HeadTooLarge:
         return HeadTooLarge(

@@ -66,8 +66,7 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
         # What the parser keeps of an unfinished frame, and the frames of an unfinished
         # fragmented message (uvicorn joins them when the last one comes).
         held = len(self.conn.reader.buffer) + sum(map(len, self.frames))
-        self.incoming.used += held - self._held
-        self._held = held
+        self._held = self.incoming.move(self._held, held)
         if held and self.incoming.used > self.incoming.limit and self.conn.state is State.OPEN:
             self.conn.fail(CloseCode.TRY_AGAIN_LATER, "too much incoming data; try again later")
             self.frames = []
@@ -96,8 +95,7 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
         self.close_timer = self._closing.deadline
 
     def _release(self) -> None:
-        self.incoming.used -= self._held
-        self._held = 0
+        self._held = self.incoming.move(self._held, 0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closing is not None:
