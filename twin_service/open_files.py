@@ -31,15 +31,15 @@ def raise_open_files_limit() -> None:
         log.info("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
 
 
-def readers_bound(max_connections: int, devices: int = 0) -> int:
+def readers_bound(max_connections: int, broker_connections: int = 0) -> int:
     """``stream.max_connections``, or fewer when the open files limit has no room for that
-    many readers besides :data:`RESERVED` and ``devices`` (the embedded broker's bounds on
-    connections; then at least half the limit; said in the log)."""
+    many readers besides :data:`RESERVED` and ``broker_connections`` (the embedded broker's
+    bounds on its connections; then at least half the limit; said in the log)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    reserved = RESERVED + devices
-    if soft == resource.RLIM_INFINITY or soft - reserved >= max_connections:
+    if soft == resource.RLIM_INFINITY:
         return max_connections
-    # Half the limit may be more than was asked for: with a smaller max_connections.
+    reserved = RESERVED + broker_connections
+    # Never more than asked for (half the limit may be more, with a small bound).
     bound = min(max(soft - reserved, soft // 2, 1), max_connections)
     if bound == max_connections:
         return bound

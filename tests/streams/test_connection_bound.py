@@ -119,16 +119,17 @@ def test_a_limit_with_no_room_for_the_bound_lowers_it(tmp_path: Path) -> None:
 
 def test_the_bound_keeps_room_for_the_embedded_brokers_devices() -> None:
     """In this process, under a soft limit of 3,000: 1,024 descriptors are kept for the
-    rest, and the embedded broker's devices besides (mqtt.embedded_max_devices)."""
+    rest, and the embedded broker's connections besides (mqtt.embedded_max_devices and
+    mqtt.embedded_max_connecting)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert hard == resource.RLIM_INFINITY or hard >= 3000, (soft, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (3000, hard))
     try:
         assert readers_bound(2000) == 3000 - 1024
-        assert readers_bound(2000, devices=200) == 3000 - 1024 - 200
-        assert readers_bound(2000, devices=1000) == 1500  # at least half the limit
+        assert readers_bound(2000, broker_connections=200) == 3000 - 1024 - 200
+        assert readers_bound(2000, broker_connections=1000) == 1500  # half the limit
         # Never more than asked for: half the limit was, with a smaller bound.
-        assert readers_bound(100, devices=2000) == 100
+        assert readers_bound(100, broker_connections=2000) == 100
         assert readers_bound(1976) == 1976
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -222,7 +222,7 @@ async def start_service(
         store,
         stream.poll_interval_seconds,
         stream.total_queue_bytes,
-        readers_bound(stream.max_connections, _embedded_devices(settings)),
+        readers_bound(stream.max_connections, _embedded_broker_connections(settings)),
     )
     await _begin(stack, "the event hub", hub.start, hub.stop)
     bus = build_bus(settings)
@@ -308,7 +308,7 @@ def _end_serving(app: FastAPI, failure: str) -> None:
         end_serving()
 
 
-def _embedded_devices(settings: Settings) -> int:
+def _embedded_broker_connections(settings: Settings) -> int:
     """The embedded broker's bounds on connections (devices, and logins under way), when it
     runs: they share the process's descriptors."""
     mqtt = settings.mqtt
