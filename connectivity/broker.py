@@ -10,9 +10,12 @@ and enforced by the two plugins below:
 
 * the service account (username and password from the configuration) may use every topic;
 * a device logs in with its twin id (or :func:`~connectivity.credentials.mqtt_username` of it)
-  and the password from the credential store, and may publish, subscribe and receive only under
-  its own twin's topic prefix;
-* anonymous clients are refused unless ``allow_anonymous`` is set (then they may do anything).
+  and the password from the credential store, and may subscribe and receive only under its own
+  twin's topic prefix, and publish only to the four topics the service reads there
+  (:data:`~connectivity.topics.INBOUND`);
+* anonymous clients are refused unless ``allow_anonymous`` is set (then they may do anything);
+* a client id belongs to the login holding its session, and a device holds at most
+  ``max_sessions_per_device`` sessions (see :meth:`_TwinBroker._session_rules`).
 
 The broker keeps everything in memory and dies with the service, so a device's QoS 1 message
 is acknowledged only once the service has acknowledged it, after its commit
@@ -27,6 +30,7 @@ import contextlib
 import hmac
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +51,7 @@ from connectivity.broker_packets import (
 )
 from connectivity.credentials import CredentialError, CredentialStore, twin_id_from_username
 from connectivity.errors import MqttUnavailable
-from connectivity.topics import DEFAULT_PREFIX, TopicLayout, is_topic_name
+from connectivity.topics import DEFAULT_PREFIX, INBOUND, TopicLayout
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,12 @@ class EmbeddedBrokerConfig:
     #: queue grew without end: a device away for a month while its desired state changed
     #: every second would come back to millions of deltas, all held in memory meanwhile.
     max_queued: int = 1000
+    #: Sessions (client ids) one device may hold at once, connected or offline and
+    #: persistent. A login past it ends the device's session that has been offline longest,
+    #: or is refused when they are all connected. amqtt kept as many as a device made: with
+    #: one credential, a new client id at each login held up to ``max_queued`` messages each
+    #: for ``session_expiry``, or every one of the ``max_devices`` connections.
+    max_sessions_per_device: int = 4
 
 
 @dataclass
@@ -159,17 +169,17 @@ class TwinAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
         return accepted
 
     def _keep_will_inside(self, session: Session) -> None:
-        """Drop a device's last will that is not on its own topics, as mosquitto does (it
+        """Drop a device's last will on a topic it may not publish to, as mosquitto does (it
         checks a will against the ACL when it would publish it). amqtt published a will
         wherever it said: a device could report for another twin, retained, by hanging up."""
         topic = session.will_topic
         if not session.will_flag or topic is None:
             return
         twin_id = twin_id_from_username(session.username)
-        if is_topic_name(topic) and device_may_use(self._layout, twin_id, topic):
+        if device_may_publish(self._layout, twin_id, topic):
             return
         log.warning(
-            "embedded broker dropped the last will of %r: its topic %r is not its own",
+            "embedded broker dropped the last will of %r: it may not publish to %r",
             session.username,
             topic,
         )
@@ -178,7 +188,8 @@ class TwinAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
 
 
 class TwinTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped
-    """amqtt topic ACL: a device stays inside its own twin's topics."""
+    """amqtt topic ACL: a device reads inside its own twin's topics and publishes only to
+    the ones the service reads."""
 
     Config = _PluginConfig
 
@@ -201,11 +212,15 @@ class TwinTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untype
             return self._cfg.allow_anonymous
         if username == self._cfg.service_username:
             return True
-        return device_may_use(self._layout, twin_id_from_username(username), topic)
+        twin_id = twin_id_from_username(username)
+        if action == Action.PUBLISH:
+            return device_may_publish(self._layout, twin_id, topic)
+        return device_may_read(self._layout, twin_id, topic)
 
 
-def device_may_use(layout: TopicLayout, twin_id: str, topic: str) -> bool:
-    """Whether a device may publish/subscribe/receive ``topic`` (a name or a filter)."""
+def device_may_read(layout: TopicLayout, twin_id: str, topic: str) -> bool:
+    """Whether a device may subscribe to or receive ``topic`` (a name or a filter): anything
+    under its own base, where the service answers it (MQTT 5 response topics included)."""
     try:
         base = layout.base(twin_id)
     except ValueError:
@@ -213,11 +228,24 @@ def device_may_use(layout: TopicLayout, twin_id: str, topic: str) -> bool:
     return topic.startswith(base + "/")
 
 
+def device_may_publish(layout: TopicLayout, twin_id: str, topic: str) -> bool:
+    """Whether a device may publish to ``topic``: one of its own :data:`INBOUND` topics.
+    Anywhere else under its base a device could only mislead itself (a delta, an answer)
+    or, retained, hold the broker's memory; the service reads none of it."""
+    try:
+        base = layout.base(twin_id)
+    except ValueError:
+        return False
+    return topic.startswith(base + "/") and topic[len(base) + 1 :] in INBOUND
+
+
 #: CONNACK with return code 0x01, "unacceptable protocol version" (MQTT 3.1.1 [MQTT-3.1.2-2]);
 #: paho's MQTT 5 client reads it as "Unsupported protocol version".
 _CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
 #: CONNACK with return code 0x03, "server unavailable": paho retries it as a lost connection.
 _CONNACK_UNAVAILABLE = b"\x20\x02\x00\x03"
+#: CONNACK with return code 0x02, "identifier rejected": the client id is another login's.
+_CONNACK_ID_REJECTED = b"\x20\x02\x00\x02"
 #: CONNACK with return code 0x05, "not authorized", as amqtt answers a refused login.
 _CONNACK_NOT_AUTHORIZED = b"\x20\x02\x00\x05"
 _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
@@ -254,7 +282,8 @@ class _TwinBroker(EndToEndAcks):
     * a CONNECT of another protocol level than 3.1.1 refused with a reason;
     * at most ``max_devices`` device connections at once, ``max_connecting`` still sending
       their CONNECT, and ``max_queued`` messages for an offline session;
-    * a device's messages retained only on its status topic.
+    * a device's messages retained only on its status topic;
+    * a client id only for the login holding its session, and ``max_sessions_per_device``.
 
     On the last: amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the
     client id: amqtt misreads the lengths and waits for bytes that never come, so the device
@@ -286,6 +315,23 @@ class _TwinBroker(EndToEndAcks):
         self._dropped = _Tally(
             "embedded broker dropped %d message(s) queued for offline sessions past "
             "mqtt.embedded_max_queued (%d), the oldest of each (one of them: %r)"
+        )
+        #: Client ids whose login is under way (checked, not yet a session of amqtt's),
+        #: with who logs in (see _holder): the rules on sessions count them as held.
+        self._claims: dict[str, list[str | None]] = {}
+        self._refused_id = _Tally(
+            "embedded broker refused %d login(s) (CONNACK 2, identifier rejected): the "
+            "client id is held by another login (one of them: %r as %r)"
+        )
+        self._ended_sessions = _Tally(
+            "embedded broker ended %d offline session(s) of devices at "
+            "mqtt.embedded_max_sessions_per_device (%d), the longest offline of each "
+            "(one of them: %r)"
+        )
+        self._refused_sessions = _Tally(
+            "embedded broker refused %d device login(s) (CONNACK 3, server unavailable): "
+            "each device had mqtt.embedded_max_sessions_per_device (%d) sessions "
+            "connected already (one of them: %r)"
         )
         self._not_retained = _Tally(
             "embedded broker retained none of %d message(s) devices published with the "
@@ -517,18 +563,98 @@ class _TwinBroker(EndToEndAcks):
             if not accepted:
                 await _answer_and_close(writer, _CONNACK_NOT_AUTHORIZED)
                 return
-            _accepted_logins[accepted_as] = matched  # TwinAuthPlugin takes it
-            if device and not await self._until_devices_admitted():
-                writer.close()
+            holder = self._holder(username)
+            refusal, ended = self._session_rules(client_id, holder, device)
+            if refusal is not None:
+                await _answer_and_close(writer, refusal)
                 return
-            await self._close_taken_over(client_id)
-            # amqtt parses the CONNECT itself, from its first byte.
-            peer = writer.get_extra_info("peername")
-            replay = PacketReader(reader, packet, self._config.max_packet_size, peer)
-            await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
+            with self._claimed(client_id, holder):
+                await self._end_sessions(ended)
+                _accepted_logins[accepted_as] = matched  # TwinAuthPlugin takes it
+                if device and not await self._until_devices_admitted():
+                    writer.close()
+                    return
+                await self._close_taken_over(client_id)
+                # amqtt parses the CONNECT itself, from its first byte.
+                peer = writer.get_extra_info("peername")
+                replay = PacketReader(reader, packet, self._config.max_packet_size, peer)
+                await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
         finally:
             self.devices -= 1 if device else 0
             _accepted_logins.pop(accepted_as, None)  # not taken: amqtt refused the CONNECT
+
+    def _holder(self, username: str | None) -> str | None:
+        """Who a login is, for the rules on sessions: a device by its twin id (it may log
+        in with the twin id or its :func:`mqtt_username`), anyone else by the username."""
+        if not username or username == self._config.service_username:
+            return username
+        return twin_id_from_username(username)
+
+    def _session_rules(
+        self, client_id: str, holder: str | None, device: bool
+    ) -> tuple[bytes | None, list[str]]:
+        """The CONNACK refusing a login that passed its password, if the rules on sessions
+        refuse it, and the client ids of the sessions to end for it.
+
+        A session belongs to whoever holds it: amqtt let any login take a session over by
+        its client id (MQTT 5.4.2 says a broker should check that a client may use one, and
+        mosquitto does not either), so one device could disconnect the service or another
+        device, over and over, and take their queued messages. And a device holds at most
+        ``max_sessions_per_device``. Synchronous, so that nothing else logs in between the
+        count and the claim that follows it.
+        """
+        holders = set(self._claims.get(client_id, ()))
+        if (session := self._sessions.get(client_id)) is not None:
+            holders.add(self._holder(session[0].username))
+        if client_id and holders - {holder}:  # amqtt makes an id up for an empty one
+            self._refused_id.note(holder, client_id)
+            return _CONNACK_ID_REJECTED, []
+        if not device or holder is None:  # anonymous logins (a test broker) are not bounded
+            return None, []
+        held = {cid for cid, claims in self._claims.items() if holder in claims}
+        held.update(
+            cid for cid, (s, _) in self._sessions.items() if self._holder(s.username) == holder
+        )
+        held.discard(client_id)
+        excess = len(held) + 1 - self._config.max_sessions_per_device
+        if excess <= 0:
+            return None, []
+        offline = sorted(
+            (s.last_disconnect_time or 0, cid)
+            for cid in held - self._claims.keys()
+            if (s := self._sessions[cid][0]).transitions.state != "connected"
+        )
+        if len(offline) < excess:
+            self._refused_sessions.note(self._config.max_sessions_per_device, holder)
+            return _CONNACK_UNAVAILABLE, []
+        ended = [cid for _, cid in offline[:excess]]
+        self._ended_sessions.note(self._config.max_sessions_per_device, ended[0], count=excess)
+        return None, ended
+
+    @contextlib.contextmanager
+    def _claimed(self, client_id: str, holder: str | None) -> Iterator[None]:
+        """Counts a login under way or connected as holding ``client_id`` (amqtt makes its
+        session only once it has read the CONNECT). An empty one is no session's."""
+        if not client_id:
+            yield
+            return
+        claims = self._claims.setdefault(client_id, [])
+        claims.append(holder)
+        try:
+            yield
+        finally:
+            claims.remove(holder)
+            if not claims:
+                del self._claims[client_id]
+
+    async def _end_sessions(self, client_ids: list[str]) -> None:
+        """Ends offline sessions chosen by _session_rules, unless their device came back."""
+        for client_id in client_ids:
+            held = self._sessions.get(client_id)
+            if held is None or client_id in self._claims:
+                continue
+            if held[0].transitions.state != "connected":
+                await self._cleanup_session(client_id)
 
     async def _close_taken_over(self, client_id: str) -> None:
         """Close the connection of a session that a new login with its client id takes over.

@@ -30,7 +30,7 @@ from connectivity.options import BrokerAddress, MqttOptions
 from connectivity.retained import read_retained
 from connectivity.sync_deltas import DeltaPublisher
 from connectivity.sync_handlers import DeviceHandlers, HandlerSettings, ignoring_replays
-from connectivity.topics import SHARE_PREFIX, TopicLayout, is_topic_name
+from connectivity.topics import INBOUND, SHARE_PREFIX, TopicLayout, is_topic_name
 from twin_service.errors import Unavailable
 from twin_service.tasks import stop_task
 from twin_service.twin.document import now_iso
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
     from twin_service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-#: Device -> service topics and what handles them.
-INBOUND = ("reported/update", "live/update", "get", "status")
 
 
 def _redact(url: str) -> str:
@@ -143,6 +140,7 @@ class MqttSync:
                     max_devices=m.embedded_max_devices,
                     max_connecting=m.embedded_max_connecting,
                     max_queued=m.embedded_max_queued,
+                    max_sessions_per_device=m.embedded_max_sessions_per_device,
                     admit_devices_at_start=False,
                 )
             )

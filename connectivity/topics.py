@@ -17,6 +17,12 @@ _PLACEHOLDER = "{twinId}"
 _FORBIDDEN_IN_TWIN_ID = frozenset("/+#\x00")
 
 
+#: The topics a device publishes to, below its twin's base: the service reads these four and
+#: answers on others. The brokers (the embedded one, and mosquitto through the exported ACL)
+#: let a device publish here only, and read anywhere under its base.
+INBOUND = ("reported/update", "live/update", "get", "status")
+
+
 #: What starts a shared subscription's filter: ``$share/<group>/<filter>`` (MQTT 5).
 SHARE_PREFIX = "$share/"
 
@@ -111,11 +117,6 @@ class TopicLayout:
     def all_twins(self, suffix: str) -> str:
         """A filter matching ``suffix`` for every twin, e.g. ``twins/+/reported/update``."""
         return f"{self.prefix.replace(_PLACEHOLDER, '+')}/{suffix}"
-
-    @property
-    def acl_pattern(self) -> str:
-        """The per-twin subtree as an ACL/filter, with ``{twinId}`` left in place."""
-        return f"{self.prefix}/#"
 
     def twin_id(self, topic: str) -> str | None:
         """The twin id in ``topic``, or None when the topic is not under the layout."""

@@ -236,6 +236,13 @@ class MqttSettings(BaseModel):
         description="Messages the built-in broker queues for one offline persistent "
         "session; past it the oldest are dropped (a newer delta supersedes them).",
     )
+    embedded_max_sessions_per_device: int = Field(
+        4,
+        ge=1,
+        description="Sessions (client ids) one device may hold on the built-in broker; a "
+        "login past it ends the device's longest offline session, or is refused (CONNACK 3) "
+        "when they are all connected.",
+    )
     topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
     client_id: str = Field(
         "twin-service",

@@ -123,11 +123,17 @@ async def test_topic_acl(env: Env) -> None:
     dev = await env.device(TWIN, "dev")
     got = Collector()
     await svc.subscribe("twins/#", 1, got)
-    await dev.publish(f"twins/{OTHER}/reported/update", b"spoof")  # PUBACKed, then dropped
-    await dev.publish(f"twins/{TWIN}/reported/update", b"mine")
-    msgs = await got.wait_for(1)
+    # Each PUBACKed, then dropped: another twin's topic, and the device's own topics that
+    # the service does not read (it could only mislead itself there, or hold memory).
+    await dev.publish(f"twins/{OTHER}/reported/update", b"spoof")
+    await dev.publish(f"twins/{TWIN}/delta", b"fake delta")
+    await dev.publish(f"twins/{TWIN}/reported/update/accepted", b"fake answer")
+    await dev.publish(f"twins/{TWIN}/junk", b"junk")
+    for suffix in ("reported/update", "live/update", "get", "status"):
+        await dev.publish(f"twins/{TWIN}/{suffix}", suffix.encode())
+    msgs = await got.wait_for(4)
     await asyncio.sleep(0.2)
-    assert [m.payload for m in msgs] == [b"mine"]
+    assert [m.payload for m in msgs] == [b"reported/update", b"live/update", b"get", b"status"]
     with pytest.raises(Refused):
         await dev.subscribe(f"twins/{OTHER}/#", 1, Collector())
     with pytest.raises(Refused):
@@ -778,7 +784,8 @@ async def test_a_last_will_outside_the_devices_topics_is_dropped(
     spoof = (f"twins/{OTHER}/reported/update", b'{"state": {"x": 1}}')
     own = (f"twins/{TWIN}/status", b"offline")
     try:
-        for n, will in enumerate((spoof, (f"twins/{TWIN}/#", b"x"), own)):
+        wills = (spoof, (f"twins/{TWIN}/#", b"x"), (f"twins/{TWIN}/delta", b"{}"), own)
+        for n, will in enumerate(wills):
             connack, _, writer = await _login(port, TWIN, password, f"willing-{n}", will)
             assert connack == _ACCEPTED
             writer.transport.abort()  # gone without a DISCONNECT: a will is published
@@ -786,19 +793,19 @@ async def test_a_last_will_outside_the_devices_topics_is_dropped(
         assert (message.topic, message.payload) == own
         await asyncio.sleep(0.3)
         assert len(got.messages) == 1
-        assert (
-            f"embedded broker dropped the last will of '{TWIN}': its topic "
-            f"'twins/{OTHER}/reported/update' is not its own"
-        ) in caplog.text
+        for topic in (spoof[0], f"twins/{TWIN}/delta"):
+            assert (
+                f"embedded broker dropped the last will of '{TWIN}': it may not publish to "
+                f"'{topic}'"
+            ) in caplog.text
     finally:
         await svc.stop()
 
 
 async def test_a_device_retains_only_its_status(env: Env, caplog: pytest.LogCaptureFixture) -> None:
-    """amqtt retained whatever a device published with the retain flag: a device could hold
-    memory with a retained message on each of as many topics of its own as it liked, or
-    replace or clear the retained delta the service keeps for it. Only its status is
-    retained now; every message is still delivered."""
+    """amqtt retained whatever a device published with the retain flag. A device publishes
+    only to the four topics the service reads now (the delta is refused), and of those only
+    its status is retained; every message it may publish is still delivered."""
     caplog.set_level(logging.WARNING, logger="connectivity.broker")
     svc = await env.service("svc")
     delta, status = f"twins/{TWIN}/delta", f"twins/{TWIN}/status"
@@ -806,11 +813,13 @@ async def test_a_device_retains_only_its_status(env: Env, caplog: pytest.LogCapt
     dev = await env.device(TWIN, "dev")
     live = Collector()
     await svc.subscribe(f"twins/{TWIN}/#", 1, live)
+    reported = f"twins/{TWIN}/reported/update"
     try:
-        await dev.publish(delta, b"", retain=True)  # would clear the service's delta
-        await dev.publish(f"twins/{TWIN}/junk/1", b"x" * 1000, retain=True)
+        await dev.publish(delta, b"", retain=True)  # refused: it would clear the service's
+        await dev.publish(reported, b"{}", retain=True)
         await dev.publish(status, b"online", retain=True)
-        await live.wait_for(3)  # delivered, all three
+        # Delivered, both (after the service's retained delta).
+        assert [m.topic for m in await live.wait_for(3)] == [delta, reported, status]
         late = Collector()
         other = await env.service("svc-late")
         try:
@@ -823,8 +832,114 @@ async def test_a_device_retains_only_its_status(env: Env, caplog: pytest.LogCapt
         assert retained == {delta: b'{"state": {"fan": 1}}', status: b"online"}, retained
         assert (
             "embedded broker retained none of 1 message(s) devices published with the "
-            f"retain flag outside their status topic (one of them: '{delta}')"
+            f"retain flag outside their status topic (one of them: '{reported}')"
         ) in caplog.text
     finally:
         await dev.stop()
         await svc.stop()
+
+
+_ID_REJECTED = b"\x20\x02\x00\x02"
+
+
+async def test_a_client_id_belongs_to_its_login(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt let any login take a session over by its client id: one device with its own
+    credentials disconnected the service (and took its session) or another device, as
+    often as it liked. A client id held by another login is refused now (CONNACK 2), the
+    holder's session connected or offline; the holder itself may still take it over."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    got = Collector()
+    svc = await env.service("svc")
+    await svc.subscribe("twins/#", 1, got)
+    offline = await env.service("svc-away")
+    await offline.subscribe("twins/#", 1, Collector())
+    await offline.stop()
+    other = await env.device(OTHER, "other-dev")
+    port, password = env.broker.config.port, env.passwords[TWIN]
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for client_id in ("svc", "svc-away", "other-dev"):
+            connack, _, writer = await _login(port, TWIN, password, client_id)
+            held.append(writer)
+            assert connack == _ID_REJECTED, client_id
+        # The same device, by its twin id or its escaped username: its own session.
+        for username in (TWIN, mqtt_username(TWIN)):
+            connack, _, writer = await _login(port, username, password, "dev-a")
+            held.append(writer)
+            assert connack == _ACCEPTED, username
+        await other.publish(f"twins/{OTHER}/reported/update", b"still here")
+        (message,) = await got.wait_for(1)
+        assert message.payload == b"still here"
+        for client in (svc, other):
+            assert client.health().connected and client.health().reconnect_count == 0
+        assert (
+            "embedded broker refused 1 login(s) (CONNACK 2, identifier rejected): the client "
+            f"id is held by another login (one of them: '{TWIN}' as 'svc')"
+        ) in caplog.text
+    finally:
+        for writer in held:
+            writer.close()
+        await other.stop()
+        await svc.stop()
+
+
+async def test_a_device_holds_at_most_max_sessions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt kept a session for each client id a device logged in with: one credential could
+    hold every device connection, or memory in offline sessions for a week. Past
+    max_sessions_per_device, the device's longest offline session ends; when they are all
+    connected, the login is refused (CONNACK 3). The service's sessions are not counted."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    store = CredentialStore(tmp_path / "creds.json")
+    password = store.add(TWIN)
+    broker = _bare_broker(tmp_path, max_sessions_per_device=2)
+    await broker.start()
+    delta = f"twins/{TWIN}/delta"
+
+    async def device(client_id: str, got: Collector | None = None) -> MqttClient:
+        client = await started(broker.url, client_id, protocol=4, username=TWIN, password=password)
+        if got is not None:
+            await client.subscribe(delta, 1, got)
+        return client
+
+    svc = await started(broker.url, "svc", protocol=4, username="service", password="svc-pw")
+    clients = [svc]
+    try:
+        for client_id in ("first", "second"):  # offline, each with its subscription
+            await (await device(client_id, Collector())).stop()
+        await svc.publish(delta, b"queued")  # for both offline sessions
+        third = await device("third")  # ends "first", the longest offline
+        await third.stop()
+        got_second, got_first = Collector(), Collector()
+        clients.append(await device("second", got_second))  # its own session: ends none
+        (message,) = await got_second.wait_for(1)
+        assert message.payload == b"queued"
+        clients.append(await device("first", got_first))  # a new session; ends "third"
+        await asyncio.sleep(0.3)
+        assert got_first.messages == []
+        # Both sessions connected: a third login is refused, and the service's are not.
+        connack, _, writer = await _login(broker.config.port, TWIN, password, "fourth")
+        writer.close()
+        assert connack == _UNAVAILABLE
+        for n in range(3):
+            clients.append(
+                await started(
+                    broker.url, f"svc-{n}", protocol=4, username="service", password="svc-pw"
+                )
+            )
+        text = caplog.text
+        assert (
+            "embedded broker ended 1 offline session(s) of devices at "
+            "mqtt.embedded_max_sessions_per_device (2), the longest offline of each (one of "
+            "them: 'first')"
+        ) in text
+        assert (
+            "embedded broker refused 1 device login(s) (CONNACK 3, server unavailable): each "
+            "device had mqtt.embedded_max_sessions_per_device (2) sessions connected already "
+            f"(one of them: '{TWIN}')"
+        ) in text
+    finally:
+        for client in clients:
+            await client.stop(grace=0)
+        await broker.stop()

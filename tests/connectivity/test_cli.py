@@ -42,7 +42,9 @@ def test_devices_commands(tmp_path: Path) -> None:
         "service",
     )
     assert code == 0
-    assert "topic readwrite twins/org.acme:pump-1/#" in (tmp_path / "acl").read_text()
+    acl = (tmp_path / "acl").read_text().splitlines()
+    assert "topic read twins/org.acme:pump-1/#" in acl
+    assert "topic write twins/org.acme:pump-1/reported/update" in acl
     assert (tmp_path / "pw").read_text().startswith("org.acme%3Apump-1:$7$")
     assert run(tmp_path, "devices", "remove", "org.acme:pump-1")[0] == 0
     assert run(tmp_path, "devices", "remove", "org.acme:pump-1")[0] == 1

@@ -85,9 +85,15 @@ async def test_mosquitto_accepts_our_hashes_and_enforces_acl(
     await svc.subscribe("twins/#", 1, got)
     with pytest.raises(Refused):  # MQTT 5: PUBACK "Not authorized", and not delivered
         await dev.publish(f"twins/{OTHER}/reported/update", b"spoof")
-    await dev.publish(f"twins/{TWIN}/reported/update", b"mine")
-    msgs = await got.wait_for(1)
-    assert [m.payload for m in msgs] == [b"mine"]
+    # Its own topics that the service does not read: refused as well, so a device cannot
+    # retain there (hold the broker's memory) or clear the retained delta kept for it.
+    for suffix in ("delta", "reported/update/accepted", "junk/1"):
+        with pytest.raises(Refused):
+            await dev.publish(f"twins/{TWIN}/{suffix}", b"x", retain=True)
+    for suffix in ("reported/update", "live/update", "get", "status"):
+        await dev.publish(f"twins/{TWIN}/{suffix}", suffix.encode())
+    msgs = await got.wait_for(4)  # in order: anything refused would have come first
+    assert [m.payload for m in msgs] == [b"reported/update", b"live/update", b"get", b"status"]
     # mosquitto 2.0 grants the SUBACK but never delivers what the ACL forbids to read.
     snoop, own = Collector(), Collector()
     await dev.subscribe(f"twins/{OTHER}/#", 1, snoop)

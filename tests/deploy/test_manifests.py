@@ -85,7 +85,8 @@ def test_mosquitto_queue_limit_is_large_and_not_zero() -> None:
 def test_each_replica_has_its_own_stable_mqtt_client_id() -> None:
     """Replicas sharing a client id take the broker session from each other without end, and
     one that comes back under a new id strands the messages queued for its old session: the
-    replicas are a StatefulSet and the pod name is the id."""
+    replicas are a StatefulSet and the pod name is in the id. A suffix from the secret makes
+    it one devices cannot guess: mosquitto lets any login take a client id's session over."""
     docs = documents()
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     service = next(d for d in workloads if d["metadata"]["name"] == "twin-service")
@@ -97,8 +98,15 @@ def test_each_replica_has_its_own_stable_mqtt_client_id() -> None:
     )
     assert governing["spec"]["clusterIP"] == "None"
     (container,) = _containers(service)
-    client_id = next(e for e in container["env"] if e["name"] == "TWIN_MQTT__CLIENT_ID")
-    assert client_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    env = [e["name"] for e in container["env"]]
+    values = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert values["TWIN_MQTT__CLIENT_ID"] == "$(POD_NAME)-$(MQTT_CLIENT_ID_SUFFIX)"
+    assert values["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    suffix = values["MQTT_CLIENT_ID_SUFFIX"]
+    assert suffix == {"secretKeyRef": {"name": "twin-service", "key": "mqtt-client-id-suffix"}}
+    # Kubernetes expands $(NAME) only from variables defined before it.
+    client_id = env.index("TWIN_MQTT__CLIENT_ID")
+    assert env.index("POD_NAME") < client_id and env.index("MQTT_CLIENT_ID_SUFFIX") < client_id
 
 
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
