@@ -1,4 +1,4 @@
-"""QoS 1 acknowledged end to end on the embedded broker (amqtt 0.12).
+"""QoS 1 and 2 acknowledged end to end on the embedded broker (amqtt 0.12).
 
 amqtt acknowledges a PUBLISH as soon as it has read it and keeps it in memory, which here is
 the service's process: a crash lost reports the devices had been told were delivered. With
@@ -19,6 +19,8 @@ from typing import Any
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.session import INCOMING, OUTGOING, OutgoingApplicationMessage, Session
 
 # The embedded broker's lines, under the one name its documentation and log filters use.
@@ -32,7 +34,7 @@ _forwarding: contextvars.ContextVar[asyncio.Future[bool] | None] = contextvars.C
 
 
 class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
-    """amqtt's connection handler, with QoS 1 acknowledged end to end.
+    """amqtt's connection handler, with QoS 1 and 2 acknowledged end to end.
 
     amqtt acknowledges a PUBLISH as soon as it has read it, and keeps it only in memory until
     the subscribers have it. Here that memory is the service's process: a crash between the
@@ -68,24 +70,81 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         if app_message.direction != INCOMING or self.session.username == self.service_username:
             await super()._handle_qos1_message_flow(app_message)
             return
-        forwarded = asyncio.get_running_loop().create_future()
-        self.forwards[id(app_message)] = forwarded
-        await self.session.delivered_message_queue.put(app_message)
-        if not await forwarded:
-            # A subscriber's connection ended before it acknowledged: unacknowledged, the
-            # device keeps the message; it sends it again once it has reconnected.
-            log.warning(
-                "embedded broker: a message of %r on %r was not acknowledged by every "
-                "subscriber; closing the connection so that the device sends it again",
-                self.session.client_id,
-                app_message.topic,
-            )
-            with contextlib.suppress(Exception):
-                await self.writer.close()
+        if not await self._forwarded(app_message):
             return
         puback = PubackPacket.build(app_message.packet_id)
         await self._send_packet(puback)
         app_message.puback_packet = puback
+
+    async def _handle_qos2_message_flow(self, app_message: Any) -> None:
+        """A device's QoS 2 message gets its PUBREC once every subscriber acknowledged it,
+        as a QoS 1 one gets its PUBACK.
+
+        amqtt sent PUBREC on receipt and delivered after the PUBREL: a crash of the service
+        before its commit lost a message the device had been told the broker owned. A
+        PUBLISH with a packet id whose PUBREL has not come yet (sent again after its PUBREC
+        was lost with a connection), and amqtt's own retry of the exchange after a
+        reconnect, get their PUBREC again and are not delivered twice [MQTT-4.3.3-2].
+        """
+        if app_message.direction != INCOMING or self.session.username == self.service_username:
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        packet_id = app_message.packet_id
+        if packet_id not in self.session.inflight_in:
+            if not await self._forwarded(app_message):
+                return
+            self.session.inflight_in[packet_id] = app_message
+        pubrec = PubrecPacket.build(packet_id)
+        await self._send_packet(pubrec)
+        app_message.pubrec_packet = pubrec
+        if packet_id in self._pubrel_waiters:
+            return  # the exchange already waiting for this PUBREL completes it
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pubrel_waiters[packet_id] = waiter
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return  # the connection ended (_stop_waiters): handle_pubrel answers the next
+        finally:
+            self._pubrel_waiters.pop(packet_id, None)
+        await self._complete(packet_id)
+
+    async def handle_pubrel(self, pubrel: Any) -> None:
+        """Completes a QoS 2 exchange; with PUBCOMP also when none waits for this PUBREL
+        here. amqtt only warned then, and the device's exchange stayed open for good: its
+        PUBREC came on an earlier connection, or amqtt's retry after a reconnect gave up."""
+        waiter = self._pubrel_waiters.get(pubrel.packet_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(pubrel)
+            return
+        await self._complete(pubrel.packet_id)
+
+    async def _complete(self, packet_id: int) -> None:
+        self.session.inflight_in.pop(packet_id, None)
+        await self._send_packet(PubcompPacket.build(packet_id))
+
+    async def _forwarded(self, app_message: Any) -> bool:
+        """Hands a device message to the broadcast; whether every subscriber it went to
+        acknowledged it. If one did not (its connection ended first), closes the device's
+        connection: unacknowledged, the device keeps the message and sends it again once
+        it has reconnected."""
+        forwarded = asyncio.get_running_loop().create_future()
+        self.forwards[id(app_message)] = forwarded
+        await self.session.delivered_message_queue.put(app_message)
+        if await forwarded:
+            return True
+        log.warning(
+            "embedded broker: a message of %r on %r was not acknowledged by every "
+            "subscriber; closing the connection so that the device sends it again",
+            self.session.client_id,
+            app_message.topic,
+        )
+        with contextlib.suppress(Exception):
+            await self.writer.close()
+        return False
 
     def _stop_waiters(self) -> None:
         # The connection ended: messages not yet broadcast stay unacknowledged, and their

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 
 def varint(n: int) -> bytes:
     """MQTT's variable byte integer (a remaining length): 7 bits a byte, low ones first."""
@@ -42,3 +44,36 @@ def connect(
         if field is not None:
             body += string(field)
     return packet(0x10, body)
+
+
+def subscribe(packet_id: int, topic_filter: str, qos: int) -> bytes:
+    """A SUBSCRIBE of one filter."""
+    return packet(0x82, packet_id.to_bytes(2, "big") + string(topic_filter) + bytes([qos]))
+
+
+def publish(topic: str, payload: bytes, qos: int, packet_id: int = 0, dup: bool = False) -> bytes:
+    """A PUBLISH, not retained (a packet id only with QoS 1 or 2)."""
+    first = 0x30 | (qos << 1) | (0x08 if dup else 0)
+    body = string(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + payload
+    return packet(first, body)
+
+
+#: First bytes of the packets that carry only a packet id.
+PUBACK, PUBREC, PUBREL, PUBCOMP = 0x40, 0x50, 0x62, 0x70
+
+
+def ack(first: int, packet_id: int) -> bytes:
+    """A PUBACK, PUBREC, PUBREL or PUBCOMP."""
+    return packet(first, packet_id.to_bytes(2, "big"))
+
+
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next packet: its first byte and its body."""
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        digit = (await reader.readexactly(1))[0]
+        length |= (digit & 0x7F) << shift
+        shift += 7
+        if not digit & 0x80:
+            return first, await reader.readexactly(length)

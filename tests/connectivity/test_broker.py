@@ -943,3 +943,54 @@ async def test_a_device_holds_at_most_max_sessions(
         for client in clients:
             await client.stop(grace=0)
         await broker.stop()
+
+
+async def _next(reader: asyncio.StreamReader, timeout: float = 5) -> tuple[int, bytes]:
+    return await asyncio.wait_for(mqtt_packets.read_packet(reader), timeout)
+
+
+async def test_a_qos2_message_is_received_once_every_subscriber_acknowledged_it(
+    env: Env,
+) -> None:
+    """amqtt sent PUBREC as soon as it read a device's QoS 2 PUBLISH: a crash of the service
+    before its commit lost a message the device had been told the broker owned. PUBREC now
+    waits for the subscribers' PUBACKs, as a QoS 1 PUBACK does. A PUBLISH sent again before
+    its PUBREL gets its PUBREC again and is not delivered twice; a PUBREL that nothing waits
+    for gets its PUBCOMP (amqtt only warned, leaving the device's exchange open); and when a
+    subscriber goes without acknowledging, the device is disconnected unanswered."""
+    port, password = env.broker.config.port, env.passwords[TWIN]
+    topic = f"twins/{TWIN}/reported/update"
+    # The service's account, raw, so that it can hold its PUBACK back.
+    connack, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
+    assert connack == _ACCEPTED
+    sub_writer.write(mqtt_packets.subscribe(1, topic, 1))
+    assert (await _next(sub_reader))[0] == 0x90  # SUBACK
+    connack, dev_reader, dev_writer = await _login(port, TWIN, password, "dev")
+    assert connack == _ACCEPTED
+    seven = (7).to_bytes(2, "big")
+    try:
+        dev_writer.write(mqtt_packets.publish(topic, b"once", 2, 7))
+        first, body = await _next(sub_reader)
+        assert first == 0x32  # PUBLISH, QoS 1 (the subscription's)
+        end = 2 + int.from_bytes(body[:2], "big")
+        assert body[end + 2 :] == b"once"
+        with pytest.raises(TimeoutError):
+            await _next(dev_reader, 0.5)  # no PUBREC while the subscriber has not acknowledged
+        sub_writer.write(mqtt_packets.ack(mqtt_packets.PUBACK, int.from_bytes(body[end : end + 2])))
+        assert await _next(dev_reader) == (mqtt_packets.PUBREC, seven)
+        dev_writer.write(mqtt_packets.publish(topic, b"once", 2, 7, dup=True))
+        assert await _next(dev_reader) == (mqtt_packets.PUBREC, seven)
+        dev_writer.write(mqtt_packets.ack(mqtt_packets.PUBREL, 7))
+        assert await _next(dev_reader) == (mqtt_packets.PUBCOMP, seven)
+        dev_writer.write(mqtt_packets.ack(mqtt_packets.PUBREL, 9))
+        assert await _next(dev_reader) == (mqtt_packets.PUBCOMP, (9).to_bytes(2, "big"))
+        with pytest.raises(TimeoutError):
+            await _next(sub_reader, 0.5)  # the PUBLISH sent again was not delivered
+
+        dev_writer.write(mqtt_packets.publish(topic, b"unacknowledged", 2, 8))
+        assert (await _next(sub_reader))[0] == 0x32
+        sub_writer.transport.abort()  # gone before its PUBACK
+        assert await asyncio.wait_for(dev_reader.read(), 5) == b""  # closed, no PUBREC
+    finally:
+        sub_writer.close()
+        dev_writer.close()

@@ -253,12 +253,15 @@ class _Rig:
     twin: dict[str, Any]  # as created
     writer: int  # the SQLite writer process's pid
 
-    def report(self, count: int, prefix: str) -> list[asyncio.Task[None]]:
-        """``count`` QoS 1 reports of a counter (0 to count - 1), each awaiting its PUBACK."""
+    def report(self, count: int, prefix: str, qos: int = 1) -> list[asyncio.Task[None]]:
+        """``count`` reports of a counter (0 to count - 1), each awaiting its PUBACK (QoS 1)
+        or its PUBCOMP (QoS 2)."""
         topic = f"twins/{self.twin['twinId']}/reported/update"
         bodies = ({"state": {"counter": i}, "clientToken": f"{prefix}{i}"} for i in range(count))
         return [
-            asyncio.create_task(self.device.publish(topic, json.dumps(b).encode(), timeout=120))
+            asyncio.create_task(
+                self.device.publish(topic, json.dumps(b).encode(), qos, timeout=120)
+            )
             for b in bodies
         ]
 
@@ -302,16 +305,18 @@ async def _rig(tmp_path: Path, twin: str) -> AsyncIterator[_Rig]:
         (rig.proc if rig else proc).stop()
 
 
+@pytest.mark.parametrize("qos", [1, 2])
 async def test_a_report_is_acknowledged_to_the_device_only_once_committed(
-    tmp_path: Path,
+    tmp_path: Path, qos: int
 ) -> None:
     """The embedded broker lives and dies with the service: a report it had acknowledged to
     the device before the service committed it was lost with a crash of the process. The
-    device's PUBACK now waits for the service's, which follows the commit, so a device keeps
-    (and sends again after the restart) every report the crash took."""
-    async with _rig(tmp_path, "org.acme:emb-crash") as rig:
+    device's PUBACK (QoS 1) or PUBREC (QoS 2) now waits for the service's PUBACK, which
+    follows the commit, so a device keeps (and sends again after the restart) every report
+    the crash took."""
+    async with _rig(tmp_path, f"org.acme:emb-crash-{qos}") as rig:
         os.kill(rig.writer, signal.SIGSTOP)  # nothing commits from here on
-        sends = rig.report(20, "k")
+        sends = rig.report(20, "k", qos)
         await asyncio.sleep(2)
         assert not any(send.done() for send in sends), "acknowledged before the commit"
         rig.proc.kill()
