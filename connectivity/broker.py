@@ -104,6 +104,15 @@ class EmbeddedBrokerConfig:
     #: one credential, a new client id at each login held up to ``max_queued`` messages each
     #: for ``session_expiry``, or every one of the ``max_devices`` connections.
     max_sessions_per_device: int = 4
+    #: Topic filters one session may subscribe to (the service's are not bounded); one more
+    #: gets the SUBACK failure code 0x80. A device needs a handful. amqtt took as many as
+    #: came: 200,000 filters from one device held 83 MB, and each message is matched
+    #: against every filter.
+    max_subscriptions: int = 100
+    #: QoS 1 and 2 messages one device connection may have in flight (read, and not yet
+    #: acknowledged by the service); at it, the broker reads nothing more from the
+    #: connection until one is. paho keeps 20 in flight unless told otherwise.
+    max_inflight: int = 100
 
 
 @dataclass
@@ -249,6 +258,8 @@ _CONNACK_ID_REJECTED = b"\x20\x02\x00\x02"
 #: CONNACK with return code 0x05, "not authorized", as amqtt answers a refused login.
 _CONNACK_NOT_AUTHORIZED = b"\x20\x02\x00\x05"
 _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
+#: A SUBACK's return code for a filter refused.
+_SUBACK_FAILURE = 0x80
 
 
 class _Tally:
@@ -283,7 +294,8 @@ class _TwinBroker(EndToEndAcks):
     * at most ``max_devices`` device connections at once, ``max_connecting`` still sending
       their CONNECT, and ``max_queued`` messages for an offline session;
     * a device's messages retained only on its status topic;
-    * a client id only for the login holding its session, and ``max_sessions_per_device``.
+    * a client id only for the login holding its session, and ``max_sessions_per_device``;
+    * at most ``max_subscriptions`` topic filters for a session not the service's.
 
     On the last: amqtt reads every CONNECT as 3.1.1. An MQTT 5 one has properties before the
     client id: amqtt misreads the lengths and waits for bytes that never come, so the device
@@ -315,6 +327,13 @@ class _TwinBroker(EndToEndAcks):
         self._dropped = _Tally(
             "embedded broker dropped %d message(s) queued for offline sessions past "
             "mqtt.embedded_max_queued (%d), the oldest of each (one of them: %r)"
+        )
+        #: The topic filters each bounded session holds (by client id, as amqtt matches
+        #: subscriptions to sessions).
+        self._filters: dict[str, set[str]] = {}
+        self._refused_filters = _Tally(
+            "embedded broker refused %d subscription(s) (SUBACK 0x80): a session held "
+            "mqtt.embedded_max_subscriptions (%d) topic filters already (one of them: %r)"
         )
         #: Client ids whose login is under way (checked, not yet a session of amqtt's),
         #: with who logs in (see _holder): the rules on sessions count them as held.
@@ -361,6 +380,31 @@ class _TwinBroker(EndToEndAcks):
                 self._not_retained.note(topic_name)
                 return
         await super().retain_message(source_session, topic_name, data, qos)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's, with at most ``max_subscriptions`` topic filters for a session that is
+        not the service's."""
+        topic_filter = subscription[0]
+        client_id = session.client_id
+        bounded = session.username != self._config.service_username
+        if bounded:
+            held = self._filters.get(client_id, set())
+            if topic_filter not in held and len(held) >= self._config.max_subscriptions:
+                self._refused_filters.note(self._config.max_subscriptions, client_id)
+                return _SUBACK_FAILURE
+        granted: int = await super().add_subscription(subscription, session)
+        if bounded and granted != _SUBACK_FAILURE:
+            self._filters.setdefault(client_id, set()).add(topic_filter)
+        return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted: int = super()._del_subscription(a_filter, session)
+        held = self._filters.get(session.client_id)
+        if deleted and held is not None:
+            held.discard(a_filter)
+            if not held:
+                del self._filters[session.client_id]
+        return deleted
 
     async def _retain_broadcast_message(
         self, broadcast: dict[str, Any], qos: int, target_session: Session
@@ -577,7 +621,9 @@ class _TwinBroker(EndToEndAcks):
                 await self._close_taken_over(client_id)
                 # amqtt parses the CONNECT itself, from its first byte.
                 peer = writer.get_extra_info("peername")
-                replay = PacketReader(reader, packet, self._config.max_packet_size, peer)
+                replay = PacketReader(
+                    reader, packet, self._config.max_packet_size, peer, self._config.max_inflight
+                )
                 await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
         finally:
             self.devices -= 1 if device else 0

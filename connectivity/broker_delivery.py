@@ -21,10 +21,24 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.pubrec import PubrecPacket
-from amqtt.session import INCOMING, OUTGOING, OutgoingApplicationMessage, Session
+from amqtt.session import (
+    INCOMING,
+    OUTGOING,
+    IncomingApplicationMessage,
+    OutgoingApplicationMessage,
+    Session,
+)
+
+from connectivity.broker_packets import PacketReader
 
 # The embedded broker's lines, under the one name its documentation and log filters use.
 log = logging.getLogger("connectivity.broker")
+
+#: QoS 2 messages of one session delivered and waiting for their PUBREL; one more ends the
+#: connection. A client sends PUBREL as soon as it has the PUBREC: one that does not would
+#: have the broker keep an entry for each of 65,535 packet ids (amqtt kept each message
+#: whole: 20,000 held 75 MB).
+MAX_UNRELEASED = 1000
 
 
 #: The device message whose delivery the broker is handling in this task (see AckingHandler).
@@ -90,10 +104,25 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
             await super()._handle_qos2_message_flow(app_message)
             return
         packet_id = app_message.packet_id
-        if packet_id not in self.session.inflight_in:
+        unreleased = self.session.inflight_in
+        if packet_id not in unreleased:
+            if len(unreleased) >= MAX_UNRELEASED:
+                log.warning(
+                    "embedded broker closed the connection of %r: %d QoS 2 messages wait "
+                    "for their PUBREL (at most %d)",
+                    self.session.client_id,
+                    len(unreleased),
+                    MAX_UNRELEASED,
+                )
+                with contextlib.suppress(Exception):
+                    await self.writer.close()
+                return
             if not await self._forwarded(app_message):
                 return
-            self.session.inflight_in[packet_id] = app_message
+            # Kept until its PUBREL for the packet id only: not the payload.
+            unreleased[packet_id] = IncomingApplicationMessage(
+                packet_id, app_message.topic, app_message.qos, b"", retain=False
+            )
         pubrec = PubrecPacket.build(packet_id)
         await self._send_packet(pubrec)
         app_message.pubrec_packet = pubrec
@@ -133,9 +162,16 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         it has reconnected."""
         forwarded = asyncio.get_running_loop().create_future()
         self.forwards[id(app_message)] = forwarded
-        await self.session.delivered_message_queue.put(app_message)
-        if await forwarded:
-            return True
+        in_flight = self.reader.in_flight if isinstance(self.reader, PacketReader) else None
+        if in_flight is not None:
+            in_flight.take()
+        try:
+            await self.session.delivered_message_queue.put(app_message)
+            if await forwarded:
+                return True
+        finally:
+            if in_flight is not None:
+                in_flight.give()
         log.warning(
             "embedded broker: a message of %r on %r was not acknowledged by every "
             "subscriber; closing the connection so that the device sends it again",

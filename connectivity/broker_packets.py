@@ -122,19 +122,55 @@ def other_protocol_level(packet: bytes) -> tuple[int, str] | None:
     return level, client_id
 
 
+class InFlight:
+    """The messages a connection has in flight (read, not yet acknowledged), up to a bound:
+    at it, :class:`PacketReader` reads nothing more until one is acknowledged."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.count = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def take(self) -> None:
+        self.count += 1
+        if self.count >= self.bound:
+            self._room.clear()
+
+    def give(self) -> None:
+        self.count -= 1
+        if self.count < self.bound:
+            self._room.set()
+
+    async def room(self) -> None:
+        await self._room.wait()
+
+
 class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     """A stream with the bytes already read from it put back in front, that ends the
-    connection at a packet larger than ``max_packet``.
+    connection at a packet larger than ``max_packet``, and waits before a packet while the
+    connection has ``max_inflight`` messages in flight.
 
     amqtt reads any packet whole, whatever its size: a logged-in device that announced
     100 MB had it read into memory, and handed on to the service. This follows the packets
     as amqtt reads them (each begins with a type byte and its remaining length) and refuses
     one whose length is too large before its body is read, as mosquitto's
     ``max_packet_size`` does.
+
+    And amqtt reads every packet as it comes, starting a task for each: a device that sent
+    20,000 QoS 1 messages without waiting for their PUBACKs had them all held at once
+    (+183 MB). The connection's handler counts its messages in :attr:`in_flight`; at the
+    bound the next packet waits, and TCP holds the device back, as mosquitto's
+    ``max_inflight_messages`` does.
     """
 
     def __init__(
-        self, reader: asyncio.StreamReader, head: bytes, max_packet: int, peer: object
+        self,
+        reader: asyncio.StreamReader,
+        head: bytes,
+        max_packet: int,
+        peer: object,
+        max_inflight: int,
     ) -> None:
         super().__init__(reader)
         self._head = head
@@ -143,8 +179,17 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
         self._length = self._shift = 0
         self._in_length = False
         self._body_left = 0
+        self._acked_publish = False
+        self.in_flight = InFlight(max_inflight)
 
     async def read(self, n: int = -1) -> bytes:
+        if not self._body_left and not self._in_length:  # before a packet
+            if self._acked_publish:
+                # amqtt started a task for that PUBLISH; once it runs, the handler has
+                # counted it. Without this, a buffer full of packets was read first.
+                self._acked_publish = False
+                await asyncio.sleep(0)
+            await self.in_flight.room()
         if not self._head:
             data: bytes = await super().read(n)
         else:
@@ -165,6 +210,7 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
                 i += step
             elif not self._in_length:  # a packet's type byte
                 self._in_length, self._length, self._shift = True, 0, 0
+                self._acked_publish = data[i] >> 4 == 3 and data[i] & 0x06 != 0
                 i += 1
             else:  # its remaining length: 1 to 4 bytes of 7 bits, low ones first
                 byte = data[i]

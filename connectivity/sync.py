@@ -141,6 +141,8 @@ class MqttSync:
                     max_connecting=m.embedded_max_connecting,
                     max_queued=m.embedded_max_queued,
                     max_sessions_per_device=m.embedded_max_sessions_per_device,
+                    max_subscriptions=m.embedded_max_subscriptions,
+                    max_inflight=m.embedded_max_inflight,
                     admit_devices_at_start=False,
                 )
             )

@@ -243,6 +243,19 @@ class MqttSettings(BaseModel):
         "login past it ends the device's longest offline session, or is refused (CONNACK 3) "
         "when they are all connected.",
     )
+    embedded_max_subscriptions: int = Field(
+        100,
+        ge=1,
+        description="Topic filters one client (the service excepted) may subscribe to on the "
+        "built-in broker; one more gets the SUBACK failure code (0x80).",
+    )
+    embedded_max_inflight: int = Field(
+        100,
+        ge=1,
+        description="QoS 1 and 2 messages one device connection may have in flight on the "
+        "built-in broker (read, not yet acknowledged by the service); at it, the broker "
+        "reads nothing more from the connection until one is.",
+    )
     topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
     client_id: str = Field(
         "twin-service",

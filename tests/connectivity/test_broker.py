@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
+from connectivity.broker_delivery import MAX_UNRELEASED
 from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.errors import ConnectRefused, Refused
 from connectivity.messages import InboundMessage
@@ -994,3 +996,121 @@ async def test_a_qos2_message_is_received_once_every_subscriber_acknowledged_it(
     finally:
         sub_writer.close()
         dev_writer.close()
+
+
+async def test_a_session_holds_at_most_max_subscriptions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt took as many topic filters as a device sent (200,000 held 83 MB, and every
+    message is matched against each). Past max_subscriptions a filter gets the SUBACK
+    failure code; one given up makes room; the service's sessions are not bounded."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    password = CredentialStore(tmp_path / "creds.json").add(TWIN)
+    broker = _bare_broker(tmp_path, max_subscriptions=3)
+    await broker.start()
+    port = broker.config.port
+    base = f"twins/{TWIN}"
+
+    async def subscribe(reader: Any, writer: Any, packet_id: int, *filters: str) -> list[int]:
+        body = packet_id.to_bytes(2, "big")
+        body += b"".join(mqtt_packets.string(f) + b"\x01" for f in filters)
+        writer.write(mqtt_packets.packet(0x82, body))
+        first, answer = await _next(reader)
+        assert (first, answer[:2]) == (0x90, body[:2])  # its SUBACK
+        return list(answer[2:])
+
+    connack, dev_reader, dev_writer = await _login(port, TWIN, password, "dev")
+    connack_svc, svc_reader, svc_writer = await _login(port, "service", "svc-pw", "svc")
+    try:
+        assert connack == connack_svc == _ACCEPTED
+        filters = [f"{base}/{n}" for n in range(5)]
+        assert await subscribe(dev_reader, dev_writer, 1, *filters) == [1, 1, 1, 0x80, 0x80]
+        assert await subscribe(dev_reader, dev_writer, 2, filters[0]) == [1]  # held already
+        unsubscribe = mqtt_packets.packet(
+            0xA2, (3).to_bytes(2, "big") + mqtt_packets.string(filters[0])
+        )
+        dev_writer.write(unsubscribe)
+        assert await _next(dev_reader) == (0xB0, (3).to_bytes(2, "big"))  # UNSUBACK
+        assert await subscribe(dev_reader, dev_writer, 4, filters[3], filters[4]) == [1, 0x80]
+        many = [f"svc/{n}" for n in range(10)]
+        assert await subscribe(svc_reader, svc_writer, 1, *many) == [1] * 10
+        # The first refusal is logged; the next two are counted for the next line.
+        assert [r.getMessage() for r in caplog.records] == [
+            "embedded broker refused 1 subscription(s) (SUBACK 0x80): a session held "
+            "mqtt.embedded_max_subscriptions (3) topic filters already (one of them: 'dev')"
+        ]
+    finally:
+        dev_writer.close()
+        svc_writer.close()
+        await broker.stop()
+
+
+async def test_a_device_connection_has_at_most_max_inflight_messages_read(
+    tmp_path: Path,
+) -> None:
+    """amqtt read every packet as it came, a task each: a device that sent 20,000 QoS 1
+    messages without waiting for their PUBACKs had them all held at once (+183 MB). At
+    max_inflight unacknowledged messages the broker reads nothing more from the device
+    until the service acknowledges one; each then arrives, and none is lost."""
+    password = CredentialStore(tmp_path / "creds.json").add(TWIN)
+    broker = _bare_broker(tmp_path, max_inflight=5)
+    await broker.start()
+    port = broker.config.port
+    topic = f"twins/{TWIN}/reported/update"
+    _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
+    sub_writer.write(mqtt_packets.subscribe(1, topic, 1))
+    assert (await _next(sub_reader))[0] == 0x90
+    _, dev_reader, dev_writer = await _login(port, TWIN, password, "dev")
+    try:
+        dev_writer.write(
+            b"".join(mqtt_packets.publish(topic, b"%d" % n, 1, n) for n in range(1, 51))
+        )
+        delivered: list[bytes] = []
+        rounds: list[int] = []
+        while len(delivered) < 50:
+            ids = []
+            with contextlib.suppress(TimeoutError):
+                while True:  # what the broker hands on before the service acknowledges
+                    first, body = await _next(sub_reader, 0.5)
+                    assert first == 0x32
+                    end = 2 + int.from_bytes(body[:2], "big")
+                    ids.append(body[end : end + 2])
+                    delivered.append(body[end + 2 :])
+            assert ids, f"stalled after {len(delivered)}"
+            rounds.append(len(ids))
+            sub_writer.write(b"".join(mqtt_packets.packet(mqtt_packets.PUBACK, i) for i in ids))
+        assert max(rounds) == 5, rounds
+        assert delivered == [b"%d" % n for n in range(1, 51)]
+        acks = [await _next(dev_reader) for _ in range(50)]
+        assert acks == [(mqtt_packets.PUBACK, n.to_bytes(2, "big")) for n in range(1, 51)]
+    finally:
+        sub_writer.close()
+        dev_writer.close()
+        await broker.stop()
+
+
+async def test_qos2_messages_waiting_for_their_pubrel_are_bounded(env: Env) -> None:
+    """A device that never sends PUBREL had the broker keep each QoS 2 message whole, up
+    to 65,535 per session (20,000 held 75 MB). Past MAX_UNRELEASED its connection ends."""
+    got = Collector()
+    svc = await env.service("svc")
+    topic = f"twins/{TWIN}/live/update"
+    await svc.subscribe(topic, 1, got)
+    port, password = env.broker.config.port, env.passwords[TWIN]
+    _, reader, writer = await _login(port, TWIN, password, "dev")
+    try:
+        writer.write(
+            b"".join(
+                mqtt_packets.publish(topic, b"%d" % n, 2, n) for n in range(1, MAX_UNRELEASED + 1)
+            )
+        )
+        for n in range(1, MAX_UNRELEASED + 1):
+            assert await _next(reader) == (mqtt_packets.PUBREC, n.to_bytes(2, "big"))
+        writer.write(mqtt_packets.publish(topic, b"one more", 2, MAX_UNRELEASED + 1))
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no PUBREC
+        await got.wait_for(MAX_UNRELEASED)
+        await asyncio.sleep(0.2)
+        assert len(got.messages) == MAX_UNRELEASED  # the one more was not delivered
+    finally:
+        writer.close()
+        await svc.stop()
