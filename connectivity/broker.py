@@ -17,8 +17,8 @@ and enforced by the two plugins below:
 * a client id belongs to the login holding its session, and a device holds at most
   ``max_sessions_per_device`` sessions (see :meth:`_TwinBroker._session_rules`).
 
-The broker keeps everything in memory and dies with the service, so a device's QoS 1 message
-is acknowledged only once the service has acknowledged it, after its commit
+The broker keeps everything in memory and dies with the service, so a device's QoS 1 or 2
+message is acknowledged only once the service has acknowledged it, after its commit
 (:mod:`connectivity.broker_delivery`). Packets are bounded in size
 (:mod:`connectivity.broker_packets`).
 """

@@ -114,8 +114,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
                     len(unreleased),
                     MAX_UNRELEASED,
                 )
-                with contextlib.suppress(Exception):
-                    await self.writer.close()
+                await self._hang_up()
                 return
             if not await self._forwarded(app_message):
                 return
@@ -178,9 +177,12 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
             self.session.client_id,
             app_message.topic,
         )
-        with contextlib.suppress(Exception):
-            await self.writer.close()
+        await self._hang_up()
         return False
+
+    async def _hang_up(self) -> None:
+        with contextlib.suppress(Exception):  # closing already
+            await self.writer.close()
 
     def _stop_waiters(self) -> None:
         # The connection ended: messages not yet broadcast stay unacknowledged, and their

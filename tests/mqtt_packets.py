@@ -58,6 +58,12 @@ def publish(topic: str, payload: bytes, qos: int, packet_id: int = 0, dup: bool 
     return packet(first, body)
 
 
+def published(body: bytes) -> tuple[str, int, bytes]:
+    """The topic, packet id and payload of a QoS 1 or 2 PUBLISH's body."""
+    end = 2 + int.from_bytes(body[:2], "big")
+    return body[2:end].decode(), int.from_bytes(body[end : end + 2], "big"), body[end + 2 :]
+
+
 #: First bytes of the packets that carry only a packet id.
 PUBACK, PUBREC, PUBREL, PUBCOMP = 0x40, 0x50, 0x62, 0x70
 

@@ -974,11 +974,11 @@ async def test_a_qos2_message_is_received_once_every_subscriber_acknowledged_it(
         dev_writer.write(mqtt_packets.publish(topic, b"once", 2, 7))
         first, body = await _next(sub_reader)
         assert first == 0x32  # PUBLISH, QoS 1 (the subscription's)
-        end = 2 + int.from_bytes(body[:2], "big")
-        assert body[end + 2 :] == b"once"
+        _, delivered_id, payload = mqtt_packets.published(body)
+        assert payload == b"once"
         with pytest.raises(TimeoutError):
             await _next(dev_reader, 0.5)  # no PUBREC while the subscriber has not acknowledged
-        sub_writer.write(mqtt_packets.ack(mqtt_packets.PUBACK, int.from_bytes(body[end : end + 2])))
+        sub_writer.write(mqtt_packets.ack(mqtt_packets.PUBACK, delivered_id))
         assert await _next(dev_reader) == (mqtt_packets.PUBREC, seven)
         dev_writer.write(mqtt_packets.publish(topic, b"once", 2, 7, dup=True))
         assert await _next(dev_reader) == (mqtt_packets.PUBREC, seven)
@@ -1073,12 +1073,12 @@ async def test_a_device_connection_has_at_most_max_inflight_messages_read(
                 while True:  # what the broker hands on before the service acknowledges
                     first, body = await _next(sub_reader, 0.5)
                     assert first == 0x32
-                    end = 2 + int.from_bytes(body[:2], "big")
-                    ids.append(body[end : end + 2])
-                    delivered.append(body[end + 2 :])
+                    _, packet_id, payload = mqtt_packets.published(body)
+                    ids.append(packet_id)
+                    delivered.append(payload)
             assert ids, f"stalled after {len(delivered)}"
             rounds.append(len(ids))
-            sub_writer.write(b"".join(mqtt_packets.packet(mqtt_packets.PUBACK, i) for i in ids))
+            sub_writer.write(b"".join(mqtt_packets.ack(mqtt_packets.PUBACK, i) for i in ids))
         assert max(rounds) == 5, rounds
         assert delivered == [b"%d" % n for n in range(1, 51)]
         acks = [await _next(dev_reader) for _ in range(50)]
