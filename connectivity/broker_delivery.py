@@ -29,15 +29,15 @@ from amqtt.session import (
     Session,
 )
 
-from connectivity.broker_packets import PacketReader
+from connectivity.broker_packets import InFlight, PacketReader
 
 # The embedded broker's lines, under the one name its documentation and log filters use.
 log = logging.getLogger("connectivity.broker")
 
-#: QoS 2 messages of one session delivered and waiting for their PUBREL; one more ends the
-#: connection. A client sends PUBREL as soon as it has the PUBREC: one that does not would
-#: have the broker keep an entry for each of 65,535 packet ids (amqtt kept each message
-#: whole: 20,000 held 75 MB).
+#: QoS 2 messages of one session delivered and waiting for their PUBREL, with the messages
+#: of its connection being delivered; one more ends the connection. A client sends PUBREL
+#: as soon as it has the PUBREC: one that does not would have the broker keep an entry for
+#: each of 65,535 packet ids (amqtt kept each message whole: 20,000 held 75 MB).
 MAX_UNRELEASED = 1000
 
 
@@ -67,6 +67,8 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     service_username: str
     #: Delivery outcome of each device message not yet handed to the broadcast, by id().
     forwards: dict[int, asyncio.Future[bool]]
+    #: Whether this handler closed its connection (the flows under way then end quietly).
+    hung_up: bool
 
     @classmethod
     def adopt(cls, handler: BrokerProtocolHandler, service_username: str) -> AckingHandler:
@@ -75,6 +77,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         handler.__class__ = cls
         handler.service_username = service_username
         handler.forwards = {}
+        handler.hung_up = False
         return handler  # type: ignore[no-any-return]
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
@@ -106,12 +109,16 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         packet_id = app_message.packet_id
         unreleased = self.session.inflight_in
         if packet_id not in unreleased:
-            if len(unreleased) >= MAX_UNRELEASED:
+            in_flight = self._in_flight()
+            forwarding = 0 if in_flight is None else in_flight.count
+            if len(unreleased) + forwarding >= MAX_UNRELEASED:
+                if self.hung_up:  # another flow of this connection met the bound first
+                    return
                 log.warning(
-                    "embedded broker closed the connection of %r: %d QoS 2 messages wait "
-                    "for their PUBREL (at most %d)",
+                    "embedded broker closed the connection of %r: %d messages wait for "
+                    "their PUBREL or are being delivered (at most %d)",
                     self.session.client_id,
-                    len(unreleased),
+                    len(unreleased) + forwarding,
                     MAX_UNRELEASED,
                 )
                 await self._hang_up()
@@ -161,7 +168,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         it has reconnected."""
         forwarded = asyncio.get_running_loop().create_future()
         self.forwards[id(app_message)] = forwarded
-        in_flight = self.reader.in_flight if isinstance(self.reader, PacketReader) else None
+        in_flight = self._in_flight()
         if in_flight is not None:
             in_flight.take()
         try:
@@ -180,7 +187,12 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         await self._hang_up()
         return False
 
+    def _in_flight(self) -> InFlight | None:
+        """The count of device messages being delivered, which the reader bounds."""
+        return self.reader.in_flight if isinstance(self.reader, PacketReader) else None
+
     async def _hang_up(self) -> None:
+        self.hung_up = True
         with contextlib.suppress(Exception):  # closing already
             await self.writer.close()
 

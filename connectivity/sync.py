@@ -349,15 +349,19 @@ class MqttSync:
 
         A response topic outside the device's own subtree is ignored, so a device cannot make
         the service publish into another twin's topics; so is one no publish can go to (a
-        wildcard in it, which the broker let through: the handler failed, unanswered).
+        wildcard in it, which the broker let through: the handler failed, unanswered), and
+        one the service reads itself (an answer on ``live/update`` was written into the
+        twin's live state).
         """
         assert self.client is not None
         topic = self.layout.topic(twin_id, suffix)
         correlation: bytes | None = None
         response = request.response_topic
+        base = self.layout.base(twin_id) + "/"
         if (
             response
-            and response.startswith(self.layout.base(twin_id) + "/")
+            and response.startswith(base)
+            and response[len(base) :] not in INBOUND
             and is_topic_name(response)
         ):
             topic, correlation = response, request.correlation_data

@@ -1089,9 +1089,13 @@ async def test_a_device_connection_has_at_most_max_inflight_messages_read(
         await broker.stop()
 
 
-async def test_qos2_messages_waiting_for_their_pubrel_are_bounded(env: Env) -> None:
+async def test_qos2_messages_waiting_for_their_pubrel_are_bounded(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
     """A device that never sends PUBREL had the broker keep each QoS 2 message whole, up
-    to 65,535 per session (20,000 held 75 MB). Past MAX_UNRELEASED its connection ends."""
+    to 65,535 per session (20,000 held 75 MB). Past MAX_UNRELEASED its connection ends,
+    and the log says so once."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
     got = Collector()
     svc = await env.service("svc")
     topic = f"twins/{TWIN}/live/update"
@@ -1111,6 +1115,11 @@ async def test_qos2_messages_waiting_for_their_pubrel_are_bounded(env: Env) -> N
         await got.wait_for(MAX_UNRELEASED)
         await asyncio.sleep(0.2)
         assert len(got.messages) == MAX_UNRELEASED  # the one more was not delivered
+        closed = [r.getMessage() for r in caplog.records if "PUBREL" in r.getMessage()]
+        assert closed == [
+            f"embedded broker closed the connection of 'dev': {MAX_UNRELEASED} messages "
+            f"wait for their PUBREL or are being delivered (at most {MAX_UNRELEASED})"
+        ]
     finally:
         writer.close()
         await svc.stop()

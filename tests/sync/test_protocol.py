@@ -220,6 +220,30 @@ async def test_a_response_topic_no_publish_can_go_to_is_answered_home(
     assert mqtt["handlerFailures"] == 0, mqtt
 
 
+async def test_a_response_topic_the_service_reads_is_answered_home(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    """A response topic on one of the device's own topics that the service reads made the
+    service feed its answer to itself: a get answered on ``live/update`` wrote the answer
+    into the twin's live state, and one on ``reported/update`` came back as a report."""
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        for n, suffix in enumerate(("live/update", "reported/update", "get", "status")):
+            await dev.client.publish(
+                f"{dev.base}/get",
+                json.dumps({"clientToken": f"s{n}"}).encode(),
+                response_topic=f"{dev.base}/{suffix}",
+                correlation_data=b"c",
+            )
+            home = await dev.reply("get/accepted", n)
+            assert home["clientToken"] == f"s{n}"
+        await dev.call("get", {"clientToken": "last"}, "accepted")
+    async with svc.async_client() as api:
+        doc = (await api.get(f"/api/v1/twins/{twin}")).json()
+        mqtt = (await api.get("/ready")).json()["checks"]["mqtt"]
+    assert doc["live"] == {} and doc["reported"] == {}, doc
+    assert mqtt["handlerFailures"] == 0, mqtt
+
+
 def _corr(msg: InboundMessage) -> bytes | None:
     return msg.correlation_data
 
