@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from connectivity.broker_delivery import EndToEndAcks
+from connectivity.broker_log import Tally, log
 from connectivity.broker_packets import (
     ConnectTooLarge,
     PacketReader,
@@ -52,8 +52,6 @@ from connectivity.broker_packets import (
 from connectivity.credentials import CredentialError, CredentialStore, twin_id_from_username
 from connectivity.errors import MqttUnavailable
 from connectivity.topics import DEFAULT_PREFIX, INBOUND, TopicLayout
-
-log = logging.getLogger(__name__)
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
@@ -97,6 +95,8 @@ class EmbeddedBrokerConfig:
     #: Messages queued for one offline persistent session; past it the oldest go. amqtt's
     #: queue grew without end: a device away for a month while its desired state changed
     #: every second would come back to millions of deltas, all held in memory meanwhile.
+    #: Also the messages sent to a connected device and not acknowledged that the broker
+    #: holds; one more is dropped.
     max_queued: int = 1000
     #: Sessions (client ids) one device may hold at once, connected or offline and
     #: persistent. A login past it ends the device's session that has been offline longest,
@@ -109,9 +109,9 @@ class EmbeddedBrokerConfig:
     #: came: 200,000 filters from one device held 83 MB, and each message is matched
     #: against every filter.
     max_subscriptions: int = 100
-    #: QoS 1 and 2 messages one device connection may have in flight (read, and not yet
-    #: acknowledged by the service); at it, the broker reads nothing more from the
-    #: connection until one is. paho keeps 20 in flight unless told otherwise.
+    #: Messages one device connection may have in flight (read, and not yet acknowledged
+    #: by the service, or handed to it for QoS 0); at it, the broker reads nothing more
+    #: from the connection until one is. paho keeps 20 in flight unless told otherwise.
     max_inflight: int = 100
 
 
@@ -262,28 +262,6 @@ _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 _SUBACK_FAILURE = 0x80
 
 
-class _Tally:
-    """Events logged at most once a minute, with their count since the last line: what
-    meets a bound (devices refused at max_devices retry, queues at max_queued keep growing)
-    tends to meet it all the time. ``message`` takes the count, then the ``args`` of
-    :meth:`note`."""
-
-    every = 60.0
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._count = 0
-        self._logged_at: float | None = None
-
-    def note(self, *args: object, count: int = 1) -> None:
-        self._count += count
-        now = time.monotonic()
-        if self._logged_at is not None and now - self._logged_at < self.every:
-            return
-        log.warning(self._message, self._count, *args)
-        self._count, self._logged_at = 0, now
-
-
 class _TwinBroker(EndToEndAcks):
     """amqtt's broker, with what it lacks for devices of a twin service:
 
@@ -304,7 +282,7 @@ class _TwinBroker(EndToEndAcks):
     """
 
     def __init__(self, amqtt_config: dict[str, Any], config: EmbeddedBrokerConfig) -> None:
-        super().__init__(amqtt_config, config.service_username)
+        super().__init__(amqtt_config, config.service_username, config.max_queued)
         self._config = config
         self._retained_sends: set[asyncio.Task[None]] = set()
         self.devices_admitted = asyncio.Event()
@@ -315,44 +293,44 @@ class _TwinBroker(EndToEndAcks):
         #: Device connections held now, and connections whose CONNECT is still arriving.
         self.devices = 0
         self.arriving = 0
-        self._refused = _Tally(
+        self._refused = Tally(
             "embedded broker refused %d device connection(s) (CONNACK 3, server unavailable): "
             "it holds mqtt.embedded_max_devices (%d) already; raise it, or run an external "
             "broker (TWIN_MQTT_URL) for a fleet this size"
         )
-        self._refused_arriving = _Tally(
+        self._refused_arriving = Tally(
             "embedded broker closed %d connection(s) at once: as many as "
             "mqtt.embedded_max_connecting (%d) were still sending their CONNECT"
         )
-        self._dropped = _Tally(
+        self._dropped = Tally(
             "embedded broker dropped %d message(s) queued for offline sessions past "
             "mqtt.embedded_max_queued (%d), the oldest of each (one of them: %r)"
         )
         #: The topic filters each bounded session holds (by client id, as amqtt matches
         #: subscriptions to sessions).
         self._filters: dict[str, set[str]] = {}
-        self._refused_filters = _Tally(
+        self._refused_filters = Tally(
             "embedded broker refused %d subscription(s) (SUBACK 0x80): a session held "
             "mqtt.embedded_max_subscriptions (%d) topic filters already (one of them: %r)"
         )
         #: Client ids whose login is under way (checked, not yet a session of amqtt's),
         #: with who logs in (see _holder): the rules on sessions count them as held.
         self._claims: dict[str, list[str | None]] = {}
-        self._refused_id = _Tally(
+        self._refused_id = Tally(
             "embedded broker refused %d login(s) (CONNACK 2, identifier rejected): the "
             "client id is held by another login (one of them: %r as %r)"
         )
-        self._ended_sessions = _Tally(
+        self._ended_sessions = Tally(
             "embedded broker ended %d offline session(s) of devices at "
             "mqtt.embedded_max_sessions_per_device (%d), the longest offline of each "
             "(one of them: %r)"
         )
-        self._refused_sessions = _Tally(
+        self._refused_sessions = Tally(
             "embedded broker refused %d device login(s) (CONNACK 3, server unavailable): "
             "each device had mqtt.embedded_max_sessions_per_device (%d) sessions "
             "connected already (one of them: %r)"
         )
-        self._not_retained = _Tally(
+        self._not_retained = Tally(
             "embedded broker retained none of %d message(s) devices published with the "
             "retain flag outside their status topic (one of them: %r)"
         )

@@ -234,7 +234,9 @@ class MqttSettings(BaseModel):
         1000,
         ge=1,
         description="Messages the built-in broker queues for one offline persistent "
-        "session; past it the oldest are dropped (a newer delta supersedes them).",
+        "session; past it the oldest are dropped (a newer delta supersedes them). Also the "
+        "messages sent to a connected device that it has not acknowledged; one more is "
+        "dropped.",
     )
     embedded_max_sessions_per_device: int = Field(
         4,
@@ -252,9 +254,9 @@ class MqttSettings(BaseModel):
     embedded_max_inflight: int = Field(
         100,
         ge=1,
-        description="QoS 1 and 2 messages one device connection may have in flight on the "
-        "built-in broker (read, not yet acknowledged by the service); at it, the broker "
-        "reads nothing more from the connection until one is.",
+        description="Messages one device connection may have in flight on the built-in "
+        "broker (read, and not yet acknowledged by the service, or handed to it for QoS 0); "
+        "at it, the broker reads nothing more from the connection until one is.",
     )
     topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
     client_id: str = Field(

@@ -1123,3 +1123,95 @@ async def test_qos2_messages_waiting_for_their_pubrel_are_bounded(
     finally:
         writer.close()
         await svc.stop()
+
+
+async def test_messages_a_device_has_not_acknowledged_are_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker waits for a device's PUBACK as long as its connection lasts: a device that
+    never acknowledged had every answer and delta held for it, a task each. Past max_queued
+    unacknowledged, what the broker would send it is dropped; an acknowledgment makes room."""
+    caplog.set_level(logging.WARNING, logger="connectivity.broker")
+    password = CredentialStore(tmp_path / "creds.json").add(TWIN)
+    broker = _bare_broker(tmp_path, max_queued=5)
+    await broker.start()
+    delta = f"twins/{TWIN}/delta"
+    _, reader, writer = await _login(broker.config.port, TWIN, password, "dev")
+    svc = await started(broker.url, "svc", protocol=4, username="service", password="svc-pw")
+    try:
+        writer.write(mqtt_packets.subscribe(1, delta, 1))
+        assert (await _next(reader))[0] == 0x90
+        for n in range(8):
+            await svc.publish(delta, b"%d" % n)
+        received = [mqtt_packets.published((await _next(reader))[1]) for _ in range(5)]
+        with pytest.raises(TimeoutError):
+            await _next(reader, 0.5)
+        assert [payload for _, _, payload in received] == [b"0", b"1", b"2", b"3", b"4"]
+        writer.write(b"".join(mqtt_packets.ack(mqtt_packets.PUBACK, i) for _, i, _ in received))
+        await svc.publish(delta, b"after")
+        first, body = await _next(reader)
+        assert (first, mqtt_packets.published(body)[2]) == (0x32, b"after")
+        assert [r.getMessage() for r in caplog.records] == [
+            "embedded broker dropped 1 message(s) to devices that had mqtt.embedded_max_queued "
+            "(5) unacknowledged already (one of them: 'dev')"
+        ]
+    finally:
+        writer.close()
+        await svc.stop()
+        await broker.stop()
+
+
+async def test_a_delivery_left_waiting_keeps_no_later_one(tmp_path: Path) -> None:
+    """amqtt let go of finished deliveries from the front of its list only: one delivery
+    still waiting for a device's PUBACK (the broker waits as long as the connection lasts)
+    kept every later one, with its message, however many (20,000 answers held 120 MB)."""
+    password = CredentialStore(tmp_path / "creds.json").add(TWIN)
+    broker = _bare_broker(tmp_path)
+    await broker.start()
+    delta = f"twins/{TWIN}/delta"
+    _, reader, writer = await _login(broker.config.port, TWIN, password, "dev")
+    svc = await started(broker.url, "svc", protocol=4, username="service", password="svc-pw")
+    got = Collector()
+    listener = await started(broker.url, "l", protocol=4, username="service", password="svc-pw")
+    try:
+        writer.write(mqtt_packets.subscribe(1, delta, 1))
+        assert (await _next(reader))[0] == 0x90
+        await svc.publish(delta, b"never acknowledged")
+        assert (await _next(reader))[0] == 0x32  # and no PUBACK for it
+        await listener.subscribe("other/#", 1, got)
+        for n in range(200):
+            await svc.publish(f"other/{n}", b"x")
+        await got.wait_for(200)
+        assert broker._broker is not None
+        await eventually(lambda: len(broker._broker._tasks_queue) <= 1)  # type: ignore[union-attr]
+    finally:
+        writer.close()
+        await listener.stop()
+        await svc.stop()
+        await broker.stop()
+
+
+async def test_qos0_messages_count_in_the_inflight_window(tmp_path: Path) -> None:
+    """amqtt read a device's QoS 0 messages as fast as they came, whatever the subscribers
+    could take: 20,000 of 1 KB held 117 MB. They count in the in-flight window until they
+    are delivered, so with a subscriber that reads nothing the broker stops reading the
+    device, whose own side keeps what it could not send."""
+    password = CredentialStore(tmp_path / "creds.json").add(TWIN)
+    broker = _bare_broker(tmp_path, max_inflight=5)
+    await broker.start()
+    port = broker.config.port
+    topic = f"twins/{TWIN}/live/update"
+    _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
+    sub_writer.write(mqtt_packets.subscribe(1, topic, 1))
+    assert (await _next(sub_reader))[0] == 0x90  # and nothing read from here on
+    _, _, dev_writer = await _login(port, TWIN, password, "dev")
+    try:
+        # 8 MB: the broker reads it all within about 2 s when nothing holds it back.
+        message = mqtt_packets.publish(topic, b"x" * 1000, 0)
+        dev_writer.write(message * 8_000)
+        await asyncio.sleep(4)
+        assert dev_writer.transport.get_write_buffer_size() > 0
+    finally:
+        sub_writer.transport.abort()
+        dev_writer.transport.abort()
+        await broker.stop()
