@@ -1045,6 +1045,23 @@ async def test_a_session_holds_at_most_max_subscriptions(
         await broker.stop()
 
 
+_Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _window_rig(tmp_path: Path, topic: str) -> tuple[EmbeddedBroker, _Stream, _Stream]:
+    """A broker with max_inflight 5, a raw subscriber of ``topic`` (the service's account,
+    QoS 1) and a raw device login."""
+    password = CredentialStore(tmp_path / "creds.json").add(TWIN)
+    broker = _bare_broker(tmp_path, max_inflight=5)
+    await broker.start()
+    port = broker.config.port
+    _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
+    sub_writer.write(mqtt_packets.subscribe(1, topic, 1))
+    assert (await _next(sub_reader))[0] == 0x90
+    _, dev_reader, dev_writer = await _login(port, TWIN, password, "dev")
+    return broker, (sub_reader, sub_writer), (dev_reader, dev_writer)
+
+
 async def test_a_device_connection_has_at_most_max_inflight_messages_read(
     tmp_path: Path,
 ) -> None:
@@ -1052,15 +1069,8 @@ async def test_a_device_connection_has_at_most_max_inflight_messages_read(
     messages without waiting for their PUBACKs had them all held at once (+183 MB). At
     max_inflight unacknowledged messages the broker reads nothing more from the device
     until the service acknowledges one; each then arrives, and none is lost."""
-    password = CredentialStore(tmp_path / "creds.json").add(TWIN)
-    broker = _bare_broker(tmp_path, max_inflight=5)
-    await broker.start()
-    port = broker.config.port
     topic = f"twins/{TWIN}/reported/update"
-    _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
-    sub_writer.write(mqtt_packets.subscribe(1, topic, 1))
-    assert (await _next(sub_reader))[0] == 0x90
-    _, dev_reader, dev_writer = await _login(port, TWIN, password, "dev")
+    broker, (sub_reader, sub_writer), (dev_reader, dev_writer) = await _window_rig(tmp_path, topic)
     try:
         dev_writer.write(
             b"".join(mqtt_packets.publish(topic, b"%d" % n, 1, n) for n in range(1, 51))
@@ -1196,16 +1206,9 @@ async def test_qos0_messages_count_in_the_inflight_window(tmp_path: Path) -> Non
     could take: 20,000 of 1 KB held 117 MB. They count in the in-flight window until they
     are delivered, so with a subscriber that reads nothing the broker stops reading the
     device, whose own side keeps what it could not send."""
-    password = CredentialStore(tmp_path / "creds.json").add(TWIN)
-    broker = _bare_broker(tmp_path, max_inflight=5)
-    await broker.start()
-    port = broker.config.port
     topic = f"twins/{TWIN}/live/update"
-    _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
-    sub_writer.write(mqtt_packets.subscribe(1, topic, 1))
-    assert (await _next(sub_reader))[0] == 0x90  # and nothing read from here on
-    _, _, dev_writer = await _login(port, TWIN, password, "dev")
-    try:
+    broker, (_, sub_writer), (_, dev_writer) = await _window_rig(tmp_path, topic)
+    try:  # nothing read from the subscriber from here on
         # 8 MB: the broker reads it all within about 2 s when nothing holds it back.
         message = mqtt_packets.publish(topic, b"x" * 1000, 0)
         dev_writer.write(message * 8_000)
