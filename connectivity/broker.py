@@ -231,10 +231,9 @@ def device_may_read(layout: TopicLayout, twin_id: str, topic: str) -> bool:
     """Whether a device may subscribe to or receive ``topic`` (a name or a filter): anything
     under its own base, where the service answers it (MQTT 5 response topics included)."""
     try:
-        base = layout.base(twin_id)
-    except ValueError:
+        return layout.below(twin_id, topic) is not None
+    except ValueError:  # a twin id no topic can hold
         return False
-    return topic.startswith(base + "/")
 
 
 def device_may_publish(layout: TopicLayout, twin_id: str, topic: str) -> bool:
@@ -242,10 +241,9 @@ def device_may_publish(layout: TopicLayout, twin_id: str, topic: str) -> bool:
     Anywhere else under its base a device could only mislead itself (a delta, an answer)
     or, retained, hold the broker's memory; the service reads none of it."""
     try:
-        base = layout.base(twin_id)
-    except ValueError:
+        return layout.below(twin_id, topic) in INBOUND
+    except ValueError:  # a twin id no topic can hold
         return False
-    return topic.startswith(base + "/") and topic[len(base) + 1 :] in INBOUND
 
 
 #: CONNACK with return code 0x01, "unacceptable protocol version" (MQTT 3.1.1 [MQTT-3.1.2-2]);

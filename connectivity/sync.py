@@ -357,14 +357,10 @@ class MqttSync:
         topic = self.layout.topic(twin_id, suffix)
         correlation: bytes | None = None
         response = request.response_topic
-        base = self.layout.base(twin_id) + "/"
-        if (
-            response
-            and response.startswith(base)
-            and response[len(base) :] not in INBOUND
-            and is_topic_name(response)
-        ):
-            topic, correlation = response, request.correlation_data
+        if response and is_topic_name(response):
+            below = self.layout.below(twin_id, response)
+            if below is not None and below not in INBOUND:
+                topic, correlation = response, request.correlation_data
         try:
             await self.client.publish(
                 topic, dumps(body).encode(), qos=1, correlation_data=correlation, await_ack=False

@@ -114,6 +114,12 @@ class TopicLayout:
         """A topic of one twin, e.g. ``topic(t, "reported/update")``."""
         return f"{self.base(twin_id)}/{suffix}"
 
+    def below(self, twin_id: str, topic: str) -> str | None:
+        """What ``topic`` has below the twin's base (``reported/update``), or None when it
+        is not under it: the inverse of :meth:`topic`."""
+        base = self.base(twin_id) + "/"
+        return topic[len(base) :] if topic.startswith(base) else None
+
     def all_twins(self, suffix: str) -> str:
         """A filter matching ``suffix`` for every twin, e.g. ``twins/+/reported/update``."""
         return f"{self.prefix.replace(_PLACEHOLDER, '+')}/{suffix}"

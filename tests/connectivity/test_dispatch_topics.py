@@ -183,3 +183,20 @@ async def test_jobs_to_be_dropped_are_named_at_the_connack_not_the_running_one(
     gate.set()
     await dispatcher.join()
     assert dropped == ([1, 2, 3] if redelivers else [])
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("twins/org.acme:p1/reported/update", "reported/update"),
+        ("twins/org.acme:p1/", ""),
+        ("twins/org.acme:p1", None),
+        ("twins/org.acme:p10/get", None),
+        ("twins/org.acme:p2/get", None),
+    ],
+)
+def test_below_is_the_inverse_of_topic(topic: str, expected: str | None) -> None:
+    layout = TopicLayout()
+    assert layout.below("org.acme:p1", topic) == expected
+    if expected is not None:
+        assert layout.topic("org.acme:p1", expected) == topic
