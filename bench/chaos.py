@@ -1,7 +1,8 @@
 """Delivery under faults: devices report while replicas are killed and the broker restarts.
 
 Every report the broker acknowledged must be applied, and applied once. The run sets up what
-deploy/ ships: mosquitto with per-device credentials and the ACL the service writes, N service
+deploy/ ships: mosquitto on deploy/mosquitto/mosquitto.conf (devices and the service on their
+listeners) with per-device credentials and the ACL the service writes, N service
 replicas on one SQLite file (or FerretDB, ``--store mongodb``) sharing the device topics, and
 D MQTT 5 devices. Each device sends R reports (distinct keys and client tokens, W in flight,
 at most ``--rate`` a second if given), and sends one again when the broker says no subscriber
@@ -54,7 +55,7 @@ from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
 from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
-from tests.servers.mosquitto import Mosquitto
+from tests.servers.mosquitto import ShippedMosquitto
 from tests.servers.process import free_port
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
 from tests.sync.helpers import send_reliably, wait_mqtt_up
@@ -100,21 +101,26 @@ class Fleet:
             SERVICE_USER,
             "twins/{twinId}",
             service_password=SERVICE_PASSWORD,
+            service_password_path=root / "service-passwd",
         )
-        self.broker: Mosquitto | None = None
+        self.broker: ShippedMosquitto | None = None
         self.device_protocol: Literal[4, 5] = 5
         if broker == "mosquitto":
-            self.broker = Mosquitto(
-                root / "mosquitto", password_file=root / "passwd", acl_file=root / "acl"
+            self.broker = ShippedMosquitto(
+                root / "mosquitto",
+                password_file=root / "passwd",
+                service_password_file=root / "service-passwd",
+                acl_file=root / "acl",
             ).start()
-            self.device_url = self.broker.url
-            service_url = self.broker.url.replace(
-                "mqtt://", f"mqtt://{SERVICE_USER}:{SERVICE_PASSWORD}@"
-            )
-            where = {"TWIN_MQTT_URL": service_url}
+            self.device_url, self.service_url = self.broker.url, self.broker.service_url
+            where = {
+                "TWIN_MQTT_URL": self.service_url.replace(
+                    "mqtt://", f"mqtt://{SERVICE_USER}:{SERVICE_PASSWORD}@"
+                )
+            }
         else:  # the service's own broker, on a port it keeps across restarts
             port = free_port()
-            self.device_url = f"mqtt://127.0.0.1:{port}"
+            self.device_url = self.service_url = f"mqtt://127.0.0.1:{port}"
             # amqtt speaks MQTT 3.1.1 only; it acknowledges after the commit, so no device
             # needs MQTT 5's "no subscriber" answer there.
             self.device_protocol = 4
@@ -229,7 +235,7 @@ class Fleet:
         """Twins whose delta retained by the broker is not the one they have now (a device
         that connects gets that message first). Empty when every one matches."""
         options = MqttOptions(
-            url=self.device_url,
+            url=self.service_url,
             client_id=f"chaos-deltas-{time.time_ns()}",
             username=SERVICE_USER,
             password=SERVICE_PASSWORD,

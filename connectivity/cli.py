@@ -51,6 +51,12 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="read the service account's password from stdin and include its hash",
     )
+    export.add_argument(
+        "--service-password-file",
+        type=Path,
+        help="write the service account's password hash to this file instead (the password "
+        "file of the service listener; needs --service-password-stdin)",
+    )
     export.set_defaults(handler=_reporting(cmd_export_mosquitto))
     return devices
 
@@ -135,8 +141,11 @@ def cmd_export_mosquitto(args: argparse.Namespace, data_dir: Path, out: TextIO =
             args.service_user,
             args.topic_prefix,
             service_password=service_password,
+            service_password_path=args.service_password_file,
         )
     except ValueError as exc:  # a topic prefix without {twinId} (CredentialError is one too)
         return _fail(exc)
-    print(f"wrote {args.password_file} and {args.acl_file}; reload mosquitto (SIGHUP)", file=out)
+    written = [args.password_file, args.acl_file, args.service_password_file]
+    names = ", ".join(str(path) for path in written if path is not None)
+    print(f"wrote {names}; reload mosquitto (SIGHUP)", file=out)
     return 0

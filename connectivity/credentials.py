@@ -176,18 +176,28 @@ class CredentialStore:
         topic_prefix: str,
         *,
         service_password: str | None = None,
+        service_password_path: Path | None = None,
     ) -> None:
         """Write a mosquitto password file and ACL for every device plus the service account.
 
         The service account may use every topic; each device may read and write only under
-        its own twin's prefix. Without ``service_password`` the service account's password line
-        is left out (add it with ``mosquitto_passwd``). Reload mosquitto (SIGHUP) afterwards.
+        its own twin's prefix. The service account's password line goes into
+        ``service_password_path`` when given (the shipped configuration's service listener,
+        where devices cannot log in), else into ``password_path``; without
+        ``service_password`` it is left out (add it with ``mosquitto_passwd``). Reload
+        mosquitto (SIGHUP) afterwards.
         """
+        if service_password_path is not None and service_password is None:
+            raise CredentialError("a service password file needs the service password")
         layout = TopicLayout(topic_prefix)
         devices = self._load()
         lines = [f"{mqtt_username(tid)}:{entry['hash']}" for tid, entry in sorted(devices.items())]
         if service_password is not None:
-            lines.insert(0, f"{service_user}:{hash_password(service_password)}")
+            service_line = f"{service_user}:{hash_password(service_password)}\n"
+            if service_password_path is not None:
+                _write_private(service_password_path, service_line)
+            else:
+                lines.insert(0, service_line.rstrip("\n"))
         _write_private(password_path, "".join(line + "\n" for line in lines))
         _write_private(acl_path, render_acl(service_user, layout, sorted(devices)))
 

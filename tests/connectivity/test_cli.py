@@ -7,6 +7,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from connectivity.cli import add_subcommands
 from connectivity.credentials import CredentialStore
 
@@ -48,3 +50,17 @@ def test_devices_commands(tmp_path: Path) -> None:
     assert (tmp_path / "pw").read_text().startswith("org.acme%3Apump-1:$7$")
     assert run(tmp_path, "devices", "remove", "org.acme:pump-1")[0] == 0
     assert run(tmp_path, "devices", "remove", "org.acme:pump-1")[0] == 1
+
+
+def test_export_writes_the_service_password_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export = ["devices", "export-mosquitto", "--password-file", str(tmp_path / "pw")]
+    export += ["--acl-file", str(tmp_path / "acl"), "--service-user", "service"]
+    export += ["--service-password-file", str(tmp_path / "service-pw")]
+    code, _ = run(tmp_path, *export)  # the password file needs the password
+    assert code == 1 and not (tmp_path / "service-pw").exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))
+    code, text = run(tmp_path, *export, "--service-password-stdin")
+    assert code == 0 and str(tmp_path / "service-pw") in text
+    assert (tmp_path / "service-pw").read_text().startswith("service:$7$")

@@ -104,3 +104,24 @@ async def test_mosquitto_accepts_our_hashes_and_enforces_acl(
     assert snoop.messages == []
     await dev.stop()
     await svc.stop()
+
+
+def test_the_service_password_can_go_to_a_file_of_its_own(tmp_path: Path) -> None:
+    """For the shipped mosquitto's service listener: the service account alone in its file,
+    the devices alone in theirs; without the service's password there is nothing to write."""
+    store = CredentialStore(tmp_path / "creds.json")
+    device_pw = store.add(TWIN)
+    files = tmp_path / "passwd", tmp_path / "acl", tmp_path / "service.passwd"
+    with pytest.raises(CredentialError):
+        store.write_mosquitto_files(*files[:2], "svc", "t/{twinId}", service_password_path=files[2])
+    assert not files[2].exists()
+    store.write_mosquitto_files(
+        *files[:2], "svc", "t/{twinId}", service_password="pw", service_password_path=files[2]
+    )
+    assert stat.S_IMODE(files[2].stat().st_mode) == 0o600
+    (service_line,) = files[2].read_text().splitlines()
+    user, encoded = service_line.split(":", 1)
+    assert user == "svc" and verify_password("pw", encoded)
+    (device_line,) = files[0].read_text().splitlines()
+    user, encoded = device_line.split(":", 1)
+    assert user == mqtt_username(TWIN) and verify_password(device_pw, encoded)

@@ -85,8 +85,7 @@ def test_mosquitto_queue_limit_is_large_and_not_zero() -> None:
 def test_each_replica_has_its_own_stable_mqtt_client_id() -> None:
     """Replicas sharing a client id take the broker session from each other without end, and
     one that comes back under a new id strands the messages queued for its old session: the
-    replicas are a StatefulSet and the pod name is in the id. A suffix from the secret makes
-    it one devices cannot guess: mosquitto lets any login take a client id's session over."""
+    replicas are a StatefulSet and the pod name is their id."""
     docs = documents()
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     service = next(d for d in workloads if d["metadata"]["name"] == "twin-service")
@@ -100,13 +99,46 @@ def test_each_replica_has_its_own_stable_mqtt_client_id() -> None:
     (container,) = _containers(service)
     env = [e["name"] for e in container["env"]]
     values = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
-    assert values["TWIN_MQTT__CLIENT_ID"] == "$(POD_NAME)-$(MQTT_CLIENT_ID_SUFFIX)"
+    assert values["TWIN_MQTT__CLIENT_ID"] == "$(POD_NAME)"
     assert values["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    suffix = values["MQTT_CLIENT_ID_SUFFIX"]
-    assert suffix == {"secretKeyRef": {"name": "twin-service", "key": "mqtt-client-id-suffix"}}
     # Kubernetes expands $(NAME) only from variables defined before it.
-    client_id = env.index("TWIN_MQTT__CLIENT_ID")
-    assert env.index("POD_NAME") < client_id and env.index("MQTT_CLIENT_ID_SUFFIX") < client_id
+    assert env.index("POD_NAME") < env.index("TWIN_MQTT__CLIENT_ID")
+
+
+def test_mosquitto_runs_the_shipped_configuration_and_the_service_uses_its_listener() -> None:
+    """deploy/mosquitto/mosquitto.conf (tests/sync/test_shipped_mosquitto.py runs it) with the
+    pod's paths: devices on the listener where a client id is the username, so none can take
+    another's session; the replicas on the listener where devices cannot log in."""
+    shipped = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
+    paths = {
+        "/etc/mosquitto/twin-service.passwd": "/mosquitto/auth/passwd",
+        "/etc/mosquitto/twin-service-service.passwd": "/mosquitto/auth/service-passwd",
+        "/etc/mosquitto/twin-service.acl": "/mosquitto/auth/acl",
+        "/var/lib/mosquitto/": "/mosquitto/data/",
+    }
+
+    def directives(text: str) -> list[str]:
+        found = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                name, _, value = line.partition(" ")
+                found.append(f"{name} {paths.get(value, value)}")
+        return found
+
+    docs = documents()
+    config = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mosquitto"
+    )
+    assert directives(config["data"]["mosquitto.conf"]) == directives(shipped.read_text())
+    twin_config = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "twin-service"
+    )
+    assert twin_config["data"]["TWIN_MQTT_URL"] == "mqtt://mosquitto:1884"
+    service = next(
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "mosquitto"
+    )
+    assert {p["port"] for p in service["spec"]["ports"]} == {1883, 1884}
 
 
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -60,13 +60,14 @@ def mosquitto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosqu
 def mosquitto_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., Mosquitto]]:
-    """Start brokers with custom options (`Mosquitto` keyword arguments); all stopped after."""
+    """Start brokers with custom options (keyword arguments of `kind`, `Mosquitto` unless
+    given); all stopped after."""
     binary = _mosquitto_binary()
     brokers: list[Mosquitto] = []
 
-    def make(**options: Any) -> Mosquitto:
+    def make(kind: type[Mosquitto] = Mosquitto, **options: Any) -> Mosquitto:
         options.setdefault("binary", binary)
-        broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), **options)
+        broker = kind(tmp_path_factory.mktemp("mosquitto"), **options)
         brokers.append(broker)
         return broker.start()
 

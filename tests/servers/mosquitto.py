@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Self
 
 from tests.servers.process import (
     LocalServer,
@@ -106,7 +107,7 @@ class Mosquitto(LocalServer):
         """``mqtt://127.0.0.1:PORT``."""
         return f"mqtt://{self.host}:{self._bound_port()}"
 
-    def start(self) -> Mosquitto:
+    def start(self) -> Self:
         """Write the config, start the broker and wait until its port accepts connections."""
         if self.running():
             raise RuntimeError(f"mosquitto already running on port {self.port}")
@@ -136,26 +137,33 @@ class Mosquitto(LocalServer):
             "persistence true",
             # mosquitto joins location and file name by plain concatenation.
             f"persistence_location {self.persistence_dir}/",
-            "persistence_file mosquitto.db",
             f"max_queued_messages {self.max_queued_messages}",
             f"max_inflight_messages {self.max_inflight_messages}",
-            "log_dest file " + str(self.log_path),
-            *(f"log_type {log_type}" for log_type in self.log_types),
-            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            "connection_messages true",
             # As the shipped configurations: Nagle's algorithm holds an answer that follows a
             # PUBACK for the peer's delayed ACK (40 ms a round trip).
             "set_tcp_nodelay true",
         ]
-        # Started as root, mosquitto would switch to the `mosquitto` user and lose access to
-        # our files; naming the current user keeps it as it is.
-        lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
         if self.password_file is not None:
             lines.append(f"password_file {self.password_file}")
         if self.acl_file is not None:
             lines.append(f"acl_file {self.acl_file}")
+        lines.extend(self._harness_lines())
         lines.extend(self.extra_config)
         return "\n".join(lines) + "\n"
+
+    def _harness_lines(self) -> list[str]:
+        """What every configuration of ours needs in a test: the persistence file's name, the
+        log (start() waits for its "running") and the user to run as."""
+        return [
+            "persistence_file mosquitto.db",
+            "log_dest file " + str(self.log_path),
+            *(f"log_type {log_type}" for log_type in self.log_types),
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            "connection_messages true",
+            # Started as root, mosquitto would switch to the `mosquitto` user and lose access
+            # to our files; naming the current user keeps it as it is.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+        ]
 
     def _start_on(self, port: int) -> None:
         self.config_path.write_text(self.config_text(port))
@@ -194,3 +202,60 @@ class Mosquitto(LocalServer):
     def __repr__(self) -> str:
         state = "running" if self.running() else "stopped"
         return f"<Mosquitto {self.host}:{self.port} {state} workdir={self.workdir}>"
+
+
+#: The configuration deploy/mosquitto ships.
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
+
+
+class ShippedMosquitto(Mosquitto):
+    """mosquitto on :data:`SHIPPED_CONFIG` as shipped, but for its ports (free ones on
+    127.0.0.1) and its files (those given, and `workdir`): devices log in at `url`, the
+    service at `service_url`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        password_file: Path,
+        service_password_file: Path,
+        acl_file: Path,
+        **options: Any,
+    ) -> None:
+        super().__init__(workdir, password_file=password_file, acl_file=acl_file, **options)
+        self.service_password_file = service_password_file
+        self.service_port: int | None = None
+
+    @property
+    def service_url(self) -> str:
+        """``mqtt://127.0.0.1:PORT`` of the service listener."""
+        self._bound_port()
+        return f"mqtt://{self.host}:{self.service_port}"
+
+    def config_text(self, port: int) -> str:
+        """The shipped file with its ports, files and paths replaced; every one of them must
+        be there, so that a change to the shipped file cannot leave this one behind."""
+        if self.port is None:  # a first start: a port refused by bind is chosen again
+            self.service_port = free_port(self.host)
+        etc, var = "/etc/mosquitto/", "/var/lib/mosquitto/"
+        replacements = {
+            "listener 1883": f"listener {port} {self.host}",
+            "listener 1884": f"listener {self.service_port} {self.host}",
+            f"password_file {etc}twin-service.passwd": f"password_file {self.password_file}",
+            f"password_file {etc}twin-service-service.passwd": (
+                f"password_file {self.service_password_file}"
+            ),
+            f"acl_file {etc}twin-service.acl": f"acl_file {self.acl_file}",
+            f"persistence_location {var}": f"persistence_location {self.persistence_dir}/",
+        }
+        lines, used = [], set()
+        for line in SHIPPED_CONFIG.read_text().splitlines():
+            if line.strip() in replacements:
+                used.add(line.strip())
+                line = replacements[line.strip()]
+            lines.append(line)
+        if missing := set(replacements) - used:
+            raise AssertionError(f"{SHIPPED_CONFIG} no longer has {sorted(missing)}")
+        lines.extend(self._harness_lines())
+        lines.extend(self.extra_config)
+        return "\n".join(lines) + "\n"
