@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from typing import NamedTuple
 
 from amqtt.adapters import StreamReaderAdapter
@@ -179,6 +181,9 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
         self._body_left = 0
         self._after_publish = False
         self.in_flight = InFlight(max_inflight)
+        #: When the in-flight bound last let the reader go on (monotonic): the device could
+        #: send nothing while it held the reader, so that time is not the device's silence.
+        self.held_until = -math.inf
 
     async def read(self, n: int = -1) -> bytes:
         if not self._body_left and not self._in_length:  # before a packet
@@ -187,7 +192,11 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
                 # counted it. Without this, a buffer full of packets was read first.
                 self._after_publish = False
                 await asyncio.sleep(0)
-            await self.in_flight.room()
+            if self.in_flight.count >= self.in_flight.bound:
+                try:
+                    await self.in_flight.room()
+                finally:  # let go, or cancelled by amqtt's keep-alive timeout meanwhile
+                    self.held_until = time.monotonic()
         if not self._head:
             data: bytes = await super().read(n)
         else:

@@ -31,13 +31,14 @@ def connect(
     username: str | None = None,
     password: str | None = None,
     will: tuple[str, bytes] | None = None,
+    keep_alive: int = 60,
 ) -> bytes:
-    """A CONNECT with a clean session and a 60 s keep-alive, with the credentials given, and
-    a last will (topic, message: QoS 1, retained) if given."""
+    """A CONNECT with a clean session and a keep-alive of ``keep_alive`` seconds, with the
+    credentials given, and a last will (topic, message: QoS 1, retained) if given."""
     flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
     if will is not None:
         flags |= 0x04 | 0x08 | 0x20
-    body = string("MQTT") + bytes([4, flags]) + (60).to_bytes(2, "big") + string(client_id)
+    body = string("MQTT") + bytes([4, flags]) + keep_alive.to_bytes(2, "big") + string(client_id)
     if will is not None:
         body += string(will[0]) + len(will[1]).to_bytes(2, "big") + will[1]
     for field in (username, password):
@@ -66,6 +67,10 @@ def published(body: bytes) -> tuple[str, int, bytes]:
 
 #: First bytes of the packets that carry only a packet id.
 PUBACK, PUBREC, PUBREL, PUBCOMP = 0x40, 0x50, 0x62, 0x70
+
+
+#: A whole PINGREQ.
+PINGREQ = b"\xc0\x00"
 
 
 def ack(first: int, packet_id: int) -> bytes:

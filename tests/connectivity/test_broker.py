@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -562,10 +563,11 @@ async def _login(
     password: str,
     client_id: str,
     will: tuple[str, bytes] | None = None,
+    keep_alive: int = 60,
 ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
     """The CONNACK a raw MQTT 3.1.1 login gets, and its connection (left open)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(mqtt_packets.connect(client_id, username, password, will))
+    writer.write(mqtt_packets.connect(client_id, username, password, will, keep_alive))
     return await asyncio.wait_for(reader.readexactly(4), 10), reader, writer
 
 
@@ -1048,9 +1050,11 @@ async def test_a_session_holds_at_most_max_subscriptions(
 _Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-async def _window_rig(tmp_path: Path, topic: str) -> tuple[EmbeddedBroker, _Stream, _Stream]:
+async def _window_rig(
+    tmp_path: Path, topic: str, keep_alive: int = 60
+) -> tuple[EmbeddedBroker, _Stream, _Stream]:
     """A broker with max_inflight 5, a raw subscriber of ``topic`` (the service's account,
-    QoS 1) and a raw device login."""
+    QoS 1) and a raw device login with ``keep_alive``."""
     password = CredentialStore(tmp_path / "creds.json").add(TWIN)
     broker = _bare_broker(tmp_path, max_inflight=5)
     await broker.start()
@@ -1058,7 +1062,7 @@ async def _window_rig(tmp_path: Path, topic: str) -> tuple[EmbeddedBroker, _Stre
     _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
     sub_writer.write(mqtt_packets.subscribe(1, topic, 1))
     assert (await _next(sub_reader))[0] == 0x90
-    _, dev_reader, dev_writer = await _login(port, TWIN, password, "dev")
+    _, dev_reader, dev_writer = await _login(port, TWIN, password, "dev", keep_alive=keep_alive)
     return broker, (sub_reader, sub_writer), (dev_reader, dev_writer)
 
 
@@ -1214,6 +1218,75 @@ async def test_qos0_messages_count_in_the_inflight_window(tmp_path: Path) -> Non
         dev_writer.write(message * 8_000)
         await asyncio.sleep(4)
         assert dev_writer.transport.get_write_buffer_size() > 0
+    finally:
+        sub_writer.transport.abort()
+        dev_writer.transport.abort()
+        await broker.stop()
+
+
+async def test_a_silent_connection_ends_after_one_and_a_half_keep_alives(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MQTT 3.1.2.10. amqtt's broker let a connection that sent nothing stay for good: a
+    device whose network went away without closing the TCP connection stayed online, its
+    last will never sent. A device that pings in time stays."""
+    topic = f"twins/{TWIN}/reported/update"
+    broker, (sub_reader, sub_writer), (dev_reader, dev_writer) = await _window_rig(
+        tmp_path, topic, keep_alive=1
+    )
+
+    async def ping() -> None:
+        while True:
+            dev_writer.write(mqtt_packets.PINGREQ)
+            assert await _next(dev_reader) == (0xD0, b"")  # PINGRESP
+            await asyncio.sleep(0.5)
+
+    pinging = asyncio.create_task(ping())
+    try:
+        password = CredentialStore(tmp_path / "creds.json").add(OTHER)
+        will = (f"twins/{OTHER}/status", b"offline")
+        sub_writer.write(mqtt_packets.subscribe(2, will[0], 1))
+        assert (await _next(sub_reader))[0] == 0x90
+        _, silent_reader, silent_writer = await _login(
+            broker.config.port, OTHER, password, "silent", will, keep_alive=1
+        )
+        started = time.monotonic()
+        assert await asyncio.wait_for(silent_reader.read(), 5) == b""  # closed by the broker
+        assert 1.9 < time.monotonic() - started < 3.5
+        first, body = await _next(sub_reader)
+        assert first & 0xF0 == 0x30 and mqtt_packets.published(body)[::2] == will
+        assert "sent nothing for one and a half keep-alive periods" in caplog.text
+        assert "'silent'" in caplog.text and "'dev'" not in caplog.text
+        assert not pinging.done()  # the device that pings is still there
+        silent_writer.close()
+    finally:
+        pinging.cancel()
+        sub_writer.transport.abort()
+        dev_writer.transport.abort()
+        await broker.stop()
+
+
+async def test_a_device_held_back_by_the_inflight_bound_is_not_silent(tmp_path: Path) -> None:
+    """At max_inflight the broker reads nothing more from the device, its pings included,
+    until the service acknowledges: that wait, longer than the device's keep-alive here, does
+    not count as the device's silence."""
+    topic = f"twins/{TWIN}/reported/update"
+    broker, (sub_reader, sub_writer), (dev_reader, dev_writer) = await _window_rig(
+        tmp_path, topic, keep_alive=1
+    )
+    try:
+        dev_writer.write(b"".join(mqtt_packets.publish(topic, b"m", 1, n) for n in range(1, 11)))
+        ids = [mqtt_packets.published((await _next(sub_reader))[1])[1] for _ in range(5)]
+        for _ in range(8):  # 4 s unacknowledged, pinging as a client does
+            dev_writer.write(mqtt_packets.PINGREQ)
+            await asyncio.sleep(0.5)
+        sub_writer.write(b"".join(mqtt_packets.ack(mqtt_packets.PUBACK, i) for i in ids))
+        ids = [mqtt_packets.published((await _next(sub_reader))[1])[1] for _ in range(5)]
+        sub_writer.write(b"".join(mqtt_packets.ack(mqtt_packets.PUBACK, i) for i in ids))
+        got = [await _next(dev_reader) for _ in range(18)]
+        assert sorted(got) == sorted(
+            [(mqtt_packets.PUBACK, n.to_bytes(2, "big")) for n in range(1, 11)] + [(0xD0, b"")] * 8
+        )
     finally:
         sub_writer.transport.abort()
         dev_writer.transport.abort()
