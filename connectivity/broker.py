@@ -45,6 +45,7 @@ from connectivity.broker_log import Tally, log
 from connectivity.broker_packets import (
     ConnectTooLarge,
     PacketReader,
+    ReadLimits,
     connect_login,
     first_packet,
     other_protocol_level,
@@ -263,7 +264,8 @@ _SUBACK_FAILURE = 0x80
 class _TwinBroker(EndToEndAcks):
     """amqtt's broker, with what it lacks for devices of a twin service:
 
-    * a first packet bounded in size and time, and any packet in size (see PacketReader);
+    * a first packet bounded in size and time, any packet in size, and a connection's
+      silence to one and a half keep-alive periods (see PacketReader);
     * a device's QoS 1 message acknowledged only once the service has it (EndToEndAcks);
     * retained messages only for a session's own filters;
     * a CONNECT of another protocol level than 3.1.1 refused with a reason;
@@ -331,6 +333,15 @@ class _TwinBroker(EndToEndAcks):
         self._not_retained = Tally(
             "embedded broker retained none of %d message(s) devices published with the "
             "retain flag outside their status topic (one of them: %r)"
+        )
+        self._read_limits = ReadLimits(
+            config.max_packet_size,
+            config.max_inflight,
+            Tally(
+                "embedded broker closed %d connection(s) that sent nothing for one and a half "
+                "keep-alive periods, as if their network had failed (one of them: %r from %s, "
+                "after %g s)"
+            ),
         )
         if config.admit_devices_at_start:
             self.devices_admitted.set()
@@ -565,7 +576,7 @@ class _TwinBroker(EndToEndAcks):
             log.warning("embedded broker closed a connection from %s: a CONNECT cut short", peer)
             writer.close()
             return
-        client_id, username, password = login
+        client_id, username, password, _ = login
         device = username != self._config.service_username
         if device and self.devices >= self._config.max_devices:
             self._refused.note(self._config.max_devices)
@@ -598,7 +609,7 @@ class _TwinBroker(EndToEndAcks):
                 # amqtt parses the CONNECT itself, from its first byte.
                 peer = writer.get_extra_info("peername")
                 replay = PacketReader(
-                    reader, packet, self._config.max_packet_size, peer, self._config.max_inflight
+                    reader, packet, login, peer, writer.transport, self._read_limits
                 )
                 await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
         finally:

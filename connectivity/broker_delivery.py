@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import math
-import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -63,12 +61,6 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     gets as long too, for at most ``max_unacked_out`` messages: past that, what the broker
     would send it is dropped (a device that never acknowledged had every answer and delta
     held for it, a task each, as long as it stayed connected).
-
-    And it ends a connection that sent nothing for one and a half keep-alive periods, as
-    MQTT asks (3.1.2.10, "as if the network had failed": its last will goes out). amqtt's
-    broker let such a connection be: a device whose network went away without closing the
-    TCP connection (power cut, a NAT that forgot it) stayed online to the service for good,
-    its will never sent.
     """
 
     #: The service account, whose own publishes are acknowledged at once.
@@ -81,8 +73,6 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     #: dropped, and noted in ``dropped_out``.
     max_unacked_out: int
     dropped_out: Tally
-    #: Connections ended for their silence.
-    silent: Tally
 
     @classmethod
     def adopt(
@@ -91,7 +81,6 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         service_username: str,
         max_unacked_out: int,
         dropped_out: Tally,
-        silent: Tally,
     ) -> AckingHandler:
         """Makes amqtt's handler one of these: amqtt builds it in a class method of its own
         class, with no way to pass another (its ``_init_handler`` is never called)."""
@@ -101,21 +90,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         handler.hung_up = False
         handler.max_unacked_out = max_unacked_out
         handler.dropped_out = dropped_out
-        handler.silent = silent
         return handler  # type: ignore[no-any-return]
-
-    def handle_read_timeout(self) -> None:
-        """amqtt's reader waited one and a half keep-alive periods (see
-        :meth:`EndToEndAcks._initialize_client_session`) for a packet: end the connection,
-        unless the in-flight bound held the reader back meanwhile (the device could send
-        nothing then; it gets another period)."""
-        held_until = self.reader.held_until if isinstance(self.reader, PacketReader) else None
-        if held_until is not None and time.monotonic() - held_until < self.session.keep_alive:
-            return
-        if self.hung_up:
-            return
-        self.silent.note(self.session.client_id, self.session.keep_alive)
-        self._closing = asyncio.ensure_future(self._hang_up())
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == OUTGOING:
@@ -366,10 +341,6 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
             "embedded broker dropped %d message(s) to devices that had "
             "mqtt.embedded_max_queued (%d) unacknowledged already (one of them: %r)"
         )
-        self._silent = Tally(
-            "embedded broker closed %d connection(s) that sent nothing for one and a half "
-            "keep-alive periods, as if their network had failed (one of them: %r, after %d s)"
-        )
         #: Client id of the service session that takes the device messages, once known.
         self.keeper: str | None = None
         # Replaced before the broadcast loop starts, which reads them from here on.
@@ -380,11 +351,12 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
     async def _initialize_client_session(self, *args: Any) -> tuple[AckingHandler, Session]:
         handler, session = await super()._initialize_client_session(*args)
         adopted = AckingHandler.adopt(
-            handler, self._service_username, self._max_unacked_out, self._dropped_out, self._silent
+            handler, self._service_username, self._max_unacked_out, self._dropped_out
         )
-        # amqtt's reader waits this long for a packet, then calls handle_read_timeout: the
-        # CONNECT's keep-alive, which MQTT gives one and a half times over.
-        session.keep_alive = math.ceil(session.keep_alive * 1.5)
+        # PacketReader ends a silent connection. amqtt's own timer only interrupted the
+        # read of a packet's header (cutting the header in two if it came in pieces), and
+        # did nothing more.
+        session.keep_alive = 0
         return adopted, session
 
     async def _handle_message_delivery(

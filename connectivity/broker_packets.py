@@ -1,18 +1,17 @@
 """MQTT packets as the embedded broker reads them before and beside amqtt: the first one
-(bounded, and looked into for the protocol level and the credentials), and every later one's
-size (see :class:`PacketReader`)."""
+(bounded, and looked into for the protocol level, the credentials and the keep-alive), and
+every later one's size and timing (see :class:`PacketReader`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from amqtt.adapters import StreamReaderAdapter
 
-from connectivity.broker_log import log
+from connectivity.broker_log import Tally, log
 
 #: A CONNECT carries a client id, credentials and a last will: small. Beyond this it is
 #: refused unread.
@@ -79,6 +78,8 @@ class ConnectLogin(NamedTuple):
     client_id: str
     username: str | None
     password: str | None
+    #: Seconds; 0 for none.
+    keep_alive: int = 0
 
 
 def connect_login(packet: bytes) -> ConnectLogin | None:
@@ -86,6 +87,7 @@ def connect_login(packet: bytes) -> ConnectLogin | None:
     try:
         i = _level_at(packet)
         flags = packet[i + 1]
+        keep_alive = int.from_bytes(packet[i + 2 : i + 4])
         client_id, i = _string_at(packet, i + 4)
         if flags & 0x04:  # the will's topic and message
             _, i = _string_at(packet, i)
@@ -97,7 +99,7 @@ def connect_login(packet: bytes) -> ConnectLogin | None:
             password, i = _string_at(packet, i)
     except IndexError:
         return None
-    return None if i > len(packet) else ConnectLogin(client_id, username, password)
+    return None if i > len(packet) else ConnectLogin(client_id, username, password, keep_alive)
 
 
 def other_protocol_level(packet: bytes) -> tuple[int, str] | None:
@@ -145,10 +147,23 @@ class InFlight:
         await self._room.wait()
 
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """What the embedded broker bounds in the reading of each connection."""
+
+    #: Bytes of one packet (mosquitto's ``max_packet_size``).
+    max_packet: int
+    #: Messages read and not yet acknowledged (mosquitto's ``max_inflight_messages``).
+    max_inflight: int
+    #: Connections ended for their silence, logged.
+    silent: Tally
+
+
 class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     """A stream with the bytes already read from it put back in front, that ends the
-    connection at a packet larger than ``max_packet``, and waits before a packet while the
-    connection has ``max_inflight`` messages in flight.
+    connection at a packet larger than ``max_packet``, waits before a packet while the
+    connection has ``max_inflight`` messages in flight, and ends a connection that has sent
+    nothing for one and a half keep-alive periods.
 
     amqtt reads any packet whole, whatever its size: a logged-in device that announced
     100 MB had it read into memory, and handed on to the service. This follows the packets
@@ -162,28 +177,43 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
     its messages in :attr:`in_flight` until they are delivered (QoS 0) or acknowledged
     (QoS 1 and 2); at the bound the next packet waits, and TCP holds the device back, as
     mosquitto's ``max_inflight_messages`` does for QoS 1 and 2.
+
+    And amqtt's broker never ended a silent connection: a device whose network went away
+    without closing TCP (a power cut, a NAT that forgot it) stayed connected, online to the
+    service, its last will never sent. MQTT (3.1.2.10) has the broker end it after one and
+    a half keep-alive periods without a packet, as if the network had failed, so its will
+    goes out. Only the time a read waits for the device counts: not the time the in-flight
+    bound holds the reader back (the device's pings wait unread then), nor the time the
+    broker takes between two reads.
     """
 
     def __init__(
         self,
         reader: asyncio.StreamReader,
         head: bytes,
-        max_packet: int,
+        login: ConnectLogin,
         peer: object,
-        max_inflight: int,
+        transport: asyncio.WriteTransport,
+        limits: ReadLimits,
     ) -> None:
         super().__init__(reader)
         self._head = head
-        self._max_packet = max_packet
+        self._client_id = login.client_id
         self._peer = peer
+        self._transport = transport
+        self._limits = limits
         self._length = self._shift = 0
         self._in_length = False
         self._body_left = 0
         self._after_publish = False
-        self.in_flight = InFlight(max_inflight)
-        #: When the in-flight bound last let the reader go on (monotonic): the device could
-        #: send nothing while it held the reader, so that time is not the device's silence.
-        self.held_until = -math.inf
+        self.in_flight = InFlight(limits.max_inflight)
+        # Timed by one timer a connection, moved on as reads come and go, rather than a
+        # timer for each read: amqtt reads a packet in three reads or more.
+        self._loop = asyncio.get_running_loop()
+        self._silence = 1.5 * login.keep_alive
+        self._waiting_since: float | None = None
+        if self._silence > 0:
+            self._loop.call_later(self._silence, self._check_silence)
 
     async def read(self, n: int = -1) -> bytes:
         if not self._body_left and not self._in_length:  # before a packet
@@ -192,21 +222,33 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
                 # counted it. Without this, a buffer full of packets was read first.
                 self._after_publish = False
                 await asyncio.sleep(0)
-            if self.in_flight.count >= self.in_flight.bound:
-                try:
-                    await self.in_flight.room()
-                finally:  # let go, or cancelled by amqtt's keep-alive timeout meanwhile
-                    self.held_until = time.monotonic()
-        if not self._head:
-            data: bytes = await super().read(n)
-        else:
-            if n < 0:
-                n = len(self._head)
-            data, self._head = self._head[:n], self._head[n:]
-            if len(data) < n:
-                data += await super().read(n - len(data))
+            await self.in_flight.room()
+        self._waiting_since = self._loop.time()
+        try:
+            if not self._head:
+                data: bytes = await super().read(n)
+            else:
+                if n < 0:
+                    n = len(self._head)
+                data, self._head = self._head[:n], self._head[n:]
+                if len(data) < n:
+                    data += await super().read(n - len(data))
+        finally:
+            self._waiting_since = None
         self._follow(data)
         return data
+
+    def _check_silence(self) -> None:
+        if self._transport.is_closing():
+            return  # the connection ended: nothing more to watch
+        now, since = self._loop.time(), self._waiting_since
+        if since is None:  # not waiting for the device now
+            since = now
+        elif now - since >= self._silence:
+            self._limits.silent.note(self._client_id, self._peer, self._silence)
+            self._transport.abort()  # as if the network had failed: the will goes out
+            return
+        self._loop.call_at(since + self._silence, self._check_silence)
 
     def _follow(self, data: bytes) -> None:
         i = 0
@@ -227,13 +269,13 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
                 if byte & 0x80 and self._shift < 28:
                     continue
                 self._in_length = False
-                if self._length > self._max_packet:
+                if self._length > self._limits.max_packet:
                     log.warning(
                         "embedded broker closed a connection from %s: a packet of %d bytes "
                         "(at most %d)",
                         self._peer,
                         self._length,
-                        self._max_packet,
+                        self._limits.max_packet,
                     )
                     # What amqtt meets when a client goes away: it ends the session so.
                     raise ConnectionResetError("packet too large")
