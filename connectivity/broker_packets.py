@@ -245,10 +245,18 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
         if since is None:  # not waiting for the device now
             since = now
         elif now - since >= self._silence:
-            self._limits.silent.note(self._client_id, self._peer, self._silence)
-            self._transport.abort()  # as if the network had failed: the will goes out
+            # Bytes that came with this timer (both ready at once after the loop was held
+            # up) wake the read first: their callback was queued before this one.
+            self._loop.call_soon(self._end_if_silent, since)
             return
         self._loop.call_at(since + self._silence, self._check_silence)
+
+    def _end_if_silent(self, since: float) -> None:
+        if self._waiting_since != since or self._transport.is_closing():
+            self._check_silence()  # the device was heard after all
+            return
+        self._limits.silent.note(self._client_id, self._peer, self._silence)
+        self._transport.abort()  # as if the network had failed: the will goes out
 
     def _follow(self, data: bytes) -> None:
         i = 0

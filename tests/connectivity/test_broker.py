@@ -1272,6 +1272,27 @@ async def test_a_silent_connection_ends_after_one_and_a_half_keep_alives(
         await broker.stop()
 
 
+async def test_a_device_heard_while_the_event_loop_was_held_up_is_not_silent(
+    tmp_path: Path,
+) -> None:
+    """When the event loop is held up past a connection's deadline, the ping the device sent
+    meanwhile and the deadline's timer are ready at once: the ping counts."""
+    topic = f"twins/{TWIN}/reported/update"
+    broker, (_, sub_writer), (dev_reader, dev_writer) = await _window_rig(
+        tmp_path, topic, keep_alive=1
+    )
+    try:
+        dev_writer.write(mqtt_packets.PINGREQ)  # into the broker's socket, not yet read
+        time.sleep(2)  # the loop held up past the 1.5 s deadline
+        assert await _next(dev_reader) == (0xD0, b"")
+        dev_writer.write(mqtt_packets.PINGREQ)
+        assert await _next(dev_reader) == (0xD0, b"")
+    finally:
+        sub_writer.transport.abort()
+        dev_writer.transport.abort()
+        await broker.stop()
+
+
 async def test_a_device_held_back_by_the_inflight_bound_is_not_silent(tmp_path: Path) -> None:
     """At max_inflight the broker reads nothing more from the device, its pings included,
     until the service acknowledges: that wait, longer than the device's keep-alive here, does
