@@ -79,7 +79,7 @@ class ConnectLogin(NamedTuple):
     username: str | None
     password: str | None
     #: Seconds; 0 for none.
-    keep_alive: int = 0
+    keep_alive: int
 
 
 def connect_login(packet: bytes) -> ConnectLogin | None:

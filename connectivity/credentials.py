@@ -193,11 +193,11 @@ class CredentialStore:
         devices = self._load()
         lines = [f"{mqtt_username(tid)}:{entry['hash']}" for tid, entry in sorted(devices.items())]
         if service_password is not None:
-            service_line = f"{service_user}:{hash_password(service_password)}\n"
+            service_line = f"{service_user}:{hash_password(service_password)}"
             if service_password_path is not None:
-                _write_private(service_password_path, service_line)
+                _write_private(service_password_path, service_line + "\n")
             else:
-                lines.insert(0, service_line.rstrip("\n"))
+                lines.insert(0, service_line)
         _write_private(password_path, "".join(line + "\n" for line in lines))
         _write_private(acl_path, render_acl(service_user, layout, sorted(devices)))
 

@@ -211,7 +211,8 @@ SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / 
 class ShippedMosquitto(Mosquitto):
     """mosquitto on :data:`SHIPPED_CONFIG` as shipped, but for its ports (free ones on
     127.0.0.1) and its files (those given, and `workdir`): devices log in at `url`, the
-    service at `service_url`."""
+    service at `service_url`. Its limits are the shipped ones: the queue and in-flight
+    options of :class:`Mosquitto` do not apply."""
 
     def __init__(
         self,
