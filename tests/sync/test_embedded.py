@@ -94,6 +94,39 @@ async def test_embedded_broker_device_syncs_delta(tmp_path: Path) -> None:
         proc.stop()
 
 
+async def test_a_device_whose_network_vanished_goes_offline(tmp_path: Path) -> None:
+    """A device whose network goes away without closing its TCP connection sends nothing
+    more: the broker ends the connection after one and a half keep-alive periods and sends
+    its last will, and the twin goes offline. With amqtt's broker alone it stayed online."""
+    data = tmp_path / "svc"
+    data.mkdir()
+    twin = "org.acme:vanishing"
+    password = _add_device(data, twin)
+    port = free_port()
+    proc = ServiceProcess(
+        data,
+        env={"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)},
+    ).start()
+    try:
+        wait_mqtt_up(proc)
+        with proc.client() as api:
+            put_twin(api, twin, desired={"x": 1})
+        status = f"twins/{twin}/status"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        username = mqtt_username(twin)
+        writer.write(mqtt_packets.connect(twin, username, password, (status, b"offline"), 1))
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x20\x02\x00\x00"
+        writer.write(mqtt_packets.publish(status, b"online", 1, 1))
+        async with proc.async_client() as api:
+            await until_twin(api, twin, lambda d: d["connection"]["status"] == "online")
+            # Silent from here on, its socket open, as after a power cut.
+            doc = await until_twin(api, twin, lambda d: d["connection"]["status"] == "offline")
+        assert doc["connection"]["status"] == "offline"
+        writer.close()
+    finally:
+        proc.stop()
+
+
 @pytest.mark.parametrize("search", ["builtin", "off"])
 async def test_a_restarted_service_publishes_pending_deltas_again(
     tmp_path: Path, search: str
