@@ -92,11 +92,19 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         handler.dropped_out = dropped_out
         return handler  # type: ignore[no-any-return]
 
+    def _is_device(self) -> bool:
+        """Whether this is a device's connection (the service account's flows are amqtt's)."""
+        return bool(self.session.username != self.service_username)
+
+    def _from_device(self, app_message: Any) -> bool:
+        """Whether ``app_message`` is one a device sent in."""
+        return app_message.direction == INCOMING and self._is_device()
+
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction == OUTGOING:
             await self._send_and_wait_for_puback(app_message)
             return
-        if app_message.direction != INCOMING or self.session.username == self.service_username:
+        if not self._from_device(app_message):
             await super()._handle_qos1_message_flow(app_message)
             return
         if not await self._forwarded(app_message):
@@ -115,7 +123,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         was lost with a connection), and amqtt's own retry of the exchange after a
         reconnect, get their PUBREC again and are not delivered twice [MQTT-4.3.3-2].
         """
-        if app_message.direction != INCOMING or self.session.username == self.service_username:
+        if not self._from_device(app_message):
             await super()._handle_qos2_message_flow(app_message)
             return
         packet_id = app_message.packet_id
@@ -177,7 +185,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         """A device's QoS 0 message counts in its connection's in-flight window until it is
         delivered: amqtt read them as fast as they came, and a device that sent 20,000 of
         1 KB had them all held at once (+117 MB)."""
-        if app_message.direction != INCOMING or self.session.username == self.service_username:
+        if not self._from_device(app_message):
             await super()._handle_qos0_message_flow(app_message)
             return
         await self._delivered(app_message)  # nothing to send again if it was not
@@ -234,15 +242,11 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         ``max_unacked_out`` messages a device has not acknowledged."""
         packet_id = app_message.packet_id
         unacked = self.session.inflight_out
-        if (
-            self.session.username != self.service_username
-            and packet_id not in unacked
-            and len(unacked) >= self.max_unacked_out
-        ):
+        if self._is_device() and packet_id not in unacked and len(unacked) >= self.max_unacked_out:
             self.dropped_out.note(self.max_unacked_out, self.session.client_id)
             return
         if isinstance(app_message, OutgoingApplicationMessage):
-            self.session.inflight_out.setdefault(packet_id, app_message)
+            unacked.setdefault(packet_id, app_message)
         again = app_message.publish_packet is not None
         packet = app_message.build_publish_packet(dup=again)
         await self._send_packet(packet)
