@@ -114,6 +114,12 @@ class EmbeddedBrokerConfig:
     #: by the service, or handed to it for QoS 0); at it, the broker reads nothing more
     #: from the connection until one is. paho keeps 20 in flight unless told otherwise.
     max_inflight: int = 100
+    #: The longest keep-alive (seconds) the broker holds a device to. MQTT lets a client
+    #: ask for none (0) or for up to 18 hours; such a device, once its network is gone
+    #: without a FIN, would stay online for that long or for good. A device asking for more,
+    #: or for none, is ended after one and a half times this much silence instead (as AWS
+    #: IoT does, whose limit is 1200 s; MQTT 3.1.1 has no way to tell the device).
+    max_keep_alive: int = 1200
 
 
 @dataclass
@@ -608,6 +614,8 @@ class _TwinBroker(EndToEndAcks):
                 await self._close_taken_over(client_id)
                 # amqtt parses the CONNECT itself, from its first byte.
                 peer = writer.get_extra_info("peername")
+                if device and not 0 < login.keep_alive <= self._config.max_keep_alive:
+                    login = login._replace(keep_alive=self._config.max_keep_alive)
                 replay = PacketReader(
                     reader, packet, login, peer, writer.transport, self._read_limits
                 )

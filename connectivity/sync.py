@@ -143,6 +143,7 @@ class MqttSync:
                     max_sessions_per_device=m.embedded_max_sessions_per_device,
                     max_subscriptions=m.embedded_max_subscriptions,
                     max_inflight=m.embedded_max_inflight,
+                    max_keep_alive=m.embedded_max_keep_alive_seconds,
                     admit_devices_at_start=False,
                 )
             )

@@ -258,6 +258,14 @@ class MqttSettings(BaseModel):
         "broker (read, and not yet acknowledged by the service, or handed to it for QoS 0); "
         "at it, the broker reads nothing more from the connection until one is.",
     )
+    embedded_max_keep_alive_seconds: int = Field(
+        1200,
+        ge=1,
+        le=65535,
+        description="Longest keep-alive the built-in broker holds a device to: one that asks "
+        "for more, or for none (0), is disconnected (its last will sent) after one and a half "
+        "times this much silence, as AWS IoT does (1200 s).",
+    )
     topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
     client_id: str = Field(
         "twin-service",

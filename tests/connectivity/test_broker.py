@@ -1318,3 +1318,32 @@ async def test_a_device_held_back_by_the_inflight_bound_is_not_silent(tmp_path: 
         sub_writer.transport.abort()
         dev_writer.transport.abort()
         await broker.stop()
+
+
+async def test_a_device_asking_for_no_or_a_longer_keep_alive_is_held_to_max_keep_alive(
+    tmp_path: Path,
+) -> None:
+    """A device may ask for no keep-alive (0) or for up to 18 hours: once its network is
+    gone without a FIN it stayed online for good, or for a day. It is held to
+    max_keep_alive instead (AWS IoT's rule), and ended after one and a half of it."""
+    broker = _bare_broker(tmp_path, max_keep_alive=1)
+    await broker.start()
+    port = broker.config.port
+    _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
+    try:
+        for twin, keep_alive in ((TWIN, 0), (OTHER, 65535)):
+            password = CredentialStore(tmp_path / "creds.json").add(twin)
+            will = (f"twins/{twin}/status", b"offline")
+            sub_writer.write(mqtt_packets.subscribe(1, will[0], 1))
+            assert (await _next(sub_reader))[0] == 0x90
+            connack, reader, writer = await _login(port, twin, password, twin, will, keep_alive)
+            assert connack == _ACCEPTED
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the broker
+            assert 1.4 < time.monotonic() - started < 2.5  # 1.5 s
+            first, body = await _next(sub_reader)
+            assert first & 0xF0 == 0x30 and mqtt_packets.published(body)[::2] == will
+            writer.close()
+    finally:
+        sub_writer.transport.abort()
+        await broker.stop()

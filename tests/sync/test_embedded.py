@@ -94,10 +94,16 @@ async def test_embedded_broker_device_syncs_delta(tmp_path: Path) -> None:
         proc.stop()
 
 
-async def test_a_device_whose_network_vanished_goes_offline(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("keep_alive", "env"), [(1, {}), (0, {"TWIN_MQTT__EMBEDDED_MAX_KEEP_ALIVE_SECONDS": "1"})]
+)
+async def test_a_device_whose_network_vanished_goes_offline(
+    tmp_path: Path, keep_alive: int, env: dict[str, str]
+) -> None:
     """A device whose network goes away without closing its TCP connection sends nothing
     more: the broker ends the connection after one and a half keep-alive periods and sends
-    its last will, and the twin goes offline. With amqtt's broker alone it stayed online."""
+    its last will, and the twin goes offline. With amqtt's broker alone it stayed online.
+    A device that asked for no keep-alive (0) is held to mqtt.embedded_max_keep_alive_seconds."""
     data = tmp_path / "svc"
     data.mkdir()
     twin = "org.acme:vanishing"
@@ -105,7 +111,11 @@ async def test_a_device_whose_network_vanished_goes_offline(tmp_path: Path) -> N
     port = free_port()
     proc = ServiceProcess(
         data,
-        env={"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)},
+        env={
+            "TWIN_MQTT__ENABLED": "true",
+            "TWIN_MQTT__EMBEDDED_PORT": str(port),
+            **env,
+        },
     ).start()
     try:
         wait_mqtt_up(proc)
@@ -114,7 +124,9 @@ async def test_a_device_whose_network_vanished_goes_offline(tmp_path: Path) -> N
         status = f"twins/{twin}/status"
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         username = mqtt_username(twin)
-        writer.write(mqtt_packets.connect(twin, username, password, (status, b"offline"), 1))
+        writer.write(
+            mqtt_packets.connect(twin, username, password, (status, b"offline"), keep_alive)
+        )
         assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x20\x02\x00\x00"
         writer.write(mqtt_packets.publish(status, b"online", 1, 1))
         async with proc.async_client() as api:
