@@ -35,10 +35,11 @@ class Principal:
     def visible_namespaces(self, requested: str | None) -> str | None:
         """A ``namespaces`` search parameter limited to what this token may read.
 
-        ``None`` means no restriction; ``""`` means nothing is visible.
+        ``None`` means no restriction; ``""`` means nothing is visible. A blank request
+        means "not given", as for every search parameter.
         """
         if self.namespaces is None:
-            return requested
+            return requested if requested and requested.strip() else None
         wanted = {n.strip() for n in (requested or "").split(",") if n.strip()}
         return ",".join(sorted((wanted or set(self.namespaces)) & self.namespaces))
 

@@ -11,6 +11,7 @@ from search.rql.ast import TWIN_ID_PATH, Filter, SortKey
 from search.rql.ordering import Key
 from search.rql.paths import format_path
 from search.rql.query import SearchQuery
+from twin_service.errors import RqlInvalid
 from twin_service.types import JSONObject
 
 from .rows import VALUELESS_ROOT, RowChanges, diff_rows, leaves, numbered
@@ -33,6 +34,21 @@ def _cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
     cur = conn.cursor()
     cur.row_factory = None
     return cur
+
+
+def _query(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> sqlite3.Cursor:
+    """``sql`` run, or a 400 when it binds more values than SQLite takes in one statement
+    (SQLITE_MAX_VARIABLE_NUMBER: 32,766 by default, more in some builds): several long
+    ``in`` lists can pass it. It failed with "too many SQL variables", answered 503 and
+    Retry-After, for a query that could never run."""
+    most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    if len(params) > most:
+        raise RqlInvalid(
+            f"query binds {len(params)} values (its conditions', its in lists' and its "
+            f"namespaces'); the SQLite store takes at most {most} in one query: split the "
+            "in lists across requests"
+        )
+    return _cursor(conn).execute(sql, params)
 
 
 def index_twin(
@@ -153,7 +169,7 @@ def count(conn: sqlite3.Connection, filter: Filter | None, namespaces: Sequence[
     """How many twins match ``filter`` within ``namespaces`` (None: all namespaces)."""
     register_functions(conn)
     where, params = _where(filter, namespaces)
-    row = _cursor(conn).execute(f"SELECT count(*) FROM search_twin t WHERE {where}", params)
+    row = _query(conn, f"SELECT count(*) FROM search_twin t WHERE {where}", params)
     return int(row.fetchone()[0])
 
 
@@ -221,7 +237,7 @@ def search_ids(conn: sqlite3.Connection, query: SearchQuery) -> tuple[list[str],
         f"SELECT {columns} FROM search_twin t {' '.join(joins)} "
         f"WHERE {where} ORDER BY {order} LIMIT ?"
     )
-    rows = _cursor(conn).execute(sql, [*join_params, *params, query.size + 1]).fetchall()
+    rows = _query(conn, sql, [*join_params, *params, query.size + 1]).fetchall()
     page = rows[: query.size]
     ids = [row[-1] for row in page]
     if len(rows) <= query.size:

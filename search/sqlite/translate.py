@@ -103,7 +103,10 @@ def _upper_bound(prefix: str) -> str | None:
     stripped = prefix.rstrip(_MAX_CHAR)
     if not stripped:
         return None
-    return stripped[:-1] + chr(ord(stripped[-1]) + 1)
+    after = ord(stripped[-1]) + 1
+    if after == 0xD800:  # surrogates are no characters (SQLite cannot take them): skip them
+        after = 0xE000
+    return stripped[:-1] + chr(after)
 
 
 def _like(node: Like) -> LeafSet:

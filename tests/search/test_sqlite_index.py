@@ -12,6 +12,7 @@ from search import sqlite as index
 from search.rql import build_query, page, parse_filter
 from search.sqlite.rows import diff_rows
 from search.sqlite.translate import filter_sql
+from twin_service.errors import RqlInvalid
 from twin_service.twin.delta import compute_delta
 from twin_service.twin.patch import merge_patch
 
@@ -215,3 +216,39 @@ def test_delta_values_are_answered_from_desired(
     assert [d["twinId"] for d in page(docs, query)[0]] == expected
     conn.execute("UPDATE search_leaf SET v = 99 WHERE path LIKE 'delta%'")
     assert index.search_ids(conn, query)[0] == expected
+
+
+def test_a_like_prefix_ending_before_the_surrogates_matches(conn: sqlite3.Connection) -> None:
+    """The range a like prefix gives ends at the prefix's last character plus one: after
+    U+D7FF that was U+D800, a surrogate SQLite cannot take (a 500)."""
+    values = ["a\ud7ff", "a\ud7ffz", "a\ud7ff\U0010ffff", "a\ue000", "a\ud7fe", "b"]
+    docs = [
+        {"twinId": f"org.acme:s{i}", "namespace": "org.acme", "attributes": {"s": v}}
+        for i, v in enumerate(values)
+    ]
+    with conn:
+        for d in docs:
+            index.index_twin(conn, d)
+    for pattern in ("a\ud7ff*", "a\ud7ff?", "\ud7ff*", "a\ud7ff\U0010ffff*"):
+        query = build_query(f'like(attributes/s,"{pattern}")', "size(200)", None)
+        ids, _ = index.search_ids(conn, query)
+        assert ids == [d["twinId"] for d in page(docs, query)[0]], pattern
+    assert index.count(conn, parse_filter('like(attributes/s,"a\ud7ff*")'), None) == 3
+
+
+def test_a_query_binding_more_values_than_sqlite_takes_is_a_bad_request(
+    conn: sqlite3.Connection,
+) -> None:
+    """Several in lists within the parser's bounds can bind more values than SQLite takes
+    in one statement: a 400 saying so, not SQLite's "too many SQL variables" (a 503)."""
+    with conn:
+        index.index_twin(conn, doc(1))
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)
+    values = ",".join(str(i) for i in range(60))
+    too_many = f"or(in(revision,{values}),in(attributes/model,{values}))"
+    with pytest.raises(RqlInvalid, match=r"binds 1\d\d values .* at most 100 in one query"):
+        index.count(conn, parse_filter(too_many), None)
+    with pytest.raises(RqlInvalid, match="at most 100 in one query"):
+        index.search_ids(conn, build_query(too_many, None, None))
+    within = f"or(in(revision,{values}),eq(attributes/model,'m1'))"
+    assert index.count(conn, parse_filter(within), ["org.acme"]) == 1

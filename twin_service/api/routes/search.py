@@ -70,3 +70,20 @@ async def count_get(
 ) -> Response:
     count = await count_twins(ctx, principal, filter, namespaces, wait_for)
     return json_response({"count": count})
+
+
+@router.post(
+    "/twins/count",
+    response_model=CountResult,
+    responses=errors(404),
+    summary="Count with a form body (for long queries)",
+)
+async def count_post(
+    ctx: Context,
+    principal: Reader,
+    filter: Annotated[str | None, Form()] = None,
+    namespaces: Annotated[str | None, Form()] = None,
+    wait_for: Annotated[str | None, Form(alias="waitFor", description=WAIT_DOC)] = None,
+) -> Response:
+    count = await count_twins(ctx, principal, filter, namespaces, wait_for)
+    return json_response({"count": count})
