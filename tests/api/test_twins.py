@@ -298,6 +298,23 @@ def test_etags_and_preconditions(api: httpx.Client) -> None:
     assert missing.status_code == 412
 
 
+def test_sections_and_views_answer_304_to_a_matching_if_none_match(api: httpx.Client) -> None:
+    """They send the twin's ETag; a GET with it gets 304, as the whole twin's does."""
+    url = f"/api/v1/twins/{new_id()}"
+    etag = api.put(url, json={"desired": {"a": {"b": 1}}, "attributes": {"c": 2}}).headers["ETag"]
+    for part in ("desired", "desired/a/b", "attributes", "delta", "connection", "metadata"):
+        first = api.get(f"{url}/{part}")
+        assert first.status_code == 200 and first.headers["ETag"] == etag, part
+        same = api.get(f"{url}/{part}", headers={"If-None-Match": f'"rev:9", {etag}'})
+        assert same.status_code == 304 and same.headers["ETag"] == etag and not same.content
+        assert api.get(f"{url}/{part}", headers={"If-None-Match": '"rev:9"'}).status_code == 200
+    # A path that is not there is not found, whatever the tag.
+    gone = api.get(f"{url}/desired/x", headers={"If-None-Match": etag})
+    assert gone.status_code == 404
+    assert api.put(f"{url}/desired/a/b", json=3).status_code == 204
+    assert api.get(f"{url}/desired/a", headers={"If-None-Match": etag}).json() == {"b": 3}
+
+
 def test_an_etag_of_a_deleted_twin_never_matches_a_new_one(api: httpx.Client) -> None:
     """A client holding the ETag of a deleted twin must not write over the next twin of the
     id once that reaches the same revision number: revisions go on after a delete."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
@@ -186,13 +186,14 @@ AT = RawParam(
 IF_NONE_MATCH = RawParam(
     "If-None-Match", "header", "ETags (or *) for which to answer 304", {"type": "string"}
 )
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified"}}
 
 
 @router.get(
     "/twins/{twin_id}",
     # With ``fields``, only the selected parts.
     response_model=TwinDocument | TwinSelection,
-    responses={**errors(404, 410), 304: {"description": "Not modified"}},
+    responses={**errors(404, 410), **_NOT_MODIFIED},
     openapi_extra=documented(FIELDS, AT, IF_NONE_MATCH),
 )
 async def get_twin(request: Request, twin_id: TwinId) -> Response:
@@ -318,8 +319,16 @@ async def delete_twin(
 _POINTER_DOC = "JSON pointer inside the section (RFC 6901; ~1 is '/', ~0 is '~')"
 
 
-@router.get("/twins/{twin_id}/{section:twin_part}", responses=errors(404))
-@router.get("/twins/{twin_id}/{section:twin_part}/{pointer:path}", responses=errors(404))
+@router.get(
+    "/twins/{twin_id}/{section:twin_part}",
+    responses={**errors(404), **_NOT_MODIFIED},
+    openapi_extra=documented(IF_NONE_MATCH),
+)
+@router.get(
+    "/twins/{twin_id}/{section:twin_part}/{pointer:path}",
+    responses={**errors(404), **_NOT_MODIFIED},
+    openapi_extra=documented(IF_NONE_MATCH),
+)
 async def get_section(
     request: Request,
     ctx: Context,
@@ -332,6 +341,9 @@ async def get_section(
     twin = await ctx.service.get(twin_id)
     doc = twin.to_document()
     value = get_at(doc[section], pointer_after(request, TWIN_BASE + 1))
+    # After the lookup: a path that is not there is a 404 whatever the tag (RFC 9110 13.2.1).
+    if _not_modified(request.headers.get("if-none-match"), twin):
+        return Response(status_code=304, headers={"ETag": etag(twin.revision)})
     return json_response(value, revision=twin.revision)
 
 
