@@ -44,6 +44,12 @@ def literal_prefix(pattern: str) -> tuple[str, bool]:
     return "".join(out), True
 
 
+#: Python's IGNORECASE takes İ (U+0130) for i and ı (U+0131) for I, by their lower and upper
+#: case; Unicode simple case folding (what ``ilike`` promises) folds neither, so these four
+#: are matched with case-sensitive groups. Every other character folds the same both ways.
+_DOTTED_AND_DOTLESS = {"i": "(?-i:[iI])", "I": "(?-i:[iI])", "İ": "(?-i:İ)", "ı": "(?-i:ı)"}
+
+
 @lru_cache(maxsize=512)
 def compile_pattern(pattern: str, ignore_case: bool) -> re.Pattern[str]:
     """A regular expression that must ``fullmatch`` the whole string."""
@@ -53,6 +59,8 @@ def compile_pattern(pattern: str, ignore_case: bool) -> re.Pattern[str]:
             parts.append(".*")
         elif token == "?":
             parts.append(".")
+        elif ignore_case and token[1] in _DOTTED_AND_DOTLESS:
+            parts.append(_DOTTED_AND_DOTLESS[token[1]])
         else:
             parts.append(re.escape(token[1]))
     flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)

@@ -156,3 +156,33 @@ def test_order_types_then_twin_id() -> None:
         "t10",
         "t99",
     ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "expected"),
+    [
+        # Unicode simple case folding: these fold to one another...
+        ("i", "I", True),
+        ("I", "i", True),
+        ("k", "\u212a", True),  # the Kelvin sign
+        ("s", "\u017f", True),  # the long s
+        ("\u00df", "\u1e9e", True),  # ß and capital sharp s
+        ("\u03c3", "\u03c2", True),  # sigma and final sigma
+        ("i*", "Istanbul", True),
+        ("?stanbul", "\u0130stanbul", True),
+        # ...and the dotted capital I and the dotless small i fold to nothing else (Python's
+        # IGNORECASE took them for i and I).
+        ("i", "\u0130", False),
+        ("I", "\u0131", False),
+        ("\u0130", "i", False),
+        ("\u0131", "I", False),
+        ("\u0130", "\u0130", True),
+        ("\u0131", "\u0131", True),
+        ("*i*", "D\u0130YAR", False),
+    ],
+)
+def test_ilike_folds_case_as_unicode_simple_case_folding(
+    pattern: str, text: str, expected: bool
+) -> None:
+    doc: JSONObject = {"twinId": "a:b", "namespace": "a", "attributes": {"s": text}}
+    assert matches(parse_filter(f'ilike(attributes/s,"{pattern}")'), doc) is expected
