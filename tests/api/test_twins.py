@@ -76,6 +76,9 @@ def test_get_many_and_fields(api: httpx.Client) -> None:
     many = api.get("/api/v1/twins", params={"ids": f"{a},{new_id()},{b}", "fields": "attributes"})
     assert many.status_code == 200
     assert many.json() == [{"attributes": {"x": 1}}, {"attributes": {"x": 2}}]
+    # An id asked for twice is answered once, where it was first asked for.
+    twice = api.get("/api/v1/twins", params={"ids": f"{b},{a},{b},{a}", "fields": "twinId"})
+    assert twice.json() == [{"twinId": b}, {"twinId": a}]
     one = api.get(f"/api/v1/twins/{a}", params={"fields": "twinId,desired/fan/speed"})
     assert one.json() == {"twinId": a, "desired": {"fan": {"speed": 1}}}
     # Ditto's groups: a prefix with its paths in parentheses.

@@ -159,7 +159,8 @@ async def get_twins(
     ids: Annotated[str, Query(description="Comma-separated twin ids")],
     fields: Fields = None,
 ) -> Response:
-    wanted = [i for i in (s.strip() for s in ids.split(",")) if i]
+    # Each once, in the order first asked for.
+    wanted = list(dict.fromkeys(i for i in (s.strip() for s in ids.split(",")) if i))
     if len(wanted) > ctx.settings.query.max_size:
         raise BadRequest(f"At most {ctx.settings.query.max_size} ids per request.")
     for twin_id in wanted:
