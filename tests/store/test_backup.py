@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,48 @@ def test_backup_refusals_are_one_line_and_leave_files_alone(tmp_path: Path) -> N
     assert mongo.returncode == 2 and "mongodump" in mongo.stderr
     for line in (missing.stderr, refused.stderr, nowhere.stderr, mongo.stderr):
         assert line.count("\n") == 1 and "Traceback" not in line
+
+
+def test_backup_refuses_to_overwrite_the_live_database_or_its_wal_and_shm(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    live = ServiceProcess(data).start()
+    try:
+        with live.client() as api:
+            assert api.put("/api/v1/twins/org.acme:kept", json={"desired": {}}).status_code == 201
+        database = data / "twins.sqlite3"
+        # Inodes: a backup renamed onto a file would change it; the contents of a live -wal
+        # may change of themselves.
+        before = {p.name: p.stat().st_ino for p in data.glob("twins.sqlite3*")}
+        # The database and its companions, named plainly, relatively and through "..".
+        for dest in (
+            database,
+            Path(f"{database}-wal"),
+            Path(f"{database}-shm"),
+            Path(f"{database}-journal"),
+            data / ".." / "data" / "twins.sqlite3",
+        ):
+            refused = backup(str(dest), "--data-dir", str(data), "--force")
+            assert refused.returncode == 2, (dest, refused.stdout, refused.stderr)
+            assert refused.stderr.count("\n") == 1 and "is the twin store itself" in refused.stderr
+        here = ["--data-dir", ".", "--force", "twins.sqlite3"]
+        relative = subprocess.run(
+            [sys.executable, "-m", "twin_service", "backup", *here],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=service_env({"PYTHONPATH": str(Path(__file__).parents[2])}),
+            cwd=data,
+        )
+        assert relative.returncode == 2, relative.stderr
+        assert {p.name: p.stat().st_ino for p in data.glob("twins.sqlite3*")} == before
+        with live.client() as api:
+            assert api.put("/api/v1/twins/org.acme:after", json={"desired": {}}).status_code == 201
+            assert api.get("/api/v1/twins/org.acme:kept").status_code == 200
+    finally:
+        live.stop()
+    conn = sqlite3.connect(database)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT count(*) FROM twins").fetchone() == (2,)
+    finally:
+        conn.close()

@@ -24,6 +24,15 @@ class BackupError(Exception):
     """The backup could not be made; the message says why, in one line."""
 
 
+class BackupRefused(BackupError):
+    """The operator named a destination the backup must never write (a usage mistake)."""
+
+
+#: The files SQLite keeps beside a database; writing any of them under a running service
+#: corrupts the database as surely as writing the database itself.
+_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
 @dataclass(frozen=True)
 class Backup:
     path: Path
@@ -37,6 +46,7 @@ class Backup:
 def backup_sqlite(source: Path, dest: Path, *, overwrite: bool = False) -> Backup:
     if not source.is_file():
         raise BackupError(f"there is no twin store at {source}")
+    _refuse_the_live_database(source, dest)
     if dest.is_dir():
         raise BackupError(f"{dest} is a directory; name the backup file")
     if dest.exists() and not overwrite:
@@ -58,6 +68,23 @@ def backup_sqlite(source: Path, dest: Path, *, overwrite: bool = False) -> Backu
     finally:
         partial.unlink(missing_ok=True)
     return Backup(dest, twins, last_seq, dest.stat().st_size)
+
+
+def _refuse_the_live_database(source: Path, dest: Path) -> None:
+    # Compared resolved, so "./data/x", "data/../data/x" or a symlinked directory cannot
+    # slip past; both the database's own name and its symlink's target count, since SQLite
+    # keeps the -wal beside the file it resolved.
+    targets = {dest.parent.resolve() / dest.name, dest.resolve()}
+    for suffix in _COMPANIONS:
+        companions = {
+            source.parent.resolve() / (source.name + suffix),
+            source.resolve().with_name(source.resolve().name + suffix),
+        }
+        if targets & companions:
+            raise BackupRefused(
+                f"{dest} is the twin store itself ({source}{suffix}); writing the backup "
+                "there would destroy it: name another file"
+            )
 
 
 def _copy_snapshot(source: Path, target: Path) -> None:
@@ -107,7 +134,8 @@ def add_subcommands(subparsers: Any) -> None:
 
 
 def run_backup(args: argparse.Namespace) -> int:
-    """0 when the backup is written, 2 on bad settings or another store, 1 when it failed."""
+    """0 when the backup is written, 2 on bad settings, another store or a destination that
+    is the store itself, 1 when it failed."""
     from twin_service.settings import settings_for_command
 
     settings = settings_for_command(args.config, data_dir=args.data_dir)
@@ -123,6 +151,9 @@ def run_backup(args: argparse.Namespace) -> int:
     source = settings.data_dir / settings.sqlite.file_name
     try:
         done = backup_sqlite(source, args.dest, overwrite=args.force)
+    except BackupRefused as exc:
+        print(f"twin-service: {exc}", file=sys.stderr)
+        return 2
     except BackupError as exc:
         print(f"twin-service: {exc}", file=sys.stderr)
         return 1
