@@ -124,6 +124,35 @@ def test_a_tokens_file_that_cannot_be_used(tmp_path: Path) -> None:
     assert_refused(run, 2, "cannot be used: Expecting property name")
 
 
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        ("toml", "limits.bogus"),
+        ("env", "limits.bogus"),
+        ("env-tokens", "auth.tokens.0.namespace"),
+    ],
+)
+def test_an_unknown_key_inside_a_section_or_a_token_is_refused(
+    tmp_path: Path, source: str, where: str
+) -> None:
+    """Ignored, a misspelt key meant its default: for a token's ``namespaces``, all."""
+    typo_token = f'[{{"name": "ops", "token": "{SECRET}", "namespace": ["org.acme"]}}]'
+    env = {"env": {"TWIN_LIMITS__BOGUS": "1"}, "env-tokens": {"TWIN_AUTH__TOKENS": typo_token}}
+    (tmp_path / "twin.toml").write_text("[limits]\nbogus = 1\n")
+    config = ["--config", "twin.toml"] if source == "toml" else []
+    run = serve(tmp_path, *config, "devices", "list", **env.get(source, {}))
+    assert_refused(run, 2, f"invalid settings: {where}: Extra inputs are not permitted")
+
+
+def test_an_unknown_key_in_a_tokens_file_entry_is_refused(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(f'[{{"name": "ops", "token": "{SECRET}", "namespace": ["org.acme"]}}]')
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_AUTH__TOKENS_FILE=str(tokens))
+    assert_refused(
+        run, 2, f"The tokens file {tokens} cannot be used: namespace: Extra inputs are not"
+    )
+
+
 def test_a_data_directory_that_cannot_be_made(tmp_path: Path) -> None:
     (tmp_path / "occupied").write_text("a file where the directory should be")
     run = serve(tmp_path, "serve", "--data-dir", "occupied/data")

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -38,7 +39,15 @@ from twin_service.urls import check_url
 _Count = Annotated[int, Field(ge=0)]
 
 
-class LimitsSettings(BaseModel):
+class _Section(BaseModel):
+    """A settings section or a token entry: an unknown key is refused, as at the top
+    level. Ignored, a misspelt key quietly meant its default, which for a token's
+    ``namespaces`` is every namespace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LimitsSettings(_Section):
     max_twin_bytes: int = Field(64 * 1024, ge=1024, description="Largest twin (compact JSON).")
     max_depth: int = Field(16, ge=2, le=64, description="Deepest nesting inside a twin.")
     max_key_length: int = Field(256, ge=1, le=4096, description="Longest key in a twin.")
@@ -75,22 +84,24 @@ class LimitsSettings(BaseModel):
         )
 
 
-class TokenSettings(BaseModel):
+class TokenSettings(_Section):
     name: str
     token: str = Field(min_length=16)
     role: Literal["read", "write", "admin"] = "read"
     namespaces: list[str] | None = Field(None, description="Namespaces it may use; all if unset.")
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(_Section):
     disabled: bool = Field(False, description="Development only; refused unless bound to loopback.")
     tokens: list[TokenSettings] = Field(
         default_factory=list, description="Bearer tokens (JSON list)."
     )
-    tokens_file: Path | None = Field(None, description="JSON list of {name, token, role}.")
+    tokens_file: Path | None = Field(
+        None, description="JSON list of {name, token, role, namespaces}; any other key is refused."
+    )
 
 
-class SqliteSettings(BaseModel):
+class SqliteSettings(_Section):
     file_name: str = Field("twins.sqlite3", description="Database file in data_dir.")
     synchronous: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="NORMAL survives a process crash; FULL also a power loss."
@@ -173,7 +184,7 @@ class SqliteSettings(BaseModel):
     )
 
 
-class MongoSettings(BaseModel):
+class MongoSettings(_Section):
     database: str = Field("twin_service", description="Database holding the twin collections.")
     write_concern: str = Field(
         "majority",
@@ -209,12 +220,12 @@ class MongoSettings(BaseModel):
     )
 
 
-class SearchSettings(BaseModel):
+class SearchSettings(_Section):
     default_size: int = Field(25, ge=1, description="Search page size without size().")
     max_size: int = Field(200, ge=1, description="Largest size() and ids per GET /twins.")
 
 
-class MqttSettings(BaseModel):
+class MqttSettings(_Section):
     enabled: bool = Field(True, description="Device sync over MQTT.")
     embedded_host: str = Field("127.0.0.1", description="Built-in broker address (no mqtt_url).")
     embedded_port: int = Field(1883, ge=0, le=65535, description="Built-in broker port.")
@@ -308,7 +319,7 @@ class MqttSettings(BaseModel):
     key_file: str | None = Field(None, description="Key of the client certificate.")
 
 
-class ElasticsearchSettings(BaseModel):
+class ElasticsearchSettings(_Section):
     index_name: str = Field("twins", description="Name (alias) of the twin index.")
     batch_size: int = Field(500, ge=1, description="Twins per bulk request of the indexer.")
     poll_interval_seconds: float = Field(0.05, gt=0, description="Indexer idle poll interval.")
@@ -339,7 +350,7 @@ class ElasticsearchSettings(BaseModel):
     )
 
 
-class StreamSettings(BaseModel):
+class StreamSettings(_Section):
     journal_max_per_twin: int = Field(1000, ge=1, description="Events kept per twin (at least).")
     journal_max_age_seconds: int = Field(
         7 * 24 * 3600, ge=60, description="Events older than this are removed."
