@@ -45,10 +45,12 @@ def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
-def serving(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def serving(
+    tmp_path: Path, env: dict[str, str], args: tuple[str, ...] = ("serve", "--data-dir", "data")
+) -> subprocess.Popen[str]:
     """``serve`` started in ``tmp_path`` with ``env``, once it answers ``/health``."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twin_service", "serve", "--data-dir", "data"],
+        [sys.executable, "-m", "twin_service", *args],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -151,6 +153,32 @@ def test_an_unknown_key_in_a_tokens_file_entry_is_refused(tmp_path: Path) -> Non
     assert_refused(
         run, 2, f"The tokens file {tokens} cannot be used: namespace: Extra inputs are not"
     )
+
+
+def test_data_dir_and_config_before_the_command_apply_to_it_or_are_refused(
+    tmp_path: Path,
+) -> None:
+    """Once only ``devices`` read them: ``serve`` served ./data, ``backup`` copied it."""
+    env = command_env()
+    proc = serving(tmp_path, env, ("--data-dir", "chosen", "serve"))
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert (tmp_path / "chosen" / "twins.sqlite3").is_file()
+    assert not (tmp_path / "data").exists()
+
+    backed_up = serve(tmp_path, "--data-dir", "chosen", "backup", "copy.sqlite3")
+    assert backed_up.returncode == 0, backed_up.stderr
+    (tmp_path / "twin.toml").write_text('data_dir = "chosen"\n')
+    backed_up = serve(tmp_path, "--config", "twin.toml", "backup", "copy2.sqlite3")
+    assert backed_up.returncode == 0, backed_up.stderr
+    # After the command, the same option is the same setting; two different values are not.
+    twice = serve(tmp_path, "--data-dir", "chosen", "backup", "--data-dir", "other", "c.sqlite3")
+    assert_refused(twice, 2, "--data-dir given twice, before and after backup: give it once")
+    retire = serve(tmp_path, "--config", "a.toml", "mqtt", "retire", "--config", "b.toml", "x")
+    assert_refused(retire, 2, "--config given twice, before and after mqtt")
+    for command in (["simulate"], ["version"]):
+        refused = serve(tmp_path, "--data-dir", "chosen", *command)
+        assert_refused(refused, 2, f"--data-dir does not apply to {command[0]}")
 
 
 def test_a_data_directory_that_cannot_be_made(tmp_path: Path) -> None:

@@ -26,9 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     sub.add_parser("version", help="print the version")
     parser.add_argument(
-        "--data-dir", dest="root_data_dir", type=Path, help="data directory (devices, index)"
+        "--data-dir",
+        dest="root_data_dir",
+        metavar="DIR",
+        type=Path,
+        help="data directory, for every command that reads settings (serve, devices, backup, "
+        "index, mqtt); the same as --data-dir after the command",
     )
-    parser.add_argument("--config", dest="root_config", type=Path, help="TOML settings file")
+    parser.add_argument(
+        "--config",
+        dest="root_config",
+        metavar="FILE",
+        type=Path,
+        help="TOML settings file, for the same commands; the same as --config after the command",
+    )
     add_device_commands(sub)
     add_index_commands(sub)
     add_mqtt_commands(sub)
@@ -37,8 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The options that may come before the command name, by their name after it.
+_ROOT_OPTIONS = {"data_dir": "root_data_dir", "config": "root_config"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _apply_root_options(parser, args)
     if args.command == "version":
         print(__version__)
         return 0
@@ -51,13 +68,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "devices":
         from twin_service.settings import settings_for_command
 
-        settings = settings_for_command(args.root_config, data_dir=args.root_data_dir)
+        settings = settings_for_command(args.config, data_dir=args.data_dir)
         if settings is None:
             return 2
         device_result: int = handler(args, settings.data_dir)
         return device_result
     result: int = handler(args)
     return result
+
+
+def _apply_root_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--data-dir``/``--config`` before the command name mean what they mean after it.
+
+    Once only ``devices`` read them and every other command ignored them, serving or backing
+    up the default ./data instead. A command that reads no settings (``version``,
+    ``simulate``) refuses them, as does a command given two different values.
+    """
+    reads_settings = args.command == "devices" or hasattr(args, "config")
+    for name, root_name in _ROOT_OPTIONS.items():
+        given = getattr(args, root_name)
+        option = "--" + name.replace("_", "-")
+        if given is None:
+            setattr(args, name, getattr(args, name, None))
+        elif not reads_settings:
+            parser.error(f"{option} does not apply to {args.command}")
+        elif getattr(args, name, None) not in (None, given):
+            parser.error(f"{option} given twice, before and after {args.command}: give it once")
+        else:
+            setattr(args, name, given)
 
 
 def _serve(args: argparse.Namespace) -> int:
