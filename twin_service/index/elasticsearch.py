@@ -363,6 +363,7 @@ async def rebuild(
     meanwhile are caught up from the journal after the alias moved, so the running indexers
     of the service lose nothing. Returns the number of twins indexed.
     """
+    _check_page_size(page_size)
     index = ElasticsearchIndex(settings, store, run_indexer=False)
     try:
         await index.start()  # inside: a start that fails has a client to close
@@ -374,6 +375,7 @@ async def rebuild(
 async def _rebuild(
     index: ElasticsearchIndex, store: TwinStore, progress: Progress | None, page_size: int
 ) -> int:
+    _check_page_size(page_size)
     client, alias = index.client, index.alias
     start_seq = await store.last_seq()
     total = await store.twin_count()
@@ -414,6 +416,13 @@ async def _rebuild(
             await client.indices.delete(index=name)
         await client.indices.refresh(index=alias)
     return done
+
+
+def _check_page_size(page_size: int) -> None:
+    # Pages of no twins read nothing: the alias would move to an empty index and the full
+    # one be deleted.
+    if page_size < 1:
+        raise ValueError(f"the rebuild's page size must be at least 1, not {page_size}")
 
 
 async def _catch_up(index: ElasticsearchIndex, store: TwinStore, after: int) -> None:
