@@ -15,12 +15,14 @@ mosquitto ACL names each device explicitly instead of using a ``pattern`` rule w
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,30 +121,38 @@ class CredentialStore:
     def add(self, twin_id: str) -> str:
         """Create credentials for a new device; return its generated password (shown once)."""
         _check_device_id(twin_id)
-        devices = self._load()
-        if twin_id in devices:
-            raise CredentialError(f"device {twin_id!r} already has credentials; rotate them")
-        password = secrets.token_urlsafe(32)
-        devices[twin_id] = {"hash": hash_password(password), "created": _now(), "rotated": None}
-        self._save(devices)
+        with self._changing():
+            devices = self._load()
+            if twin_id in devices:
+                raise CredentialError(f"device {twin_id!r} already has credentials; rotate them")
+            password = secrets.token_urlsafe(32)
+            devices[twin_id] = {
+                "hash": hash_password(password),
+                "created": _now(),
+                "rotated": None,
+            }
+            self._save(devices)
         return password
 
     def rotate(self, twin_id: str) -> str:
         """Replace a device's password; return the new one (shown once)."""
-        devices = self._load()
-        if twin_id not in devices:
-            raise CredentialError(f"device {twin_id!r} has no credentials")
-        password = secrets.token_urlsafe(32)
-        devices[twin_id] = {**devices[twin_id], "hash": hash_password(password), "rotated": _now()}
-        self._save(devices)
+        with self._changing():
+            devices = self._load()
+            if twin_id not in devices:
+                raise CredentialError(f"device {twin_id!r} has no credentials")
+            password = secrets.token_urlsafe(32)
+            entry = devices[twin_id]
+            devices[twin_id] = {**entry, "hash": hash_password(password), "rotated": _now()}
+            self._save(devices)
         return password
 
     def remove(self, twin_id: str) -> bool:
         """Delete a device's credentials; False if it had none."""
-        devices = self._load()
-        if devices.pop(twin_id, None) is None:
-            return False
-        self._save(devices)
+        with self._changing():
+            devices = self._load()
+            if devices.pop(twin_id, None) is None:
+                return False
+            self._save(devices)
         return True
 
     def list(self) -> list[DeviceCredential]:
@@ -200,6 +210,24 @@ class CredentialStore:
                 lines.insert(0, service_line)
         _write_private(password_path, "".join(line + "\n" for line in lines))
         _write_private(acl_path, render_acl(service_user, layout, sorted(devices)))
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the store's lock across a read-modify-write.
+
+        Two ``devices add`` run at once each read the file, added their device and replaced
+        it: the later replace dropped the other's device, though both had printed a
+        password. Readers need no lock (the file is replaced atomically). The lock is a
+        sibling file, never removed: removing it would let two writers lock two files.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or the process ends
+            yield
+        finally:
+            os.close(fd)
 
     def _load(self) -> dict[str, dict[str, Any]]:
         try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from threading import Barrier as BarrierType
 
 import pytest
 
@@ -125,3 +127,27 @@ def test_the_service_password_can_go_to_a_file_of_its_own(tmp_path: Path) -> Non
     (device_line,) = files[0].read_text().splitlines()
     user, encoded = device_line.split(":", 1)
     assert user == mqtt_username(TWIN) and verify_password(device_pw, encoded)
+
+
+def _add_and_rotate(path: Path, twin_id: str, start: BarrierType) -> tuple[str, str]:
+    store = CredentialStore(path)
+    start.wait()
+    added = store.add(twin_id)
+    return added, store.rotate(twin_id)
+
+
+def test_concurrent_changes_from_several_processes_are_all_kept(tmp_path: Path) -> None:
+    """Each process read the file, changed it and replaced it: the last replace dropped
+    the others' devices, though every process had printed a password."""
+    path = tmp_path / "data" / "device-credentials.json"
+    CredentialStore(path).add("org.acme:first")
+    twins = [f"org.acme:c{i}" for i in range(16)]
+    with multiprocessing.Manager() as manager:
+        start = manager.Barrier(len(twins))
+        with multiprocessing.get_context("spawn").Pool(len(twins)) as pool:
+            passwords = pool.starmap(_add_and_rotate, [(path, t, start) for t in twins])
+    store = CredentialStore(path)
+    assert [c.twin_id for c in store.list()] == sorted(["org.acme:first", *twins])
+    for twin, (added, rotated) in zip(twins, passwords, strict=True):
+        assert store.verify(twin, rotated) and not store.verify(twin, added), twin
+    assert all(c.rotated is not None for c in store.list() if c.twin_id != "org.acme:first")
