@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import stat
 import sys
 import tomllib
 from contextvars import ContextVar
@@ -536,16 +537,35 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     Raises ValueError (pydantic's ValidationError is one) for invalid settings.
     """
-    if config_file is not None and not config_file.is_file():
-        raise ValueError(f"Config file {config_file} does not exist.")
+    name = str(config_file) if config_file is not None else os.environ.get("TWIN_CONFIG_FILE")
+    if name:
+        _check_config_file(Path(name))
     token = _config_file.set(str(config_file) if config_file is not None else None)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except tomllib.TOMLDecodeError as exc:
-        name = _config_file.get() or os.environ.get("TWIN_CONFIG_FILE")
         raise ValueError(f"{name} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{name} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except OSError as exc:  # read after the check: permissions, an I/O error
+        raise ValueError(f"Config file {name} cannot be read: {exc.strerror or exc}.") from None
     finally:
         _config_file.reset(token)
+
+
+def _check_config_file(path: Path) -> None:
+    # Checked whether named by --config or TWIN_CONFIG_FILE: the settings source would
+    # quietly skip a file that is missing, and a directory or a FIFO is no config either.
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"Config file {path} does not exist.") from None
+    except OSError as exc:
+        raise ValueError(f"Config file {path} cannot be read: {exc.strerror or exc}.") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"Config file {path} is a directory, not a TOML file.")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"Config file {path} is not a regular file.")
 
 
 def settings_for_command(config_file: Path | None, **overrides: Any) -> Settings | None:
