@@ -63,6 +63,10 @@ def test_defaults_env_and_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         ({"query": {"default_size": 300, "max_size": 200}}, "default_size"),
         ({"limits": {"max_twin_bytes": 10}}, "max_twin_bytes"),
         ({"unknown_setting": 1}, "unknown_setting"),
+        # Every POST /twins would have answered 400 twin.id.invalid.
+        ({"default_namespace": "bad ns!"}, "must be dotted words"),
+        ({"default_namespace": "org/acme"}, "must be dotted words"),
+        ({"default_namespace": "a" * 220}, "at most 219 characters"),
     ],
 )
 def test_insecure_or_inconsistent_settings_are_refused(
@@ -71,6 +75,27 @@ def test_insecure_or_inconsistent_settings_are_refused(
     clean_env(monkeypatch)
     with pytest.raises(ValidationError, match=message):
         Settings(**overrides)  # type: ignore[arg-type]
+
+
+def test_a_default_namespace_that_generated_ids_can_use_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clean_env(monkeypatch)
+    for namespace in ("org.acme.plant_1", "", "a" * 219):
+        assert Settings(default_namespace=namespace).default_namespace == namespace
+
+
+def test_an_invalid_default_namespace_stops_a_command(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    bad = subprocess.run(
+        [sys.executable, "-m", "twin_service", "--data-dir", str(tmp_path), "devices", "list"],
+        capture_output=True,
+        text=True,
+        env={**env, "TWIN_DEFAULT_NAMESPACE": "bad ns!"},
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("twin-service: invalid settings: default_namespace: must be")
+    assert bad.stderr.count("\n") == 1
 
 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from twin_service.errors import InvalidTwinId
+from twin_service.twin.ids import MAX_ID_LENGTH, generate_twin_id, parse_twin_id, validate_namespace
 from twin_service.twin.jsonvalue import Limits
 from twin_service.urls import check_url
 
@@ -466,6 +468,21 @@ class Settings(BaseSettings):
     stream: StreamSettings = Field(default_factory=StreamSettings)
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
 
+    @field_validator("default_namespace")
+    @classmethod
+    def _check_namespace(cls, namespace: str) -> str:
+        # Checked here, or the service started and every POST /twins answered 400
+        # twin.id.invalid. The generated id must fit too, as POST makes it.
+        try:
+            parse_twin_id(generate_twin_id(validate_namespace(namespace)))
+        except InvalidTwinId:
+            raise ValueError(
+                "must be dotted words starting with a letter (e.g. org.acme.plant1), short "
+                f"enough for a generated id (at most {MAX_ID_LENGTH - _GENERATED_NAME - 1} "
+                "characters)"
+            ) from None
+        return namespace
+
     @field_validator("mqtt_url", "mongodb_url", "elasticsearch_url")
     @classmethod
     def _check_url(cls, url: str | None, info: ValidationInfo) -> str | None:
@@ -514,6 +531,9 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
 
+
+#: Characters of the name POST /twins generates (a UUID).
+_GENERATED_NAME = 36
 
 #: The URL schemes each URL setting takes.
 _URL_SCHEMES = {
