@@ -130,6 +130,8 @@ def test_a_config_file_that_cannot_be_used_is_named(
     [
         ("TWIN_MQTT_URL", f"http://device:{SECRET}@broker", "must start with mqtt:// or mqtts://"),
         ("TWIN_MQTT_URL", f"mqtt://device:{SECRET}@broker:99999", "has a port that is not"),
+        ("TWIN_MQTT_URL", f"mqtt://device:{SECRET}@broker:0", "has port 0"),
+        ("TWIN_ELASTICSEARCH_URL", f"http://user:{SECRET}@es:0", "has port 0"),
         ("TWIN_ELASTICSEARCH_URL", f"elastic://user:{SECRET}@es", "must start with http://"),
         ("TWIN_MONGODB_URL", f"postgres://user:{SECRET}@db", "must start with mongodb://"),
     ],
@@ -140,6 +142,12 @@ def test_a_malformed_url_is_refused_without_repeating_it(
     run = serve(tmp_path, "serve", "--data-dir", "data", **{name: url})
     setting = name.removeprefix("TWIN_").lower()
     assert_refused(run, 2, f"invalid settings: {setting}: {problem}")
+
+
+def test_embedded_broker_port_0_is_refused(tmp_path: Path) -> None:
+    """The OS would pick a port, and the service's own client dial 1883."""
+    run = serve(tmp_path, "devices", "list", TWIN_MQTT__EMBEDDED_PORT="0")
+    assert_refused(run, 2, "invalid settings: mqtt.embedded_port: Input should be greater than")
 
 
 def test_every_command_reports_invalid_settings_the_same_way(tmp_path: Path) -> None:

@@ -231,7 +231,8 @@ class SearchSettings(_Section):
 class MqttSettings(_Section):
     enabled: bool = Field(True, description="Device sync over MQTT.")
     embedded_host: str = Field("127.0.0.1", description="Built-in broker address (no mqtt_url).")
-    embedded_port: int = Field(1883, ge=0, le=65535, description="Built-in broker port.")
+    # Not 0: the service's own client dials this port, not the one the OS would pick.
+    embedded_port: int = Field(1883, ge=1, le=65535, description="Built-in broker port.")
     embedded_max_devices: int = Field(
         2000,
         ge=1,

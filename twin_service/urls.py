@@ -23,6 +23,9 @@ def check_url(url: str, schemes: tuple[str, ...]) -> None:
     if "," in parts.netloc:  # a MongoDB seed list (h1,h2:27018) is pymongo's to read
         return
     try:
-        parts.port  # noqa: B018 - reading it checks it
+        port = parts.port
     except ValueError:
-        raise ValueError("has a port that is not a number from 0 to 65535") from None
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    # Port 0 is no server's port; read as "unset" it quietly meant the scheme's default.
+    if port == 0:
+        raise ValueError("has port 0; leave the port out for the default")

@@ -40,6 +40,9 @@ def test_a_broker_url_gives_host_port_tls_and_credentials(
         (f"mqtt://device:{SECRET}@", "broker URL has no host"),
         (f"mqtt://device:{SECRET}@broker:99999", "broker URL has a port that is not a number"),
         (f"mqtt://device:{SECRET}@broker:port", "broker URL has a port that is not a number"),
+        # Once read as "no port": the default, 1883, without a word.
+        (f"mqtt://device:{SECRET}@broker:0", "broker URL has port 0"),
+        (f"mqtts://device:{SECRET}@broker:00", "broker URL has port 0"),
     ],
 )
 def test_a_bad_broker_url_is_refused_without_repeating_it(url: str, message: str) -> None:
