@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from search.rql import exists, matches, order, parse_filter, parse_path, sort_key
+from search.rql import exists, matches, order, parse_filter, parse_path, patterns, sort_key
 from search.rql.ast import SortKey
+from twin_service.errors import RqlInvalid
 from twin_service.types import JSONObject
 
 DOC: JSONObject = {
@@ -186,3 +189,44 @@ def test_ilike_folds_case_as_unicode_simple_case_folding(
 ) -> None:
     doc: JSONObject = {"twinId": "a:b", "namespace": "a", "attributes": {"s": text}}
     assert matches(parse_filter(f'ilike(attributes/s,"{pattern}")'), doc) is expected
+
+
+def _valid_pattern(pattern: str) -> bool:
+    try:
+        patterns.validate(pattern)
+    except RqlInvalid:
+        return False
+    return True
+
+
+def _like_by_table(pattern: str, text: str) -> bool:
+    """``like`` by dynamic programming over the pattern's tokens: the reference."""
+    tokens = patterns._tokens(pattern)
+    # matched[j]: the tokens so far match text[:j].
+    matched = [True] + [False] * len(text)
+    for token in tokens:
+        if token == "*":
+            for j in range(1, len(text) + 1):
+                matched[j] = matched[j] or matched[j - 1]
+        else:
+            matched = [False] + [
+                matched[j] and (token == "?" or token[1] == text[j]) for j in range(len(text))
+            ]
+    return matched[len(text)]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    pattern=st.text(alphabet="ab*?\\", max_size=10).filter(_valid_pattern),
+    text=st.text(alphabet="ab*?\\", max_size=12),
+)
+def test_like_matches_as_the_table_does(pattern: str, text: str) -> None:
+    assert patterns.like(pattern, False, text) is _like_by_table(pattern, text)
+
+
+def test_like_with_many_stars_ends() -> None:
+    """Each star as a backtracking ``.*`` tried every way of cutting the string between
+    them: about 40 times longer for each star, here for good (the test's timeout)."""
+    assert not patterns.like("*a" * 30 + "*b", False, "a" * 100_000)
+    assert not patterns.like("*" * 5000 + "a", True, "a" * 200 + "b")
+    assert patterns.like("*a" * 30 + "*b", False, "a" * 100_000 + "b")
