@@ -15,6 +15,7 @@ from twin_service.types import JSON, JSONObject
 
 from . import patterns
 from .ast import And, Compare, Exists, Filter, In, Like, Not, Or, Path, Value
+from .ast import type_rank as type_rank
 
 
 def nodes_at(node: JSON, path: Path) -> Iterator[JSON]:
@@ -55,17 +56,6 @@ def exists(doc: JSONObject, path: Path) -> bool:
     return any(present(node) for node in nodes_at(doc, path))
 
 
-def type_rank(value: Value) -> int:
-    """0 null, 1 boolean, 2 number, 3 string: values compare only within one rank."""
-    if value is None:
-        return 0
-    if isinstance(value, bool):
-        return 1
-    if isinstance(value, int | float):
-        return 2
-    return 3
-
-
 def equal(a: Value, b: Value) -> bool:
     """Typed equality: ``1 == 1.0`` but ``1 != true``."""
     return type_rank(a) == type_rank(b) and a == b
@@ -96,7 +86,8 @@ def matches(node: Filter, doc: JSONObject) -> bool:
             )
         return any(_compare(node.op, v, node.value) for v in values_at(doc, node.path))
     if isinstance(node, In):
-        return any(equal(v, e) for v in values_at(doc, node.path) for e in node.values)
+        typed = node.typed_values
+        return any((type_rank(v), v) in typed for v in values_at(doc, node.path))
     if isinstance(node, Like):
         return any(
             isinstance(v, str) and patterns.like(node.pattern, node.ignore_case, v)
