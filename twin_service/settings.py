@@ -387,8 +387,9 @@ class StreamSettings(_Section):
     max_listed: int = Field(
         10_000,
         ge=1,
-        description="Twin ids and namespaces the subscriptions of one WebSocket connection "
-        "may list in all ('twins', 'namespaces'); a filter or a namespace covers more.",
+        description="Twin ids, namespaces and filter in() values the subscriptions of one "
+        "WebSocket connection (or one event stream) may list in all ('twins', 'namespaces', "
+        "'filter'); a namespace or a filter's condition covers any number of twins.",
     )
     max_in_flight: int = Field(
         64,

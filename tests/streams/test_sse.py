@@ -238,3 +238,18 @@ def test_a_stream_that_starts_live_gives_its_start_as_an_id(service: ServiceProc
             resumed, missed = read_events(stream, 2)
     assert resumed["event"] == "subscribed" and "id" not in resumed  # the reader's id stays
     assert missed["data"]["event"]["twinId"] == f"{ns}:away"
+
+
+def test_a_stream_filter_lists_at_most_max_listed_in_values(service: ServiceProcess) -> None:
+    """A stream's filter is held as long as the stream: its in() values are bounded like a
+    WebSocket connection's (stream.max_listed)."""
+    values = ",".join(["1"] * 10_001)
+    with service.client() as api:
+        refused = api.get("/api/v1/stream/twins", params={"filter": f"in(attributes/n,{values})"})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "limits.exceeded"
+        assert "stream.max_listed" in refused.json()["message"]
+        values = ",".join(["1"] * 10_000)
+        params = {"filter": f"in(attributes/n,{values})"}
+        with api.stream("GET", "/api/v1/stream/twins", params=params, timeout=30) as stream:
+            assert read_events(stream, 1)[0]["event"] == "subscribed"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
-from search.rql.ast import Filter
+from search.rql.ast import And, Filter, In, Not, Or
 from search.rql.evaluator import matches
 from twin_service.errors import BadRequest
 from twin_service.twin.document import ChangeEvent
@@ -24,6 +24,17 @@ Outcome = Literal["event", "left"] | None
 FieldsKey = tuple[tuple[str, ...], ...] | None
 
 
+def _in_values(node: Filter | None) -> int:
+    """How many values the ``in`` lists of ``node`` hold in all."""
+    if isinstance(node, In):
+        return len(node.values)
+    if isinstance(node, And | Or):
+        return sum(_in_values(op) for op in node.operands)
+    if isinstance(node, Not):
+        return _in_values(node.operand)
+    return 0
+
+
 @dataclass(frozen=True)
 class Subscription:
     id: str
@@ -32,10 +43,11 @@ class Subscription:
     twins: frozenset[str] | None = None
     fields: list[list[str]] | None = None
 
-    @property
+    @cached_property
     def listed(self) -> int:
-        """How many twin ids and namespaces it lists (each a key of the shared index)."""
-        return len(self.twins or ()) + len(self.namespaces or ())
+        """How many twin ids, namespaces and ``in`` values it lists: each is held by the
+        connection, and filed in the shared index or in the set an ``in`` is tested by."""
+        return len(self.twins or ()) + len(self.namespaces or ()) + _in_values(self.filter)
 
     @cached_property
     def id_json(self) -> str:
