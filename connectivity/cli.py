@@ -14,7 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from connectivity.credentials import CredentialError, CredentialStore, mqtt_username
+from connectivity.credentials import (
+    CredentialError,
+    CredentialStore,
+    check_service_user,
+    mqtt_username,
+)
 from connectivity.topics import DEFAULT_PREFIX
 
 
@@ -44,7 +49,7 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     export = sub.add_parser("export-mosquitto", help="write a mosquitto password file and ACL")
     export.add_argument("--password-file", type=Path, required=True)
     export.add_argument("--acl-file", type=Path, required=True)
-    export.add_argument("--service-user", required=True)
+    export.add_argument("--service-user", required=True, type=_service_user)
     export.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
     export.add_argument(
         "--service-password-stdin",
@@ -59,6 +64,13 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=_reporting(cmd_export_mosquitto))
     return devices
+
+
+def _service_user(text: str) -> str:
+    try:
+        return check_service_user(text)
+    except CredentialError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _print_secret(twin_id: str, password: str, out: TextIO) -> None:
@@ -134,6 +146,13 @@ def cmd_list(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout)
 def cmd_export_mosquitto(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
     """``devices export-mosquitto --password-file P --acl-file A --service-user U``."""
     service_password = sys.stdin.readline().rstrip("\n") if args.service_password_stdin else None
+    if service_password == "":  # stdin was empty, or its first line was
+        print(
+            "twin-service devices export-mosquitto: --service-password-stdin: "
+            "the password read from stdin is empty",
+            file=sys.stderr,
+        )
+        return 2
     try:
         CredentialStore.in_data_dir(data_dir).write_mosquitto_files(
             args.password_file,

@@ -94,6 +94,31 @@ def _check_device_id(twin_id: str) -> None:
         raise CredentialError(f"twin id {twin_id!r} cannot be used as an MQTT username")
 
 
+def check_service_user(user: str) -> str:
+    """Return ``user`` if it can name the service account in mosquitto's files.
+
+    mosquitto splits a password-file line at the first ``:`` and reads a line starting with
+    ``#`` as a comment; whitespace or a control character would split or end an ACL line.
+    An empty name wrote ``:$7$...`` and a bare ``user`` line.
+    """
+    if not user:
+        raise CredentialError("the service user is empty")
+    if ":" in user:
+        raise CredentialError(
+            f"service user {user!r} contains ':', where mosquitto splits a password-file line"
+        )
+    if any(ch.isspace() or not ch.isprintable() for ch in user):
+        raise CredentialError(
+            f"service user {user!r} contains whitespace or a control character, "
+            "which mosquitto's files cannot hold in a name"
+        )
+    if user.startswith("#"):
+        raise CredentialError(
+            f"service user {user!r} starts with '#', which makes its lines comments to mosquitto"
+        )
+    return user
+
+
 @dataclass(frozen=True)
 class DeviceCredential:
     """What the store knows about one device (never the password)."""
@@ -195,10 +220,14 @@ class CredentialStore:
         ``service_password_path`` when given (the shipped configuration's service listener,
         where devices cannot log in), else into ``password_path``; without
         ``service_password`` it is left out (add it with ``mosquitto_passwd``). Reload
-        mosquitto (SIGHUP) afterwards.
+        mosquitto (SIGHUP) afterwards. A service user mosquitto cannot hold (see
+        :func:`check_service_user`) or an empty service password is refused.
         """
+        check_service_user(service_user)
         if service_password_path is not None and service_password is None:
             raise CredentialError("a service password file needs the service password")
+        if service_password == "":  # any client could log in as the service sending none
+            raise CredentialError("the service password is empty")
         layout = TopicLayout(topic_prefix)
         devices = self._load()
         lines = [f"{mqtt_username(tid)}:{entry['hash']}" for tid, entry in sorted(devices.items())]

@@ -388,3 +388,43 @@ def test_retiring_a_session_needs_a_broker_that_answers(tmp_path: Path) -> None:
         TWIN_MQTT__CONNECT_TIMEOUT_SECONDS="1",
     )
     assert_refused(run, 1, "twin-service: retire failed: no MQTT session within 1.0s")
+
+
+@pytest.mark.parametrize(
+    ("user", "problem"),
+    [
+        ("org:svc", "contains ':', where mosquitto splits a password-file line"),
+        ("svc user", "contains whitespace or a control character"),
+        ("", "the service user is empty"),
+        ("#svc", "starts with '#'"),
+    ],
+)
+def test_a_service_user_mosquitto_cannot_hold_is_refused(
+    tmp_path: Path, user: str, problem: str
+) -> None:
+    """mosquitto splits a password-file line at its first ':' and reads '#' as a comment; an
+    empty user wrote ':$7$...' and a bare 'user ' ACL line. All were written, exit 0."""
+    export = ["--data-dir", "data", "devices", "export-mosquitto", "--password-file", "pw"]
+    run = serve(tmp_path, *export, "--acl-file", "acl", "--service-user", user)
+    assert_refused(run, 2, "error: argument --service-user:", problem)
+    assert not (tmp_path / "pw").exists() and not (tmp_path / "acl").exists()
+
+
+@pytest.mark.parametrize("stdin", ["", "\n"])
+def test_an_empty_service_password_is_refused(tmp_path: Path, stdin: str) -> None:
+    """``--service-password-stdin < /dev/null`` hashed an empty password: any client could
+    log in as the service sending none."""
+    export = ["--data-dir", "data", "devices", "export-mosquitto", "--password-file", "pw"]
+    export += ["--acl-file", "acl", "--service-user", "svc", "--service-password-stdin"]
+    run = subprocess.run(
+        [sys.executable, "-m", "twin_service", *export],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=command_env(),
+        timeout=60,
+    )
+    assert_refused(run, 2, "--service-password-stdin: the password read from stdin is empty")
+    assert run.stderr.count("\n") == 1
+    assert not (tmp_path / "pw").exists() and not (tmp_path / "acl").exists()

@@ -129,6 +129,22 @@ def test_the_service_password_can_go_to_a_file_of_its_own(tmp_path: Path) -> Non
     assert user == mqtt_username(TWIN) and verify_password(device_pw, encoded)
 
 
+@pytest.mark.parametrize(
+    ("user", "password"), [("a:b", "pw"), ("a b", "pw"), ("", "pw"), ("#a", "pw"), ("svc", "")]
+)
+def test_mosquitto_files_refuse_a_service_account_mosquitto_cannot_use(
+    tmp_path: Path, user: str, password: str
+) -> None:
+    """Library callers too: the user splits or comments out its lines, the password is empty."""
+    store = CredentialStore(tmp_path / "creds.json")
+    store.add(TWIN)
+    with pytest.raises(CredentialError):
+        store.write_mosquitto_files(
+            tmp_path / "pw", tmp_path / "acl", user, "t/{twinId}", service_password=password
+        )
+    assert not (tmp_path / "pw").exists() and not (tmp_path / "acl").exists()
+
+
 def _add_and_rotate(path: Path, twin_id: str, start: BarrierType) -> tuple[str, str]:
     store = CredentialStore(path)
     start.wait()
