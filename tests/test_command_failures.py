@@ -8,6 +8,7 @@ exit status 2 for settings (refused before anything starts) and 3 for a start th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from connectivity.credentials import CredentialStore
+from connectivity.credentials import CredentialStore, hash_password
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
 
@@ -323,22 +324,66 @@ def test_credentials_for_an_id_no_twin_can_have_are_refused(tmp_path: Path) -> N
     assert not (tmp_path / "data" / "device-credentials.json").exists()
 
 
+def credentials_file(**devices: object) -> str:
+    return json.dumps({"format": 1, "devices": devices})
+
+
+HASH = hash_password("pw")
+CREATED = "2024-01-01T00:00:00+00:00"
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
         ("{broken", "cannot be read: Expecting property name"),
         ("[]", "unknown credentials file format"),
-        ('{"format": 1, "devices": {"org.a:b": "hash"}}', "not a map of id to hash"),
+        ('{"format": 1, "devices": []}', "the devices are not a map of id to hash"),
+        (
+            credentials_file(**{"org.a:b": "hash"}),
+            "device 'org.a:b': not an object of hash, created and rotated",
+        ),
+        # Once a KeyError traceback from `devices list`.
+        (credentials_file(**{"org.a:b": {"hash": HASH}}), "device 'org.a:b': 'created' is"),
+        (
+            credentials_file(**{"org.a:b": {"hash": "x", "created": CREATED}}),
+            "device 'org.a:b': 'hash' is missing or not a $7$ password hash",
+        ),
+        (
+            credentials_file(**{"org.a:b": {"hash": HASH + "\nsvc:x", "created": CREATED}}),
+            "device 'org.a:b': 'hash' is missing or not a $7$ password hash",
+        ),
+        (
+            credentials_file(**{"org.a:b": {"hash": HASH, "created": CREATED, "rotated": 1}}),
+            "device 'org.a:b': 'rotated' is neither a time nor null",
+        ),
+        # Once written into the mosquitto ACL as they were.
+        (
+            credentials_file(**{"org.a:b/#": {"hash": HASH, "created": CREATED}}),
+            "device 'org.a:b/#': Twin id 'org.a:b/#' is not valid.",
+        ),
+        (
+            credentials_file(**{"org.a:b+": {"hash": HASH, "created": CREATED}}),
+            "device 'org.a:b+': twin id 'org.a:b+' cannot be used in an MQTT topic",
+        ),
     ],
 )
 def test_a_damaged_credentials_file_is_named(tmp_path: Path, text: str, problem: str) -> None:
     credentials = tmp_path / "data" / "device-credentials.json"
     credentials.parent.mkdir()
     credentials.write_text(text)
-    for command in (["list"], ["add", "org.a:c"], ["rotate", "org.a:b"], ["remove", "org.a:b"]):
+    export = ["export-mosquitto", "--password-file", "pw", "--acl-file", "acl"]
+    for command in (
+        ["list"],
+        ["add", "org.a:c"],
+        ["rotate", "org.a:b"],
+        ["remove", "org.a:b"],
+        [*export, "--service-user", "svc"],
+    ):
         run = serve(tmp_path, "--data-dir", "data", "devices", *command)
         assert_refused(run, 1, "error: data/device-credentials.json", problem)
+        assert run.stderr.count("\n") == 1
     assert credentials.read_text() == text  # nothing written over it
+    assert not (tmp_path / "acl").exists() and not (tmp_path / "pw").exists()
 
 
 def test_an_index_rebuild_with_the_index_out_of_reach(tmp_path: Path) -> None:
