@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -34,11 +35,22 @@ def add_subcommands(subparsers: Any) -> None:
     retire.add_argument("--data-dir", type=Path, help="directory of the database")
     retire.add_argument(
         "--quiet-seconds",
-        type=float,
+        type=_seconds,
         default=5.0,
         help="done when no queued message has come for this long (5)",
     )
     retire.set_defaults(handler=run_retire)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    # 'nan' never ended the wait (no time is ever at least nan); 0 or less ended it at once.
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
 
 
 def run_retire(args: argparse.Namespace) -> int:

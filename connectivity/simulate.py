@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import sys
@@ -33,6 +34,9 @@ from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
 from connectivity.topics import DEFAULT_PREFIX, TopicLayout
+from twin_service.errors import InvalidTwinId
+from twin_service.twin.ids import validate_namespace
+from twin_service.urls import check_url
 
 T = TypeVar("T", int, float)
 
@@ -43,21 +47,21 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     )
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker URL with credentials")
     sim.add_argument("--devices", type=_at_least(1, int), default=100)
-    sim.add_argument(
-        "--rate", type=_at_least(0, float), default=100.0, help="reports per second, all devices"
-    )
+    sim.add_argument("--rate", type=_rate, default=100.0, help="reports per second, all devices")
     sim.add_argument("--offline-fraction", type=_fraction, default=0.0, help="0 to 1")
     sim.add_argument("--duration", type=_at_least(0, float), default=10.0, help="seconds")
-    sim.add_argument("--namespace", default="sim")
+    sim.add_argument("--namespace", type=_namespace, default="sim")
     sim.add_argument("--connections", type=_at_least(1, int), default=4)
     sim.add_argument("--protocol", type=int, choices=[4, 5], default=5)
-    sim.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    sim.add_argument("--topic-prefix", type=_topic_prefix, default=DEFAULT_PREFIX)
     sim.add_argument(
         "--create",
         action="store_true",
         help="create the simulated twins that do not exist yet, through the REST API",
     )
-    sim.add_argument("--api", default="http://127.0.0.1:8080", help="the service, for --create")
+    sim.add_argument(
+        "--api", type=_api_url, default="http://127.0.0.1:8080", help="the service, for --create"
+    )
     sim.add_argument(
         "--token",
         default=os.environ.get("TWIN_TOKEN"),
@@ -67,9 +71,21 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     return sim
 
 
+def _number(text: str, kind: Callable[[str], T]) -> T:
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+    # 'nan' compares false with every bound, and so passed them all.
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
 def _at_least(low: float, kind: Callable[[str], T]) -> Callable[[str], T]:
     def parse(text: str) -> T:
-        value = kind(text)
+        value = _number(text, kind)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low:g}")
         return value
@@ -77,11 +93,44 @@ def _at_least(low: float, kind: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
+def _rate(text: str) -> float:
+    # 0 once meant publishing as fast as the loop could, which no reports-per-second says.
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be above 0 (reports per second)")
+    return value
+
+
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError("must be from 0 to 1")
     return value
+
+
+def _namespace(text: str) -> str:
+    try:
+        return validate_namespace(text)
+    except InvalidTwinId:
+        raise argparse.ArgumentTypeError(
+            "must be dotted words starting with a letter (e.g. org.acme.plant1)"
+        ) from None
+
+
+def _topic_prefix(text: str) -> str:
+    try:
+        TopicLayout(text)  # what the service and the brokers build from mqtt.topic_prefix
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _api_url(text: str) -> str:
+    try:
+        check_url(text, ("http", "https"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -253,16 +302,19 @@ def create_twins(api: str, token: str, twins: list[str]) -> int:
     """Creates those of ``twins`` that do not exist (``If-None-Match: *``); returns how many."""
     created = 0
     for twin in twins:
-        request = urllib.request.Request(
-            f"{api.rstrip('/')}/api/v1/twins/{urllib.parse.quote(twin, safe=':')}",
-            data=b"{}",
-            method="PUT",
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Content-Type": "application/json",
-                "If-None-Match": "*",
-            },
-        )
+        try:
+            request = urllib.request.Request(
+                f"{api.rstrip('/')}/api/v1/twins/{urllib.parse.quote(twin, safe=':')}",
+                data=b"{}",
+                method="PUT",
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/json",
+                    "If-None-Match": "*",
+                },
+            )
+        except ValueError as exc:  # no URL at all ('unknown url type'): not a URLError
+            raise CreateFailed(f"the service URL {api!r} cannot be used: {exc}") from None
         try:
             with urllib.request.urlopen(request, timeout=10):
                 created += 1

@@ -418,6 +418,13 @@ def test_a_broker_that_refuses_the_service(
     assert_refused(run, 3, "twin-service cannot start: broker refused the connection")
 
 
+@pytest.mark.parametrize("quiet", ["nan", "-1", "0", "inf"])
+def test_retiring_needs_a_quiet_time_that_can_end(tmp_path: Path, quiet: str) -> None:
+    """nan never ended the wait for queued messages; 0 or less ended it at once."""
+    run = serve(tmp_path, "mqtt", "retire", "x", "--data-dir", "data", "--quiet-seconds", quiet)
+    assert_refused(run, 2, "argument --quiet-seconds: must be a number of seconds above 0")
+
+
 def test_retiring_a_session_needs_a_broker_that_answers(tmp_path: Path) -> None:
     run = serve(tmp_path, "mqtt", "retire", "twin-service-2", "--data-dir", "data")
     assert_refused(run, 2, "mqtt retire needs an external broker (mqtt_url)")

@@ -8,6 +8,9 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
+from connectivity.simulate import CreateFailed, create_twins
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
 from tests.service_process import ADMIN_TOKEN, ServiceProcess, service_env
@@ -153,3 +156,34 @@ def test_simulate_refuses_what_it_cannot_use_in_one_line(tmp_path: Path) -> None
     )
     for run in (bad_url, unreachable, bad_fraction, no_token, no_service):
         assert secret not in run.stderr + run.stdout and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        # Once tracebacks, from the topic layout, after connecting.
+        (["--namespace", "bad ns/#"], "argument --namespace: must be dotted words starting"),
+        (["--topic-prefix", "nope"], "argument --topic-prefix: topic prefix must contain {twinId}"),
+        (["--topic-prefix", "a/#/{twinId}"], "argument --topic-prefix: topic prefix must not"),
+        # Once a traceback: urllib's ValueError is no URLError.
+        (["--create", "--token", "t", "--api", "notaurl"], "argument --api: must start with"),
+        # Once taken: nan passed every bound, 0 sent unthrottled, nan ran for no time.
+        (["--rate", "nan"], "argument --rate: must be a finite number, not 'nan'"),
+        (["--rate", "0"], "argument --rate: must be above 0"),
+        (["--duration", "nan"], "argument --duration: must be a finite number"),
+        (["--devices", "many"], "argument --devices: must be a whole number, not 'many'"),
+    ],
+)
+def test_arguments_it_cannot_use_are_refused_before_it_starts(
+    args: list[str], problem: str
+) -> None:
+    run = simulate("--url", f"mqtt://127.0.0.1:{free_port()}", "--duration", "1", *args)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"twin-service simulate: error: {problem}" in run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+def test_create_twins_names_an_api_url_it_cannot_use() -> None:
+    """For a caller other than the command line, which refuses such an --api first."""
+    with pytest.raises(CreateFailed, match="the service URL 'notaurl' cannot be used: unknown"):
+        create_twins("notaurl", "token", ["sim:dev-00000"])
