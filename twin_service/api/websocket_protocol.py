@@ -11,11 +11,21 @@ held that much for good. Two bounds:
 - the messages still arriving on all connections of the process, with the requests
   (api.http_protocol), hold at most ``limits.incoming_bytes``; the connection whose bytes
   pass it is closed with 1013 (try again later).
+
+And on what a client that does not read makes it hold: the protocol answers each ping with
+a pong, whether the client reads or not, so a connection is not read while its transport
+has paused writing (its buffer is full). A connection being closed is ended, aborted if
+need be, when its client leaves what was written to it unread for
+:data:`CLOSE_WRITE_SECONDS`: the close frame cannot reach it, and uvicorn's close waits for
+the buffer to drain, which it never does.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.websockets import WebSocket
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 from websockets.frames import CloseCode
 from websockets.http11 import Request
 from websockets.protocol import State
@@ -27,6 +37,8 @@ from twin_service.streams.direct_ws import DirectWebSocketProtocol
 #: Largest message before the connection is authenticated (the auth message).
 UNAUTHENTICATED_MAX_BYTES = 16 * 1024
 EXTENSION = "twin.websocket.bounds"
+#: How long a connection being closed may leave what was written to it unread.
+CLOSE_WRITE_SECONDS = 5.0
 
 
 class BoundedWebSocketProtocol(DirectWebSocketProtocol):
@@ -36,6 +48,8 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
     _held = 0
     #: After a close on an error, what closes the socket (see api.closing).
     _closing: QuietClose | None = None
+    #: Ends the connection if its client leaves the close unread (:meth:`_end_unread`).
+    _unread: asyncio.TimerHandle | None = None
 
     @classmethod
     def bounded(cls, incoming: ByteBudget) -> type[BoundedWebSocketProtocol]:
@@ -73,6 +87,67 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
             self._release()
             self.handle_parser_exception()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # Each ping read would add a pong to the buffer that is not draining.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self.read_paused:  # uvicorn's pause: a message the app has not taken yet
+            self.transport.resume_reading()
+
+    def _writes_wait(self) -> None:
+        """Keep reading paused while writes are: uvicorn resumes it after the app takes a
+        message and after a close, whatever the writes do."""
+        if not self.writable.is_set():
+            self.transport.pause_reading()
+
+    async def receive(self) -> ASGIReceiveEvent:
+        message = await super().receive()
+        self._writes_wait()
+        return message
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "websocket.close" and not self.writable.is_set():
+            # uvicorn waits for the client to read, for good: a client that never reads
+            # kept its connection (a first-message auth timeout never closed it).
+            try:
+                async with asyncio.timeout(CLOSE_WRITE_SECONDS):
+                    await self.writable.wait()
+            except TimeoutError:
+                self.transport.abort()  # super().send then finds the client gone
+        await super().send(message)
+        self._writes_wait()
+        if self.close_sent:
+            self._end_unread()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self._end_unread()
+
+    def on_task_complete(self, task: asyncio.Task[None]) -> None:
+        super().on_task_complete(task)
+        self._end_unread()  # uvicorn closes the transport when the application returns
+
+    def _end_unread(self) -> None:
+        """Abort the connection if what was written to it is still unwritten in
+        :data:`CLOSE_WRITE_SECONDS` (and look again then until it is gone): closing the
+        transport waits for its buffer to drain, for good when the client does not read."""
+        if self._unread is not None or self.disconnected:
+            return
+
+        def check() -> None:
+            self._unread = None
+            if self.disconnected:
+                return
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self._end_unread()
+
+        self._unread = self.loop.call_later(CLOSE_WRITE_SECONDS, check)
+
     def handle_parser_exception(self) -> None:
         """Send the close frame, then drop what the client still sends and close once it is
         quiet (api.closing; uvicorn closed at once, and a client still sending lost the
@@ -90,9 +165,11 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
+            self._writes_wait()
         self._closing = QuietClose(self.loop, self.transport, self.close_timeout)
         # uvicorn closes the socket when the application returns unless a close is timed.
         self.close_timer = self._closing.deadline
+        self._end_unread()
 
     def _release(self) -> None:
         self._held = self.incoming.move(self._held, 0)
@@ -100,6 +177,8 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closing is not None:
             self._closing.cancel()
+        if self._unread is not None:
+            self._unread.cancel()
         self._release()
         super().connection_lost(exc)
 
