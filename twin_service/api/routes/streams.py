@@ -56,6 +56,9 @@ CLOSE_TRY_AGAIN_LATER = 1013
 MAX_CORRELATION = 256
 AUTH_TIMEOUT = 10.0
 SSE_KEEPALIVE = 15.0
+#: Longest close reason, in bytes of UTF-8 (RFC 6455: a control frame's payload is at most
+#: 125 bytes, two of them the code).
+MAX_CLOSE_REASON = 123
 
 
 # -- history ---------------------------------------------------------------------------------
@@ -185,6 +188,18 @@ def subscription_from(message: JSONObject) -> tuple[Subscription, int | None]:
     return subscription, since
 
 
+def close_reason(text: str) -> str:
+    """``text`` cut to whole characters of at most :data:`MAX_CLOSE_REASON` bytes: cut to
+    as many characters, a non-ASCII reason did not fit, and the close failed (the client
+    lost the connection without its code)."""
+    cut = text.encode("utf-8", "replace")[:MAX_CLOSE_REASON]
+    return cut.decode("utf-8", "ignore")  # "ignore" drops only a character cut in two
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    await websocket.close(code, close_reason(reason))
+
+
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
     refusal: tuple[int, str] | None = None
@@ -195,14 +210,14 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     except Unavailable as exc:  # starting, until the store answers (api.app)
         refusal = (CLOSE_TRY_AGAIN_LATER, exc.message)
     except Unauthorized as exc:
-        refusal = (CLOSE_UNAUTHENTICATED, exc.message[:120])
+        refusal = (CLOSE_UNAUTHENTICATED, exc.message)
     if principal is not None:
         # Before the accept: the client sends nothing until it has it.
         allow_full_messages(websocket)
     # Accept first so that a refusal reaches the client as a close code and reason.
     await websocket.accept()
     if refusal is not None:
-        await websocket.close(*refusal)
+        await _close(websocket, *refusal)
         return
     if principal is None:
         principal = await _first_message_auth(ctx, websocket)
@@ -213,7 +228,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         session = _session(ctx, principal, stream.max_subscriptions)
     except TooManyStreams as exc:
-        await websocket.close(CLOSE_TRY_AGAIN_LATER, exc.message[:120])
+        await _close(websocket, CLOSE_TRY_AGAIN_LATER, exc.message)
         return
     writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
     tasks: set[asyncio.Task[None]] = set()
@@ -271,7 +286,7 @@ async def _receive_text(websocket: WebSocket) -> str | None:
         raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
     text: str | None = message.get("text")
     if text is None:
-        await websocket.close(CLOSE_UNSUPPORTED_DATA, "Messages are JSON in text frames.")
+        await _close(websocket, CLOSE_UNSUPPORTED_DATA, "Messages are JSON in text frames.")
     return text
 
 
@@ -290,7 +305,7 @@ async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Principa
     except (TimeoutError, TwinServiceError) as exc:
         reason = exc.message if isinstance(exc, TwinServiceError) else "No auth message in time."
         with contextlib.suppress(Exception):
-            await websocket.close(CLOSE_UNAUTHENTICATED, reason[:120])
+            await _close(websocket, CLOSE_UNAUTHENTICATED, reason)
         return None
     except WebSocketDisconnect:
         return None
