@@ -23,6 +23,7 @@ the buffer to drain, which it never does.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from starlette.websockets import WebSocket
 from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
@@ -33,6 +34,8 @@ from websockets.protocol import State
 from twin_service.api.closing import QuietClose
 from twin_service.budget import ByteBudget
 from twin_service.streams.direct_ws import DirectWebSocketProtocol
+
+log = logging.getLogger(__name__)
 
 #: Largest message before the connection is authenticated (the auth message).
 UNAUTHENTICATED_MAX_BYTES = 16 * 1024
@@ -86,6 +89,23 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
             self.frames = []
             self._release()
             self.handle_parser_exception()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            # uvicorn logs a traceback at ERROR for each such message, from any client,
+            # authenticated or not. Decoded twice when valid: uvicorn keeps the queueing.
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            self.frames = [data]
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                log.debug("closed a WebSocket from %s: a text frame not UTF-8", self.client)
+                if self.conn.state is State.OPEN:
+                    self.conn.fail(CloseCode.INVALID_DATA, "Text frames must be UTF-8.")
+                    self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
 
     def pause_writing(self) -> None:
         super().pause_writing()
