@@ -614,6 +614,34 @@ def test_a_connection_lists_at_most_max_listed_twins_and_namespaces(
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("since", [0, 10**12])
+def test_nothing_of_a_subscription_follows_its_unsubscribed(
+    service: ServiceProcess, since: int
+) -> None:
+    """An unsubscribe sent right behind a subscribe with ``since`` is handled while the
+    subscribe consults the journal: its ``subscribed`` (or, from beyond the journal, its
+    ``resync.required``) came after the ``unsubscribed``, for a subscription gone."""
+
+    async def run() -> None:
+        async with connect(service) as ws:
+            for n in range(10):
+                await send(ws, {"type": "subscribe", "id": f"s{n}", "since": since})
+                await send(ws, {"type": "unsubscribe", "id": f"s{n}"})
+            by_subscription: dict[str, list[Json]] = {}
+            with pytest.raises(TimeoutError):  # until nothing more comes for a second
+                while True:
+                    message = await receive(ws, timeout=1.0)
+                    by_subscription.setdefault(message["subscription"], []).append(message)
+            for n in range(10):
+                messages = by_subscription[f"s{n}"]
+                types = [m["type"] for m in messages]
+                assert types.count("unsubscribed") == 1, messages
+                after = types[types.index("unsubscribed") + 1 :]
+                assert after == [] or not messages[types.index("unsubscribed")]["found"], types
+
+    asyncio.run(run())
+
+
 def test_the_values_of_a_filters_in_lists_count_in_max_listed(service: ServiceProcess) -> None:
     """A filter's in() values are held like listed ids (and tested by a set of them): 20
     subscriptions of an in of 65,536 values took 600 MB before they counted."""

@@ -273,8 +273,12 @@ class StreamSession:
                 # The store did not answer: the error is the subscribe's answer, and the
                 # subscription must not stay filed. Left, it held its events for good, and
                 # the client could not subscribe again under its id.
-                self.unsubscribe(subscription.id)
+                self._drop(active)
                 raise
+            if not self._reading(active):
+                # Unsubscribed while the journal was consulted: its "unsubscribed" is out,
+                # and nothing of it may follow (a "subscribed" did, for a subscription gone).
+                return
             if gap is not None:
                 active.through = position
                 self.send(
@@ -334,7 +338,7 @@ class StreamSession:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _REPLAY_RETRY_MAX_SECONDS)
             except BaseException:
-                self.unsubscribe(subscription.id)  # never live with a gap
+                self._drop(active)  # never live with a gap
                 raise
         self._release(active, position)
 
@@ -468,6 +472,12 @@ class StreamSession:
         self._mark(active, position)
         active.live_from = self._queued
         self._ready.set()
+
+    def _drop(self, active: _Active) -> None:
+        """Unsubscribe ``active``, and not a later subscription that took its id after it
+        was unsubscribed."""
+        if self._subs.get(active.subscription.id) is active:
+            self.unsubscribe(active.subscription.id)
 
     def unsubscribe(self, subscription_id: str) -> bool:
         active = self._subs.pop(subscription_id, None)
