@@ -129,6 +129,11 @@ def check_service_user(user: str) -> str:
         raise CredentialError(
             f"service user {user!r} starts with '#', which makes its lines comments to mosquitto"
         )
+    with contextlib.suppress(InvalidTwinId):
+        parse_twin_id(twin_id_from_username(user))
+        # A device logs in as mqtt_username(its twin id): with this name, the device of
+        # that twin would log in as the service, with the service's rights on every topic.
+        raise CredentialError(f"service user {user!r} is the username of a device")
     return user
 
 

@@ -60,6 +60,8 @@ def test_defaults_env_and_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
             "ca_file: no such file",
         ),
         ({"mqtt": {"topic_prefix": "devices/x"}}, "twinId"),
+        ({"mqtt": {"topic_prefix": "a/{twinId}/{twinId}"}}, "exactly once"),
+        ({"mqtt": {"topic_prefix": "a/#/{twinId}"}}, "wildcards"),
         ({"query": {"default_size": 300, "max_size": 200}}, "default_size"),
         ({"limits": {"max_twin_bytes": 10}}, "max_twin_bytes"),
         ({"unknown_setting": 1}, "unknown_setting"),

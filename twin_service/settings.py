@@ -34,6 +34,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from connectivity.topics import TopicLayout
 from twin_service.errors import InvalidTwinId
 from twin_service.twin.ids import MAX_ID_LENGTH, generate_twin_id, parse_twin_id, validate_namespace
 from twin_service.twin.jsonvalue import Limits
@@ -281,7 +282,9 @@ class MqttSettings(_Section):
         "for more, or for none (0), is disconnected (its last will sent) after one and a half "
         "times this much silence, as AWS IoT does (1200 s).",
     )
-    topic_prefix: str = Field("twins/{twinId}", description="Device topics; must hold {twinId}.")
+    topic_prefix: str = Field(
+        "twins/{twinId}", description="Device topics; must hold {twinId} once, and no wildcard."
+    )
     client_id: str = Field(
         "twin-service",
         description="MQTT client id; stable and different for each replica. After each "
@@ -512,8 +515,10 @@ class Settings(BaseSettings):
                 raise ValueError("elasticsearch.ca_file: no such file.")
         if self.stream.bus == "mqtt" and not self.mqtt_url:
             raise ValueError("stream.bus=mqtt needs mqtt_url (an external broker).")
-        if "{twinId}" not in self.mqtt.topic_prefix:
-            raise ValueError("mqtt.topic_prefix must contain {twinId}.")
+        try:  # what the service checks at start, here so that a bad prefix is one line
+            TopicLayout(self.mqtt.topic_prefix)
+        except ValueError as exc:
+            raise ValueError(f"mqtt.topic_prefix: {exc}.") from None
         if self.query.default_size > self.query.max_size:
             raise ValueError("query.default_size must not exceed query.max_size.")
         return self

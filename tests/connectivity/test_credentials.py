@@ -130,7 +130,15 @@ def test_the_service_password_can_go_to_a_file_of_its_own(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("user", "password"), [("a:b", "pw"), ("a b", "pw"), ("", "pw"), ("#a", "pw"), ("svc", "")]
+    ("user", "password"),
+    [
+        ("a:b", "pw"),
+        ("a b", "pw"),
+        ("", "pw"),
+        ("#a", "pw"),
+        ("svc", ""),
+        (mqtt_username("org.acme:pump-9"), "pw"),  # a device's username
+    ],
 )
 def test_mosquitto_files_refuse_a_service_account_mosquitto_cannot_use(
     tmp_path: Path, user: str, password: str
