@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from amqtt.adapters import StreamReaderAdapter
 
@@ -147,6 +147,11 @@ class InFlight:
         await self._room.wait()
 
 
+#: A PUBLISH's topic, with its length: the most of a body :meth:`PacketReader._watch_topic`
+#: keeps.
+_MAX_TOPIC_START = 2 + 0xFFFF
+
+
 @dataclass(frozen=True)
 class ReadLimits:
     """What the embedded broker bounds in the reading of each connection."""
@@ -206,6 +211,9 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
         self._in_length = False
         self._body_left = 0
         self._after_publish = False
+        self._ended = False
+        #: The start of the PUBLISH being read, until its topic is whole.
+        self._topic: bytearray | None = None
         self.in_flight = InFlight(limits.max_inflight)
         # Timed by one timer a connection, moved on as reads come and go, rather than a
         # timer for each read: amqtt reads a packet in three reads or more.
@@ -216,6 +224,8 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
             self._loop.call_later(self._silence, self._check_silence)
 
     async def read(self, n: int = -1) -> bytes:
+        if self._ended:
+            return b""
         if not self._body_left and not self._in_length:  # before a packet
             if self._after_publish:
                 # amqtt started a task for that PUBLISH; once it runs, the handler has
@@ -258,11 +268,44 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
         self._limits.silent.note(self._client_id, self._peer, self._silence)
         self._transport.abort()  # as if the network had failed: the will goes out
 
+    def _watch_topic(self, chunk: bytes) -> None:
+        """Look at a PUBLISH's topic as it is read, and end the connection if it holds a
+        wildcard. amqtt refuses such a PUBLISH once it has read the topic, and reads on,
+        taking the rest of its body for the next packets: hidden in a payload, they passed
+        max_packet_size (5 MiB packets reached the service), the in-flight bound and the
+        framing followed here, whose packet was the outer one."""
+        topic = self._topic
+        assert topic is not None
+        topic += chunk[: _MAX_TOPIC_START - len(topic)]
+        end = 2 + int.from_bytes(topic[:2]) if len(topic) >= 2 else _MAX_TOPIC_START
+        if len(topic) < end:
+            return  # not whole yet
+        self._topic = None
+        name = topic[2:end]
+        if b"+" in name or b"#" in name:
+            log.warning(
+                "embedded broker closed a connection from %s: a PUBLISH to a topic with a "
+                "wildcard (client %r)",
+                self._peer,
+                self._client_id,
+            )
+            self._end("wildcard in a PUBLISH topic")
+
+    def _end(self, reason: str) -> NoReturn:
+        """End the connection: nothing more is read from it, not even what is buffered
+        (amqtt takes a failed read inside a packet for missing data, and reads on)."""
+        self._ended = True
+        self._transport.abort()
+        # What amqtt meets when a client goes away: it ends the session so.
+        raise ConnectionResetError(reason)
+
     def _follow(self, data: bytes) -> None:
         i = 0
         while i < len(data):
             if self._body_left:
                 step = min(self._body_left, len(data) - i)
+                if self._topic is not None:
+                    self._watch_topic(data[i : i + step])
                 self._body_left -= step
                 i += step
             elif not self._in_length:  # a packet's type byte
@@ -285,6 +328,6 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
                         self._length,
                         self._limits.max_packet,
                     )
-                    # What amqtt meets when a client goes away: it ends the session so.
-                    raise ConnectionResetError("packet too large")
+                    self._end("packet too large")
                 self._body_left = self._length
+                self._topic = bytearray() if self._after_publish and self._length else None

@@ -407,6 +407,50 @@ async def test_a_packet_over_max_packet_size_ends_the_connection(
         await broker.stop()
 
 
+@pytest.mark.parametrize("chunk", [None, 1])
+async def test_a_publish_to_a_wildcard_topic_ends_the_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, chunk: int | None
+) -> None:
+    """amqtt refused such a PUBLISH after reading its topic and read on, taking the rest of
+    its body for the next packets: a PINGREQ and a report hidden in the payload were
+    answered and delivered (past max_packet_size and the in-flight bound, which follow the
+    outer packet)."""
+    broker = _bare_broker(tmp_path)
+    await broker.start()
+    try:
+        sub = await started(broker.url, "sub", protocol=4, username="service", password="svc-pw")
+        got = Collector()
+        await sub.subscribe(f"twins/{TWIN}/#", 1, got)
+        password = CredentialStore(tmp_path / "creds.json").add(TWIN)
+        connack, reader, writer = await _login(broker.config.port, TWIN, password, "dev")
+        assert connack == _ACCEPTED
+        hidden = mqtt_packets.PINGREQ + mqtt_packets.publish(
+            f"twins/{TWIN}/reported/update", b'{"state": {}}', 0
+        )
+        sent = mqtt_packets.publish(f"twins/{TWIN}/+/x", hidden, 0)
+        with caplog.at_level(logging.WARNING, logger="connectivity.broker"):
+            try:
+                if chunk is None:
+                    writer.write(sent)
+                else:  # the topic's length and the topic a byte at a time
+                    for i in range(40):
+                        writer.write(sent[i : i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(0.005)
+                    writer.write(sent[40:])
+                answer = await asyncio.wait_for(reader.read(), 10)
+            except ConnectionResetError:  # closed once the topic was whole
+                answer = b""
+            assert answer == b""  # no PINGRESP: closed
+        assert "a PUBLISH to a topic with a wildcard (client 'dev')" in caplog.text
+        await asyncio.sleep(0.5)
+        assert got.messages == []
+        writer.close()
+        await sub.stop(grace=0)
+    finally:
+        await broker.stop()
+
+
 async def test_devices_wait_until_admitted_and_the_service_does_not(tmp_path: Path) -> None:
     """The service admits devices once it has subscribed: a device let in before had its
     reports acknowledged with no subscriber to take them, and they were lost."""
