@@ -140,7 +140,11 @@ class DeviceHandlers:
                 extra: dict[str, Any] = {
                     "private": book.write(current.private),
                     "lifecycle": lifecycle_for_edit(
-                        current, change, now, rejected=dict(update.rejected)
+                        current,
+                        change,
+                        now,
+                        rejected=dict(update.rejected),
+                        rejected_version=update.desired_version,
                     ),
                 }
                 connection = self._connection(current, now, None)

@@ -65,6 +65,33 @@ async def test_report_accepted_and_get(
     assert doc["connection"]["status"] == "online"
 
 
+async def test_a_refusal_names_the_desired_version_it_refuses(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    """The device refuses mode "eco" of version 1 after an operator asked for "turbo"
+    (version 2), which it has not seen yet: "turbo" stays pending. It was marked rejected,
+    with the reason given for "eco"."""
+    with svc.client() as api:
+        assert api.put(f"/api/v1/twins/{twin}/desired/mode", json="turbo").status_code == 204
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        await dev.call(
+            "reported/update",
+            {"state": {}, "desiredVersion": 1, "rejected": {"mode": "eco unsupported"}},
+            "accepted",
+        )
+        with svc.client() as api:
+            mode = get_twin(api, twin)["lifecycle"]["mode"]
+        assert (mode["state"], mode["desiredVersion"]) == ("pending", 2)
+        await dev.call(
+            "reported/update",
+            {"state": {}, "desiredVersion": 2, "rejected": {"mode": "turbo unsupported"}},
+            "accepted",
+        )
+    with svc.client() as api:
+        mode = get_twin(api, twin)["lifecycle"]["mode"]
+    assert (mode["state"], mode["reason"]) == ("rejected", "turbo unsupported")
+
+
 async def test_duplicate_client_token_is_applied_once(
     svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
 ) -> None:

@@ -38,7 +38,7 @@ T0 = datetime(2030, 1, 1, tzinfo=UTC)
 T1 = T0 + timedelta(seconds=10)
 
 
-def step(lc, old_d, d, r, v=2, old_r=None, now=T1, rejected=None, ttl=None):  # type: ignore[no-untyped-def]
+def step(lc, old_d, d, r, v=2, old_r=None, now=T1, rejected=None, ttl=None, rv=None):  # type: ignore[no-untyped-def]
     return next_lifecycle(
         lc,
         old_desired=old_d,
@@ -48,6 +48,7 @@ def step(lc, old_d, d, r, v=2, old_r=None, now=T1, rejected=None, ttl=None):  # 
         old_reported=old_r,
         now=now,
         rejected=rejected,
+        rejected_version=rv,
         ttl_seconds=ttl,
     )
 
@@ -112,6 +113,24 @@ LIFECYCLE_TABLE = [
 def test_lifecycle_table(lc, old_d, d, r, rejected, expected) -> None:  # type: ignore[no-untyped-def]
     out = step(lc, old_d, d, r, rejected=rejected)
     assert (out.get("a") or {}).get("state") == expected
+
+
+def test_a_refusal_of_an_earlier_desired_version_leaves_later_values_alone() -> None:
+    """The device refused version 3 of desired; "a" was written again in version 4, which
+    it had not seen: it stays pending (it was marked rejected, with the old reason). "b",
+    pending since version 2, was in version 3: rejected."""
+    lc = {
+        "a": {**PEND, "desiredVersion": 4},
+        "b": {**PEND, "desiredVersion": 2},
+    }
+    d = {"a": "turbo", "b": 1}
+    out = step(lc, d, d, {}, v=4, rejected={"a": "eco unsupported", "b": "no"}, rv=3)
+    assert out["a"] == lc["a"]
+    assert (out["b"]["state"], out["b"]["reason"]) == (REJECTED, "no")
+    # Refusing version 4 itself, or with no version named, rejects it.
+    for rv in (4, None):
+        out = step(lc, d, d, {}, v=4, rejected={"a": "no"}, rv=rv)
+        assert out["a"]["state"] == REJECTED
 
 
 def test_untracked_leaf_that_was_in_delta_becomes_applied() -> None:

@@ -83,6 +83,14 @@ def _covered(key: str, rejected: Mapping[str, str]) -> str | None:
     return None
 
 
+def _newer(entry: JSON, version: int | None) -> bool:
+    """Whether ``entry`` is of a desired version later than ``version`` (None: any)."""
+    if version is None or not isinstance(entry, dict):
+        return False
+    since = entry.get("desiredVersion")
+    return isinstance(since, int) and since > version
+
+
 def next_lifecycle(
     lifecycle: JSONObject,
     *,
@@ -93,6 +101,7 @@ def next_lifecycle(
     old_reported: JSONObject | None = None,
     now: datetime,
     rejected: Mapping[str, str] | None = None,
+    rejected_version: int | None = None,
     ttl_seconds: float | None = None,
     old_delta: JSONObject | None = None,
 ) -> JSONObject:
@@ -101,8 +110,10 @@ def next_lifecycle(
     ``old_reported`` (when known) lets a leaf that was in the delta before this change become
     ``applied`` even if it has no entry yet (a twin written before lifecycles were kept).
     ``desired_version`` is the version of the new desired; ``rejected`` maps normalized keys
-    (see :func:`normalize_key`) to the device's reasons; ``ttl_seconds`` applies to leaves whose
-    desired value this change wrote.
+    (see :func:`normalize_key`) to the device's reasons, for the desired version
+    ``rejected_version`` when the device named one: a leaf pending since a later version
+    holds a value the device had not seen, and stays as it is; ``ttl_seconds`` applies to
+    leaves whose desired value this change wrote.
     """
     stamp = now_iso(now)
     rejected = {normalize_key(k): v for k, v in (rejected or {}).items()}
@@ -132,6 +143,8 @@ def next_lifecycle(
             }
             continue
         reason = _covered(key, rejected)
+        if reason is not None and _newer(entry, rejected_version):
+            reason = None  # a refusal of an earlier value: this one is still to apply
         if reason is not None:
             out[key] = {
                 "state": REJECTED,
@@ -189,6 +202,7 @@ def lifecycle_for_edit(
     now: datetime,
     *,
     rejected: Mapping[str, str] | None = None,
+    rejected_version: int | None = None,
     ttl_seconds: float | None = None,
 ) -> JSONObject:
     """The lifecycle of the twin that ``edit`` will produce from ``twin`` (None: creation)."""
@@ -218,6 +232,7 @@ def lifecycle_for_edit(
         old_delta=twin.delta if twin else {},
         now=now,
         rejected=rejected,
+        rejected_version=rejected_version,
         ttl_seconds=ttl_seconds,
     )
 
