@@ -122,6 +122,9 @@ def parse_get(payload: bytes, max_bytes: int) -> GetRequest:
     if not payload.strip():
         return GetRequest()
     body = _object(decode(payload, max_bytes), "A get request")
+    unknown = sorted(set(body) - {"clientToken"})
+    if unknown:  # as for a reported update: a misspelt clientToken is not silently dropped
+        raise BadRequest(f"Unknown field(s) in a get request: {', '.join(unknown)}.")
     return GetRequest(_client_token(body))
 
 

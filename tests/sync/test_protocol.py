@@ -183,6 +183,20 @@ async def test_hostile_reports_are_rejected_and_change_nothing(
     assert after["revision"] == before["revision"]
 
 
+async def test_a_get_with_an_unknown_field_is_rejected(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        answer = await dev.call("get", {"clientToken": "g", "clienToken": "x"}, "rejected")
+        assert (answer["code"], answer["error"], answer["clientToken"]) == (
+            400,
+            "request.invalid",
+            "g",
+        )
+        assert "clienToken" in answer["message"]
+        assert (await dev.call("get", {"clientToken": "g2"}, "accepted"))["clientToken"] == "g2"
+
+
 async def test_unknown_twin_is_404(svc: ServiceProcess, mosquitto_server: Mosquitto) -> None:
     async with RawDevice(mosquitto_server.url, "org.acme:nobody") as dev:
         report = await dev.call(
