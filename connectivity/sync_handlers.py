@@ -157,6 +157,7 @@ class DeviceHandlers:
             self.duplicates += 1
             body = report_accepted(token, dup.record.revision, dup.record.reported_version, True)
             await self._reply(msg, twin_id, "reported/update/accepted", body)
+            await self._seen(twin_id)
             return
         except TwinServiceError as exc:
             if isinstance(exc, Unavailable):
@@ -164,6 +165,7 @@ class DeviceHandlers:
             self.rejected += 1
             body = rejection(exc, token or token_hint(msg.payload))
             await self._reply(msg, twin_id, "reported/update/rejected", body)
+            await self._seen(twin_id, exc)
             return
         assert outcome.twin is not None
         self.applied += 1
@@ -224,6 +226,7 @@ class DeviceHandlers:
                 raise
             self.rejected += 1
             await self._reply(msg, twin_id, "live/update/rejected", rejection(exc, None))
+            await self._seen(twin_id, exc)
             return
         self.applied += 1
 
@@ -241,6 +244,7 @@ class DeviceHandlers:
                 raise
             body = rejection(exc, token or token_hint(msg.payload))
             await self._reply(msg, twin_id, "get/rejected", body)
+            await self._seen(twin_id, exc)
             return
         await self._reply(msg, twin_id, "get/accepted", get_accepted(twin, token))
         await self._touch(twin_id, twin, None)
@@ -277,6 +281,18 @@ class DeviceHandlers:
             status=status,
             coalesce_seconds=self._settings.lastseen_coalesce_seconds,
         )
+
+    async def _seen(self, twin_id: str, refusal: TwinServiceError | None = None) -> None:
+        """Note the traffic of a message refused or applied before: it still says the device
+        is there (a device resending its unanswered reports after a reconnection stayed
+        offline). Not for a twin that is not there."""
+        if isinstance(refusal, NotFound):
+            return
+        try:
+            twin = await self._retry(lambda: self._service.get(twin_id))
+            await self._touch(twin_id, twin, None)
+        except TwinServiceError as exc:  # only lastSeen is lost: the message had its answer
+            log.debug("lastSeen of %s not written: %s", twin_id, exc.message)
 
     async def _touch(self, twin_id: str, twin: Twin, status: Status | None) -> None:
         """Write ``connection`` only when it changes (status, or a stale ``lastSeen``)."""

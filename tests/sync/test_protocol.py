@@ -197,6 +197,34 @@ async def test_a_get_with_an_unknown_field_is_rejected(
         assert (await dev.call("get", {"clientToken": "g2"}, "accepted"))["clientToken"] == "g2"
 
 
+async def test_a_message_refused_or_applied_before_still_says_the_device_is_there(
+    svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
+) -> None:
+    """Any message from the device is traffic: after its offline, a report the service
+    refuses or had already applied (a device resending what went unanswered), a refused
+    live update or get, each brings the twin back online. They left it offline."""
+
+    def online(doc: dict[str, object]) -> bool:
+        return doc["connection"]["status"] == "online"  # type: ignore[index]
+
+    def offline(doc: dict[str, object]) -> bool:
+        return not online(doc)
+
+    refused = [
+        ("reported/update", {"state": 5}, "rejected"),
+        ("reported/update", {"state": {"n": 1}, "clientToken": "once"}, "accepted"),
+        ("live/update", [1], "rejected"),
+        ("get", {"x": 1}, "rejected"),
+    ]
+    async with RawDevice(mosquitto_server.url, twin) as dev, svc.async_client() as api:
+        await dev.call("reported/update", {"state": {"n": 1}, "clientToken": "once"}, "accepted")
+        for topic, body, answer in refused:
+            await dev.send("status", b"offline", retain=False)
+            await until_twin(api, twin, offline)
+            await dev.call(topic, body, answer)
+            await until_twin(api, twin, online)
+
+
 async def test_unknown_twin_is_404(svc: ServiceProcess, mosquitto_server: Mosquitto) -> None:
     async with RawDevice(mosquitto_server.url, "org.acme:nobody") as dev:
         report = await dev.call(
