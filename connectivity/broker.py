@@ -291,6 +291,8 @@ class _TwinBroker(EndToEndAcks):
         super().__init__(amqtt_config, config.service_username, config.max_queued)
         self._config = config
         self._retained_sends: set[asyncio.Task[None]] = set()
+        #: Client ids of sessions resumed and not yet reading (their queue is being sent).
+        self._resuming: set[str] = set()
         self.devices_admitted = asyncio.Event()
         self._closing = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -419,6 +421,34 @@ class _TwinBroker(EndToEndAcks):
         if excess > 0:
             self._dropped.note(self._config.max_queued, target_session.client_id, count=excess)
 
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Send what was queued for a session while it was away, with the retain flag clear.
+
+        MQTT 3.1.1 (3.3.1.3) sets the flag only on a message sent for a new subscription;
+        amqtt set it on every queued one, and the service ignores a request that comes
+        flagged (a replay from the broker's retained store: ``ignoring_replays``). Then
+        amqtt sent the retained messages of every filter the session held, again: a
+        resumed device got its newest delta twice. Its filters are not new subscriptions,
+        and whatever was published meanwhile is in its queue, so nothing is sent for them.
+        """
+        self._resuming.add(session.client_id)
+        handler = self._get_handler(session)
+        sends = []
+        while handler is not None and not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            sends.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
+                )
+            )
+        if sends:
+            await asyncio.wait(sends)
+
+    async def _client_message_loop(self, session: Session, handler: Any) -> None:
+        # From here on, a call for retained messages is for a new subscription.
+        self._resuming.discard(session.client_id)
+        await super()._client_message_loop(session, handler)
+
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
     ) -> None:
@@ -432,6 +462,8 @@ class _TwinBroker(EndToEndAcks):
         the new connection. A filter a session holds passed the topic plugin when it
         subscribed; sending from a task leaves that iteration nothing to wait for.
         """
+        if session.client_id in self._resuming:
+            return  # a resumed session's filters (see _publish_session_retained_messages)
         topic_filter = subscription[0]
         granted = next(
             (

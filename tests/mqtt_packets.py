@@ -32,10 +32,13 @@ def connect(
     password: str | None = None,
     will: tuple[str, bytes] | None = None,
     keep_alive: int = 60,
+    clean: bool = True,
 ) -> bytes:
-    """A CONNECT with a clean session and a keep-alive of ``keep_alive`` seconds, with the
-    credentials given, and a last will (topic, message: QoS 1, retained) if given."""
-    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    """A CONNECT with a clean session (unless not ``clean``) and a keep-alive of
+    ``keep_alive`` seconds, with the credentials given, and a last will (topic, message:
+    QoS 1, retained) if given."""
+    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0)
+    flags |= 0x40 if password is not None else 0
     if will is not None:
         flags |= 0x04 | 0x08 | 0x20
     body = string("MQTT") + bytes([4, flags]) + keep_alive.to_bytes(2, "big") + string(client_id)

@@ -188,8 +188,43 @@ async def test_persistent_session_queues_qos1_while_offline(env: Env) -> None:
     await again.wait_connected(10)
     msgs = await got.wait_for(5)
     assert [m.payload for m in msgs] == [b"0", b"1", b"2", b"3", b"4"]
+    assert not any(m.retain for m in msgs)  # amqtt flagged them: the service ignored them
     await again.stop()
     await pub.stop()
+
+
+async def test_a_resumed_session_gets_its_queue_once_and_not_as_retained(env: Env) -> None:
+    """MQTT 3.1.1 3.3.1.3: a message sent for an established subscription has the retain
+    flag clear. amqtt set it on every queued message (the service ignores a flagged request
+    as a replay), and sent the retained messages of the session's filters again: the newest
+    delta came twice."""
+    svc = await env.service("svc")
+    delta = f"twins/{TWIN}/delta"
+    login = mqtt_packets.connect("dev", TWIN, env.passwords[TWIN], clean=False)
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.broker.config.port)
+    writer.write(login)
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x20\x02\x00\x00"
+    writer.write(mqtt_packets.subscribe(1, delta, 1))
+    assert (await _next(reader))[0] == 0x90
+    writer.write(b"\xe0\x00")  # DISCONNECT
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    for version in (b"2", b"3"):
+        await svc.publish(delta, version, qos=1, retain=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.broker.config.port)
+    writer.write(login)  # no SUBSCRIBE: the session holds it
+    assert (await asyncio.wait_for(reader.readexactly(4), 10))[:3] == b"\x20\x02\x01"
+    got: list[tuple[bytes, bool]] = []
+    with pytest.raises(TimeoutError):
+        while True:
+            first, body = await _next(reader, timeout=1.0)
+            assert first & 0xF0 == 0x30, first
+            _, packet_id, payload = mqtt_packets.published(body)
+            got.append((payload, bool(first & 0x01)))
+            writer.write(mqtt_packets.ack(mqtt_packets.PUBACK, packet_id))
+    assert got == [(b"2", False), (b"3", False)]
+    writer.close()
+    await svc.stop(grace=0)
 
 
 @pytest.mark.xfail(
