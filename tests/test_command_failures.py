@@ -104,7 +104,6 @@ def test_a_config_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
         ("latin1.toml", "latin1.toml is not UTF-8 text: invalid start byte at byte 8"),
         # A file the system refuses to read, even to root.
         ("/proc/self/mem", "Config file /proc/self/mem cannot be read: Input/output error."),
-        ("locked.toml", "Config file locked.toml cannot be read: Permission denied."),
     ],
 )
 def test_a_config_file_that_cannot_be_used_is_named(
@@ -112,12 +111,8 @@ def test_a_config_file_that_cannot_be_used_is_named(
 ) -> None:
     """Once TWIN_CONFIG_FILE naming no file was ignored, and an unreadable file was a
     traceback."""
-    if config == "locked.toml" and os.geteuid() == 0:
-        pytest.skip("root reads a file of mode 000")
     (tmp_path / "folder").mkdir()
     (tmp_path / "latin1.toml").write_bytes(b'host = "\xff"\n')
-    (tmp_path / "locked.toml").write_text("port = 9000\n")
-    (tmp_path / "locked.toml").chmod(0)
     if given_by == "--config":
         run = serve(tmp_path, "--config", config, "devices", "list")
     else:
