@@ -1303,6 +1303,18 @@ async def test_qos0_messages_count_in_the_inflight_window(tmp_path: Path) -> Non
         await broker.stop()
 
 
+async def _ended_for_silence(
+    reader: asyncio.StreamReader, sub_reader: asyncio.StreamReader, will: tuple[str, bytes]
+) -> None:
+    """The broker closes a connection held to a keep-alive of 1 s after 1.5 s of silence,
+    and sends its will to the subscriber reading ``sub_reader``."""
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the broker
+    assert 1.4 < time.monotonic() - started < 2.5  # 1.5 s
+    first, body = await _next(sub_reader)
+    assert first & 0xF0 == 0x30 and mqtt_packets.published(body)[::2] == will
+
+
 async def test_a_silent_connection_ends_after_one_and_a_half_keep_alives(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1334,11 +1346,7 @@ async def test_a_silent_connection_ends_after_one_and_a_half_keep_alives(
                 broker.config.port, twin, password, f"silent-{twin}", will, keep_alive=1
             )
             silent_writer.write(sent)
-            started = time.monotonic()
-            assert await asyncio.wait_for(silent_reader.read(), 5) == b""  # closed by the broker
-            assert 1.4 < time.monotonic() - started < 2.5  # 1.5 s
-            first, body = await _next(sub_reader)
-            assert first & 0xF0 == 0x30 and mqtt_packets.published(body)[::2] == will
+            await _ended_for_silence(silent_reader, sub_reader, will)
             silent_writer.close()
         (line,) = [r.getMessage() for r in caplog.records if "sent nothing" in r.getMessage()]
         assert "one and a half keep-alive periods" in line and f"'silent-{OTHER}'" in line
@@ -1417,11 +1425,7 @@ async def test_a_device_asking_for_no_or_a_longer_keep_alive_is_held_to_max_keep
             assert (await _next(sub_reader))[0] == 0x90
             connack, reader, writer = await _login(port, twin, password, twin, will, keep_alive)
             assert connack == _ACCEPTED
-            started = time.monotonic()
-            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the broker
-            assert 1.4 < time.monotonic() - started < 2.5  # 1.5 s
-            first, body = await _next(sub_reader)
-            assert first & 0xF0 == 0x30 and mqtt_packets.published(body)[::2] == will
+            await _ended_for_silence(reader, sub_reader, will)
             writer.close()
     finally:
         sub_writer.transport.abort()

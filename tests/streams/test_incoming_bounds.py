@@ -5,9 +5,7 @@ connections of the process together. Raw sockets: a client library sends whole m
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +13,7 @@ from typing import Any
 
 from tests.api.test_hostile_requests import _partial_heads
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
+from tests.streams.raw_websocket import upgrade_request
 
 Factory = Callable[..., ServiceProcess]
 Socket = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -24,13 +23,7 @@ CLOSE = 0x8
 @asynccontextmanager
 async def _raw_websocket(proc: ServiceProcess, token: str | None) -> AsyncIterator[Socket]:
     reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        "GET /api/v1/ws HTTP/1.1\r\nHost: twins\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"{auth}\r\n".encode()
-    )
+    writer.write(upgrade_request(token))
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
     assert head.startswith(b"HTTP/1.1 101"), head
     try:

@@ -5,13 +5,12 @@ Raw blocking sockets: a client library reads."""
 
 from __future__ import annotations
 
-import base64
-import os
 import socket
 import time
 from collections.abc import Callable
 
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
+from tests.streams.raw_websocket import upgrade_request
 from twin_service.api.routes.streams import AUTH_TIMEOUT
 
 Factory = Callable[..., ServiceProcess]
@@ -35,13 +34,7 @@ def _unread_websocket(proc: ServiceProcess, token: str | None) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(15)
     sock.connect(("127.0.0.1", proc.port))
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        "GET /api/v1/ws HTTP/1.1\r\nHost: twins\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"{auth}\r\n".encode()
-    )
+    sock.sendall(upgrade_request(token))
     head = b""
     while not head.endswith(b"\r\n\r\n"):  # a byte at a time: nothing after it is read
         byte = sock.recv(1)

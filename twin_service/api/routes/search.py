@@ -23,6 +23,9 @@ WAIT_DOC = (
     "after elasticsearch.wait_timeout_seconds. The built-in index never lags."
 )
 WaitParam = Annotated[str | None, Query(alias="waitFor", description=WAIT_DOC)]
+#: The same parameters as form fields, for the POST routes (long queries).
+TextForm = Annotated[str | None, Form()]
+WaitForm = Annotated[str | None, Form(alias="waitFor", description=WAIT_DOC)]
 
 
 @router.get("/twins", response_model=SearchResult, responses=errors(404))
@@ -49,11 +52,11 @@ async def search_get(
 async def search_post(
     ctx: Context,
     principal: Reader,
-    filter: Annotated[str | None, Form()] = None,
-    option: Annotated[str | None, Form()] = None,
-    fields: Annotated[str | None, Form()] = None,
-    namespaces: Annotated[str | None, Form()] = None,
-    wait_for: Annotated[str | None, Form(alias="waitFor", description=WAIT_DOC)] = None,
+    filter: TextForm = None,
+    option: TextForm = None,
+    fields: TextForm = None,
+    namespaces: TextForm = None,
+    wait_for: WaitForm = None,
 ) -> Response:
     return json_response(
         await search_twins(ctx, principal, filter, option, fields, namespaces, wait_for)
@@ -81,9 +84,9 @@ async def count_get(
 async def count_post(
     ctx: Context,
     principal: Reader,
-    filter: Annotated[str | None, Form()] = None,
-    namespaces: Annotated[str | None, Form()] = None,
-    wait_for: Annotated[str | None, Form(alias="waitFor", description=WAIT_DOC)] = None,
+    filter: TextForm = None,
+    namespaces: TextForm = None,
+    wait_for: WaitForm = None,
 ) -> Response:
     count = await count_twins(ctx, principal, filter, namespaces, wait_for)
     return json_response({"count": count})
