@@ -58,6 +58,7 @@ MAX_NESTING = 128  # of any JSON input
 MAX_KEY_LENGTH = 256
 MAX_TOKEN_BYTES = 64
 REPORT_FIELDS = {"state", "clientToken", "desiredVersion", "rejected"}
+GET_FIELDS = {"clientToken"}
 #: Topics the service answers on: nothing may arrive on them unasked.
 ANSWERS = (
     "reported/update/accepted",
@@ -265,8 +266,10 @@ def _judge_get(payload: bytes, body: Any) -> Judgement:
         return judgement
     if not _decoded(payload, body, judgement):
         return judgement
-    if not isinstance(body, dict) or (
-        body.get("clientToken") is not None and not _valid_token(body["clientToken"])
+    if (
+        not isinstance(body, dict)
+        or set(body) - GET_FIELDS
+        or (body.get("clientToken") is not None and not _valid_token(body["clientToken"]))
     ):
         judgement.must.add(REQUEST_INVALID)
     return judgement
