@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import sys
@@ -25,20 +24,18 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from connectivity.errors import ConnectRefused, MqttUnavailable
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
 from connectivity.topics import DEFAULT_PREFIX, TopicLayout
+from twin_service.cli_numbers import at_least, number
 from twin_service.errors import InvalidTwinId
 from twin_service.twin.ids import validate_namespace
 from twin_service.urls import check_url
-
-T = TypeVar("T", int, float)
 
 
 def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
@@ -46,12 +43,12 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         "simulate", help="drive simulated devices against the service"
     )
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker URL with credentials")
-    sim.add_argument("--devices", type=_at_least(1, int), default=100)
+    sim.add_argument("--devices", type=at_least(1, int), default=100)
     sim.add_argument("--rate", type=_rate, default=100.0, help="reports per second, all devices")
     sim.add_argument("--offline-fraction", type=_fraction, default=0.0, help="0 to 1")
-    sim.add_argument("--duration", type=_at_least(0, float), default=10.0, help="seconds")
+    sim.add_argument("--duration", type=at_least(0, float), default=10.0, help="seconds")
     sim.add_argument("--namespace", type=_namespace, default="sim")
-    sim.add_argument("--connections", type=_at_least(1, int), default=4)
+    sim.add_argument("--connections", type=at_least(1, int), default=4)
     sim.add_argument("--protocol", type=int, choices=[4, 5], default=5)
     sim.add_argument("--topic-prefix", type=_topic_prefix, default=DEFAULT_PREFIX)
     sim.add_argument(
@@ -71,38 +68,16 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     return sim
 
 
-def _number(text: str, kind: Callable[[str], T]) -> T:
-    try:
-        value = kind(text)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
-    # 'nan' compares false with every bound, and so passed them all.
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
-    return value
-
-
-def _at_least(low: float, kind: Callable[[str], T]) -> Callable[[str], T]:
-    def parse(text: str) -> T:
-        value = _number(text, kind)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low:g}")
-        return value
-
-    return parse
-
-
 def _rate(text: str) -> float:
     # 0 once meant publishing as fast as the loop could, which no reports-per-second says.
-    value = _number(text, float)
+    value = number(text, float)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be above 0 (reports per second)")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = _number(text, float)
+    value = number(text, float)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError("must be from 0 to 1")
     return value

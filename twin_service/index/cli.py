@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from twin_service.cli_numbers import at_least
 from twin_service.errors import TwinServiceError
 
 
@@ -26,21 +27,14 @@ def add_subcommands(subparsers: Any) -> None:
     rebuild.add_argument("--config", type=Path, help="TOML settings file")
     rebuild.add_argument("--data-dir", type=Path, help="directory of the database")
     rebuild.add_argument(
-        "--page-size", type=_page_size, default=500, help="twins read per page (at least 1)"
+        # At least 1: a page of 0 twins read nothing, and the rebuild then switched the
+        # alias to an empty index and deleted the full one.
+        "--page-size",
+        type=at_least(1, int),
+        default=500,
+        help="twins read per page (at least 1)",
     )
     rebuild.set_defaults(handler=run_rebuild)
-
-
-def _page_size(text: str) -> int:
-    # A page of 0 twins read nothing, and the rebuild then switched the alias to an empty
-    # index and deleted the full one.
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 class ProgressLine:
