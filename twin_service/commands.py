@@ -58,7 +58,7 @@ def _preconditions(message: JSONObject) -> Preconditions:
         raise BadRequest("On writes, 'ifNoneMatch' only supports '*' (create only).")
     condition = _str(message, "condition")
     return Preconditions(
-        if_match=if_match,
+        if_match=frozenset((if_match,)) if if_match is not None else None,
         if_none_match_any=if_none_match == "*",
         condition=parse_filter(condition) if condition is not None else None,
     )

@@ -60,7 +60,8 @@ Listener = Callable[[StoredEvent, Twin | None], Awaitable[None]]
 class Preconditions:
     """HTTP-style preconditions, checked against the twin read inside the CAS loop."""
 
-    if_match: int | None = None
+    if_match: frozenset[int] | None = None
+    """The revisions ``If-Match`` accepts (an empty set accepts none)."""
     if_match_any: bool = False
     if_none_match_any: bool = False
     condition: Filter | None = None
@@ -73,10 +74,15 @@ class Preconditions:
             )
         if self.if_match_any and current is None:
             raise PreconditionFailed("Twin does not exist (If-Match: *).")
-        if self.if_match is not None and (current is None or current.revision != self.if_match):
+        if self.if_match is not None and (current is None or current.revision not in self.if_match):
+            asked = (
+                f"If-Match asked for {', '.join(map(str, sorted(self.if_match)))}"
+                if self.if_match
+                else 'If-Match names no strong ETag of this service ("rev:N"; a weak W/ tag '
+                "never matches, as If-Match compares strongly)"
+            )
             raise PreconditionFailed(
-                f"Twin is at revision {current.revision if current else 0}, "
-                f"If-Match asked for {self.if_match}.",
+                f"Twin is at revision {current.revision if current else 0}, {asked}.",
                 extra={"revision": current.revision if current else 0},
             )
         if self.condition is not None:

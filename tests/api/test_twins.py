@@ -301,6 +301,63 @@ def test_etags_and_preconditions(api: httpx.Client) -> None:
     assert missing.status_code == 412
 
 
+def test_if_match_takes_a_list_of_strong_etags(api: httpx.Client) -> None:
+    """RFC 9110 13.1.1: If-Match holds when any listed tag matches strongly. A list (or the
+    header on two lines) was a 400; a weak ``W/"rev:N"`` matched as if it were strong."""
+    url = f"/api/v1/twins/{new_id()}"
+    assert api.put(url, json={"desired": {"a": 1}}).headers["ETag"] == '"rev:1"'
+
+    def write(value: int, *tags: str) -> httpx.Response:
+        headers = [("Content-Type", MERGE["Content-Type"])] + [("If-Match", t) for t in tags]
+        body = f'{{"desired":{{"a":{value}}}}}'.encode()
+        return api.patch(url, content=body, headers=headers)
+
+    listed = write(2, '"rev:7", "rev:1"')
+    assert listed.status_code == 200 and listed.headers["ETag"] == '"rev:2"', listed.text
+    two_lines = write(3, '"rev:9"', '"rev:2"')
+    assert two_lines.status_code == 200 and two_lines.headers["ETag"] == '"rev:3"'
+    # Empty list elements are allowed; a tag may hold a comma.
+    spaced = write(4, ', "x,y" ,, "rev:3"')
+    assert spaced.status_code == 200 and spaced.headers["ETag"] == '"rev:4"'
+    missed = write(5, '"rev:1", "rev:2"')
+    assert missed.status_code == 412
+    assert "revision 4, If-Match asked for 1, 2" in missed.json()["message"]
+    for unmatched in ('W/"rev:4"', '"rev:x"', '"rev:04"', '"elsewhere"', 'W/"rev:4", "rev:3"'):
+        refused = write(5, unmatched)
+        assert refused.status_code == 412, unmatched
+        assert refused.json()["error"] == "twin.precondition.failed"
+    assert "compares strongly" in write(5, 'W/"rev:4"').json()["message"]
+    for malformed in ("rev:4", '"rev:4', '"rev:4" "rev:5"', 'w/"rev:4"', "", ", ,"):
+        bad = write(5, malformed)
+        assert bad.status_code == 400, malformed
+        assert bad.json()["error"] == "request.invalid"
+        assert "If-Match" in bad.json()["message"]
+    assert api.get(url).json()["desired"] == {"a": 4}
+    deleted = api.delete(url, headers={"If-Match": '"rev:1", "rev:4"'})
+    assert deleted.status_code == 204
+
+
+def test_if_none_match_on_reads_compares_weakly_and_refuses_bad_syntax(
+    api: httpx.Client,
+) -> None:
+    """RFC 9110 13.1.2: a weak tag matches on If-None-Match; the header on two lines is one
+    list. A value that is no list of tags was ignored (200); it is now a 400 as on writes."""
+    url = f"/api/v1/twins/{new_id()}"
+    assert api.put(url, json={"desired": {"a": 1}}).headers["ETag"] == '"rev:1"'
+    for path in (url, f"{url}/desired", f"{url}/delta"):
+        assert api.get(path, headers={"If-None-Match": 'W/"rev:1"'}).status_code == 304, path
+        lines = [("If-None-Match", '"rev:5"'), ("If-None-Match", '"a,b", "rev:1"')]
+        assert api.get(path, headers=lines).status_code == 304, path
+        assert api.get(path, headers={"If-None-Match": '"rev:5", W/"x"'}).status_code == 200
+        assert api.get(path, headers={"If-None-Match": '"rev:01"'}).status_code == 200
+        assert api.get(path, headers={"If-None-Match": ""}).status_code == 200, path
+        bad = api.get(path, headers={"If-None-Match": "rev:1"})
+        assert bad.status_code == 400 and "If-None-Match" in bad.json()["message"], path
+    # On writes only '*' means something; a tag list there stays refused.
+    listed = api.put(url, json={}, headers={"If-None-Match": '"rev:1"'})
+    assert listed.status_code == 400 and "only supports '*'" in listed.json()["message"]
+
+
 def test_sections_and_views_answer_304_to_a_matching_if_none_match(api: httpx.Client) -> None:
     """They send the twin's ETag; a GET with it gets 304, as the whole twin's does."""
     url = f"/api/v1/twins/{new_id()}"
@@ -823,7 +880,8 @@ def test_an_etag_with_digits_int_refuses_is_not_ours(
         delete = api.delete(twin, headers={"If-Match": tag})
         read = api.get(twin, headers={"If-None-Match": tag})
         assert api.get(twin).json()["revision"] == put.json()["revision"]
+    # Well-formed tags that this service never sends: they match nothing (RFC 9110 13.1.1).
     for refused in (write, delete):
-        assert refused.status_code == 400, refused.text
-        assert "not an ETag of this service" in refused.json()["message"]
+        assert refused.status_code == 412, refused.text
+        assert "no strong ETag of this service" in refused.json()["message"]
     assert read.status_code == 200, read.text

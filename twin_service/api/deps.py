@@ -10,6 +10,7 @@ from fastapi import Depends, Path, Request
 from starlette.requests import HTTPConnection
 
 from twin_service.api.context import AppContext
+from twin_service.api.etags import parse_tags, strong_revisions
 from twin_service.auth import Principal
 from twin_service.digits import ascii_integer
 from twin_service.errors import BadRequest, PayloadTooLarge, Unavailable, UnsupportedMediaType
@@ -68,8 +69,11 @@ class RawParam:
     schema: dict[str, Any]
 
     def get(self, request: Request) -> str | None:
-        source = request.query_params if self.location == "query" else request.headers
-        return source.get(self.name)
+        if self.location == "query":
+            return request.query_params.get(self.name)
+        # A header sent on several lines is one comma-separated list (RFC 9110 section 5.3).
+        lines = request.headers.getlist(self.name)
+        return ", ".join(lines) if lines else None
 
     def get_positive_float(self, request: Request) -> float | None:
         raw = self.get(request)
@@ -220,23 +224,12 @@ async def json_body(request: Request, ctx: Context) -> JSON:
 Body = Annotated[JSON, Depends(json_body)]
 
 
-def parse_etag_revision(value: str) -> int | None:
-    """``"rev:N"`` (weak or strong) to N; ``None`` when it is not one of our ETags."""
-    value = value.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    if value.startswith('"rev:') and value.endswith('"'):
-        return ascii_integer(value[5:-1])
-    return None
-
-
-def etag(revision: int) -> str:
-    return f'"rev:{revision}"'
-
-
 _TEXT = {"type": "string"}
 IF_MATCH = RawParam(
-    "If-Match", "header", "Write only if the twin is at this ETag (or exists, for *)", _TEXT
+    "If-Match",
+    "header",
+    "Write only if the twin is at one of these strong ETags (or exists, for *)",
+    _TEXT,
 )
 IF_NONE_MATCH_WRITE = RawParam(
     "If-None-Match",
@@ -282,18 +275,19 @@ def write_options(request: Request) -> tuple[Preconditions, Amend | None]:
 def parse_preconditions(
     if_match: str | None, if_none_match: str | None, condition: str | None
 ) -> Preconditions:
-    match_rev = None
+    match_revisions = None
     match_any = False
     if if_match is not None:
-        if if_match.strip() == "*":
+        tags = parse_tags("If-Match", if_match)
+        if tags is None:
             match_any = True
+        elif not tags:
+            raise BadRequest("If-Match is empty: give '*' or the ETags to write at.")
         else:
-            match_rev = parse_etag_revision(if_match)
-            if match_rev is None:
-                raise BadRequest(f"If-Match {if_match!r} is not an ETag of this service.")
+            match_revisions = strong_revisions(tags)
     none_match_any = False
     if if_none_match is not None:
-        if if_none_match.strip() != "*":
+        if parse_tags("If-None-Match", if_none_match) is not None:
             raise BadRequest("On writes, If-None-Match only supports '*'.")
         none_match_any = True
     node = None
@@ -301,7 +295,7 @@ def parse_preconditions(
         from search.rql.parser import parse_filter
 
         node = parse_filter(condition)
-    return Preconditions(match_rev, match_any, none_match_any, node)
+    return Preconditions(match_revisions, match_any, none_match_any, node)
 
 
 def pointer_after(request: Request, fixed_segments: int) -> list[str]:

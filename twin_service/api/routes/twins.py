@@ -18,15 +18,14 @@ from twin_service.api.deps import (
     Writer,
     context,
     documented,
-    etag,
     json_body,
-    parse_etag_revision,
     pointer_after,
     read_access,
     request_preconditions,
     write_access,
     write_options,
 )
+from twin_service.api.etags import etag, parse_tags, weak_revisions
 from twin_service.api.schemas import (
     TwinDocument,
     TwinSelection,
@@ -116,8 +115,8 @@ def _visible(principal: Principal, twin_id: str) -> None:
 def _not_modified(if_none_match: str | None, twin: Twin) -> bool:
     if if_none_match is None:
         return False
-    tags = [parse_etag_revision(t) for t in if_none_match.split(",")]
-    return if_none_match.strip() == "*" or twin.revision in tags
+    tags = parse_tags("If-None-Match", if_none_match)
+    return tags is None or twin.revision in weak_revisions(tags)
 
 
 @router.post(
@@ -343,7 +342,7 @@ async def get_section(
     doc = twin.to_document()
     value = get_at(doc[section], pointer_after(request, TWIN_BASE + 1))
     # After the lookup: a path that is not there is a 404 whatever the tag (RFC 9110 13.2.1).
-    if _not_modified(request.headers.get("if-none-match"), twin):
+    if _not_modified(IF_NONE_MATCH.get(request), twin):
         return Response(status_code=304, headers={"ETag": etag(twin.revision)})
     return json_response(value, revision=twin.revision)
 
