@@ -438,6 +438,15 @@ class Settings(BaseSettings):
         "answered 503 service.stopping and the service stops (keep it below the pod's "
         "terminationGracePeriodSeconds).",
     )
+    ready_check_timeout_seconds: float = Field(
+        0.8,
+        gt=0,
+        le=60,
+        description="How long /ready and /metrics wait for each check (store, index, broker, "
+        "run side by side); one that has not answered by then is down. Below a Kubernetes "
+        "probe's default 1 s timeout, so a search engine that hangs does not fail a "
+        "readiness probe that requires only the store.",
+    )
     api_hot_routes: bool = Field(
         True,
         description="Serve the whole-twin GET and PATCH ahead of FastAPI's middleware, routing "

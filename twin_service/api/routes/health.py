@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from twin_service import __version__
+from twin_service.api.context import AppContext
 from twin_service.api.deps import context
 from twin_service.api.schemas import ErrorBody
 from twin_service.errors import BadRequest, TwinServiceError, Unavailable
@@ -81,28 +84,53 @@ async def metrics(request: Request) -> Response:
 async def _checks(request: Request) -> tuple[dict[str, dict[str, Any]], bool]:
     """Every check's answer, the store's first (a check is up when its ``status`` is), and
     whether the service is still starting: then only the store's, down, with why it waits
-    (api.app)."""
+    (api.app).
+
+    The checks run side by side, each for at most ``ready_check_timeout_seconds``: a search
+    engine that accepts connections and never answers held ``/ready?require=store`` for the
+    client's whole request timeout (30 s), so a probe that requires only the store failed
+    on every replica at once.
+    """
     try:
         ctx = context(request)
     except Unavailable:
         return {"store": {"status": "down", "error": request.app.state.starting}}, True
+    probes: dict[str, Callable[[], Any]] = {"store": lambda: _store_check(ctx)}
+    probes.update(ctx.readiness)
+    tasks = {name: asyncio.ensure_future(_answer(probe)) for name, probe in probes.items()}
+    limit = ctx.settings.ready_check_timeout_seconds
+    await asyncio.wait(tasks.values(), timeout=limit)
     checks: dict[str, dict[str, Any]] = {}
+    for name, task in tasks.items():
+        if task.done():
+            checks[name] = task.result()
+        else:
+            task.cancel()
+            # A late failure of a check given up on is not an error of this request.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            checks[name] = {"status": "down", "error": f"no answer within {limit:g} s"}
+    return checks, False
+
+
+async def _answer(probe: Callable[[], Any]) -> dict[str, Any]:
+    result = probe()
+    if inspect.isawaitable(result):
+        result = await result
+    answer: dict[str, Any] = result
+    return answer
+
+
+async def _store_check(ctx: AppContext) -> dict[str, Any]:
     try:
         await ctx.store.ping()
-        service = ctx.service
-        writes: dict[str, object] = {
-            "committed": service.committed,
-            "retried": service.retried,
-            "failed": service.failed,
-        }
-        if service.last_failure is not None:
-            writes["lastError"], writes["lastErrorAt"] = service.last_failure
-        checks["store"] = {"status": "up", **ctx.store.describe(), "writes": writes}
     except TwinServiceError as exc:
-        checks["store"] = {"status": "down", "error": exc.message}
-    for name, probe in ctx.readiness.items():
-        result = probe()
-        if inspect.isawaitable(result):
-            result = await result
-        checks[name] = result
-    return checks, False
+        return {"status": "down", "error": exc.message}
+    service = ctx.service
+    writes: dict[str, object] = {
+        "committed": service.committed,
+        "retried": service.retried,
+        "failed": service.failed,
+    }
+    if service.last_failure is not None:
+        writes["lastError"], writes["lastErrorAt"] = service.last_failure
+    return {"status": "up", **ctx.store.describe(), "writes": writes}
