@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,54 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc.get("spec", {}).get("template", {}).get("spec", {})
     containers: list[dict[str, Any]] = spec.get("containers", [])
     return containers
+
+
+README = DEPLOY / "README.md"
+ROOT = DEPLOY.parents[1]
+# Volume types the "restricted" Pod Security Standard allows (kubernetes.io/docs/concepts/
+# security/pod-security-standards/, "Volume Types").
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [d for d in documents() if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def workload(name: str) -> dict[str, Any]:
+    return next(d for d in workloads() if d["metadata"]["name"] == name)
+
+
+def test_readme_creates_the_namespace_before_anything_in_it() -> None:
+    """`kubectl -n twin-service create secret` fails while the namespace does not exist."""
+    text = README.read_text()
+    created = re.search(
+        r"kubectl (?:apply -f deploy/kubernetes/namespace\.yaml|create namespace twin-service)",
+        text,
+    )
+    used = re.search(r"kubectl (?:-n|--namespace)[ =]twin-service", text)
+    assert created is not None, "the README never creates the namespace on its own"
+    assert used is not None
+    assert created.start() < used.start()
+
+
+def test_the_image_is_set_in_one_place_with_the_package_version() -> None:
+    """A bare `twin-service:<tag>` is looked up on Docker Hub, where there is none: every real
+    cluster pulls from a registry of the user's, named once in kustomization.yaml."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    (entry,) = [i for i in kustomization.get("images", []) if i["name"] == "twin-service"]
+    assert entry["newTag"] == version
+    assert "/" in entry["newName"], "newName names no registry"
+    (container,) = _containers(workload("twin-service"))
+    assert container["image"] == entry["name"], "the tag belongs in kustomization.yaml alone"
+    tags = re.findall(r"/?twin-service:([\w.-]+)", README.read_text())
+    assert tags and set(tags) == {version}
