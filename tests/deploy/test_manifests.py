@@ -172,6 +172,45 @@ def workload(name: str) -> dict[str, Any]:
     return next(d for d in workloads() if d["metadata"]["name"] == name)
 
 
+def restricted_violations(doc: dict[str, Any]) -> list[str]:
+    """What the pod template breaks of the "restricted" Pod Security Standard (v1.30), and
+    of our own rule that containers write only to volumes (readOnlyRootFilesystem)."""
+    name = doc["metadata"]["name"]
+    pod = doc["spec"]["template"]["spec"]
+    pod_context = pod.get("securityContext", {})
+    found = [
+        f"{name}: {field}" for field in ("hostNetwork", "hostPID", "hostIPC") if pod.get(field)
+    ]
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            found.append(f"{name}: volume {volume['name']} is {sorted(kinds)}")
+    containers = pod.get("initContainers", []) + pod["containers"]
+    for container in containers:
+        where = f"{name}/{container['name']}"
+        context = container.get("securityContext", {})
+        inherited = {**pod_context, **context}  # a container's own settings win
+        if inherited.get("runAsNonRoot") is not True:
+            found.append(f"{where}: runAsNonRoot is not true")
+        if inherited.get("runAsUser") == 0:
+            found.append(f"{where}: runAsUser is 0")
+        if context.get("privileged"):
+            found.append(f"{where}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where}: allowPrivilegeEscalation is not false")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{where}: capabilities.drop lacks ALL")
+        if not set(capabilities.get("add", [])) <= {"NET_BIND_SERVICE"}:
+            found.append(f"{where}: adds capabilities {capabilities['add']}")
+        seccomp = inherited.get("seccompProfile", {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{where}: seccompProfile is {seccomp}")
+        if context.get("readOnlyRootFilesystem") is not True:
+            found.append(f"{where}: readOnlyRootFilesystem is not true")
+    return found
+
+
 def test_readme_creates_the_namespace_before_anything_in_it() -> None:
     """`kubectl -n twin-service create secret` fails while the namespace does not exist."""
     text = README.read_text()
@@ -197,3 +236,39 @@ def test_the_image_is_set_in_one_place_with_the_package_version() -> None:
     assert container["image"] == entry["name"], "the tag belongs in kustomization.yaml alone"
     tags = re.findall(r"/?twin-service:([\w.-]+)", README.read_text())
     assert tags and set(tags) == {version}
+
+
+def test_pods_meet_the_restricted_pod_security_standard() -> None:
+    found = [v for doc in workloads() for v in restricted_violations(doc)]
+    assert found == []
+    # Only once every pod passes, so the namespace enforces it.
+    (namespace,) = [d for d in documents() if d["kind"] == "Namespace"]
+    labels = namespace["metadata"].get("labels", {})
+    assert labels.get("pod-security.kubernetes.io/enforce") == "restricted"
+
+
+def test_the_check_of_the_restricted_standard_sees_what_it_forbids() -> None:
+    doc = {
+        "metadata": {"name": "p"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "hostNetwork": True,
+                    "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+                    "containers": [
+                        {"name": "c", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}
+                    ],
+                }
+            }
+        },
+    }
+    assert restricted_violations(doc) == [
+        "p: hostNetwork",
+        "p: volume h is ['hostPath']",
+        "p/c: runAsNonRoot is not true",
+        "p/c: allowPrivilegeEscalation is not false",
+        "p/c: capabilities.drop lacks ALL",
+        "p/c: adds capabilities ['NET_ADMIN']",
+        "p/c: seccompProfile is None",
+        "p/c: readOnlyRootFilesystem is not true",
+    ]
