@@ -272,3 +272,29 @@ def test_the_check_of_the_restricted_standard_sees_what_it_forbids() -> None:
         "p/c: seccompProfile is None",
         "p/c: readOnlyRootFilesystem is not true",
     ]
+
+
+def test_a_stopping_replica_leaves_the_service_before_it_stops_listening() -> None:
+    """uvicorn closes its listening socket at SIGTERM, while kube-proxy and ingress
+    controllers may still route to the pod for a few seconds: the preStop hook holds SIGTERM
+    back, and the grace period covers that wait, the service's shutdown timeout, and the
+    closing after it (20-23 s in all measured with the default 20 s timeout)."""
+    doc = workload("twin-service")
+    (container,) = _containers(doc)
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    assert "sleep" in pre_stop, "no preStop delay"
+    delay = pre_stop["sleep"]["seconds"]
+    assert delay >= 5
+    config = next(
+        d
+        for d in documents()
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "twin-service"
+    )
+    shutdown = int(
+        config["data"].get(
+            "TWIN_SHUTDOWN_TIMEOUT_SECONDS",
+            Settings.model_fields["shutdown_timeout_seconds"].default,
+        )
+    )
+    grace = doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= delay + shutdown + 10
