@@ -298,3 +298,39 @@ def test_a_stopping_replica_leaves_the_service_before_it_stops_listening() -> No
     )
     grace = doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= delay + shutdown + 10
+
+
+def test_the_broker_image_is_pinned_and_its_version_documented() -> None:
+    """The delivery measurements (docs/scaling.md) hold for a mosquitto version: a floating
+    tag changes the broker under a running deployment at its next restart."""
+    (container,) = _containers(workload("mosquitto"))
+    image = container["image"]
+    assert re.fullmatch(r"eclipse-mosquitto:\d+\.\d+\.\d+", image), image
+    assert image in README.read_text()
+
+
+def test_only_the_replicas_reach_the_brokers_service_listener() -> None:
+    """Port 1884 takes the service account's password alone; still, nothing but the
+    replicas has business there, while devices must reach 1883."""
+    replicas = {"podSelector": {"matchLabels": {"app": "twin-service"}}}
+    (policy,) = [
+        d
+        for d in documents()
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"] == {"matchLabels": {"app": "mosquitto"}}
+    ]
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    service_port = {1884, "mqtt-service"}
+    device_port = {1883, "mqtt"}
+    opened: dict[str, list[Any]] = {"service": [], "device": []}
+    for rule in policy["spec"].get("ingress", []):
+        ports = rule.get("ports")  # none: every port
+        sources = rule.get("from") or [{}]  # none: everyone
+        covered = {p["port"] for p in ports} if ports else service_port | device_port
+        if covered & service_port:
+            assert sources == [replicas], rule
+            opened["service"] += sources
+        if covered & device_port:
+            opened["device"] += sources
+    assert opened["service"] == [replicas]
+    assert {} in opened["device"], "devices cannot reach 1883"
