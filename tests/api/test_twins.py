@@ -497,6 +497,46 @@ def test_history_of_a_deleted_twin_that_aged_out_is_410(
     assert response.json()["deletedRevision"] == 2
 
 
+def test_history_of_a_deleted_twin_past_its_end_is_an_empty_page(api: httpx.Client) -> None:
+    """Polling for what came after the deletion, or a range before the first event, was
+    410 "no longer retained" while the whole history was retained."""
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    put(api, twin_id, {"desired": {"a": 1}})
+    assert api.put(f"{url}/desired/a", json=2).is_success
+    assert api.delete(url).status_code == 204
+    assert [e["revision"] for e in api.get(f"{url}/history").json()["items"]] == [1, 2, 3]
+    for params in ({"since": 4}, {"since": 2, "until": 1}, {"until": 0}, {"since": 9}):
+        page = api.get(f"{url}/history", params=params)
+        assert page.status_code == 200, (params, page.text)
+        assert page.json() == {"items": []}, params
+
+
+def test_history_of_a_range_that_aged_out_is_410(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """A range wholly before the oldest retained event was an empty 200 page, as if the
+    twin had not changed then; only a range reaching the retained events was 410."""
+    service = service_factory(env={"TWIN_STREAM__JOURNAL_MAX_PER_TWIN": "2"})
+    twin_id = new_id()
+    url = f"/api/v1/twins/{twin_id}"
+    with service.client() as api:
+        put(api, twin_id, {})
+        for n in range(130):  # pruning runs every 64 revisions
+            assert api.put(f"{url}/desired/n", json=n).is_success
+        retained = [e["revision"] for e in api.get(f"{url}/history").json()["items"]]
+        oldest = retained[0]
+        assert oldest > 10 and retained[-1] == 131, retained
+        for params in ({"since": 1, "until": 10}, {"since": 1}, {"since": oldest - 1}):
+            gone = api.get(f"{url}/history", params=params)
+            assert gone.status_code == 410, (params, gone.text)
+            assert gone.json()["error"] == "history.expired"
+            assert gone.json()["oldestRevision"] == oldest, params
+        assert api.get(f"{url}/history", params={"since": oldest}).status_code == 200
+        past = api.get(f"{url}/history", params={"since": 132})
+        assert past.status_code == 200 and past.json() == {"items": []}
+
+
 def test_history_of_a_twin_created_again_before_tombstones_starts_at_its_creation(
     service_factory: Callable[..., ServiceProcess],
 ) -> None:

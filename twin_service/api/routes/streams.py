@@ -95,7 +95,11 @@ async def history(
         # before tombstones, later revisions of an earlier twin of the id).
         until = current.revision if until is None else min(until, current.revision)
     events, more = await _history_page(ctx.store, twin_id, since, until, limit)
-    if not events and current is None:
+    # Revisions of an id are contiguous (a twin created again goes on from its deletion),
+    # so the journal covers `since` only if its oldest retained event is at it (or is the
+    # first creation of the id). Without `since`, a page starts at the oldest one retained.
+    oldest = events[0][0] if events else await _oldest_retained(ctx.store, twin_id)
+    if oldest is None and current is None:
         # A tombstone tells a twin whose whole history aged out from one that never was.
         gone = await ctx.store.tombstone(twin_id)
         if gone is None:
@@ -105,11 +109,10 @@ async def history(
             "its history is no longer retained.",
             extra={"deletedRevision": gone.revision},
         )
-    # Revisions of an id are contiguous (a twin created again goes on from its deletion),
-    # so the journal covers `since` only if its oldest retained event is at it (or is the
-    # first creation of the id).
-    if events and since > 0 and events[0][0] > max(since, 1):
-        oldest = events[0][0]
+    if oldest is None:  # a live twin whose every event aged out
+        assert current is not None
+        oldest = current.revision + 1
+    if since > 0 and oldest > max(since, 1):
         raise Gone(
             f"History of {twin_id} before revision {oldest} is no longer retained.",
             extra={"oldestRevision": oldest},
@@ -117,6 +120,12 @@ async def history(
     items = b",".join(encoded for _, encoded in events)
     tail = b',"nextSince":%d' % (events[-1][0] + 1) if more else b""
     return Response(b'{"items":[' + items + b"]" + tail + b"}", media_type="application/json")
+
+
+async def _oldest_retained(store: TwinStore, twin_id: str) -> int | None:
+    """The revision of the oldest event of ``twin_id`` the journal still holds."""
+    first = await store.history(twin_id, 0, None, 1)
+    return first[0].event.revision if first else None
 
 
 async def _history_page(
