@@ -329,6 +329,14 @@ class MqttSettings(_Section):
 class ElasticsearchSettings(_Section):
     index_name: str = Field("twins", description="Name (alias) of the twin index.")
     batch_size: int = Field(500, ge=1, description="Twins per bulk request of the indexer.")
+    bulk_max_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Largest body of one bulk request (keep it below the engine's "
+        "http.max_content_length, 100mb by default): batches are split to fit, and a twin "
+        "whose index document alone is larger is not indexed (its old document is removed "
+        "and the log names it).",
+    )
     poll_interval_seconds: float = Field(0.05, gt=0, description="Indexer idle poll interval.")
     wait_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for the index.")
     request_timeout_seconds: float = Field(

@@ -5,7 +5,17 @@ The I/O adapter (client, indexer loop, waiting) is :mod:`twin_service.index.elas
 
 from __future__ import annotations
 
-from .bulk import Change, Outcome, bulk_operations, item_outcome
+from .bulk import (
+    Change,
+    Operation,
+    Outcome,
+    batches,
+    bulk_operations,
+    delete_operation,
+    encode,
+    item_outcome,
+    item_reason,
+)
 from .mapping import MAPPING, MAPPING_VERSION, index_settings, max_leaves, to_es_document
 from .translate import filter_query, keys_from_hit, search_after, search_query, sort_clause
 
@@ -13,11 +23,16 @@ __all__ = [
     "MAPPING",
     "MAPPING_VERSION",
     "Change",
+    "Operation",
     "Outcome",
+    "batches",
     "bulk_operations",
+    "delete_operation",
+    "encode",
     "filter_query",
     "index_settings",
     "item_outcome",
+    "item_reason",
     "keys_from_hit",
     "max_leaves",
     "search_after",

@@ -67,8 +67,17 @@ def index_settings(
 
 
 def max_leaves(max_twin_bytes: int) -> int:
-    """An upper bound of the leaves of a twin of ``max_twin_bytes`` (each takes 2+ bytes)."""
-    return max(10_000, max_twin_bytes // 2 + 64)
+    """An upper bound of the entries of a twin of ``max_twin_bytes`` (the index's
+    ``mapping.nested_objects.limit``).
+
+    The limit counts desired, reported, attributes and live; the index also holds the delta
+    (up to a copy of desired) and the lifecycle (an object of up to five values per desired
+    leaf path). A desired leaf takes at least 2 bytes in an array (2 entries with its delta)
+    or 6 in an object (``"a":0,``: up to 8 entries with delta and lifecycle), so a twin has
+    fewer than 1.34 entries per byte; twice the bytes leaves room to spare, and the limit
+    costs nothing until a document reaches it.
+    """
+    return 2 * max_twin_bytes + 1024
 
 
 def to_es_document(doc: JSONObject, seq: int) -> dict[str, Any]:

@@ -11,10 +11,13 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twin_service.cli_numbers import at_least
 from twin_service.errors import TwinServiceError
+
+if TYPE_CHECKING:
+    from twin_service.index.elasticsearch import FillResult
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -56,14 +59,21 @@ class ProgressLine:
         self._out.write(f"\r{text}\x1b[K" if self._tty else text + "\n")
         self._out.flush()
 
-    def finish(self, done: int) -> None:
+    def finish(self, indexed: int, refused: int) -> None:
         elapsed = time.monotonic() - self._start
         end = "\n" if self._tty else ""
-        self._out.write(f"{end}rebuilt the index with {done:,} twins in {elapsed:.1f}s\n")
+        twins = f"{indexed:,} of {indexed + refused:,}" if refused else f"{indexed:,}"
+        self._out.write(f"{end}rebuilt the index with {twins} twins in {elapsed:.1f}s\n")
+        if refused:
+            self._out.write(
+                f"twin-service: {refused:,} refused (each named in the log above, with the "
+                "reason): searches do not find them\n"
+            )
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
-    """Handler of ``index rebuild``: 0 on success, 2 on bad settings, 1 on failure."""
+    """Handler of ``index rebuild``: 0 on success, 2 on bad settings, 1 on failure or when
+    some twins were refused (the alias then still moved to the new index)."""
     from twin_service import logs
     from twin_service.settings import settings_for_command
 
@@ -76,18 +86,18 @@ def run_rebuild(args: argparse.Namespace) -> int:
         return 2
     progress = ProgressLine(sys.stderr)
     try:
-        done = asyncio.run(_rebuild(settings, progress, args.page_size))
+        result = asyncio.run(_rebuild(settings, progress, args.page_size))
     except TwinServiceError as exc:
         print(
             f"\ntwin-service: rebuild failed: {exc.message} {exc.description or ''}",
             file=sys.stderr,
         )
         return 1
-    progress.finish(done)
-    return 0
+    progress.finish(result.indexed, result.refused)
+    return 1 if result.refused else 0
 
 
-async def _rebuild(settings: Any, progress: ProgressLine, page_size: int) -> int:
+async def _rebuild(settings: Any, progress: ProgressLine, page_size: int) -> FillResult:
     from twin_service.api.app import build_store
     from twin_service.index.elasticsearch import rebuild
 

@@ -11,17 +11,23 @@ until the index covers a given write (``wait_for_seq``), bounded by
 ``elasticsearch.wait_timeout_seconds`` (then 503 ``index.timeout``).
 
 The index is a concrete index behind an alias (``elasticsearch.index_name``), created at
-start-up when missing; :func:`rebuild` fills a fresh one and moves the alias over.
+start-up when missing, and again whenever a write finds it gone (deleted by hand): the indexer
+that creates it fills it with every twin of the store before it takes the outbox again.
+:func:`rebuild` fills a fresh one and moves the alias over.
+
+A twin whose document the engine cannot take (too large, refused) is deleted from the index
+instead and logged with the reason, and never blocks the others: searches may miss it, but
+never find it by values it no longer has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,10 +43,14 @@ from search.elasticsearch import (
     MAPPING,
     MAPPING_VERSION,
     Change,
+    Operation,
     Outcome,
-    bulk_operations,
+    batches,
+    delete_operation,
+    encode,
     index_settings,
     item_outcome,
+    item_reason,
     keys_from_hit,
     max_leaves,
     search_after,
@@ -48,7 +58,7 @@ from search.elasticsearch import (
     sort_clause,
 )
 from search.rql.query import SearchQuery
-from twin_service.errors import Unavailable
+from twin_service.errors import TwinServiceError, Unavailable
 from twin_service.settings import Settings
 from twin_service.store.base import IndexTask, TwinStore
 from twin_service.tasks import stop_task
@@ -66,11 +76,26 @@ async def _es_errors(action: str) -> AsyncIterator[None]:
     try:
         yield
     except (ApiError, TransportError) as exc:
+        reason = str(exc)
+        if isinstance(exc, ApiError) and exc.status_code == 413:
+            reason = f"{reason}: the request is larger than the engine's http.max_content_length"
         raise Unavailable(
             f"The search index failed to {action}.",
             code="index.unavailable",
-            description=str(exc)[:500],
+            description=reason[:500],
         ) from exc
+
+
+def _too_large(exc: Unavailable) -> bool:
+    """Whether the engine refused a request for its size (HTTP 413)."""
+    return isinstance(exc.__cause__, ApiError) and exc.__cause__.status_code == 413
+
+
+def describe(exc: BaseException) -> str:
+    """An exception for a log line: what failed and why."""
+    if isinstance(exc, TwinServiceError):
+        return exc.message + (f" ({exc.description})" if exc.description else "")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def make_client(settings: Settings) -> AsyncElasticsearch:
@@ -86,12 +111,6 @@ def make_client(settings: Settings) -> AsyncElasticsearch:
         api_key=es.api_key,
         **tls,
     )
-
-
-def _ndjson(operations: list[dict[str, Any]]) -> list[str]:
-    """Bulk lines encoded up front: the client passes strings through, and the stdlib C
-    encoder without its ``default`` hook is several times faster on these documents."""
-    return [json.dumps(op, separators=(",", ":"), ensure_ascii=False) for op in operations]
 
 
 def changes_of(tasks: Sequence[IndexTask]) -> list[Change]:
@@ -121,6 +140,8 @@ class ElasticsearchIndex:
         self._task: asyncio.Task[None] | None = None
         #: Whether the index and its alias are known to exist (see start).
         self._ensured = False
+        #: Whether this indexer created the index and must fill it from the store.
+        self._fill = False
         self._refresh_lock = asyncio.Lock()
         self._last_refresh_start = 0.0
         self.rejected = 0
@@ -150,7 +171,7 @@ class ElasticsearchIndex:
         if self._client is None:
             self._client = make_client(self._settings)
         try:
-            await self.ensure_index()
+            self._fill = await self.ensure_index() and self._run_indexer
             self._ensured = True
         except Unavailable as exc:
             if not self._run_indexer:
@@ -166,19 +187,26 @@ class ElasticsearchIndex:
             await self._client.close()
             self._client = None
 
-    async def ensure_index(self) -> None:
-        """Create the concrete index and its alias unless the alias exists (idempotent)."""
+    async def ensure_index(self) -> bool:
+        """Create the concrete index and its alias unless the alias exists (idempotent);
+        whether this call created an index (then empty)."""
+        name = f"{self.alias}-v{MAPPING_VERSION}"
         async with _es_errors("create its index"):
             if await self.client.indices.exists_alias(name=self.alias):
-                return
+                return False
             try:
-                await self.create_index(f"{self.alias}-v{MAPPING_VERSION}", alias=True)
+                await self.create_index(name, alias=True)
             except BadRequestError as exc:
                 # Another replica created it first: fine once the alias is there.
                 if exc.error != "resource_already_exists_exception":
                     raise
                 if not await self.client.indices.exists_alias(name=self.alias):
-                    raise
+                    # Only the alias was removed: the index still holds every twin.
+                    await self.client.indices.put_alias(index=name, name=self.alias)
+                    log.warning("the alias %s of the search index was missing: put back", name)
+                return False
+        log.info("created the search index %s (alias %s)", name, self.alias)
+        return True
 
     async def create_index(self, name: str, *, alias: bool, refresh: str | None = None) -> None:
         """Create a concrete twin index (with the alias when ``alias``)."""
@@ -198,21 +226,104 @@ class ElasticsearchIndex:
     # -- indexing --------------------------------------------------------------------------
 
     async def write(self, changes: Sequence[Change], index: str | None = None) -> list[Outcome]:
-        """Bulk-write ``changes`` (to the alias by default); one outcome per change."""
-        if not changes:
-            return []
-        async with _es_errors("index twins"):
-            # Through the alias only: a missing alias must not auto-create an unmapped index.
-            response = await self.client.bulk(
-                operations=_ndjson(bulk_operations(index or self.alias, changes)),  # type: ignore[arg-type]
-                require_alias=index is None,
-            )
-        outcomes = [item_outcome(item) for item in response["items"]]
-        for change, item, outcome in zip(changes, response["items"], outcomes, strict=True):
-            if outcome is Outcome.REJECTED:
-                self.rejected += 1
-                log.error("search index refused twin %s: %s", change.twin_id, item)
+        """Bulk-write ``changes`` (to the alias by default); one outcome per change.
+
+        Requests hold at most ``elasticsearch.bulk_max_bytes``; a twin refused (its
+        document too large, or refused by the engine) is deleted from the index instead,
+        logged, and ``REJECTED`` once that delete went through.
+        """
+        outcomes, _ = await self._write(changes, index)
         return outcomes
+
+    async def _write(
+        self, changes: Sequence[Change], index: str | None
+    ) -> tuple[list[Outcome], list[str]]:
+        """:meth:`write`, with the engine's reasons for the outcomes to retry."""
+        target, limit = index or self.alias, self._es.bulk_max_bytes
+        outcomes: list[Outcome] = []
+        reasons: list[str] = []
+        # Encoded as the requests go: memory holds one request, not the whole batch.
+        for batch in batches((encode(target, c, limit) for c in changes), limit):
+            got, why = await self._send(batch, target, require_alias=index is None)
+            outcomes += got
+            reasons += why
+        return outcomes, reasons
+
+    async def _send(
+        self, batch: list[Operation], target: str, *, require_alias: bool
+    ) -> tuple[list[Outcome], list[str]]:
+        try:
+            async with _es_errors("index twins"):
+                # Through the alias only: a missing alias must not auto-create an unmapped
+                # index.
+                response = await self.client.bulk(
+                    operations=[line for op in batch for line in op.lines],  # type: ignore[misc]
+                    require_alias=require_alias,
+                )
+        except Unavailable as exc:
+            # The engine takes less than bulk_max_bytes: halve the request down to the
+            # twin that is too large by itself, which is refused alone.
+            if not _too_large(exc) or (len(batch) == 1 and batch[0].refusal is not None):
+                raise
+            if len(batch) == 1:
+                refusal = f"the engine refused its document as too large ({exc.description})"
+                batch = [delete_operation(target, batch[0].change, refusal)]
+                return await self._send(batch, target, require_alias=require_alias)
+            half = len(batch) // 2
+            first = await self._send(batch[:half], target, require_alias=require_alias)
+            second = await self._send(batch[half:], target, require_alias=require_alias)
+            return first[0] + second[0], first[1] + second[1]
+        items: list[dict[str, Any]] = response["items"]
+        outcomes = [item_outcome(item) for item in items]
+        retry = (Outcome.RETRY, Outcome.NO_INDEX)
+        reasons = [item_reason(i) for i, o in zip(items, outcomes, strict=True) if o in retry]
+        # Documents the engine refused: delete what the index holds of those twins.
+        refused = [
+            i
+            for i, (op, outcome) in enumerate(zip(batch, outcomes, strict=True))
+            if outcome is Outcome.REJECTED and op.refusal is None and op.change.doc is not None
+        ]
+        if refused:
+            deletes = [
+                delete_operation(target, batch[i].change, item_reason(items[i])) for i in refused
+            ]
+            again, why = await self._send(deletes, target, require_alias=require_alias)
+            for i, outcome in zip(refused, again, strict=True):
+                outcomes[i] = outcome
+            reasons += why
+        for i, op in enumerate(batch):
+            if outcomes[i] is Outcome.DONE and op.refusal is not None:
+                outcomes[i] = Outcome.REJECTED
+                self.rejected += 1
+                log.error(
+                    "search index refused twin %s (write %d): %s; its old document is "
+                    "removed, so searches miss it until a write the index takes",
+                    op.change.twin_id,
+                    op.change.seq,
+                    op.refusal,
+                )
+            elif outcomes[i] is Outcome.REJECTED and op.change.doc is None:
+                self.rejected += 1
+                log.error(
+                    "search index refused to delete twin %s: %s",
+                    op.change.twin_id,
+                    item_reason(items[i]),
+                )
+        return outcomes, reasons
+
+    def _check(self, outcomes: Sequence[Outcome], reasons: Sequence[str], what: str) -> None:
+        """Raise :class:`Unavailable` naming the reason when some changes must be retried;
+        a missing index makes the indexer create it again first."""
+        again = sum(o in (Outcome.RETRY, Outcome.NO_INDEX) for o in outcomes)
+        if not again:
+            return
+        if Outcome.NO_INDEX in outcomes:
+            self._ensured = False
+        raise Unavailable(
+            f"{again} {what} must be indexed again",
+            code="index.unavailable",
+            description="; ".join(dict.fromkeys(reasons))[:500] or None,
+        )
 
     async def index_pending(self) -> int:
         """Index one batch of the outbox; the number of tasks taken (0: nothing pending).
@@ -222,15 +333,42 @@ class ElasticsearchIndex:
         tasks = await self._store.pending_index(self._es.batch_size)
         if not tasks:
             return 0
-        outcomes = await self.write(changes_of(tasks))
-        done = [t for t, o in zip(tasks, outcomes, strict=True) if o is not Outcome.RETRY]
+        outcomes, reasons = await self._write(changes_of(tasks), None)
+        retry = (Outcome.RETRY, Outcome.NO_INDEX)
+        done = [t for t, o in zip(tasks, outcomes, strict=True) if o not in retry]
         if done:
             await self._store.mark_indexed(done)
-        if len(done) < len(tasks):
-            raise Unavailable(
-                f"{len(tasks) - len(done)} twins must be indexed again", code="index.unavailable"
-            )
+        self._check(outcomes, reasons, "twins")
         return len(tasks)
+
+    async def fill(
+        self,
+        store: TwinStore,
+        index: str | None = None,
+        progress: Progress | None = None,
+        page_size: int | None = None,
+    ) -> FillResult:
+        """Write every twin of ``store`` (to the alias by default), versioned with the
+        store's last sequence number at the start: a write committed meanwhile has a
+        higher one, so whichever of the two arrives last, the index ends with the newer.
+
+        Raises :class:`Unavailable` when some twins must be retried.
+        """
+        version = await store.last_seq()
+        total = await store.twin_count()
+        result = FillResult()
+        after: str | None = None
+        while twins := await store.scan(after, page_size or self._es.batch_size):
+            after = twins[-1].twin_id
+            changes = [Change(t.twin_id, version, t.to_document()) for t in twins]
+            outcomes, reasons = await self._write(changes, index)
+            self._check(outcomes, reasons, "twins of the fill")
+            result.indexed += outcomes.count(Outcome.DONE)
+            result.refused += outcomes.count(Outcome.REJECTED)
+            if progress is not None:
+                done = result.indexed + result.refused
+                progress(done, max(total, done))
+        return result
 
     async def run(self) -> None:
         """The indexer loop (``start`` runs it as a task): index, back off on failures."""
@@ -239,14 +377,30 @@ class ElasticsearchIndex:
             try:
                 if not self._ensured:
                     # Never index before: a bulk write to a missing alias is refused for good.
-                    await self.ensure_index()
+                    if await self.ensure_index():
+                        self._fill = True
+                        log.warning(
+                            "created the search index %s again (it was missing): indexing "
+                            "every twin of the store into it",
+                            self.alias,
+                        )
                     self._ensured = True
                     log.info("search engine reached: indexing")
+                if self._fill:
+                    # Before the outbox: a search that waits for a write then also finds
+                    # the twins written before the index was created.
+                    filled = await self.fill(self._store)
+                    self._fill = False
+                    log.info(
+                        "filled the search index: %d twins, %d refused",
+                        filled.indexed,
+                        filled.refused,
+                    )
                 taken = await self.index_pending()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("indexer: %s; retrying in %.1fs", exc, delay)
+                log.warning("indexer: %s; retrying in %.1fs", describe(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._es.retry_max_seconds)
                 continue
@@ -353,15 +507,23 @@ class ElasticsearchIndex:
         return out
 
 
+@dataclass
+class FillResult:
+    """Twins written to an index, and twins refused (logged, not in the index)."""
+
+    indexed: int = 0
+    refused: int = 0
+
+
 async def rebuild(
     settings: Settings, store: TwinStore, progress: Progress | None = None, page_size: int = 500
-) -> int:
+) -> FillResult:
     """Reindex every twin of ``store`` into a fresh index and move the alias to it.
 
     Twins are read from the store in id order (``scan``), in pages, and
     written with the store's last sequence number at the start as version; writes committed
     meanwhile are caught up from the journal after the alias moved, so the running indexers
-    of the service lose nothing. Returns the number of twins indexed.
+    of the service lose nothing. Returns the twins indexed and refused (logged).
     """
     _check_page_size(page_size)
     index = ElasticsearchIndex(settings, store, run_indexer=False)
@@ -374,28 +536,20 @@ async def rebuild(
 
 async def _rebuild(
     index: ElasticsearchIndex, store: TwinStore, progress: Progress | None, page_size: int
-) -> int:
+) -> FillResult:
     _check_page_size(page_size)
     client, alias = index.client, index.alias
     start_seq = await store.last_seq()
-    total = await store.twin_count()
     target = f"{alias}-v{MAPPING_VERSION}-{int(time.time() * 1000)}"
     async with _es_errors("rebuild"):
         await index.create_index(target, alias=False, refresh="-1")
-    done = 0
-    after: str | None = None
-    while True:
-        twins = await store.scan(after, page_size)
-        if not twins:
-            break
-        after = twins[-1].twin_id
-        changes = [Change(t.twin_id, start_seq, t.to_document()) for t in twins]
-        outcomes = await index.write(changes, index=target)
-        if any(o is Outcome.RETRY for o in outcomes):
-            raise Unavailable("Elasticsearch is overloaded; run the rebuild again.")
-        done += len(twins)
-        if progress is not None:
-            progress(done, max(total, done))
+    try:
+        result = await index.fill(store, target, progress, page_size)
+    except BaseException:
+        # A half-filled index (that never refreshes) is of no use to the next attempt.
+        with contextlib.suppress(Exception):
+            await client.indices.delete(index=target)
+        raise
     async with _es_errors("rebuild"):
         await client.indices.put_settings(
             index=target,
@@ -415,7 +569,7 @@ async def _rebuild(
         for name in old:
             await client.indices.delete(index=name)
         await client.indices.refresh(index=alias)
-    return done
+    return result
 
 
 def _check_page_size(page_size: int) -> None:
