@@ -180,6 +180,20 @@ def test_condition_with_if_match_both_must_hold(api: httpx.Client) -> None:
     assert ok.status_code == 204 and ok.headers["ETag"] == '"rev:2"'
 
 
+def test_create_a_key_only_if_it_is_absent(api: httpx.Client) -> None:
+    """What docs/api.md gives for create-only on a pointer, where ``If-None-Match: *`` is
+    about the twin (which exists) rather than the key."""
+    twin_id = new_twin(api)
+    absent = {"condition": "not(exists(desired/mode))"}
+    first = api.put(url(twin_id, "/desired/mode"), params=absent, json="eco")
+    assert first.status_code == 201, first.text
+    again = api.put(url(twin_id, "/desired/mode"), params=absent, json="boost")
+    assert again.status_code == 412 and again.json()["error"] == "twin.condition.failed"
+    star = api.put(url(twin_id, "/desired/other"), json=1, headers={"If-None-Match": "*"})
+    assert star.status_code == 412 and star.json()["error"] == "twin.precondition.failed"
+    assert api.get(url(twin_id, "/desired")).json() == {"fan": {"speed": 3}, "mode": "eco"}
+
+
 def test_condition_on_an_url_with_encoded_characters(api: httpx.Client) -> None:
     twin_id = new_twin(api)
     condition = 'and(eq(attributes/site , "plant1"),like(attributes/owner,"n?n*"))'
