@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from twin_service.auth import TokenRegistry
 from twin_service.errors import Unauthorized
@@ -32,3 +33,35 @@ def test_anything_else_is_refused_again_and_again(header: str | None) -> None:
     for _ in range(2):  # a refusal is never remembered as an acceptance
         with pytest.raises(Unauthorized):
             tokens.authenticate(header)
+
+
+def test_replaced_tokens_forget_the_headers_accepted_before() -> None:
+    """The accepted headers outlived a change of tokens: a revoked token went on working."""
+    tokens = registry()
+    assert tokens.authenticate(f"Bearer {GOOD}").name == "ops"
+    other = "o" * 32
+    tokens.replace([TokenSettings(name="new", token=other, role="read")])
+    with pytest.raises(Unauthorized):
+        tokens.authenticate(f"Bearer {GOOD}")
+    assert tokens.authenticate(f"Bearer {other}").role == "read"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        " " + GOOD,
+        GOOD + " ",
+        GOOD[:8] + " " + GOOD[8:],
+        GOOD + "\u00e9",
+        GOOD + "\x00",
+        GOOD + "\x7f",
+    ],
+)
+def test_a_token_no_header_can_carry_is_refused(token: str) -> None:
+    with pytest.raises(ValidationError, match="must be visible ASCII characters"):
+        TokenSettings(name="ops", token=token)
+
+
+def test_every_visible_ascii_character_may_be_in_a_token() -> None:
+    visible = "".join(map(chr, range(0x21, 0x7F)))
+    assert TokenSettings(name="ops", token=visible).token == visible

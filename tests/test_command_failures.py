@@ -190,6 +190,80 @@ def test_an_unknown_key_in_a_tokens_file_entry_is_refused(tmp_path: Path) -> Non
     )
 
 
+def test_an_empty_tokens_file_is_refused_and_never_brings_back_the_admin_token(
+    tmp_path: Path,
+) -> None:
+    """An emptied tokens file made the service fall back to a data_dir/admin-token left
+    from an earlier start, without a word: that token could write again."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "admin-token").write_text(SECRET + "\n")
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text("[]")
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_AUTH__TOKENS_FILE=str(tokens))
+    assert_refused(run, 2, f"twin-service cannot start: The tokens file {tokens} holds no token")
+    assert run.stderr.count("\n") == 1, run.stderr
+    # With tokens in the file, the old admin token is refused.
+    tokens.write_text(json.dumps([{"name": "ops", "token": "o" * 20, "role": "admin"}]))
+    env = command_env(TWIN_AUTH__TOKENS_FILE=str(tokens), TWIN_MQTT__ENABLED="false")
+    proc = serving(tmp_path, env)
+    try:
+        url = f"http://127.0.0.1:{env['TWIN_PORT']}/api/v1/twins/org.acme:old"
+        old = httpx.put(url, json={}, headers={"Authorization": f"Bearer {SECRET}"})
+        assert old.status_code == 401, old.text
+        ops = httpx.put(url, json={}, headers={"Authorization": f"Bearer {'o' * 20}"})
+        assert ops.status_code == 201, ops.text
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("same", ["token", "name"])
+def test_a_token_or_a_name_given_twice_is_refused(tmp_path: Path, same: str) -> None:
+    """The same token as read in auth.tokens and as admin in the file: the last won, and
+    the read token could write."""
+    reader = {"name": "viewer", "token": SECRET, "role": "read"}
+    admin = {"name": "ops", "token": "a" * 20, "role": "admin"}
+    admin[same] = reader[same]
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps([admin]))
+    env = {"TWIN_AUTH__TOKENS_FILE": str(tokens), "TWIN_AUTH__TOKENS": json.dumps([reader])}
+    run = serve(tmp_path, "serve", "--data-dir", "data", **env)
+    said = {
+        "token": f"tokens 'viewer' (auth.tokens) and 'ops' (the tokens file {tokens}) are the "
+        "same token",
+        "name": f"two tokens are named 'viewer' (auth.tokens, the tokens file {tokens})",
+    }
+    assert_refused(run, 2, f"twin-service cannot start: {said[same]}")
+    assert run.stderr.count("\n") == 1, run.stderr
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        f" {SECRET}",
+        f"{SECRET} ",
+        f"{SECRET[:8]} {SECRET[8:]}",
+        f"{SECRET}\u00e9",
+        f"{SECRET}\x00",
+        f"{SECRET}\t",
+        f"{SECRET}\u2028",
+    ],
+)
+def test_a_token_no_authorization_header_can_carry_is_refused(tmp_path: Path, token: str) -> None:
+    """Starlette reads headers as Latin-1 and the service strips the token's spaces: such a
+    token was accepted at start and then never matched."""
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps([{"name": "ops", "token": token, "role": "admin"}]))
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_AUTH__TOKENS_FILE=str(tokens))
+    assert_refused(run, 2, "cannot be used: token: must be visible ASCII characters")
+    assert run.stderr.count("\n") == 1, run.stderr
+    inline = json.dumps([{"name": "ops", "token": token, "role": "admin"}])
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_AUTH__TOKENS=inline)
+    assert_refused(run, 2, "invalid settings: auth.tokens.0.token: must be visible ASCII")
+    assert run.stderr.count("\n") == 1, run.stderr
+
+
 def test_data_dir_and_config_before_the_command_apply_to_it_or_are_refused(
     tmp_path: Path,
 ) -> None:

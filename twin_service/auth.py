@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from typing import Literal
 
 from twin_service.errors import Forbidden, Unauthorized
 from twin_service.settings import Settings, TokenSettings, describe_invalid
+
+log = logging.getLogger(__name__)
 
 Role = Literal["read", "write", "admin"]
 _RANK = {"read": 0, "write": 1, "admin": 2}
@@ -53,48 +56,71 @@ ANONYMOUS_ADMIN = Principal(name="anonymous", role="admin")
 _ACCEPTED_MAX = 1024
 
 
+@dataclass(frozen=True)
+class _Known:
+    """The tokens in force, and the Authorization headers already accepted for them: one
+    value, so that a reload replaces both at once."""
+
+    by_hash: dict[str, Principal]
+    accepted: dict[str, Principal]
+
+
 class TokenRegistry:
     """Looks tokens up by their SHA-256 so the comparison does not leak timing."""
 
     def __init__(self, tokens: list[TokenSettings], disabled: bool = False) -> None:
         self.disabled = disabled
-        self._by_hash = {
-            _digest(t.token): Principal(
-                t.name, t.role, frozenset(t.namespaces) if t.namespaces is not None else None
-            )
-            for t in tokens
-        }
-        # Authorization headers already accepted, so that a client's every request does not
-        # hash its token again. Only valid tokens get in (bounded by the tokens configured
-        # and the spellings of the header); a lookup compares strings only on a keyed-hash
-        # match, so it reveals nothing about tokens that are not in it.
-        self._accepted: dict[str, Principal] = {}
+        self._known = _known(tokens)
+
+    def replace(self, tokens: list[TokenSettings]) -> None:
+        """Put ``tokens`` in force instead (a reload): from the next request on, only
+        these are accepted, whatever was accepted before."""
+        self._known = _known(tokens)
 
     def authenticate(self, authorization: str | None) -> Principal:
         if self.disabled:
             return ANONYMOUS_ADMIN
+        known = self._known
         if authorization is not None:
-            known = self._accepted.get(authorization)
-            if known is not None:
-                return known
+            principal = known.accepted.get(authorization)
+            if principal is not None:
+                return principal
         if not authorization:
             raise Unauthorized("A bearer token is required (Authorization: Bearer <token>).")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("Authorization must be 'Bearer <token>'.")
-        principal = self.authenticate_token(token.strip())
-        if len(self._accepted) < _ACCEPTED_MAX:
-            self._accepted[authorization] = principal
+        principal = _look_up(known, token.strip())
+        if len(known.accepted) < _ACCEPTED_MAX:
+            known.accepted[authorization] = principal
         return principal
 
     def authenticate_token(self, token: str) -> Principal:
         if self.disabled:
             return ANONYMOUS_ADMIN
-        digest = _digest(token)
-        for known, principal in self._by_hash.items():
-            if hmac.compare_digest(known, digest):
-                return principal
-        raise Unauthorized("The bearer token is not valid.")
+        return _look_up(self._known, token)
+
+
+def _known(tokens: list[TokenSettings]) -> _Known:
+    by_hash = {
+        _digest(t.token): Principal(
+            t.name, t.role, frozenset(t.namespaces) if t.namespaces is not None else None
+        )
+        for t in tokens
+    }
+    # Authorization headers already accepted, so that a client's every request does not
+    # hash its token again. Only valid tokens get in (bounded by the tokens configured
+    # and the spellings of the header); a lookup compares strings only on a keyed-hash
+    # match, so it reveals nothing about tokens that are not in it.
+    return _Known(by_hash, {})
+
+
+def _look_up(known: _Known, token: str) -> Principal:
+    digest = _digest(token)
+    for candidate, principal in known.by_hash.items():
+        if hmac.compare_digest(candidate, digest):
+            return principal
+    raise Unauthorized("The bearer token is not valid.")
 
 
 def _digest(token: str) -> str:
@@ -112,24 +138,77 @@ def _read_tokens_file(path: Path) -> list[TokenSettings]:
         raise ValueError(f"The tokens file {path} cannot be used: {detail}") from None
 
 
-def load_tokens(settings: Settings) -> tuple[list[TokenSettings], str | None]:
-    """Tokens from Settings and the tokens file; creates an admin token when there are none.
+def configured_tokens(settings: Settings, *, empty_file: bool = False) -> list[TokenSettings]:
+    """The tokens of ``auth.tokens`` and of the tokens file, read afresh (also on a reload).
 
-    Returns the tokens and, only when it was just created, the new admin token to print once.
+    Raises ValueError, naming the problem without any token's value, for a tokens file that
+    cannot be used or (unless ``empty_file``) holds no token, and for two tokens of the
+    same value or name: the last one silently won, so a token listed as read in one place
+    and admin in another could write.
     """
-    tokens = list(settings.auth.tokens)
+    sources = [("auth.tokens", list(settings.auth.tokens))]
     if settings.auth.tokens_file is not None:
-        tokens.extend(_read_tokens_file(settings.auth.tokens_file))
-    if tokens or settings.auth.disabled:
+        path = settings.auth.tokens_file
+        held = _read_tokens_file(path)
+        if not held and not empty_file:
+            raise ValueError(
+                f"The tokens file {path} holds no token: list at least one (the generated "
+                "admin token is used only when no tokens file is set)"
+            )
+        sources.append((f"the tokens file {path}", held))
+    _check_unique(sources)
+    return [token for _, tokens in sources for token in tokens]
+
+
+def _check_unique(sources: list[tuple[str, list[TokenSettings]]]) -> None:
+    seen_tokens: dict[str, tuple[str, str]] = {}
+    seen_names: dict[str, str] = {}
+    for where, tokens in sources:
+        for token in tokens:
+            digest = _digest(token.token)
+            if digest in seen_tokens:
+                name, first = seen_tokens[digest]
+                raise ValueError(
+                    f"tokens {name!r} ({first}) and {token.name!r} ({where}) are the same "
+                    "token: give each its own"
+                )
+            if token.name in seen_names:
+                first = seen_names[token.name]
+                places = first if first == where else f"{first}, {where}"
+                raise ValueError(
+                    f"two tokens are named {token.name!r} ({places}): a name says whose a "
+                    "change is (its events' origin), give each its own"
+                )
+            seen_tokens[digest] = (token.name, where)
+            seen_names[token.name] = where
+
+
+def load_tokens(settings: Settings) -> tuple[list[TokenSettings], str | None]:
+    """The tokens of a start; the generated admin token when none is configured.
+
+    Returns the tokens and, only when it was just created, the new admin token to print
+    once. The admin token in ``data_dir`` is used only when there is no tokens file and
+    ``auth.tokens`` lists none: a tokens file emptied (or left empty) made an admin token
+    of an earlier start work again, without a word. Such a file is refused (ValueError)
+    instead, as no request could be served.
+    """
+    tokens = configured_tokens(settings)
+    if tokens or settings.auth.tokens_file is not None or settings.auth.disabled:
         return tokens, None
-    path = settings.data_dir / ADMIN_TOKEN_FILE
+    admin_path = settings.data_dir / ADMIN_TOKEN_FILE
     created = None
-    if not path.exists():
+    if not admin_path.exists():
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         created = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(admin_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(created + "\n")
-    token = Path(path).read_text().strip()
+    else:
+        log.info(
+            "no token is configured (auth.tokens, auth.tokens_file): the admin token in %s "
+            "is accepted",
+            admin_path,
+        )
+    token = admin_path.read_text().strip()
     admin = TokenSettings.model_validate({"name": "admin", "token": token, "role": "admin"})
     return [admin], created

@@ -94,6 +94,19 @@ class TokenSettings(_Section):
     role: Literal["read", "write", "admin"] = "read"
     namespaces: list[str] | None = Field(None, description="Namespaces it may use; all if unset.")
 
+    @field_validator("token")
+    @classmethod
+    def _fits_a_header(cls, token: str) -> str:
+        # Any other token could never be sent: Starlette reads a header as Latin-1 (so no
+        # UTF-8 text matches), the token's spaces are stripped, and control characters
+        # end or break a header line. The message never repeats the token.
+        if not all("!" <= c <= "~" for c in token):
+            raise ValueError(
+                "must be visible ASCII characters (no space, control or non-ASCII character): "
+                "an HTTP Authorization header could never carry it"
+            )
+        return token
+
 
 class AuthSettings(_Section):
     disabled: bool = Field(False, description="Development only; refused unless bound to loopback.")
@@ -101,7 +114,9 @@ class AuthSettings(_Section):
         default_factory=list, description="Bearer tokens (JSON list)."
     )
     tokens_file: Path | None = Field(
-        None, description="JSON list of {name, token, role, namespaces}; any other key is refused."
+        None,
+        description="JSON list of {name, token, role, namespaces}; any other key is refused. "
+        "SIGHUP reads it again.",
     )
 
 

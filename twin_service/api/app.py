@@ -6,6 +6,8 @@ import asyncio
 import functools
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +21,7 @@ from twin_service.api import errors
 from twin_service.api.context import AppContext, Component
 from twin_service.api.hot_routes import TwinApp
 from twin_service.api.routes import health, search, streams, twins
-from twin_service.auth import TokenRegistry, load_tokens
+from twin_service.auth import TokenRegistry, configured_tokens, load_tokens
 from twin_service.errors import StoreUnreachable, TwinServiceError
 from twin_service.index.base import BuiltinIndex, NoIndex, SearchIndex
 from twin_service.open_files import readers_bound
@@ -94,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             registry = TokenRegistry(tokens, settings.auth.disabled)
+            _reload_tokens_on_sighup(settings, registry, stack)
             try:
                 app.state.ctx = await start_service(settings, registry, stack)
             except StoreUnreachable as exc:
@@ -140,6 +143,53 @@ def create_app(settings: Settings) -> FastAPI:
     app.router.routes[:0] = hot + [r for r in ours if r not in hot]
     _complete_openapi(app)
     return app
+
+
+def _reload_tokens_on_sighup(
+    settings: Settings, registry: TokenRegistry, stack: AsyncExitStack
+) -> None:
+    """SIGHUP reads the tokens file again, until the stack closes.
+
+    Read once at start, a revoked token went on working until a restart (and SIGHUP, left
+    to its default, ended the service). A file that cannot be used keeps the tokens in
+    force; one that holds no token revokes all of its tokens (how to lock every client
+    out without a restart). Only in the main thread, where the service runs: signal
+    handlers cannot be set in another (an app run by a test client).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    turn = asyncio.Lock()  # reloads one after another: the last signal's file wins
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        async with turn:
+            if settings.auth.tokens_file is None:
+                log.warning("SIGHUP: tokens not reloaded: auth.tokens_file is not set")
+                return
+            try:
+                tokens = await asyncio.to_thread(configured_tokens, settings, empty_file=True)
+            except ValueError as exc:
+                log.error("SIGHUP: tokens not reloaded, those in force stay: %s", exc)
+                return
+            registry.replace(tokens)
+            if tokens:
+                log.info("SIGHUP: tokens reloaded: %d in force", len(tokens))
+            else:
+                log.warning("SIGHUP: tokens reloaded: the tokens file holds none, none is accepted")
+
+    def hung_up() -> None:
+        task = loop.create_task(reload(), name="reload-tokens")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    async def stop() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(reloads):
+            await stop_task(task)
+
+    loop.add_signal_handler(signal.SIGHUP, hung_up)
+    stack.push_async_callback(stop)
 
 
 def _complete_openapi(app: FastAPI) -> None:
