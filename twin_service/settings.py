@@ -36,7 +36,7 @@ from pydantic_settings import (
 
 from connectivity.topics import TopicLayout
 from twin_service.errors import InvalidTwinId
-from twin_service.twin.ids import MAX_ID_LENGTH, generate_twin_id, parse_twin_id, validate_namespace
+from twin_service.twin.ids import MAX_GENERATED_NAMESPACE, generate_twin_id
 from twin_service.twin.jsonvalue import Limits
 from twin_service.urls import check_url
 
@@ -511,12 +511,11 @@ class Settings(BaseSettings):
         # Checked here, or the service started and every POST /twins answered 400
         # twin.id.invalid. The generated id must fit too, as POST makes it.
         try:
-            parse_twin_id(generate_twin_id(validate_namespace(namespace)))
+            generate_twin_id(namespace)
         except InvalidTwinId:
             raise ValueError(
                 "must be dotted words starting with a letter (e.g. org.acme.plant1), short "
-                f"enough for a generated id (at most {MAX_ID_LENGTH - _GENERATED_NAME - 1} "
-                "characters)"
+                f"enough for a generated id (at most {MAX_GENERATED_NAMESPACE} characters)"
             ) from None
         return namespace
 
@@ -570,9 +569,6 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
 
-
-#: Characters of the name POST /twins generates (a UUID).
-_GENERATED_NAME = 36
 
 #: The URL schemes each URL setting takes.
 _URL_SCHEMES = {

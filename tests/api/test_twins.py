@@ -61,6 +61,75 @@ def test_post_generates_id_in_default_namespace(api: httpx.Client) -> None:
     assert api.get(f"/api/v1/twins/{twin_id}").json()["attributes"] == {"a": 1}
 
 
+@pytest.mark.parametrize("namespace", ["org.a:x", " ", "org..a", "1org", "org/a", "a" * 220])
+def test_post_refuses_a_namespace_that_is_not_one(api: httpx.Client, namespace: str) -> None:
+    """It made ``org.a:x:<uuid>`` (the caller chose part of the generated name), or
+    complained about an id the client never sent."""
+    response = api.post("/api/v1/twins", params={"namespace": namespace}, json={})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error"] == "twin.id.invalid"
+    assert body["message"].startswith("Namespace "), body
+    assert "not valid" in body["message"], body
+
+
+def test_post_in_a_namespace(api: httpx.Client) -> None:
+    response = api.post("/api/v1/twins", params={"namespace": "org.acme.p_1"}, json={})
+    assert response.status_code == 201, response.text
+    assert response.json()["namespace"] == "org.acme.p_1"
+    # The longest namespace that leaves room for the generated name (as default_namespace).
+    longest = api.post("/api/v1/twins", params={"namespace": "a" * 219}, json={})
+    assert longest.status_code == 201, longest.text
+
+
+@pytest.mark.parametrize(
+    ("headers", "params", "status", "error"),
+    [
+        # A new twin has no current representation: If-Match is false (RFC 9110 13.1.1).
+        ({"If-Match": '"rev:77"'}, {}, 412, "twin.precondition.failed"),
+        ({"If-Match": "*"}, {}, 412, "twin.precondition.failed"),
+        ({"If-Match": "rev:77"}, {}, 400, "request.invalid"),
+        ({}, {"condition": "eq(attributes/a,1)"}, 412, "twin.condition.failed"),
+        ({}, {"condition": "eq(("}, 400, "rql.syntax"),
+        ({}, {"ttl": "-5"}, 400, "request.invalid"),
+        ({}, {"ttl": "abc"}, 400, "request.invalid"),
+    ],
+)
+def test_post_honours_preconditions_and_ttl_as_put_does(
+    api: httpx.Client,
+    headers: dict[str, str],
+    params: dict[str, str],
+    status: int,
+    error: str,
+) -> None:
+    """They were ignored: every one of these created a twin (201)."""
+    namespace = f"org.post{uuid.uuid4().hex[:8]}"
+    response = api.post(
+        "/api/v1/twins",
+        params={"namespace": namespace, **params},
+        headers=headers,
+        json={"attributes": {"a": 1}},
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error, response.text
+    found = api.get(
+        "/api/v1/search/twins", params={"namespaces": namespace, "filter": "exists(twinId)"}
+    )
+    assert found.status_code == 200 and found.json()["items"] == [], found.text
+
+
+def test_post_with_if_none_match_and_a_ttl(api: httpx.Client) -> None:
+    response = api.post(
+        "/api/v1/twins",
+        params={"ttl": "3600"},
+        headers={"If-None-Match": "*"},
+        json={"desired": {"led": "red"}},
+    )
+    assert response.status_code == 201, response.text
+    lifecycle = response.json()["lifecycle"]["led"]
+    assert lifecycle["state"] == "pending" and "expires" in lifecycle, lifecycle
+
+
 def test_get_missing_is_404_with_error_body(api: httpx.Client) -> None:
     response = api.get(f"/api/v1/twins/{new_id()}")
     assert response.status_code == 404

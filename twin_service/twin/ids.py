@@ -51,6 +51,29 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
+#: Characters of the name :func:`generate_twin_id` makes (a UUID), and the longest
+#: namespace that leaves room for it.
+GENERATED_NAME_LENGTH = 36
+MAX_GENERATED_NAMESPACE = MAX_ID_LENGTH - GENERATED_NAME_LENGTH - 1
+
+
 def generate_twin_id(namespace: str) -> str:
-    """A new random twin id in ``namespace``."""
+    """A new random twin id in ``namespace``.
+
+    Raises InvalidTwinId, about the namespace, when it is none or leaves no room for the
+    name: a ``:`` in it chose part of the name (``org.a:x:<uuid>``), and anything else
+    failed as an id the client never sent.
+    """
+    if len(namespace) > MAX_GENERATED_NAMESPACE or not _NAMESPACE_RE.fullmatch(namespace):
+        shown = (
+            repr(namespace)
+            if len(namespace) <= MAX_ID_LENGTH
+            else f"of {len(namespace)} characters"
+        )
+        raise InvalidTwinId(
+            f"Namespace {shown} is not valid.",
+            description="A namespace is dotted words starting with a letter (e.g. "
+            f"org.acme.plant1), at most {MAX_GENERATED_NAMESPACE} characters to leave room "
+            "for a generated name.",
+        )
     return f"{namespace}:{uuid.uuid4()}"

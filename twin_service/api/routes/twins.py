@@ -40,7 +40,7 @@ from twin_service.store.base import MAX_SEQ
 from twin_service.twin.document import Twin
 from twin_service.twin.fields import DESCRIPTION as FIELDS_DESCRIPTION
 from twin_service.twin.fields import parse_fields, select
-from twin_service.twin.ids import generate_twin_id, parse_twin_id
+from twin_service.twin.ids import MAX_GENERATED_NAMESPACE, generate_twin_id, parse_twin_id
 from twin_service.twin.jsonvalue import dumps_bytes
 from twin_service.twin.operations import (
     Edit,
@@ -119,18 +119,31 @@ def _not_modified(if_none_match: str | None, twin: Twin) -> bool:
     return tags is None or twin.revision in weak_revisions(tags)
 
 
+_NAMESPACE = RawParam(
+    "namespace",
+    "query",
+    "Namespace of the generated id (default_namespace when not given or empty): dotted "
+    "words starting with a letter",
+    {"type": "string", "maxLength": MAX_GENERATED_NAMESPACE},
+)
+
+
 @router.post(
     "/twins",
     status_code=201,
     response_model=TwinDocument,
-    responses=errors(413, 415, 507),
-    openapi_extra=json_request_body(TwinWrite.model_json_schema()),
+    responses=errors(412, 413, 415, 507),
+    openapi_extra={
+        **json_request_body(TwinWrite.model_json_schema()),
+        **documented(_NAMESPACE, *WRITE_OPTIONS),
+    },
     summary="Create a twin with a generated id in the default namespace",
 )
-async def create_twin(
-    ctx: Context, principal: Writer, body: Body, namespace: str | None = None
-) -> Response:
-    twin_id = generate_twin_id(namespace or ctx.settings.default_namespace)
+async def create_twin(request: Request, ctx: Context, principal: Writer, body: Body) -> Response:
+    # The preconditions and ttl of PUT: a new twin has no current representation, so any
+    # If-Match or condition fails (412, RFC 9110 13.1.1) and If-None-Match: * holds.
+    conditions, ttl = write_options(request)
+    twin_id = generate_twin_id(_NAMESPACE.get(request) or ctx.settings.default_namespace)
     _visible(principal, twin_id)
     edit = (
         replace_twin(body, twin_id) if not isinstance(body, dict) or "twinId" not in body else None
@@ -138,7 +151,12 @@ async def create_twin(
     if edit is None:
         raise BadRequest("POST generates the twin id; use PUT /twins/{id} to choose one.")
     outcome = await ctx.service.mutate(
-        twin_id, lambda _: edit, origin=principal.name, may_create=True
+        twin_id,
+        lambda _: edit,
+        origin=principal.name,
+        preconditions=conditions,
+        may_create=True,
+        amend=ttl,
     )
     assert outcome.twin is not None
     response = json_response(outcome.twin.to_document(), 201)
