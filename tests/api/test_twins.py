@@ -340,7 +340,8 @@ def test_get_as_of_a_revision(api: httpx.Client) -> None:
     assert api.get(url, params={"at": 2, "fields": "desired"}).json() == {"desired": {"a": 2}}
     future = api.get(url, params={"at": 9})
     assert future.status_code == 404 and future.json()["error"] == "revision.notfound"
-    for bad in ("0", "-1", "x", "1.5", ""):
+    # Only ASCII decimal digits: int() read the Arabic-Indic "\u0663" as 3, "3_0" as 30.
+    for bad in ("0", "-1", "x", "1.5", "", "\u0663", "3_0", " 3", "+3", "\uff13", "2 "):
         response = api.get(url, params={"at": bad})
         assert response.status_code == 400, bad
         body = response.json()

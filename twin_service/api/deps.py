@@ -98,10 +98,12 @@ class RawParam:
         if raw is None:
             return None
         minimum, maximum = self.schema.get("minimum"), self.schema.get("maximum")
-        try:
-            value = int(raw)
-        except ValueError:
-            value = None
+        # ASCII decimal digits only, a minus sign only where the schema allows negatives:
+        # int() also read "\u0663" (an Arabic-Indic three) as 3, "3_0" as 30, " +3" as 3.
+        negative = raw.startswith("-") and (minimum is None or minimum < 0)
+        value = ascii_integer(raw[1:] if negative else raw)
+        if value is not None and negative:
+            value = -value
         if (
             value is None
             or (minimum is not None and value < minimum)
