@@ -230,6 +230,29 @@ def test_the_writer_does_not_outlive_a_killed_service(tmp_path: Path) -> None:
         again.stop()
 
 
+def test_a_hangup_of_the_process_group_leaves_the_writer_serving(tmp_path: Path) -> None:
+    """A closed terminal sends SIGHUP to the whole process group: the service takes it as
+    "reload the tokens file", and the writer died of it (replaced, writes in flight lost)."""
+    service = ServiceProcess(tmp_path / "data").start()
+    try:
+        with service.client() as api:
+            assert (
+                api.put("/api/v1/twins/org.acme:hup", json={"desired": {"n": -1}}).status_code
+                == 201
+            )
+            pid = service.writer_pid()
+            assert service.proc is not None
+            for member in (service.proc.pid, pid):  # what killpg would reach
+                os.kill(member, signal.SIGHUP)
+            for n in range(20):
+                put = api.put("/api/v1/twins/org.acme:hup/desired/n", json=n)
+                assert put.status_code == 204, put.text
+            assert service.writer_pid() == pid and alive(pid)
+            assert service.proc.poll() is None
+    finally:
+        service.stop()
+
+
 def test_the_writer_keeps_full_collections_rare(tmp_path: Path) -> None:
     """What the writer process runs applies the service's ``gc_thresholds`` once its
     database is open (run here on a thread, so the collector seen is this process's)."""

@@ -485,9 +485,11 @@ def serve(channel: Connection) -> int:
 
 
 def main(argv: list[str]) -> int:
-    # Ctrl-C in a terminal reaches the whole process group: the parent decides when the
-    # writer stops (after the last commit), so the writer ignores it.
+    # Ctrl-C in a terminal, and its hangup when it closes, reach the whole process group:
+    # the parent decides when the writer stops (after the last commit) and takes SIGHUP as
+    # "reload the tokens file", so the writer ignores both.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return serve(Connection(int(argv[0])))
 
 
