@@ -46,10 +46,14 @@ def test_a_hung_search_engine_does_not_hold_a_store_readiness_probe(
             assert ready.status_code == 200, ready.text
             checks = ready.json()["checks"]
             assert checks["store"]["status"] == "up"
-            assert checks["index"] == {"status": "down", "error": "no answer within 0.5 s"}
+            # The index answers within the bound itself, with what it knows without the
+            # engine (the backlog of writes to index).
+            index = checks["index"]
+            assert index["status"] == "down" and index["backlog"] == 1, index  # the PUT
+            assert index["error"] == "The search index did not answer within 0.375 s.", index
             everything = api.get("/ready")
             assert everything.status_code == 503
-            assert everything.json()["checks"]["index"]["error"] == "no answer within 0.5 s"
+            assert everything.json()["checks"]["index"]["status"] == "down"
             metrics = api.get("/metrics")
             assert metrics.status_code == 200
             assert 'twin_service_check_up{check="index"} 0' in metrics.text, metrics.text

@@ -492,14 +492,19 @@ class ElasticsearchIndex:
 
     async def health(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": "up", "kind": "elasticsearch", "index": self.alias}
+        # Within /ready's bound for each check (api/routes/health.py), so that an engine that
+        # does not answer still leaves the backlog in the answer.
+        bound = self._settings.ready_check_timeout_seconds * 0.75
         try:
             backlog, lag = await self.lag()
             out.update(backlog=backlog, lagSeconds=round(lag, 3), rejected=self.rejected)
-            async with _es_errors("answer"):
+            async with _es_errors("answer"), asyncio.timeout(bound):
                 cluster = await self.client.cluster.health(index=self.alias, timeout="2s")
             out["cluster"] = cluster["status"]
             if cluster["status"] == "red":
                 out["status"] = "down"
+        except TimeoutError:
+            out.update(status="down", error=f"The search index did not answer within {bound:g} s.")
         except Unavailable as exc:
             out.update(status="down", error=exc.message)
             if exc.description:  # the client's reason: refused, certificate, timeout...
