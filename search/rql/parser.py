@@ -208,6 +208,10 @@ MAX_CONDITIONS = 256
 #: Most values of one ``in``: Elasticsearch refuses a terms query of more
 #: (``index.max_terms_count``), and SQLite binds each as a parameter.
 MAX_IN_VALUES = 65_536
+#: Most keys of one ``sort``: each costs every backend a join or a nested sort per page
+#: (SQLite refuses a query of more than 200 tables, MongoDB a sort of more than 32 fields,
+#: twinId included; 5,000 took Elasticsearch 5 s a page).
+MAX_SORT_KEYS = 16
 
 
 def _filter(sc: _Scanner, depth: int = 1) -> Filter:
@@ -273,9 +277,11 @@ def parse_filter(text: str) -> Filter:
     return result
 
 
-def _sort_keys(sc: _Scanner) -> tuple[SortKey, ...]:
+def _sort_keys(sc: _Scanner, start: int) -> tuple[SortKey, ...]:
     keys: list[SortKey] = []
     while True:
+        if len(keys) == MAX_SORT_KEYS:
+            raise RqlInvalid(f"sort has more than {MAX_SORT_KEYS} keys (at position {start})")
         descending = False
         if sc.peek() in ("+", "-"):
             descending = sc.text[sc.pos] == "-"
@@ -300,7 +306,7 @@ def parse_options(text: str) -> Options:
             raise RqlInvalid(f"option {name} given twice (at position {start})")
         sc.expect("(")
         if name == "sort":
-            found[name] = _sort_keys(sc)
+            found[name] = _sort_keys(sc, start)
         elif name == "size":
             sc.skip_ws()
             value_start = sc.pos

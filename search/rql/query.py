@@ -15,6 +15,9 @@ from .ordering import Key, Row, compare_positions, normalize_sort, row_sort_key,
 from .parser import parse_filter, parse_options
 
 DEFAULT_SORT: tuple[SortKey, ...] = normalize_sort(())
+#: Most distinct namespaces of one search: Elasticsearch refuses a longer terms list
+#: (``index.max_terms_count``), as it does a longer ``in``.
+MAX_NAMESPACES = 65_536
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,10 @@ def build_query(
         raise RqlInvalid(f"size must be between 1 and {max_size}, got {size}")
     ns: tuple[str, ...] | None = None
     if namespaces is not None and namespaces.strip():
-        ns = tuple(part.strip() for part in namespaces.split(",") if part.strip())
+        # Once each, in order: a repeated namespace is no other, and would take a terms slot.
+        ns = tuple(dict.fromkeys(p.strip() for p in namespaces.split(",") if p.strip()))
+        if len(ns) > MAX_NAMESPACES:
+            raise RqlInvalid(f"namespaces lists more than {MAX_NAMESPACES} namespaces")
     return SearchQuery(
         filter=parsed,
         sort=options.sort or (),

@@ -593,6 +593,10 @@ _DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode().rstr
         (None, f"cursor({_DEEP_CURSOR})", "malformed cursor"),
         ("not(" * 100 + "exists(attributes/a)" + ")" * 100, "", "nests deeper than 32"),
         ("or(" + ",".join(["exists(attributes/a)"] * 600) + ")", "", "more than 256 conditions"),
+        # 201 sort paths were a 503 on SQLite (too many FROM clause terms, max 200), 32 on
+        # FerretDB (at most 32 sort fields, twinId included).
+        (None, "sort(" + ",".join(f"+attributes/k{i}" for i in range(201)) + ")", "more than 16"),
+        (None, "sort(" + ",".join(["+attributes/k"] * 17) + ")", "sort has more than 16 keys"),
     ],
 )
 def test_invalid_queries(
@@ -600,6 +604,20 @@ def test_invalid_queries(
 ) -> None:
     body = error(search(api, ns, filter, option=option), 400, "rql.invalid")
     assert fragment in body["message"]
+
+
+def test_the_most_sort_keys_and_repeated_namespaces(api: httpx.Client, ns: str) -> None:
+    """16 sort keys are taken; a namespace listed 50,000 times is one namespace (SQLite
+    refused to bind so many values), and more than 65,536 distinct ones are refused."""
+    put(api, f"{ns}:a", {"attributes": {"k0": 2}})
+    put(api, f"{ns}:b", {"attributes": {"k0": 1}})
+    widest = "sort(" + ",".join(f"+attributes/k{i}" for i in range(16)) + ")"
+    assert names(search(api, ns, option=widest)) == ["b", "a"]
+    repeated = api.post(SEARCH, data={"namespaces": ",".join([ns] * 50_000)})
+    assert sorted(names(repeated)) == ["a", "b"]
+    many = ",".join([ns, *(f"org.n{i}" for i in range(65_536))])
+    body = error(api.post(SEARCH, data={"namespaces": many}), 400, "rql.invalid")
+    assert "more than 65536 namespaces" in body["message"]
 
 
 def test_unicode_escapes_and_numbers_beyond_64_bits(api: httpx.Client, ns: str) -> None:

@@ -389,3 +389,19 @@ def test_the_widest_filters_the_parser_allows_run_on_elasticsearch(api: httpx.Cl
         )
         assert found.status_code == 200, found.text[:300]
         assert "org.acme:wide" in [t["twinId"] for t in found.json()["items"]], rql[:40]
+
+
+def test_sort_keys_and_namespaces_are_bounded_on_elasticsearch(api: httpx.Client) -> None:
+    """16 sort keys run, 17 are refused (5,000 took 5 s a page); a namespace repeated
+    70,000 times is one (it was a terms query over index.max_terms_count: 503)."""
+    put(api, "org.acme:s1", {"attributes": {"k0": 1}})
+    search = "/api/v1/search/twins"
+    widest = "sort(" + ",".join(f"+attributes/k{i}" for i in range(16)) + ")"
+    found = api.post(search, data={"option": widest, "waitFor": "latest"})
+    assert found.status_code == 200, found.text[:300]
+    assert [t["twinId"] for t in found.json()["items"]] == ["org.acme:s1"]
+    refused = api.post(search, data={"option": widest[:-1] + ",+attributes/k16)"})
+    assert refused.status_code == 400 and refused.json()["error"] == "rql.invalid"
+    repeated = api.post(search, data={"namespaces": ",".join(["org.acme"] * 70_000)})
+    assert repeated.status_code == 200, repeated.text[:300]
+    assert [t["twinId"] for t in repeated.json()["items"]] == ["org.acme:s1"]

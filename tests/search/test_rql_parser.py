@@ -146,6 +146,13 @@ def test_invalid(text: str, message: str) -> None:
         parse_filter(text)
 
 
+def test_sort_keys_are_bounded() -> None:
+    keys = [f"+attributes/k{i}" for i in range(17)]
+    assert len(parse_options(f"sort({','.join(keys[:16])})").sort or ()) == 16
+    with pytest.raises(RqlInvalid, match="sort has more than 16 keys"):
+        parse_options(f"sort({','.join(keys)})")
+
+
 def test_options() -> None:
     options = parse_options(" sort( +attributes/a , -revision, twinId ) , size(10),cursor(abc-_=)")
     assert options.sort == (
