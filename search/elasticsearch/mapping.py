@@ -22,6 +22,8 @@ from typing import Any
 from search.sqlite import leaves
 from twin_service.types import JSONObject
 
+from .translate import as_double
+
 #: Bumped when the mapping changes; ``twin-service index rebuild`` moves the alias over.
 MAPPING_VERSION = 1
 
@@ -86,7 +88,7 @@ def to_es_document(doc: JSONObject, seq: int) -> dict[str, Any]:
     for path, rank, value, in_array in leaves(doc):
         entry: dict[str, Any] = {"p": path, "t": rank, "a": bool(in_array)}
         if rank in (1, 2):
-            entry["n"] = float(value)
+            entry["n"] = as_double(value)
         elif rank == 3:
             entry["s"] = value
         entries.append(entry)

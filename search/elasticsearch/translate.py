@@ -65,12 +65,18 @@ def _leaf(path: Path, *conditions: Query) -> Query:
     }
 
 
+def as_double(value: Value) -> float:
+    """A boolean or number as the indexed double; ``-0.0`` is ``0.0``, which it equals (as a
+    double it sorts below ``0.0`` and ``term`` and ``range`` keep them apart)."""
+    return float(value) + 0.0  # type: ignore[arg-type]
+
+
 def _value_terms(value: Value) -> list[Query]:
     """Conditions on one leaf for "equal to ``value``" (typed: ``1 == 1.0``, ``1 != true``)."""
     rank = type_rank(value)
     out: list[Query] = [{"term": {"leaves.t": rank}}]
     if rank in (1, 2):
-        out.append({"term": {"leaves.n": float(value)}})  # type: ignore[arg-type]
+        out.append({"term": {"leaves.n": as_double(value)}})
     elif rank == 3:
         out.append({"term": {"leaves.s": value}})
     return out
@@ -90,7 +96,7 @@ def _in(node: In) -> Query:
             options.append({"term": {"leaves.t": 0}})
             continue
         field = "leaves.s" if rank == 3 else "leaves.n"
-        terms = [v if rank == 3 else float(v) for v in values]  # type: ignore[arg-type]
+        terms = [v if rank == 3 else as_double(v) for v in values]
         options.append(
             {"bool": {"filter": [{"term": {"leaves.t": rank}}, {"terms": {field: terms}}]}}
         )
@@ -126,7 +132,7 @@ def _compare(node: Compare) -> Query:
         return {"bool": {"filter": [_leaf(node.path)], "must_not": [_eq(node.path, node.value)]}}
     rank = type_rank(node.value)
     field = "leaves.s" if rank == 3 else "leaves.n"
-    bound: Any = node.value if rank == 3 else float(node.value)  # type: ignore[arg-type]
+    bound: Any = node.value if rank == 3 else as_double(node.value)
     return _leaf(
         node.path, {"term": {"leaves.t": rank}}, {"range": {field: {_RANGE[node.op]: bound}}}
     )
@@ -209,7 +215,7 @@ def search_after(sort: Sequence[SortKey], keys: Sequence[Key]) -> list[Any]:
             out.append(value)
             continue
         out.append(rank)
-        out.append(float(value) if rank in (1, 2) and value is not None else MISSING_NUMBER)
+        out.append(as_double(value) if rank in (1, 2) and value is not None else MISSING_NUMBER)
         out.append(value if rank == 3 else MISSING_STRING)
     return out
 

@@ -200,3 +200,11 @@ def test_bulk_operations_use_external_versions() -> None:
 )
 def test_bulk_item_outcomes(item: dict[str, Any], outcome: Outcome) -> None:
     assert item_outcome(item) is outcome
+
+
+def test_negative_zero_is_indexed_and_queried_as_zero() -> None:
+    doc = to_es_document({"twinId": "a:b", "attributes": {"x": -0.0}}, 1)
+    (entry,) = [e for e in doc["leaves"] if e["p"] == "attributes/x"]
+    assert str(entry["n"]) == "0.0"
+    query = filter_query(parse_filter("eq(attributes/x,-0.0)"))
+    assert '"leaves.n": 0.0' in str(query).replace("'", '"')
