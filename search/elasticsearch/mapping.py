@@ -9,6 +9,8 @@ schema and a twin may change a leaf's type between writes:
   4 array, 5 object holding something); empty objects get no entry;
 * ``n``: booleans (0/1) and numbers, as a double;
 * ``s``: strings, as a keyword (byte order of UTF-8 is code point order, like the evaluator);
+* ``f``: :func:`search.rql.patterns.fold` of the string, where it differs from it (``ilike``
+  matches the folded pattern against ``f``, else ``s``);
 * ``a``: true when the node was reached through an array (such entries never give a sort value).
 
 Top level: ``twinId`` and ``namespace`` (keywords) and ``seq``, the store sequence number of
@@ -19,13 +21,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from search.rql.patterns import fold
 from search.sqlite import leaves
 from twin_service.types import JSONObject
 
 from .translate import as_double
 
-#: Bumped when the mapping changes; ``twin-service index rebuild`` moves the alias over.
-MAPPING_VERSION = 1
+#: Bumped when the mapping or what documents hold changes; ``twin-service index rebuild``
+#: moves the alias over. The version is kept in the mapping's ``_meta``: a service finding an
+#: older one adds the new fields (so its writes are taken) and asks for a rebuild.
+#: 2: ``f`` (folded strings for ilike); -0.0 indexed as 0.0.
+MAPPING_VERSION = 2
 
 #: Lucene refuses terms over 32766 bytes; 8191 characters of at most 4 UTF-8 bytes fit.
 #: Longer strings are kept in the twin but are not searchable or sortable by value.
@@ -33,6 +39,7 @@ MAX_INDEXED_STRING = 8191
 
 MAPPING: dict[str, Any] = {
     "dynamic": "strict",
+    "_meta": {"version": MAPPING_VERSION},
     "_source": {"excludes": ["leaves"]},
     "properties": {
         "twinId": {"type": "keyword"},
@@ -46,6 +53,7 @@ MAPPING: dict[str, Any] = {
                 "t": {"type": "integer"},
                 "n": {"type": "double"},
                 "s": {"type": "keyword", "ignore_above": MAX_INDEXED_STRING},
+                "f": {"type": "keyword", "ignore_above": MAX_INDEXED_STRING},
                 "a": {"type": "boolean"},
             },
         },
@@ -91,6 +99,8 @@ def to_es_document(doc: JSONObject, seq: int) -> dict[str, Any]:
             entry["n"] = as_double(value)
         elif rank == 3:
             entry["s"] = value
+            if (folded := fold(value)) != value:
+                entry["f"] = folded
         entries.append(entry)
     return {
         "twinId": doc["twinId"],

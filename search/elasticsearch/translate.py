@@ -15,9 +15,10 @@ vocabulary never reaches them, so nothing is excluded from the generator):
 
 * numbers are doubles: integers beyond 2**53 compare and sort approximately;
 * strings longer than :data:`.mapping.MAX_INDEXED_STRING` characters are not indexed by value;
-* ``ilike`` uses Lucene's per-character case-insensitive matching (``Character.toLowerCase``
-  and ``toUpperCase``), Python's uses simple case folding: they differ only for a few
-  characters with several case forms (e.g. the long s or the Kelvin sign).
+
+``ilike`` matches :func:`search.rql.patterns.fold` of the pattern against the folded strings
+the documents hold (Lucene's own ``case_insensitive`` folds ASCII only), so it ignores case
+exactly as the evaluator does, in every script.
 """
 
 from __future__ import annotations
@@ -117,12 +118,23 @@ def wildcard_pattern(pattern: str) -> str:
 
 def _like(node: Like) -> Query:
     prefix, literal = patterns.literal_prefix(node.pattern)
-    if literal and not node.ignore_case:
-        return _eq(node.path, prefix)
-    wildcard: dict[str, Any] = {"value": wildcard_pattern(node.pattern)}
-    if node.ignore_case:
-        wildcard["case_insensitive"] = True
-    return _leaf(node.path, {"term": {"leaves.t": 3}}, {"wildcard": {"leaves.s": wildcard}})
+    if not node.ignore_case:
+        if literal:
+            return _eq(node.path, prefix)
+        wildcard = {"wildcard": {"leaves.s": {"value": wildcard_pattern(node.pattern)}}}
+        return _leaf(node.path, {"term": {"leaves.t": 3}}, wildcard)
+    # Lucene's case_insensitive folds ASCII only: match the folded pattern against the
+    # folded string instead, kept in ``f`` where it differs from ``s`` (see mapping).
+    folded = wildcard_pattern(patterns.fold(node.pattern))
+    in_f = {"wildcard": {"leaves.f": {"value": folded}}}
+    in_s = {
+        "bool": {
+            "filter": [{"wildcard": {"leaves.s": {"value": folded}}}],
+            "must_not": [{"exists": {"field": "leaves.f"}}],
+        }
+    }
+    either = {"bool": {"should": [in_f, in_s], "minimum_should_match": 1}}
+    return _leaf(node.path, {"term": {"leaves.t": 3}}, either)
 
 
 def _compare(node: Compare) -> Query:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from functools import lru_cache
 
@@ -78,6 +79,35 @@ def compile_pattern(pattern: str, ignore_case: bool) -> re.Pattern[str]:
         body = first + "".join(f"(?>.*?{run})" for run in middle if run) + ".*" + last
     flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
     return re.compile(body, flags)
+
+
+#: The lower-case characters that IGNORECASE also takes for each other (``s`` and the long
+#: s, the Greek symbol variants...): the table the ``re`` module itself matches with.
+_EXTRA_CASES: dict[int, tuple[int, ...]] = importlib.import_module("re._casefix")._EXTRA_CASES
+
+
+@lru_cache(maxsize=4096)
+def _fold_char(ch: str) -> str:
+    if ch in "İı":
+        return ch
+    lower = ch.lower()  # one character for all but İ (full mapping i + dot)
+    if lower == "i":  # ı is left out of i's class above
+        return lower
+    return min(lower, *map(chr, _EXTRA_CASES.get(ord(lower), ())))
+
+
+def fold(text: str) -> str:
+    """``text`` with each character replaced by one representative of its ``ilike`` class.
+
+    ``ilike(p, pattern)`` matches a string exactly when ``like`` matches ``fold(pattern)``
+    against ``fold(string)``: the character classes are those of :func:`compile_pattern`
+    (Python's IGNORECASE, with İ and ı matching only themselves), one character maps to
+    one, and ``*``, ``?`` and ``\\`` map to themselves, so a folded pattern stays a pattern.
+    External indexes store folded strings to answer ``ilike`` for every script.
+    """
+    if text.isascii():  # every ASCII class's least member is its lower case
+        return text.lower()
+    return "".join(map(_fold_char, text))
 
 
 def like(pattern: str, ignore_case: bool, text: str) -> bool:

@@ -8,6 +8,7 @@ costs a few round trips to a real node.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import cast
@@ -128,3 +129,22 @@ async def test_negative_zero_is_zero(backend: SearchBackend) -> None:
         await check_backend(backend, docs, SearchQuery(parse_filter(rql), size=1))
     sort = parse_options("sort(+attributes/x)").sort or ()
     await check_backend(backend, docs, SearchQuery(None, sort, 1))
+
+
+async def test_ilike_ignores_case_in_every_script(backend: SearchBackend) -> None:
+    """ilike on Elasticsearch used Lucene's case_insensitive, which folds ASCII only:
+    ilike(x,"É") missed "é", "CAFÉ" missed "Café" (and Greek, Cyrillic, Deseret alike)."""
+    values = ["É", "é", "Café", "CAFÉ", "ΣΑΣ", "σας", "Яблоко", "яБЛОКО", "\U00010400x"]
+    values += ["\U00010428X", "İ", "ı", "i", "I", "ſ", "S", "\u212a", "k", "a*b", "A*B"]
+    docs: list[JSONObject] = [
+        {"twinId": f"org.a:u{i:02d}", "namespace": "org.a", "attributes": {"x": value}}
+        for i, value in enumerate(values)
+    ]
+    await backend.load(docs)
+    patterns = [*values, "*É", "caf?", "C*", "σ*", "*Σ", "я*", "\U00010428*", "?X", "A\\*B"]
+    for pattern in patterns:
+        for rql in (
+            f"ilike(attributes/x,{json.dumps(pattern)})",
+            f"like(attributes/x,{json.dumps(pattern)})",
+        ):
+            await check_backend(backend, docs, SearchQuery(parse_filter(rql), size=25))

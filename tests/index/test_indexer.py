@@ -3,21 +3,24 @@ the real index on the test node, writes through the real twin service."""
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from search.elasticsearch import Change, Outcome
+from search.elasticsearch import MAPPING, Change, Outcome
 from search.rql import SearchQuery, parse_filter
 from tests.index.helpers import es_settings, index_name
 from tests.servers.search_engine import SearchEngine
 from twin_service.errors import Unavailable
-from twin_service.index.elasticsearch import ElasticsearchIndex
+from twin_service.index.elasticsearch import ElasticsearchIndex, make_client
 from twin_service.service import TwinService
 from twin_service.settings import Settings
+from twin_service.store.base import TwinStore
 from twin_service.store.sqlite import SqliteStore
 from twin_service.twin.jsonvalue import Limits
 from twin_service.twin.operations import replace_twin
@@ -160,3 +163,36 @@ async def test_unreachable_engine_is_unavailable(tmp_path: Path) -> None:
         assert caught.value.code == "index.unavailable"
     finally:
         await index.stop()
+
+
+async def test_an_index_of_an_older_mapping_takes_new_documents_and_asks_for_a_rebuild(
+    search_engine: SearchEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Version 2 added ``leaves.f``: an index made by version 1 refused every document
+    holding it (strict mapping), for good. Starting on it now adds the field and logs that
+    the index needs a rebuild."""
+    settings = es_settings(search_engine, tmp_path, index_name("old"))
+    alias = settings.elasticsearch.index_name
+    old = copy.deepcopy(MAPPING)
+    del old["_meta"], old["properties"]["leaves"]["properties"]["f"]
+    client = make_client(settings)
+    index = ElasticsearchIndex(settings, cast(TwinStore, None), client=client, run_indexer=False)
+    try:
+        await client.indices.create(
+            index=f"{alias}-v1",
+            mappings=old,
+            settings={"number_of_replicas": 0},
+            aliases={alias: {}},
+        )
+        with caplog.at_level(logging.WARNING, "twin_service.index.elasticsearch"):
+            await index.start()
+        assert "run `twin-service index rebuild`" in caplog.text
+        doc = {"twinId": "org.a:old", "namespace": "org.a", "attributes": {"x": "Café"}}
+        assert await index.write([Change("org.a:old", 1, doc)]) == [Outcome.DONE]
+        await index.client.indices.refresh(index=alias)
+        ids, _ = await index.search_ids(SearchQuery(parse_filter('ilike(attributes/x,"CAFÉ")')))
+        assert ids == ["org.a:old"]
+    finally:
+        await client.indices.delete(index=f"{alias}-*")
+        await index.stop()
+        await client.close()

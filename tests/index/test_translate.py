@@ -75,11 +75,25 @@ CASES: list[tuple[str, dict[str, Any]]] = [
         leaf("attributes/a", T[3], {"wildcard": {"leaves.s": {"value": "a\\*b*"}}}),
     ),
     (
-        'ilike(attributes/a,"ab")',
+        # Folded pattern against the folded string (f), or s where no f was needed.
+        'ilike(attributes/a,"ÉA*")',
         leaf(
             "attributes/a",
             T[3],
-            {"wildcard": {"leaves.s": {"value": "ab", "case_insensitive": True}}},
+            {
+                "bool": {
+                    "should": [
+                        {"wildcard": {"leaves.f": {"value": "éa*"}}},
+                        {
+                            "bool": {
+                                "filter": [{"wildcard": {"leaves.s": {"value": "éa*"}}}],
+                                "must_not": [{"exists": {"field": "leaves.f"}}],
+                            }
+                        },
+                    ],
+                    "minimum_should_match": 1,
+                }
+            },
         ),
     ),
     ("exists(delta)", leaf("delta")),
@@ -208,3 +222,10 @@ def test_negative_zero_is_indexed_and_queried_as_zero() -> None:
     assert str(entry["n"]) == "0.0"
     query = filter_query(parse_filter("eq(attributes/x,-0.0)"))
     assert '"leaves.n": 0.0' in str(query).replace("'", '"')
+
+
+def test_documents_carry_folded_strings_where_they_differ() -> None:
+    doc = to_es_document({"twinId": "a:b", "attributes": {"x": "Café", "y": "café"}}, 1)
+    by_path = {e["p"]: e for e in doc["leaves"]}
+    assert by_path["attributes/x"]["f"] == "café"
+    assert "f" not in by_path["attributes/y"] and "f" not in by_path["twinId"]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -230,3 +232,24 @@ def test_like_with_many_stars_ends() -> None:
     assert not patterns.like("*a" * 30 + "*b", False, "a" * 100_000)
     assert not patterns.like("*" * 5000 + "a", True, "a" * 200 + "b")
     assert patterns.like("*a" * 30 + "*b", False, "a" * 100_000 + "b")
+
+
+def test_fold_gives_the_classes_of_ilike() -> None:
+    """``fold`` (what external indexes match ``ilike`` on) puts two characters in one class
+    exactly when ilike takes one for the other, for every cased code point."""
+    checked = 0
+    for code in range(sys.maxunicode + 1):
+        ch = chr(code)
+        if 0xD800 <= code <= 0xDFFF or ch.lower() == ch.upper() == ch:
+            continue
+        folded = patterns.fold(ch)
+        assert len(folded) == 1 and patterns.like(ch, True, folded), hex(code)
+        assert patterns.like(folded, True, ch), hex(code)
+        for other in {ch.upper(), ch.lower(), ch.swapcase(), ch.casefold(), ch.title()}:
+            if len(other) == 1:
+                same = patterns.fold(other) == folded
+                assert patterns.like(ch, True, other) == same, (hex(code), other)
+        checked += 1
+    assert checked > 2_500
+    assert patterns.fold("CAFÉ \\* İıIK") == "café \\* İıik"
+    assert patterns.fold("ΣΑΣ") == patterns.fold("σας")

@@ -193,6 +193,7 @@ class ElasticsearchIndex:
         name = f"{self.alias}-v{MAPPING_VERSION}"
         async with _es_errors("create its index"):
             if await self.client.indices.exists_alias(name=self.alias):
+                await self._upgrade_mapping()
                 return False
             try:
                 await self.create_index(name, alias=True)
@@ -207,6 +208,26 @@ class ElasticsearchIndex:
                 return False
         log.info("created the search index %s (alias %s)", name, self.alias)
         return True
+
+    async def _upgrade_mapping(self) -> None:
+        """Add the fields of a newer mapping to an index made with an older one, so that the
+        documents this service writes are taken (the mapping is strict), and ask for a
+        rebuild: the documents already there lack what the new version added."""
+        found = await self.client.indices.get_mapping(index=self.alias)
+        for name, body in found.items():
+            version = body["mappings"].get("_meta", {}).get("version", 1)
+            if version >= MAPPING_VERSION:
+                continue
+            # Not _meta: the index keeps its version until a rebuild replaces it.
+            await self.client.indices.put_mapping(index=name, properties=MAPPING["properties"])
+            log.warning(
+                "search index %s has mapping version %s, this service writes version %s: "
+                "run `twin-service index rebuild` (until then some searches miss twins "
+                "indexed before, see docs/scaling.md)",
+                name,
+                version,
+                MAPPING_VERSION,
+            )
 
     async def create_index(self, name: str, *, alias: bool, refresh: str | None = None) -> None:
         """Create a concrete twin index (with the alias when ``alias``)."""
