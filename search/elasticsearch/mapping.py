@@ -25,8 +25,6 @@ from search.rql.patterns import fold
 from search.sqlite import leaves
 from twin_service.types import JSONObject
 
-from .translate import as_double
-
 #: Bumped when the mapping or what documents hold changes; ``twin-service index rebuild``
 #: moves the alias over. The version is kept in the mapping's ``_meta``: a service finding an
 #: older one adds the new fields (so its writes are taken) and asks for a rebuild.
@@ -88,6 +86,12 @@ def max_leaves(max_twin_bytes: int) -> int:
     costs nothing until a document reaches it.
     """
     return 2 * max_twin_bytes + 1024
+
+
+def as_double(value: Any) -> float:
+    """A boolean or number as the indexed double; ``-0.0`` is ``0.0``, which it equals (as a
+    double it sorts below ``0.0`` and ``term`` and ``range`` keep them apart)."""
+    return float(value) + 0.0
 
 
 def to_es_document(doc: JSONObject, seq: int) -> dict[str, Any]:

@@ -14,7 +14,11 @@ Known differences from the evaluator (documented in docs/scaling.md; the differe
 vocabulary never reaches them, so nothing is excluded from the generator):
 
 * numbers are doubles: integers beyond 2**53 compare and sort approximately;
-* strings longer than :data:`.mapping.MAX_INDEXED_STRING` characters are not indexed by value;
+* strings longer than :data:`.mapping.MAX_INDEXED_STRING` UTF-16 code units (what the
+  keyword's ``ignore_above`` counts: a character beyond U+FFFF counts twice) are not indexed
+  by value. Such a value in a query is never sent as a term (Lucene refuses terms over
+  32,766 bytes): ``eq``, ``in`` and ``like`` cannot match it, and range bounds are cut to a
+  prefix that compares the same with every indexed string (:func:`_range_bound`);
 
 ``ilike`` matches :func:`search.rql.patterns.fold` of the pattern against the folded strings
 the documents hold (Lucene's own ``case_insensitive`` folds ASCII only), so it ignores case
@@ -46,6 +50,8 @@ from search.rql.evaluator import type_rank
 from search.rql.ordering import MISSING, Key
 from search.rql.paths import format_path
 
+from .mapping import MAX_INDEXED_STRING, as_double
+
 Query: TypeAlias = dict[str, Any]
 
 #: Placeholders sorted in for twins without a number / string at a sort path.
@@ -54,6 +60,38 @@ MISSING_STRING = ""
 
 _RANGE = {"gt": "gt", "ge": "gte", "lt": "lt", "le": "lte"}
 _MATCH_ALL: Query = {"match_all": {}}
+_MATCH_NONE: Query = {"match_none": {}}
+
+
+def _utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def searchable(text: str) -> bool:
+    """Whether the keyword field indexes ``text`` (its ``ignore_above`` counts UTF-16 units)."""
+    return len(text) * 2 <= MAX_INDEXED_STRING or _utf16_units(text) <= MAX_INDEXED_STRING
+
+
+def _range_bound(text: str) -> str:
+    """A bound that every indexed string compares with as with ``text``: ``text`` itself, or
+    its shortest prefix longer than any indexed string (at most 24,579 UTF-8 bytes). An
+    indexed string that is a prefix of ``text`` is a proper prefix of the cut one, and any
+    other differs from both at the same place, before the cut."""
+    if searchable(text):
+        return text
+    cut, units = 0, 0
+    while units <= MAX_INDEXED_STRING:
+        units += 2 if ord(text[cut]) > 0xFFFF else 1
+        cut += 1
+    return text[:cut]
+
+
+def _min_units(pattern: str) -> int:
+    """The fewest UTF-16 units of a string ``pattern`` matches (``?`` takes one or two)."""
+    return sum(
+        _utf16_units(token[1]) if token[0] == "=" else 1 if token == "?" else 0
+        for token in patterns._tokens(pattern)
+    )
 
 
 def _leaf(path: Path, *conditions: Query) -> Query:
@@ -66,12 +104,6 @@ def _leaf(path: Path, *conditions: Query) -> Query:
     }
 
 
-def as_double(value: Value) -> float:
-    """A boolean or number as the indexed double; ``-0.0`` is ``0.0``, which it equals (as a
-    double it sorts below ``0.0`` and ``term`` and ``range`` keep them apart)."""
-    return float(value) + 0.0  # type: ignore[arg-type]
-
-
 def _value_terms(value: Value) -> list[Query]:
     """Conditions on one leaf for "equal to ``value``" (typed: ``1 == 1.0``, ``1 != true``)."""
     rank = type_rank(value)
@@ -79,7 +111,8 @@ def _value_terms(value: Value) -> list[Query]:
     if rank in (1, 2):
         out.append({"term": {"leaves.n": as_double(value)}})
     elif rank == 3:
-        out.append({"term": {"leaves.s": value}})
+        assert isinstance(value, str)
+        out.append({"term": {"leaves.s": value}} if searchable(value) else _MATCH_NONE)
     return out
 
 
@@ -90,7 +123,10 @@ def _eq(path: Path, value: Value) -> Query:
 def _in(node: In) -> Query:
     by_rank: dict[int, list[Value]] = defaultdict(list)
     for value in node.values:
-        by_rank[type_rank(value)].append(value)
+        if not isinstance(value, str) or searchable(value):
+            by_rank[type_rank(value)].append(value)
+    if not by_rank:
+        return _MATCH_NONE
     options: list[Query] = []
     for rank, values in sorted(by_rank.items()):
         if rank == 0:
@@ -118,9 +154,11 @@ def wildcard_pattern(pattern: str) -> str:
 
 def _like(node: Like) -> Query:
     prefix, literal = patterns.literal_prefix(node.pattern)
+    if not node.ignore_case and literal:
+        return _eq(node.path, prefix)
+    if _min_units(node.pattern) > MAX_INDEXED_STRING:
+        return _MATCH_NONE  # every string it matches is too long to be indexed
     if not node.ignore_case:
-        if literal:
-            return _eq(node.path, prefix)
         wildcard = {"wildcard": {"leaves.s": {"value": wildcard_pattern(node.pattern)}}}
         return _leaf(node.path, {"term": {"leaves.t": 3}}, wildcard)
     # Lucene's case_insensitive folds ASCII only: match the folded pattern against the
@@ -144,7 +182,7 @@ def _compare(node: Compare) -> Query:
         return {"bool": {"filter": [_leaf(node.path)], "must_not": [_eq(node.path, node.value)]}}
     rank = type_rank(node.value)
     field = "leaves.s" if rank == 3 else "leaves.n"
-    bound: Any = node.value if rank == 3 else as_double(node.value)
+    bound: Any = _range_bound(node.value) if isinstance(node.value, str) else as_double(node.value)
     return _leaf(
         node.path, {"term": {"leaves.t": rank}}, {"range": {field: {_RANGE[node.op]: bound}}}
     )

@@ -7,6 +7,7 @@ the same alias), what users see over REST, and readiness figures on ``/ready``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -405,3 +406,41 @@ def test_sort_keys_and_namespaces_are_bounded_on_elasticsearch(api: httpx.Client
     repeated = api.post(search, data={"namespaces": ",".join(["org.acme"] * 70_000)})
     assert repeated.status_code == 200, repeated.text[:300]
     assert [t["twinId"] for t in repeated.json()["items"]] == ["org.acme:s1"]
+
+
+def test_long_strings_and_hard_patterns_are_no_server_errors(api: httpx.Client) -> None:
+    """Values over Lucene's 32,766-byte term limit were sent as terms (503 from ES's
+    "Term is longer than maximum indexable length"); such strings are never indexed, so eq
+    finds nothing and a range still compares with what is indexed. ignore_above counts
+    UTF-16 units: 4,000 emoji (8,000 units) are searchable, 5,000 are not, on both sides.
+    A pattern whose automaton ES will not build was a 503 too: now a 400."""
+    smile = "\U0001f600"
+    body = {"k": "b", "e4": smile * 4000, "e5": smile * 5000}
+    put(api, "org.acme:long", {"attributes": body})
+
+    def ids(rql: str) -> list[str]:
+        form = {"filter": rql, "namespaces": "org.acme", "waitFor": "latest"}
+        found = api.post("/api/v1/search/twins", data=form)
+        assert found.status_code == 200, (rql[:40], found.text[:300])
+        count = api.post("/api/v1/search/twins/count", data=form)
+        assert count.json()["count"] == len(found.json()["items"]), rql[:40]
+        return [t["twinId"] for t in found.json()["items"]]
+
+    long_a, long_han = json.dumps("a" * 40_000), json.dumps("中" * 12_000, ensure_ascii=False)
+    assert ids(f"eq(attributes/k,{long_a})") == []
+    assert ids(f"like(attributes/k,{long_a})") == []
+    assert ids(f"ilike(attributes/k,{long_a})") == []
+    assert ids(f"in(attributes/k,{long_a},{long_han})") == []
+    assert ids(f'in(attributes/k,{long_a},"b")') == ["org.acme:long"]
+    assert ids(f"gt(attributes/k,{long_a})") == ["org.acme:long"]
+    assert ids(f"le(attributes/k,{long_han})") == ["org.acme:long"]
+    assert ids(f"lt(attributes/k,{long_a})") == []
+    assert ids(f"ne(attributes/k,{long_a})") == ["org.acme:long"]
+    assert ids(f"eq(attributes/e4,{json.dumps(smile * 4000)})") == ["org.acme:long"]
+    assert ids(f'like(attributes/e4,"{smile}*")') == ["org.acme:long"]
+    assert ids(f"eq(attributes/e5,{json.dumps(smile * 5000)})") == []
+    assert ids(f'like(attributes/e5,"{smile}*")') == []
+    hard = api.post("/api/v1/search/twins", data={"filter": f'like(attributes/k,"{"*a?" * 124}")'})
+    assert hard.status_code == 400, hard.text[:300]
+    assert hard.json()["error"] == "rql.invalid"
+    assert "too complex" in hard.json()["message"]

@@ -18,7 +18,7 @@ from search.elasticsearch import (
     sort_clause,
     to_es_document,
 )
-from search.elasticsearch.translate import wildcard_pattern
+from search.elasticsearch.translate import searchable, wildcard_pattern
 from search.rql import SearchQuery, SortKey, parse_filter, parse_options
 from search.rql.ordering import Key
 from twin_service.errors import RqlInvalid
@@ -229,3 +229,14 @@ def test_documents_carry_folded_strings_where_they_differ() -> None:
     by_path = {e["p"]: e for e in doc["leaves"]}
     assert by_path["attributes/x"]["f"] == "café"
     assert "f" not in by_path["attributes/y"] and "f" not in by_path["twinId"]
+
+
+def test_values_too_long_to_index_are_never_sent_as_terms() -> None:
+    smile = "\U0001f600"
+    assert searchable(smile * 4095) and not searchable(smile * 4096)
+    assert searchable("a" * 8191) and not searchable("a" * 8192)
+    for rql in (f'eq(attributes/a,"{smile * 4096}")', f'like(attributes/a,"*{"a" * 8192}")'):
+        assert '"match_none"' in str(filter_query(parse_filter(rql))).replace("'", '"')
+    bound = "b" * 8000 + smile * 1000
+    cut = str(filter_query(parse_filter(f'gt(attributes/a,"{bound}")')))
+    assert bound[:8096] in cut and bound[:8097] not in cut

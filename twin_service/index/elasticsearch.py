@@ -58,7 +58,7 @@ from search.elasticsearch import (
     sort_clause,
 )
 from search.rql.query import SearchQuery
-from twin_service.errors import TwinServiceError, Unavailable
+from twin_service.errors import RqlInvalid, TwinServiceError, Unavailable
 from twin_service.settings import Settings
 from twin_service.store.base import IndexTask, TwinStore
 from twin_service.tasks import stop_task
@@ -70,11 +70,33 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
+def _reason(exc: BadRequestError) -> str:
+    """The first root cause of an Elasticsearch error, else the whole error (shortened)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    causes = body.get("error", {}).get("root_cause") or [{}]
+    reason = causes[0].get("reason") if isinstance(causes[0], dict) else None
+    return str(reason or exc)[:500]
+
+
 @contextlib.asynccontextmanager
-async def _es_errors(action: str) -> AsyncIterator[None]:
-    """Translate client exceptions into :class:`Unavailable` (the one mapping point)."""
+async def _es_errors(action: str, *, query: bool = False) -> AsyncIterator[None]:
+    """Translate client exceptions into :class:`Unavailable` (the one mapping point); with
+    ``query``, a 400 is the query's fault (translate.py keeps the ones it can foresee out,
+    such as terms over Lucene's length limit; an automaton too large to build is left):
+    :class:`RqlInvalid`, not a failure of the index."""
     try:
         yield
+    except BadRequestError as exc:
+        if not query:
+            raise Unavailable(
+                f"The search index failed to {action}.",
+                code="index.unavailable",
+                description=str(exc)[:500],
+            ) from exc
+        raise RqlInvalid(
+            f"The search index cannot run this query, too complex or too large for it: "
+            f"{_reason(exc)}"
+        ) from exc
     except (ApiError, TransportError) as exc:
         reason = str(exc)
         if isinstance(exc, ApiError) and exc.status_code == 413:
@@ -476,7 +498,7 @@ class ElasticsearchIndex:
         extra: dict[str, Any] = {}
         if query.after is not None:
             extra["search_after"] = search_after(query.sort, query.after)
-        async with _es_errors("search"):
+        async with _es_errors("search", query=True):
             response = await self.client.search(
                 index=self.alias,
                 query=search_query(query.filter, query.namespaces),
@@ -505,7 +527,7 @@ class ElasticsearchIndex:
     async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int:
         if wait_for_seq is not None:
             await self.wait_for_seq(wait_for_seq)
-        async with _es_errors("count"):
+        async with _es_errors("count", query=True):
             response = await self.client.count(
                 index=self.alias, query=search_query(query.filter, query.namespaces)
             )
