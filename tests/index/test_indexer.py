@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 
-from search.elasticsearch import MAPPING, Change, Outcome
+from search.elasticsearch import MAPPING, MAPPING_VERSION, Change, Outcome
 from search.rql import SearchQuery, parse_filter
 from tests.index.helpers import es_settings, index_name
 from tests.servers.search_engine import SearchEngine
@@ -84,7 +84,7 @@ async def test_start_is_idempotent_and_uses_an_alias(stack: Stack) -> None:
     await stack.index.ensure_index()
     await stack.index.ensure_index()
     aliases = await stack.index.client.indices.get_alias(name=stack.index.alias)
-    assert list(aliases) == [f"{stack.index.alias}-v1"]
+    assert list(aliases) == [f"{stack.index.alias}-v{MAPPING_VERSION}"]
 
 
 async def test_wait_for_seq_sees_the_write(stack: Stack) -> None:
