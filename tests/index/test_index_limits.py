@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from search.elasticsearch import Change, Outcome, max_leaves, to_es_document
+from search.elasticsearch import MAPPING_VERSION, Change, Outcome, max_leaves, to_es_document
 from search.rql import SearchQuery, parse_filter
 from tests.index.helpers import es_env
 from tests.index.test_indexer import Stack, make_stack
@@ -250,4 +250,4 @@ async def test_a_failed_rebuild_deletes_its_new_index(stalled: Stack) -> None:
     with pytest.raises(RuntimeError, match="interrupted"):
         await _rebuild(stalled.index, stalled.store, interrupted, 1)
     names = await stalled.index.client.indices.get(index=f"{stalled.index.alias}-*")
-    assert list(names) == [f"{stalled.index.alias}-v1"]
+    assert list(names) == [f"{stalled.index.alias}-v{MAPPING_VERSION}"]
