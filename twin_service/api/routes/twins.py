@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, get_args
 from fastapi import APIRouter, Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
 
+from twin_service.api.context import AppContext
 from twin_service.api.deps import (
     PRECONDITIONS,
     WRITE_OPTIONS,
@@ -35,7 +36,7 @@ from twin_service.api.schemas import (
 )
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, Gone, NotFound, UnsupportedMediaType
-from twin_service.service import Outcome
+from twin_service.service import Amend, Outcome, Preconditions
 from twin_service.store.base import MAX_SEQ
 from twin_service.twin.document import Twin
 from twin_service.twin.fields import DESCRIPTION as FIELDS_DESCRIPTION
@@ -150,18 +151,7 @@ async def create_twin(request: Request, ctx: Context, principal: Writer, body: B
     )
     if edit is None:
         raise BadRequest("POST generates the twin id; use PUT /twins/{id} to choose one.")
-    outcome = await ctx.service.mutate(
-        twin_id,
-        lambda _: edit,
-        origin=principal.name,
-        preconditions=conditions,
-        may_create=True,
-        amend=ttl,
-    )
-    assert outcome.twin is not None
-    response = json_response(outcome.twin.to_document(), 201)
-    response.headers["Location"] = f"/api/v1/twins/{twin_id}"
-    return written(response, outcome)
+    return await _write_whole(ctx, principal, twin_id, edit, conditions, ttl)
 
 
 @router.get(
@@ -267,6 +257,19 @@ async def put_twin(
     conditions, ttl = write_options(request)
     _visible(principal, twin_id)
     edit = replace_twin(body, twin_id)
+    return await _write_whole(ctx, principal, twin_id, edit, conditions, ttl)
+
+
+async def _write_whole(
+    ctx: AppContext,
+    principal: Principal,
+    twin_id: str,
+    edit: Edit,
+    conditions: Preconditions,
+    ttl: Amend | None,
+) -> Response:
+    """Create or replace a whole twin (PUT, and POST's new id): 201 with its Location when
+    it was created, else 200."""
     outcome = await ctx.service.mutate(
         twin_id,
         lambda _: edit,
