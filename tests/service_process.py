@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,19 @@ class ServiceProcess:
         except OSError:
             return "(no log)"
 
-    def writer_pid(self) -> int:
-        """The process id of this service's SQLite writer process, from ``/ready``."""
-        ready = httpx.get(f"{self.url}/ready", timeout=10).json()
-        return int(ready["checks"]["store"]["writer"]["pid"])
+    def writer_pid(self, timeout: float = 30.0) -> int:
+        """The process id of this service's SQLite writer process, from ``/ready``; waits
+        while there is none (one that died is being replaced, or the store's check did not
+        answer in time on a busy machine)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            store = httpx.get(f"{self.url}/ready", timeout=10).json()["checks"]["store"]
+            pid = store.get("writer", {}).get("pid")
+            if pid is not None:
+                return int(pid)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no writer process in {timeout} s: {store}")
+            time.sleep(0.05)
 
     def client(self, token: str = ADMIN_TOKEN, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

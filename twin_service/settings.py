@@ -462,13 +462,13 @@ class Settings(BaseSettings):
         "terminationGracePeriodSeconds).",
     )
     ready_check_timeout_seconds: float = Field(
-        0.8,
+        2.0,
         gt=0,
         le=60,
         description="How long /ready and /metrics wait for each check (store, index, broker, "
-        "run side by side); one that has not answered by then is down. Below a Kubernetes "
-        "probe's default 1 s timeout, so a search engine that hangs does not fail a "
-        "readiness probe that requires only the store.",
+        "run side by side); one that has not answered by then is down. Keep it below the "
+        "readiness probe's timeoutSeconds (3 in deploy/kubernetes), so that a search engine "
+        "that hangs does not fail a probe that requires only the store.",
     )
     api_hot_routes: bool = Field(
         True,
