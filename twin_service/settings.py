@@ -203,6 +203,11 @@ class SqliteSettings(_Section):
     )
 
 
+#: BSON's 16 MiB, less room for events still pending in the document (MongoDB appends the
+#: new one) and for the update command around it.
+_MAX_BSON_DOCUMENT = 16 * 1024 * 1024 - 64 * 1024
+
+
 class MongoSettings(_Section):
     database: str = Field("twin_service", description="Database holding the twin collections.")
     write_concern: str = Field(
@@ -229,6 +234,15 @@ class MongoSettings(_Section):
     )
     maintenance_interval_seconds: float = Field(
         5.0, gt=0, description="Journal retention, stray-event sweep and tombstone cleanup period."
+    )
+    max_document_bytes: int = Field(
+        _MAX_BSON_DOCUMENT,
+        ge=64 * 1024,
+        le=_MAX_BSON_DOCUMENT,
+        description="Largest stored form of one twin (BSON: its JSON, its pending change "
+        "event and a search field per path of every node, so deep or long paths multiply "
+        "it). A write that would exceed it gets 413 twin.toolarge and changes nothing "
+        "(docs/scaling.md).",
     )
     start_wait_seconds: float = Field(
         math.inf,

@@ -7,8 +7,9 @@ FerretDB refuses), the search fields ``e`` and ``k`` (:mod:`search.mongodb`), ``
 (change events not yet journaled) and ``ix`` (the seq the external search index has yet to
 take). Every write is one ``update_one`` filtered on ``rev`` (compare-and-set; ``upsert``
 with the unique ``_id`` for creation), so replicas never lose an update and the twin, its
-search fields and its change event commit together. The journal and its sequence numbers
-are in :mod:`twin_service.store.mongodb_journal`.
+search fields and its change event commit together. A twin document over
+``mongodb.max_document_bytes`` is refused before its write takes anything. The journal and
+its sequence numbers are in :mod:`twin_service.store.mongodb_journal`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import bson
 import pymongo
 from pymongo import AsyncMongoClient, IndexModel, ReadPreference, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import ConnectionFailure, DuplicateKeyError
+from pymongo.errors import ConnectionFailure, DocumentTooLarge, DuplicateKeyError
 
 from search import mongodb as mongo_index
-from twin_service.errors import StoreUnreachable, Unavailable
+from twin_service.errors import PayloadTooLarge, StoreUnreachable, Unavailable
 from twin_service.settings import Settings
 from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write, unconfirmed
 from twin_service.store.mongodb_journal import (
@@ -425,6 +427,13 @@ class MongoStore:
     # -- writes ----------------------------------------------------------------------------
 
     async def write(self, write: Write) -> int:
+        event = write.event
+        twin = write.twin
+        state = dumps(twin.to_storage()) if twin is not None else None
+        event_json = dumps(event.to_json())
+        fields = self._stored_fields(write, state)
+        # Refused before a claim or a seq is taken: nothing to release, no gap for readers.
+        self._check_stored_size(write, fields, event_json, state)
         # The service's writers of one twin take turns (twin_service.turns): a crowd on a hot
         # twin costs the server one attempt per replica at a time, not one per request.
         claimed = await self._claim(write) if self._racy_updates else None
@@ -432,33 +441,8 @@ class MongoStore:
             seq = await self._allocator.next()
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to commit", exc) from exc
-        event = write.event
-        twin = write.twin
-        state = dumps(twin.to_storage()) if twin is not None else None
-        pending = Pending(
-            seq, write.twin_id, event.revision, event.timestamp, dumps(event.to_json()), state
-        )
+        pending = Pending(seq, write.twin_id, event.revision, event.timestamp, event_json, state)
         token = pending.token()
-        fields: dict[str, Any]
-        if twin is None:
-            fields = {"rev": 0, "doc": None, "e": {}, "k": {}, "cr": None}
-            # The next twin of the id goes on from here. (A creation over a tombstone leaves
-            # these behind: creations match on ``rev`` 0 only, and the next deletion
-            # replaces them.)
-            gone = tombstone_of(write.previous) if write.previous else Tombstone(event.revision)
-            fields |= {"gone": gone.revision, "gdv": gone.desired_version}
-            fields["grv"] = gone.reported_version
-        else:
-            fields = {
-                "ns": twin.namespace,
-                "rev": twin.revision,
-                # Revisions restart after a delete: see Twin.incarnation. (Documents written
-                # before there were incarnation tokens hold the creation time, which is what
-                # Twin.incarnation falls back to for them.)
-                "cr": twin.incarnation,
-                "doc": state,
-                **mongo_index.index_fields(twin.to_document()),
-            }
         # Queued for the external index whatever ``search`` is now: a switch to elasticsearch
         # later (even by some replicas of a rolling update first) finds every write since
         # pending, with no one to fill the outbox. The field costs nothing on this update.
@@ -490,6 +474,13 @@ class MongoStore:
             committed = result.matched_count == 1 or result.upserted_id is not None
         except DuplicateKeyError:
             committed = False
+        except DocumentTooLarge as exc:
+            # Refused by the driver before sending (over the server's largest document,
+            # which _check_stored_size should have seen first): release what was taken.
+            if claimed is not None:
+                self._may_claim_again(claimed[0])
+            await self._fence_quietly(seq)
+            raise PayloadTooLarge(f"Twin {write.twin_id} is too large for MongoDB: {exc}") from exc
         except DRIVER_ERRORS as exc:
             # Outcome unknown: if it committed, the event is pending in the twin and gets
             # journaled by readers or the sweep; if not, readers fence the number off.
@@ -502,6 +493,62 @@ class MongoStore:
                 f"Twin {write.twin_id} is not at revision {write.expected_revision}."
             )
         return await self._journal_written(write, pending, token)
+
+    def _check_stored_size(
+        self, write: Write, fields: dict[str, Any], event_json: str, state: str | None
+    ) -> None:
+        """Refuse a write whose twin document would be over ``mongodb.max_document_bytes``.
+
+        The stored form is many times the twin's JSON: the JSON again in the pending event,
+        and a search field named by the whole path of every node of desired, delta and
+        metadata, in ``e`` and ``k``. Deep nesting with long keys took a twin of 8 KB past
+        BSON's 16 MiB (the driver refused it after the claim and the seq were taken), and
+        documents of megabytes kept FerretDB busy for minutes.
+        """
+        event = write.event
+        # The seq is fixed-width in the token and an int64 in ``seq`` and ``ix``: 0 in its
+        # place gives the exact size.
+        token = Pending(0, write.twin_id, event.revision, event.timestamp, event_json, state)
+        stored = {"_id": write.twin_id, **fields, "ix": 0, "seq": 0, "ev": [token.token()]}
+        size = len(bson.encode(stored))
+        limit = self._settings.max_document_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"Twin {write.twin_id}: its stored form in MongoDB would be {size} bytes, over "
+                f"the store's limit of {limit} bytes (mongodb.max_document_bytes; MongoDB "
+                "refuses any document over 16 MiB).",
+                description="Besides its JSON, the stored twin holds a search field named by "
+                "the full path of every node of desired, delta and metadata, so deep nesting "
+                "and long keys multiply its size: use shallower or shorter paths, or fewer "
+                "leaves.",
+            )
+
+    @staticmethod
+    def _stored_fields(write: Write, state: str | None) -> dict[str, Any]:
+        """The fields of the twin's document this write sets (but ``ix``, ``seq``, ``ev``)."""
+        fields: dict[str, Any]
+        event = write.event
+        twin = write.twin
+        if twin is None:
+            fields = {"rev": 0, "doc": None, "e": {}, "k": {}, "cr": None}
+            # The next twin of the id goes on from here. (A creation over a tombstone leaves
+            # these behind: creations match on ``rev`` 0 only, and the next deletion
+            # replaces them.)
+            gone = tombstone_of(write.previous) if write.previous else Tombstone(event.revision)
+            fields |= {"gone": gone.revision, "gdv": gone.desired_version}
+            fields["grv"] = gone.reported_version
+        else:
+            fields = {
+                "ns": twin.namespace,
+                "rev": twin.revision,
+                # Revisions restart after a delete: see Twin.incarnation. (Documents written
+                # before there were incarnation tokens hold the creation time, which is what
+                # Twin.incarnation falls back to for them.)
+                "cr": twin.incarnation,
+                "doc": state,
+                **mongo_index.index_fields(twin.to_document()),
+            }
+        return fields
 
     @staticmethod
     def _cas_filter(write: Write) -> dict[str, Any]:
