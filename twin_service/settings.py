@@ -236,13 +236,13 @@ class MongoSettings(_Section):
         5.0, gt=0, description="Journal retention, stray-event sweep and tombstone cleanup period."
     )
     max_document_bytes: int = Field(
-        _MAX_BSON_DOCUMENT,
+        4 * 1024 * 1024,
         ge=64 * 1024,
         le=_MAX_BSON_DOCUMENT,
-        description="Largest stored form of one twin (BSON: its JSON, its pending change "
-        "event and a search field per path of every node, so deep or long paths multiply "
-        "it). A write that would exceed it gets 413 twin.toolarge and changes nothing "
-        "(docs/scaling.md).",
+        description="Largest stored form of one twin in MongoDB (BSON: its JSON, its "
+        "pending change event and a search field per path of every node, so deep or long "
+        "paths multiply it), at most 16 MiB less 64 KiB. A write that would exceed it gets "
+        "413 twin.toolarge and changes nothing (docs/scaling.md).",
     )
     start_wait_seconds: float = Field(
         math.inf,
