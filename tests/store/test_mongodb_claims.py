@@ -5,6 +5,8 @@ twin from every other writer, and a live claim is not taken from its holder."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -71,6 +73,49 @@ async def test_a_dead_writers_claim_lapses(
     assert twin is not None and twin.desired == {"n": 1} and twin.revision == 2
     # The twin is free again for the next writer at once.
     await store.write(change(twin, twin_id, {"desired": {"n": 2}}))
+
+
+def taken_for_dead(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "taken for dead" in r.getMessage()]
+
+
+@on_ferretdb
+async def test_the_log_gives_how_long_a_dead_writers_claim_was_seen_held(
+    store: TwinStore, ferretdb_server: FerretDB, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="twin_service.store.mongodb")
+    twin_id = "org.acme:logged"
+    await store.write(change(None, twin_id, {"desired": {"n": 0}}))
+    await left_claim(ferretdb_server.url, unique_name, twin_id)
+    while True:
+        current = await store.get(twin_id)
+        assert current is not None
+        try:
+            await store.write(change(current, twin_id, {"desired": {"n": 1}}))
+            break
+        except RevisionConflict:
+            await asyncio.sleep(0.1)
+    [record] = taken_for_dead(caplog)
+    assert isinstance(record.args, tuple)
+    held = record.args[1]
+    assert isinstance(held, float) and GAP * 1.5 <= held < math.inf
+    assert "seen held for" in record.getMessage()
+
+
+@on_ferretdb
+async def test_this_processs_own_lapsed_claim_is_not_logged_as_a_dead_writers(
+    store_factory: StoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim whose update this process never sent (here: a gap timeout so short that every
+    claim is too old to send by the time its seq is allocated) is taken again at once by
+    this process, and that is no dead writer: the log said it was, held for the lease."""
+    caplog.set_level(logging.WARNING, logger="twin_service.store.mongodb")
+    store = await store_factory(gap_timeout_seconds=1e-6)
+    write = change(None, "org.acme:own", {"desired": {"n": 0}})
+    for _ in range(3):
+        with pytest.raises(RevisionConflict, match="lapsed"):
+            await store.write(write)
+    assert taken_for_dead(caplog) == []
 
 
 @on_ferretdb

@@ -613,12 +613,14 @@ class MongoStore:
                         if held >= _CLAIM_SLOW_SECONDS:  # likely a dead writer's: wait it out
                             conflict.retry_after = _CLAIM_RETRY_SECONDS
                         raise conflict from None
-                    log.warning(
-                        "the claim %s was held for %.0f s: its writer is taken for dead and "
-                        "the next generation claimed",
-                        claim,
-                        lease,
-                    )
+                    if held < math.inf:  # not this process's own (see _may_claim_again)
+                        log.warning(
+                            "the claim %s was seen held for %.1f s (its lease is %.1f s): its "
+                            "writer is taken for dead and the next generation claimed",
+                            claim,
+                            held,
+                            lease,
+                        )
                     generation += 1
                     claim = f"{write.twin_id}@{version}~{generation}"
             for token in raw.get("ev", []) if raw else []:
