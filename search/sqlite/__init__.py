@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from .queries import count, index_twin, register_functions, search_ids, unindex_twin
 from .rows import leaves
-from .schema import SCHEMA
+from .schema import SCHEMA, TABLES, VERSION
 
 __all__ = [
     "SCHEMA",
+    "TABLES",
+    "VERSION",
     "count",
     "index_twin",
     "leaves",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from search.rql import patterns
 from search.rql.ast import TWIN_ID_PATH, Filter, SortKey
@@ -14,8 +14,9 @@ from search.rql.query import SearchQuery
 from twin_service.errors import RqlInvalid
 from twin_service.types import JSONObject
 
-from .rows import VALUELESS_ROOT, RowChanges, diff_rows, leaves, numbered
-from .translate import Sql, _selectivity, bind_value, filter_sql, valued_path
+from . import numbers
+from .rows import VALUELESS_ROOT, Row, RowChanges, diff_rows, leaves, numbered
+from .translate import Sql, _selectivity, bind_value, filter_sql, number_condition, valued_path
 
 
 def _rql_like(pattern: str, ignore_case: int, value: Any) -> int:
@@ -76,27 +77,30 @@ def index_twin(
         (doc["twinId"], doc.get("namespace", "")),
     )
     (tid,) = cur.fetchone()
-    rows = cur.execute("SELECT path, seq, t, v, a FROM search_leaf WHERE tid = ?", (tid,))
-    old = {(path, seq): (t, v, a) for path, seq, t, v, a in rows}
+    rows = cur.execute("SELECT path, seq, t, v, x, a FROM search_leaf WHERE tid = ?", (tid,))
+    old = {(path, seq): (t, numbers.number(v, x), a) for path, seq, t, v, x, a in rows}
     new = keyed_rows(leaves(doc, delta_values=False))
     stale = [(tid, path, seq) for (path, seq) in old.keys() - new.keys()]
     if stale:
         cur.executemany("DELETE FROM search_leaf WHERE tid = ? AND path = ? AND seq = ?", stale)
     changed = [
-        (tid, path, seq, *row)
-        for (path, seq), row in new.items()
-        if _differs(old.get((path, seq)), row)
+        (path, seq, *row) for (path, seq), row in new.items() if _differs(old.get((path, seq)), row)
     ]
-    _upsert(cur, changed)
+    _upsert(cur, tid, changed)
 
 
-def _upsert(cur: sqlite3.Cursor, rows: list[tuple[int, str, int, int, Any, int]]) -> None:
+def _columns(t: int, v: Any) -> tuple[Any, Any]:
+    """``(v, x)`` as stored for a row of type ``t`` holding ``v``."""
+    return numbers.stored(v) if t == 2 and v is not None else (v, None)
+
+
+def _upsert(cur: sqlite3.Cursor, tid: int, rows: list[Row]) -> None:
     if rows:
         cur.executemany(
-            "INSERT INTO search_leaf (tid, path, seq, t, v, a) VALUES (?, ?, ?, ?, ?, ?) "
+            "INSERT INTO search_leaf (tid, path, seq, t, v, x, a) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (tid, path, seq) DO UPDATE SET t = excluded.t, v = excluded.v, "
-            "a = excluded.a",
-            rows,
+            "x = excluded.x, a = excluded.a",
+            [(tid, path, seq, t, *_columns(t, v), a) for path, seq, t, v, a in rows],
         )
 
 
@@ -112,17 +116,20 @@ def _apply_changes(cur: sqlite3.Cursor, tid: int, changes: RowChanges) -> None:
             "DELETE FROM search_leaf WHERE tid = ? AND path = ? AND seq = ?",
             [(tid, path, seq) for path, seq in changes.removed],
         )
-    _upsert(cur, [(tid, *row) for row in changes.rows])
+    _upsert(cur, tid, changes.rows)
     if changes.updated:
         # An UPDATE skips the failed insert an upsert starts with (one B-tree descent per row).
-        updated = [(t, v, a, tid, path, seq) for path, seq, t, v, a in changes.updated]
+        updated = [
+            (t, *_columns(t, v), a, tid, path, seq) for path, seq, t, v, a in changes.updated
+        ]
         cur.executemany(
-            "UPDATE search_leaf SET t = ?, v = ?, a = ? WHERE tid = ? AND path = ? AND seq = ?",
+            "UPDATE search_leaf SET t = ?, v = ?, x = ?, a = ? "
+            "WHERE tid = ? AND path = ? AND seq = ?",
             updated,
         )
         if cur.rowcount != len(updated):
             # The index did not hold the previous document's rows after all: write them whole.
-            _upsert(cur, [(tid, *row) for row in changes.updated])
+            _upsert(cur, tid, changes.updated)
 
 
 def keyed_rows(
@@ -173,17 +180,32 @@ def count(conn: sqlite3.Connection, filter: Filter | None, namespaces: Sequence[
     return int(row.fetchone()[0])
 
 
-def _keyset(sort: Sequence[SortKey], exprs: list[tuple[str, str]], after: Sequence[Key]) -> Sql:
+#: The SQL of one sort key: its rank, value and, for numbers, excess
+#: (:mod:`search.sqlite.numbers`) columns.
+SortExprs: TypeAlias = tuple[str, str, str]
+
+
+def _keyset(sort: Sequence[SortKey], exprs: list[SortExprs], after: Sequence[Key]) -> Sql:
     """Rows strictly after the position ``after`` in the order ``sort``."""
     alternatives: list[str] = []
     params: list[Any] = []
     same: list[str] = []
     same_params: list[Any] = []
-    for key, (rank, value), (cursor_rank, cursor_value) in zip(sort, exprs, after, strict=True):
+    for key, (rank, value, x), (cursor_rank, cursor_value) in zip(sort, exprs, after, strict=True):
         op = "<" if key.descending else ">"
         if key.path == TWIN_ID_PATH:
             beyond, beyond_params = f"{value} {op} ?", [cursor_value]
             equal, equal_params = f"{value} = ?", [cursor_value]
+        elif cursor_rank == 2:
+            assert isinstance(cursor_value, int | float)
+            after_sql, after_params = number_condition(
+                "lt" if key.descending else "gt", cursor_value
+            )
+            same_sql, same_params_ = number_condition("eq", cursor_value)
+            after_sql, same_sql = (c.format(v=value, x=x) for c in (after_sql, same_sql))
+            beyond = f"({rank} {op} ? OR ({rank} = ? AND {after_sql}))"
+            beyond_params = [cursor_rank, cursor_rank, *after_params]
+            equal, equal_params = f"{rank} = ? AND {same_sql}", [cursor_rank, *same_params_]
         else:
             bound = bind_value(cursor_value)
             beyond = f"({rank} {op} ? OR ({rank} = ? AND {value} {op} ?))"
@@ -201,10 +223,10 @@ def search_ids(conn: sqlite3.Connection, query: SearchQuery) -> tuple[list[str],
     register_functions(conn)
     joins: list[str] = []
     join_params: list[Any] = []
-    exprs: list[tuple[str, str]] = []
+    exprs: list[SortExprs] = []
     for i, key in enumerate(query.sort):
         if key.path == TWIN_ID_PATH:
-            exprs.append(("3", "t.twin_id"))
+            exprs.append(("3", "t.twin_id", "NULL"))
             continue
         if key.path[0] == VALUELESS_ROOT:
             # The delta's rows say whether it holds the path and what type; the value is
@@ -215,13 +237,13 @@ def search_ids(conn: sqlite3.Connection, query: SearchQuery) -> tuple[list[str],
                 f"AND s{i}.a = 0"
             )
             join_params += [format_path(key.path), format_path(valued_path(key.path))]
-            exprs.append((f"coalesce(d{i}.t, -1)", f"s{i}.v"))
+            exprs.append((f"coalesce(d{i}.t, -1)", f"s{i}.v", f"s{i}.x"))
             continue
         joins.append(
             f"LEFT JOIN search_leaf s{i} ON s{i}.tid = t.tid AND s{i}.path = ? AND s{i}.a = 0"
         )
         join_params.append(format_path(key.path))
-        exprs.append((f"coalesce(s{i}.t, -1)", f"s{i}.v"))
+        exprs.append((f"coalesce(s{i}.t, -1)", f"s{i}.v", f"s{i}.x"))
     where, params = _where(query.filter, query.namespaces)
     if query.after is not None:
         keyset, keyset_params = _keyset(query.sort, exprs, query.after)
@@ -229,19 +251,22 @@ def search_ids(conn: sqlite3.Connection, query: SearchQuery) -> tuple[list[str],
         params.extend(keyset_params)
     order = ", ".join(
         f"{expr} {'DESC' if key.descending else 'ASC'}"
-        for key, pair in zip(query.sort, exprs, strict=True)
-        for expr in (pair if key.path != TWIN_ID_PATH else pair[1:])
+        for key, (rank, value, x) in zip(query.sort, exprs, strict=True)
+        for expr in ((rank, value, f"ifnull({x}, 0)") if key.path != TWIN_ID_PATH else (value,))
     )
-    columns = ", ".join(f"{rank}, {value}" for rank, value in exprs)
+    columns = ", ".join(f"{rank}, {value}, {x}" for rank, value, x in exprs)
     sql = (
         f"SELECT {columns} FROM search_twin t {' '.join(joins)} "
         f"WHERE {where} ORDER BY {order} LIMIT ?"
     )
     rows = _query(conn, sql, [*join_params, *params, query.size + 1]).fetchall()
     page = rows[: query.size]
-    ids = [row[-1] for row in page]
+    ids = [row[-2] for row in page]
     if len(rows) <= query.size:
         return ids, None
     last = page[-1]
-    keys: list[Key] = [(int(last[2 * i]), last[2 * i + 1]) for i in range(len(exprs))]
+    keys: list[Key] = [
+        (int(last[3 * i]), numbers.number(last[3 * i + 1], last[3 * i + 2]))
+        for i in range(len(exprs))
+    ]
     return ids, query.next_cursor(keys)

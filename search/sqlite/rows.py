@@ -21,8 +21,6 @@ Leaf: TypeAlias = tuple[str, int, Any, int]
 #: second time in the value index: two of the ten rows a PATCH of two leaves changes.
 VALUELESS_ROOT = "delta"
 
-_INT64 = range(-(2**63), 2**63)
-
 
 def _flatten(node: JSON, path: str, in_array: int, out: list[Leaf]) -> None:
     if isinstance(node, dict):
@@ -41,10 +39,8 @@ def _flatten(node: JSON, path: str, in_array: int, out: list[Leaf]) -> None:
         out.append((path, 0, None, in_array))
     elif isinstance(node, bool):
         out.append((path, 1, int(node), in_array))
-    elif isinstance(node, int):
-        # SQLite integers are 64-bit; larger ones are indexed (approximately) as doubles.
-        out.append((path, 2, node if node in _INT64 else float(node), in_array))
-    elif isinstance(node, float):
+    elif isinstance(node, int | float):
+        # Exact here; stored in two columns (search.sqlite.numbers).
         out.append((path, 2, node, in_array))
     else:
         out.append((path, 3, str(node), in_array))

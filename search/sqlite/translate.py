@@ -11,19 +11,19 @@ from search.rql.ast import And, Compare, Exists, Filter, In, Like, Not, Or, Path
 from search.rql.evaluator import type_rank
 from search.rql.paths import format_path
 
+from . import numbers
 from .rows import VALUELESS_ROOT
 
 Sql: TypeAlias = tuple[str, list[Any]]
 
 _OPS = {"eq": "=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _MAX_CHAR = chr(0x10FFFF)
-_INT64 = range(-(2**63), 2**63)
 
 
 @dataclass(frozen=True)
 class _Branch:
-    """Leaves at ``path`` satisfying ``condition``, written with ``{t}`` and ``{v}`` columns;
-    with ``present``, only those of twins that also have a row at ``present``."""
+    """Leaves at ``path`` satisfying ``condition``, written with ``{t}``, ``{v}`` and ``{x}``
+    columns; with ``present``, only those of twins that also have a row at ``present``."""
 
     path: str
     condition: str = ""
@@ -31,7 +31,7 @@ class _Branch:
     present: str | None = None
 
     def sql(self, t: str, v: str) -> Sql:
-        cond = " AND " + self.condition.format(t=t, v=v) if self.condition else ""
+        cond = " AND " + self.condition.format(t=t, v=v, x="x") if self.condition else ""
         if self.present is None:
             return f"path = ?{cond}", [self.path, *self.params]
         # Correlated with the unaliased ``search_leaf`` each caller selects from.
@@ -45,16 +45,27 @@ LeafSet: TypeAlias = list[_Branch]
 
 
 def bind_value(value: Value) -> Any:
-    """A literal as bound to SQLite: booleans as 0/1, integers beyond 64 bits as doubles.
+    """A literal other than a number as bound to SQLite: booleans as 0/1."""
+    return int(value) if isinstance(value, bool) else value
 
-    The index holds such integers as doubles too (:mod:`search.sqlite.rows`); binding them
-    as Python ints would overflow.
-    """
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int) and value not in _INT64:
-        return float(value)
-    return value
+
+def number_condition(op: str, value: int | float) -> Sql:
+    """``{v}`` and ``{x}`` hold a number that is ``op`` (eq, lt, le, gt, ge) ``value``,
+    exactly (:mod:`search.sqlite.numbers`): ``x`` is only looked at when numbers beyond
+    64-bit integers may share the ``v`` of ``value``."""
+    v, x = numbers.stored(value)
+    if not numbers.shares_v(v):
+        return f"{{v}} {_OPS[op]} ?", [v]
+    excess = numbers.excess_key(x)
+    if op == "eq":
+        return "{v} = ? AND ifnull({x}, 0) = ?", [v, excess]
+    strict = _OPS[op][0]
+    # The range on v alone first, so that it still bounds the walk of the value index.
+    return f"{{v}} {strict}= ? AND ({{v}} {strict} ? OR ifnull({{x}}, 0) {_OPS[op]} ?)", [
+        v,
+        v,
+        excess,
+    ]
 
 
 def valued_path(path: Path) -> Path:
@@ -95,7 +106,17 @@ def _member(leaf_set: LeafSet, driving: bool, negate: bool = False) -> Sql:
 def _eq_set(path: Path, value: Value) -> LeafSet:
     if value is None:
         return _leaf_set(path, "{t} = 0")
-    return _leaf_set(path, "{t} = ? AND {v} = ?", type_rank(value), bind_value(value))
+    return _compare_set(path, "eq", value)
+
+
+def _compare_set(path: Path, op: str, value: Value) -> LeafSet:
+    """Leaves at ``path`` holding a value of the type of ``value`` that is ``op`` it."""
+    if type_rank(value) == 2:
+        assert isinstance(value, int | float)
+        condition, params = number_condition(op, value)
+        return _leaf_set(path, "{t} = 2 AND " + condition, *params)
+    condition = f"{{t}} = ? AND {{v}} {_OPS[op]} ?"
+    return _leaf_set(path, condition, type_rank(value), bind_value(value))
 
 
 def _upper_bound(prefix: str) -> str | None:
@@ -130,9 +151,16 @@ def _like(node: Like) -> LeafSet:
 
 def _in(node: In) -> LeafSet:
     by_rank: dict[int, list[Any]] = defaultdict(list)
-    for value in node.values:
-        by_rank[type_rank(value)].append(bind_value(value))
     out: LeafSet = []
+    for value in node.values:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            v, _ = numbers.stored(value)
+            if numbers.shares_v(v):  # exact only with its x: a branch of its own
+                out += _compare_set(node.path, "eq", value)
+                continue
+            by_rank[2].append(v)
+        else:
+            by_rank[type_rank(value)].append(bind_value(value))
     for rank, values in sorted(by_rank.items()):
         if rank == 0:
             out += _leaf_set(node.path, "{t} = 0")
@@ -178,8 +206,7 @@ def _positive_set(node: Filter) -> LeafSet | None:
             return _eq_set(node.path, node.value)
         if node.op == "ne":
             return None
-        condition = f"{{t}} = ? AND {{v}} {_OPS[node.op]} ?"
-        return _leaf_set(node.path, condition, type_rank(node.value), bind_value(node.value))
+        return _compare_set(node.path, node.op, node.value)
     if isinstance(node, In):
         return _in(node)
     if isinstance(node, Like):

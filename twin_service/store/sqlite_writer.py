@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import signal
 import sqlite3
 import sys
@@ -233,17 +234,27 @@ class SqliteWriter:
         _set_meta(conn, "outbox", 1 if self._config.outbox else 0)
 
     def _sync_builtin_index(self, conn: sqlite3.Connection) -> None:
-        """Record whether the built-in index is maintained; rebuild it when it was not.
+        """Record whether the built-in index is maintained; rebuild it when it was not, or
+        when another version of it (:data:`search.sqlite.VERSION`) wrote it.
 
         A database used with an external index (builtin off) has a stale built-in index; the
         first start with it on again re-indexes every twin, inside the opening transaction.
         """
         builtin = self._config.builtin_index
         was_on = _meta(conn, "builtin_index") in (None, 1)
-        if builtin and not was_on:
-            log.warning("rebuilding the built-in search index of %s", self._config.path.name)
-            conn.execute("DELETE FROM search_leaf")
-            conn.execute("DELETE FROM search_twin")
+        version = _meta(conn, "builtin_index_version")
+        if builtin and (not was_on or version != sqlite_index.VERSION):
+            if conn.execute("SELECT 1 FROM twins LIMIT 1").fetchone() is not None:
+                log.warning(
+                    "rebuilding the built-in search index of %s (%s)",
+                    self._config.path.name,
+                    "it was off" if not was_on else f"version {version} -> {sqlite_index.VERSION}",
+                )
+            # Dropped, not emptied: another version's tables may lack columns.
+            for table in sqlite_index.TABLES:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in sqlite_index.SCHEMA:
+                conn.execute(statement)
             # In pages, not one fetchall(): a large database does not fit in memory twice.
             after = ""
             while rows := conn.execute(
@@ -253,6 +264,7 @@ class SqliteWriter:
                 for _, doc in rows:
                     sqlite_index.index_twin(conn, document_from_storage(json.loads(doc)))
                 after = rows[-1][0]
+            _set_meta(conn, "builtin_index_version", sqlite_index.VERSION)
         _set_meta(conn, "builtin_index", 1 if builtin else 0)
 
     # -- commits ---------------------------------------------------------------------------
@@ -356,9 +368,7 @@ class SqliteWriter:
                     if row and indexed is not None and indexed[:2] == (current, row[1])
                     else None
                 )
-                # orjson reads integers beyond 64 bits as floats, which is how the index
-                # keeps them anyway (search.sqlite.rows).
-                doc = document_from_storage(orjson.loads(stored))
+                doc = document_from_storage(_load_exact(stored))
                 sqlite_index.index_twin(conn, doc, old_doc)
                 self._indexed[twin_id] = (revision, new_incarnation, doc)
                 if len(self._indexed) > self._config.settings.twin_cache:
@@ -410,6 +420,17 @@ class SqliteWriter:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+#: A run of digits as long as the shortest integer orjson reads as a float (-2**63 - 1).
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _load_exact(stored: bytes) -> Any:
+    """The stored JSON decoded with its integers exact. orjson is the fast way, but reads
+    integers beyond 64 bits as floats (2**64 as 2**64 - 1 would be, so the index found one
+    for the other); ``json`` is exact, and a document where one could be is rare."""
+    return json.loads(stored) if _LONG_DIGITS.search(stored) else orjson.loads(stored)
 
 
 def _meta(conn: sqlite3.Connection, key: str) -> int | None:
