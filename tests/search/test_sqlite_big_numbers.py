@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from search import sqlite as index
 from search.rql import build_query, page, selected
@@ -145,6 +147,57 @@ def test_rewriting_a_big_number_replaces_its_row(conn: sqlite3.Connection) -> No
         index.index_twin(conn, before)
     check(conn, [before], f"eq(attributes/n,{2**64})", "")
     check(conn, [before], f"gt(attributes/m,{2**64})", "")
+
+
+def _near_a_double(f: float, step: int) -> int:
+    n = int(f) + step
+    return max(-MAX, min(MAX, n))
+
+
+#: Numbers around doubles and the 64-bit limits, where an inexact comparison goes wrong.
+numbers = st.one_of(
+    st.sampled_from(NUMBERS),
+    st.builds(
+        _near_a_double,
+        st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: abs(f) >= 2**52),
+        st.integers(-3, 3),
+    ),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-(2**70), 2**70),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    values=st.lists(st.one_of(numbers, st.lists(numbers, max_size=2)), min_size=1, max_size=8),
+    bound=numbers,
+    op=st.sampled_from(["eq", "ne", "lt", "le", "gt", "ge"]),
+    descending=st.booleans(),
+)
+def test_random_numbers_compare_and_sort_like_the_evaluator(
+    conn: sqlite3.Connection, values: list[Any], bound: int | float, op: str, descending: bool
+) -> None:
+    all_docs: list[JSONObject] = [
+        {"twinId": f"ns:{i}", "namespace": "ns", "attributes": {"n": n}}
+        for i, n in enumerate(values)
+    ]
+    with conn:
+        conn.execute("DELETE FROM search_leaf")
+        conn.execute("DELETE FROM search_twin")
+        for doc in all_docs:
+            index.index_twin(conn, doc)
+    sort = f"sort({'-' if descending else '+'}attributes/n),size(2)"
+    check(conn, all_docs, f"{op}(attributes/n,{print_value(bound)})", sort)
+    check(
+        conn,
+        all_docs,
+        f"in(attributes/n,{print_value(bound)},{print_value(values[0])})"
+        if not isinstance(values[0], list)
+        else "exists(attributes/n)",
+        sort,
+    )
 
 
 # -- through the service ----------------------------------------------------------------------
