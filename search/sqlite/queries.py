@@ -89,18 +89,35 @@ def index_twin(
     _upsert(cur, tid, changed)
 
 
-def _columns(t: int, v: Any) -> tuple[Any, Any]:
-    """``(v, x)`` as stored for a row of type ``t`` holding ``v``."""
-    return numbers.stored(v) if t == 2 and v is not None else (v, None)
+def _split(rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """``rows`` as (those whose value SQLite holds as it is, those of integers beyond 64 bits).
+
+    The latter need their ``x`` (:mod:`.numbers`), and are rare: the others are written as
+    before ``x`` existed (a NULL costs a statement nothing to bind), in a pass this cheap.
+    """
+    big = [
+        row
+        for row in rows
+        if row[2] == 2 and row[3].__class__ is int and not -(2**63) <= row[3] < 2**63
+    ]
+    return ([row for row in rows if row not in big], big) if big else (rows, big)
 
 
 def _upsert(cur: sqlite3.Cursor, tid: int, rows: list[Row]) -> None:
-    if rows:
+    plain, big = _split(rows)
+    if plain:
+        cur.executemany(
+            "INSERT INTO search_leaf (tid, path, seq, t, v, a) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tid, path, seq) DO UPDATE SET t = excluded.t, v = excluded.v, "
+            "x = NULL, a = excluded.a",
+            [(tid, *row) for row in plain],
+        )
+    if big:
         cur.executemany(
             "INSERT INTO search_leaf (tid, path, seq, t, v, x, a) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (tid, path, seq) DO UPDATE SET t = excluded.t, v = excluded.v, "
             "x = excluded.x, a = excluded.a",
-            [(tid, path, seq, t, *_columns(t, v), a) for path, seq, t, v, a in rows],
+            [(tid, path, seq, t, *numbers.stored(v), a) for path, seq, t, v, a in big],
         )
 
 
@@ -119,15 +136,23 @@ def _apply_changes(cur: sqlite3.Cursor, tid: int, changes: RowChanges) -> None:
     _upsert(cur, tid, changes.rows)
     if changes.updated:
         # An UPDATE skips the failed insert an upsert starts with (one B-tree descent per row).
-        updated = [
-            (t, *_columns(t, v), a, tid, path, seq) for path, seq, t, v, a in changes.updated
-        ]
-        cur.executemany(
-            "UPDATE search_leaf SET t = ?, v = ?, x = ?, a = ? "
-            "WHERE tid = ? AND path = ? AND seq = ?",
-            updated,
-        )
-        if cur.rowcount != len(updated):
+        plain, big = _split(changes.updated)
+        found = 0
+        if plain:
+            cur.executemany(
+                "UPDATE search_leaf SET t = ?, v = ?, x = NULL, a = ? "
+                "WHERE tid = ? AND path = ? AND seq = ?",
+                [(t, v, a, tid, path, seq) for path, seq, t, v, a in plain],
+            )
+            found += cur.rowcount
+        if big:
+            cur.executemany(
+                "UPDATE search_leaf SET t = ?, v = ?, x = ?, a = ? "
+                "WHERE tid = ? AND path = ? AND seq = ?",
+                [(t, *numbers.stored(v), a, tid, path, seq) for path, seq, t, v, a in big],
+            )
+            found += cur.rowcount
+        if found != len(changes.updated):
             # The index did not hold the previous document's rows after all: write them whole.
             _upsert(cur, tid, changes.updated)
 
