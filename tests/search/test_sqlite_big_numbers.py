@@ -136,13 +136,24 @@ def test_comparisons_sort_and_cursors_are_exact(conn: sqlite3.Connection) -> Non
 def test_rewriting_a_big_number_replaces_its_row(conn: sqlite3.Connection) -> None:
     """Both ways the index rewrites a twin: diffing against the previous document, and
     comparing with the rows it reads back (which must give back the exact values)."""
-    before = {"twinId": "ns:a", "namespace": "ns", "attributes": {"n": 2**64, "m": 2**64}}
-    after = {"twinId": "ns:a", "namespace": "ns", "attributes": {"n": 2**64 + 1, "m": 2**64 + 1}}
+    before = {
+        "twinId": "ns:a",
+        "namespace": "ns",
+        "attributes": {"n": 2**64, "m": 2**64, "up": 5, "down": 2**64 + 1},
+    }
+    after = {
+        "twinId": "ns:a",
+        "namespace": "ns",
+        "attributes": {"n": 2**64 + 1, "m": 2**64 + 1, "up": 2**64 + 1, "down": 5},
+    }
     with conn:
         index.index_twin(conn, before)
         index.index_twin(conn, after, before)
     check(conn, [after], f"eq(attributes/n,{2**64 + 1})", "")
     check(conn, [after], f"eq(attributes/m,{2**64})", "")
+    check(conn, [after], f"eq(attributes/up,{2**64 + 1})", "")
+    check(conn, [after], f"gt(attributes/down,{2**64})", "")
+    check(conn, [after], "eq(attributes/down,5)", "")
     with conn:
         index.index_twin(conn, before)
     check(conn, [before], f"eq(attributes/n,{2**64})", "")
