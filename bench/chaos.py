@@ -296,8 +296,10 @@ async def phase(
     rng: random.Random,
     watchers: int,
     sse_watchers: int,
+    cap: float,
 ) -> Outcome:
-    """One round of reports with ``events`` faults; keys are ``<phase>-<n>``."""
+    """One round of reports with ``events`` faults; keys are ``<phase>-<n>``; a report still
+    missing after ``cap`` seconds counts as never applied."""
     urls = [replica.url for replica in fleet.replicas]
     watching = [Watcher(f"watcher {n}", urls, fleet.twins, ADMIN_TOKEN) for n in range(watchers)]
     watching += [
@@ -362,7 +364,7 @@ async def phase(
         after = await fleet.revisions()
         missing = sum(len(keys - after[t][1]) for t in fleet.twins)
         now = time.monotonic()
-        if (load.done() and missing == 0) or now - started > 900:
+        if (load.done() and missing == 0) or now - started > cap:
             break
         if len(faults) < events and now >= next_fault:
             at = acked
@@ -497,6 +499,13 @@ def main() -> int:
     parser.add_argument(
         "--store", choices=["sqlite", "mongodb"], default="sqlite", help="mongodb: on FerretDB"
     )
+    parser.add_argument(
+        "--cap",
+        type=float,
+        default=900.0,
+        help="seconds a phase may take before what is still missing counts as never applied "
+        "(raise it on a loaded machine to tell a lost report from a late one)",
+    )
     args = parser.parse_args()
     kinds = [k for k in args.faults.split(",") if k]
     if not kinds or set(kinds) - {"kill", "writer", "broker", "store", "cold"}:
@@ -518,8 +527,8 @@ def main() -> int:
         try:
             load = (args.reports, args.window, args.rate, args.desired_rate, kinds)
             watchers = (args.watchers, args.sse_watchers)
-            base = asyncio.run(phase(fleet, "base", *load, 0, rng, *watchers))
-            hurt = asyncio.run(phase(fleet, "faults", *load, args.events, rng, *watchers))
+            base = asyncio.run(phase(fleet, "base", *load, 0, rng, *watchers, args.cap))
+            hurt = asyncio.run(phase(fleet, "faults", *load, args.events, rng, *watchers, args.cap))
         finally:
             fleet.stop()
     print(
