@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from twin_service import __version__
 from twin_service.collector import tune_gc
-from twin_service.settings import Settings, load_settings
+from twin_service.settings import Settings, load_settings, stray_variables
 
 
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,3 +130,39 @@ def test_serve_keeps_full_collections_rare() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_stray_variables_are_named_with_the_setting_meant() -> None:
+    environ = {
+        "TWIN_AUTH_DISABLED": "true",  # one underscore: the section's delimiter is two
+        "TWIN_MQTT_EMBEDDED_PORT": "1884",
+        "twin_prot": "8081",  # read case-insensitively, as the settings themselves are
+        "TWIN_FROBNICATE": "1",
+        "TWIN_PORT": "8081",
+        "TWIN_LIMITS__MAX_DEPTH": "8",
+        "TWIN_CONFIG_FILE": "x.toml",
+        "TWIN_TOKEN": "t",  # simulate's
+        "TWIN_TEST_REQUIRE_SERVERS": "1",  # the test suite's
+        "PATH": "/bin",
+    }
+    assert stray_variables(environ) == [
+        "TWIN_AUTH_DISABLED is not a setting and is ignored (TWIN_AUTH__DISABLED?)",
+        "TWIN_FROBNICATE is not a setting and is ignored",
+        "TWIN_MQTT_EMBEDDED_PORT is not a setting and is ignored (TWIN_MQTT__EMBEDDED_PORT?)",
+        "twin_prot is not a setting and is ignored (TWIN_PORT?)",
+    ]
+
+
+def test_a_command_warns_of_a_stray_variable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "twin_service", "--data-dir", str(tmp_path), "devices", "list"],
+        capture_output=True,
+        text=True,
+        env={**env, "TWIN_AUTH_DISABLED": "true", "TWIN_TOKEN": "t"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == (
+        "twin-service: warning: TWIN_AUTH_DISABLED is not a setting and is ignored "
+        "(TWIN_AUTH__DISABLED?)\n"
+    )

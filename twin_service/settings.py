@@ -8,12 +8,14 @@ listed in docs/configuration.md.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
 import stat
 import sys
 import tomllib
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -639,12 +641,55 @@ def _check_config_file(path: Path) -> None:
 
 def settings_for_command(config_file: Path | None, **overrides: Any) -> Settings | None:
     """For the command line: the settings, or None after saying on stderr why they are
-    invalid (the caller exits with status 2)."""
+    invalid (the caller exits with status 2). A stray ``TWIN_*`` variable is named on stderr."""
+    for line in stray_variables(os.environ):
+        print(f"twin-service: warning: {line}", file=sys.stderr)
     try:
         return load_settings(config_file, **overrides)
     except ValueError as exc:  # pydantic's ValidationError included
         print(f"twin-service: invalid settings: {describe_invalid(exc)}", file=sys.stderr)
         return None
+
+
+def stray_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line for each ``TWIN_*`` variable that is no setting, with the setting it may mean.
+
+    Not refused, since other tools share the prefix (``TWIN_TOKEN`` of simulate, the test
+    suite's ``TWIN_TEST_*``); but silently ignored, ``TWIN_AUTH_DISABLED`` (one underscore
+    where a section takes two) left auth on and ``TWIN_MQTT_URL`` misspelt started the
+    embedded broker, without a word. Names are read case-insensitively, as pydantic-settings
+    reads them. An unknown key inside a section (``TWIN_LIMITS__NOPE``) is refused already.
+    """
+    top = {f"TWIN_{name.upper()}" for name in Settings.model_fields}
+    sections = {
+        f"TWIN_{name.upper()}__": field.annotation
+        for name, field in Settings.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+    known = sorted(
+        top
+        | {prefix + key.upper() for prefix, model in sections.items() for key in model.model_fields}
+    )
+    lines = []
+    for name in sorted(environ, key=str.upper):
+        upper = name.upper()
+        if (
+            not upper.startswith("TWIN_")
+            or upper in top
+            or upper.startswith(tuple(sections))
+            or upper in _OTHER_VARIABLES
+            or upper.startswith("TWIN_TEST_")
+        ):
+            continue
+        meant = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        lines.append(
+            f"{name} is not a setting and is ignored" + (f" ({meant[0]}?)" if meant else "")
+        )
+    return lines
+
+
+#: ``TWIN_*`` variables read by other code than the settings.
+_OTHER_VARIABLES = frozenset({"TWIN_CONFIG_FILE", "TWIN_TOKEN"})
 
 
 def describe_invalid(exc: ValueError) -> str:
