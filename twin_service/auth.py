@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import secrets
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,40 +67,123 @@ class _Known:
     accepted: dict[str, Principal]
 
 
+def revoked() -> Unauthorized:
+    """What a connection that stays open gets once a reload dropped its token."""
+    return Unauthorized(
+        "Token revoked: the service's tokens were reloaded without it.", code="auth.revoked"
+    )
+
+
+class Credential:
+    """The token of a connection that stays open (a WebSocket, a server-sent-event stream).
+
+    Its :attr:`principal` is the token's under the tokens in force: a reload that changes
+    the token's role or namespaces changes it, and one that drops the token marks it
+    :attr:`revoked` and calls the connection back (:meth:`on_revoked`). Checked once at
+    connect instead, a revoked token went on receiving changes, and writing, until its
+    client left.
+    """
+
+    __slots__ = ("__weakref__", "_callback", "_digest", "_registry", "principal", "revoked")
+
+    def __init__(self, registry: TokenRegistry | None, digest: str, principal: Principal) -> None:
+        self._registry = registry
+        self._digest = digest
+        self._callback: Callable[[], None] | None = None
+        #: The token's principal now (the last one it had, once revoked).
+        self.principal = principal
+        self.revoked = False
+
+    def current(self) -> Principal:
+        """The principal to act for now; :func:`revoked` (401) once the token is."""
+        if self.revoked:
+            raise revoked()
+        return self.principal
+
+    def on_revoked(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when a reload drops the token (at once if it did)."""
+        self._callback = callback
+        if self.revoked:
+            self._revoke()
+
+    def release(self) -> None:
+        """The connection is closed: reloads no longer concern it."""
+        self._callback = None
+        if self._registry is not None:
+            self._registry._held.discard(self)
+
+    def _follow(self, by_hash: dict[str, Principal]) -> bool:
+        """Take the token's principal under ``by_hash``: whether it was revoked."""
+        principal = by_hash.get(self._digest)
+        if principal is not None:
+            self.principal = principal
+            return False
+        self._revoke()
+        return True
+
+    def _revoke(self) -> None:
+        self.revoked = True
+        callback = self._callback
+        self.release()
+        if callback is not None:
+            callback()
+
+
 class TokenRegistry:
     """Looks tokens up by their SHA-256 so the comparison does not leak timing."""
 
     def __init__(self, tokens: list[TokenSettings], disabled: bool = False) -> None:
         self.disabled = disabled
         self._known = _known(tokens)
+        # Weak: a connection that failed before it could release its credential leaves
+        # nothing behind.
+        self._held: weakref.WeakSet[Credential] = weakref.WeakSet()
 
-    def replace(self, tokens: list[TokenSettings]) -> None:
+    def replace(self, tokens: list[TokenSettings]) -> int:
         """Put ``tokens`` in force instead (a reload): from the next request on, only
-        these are accepted, whatever was accepted before."""
-        self._known = _known(tokens)
+        these are accepted, whatever was accepted before. Open connections take their
+        token's new principal, or are told it was revoked: returns how many were."""
+        self._known = known = _known(tokens)
+        if self.disabled:
+            return 0
+        return sum(credential._follow(known.by_hash) for credential in list(self._held))
 
     def authenticate(self, authorization: str | None) -> Principal:
         if self.disabled:
             return ANONYMOUS_ADMIN
         known = self._known
-        if authorization is not None:
-            principal = known.accepted.get(authorization)
-            if principal is not None:
-                return principal
-        if not authorization:
-            raise Unauthorized("A bearer token is required (Authorization: Bearer <token>).")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("Authorization must be 'Bearer <token>'.")
-        principal = _look_up(known, token.strip())
-        if len(known.accepted) < _ACCEPTED_MAX:
-            known.accepted[authorization] = principal
+        principal = known.accepted.get(authorization) if authorization else None
+        if principal is None:
+            principal = _look_up(known, _digest(bearer_token(authorization)))
+            if authorization and len(known.accepted) < _ACCEPTED_MAX:
+                known.accepted[authorization] = principal
         return principal
 
-    def authenticate_token(self, token: str) -> Principal:
+    def hold(self, authorization: str | None) -> Credential:
+        """:meth:`authenticate` for a connection that stays open: a :class:`Credential`
+        that follows reloads until released."""
         if self.disabled:
-            return ANONYMOUS_ADMIN
-        return _look_up(self._known, token)
+            return Credential(None, "", ANONYMOUS_ADMIN)
+        return self.hold_token(bearer_token(authorization))
+
+    def hold_token(self, token: str) -> Credential:
+        """:meth:`hold` for a bare token (a WebSocket's ``auth`` message)."""
+        if self.disabled:
+            return Credential(None, "", ANONYMOUS_ADMIN)
+        digest = _digest(token)
+        credential = Credential(self, digest, _look_up(self._known, digest))
+        self._held.add(credential)
+        return credential
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header value."""
+    if not authorization:
+        raise Unauthorized("A bearer token is required (Authorization: Bearer <token>).")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Authorization must be 'Bearer <token>'.")
+    return token.strip()
 
 
 def _known(tokens: list[TokenSettings]) -> _Known:
@@ -115,8 +200,7 @@ def _known(tokens: list[TokenSettings]) -> _Known:
     return _Known(by_hash, {})
 
 
-def _look_up(known: _Known, token: str) -> Principal:
-    digest = _digest(token)
+def _look_up(known: _Known, digest: str) -> Principal:
     for candidate, principal in known.by_hash.items():
         if hmac.compare_digest(candidate, digest):
             return principal

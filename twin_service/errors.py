@@ -13,7 +13,7 @@ error message over WebSocket, and to a ``rejected`` message over MQTT.
     │   ├── LimitExceeded             limits.exceeded (depth, key length, forbidden key)
     │   ├── RqlSyntaxError            rql.syntax
     │   └── RqlInvalid                rql.invalid
-    ├── Unauthorized (401)            auth.required
+    ├── Unauthorized (401)            auth.required / auth.revoked
     ├── Forbidden (403)               auth.forbidden
     ├── NotFound (404)                twin.notfound / pointer.notfound
     │   └── SearchDisabled            search.disabled

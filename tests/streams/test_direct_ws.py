@@ -10,7 +10,7 @@ import uvicorn
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from twin_service.auth import Principal
+from twin_service.auth import Credential, Principal
 from twin_service.streams.direct_ws import (
     DirectWebSocketProtocol,
     supports_direct_writes,
@@ -54,8 +54,8 @@ class FakeOutput:
 
 def session(queue_size: int = 10) -> StreamSession:
     """A session of a real hub that is never started (these tests need no store)."""
-    principal = Principal(name="t", role="admin")
-    return StreamSession(EventHub(None), None, principal, queue_size)  # type: ignore[arg-type]
+    credential = Credential(None, "", Principal(name="t", role="admin"))
+    return StreamSession(EventHub(None), None, credential, queue_size)  # type: ignore[arg-type]
 
 
 def test_flush_writes_everything_queued_at_once_in_order() -> None:

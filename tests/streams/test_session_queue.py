@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.store.contract import change, mutate
-from twin_service.auth import Principal
+from twin_service.auth import Credential, Principal
 from twin_service.settings import Settings, StreamSettings
 from twin_service.store.sqlite import SqliteStore
 from twin_service.streams.hub import EventHub
@@ -44,7 +44,7 @@ async def journal(tmp_path: Path, events: int) -> AsyncIterator[tuple[SqliteStor
 def admin_session(
     hub: EventHub, store: SqliteStore, queue_size: int, queue_bytes: int = 8 << 20
 ) -> StreamSession:
-    admin = Principal(name="t", role="admin")
+    admin = Credential(None, "", Principal(name="t", role="admin"))
     return StreamSession(hub, store, admin, queue_size, 5, queue_bytes=queue_bytes)
 
 

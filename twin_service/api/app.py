@@ -153,8 +153,10 @@ def _reload_tokens_on_sighup(
     Read once at start, a revoked token went on working until a restart (and SIGHUP, left
     to its default, ended the service). A file that cannot be used keeps the tokens in
     force; one that holds no token revokes all of its tokens (how to lock every client
-    out without a restart). Only in the main thread, where the service runs: signal
-    handlers cannot be set in another (an app run by a test client).
+    out without a restart). Open WebSocket connections and server-sent-event streams take
+    their token's new role and namespaces, or end if it was revoked (``auth.Credential``).
+    Only in the main thread, where the service runs: signal handlers cannot be set in
+    another (an app run by a test client).
     """
     if threading.current_thread() is not threading.main_thread():
         return
@@ -172,11 +174,13 @@ def _reload_tokens_on_sighup(
             except ValueError as exc:
                 log.error("SIGHUP: tokens not reloaded, those in force stay: %s", exc)
                 return
-            registry.replace(tokens)
+            closed = registry.replace(tokens)
             if tokens:
                 log.info("SIGHUP: tokens reloaded: %d in force", len(tokens))
             else:
                 log.warning("SIGHUP: tokens reloaded: the tokens file holds none, none is accepted")
+            if closed:
+                log.info("SIGHUP: %d open streams of revoked tokens closed", closed)
 
     def hung_up() -> None:
         task = loop.create_task(reload(), name="reload-tokens")

@@ -11,7 +11,7 @@ from starlette.requests import HTTPConnection
 
 from twin_service.api.context import AppContext
 from twin_service.api.etags import parse_tags, strong_revisions
-from twin_service.auth import Principal
+from twin_service.auth import Credential, Principal
 from twin_service.digits import ascii_integer
 from twin_service.errors import BadRequest, PayloadTooLarge, Unavailable, UnsupportedMediaType
 from twin_service.service import Amend, Preconditions
@@ -164,7 +164,14 @@ async def require_write(request: Request) -> Principal:
     return write_access(request)
 
 
+async def hold_reader(request: Request) -> Credential:
+    """The caller's token for a stream that stays open: it follows reloads of the tokens
+    (every role may read)."""
+    return context(request).tokens.hold(request.headers.get("authorization"))
+
+
 Reader = Annotated[Principal, Depends(require_read)]
+StreamReader = Annotated[Credential, Depends(hold_reader)]
 Writer = Annotated[Principal, Depends(require_write)]
 
 #: A twin id path parameter. Routes check it with ``parse_twin_id`` (400 on a bad id) after

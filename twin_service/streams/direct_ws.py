@@ -28,6 +28,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from twin_service.auth import revoked
 from twin_service.streams.session import StreamSession
 
 log = logging.getLogger(__name__)
@@ -145,13 +146,19 @@ def direct_writer(websocket: WebSocket) -> DirectWriter | None:
     return writer if isinstance(writer, DirectWriter) else None
 
 
-async def pump_websocket(websocket: WebSocket, session: StreamSession, overflow_code: int) -> None:
-    """Send the session's messages until it overflows (then close with ``overflow_code``)."""
+async def pump_websocket(
+    websocket: WebSocket, session: StreamSession, overflow_code: int, revoked_code: int
+) -> None:
+    """Send the session's messages until it is cut off: close with ``overflow_code`` when
+    it overflowed, with ``revoked_code`` when a reload revoked its token."""
     writer = direct_writer(websocket)
     if writer is not None:
         session.attach(writer)
     while True:
         if not await session.wait():
+            if session.revoked:
+                await websocket.close(revoked_code, revoked().message)
+                return
             reason = f"slow consumer: resume with since={session.resume_hint()}"
             await websocket.close(overflow_code, reason)
             return

@@ -5,6 +5,11 @@ first (live events are held back), then the journal is replayed up to the hub's 
 registration, then the held-back live events are released. A consumer that falls more than
 ``queue_size`` messages behind is cut off (``overflowed``) and resumes with ``since``.
 
+The session acts for its :class:`Credential`, which follows reloads of the tokens: each event
+is checked against the token's namespaces now, and a token revoked cuts the reader off as an
+overflow does, :attr:`StreamSession.revoked` telling its writer to close the stream instead
+of giving a resume point.
+
 Each subscription is filed in the hub's shared index (on subscribe; removed on unsubscribe and
 close), so the hub offers it only the events it may concern. Messages are queued ready to
 send (:class:`Outgoing`), composed from the parts the event's frame encoded once.
@@ -25,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from twin_service.auth import Principal
+from twin_service.auth import Credential
 from twin_service.errors import BadRequest, LimitExceeded, Unavailable
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.streams.hub import JOURNAL_BATCH, EventHub, replay
@@ -96,7 +101,7 @@ class StreamSession:
         self,
         hub: EventHub,
         store: TwinStore,
-        principal: Principal,
+        credential: Credential,
         queue_size: int,
         max_subscriptions: int = 1,
         max_listed: int = 10_000,
@@ -105,7 +110,7 @@ class StreamSession:
         hub.admit()  # first: a reader refused holds nothing
         self._hub = hub
         self._store = store
-        self._principal = principal
+        self._credential = credential
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
         #: Characters of the messages queued (the JSON is ASCII but for non-ASCII text).
@@ -125,6 +130,12 @@ class StreamSession:
         self._handed = 0
         self._closed = False
         self._output: Output | None = None
+        credential.on_revoked(self._cut_off)
+
+    @property
+    def revoked(self) -> bool:
+        """Whether the reader was cut off because a reload revoked its token."""
+        return self._credential.revoked
 
     def attach(self, output: Output) -> None:
         """Let :meth:`flush` write straight to ``output`` when it is ready."""
@@ -134,6 +145,7 @@ class StreamSession:
         if not self._closed:
             self._hub.release()
         self._closed = True
+        self._credential.release()
         self._count(-self._outbox_bytes)
         self._outbox.clear()
         for active in self._subs.values():
@@ -176,8 +188,8 @@ class StreamSession:
         self._budget.used += size
 
     def _cut_off(self) -> None:
-        """End the reader's stream: its writer sends where to resume (:meth:`resume_hint`)
-        and closes; nothing queued is sent any more."""
+        """End the reader's stream: its writer sends where to resume (:meth:`resume_hint`),
+        or that the token was revoked, and closes; nothing queued is sent any more."""
         self.overflowed = True
         self._outbox.clear()
         self._count(-self._outbox_bytes)
@@ -495,7 +507,7 @@ class StreamSession:
 
     def _deliver(self, subscription: Subscription, frame: EventFrame) -> bool:
         """Queue the message of ``frame`` for ``subscription``, if any: whether one was."""
-        if not self._principal.may_see(frame.namespace):
+        if not self._credential.principal.may_see(frame.namespace):
             return False
         outcome = frame.outcome(subscription)
         if outcome is None:

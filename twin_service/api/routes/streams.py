@@ -1,8 +1,9 @@
 """Change streams over HTTP: per-twin history, the WebSocket API, and Server-Sent Events.
 
-WebSocket close codes: 4401 not authenticated, 4403 forbidden, 4408 slow consumer (resume
-with ``since``), 1011 internal error. Errors of single messages never close the socket: they
-come back as ``{"type": "error", ...}`` with the one error body.
+WebSocket close codes: 4401 not authenticated (or the token revoked by a reload of the
+tokens), 4403 forbidden, 4408 slow consumer (resume with ``since``), 1011 internal error.
+Errors of single messages never close the socket: they come back as
+``{"type": "error", ...}`` with the one error body.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from fastapi.responses import Response, StreamingResponse
 
 from search.rql.parser import parse_filter
 from twin_service.api.context import AppContext
-from twin_service.api.deps import Context, Reader, TwinId, context
+from twin_service.api.deps import Context, Reader, StreamReader, TwinId, context
 from twin_service.api.schemas import errors
 from twin_service.api.websocket_protocol import allow_full_messages
-from twin_service.auth import Principal
+from twin_service.auth import Credential, revoked
 from twin_service.commands import run_command
 from twin_service.digits import ascii_integer
 from twin_service.errors import (
@@ -158,14 +159,14 @@ async def _history_page(
 # -- WebSocket -------------------------------------------------------------------------------
 
 
-def _authenticate(ctx: AppContext, websocket: WebSocket) -> Principal | None:
-    """The header's principal; ``None`` when the first message must carry the token. With
+def _authenticate(ctx: AppContext, websocket: WebSocket) -> Credential | None:
+    """The header's token; ``None`` when the first message must carry the token. With
     auth disabled (development), every connection is welcomed at once, as REST serves
     every request."""
     header = websocket.headers.get("authorization")
     if header is None and not ctx.tokens.disabled:
         return None
-    return ctx.tokens.authenticate(header)
+    return ctx.tokens.hold(header)
 
 
 def subscription_from(message: JSONObject) -> tuple[Subscription, int | None]:
@@ -212,15 +213,15 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
     refusal: tuple[int, str] | None = None
-    principal: Principal | None = None
+    credential: Credential | None = None
     try:
         ctx = context(websocket)
-        principal = _authenticate(ctx, websocket)
+        credential = _authenticate(ctx, websocket)
     except Unavailable as exc:  # starting, until the store answers (api.app)
         refusal = (CLOSE_TRY_AGAIN_LATER, exc.message)
     except Unauthorized as exc:
         refusal = (CLOSE_UNAUTHENTICATED, exc.message)
-    if principal is not None:
+    if credential is not None:
         # Before the accept: the client sends nothing until it has it.
         allow_full_messages(websocket)
     # Accept first so that a refusal reaches the client as a close code and reason.
@@ -228,22 +229,25 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if refusal is not None:
         await _close(websocket, *refusal)
         return
-    if principal is None:
-        principal = await _first_message_auth(ctx, websocket)
-        if principal is None:
+    if credential is None:
+        credential = await _first_message_auth(ctx, websocket)
+        if credential is None:
             return
         allow_full_messages(websocket)
     stream = ctx.settings.stream
     try:
-        session = _session(ctx, principal, stream.max_subscriptions)
+        session = _session(ctx, credential, stream.max_subscriptions)
     except TooManyStreams as exc:
         await _close(websocket, CLOSE_TRY_AGAIN_LATER, exc.message)
         return
-    writer = asyncio.create_task(pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER))
+    writer = asyncio.create_task(
+        pump_websocket(websocket, session, CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHENTICATED)
+    )
     tasks: set[asyncio.Task[None]] = set()
     in_flight = asyncio.Semaphore(stream.max_in_flight)
     try:
-        await websocket.send_text(dumps({"type": "welcome", "principal": principal.name}))
+        welcome = {"type": "welcome", "principal": credential.principal.name}
+        await websocket.send_text(dumps(welcome))
         while True:
             raw = await _receive_text(websocket)
             if raw is None:
@@ -252,7 +256,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             if message is None:
                 continue
             await in_flight.acquire()
-            task = asyncio.create_task(_handle(ctx, principal, session, message))
+            task = asyncio.create_task(_handle(ctx, credential, session, message))
             task.add_done_callback(lambda _: in_flight.release())
             # A command runs to its end even if the client leaves meanwhile: its write
             # may be queued already, and a commit must never skip its listeners (the
@@ -273,13 +277,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await writer
 
 
-def _session(ctx: AppContext, principal: Principal, max_subscriptions: int = 1) -> StreamSession:
+def _session(ctx: AppContext, credential: Credential, max_subscriptions: int = 1) -> StreamSession:
     """A reader's stream session, with the limits of the ``stream`` settings."""
     limits = ctx.settings.stream
     return StreamSession(
         ctx.hub,
         ctx.store,
-        principal,
+        credential,
         limits.queue_size,
         max_subscriptions,
         limits.max_listed,
@@ -299,7 +303,7 @@ async def _receive_text(websocket: WebSocket) -> str | None:
     return text
 
 
-async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Principal | None:
+async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Credential | None:
     try:
         raw = await asyncio.wait_for(_receive_text(websocket), AUTH_TIMEOUT)
         if raw is None:
@@ -310,7 +314,7 @@ async def _first_message_auth(ctx: AppContext, websocket: WebSocket) -> Principa
         token = message.get("token")
         if not isinstance(token, str):
             raise Unauthorized("The auth message needs a 'token' string.")
-        return ctx.tokens.authenticate_token(token)
+        return ctx.tokens.hold_token(token)
     except (TimeoutError, TwinServiceError) as exc:
         reason = exc.message if isinstance(exc, TwinServiceError) else "No auth message in time."
         with contextlib.suppress(Exception):
@@ -347,7 +351,7 @@ def _error(correlation: Any, status: int, body: JSONObject) -> JSONObject:
 
 
 async def _handle(
-    ctx: AppContext, principal: Principal, session: StreamSession, message: JSONObject
+    ctx: AppContext, credential: Credential, session: StreamSession, message: JSONObject
 ) -> None:
     correlation = _correlation(message.get("correlationId", message.get("id")))
     try:
@@ -362,7 +366,8 @@ async def _handle(
             # A client written for a service with tokens, welcomed at once by one without.
             raise BadRequest("This connection is authenticated already.", code="auth.done")
         elif kind == "command":
-            status, body = await run_command(ctx, principal, message)
+            # The token's role and namespaces now: a reload may have changed them.
+            status, body = await run_command(ctx, credential.current(), message)
             session.send(
                 {"type": "response", "correlationId": correlation, "status": status, "body": body}
             )
@@ -415,7 +420,7 @@ def _sse_message(item: Outgoing, started_live: bool) -> str:
 async def sse(
     request: Request,
     ctx: Context,
-    principal: Reader,
+    credential: StreamReader,
     filter: str | None = None,
     fields: str | None = None,
     namespaces: str | None = None,
@@ -433,7 +438,7 @@ async def sse(
     if namespaces:
         message["namespaces"] = [n for n in namespaces.split(",") if n]
     subscription, _ = subscription_from(message)
-    session = _session(ctx, principal)
+    session = _session(ctx, credential)
     try:
         # Answered before the response starts, so that a resume the store cannot serve now
         # is a 503 (with Retry-After, which an EventSource waits out), not a stream cut at
@@ -453,6 +458,9 @@ async def sse(
                 except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
+                if not queued and session.revoked:
+                    yield f"event: revoked\ndata: {dumps(revoked().to_body())}\n\n"
+                    return
                 if not queued:  # overflowed
                     yield (
                         "event: overflow\ndata: "
