@@ -233,17 +233,17 @@ def test_a_method_not_allowed_is_405_naming_every_method_of_the_path(
 ) -> None:
     twin = f"/api/v1/twins/{new_id()}"
     for method, url, allowed in [
-        ("TRACE", twin, "DELETE, GET, PATCH, PUT"),
-        ("POST", twin, "DELETE, GET, PATCH, PUT"),
-        ("DELETE", "/api/v1/twins", "GET, POST"),
-        ("POST", twin + "/desired/fan", "DELETE, GET, PATCH, PUT"),
+        ("TRACE", twin, "DELETE, GET, HEAD, PATCH, PUT"),
+        ("POST", twin, "DELETE, GET, HEAD, PATCH, PUT"),
+        ("DELETE", "/api/v1/twins", "GET, HEAD, POST"),
+        ("POST", twin + "/desired/fan", "DELETE, GET, HEAD, PATCH, PUT"),
         # The views of a twin are read-only.
-        ("PUT", twin + "/delta", "GET"),
-        ("PATCH", twin + "/metadata", "GET"),
-        ("DELETE", twin + "/lifecycle/fan", "GET"),
-        ("PUT", twin + "/connection/status", "GET"),
-        ("DELETE", twin + "/history", "GET"),
-        ("POST", "/health", "GET"),
+        ("PUT", twin + "/delta", "GET, HEAD"),
+        ("PATCH", twin + "/metadata", "GET, HEAD"),
+        ("DELETE", twin + "/lifecycle/fan", "GET, HEAD"),
+        ("PUT", twin + "/connection/status", "GET, HEAD"),
+        ("DELETE", twin + "/history", "GET, HEAD"),
+        ("POST", "/health", "GET, HEAD"),
     ]:
         response = api.request(method, url)
         assert response.status_code == 405, (method, url)

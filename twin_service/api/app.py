@@ -119,7 +119,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = TwinApp(
         title="twin-service",
         version=__version__,
-        description="Digital twin state: desired, reported, delta, live and attributes.",
+        description="Digital twin state: desired, reported, delta, live and attributes. "
+        "HEAD is answered wherever GET is (as GET, without the body).",
         lifespan=lifespan,
         # A path no route takes is a 404, not a 307 to a neighbour that one does: a DELETE
         # of /twins/<id>%2F (or /twins/<id>/) was redirected, method kept, to the twin.

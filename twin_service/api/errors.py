@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from twin_service.api.head import ASKED_METHOD
 from twin_service.errors import TwinServiceError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,16 @@ def disconnected_response(request: Request) -> Response:
 
 def allowed_methods(app: FastAPI, request: Request) -> list[str]:
     """Every method some route of ``app`` takes at the request's path (RFC 9110 asks a 405
-    to list them in ``Allow``). Starlette names only the methods of the first route whose
-    path matched, while each method of a path here is a route of its own."""
+    to list them in ``Allow``), HEAD wherever GET is (api.head). Starlette names only the
+    methods of the first route whose path matched, while each method of a path here is a
+    route of its own."""
     methods: set[str] = set()
     for route in app.router.routes:
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
             methods.update(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 
@@ -90,7 +94,8 @@ def install(app: FastAPI) -> None:
             return _body(exc.status_code, code, str(exc.detail))
         allowed = ", ".join(allowed_methods(app, request))
         # The usual case: a write to what the service computes (delta, lifecycle, ...).
-        message = f"{request.method} is not allowed on {request.url.path}; it takes {allowed}."
+        method = request.scope.get(ASKED_METHOD, request.method)
+        message = f"{method} is not allowed on {request.url.path}; it takes {allowed}."
         response = _body(405, code, message)
         response.headers["Allow"] = allowed
         return response

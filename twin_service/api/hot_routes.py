@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from twin_service.api.errors import disconnected_response, error_response, unexpected_response
+from twin_service.api.head import as_get
 from twin_service.api.routes import twins
 from twin_service.errors import BadRequest, TwinServiceError, Unavailable
 from twin_service.metrics import RequestMetrics
@@ -41,8 +42,9 @@ ENDPOINTS: dict[str, Endpoint] = {"GET": twins.get_twin, "PATCH": twins.patch_tw
 
 
 class TwinApp(FastAPI):
-    """FastAPI, with the whole-twin GET and PATCH taken ahead of the framework, and every
-    HTTP request counted for ``GET /metrics``."""
+    """FastAPI, with the whole-twin GET and PATCH taken ahead of the framework, every HEAD
+    served as its GET without the body (api.head), and every HTTP request counted for
+    ``GET /metrics``."""
 
     hot_routes = True
 
@@ -58,10 +60,13 @@ class TwinApp(FastAPI):
             await super().__call__(scope, receive, send)
             return
         start = time.perf_counter()
+        method: str = scope["method"]
+        if method == "HEAD":  # served as its GET, here for every route (api.head)
+            scope, receive, send = as_get(scope, receive, send)
         try:
             if not _query_is_utf8(scope["query_string"]):
                 await error_response(BAD_QUERY)(scope, receive, send)
-                self.requests.observe(scope["method"], UNMATCHED, 400, time.perf_counter() - start)
+                self.requests.observe(method, UNMATCHED, 400, time.perf_counter() - start)
                 return
             if self.hot_routes and not self.root_path:
                 endpoint = ENDPOINTS.get(scope["method"])
@@ -72,9 +77,9 @@ class TwinApp(FastAPI):
                     if twin_id and "/" not in twin_id:
                         status = await self._serve(endpoint, twin_id, scope, receive, send)
                         elapsed = time.perf_counter() - start
-                        self.requests.observe(scope["method"], HOT_ROUTE, status, elapsed)
+                        self.requests.observe(method, HOT_ROUTE, status, elapsed)
                         return
-            await self._through_fastapi(scope, receive, send, start)
+            await self._through_fastapi(method, scope, receive, send, start)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when its graceful shutdown timeout
             # (Settings.shutdown_timeout_seconds) ends, and would answer them with a
@@ -82,7 +87,7 @@ class TwinApp(FastAPI):
             await _answer_stopping(scope, receive, send)
 
     async def _through_fastapi(
-        self, scope: Scope, receive: Receive, send: Send, start: float
+        self, method: str, scope: Scope, receive: Receive, send: Send, start: float
     ) -> None:
         # What uvicorn answers a request the app failed without answering.
         status = 500
@@ -95,7 +100,7 @@ class TwinApp(FastAPI):
 
         def count() -> None:
             route = getattr(scope.get("route"), "path_format", UNMATCHED)
-            self.requests.observe(scope["method"], route, status, time.perf_counter() - start)
+            self.requests.observe(method, route, status, time.perf_counter() - start)
 
         try:
             await super().__call__(scope, receive, send_noting_status)
