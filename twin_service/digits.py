@@ -18,3 +18,21 @@ def ascii_integer(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+def ascii_decimal(text: str) -> float | None:
+    """``text`` as a non-negative number if it is ASCII decimal digits, optionally followed
+    by ``.`` and more of them (``3``, ``0.5``), else ``None``.
+
+    ``float`` alone also takes ``1_0``, ``+1``, ``1e2``, ``.5``, surrounding spaces, ``nan``,
+    ``inf`` and digits of other scripts (``\\u0661``). A value too large for a float is
+    infinity, which callers bound.
+    """
+    whole, point, fraction = text.partition(".")
+    if not _digits(whole) or (point and not _digits(fraction)):
+        return None
+    return float(text)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()

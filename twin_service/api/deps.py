@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 from twin_service.api.context import AppContext
 from twin_service.api.etags import parse_tags, strong_revisions
 from twin_service.auth import Credential, Principal
-from twin_service.digits import ascii_integer
+from twin_service.digits import ascii_decimal, ascii_integer
 from twin_service.errors import BadRequest, PayloadTooLarge, Unavailable, UnsupportedMediaType
 from twin_service.service import Amend, Preconditions
 from twin_service.twin.ids import MAX_ID_LENGTH, TWIN_ID_PATTERN
@@ -75,21 +75,20 @@ class RawParam:
         lines = request.headers.getlist(self.name)
         return ", ".join(lines) if lines else None
 
-    def get_positive_float(self, request: Request) -> float | None:
+    def get_positive_decimal(self, request: Request) -> float | None:
         raw = self.get(request)
         if raw is None:
             return None
         maximum = self.schema.get("maximum", float("inf"))
-        try:
-            value = float(raw)
-        except ValueError:
-            value = None
-        # ``not value > 0`` also refuses NaN; a finite maximum, infinity.
+        # ASCII digits and an optional fraction only: float() also read "1_0" as 10, " +1"
+        # as 1, "1e2" as 100 and "\u0661" (an Arabic-Indic one) as 1.
+        value = ascii_decimal(raw)
+        # A finite maximum also refuses infinity (too many digits for a float).
         if value is None or not value > 0 or value == float("inf") or value > maximum:
             most = "" if maximum == float("inf") else f" and <= {maximum}"
             raise BadRequest(
-                f"Invalid request at {self.location}/{self.name}: expected a number > 0{most}, "
-                f"got {raw!r}."
+                f"Invalid request at {self.location}/{self.name}: expected a decimal number "
+                f"> 0{most} (ASCII digits, optionally a fraction: 1.5), got {raw!r}."
             )
         return value
 
@@ -251,7 +250,7 @@ TTL = RawParam(
     "ttl",
     "query",
     "Seconds after which desired values written here that the device has not applied "
-    "become 'expired' in the lifecycle.",
+    "become 'expired' in the lifecycle: ASCII digits, optionally a fraction (90, 0.5).",
     {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL_SECONDS},
 )
 #: The parameters :func:`request_preconditions` reads, for ``documented``.
@@ -276,7 +275,7 @@ def request_preconditions(request: Request) -> Preconditions:
 
 def write_options(request: Request) -> tuple[Preconditions, Amend | None]:
     """:func:`request_preconditions`, and the lifecycle amend of a ``ttl``, if given."""
-    ttl = TTL.get_positive_float(request) if request.scope.get("query_string") else None
+    ttl = TTL.get_positive_decimal(request) if request.scope.get("query_string") else None
     conditions = request_preconditions(request)
     return conditions, (lifecycle_amend_ttl(ttl) if ttl is not None else None)
 

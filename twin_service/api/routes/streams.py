@@ -15,12 +15,20 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Header, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response, StreamingResponse
 
 from search.rql.parser import parse_filter
 from twin_service.api.context import AppContext
-from twin_service.api.deps import Context, Reader, StreamReader, TwinId, context
+from twin_service.api.deps import (
+    Context,
+    RawParam,
+    Reader,
+    StreamReader,
+    TwinId,
+    context,
+    documented,
+)
 from twin_service.api.schemas import errors
 from twin_service.api.websocket_protocol import allow_full_messages
 from twin_service.auth import Credential, revoked
@@ -76,19 +84,29 @@ HISTORY_FIRST_READ = 10
 HISTORY_READ = 250
 
 
+_REVISION = {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}
+SINCE = RawParam("since", "query", "The first revision of the page (default 0)", _REVISION)
+UNTIL = RawParam("until", "query", "The last revision (default: the twin's)", _REVISION)
+LIMIT = RawParam(
+    "limit",
+    "query",
+    f"Events in a page (default {HISTORY_LIMIT})",
+    {"type": "integer", "minimum": 1, "maximum": HISTORY_MAX_LIMIT},
+)
+
+
 @router.get(
     "/twins/{twin_id}/history",
     responses=errors(404, 410),
     summary="Retained change events of one twin (since <= revision <= until), a page at a time",
+    # Read as every other integer of the API is (RawParam.get_int): pydantic's int also
+    # took "3_0", "+3", " 3" and "3.0".
+    openapi_extra=documented(SINCE, UNTIL, LIMIT),
 )
-async def history(
-    ctx: Context,
-    principal: Reader,
-    twin_id: TwinId,
-    since: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
-    until: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
-    limit: Annotated[int, Query(ge=1, le=HISTORY_MAX_LIMIT)] = HISTORY_LIMIT,
-) -> Any:
+async def history(request: Request, ctx: Context, principal: Reader, twin_id: TwinId) -> Any:
+    since = SINCE.get_int(request) or 0
+    until = UNTIL.get_int(request)
+    limit = LIMIT.get_int(request) or HISTORY_LIMIT
     principal.check_namespace(parse_twin_id(twin_id)[0])
     current = await ctx.store.get(twin_id)
     if current is not None:
@@ -411,11 +429,15 @@ def _sse_message(item: Outgoing, started_live: bool) -> str:
     return f"event: {item.kind}\ndata: {item.text}\n\n"
 
 
+_STREAM_SINCE = RawParam("since", "query", "The journal sequence number to resume from", _REVISION)
+
+
 @router.get(
     "/stream/twins",
     responses=errors(),
     summary="Server-Sent Events of twin changes; resume with Last-Event-ID",
     response_class=StreamingResponse,
+    openapi_extra=documented(_STREAM_SINCE),  # strict digits, as history's (RawParam)
 )
 async def sse(
     request: Request,
@@ -424,10 +446,9 @@ async def sse(
     filter: str | None = None,
     fields: str | None = None,
     namespaces: str | None = None,
-    since: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    resume = since
+    resume = _STREAM_SINCE.get_int(request)
     # An EventSource sends none while its last event id is empty; an empty one from
     # elsewhere (a proxy, a hand-written client) means the same.
     if last_event_id is not None and last_event_id.strip():
