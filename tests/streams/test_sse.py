@@ -34,6 +34,14 @@ def read_events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
     return events
 
 
+def live_position(api: httpx.Client) -> int:
+    """The journal position a stream starts from now (its ``subscribed`` event's seq)."""
+    with api.stream("GET", "/api/v1/stream/twins", timeout=30) as stream:
+        (subscribed,) = read_events(stream, 1)
+    assert subscribed["event"] == "subscribed", subscribed
+    return int(subscribed["data"]["seq"])
+
+
 def test_sse_stream_and_last_event_id_resume(service: ServiceProcess) -> None:
     ns = f"org.sse{uuid.uuid4().hex[:8]}"
     params = {"filter": "exists(desired/mode)", "fields": "desired", "namespaces": ns}
@@ -210,6 +218,11 @@ def test_a_resync_carries_the_id_to_resume_from(tmp_path: Path) -> None:
             api.put("/api/v1/twins/org.sse:pruned", json={})
             for n in range(130):  # pruning runs every 64 revisions
                 api.put("/api/v1/twins/org.sse:pruned/desired/n", json=n)
+            # The streams learn of a commit after its answer: on a busy machine the position
+            # a stream started from was still 130 (the resync's id then said 130, rightly).
+            deadline = time.monotonic() + 30
+            while live_position(api) < 131 and time.monotonic() < deadline:
+                time.sleep(0.05)
             headers = {"Last-Event-ID": "1"}
             with api.stream("GET", "/api/v1/stream/twins", headers=headers, timeout=30) as stream:
                 (resync,) = read_events(stream, 1)
