@@ -25,6 +25,8 @@ from connectivity.topics import DEFAULT_PREFIX, TopicLayout
 log = logging.getLogger(__name__)
 
 _REPLIES = ("reported/update/accepted", "reported/update/rejected", "get/accepted", "get/rejected")
+#: The service rejects a longer clientToken without echoing it, so no answer would match.
+MAX_CLIENT_TOKEN_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class DeviceConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    #: The largest MQTT packet a request may take (bytes); a larger one raises
+    #: :class:`PacketTooLarge` unsent. The shipped brokers close the connection of a device
+    #: that sends more than 2 MiB. An MQTT 5 broker's own Maximum Packet Size applies too.
+    max_packet_size: int | None = 2 * 1024 * 1024
 
 
 class DeviceClient:
@@ -81,6 +87,7 @@ class DeviceClient:
                 cert_file=config.cert_file,
                 key_file=config.key_file,
                 last_will=LastWill(self.topic("status"), b"offline", qos=1, retain=True),
+                max_outgoing_packet_size=config.max_packet_size,
             ),
             key=lambda _topic: config.twin_id,
         )
@@ -96,21 +103,29 @@ class DeviceClient:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Connect and subscribe; then, in the background, announce ``online`` and fetch the
-        twin (:attr:`twin`)."""
+        twin (:attr:`twin`).
+
+        Raises :class:`ConnectRefused` or :class:`NotConnected` (nothing within ``timeout``)
+        with the client stopped: a client left connecting in the background took the
+        device's client id from the next one, and the two took turns at the session."""
         await self._client.subscribe(self.topic("delta"), 1, self._on_delta)
         for suffix in _REPLIES:
             await self._client.subscribe(self.topic(suffix), 1, self._on_reply)
         self._client.on_connect(self._announce)
         await self._client.start()
-        await self._client.wait_connected(timeout)
         try:
-            # Connected is not yet subscribed: an answer to a request sent before the broker
-            # took the subscriptions would go nowhere.
-            await asyncio.wait_for(self._subscribed.wait(), timeout)
-        except TimeoutError:
-            raise NotConnected(
-                f"the broker did not acknowledge the subscriptions within {timeout}s"
-            ) from None
+            await self._client.wait_connected(timeout)
+            try:
+                # Connected is not yet subscribed: an answer to a request sent before the
+                # broker took the subscriptions would go nowhere.
+                await asyncio.wait_for(self._subscribed.wait(), timeout)
+            except TimeoutError:
+                raise NotConnected(
+                    f"the broker did not acknowledge the subscriptions within {timeout}s"
+                ) from None
+        except BaseException:
+            await self._client.stop(grace=0)
+            raise
 
     async def stop(self) -> None:
         """Publish ``offline`` (retained) and disconnect."""
@@ -140,11 +155,14 @@ class DeviceClient:
     ) -> dict[str, Any]:
         """Report state; returns the accepted body or raises :class:`RequestRejected`, or
         an :class:`MqttUnavailable` or ``TimeoutError`` when no answer came.
+        :class:`PacketTooLarge` (nothing sent) for a report over ``config.max_packet_size``
+        or the broker's limit; ``ValueError`` for a ``client_token`` over 64 bytes of UTF-8.
 
         An outcome that a later attempt may change is retried for ``config.retry_for``
         seconds with the same clientToken, which the service applies once however often it
         arrives: a ``twin.contention`` rejection, no subscriber (MQTT 5: the service is not
-        subscribed yet after a broker restart), no connection, and no answer in time.
+        subscribed yet after a broker restart), no connection, and no answer in time; not a
+        broker's refusal of the device's credentials (:class:`ConnectRefused`), raised at once.
 
         ``desired_version`` says which desired version the device has applied; ``rejected`` maps
         JSON pointers of desired values the device refuses to apply to reasons.
@@ -170,7 +188,13 @@ class DeviceClient:
     ) -> dict[str, Any]:
         # One token for every attempt: the service applies a report once however often it
         # comes, and an answer to an earlier attempt answers this one as well.
-        body = {**body, "clientToken": token or uuid.uuid4().hex}
+        token = token or uuid.uuid4().hex
+        if len(token.encode()) > MAX_CLIENT_TOKEN_BYTES:
+            raise ValueError(
+                f"clientToken is {len(token.encode())} bytes of UTF-8, over the service's "
+                f"{MAX_CLIENT_TOKEN_BYTES}"
+            )
+        body = {**body, "clientToken": token}
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.config.retry_for
         delay = self.config.retry_min_delay
@@ -194,8 +218,12 @@ class DeviceClient:
         try:
             # No subscriber (the service's subscription not back yet after a broker restart):
             # the broker dropped it, and NoSubscriber says so now rather than a timeout later.
+            # Not resent by paho: _request sends it again itself, or gives up on it for good.
             await self._client.publish(
-                self.topic(suffix), json.dumps(body).encode(), require_subscriber=True
+                self.topic(suffix),
+                json.dumps(body).encode(),
+                require_subscriber=True,
+                resend=False,
             )
             wait = self.config.request_timeout if timeout is None else timeout
             return await asyncio.wait_for(fut, wait)

@@ -13,13 +13,16 @@ Every paho or socket failure is translated once, here in the package, into one o
     twin_service.errors.BadRequest (400)
     ├── RequestRejected           (code from the service)  a ``.../rejected`` answer to a device
     └── InvalidTopic              mqtt.topic.invalid  no message can be published to that topic
+
+    twin_service.errors.PayloadTooLarge (413)
+    └── PacketTooLarge            mqtt.packet.toolarge  over the broker's packet size limit
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twin_service.errors import BadRequest, Unavailable
+from twin_service.errors import BadRequest, PayloadTooLarge, Unavailable
 
 
 class MqttUnavailable(Unavailable):
@@ -80,3 +83,10 @@ class InvalidTopic(BadRequest):
     ``ValueError``, typed."""
 
     default_code = "mqtt.topic.invalid"
+
+
+class PacketTooLarge(PayloadTooLarge):
+    """A message over the broker's packet size limit, refused before it was sent: the
+    broker would close the connection (mosquitto) or drop it unanswered."""
+
+    default_code = "mqtt.packet.toolarge"

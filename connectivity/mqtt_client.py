@@ -39,6 +39,7 @@ from connectivity.errors import (
     MqttUnavailable,
     NoSubscriber,
     NotConnected,
+    PacketTooLarge,
     PublishTimeout,
     Refused,
 )
@@ -95,6 +96,22 @@ def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
+def _varint_length(n: int) -> int:
+    """Bytes of MQTT's variable byte integer for ``n``."""
+    return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
+
+
+def publish_packet_size(
+    topic: str, payload: bytes, qos: int, protocol: int, properties: Properties | None = None
+) -> int:
+    """Bytes of the PUBLISH packet for these fields, fixed header included: what a broker's
+    packet size limit (mosquitto's ``max_packet_size``, MQTT 5 Maximum Packet Size) counts."""
+    rest = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    if protocol == 5:
+        rest += len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
+    return 1 + _varint_length(rest) + rest
+
+
 def _send_at_once(_client: paho.Client, _userdata: Any, sock: Any) -> None:
     """Turn Nagle's algorithm off on the broker connection (paho leaves it on).
 
@@ -138,6 +155,8 @@ class MqttClient:
         self._connected = False
         self._changed = asyncio.Event()
         self._refusal: ConnectRefused | None = None
+        #: MQTT 5: the Maximum Packet Size of the broker's last CONNACK (None: not announced).
+        self._broker_max_packet: int | None = None
         #: Callers in wait_connected, which raise a refusal themselves.
         self._waiting = 0
         self._last_error: str | None = None
@@ -364,18 +383,29 @@ class MqttClient:
         timeout: float | None = None,
         await_ack: bool = True,
         require_subscriber: bool = False,
+        resend: bool = True,
     ) -> None:
         """Publish; for QoS 1 return only once the broker sent PUBACK (unless ``await_ack=False``).
 
-        Raises NotConnected when there is no session, PublishTimeout when no PUBACK came within
-        ``timeout`` (default ``options.ack_timeout``; the message may still be delivered), and
-        Refused when an MQTT 5 broker answered with a failure reason code. With
+        Raises NotConnected when there is no session (ConnectRefused when the broker refused
+        the last attempt to get one), PublishTimeout when no PUBACK came within ``timeout``
+        (default ``options.ack_timeout``; the message may still be delivered), and Refused
+        when an MQTT 5 broker answered with a failure reason code. With
         ``require_subscriber``, NoSubscriber when an MQTT 5 broker said that no one subscribed
         to it (reason code 0x10): the broker dropped it, so the caller should send it again.
+        PacketTooLarge, before anything is sent, for a packet over the broker's Maximum
+        Packet Size (MQTT 5 CONNACK) or ``options.max_outgoing_packet_size``.
+
+        ``resend=False``: a message this call gives up on (no PUBACK in time, cancelled) is
+        taken out of paho's queue, which would otherwise send it again after every
+        reconnection, for good: for a caller that sends again itself, or not at all.
         """
         client = self._client
         if client is None or not self._connected:
-            raise NotConnected("not connected to the MQTT broker")
+            # A broker that refused the last CONNECT (credentials removed or rotated) will
+            # go on refusing: say that, not a passing loss of the connection.
+            raise self._refusal or NotConnected("not connected to the MQTT broker")
+        data = payload.encode() if isinstance(payload, str) else payload
         properties: Properties | None = None
         if self.options.protocol == 5 and (response_topic or correlation_data is not None):
             properties = _properties(PacketTypes.PUBLISH)
@@ -383,12 +413,15 @@ class MqttClient:
                 properties.ResponseTopic = response_topic
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
+        self._check_size(topic, data, qos, properties)
         try:
-            info = client.publish(topic, payload, qos, retain, properties=properties)
+            info = client.publish(topic, data, qos, retain, properties=properties)
         except ValueError as exc:  # paho's checks of the topic and the payload's size
             raise InvalidTopic(f"cannot publish to {topic[:200]!r}: {exc}") from None
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             # paho keeps QoS>0 messages queued for resend; drop our waiter, the caller is told.
+            if not resend:
+                self._forget(info.mid)
             raise NotConnected("not connected to the MQTT broker")
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise MqttUnavailable(f"publish failed: {paho.error_string(info.rc)}")
@@ -404,13 +437,59 @@ class MqttClient:
         try:
             reason = await asyncio.wait_for(fut, wait)
         except TimeoutError:
+            if not resend:
+                self._forget(info.mid)
             if not await_ack:
                 return  # still queued in paho: it goes out when the broker takes it
             raise PublishTimeout(f"no PUBACK for {topic!r} within {wait}s") from None
+        except asyncio.CancelledError:
+            if not resend:
+                self._forget(info.mid)
+            raise
         finally:
             self._pending.pop(info.mid, None)
         if require_subscriber and reason == _NO_MATCHING_SUBSCRIBERS:
             raise NoSubscriber(f"the broker had no subscriber for {topic!r} and dropped it")
+
+    def _check_size(
+        self, topic: str, payload: bytes, qos: int, properties: Properties | None
+    ) -> None:
+        """Refuse a packet the broker would not take. mosquitto closes the connection of a
+        client that sends one, and paho sends it again after every reconnection: one report
+        too large left a device reconnecting for good, every later request failing."""
+        limits = [self._broker_max_packet, self.options.max_outgoing_packet_size]
+        limit = min((n for n in limits if n is not None), default=None)
+        if limit is None:
+            return
+        size = publish_packet_size(topic, payload, qos, self.options.protocol, properties)
+        if size > limit:
+            whose = (
+                "the broker's Maximum Packet Size"
+                if limit == self._broker_max_packet
+                else "max_outgoing_packet_size"
+            )
+            raise PacketTooLarge(
+                f"a message of {size} bytes to {topic[:200]!r} is over {limit} bytes "
+                f"({whose}); not sent"
+            )
+
+    def _forget(self, mid: int) -> None:
+        """Take message ``mid`` out of paho's queue, so it is never sent again.
+
+        paho has no call for one message (``drop_out_messages`` drops all): this does what
+        its PUBACK handling does, under the same lock."""
+        client = self._client
+        if client is None:
+            return
+        self._unacked_out.discard(mid)
+        with client._out_message_mutex:
+            msg = client._out_messages.pop(mid, None)
+            if msg is None or msg.qos == 0:
+                return
+            if msg.state != paho.mqtt_ms_queued:  # counted in flight
+                client._inflight_messages -= 1
+                if client._max_inflight_messages > 0 and self._connected:
+                    client._update_inflight()
 
     # -- internals on the event loop -----------------------------------------------------
 
@@ -450,7 +529,9 @@ class MqttClient:
         self._connected = value
         self._changed.set()
 
-    def _on_connected(self, session_present: bool, code: ReasonCode) -> None:
+    def _on_connected(
+        self, session_present: bool, code: ReasonCode, max_packet: int | None = None
+    ) -> None:
         if code.is_failure:
             self._record_error(f"CONNACK refused: {code}")
             fatal = code.value in _FATAL_CONNACK
@@ -463,6 +544,7 @@ class MqttClient:
             self._changed.set()
             return
         self._connects += 1
+        self._broker_max_packet = max_packet
         self._connected_at = time.monotonic()
         if self._dispatcher is not None:
             self._dispatcher.resumed(session_present and self._broker_resends_unacked)
@@ -512,7 +594,8 @@ class MqttClient:
         connected_at, self._connected_at = self._connected_at, None
         if code is not None and code.is_failure:
             lost_at = self._lost_at = time.monotonic()
-            self._record_error(f"disconnected: {code}")
+            if self._refusal is None:  # paho's disconnect after a refused CONNACK says less
+                self._record_error(f"disconnected: {code}")
             if connected_at is not None:
                 self._note_closed_by_broker(code, connected_at, lost_at)
         if self._dispatcher is not None:
@@ -670,11 +753,17 @@ class MqttClient:
     # -- paho callbacks: run on paho's thread, only marshal to the loop --------------------
 
     def _paho_on_connect(
-        self, _c: paho.Client, _u: Any, flags: paho.ConnectFlags, code: ReasonCode, _p: Any
+        self,
+        _c: paho.Client,
+        _u: Any,
+        flags: paho.ConnectFlags,
+        code: ReasonCode,
+        properties: Properties | None,
     ) -> None:
         if not code.is_failure:
             self._paho_connection += 1
-        self._to_loop(self._on_connected, flags.session_present, code)
+        max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self._to_loop(self._on_connected, flags.session_present, code, max_packet)
 
     def _paho_on_connect_fail(self, _c: paho.Client, _u: Any) -> None:
         self._to_loop(self._on_unreachable)

@@ -79,6 +79,10 @@ class MqttOptions:
     #: MQTT 5: the largest packet the broker may send this client (Maximum Packet Size);
     #: the broker drops a larger message for it instead. ``None``: no limit announced.
     max_packet_size: int | None = None
+    #: The largest packet this client sends; a larger publish raises PacketTooLarge. Under
+    #: MQTT 5 the broker's own Maximum Packet Size (CONNACK) applies too. ``None``: only
+    #: the broker's.
+    max_outgoing_packet_size: int | None = None
     #: Whether the broker sends a kept session's unacknowledged messages again after a
     #: reconnection, as MQTT requires (amqtt 0.12, the embedded broker, does not): then the
     #: lost connection's messages not handled yet are dropped instead of handled twice.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
 from connectivity.credentials import CredentialStore
-from connectivity.errors import MqttUnavailable, NotConnected
+from connectivity.errors import MqttUnavailable, NotConnected, PacketTooLarge
 from connectivity.messages import Handler, InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
@@ -366,5 +366,5 @@ class MqttSync:
             await self.client.publish(
                 topic, dumps(body).encode(), qos=1, correlation_data=correlation, await_ack=False
             )
-        except MqttUnavailable as exc:
+        except (MqttUnavailable, PacketTooLarge) as exc:  # too large: over the broker's limit
             log.info("reply to %s lost (the device will retry): %s", twin_id, exc)

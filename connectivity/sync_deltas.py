@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from connectivity.errors import MqttUnavailable
+from connectivity.errors import MqttUnavailable, PacketTooLarge
 from connectivity.sync_messages import delta_message
 from connectivity.topics import TopicLayout, fits_topics
 from search.rql.parser import parse_filter
@@ -192,7 +192,7 @@ class DeltaPublisher:
                 return False
         try:
             await self._publish(self._layout.topic(twin_id, "delta"), payload)
-        except MqttUnavailable as exc:
+        except (MqttUnavailable, PacketTooLarge) as exc:  # too large: over the broker's limit
             self.failures += 1
             self._failed.add(twin_id)
             log.warning("delta of %s not published (retried on reconnect): %s", twin_id, exc)

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from connectivity.credentials import mqtt_username
 from connectivity.device import DeviceClient, DeviceConfig
-from connectivity.errors import RequestRejected
+from connectivity.errors import (
+    ConnectRefused,
+    MqttUnavailable,
+    NotConnected,
+    PacketTooLarge,
+    RequestRejected,
+)
 from tests.connectivity.helpers import eventually
-from tests.servers.mosquitto import Mosquitto
+from tests.servers.mosquitto import Mosquitto, write_password_file
+from tests.servers.process import free_port
 
 
 class FakeService:
@@ -226,3 +236,148 @@ async def test_report_sent_again_until_the_service_subscribes(
             assert late.attempts["tok-early"] == 1  # the earlier ones went nowhere
         finally:
             late.close()
+
+
+async def test_a_client_token_over_64_bytes_is_refused_before_anything_is_sent(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    """The service rejects such a token without echoing it: no answer would match, and
+    the device sent it again every request_timeout until retry_for, then a bare timeout."""
+    async with _device(mosquitto_server, unique_name, retry_for=0, request_timeout=2) as dev:
+        with pytest.raises(ValueError, match="64"):
+            await dev.report({"speed": 1}, client_token="é" * 40)  # 40 characters, 80 bytes
+        accepted = await dev.report({"speed": 1}, client_token="é" * 32)  # 64 bytes: taken
+        assert accepted["clientToken"] == "é" * 32
+    assert set(service.attempts) == {"é" * 32}
+
+
+@pytest.mark.parametrize("protocol", [5, 4])
+async def test_a_report_over_the_brokers_packet_limit_is_refused_unsent(
+    mosquitto_factory: Callable[..., Mosquitto], unique_name: str, protocol: int
+) -> None:
+    """The shipped brokers close the connection of a device that sends over 2 MiB. paho
+    kept the message and sent it again at every reconnection: the device was disconnected
+    for good. MQTT 5: the broker's Maximum Packet Size (CONNACK) is the limit; 3.1.1: the
+    device's max_packet_size (2 MiB, the shipped brokers' limit, by default)."""
+    limit = 100_000 if protocol == 5 else 2 * 1024 * 1024
+    broker = mosquitto_factory(extra_config=[f"max_packet_size {limit}"])
+    assert broker.port is not None
+    service = FakeService(broker.port, unique_name)
+    try:
+        async with _device(
+            broker, unique_name, protocol=protocol, retry_for=2, request_timeout=2
+        ) as dev:
+            with pytest.raises(PacketTooLarge) as info:
+                await dev.report({"blob": "x" * (limit + 1000)}, client_token="tok-big")
+            assert info.value.status == 413 and info.value.code == "mqtt.packet.toolarge"
+            assert str(limit) in info.value.message
+            accepted = await dev.report({"speed": 1}, client_token="tok-small")
+            assert accepted["clientToken"] == "tok-small"
+            assert dev.mqtt.health().reconnect_count == 0
+        assert set(service.attempts) == {"tok-small"}
+    finally:
+        service.close()
+
+
+async def test_a_request_given_up_is_not_sent_again_at_the_next_connection(
+    mosquitto_factory: Callable[..., Mosquitto], unique_name: str
+) -> None:
+    """A broker that closes the connection for a packet and announces no limit (MQTT 3.1.1),
+    a device told no limit: the report fails. Given up, it is out of paho's queue, which
+    otherwise sent it again at every reconnection, and the next report gets through."""
+    broker = mosquitto_factory(extra_config=["max_packet_size 100000"])
+    assert broker.port is not None
+    service = FakeService(broker.port, unique_name)
+    try:
+        async with _device(
+            broker,
+            unique_name,
+            protocol=4,
+            max_packet_size=None,
+            retry_for=3,
+            request_timeout=1,
+            reconnect_min_delay=0.1,
+        ) as dev:
+            with pytest.raises((MqttUnavailable, TimeoutError)):
+                await dev.report({"blob": "x" * 200_000}, client_token="tok-big")
+            accepted = await dev.report({"speed": 1}, client_token="tok-small")
+            assert accepted["clientToken"] == "tok-small"
+        assert set(service.attempts) == {"tok-small"}
+    finally:
+        service.close()
+
+
+def _paho_threads(client_id: str) -> list[str]:
+    name = f"paho-mqtt-client-{client_id}"
+    return [t.name for t in threading.enumerate() if t.name == name]
+
+
+async def test_a_failed_start_leaves_no_client_behind(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path, unique_name: str
+) -> None:
+    """A refused or timed-out start() left paho's thread connecting for good; with the right
+    password, the leaked client later took the client id from the next one, in turns."""
+    twin = "org.acme:pump-9"
+    passwords = write_password_file(tmp_path / "passwd", {mqtt_username(twin): "right"})
+    broker = mosquitto_factory(password_file=passwords)
+
+    def device(url: str, password: str) -> DeviceClient:
+        return DeviceClient(
+            DeviceConfig(
+                url=url,
+                twin_id=twin,
+                password=password,
+                topic_prefix=f"{unique_name}/{{twinId}}",
+                client_id=unique_name,
+            )
+        )
+
+    for _ in range(3):
+        with pytest.raises(ConnectRefused):
+            await device(broker.url, "wrong").start(timeout=10)
+        assert _paho_threads(unique_name) == []
+    with pytest.raises(NotConnected):
+        await device(f"mqtt://127.0.0.1:{free_port()}", "right").start(timeout=0.5)
+    assert _paho_threads(unique_name) == []
+
+    dev = device(broker.url, "right")
+    await dev.start()
+    try:
+        assert len(_paho_threads(unique_name)) == 1
+    finally:
+        await dev.stop()
+
+
+async def test_credentials_changed_under_a_running_device_are_what_report_raises(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path, unique_name: str
+) -> None:
+    """The broker refuses the device's password after a rotation: report() sent it again as
+    if the connection were only lost and raised NotConnected after retry_for; health()
+    read "disconnected: Unspecified error"."""
+    twin = "org.acme:pump-8"
+    passwords = tmp_path / "passwd"
+    write_password_file(passwords, {mqtt_username(twin): "old"})
+    broker = mosquitto_factory(password_file=passwords)
+    dev = DeviceClient(
+        DeviceConfig(
+            url=broker.url,
+            twin_id=twin,
+            password="old",
+            topic_prefix=f"{unique_name}/{{twinId}}",
+            client_id=unique_name,
+            retry_for=20,
+            reconnect_min_delay=0.1,
+        )
+    )
+    await dev.start()
+    try:
+        passwords.unlink()
+        write_password_file(passwords, {mqtt_username(twin): "new"})
+        await broker.arestart()
+        await eventually(lambda: "CONNACK refused" in (dev.mqtt.health().last_error or ""))
+        with pytest.raises(ConnectRefused):
+            await dev.report({"speed": 1}, client_token="tok-refused")
+        health = dev.mqtt.health()
+        assert health.last_error is not None and "refused" in health.last_error, health
+    finally:
+        await dev.stop()
