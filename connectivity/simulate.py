@@ -3,9 +3,13 @@
 Devices are multiplexed over a few MQTT connections (``--connections``), so the broker account
 used must be allowed on every device's topics (the service account, or an anonymous broker).
 Each device reports ``{"state": {"counter": i}, "clientToken": ...}`` at ``--rate`` messages
-per second in total; ``--offline-fraction`` of the devices are announced ``offline`` and stay
-silent. Progress is printed every second; the summary gives messages, acks (``accepted``),
-rejects by error code and the publish-to-accepted latency percentiles.
+per second in total, paced against the clock; ``--offline-fraction`` of the devices are
+announced ``offline`` and stay silent, the others ``online``, then ``offline`` again at the
+end (a connection's last will covers one topic, not its many devices: a simulator killed
+outright leaves them online). Progress is printed every second; the summary gives messages,
+acks (``accepted``), rejects by error code, reports not sent (the broker connection was
+down: the run waits for it and goes on), the rate achieved and the publish-to-accepted
+latency percentiles. It is printed on Ctrl-C too.
 
 Devices never create twins (a report to a missing one is rejected with ``twin.notfound``);
 ``--create`` creates the missing ones first through the REST API (``--api``, ``--token``).
@@ -15,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import time
 import urllib.error
@@ -27,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from connectivity.errors import ConnectRefused, MqttUnavailable
+from connectivity.errors import ConnectRefused, MqttUnavailable, NotConnected, Refused
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
@@ -125,8 +131,15 @@ class Simulation:
         self.sent: dict[str, float] = {}
         self.latencies: list[float] = []
         self.messages = self.acks = self.rejects = 0
+        #: Reports that could not be sent: the broker connection was down (a restart).
+        self.failed = 0
         self.reasons: Counter[str] = Counter()
         self.clients: list[MqttClient] = []
+        #: Twins announced ``online``: set ``offline`` again at the end, however it ends.
+        self.announced: list[str] = []
+        self.interrupted = False
+        self._wake = asyncio.Event()
+        self._sending_time = 0.0
 
     async def on_reply(self, msg: InboundMessage) -> None:
         try:
@@ -143,14 +156,33 @@ class Simulation:
             self.acks += 1
         self.latencies.append(time.perf_counter() - started)
 
+    def interrupt(self) -> None:
+        """Ctrl-C: stop sending, print the summary (the command exits 130)."""
+        self.interrupted = True
+        self._wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, cut short by an interruption."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
     async def run(self, out: Any) -> int:
+        loop = asyncio.get_running_loop()
+        # Our own handler: asyncio's cancels the main task, which left a traceback and no
+        # summary.
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals here
+            loop.add_signal_handler(signal.SIGINT, self.interrupt)
         try:
-            return await self._run(out)
+            code = await self._run(out)
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+            await self._say_offline()
             for client in self.clients:
                 await client.stop(grace=0)
+        return 130 if self.interrupted else code
 
-    async def _run(self, out: Any) -> int:
+    async def _connect(self) -> None:
         a = self.args
         protocol: Literal[4, 5] = 5 if a.protocol == 5 else 4
         for n in range(a.connections):
@@ -162,51 +194,132 @@ class Simulation:
                     persistent_session=False,
                 )
             )
-            if n == 0:
-                # One connection takes every reply: with a subscription on each, every
-                # reply came once per connection and was counted as many times.
-                await client.subscribe(self.layout.all_twins("reported/update/+"), 1, self.on_reply)
             self.clients.append(client)
             await client.start()
             await client.wait_connected(10)
-        for i, twin in enumerate(self.twins):
-            status = b"offline" if twin in self.offline else b"online"
-            client = self.clients[i % len(self.clients)]
-            await client.publish(self.layout.topic(twin, "status"), status, retain=True)
-        online = [t for t in self.twins if t not in self.offline] or self.twins[:1]
-        interval = 1.0 / a.rate if a.rate > 0 else 0.0
-        deadline = time.monotonic() + a.duration
-        next_report = time.monotonic() + 1
+            if n == 0:
+                # One connection takes every reply: with a subscription on each, every
+                # reply came once per connection and was counted as many times. Subscribed
+                # once connected, so that a refusal (an account not allowed on every
+                # device's topics) is raised here rather than logged while every report
+                # goes unanswered.
+                await client.subscribe(self.layout.all_twins("reported/update/+"), 1, self.on_reply)
+
+    async def _run(self, out: Any) -> int:
+        await self._connect()
+        try:
+            for i, twin in enumerate(self.twins):
+                if self.interrupted:
+                    return 0
+                online = twin not in self.offline
+                client = self.clients[i % len(self.clients)]
+                if online:
+                    self.announced.append(twin)
+                status = b"online" if online else b"offline"
+                await client.publish(self.layout.topic(twin, "status"), status, retain=True)
+            await self._send(out, [t for t in self.twins if t not in self.offline])
+        finally:
+            self._summary(out)  # after a refusal or Ctrl-C too
+        return 0
+
+    async def _send(self, out: Any, online: list[str]) -> None:
+        """Report at ``--rate`` for ``--duration`` seconds, paced against the clock: a
+        report late (the loop was busy) is sent at once, to catch up. Sleeping one interval
+        after each report sent about half the rate asked for at 1,000/s."""
+        a = self.args
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + a.duration
+        next_report = start + 1
+        due = start
         seq = 0
-        while time.monotonic() < deadline:
-            twin = online[seq % len(online)]
-            token = f"s{seq}"
-            body = json.dumps({"state": {"counter": seq}, "clientToken": token}).encode()
-            self.sent[token] = time.perf_counter()
-            client = self.clients[seq % len(self.clients)]
-            await client.publish(self.layout.topic(twin, "reported/update"), body, await_ack=False)
-            self.messages += 1
-            seq += 1
-            if interval:
-                await asyncio.sleep(interval)
-            if time.monotonic() >= next_report:
-                next_report += 1
-                print(
-                    f"\rsent {self.messages} acks {self.acks} rejects {self.rejects}",
-                    end="",
-                    file=out,
-                )
-        settle = time.monotonic() + 10
-        while self.acks + self.rejects < self.messages and time.monotonic() < settle:
-            await asyncio.sleep(0.05)
+        try:
+            while online and not self.interrupted:
+                now = loop.time()
+                if now >= deadline:
+                    break
+                if now >= next_report:
+                    next_report += 1
+                    print(
+                        f"\rsent {self.messages} acks {self.acks} rejects {self.rejects}",
+                        end="",
+                        file=out,
+                        flush=True,
+                    )
+                if due > now:
+                    await self._pause(min(due, next_report, deadline) - now)
+                    continue
+                client = self.clients[seq % len(self.clients)]
+                if not client.connected:
+                    # A broker restart: wait for the connection, without a burst after it.
+                    await self._reconnected(client, deadline)
+                    due = loop.time()
+                    continue
+                twin = online[seq % len(online)]
+                token = f"s{seq}"
+                body = json.dumps({"state": {"counter": seq}, "clientToken": token}).encode()
+                self.sent[token] = time.perf_counter()
+                seq += 1
+                due += 1.0 / a.rate
+                try:
+                    topic = self.layout.topic(twin, "reported/update")
+                    await client.publish(topic, body, await_ack=False)
+                except NotConnected:
+                    self.sent.pop(token, None)
+                    self.failed += 1
+                    continue
+                self.messages += 1
+                await asyncio.sleep(0)  # replies are handled while catching up too
+        finally:
+            self._sending_time = loop.time() - start
+        settle = loop.time() + 10
+        while self.acks + self.rejects < self.messages and loop.time() < settle:
+            if self.interrupted:
+                break
+            await self._pause(0.05)
+
+    async def _reconnected(self, client: MqttClient, deadline: float) -> None:
+        """Wait for ``client``'s connection until ``deadline``, Ctrl-C or a refusal (raised)."""
+        loop = asyncio.get_running_loop()
+        while not client.connected and not self.interrupted and loop.time() < deadline:
+            with contextlib.suppress(NotConnected):
+                await client.wait_connected(min(0.2, max(deadline - loop.time(), 0.0)))
+
+    async def _say_offline(self) -> None:
+        """Set the devices announced online ``offline`` again (retained): they stayed online
+        for good. A connection's last will covers one topic, not its many devices: a
+        simulator killed outright leaves them online."""
+        announced, self.announced = self.announced, []
+        index = {twin: i for i, twin in enumerate(self.twins)}
+        for i, twin in enumerate(announced):
+            client = self.clients[index[twin] % len(self.clients)]
+            if not client.connected:
+                continue
+            # Awaited now and then, and the last of each connection: what is queued in paho
+            # when the client stops is lost.
+            wait = i % 100 == 99 or i >= len(announced) - len(self.clients)
+            with contextlib.suppress(MqttUnavailable):
+                topic = self.layout.topic(twin, "status")
+                await client.publish(topic, b"offline", retain=True, await_ack=wait)
+
+    def _summary(self, out: Any) -> None:
+        a = self.args
         ms = [x * 1000 for x in self.latencies]
         print(file=out)
         lost = self.messages - self.acks - self.rejects
         print(
             f"devices {len(self.twins)} (offline {len(self.offline)}) messages {self.messages} "
-            f"acks {self.acks} rejects {self.rejects} unanswered {lost}",
+            f"acks {self.acks} rejects {self.rejects} unanswered {lost} not sent {self.failed}",
             file=out,
         )
+        achieved = self.messages / self._sending_time if self._sending_time > 0 else 0.0
+        print(f"rate {achieved:.1f}/s (asked {a.rate:g}/s)", file=out)
+        if self.messages and achieved < 0.9 * a.rate and not self.interrupted:
+            print(
+                "below --rate: this process could not keep up; run several simulators, "
+                "each with a part of the rate",
+                file=out,
+            )
         print(
             f"latency ms p50 {percentile(ms, 0.5):.1f} p90 {percentile(ms, 0.9):.1f} "
             f"p99 {percentile(ms, 0.99):.1f} max {max(ms, default=float('nan')):.1f}",
@@ -221,7 +334,6 @@ class Simulation:
                 "first, or run again with --create (--api, --token)",
                 file=out,
             )
-        return 0
 
 
 def cmd_simulate(
@@ -229,8 +341,9 @@ def cmd_simulate(
 ) -> int:
     """``simulate --devices N --rate R --offline-fraction F``; twins must exist (else 404s).
 
-    0 after the summary; 2 for a broker URL it cannot use; 1 when the broker cannot be
-    reached or refuses (one line on stderr, never the URL: it holds the password)."""
+    0 after the summary; 130 after the summary on Ctrl-C; 2 for a broker URL it cannot use;
+    1 when the broker cannot be reached or refuses the login or the subscription to the
+    replies (one line on stderr, never the URL: it holds the password)."""
     try:
         BrokerAddress.parse(args.url)
     except ValueError as exc:
@@ -256,7 +369,12 @@ def cmd_simulate(
 
 
 def _hint(exc: MqttUnavailable, args: argparse.Namespace) -> str:
-    """What to change when the broker refused the simulator's CONNECT."""
+    """What to change when the broker refused the simulator's CONNECT or SUBSCRIBE."""
+    if isinstance(exc, Refused):
+        return (
+            "; the simulator needs a broker account allowed on every device's topics (the "
+            "service's, mqtt.service_password), not a device's"
+        )
     if not isinstance(exc, ConnectRefused):
         return ""
     if "protocol version" in exc.message and args.protocol == 5:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.simulate import CreateFailed, create_twins
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
@@ -25,6 +29,43 @@ def simulate(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         env=service_env({}),
     )
+
+
+def simulate_live(*args: str) -> subprocess.Popen[str]:
+    """``simulate`` started; returned once it printed its first progress line."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "twin_service", "simulate", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=service_env({}),
+    )
+    assert run.stdout is not None
+    seen = ""
+    while "sent " not in seen:
+        char = run.stdout.read(1)
+        assert char, f"simulate ended before sending: {seen}"
+        seen += char
+    return run
+
+
+SUMMARY = re.compile(
+    r"devices (\d+) \(offline (\d+)\) messages (\d+) acks (\d+) rejects (\d+) "
+    r"unanswered (\d+) not sent (\d+)\nrate ([\d.]+)/s \(asked ([\d.]+)/s\)\n"
+)
+
+
+def statuses_settle(svc: ServiceProcess, twin_ids: list[str], wanted: str) -> list[dict[str, Any]]:
+    """The twins, once every one's connection status is ``wanted``."""
+    deadline = time.monotonic() + 15
+    with svc.client() as api:
+        while True:
+            twins = [get_twin(api, twin_id) for twin_id in twin_ids]
+            statuses = [t["connection"]["status"] for t in twins]
+            if statuses == [wanted] * len(twins) or time.monotonic() > deadline:
+                assert statuses == [wanted] * len(twins), statuses
+                return twins
+            time.sleep(0.1)
 
 
 def test_simulated_devices_report_and_every_report_is_answered(
@@ -54,13 +95,28 @@ def test_simulated_devices_report_and_every_report_is_answered(
         assert messages >= 100 and acks == messages and rejects == unanswered == 0, run.stdout
         assert re.search(r"latency ms p50 [\d.]+ p90 [\d.]+ p99 [\d.]+ max [\d.]+", run.stdout)
         assert re.search(r"sent \d+ acks \d+ rejects \d+\n", run.stdout)  # the progress line
-        with svc.client() as api:
-            twins = [get_twin(api, f"{namespace}:dev-{n:05d}") for n in range(devices)]
-        statuses = [t["connection"]["status"] for t in twins]
-        assert statuses.count("offline") == 5 and statuses.count("online") == 15, statuses
-        reporting = [t for t in twins if t["connection"]["status"] == "online"]
-        assert all(isinstance(t["reported"].get("counter"), int) for t in reporting)
+        # Set offline at the end: they were announced online (retained) and stayed so.
+        twins = statuses_settle(
+            svc, [f"{namespace}:dev-{n:05d}" for n in range(devices)], "offline"
+        )
+        reporting = [t for t in twins if "counter" in t["reported"]]
+        assert len(reporting) == 15
+        assert all(isinstance(t["reported"]["counter"], int) for t in reporting)
         assert sum(t["reportedVersion"] - 1 for t in twins) == messages
+
+        # All offline: none reports (one did, and was announced online).
+        silent = f"{namespace}x"
+        with svc.client() as api:
+            for n in range(5):
+                put_twin(api, f"{silent}:dev-{n:05d}")
+        run = simulate(
+            "--url", mosquitto_server.url, "--namespace", silent, "--devices", "5",
+            "--rate", "50", "--duration", "1", "--offline-fraction", "1",
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "devices 5 (offline 5) messages 0 acks 0" in run.stdout, run.stdout
+        twins = statuses_settle(svc, [f"{silent}:dev-{n:05d}" for n in range(5)], "offline")
+        assert not any(t["reported"] for t in twins), twins
     finally:
         svc.stop()
 
@@ -187,3 +243,76 @@ def test_create_twins_names_an_api_url_it_cannot_use() -> None:
     """For a caller other than the command line, which refuses such an --api first."""
     with pytest.raises(CreateFailed, match="the service URL 'notaurl' cannot be used: unknown"):
         create_twins("notaurl", "token", ["sim:dev-00000"])
+
+
+def test_a_broker_restart_mid_run_is_counted_and_the_run_goes_on(
+    fresh_mosquitto: Mosquitto,
+) -> None:
+    """publish raised NotConnected out of the run: exit 1, no summary."""
+    run = simulate_live(
+        "--url", fresh_mosquitto.url, "--namespace", f"sim{uuid.uuid4().hex[:8]}",
+        "--devices", "5", "--rate", "100", "--duration", "6", "--connections", "2",
+    )  # fmt: skip
+    fresh_mosquitto.restart()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, out + err
+    summary = SUMMARY.search(out)
+    assert summary is not None, out + err
+    assert int(summary.group(3)) > 0
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_prints_the_summary_and_exits_130(mosquitto_server: Mosquitto) -> None:
+    """Once a KeyboardInterrupt/CancelledError traceback and no summary."""
+    run = simulate_live(
+        "--url", mosquitto_server.url, "--namespace", f"sim{uuid.uuid4().hex[:8]}",
+        "--devices", "5", "--rate", "50", "--duration", "600",
+    )  # fmt: skip
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, out + err
+    assert SUMMARY.search(out) is not None, out + err
+    assert "Traceback" not in err, err
+
+
+def test_the_rate_asked_for_is_kept_or_said_to_be_missed(mosquitto_server: Mosquitto) -> None:
+    """An interval slept after each report sent about half of --rate 1000, without a word."""
+    run = simulate(
+        "--url", mosquitto_server.url, "--namespace", f"sim{uuid.uuid4().hex[:8]}",
+        "--devices", "10", "--rate", "1000", "--duration", "3",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = SUMMARY.search(run.stdout)
+    assert summary is not None, run.stdout
+    messages, achieved, asked = int(summary.group(3)), *map(float, summary.group(8, 9))
+    assert asked == 1000
+    if achieved < 900:  # a loaded machine: then it says so
+        assert "below --rate: this process could not keep up" in run.stdout, run.stdout
+    else:
+        assert messages >= 2700, run.stdout
+
+
+def test_an_account_not_allowed_to_read_the_replies_stops_the_run(tmp_path: Path) -> None:
+    """A device's account: the embedded broker refuses the subscription to every twin's
+    replies. The simulator logged "MQTT resubscribe failed", sent on, and exited 0, every
+    report unanswered. (mosquitto grants such a subscription and sends nothing on it.)"""
+    data = tmp_path / "svc"
+    data.mkdir()
+    twin = "sim:dev-00000"
+    password = CredentialStore.in_data_dir(data).add(twin)
+    port = free_port()
+    env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)}
+    svc = ServiceProcess(data, env=env).start()
+    try:
+        wait_mqtt_up(svc)
+        url = f"mqtt://{mqtt_username(twin)}:{password}@127.0.0.1:{port}"
+        run = simulate("--url", url, "--duration", "2", "--protocol", "4", "--devices", "1")
+    finally:
+        svc.stop()
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.stderr.startswith("twin-service simulate: broker refused subscription"), run.stderr
+    assert run.stderr.endswith(
+        "allowed on every device's topics (the service's, mqtt.service_password), not a device's\n"
+    )
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert password not in run.stderr
