@@ -220,8 +220,9 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
         self._loop = asyncio.get_running_loop()
         self._silence = 1.5 * login.keep_alive
         self._waiting_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
         if self._silence > 0:
-            self._loop.call_later(self._silence, self._check_silence)
+            self._timer = self._loop.call_later(self._silence, self._check_silence)
 
     async def read(self, n: int = -1) -> bytes:
         if self._ended:
@@ -248,6 +249,22 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
         self._follow(data)
         return data
 
+    def close(self) -> None:
+        """Lets go of the connection, once it has ended (amqtt's handler has stopped).
+
+        Its keep-alive timer held it (the reader, amqtt's handler, the session: 43 KB a
+        connection) until it fired, up to one and a half ``max_keep_alive`` (30 minutes)
+        after a connection ended by a reset. And the error a stream ended with stays in it,
+        its traceback holding the frames it was raised through (the reads, amqtt's handler
+        closing the writer), which hold the stream: a cycle, freed only by a full garbage
+        collection, which the service makes rare (see tune_gc).
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+        error = self._reader.exception()
+        if error is not None:
+            error.with_traceback(None)
+
     def _check_silence(self) -> None:
         if self._transport.is_closing():
             return  # the connection ended: nothing more to watch
@@ -259,7 +276,7 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
             # up) wake the read first: their callback was queued before this one.
             self._loop.call_soon(self._end_if_silent, since)
             return
-        self._loop.call_at(since + self._silence, self._check_silence)
+        self._timer = self._loop.call_at(since + self._silence, self._check_silence)
 
     def _end_if_silent(self, since: float) -> None:
         if self._waiting_since != since or self._transport.is_closing():
