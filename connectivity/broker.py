@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amqtt.adapters import StreamWriterAdapter
 from amqtt.contexts import Action, BaseContext
 from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -45,6 +44,7 @@ from connectivity.broker_log import Tally, log
 from connectivity.broker_packets import (
     ConnectTooLarge,
     PacketReader,
+    PacketWriter,
     ReadLimits,
     connect_login,
     first_packet,
@@ -651,7 +651,7 @@ class _TwinBroker(EndToEndAcks):
                 replay = PacketReader(
                     reader, packet, login, peer, writer.transport, self._read_limits
                 )
-                await self.external_connected(replay, StreamWriterAdapter(writer), listener_name)
+                await self.external_connected(replay, PacketWriter(writer), listener_name)
         finally:
             self.devices -= 1 if device else 0
             _accepted_logins.pop(accepted_as, None)  # not taken: amqtt refused the CONNECT

@@ -1,6 +1,7 @@
 """MQTT packets as the embedded broker reads them before and beside amqtt: the first one
 (bounded, and looked into for the protocol level, the credentials and the keep-alive), and
-every later one's size and timing (see :class:`PacketReader`)."""
+every later one's size and timing (see :class:`PacketReader`); and the writes that meet
+a connection already ended (see :class:`PacketWriter`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple, NoReturn
 
-from amqtt.adapters import StreamReaderAdapter
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 
 from connectivity.broker_log import Tally, log
 
@@ -348,3 +349,20 @@ class PacketReader(StreamReaderAdapter):  # type: ignore[misc]  # amqtt is untyp
                     self._end("packet too large")
                 self._body_left = self._length
                 self._topic = bytearray() if self._after_publish and self._length else None
+
+
+class PacketWriter(StreamWriterAdapter):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's stream writer, meeting a write to a connection that has ended with the
+    ConnectionResetError amqtt expects there.
+
+    On uvloop (as the service runs) such a write raises RuntimeError ("unable to perform
+    operation on <TCPTransport closed=True ...>; the handler is closed"): a message the
+    broker sent a device whose connection had just reset logged "Unhandled exception" and
+    failed its delivery. amqtt takes a reset met while sending for the end of the
+    connection, quietly; asyncio's own transports drop the bytes.
+    """
+
+    def write(self, data: bytes) -> None:
+        if self._writer.transport.is_closing():
+            raise ConnectionResetError("the connection has ended")
+        super().write(data)
