@@ -23,6 +23,7 @@ import pytest
 from connectivity.credentials import CredentialStore, hash_password
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
+from tests.service_process import ServiceProcess
 
 SECRET = "never-print-this-secret"
 
@@ -456,6 +457,7 @@ def test_a_damaged_credentials_file_is_named(tmp_path: Path, text: str, problem:
 
 
 def test_an_index_rebuild_with_the_index_out_of_reach(tmp_path: Path) -> None:
+    ServiceProcess(tmp_path / "data").start().stop()  # the rebuild opens existing stores only
     run = serve(
         tmp_path,
         "--data-dir",

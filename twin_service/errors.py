@@ -24,6 +24,7 @@ error message over WebSocket, and to a ``rejected`` message over MQTT.
     ├── UnsupportedMediaType (415)    request.mediatype
     └── Unavailable (503)             service.unavailable / service.starting
         ├── StoreUnreachable          (the store did not answer)
+        ├── StoreMissing              (an operator command found no store)
         └── StoreFull (507)           store.full
 """
 
@@ -190,6 +191,13 @@ class StoreUnreachable(Unavailable):
     """The store's server did not answer at all (down, or out of the network's reach), as
     opposed to answering with a refusal: a starting service waits for it to come
     (``mongodb.start_wait_seconds``) instead of exiting."""
+
+
+class StoreMissing(Unavailable):
+    """An operator command found no store where its settings point (a mistyped data
+    directory or database name): it opens existing stores only. No client sees it."""
+
+    retry_after_seconds = None
 
 
 class StoreFull(Unavailable):

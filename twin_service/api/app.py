@@ -35,11 +35,15 @@ from twin_service.tasks import stop_task
 log = logging.getLogger(__name__)
 
 
-def build_store(settings: Settings) -> TwinStore:
+def build_store(settings: Settings, *, existing: bool = False) -> TwinStore:
+    """The store ``settings`` name. ``existing``: for an operator command (``index
+    rebuild``), which opens only a store that exists (a mistyped data directory or database
+    name once created an empty one) and leaves what it records about search (the outbox,
+    the built-in index) as the service recorded it."""
     if settings.store == "mongodb":
         from twin_service.store.mongodb import MongoStore  # type: ignore[import-not-found,unused-ignore]
 
-        store: TwinStore = MongoStore(settings)
+        store: TwinStore = MongoStore(settings, existing=existing)
         return store
     from twin_service.store.sqlite import SqliteStore
 
@@ -50,6 +54,7 @@ def build_store(settings: Settings) -> TwinStore:
         outbox=settings.search == "elasticsearch",
         builtin_index=settings.search == "builtin",
         gc_thresholds=settings.gc_thresholds,
+        existing=existing,
     )
 
 

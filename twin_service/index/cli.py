@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twin_service.cli_numbers import at_least
-from twin_service.errors import TwinServiceError
+from twin_service.errors import StoreMissing, TwinServiceError
 
 if TYPE_CHECKING:
     from twin_service.index.elasticsearch import FillResult
@@ -36,6 +36,11 @@ def add_subcommands(subparsers: Any) -> None:
         type=at_least(1, int),
         default=500,
         help="twins read per page (at least 1)",
+    )
+    rebuild.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="replace an index that holds twins even when the store has none",
     )
     rebuild.set_defaults(handler=run_rebuild)
 
@@ -86,7 +91,10 @@ def run_rebuild(args: argparse.Namespace) -> int:
         return 2
     progress = ProgressLine(sys.stderr)
     try:
-        result = asyncio.run(_rebuild(settings, progress, args.page_size))
+        result = asyncio.run(_rebuild(settings, progress, args.page_size, args.allow_empty))
+    except StoreMissing as exc:
+        print(f"twin-service: {exc.message}", file=sys.stderr)
+        return 1
     except TwinServiceError as exc:
         print(
             f"\ntwin-service: rebuild failed: {exc.message} {exc.description or ''}",
@@ -97,14 +105,16 @@ def run_rebuild(args: argparse.Namespace) -> int:
     return 1 if result.refused else 0
 
 
-async def _rebuild(settings: Any, progress: ProgressLine, page_size: int) -> FillResult:
+async def _rebuild(
+    settings: Any, progress: ProgressLine, page_size: int, allow_empty: bool
+) -> FillResult:
     from twin_service.api.app import build_store
     from twin_service.index.elasticsearch import rebuild
 
-    store = build_store(settings)
+    store = build_store(settings, existing=True)
     await store.open()
     try:
-        return await rebuild(settings, store, progress, page_size)
+        return await rebuild(settings, store, progress, page_size, allow_empty=allow_empty)
     finally:
         await store.close()
 

@@ -58,7 +58,7 @@ from search.elasticsearch import (
     sort_clause,
 )
 from search.rql.query import SearchQuery
-from twin_service.errors import RqlInvalid, TwinServiceError, Unavailable
+from twin_service.errors import Conflict, RqlInvalid, TwinServiceError, Unavailable
 from twin_service.settings import Settings
 from twin_service.store.base import IndexTask, TwinStore
 from twin_service.tasks import stop_task
@@ -564,9 +564,18 @@ class FillResult:
 
 
 async def rebuild(
-    settings: Settings, store: TwinStore, progress: Progress | None = None, page_size: int = 500
+    settings: Settings,
+    store: TwinStore,
+    progress: Progress | None = None,
+    page_size: int = 500,
+    *,
+    allow_empty: bool = False,
 ) -> FillResult:
     """Reindex every twin of ``store`` into a fresh index and move the alias to it.
+
+    A store with no twins does not replace an index that holds some (:class:`Conflict`,
+    the index left as it was) unless ``allow_empty``: that is the store of a mistyped
+    setting far more often than one whose twins were all deleted.
 
     Twins are read from the store in id order (``scan``), in pages, and
     written with the store's last sequence number at the start as version; writes committed
@@ -577,13 +586,18 @@ async def rebuild(
     index = ElasticsearchIndex(settings, store, run_indexer=False)
     try:
         await index.start()  # inside: a start that fails has a client to close
-        return await _rebuild(index, store, progress, page_size)
+        return await _rebuild(index, store, progress, page_size, allow_empty=allow_empty)
     finally:
         await index.stop()
 
 
 async def _rebuild(
-    index: ElasticsearchIndex, store: TwinStore, progress: Progress | None, page_size: int
+    index: ElasticsearchIndex,
+    store: TwinStore,
+    progress: Progress | None,
+    page_size: int,
+    *,
+    allow_empty: bool = False,
 ) -> FillResult:
     _check_page_size(page_size)
     client, alias = index.client, index.alias
@@ -593,6 +607,8 @@ async def _rebuild(
         await index.create_index(target, alias=False, refresh="-1")
     try:
         result = await index.fill(store, target, progress, page_size)
+        if not result.indexed and not allow_empty:
+            await _refuse_to_empty(index)
     except BaseException:
         # A half-filled index (that never refreshes) is of no use to the next attempt.
         with contextlib.suppress(Exception):
@@ -618,6 +634,20 @@ async def _rebuild(
             await client.indices.delete(index=name)
         await client.indices.refresh(index=alias)
     return result
+
+
+async def _refuse_to_empty(index: ElasticsearchIndex) -> None:
+    async with _es_errors("rebuild"):
+        try:
+            held = int((await index.client.count(index=index.alias))["count"])
+        except NotFoundError:
+            return  # no index yet: an empty one is what there is to make
+    if held:
+        raise Conflict(
+            f"The store has no twins and the index holds {held:,}: the index was left as it was.",
+            description="Check --data-dir (or the MongoDB database); pass --allow-empty to "
+            "empty the index.",
+        )
 
 
 def _check_page_size(page_size: int) -> None:

@@ -31,7 +31,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import ConnectionFailure, DocumentTooLarge, DuplicateKeyError
 
 from search import mongodb as mongo_index
-from twin_service.errors import PayloadTooLarge, StoreUnreachable, Unavailable
+from twin_service.errors import PayloadTooLarge, StoreMissing, StoreUnreachable, Unavailable
 from twin_service.settings import Settings
 from twin_service.store.base import IndexTask, RevisionConflict, StoredEvent, Write, unconfirmed
 from twin_service.store.mongodb_journal import (
@@ -107,10 +107,12 @@ def _twin(raw: dict[str, Any]) -> Twin:
 class MongoStore:
     """:class:`twin_service.store.base.TwinStore` on MongoDB."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, existing: bool = False) -> None:
+        """``existing``: an operator command's store (see ``api.app.build_store``)."""
         if settings.mongodb_url is None:
             raise ValueError("MongoStore needs settings.mongodb_url")
         self._url = settings.mongodb_url
+        self._existing = existing
         self._settings = settings.mongodb
         # Claims of other writers and when this process first saw each (see _claim).
         self._claims_seen: OrderedDict[str, float] = OrderedDict()
@@ -147,6 +149,12 @@ class MongoStore:
         try:
             info = await self._client.admin.command("buildInfo")
             self._server = "ferretdb" if "ferretdbVersion" in info else "mongodb"
+            # Before anything is written: MongoDB creates a database by writing to it.
+            if self._existing and "twins" not in await db.list_collection_names():
+                await self._client.close()
+                raise StoreMissing(
+                    f"there is no twin store in the MongoDB database {mongo.database}"
+                )
             self._allocator: Allocator
             if self._racy_updates:
                 self._allocator = InsertAllocator(db.get_collection("numbers"))
@@ -171,7 +179,8 @@ class MongoStore:
                 # collection ("bad JSON path"): searches there scan, which is correct.
                 await self._twins.create_indexes([_WILDCARD])
             await self._maintain(prune=True)
-            await self._queue_older_writes()
+            if not self._existing:  # the outbox record is the service's to make
+                await self._queue_older_writes()
         except DRIVER_ERRORS as exc:
             await self._client.close()
             raise _failure("The twin store cannot open MongoDB", exc) from exc

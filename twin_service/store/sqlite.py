@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search import sqlite as sqlite_index
-from twin_service.errors import StoreFull, Unavailable
+from twin_service.errors import StoreFull, StoreMissing, Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifetime, unconfirmed
 from twin_service.store.sqlite_writer import (
@@ -64,8 +64,11 @@ class SqliteStore:
         outbox: bool = False,
         builtin_index: bool = True,
         gc_thresholds: tuple[int, int, int] | None = None,
+        existing: bool = False,
     ) -> None:
+        """``existing``: an operator command's store (see ``api.app.build_store``)."""
         self._path = path
+        self._existing = existing
         self._builtin_index = builtin_index
         self._settings = settings
         self._writer = WriterProcess(
@@ -77,6 +80,7 @@ class SqliteStore:
                 builtin_index,
                 log.getEffectiveLevel(),
                 gc_thresholds,
+                keep_search_records=existing,
             )
         )
         self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
@@ -105,6 +109,8 @@ class SqliteStore:
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._existing and not self._path.is_file():
+            raise StoreMissing(f"there is no twin store at {self._path}")
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             await loop.run_in_executor(None, self._writer.start)

@@ -143,6 +143,9 @@ class WriterConfig:
     log_level: int = logging.WARNING
     #: ``gc_thresholds`` of the service (None: CPython's defaults).
     gc_thresholds: tuple[int, int, int] | None = None
+    #: Opened by an operator command: ``outbox`` and ``builtin_index`` are what it would
+    #: write, not what the service keeps, so the records of both stay as they are.
+    keep_search_records: bool = False
 
 
 class SqliteWriter:
@@ -186,8 +189,9 @@ class SqliteWriter:
         try:
             for statement in (*SCHEMA, *sqlite_index.SCHEMA):
                 conn.execute(statement)
-            self._sync_outbox(conn)  # first: it reads what the last start recorded
-            self._sync_builtin_index(conn)
+            if not self._config.keep_search_records:
+                self._sync_outbox(conn)  # first: it reads what the last start recorded
+                self._sync_builtin_index(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
