@@ -4,13 +4,16 @@ writes, restorable by putting it in place of the database (docs/backup.md)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.service_process import ServiceProcess, service_env
 
@@ -172,3 +175,116 @@ def test_backup_refuses_to_overwrite_the_live_database_or_its_wal_and_shm(tmp_pa
         assert conn.execute("SELECT count(*) FROM twins").fetchone() == (2,)
     finally:
         conn.close()
+
+
+def test_backup_failures_to_write_are_one_line(tmp_path: Path) -> None:
+    """A destination name the filesystem refuses, or a read-only filesystem: one line and
+    status 1 (each was a traceback: the checks ran before the ``try``)."""
+    data = tmp_path / "data"
+    ServiceProcess(data).start().stop()
+    for length in (240, 255, 300):  # the partial's name once exceeded 255 from 237 on
+        dest = tmp_path / ("b" * length)
+        done = backup(str(dest), "--data-dir", str(data))
+        if length <= 255:
+            assert done.returncode == 0, done.stderr
+            assert dest.read_bytes().startswith(b"SQLite format 3\x00")
+            dest.unlink()
+        else:
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.startswith(f"twin-service: cannot write {dest}: "), done.stderr
+            assert done.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    # A real read-only filesystem, in a mount namespace of its own (the test runs as root).
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    script = (
+        f"mount -t tmpfs -o ro,size=1m tmpfs {readonly} && "
+        f"exec {sys.executable} -m twin_service backup {readonly}/b.sqlite3 --data-dir {data}"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=service_env({}),
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"twin-service: cannot write {readonly}/b.sqlite3: Read-only file system\n"
+    ), done.stderr
+
+
+def large_store(data: Path, mib: int) -> None:
+    """A database the backup takes a while to copy: the store's tables plus ``mib`` MiB."""
+    ServiceProcess(data).start().stop()
+    conn = sqlite3.connect(data / "twins.sqlite3")
+    conn.execute("CREATE TABLE ballast (b BLOB)")
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+        "INSERT INTO ballast SELECT randomblob(1048576) FROM n",
+        (mib,),
+    )
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_backup_stopped_by_a_signal_leaves_no_partial_file(
+    tmp_path: Path, sig: signal.Signals, status: int
+) -> None:
+    """Stopped while it copies (systemd's SIGTERM, a Ctrl-C): the partial copy (as large as
+    the database) and its journal are removed, one line says so. The process is held with
+    SIGSTOP once the partial file exists, so the signal surely arrives before the copy ends."""
+    data = tmp_path / "data"
+    large_store(data, 300)
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "b.sqlite3"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twin_service", "backup", str(dest), "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=service_env({}),
+    )
+    try:
+        while not list(out.glob(".*partial*")):
+            assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGSTOP)
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, stderr
+    assert stderr == f"twin-service: the backup was interrupted ({sig.name}); {dest} not written\n"
+    assert stdout == ""
+    assert list(out.iterdir()) == []
+
+
+def test_the_partial_file_of_a_backup_that_died_is_removed_by_the_next(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ServiceProcess(data).start().stop()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = os.getpid()
+    dest = tmp_path / "b.sqlite3"
+    left = [tmp_path / f".b.sqlite3.partial-{dead.pid}", tmp_path / f".b.sqlite3.partial-{alive}"]
+    for path in left:
+        path.write_bytes(b"x" * 1000)
+        path.with_name(path.name + "-journal").write_bytes(b"j")
+    other = tmp_path / f".other.sqlite3.partial-{dead.pid}"  # another destination's
+    other.write_bytes(b"x")
+    done = backup(str(dest), "--data-dir", str(data))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            "data",
+            "b.sqlite3",
+            other.name,
+            left[1].name,  # a backup still running (this process) keeps its file
+            left[1].name + "-journal",
+        ]
+    )

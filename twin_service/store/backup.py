@@ -12,9 +12,13 @@ under that name. How to restore: docs/backup.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import os
+import signal
 import sqlite3
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,10 @@ class BackupError(Exception):
 
 class BackupRefused(BackupError):
     """The operator named a destination the backup must never write (a usage mistake)."""
+
+
+class BackupInterrupted(BackupError):
+    """Stopped (SIGTERM, SIGINT) before it was written; its partial copy is removed."""
 
 
 #: The files SQLite keeps beside a database; writing any of them under a running service
@@ -43,31 +51,80 @@ class Backup:
     size: int
 
 
-def backup_sqlite(source: Path, dest: Path, *, overwrite: bool = False) -> Backup:
+def backup_sqlite(
+    source: Path,
+    dest: Path,
+    *,
+    overwrite: bool = False,
+    stopped: Callable[[], bool] = lambda: False,
+) -> Backup:
+    """Copy ``source`` to ``dest``. ``stopped()`` is asked while the copy runs: once true,
+    the copy ends, its partial file is removed and :class:`BackupInterrupted` is raised."""
     if not source.is_file():
         raise BackupError(f"there is no twin store at {source}")
-    _refuse_the_live_database(source, dest)
-    if dest.is_dir():
-        raise BackupError(f"{dest} is a directory; name the backup file")
-    if dest.exists() and not overwrite:
-        raise BackupError(f"{dest} exists; choose another name or pass --force")
-    if not dest.parent.is_dir():
-        raise BackupError(f"cannot write {dest}: {dest.parent} is not a directory")
-    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    partial.unlink(missing_ok=True)
+    partial = dest.with_name(f"{_partial_prefix(dest)}{os.getpid()}")
+    # Everything that touches the destination's directory raises OSError there: a name
+    # the filesystem refuses, a read-only filesystem...
     try:
-        _copy_snapshot(source, partial)
-        twins, last_seq = _check(partial)
+        _refuse_the_live_database(source, dest)
+        if dest.is_dir():
+            raise BackupError(f"{dest} is a directory; name the backup file")
+        if dest.exists() and not overwrite:
+            raise BackupError(f"{dest} exists; choose another name or pass --force")
+        if not dest.parent.is_dir():
+            raise BackupError(f"cannot write {dest}: {dest.parent} is not a directory")
+        _remove_dead_partials(dest)
+        partial.unlink(missing_ok=True)  # of an earlier process with this pid
+        _copy_snapshot(source, partial, stopped)
+        twins, last_seq = _check(partial, stopped)
         _sync(partial)
+        if stopped():
+            raise BackupInterrupted(f"the backup to {dest} was interrupted")
         os.replace(partial, dest)
         _sync(dest.parent)
     except sqlite3.Error as exc:
+        if stopped():  # the copy ended on its progress handler's word
+            raise BackupInterrupted(f"the backup to {dest} was interrupted") from None
         raise BackupError(f"the backup of {source} failed: {exc}") from None
     except OSError as exc:
         raise BackupError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
-        partial.unlink(missing_ok=True)
+        for leftover in (partial, partial.with_name(partial.name + "-journal")):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
     return Backup(dest, twins, last_seq, dest.stat().st_size)
+
+
+def _partial_prefix(dest: Path) -> str:
+    """The name of a partial copy of ``dest``, less its process id. Within the 255 bytes a
+    name may have, ``-journal`` (SQLite's file beside it) included: a long destination's
+    name is hashed."""
+    name = dest.name
+    if len(os.fsencode(name)) > 200:
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
+    return f".{name}.partial-"
+
+
+def _remove_dead_partials(dest: Path) -> None:
+    """Remove the partial copies of ``dest`` left by backups that died (SIGKILL, a power
+    cut): each is as large as the database, and its process id keeps it from ever being
+    reused."""
+    prefix = _partial_prefix(dest)
+    for entry in os.scandir(dest.parent):
+        pid = entry.name.removeprefix(prefix).removesuffix("-journal")
+        if entry.name.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _refuse_the_live_database(source: Path, dest: Path) -> None:
@@ -87,19 +144,27 @@ def _refuse_the_live_database(source: Path, dest: Path) -> None:
             )
 
 
-def _copy_snapshot(source: Path, target: Path) -> None:
+#: SQLite virtual machine instructions between two questions whether to stop.
+_PROGRESS_STEPS = 10_000
+
+
+def _copy_snapshot(source: Path, target: Path, stopped: Callable[[], bool]) -> None:
     # Read-only: the backup never creates, changes or recovers the service's database.
     conn = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
     try:
+        # Python runs signal handlers between its own instructions: a SIGTERM during
+        # VACUUM INTO (minutes, for a large database) is handled only here.
+        conn.set_progress_handler(lambda: int(stopped()), _PROGRESS_STEPS)
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("VACUUM INTO ?", (str(target),))
     finally:
         conn.close()
 
 
-def _check(copy: Path) -> tuple[int, int]:
+def _check(copy: Path, stopped: Callable[[], bool]) -> tuple[int, int]:
     conn = sqlite3.connect(copy)
     try:
+        conn.set_progress_handler(lambda: int(stopped()), _PROGRESS_STEPS)
         (verdict,) = conn.execute("PRAGMA quick_check").fetchone()
         if verdict != "ok":
             raise BackupError(f"the copy failed its check: {verdict}")
@@ -133,9 +198,25 @@ def add_subcommands(subparsers: Any) -> None:
     parser.set_defaults(handler=run_backup)
 
 
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT, while inside, are recorded in the list given (the backup asks
+    it, and stops) instead of ending the process where it stands: killed, the backup left
+    its partial copy, as large as the database, for good; interrupted, a traceback."""
+    caught: list[int] = []
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in stops}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_backup(args: argparse.Namespace) -> int:
     """0 when the backup is written, 2 on bad settings, another store or a destination that
-    is the store itself, 1 when it failed."""
+    is the store itself, 1 when it failed, 128 + the signal's number when SIGTERM or SIGINT
+    stopped it."""
     from twin_service.settings import settings_for_command
 
     settings = settings_for_command(args.config, data_dir=args.data_dir)
@@ -150,7 +231,17 @@ def run_backup(args: argparse.Namespace) -> int:
         return 2
     source = settings.data_dir / settings.sqlite.file_name
     try:
-        done = backup_sqlite(source, args.dest, overwrite=args.force)
+        with _signals_stop() as caught:
+            done = backup_sqlite(
+                source, args.dest, overwrite=args.force, stopped=lambda: bool(caught)
+            )
+    except BackupInterrupted:
+        name = signal.Signals(caught[0]).name
+        print(
+            f"twin-service: the backup was interrupted ({name}); {args.dest} not written",
+            file=sys.stderr,
+        )
+        return 128 + caught[0]
     except BackupRefused as exc:
         print(f"twin-service: {exc}", file=sys.stderr)
         return 2
