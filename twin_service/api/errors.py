@@ -49,7 +49,12 @@ def _body(status: int, code: str, message: str, description: str = "") -> JSONRe
 
 def unexpected_response(_exc: Exception) -> JSONResponse:
     log.exception("unexpected error")
-    return _body(500, "service.internal", "Internal error; see the service log.")
+    response = _body(500, "service.internal", "Internal error; see the service log.")
+    # Starlette raises the exception again once this is sent, and uvicorn then closes the
+    # connection: said here, the client opens a new one for its next request instead of
+    # sending it on the closed one (a reset).
+    response.headers["Connection"] = "close"
+    return response
 
 
 def disconnected_response(request: Request) -> Response:
