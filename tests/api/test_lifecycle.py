@@ -21,7 +21,9 @@ def test_pending_applied_expired_and_search(api: httpx.Client) -> None:
     doc = api.put(f"/api/v1/twins/{twin}", json={"desired": {"fan": {"speed": 3}}}).json()
     assert doc["lifecycle"]["fan/speed"]["state"] == "pending"
     assert doc["lifecycle"]["fan/speed"]["desiredVersion"] == 1
-    response = api.put(f"/api/v1/twins/{twin}/desired/led", params={"ttl": 0.3}, json="blue")
+    # 3 s: the steps before the expiry must run within it (at 0.3 s a busy machine expired
+    # the key before the revision below was read).
+    response = api.put(f"/api/v1/twins/{twin}/desired/led", params={"ttl": 3}, json="blue")
     assert response.status_code == 201
     led = api.get(f"/api/v1/twins/{twin}/lifecycle").json()["led"]
     assert led["state"] == "pending" and led["expires"] > led["since"]
@@ -32,7 +34,8 @@ def test_pending_applied_expired_and_search(api: httpx.Client) -> None:
     assert reported["delta"] == {"led": "blue"}
     # The sweeper commits the expiry when it falls due, without any other write.
     revision = api.get(f"/api/v1/twins/{twin}").json()["revision"]
-    for _ in range(100):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         time.sleep(0.05)
         doc = api.get(f"/api/v1/twins/{twin}").json()
         if doc["lifecycle"]["led"]["state"] == "expired":
