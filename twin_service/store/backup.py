@@ -18,10 +18,13 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from twin_service.store.restore import stamp_backup
 
 
 class BackupError(Exception):
@@ -75,8 +78,10 @@ def backup_sqlite(
             raise BackupError(f"cannot write {dest}: {dest.parent} is not a directory")
         _remove_dead_partials(dest)
         partial.unlink(missing_ok=True)  # of an earlier process with this pid
+        taken = time.time()  # the snapshot is no older: a restore counts from here
         _copy_snapshot(source, partial, stopped)
         twins, last_seq = _check(partial, stopped)
+        stamp_backup(partial, last_seq, taken)
         _sync(partial)
         if stopped():
             raise BackupInterrupted(f"the backup to {dest} was interrupted")

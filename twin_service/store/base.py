@@ -137,6 +137,12 @@ class TwinStore(Protocol):
         """Whether :meth:`search` and :meth:`count` work: the store keeps its own index (the
         SQLite store does not when ``search`` is ``off`` or ``elasticsearch``)."""
 
+    @property
+    def restored(self) -> bool:
+        """Whether opening found the database restored from a backup (and raised its
+        numbers, :mod:`twin_service.store.restore`): what the lost database left elsewhere
+        (deltas on the broker) is then this store's to clear."""
+
     async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
         """One page of matching twins in order, and the cursor of the next page.
 

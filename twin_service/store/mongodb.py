@@ -328,6 +328,10 @@ class MongoStore:
         # the search setting: there is no separate index to keep or rebuild.
         return True
 
+    @property
+    def restored(self) -> bool:
+        return False  # MongoDB is restored with its own tools: nothing marks it (docs/backup.md)
+
     async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
         twins: dict[str, Twin] = {}
 

@@ -309,6 +309,10 @@ class SqliteStore:
     def searchable(self) -> bool:
         return self._builtin_index
 
+    @property
+    def restored(self) -> bool:
+        return self._writer.restored
+
     def _require_index(self) -> None:
         if not self._builtin_index:
             raise Unavailable(

@@ -20,6 +20,7 @@ import re
 import signal
 import sqlite3
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,7 @@ from search import sqlite as sqlite_index
 from twin_service.collector import tune_gc
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import RevisionConflict, Write
+from twin_service.store.restore import Restored, renumber_restored
 from twin_service.twin.document import document_from_storage
 from twin_service.twin.jsonvalue import dumps_bytes
 from twin_service.types import JSONObject
@@ -160,6 +162,8 @@ class SqliteWriter:
         # replaces exactly that revision of that incarnation uses it (another process may
         # have written since); anything else re-reads the rows from the index.
         self._indexed: OrderedDict[str, tuple[int, str, JSONObject]] = OrderedDict()
+        #: Set by :meth:`open` when the database was restored from a backup.
+        self.restored: Restored | None = None
 
     def open(self) -> None:
         """Create the schema (idempotent) and bring the built-in index in line."""
@@ -189,15 +193,24 @@ class SqliteWriter:
         try:
             for statement in (*SCHEMA, *sqlite_index.SCHEMA):
                 conn.execute(statement)
+            restored = None
+            # Maintenance commands (keep_search_records) leave a restore to the service's
+            # first start: it alone clears what the lost database left on the broker, and
+            # its own search settings say what to index again.
             if not self._config.keep_search_records:
+                # Before anything else: no number may be handed out before it is raised.
+                restored = renumber_restored(conn, time.time(), outbox=self._config.outbox)
                 self._sync_outbox(conn)  # first: it reads what the last start recorded
-                self._sync_builtin_index(conn)
+                self._sync_builtin_index(conn, restored is not None)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             conn.close()
             raise
         self._conn = conn
+        if restored is not None:
+            self.restored = restored
+            _log_restore(self._config.path, restored, self._config.outbox)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -237,9 +250,10 @@ class SqliteWriter:
             )
         _set_meta(conn, "outbox", 1 if self._config.outbox else 0)
 
-    def _sync_builtin_index(self, conn: sqlite3.Connection) -> None:
-        """Record whether the built-in index is maintained; rebuild it when it was not, or
-        when another version of it (:data:`search.sqlite.VERSION`) wrote it.
+    def _sync_builtin_index(self, conn: sqlite3.Connection, restored: bool) -> None:
+        """Record whether the built-in index is maintained; rebuild it when it was not, when
+        another version of it (:data:`search.sqlite.VERSION`) wrote it, or when ``restored``
+        raised every twin's revision and versions (they are indexed).
 
         A database used with an external index (builtin off) has a stale built-in index; the
         first start with it on again re-indexes every twin, inside the opening transaction.
@@ -247,12 +261,16 @@ class SqliteWriter:
         builtin = self._config.builtin_index
         was_on = _meta(conn, "builtin_index") in (None, 1)
         version = _meta(conn, "builtin_index_version")
-        if builtin and (not was_on or version != sqlite_index.VERSION):
+        if builtin and (restored or not was_on or version != sqlite_index.VERSION):
             if conn.execute("SELECT 1 FROM twins LIMIT 1").fetchone() is not None:
                 log.warning(
                     "rebuilding the built-in search index of %s (%s)",
                     self._config.path.name,
-                    "it was off" if not was_on else f"version {version} -> {sqlite_index.VERSION}",
+                    "it was off"
+                    if not was_on
+                    else f"version {version} -> {sqlite_index.VERSION}"
+                    if version != sqlite_index.VERSION
+                    else "the twins' revisions were raised",
                 )
             # Dropped, not emptied: another version's tables may lack columns.
             for table in sqlite_index.TABLES:
@@ -426,6 +444,24 @@ class SqliteWriter:
             raise
 
 
+def _log_restore(path: Path, restored: Restored, outbox: bool) -> None:
+    log.warning(
+        "%s was restored from a backup (its journal ends at seq %d): every event seq, "
+        "revision, desiredVersion and reportedVersion now goes on %d higher (the next seq "
+        "is above %d), so none the lost database handed out is handed out again; stream "
+        "readers resuming from before are asked to resync, devices get deltas newer than "
+        "any they applied%s (docs/backup.md)",
+        path.name,
+        restored.backup_seq,
+        restored.gap,
+        restored.seq,
+        "; the Elasticsearch index still holds twins this database no longer has: run "
+        "`twin-service index rebuild`"
+        if outbox
+        else "",
+    )
+
+
 #: A run of digits as long as the shortest integer orjson reads as a float (-2**63 - 1).
 _LONG_DIGITS = re.compile(rb"\d{19}")
 
@@ -481,7 +517,9 @@ def serve(channel: Connection) -> int:
         # dicts: with CPython's defaults, a full collection walked them about every 15 s
         # under PATCH at 10,000 twins, 22-110 ms each, with every commit waiting.
         tune_gc(config.gc_thresholds)
-    channel.send_bytes(pickle.dumps(("ok", None)))
+    # Whether the database was restored: the service clears what the lost one left on the
+    # broker (connectivity.sync_deltas).
+    channel.send_bytes(pickle.dumps(("ok", writer.restored is not None)))
     try:
         while True:
             try:

@@ -71,6 +71,8 @@ class WriterProcess:
         # Set once the loop has stopped reading a channel that ended.
         self._done = threading.Event()
         self._done.set()
+        #: Whether a start found the database restored from a backup (the first one does).
+        self.restored = False
 
     @property
     def alive(self) -> bool:
@@ -123,6 +125,7 @@ class WriterProcess:
             proc.wait()
             raise result
         self._proc, self._channel = proc, channel
+        self.restored = self.restored or bool(result)
         self._done.clear()
 
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:

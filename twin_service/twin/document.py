@@ -3,7 +3,8 @@
 Invariants kept by :func:`apply_change`:
 - ``revision`` increases by exactly 1 on every committed change (creation is revision 1);
   a twin created again after a delete goes on from its :class:`Tombstone`, so no revision
-  (and no ETag) of an id is ever used twice;
+  (and no ETag) of an id is ever used twice (a SQLite database restored from a backup
+  raises every revision and version once, outside this module: store/restore.py);
 - ``desiredVersion`` / ``reportedVersion`` increase by 1 when that section's value changes
   (they too go on from the tombstone);
 - ``metadata`` stamps every leaf of desired, reported and live with when and at which

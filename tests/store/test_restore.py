@@ -1,0 +1,123 @@
+"""A SQLite backup put back in place of the database (docs/backup.md): the numbers the
+service hands out afterwards are all new, so no reader, cache or device mistakes a state of
+the restored database for one of the lost database's."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.service_process import ServiceProcess
+from tests.store.test_backup import backup
+from tests.streams.test_sse import read_events
+from twin_service.store.restore import MAX_WRITES_PER_SECOND, restore_gap
+
+TWIN = "org.restore:t"
+
+
+def restore(copy: Path, data: Path) -> None:
+    """What docs/backup.md says: the copy in place of the database, its -wal and -shm gone."""
+    shutil.copyfile(copy, data / "twins.sqlite3")
+    for suffix in ("-wal", "-shm"):
+        (data / f"twins.sqlite3{suffix}").unlink(missing_ok=True)
+
+
+def stamped(database: Path) -> bool:
+    conn = sqlite3.connect(database)
+    try:
+        return conn.execute("SELECT 1 FROM meta WHERE key = 'backup_time'").fetchone() is not None
+    finally:
+        conn.close()
+
+
+def test_after_a_restore_no_seq_revision_or_desired_version_is_handed_out_twice(
+    tmp_path: Path,
+) -> None:
+    data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
+    service = ServiceProcess(data).start()
+    try:
+        with service.client() as api:
+            for n in range(5):
+                assert api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": n}}).is_success
+            done = backup(str(copy), "--data-dir", str(data))
+            assert done.returncode == 0, done.stderr
+            # What a reader, a cache and a device saw of the database that will be lost.
+            for n in range(5, 10):
+                written = api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": n}})
+                assert written.is_success
+            seen_seq = int(written.headers["x-twin-seq"])
+            lost = api.get(f"/api/v1/twins/{TWIN}")
+            lost_etag, lost_version = lost.headers["etag"], lost.json()["desiredVersion"]
+    finally:
+        service.stop()
+    # The backup itself is stamped; the live database never was.
+    assert stamped(copy)
+    assert not stamped(data / "twins.sqlite3")
+
+    restore(copy, data)
+    service = ServiceProcess(data).start()
+    try:
+        with service.client() as api:
+            for n in range(100, 105):  # as many writes as were lost, and then some
+                written = api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": n}})
+                assert written.is_success
+            assert int(written.headers["x-twin-seq"]) > seen_seq
+            now = api.get(f"/api/v1/twins/{TWIN}")
+            assert now.json()["desired"] == {"v": 104}
+            assert now.json()["desiredVersion"] > lost_version
+            # A cache holding the lost state is told it changed.
+            cached = api.get(f"/api/v1/twins/{TWIN}", headers={"If-None-Match": lost_etag})
+            assert cached.status_code == 200, (lost_etag, cached.headers)
+            # A reader resuming where it was in the lost database is told to reload.
+            params = {"since": seen_seq}
+            with api.stream("GET", "/api/v1/stream/twins", params=params) as stream:
+                (first,) = read_events(stream, 1)
+            assert first["event"] == "resync.required", first
+            # The journal goes on after the restore: a reader resuming from it misses nothing.
+            params = {"since": int(written.headers["x-twin-seq"]) - 1, "fields": "desired"}
+            with api.stream("GET", "/api/v1/stream/twins", params=params) as stream:
+                subscribed, last = read_events(stream, 2)
+            assert subscribed["event"] == "subscribed", subscribed
+            assert last["event"] == "event" and last["data"]["twin"] == {"desired": {"v": 104}}
+    finally:
+        service.stop()
+    log = service.log_path.read_text(errors="replace")
+    assert log.count("restored from a backup") == 1, log
+    assert not stamped(data / "twins.sqlite3")
+
+    # A second start is no restore: the numbers go on from where they are.
+    service = ServiceProcess(data).start()
+    try:
+        with service.client() as api:
+            again = api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": 105}})
+            assert int(again.headers["x-twin-seq"]) == int(written.headers["x-twin-seq"]) + 1
+    finally:
+        service.stop()
+    assert "restored from a backup" not in service.log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("backup_time", "now", "gap"),
+    [
+        (1000, 1000.0, 2**32),  # restored at once: still more than any burst of writes
+        (1000, 1000.2, 2**32 + 1_000_000),  # a started second counts whole
+        (1000, 4600.0, 2**32 + 3600 * 1_000_000),
+        (1000, 10.0, 2**32),  # a clock set back never lowers it
+    ],
+)
+def test_the_gap_grows_with_the_time_since_the_backup(
+    backup_time: int, now: float, gap: int
+) -> None:
+    assert restore_gap(backup_time, now) == gap
+
+
+def test_restoring_one_backup_twice_passes_every_number_of_the_first_restore() -> None:
+    taken, first, second = 0, 86_400.0, 2 * 86_400.0
+    # The most the first restored database can have handed out before the second restore.
+    handed_out = restore_gap(taken, first) + int(second - first) * MAX_WRITES_PER_SECOND
+    assert restore_gap(taken, second) >= handed_out
+    # A century of restores keeps the numbers exact for JSON readers.
+    assert restore_gap(taken, 100 * 365 * 86_400.0) < 2**53
