@@ -69,6 +69,9 @@ class DeltaPublisher:
         self._told_no_topics: set[str] = set()
         self.published = 0
         self.failures = 0
+        #: Whether the deltas of ids the store does not know are still to be cleared: only
+        #: after a restore (:attr:`TwinStore.restored`), until one correction went through.
+        self._orphans_unchecked = store.restored
 
     async def on_change(self, stored: StoredEvent, twin: Twin | None) -> None:
         event = stored.event
@@ -116,9 +119,13 @@ class DeltaPublisher:
         or was deleted. Returns how many were queued.
 
         An id the store has never known (no twin, no tombstone) is left alone: its delta is
-        not this deployment's (another one on the same broker, a test's).
+        not this deployment's (another one on the same broker, a test's). Except on the first
+        start after a restore: the twins created after the backup are such ids, and their
+        devices would apply the deltas the lost database left; so the first correction of a
+        restored store clears every delta under this deployment's topics that no twin has.
         """
         count = 0
+        orphans: list[str] = []
         ids = sorted(retained)
         for start in range(0, len(ids), page_size):
             page = ids[start : start + page_size]
@@ -128,9 +135,19 @@ class DeltaPublisher:
                 if retained[twin_id] == delta_payload(twin):
                     continue
                 if twin is None and await self._store.tombstone(twin_id) is None:
-                    continue
+                    if not self._orphans_unchecked:
+                        continue
+                    orphans.append(twin_id)
                 self.submit(twin_id, _Job(twin.revision if twin else 0, twin, force=True))
                 count += 1
+        if self._orphans_unchecked:
+            self._orphans_unchecked = False
+        if orphans:
+            log.warning(
+                "clearing the retained deltas of %d twins the restored database does not have: %s",
+                len(orphans),
+                ", ".join(orphans[:20]) + (" ..." if len(orphans) > 20 else ""),
+            )
         return count
 
     async def _twins_with_delta(self, page_size: int) -> AsyncIterator[Twin]:
