@@ -15,9 +15,10 @@ from tests.sync.test_delta_sync import _retained_delta
 
 
 async def test_after_a_restore_devices_get_newer_deltas_and_none_of_lost_twins(
-    tmp_path: Path, mosquitto_server: Mosquitto, unique_name: str
+    tmp_path: Path, fresh_mosquitto: Mosquitto, unique_name: str
 ) -> None:
-    url = mosquitto_server.url
+    # A broker of its own: the restore clears every delta no twin of it has.
+    url = fresh_mosquitto.url
     kept, born = f"org.acme:{unique_name}-kept", f"org.acme:{unique_name}-born"
     data, copy = tmp_path / "svc", tmp_path / "backup.sqlite3"
     svc = sync_service(data, url)
