@@ -39,7 +39,7 @@ from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from connectivity.broker_delivery import EndToEndAcks
+from connectivity.broker_delivery import AckingHandler, EndToEndAcks
 from connectivity.broker_log import Tally, log
 from connectivity.broker_packets import (
     ConnectTooLarge,
@@ -430,17 +430,21 @@ class _TwinBroker(EndToEndAcks):
         amqtt sent the retained messages of every filter the session held, again: a
         resumed device got its newest delta twice. Its filters are not new subscriptions,
         and whatever was published meanwhile is in its queue, so nothing is sent for them.
+
+        The queue goes first, in order: what was delivered to the session since it connected
+        waited (AckingHandler.mqtt_publish), and goes after it. amqtt sent it as it came: the
+        newest delta, then the older ones.
         """
         self._resuming.add(session.client_id)
         handler = self._get_handler(session)
-        sends = []
-        while handler is not None and not session.retained_messages.empty():
-            queued = session.retained_messages.get_nowait()
-            sends.append(
-                asyncio.ensure_future(
-                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
-                )
-            )
+        if not isinstance(handler, AckingHandler):
+            return
+        # In order, and before anything delivered since the session connected (held).
+        backlog = [
+            (queued.topic, queued.data, queued.qos, False)
+            for queued in _drained(session.retained_messages)
+        ]
+        sends = handler.let_through(backlog)
         if sends:
             await asyncio.wait(sends)
 
@@ -756,6 +760,14 @@ async def _close_connection(handler: Any) -> None:
     if handler is not None and handler.writer is not None:
         with contextlib.suppress(Exception):  # already closing
             await handler.writer.close()
+
+
+def _drained(queue: asyncio.Queue[Any]) -> list[Any]:
+    """Everything in ``queue``, oldest first, taken out."""
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 def _file_state(path: Path) -> tuple[int, int, int] | None:

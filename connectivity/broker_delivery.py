@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from amqtt.broker import Broker
@@ -73,6 +73,9 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     #: dropped, and noted in ``dropped_out``.
     max_unacked_out: int
     dropped_out: Tally
+    #: While not None, deliveries wait here (see :meth:`mqtt_publish`): what to send, and
+    #: the future that gets the task sending it.
+    held: list[tuple[_Publish, asyncio.Future[asyncio.Task[Any]]]] | None
 
     @classmethod
     def adopt(
@@ -90,7 +93,42 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         handler.hung_up = False
         handler.max_unacked_out = max_unacked_out
         handler.dropped_out = dropped_out
+        handler.held = []
         return handler  # type: ignore[no-any-return]
+
+    def mqtt_publish(
+        self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool
+    ) -> Coroutine[Any, Any, Any]:
+        """amqtt's, held back until :meth:`let_through` while the session's queue is sent.
+
+        The session is connected (and deliveries come here) before the broker sends what it
+        queued for it: a delivery made meanwhile overtook the whole backlog, and a device
+        resuming its session got the newest delta, then older ones. Each send writes its
+        PUBLISH in the order its task starts, which is the order the tasks are made: so the
+        held ones are made by let_through, after the backlog's, and the rest here, when amqtt
+        calls this to make the task. MQTT asks for this order (4.6).
+        """
+        if self.held is None:
+            return self.mqtt_publish_now(topic, data, qos, retain)
+        started: asyncio.Future[asyncio.Task[Any]] = asyncio.get_running_loop().create_future()
+        self.held.append(((topic, data, qos, retain), started))
+        return _outcome(started)
+
+    async def mqtt_publish_now(
+        self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool
+    ) -> Any:
+        """amqtt's mqtt_publish, not held back."""
+        return await super().mqtt_publish(topic, data, qos, retain)
+
+    def let_through(self, backlog: list[_Publish]) -> list[asyncio.Task[Any]]:
+        """Starts sending ``backlog``, then what was held, in order; sends the rest as it
+        comes from now on. The backlog's tasks."""
+        sends = [asyncio.ensure_future(self.mqtt_publish_now(*publish)) for publish in backlog]
+        held, self.held = self.held or [], None
+        for publish, started in held:
+            if not started.done():
+                started.set_result(asyncio.ensure_future(self.mqtt_publish_now(*publish)))
+        return sends
 
     def _is_device(self) -> bool:
         """Whether this is a device's connection (the service account's flows are amqtt's)."""
@@ -233,6 +271,9 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         # The connection ended: messages not yet broadcast stay unacknowledged, and their
         # flows end (the device sends them again after it reconnects).
         super()._stop_waiters()
+        held, self.held = self.held or [], None
+        for _, started in held:  # never sent: lost with the connection, as amqtt's are
+            started.cancel()
         for forwarded in self.forwards.values():
             forwarded.cancel()
         self.forwards.clear()
@@ -258,6 +299,15 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         finally:
             self._puback_waiters.pop(packet_id, None)
             self.session.inflight_out.pop(packet_id, None)
+
+
+#: What mqtt_publish sends: topic, payload, QoS, retain flag.
+_Publish = tuple[str, bytes | bytearray, int | None, bool]
+
+
+async def _outcome(started: asyncio.Future[asyncio.Task[Any]]) -> Any:
+    """What the send of a held delivery returns, once it was let through and is done."""
+    return await (await started)
 
 
 def _resolve(forwarded: asyncio.Future[bool] | None, delivered: bool) -> None:
