@@ -1,4 +1,5 @@
-"""Closing a connection after a refusal without losing the refusal.
+"""Closing a connection after a refusal without losing the refusal, and ending one whose
+client reads nothing.
 
 A server that closes a socket while the client's bytes are still arriving, unread, makes
 the kernel reset the connection, and a reset discards what the client had not read yet:
@@ -6,11 +7,20 @@ the answer that said why (a head too large, a WebSocket message too big) was los
 client still sending. So the refused connection is read on, what comes is dropped, and
 it is closed once the client has been quiet for :data:`QUIET_SECONDS`, or after
 ``most`` seconds whatever it does.
+
+The other way round, a stream (a WebSocket, a server-sent-event response) whose client
+stops reading: its writer waits for room in the socket for good, and asyncio calls no one
+while it waits. :class:`UnreadCut` aborts such a connection once its writes have been
+paused for :data:`UNREAD_SECONDS`, which is what makes the writer, the reader's place
+(``stream.max_connections``), its queue and the socket's buffers go.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+
+log = logging.getLogger(__name__)
 
 #: Silence after which a refused connection is closed.
 QUIET_SECONDS = 0.5
@@ -38,3 +48,43 @@ class QuietClose:
         """The connection is gone."""
         self._quiet.cancel()
         self.deadline.cancel()
+
+
+#: How long a stream's client may leave what is written to it unread, the socket's buffers
+#: full (the kernel's, then the transport's past its high-water mark), before the
+#: connection is cut. A client that reads at all frees room sooner than this: one that does
+#: not held its place, queue and buffers until it reset the connection itself (an SSE
+#: client for 390 s and more; a WebSocket until the keepalive ping, 40 s, had timed out).
+UNREAD_SECONDS = 5.0
+
+
+class UnreadCut:
+    """Aborts ``transport`` when its writes stay paused for :data:`UNREAD_SECONDS`.
+
+    The protocol calls :meth:`paused` and :meth:`resumed` from its ``pause_writing`` and
+    ``resume_writing``, and :meth:`cancel` when the connection is lost. An abort, not a
+    close: a close waits for the buffer to drain, which it never does."""
+
+    __slots__ = ("_loop", "_timer", "_transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.WriteTransport) -> None:
+        self._loop = loop
+        self._transport = transport
+        self._timer: asyncio.TimerHandle | None = None
+
+    def paused(self) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(UNREAD_SECONDS, self._cut)
+
+    def resumed(self) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _cut(self) -> None:
+        self._timer = None
+        log.info("cut a connection whose client left its stream unread for %g s", UNREAD_SECONDS)
+        self._transport.abort()  # closing too: a close waits for what stays unread

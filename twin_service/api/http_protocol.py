@@ -20,6 +20,10 @@ Each head and body has its bound, but not all of them together: 300 clients each
 short of a 1 MB body held 295 MB, for as long as they sent a byte now and then. The heads
 and bodies still arriving count in ``limits.incoming_bytes`` (with the WebSocket messages,
 api.websocket_protocol); the connection whose bytes pass it is answered 503.
+
+And the other way round: a response that opts in with :func:`cut_when_unread` (an event
+stream, which has no end of its own) has its connection cut once its client leaves what
+is written to it unread for ``UNREAD_SECONDS`` (api.closing), as a WebSocket's is.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import asyncio
 import enum
 from http import HTTPStatus
 
-from twin_service.api.closing import QuietClose
+from starlette.requests import Request
+
+from twin_service.api.closing import QuietClose, UnreadCut
 from twin_service.api.errors import error_headers
 from twin_service.budget import ByteBudget
 from twin_service.errors import (
@@ -50,6 +56,8 @@ except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Base  # type: ignore[assignment]
 
     _BOUNDED = False
+
+EXTENSION = "twin.http.unread"
 
 
 class _HeadTooLargeSignal(Exception):
@@ -82,6 +90,10 @@ class JsonErrorHttpProtocol(_Base):
     _held = 0
     #: After an answer before the application, what closes the socket (see api.closing).
     _closing: QuietClose | None = None
+    #: Once a response asked for it (:func:`cut_when_unread`), what cuts the connection if
+    #: its client stops reading; kept for the connection's life: what the stream left
+    #: unread stays in the buffer after its response ends.
+    _unread: UnreadCut | None = None
 
     @classmethod
     def bounded(
@@ -103,6 +115,8 @@ class JsonErrorHttpProtocol(_Base):
             self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
         self._stop_timer()
         self._hold(0)
         if self._closing is not None:
@@ -167,10 +181,29 @@ class JsonErrorHttpProtocol(_Base):
         seconds = f"limits.read_timeout_seconds ({self.read_timeout:g} s)."
         self._refuse(RequestTimeout(f"{what} {seconds}"))
 
+    def _cut_when_unread(self) -> None:
+        if self._unread is None:
+            self._unread = UnreadCut(self.loop, self.transport)
+            if self.flow.write_paused:
+                self._unread.paused()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._unread is not None:
+            self._unread.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._unread is not None:
+            self._unread.resumed()
+
     # -- size ------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        extensions = self.scope.setdefault("extensions", {})
+        if extensions is not None:
+            extensions[EXTENSION] = {"cut_when_unread": self._cut_when_unread}
         self._await_head()  # a kept-alive connection's next request
         self._head_bytes = 0  # and _held is 0 since the last head was whole
 
@@ -268,3 +301,11 @@ class JsonErrorHttpProtocol(_Base):
             self._closing = QuietClose(self.loop, self.transport, self.read_timeout)
         else:
             self.transport.close()
+
+
+def cut_when_unread(request: Request) -> None:
+    """Have the connection of ``request`` cut if its client leaves what is written to it
+    unread for ``UNREAD_SECONDS`` (api.closing): for a response with no end of its own."""
+    extension = (request.scope.get("extensions") or {}).get(EXTENSION)
+    if isinstance(extension, dict):
+        extension["cut_when_unread"]()

@@ -14,10 +14,12 @@ held that much for good. Two bounds:
 
 And on what a client that does not read makes it hold: the protocol answers each ping with
 a pong, whether the client reads or not, so a connection is not read while its transport
-has paused writing (its buffer is full). A connection being closed is ended, aborted if
-need be, when its client leaves what was written to it unread for
-:data:`CLOSE_WRITE_SECONDS`: the close frame cannot reach it, and uvicorn's close waits for
-the buffer to drain, which it never does.
+has paused writing (its buffer is full). A connection whose writes stay paused for
+``UNREAD_SECONDS`` is aborted (api.closing): its writer waited for room for good, so a
+reader that fell behind was never even closed with 4408, and kept its place until the
+keepalive ping timed out. A connection being closed is ended, aborted if need be, when its
+client leaves what was written to it unread for as long: the close frame cannot reach it,
+and uvicorn's close waits for the buffer to drain, which it never does.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request
 from websockets.protocol import State
 
-from twin_service.api.closing import QuietClose
+from twin_service.api.closing import UNREAD_SECONDS, QuietClose, UnreadCut
 from twin_service.budget import ByteBudget
 from twin_service.streams.direct_ws import DirectWebSocketProtocol
 
@@ -40,8 +42,6 @@ log = logging.getLogger(__name__)
 #: Largest message before the connection is authenticated (the auth message).
 UNAUTHENTICATED_MAX_BYTES = 16 * 1024
 EXTENSION = "twin.websocket.bounds"
-#: How long a connection being closed may leave what was written to it unread.
-CLOSE_WRITE_SECONDS = 5.0
 
 
 class BoundedWebSocketProtocol(DirectWebSocketProtocol):
@@ -53,6 +53,8 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
     _closing: QuietClose | None = None
     #: Ends the connection if its client leaves the close unread (:meth:`_end_unread`).
     _unread: asyncio.TimerHandle | None = None
+    #: Ends the connection if its client stops reading while it is open.
+    _stalled: UnreadCut | None = None
 
     @classmethod
     def bounded(cls, incoming: ByteBudget) -> type[BoundedWebSocketProtocol]:
@@ -109,11 +111,16 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
+        if self._stalled is None:
+            self._stalled = UnreadCut(self.loop, self.transport)
+        self._stalled.paused()
         # Each ping read would add a pong to the buffer that is not draining.
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        if self._stalled is not None:
+            self._stalled.resumed()
         if not self.read_paused:  # uvicorn's pause: a message the app has not taken yet
             self.transport.resume_reading()
 
@@ -133,7 +140,7 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
             # uvicorn waits for the client to read, for good: a client that never reads
             # kept its connection (a first-message auth timeout never closed it).
             try:
-                async with asyncio.timeout(CLOSE_WRITE_SECONDS):
+                async with asyncio.timeout(UNREAD_SECONDS):
                     await self.writable.wait()
             except TimeoutError:
                 self.transport.abort()  # super().send then finds the client gone
@@ -152,7 +159,7 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
 
     def _end_unread(self) -> None:
         """Abort the connection if what was written to it is still unwritten in
-        :data:`CLOSE_WRITE_SECONDS` (and look again then until it is gone): closing the
+        :data:`UNREAD_SECONDS` (and look again then until it is gone): closing the
         transport waits for its buffer to drain, for good when the client does not read."""
         if self._unread is not None or self.disconnected:
             return
@@ -166,7 +173,7 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
             else:
                 self._end_unread()
 
-        self._unread = self.loop.call_later(CLOSE_WRITE_SECONDS, check)
+        self._unread = self.loop.call_later(UNREAD_SECONDS, check)
 
     def handle_parser_exception(self) -> None:
         """Send the close frame, then drop what the client still sends and close once it is
@@ -199,6 +206,8 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
             self._closing.cancel()
         if self._unread is not None:
             self._unread.cancel()
+        if self._stalled is not None:
+            self._stalled.cancel()
         self._release()
         super().connection_lost(exc)
 

@@ -29,6 +29,7 @@ from twin_service.api.deps import (
     context,
     documented,
 )
+from twin_service.api.http_protocol import cut_when_unread
 from twin_service.api.schemas import errors
 from twin_service.api.websocket_protocol import allow_full_messages
 from twin_service.auth import Credential, revoked
@@ -468,6 +469,10 @@ async def sse(
     except BaseException:
         session.close()
         raise
+    # Each yield below waits for room in the socket, for good when the client reads
+    # nothing, the overflow's too: the finally never ran, and the stream kept its reader's
+    # place, and the socket its buffers, until the client reset. Cut instead (api.closing).
+    cut_when_unread(request)
 
     async def stream() -> AsyncIterator[str]:
         try:
