@@ -10,9 +10,9 @@ it is closed once the client has been quiet for :data:`QUIET_SECONDS`, or after
 
 The other way round, a stream (a WebSocket, a server-sent-event response) whose client
 stops reading: its writer waits for room in the socket for good, and asyncio calls no one
-while it waits. :class:`UnreadCut` aborts such a connection once its writes have been
-paused for :data:`UNREAD_SECONDS`, which is what makes the writer, the reader's place
-(``stream.max_connections``), its queue and the socket's buffers go.
+while it waits. :class:`UnreadCut` aborts such a connection once its client has read
+nothing of its full buffers for :data:`UNREAD_SECONDS`, which is what makes the writer, the
+reader's place (``stream.max_connections``), its queue and the socket's buffers go.
 """
 
 from __future__ import annotations
@@ -50,31 +50,37 @@ class QuietClose:
         self.deadline.cancel()
 
 
-#: How long a stream's client may leave what is written to it unread, the socket's buffers
-#: full (the kernel's, then the transport's past its high-water mark), before the
-#: connection is cut. A client that reads at all frees room sooner than this: one that does
-#: not held its place, queue and buffers until it reset the connection itself (an SSE
-#: client for 390 s and more; a WebSocket until the keepalive ping, 40 s, had timed out).
+#: How long a stream's client may read nothing of what is written to it, the socket's
+#: buffers full (the kernel's, then the transport's past its high-water mark), before the
+#: connection is cut. One that did not read held its place, queue and buffers until it
+#: reset the connection itself (an SSE client for 390 s and more; a WebSocket until the
+#: keepalive ping, 40 s, had timed out).
 UNREAD_SECONDS = 5.0
 
 
 class UnreadCut:
-    """Aborts ``transport`` when its writes stay paused for :data:`UNREAD_SECONDS`.
+    """Aborts ``transport`` when its writes stay paused and nothing of its buffer goes for
+    :data:`UNREAD_SECONDS`.
 
     The protocol calls :meth:`paused` and :meth:`resumed` from its ``pause_writing`` and
-    ``resume_writing``, and :meth:`cancel` when the connection is lost. An abort, not a
-    close: a close waits for the buffer to drain, which it never does."""
+    ``resume_writing``, and :meth:`cancel` when the connection is lost. What was read counts,
+    not how long the writes stay paused: a slow client that reads a large burst (an event
+    stream writes all it has queued at once, up to ``stream.queue_bytes``) stays paused for
+    longer than this and is not stuck. An abort, not a close: a close waits for the buffer
+    to drain, which it never does."""
 
-    __slots__ = ("_loop", "_timer", "_transport")
+    __slots__ = ("_left", "_loop", "_timer", "_transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.WriteTransport) -> None:
         self._loop = loop
         self._transport = transport
         self._timer: asyncio.TimerHandle | None = None
+        #: The bytes the buffer held at the last look.
+        self._left = 0
 
     def paused(self) -> None:
         if self._timer is None:
-            self._timer = self._loop.call_later(UNREAD_SECONDS, self._cut)
+            self._look_later()
 
     def resumed(self) -> None:
         self.cancel()
@@ -84,7 +90,14 @@ class UnreadCut:
             self._timer.cancel()
             self._timer = None
 
-    def _cut(self) -> None:
+    def _look_later(self) -> None:
+        self._left = self._transport.get_write_buffer_size()
+        self._timer = self._loop.call_later(UNREAD_SECONDS, self._look)
+
+    def _look(self) -> None:
+        if self._transport.get_write_buffer_size() < self._left:  # the client read some
+            self._look_later()
+            return
         self._timer = None
         log.info("cut a connection whose client left its stream unread for %g s", UNREAD_SECONDS)
         self._transport.abort()  # closing too: a close waits for what stays unread

@@ -14,10 +14,10 @@ held that much for good. Two bounds:
 
 And on what a client that does not read makes it hold: the protocol answers each ping with
 a pong, whether the client reads or not, so a connection is not read while its transport
-has paused writing (its buffer is full). A connection whose writes stay paused for
-``UNREAD_SECONDS`` is aborted (api.closing): its writer waited for room for good, so a
-reader that fell behind was never even closed with 4408, and kept its place until the
-keepalive ping timed out. A connection being closed is ended, aborted if need be, when its
+has paused writing (its buffer is full). A connection whose client reads nothing of its
+full buffers for ``UNREAD_SECONDS`` is aborted (api.closing): its writer waited for room
+for good, so a reader that fell behind was never even closed with 4408, and kept its place
+until the keepalive ping timed out. A connection being closed is ended, aborted if need be, when its
 client leaves what was written to it unread for as long: the close frame cannot reach it,
 and uvicorn's close waits for the buffer to drain, which it never does.
 """
