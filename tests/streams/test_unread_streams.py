@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -108,3 +109,45 @@ def test_a_websocket_client_that_never_reads_is_cut(service_factory: Factory) ->
         assert head.startswith(b"HTTP/1.1 101"), head
         sock.sendall(frame)
         _released(proc, api, namespace)
+
+
+def test_an_event_stream_client_that_reads_slowly_is_not_cut(service_factory: Factory) -> None:
+    """A stream writes all it has queued at once: a client reading such a burst slowly
+    leaves the service's writes paused for longer than the unread bound, reading all along.
+    It gets every event (a rule on how long writes stayed paused cut it)."""
+    proc = service_factory(env={"TWIN_STREAM__QUEUE_BYTES": str(64 << 20)})
+    namespace = f"org.slow{uuid.uuid4().hex[:8]}"
+    changes = 120  # 6 MB: a few MiB more than the socket buffers hold
+    request = (
+        f"GET /api/v1/stream/twins?namespaces={namespace} HTTP/1.1\r\nHost: twins\r\n"
+        f"Authorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+    ).encode()
+    received = bytearray()
+    error: list[BaseException] = []
+
+    def read_slowly(sock: socket.socket) -> None:
+        try:  # what its 4 KiB buffer holds every 10 ms: at most 400 KB/s
+            while received.count(b"event: event\n") < changes:
+                chunk = sock.recv(16384)
+                if not chunk:
+                    return
+                received.extend(chunk)
+                time.sleep(0.01)
+        except OSError as exc:
+            error.append(exc)
+
+    with proc.client() as api, _unread(proc, request) as sock:
+        _wait(api, time.monotonic() + 30, readers=1, subscriptions=1)
+        reader = threading.Thread(target=read_slowly, args=(sock,), daemon=True)
+        reader.start()
+        for n in range(changes):
+            twin = {"attributes": {"blob": f"{n}{BLOB}"}}
+            response = api.put(f"/api/v1/twins/{namespace}:t{n % 10}", json=twin)
+            assert response.status_code in (200, 201), response.text
+        reader.join(5 * DEADLINE)
+        assert not error, error
+        assert received.count(b"event: event\n") == changes, bytes(received).replace(b"x", b"")[
+            -600:
+        ]
+        assert b"event: overflow" not in received
+        assert _streams(api)["readers"] == 1
