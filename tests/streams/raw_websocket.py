@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 
 
 def upgrade_request(token: str | None) -> bytes:
@@ -16,3 +17,14 @@ def upgrade_request(token: str | None) -> bytes:
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
         f"{auth}\r\n"
     ).encode()
+
+
+def read_upgrade_answer(sock: socket.socket) -> None:
+    """Read the handshake's answer, a byte at a time so nothing after it is read, and check
+    it is the switch to WebSocket."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, head
+        head += byte
+    assert head.startswith(b"HTTP/1.1 101"), head

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
-from tests.streams.raw_websocket import upgrade_request
+from tests.streams.raw_websocket import read_upgrade_answer, upgrade_request
 from twin_service.api.routes.streams import AUTH_TIMEOUT
 
 Factory = Callable[..., ServiceProcess]
@@ -35,12 +35,7 @@ def _unread_websocket(proc: ServiceProcess, token: str | None) -> socket.socket:
     sock.settimeout(15)
     sock.connect(("127.0.0.1", proc.port))
     sock.sendall(upgrade_request(token))
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):  # a byte at a time: nothing after it is read
-        byte = sock.recv(1)
-        assert byte, head
-        head += byte
-    assert head.startswith(b"HTTP/1.1 101"), head
+    read_upgrade_answer(sock)
     return sock
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import httpx
 
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
-from tests.streams.raw_websocket import upgrade_request
+from tests.streams.raw_websocket import read_upgrade_answer, upgrade_request
 from tests.streams.test_sse import read_events
 
 Factory = Callable[..., ServiceProcess]
@@ -101,12 +101,7 @@ def test_a_websocket_client_that_never_reads_is_cut(service_factory: Factory) ->
     # A masked text frame (a zero key: the payload goes as it is).
     frame = bytes((0x81, 0x80 | len(payload))) + bytes(4) + payload
     with proc.client() as api, _unread(proc, upgrade_request(ADMIN_TOKEN)) as sock:
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):  # a byte at a time: nothing after it is read
-            byte = sock.recv(1)
-            assert byte, head
-            head += byte
-        assert head.startswith(b"HTTP/1.1 101"), head
+        read_upgrade_answer(sock)
         sock.sendall(frame)
         _released(proc, api, namespace)
 
