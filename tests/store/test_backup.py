@@ -231,12 +231,15 @@ def large_store(data: Path, mib: int) -> None:
     conn.close()
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)]
+)
 def test_a_backup_stopped_by_a_signal_leaves_no_partial_file(
     tmp_path: Path, sig: signal.Signals, status: int
 ) -> None:
-    """Stopped while it copies (systemd's SIGTERM, a Ctrl-C): the partial copy (as large as
-    the database) and its journal are removed, one line says so. The process is held with
+    """Stopped while it copies (systemd's SIGTERM, a Ctrl-C, the hangup of a closed terminal):
+    the partial copy (as large as the database) and its journal are removed, one line says
+    so. The process is held with
     SIGSTOP once the partial file exists, so the signal surely arrives before the copy ends."""
     data = tmp_path / "data"
     large_store(data, 300)

@@ -36,7 +36,7 @@ class BackupRefused(BackupError):
 
 
 class BackupInterrupted(BackupError):
-    """Stopped (SIGTERM, SIGINT) before it was written; its partial copy is removed."""
+    """Stopped (SIGTERM, SIGINT, SIGHUP) before it was written; its partial copy is removed."""
 
 
 #: The files SQLite keeps beside a database; writing any of them under a running service
@@ -205,11 +205,12 @@ def add_subcommands(subparsers: Any) -> None:
 
 @contextlib.contextmanager
 def _signals_stop() -> Iterator[list[int]]:
-    """SIGTERM and SIGINT, while inside, are recorded in the list given (the backup asks
-    it, and stops) instead of ending the process where it stands: killed, the backup left
-    its partial copy, as large as the database, for good; interrupted, a traceback."""
+    """SIGTERM, SIGINT and SIGHUP (the terminal of an ssh session that closed), while
+    inside, are recorded in the list given (the backup asks it, and stops) instead of
+    ending the process where it stands: killed, the backup left its partial copy, as large
+    as the database, for good; interrupted, a traceback."""
     caught: list[int] = []
-    stops = (signal.SIGTERM, signal.SIGINT)
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in stops}
     try:
         yield caught
@@ -220,8 +221,8 @@ def _signals_stop() -> Iterator[list[int]]:
 
 def run_backup(args: argparse.Namespace) -> int:
     """0 when the backup is written, 2 on bad settings, another store or a destination that
-    is the store itself, 1 when it failed, 128 + the signal's number when SIGTERM or SIGINT
-    stopped it."""
+    is the store itself, 1 when it failed, 128 + the signal's number when SIGTERM, SIGINT
+    or SIGHUP stopped it."""
     from twin_service.settings import settings_for_command
 
     settings = settings_for_command(args.config, data_dir=args.data_dir)
