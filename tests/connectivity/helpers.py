@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
 from connectivity.errors import ConnectRefused
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
+from tests.servers.process import free_port
 
 
 async def started(url: str, client_id: str, **kw: object) -> MqttClient:
@@ -56,3 +60,16 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10) -> None
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.02)
+
+
+def bare_broker(tmp_path: Path, **limits: Any) -> EmbeddedBroker:
+    """A broker with the service account only, and ``limits`` of EmbeddedBrokerConfig."""
+    return EmbeddedBroker(
+        EmbeddedBrokerConfig(
+            service_username="service",
+            service_password="svc-pw",
+            credentials_path=tmp_path / "creds.json",
+            port=free_port(),
+            **limits,
+        )
+    )

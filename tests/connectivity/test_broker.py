@@ -23,7 +23,13 @@ from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import LastWill, MqttOptions
 from tests import mqtt_packets
-from tests.connectivity.helpers import Collector, assert_refused, eventually, started
+from tests.connectivity.helpers import (
+    Collector,
+    assert_refused,
+    bare_broker,
+    eventually,
+    started,
+)
 from tests.servers.process import free_port
 
 TWIN = "org.acme:pump-1"
@@ -346,21 +352,8 @@ async def test_devices_connecting_at_once_are_all_served(
     await svc.stop(grace=0)
 
 
-def _bare_broker(tmp_path: Path, **limits: Any) -> EmbeddedBroker:
-    """A broker with the service account only, and ``limits`` of EmbeddedBrokerConfig."""
-    return EmbeddedBroker(
-        EmbeddedBrokerConfig(
-            service_username="service",
-            service_password="svc-pw",
-            credentials_path=tmp_path / "creds.json",
-            port=free_port(),
-            **limits,
-        )
-    )
-
-
 async def test_a_connection_without_a_timely_small_connect_is_closed(tmp_path: Path) -> None:
-    broker = _bare_broker(tmp_path, connect_timeout=0.5)
+    broker = bare_broker(tmp_path, connect_timeout=0.5)
     config = broker.config
     await broker.start()
     try:
@@ -415,7 +408,7 @@ async def test_a_packet_over_max_packet_size_ends_the_connection(
 ) -> None:
     """amqtt read any packet whole: a logged-in client that announced 100 MB had it read
     into memory. Past max_packet_size the connection ends before the body is read."""
-    broker = _bare_broker(tmp_path, max_packet_size=65_536)
+    broker = bare_broker(tmp_path, max_packet_size=65_536)
     config = broker.config
     await broker.start()
     try:
@@ -450,7 +443,7 @@ async def test_a_publish_to_a_wildcard_topic_ends_the_connection(
     its body for the next packets: a PINGREQ and a report hidden in the payload were
     answered and delivered (past max_packet_size and the in-flight bound, which follow the
     outer packet)."""
-    broker = _bare_broker(tmp_path)
+    broker = bare_broker(tmp_path)
     await broker.start()
     try:
         sub = await started(broker.url, "sub", protocol=4, username="service", password="svc-pw")
@@ -489,7 +482,7 @@ async def test_a_publish_to_a_wildcard_topic_ends_the_connection(
 async def test_devices_wait_until_admitted_and_the_service_does_not(tmp_path: Path) -> None:
     """The service admits devices once it has subscribed: a device let in before had its
     reports acknowledged with no subscriber to take them, and they were lost."""
-    broker = _bare_broker(tmp_path, admit_devices_at_start=False)
+    broker = bare_broker(tmp_path, admit_devices_at_start=False)
     password = CredentialStore(broker.config.credentials_path).add(TWIN)
     await broker.start()
     clients: list[MqttClient] = []
@@ -517,7 +510,7 @@ async def test_a_device_message_is_not_acknowledged_while_the_service_is_away(
     """With the service's session offline, amqtt queued a device's report for it and
     acknowledged it at once: the report lived only in the broker's memory (the service's
     process) until the service came back, and a crash meanwhile lost it."""
-    broker = _bare_broker(tmp_path, admit_devices_at_start=False, connect_timeout=30)
+    broker = bare_broker(tmp_path, admit_devices_at_start=False, connect_timeout=30)
     password = CredentialStore(broker.config.credentials_path).add(TWIN)
     await broker.start()
     got = Collector()
@@ -580,7 +573,7 @@ async def test_a_device_message_is_not_acknowledged_while_the_service_is_away(
 async def test_a_login_held_at_the_gate_ends_when_the_broker_stops(tmp_path: Path) -> None:
     """A device waiting to be admitted kept its connection for connect_timeout after the
     broker had stopped, and a loop closing meanwhile logged it as an error."""
-    broker = _bare_broker(tmp_path, admit_devices_at_start=False, connect_timeout=60)
+    broker = bare_broker(tmp_path, admit_devices_at_start=False, connect_timeout=60)
     password = CredentialStore(broker.config.credentials_path).add(TWIN)
     await broker.start()
     loop = asyncio.get_running_loop()
@@ -604,7 +597,7 @@ async def test_a_login_held_at_the_gate_ends_when_the_broker_stops(tmp_path: Pat
 async def test_a_device_whose_credentials_go_is_disconnected(tmp_path: Path) -> None:
     """Credentials were checked at login only: a removed or rotated device stayed connected
     (mosquitto re-checks connected clients when it reloads its password file)."""
-    broker = _bare_broker(tmp_path, credentials_check_seconds=0.1)
+    broker = bare_broker(tmp_path, credentials_check_seconds=0.1)
     store = CredentialStore(broker.config.credentials_path)
     third = "org.acme:pump-3"
     passwords = {twin: store.add(twin) for twin in (TWIN, OTHER, third)}
@@ -663,7 +656,7 @@ async def test_device_connections_are_bounded(
     caplog.set_level(logging.WARNING, logger="connectivity.broker")
     store = CredentialStore(tmp_path / "creds.json")
     password = store.add(TWIN)
-    broker = _bare_broker(tmp_path, max_devices=2)
+    broker = bare_broker(tmp_path, max_devices=2)
     await broker.start()
     port = broker.config.port
     held: list[asyncio.StreamWriter] = []
@@ -720,7 +713,7 @@ async def test_an_offline_session_keeps_the_newest_messages(
     store = CredentialStore(tmp_path / "creds.json")
     device = {"protocol": 4, "username": TWIN, "password": store.add(TWIN)}
     service = {"protocol": 4, "username": "service", "password": "svc-pw"}
-    broker = _bare_broker(tmp_path, max_queued=3)
+    broker = bare_broker(tmp_path, max_queued=3)
     await broker.start()
     delta = f"twins/{TWIN}/delta"
     try:
@@ -770,7 +763,7 @@ async def test_connections_still_sending_their_connect_are_bounded(
     60 KB of a CONNECT held 143 MB (and as many descriptors) for the 10 s allowed. One past
     max_connecting is closed at once."""
     caplog.set_level(logging.WARNING, logger="connectivity.broker")
-    broker = _bare_broker(tmp_path, max_connecting=2, connect_timeout=30)
+    broker = bare_broker(tmp_path, max_connecting=2, connect_timeout=30)
     await broker.start()
     port = broker.config.port
     silent: list[asyncio.StreamWriter] = []
@@ -982,7 +975,7 @@ async def test_a_device_holds_at_most_max_sessions(
     caplog.set_level(logging.WARNING, logger="connectivity.broker")
     store = CredentialStore(tmp_path / "creds.json")
     password = store.add(TWIN)
-    broker = _bare_broker(tmp_path, max_sessions_per_device=2)
+    broker = bare_broker(tmp_path, max_sessions_per_device=2)
     await broker.start()
     delta = f"twins/{TWIN}/delta"
 
@@ -1093,7 +1086,7 @@ async def test_a_session_holds_at_most_max_subscriptions(
     failure code; one given up makes room; the service's sessions are not bounded."""
     caplog.set_level(logging.WARNING, logger="connectivity.broker")
     password = CredentialStore(tmp_path / "creds.json").add(TWIN)
-    broker = _bare_broker(tmp_path, max_subscriptions=3)
+    broker = bare_broker(tmp_path, max_subscriptions=3)
     await broker.start()
     port = broker.config.port
     base = f"twins/{TWIN}"
@@ -1141,7 +1134,7 @@ async def _window_rig(
     """A broker with max_inflight 5, a raw subscriber of ``topic`` (the service's account,
     QoS 1) and a raw device login with ``keep_alive``."""
     password = CredentialStore(tmp_path / "creds.json").add(TWIN)
-    broker = _bare_broker(tmp_path, max_inflight=5)
+    broker = bare_broker(tmp_path, max_inflight=5)
     await broker.start()
     port = broker.config.port
     _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")
@@ -1232,7 +1225,7 @@ async def test_messages_a_device_has_not_acknowledged_are_bounded(
     unacknowledged, what the broker would send it is dropped; an acknowledgment makes room."""
     caplog.set_level(logging.WARNING, logger="connectivity.broker")
     password = CredentialStore(tmp_path / "creds.json").add(TWIN)
-    broker = _bare_broker(tmp_path, max_queued=5)
+    broker = bare_broker(tmp_path, max_queued=5)
     await broker.start()
     delta = f"twins/{TWIN}/delta"
     _, reader, writer = await _login(broker.config.port, TWIN, password, "dev")
@@ -1265,7 +1258,7 @@ async def test_a_delivery_left_waiting_keeps_no_later_one(tmp_path: Path) -> Non
     still waiting for a device's PUBACK (the broker waits as long as the connection lasts)
     kept every later one, with its message, however many (20,000 answers held 120 MB)."""
     password = CredentialStore(tmp_path / "creds.json").add(TWIN)
-    broker = _bare_broker(tmp_path)
+    broker = bare_broker(tmp_path)
     await broker.start()
     delta = f"twins/{TWIN}/delta"
     _, reader, writer = await _login(broker.config.port, TWIN, password, "dev")
@@ -1419,7 +1412,7 @@ async def test_a_device_asking_for_no_or_a_longer_keep_alive_is_held_to_max_keep
     """A device may ask for no keep-alive (0) or for up to 18 hours: once its network is
     gone without a FIN it stayed online for good, or for a day. It is held to
     max_keep_alive instead (AWS IoT's rule), and ended after one and a half of it."""
-    broker = _bare_broker(tmp_path, max_keep_alive=1)
+    broker = bare_broker(tmp_path, max_keep_alive=1)
     await broker.start()
     port = broker.config.port
     _, sub_reader, sub_writer = await _login(port, "service", "svc-pw", "svc")

@@ -8,11 +8,9 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
 from connectivity.credentials import CredentialStore
 from tests import mqtt_packets
-from tests.connectivity.helpers import started
-from tests.servers.process import free_port
+from tests.connectivity.helpers import bare_broker, started
 
 TWIN = "org.acme:pump-1"
 DELTA = f"twins/{TWIN}/delta"
@@ -43,14 +41,7 @@ async def test_a_resumed_session_gets_its_backlog_before_anything_newer(tmp_path
     delta came first, then the backlog (5 of 26 reconnections in a prober's run)."""
     store = CredentialStore(tmp_path / "creds.json")
     password = store.add(TWIN)
-    broker = EmbeddedBroker(
-        EmbeddedBrokerConfig(
-            service_username="service",
-            service_password="svc-pw",
-            credentials_path=store.path,
-            port=free_port(),
-        )
-    )
+    broker = bare_broker(tmp_path)
     await broker.start()
     svc = await started(broker.url, "svc", protocol=4, username="service", password="svc-pw")
     login = mqtt_packets.connect("dev", TWIN, password, clean=False)
