@@ -464,7 +464,7 @@ class _TwinBroker(EndToEndAcks):
         the sends while it iterates the broker's subscription table, which a client
         subscribing meanwhile changes: "dictionary changed size during iteration" dropped
         the new connection. A filter a session holds passed the topic plugin when it
-        subscribed; sending from a task leaves that iteration nothing to wait for.
+        subscribed; sending from tasks leaves that iteration nothing to wait for.
         """
         if session.client_id in self._resuming:
             return  # a resumed session's filters (see _publish_session_retained_messages)
@@ -479,10 +479,9 @@ class _TwinBroker(EndToEndAcks):
         )
         if granted is None:
             return
-        send = super()._publish_retained_messages_for_subscription((topic_filter, granted), session)
-        task = asyncio.create_task(send)
-        self._retained_sends.add(task)
-        task.add_done_callback(self._retained_sent)
+        for task in self.send_retained(topic_filter, granted, session):
+            self._retained_sends.add(task)
+            task.add_done_callback(self._retained_sent)
 
     def _retained_sent(self, task: asyncio.Task[None]) -> None:
         self._retained_sends.discard(task)

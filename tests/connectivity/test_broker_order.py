@@ -78,3 +78,46 @@ async def test_a_resumed_session_gets_its_backlog_before_anything_newer(tmp_path
         await svc.stop(grace=0)
         await broker.stop()
     assert not disordered, f"{len(disordered)} of {ROUNDS} rounds out of order: {disordered}"
+
+
+async def test_a_retained_copy_never_follows_a_newer_live_message(tmp_path: Path) -> None:
+    """Clients subscribe, over and over, to a topic on which the service keeps publishing
+    retained deltas 1, 2, 3...: each must see them in increasing order (equal is a retained
+    copy of the live one), never an older one after a newer (docs/device-protocol.md). The
+    retained copy on SUBSCRIBE and the live broadcast went out from tasks of their own."""
+    broker = bare_broker(tmp_path)
+    await broker.start()
+    svc = await started(broker.url, "svc", protocol=4, username="service", password="svc-pw")
+    sent = 0
+    running = True
+
+    async def operator() -> None:
+        nonlocal sent
+        while running:
+            sent += 1
+            await svc.publish(DELTA, str(sent).encode(), qos=1, retain=True)
+
+    async def subscriber(name: str) -> list[list[int]]:
+        disordered = []
+        for round_ in range(ROUNDS):
+            reader, writer = await asyncio.open_connection("127.0.0.1", broker.config.port)
+            login = mqtt_packets.connect(f"{name}-{round_}", "service", "svc-pw")
+            writer.write(login + mqtt_packets.subscribe(1, DELTA, 1))
+            got = await _receive(reader, writer, 10)
+            if got != sorted(got):
+                disordered.append(got)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        return disordered
+
+    publishing = asyncio.create_task(operator())
+    try:
+        results = await asyncio.gather(*(subscriber(f"s{n}") for n in range(6)))
+    finally:
+        running = False
+        await publishing
+        await svc.stop(grace=0)
+        await broker.stop()
+    disordered = [got for result in results for got in result]
+    assert not disordered, f"{len(disordered)} subscriptions out of order: {disordered[:5]}"
