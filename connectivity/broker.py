@@ -93,9 +93,10 @@ class EmbeddedBrokerConfig:
     #: each); one more is closed at once. A device's CONNECT is a few hundred bytes, read
     #: as soon as it comes: even a fleet reconnecting at once has few of them at a time.
     max_connecting: int = 200
-    #: Messages queued for one offline persistent session; past it the oldest go. amqtt's
-    #: queue grew without end: a device away for a month while its desired state changed
-    #: every second would come back to millions of deltas, all held in memory meanwhile.
+    #: Messages kept for one offline persistent session (queued, or sent and not
+    #: acknowledged before it went away); past it the oldest go. amqtt's queue grew without
+    #: end: a device away for a month while its desired state changed every second would
+    #: come back to millions of deltas, all held in memory meanwhile.
     #: Also the messages sent to a connected device and not acknowledged that the broker
     #: holds; one more is dropped.
     max_queued: int = 1000
@@ -404,20 +405,25 @@ class _TwinBroker(EndToEndAcks):
     async def _retain_broadcast_message(
         self, broadcast: dict[str, Any], qos: int, target_session: Session
     ) -> None:
-        """Queue a message for an offline device session, keeping the newest ``max_queued``.
+        """Queue a message for an offline device session, keeping the newest ``max_queued``,
+        counting those it was sent and had not acknowledged (kept to be sent again).
 
         The oldest go, not the newest (mosquitto drops the newest): a delta supersedes the
         ones before it, and a device whose request went unanswered sends it again. The
+        unacknowledged ones are the oldest: they were sent before it went away. The
         service's sessions are not trimmed: what they are sent are device messages, none of
         which may be lost.
         """
         await super()._retain_broadcast_message(broadcast, qos, target_session)
         if target_session.username == self._config.service_username:
             return
-        queue = target_session.retained_messages
-        excess = queue.qsize() - self._config.max_queued
+        queue, unacked = target_session.retained_messages, target_session.inflight_out
+        excess = queue.qsize() + len(unacked) - self._config.max_queued
         for _ in range(excess):
-            queue.get_nowait()
+            if unacked:
+                unacked.popitem(last=False)
+            else:
+                queue.get_nowait()
         if excess > 0:
             self._dropped.note(self._config.max_queued, target_session.client_id, count=excess)
 

@@ -65,7 +65,9 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     burst of reports can take longer; it now gets as long as its connection lasts. A device
     gets as long too, for at most ``max_unacked_out`` messages: past that, what the broker
     would send it is dropped (a device that never acknowledged had every answer and delta
-    held for it, a task each, as long as it stayed connected).
+    held for it, a task each, as long as it stayed connected). And a QoS 1 message still
+    unacknowledged when the connection ends stays with a persistent session, and is sent
+    again (DUP set, the same packet id) when it resumes (see :meth:`_retry_deliveries`).
     """
 
     #: The service account, whose own publishes are acknowledged at once.
@@ -85,6 +87,11 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     #: be delivered (see :meth:`retained_sent`), and the largest of them.
     newest: dict[str, int]
     newest_max: int
+    #: Whether the connection has ended (its flows are stopped): a delivery made now is
+    #: not sent, and waits in the session for its resume.
+    ended: bool
+    #: Sends of what a resumed session had in flight (see :meth:`_retry_deliveries`).
+    retries: set[asyncio.Task[None]]
 
     @classmethod
     def adopt(
@@ -105,6 +112,8 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         handler.held = []
         handler.newest = {}
         handler.newest_max = 0
+        handler.ended = False
+        handler.retries = set()
         return handler  # type: ignore[no-any-return]
 
     def mqtt_publish(
@@ -317,6 +326,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     def _stop_waiters(self) -> None:
         # The connection ended: messages not yet broadcast stay unacknowledged, and their
         # flows end (the device sends them again after it reconnects).
+        self.ended = True
         super()._stop_waiters()
         held, self.held = self.held or [], None
         for _, started in held:  # never sent: lost with the connection, as amqtt's are
@@ -325,27 +335,62 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
             forwarded.cancel()
         self.forwards.clear()
 
+    async def _retry_deliveries(self) -> None:
+        """Starts sending again, in order, what the resumed session has in flight.
+
+        MQTT (3.1.1 and 5, section 4.4) has a server send a resumed session's unacknowledged
+        PUBLISH packets again, DUP set and with the same packet ids, in their order and
+        before anything newer. These sends start first, and the session's queue and what
+        was held follow them (writes go out in the order their tasks start: see
+        :meth:`mqtt_publish`). amqtt awaited them here, for up to 10 s, before it sent the
+        queue or handled anything the client sent, and then dropped what was still not
+        acknowledged; each now waits as long as the connection lasts.
+        """
+        session = self.session
+        for message in [*session.inflight_in.values(), *session.inflight_out.values()]:
+            task = asyncio.ensure_future(self._handle_message_flow(message))
+            self.retries.add(task)
+            task.add_done_callback(self._retried)
+
+    def _retried(self, task: asyncio.Task[None]) -> None:
+        self.retries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("embedded broker: a delivery sent again ended: %r", task.exception())
+
     async def _send_and_wait_for_puback(self, app_message: Any) -> None:
         """amqtt's outgoing QoS 1 flow, without its 5 s limit on the PUBACK, and with at most
-        ``max_unacked_out`` messages a device has not acknowledged."""
+        ``max_unacked_out`` messages a device has not acknowledged.
+
+        The message stays in the session's ``inflight_out`` until its PUBACK: a connection
+        that ends first leaves it there for a persistent session to get it again when it
+        resumes (amqtt dropped it). A clean session's ends with it.
+        """
         packet_id = app_message.packet_id
-        unacked = self.session.inflight_out
+        session = self.session
+        unacked = session.inflight_out
         if self._is_device() and packet_id not in unacked and len(unacked) >= self.max_unacked_out:
-            self.dropped_out.note(self.max_unacked_out, self.session.client_id)
+            self.dropped_out.note(self.max_unacked_out, session.client_id)
             return
         if isinstance(app_message, OutgoingApplicationMessage):
             unacked.setdefault(packet_id, app_message)
-        again = app_message.publish_packet is not None
-        packet = app_message.build_publish_packet(dup=again)
-        await self._send_packet(packet)
-        app_message.publish_packet = packet
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._puback_waiters[packet_id] = waiter
+        acknowledged = False
         try:
+            if self.ended:  # a delivery made as the connection ended: for the resume
+                return
+            again = app_message.publish_packet is not None
+            packet = app_message.build_publish_packet(dup=again)
+            await self._send_packet(packet)
+            app_message.publish_packet = packet
+            if self.ended:  # no PUBACK can come: the waiters are stopped already
+                return
+            waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._puback_waiters[packet_id] = waiter
             app_message.puback_packet = await waiter
+            acknowledged = True
         finally:
             self._puback_waiters.pop(packet_id, None)
-            self.session.inflight_out.pop(packet_id, None)
+            if acknowledged or session.clean_session:
+                unacked.pop(packet_id, None)
 
 
 #: What mqtt_publish sends: topic, payload, QoS, retain flag.

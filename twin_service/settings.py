@@ -280,10 +280,10 @@ class MqttSettings(_Section):
     embedded_max_queued: int = Field(
         1000,
         ge=1,
-        description="Messages the built-in broker queues for one offline persistent "
-        "session; past it the oldest are dropped (a newer delta supersedes them). Also the "
-        "messages sent to a connected device that it has not acknowledged; one more is "
-        "dropped.",
+        description="Messages the built-in broker keeps for one offline persistent "
+        "session (queued, or sent and not acknowledged before it went away); past it the "
+        "oldest are dropped (a newer delta supersedes them). Also the messages sent to a "
+        "connected device that it has not acknowledged; one more is dropped.",
     )
     embedded_max_sessions_per_device: int = Field(
         4,
