@@ -9,7 +9,9 @@ end (a connection's last will covers one topic, not its many devices: a simulato
 outright leaves them online). Progress is printed every second; the summary gives messages,
 acks (``accepted``), rejects by error code, reports not sent (the broker connection was
 down: the run waits for it and goes on), the rate achieved and the publish-to-accepted
-latency percentiles. It is printed on Ctrl-C too.
+latency percentiles. It is printed on Ctrl-C too. A run whose reports all went unanswered
+fails (exit 3) after it: a broker may grant the subscription to the replies and never
+deliver one (mosquitto's ACL), so only the answers show that the service is there.
 
 Devices never create twins (a report to a missing one is rejected with ``twin.notfound``);
 ``--create`` creates the missing ones first through the REST API (``--api``, ``--token``).
@@ -46,7 +48,12 @@ from twin_service.urls import check_url
 
 def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     sim: argparse.ArgumentParser = subparsers.add_parser(
-        "simulate", help="drive simulated devices against the service"
+        "simulate",
+        help="drive simulated devices against the service",
+        epilog=f"exit status: 0 after the summary; {NONE_ANSWERED} after it when reports "
+        "were sent and none was answered (no service on the broker, another --topic-prefix, "
+        "or an account that cannot read the replies); 1 when the broker cannot be reached or "
+        "refuses the login or the subscription; 2 for arguments it cannot use; 130 on Ctrl-C",
     )
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker URL with credentials")
     sim.add_argument("--devices", type=at_least(1, int), default=100)
@@ -220,6 +227,10 @@ class Simulation:
             await self._send(out, [t for t in self.twins if t not in self.offline])
         finally:
             self._summary(out)  # after a refusal or Ctrl-C too
+        if self.messages and not self.acks + self.rejects and not self.interrupted:
+            # A granted subscription proves nothing: mosquitto grants one its ACL never
+            # delivers on (MQTT 3.1.1 has no per-message refusal), so only answers do.
+            raise NoneAnswered(self.messages, self.layout.all_twins("reported/update/+"))
         return 0
 
     async def _send(self, out: Any, online: list[str]) -> None:
@@ -343,7 +354,8 @@ def cmd_simulate(
 
     0 after the summary; 130 after the summary on Ctrl-C; 2 for a broker URL it cannot use;
     1 when the broker cannot be reached or refuses the login or the subscription to the
-    replies (one line on stderr, never the URL: it holds the password)."""
+    replies (one line on stderr, never the URL: it holds the password); 3 after the summary
+    when reports were sent and none was answered (:data:`NONE_ANSWERED`)."""
     try:
         BrokerAddress.parse(args.url)
     except ValueError as exc:
@@ -362,6 +374,9 @@ def cmd_simulate(
         print(f"created {created} of {len(simulation.twins)} twins", file=out)
     try:
         return asyncio.run(simulation.run(out))
+    except NoneAnswered as exc:
+        print(f"twin-service simulate: {exc}", file=sys.stderr)
+        return NONE_ANSWERED
     except MqttUnavailable as exc:
         detail = f" ({exc.description})" if exc.description else ""
         print(f"twin-service simulate: {exc.message}{detail}{_hint(exc, args)}", file=sys.stderr)
@@ -389,6 +404,21 @@ def _hint(exc: MqttUnavailable, args: argparse.Namespace) -> str:
 
 class CreateFailed(Exception):
     pass
+
+
+#: The exit status of a run whose reports all went unanswered.
+NONE_ANSWERED = 3
+
+
+class NoneAnswered(Exception):
+    """Reports were sent and not one was accepted or rejected by the end of the run."""
+
+    def __init__(self, sent: int, replies: str) -> None:
+        super().__init__(
+            f"none of the {sent} reports was answered (accepted or rejected on {replies}): "
+            "is the service running on this broker with the same --topic-prefix, and may "
+            "this account read the replies?"
+        )
 
 
 def create_twins(api: str, token: str, twins: list[str]) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from connectivity.credentials import CredentialStore, mqtt_username
-from connectivity.simulate import CreateFailed, create_twins
+from connectivity.simulate import NONE_ANSWERED, CreateFailed, create_twins
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
 from tests.service_process import ADMIN_TOKEN, ServiceProcess, service_env
@@ -255,7 +255,7 @@ def test_a_broker_restart_mid_run_is_counted_and_the_run_goes_on(
     )  # fmt: skip
     fresh_mosquitto.restart()
     out, err = run.communicate(timeout=120)
-    assert run.returncode == 0, out + err
+    assert run.returncode == NONE_ANSWERED, out + err  # no service answers on this broker
     summary = SUMMARY.search(out)
     assert summary is not None, out + err
     assert int(summary.group(3)) > 0
@@ -281,7 +281,7 @@ def test_the_rate_asked_for_is_kept_or_said_to_be_missed(mosquitto_server: Mosqu
         "--url", mosquitto_server.url, "--namespace", f"sim{uuid.uuid4().hex[:8]}",
         "--devices", "10", "--rate", "1000", "--duration", "3",
     )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.returncode == NONE_ANSWERED, run.stdout + run.stderr  # no service here
     summary = SUMMARY.search(run.stdout)
     assert summary is not None, run.stdout
     messages, achieved, asked = int(summary.group(3)), *map(float, summary.group(8, 9))
@@ -316,3 +316,25 @@ def test_an_account_not_allowed_to_read_the_replies_stops_the_run(tmp_path: Path
     )
     assert run.stderr.count("\n") == 1, run.stderr
     assert password not in run.stderr
+
+
+def test_reports_nobody_answers_are_said_and_fail_the_run(mosquitto_server: Mosquitto) -> None:
+    """No service on this mosquitto: every report went unanswered and the run exited 0.
+    mosquitto grants a subscription its ACL will never deliver on (a device's account), so a
+    granted subscription proves nothing: what is answered by the end does."""
+    prefix = f"sim{uuid.uuid4().hex[:8]}/{{twinId}}"
+    run = simulate(
+        "--url", mosquitto_server.url, "--topic-prefix", prefix, "--devices", "3",
+        "--rate", "20", "--duration", "1",
+    )  # fmt: skip
+    assert run.returncode == NONE_ANSWERED == 3, run.stdout + run.stderr
+    summary = SUMMARY.search(run.stdout)
+    assert summary is not None, run.stdout
+    messages, acks, rejects, unanswered = map(int, summary.group(3, 4, 5, 6))
+    assert messages > 0 and acks == rejects == 0 and unanswered == messages, run.stdout
+    assert run.stderr == (
+        f"twin-service simulate: none of the {messages} reports was answered (accepted or "
+        f"rejected on {prefix.replace('{twinId}', '+')}/reported/update/+): is the service "
+        "running on this broker with the same --topic-prefix, and may this account read "
+        "the replies?\n"
+    ), run.stderr
