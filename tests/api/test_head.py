@@ -3,9 +3,12 @@ real service. Every GET route used to answer HEAD 405."""
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -162,3 +165,128 @@ def test_head_of_the_event_stream_ends_at_once(service: ServiceProcess) -> None:
 def _subscriptions(api: httpx.Client) -> int:
     count: int = api.get("/ready").json()["checks"]["streams"]["subscriptions"]
     return count
+
+
+def _exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` on a connection of its own; the head of the answer and every byte
+    after it, up to the close (each request here ends its connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(request)
+        return _answer_and_rest(sock)
+
+
+def _answer_and_rest(sock: socket.socket) -> tuple[bytes, bytes]:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    raise AssertionError(f"no Content-Length: {head!r}")
+
+
+def _head_as_get(answers: Callable[[str], tuple[bytes, bytes]]) -> bytes:
+    """The status line of the HEAD and GET answers of ``answers(method)``, checked: the
+    same status and Content-Length (GET's body, not empty), and no byte of a body after
+    the HEAD's headers."""
+    got_head, got_body = answers("GET")
+    head, rest = answers("HEAD")
+    status = head.split(b"\r\n", 1)[0]
+    assert status == got_head.split(b"\r\n", 1)[0], (head, got_head)
+    assert _length(head) == _length(got_head) == len(got_body) > 0, (head, got_head)
+    assert rest == b"", (head, rest)
+    return status
+
+
+def _busy(port: int, method: str) -> tuple[bytes, bytes]:
+    """The answer of the connection refused as its head passed limits.incoming_bytes
+    (1 MiB): eighteen heads of 60 KB, held unfinished."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(18)]
+    try:
+        for sock in socks:
+            sock.sendall(f"{method} /health HTTP/1.1\r\nHost: x\r\nX-Pad: ".encode())
+            sock.sendall(b"a" * 60_000)
+        refused, _, _ = select.select(socks, [], [], 60)
+        assert refused, "no connection was refused"
+        return _answer_and_rest(refused[0])
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_refusals_outside_the_routes_send_no_body_to_a_head(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """The answers given before the application (uvicorn's protocol: a request it cannot
+    parse, a head too large or too slow, the bytes of all requests arriving past their
+    bound) carried their JSON error body to a HEAD as well (RFC 9110 section 9.3.2: a
+    HEAD's answer has no content). The refusals of the application (authentication,
+    stream.max_connections, a query string it cannot read) are checked alongside."""
+    svc = service_factory(
+        env={
+            "TWIN_LIMITS__READ_TIMEOUT_SECONDS": "1",
+            "TWIN_LIMITS__INCOMING_BYTES": str(1024 * 1024),
+            "TWIN_STREAM__MAX_CONNECTIONS": "1",
+        }
+    )
+    port = svc.port
+    auth = f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
+    acme = f"Authorization: Bearer {ACME_TOKEN}\r\n"
+
+    def send(text: str) -> Callable[[str], tuple[bytes, bytes]]:
+        return lambda method: _exchange(port, text.replace("M", method, 1).encode("latin-1"))
+
+    refusals = {
+        # api.http_protocol, before the application
+        "bad header": send("M /health HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n"),
+        "bad target": send("M /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "head too large": send("M /health HTTP/1.1\r\nX-Pad: " + "a" * 70_000 + "\r\n\r\n"),
+        "head too slow": send("M /health HTTP/1.1\r\nHost: x\r\n"),
+        "busy": lambda method: _busy(port, method),
+        # the application
+        "no token": send("M /api/v1/twins/org.acme:x HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        "other namespace": send(
+            f"M /api/v1/twins/org.other:x HTTP/1.1\r\n{acme}Connection: close\r\n\r\n"
+        ),
+        "bad query": send(f"M /api/v1/twins?ids=%FF HTTP/1.1\r\n{auth}Connection: close\r\n\r\n"),
+    }
+    expected = {
+        "bad header": b"HTTP/1.1 400 Bad Request",
+        "bad target": b"HTTP/1.1 400 Bad Request",
+        "head too large": b"HTTP/1.1 431 Request Header Fields Too Large",
+        "head too slow": b"HTTP/1.1 408 Request Timeout",
+        "busy": b"HTTP/1.1 503 Service Unavailable",
+        "no token": b"HTTP/1.1 401 Unauthorized",
+        "other namespace": b"HTTP/1.1 403 Forbidden",
+        "bad query": b"HTTP/1.1 400 Bad Request",
+    }
+    for kind, answers in refusals.items():
+        assert _head_as_get(answers) == expected[kind], kind
+    # stream.max_connections: one reader holds the only place.
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as reader:
+        reader.sendall(f"GET /api/v1/stream/twins HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+        assert reader.recv(65536).startswith(b"HTTP/1.1 200"), "the reader was not served"
+        stream = send(f"M /api/v1/stream/twins HTTP/1.1\r\n{auth}Connection: close\r\n\r\n")
+        assert _head_as_get(stream) == b"HTTP/1.1 503 Service Unavailable"
+    # A HEAD refused after an answered GET on the same connection, and a GET after a HEAD:
+    # the method is the refused request's, not the one before it.
+    for first, second in (("GET", "HEAD"), ("HEAD", "GET")):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(f"{first} /health HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            answered = b""
+            while b"\r\n\r\n" not in answered or (
+                first == "GET" and not answered.endswith(b"}")  # the end of /health's body
+            ):
+                chunk = sock.recv(65536)
+                assert chunk, answered
+                answered += chunk
+            sock.sendall(f"{second} /health HTTP/1.1\r\nBad Header: y\r\n\r\n".encode())
+            refused, rest = _answer_and_rest(sock)
+        assert refused.startswith(b"HTTP/1.1 400"), (first, refused)
+        assert len(rest) == (_length(refused) if second == "GET" else 0), (first, rest)

@@ -21,6 +21,10 @@ short of a 1 MB body held 295 MB, for as long as they sent a byte now and then. 
 and bodies still arriving count in ``limits.incoming_bytes`` (with the WebSocket messages,
 api.websocket_protocol); the connection whose bytes pass it is answered 503.
 
+Those answers are written here, past the application's HEAD handling (api.head) and
+uvicorn's: to a HEAD they are the headers alone (RFC 9110 section 9.3.2), Content-Length
+included.
+
 And the other way round: a response that opts in with :func:`cut_when_unread` (an event
 stream, which has no end of its own) has its connection cut once its client leaves what
 is written to it unread for ``UNREAD_SECONDS`` (api.closing), as a WebSocket's is.
@@ -72,6 +76,10 @@ class _Reading(enum.Enum):
 class JsonErrorHttpProtocol(_Base):
     #: Bytes of a request line and headers past which the request is refused.
     max_head_bytes = 64 * 1024
+    #: Whether the request being read came as HEAD, and the method the parser held when it
+    #: began (see :meth:`_asked_head`).
+    _head_asked = False
+    _method_before = b""
     #: Seconds a head may take, and a body may pause (see the module's documentation).
     read_timeout = 30.0
     #: Bytes of the current request's head as parsed (url, headers).
@@ -206,8 +214,11 @@ class JsonErrorHttpProtocol(_Base):
             extensions[EXTENSION] = {"cut_when_unread": self._cut_when_unread}
         self._await_head()  # a kept-alive connection's next request
         self._head_bytes = 0  # and _held is 0 since the last head was whole
+        self._head_asked = False
+        self._method_before = self.parser.get_method()
 
     def on_url(self, url: bytes) -> None:
+        self._head_asked = self.parser.get_method() == b"HEAD"  # the method is whole here
         self._count(len(url))
         super().on_url(url)
 
@@ -269,6 +280,18 @@ class JsonErrorHttpProtocol(_Base):
             return
         self._refuse(BadRequest(f"{msg} The request line or a header is not valid HTTP/1.1."))
 
+    def _asked_head(self) -> bool:
+        """Whether the request refused came as HEAD. Its method is known once its target
+        began (``on_url``); a request refused before that (a target the parser refuses) is
+        a HEAD when the parser's method changed to HEAD: it keeps the previous request's
+        until it has read the new one's (after a HEAD on the connection it cannot tell, and
+        the body is sent, which a client closes the connection on anyway)."""
+        if not _BOUNDED or self._reading is None:
+            return False
+        if self._head_asked:
+            return True
+        return self._method_before != b"HEAD" and self.parser.get_method() == b"HEAD"
+
     def _refuse(self, error: TwinServiceError) -> None:
         """Answer ``error`` in the one JSON shape, before the application, and close."""
         # The client may still be sending the request, so the connection is read on
@@ -282,6 +305,7 @@ class JsonErrorHttpProtocol(_Base):
             cycle.message_event.set()
         else:  # a head: the cycle, if any, is an earlier request's
             drain = cycle is None or cycle.response_complete
+        content = not self._asked_head()  # before _stop_timer, which ends the reading
         self._stop_timer()
         self._hold(0)
         body = dumps_bytes(error.to_body())
@@ -295,7 +319,7 @@ class JsonErrorHttpProtocol(_Base):
             *(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in error_headers(error).items()),
             b"connection: close\r\n\r\n",
         ]
-        self.transport.write(b"".join(head) + body)
+        self.transport.write(b"".join(head) + (body if content else b""))
         if drain:
             self.flow.resume_reading()  # paused while the application was behind
             self._closing = QuietClose(self.loop, self.transport, self.read_timeout)
