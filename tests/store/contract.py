@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
+import time
 from typing import Any
 
 import pytest
@@ -397,6 +398,25 @@ class StoreContract:
         seqs = [seq for seq, _ in await all_events(reopened)]
         assert old_seq not in seqs and len(seqs) == 2
         assert await reopened.pruned_seq() >= old_seq
+
+    async def test_retention_by_age_goes_on_without_writes(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """SQLite pruned by age only inside a commit (every 100th): on a service no longer
+        written to, events older than journal_max_age_seconds stayed for good."""
+        stream = StreamSettings(journal_max_age_seconds=60)
+        store = await store_factory(stream=stream, maintenance_interval_seconds=0.2)
+        # Not first: a store's first commit prunes by age, its own event included.
+        await store.write(change(None, "org.acme:idle-new", {"attributes": {}}))
+        old = change(
+            None, "org.acme:idle-old", {"attributes": {}}, timestamp="2000-01-01T00:00:00.000Z"
+        )
+        old_seq = await store.write(old)
+        deadline = time.monotonic() + 120  # a bound for a busy machine, not a timing claim
+        while await store.pruned_seq() < old_seq and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await store.pruned_seq() >= old_seq
+        assert old_seq not in [seq for seq, _ in await all_events(store)]
 
     async def test_writes_made_without_the_outbox_are_pending_once_it_is_kept(
         self, store_factory: StoreFactory

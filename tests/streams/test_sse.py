@@ -232,6 +232,34 @@ def test_a_resync_carries_the_id_to_resume_from(tmp_path: Path) -> None:
     assert int(resync["id"]) == resync["data"]["seq"] == 131
 
 
+def test_events_past_the_age_limit_go_on_a_service_no_longer_written(tmp_path: Path) -> None:
+    """The SQLite store pruned by age every 100th commit only: a few writes and then none,
+    and their events stayed in the journal for good, a reader resuming from before them
+    replayed them rather than being told to resync."""
+    env = {"TWIN_STREAM__JOURNAL_MAX_AGE_SECONDS": "60"}
+    proc = ServiceProcess(tmp_path, env=env).start()
+    try:
+        with proc.client() as api:
+            for name in "abc":
+                assert api.put(f"/api/v1/twins/org.sse:aged-{name}", json={}).status_code == 201
+            assert api.get("/api/v1/twins/org.sse:aged-c/history").json()["items"]
+            headers = {"Last-Event-ID": "1"}
+            deadline = time.monotonic() + 240  # a bound for a busy machine, not a timing claim
+            while True:
+                with api.stream(
+                    "GET", "/api/v1/stream/twins", headers=headers, timeout=30
+                ) as stream:
+                    (first,) = read_events(stream, 1)
+                if first["event"] == "resync.required" or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            history = api.get("/api/v1/twins/org.sse:aged-c/history")
+    finally:
+        proc.stop()
+    assert first["event"] == "resync.required", first
+    assert history.status_code == 200 and history.json()["items"] == [], history.text
+
+
 def test_a_stream_that_starts_live_gives_its_start_as_an_id(service: ServiceProcess) -> None:
     """An EventSource cut off before its first event comes back with the id of
     ``subscribed``, and gets what was committed while it was away. Without that id it came

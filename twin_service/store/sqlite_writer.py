@@ -88,6 +88,11 @@ REBUILD_PAGE = 500
 #: enough, which reads the whole journal when none is (230 ms at 190,000 events, in the
 #: writer, every 100 commits: the PATCH p99 at 100,000 twins).
 LATEST_EXPIRED_SQL = "SELECT MAX(seq) FROM events INDEXED BY events_by_ts WHERE ts < ?"
+#: Longest time between two prunes by age. A commit prunes every 100th time; between
+#: requests the writer prunes once this much (or a tenth of journal_max_age_seconds, if
+#: less) has passed since the last prune, so that a service written to rarely or no longer
+#: drops what has aged out too.
+PRUNE_EVERY_SECONDS = 60.0
 
 
 def connect(path: Path, settings: SqliteSettings) -> sqlite3.Connection:
@@ -157,6 +162,8 @@ class SqliteWriter:
         self._config = config
         self._conn: sqlite3.Connection | None = None
         self._batches = 0
+        #: When the journal was last pruned by age (time.monotonic); the first commit does.
+        self._pruned_at = time.monotonic()
         # The document of each twin as this writer last indexed it, with the incarnation:
         # the next write of that twin diffs its index rows against it. Only a write that
         # replaces exactly that revision of that incarnation uses it (another process may
@@ -315,6 +322,7 @@ class SqliteWriter:
             self._batches += 1
             if self._batches % 100 == 1:
                 self._prune_by_age(conn)
+                self._pruned_at = time.monotonic()
             conn.execute("COMMIT")
         except BaseException:
             self._indexed.clear()  # what it says may have been rolled back
@@ -421,6 +429,31 @@ class SqliteWriter:
             )
         return seq
 
+    def prune_when_due(self) -> float:
+        """Prune by age in a transaction of its own when the last prune is
+        :data:`PRUNE_EVERY_SECONDS` old (commits alone prune only every 100th time: on a
+        service no longer written to, what aged out stayed for good); the seconds until
+        the next is due."""
+        conn = self._conn
+        assert conn is not None
+        every = min(PRUNE_EVERY_SECONDS, self._config.stream.journal_max_age_seconds / 10)
+        wait = self._pruned_at + every - time.monotonic()
+        if wait > 0:
+            return wait
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._prune_by_age(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:  # locked by another process, the disk full: next time
+            log.warning("pruning the journal by age failed: %s", exc)
+        self._pruned_at = time.monotonic()
+        return every
+
     def _prune_by_age(self, conn: sqlite3.Connection) -> None:
         age = self._config.stream.journal_max_age_seconds
         cutoff = datetime.now(UTC) - timedelta(seconds=age)
@@ -523,6 +556,9 @@ def serve(channel: Connection) -> int:
     try:
         while True:
             try:
+                # Between requests, and while none comes: the prunes commits did not make.
+                if not channel.poll(writer.prune_when_due()):
+                    continue
                 kind, payload = pickle.loads(channel.recv_bytes())
             except (EOFError, OSError):  # the parent is gone
                 return 0
