@@ -7,6 +7,8 @@ import base64
 import json
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -420,10 +422,13 @@ def _masked_text_frame(text: str) -> bytes:
 def test_slow_consumer_is_closed_with_resume_hint(
     service_factory: Callable[..., ServiceProcess],
 ) -> None:
-    """A client that never reads: the server must cut it off, not buffer without bound.
+    """A client that reads far slower than its stream is written: the server must cut it
+    off with the resume hint, not buffer without bound.
 
-    A raw socket with a tiny receive buffer stands for the stuck consumer (client libraries
-    keep reading into their own buffers, which would hide the server's behaviour).
+    A raw socket with a tiny receive buffer stands for the slow consumer (client libraries
+    keep reading into their own buffers, which would hide the server's behaviour). It reads
+    a little all along: one that read nothing for 5 s would be aborted, no close frame
+    (api/closing.py's UnreadCut), and under load the burst alone took longer than that.
     """
     proc = service_factory(env={"TWIN_STREAM__QUEUE_SIZE": "10"})
     twin = "org.acme:firehose"
@@ -450,14 +455,27 @@ def test_slow_consumer_is_closed_with_resume_hint(
                 response = await api.put(f"/api/v1/twins/{twin}/live/blob", json=f"{i}{blob}")
                 assert response.status_code in (201, 204)  # a stuck reader never blocks writers
 
-    asyncio.run(write_burst())
-    received = b""
-    sock.settimeout(20)
-    while True:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            break
-        received += chunk
+    burst_done = threading.Event()
+    received = bytearray()
+
+    def read_slowly_then_all() -> None:
+        sock.settimeout(20)
+        while not burst_done.is_set():  # 4 KiB every 50 ms, far below the burst's rate
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            received.extend(chunk)
+            time.sleep(0.05)
+        while chunk := sock.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_slowly_then_all)
+    reader.start()
+    try:
+        asyncio.run(write_burst())
+    finally:
+        burst_done.set()
+        reader.join()
     sock.close()
     # The last frame is a close frame: 0x88, length, code 4408, then the reason.
     close_at = received.rfind(b"\x88")
