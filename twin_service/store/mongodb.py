@@ -120,8 +120,9 @@ class MongoStore:
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._server = "mongodb"
-        #: The allocation counter at the previous maintenance round: events still pending
-        #: below it were committed by writers that have had a whole round to journal them.
+        #: One above the allocation counter at the previous maintenance round: events still
+        #: pending below it were committed by writers that have had a whole round to journal
+        #: them. (The counter itself once: the latest number was never swept.)
         self._swept_since = 0
         self._swept_below = 0
 
@@ -239,7 +240,7 @@ class MongoStore:
 
     async def _maintain(self, *, prune: bool) -> None:
         """Advance the watermark, journal events of crashed writers, apply retention."""
-        below = await self._allocator.current()
+        below = await self._allocator.current() + 1
         await self._journal.sweep(self._swept_since, self._swept_below)
         self._swept_since, self._swept_below = self._swept_below, below
         await self._journal.read(after=2**62, limit=None)
@@ -451,7 +452,7 @@ class MongoStore:
         # twin costs the server one attempt per replica at a time, not one per request.
         claimed = await self._claim(write) if self._racy_updates else None
         try:
-            seq = await self._allocator.next()
+            seq = await self._allocator.next(write.twin_id)
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to commit", exc) from exc
         pending = Pending(seq, write.twin_id, event.revision, event.timestamp, event_json, state)

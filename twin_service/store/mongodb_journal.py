@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,8 @@ class SeqAllocator:
         self._running = False
         self._task: asyncio.Task[None] | None = None
 
-    async def next(self) -> int:
+    async def next(self, twin_id: str | None = None) -> int:
+        """A fresh number (``twin_id``, the twin whose event takes it, is not kept here)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._waiting.append(future)
@@ -123,6 +124,10 @@ class SeqAllocator:
     async def current(self) -> int:
         doc = await self._meta.find_one({"_id": "seq"})
         return int(doc["n"]) if doc is not None else 0
+
+    async def holders(self, since: int, below: int) -> dict[int, str] | None:
+        """Not known here: MongoDB finds pending events by the index on ``ev``."""
+        return None
 
     async def _run(self) -> None:
         try:
@@ -156,7 +161,9 @@ class InsertAllocator:
     FerretDB 1.24 on SQLite runs an update as a read and a separate write, so two concurrent
     ``$inc`` may return the same number; a unique ``_id`` insert is atomic there. Each number
     is the highest allocated so far plus one, so an allocation that starts after another
-    finished always gets a higher number.
+    finished always gets a higher number. Each number names the twin whose event took it
+    (``t``), so that the maintenance sweep and readers find a twin holding a pending event
+    by its ``_id`` (FerretDB scans the collection for any other filter).
     """
 
     def __init__(self, numbers: Collection) -> None:
@@ -166,17 +173,30 @@ class InsertAllocator:
         top = await self._numbers.find_one({}, {"_id": 1}, sort=[("_id", -1)])
         return int(top["_id"]) if top is not None else 0
 
-    async def next(self) -> int:
+    async def next(self, twin_id: str | None = None) -> int:
+        """A fresh number for an event of ``twin_id``."""
         while True:
             candidate = await self.current() + 1
+            number: dict[str, Any] = {"_id": candidate}
+            if twin_id is not None:
+                number["t"] = twin_id
             try:
-                await self._numbers.insert_one({"_id": candidate})
+                await self._numbers.insert_one(number)
             except DuplicateKeyError:
                 continue
             if candidate % 200 == 0:
                 # Keep the collection small: finding the highest number sorts all of it.
                 await self._numbers.delete_many({"_id": {"$lt": candidate - 100}})
             return candidate
+
+    async def holders(self, since: int, below: int) -> dict[int, str] | None:
+        """The twin of each number ``since <= n < below`` still kept (the latest hundred at
+        least, see next); None when one does not say (allocated by an older version)."""
+        found = self._numbers.find({"_id": {"$gte": since, "$lt": below}})
+        numbers = {int(doc["_id"]): doc.get("t") async for doc in found}
+        if None in numbers.values():
+            return None
+        return {n: str(twin_id) for n, twin_id in numbers.items()}
 
     async def trim(self) -> None:
         """Forget old numbers (the highest one must stay)."""
@@ -238,7 +258,7 @@ class Journal:
                 if existing is not None:
                     return int(existing["_id"])
             # A reader fenced our number off: take a fresh one, above all it has seen.
-            seq = await self._allocator.next()
+            seq = await self._allocator.next(pending.twin_id)
 
     async def journaled(self, allocated: int) -> bool:
         """Whether the event allocated ``allocated`` is in the journal (maybe renumbered)."""
@@ -318,25 +338,60 @@ class Journal:
         return True
 
     async def _resolve(self, seq: int) -> None:
-        holder = await self._twins.find_one({"ev": {"$regex": f"^{seq_prefix(seq)}\\|"}}, {"ev": 1})
+        known = await self._allocator.holders(seq, seq + 1)
+        where: dict[str, Any]
+        if known and seq in known:
+            where = {"_id": known[seq]}  # the one twin that can hold it
+        else:
+            where = {"ev": {"$regex": f"^{seq_prefix(seq)}\\|"}}
+        holder = await self._twins.find_one(where, {"ev": 1})
         if holder is not None:
-            for token in holder["ev"]:
+            for token in holder.get("ev", []):
                 if token.startswith(seq_prefix(seq) + "|"):
                     await self.help(holder["_id"], token)
                     return
         await self.fence(seq)
 
     async def sweep(self, since: int, below: int) -> int:
-        """Journal events left pending in twins with ``since <= seq < below`` (crashed writers)."""
-        helped = 0
+        """Journal events left pending in twins with ``since <= seq < below`` (crashed writers).
+
+        Costs what is pending, not the number of twins. On MongoDB, journaled events are
+        pulled from ``ev`` and its index finds the pending ones. On FerretDB a twin keeps its
+        last event in ``ev`` (see MongoStore.write) and any filter but ``_id`` scans the
+        collection: matching ``ev`` read every twin with its state, on every replica at every
+        round. There the numbers of the window name their twins, and only those of numbers
+        not journaled are read, by ``_id``. A number trimmed from ``numbers`` before its sweep
+        (over a hundred allocations old) lies below a later number, journaled or to be
+        journaled by this sweep: readers then find it missing and resolve it (``_settle``).
+        """
+        if since >= below:
+            return 0
         low, high = seq_prefix(since), seq_prefix(below)
-        found = self._twins.find({"ev": {"$lt": high}}, {"ev": 1})
-        async for holder in found:
-            for token in holder["ev"]:
-                if low <= token < high:
+        numbers = await self._allocator.holders(since, below)
+        holders: AsyncIterable[dict[str, Any]]
+        done: set[int] = set()
+        if numbers is None:
+            holders = self._twins.find({"ev": {"$lt": high}}, {"ev": 1})
+        else:
+            window = {"$gte": since, "$lt": below}
+            journaled = self._events.find({"o": window}, {"o": 1})
+            done = {int(doc["o"]) async for doc in journaled}
+            names = sorted({twin for n, twin in numbers.items() if n not in done})
+            holders = self._read_each(names)
+        helped = 0
+        async for holder in holders:
+            for token in holder.get("ev", []):
+                if low <= token < high and int(token.partition("|")[0]) not in done:
                     await self.help(holder["_id"], token)
                     helped += 1
         return helped
+
+    async def _read_each(self, twin_ids: Sequence[str]) -> AsyncIterator[dict[str, Any]]:
+        """The pending events of each twin, one lookup by ``_id`` each (see sweep)."""
+        for twin_id in twin_ids:
+            holder = await self._twins.find_one({"_id": twin_id}, {"ev": 1})
+            if holder is not None:
+                yield holder
 
     async def history(
         self, twin_id: str, since: int, until: int | None, limit: int | None = None
