@@ -182,3 +182,27 @@ async def test_an_event_whose_number_was_trimmed_is_journaled_by_readers(
             break
         await asyncio.sleep(0.05)
     assert seqs == [crashed, later]
+
+
+async def test_replicas_saving_the_first_watermark_at_once_all_succeed(
+    store_factory: StoreFactory,
+) -> None:
+    """FerretDB runs an upsert as a read and an insert: replicas that first saved the stable
+    watermark together got "E11000 duplicate key error collection: ...meta" (the event hubs
+    of 3 replicas started on an empty database logged that they could not read the journal)."""
+    replicas = [await store_factory(**IDLE) for _ in range(6)]
+    first = replicas[0]
+    assert isinstance(first, MongoStore)
+    for round_ in range(10):
+        await write_twins_named(first, f"r{round_}", 2)
+        await first._meta.delete_one({"_id": "stable"})  # as before any reader saved it
+        results = await asyncio.gather(
+            *(replica.events_after(0, 1000) for replica in replicas), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert failures == [], failures
+
+
+async def write_twins_named(store: TwinStore, prefix: str, count: int) -> None:
+    for i in range(count):
+        await store.write(change(None, f"org.acme:{prefix}-{i}", {"desired": {"n": i}}))

@@ -41,6 +41,7 @@ from twin_service.store.mongodb_journal import (
     Journal,
     Pending,
     SeqAllocator,
+    upsert_meta,
 )
 from twin_service.tasks import stop_task
 from twin_service.twin.document import Tombstone, Twin, tombstone_of
@@ -202,9 +203,7 @@ class MongoStore:
                 "before every write was queued)",
                 result.modified_count,
             )
-        await self._meta.update_one(
-            {"_id": "outbox"}, {"$set": {"since": datetime.now(UTC)}}, upsert=True
-        )
+        await upsert_meta(self._meta, "outbox", {"$set": {"since": datetime.now(UTC)}})
 
     async def close(self) -> None:
         await stop_task(self._maintenance)

@@ -102,6 +102,19 @@ def stored_event(doc: dict[str, Any]) -> StoredEvent:
     return _stored(int(doc["_id"]), doc["e"], doc.get("st"))
 
 
+async def upsert_meta(meta: Collection, key: str, update: dict[str, Any]) -> None:
+    """Apply ``update`` to the ``meta`` document ``key``, creating it if need be.
+
+    FerretDB runs an upsert as a read and an insert: replicas that create the document at
+    once collide on its ``_id`` (E11000, seen when the event hubs of three replicas first
+    saved the watermark). The loser's document exists by then, so it updates it.
+    """
+    try:
+        await meta.update_one({"_id": key}, update, upsert=True)
+    except DuplicateKeyError:
+        await meta.update_one({"_id": key}, update)
+
+
 class SeqAllocator:
     """Hands out sequence numbers; concurrent requests of one process share one ``$inc``."""
 
@@ -291,7 +304,7 @@ class Journal:
     async def _save_hint(self, verified: int) -> None:
         if verified > self.stable_hint:
             self.stable_hint = verified
-            await self._meta.update_one({"_id": "stable"}, {"$max": {"n": verified}}, upsert=True)
+            await upsert_meta(self._meta, "stable", {"$max": {"n": verified}})
 
     async def read(self, after: int, limit: int | None) -> tuple[list[StoredEvent], int]:
         """Events with ``after < seq <= watermark`` (at most ``limit``), and the watermark."""
@@ -457,9 +470,7 @@ class Journal:
         highest = await self._events.find_one(where, {"_id": 1}, sort=[("_id", -1)])
         if highest is None:
             return
-        await self._meta.update_one(
-            {"_id": "pruned"}, {"$max": {"n": int(highest["_id"])}}, upsert=True
-        )
+        await upsert_meta(self._meta, "pruned", {"$max": {"n": int(highest["_id"])}})
         await self._events.delete_many({"$and": [where, {"_id": {"$lte": highest["_id"]}}]})
 
     async def oldest(self) -> int:
