@@ -6,7 +6,7 @@ claim), and every filter but one on ``_id`` scans the collection: a sweep that l
 pending events in ``ev`` read every twin of the fleet, with its state, every 5 s on every
 replica (FerretDB busy at 40-56% with 450 idle twins, writes of 3 replicas timing out at
 850). The documents the server returns to the sweep are counted with PyMongo's command
-monitoring, on the real server.
+monitoring, on the real server. Also here: replicas that save the first watermark at once.
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ class MongoStore:
 
     async def get(self, twin_id: str) -> Twin | None:
         try:
-            # Filtered on _id only (FerretDB scans the collection for anything else).
+            # Filtered on _id only (FerretDB decodes every twin for anything else).
             raw = await self._twins.find_one({"_id": twin_id}, {"doc": 1, "rev": 1})
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to read", exc) from exc
