@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +20,23 @@ from tests.service_process import ADMIN_TOKEN, ServiceProcess
 
 def read_events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
     """Parse ``count`` SSE events (id, event, data) from a streaming response."""
-    events: list[dict[str, Any]] = []
+    return list(itertools.islice(iter_events(response), count))
+
+
+def iter_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The SSE events (id, event, data...) of a streaming response, to the end of its body
+    (a response's body can be iterated once)."""
     current: dict[str, Any] = {}
     for line in response.iter_lines():
         if line.startswith(":"):
             continue
         if not line:
             if current:
-                events.append(current)
+                yield current
                 current = {}
-                if len(events) == count:
-                    return events
             continue
         name, _, value = line.partition(": ")
         current[name] = json.loads(value) if name == "data" else value
-    return events
 
 
 def live_position(api: httpx.Client) -> int:
@@ -294,3 +299,59 @@ def test_a_stream_filter_lists_at_most_max_listed_in_values(service: ServiceProc
         params = {"filter": f"in(attributes/n,{values})"}
         with api.stream("GET", "/api/v1/stream/twins", params=params, timeout=30) as stream:
             assert read_events(stream, 1)[0]["event"] == "subscribed"
+
+
+def test_a_stop_ends_a_stream_with_where_to_resume(tmp_path: Path) -> None:
+    """SIGTERM ends an open stream at once, as it closes a WebSocket with 1012: what was
+    queued, then a ``stopping`` event (where to resume, as its id, and a ``retry`` hint),
+    then the end of the body; the process then stops without waiting out
+    ``shutdown_timeout_seconds``. The stream used to stay open for the whole timeout, then
+    be cut mid-body (``incomplete chunked read``): every stop of a replica with one idle
+    event reader took the timeout. Resumed from that id on the restarted service, the
+    reader gets every event once, none missing."""
+    timeout = 120
+    env = {"TWIN_SHUTDOWN_TIMEOUT_SECONDS": str(timeout)}
+    params = {"namespaces": "org.stop"}
+    proc = ServiceProcess(tmp_path, env=env).start()
+    assert proc.proc is not None
+    try:
+        with (
+            proc.client() as api,
+            api.stream("GET", "/api/v1/stream/twins", params=params) as stream,
+        ):
+            events = iter_events(stream)
+            subscribed = next(events)
+            assert api.put("/api/v1/twins/org.stop:a", json={}).status_code == 201
+            for n in range(3):
+                assert api.put("/api/v1/twins/org.stop:a/desired/n", json=n).is_success
+            proc.proc.send_signal(signal.SIGTERM)
+            # To the end of the body: httpx raises RemoteProtocolError if it is cut.
+            *before, stopping = events
+        # Would time out only if the stop waited for the whole timeout.
+        proc.proc.wait(timeout / 2)
+    finally:
+        proc.stop()
+    assert subscribed["event"] == "subscribed", subscribed
+    assert stopping["event"] == "stopping", stopping
+    assert int(stopping["retry"]) > 0
+    assert int(stopping["id"]) == stopping["data"]["resumeWith"]
+    assert all(e["event"] == "event" for e in before), before
+
+    again = ServiceProcess(tmp_path, env=env).start()
+    try:
+        with again.client() as api:
+            assert api.put("/api/v1/twins/org.stop:a/desired/n", json=3).is_success
+            headers = {"Last-Event-ID": stopping["id"]}
+            with api.stream(
+                "GET", "/api/v1/stream/twins", params=params, headers=headers
+            ) as stream:
+                resumed: list[dict[str, Any]] = []
+                for event in iter_events(stream):
+                    if event["event"] != "subscribed":
+                        resumed.append(event)
+                    if resumed and resumed[-1]["data"]["event"]["revision"] == 5:
+                        break
+    finally:
+        again.stop()
+    revisions = [e["data"]["event"]["revision"] for e in before + resumed]
+    assert revisions == [1, 2, 3, 4, 5]

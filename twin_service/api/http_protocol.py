@@ -27,13 +27,18 @@ included.
 
 And the other way round: a response that opts in with :func:`cut_when_unread` (an event
 stream, which has no end of its own) has its connection cut once its client leaves what
-is written to it unread for ``UNREAD_SECONDS`` (api.closing), as a WebSocket's is.
+is written to it unread for ``UNREAD_SECONDS`` (api.closing), as a WebSocket's is. Nor does
+such a response end when the service stops: uvicorn's graceful shutdown tells each
+connection (``shutdown``), which closes a WebSocket with 1012 but only marks an HTTP response
+under way as the connection's last, and the stream ran on until the shutdown timeout cut it
+mid-body. The same call reaches a response that asked for it (:func:`on_shutdown`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from http import HTTPStatus
 
 from starlette.requests import Request
@@ -102,6 +107,10 @@ class JsonErrorHttpProtocol(_Base):
     #: its client stops reading; kept for the connection's life: what the stream left
     #: unread stays in the buffer after its response ends.
     _unread: UnreadCut | None = None
+    #: What the responses under way on this connection do when the server begins its
+    #: graceful shutdown (:func:`on_shutdown`), and whether it has.
+    _on_shutdown: list[Callable[[], None]] | None = None
+    _shut_down = False
 
     @classmethod
     def bounded(
@@ -195,6 +204,22 @@ class JsonErrorHttpProtocol(_Base):
             if self.flow.write_paused:
                 self._unread.paused()
 
+    def shutdown(self) -> None:
+        self._shut_down = True
+        super().shutdown()  # a response under way is now the connection's last
+        for callback in list(self._on_shutdown or ()):
+            callback()
+
+    def _notify_shutdown(self, callback: Callable[[], None]) -> Callable[[], None]:
+        if self._shut_down:  # before the response began: it ends at once
+            callback()
+            return lambda: None
+        if self._on_shutdown is None:
+            self._on_shutdown = []
+        callbacks = self._on_shutdown
+        callbacks.append(callback)
+        return lambda: callbacks.remove(callback)
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._unread is not None:
@@ -211,7 +236,10 @@ class JsonErrorHttpProtocol(_Base):
         super().on_message_begin()
         extensions = self.scope.setdefault("extensions", {})
         if extensions is not None:
-            extensions[EXTENSION] = {"cut_when_unread": self._cut_when_unread}
+            extensions[EXTENSION] = {
+                "cut_when_unread": self._cut_when_unread,
+                "on_shutdown": self._notify_shutdown,
+            }
         self._await_head()  # a kept-alive connection's next request
         self._head_bytes = 0  # and _held is 0 since the last head was whole
         self._head_asked = False
@@ -333,3 +361,15 @@ def cut_when_unread(request: Request) -> None:
     extension = (request.scope.get("extensions") or {}).get(EXTENSION)
     if isinstance(extension, dict):
         extension["cut_when_unread"]()
+
+
+def on_shutdown(request: Request, callback: Callable[[], None]) -> Callable[[], None]:
+    """Have ``callback`` called when the server begins its graceful shutdown (at once if it
+    has), for a response with no end of its own: the call that closes a WebSocket with
+    1012. Returns what unregisters it, for when the response ends first (a connection
+    kept alive would hold every earlier stream's callback)."""
+    extension = (request.scope.get("extensions") or {}).get(EXTENSION)
+    if isinstance(extension, dict):
+        unregister: Callable[[], None] = extension["on_shutdown"](callback)
+        return unregister
+    return lambda: None

@@ -123,6 +123,8 @@ class StreamSession:
         self._ready = asyncio.Event()
         self._subs: dict[str, _Active] = {}
         self.overflowed = False
+        #: Set by :meth:`stop`: the service is stopping.
+        self.stopping = False
         #: Highest sequence number handed to the client (see :meth:`resume_hint`).
         self.delivered_seq = 0
         #: Messages queued and handed over since the start, to settle replay marks.
@@ -200,6 +202,12 @@ class StreamSession:
             self._hub.unregister(active)
         self._ready.set()
 
+    def stop(self) -> None:
+        """The service is stopping: :meth:`wait` returns from now on, for the writer to
+        send what is queued and where to resume (:meth:`resume_hint`), and end the stream."""
+        self.stopping = True
+        self._ready.set()
+
     def flush(self) -> None:
         """Write every queued message to the attached output if it is ready, else wake the
         writer task."""
@@ -225,8 +233,9 @@ class StreamSession:
         return items
 
     async def wait(self) -> bool:
-        """Wait until a message is queued: ``True``, or ``False`` once the consumer overflowed."""
-        while not self._outbox:
+        """Wait until a message is queued or the service is stopping (:meth:`stop`): ``True``,
+        or ``False`` once the consumer overflowed."""
+        while not self._outbox and not self.stopping:
             if self.overflowed:
                 return False
             self._ready.clear()

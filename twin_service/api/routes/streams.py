@@ -29,7 +29,7 @@ from twin_service.api.deps import (
     context,
     documented,
 )
-from twin_service.api.http_protocol import cut_when_unread
+from twin_service.api.http_protocol import cut_when_unread, on_shutdown
 from twin_service.api.schemas import errors
 from twin_service.api.websocket_protocol import allow_full_messages
 from twin_service.auth import Credential, revoked
@@ -66,6 +66,9 @@ CLOSE_TRY_AGAIN_LATER = 1013
 MAX_CORRELATION = 256
 AUTH_TIMEOUT = 10.0
 SSE_KEEPALIVE = 15.0
+#: The ``retry`` (milliseconds) of an event stream's ``stopping`` event: an EventSource comes
+#: back this soon, to another replica (the Retry-After of a 503 ``service.stopping``).
+SSE_STOPPING_RETRY_MS = 1000
 #: Longest close reason, in bytes of UTF-8 (RFC 6455: a control frame's payload is at most
 #: 125 bytes, two of them the code).
 MAX_CLOSE_REASON = 123
@@ -430,6 +433,13 @@ def _sse_message(item: Outgoing, started_live: bool) -> str:
     return f"event: {item.kind}\ndata: {item.text}\n\n"
 
 
+def _sse_stopping(resume_with: int) -> str:
+    """The last event of a stream the service ends as it stops: an EventSource comes back
+    after ``retry`` with ``resume_with`` as its Last-Event-ID, and misses nothing."""
+    data = json.dumps({"resumeWith": resume_with})
+    return f"id: {resume_with}\nevent: stopping\nretry: {SSE_STOPPING_RETRY_MS}\ndata: {data}\n\n"
+
+
 _STREAM_SINCE = RawParam("since", "query", "The journal sequence number to resume from", _REVISION)
 
 
@@ -473,6 +483,9 @@ async def sse(
     # nothing, the overflow's too: the finally never ran, and the stream kept its reader's
     # place, and the socket its buffers, until the client reset. Cut instead (api.closing).
     cut_when_unread(request)
+    # Else the stream ran on until the shutdown timeout ended it mid-body, and held up
+    # the stop of the process that long.
+    unregister = on_shutdown(request, session.stop)
 
     async def stream() -> AsyncIterator[str]:
         try:
@@ -496,8 +509,14 @@ async def sse(
                     return
                 # Everything queued in one chunk: one write and one turn of this loop for a
                 # burst, not one per event (a reader fell behind 500 events/s that way).
-                yield "".join(_sse_message(item, resume is None) for item in session.take_all())
+                chunk = "".join(_sse_message(item, resume is None) for item in session.take_all())
+                if session.stopping:
+                    # After what was queued: its id is where the reader resumes, elsewhere.
+                    yield chunk + _sse_stopping(session.resume_hint())
+                    return
+                yield chunk
         finally:
+            unregister()
             session.close()
             replaying.cancel()
 
