@@ -154,7 +154,8 @@ def wildcard_pattern(pattern: str) -> str:
 
 def _like(node: Like) -> Query:
     prefix, literal = patterns.literal_prefix(node.pattern)
-    if not node.ignore_case and literal:
+    if literal and (not node.ignore_case or not prefix):
+        # ilike of "" too: only "" folds to "", and an empty wildcard value matches nothing.
         return _eq(node.path, prefix)
     if _min_units(node.pattern) > MAX_INDEXED_STRING:
         return _MATCH_NONE  # every string it matches is too long to be indexed

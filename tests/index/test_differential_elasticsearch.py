@@ -148,3 +148,16 @@ async def test_ilike_ignores_case_in_every_script(backend: SearchBackend) -> Non
             f"like(attributes/x,{json.dumps(pattern)})",
         ):
             await check_backend(backend, docs, SearchQuery(parse_filter(rql), size=25))
+
+
+async def test_ilike_of_the_empty_pattern_is_the_empty_string(backend: SearchBackend) -> None:
+    """ilike(x,"") matched no twin on Elasticsearch (an empty wildcard value matches
+    nothing there), and not(ilike(x,"")) took the twins whose x is "". like(x,"") was
+    right: a pattern without wildcards is an eq."""
+    docs: list[JSONObject] = [
+        {"twinId": f"org.a:e{i}", "namespace": "org.a", "attributes": {"x": value}}
+        for i, value in enumerate(["", "a", " ", 0, None, []])
+    ]
+    await backend.load(docs)
+    for rql in ('ilike(attributes/x,"")', 'not(ilike(attributes/x,""))', 'like(attributes/x,"")'):
+        await check_backend(backend, docs, SearchQuery(parse_filter(rql), size=25))
