@@ -45,7 +45,7 @@ from connectivity.errors import (
 )
 from connectivity.messages import Handler, Health, InboundMessage
 from connectivity.options import MqttOptions
-from connectivity.topics import TopicFilter, TopicLayout, is_shared
+from connectivity.topics import TopicFilter, TopicLayout, is_shared, redact_group
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,9 @@ class MqttClient:
         try:
             await asyncio.wait_for(fut, self.options.ack_timeout)
         except TimeoutError:
-            raise PublishTimeout(f"no UNSUBACK for {topic_filter} within the timeout") from None
+            raise PublishTimeout(
+                f"no UNSUBACK for {redact_group(topic_filter)} within the timeout"
+            ) from None
         finally:
             self._pending.pop(mid, None)
 
@@ -513,12 +515,13 @@ class MqttClient:
         try:
             codes: list[ReasonCode] = await asyncio.wait_for(fut, self.options.ack_timeout)
         except TimeoutError:
-            raise PublishTimeout(f"no SUBACK for {filters} within the timeout") from None
+            named = [redact_group(f) for f in filters]
+            raise PublishTimeout(f"no SUBACK for {named} within the timeout") from None
         finally:
             self._pending.pop(mid, None)
         refused = [f for f, code in zip(filters, codes, strict=False) if code.is_failure]
         if refused:
-            raise Refused(f"broker refused subscription to {refused}")
+            raise Refused(f"broker refused subscription to {[redact_group(f) for f in refused]}")
 
     def _subscribe_options(self, sub: _Subscription) -> int | SubscribeOptions:
         if sub.no_local and self.options.protocol == 5:

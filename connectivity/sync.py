@@ -30,7 +30,15 @@ from connectivity.options import BrokerAddress, MqttOptions
 from connectivity.retained import read_retained
 from connectivity.sync_deltas import DeltaPublisher
 from connectivity.sync_handlers import DeviceHandlers, HandlerSettings, ignoring_replays
-from connectivity.topics import INBOUND, SHARE_PREFIX, TopicLayout, is_topic_name
+from connectivity.topics import (
+    AUTO_GROUP,
+    INBOUND,
+    LEGACY_GROUP,
+    SHARE_PREFIX,
+    TopicLayout,
+    is_topic_name,
+    service_group,
+)
 from twin_service.errors import Unavailable
 from twin_service.tasks import stop_task
 from twin_service.twin.document import now_iso
@@ -100,6 +108,8 @@ class MqttSync:
         self._url = ""
         self._background: set[asyncio.Task[Any]] = set()
         self._filters: dict[str, Handler] = {}
+        #: The filters of the group releases before the derived one used (LEGACY_GROUP).
+        self._legacy_filters: list[str] = []
         self._options: MqttOptions | None = None
         self._republishing: asyncio.Task[None] | None = None
         self._retiring = retiring
@@ -180,7 +190,18 @@ class MqttSync:
             self._reply,
         )
         self.deltas = DeltaPublisher(self._publish_delta, layout, ctx.store)
-        shared = options.protocol == 5 and bool(m.shared_group)
+        group = service_group(m.shared_group, options.password)
+        shared = options.protocol == 5 and bool(group)
+        if shared and m.shared_group == AUTO_GROUP and group == LEGACY_GROUP:
+            log.warning(
+                "mqtt.shared_group: the service logs in without a password, so its shared "
+                "group is the guessable %r: a device with broker credentials that subscribes "
+                "to $share/%s/... makes the broker drop a share of other devices' messages. "
+                "Set mqtt.shared_group to a secret value, or have the broker refuse $share "
+                "subscriptions to devices.",
+                LEGACY_GROUP,
+                LEGACY_GROUP,
+            )
         handlers = {
             "reported/update": ignoring_replays(self.handlers.on_reported),
             "live/update": ignoring_replays(self.handlers.on_live),
@@ -191,9 +212,16 @@ class MqttSync:
         for suffix in INBOUND:
             topic_filter = layout.all_twins(suffix)
             if shared:
-                topic_filter = f"{SHARE_PREFIX}{m.shared_group}/{topic_filter}"
+                topic_filter = f"{SHARE_PREFIX}{group}/{topic_filter}"
             self._filters[topic_filter] = handlers[suffix]
             await client.subscribe(topic_filter, 1, handlers[suffix])
+        if shared and group != LEGACY_GROUP:
+            # A session of an older release may still be in the old group too: the broker
+            # would send this client every device message twice, once for each group.
+            self._legacy_filters = [
+                f"{SHARE_PREFIX}{LEGACY_GROUP}/{layout.all_twins(suffix)}" for suffix in INBOUND
+            ]
+            client.on_connect(self._leave_legacy_group)
         if self.broker is not None:
             # After the SUBACK: from here on every device message has its subscriber.
             client.on_connect(self._admit_devices)
@@ -212,6 +240,16 @@ class MqttSync:
         except NotConnected as exc:
             # Keep starting: paho keeps retrying and /ready reports the broker as down.
             log.warning("MQTT broker %s not reachable yet: %s", _redact(url), exc)
+
+    async def _leave_legacy_group(self) -> None:
+        """Unsubscribe the old group's filters; harmless when the session has none. After
+        every connection: one lost before its UNSUBACK came left them in place."""
+        assert self.client is not None
+        try:
+            for topic_filter in self._legacy_filters:
+                await self.client.unsubscribe(topic_filter)
+        except MqttUnavailable as exc:
+            log.warning("leaving the shared group %r failed: %s", LEGACY_GROUP, exc)
 
     async def _admit_devices(self) -> None:
         assert self.broker is not None and self.client is not None

@@ -10,6 +10,8 @@ With the default prefix ``twins/{twinId}`` a twin ``org.acme:pump-1`` uses::
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "twins/{twinId}"
@@ -29,6 +31,40 @@ SHARE_PREFIX = "$share/"
 
 def is_shared(topic_filter: str) -> bool:
     return topic_filter.startswith(SHARE_PREFIX)
+
+
+#: ``mqtt.shared_group``'s default: a group derived from the service's broker password.
+AUTO_GROUP = "auto"
+#: The group of releases before the derived one, and the one used with no password.
+LEGACY_GROUP = "twin-service"
+_GROUP_LABEL = b"twin-service shared subscription group"
+
+
+def service_group(configured: str, password: str | None) -> str:
+    """The shared-subscription group of the service's device topics.
+
+    A group's name is all it takes to join it, and mosquitto's ACL file does not check a
+    SUBSCRIBE: a device in the service's group took its turn at other devices' messages,
+    which mosquitto then dropped (the device may not read them). So ``auto`` derives a name
+    from the broker password the replicas share and devices do not know; with no password
+    (an anonymous or certificate login) it is :data:`LEGACY_GROUP`, which anyone can guess.
+    Any other value is used as is (empty: no sharing).
+    """
+    if configured != AUTO_GROUP:
+        return configured
+    if not password:
+        return LEGACY_GROUP
+    digest = hmac.new(password.encode(), _GROUP_LABEL, hashlib.sha256).hexdigest()
+    return f"{LEGACY_GROUP}-{digest[:20]}"
+
+
+def redact_group(topic_filter: str) -> str:
+    """``topic_filter`` for a log line or an error: a shared subscription's group name is a
+    secret (see :func:`service_group`)."""
+    if not is_shared(topic_filter):
+        return topic_filter
+    parts = topic_filter.split("/", 2)
+    return f"{SHARE_PREFIX}***/{parts[2]}" if len(parts) == 3 else f"{SHARE_PREFIX}***"
 
 
 @dataclass(frozen=True)

@@ -323,7 +323,11 @@ class MqttSettings(_Section):
         "deltas (brokers that restrict client ids must allow it too).",
     )
     shared_group: str = Field(
-        "twin-service", description="Shared-subscription group; empty disables sharing."
+        "auto",
+        description="Shared-subscription group of the device topics (MQTT 5): a secret, as a "
+        "device that joins it makes the broker drop a share of other devices' messages. auto "
+        "derives one from the service's broker password (twin-service when it has none: "
+        "guessable, warned about at start); empty disables sharing.",
     )
     protocol: Literal[5, 4] = Field(5, description="MQTT 5, or 3.1.1 (4), to external brokers.")
     service_username: str = Field("twin-service", description="The service's broker user.")

@@ -12,7 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connectivity.dispatch import AckWindow, KeyedDispatcher
-from connectivity.topics import MAX_TOPIC_BYTES, TopicFilter, TopicLayout, is_topic_name
+from connectivity.topics import (
+    LEGACY_GROUP,
+    MAX_TOPIC_BYTES,
+    TopicFilter,
+    TopicLayout,
+    is_topic_name,
+    redact_group,
+    service_group,
+)
 
 
 def test_ack_window_releases_in_arrival_order() -> None:
@@ -200,3 +208,37 @@ def test_below_is_the_inverse_of_topic(topic: str, expected: str | None) -> None
     assert layout.below("org.acme:p1", topic) == expected
     if expected is not None:
         assert layout.topic("org.acme:p1", expected) == topic
+
+
+@pytest.mark.parametrize(
+    ("configured", "password", "expected"),
+    [
+        ("replicas", "pw", "replicas"),  # an explicit group is used as is
+        ("", "pw", ""),  # no sharing
+        ("auto", None, LEGACY_GROUP),  # nothing secret to derive it from
+        ("auto", "", LEGACY_GROUP),
+    ],
+)
+def test_service_group(configured: str, password: str | None, expected: str) -> None:
+    assert service_group(configured, password) == expected
+
+
+def test_the_derived_group_is_one_of_the_password() -> None:
+    group = service_group("auto", "svc-secret")
+    assert group == service_group("auto", "svc-secret")  # the same for every replica
+    assert group.startswith(f"{LEGACY_GROUP}-") and group != LEGACY_GROUP
+    assert "svc-secret" not in group
+    assert service_group("auto", "other") != group
+    assert not any(ch in group for ch in "/+#")
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "shown"),
+    [
+        ("$share/secret/twins/+/get", "$share/***/twins/+/get"),
+        ("$share/secret", "$share/***"),
+        ("twins/+/get", "twins/+/get"),
+    ],
+)
+def test_redact_group(topic_filter: str, shown: str) -> None:
+    assert redact_group(topic_filter) == shown

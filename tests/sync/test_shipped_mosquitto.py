@@ -4,15 +4,21 @@ their listener, the service on its own, with the files ``devices export-mosquitt
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from connectivity.credentials import CredentialStore, mqtt_username
-from tests.connectivity.helpers import assert_refused
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
+from connectivity.topics import INBOUND, service_group
+from tests.connectivity.helpers import Collector, assert_refused, eventually
 from tests.servers.mosquitto import Mosquitto, ShippedMosquitto
 from tests.service_process import ServiceProcess
 from tests.sync.helpers import (
+    QUIET,
+    RawDevice,
     device,
     patch_desired,
     put_twin,
@@ -22,6 +28,7 @@ from tests.sync.helpers import (
 )
 
 TWIN, OTHER = "org.acme:shipped-1", "org.acme:shipped-2"
+SERVICE_PASSWORD = "svc-secret"
 
 
 async def test_devices_cannot_take_each_others_sessions_on_the_shipped_broker(
@@ -34,23 +41,9 @@ async def test_devices_cannot_take_each_others_sessions_on_the_shipped_broker(
     a listener of its own where devices cannot."""
     creds = CredentialStore(tmp_path / "devices.json")
     password, other_password = creds.add(TWIN), creds.add(OTHER)
-    files = {
-        "password_file": tmp_path / "passwd",
-        "service_password_file": tmp_path / "service.passwd",
-        "acl_file": tmp_path / "acl",
-    }
-    creds.write_mosquitto_files(
-        files["password_file"],
-        files["acl_file"],
-        "twin-service",
-        "twins/{twinId}",
-        service_password="svc-secret",
-        service_password_path=files["service_password_file"],
-    )
-    broker = mosquitto_factory(ShippedMosquitto, **files)
-    assert isinstance(broker, ShippedMosquitto)
+    broker = shipped_broker(mosquitto_factory, tmp_path, creds)
     svc = sync_service(
-        tmp_path / "svc", broker.service_url, TWIN_MQTT__SERVICE_PASSWORD="svc-secret"
+        tmp_path / "svc", broker.service_url, TWIN_MQTT__SERVICE_PASSWORD=SERVICE_PASSWORD
     )
     try:
         wait_mqtt_up(svc)
@@ -99,3 +92,166 @@ def mqtt_check(svc: ServiceProcess) -> dict[str, Any]:
     with svc.client() as api:
         check: dict[str, Any] = api.get("/ready").json()["checks"]["mqtt"]
     return check
+
+
+def shipped_broker(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path, creds: CredentialStore
+) -> ShippedMosquitto:
+    """The shipped configuration, with the files ``devices export-mosquitto`` writes for the
+    devices of ``creds`` and the service password :data:`SERVICE_PASSWORD`."""
+    files = {
+        "password_file": tmp_path / "passwd",
+        "service_password_file": tmp_path / "service.passwd",
+        "acl_file": tmp_path / "acl",
+    }
+    creds.write_mosquitto_files(
+        files["password_file"],
+        files["acl_file"],
+        "twin-service",
+        "twins/{twinId}",
+        service_password=SERVICE_PASSWORD,
+        service_password_path=files["service_password_file"],
+    )
+    broker = mosquitto_factory(ShippedMosquitto, **files)
+    assert isinstance(broker, ShippedMosquitto)
+    return broker
+
+
+def shipped_service(data_dir: Path, broker: ShippedMosquitto, **env: str) -> ServiceProcess:
+    """A service on the shipped broker's service listener with the settings a deployment
+    would have: the shared group is the default one unless ``env`` names another."""
+    settings = {
+        **QUIET,
+        "TWIN_MQTT__ENABLED": "true",
+        "TWIN_MQTT_URL": broker.service_url,
+        "TWIN_MQTT__SERVICE_PASSWORD": SERVICE_PASSWORD,
+        **env,
+    }
+    return ServiceProcess(data_dir, env=settings).start()
+
+
+def raw_device(broker: ShippedMosquitto, twin_id: str, password: str) -> RawDevice:
+    return RawDevice(broker.url, twin_id, username=mqtt_username(twin_id), password=password)
+
+
+async def send_reports(dev: RawDevice, count: int, tag: str) -> None:
+    """``count`` reports, each adding a key of its own, each waited for its PUBACK."""
+    for i in range(count):
+        await dev.send("reported/update", {"state": {f"{tag}{i}": i}, "clientToken": f"{tag}{i}"})
+
+
+def accepted(dev: RawDevice) -> list[Any]:
+    return [
+        json.loads(m.payload)
+        for m in dev.inbox.messages
+        if m.topic == f"{dev.base}/reported/update/accepted"
+    ]
+
+
+#: Group names a device could try: the old default, and near misses of it.
+GUESSABLE_GROUPS = ("twin-service", "twin_service", "twins", "service", "twin-service-0")
+
+
+async def test_a_device_in_a_guessable_group_takes_no_share_of_other_devices_messages(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    """mosquitto's ACL file does not refuse a SUBSCRIBE: it checks read access only when it
+    delivers. A device that joined the service's shared group took its turn at every other
+    device's messages, and mosquitto dropped each it could not read, after the sender's
+    PUBACK: 5 reports of 10 lost with the group "twin-service" of old. The service's group
+    is now derived from its broker password, which devices do not know."""
+    creds = CredentialStore(tmp_path / "devices.json")
+    password, attacker_password = creds.add(TWIN), creds.add(OTHER)
+    broker = shipped_broker(mosquitto_factory, tmp_path, creds)
+    svc = shipped_service(tmp_path / "svc", broker)
+    attacker = MqttClient(
+        MqttOptions(
+            url=broker.url,
+            client_id=mqtt_username(OTHER),
+            username=mqtt_username(OTHER),
+            password=attacker_password,
+            session_expiry=7 * 24 * 3600,
+        )
+    )
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            put_twin(api, TWIN, reported={})
+        await attacker.start()
+        await attacker.wait_connected(10)
+        stolen = Collector()
+        for group in GUESSABLE_GROUPS:
+            for suffix in INBOUND:
+                # Accepted: mosquitto 2.0's ACL file never sees a SUBSCRIBE.
+                await attacker.subscribe(f"$share/{group}/twins/+/{suffix}", 1, stolen)
+        count = 10
+        async with raw_device(broker, TWIN, password) as victim:
+            await send_reports(victim, count, "k")
+            async with svc.async_client() as api:
+                doc = await until_twin(api, TWIN, lambda d: len(d.get("reported", {})) == count)
+            assert doc["reported"] == {f"k{i}": i for i in range(count)}
+            await eventually(lambda: len(accepted(victim)) == count)
+        assert stolen.messages == []
+        # The group's name is the secret: it is nowhere the service shows.
+        derived = service_group("auto", SERVICE_PASSWORD)
+        with svc.client() as api:
+            for path in ("/ready", "/metrics"):
+                assert derived not in api.get(path).text
+        assert derived not in svc.log_path.read_text()
+    finally:
+        await attacker.stop(grace=0)
+        svc.stop()
+
+
+async def test_a_replica_upgraded_from_the_old_group_handles_each_message_once(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    """A replica's persistent session still holds its subscriptions of the old group
+    "twin-service" when it comes back with the derived one: it leaves the old group after
+    connecting, or the broker sent it each device message twice, once for each group."""
+    creds = CredentialStore(tmp_path / "devices.json")
+    password = creds.add(TWIN)
+    broker = shipped_broker(mosquitto_factory, tmp_path, creds)
+    old = shipped_service(
+        tmp_path / "svc",
+        broker,
+        TWIN_MQTT__CLIENT_ID="replica-0",
+        TWIN_MQTT__SHARED_GROUP="twin-service",
+    )
+    try:
+        wait_mqtt_up(old)
+    finally:
+        old.stop()
+    svc = shipped_service(tmp_path / "svc", broker, TWIN_MQTT__CLIENT_ID="replica-0")
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            put_twin(api, TWIN, reported={})
+        count = 10
+        async with raw_device(broker, TWIN, password) as dev:
+            await send_reports(dev, count, "k")
+            # One more: once it is answered, every copy of those before it was handled (the
+            # service handles one twin's messages in the order the broker sent them).
+            await send_reports(dev, 1, "last")
+            async with svc.async_client() as api:
+                await until_twin(api, TWIN, lambda d: "last0" in d.get("reported", {}))
+        check = mqtt_check(svc)
+        assert (check["applied"], check["duplicates"]) == (count + 1, 0)
+    finally:
+        svc.stop()
+
+
+def test_a_service_without_a_password_warns_that_its_group_is_guessable(
+    fresh_mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """An anonymous login leaves nothing secret to derive the group from: the service uses
+    "twin-service" and says, once, what to do about it."""
+    svc = sync_service(tmp_path / "svc", fresh_mosquitto.url, TWIN_MQTT__SHARED_GROUP="auto")
+    try:
+        wait_mqtt_up(svc)
+    finally:
+        svc.stop()
+    log = svc.log_path.read_text()
+    warnings = [line for line in log.splitlines() if "guessable" in line]
+    assert len(warnings) == 1, log
+    assert "set mqtt.shared_group to a secret value" in warnings[0].lower()
