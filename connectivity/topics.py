@@ -129,6 +129,29 @@ def check_twin_id_for_topics(twin_id: str) -> None:
         raise ValueError(f"twin id {twin_id!r} cannot be used in an MQTT topic")
 
 
+def _is_control(ch: str) -> bool:
+    # C0, DEL and C1: MQTT forbids U+0000 in a topic and advises against the others.
+    return ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F
+
+
+def _prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` cannot be a topic prefix, or None. Each was accepted once and built a
+    filter paho refused (``twins/x+/get``) or one the broker reads as its own (``$share/``):
+    the service never subscribed, and devices' messages were acknowledged and dropped."""
+    if prefix.count(_PLACEHOLDER) != 1:
+        return "topic prefix must contain {twinId} exactly once"
+    if any(_is_control(ch) for ch in prefix):
+        return "topic prefix must not contain a control character"
+    if any(ch in prefix for ch in "+#"):
+        return "topic prefix must not contain wildcards (+ or #)"
+    levels = prefix.split("/")
+    if _PLACEHOLDER not in levels:
+        return "{twinId} must be a whole topic level (as in twins/{twinId}), not part of one"
+    if levels[0].startswith("$"):
+        return "topic prefix must not start with '$' (brokers read $share/, $SYS/ as their own)"
+    return None
+
+
 @dataclass(frozen=True)
 class TopicLayout:
     """Builds and parses topics under a prefix template containing ``{twinId}`` once."""
@@ -136,10 +159,9 @@ class TopicLayout:
     prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
-        if self.prefix.count(_PLACEHOLDER) != 1:
-            raise ValueError("topic prefix must contain {twinId} exactly once")
-        if any(ch in self.prefix.replace(_PLACEHOLDER, "") for ch in "+#"):
-            raise ValueError("topic prefix must not contain wildcards")
+        problem = _prefix_problem(self.prefix)
+        if problem is not None:
+            raise ValueError(problem)
 
     def base(self, twin_id: str) -> str:
         """The topic prefix of one twin, e.g. ``twins/org.acme:pump-1``."""

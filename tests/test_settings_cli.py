@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from twin_service import __version__
 from twin_service.collector import tune_gc
-from twin_service.settings import Settings, load_settings, stray_variables
+from twin_service.settings import Settings, describe_invalid, load_settings, stray_variables
 
 
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,6 +35,33 @@ def test_defaults_env_and_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert settings.limits.max_depth == 12
     assert settings.query.default_size == 10
     assert load_settings(config, port=9100).port == 9100  # and the CLI over both
+
+
+#: Topic prefixes the service cannot subscribe with, and what the refusal says. Accepted
+#: before, the first three built filters paho refused (``twins/x+/get``): the service never
+#: subscribed, /ready said ready, and devices' reports were acknowledged and dropped.
+BAD_PREFIXES = [
+    ("twins/x{twinId}", "{twinId} must be a whole topic level"),
+    ("twins/{twinId}-dev", "{twinId} must be a whole topic level"),
+    ("{twinId}x/data", "{twinId} must be a whole topic level"),
+    # A shared subscription's filter (and $SYS): the broker reads a first level with $.
+    ("$share/g/{twinId}", "topic prefix must not start with '$'"),
+    ("$SYS/{twinId}", "topic prefix must not start with '$'"),
+    ("twins/\x00/{twinId}", "topic prefix must not contain a control character"),
+    ("twins\n/{twinId}", "topic prefix must not contain a control character"),
+    ("twins/\x7f/{twinId}", "topic prefix must not contain a control character"),
+    ("twins/{twinId}/+", "topic prefix must not contain wildcards"),
+]
+
+
+@pytest.mark.parametrize(("prefix", "message"), BAD_PREFIXES)
+def test_a_topic_prefix_the_service_cannot_subscribe_with_is_refused(
+    monkeypatch: pytest.MonkeyPatch, prefix: str, message: str
+) -> None:
+    clean_env(monkeypatch)
+    with pytest.raises(ValidationError) as refused:
+        Settings(mqtt={"topic_prefix": prefix})  # type: ignore[arg-type]
+    assert describe_invalid(refused.value).startswith(f"mqtt.topic_prefix: {message}")
 
 
 @pytest.mark.parametrize(
@@ -98,6 +125,33 @@ def test_an_invalid_default_namespace_stops_a_command(tmp_path: Path) -> None:
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.startswith("twin-service: invalid settings: default_namespace: must be")
     assert bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("prefix", ["$share/g/{twinId}", "twins/x{twinId}"])
+def test_serve_refuses_a_topic_prefix_it_cannot_subscribe_with(tmp_path: Path, prefix: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    bad = subprocess.run(
+        [sys.executable, "-m", "twin_service", "serve", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**env, "TWIN_MQTT__TOPIC_PREFIX": prefix},
+        # Not a timed assertion: before the check, serve ran (and never exited) with it.
+        timeout=120,
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith("twin-service: invalid settings: mqtt.topic_prefix: ")
+    assert bad.stderr.count("\n") == 1, bad.stderr
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["twins/{twinId}", "{twinId}", "a/b/{twinId}/c", "org.acme/{twinId}", "twins$/{twinId}"],
+)
+def test_a_topic_prefix_with_twin_id_a_whole_level_is_accepted(
+    monkeypatch: pytest.MonkeyPatch, prefix: str
+) -> None:
+    clean_env(monkeypatch)
+    assert Settings(mqtt={"topic_prefix": prefix}).mqtt.topic_prefix == prefix  # type: ignore[arg-type]
 
 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:

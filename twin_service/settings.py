@@ -314,7 +314,9 @@ class MqttSettings(_Section):
         "times this much silence, as AWS IoT does (1200 s).",
     )
     topic_prefix: str = Field(
-        "twins/{twinId}", description="Device topics; must hold {twinId} once, and no wildcard."
+        "twins/{twinId}",
+        description="Device topics; {twinId} must be one whole topic level, once; no "
+        "wildcard, no control character, and no '$' at the start.",
     )
     client_id: str = Field(
         "twin-service",
@@ -359,6 +361,15 @@ class MqttSettings(_Section):
     ca_file: str | None = Field(None, description="CA bundle for mqtts:// brokers.")
     cert_file: str | None = Field(None, description="Client certificate for mqtts:// brokers.")
     key_file: str | None = Field(None, description="Key of the client certificate.")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_topic_prefix(cls, prefix: str) -> str:
+        # What the service and export-mosquitto build their topics with, checked here so
+        # that a bad prefix is one line naming the setting, not a service that never
+        # subscribed (paho refused the filter in a background task) yet said it was ready.
+        TopicLayout(prefix)
+        return prefix
 
 
 class ElasticsearchSettings(_Section):
@@ -566,10 +577,6 @@ class Settings(BaseSettings):
                 raise ValueError("elasticsearch.ca_file: no such file.")
         if self.stream.bus == "mqtt" and not self.mqtt_url:
             raise ValueError("stream.bus=mqtt needs mqtt_url (an external broker).")
-        try:  # what the service checks at start, here so that a bad prefix is one line
-            TopicLayout(self.mqtt.topic_prefix)
-        except ValueError as exc:
-            raise ValueError(f"mqtt.topic_prefix: {exc}.") from None
         if self.query.default_size > self.query.max_size:
             raise ValueError("query.default_size must not exceed query.max_size.")
         return self
