@@ -1,7 +1,8 @@
 """``twin-service devices ...``: manage device credentials in the data directory.
 
 The main CLI calls :func:`add_subcommands` with its subparsers and, for the parsed namespace,
-``args.handler(args, data_dir)`` which returns the process exit code.
+``args.handler(args, settings)`` which returns the process exit code: the settings the
+service runs with (``--config``, ``TWIN_*``), for its data directory and topic prefix.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from connectivity.credentials import (
     CredentialError,
@@ -20,7 +21,9 @@ from connectivity.credentials import (
     check_service_user,
     mqtt_username,
 )
-from connectivity.topics import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from twin_service.settings import Settings
 
 
 def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
@@ -50,7 +53,10 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     export.add_argument("--password-file", type=Path, required=True)
     export.add_argument("--acl-file", type=Path, required=True)
     export.add_argument("--service-user", required=True, type=_service_user)
-    export.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    export.add_argument(
+        "--topic-prefix",
+        help="the devices' topics (default: mqtt.topic_prefix of the settings, as the service)",
+    )
     export.add_argument(
         "--service-password-stdin",
         action="store_true",
@@ -85,7 +91,7 @@ def _fail(exc: Exception) -> int:
     return 1
 
 
-Handler = Callable[[argparse.Namespace, Path, TextIO], int]
+Handler = Callable[[argparse.Namespace, "Settings", TextIO], int]
 
 
 def _reporting(command: Handler) -> Handler:
@@ -93,39 +99,41 @@ def _reporting(command: Handler) -> Handler:
     reported in one line and exit status 1."""
 
     @functools.wraps(command)
-    def run(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+    def run(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
         try:
-            return command(args, data_dir, out)
+            return command(args, settings, out)
         except (CredentialError, OSError) as exc:
             return _fail(exc)
 
     return run
 
 
-def cmd_add(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+def cmd_add(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
     """``devices add TWIN_ID``."""
-    _print_secret(args.twin_id, CredentialStore.in_data_dir(data_dir).add(args.twin_id), out)
+    _print_secret(
+        args.twin_id, CredentialStore.in_data_dir(settings.data_dir).add(args.twin_id), out
+    )
     return 0
 
 
-def cmd_rotate(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+def cmd_rotate(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
     """``devices rotate TWIN_ID``."""
-    password = CredentialStore.in_data_dir(data_dir).rotate(args.twin_id)
+    password = CredentialStore.in_data_dir(settings.data_dir).rotate(args.twin_id)
     _print_secret(args.twin_id, password, out)
     return 0
 
 
-def cmd_remove(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+def cmd_remove(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
     """``devices remove TWIN_ID``."""
-    if not CredentialStore.in_data_dir(data_dir).remove(args.twin_id):
+    if not CredentialStore.in_data_dir(settings.data_dir).remove(args.twin_id):
         return _fail(CredentialError(f"device {args.twin_id!r} has no credentials"))
     print(f"removed {args.twin_id}", file=out)
     return 0
 
 
-def cmd_list(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+def cmd_list(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
     """``devices list [--json]``."""
-    creds = CredentialStore.in_data_dir(data_dir).list()
+    creds = CredentialStore.in_data_dir(settings.data_dir).list()
     if args.json:
         rows = [
             {
@@ -143,7 +151,9 @@ def cmd_list(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout)
     return 0
 
 
-def cmd_export_mosquitto(args: argparse.Namespace, data_dir: Path, out: TextIO = sys.stdout) -> int:
+def cmd_export_mosquitto(
+    args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout
+) -> int:
     """``devices export-mosquitto --password-file P --acl-file A --service-user U``."""
     service_password = sys.stdin.readline().rstrip("\n") if args.service_password_stdin else None
     if service_password == "":  # stdin was empty, or its first line was
@@ -154,11 +164,13 @@ def cmd_export_mosquitto(args: argparse.Namespace, data_dir: Path, out: TextIO =
         )
         return 2
     try:
-        CredentialStore.in_data_dir(data_dir).write_mosquitto_files(
+        CredentialStore.in_data_dir(settings.data_dir).write_mosquitto_files(
             args.password_file,
             args.acl_file,
             args.service_user,
-            args.topic_prefix,
+            # The service's own: with the built-in one, the ACL denied devices every topic
+            # a service with another prefix used.
+            settings.mqtt.topic_prefix if args.topic_prefix is None else args.topic_prefix,
             service_password=service_password,
             service_password_path=args.service_password_file,
         )

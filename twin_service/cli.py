@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_for_command(args.config, data_dir=args.data_dir)
         if settings is None:
             return 2
-        device_result: int = handler(args, settings.data_dir)
+        device_result: int = handler(args, settings)
         return device_result
     result: int = handler(args)
     return result

@@ -11,6 +11,7 @@ import pytest
 
 from connectivity.cli import add_subcommands
 from connectivity.credentials import CredentialStore
+from twin_service.settings import Settings
 
 
 def run(data_dir: Path, *argv: str) -> tuple[int, str]:
@@ -18,7 +19,7 @@ def run(data_dir: Path, *argv: str) -> tuple[int, str]:
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     out = io.StringIO()
-    code: int = args.handler(args, data_dir, out)
+    code: int = args.handler(args, Settings(data_dir=data_dir), out)
     return code, out.getvalue()
 
 

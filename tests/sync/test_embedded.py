@@ -34,11 +34,12 @@ from tests.sync.helpers import (
     until_twin,
     wait_mqtt_up,
 )
+from twin_service.settings import Settings
 
 
 def _add_device(data_dir: Path, twin: str) -> str:
     out = io.StringIO()
-    assert cmd_add(argparse.Namespace(twin_id=twin), data_dir, out) == 0
+    assert cmd_add(argparse.Namespace(twin_id=twin), Settings(data_dir=data_dir), out) == 0
     return next(
         line.split()[1] for line in out.getvalue().splitlines() if line.startswith("password:")
     )

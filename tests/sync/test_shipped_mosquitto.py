@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,12 @@ from connectivity.options import MqttOptions
 from connectivity.topics import INBOUND, service_group
 from tests.connectivity.helpers import Collector, assert_refused, eventually
 from tests.servers.mosquitto import Mosquitto, ShippedMosquitto
-from tests.service_process import ServiceProcess
+from tests.service_process import ServiceProcess, service_env
 from tests.sync.helpers import (
     QUIET,
     RawDevice,
     device,
+    get_twin,
     patch_desired,
     put_twin,
     sync_service,
@@ -255,3 +258,55 @@ def test_a_service_without_a_password_warns_that_its_group_is_guessable(
     warnings = [line for line in log.splitlines() if "guessable" in line]
     assert len(warnings) == 1, log
     assert "set mqtt.shared_group to a secret value" in warnings[0].lower()
+
+
+async def test_export_mosquitto_takes_the_topic_prefix_of_the_settings(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    """``devices export-mosquitto`` wrote the ACL for the built-in ``twins/{twinId}``
+    whatever ``mqtt.topic_prefix`` said: a service on ``dev/{twinId}`` had every device
+    topic denied. The command now reads the prefix from the settings, as the service."""
+    prefix = {"TWIN_MQTT__TOPIC_PREFIX": "dev/{twinId}"}
+    data_dir = tmp_path / "svc"
+    creds = CredentialStore.in_data_dir(data_dir)
+    password = creds.add(TWIN)
+    files = {
+        "password_file": tmp_path / "passwd",
+        "service_password_file": tmp_path / "service.passwd",
+        "acl_file": tmp_path / "acl",
+    }
+    export = [sys.executable, "-m", "twin_service", "--data-dir", str(data_dir), "devices"]
+    export += ["export-mosquitto", "--service-user", "twin-service", "--service-password-stdin"]
+    export += ["--password-file", str(files["password_file"])]
+    export += ["--service-password-file", str(files["service_password_file"])]
+    export += ["--acl-file", str(files["acl_file"])]
+    done = subprocess.run(
+        export,
+        input=SERVICE_PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        env=service_env(prefix),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    acl = files["acl_file"].read_text().splitlines()
+    assert f"topic read dev/{TWIN}/#" in acl
+    assert f"topic write dev/{TWIN}/reported/update" in acl
+    assert not any(f"twins/{TWIN}" in line for line in acl)
+    broker = mosquitto_factory(ShippedMosquitto, **files)
+    assert isinstance(broker, ShippedMosquitto)
+    svc = shipped_service(data_dir, broker, **prefix)
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            put_twin(api, TWIN, reported={})
+        dev = device(broker.url, TWIN, password=password, topic_prefix="dev/{twinId}")
+        await dev.start()
+        try:
+            await dev.report({"fan": 3}, client_token="t1")
+        finally:
+            await dev.stop()
+        with svc.client() as api:
+            assert get_twin(api, TWIN)["reported"] == {"fan": 3}
+    finally:
+        svc.stop()
