@@ -39,7 +39,7 @@ from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from connectivity.broker_delivery import AckingHandler, EndToEndAcks
+from connectivity.broker_delivery import AckingHandler, EndToEndAcks, keep_newest
 from connectivity.broker_log import Tally, log
 from connectivity.broker_packets import (
     ConnectTooLarge,
@@ -311,10 +311,6 @@ class _TwinBroker(EndToEndAcks):
             "embedded broker closed %d connection(s) at once: as many as "
             "mqtt.embedded_max_connecting (%d) were still sending their CONNECT"
         )
-        self._dropped = Tally(
-            "embedded broker dropped %d message(s) queued for offline sessions past "
-            "mqtt.embedded_max_queued (%d), the oldest of each (one of them: %r)"
-        )
         #: The topic filters each bounded session holds (by client id, as amqtt matches
         #: subscriptions to sessions).
         self._filters: dict[str, set[str]] = {}
@@ -417,15 +413,9 @@ class _TwinBroker(EndToEndAcks):
         await super()._retain_broadcast_message(broadcast, qos, target_session)
         if target_session.username == self._config.service_username:
             return
-        queue, unacked = target_session.retained_messages, target_session.inflight_out
-        excess = queue.qsize() + len(unacked) - self._config.max_queued
-        for _ in range(excess):
-            if unacked:
-                unacked.popitem(last=False)
-            else:
-                queue.get_nowait()
-        if excess > 0:
-            self._dropped.note(self._config.max_queued, target_session.client_id, count=excess)
+        dropped = keep_newest(target_session, self._config.max_queued)
+        if dropped:
+            self.dropped_kept.note(self._config.max_queued, target_session.client_id, count=dropped)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Send what was queued for a session while it was away, with the retain flag clear.
@@ -443,8 +433,8 @@ class _TwinBroker(EndToEndAcks):
         """
         self._resuming.add(session.client_id)
         handler = self._get_handler(session)
-        if not isinstance(handler, AckingHandler):
-            return
+        if not isinstance(handler, AckingHandler) or handler.ended:
+            return  # the connection has ended already: the queue waits for the next resume
         # In order, and before anything delivered since the session connected (held).
         backlog = [
             (queued.topic, queued.data, queued.qos, False)

@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
@@ -47,6 +48,9 @@ _forwarding: contextvars.ContextVar[asyncio.Future[bool] | None] = contextvars.C
 _broadcasting: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "_broadcasting", default=None
 )
+#: Whether a device waits for the outcome of the broadcast whose deliveries this task makes
+#: (its PUBACK or PUBREC does: see AckingHandler).
+_awaited: contextvars.ContextVar[bool] = contextvars.ContextVar("_awaited", default=False)
 
 
 class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
@@ -67,7 +71,9 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     would send it is dropped (a device that never acknowledged had every answer and delta
     held for it, a task each, as long as it stayed connected). And a QoS 1 message still
     unacknowledged when the connection ends stays with a persistent session, and is sent
-    again (DUP set, the same packet id) when it resumes (see :meth:`_retry_deliveries`).
+    again (DUP set, the same packet id) when it resumes (see :meth:`_retry_deliveries`); what
+    was held for it (see :meth:`mqtt_publish`), or is delivered once its connection has
+    ended, waits in its queue (see :meth:`_kept`).
     """
 
     #: The service account, whose own publishes are acknowledged at once.
@@ -77,12 +83,14 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     #: Whether this handler closed its connection (the flows under way then end quietly).
     hung_up: bool
     #: Messages sent to a device and not acknowledged that the broker holds; one more is
-    #: dropped, and noted in ``dropped_out``.
+    #: dropped, and noted in ``dropped_out``. Also (``max_queued``) what an offline session
+    #: of a device keeps; past it the oldest go, noted in ``dropped_kept``.
     max_unacked_out: int
     dropped_out: Tally
-    #: While not None, deliveries wait here (see :meth:`mqtt_publish`): what to send, and
-    #: the future that gets the task sending it.
-    held: list[tuple[_Publish, asyncio.Future[asyncio.Task[Any]]]] | None
+    dropped_kept: Tally
+    #: While not None, deliveries wait here (see :meth:`mqtt_publish`): what to send,
+    #: whether a device waits for its outcome, and the future that gets the task sending it.
+    held: list[tuple[_Publish, bool, asyncio.Future[asyncio.Task[Any]]]] | None
     #: Topic -> sequence number of a retained copy sent while older broadcasts were still to
     #: be delivered (see :meth:`retained_sent`), and the largest of them.
     newest: dict[str, int]
@@ -100,6 +108,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         service_username: str,
         max_unacked_out: int,
         dropped_out: Tally,
+        dropped_kept: Tally,
     ) -> AckingHandler:
         """Makes amqtt's handler one of these: amqtt builds it in a class method of its own
         class, with no way to pass another (its ``_init_handler`` is never called)."""
@@ -109,6 +118,7 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         handler.hung_up = False
         handler.max_unacked_out = max_unacked_out
         handler.dropped_out = dropped_out
+        handler.dropped_kept = dropped_kept
         handler.held = []
         handler.newest = {}
         handler.newest_max = 0
@@ -128,15 +138,21 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         held ones are made by let_through, after the backlog's, and the rest here, when amqtt
         calls this to make the task. MQTT asks for this order (4.6).
 
-        A broadcast older than the retained copy already sent for its topic is not sent.
+        A broadcast older than the retained copy already sent for its topic is not sent. One
+        made once the connection has ended waits in the session's queue for its resume, as
+        if the session were offline (see :meth:`_kept`): amqtt sees the session connected
+        until its message loop has handled the end.
         """
         seq = _broadcasting.get()
         if seq is not None and self._superseded(topic, seq):
             return _nothing()
+        publish = (topic, data, qos, retain)
+        if self.ended:
+            return _nothing() if self._kept(publish, _awaited.get()) else _not_sent()
         if self.held is None:
-            return self.mqtt_publish_now(topic, data, qos, retain)
+            return self.mqtt_publish_now(*publish)
         started: asyncio.Future[asyncio.Task[Any]] = asyncio.get_running_loop().create_future()
-        self.held.append(((topic, data, qos, retain), started))
+        self.held.append((publish, _awaited.get(), started))
         return _outcome(started)
 
     async def mqtt_publish_now(
@@ -181,10 +197,39 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         comes from now on. The backlog's tasks."""
         sends = [asyncio.ensure_future(self.mqtt_publish_now(*publish)) for publish in backlog]
         held, self.held = self.held or [], None
-        for publish, started in held:
+        for publish, _, started in held:
             if not started.done():
                 started.set_result(asyncio.ensure_future(self.mqtt_publish_now(*publish)))
         return sends
+
+    def _kept(self, publish: _Publish, awaited: bool) -> bool:
+        """Puts a delivery this connection will not send on its session's queue, behind
+        what is queued there, as the broker queues one for an offline session
+        (``Broker._run_broadcast``); whether it did.
+
+        Those held while the session's queue was to be sent were lost when the connection
+        ended then, though the queue itself was kept. Queued, they keep their order: those
+        still queued go before them, and whatever comes later after. A device's session
+        keeps the newest ``max_queued`` (see :func:`keep_newest`).
+
+        Not kept: anything for a clean or anonymous session, or at QoS 0 (as amqtt queues
+        nothing of these for an offline session); nor a message a device waits on for a
+        session of the service, which, kept only in this process, would be acknowledged to
+        the device: it is not, and the device sends it again (as EndToEndAcks does for the
+        keeper).
+        """
+        session = self.session
+        topic, data, qos, _ = publish
+        device = self._is_device()
+        if session.clean_session or session.is_anonymous or qos not in (QOS_1, QOS_2):
+            return False
+        if awaited and not device:
+            return False
+        session.retained_messages.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+        dropped = keep_newest(session, self.max_unacked_out) if device else 0
+        if dropped:
+            self.dropped_kept.note(self.max_unacked_out, session.client_id, count=dropped)
+        return True
 
     def _is_device(self) -> bool:
         """Whether this is a device's connection (the service account's flows are amqtt's)."""
@@ -329,8 +374,11 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         self.ended = True
         super()._stop_waiters()
         held, self.held = self.held or [], None
-        for _, started in held:  # never sent: lost with the connection, as amqtt's are
-            started.cancel()
+        for publish, awaited, started in held:  # never sent
+            if self._kept(publish, awaited):
+                started.set_result(asyncio.ensure_future(_nothing()))
+            else:
+                started.cancel()
         for forwarded in self.forwards.values():
             forwarded.cancel()
         self.forwards.clear()
@@ -399,6 +447,25 @@ _Publish = tuple[str, bytes | bytearray, int | None, bool]
 
 async def _nothing() -> None:
     """The send of a delivery not made."""
+
+
+async def _not_sent() -> None:
+    """The send of a delivery made once its connection had ended, and not kept."""
+    raise ConnectionResetError("the connection has ended")
+
+
+def keep_newest(session: Session, max_queued: int) -> int:
+    """Drops the oldest of what an offline session keeps, past ``max_queued``: those it was
+    sent and has not acknowledged first (they are the oldest), then those queued. How many
+    went."""
+    queue, unacked = session.retained_messages, session.inflight_out
+    excess: int = queue.qsize() + len(unacked) - max_queued
+    for _ in range(excess):
+        if unacked:
+            unacked.popitem(last=False)
+        else:
+            queue.get_nowait()
+    return max(excess, 0)
 
 
 async def _outcome(started: asyncio.Future[asyncio.Task[Any]]) -> Any:
@@ -473,6 +540,7 @@ class _LastTaken(asyncio.Queue[dict[str, Any]]):
     async def get(self) -> dict[str, Any]:
         self.last = await super().get()
         _broadcasting.set(self.last.get("seq"))
+        _awaited.set("forwarded" in self.last)
         return self.last
 
 
@@ -504,6 +572,10 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
         self._dropped_out = Tally(
             "embedded broker dropped %d message(s) to devices that had "
             "mqtt.embedded_max_queued (%d) unacknowledged already (one of them: %r)"
+        )
+        self.dropped_kept = Tally(
+            "embedded broker dropped %d message(s) queued for offline sessions past "
+            "mqtt.embedded_max_queued (%d), the oldest of each (one of them: %r)"
         )
         #: Client id of the service session that takes the device messages, once known.
         self.keeper: str | None = None
@@ -566,7 +638,11 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
     async def _initialize_client_session(self, *args: Any) -> tuple[AckingHandler, Session]:
         handler, session = await super()._initialize_client_session(*args)
         adopted = AckingHandler.adopt(
-            handler, self._service_username, self._max_unacked_out, self._dropped_out
+            handler,
+            self._service_username,
+            self._max_unacked_out,
+            self._dropped_out,
+            self.dropped_kept,
         )
         # PacketReader ends a silent connection. amqtt's own timer only interrupted the
         # read of a packet's header (cutting the header in two if it came in pieces), and

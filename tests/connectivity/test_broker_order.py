@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from pathlib import Path
 
 from connectivity.credentials import CredentialStore
 from tests import mqtt_packets
-from tests.connectivity.helpers import bare_broker, started
+from tests.connectivity.helpers import bare_broker, eventually, started
 
 TWIN = "org.acme:pump-1"
 DELTA = f"twins/{TWIN}/delta"
 #: Reconnections of the device; before the fix about one in four delivered out of order.
 ROUNDS = 30
+#: Connections ended as their session resumed; before the fix each lost a delivery held
+#: then about one time in seven.
+ENDED_ROUNDS = 60
 
 
 async def _receive(
@@ -129,3 +133,73 @@ async def test_a_retained_copy_never_follows_a_newer_live_message(tmp_path: Path
         await broker.stop()
     disordered = [got for result in results for got in result]
     assert not disordered, f"{len(disordered)} subscriptions out of order: {disordered[:5]}"
+
+
+async def test_a_resumed_session_keeps_what_came_as_its_connection_ended(tmp_path: Path) -> None:
+    """A device resumes its persistent session and its connection ends at once, over and
+    over, while the service keeps publishing its delta; then it comes back for good and gets
+    every delta, in order. Deliveries made between the resume and the start of its queue's
+    sends are held (to go after the queue); they were dropped when the connection ended
+    then, though the queue itself was kept."""
+    store = CredentialStore(tmp_path / "creds.json")
+    password = store.add(TWIN)
+    broker = bare_broker(tmp_path, max_queued=1_000_000)  # nothing dropped for the bound
+    await broker.start()
+    assert broker._broker is not None
+    sessions, backlog = broker._broker._sessions, broker._broker._broadcast_queue
+    svc = await started(broker.url, "svc", protocol=4, username="service", password="svc-pw")
+    login = mqtt_packets.connect("dev", TWIN, password, clean=False)
+
+    async def gone() -> None:
+        """Until the broker has seen "dev"'s connection end."""
+        await eventually(lambda: sessions["dev"][0].transitions.state == "disconnected")
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.config.port)
+    writer.write(login + mqtt_packets.subscribe(1, DELTA, 1))
+    assert (await asyncio.wait_for(mqtt_packets.read_packet(reader), 10))[0] == 0x20
+    assert (await asyncio.wait_for(mqtt_packets.read_packet(reader), 10))[0] == 0x90
+    writer.close()
+    await gone()
+    sent = 0
+    running = True
+
+    async def operator() -> None:
+        nonlocal sent
+        while running:
+            while backlog.qsize() > 20:  # broadcasts always under way, a few at a time
+                await asyncio.sleep(0.005)
+            batch = range(sent + 1, sent + 21)
+            sent += len(batch)
+            await asyncio.gather(*(svc.publish(DELTA, str(n).encode()) for n in batch))
+
+    publishing = asyncio.create_task(operator())
+    try:
+        for _ in range(ENDED_ROUNDS):
+            reader, writer = await asyncio.open_connection("127.0.0.1", broker.config.port)
+            # Resumed, and gone before its queue is sent: the broker reads the end with
+            # the CONNECT, and the session's handler stops as soon as it starts.
+            writer.write(login)
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(), 10)  # its CONNACK, then the end
+            writer.close()
+            await gone()
+    finally:
+        running = False
+        await publishing
+    await eventually(lambda: backlog.empty())
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.config.port)
+    writer.write(login)
+    got: list[int] = []
+    try:
+        with contextlib.suppress(TimeoutError):
+            while len(got) < sent:
+                got += await _receive(reader, writer, 1)
+    finally:
+        writer.close()
+        await svc.stop(grace=0)
+        await broker.stop()
+    missing = sorted(set(range(1, sent + 1)) - set(got))
+    late = [(a, b) for a, b in itertools.pairwise(got) if b < a]
+    assert got == list(range(1, sent + 1)), (
+        f"{len(missing)} of {sent} missing: {missing[:20]}; older after newer: {late[:5]}"
+    )
