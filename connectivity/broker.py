@@ -39,7 +39,7 @@ from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from connectivity.broker_delivery import AckingHandler, EndToEndAcks, keep_newest
+from connectivity.broker_delivery import AckingHandler, EndToEndAcks, hold_until_done, keep_newest
 from connectivity.broker_log import Tally, log
 from connectivity.broker_packets import (
     ConnectTooLarge,
@@ -476,13 +476,9 @@ class _TwinBroker(EndToEndAcks):
         if granted is None:
             return
         for task in self.send_retained(topic_filter, granted, session):
-            self._retained_sends.add(task)
-            task.add_done_callback(self._retained_sent)
-
-    def _retained_sent(self, task: asyncio.Task[None]) -> None:
-        self._retained_sends.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("embedded broker: retained messages not sent: %s", task.exception())
+            hold_until_done(
+                self._retained_sends, task, "retained messages not sent", logging.WARNING
+            )
 
     async def _stop_handler(self, handler: Any) -> None:
         # The keeper's connection ended: devices logging in now would have nothing to take

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 from collections import deque
 from collections.abc import Coroutine, Iterator
 from typing import Any
@@ -31,6 +32,22 @@ from amqtt.session import (
 
 from connectivity.broker_log import Tally, log
 from connectivity.broker_packets import InFlight, PacketReader
+
+
+def hold_until_done(
+    tasks: set[asyncio.Task[None]], task: asyncio.Task[None], failed: str, level: int
+) -> None:
+    """Keeps a fire-and-forget ``task`` referenced in ``tasks`` until it is done (the loop
+    holds only weak references to tasks) and logs how it failed, if it did, at ``level``."""
+    tasks.add(task)
+
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.log(level, "embedded broker: %s: %r", failed, task.exception())
+
+    task.add_done_callback(done)
+
 
 #: QoS 2 messages of one session delivered and waiting for their PUBREL, with the messages
 #: of its connection being delivered; one more ends the connection. A client sends PUBREL
@@ -397,13 +414,8 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         session = self.session
         for message in [*session.inflight_in.values(), *session.inflight_out.values()]:
             task = asyncio.ensure_future(self._handle_message_flow(message))
-            self.retries.add(task)
-            task.add_done_callback(self._retried)
-
-    def _retried(self, task: asyncio.Task[None]) -> None:
-        self.retries.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("embedded broker: a delivery sent again ended: %r", task.exception())
+            # Ending with the connection is the usual way for these: debug only.
+            hold_until_done(self.retries, task, "a delivery sent again ended", logging.DEBUG)
 
     async def _send_and_wait_for_puback(self, app_message: Any) -> None:
         """amqtt's outgoing QoS 1 flow, without its 5 s limit on the PUBACK, and with at most
