@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 
@@ -214,6 +215,66 @@ def test_json_patch_failure_is_atomic(api: httpx.Client) -> None:
     assert response.status_code == 412
     doc = api.get(f"/api/v1/twins/{twin_id}").json()
     assert doc["attributes"] == {"a": 1} and doc["revision"] == 1
+
+
+PLAIN = {"Content-Type": "application/json"}
+
+
+def _ops(*ops: dict[str, object]) -> bytes:
+    return json.dumps(list(ops)).encode()
+
+
+NULL_WRITES: list[tuple[str, str, bytes, dict[str, str], str]] = [
+    ("PUT", "", b'{"desired": {"a": null, "b": 2}}', PLAIN, "/desired/a"),
+    ("PUT", "/desired", b'{"a": 1, "c": {"d": null}}', PLAIN, "/desired/c/d"),
+    ("PUT", "/desired/a", b"null", PLAIN, "/desired/a"),
+    ("PUT", "/reported/r", b'{"s": null}', PLAIN, "/reported/r/s"),
+    ("PUT", "/attributes", b'{"x": null}', PLAIN, "/attributes/x"),
+    ("PUT", "/live/t", b"null", PLAIN, "/live/t"),
+    ("PATCH", "", _ops({"op": "add", "path": "/reported/z", "value": None}), JSON_PATCH,
+     "/reported/z"),
+    ("PATCH", "", _ops({"op": "replace", "path": "/desired/a", "value": None}), JSON_PATCH,
+     "/desired/a"),
+    ("PATCH", "", _ops({"op": "add", "path": "/live", "value": {"q": {"r": None}}}), JSON_PATCH,
+     "/live/q/r"),
+    ("PATCH", "", _ops({"op": "add", "path": "/attributes/n", "value": None},
+                       {"op": "copy", "from": "/attributes/n", "path": "/desired/n"}), JSON_PATCH,
+     "/attributes/n"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "where", "body", "headers", "pointer"), NULL_WRITES)
+def test_a_write_that_would_store_a_null_is_refused(
+    api: httpx.Client, method: str, where: str, body: bytes, headers: dict[str, str], pointer: str
+) -> None:
+    """Null deletes in a merge patch, and the ``changes`` of history and streams are one: a
+    stored null would be described as a deletion, and a device given it in a delta could
+    never report it back. Every way of writing one is refused, and the twin is unchanged."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"a": 1, "b": 2}, "attributes": {"m": [None]}})
+    url = f"/api/v1/twins/{twin_id}"
+    before = api.get(url).json()
+    response = api.request(method, url + where, content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["error"] == "twin.invalid", error
+    assert f"The value at {pointer} is null" in error["message"]
+    assert "DELETE" in error["message"]
+    assert api.get(url).json() == before
+    assert [e["revision"] for e in api.get(f"{url}/history").json()["items"]] == [1]
+
+
+def test_null_still_deletes_in_a_merge_patch(api: httpx.Client) -> None:
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"a": 1, "b": {"c": 2, "d": 3}}})
+    url = f"/api/v1/twins/{twin_id}"
+    patched = api.patch(url, content=b'{"desired": {"a": null}}', headers=MERGE)
+    assert patched.status_code == 200 and patched.json()["desired"] == {"b": {"c": 2, "d": 3}}
+    at_pointer = api.patch(f"{url}/desired/b/c", content=b"null", headers=MERGE)
+    assert at_pointer.status_code == 204, at_pointer.text
+    assert api.get(f"{url}/desired").json() == {"b": {"d": 3}}
+    changes = api.get(f"{url}/history", params={"since": 3}).json()["items"][0]["changes"]
+    assert changes["desired"] == {"b": {"c": None}}
 
 
 def test_patch_needs_patch_media_type(api: httpx.Client) -> None:

@@ -300,6 +300,42 @@ def test_invalid_values_are_refused(
     assert info.value.status == 400
 
 
+@pytest.mark.parametrize(
+    ("values", "pointer"),
+    [
+        ({"desired": {"a": None}}, "/desired/a"),
+        ({"reported": {"z": None}}, "/reported/z"),
+        ({"attributes": {"a": {"b": None}}}, "/attributes/a/b"),
+        ({"live": {"t": 0, "x": {"y": {"z": None}}}}, "/live/x/y/z"),
+    ],
+)
+def test_a_null_is_never_a_stored_value(base: Twin, values: JSONObject, pointer: str) -> None:
+    """Null deletes in a merge patch, and the event's ``changes`` is one: stored, it would be
+    described as a deletion, and a device told it in a delta could never report it back."""
+    for old in (None, base):
+        with pytest.raises(BadRequest) as info:
+            change(old, values)
+        assert info.value.code == "twin.invalid"
+        assert f"The value at {pointer} is null" in info.value.message
+        assert "DELETE" in info.value.message
+
+
+def test_an_array_may_hold_a_null(base: Twin) -> None:
+    """A merge patch replaces an array whole, so a null in it means nothing else."""
+    twin, event = change(base, {"desired": {"a": [1, None, {"c": None}]}})
+    assert twin.desired == {"a": [1, None, {"c": None}]}
+    assert event.changes == {"desired": {"a": [1, None, {"c": None}], "b": None}}
+
+
+def test_a_null_stored_before_the_rule_does_not_block_other_writes() -> None:
+    legacy = Twin(
+        twin_id=TWIN_ID, namespace="org.acme", revision=1, created=T1, modified=T1,
+        desired={"a": None, "b": {"c": None}},
+    )  # fmt: skip
+    twin, _ = change(legacy, {"desired": {"a": None, "b": {"c": None, "d": 1}}})
+    assert twin.desired == {"a": None, "b": {"c": None, "d": 1}}
+
+
 # -- the change event ---------------------------------------------------------------------------
 
 

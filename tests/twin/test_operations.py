@@ -336,6 +336,9 @@ PATCH_AT: list[tuple[list[str], JSON, JSON, set[tuple[str, ...]]]] = [
         {("new", "x", "y")},
     ),
     ([], {"tags": None}, {"fan": {"speed": 1, "mode": "auto"}}, {("tags",)}),
+    # A null merge patch at a pointer deletes there, as {"fan": {"mode": null}} does above.
+    (["fan", "mode"], None, {"fan": {"speed": 1}, "tags": ["x"]}, {("fan", "mode")}),
+    (["nope", "x"], None, {"fan": {"speed": 1, "mode": "auto"}, "tags": ["x"]}, {("nope", "x")}),
 ]
 
 

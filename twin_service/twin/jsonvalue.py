@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from twin_service.errors import InvalidJson, LimitExceeded, PayloadTooLarge
+from twin_service.errors import BadRequest, InvalidJson, LimitExceeded, PayloadTooLarge
 from twin_service.types import JSON
 
 
@@ -163,9 +163,22 @@ class Limits:
 
 
 def check_structure(
-    value: JSON, limits: Limits, *, where: str = "", depth: int = 0, checked: JSON = None
+    value: JSON,
+    limits: Limits,
+    *,
+    where: str = "",
+    depth: int = 0,
+    checked: JSON = None,
+    in_array: bool = False,
 ) -> None:
-    """Validate depth, key length and forbidden keys of a JSON value (recursively).
+    """Validate depth, key length, forbidden keys and null members of a twin section's value
+    (recursively).
+
+    A section is merge-patch based: ``null`` deletes there, in a merge patch and in the
+    ``changes`` of a change event, so it is never a stored value of an object member (an
+    array, replaced whole by a merge patch, may hold one). A null the previous version
+    already held at the same place is let be, so a twin stored before this rule still
+    takes writes.
 
     ``checked`` is a value already validated at the same place (the previous version of a
     section): subtrees that are the very same objects are skipped, so a small patch of a
@@ -183,12 +196,23 @@ def check_structure(
         for key, child in value.items():
             if key not in known:
                 check_key(key, limits, where=where)
+            if child is None and not in_array and not (key in known and known[key] is None):
+                raise BadRequest(
+                    f"The value at {where}/{key} is null: null deletes in a merge patch, so a "
+                    "twin holds none. Use DELETE (or null in a merge patch) to remove it.",
+                    code="twin.invalid",
+                )
             check_structure(
-                child, limits, where=f"{where}/{key}", depth=depth + 1, checked=known.get(key)
+                child,
+                limits,
+                where=f"{where}/{key}",
+                depth=depth + 1,
+                checked=known.get(key),
+                in_array=in_array,
             )
     elif isinstance(value, list):
         for index, child in enumerate(value):
-            check_structure(child, limits, where=f"{where}/{index}", depth=depth + 1)
+            check_structure(child, limits, where=f"{where}/{index}", depth=depth + 1, in_array=True)
     elif isinstance(value, float) and not math.isfinite(value):
         raise InvalidJson(f"Non-finite number at {where or '/'}.")
 

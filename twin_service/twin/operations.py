@@ -85,15 +85,26 @@ def put_at(twin: Twin | None, section: str, parts: list[str], value: JSON) -> Ed
 
 
 def patch_at(twin: Twin, section: str, parts: list[str], patch: JSON) -> Edit:
-    """Merge-patch the value at a pointer inside a section."""
+    """Merge-patch the value at a pointer inside a section.
+
+    A ``null`` patch deletes the value there (nothing to delete is no change), as the same
+    null one level up in a merge patch would: a twin section never holds a null.
+    """
     current = twin.section(section)
     try:
         target = get_at(current, parts)
     except NotFound:
         target = None
-    new = (
-        set_at(current, parts, merge_patch(target, patch)) if parts else merge_patch(target, patch)
-    )
+        if patch is None:
+            return Edit(values={section: current}, written={section: {tuple(parts)}})
+    if patch is None and parts:
+        new = remove_at(current, parts)
+    else:
+        new = (
+            set_at(current, parts, merge_patch(target, patch))
+            if parts
+            else merge_patch(target, patch)
+        )
     written = {tuple(parts) + p for p in written_paths(patch)}
     return Edit(values={section: new}, written={section: written})
 
