@@ -200,6 +200,19 @@ def test_json_patch_with_array_operations(api: httpx.Client) -> None:
     assert doc["desired"]["tags"] == ["b", "c", "d"]
 
 
+def test_json_patch_of_the_same_value_stamps_its_metadata(api: httpx.Client) -> None:
+    """docs/api.md: writing the same value again counts as a write, whatever the patch."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"a": 1, "b": 2}})
+    ops = [{"op": "replace", "path": "/desired/a", "value": 1}]
+    response = api.patch(f"/api/v1/twins/{twin_id}", json=ops, headers=JSON_PATCH)
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert doc["revision"] == 2 and doc["desired"] == {"a": 1, "b": 2}
+    assert doc["metadata"]["desired"]["a"]["revision"] == 2
+    assert doc["metadata"]["desired"]["b"]["revision"] == 1
+
+
 def test_json_patch_failure_is_atomic(api: httpx.Client) -> None:
     twin_id = new_id()
     put(api, twin_id, {"attributes": {"a": 1}})

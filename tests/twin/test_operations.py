@@ -237,6 +237,50 @@ def test_json_patch_twin(twin: Twin) -> None:
     assert after.desired_version == 2 and after.reported_version == 2
 
 
+def _written(**sections: set[tuple[str, ...]] | None) -> dict[str, Any]:
+    return {name: sections.get(name, set()) for name in SECTIONS}
+
+
+JSON_PATCH_WRITTEN: list[tuple[list[JSONObject], dict[str, Any]]] = [
+    ([{"op": "replace", "path": "/desired/fan/speed", "value": 1}],
+     _written(desired={("fan", "speed")})),
+    ([{"op": "add", "path": "/desired/fan", "value": {"speed": 1}}], _written(desired={("fan",)})),
+    ([{"op": "add", "path": "/reported/new", "value": {}}], _written(reported={("new",)})),
+    # Arrays are leaves: a write inside one writes the array.
+    ([{"op": "add", "path": "/desired/tags/-", "value": "y"}], _written(desired={("tags",)})),
+    ([{"op": "replace", "path": "/desired/tags/0", "value": "x"}], _written(desired={("tags",)})),
+    ([{"op": "remove", "path": "/desired/fan/mode"}], _written()),
+    ([{"op": "test", "path": "/desired/fan/speed", "value": 1}], _written()),
+    ([{"op": "copy", "from": "/desired/fan", "path": "/reported/fan"}],
+     _written(reported={("fan",)})),
+    ([{"op": "move", "from": "/desired/fan/mode", "path": "/live/mode"}],
+     _written(live={("mode",)})),
+    ([{"op": "replace", "path": "/desired/fan/speed", "value": 1},
+      {"op": "add", "path": "/attributes/a~1b", "value": 2}],
+     _written(desired={("fan", "speed")}, attributes={("a/b",)})),
+    ([{"op": "replace", "path": "/desired", "value": {"a": 1}}], _written(desired=None)),
+    ([{"op": "replace", "path": "/definition", "value": "d"}], _written()),
+    ([{"op": "replace", "path": "", "value": {"desired": {}}}], dict.fromkeys(SECTIONS)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("ops", "written"), JSON_PATCH_WRITTEN)
+def test_json_patch_written_paths(twin: Twin, ops: list[JSONObject], written: Any) -> None:
+    """What a JSON Patch writes is the path of each add, replace, copy and move (up to the
+    array it goes into); a remove writes nothing."""
+    assert json_patch_twin(twin, ops).written == written
+
+
+def test_json_patch_of_the_same_value_stamps_it(twin: Twin) -> None:
+    """Writing the same value again counts as a write, as in a merge patch (docs/api.md)."""
+    ops = [{"op": "replace", "path": "/desired/fan/speed", "value": 1}]
+    after = commit(twin, json_patch_twin(twin, ops))
+    assert after.desired == twin.desired and after.revision == 2
+    assert after.metadata["desired"] == {"fan": {"speed": S2, "mode": S1}, "tags": S1}
+    merged = commit(twin, merge_patch_twin(twin, {"desired": {"fan": {"speed": 1}}}))
+    assert merged.metadata == after.metadata
+
+
 @pytest.mark.parametrize(
     ("ops", "error"),
     [

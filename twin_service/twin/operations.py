@@ -17,6 +17,7 @@ from twin_service.twin.patch import (
     merge_patch,
     remove_at,
     set_at,
+    split_pointer,
 )
 from twin_service.types import JSON, JSONObject
 
@@ -73,8 +74,52 @@ def json_patch_twin(twin: Twin, operations: JSON) -> Edit:
     _refuse_read_only(patched)
     values: JSONObject = {name: patched.get(name, {}) for name in SECTIONS}
     values["definition"] = patched.get("definition")
-    # JSON Patch has no cheap notion of "written": changed leaves are stamped by value.
-    return Edit(values=values, written={name: set() for name in SECTIONS})
+    assert isinstance(operations, list)  # apply_json_patch refuses anything else
+    return Edit(values=values, written=_json_patch_written(operations, values))
+
+
+#: The JSON Patch operations that write a value at their ``path`` (``remove`` writes none).
+_WRITING_OPS = frozenset({"add", "replace", "copy", "move"})
+
+
+def _json_patch_written(operations: list[JSONObject], sections: JSONObject) -> Written:
+    """Per section, the paths the operations wrote: the ``path`` of each add, replace, copy
+    and move, cut where it enters an array (an array is one leaf). Every leaf under such a
+    path is stamped, as under a merge patch's written paths, the same value included.
+
+    ``sections`` is the patched result: the operations were valid, so their paths parse.
+    """
+    written: Written = {name: set() for name in SECTIONS}
+    for op in operations:
+        if op["op"] not in _WRITING_OPS:
+            continue
+        parts = split_pointer(op["path"])
+        if not parts:
+            return dict.fromkeys(SECTIONS)
+        name, rest = parts[0], parts[1:]
+        if name not in SECTIONS:  # the definition is not stamped
+            continue
+        paths = written[name]
+        if paths is None:
+            continue
+        if not rest:
+            written[name] = None
+            continue
+        paths.add(_leaf_path(sections[name], rest))
+    return written
+
+
+def _leaf_path(section: JSON, parts: list[str]) -> tuple[str, ...]:
+    """``parts`` up to the first array on the way (a later operation may have removed the
+    rest: then the path is kept, and stamps nothing)."""
+    node = section
+    path: list[str] = []
+    for part in parts:
+        if isinstance(node, list):
+            break
+        path.append(part)
+        node = node.get(part) if isinstance(node, dict) else None
+    return tuple(path)
 
 
 def put_at(twin: Twin | None, section: str, parts: list[str], value: JSON) -> Edit:
