@@ -16,8 +16,9 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -347,13 +348,10 @@ class SqliteStore:
 
         def run() -> tuple[list[Twin], str | None]:
             conn = self._reader()
-            # One read transaction so the page and the documents are the same snapshot.
-            conn.execute("BEGIN")
-            try:
+            # The page and the documents from the same snapshot.
+            with _snapshot(conn):
                 ids, cursor = sqlite_index.search_ids(conn, query)
                 return self._get_many(ids), cursor
-            finally:
-                conn.execute("COMMIT")
 
         result: tuple[list[Twin], str | None] = await self._read(run)
         return result
@@ -451,15 +449,12 @@ class SqliteStore:
     async def pending_index(self, limit: int) -> list[IndexTask]:
         def run() -> list[IndexTask]:
             conn = self._reader()
-            conn.execute("BEGIN")
-            try:
+            with _snapshot(conn):
                 rows = conn.execute(
                     "SELECT o.twin_id, o.seq, t.doc FROM index_outbox o "
                     "LEFT JOIN twins t ON t.twin_id = o.twin_id ORDER BY o.seq LIMIT ?",
                     (limit,),
                 ).fetchall()
-            finally:
-                conn.execute("COMMIT")
             return [
                 IndexTask(tid, seq, Twin.from_storage(json.loads(doc)) if doc else None)
                 for tid, seq, doc in rows
@@ -567,6 +562,16 @@ class SqliteStore:
             except Exception as exc:
                 raise Unavailable(f"The SQLite writer could not start: {exc}") from exc
             self._writer.listen(loop)
+
+
+@contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: every read in the block sees the same committed state."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
 
 
 def _unsettled(error: BaseException) -> BaseException:

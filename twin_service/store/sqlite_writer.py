@@ -22,6 +22,8 @@ import sqlite3
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
@@ -196,22 +198,20 @@ class SqliteWriter:
             (page_size,) = conn.execute("PRAGMA page_size").fetchone()
             limit = self._config.settings.max_database_mib * 1024 * 1024 // page_size
             conn.execute(f"PRAGMA max_page_count = {int(limit)}")
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in (*SCHEMA, *sqlite_index.SCHEMA):
-                conn.execute(statement)
-            restored = None
-            # Maintenance commands (keep_search_records) leave a restore to the service's
-            # first start: it alone clears what the lost database left on the broker, and
-            # its own search settings say what to index again.
-            if not self._config.keep_search_records:
-                # Before anything else: no number may be handed out before it is raised.
-                restored = renumber_restored(conn, time.time(), outbox=self._config.outbox)
-                self._sync_outbox(conn)  # first: it reads what the last start recorded
-                self._sync_builtin_index(conn, restored is not None)
-            conn.execute("COMMIT")
+            with _immediate(conn):
+                for statement in (*SCHEMA, *sqlite_index.SCHEMA):
+                    conn.execute(statement)
+                restored = None
+                # Maintenance commands (keep_search_records) leave a restore to the service's
+                # first start: it alone clears what the lost database left on the broker, and
+                # its own search settings say what to index again.
+                if not self._config.keep_search_records:
+                    # Before anything else: no number may be handed out before it is raised.
+                    restored = renumber_restored(conn, time.time(), outbox=self._config.outbox)
+                    self._sync_outbox(conn)  # first: it reads what the last start recorded
+                    self._sync_builtin_index(conn, restored is not None)
         except BaseException:
-            conn.execute("ROLLBACK")
             conn.close()
             raise
         self._conn = conn
@@ -304,30 +304,27 @@ class SqliteWriter:
         conn = self._conn
         assert conn is not None
         outcomes: list[int | BaseException] = []
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for write in writes:
-                # A refused write is refused before it changes anything: no savepoint
-                # (each one journals every page its write changes) to roll it back.
-                try:
-                    current = self._check(conn, write)
-                except RevisionConflict as exc:
-                    self._indexed.pop(write[0], None)
-                    # Without its traceback: that references this frame, whose `writes`
-                    # and `outcomes` hold the exception, a cycle keeping the whole batch
-                    # alive until a full garbage collection.
-                    outcomes.append(exc.with_traceback(None))
-                    continue
-                outcomes.append(self._apply(conn, write, current))
-            self._batches += 1
-            if self._batches % 100 == 1:
-                self._prune_by_age(conn)
-                self._pruned_at = time.monotonic()
-            conn.execute("COMMIT")
+            with _immediate(conn):
+                for write in writes:
+                    # A refused write is refused before it changes anything: no savepoint
+                    # (each one journals every page its write changes) to roll it back.
+                    try:
+                        current = self._check(conn, write)
+                    except RevisionConflict as exc:
+                        self._indexed.pop(write[0], None)
+                        # Without its traceback: that references this frame, whose `writes`
+                        # and `outcomes` hold the exception, a cycle keeping the whole batch
+                        # alive until a full garbage collection.
+                        outcomes.append(exc.with_traceback(None))
+                        continue
+                    outcomes.append(self._apply(conn, write, current))
+                self._batches += 1
+                if self._batches % 100 == 1:
+                    self._prune_by_age(conn)
+                    self._pruned_at = time.monotonic()
         except BaseException:
             self._indexed.clear()  # what it says may have been rolled back
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             raise
         return outcomes
 
@@ -441,14 +438,8 @@ class SqliteWriter:
         if wait > 0:
             return wait
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(conn):
                 self._prune_by_age(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:  # locked by another process, the disk full: next time
             log.warning("pruning the journal by age failed: %s", exc)
         self._pruned_at = time.monotonic()
@@ -468,13 +459,24 @@ class SqliteWriter:
         twin was written again since keeps its newer seq)."""
         conn = self._conn
         assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
             conn.executemany("DELETE FROM index_outbox WHERE twin_id = ? AND seq = ?", acknowledged)
-            conn.execute("COMMIT")
-        except BaseException:
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: taken at once (``BEGIN IMMEDIATE``, so two processes never
+    both read, then both fail to upgrade their lock), committed when the block ends,
+    rolled back when it raises. A failed ``COMMIT`` (SQLITE_FULL) may already have ended
+    the transaction, so the rollback is made only when one is still open."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
             conn.execute("ROLLBACK")
-            raise
+        raise
 
 
 def _log_restore(path: Path, restored: Restored, outbox: bool) -> None:
