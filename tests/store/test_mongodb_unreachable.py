@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.servers.ferretdb import FerretDB
+from tests.service_fixtures import mongodb_env
+from tests.service_process import ServiceProcess
 from tests.store_fixtures import mongodb_settings
 from twin_service.errors import StoreUnreachable
 from twin_service.store.mongodb import MongoStore
@@ -42,3 +44,31 @@ async def test_a_server_gone_after_the_open_is_unreachable_not_failed(
         assert await store.get("org.acme:gone") is None
     finally:
         await store.close()
+
+
+def test_ready_names_why_a_stopped_server_does_not_answer(
+    fresh_ferretdb: FerretDB, tmp_path: Path, unique_name: str
+) -> None:
+    """The store's check waited for server selection (5 s by default) and /ready gave up on
+    it first (2 s): a stopped MongoDB showed as "no answer within 2 s", not as the refused
+    connection the driver knew of. The check now bounds its ping within /ready's own bound,
+    so the driver's reason is the answer."""
+    service = ServiceProcess(tmp_path / "svc", env=mongodb_env(fresh_ferretdb.url, unique_name))
+    service.start()
+    try:
+        with service.client() as api:
+            assert api.get("/ready").status_code == 200
+            fresh_ferretdb.stop()
+            # The first ping may meet its pooled connection closed; the next ones wait for
+            # a server to select, as every later one does.
+            for _ in range(3):
+                ready = api.get("/ready")
+                assert ready.status_code == 503, ready.text
+                store = ready.json()["checks"]["store"]
+                assert store["status"] == "down", store
+                assert store["error"].startswith("MongoDB does not answer: "), store
+            assert "[Errno 111]" in store["error"], store  # ECONNREFUSED
+            assert "Topology Description" not in store["error"], store
+            assert "configured timeouts" not in store["error"], store
+    finally:
+        service.stop()

@@ -95,9 +95,10 @@ def _failure(what: str, exc: BaseException) -> Unavailable:
     for it, at any step of its start (the event hub's first read, too). An answer that
     refuses (credentials, a command failed) will not change by waiting."""
     error = StoreUnreachable if isinstance(exc, ConnectionFailure) else Unavailable
-    # Server selection's message ends with the whole topology description, the reason of
-    # each server again among internals: /ready and the log keep the reason.
-    reason = str(exc).split(", Topology Description: ", 1)[0]
+    # Server selection's message ends with the driver's timeouts and the whole topology
+    # description, the reason of each server again among internals: /ready and the log
+    # keep the reason.
+    reason = str(exc).split(", Topology Description: ", 1)[0].split(" (configured timeouts: ")[0]
     return error(f"{what}: {reason}")
 
 
@@ -115,6 +116,8 @@ class MongoStore:
         self._url = settings.mongodb_url
         self._existing = existing
         self._settings = settings.mongodb
+        # Within /ready's bound for each check (api/routes/health.py), as the index's is.
+        self._ping_seconds = settings.ready_check_timeout_seconds * 0.75
         # Claims of other writers and when this process first saw each (see _claim).
         self._claims_seen: OrderedDict[str, float] = OrderedDict()
         self._stream = settings.stream
@@ -221,7 +224,12 @@ class MongoStore:
     async def ping(self) -> None:
         assert self._client is not None
         try:
-            await self._client.admin.command("ping")
+            # Server selection alone waits server_selection_timeout_ms (5 s by default):
+            # /ready gave up first and said "no answer", not the reason the driver had
+            # (connection refused, a certificate refused). Bounded here, the driver's
+            # timeout error carries that reason.
+            with pymongo.timeout(self._ping_seconds):
+                await self._client.admin.command("ping")
         except DRIVER_ERRORS as exc:
             raise _failure("MongoDB does not answer", exc) from exc
 
