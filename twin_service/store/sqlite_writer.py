@@ -17,6 +17,7 @@ import json
 import logging
 import pickle
 import re
+import select
 import signal
 import sqlite3
 import sys
@@ -555,11 +556,16 @@ def serve(channel: Connection) -> int:
     # Whether the database was restored: the service clears what the lost one left on the
     # broker (connectivity.sync_deltas).
     channel.send_bytes(pickle.dumps(("ok", writer.restored is not None)))
+    # Connection.poll() builds, fills and closes a selector on every call: 4% of the CPU of
+    # a PATCH (service and writer, bench.ab). One poll object, made once, is one syscall.
+    # (A Connection buffers nothing beyond the message it reads: readable means a request.)
+    incoming = select.poll()
+    incoming.register(channel.fileno(), select.POLLIN)
     try:
         while True:
             try:
                 # Between requests, and while none comes: the prunes commits did not make.
-                if not channel.poll(writer.prune_when_due()):
+                if not incoming.poll(writer.prune_when_due() * 1000):
                     continue
                 kind, payload = pickle.loads(channel.recv_bytes())
             except (EOFError, OSError):  # the parent is gone
