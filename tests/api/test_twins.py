@@ -244,6 +244,9 @@ NULL_WRITES: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("PUT", "/reported/r", b'{"s": null}', PLAIN, "/reported/r/s"),
     ("PUT", "/attributes", b'{"x": null}', PLAIN, "/attributes/x"),
     ("PUT", "/live/t", b"null", PLAIN, "/live/t"),
+    # The pointer names the keys escaped (RFC 6901), as the request would give them.
+    ("PUT", "/desired", b'{"a/b": {"c~d": null}}', PLAIN, "/desired/a~1b/c~0d"),
+    ("PUT", "/desired/a~1b", b'{"c": null}', PLAIN, "/desired/a~1b/c"),
     ("PATCH", "", _ops({"op": "add", "path": "/reported/z", "value": None}), JSON_PATCH,
      "/reported/z"),
     ("PATCH", "", _ops({"op": "replace", "path": "/desired/a", "value": None}), JSON_PATCH,

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from twin_service.errors import BadRequest, InvalidJson, LimitExceeded, PayloadTooLarge
+from twin_service.twin.pointer import escape_token
 from twin_service.types import JSON
 
 
@@ -196,16 +197,18 @@ def check_structure(
         for key, child in value.items():
             if key not in known:
                 check_key(key, limits, where=where)
+            # A JSON pointer, as the client would write it to reach the value (RFC 6901).
+            at = f"{where}/{escape_token(key)}"
             if child is None and not in_array and not (key in known and known[key] is None):
                 raise BadRequest(
-                    f"The value at {where}/{key} is null: null deletes in a merge patch, so a "
+                    f"The value at {at} is null: null deletes in a merge patch, so a "
                     "twin holds none. Use DELETE (or null in a merge patch) to remove it.",
                     code="twin.invalid",
                 )
             check_structure(
                 child,
                 limits,
-                where=f"{where}/{key}",
+                where=at,
                 depth=depth + 1,
                 checked=known.get(key),
                 in_array=in_array,
