@@ -203,6 +203,48 @@ def test_commands_with_correlation_ids(service: ServiceProcess) -> None:
     asyncio.run(run())
 
 
+def test_a_command_that_would_store_a_null_is_refused_as_over_rest(
+    service: ServiceProcess,
+) -> None:
+    """The WebSocket's writes take the same rule as REST's (docs/api.md, No nulls): a null
+    member is 400 twin.invalid naming its pointer and changes nothing; null in a merge
+    patch deletes."""
+    twin = f"{namespace()}:nulls"
+
+    async def run() -> None:
+        async with connect(service) as ws:
+            created = await command(
+                ws, "c0", command="put", twinId=twin, value={"desired": {"a": 1}}
+            )
+            assert created["status"] == 201, created
+            refusals = [
+                {"command": "put", "value": {"desired": {"a": 1, "b": None}}},
+                {"command": "put", "path": "/desired/a", "value": None},
+                {"command": "put", "path": "/reported", "value": {"x/y": {"z": None}}},
+                {
+                    "command": "patch",
+                    "patchType": "json",
+                    "value": [{"op": "add", "path": "/live/t", "value": None}],
+                },
+            ]
+            pointers = ["/desired/b", "/desired/a", "/reported/x~1y/z", "/live/t"]
+            for n, (fields, pointer) in enumerate(zip(refusals, pointers, strict=True)):
+                refused = await command(ws, f"n{n}", twinId=twin, **fields)
+                assert refused["type"] == "error" and refused["status"] == 400, refused
+                assert refused["error"]["error"] == "twin.invalid", refused
+                assert f"The value at {pointer} is null" in refused["error"]["message"]
+            got = await command(ws, "g", command="get", twinId=twin)
+            assert got["body"]["revision"] == 1 and got["body"]["desired"] == {"a": 1}
+            merged = await command(
+                ws, "m", command="patch", twinId=twin, value={"desired": {"a": None}}
+            )
+            assert merged["status"] == 200 and merged["body"]["revision"] == 2, merged
+            after = await command(ws, "g2", command="get", twinId=twin, path="/desired")
+            assert after["body"] == {}, after
+
+    asyncio.run(run())
+
+
 def test_commands_give_a_time_to_live_as_rest_does(service: ServiceProcess) -> None:
     """``ttl`` on a put or patch, as REST's ``?ttl=``: the desired value expires unapplied.
     The WebSocket used to ignore it (and an ``ifNoneMatch`` other than ``*``) silently."""
