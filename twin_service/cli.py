@@ -136,7 +136,10 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=False,
         http=JsonErrorHttpProtocol.bounded(
-            settings.limits.max_head_bytes, settings.limits.read_timeout_seconds, incoming
+            settings.limits.max_head_bytes,
+            settings.limits.read_timeout_seconds,
+            incoming,
+            app.requests,
         ),
         ws=BoundedWebSocketProtocol.bounded(incoming),
         ws_per_message_deflate=settings.stream.websocket_deflate,

@@ -460,6 +460,41 @@ def test_a_request_that_stops_arriving_is_a_408(tmp_path: Path) -> None:
         proc.stop()
 
 
+def test_requests_refused_before_the_application_are_counted(tmp_path: Path) -> None:
+    """The answers the HTTP server gives itself (api.http_protocol) were missing from
+    twin_service_http_requests_total, and a body that stopped half-way was counted with
+    the status nobody got (499), not its 408."""
+    proc = ServiceProcess(tmp_path, env={"TWIN_LIMITS__READ_TIMEOUT_SECONDS": "1"}).start()
+    body = b'{"desired": {"a": 1}}'
+    try:
+        assert _raw_exchange(proc, b"\x00\x01 garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+        huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n"
+        assert _raw_exchange(proc, huge).startswith(b"HTTP/1.1 431")
+        with _connect(proc) as idle:
+            assert _answer(idle)[0] == "HTTP/1.1 408 Request Timeout"
+        with _connect(proc) as stalled:
+            stalled.sendall(_put_head("org.slow:t", len(body)) + body[:5])
+            assert _answer(stalled)[0] == "HTTP/1.1 408 Request Timeout"
+        with proc.client() as api:
+            exposition = api.get("/metrics").text
+    finally:
+        proc.stop()
+    total = "twin_service_http_requests_total"
+    counted = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line.startswith(total) and "/health" not in line  # the start's probes
+    }
+    assert counted == {
+        f'{total}{{method="other",route="refused",status="400"}}': 1,
+        f'{total}{{method="GET",route="refused",status="431"}}': 1,
+        f'{total}{{method="other",route="refused",status="408"}}': 1,
+        f'{total}{{method="PUT",route="/api/v1/twins/{{twin_id}}",status="408"}}': 1,
+    }, exposition
+    duration = "twin_service_http_request_duration_seconds"
+    assert f'{duration}_count{{method="other",route="refused"}} 2' in exposition
+
+
 def _partial_heads(proc: ServiceProcess, count: int, size: int) -> list[socket.socket]:
     """``count`` connections, each having sent about ``size`` bytes of a head, and stopped."""
     socks = []

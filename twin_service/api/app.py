@@ -91,7 +91,7 @@ def build_bus(settings: Settings) -> EventBus:
     return InProcessBus()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> TwinApp:
     tokens, created = load_tokens(settings)
     if created:
         # Printed once, on the first start only; the file in the data dir keeps it (0600).

@@ -25,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from twin_service.api.errors import disconnected_response, error_response, unexpected_response
 from twin_service.api.head import as_get
+from twin_service.api.http_protocol import answered_status
 from twin_service.api.routes import twins
 from twin_service.errors import BadRequest, TwinServiceError, Unavailable
 from twin_service.metrics import RequestMetrics
@@ -77,6 +78,7 @@ class TwinApp(FastAPI):
                     if twin_id and "/" not in twin_id:
                         status = await self._serve(endpoint, twin_id, scope, receive, send)
                         elapsed = time.perf_counter() - start
+                        status = answered_status(scope, status)
                         self.requests.observe(method, HOT_ROUTE, status, elapsed)
                         return
             await self._through_fastapi(method, scope, receive, send, start)
@@ -100,7 +102,8 @@ class TwinApp(FastAPI):
 
         def count() -> None:
             route = getattr(scope.get("route"), "path_format", UNMATCHED)
-            self.requests.observe(method, route, status, time.perf_counter() - start)
+            answered = answered_status(scope, status)
+            self.requests.observe(method, route, answered, time.perf_counter() - start)
 
         try:
             await super().__call__(scope, receive, send_noting_status)

@@ -23,7 +23,9 @@ api.websocket_protocol); the connection whose bytes pass it is answered 503.
 
 Those answers are written here, past the application's HEAD handling (api.head) and
 uvicorn's: to a HEAD they are the headers alone (RFC 9110 section 9.3.2), Content-Length
-included.
+included. And past its request metrics: each is counted here, under the route ``refused``,
+except a body's, whose request the application counts as it lets go of it, with the status
+given here (:func:`answered_status`).
 
 And the other way round: a response that opts in with :func:`cut_when_unread` (an event
 stream, which has no end of its own) has its connection cut once its client leaves what
@@ -38,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any
 
 from starlette.requests import Request
 
@@ -53,6 +57,7 @@ from twin_service.errors import (
     RequestTimeout,
     TwinServiceError,
 )
+from twin_service.metrics import RequestMetrics
 from twin_service.twin.jsonvalue import dumps_bytes
 
 try:  # what uvicorn's "auto" picks: httptools when installed, else h11
@@ -67,6 +72,8 @@ except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
     _BOUNDED = False
 
 EXTENSION = "twin.http.unread"
+#: The route of the requests refused before any route was sought.
+REFUSED = "refused"
 
 
 class _HeadTooLargeSignal(Exception):
@@ -85,6 +92,11 @@ class JsonErrorHttpProtocol(_Base):
     #: began (see :meth:`_asked_head`).
     _head_asked = False
     _method_before = b""
+    #: The current request's method once whole (None before), and when its reading began.
+    _method: bytes | None = None
+    _began = 0.0
+    #: Where the requests refused here are counted (the application's).
+    requests: RequestMetrics | None = None
     #: Seconds a head may take, and a body may pause (see the module's documentation).
     read_timeout = 30.0
     #: Bytes of the current request's head as parsed (url, headers).
@@ -114,13 +126,19 @@ class JsonErrorHttpProtocol(_Base):
 
     @classmethod
     def bounded(
-        cls, max_head_bytes: int, read_timeout: float, incoming: ByteBudget
+        cls,
+        max_head_bytes: int,
+        read_timeout: float,
+        incoming: ByteBudget,
+        requests: RequestMetrics | None = None,
     ) -> type[JsonErrorHttpProtocol]:
-        """This protocol with other bounds (for uvicorn's ``http``)."""
+        """This protocol with other bounds (for uvicorn's ``http``), counting its refusals
+        in ``requests``."""
         bounds = {
             "max_head_bytes": max_head_bytes,
             "read_timeout": read_timeout,
             "incoming": incoming,
+            "requests": requests,
         }
         return type(cls.__name__, (cls,), bounds)
 
@@ -142,6 +160,7 @@ class JsonErrorHttpProtocol(_Base):
 
     def _await_head(self) -> None:
         self._reading = _Reading.HEAD
+        self._began = time.perf_counter()
         if self._timer is None:
             self._timer = self.loop.call_later(self.read_timeout, self._timed_out)
 
@@ -244,9 +263,11 @@ class JsonErrorHttpProtocol(_Base):
         self._head_bytes = 0  # and _held is 0 since the last head was whole
         self._head_asked = False
         self._method_before = self.parser.get_method()
+        self._method = None
 
     def on_url(self, url: bytes) -> None:
-        self._head_asked = self.parser.get_method() == b"HEAD"  # the method is whole here
+        self._method = self.parser.get_method()  # whole here
+        self._head_asked = self._method == b"HEAD"
         self._count(len(url))
         super().on_url(url)
 
@@ -329,10 +350,16 @@ class JsonErrorHttpProtocol(_Base):
         cycle = self.cycle
         if self._reading is _Reading.BODY and cycle is not None:
             drain = not cycle.response_started
+            if drain:  # the application's answer reaches nobody: this one is counted
+                _extension(cycle.scope)["refused"] = error.status
             cycle.disconnected = True
             cycle.message_event.set()
         else:  # a head: the cycle, if any, is an earlier request's
             drain = cycle is None or cycle.response_complete
+            if self.requests is not None:
+                method = "other" if self._method is None else self._method.decode("latin-1")
+                elapsed = time.perf_counter() - self._began
+                self.requests.observe(method, REFUSED, error.status, elapsed)
         content = not self._asked_head()  # before _stop_timer, which ends the reading
         self._stop_timer()
         self._hold(0)
@@ -355,11 +382,23 @@ class JsonErrorHttpProtocol(_Base):
             self.transport.close()
 
 
+def _extension(scope: Any) -> dict[str, Any]:
+    extension = (scope.get("extensions") or {}).get(EXTENSION)
+    return extension if isinstance(extension, dict) else {}
+
+
+def answered_status(scope: Any, status: int) -> int:
+    """The status the client of ``scope`` got: the refusal's when this protocol refused
+    its body half-way (the application's answer, 499, then reached nobody)."""
+    refused: int = _extension(scope).get("refused", status)
+    return refused
+
+
 def cut_when_unread(request: Request) -> None:
     """Have the connection of ``request`` cut if its client leaves what is written to it
     unread for ``UNREAD_SECONDS`` (api.closing): for a response with no end of its own."""
-    extension = (request.scope.get("extensions") or {}).get(EXTENSION)
-    if isinstance(extension, dict):
+    extension = _extension(request.scope)
+    if extension:
         extension["cut_when_unread"]()
 
 
@@ -368,8 +407,8 @@ def on_shutdown(request: Request, callback: Callable[[], None]) -> Callable[[], 
     has), for a response with no end of its own: the call that closes a WebSocket with
     1012. Returns what unregisters it, for when the response ends first (a connection
     kept alive would hold every earlier stream's callback)."""
-    extension = (request.scope.get("extensions") or {}).get(EXTENSION)
-    if isinstance(extension, dict):
+    extension = _extension(request.scope)
+    if extension:
         unregister: Callable[[], None] = extension["on_shutdown"](callback)
         return unregister
     return lambda: None
