@@ -3,7 +3,10 @@ error a starting service waits out), not that it failed, at every step of a star
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -72,3 +75,22 @@ def test_ready_names_why_a_stopped_server_does_not_answer(
             assert "configured timeouts" not in store["error"], store
     finally:
         service.stop()
+
+
+async def test_closing_does_not_wait_on_a_server_that_stopped_answering(
+    fresh_ferretdb: FerretDB, tmp_path: Path, unique_name: str
+) -> None:
+    """The driver's close ends the server sessions with a command, which waited the whole
+    socket timeout (20 s) on a frozen server: SIGTERM of a replica took 20 s more than its
+    requests did (past the pod's grace period after a full shutdown timeout). The bound
+    here only tells a hang from the close's own (2 s)."""
+    store = MongoStore(mongodb_settings(tmp_path, fresh_ferretdb.url, unique_name))
+    await store.open()
+    assert await store.get("org.acme:x") is None  # a session to end
+    assert fresh_ferretdb.pid is not None
+    os.kill(fresh_ferretdb.pid, signal.SIGSTOP)  # takes connections, answers nothing
+    try:
+        async with asyncio.timeout(10):
+            await store.close()
+    finally:
+        os.kill(fresh_ferretdb.pid, signal.SIGCONT)

@@ -89,6 +89,10 @@ _CLAIM_SLOW_SECONDS = 1.0
 _CLAIM_RETRY_SECONDS = 0.25
 
 
+#: Seconds the driver's close may wait for the server (see MongoStore.close).
+CLOSE_SECONDS = 2.0
+
+
 def _failure(what: str, exc: BaseException) -> Unavailable:
     """The error for a driver failure. No answer (server selection timed out, connection
     lost) may be a server still starting or restarting: a service starting meanwhile waits
@@ -211,7 +215,12 @@ class MongoStore:
     async def close(self) -> None:
         await stop_task(self._maintenance)
         if self._client is not None:
-            await self._client.close()
+            # The driver ends the server's sessions with a command as it closes, and waited
+            # the socket timeout (20 s) for a server that takes connections and answers
+            # nothing: a stopping replica overran its pod's grace period. Ending them is a
+            # courtesy (the server times idle sessions out itself), so it gets 2 s.
+            with pymongo.timeout(CLOSE_SECONDS):
+                await self._client.close()
 
     @property
     def _racy_updates(self) -> bool:
