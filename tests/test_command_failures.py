@@ -96,6 +96,23 @@ def test_a_config_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
     assert_refused(run, 2, "invalid settings: broken.toml is not valid TOML")
 
 
+@pytest.mark.parametrize("nested", ["[" * 1000 + "]" * 1000, "{a = " * 1000 + "1" + "}" * 1000])
+def test_a_config_file_nested_too_deeply_is_named(tmp_path: Path, nested: str) -> None:
+    """tomllib recurses once per level: 1,000 levels were a RecursionError, exit 1 and a
+    traceback of 3,000 lines."""
+    (tmp_path / "deep.toml").write_text(f"x = {nested}\n")
+    run = serve(tmp_path, "--config", "deep.toml", "devices", "list")
+    assert_refused(run, 2, "invalid settings: deep.toml is not valid TOML: nested too deeply\n")
+    assert run.stderr.count("\n") == 1
+
+
+def test_a_setting_nested_too_deeply_in_the_environment_is_named(tmp_path: Path) -> None:
+    run = serve(tmp_path, "devices", "list", TWIN_AUTH__TOKENS="[" * 5000 + "]" * 5000)
+    assert_refused(
+        run, 2, "invalid settings: A TWIN_* value is not valid JSON: nested too deeply\n"
+    )
+
+
 @pytest.mark.parametrize("given_by", ["--config", "TWIN_CONFIG_FILE"])
 @pytest.mark.parametrize(
     ("config", "problem"),
@@ -150,6 +167,13 @@ def test_embedded_broker_port_0_is_refused(tmp_path: Path) -> None:
 def test_every_command_reports_invalid_settings_the_same_way(tmp_path: Path) -> None:
     run = serve(tmp_path, "devices", "list", TWIN_PORT="eighty")
     assert_refused(run, 2, "invalid settings: port: Input should be a valid integer")
+
+
+def test_an_empty_mqtt_client_id_is_refused(tmp_path: Path) -> None:
+    """It passed the settings and failed the service's start with a traceback (exit 3): a
+    persistent session needs a client id."""
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_MQTT__CLIENT_ID="")
+    assert_refused(run, 2, "invalid settings: mqtt.client_id: String should have at least 1")
 
 
 def test_a_tokens_file_that_cannot_be_used(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import stat
 import sys
 import tomllib
+import traceback
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -320,6 +321,7 @@ class MqttSettings(_Section):
     )
     client_id: str = Field(
         "twin-service",
+        min_length=1,
         description="MQTT client id; stable and different for each replica. After each "
         "connection a second, short clean session <client_id>-retained reads the retained "
         "deltas (brokers that restrict client ids must allow it too).",
@@ -627,6 +629,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{name} is not valid TOML: {exc}") from None
+    except RecursionError as exc:  # the parsers recurse once per level of nesting
+        frames = traceback.walk_tb(exc.__traceback__)
+        if any(f.f_globals.get("__name__", "").startswith("tomllib") for f, _ in frames):
+            raise ValueError(f"{name} is not valid TOML: nested too deeply") from None
+        raise ValueError("A TWIN_* value is not valid JSON: nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{name} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except OSError as exc:  # read after the check: permissions, an I/O error
