@@ -191,6 +191,30 @@ def test_remove_and_refile() -> None:
     assert index.candidates("ns9:a", None, None) == ["s"]
 
 
+CLASSIFIED_DELETIONS: list[tuple[Subscription, JSONObject | None, str | None]] = [
+    (Subscription(id="all"), {"attributes": {}}, "event"),
+    # The state before unknown (a journal pruned before retention kept each twin's newest
+    # event): without a filter the deletion is still the subscription's.
+    (Subscription(id="all"), None, "event"),
+    (Subscription(id="ns", namespaces=frozenset({"ns1"})), None, "event"),
+    (Subscription(id="other", namespaces=frozenset({"ns2"})), None, None),
+    (
+        Subscription(id="f", filter=parse_filter("exists(attributes/n)")),
+        {"attributes": {"n": 1}},
+        "event",
+    ),
+    (Subscription(id="f", filter=parse_filter("exists(attributes/n)")), None, None),
+]
+
+
+@pytest.mark.parametrize(("subscription", "before", "outcome"), CLASSIFIED_DELETIONS)
+def test_a_deletion_is_classified_by_what_is_known_before_it(
+    subscription: Subscription, before: JSONObject | None, outcome: str | None
+) -> None:
+    deleted = ChangeEvent("ns1:a", 2, "2024-01-01T00:00:00.000Z", "test", "deleted", {})
+    assert subscription.classify(deleted, before, None) == outcome
+
+
 # -- candidates, by property: never miss a subscription that classify would notify ----------
 
 PATHS: list[Path] = [SITE, N, ("reported", "a", "b"), ("attributes",)]

@@ -90,7 +90,9 @@ class Subscription:
             return None
         if self._matches(after):
             return "event"
-        if self._matches(before):
+        # Whatever is known of the state before (retention keeps it, but a journal from
+        # before it did may lack it): without a filter, the twin deleted was matched.
+        if self._matches(before) or (event.action == "deleted" and self.filter is None):
             return "event" if event.action == "deleted" else "left"
         return None
 
