@@ -23,6 +23,12 @@ def age_out_sqlite_journal(database: Path, twin_id: str) -> None:
     _execute(database, "DELETE FROM events WHERE twin_id = ?", twin_id)
 
 
+def age_sqlite_journal(database: Path) -> None:
+    """Date every journal event of ``database`` in 2000, past any
+    ``stream.journal_max_age_seconds``, as if the service had been idle that long."""
+    _execute(database, "UPDATE events SET ts = '2000-01-01T00:00:00.000Z'")
+
+
 def _execute(database: Path, sql: str, *params: object) -> None:
     """One statement in its own transaction, beside a service that may be writing."""
     conn = sqlite3.connect(database, timeout=30)

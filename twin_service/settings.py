@@ -416,7 +416,10 @@ class ElasticsearchSettings(_Section):
 class StreamSettings(_Section):
     journal_max_per_twin: int = Field(1000, ge=1, description="Events kept per twin (at least).")
     journal_max_age_seconds: int = Field(
-        7 * 24 * 3600, ge=60, description="Events older than this are removed."
+        7 * 24 * 3600,
+        ge=60,
+        description="Events older than this are removed, but for each existing twin's newest "
+        "(its next change is compared with it).",
     )
     queue_size: int = Field(
         1000, ge=10, description="Messages buffered per WebSocket/SSE client before it is cut."

@@ -59,12 +59,12 @@ def change(
     return Write(twin_id, expected, new, event, current)
 
 
-def deletion(current: Twin) -> Write:
+def deletion(current: Twin, timestamp: str | None = None) -> Write:
     return Write(
         current.twin_id,
         current.revision,
         None,
-        deletion_event(current, timestamp=now_iso(), origin="test"),
+        deletion_event(current, timestamp=timestamp or now_iso(), origin="test"),
         current,
     )
 
@@ -107,6 +107,19 @@ async def all_events(store: TwinStore) -> list[tuple[int, ChangeEvent]]:
         out.extend((e.seq, e.event) for e in batch)
         position = batch[-1].seq
     raise AssertionError("journal never ended")
+
+
+#: A timestamp older than any journal_max_age_seconds: its event is past the age at once.
+AGES_AGO = "2000-01-01T00:00:00.000Z"
+
+
+async def wait_pruned(store: TwinStore, seq: int) -> None:
+    """Until pruning by age has passed ``seq`` (in the background: SQLite's writer every
+    tenth of the age, MongoDB's maintenance every 12th round)."""
+    deadline = time.monotonic() + 120  # a bound for a busy machine, not a timing claim
+    while await store.pruned_seq() < seq and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert await store.pruned_seq() >= seq
 
 
 class StoreContract:
@@ -387,8 +400,11 @@ class StoreContract:
     async def test_retention_by_age(self, store_factory: StoreFactory) -> None:
         stream = StreamSettings(journal_max_age_seconds=60)
         store = await store_factory(stream=stream)
-        old = change(None, "org.acme:old", {"attributes": {}}, timestamp="2000-01-01T00:00:00.000Z")
+        old = change(None, "org.acme:old", {"attributes": {}}, timestamp=AGES_AGO)
         old_seq = await store.write(old)
+        created = await store.get("org.acme:old")
+        assert created is not None
+        gone_seq = await store.write(deletion(created, AGES_AGO))
         await store.close()
         again = await store_factory(stream=stream)
         await again.write(change(None, "org.acme:new", {"attributes": {}}))
@@ -396,8 +412,8 @@ class StoreContract:
         reopened = await store_factory(stream=stream)
         await reopened.write(change(None, "org.acme:newer", {"attributes": {}}))
         seqs = [seq for seq, _ in await all_events(reopened)]
-        assert old_seq not in seqs and len(seqs) == 2
-        assert await reopened.pruned_seq() >= old_seq
+        assert old_seq not in seqs and gone_seq not in seqs and len(seqs) == 2
+        assert await reopened.pruned_seq() >= gone_seq
 
     async def test_retention_by_age_goes_on_without_writes(
         self, store_factory: StoreFactory
@@ -408,15 +424,59 @@ class StoreContract:
         store = await store_factory(stream=stream, maintenance_interval_seconds=0.2)
         # Not first: a store's first commit prunes by age, its own event included.
         await store.write(change(None, "org.acme:idle-new", {"attributes": {}}))
-        old = change(
-            None, "org.acme:idle-old", {"attributes": {}}, timestamp="2000-01-01T00:00:00.000Z"
+        tid = "org.acme:idle-old"
+        old_seq = await store.write(change(None, tid, {"attributes": {}}, timestamp=AGES_AGO))
+        newest = await store.write(
+            change(await store.get(tid), tid, {"attributes": {"n": 1}}, timestamp=AGES_AGO)
         )
-        old_seq = await store.write(old)
-        deadline = time.monotonic() + 120  # a bound for a busy machine, not a timing claim
-        while await store.pruned_seq() < old_seq and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert await store.pruned_seq() >= old_seq
-        assert old_seq not in [seq for seq, _ in await all_events(store)]
+        await wait_pruned(store, newest)
+        seqs = [seq for seq, _ in await all_events(store)]
+        assert old_seq not in seqs and newest in seqs  # the newest event of a twin stays
+
+    async def test_retention_by_age_keeps_what_the_next_change_is_compared_with(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """Pruning by age removed every twin's newest event too: a twin written again after
+        journal_max_age_seconds had no state before its change (twin_at was None), and
+        change streams delivered its deletion, or its leaving a filter, to no one."""
+        stream = StreamSettings(journal_max_age_seconds=60)
+        store = await store_factory(stream=stream, maintenance_interval_seconds=0.2)
+        seqs: dict[str, list[int]] = {}
+
+        async def write(tid: str, values: JSONObject | None, timestamp: str = AGES_AGO) -> None:
+            current = await store.get(tid)
+            if values is None:
+                assert current is not None
+                made = deletion(current, timestamp)
+            else:
+                made = change(current, tid, values, timestamp=timestamp)
+            seqs.setdefault(tid, []).append(await store.write(made))
+
+        # Twins written only long ago, one of them deleted long ago.
+        for tid in ("org.acme:aged-idle", "org.acme:aged-gone"):
+            await write(tid, {"attributes": {"n": 1}})
+            await write(tid, {"attributes": {"n": 2}})
+        await write("org.acme:aged-gone", None)
+        # Written long ago, then changed (or deleted) now: the old state is the "before".
+        await write("org.acme:aged-changed", {"attributes": {"n": 1}})
+        await write("org.acme:aged-deleted", {"attributes": {"n": 1}})
+        await write("org.acme:aged-changed", {"attributes": {"n": 2}}, now_iso())
+        await write("org.acme:aged-deleted", None, now_iso())
+        await wait_pruned(store, seqs["org.acme:aged-deleted"][0])
+
+        kept = {seq for seq, _ in await all_events(store)}
+        expected = {
+            "org.acme:aged-idle": [False, True],
+            "org.acme:aged-gone": [False, False, False],
+            "org.acme:aged-changed": [True, True],
+            "org.acme:aged-deleted": [True, True],
+        }
+        assert {tid: [seq in kept for seq in seqs[tid]] for tid in seqs} == expected
+        idle = await store.twin_at("org.acme:aged-idle", 2)
+        assert idle is not None and idle.attributes == {"n": 2}
+        for tid in ("org.acme:aged-changed", "org.acme:aged-deleted"):
+            before = await store.twin_at(tid, 1)
+            assert before is not None and before.attributes == {"n": 1}, tid
 
     async def test_writes_made_without_the_outbox_are_pending_once_it_is_kept(
         self, store_factory: StoreFactory

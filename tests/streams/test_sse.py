@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from tests.legacy import age_sqlite_journal
 from tests.service_process import ADMIN_TOKEN, ServiceProcess
 
 
@@ -247,7 +248,8 @@ def test_events_past_the_age_limit_go_on_a_service_no_longer_written(tmp_path: P
         with proc.client() as api:
             for name in "abc":
                 assert api.put(f"/api/v1/twins/org.sse:aged-{name}", json={}).status_code == 201
-            assert api.get("/api/v1/twins/org.sse:aged-c/history").json()["items"]
+                api.put(f"/api/v1/twins/org.sse:aged-{name}/desired/n", json=1)
+            assert len(api.get("/api/v1/twins/org.sse:aged-c/history").json()["items"]) == 2
             headers = {"Last-Event-ID": "1"}
             deadline = time.monotonic() + 240  # a bound for a busy machine, not a timing claim
             while True:
@@ -262,7 +264,76 @@ def test_events_past_the_age_limit_go_on_a_service_no_longer_written(tmp_path: P
     finally:
         proc.stop()
     assert first["event"] == "resync.required", first
-    assert history.status_code == 200 and history.json()["items"] == [], history.text
+    # Each twin's newest event stays: its next change is compared with it.
+    assert history.status_code == 200, history.text
+    assert [item["revision"] for item in history.json()["items"]] == [2], history.text
+
+
+def test_changes_after_the_journal_aged_out_reach_the_streams(tmp_path: Path) -> None:
+    """Pruning by age removed every twin's newest event too: the next change of a twin
+    idle for longer than journal_max_age_seconds had no state before it, so its deletion
+    reached no stream (not even an unfiltered one) and its leaving a filter no ``left``."""
+    env = {"TWIN_STREAM__JOURNAL_MAX_AGE_SECONDS": "60"}
+    proc = ServiceProcess(tmp_path, env=env).start()
+    ns = "org.sseaged"
+    try:
+        with proc.client() as api:
+            api.put(f"{TWINS}/{ns}:leaves", json={"attributes": {"on": True}})
+            api.put(f"{TWINS}/{ns}:deleted", json={"attributes": {"on": True}})
+            age_sqlite_journal(proc.data_dir / "twins.sqlite3")
+            wait_for_resync(api, since=1)  # pruned by age (every 6 s here)
+            since = str(live_position(api))
+            assert api.put(f"{TWINS}/{ns}:leaves/attributes/on", json=False).status_code < 300
+            assert api.delete(f"{TWINS}/{ns}:deleted").status_code == 204
+            api.put(f"{TWINS}/{ns}:last", json={"attributes": {"on": True}})
+            seen = {}
+            for name, params in {
+                "all": {},
+                "filtered": {"filter": "eq(attributes/on,true)", "namespaces": ns},
+            }.items():
+                headers = {"Last-Event-ID": since}
+                with api.stream(
+                    "GET", "/api/v1/stream/twins", params=params, headers=headers, timeout=30
+                ) as stream:
+                    seen[name] = list(until_twin(iter_events(stream), f"{ns}:last"))
+    finally:
+        proc.stop()
+    assert seen["all"] == [
+        ("event", f"{ns}:leaves", "modified"),
+        ("event", f"{ns}:deleted", "deleted"),
+        ("event", f"{ns}:last", "created"),
+    ]
+    assert seen["filtered"] == [
+        ("left", f"{ns}:leaves", "modified"),
+        ("event", f"{ns}:deleted", "deleted"),
+        ("event", f"{ns}:last", "created"),
+    ]
+
+
+TWINS = "/api/v1/twins"
+
+
+def wait_for_resync(api: httpx.Client, since: int) -> None:
+    """Until a reader resuming after ``since`` is told to resync (the journal was pruned)."""
+    headers = {"Last-Event-ID": str(since)}
+    deadline = time.monotonic() + 240  # a bound for a busy machine, not a timing claim
+    while time.monotonic() < deadline:
+        with api.stream("GET", "/api/v1/stream/twins", headers=headers, timeout=30) as stream:
+            (first,) = read_events(stream, 1)
+        if first["event"] == "resync.required":
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the journal was not pruned: {first}")
+
+
+def until_twin(events: Iterator[dict[str, Any]], twin_id: str) -> Iterator[tuple[str, str, str]]:
+    """(kind, twin id, action) of the change events, up to the first of ``twin_id``."""
+    for message in events:
+        if message["event"] in ("event", "left"):
+            change = message["data"]["event"]
+            yield message["event"], change["twinId"], change["action"]
+            if change["twinId"] == twin_id:
+                return
 
 
 def test_a_stream_that_starts_live_gives_its_start_as_an_id(service: ServiceProcess) -> None:

@@ -49,6 +49,8 @@ DRIVER_ERRORS = (PyMongoError, OSError)
 
 #: Journal entries read per round trip while verifying the watermark.
 _BATCH = 256
+#: Twins, or journal entries, named in one query of a prune by age.
+_PRUNE_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -491,9 +493,43 @@ class Journal:
         await self._delete({"t": twin_id, "r": {"$lte": below_revision}, "_id": {"$lt": below_seq}})
 
     async def prune(self, cutoff: str) -> None:
-        """Drop events older than ``cutoff`` and fences, both below the watermark only."""
+        """Prune by age below the watermark, as the SQLite store does: of the events up to
+        the newest one older than ``cutoff``, each twin's newest stays unless it is a
+        deletion, so a twin's next change is compared with the state it replaces however
+        long the twin was idle (a change stream's ``left`` or deletion needs it). Each prune
+        reads the events aged since the last, and the older ones of their twins. Fences
+        below the watermark go too."""
         stable = await self._load_hint()
-        await self._delete(
-            {"ts": {"$lt": cutoff}, "_id": {"$lte": stable}, "b": {"$exists": False}}
-        )
+        aged = {"ts": {"$lt": cutoff}, "_id": {"$lte": stable}, "b": {"$exists": False}}
+        newest = await self._events.find_one(aged, {"_id": 1}, sort=[("_id", -1)])
+        done = await self._meta.find_one({"_id": "aged"})
+        since = int(done["n"]) if done else 0
+        if newest is not None and (latest := int(newest["_id"])) > since:
+            window = {"_id": {"$gt": since, "$lte": latest}, "b": {"$exists": False}}
+            tops: dict[str, int] = {}
+            async for doc in self._events.find(window, {"t": 1}):
+                tops[doc["t"]] = max(tops.get(doc["t"], 0), int(doc["_id"]))
+            doomed = await self._aged_out(tops, latest)
+            # Recorded first: a reader never replays a range with a hole it was not told of.
+            await upsert_meta(self._meta, "pruned", {"$max": {"n": latest}})
+            for start in range(0, len(doomed), _PRUNE_BATCH):
+                chunk = doomed[start : start + _PRUNE_BATCH]
+                await self._events.delete_many({"_id": {"$in": chunk}})
+            await upsert_meta(self._meta, "aged", {"$max": {"n": latest}})
         await self._events.delete_many({"b": True, "_id": {"$lt": stable}})
+
+    async def _aged_out(self, tops: dict[str, int], latest: int) -> list[int]:
+        """The events up to ``latest`` of the twins in ``tops`` (twin id: its newest event
+        up to ``latest``) but the newest of each, which goes too if it is a deletion."""
+        doomed: list[int] = []
+        twins = sorted(tops)
+        for start in range(0, len(twins), _PRUNE_BATCH):
+            chunk = twins[start : start + _PRUNE_BATCH]
+            kept = {tops[twin_id] for twin_id in chunk}
+            deletions = self._events.find({"_id": {"$in": sorted(kept)}, "st": None}, {"_id": 1})
+            kept -= {int(doc["_id"]) async for doc in deletions}
+            found = self._events.find({"t": {"$in": chunk}, "_id": {"$lte": latest}}, {"_id": 1})
+            doomed.extend(
+                seq for doc in await found.to_list() if (seq := int(doc["_id"])) not in kept
+            )
+        return doomed

@@ -91,6 +91,21 @@ REBUILD_PAGE = 500
 #: enough, which reads the whole journal when none is (230 ms at 190,000 events, in the
 #: writer, every 100 commits: the PATCH p99 at 100,000 twins).
 LATEST_EXPIRED_SQL = "SELECT MAX(seq) FROM events INDEXED BY events_by_ts WHERE ts < ?"
+#: Pruning by age, of the events up to the newest one past the age (``:latest``) not yet
+#: pruned by age (above ``:since``): each twin's newest event among them stays, unless it is
+#: a deletion, and every event of the twin before it goes. A twin's next change is then
+#: compared with the state it replaces (a change stream's ``left``, or a deletion, needs it),
+#: however long the twin was idle. What goes may be younger than the age (clocks out of
+#: order), but lies below ``pruned_seq``: no reader replays it. Each prune reads only the
+#: events aged since the last (by ``seq``), and each twin's older ones by events_by_twin_seq.
+PRUNE_AGED_SQL = [
+    "DELETE FROM events WHERE seq IN (SELECT older.seq FROM "
+    "(SELECT twin_id, MAX(seq) AS top FROM events WHERE seq > :since AND seq <= :latest "
+    "GROUP BY twin_id) AS newest "
+    "JOIN events AS older INDEXED BY events_by_twin_seq "
+    "ON older.twin_id = newest.twin_id AND older.seq < newest.top)",
+    "DELETE FROM events WHERE seq > :since AND seq <= :latest AND state IS NULL",
+]
 #: Longest time between two prunes by age. A commit prunes every 100th time; between
 #: requests the writer prunes once this much (or a tenth of journal_max_age_seconds, if
 #: less) has passed since the last prune, so that a service written to rarely or no longer
@@ -450,10 +465,13 @@ class SqliteWriter:
         age = self._config.stream.journal_max_age_seconds
         cutoff = datetime.now(UTC) - timedelta(seconds=age)
         stamp = cutoff.strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        row = conn.execute(LATEST_EXPIRED_SQL, (stamp,)).fetchone()
-        if row and row[0] is not None:
-            conn.execute("DELETE FROM events WHERE ts < ?", (stamp,))
-            _record_pruned(conn, row[0])
+        (latest,) = conn.execute(LATEST_EXPIRED_SQL, (stamp,)).fetchone()
+        since = _meta(conn, "aged_seq") or 0
+        if latest is not None and latest > since:
+            for sql in PRUNE_AGED_SQL:
+                conn.execute(sql, {"since": since, "latest": latest})
+            _set_meta(conn, "aged_seq", latest)
+            _record_pruned(conn, latest)
 
     def mark_indexed(self, acknowledged: list[tuple[str, int]]) -> None:
         """Drop outbox rows ``(twin_id, seq)`` an external index has taken (a row whose
