@@ -311,6 +311,34 @@ def test_authentication_failures_and_first_message_auth(service: ServiceProcess)
     asyncio.run(run())
 
 
+def test_no_token_nor_message_of_a_websocket_is_logged_at_debug(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """websockets traced each handshake header and frame at DEBUG on uvicorn's logger: the
+    bearer tokens, rejected ones too, and every message's content."""
+    proc = service_factory(env={"TWIN_LOG_LEVEL": "debug"})
+    rejected = "rejected-token-0123456789"
+
+    async def run() -> None:
+        async with connect(proc, token=READER_TOKEN) as ws:
+            await subscribe(ws, id="by-header")
+        async with connect(proc, token=None) as ws:
+            await send(ws, {"type": "auth", "token": ADMIN_TOKEN})
+            assert (await receive(ws))["type"] == "welcome"
+            await subscribe(ws, id="by-message")
+        async with connect(proc, token=None) as ws:
+            await send(ws, {"type": "auth", "token": rejected})
+            with pytest.raises(ConnectionClosed):
+                await receive(ws)
+
+    asyncio.run(run())
+    proc.stop()
+    log = proc.log_path.read_text()
+    assert "DEBUG" in log  # the service did log at debug
+    for secret in (READER_TOKEN, ADMIN_TOKEN, rejected, "by-message"):
+        assert secret not in log, [line for line in log.splitlines() if secret in line]
+
+
 def test_binary_and_oversized_frames_close_the_socket_and_replies_echo_only_short_correlations(
     service: ServiceProcess,
 ) -> None:

@@ -20,15 +20,20 @@ for good, so a reader that fell behind was never even closed with 4408, and kept
 until the keepalive ping timed out. A connection being closed is ended, aborted if need be, when its
 client leaves what was written to it unread for as long: the close frame cannot reach it,
 and uvicorn's close waits for the buffer to drain, which it never does.
+
+And on what it logs: nothing of the handshake's headers or of the frames (see ``__init__``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from starlette.websockets import WebSocket
 from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 from websockets.frames import CloseCode
 from websockets.http11 import Request
 from websockets.protocol import State
@@ -55,6 +60,20 @@ class BoundedWebSocketProtocol(DirectWebSocketProtocol):
     _unread: asyncio.TimerHandle | None = None
     #: Ends the connection if its client stops reading while it is open.
     _stalled: UnreadCut | None = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        # uvicorn gives the websockets connection its own logger, uvicorn.error, which
+        # follows log_level: at debug, websockets traced every handshake header and frame
+        # there, bearer tokens (rejected ones too) and every message's content. Its errors
+        # still go there; its traces are what ``debug`` (set from the logger) turns on.
+        self.conn.debug = False
 
     @classmethod
     def bounded(cls, incoming: ByteBudget) -> type[BoundedWebSocketProtocol]:
