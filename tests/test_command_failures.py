@@ -243,6 +243,31 @@ def test_an_empty_tokens_file_is_refused_and_never_brings_back_the_admin_token(
         proc.communicate(timeout=30)
 
 
+@pytest.mark.parametrize(
+    ("token", "problem"),
+    [
+        (f"{SECRET[:8]} {SECRET[8:]}", "token: must be visible ASCII characters"),
+        (SECRET[:11], "token: String should have at least 16 characters"),
+    ],
+)
+def test_an_admin_token_file_that_cannot_be_used_is_named_without_its_value(
+    tmp_path: Path, token: str, problem: str
+) -> None:
+    """A hand-written data_dir/admin-token the service cannot use: pydantic's several lines
+    on stderr repeated it (``input_value=...``), after a log line said it was accepted."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "admin-token").write_text(token + "\n")
+    run = serve(tmp_path, "serve", "--data-dir", "data")
+    assert_refused(
+        run,
+        2,
+        "twin-service cannot start: The admin token file data/admin-token cannot be used: "
+        + problem,
+    )
+    assert token not in run.stdout + run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr
+
+
 @pytest.mark.parametrize("same", ["token", "name"])
 def test_a_token_or_a_name_given_twice_is_refused(tmp_path: Path, same: str) -> None:
     """The same token as read in auth.tokens and as admin in the file: the last won, and

@@ -218,8 +218,13 @@ def _read_tokens_file(path: Path) -> list[TokenSettings]:
             raise ValueError("it must hold a JSON array of tokens")
         return [TokenSettings.model_validate(item) for item in raw]
     except (OSError, ValueError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) else describe_invalid(exc)
-        raise ValueError(f"The tokens file {path} cannot be used: {detail}") from None
+        raise _unusable(f"The tokens file {path}", exc) from None
+
+
+def _unusable(what: str, exc: OSError | ValueError) -> ValueError:
+    """``what`` cannot be used, and why, in one line without the value it holds."""
+    detail = exc.strerror if isinstance(exc, OSError) else describe_invalid(exc)
+    return ValueError(f"{what} cannot be used: {detail}")
 
 
 def configured_tokens(settings: Settings, *, empty_file: bool = False) -> list[TokenSettings]:
@@ -287,12 +292,15 @@ def load_tokens(settings: Settings) -> tuple[list[TokenSettings], str | None]:
         fd = os.open(admin_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(created + "\n")
-    else:
+    try:
+        token = admin_path.read_text().strip()
+        admin = TokenSettings.model_validate({"name": "admin", "token": token, "role": "admin"})
+    except (OSError, ValueError) as exc:  # a hand-written file: pydantic would repeat it
+        raise _unusable(f"The admin token file {admin_path}", exc) from None
+    if created is None:
         log.info(
             "no token is configured (auth.tokens, auth.tokens_file): the admin token in %s "
             "is accepted",
             admin_path,
         )
-    token = admin_path.read_text().strip()
-    admin = TokenSettings.model_validate({"name": "admin", "token": token, "role": "admin"})
     return [admin], created
