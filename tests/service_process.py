@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,13 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> ServiceProcess:
+    def start(
+        self,
+        timeout: float = 30.0,
+        spawned: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    ) -> ServiceProcess:
+        """Starts the process (``spawned`` is called with it as soon as it is) and waits
+        until it answers ``/health``."""
         if self.proc is not None and self.proc.poll() is None:
             # A second process on the same port would fail to bind, while the health check
             # found the first one healthy: the first was then never stopped.
@@ -92,6 +99,8 @@ class ServiceProcess:
             preexec_fn=None if self.open_files is None else self._limit_open_files,
         )
         try:
+            if spawned is not None:
+                spawned(self.proc)
             healthy = wait_healthy(self.proc, self.url, timeout, "service", self.log_path)
         except ServerStartError:
             raise RuntimeError(f"service exited at start-up:\n{self.log_tail()}") from None

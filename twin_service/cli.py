@@ -6,16 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from connectivity.cli import add_subcommands as add_device_commands
-from connectivity.retire import add_subcommands as add_mqtt_commands
-from connectivity.simulate import add_subcommands as add_simulate_command
-from twin_service import __version__
-from twin_service.collector import tune_gc
-from twin_service.index.cli import add_subcommands as add_index_commands
-from twin_service.store.backup import add_subcommands as add_backup_command
+from twin_service import __version__, hangup
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not with the module: main holds SIGHUP before (twin_service.hangup).
+    from connectivity.cli import add_subcommands as add_device_commands
+    from connectivity.retire import add_subcommands as add_mqtt_commands
+    from connectivity.simulate import add_subcommands as add_simulate_command
+    from twin_service.index.cli import add_subcommands as add_index_commands
+    from twin_service.store.backup import add_subcommands as add_backup_command
+
     parser = argparse.ArgumentParser(prog="twin-service", description="Digital twin state service")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket service (and embedded broker)")
@@ -53,9 +54,13 @@ _ROOT_OPTIONS = {"data_dir": "root_data_dir", "config": "root_config"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until the service's lifespan takes it over; any other command gets it back at once.
+    hangup.hold()
     parser = build_parser()
     args = parser.parse_args(argv)
     _apply_root_options(parser, args)
+    if args.command != "serve":
+        hangup.release()
     if args.command == "version":
         print(__version__)
         return 0
@@ -106,6 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
     from twin_service.api.http_protocol import JsonErrorHttpProtocol
     from twin_service.api.websocket_protocol import BoundedWebSocketProtocol
     from twin_service.budget import ByteBudget
+    from twin_service.collector import tune_gc
     from twin_service.open_files import raise_open_files_limit
     from twin_service.settings import settings_for_command
 

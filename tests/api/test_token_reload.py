@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -86,5 +88,43 @@ def test_sighup_reloads_the_tokens_file(tmp_path: Path) -> None:
         hang_up_until(proc, OPS, 401)
         assert status(proc, NEW) == 401
         assert httpx.get(f"{proc.url}/health").status_code == 200
+    finally:
+        proc.stop()
+
+
+def _catches_sighup(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & 1 << (signal.SIGHUP - 1))
+
+
+def test_a_sighup_while_the_service_starts_reloads_once_it_can(tmp_path: Path) -> None:
+    """SIGHUP's handler was set by the lifespan, a second or so into a start: until then
+    the signal's default action ended the service, without a word, and a reloader firing
+    right after a restart (a Secret updated) took it down."""
+    tokens = tmp_path / "tokens.json"
+    write_tokens(tokens, [{"name": "ops", "token": OPS, "role": "admin"}])
+    env = {
+        "TWIN_AUTH__TOKENS": "[]",
+        "TWIN_AUTH__TOKENS_FILE": str(tokens),
+        "TWIN_LOG_LEVEL": "info",
+    }
+
+    def hang_up_early(service: subprocess.Popen[bytes]) -> None:
+        # As soon as the process catches SIGHUP, or at 0.5 s: before it serves.
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline and not _catches_sighup(service.pid):
+            time.sleep(0.005)
+        with contextlib.suppress(httpx.HTTPError):
+            assert not httpx.get(f"{proc.url}/health", timeout=1).is_success, "serving already"
+        service.send_signal(signal.SIGHUP)
+
+    proc = ServiceProcess(tmp_path / "data", env=env)
+    try:
+        proc.start(spawned=hang_up_early)
+        assert status(proc, OPS) == 404
+        while "SIGHUP: tokens reloaded: 1 in force" not in proc.log_path.read_text():
+            assert proc.proc is not None and proc.proc.poll() is None, proc.log_tail()
+            time.sleep(0.05)
     finally:
         proc.stop()

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from twin_service import __version__
+from twin_service import __version__, hangup
 from twin_service.api import errors
 from twin_service.api.context import AppContext, Component
 from twin_service.api.hot_routes import TwinApp
@@ -161,8 +161,9 @@ def _reload_tokens_on_sighup(
     force; one that holds no token revokes all of its tokens (how to lock every client
     out without a restart). Open WebSocket connections and server-sent-event streams take
     their token's new role and namespaces, or end if it was revoked (``auth.Credential``).
-    Only in the main thread, where the service runs: signal handlers cannot be set in
-    another (an app run by a test client).
+    A SIGHUP noted while the service started (twin_service.hangup) is a reload as soon as
+    the handler is set. Only in the main thread, where the service runs: signal handlers
+    cannot be set in another (an app run by a test client).
     """
     if threading.current_thread() is not threading.main_thread():
         return
@@ -200,6 +201,8 @@ def _reload_tokens_on_sighup(
 
     loop.add_signal_handler(signal.SIGHUP, hung_up)
     stack.push_async_callback(stop)
+    if hangup.arrived():  # while the service started (twin_service.hangup)
+        hung_up()
 
 
 def _complete_openapi(app: FastAPI) -> None:
