@@ -217,6 +217,36 @@ def test_backup_failures_to_write_are_one_line(tmp_path: Path) -> None:
     ), done.stderr
 
 
+def test_two_backups_to_one_new_name_do_not_both_write_it(tmp_path: Path) -> None:
+    """Both passed the check for an existing file at their start and renamed their copy
+    over the name at their end: the second replaced the first without --force."""
+    data = tmp_path / "data"
+    large_store(data, 48)  # copies long enough for both to be under way at once
+    dest = tmp_path / "b.sqlite3"
+    command = [sys.executable, "-m", "twin_service", "backup", str(dest), "--data-dir", str(data)]
+    runs = [
+        subprocess.Popen(command, env=service_env({}), stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outcomes = sorted((run.wait(120), run.communicate()[1]) for run in runs)
+    assert [status for status, _ in outcomes] == [0, 1], outcomes
+    assert outcomes[1][1] == f"twin-service: {dest} exists; choose another name or pass --force\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.sqlite3", "data"]
+
+
+def test_a_destination_ending_in_a_slash_names_a_directory(tmp_path: Path) -> None:
+    """``backup newdir/`` wrote a file named newdir (Path drops the slash)."""
+    data = tmp_path / "data"
+    ServiceProcess(data).start().stop()
+    for given in (f"{tmp_path}/newdir/", f"{tmp_path}/newdir/."):
+        done = backup(given, "--data-dir", str(data))
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == f"twin-service: cannot write {given}: no such directory\n"
+    assert not (tmp_path / "newdir").exists()
+    into = backup(f"{tmp_path}/", "--data-dir", str(data))
+    assert into.returncode == 1 and "is a directory; name the backup file" in into.stderr
+
+
 def large_store(data: Path, mib: int) -> None:
     """A database the backup takes a while to copy: the store's tables plus ``mib`` MiB."""
     ServiceProcess(data).start().stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import os
 import signal
@@ -73,7 +74,7 @@ def backup_sqlite(
         if dest.is_dir():
             raise BackupError(f"{dest} is a directory; name the backup file")
         if dest.exists() and not overwrite:
-            raise BackupError(f"{dest} exists; choose another name or pass --force")
+            raise _exists(dest)
         if not dest.parent.is_dir():
             raise BackupError(f"cannot write {dest}: {dest.parent} is not a directory")
         _remove_dead_partials(dest)
@@ -85,7 +86,7 @@ def backup_sqlite(
         _sync(partial)
         if stopped():
             raise BackupInterrupted(f"the backup to {dest} was interrupted")
-        os.replace(partial, dest)
+        _put_in_place(partial, dest, overwrite)
         _sync(dest.parent)
     except sqlite3.Error as exc:
         if stopped():  # the copy ended on its progress handler's word
@@ -98,6 +99,40 @@ def backup_sqlite(
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
     return Backup(dest, twins, last_seq, dest.stat().st_size)
+
+
+def _put_in_place(partial: Path, dest: Path, overwrite: bool) -> None:
+    """Rename ``partial`` to ``dest``; without ``overwrite``, only if ``dest`` is still not
+    there: two backups to one new name, both past the check at their start, each replaced
+    the other's without --force. A hard link is created only where no file is; a
+    filesystem without links gets the check again, just before the rename."""
+    if overwrite:
+        os.replace(partial, dest)
+        return
+    try:
+        os.link(partial, dest)
+    except FileExistsError:
+        raise _exists(dest) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        if dest.exists():
+            raise _exists(dest) from None
+        os.replace(partial, dest)
+    # Linked: the partial's name goes in the caller's cleanup.
+
+
+def _exists(dest: Path) -> BackupError:
+    return BackupError(f"{dest} exists; choose another name or pass --force")
+
+
+def destination(given: str) -> Path:
+    """The backup file named ``given``. A name ending in ``/`` (or ``/.``) names a
+    directory, which Path forgets: ``backup newdir/`` wrote a file named newdir."""
+    dest = Path(given)
+    if given.endswith(("/", "/.")) and not dest.is_dir():
+        raise BackupError(f"cannot write {given}: no such directory")
+    return dest
 
 
 def _partial_prefix(dest: Path) -> str:
@@ -196,7 +231,7 @@ def add_subcommands(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "backup", help="write a consistent copy of the SQLite twin store (while it runs)"
     )
-    parser.add_argument("dest", type=Path, help="the backup file to write")
+    parser.add_argument("dest", help="the backup file to write")
     parser.add_argument("--config", type=Path, help="TOML settings file")
     parser.add_argument("--data-dir", type=Path, help="directory of the database")
     parser.add_argument("--force", action="store_true", help="replace DEST if it exists")
@@ -239,7 +274,10 @@ def run_backup(args: argparse.Namespace) -> int:
     try:
         with _signals_stop() as caught:
             done = backup_sqlite(
-                source, args.dest, overwrite=args.force, stopped=lambda: bool(caught)
+                source,
+                destination(args.dest),
+                overwrite=args.force,
+                stopped=lambda: bool(caught),
             )
     except BackupInterrupted:
         name = signal.Signals(caught[0]).name
