@@ -537,31 +537,54 @@ class _TwinBroker(EndToEndAcks):
     async def _watch_credentials(self) -> None:
         """Disconnects a device whose credentials were removed or replaced since it logged
         in. Checked at login only, a revoked device stayed connected as long as it liked;
-        mosquitto re-checks its connected clients when it reloads the password file."""
+        mosquitto re-checks its connected clients when it reloads the password file.
+
+        A removed device's sessions end too, once offline: they stayed for good (about
+        46 KB each, with their dead connection), so a fleet that retires devices grew
+        without end. A device whose credentials were replaced keeps its offline sessions:
+        it resumes them with its new password."""
         store = self._credentials
         seen = _file_state(store.path)
+        hashes: dict[str, str] = {}
+        #: Sessions of removed devices, ended once their connection has closed.
+        removed: set[str] = set()
         while True:
             await asyncio.sleep(self._config.credentials_check_seconds)
             state = _file_state(store.path)
-            if state == seen:
-                continue
-            seen = state
-            try:
-                hashes = await asyncio.to_thread(store.hashes)
-            except CredentialError as exc:  # logins are refused meanwhile; the connected stay
-                log.error("embedded broker: %s", exc)
-                continue
-            for session, handler in list(self._sessions.values()):
-                held = getattr(session, "credential_hash", None)
-                if held is None or session.transitions.state != "connected":
+            if state != seen:
+                seen = state
+                try:
+                    hashes = await asyncio.to_thread(store.hashes)
+                except CredentialError as exc:  # logins are refused meanwhile; the rest stay
+                    log.error("embedded broker: %s", exc)
                     continue
-                if hashes.get(twin_id_from_username(session.username)) == held:
-                    continue
-                log.warning(
-                    "embedded broker disconnected %r: its credentials were removed or replaced",
-                    session.username,
-                )
-                await _close_connection(handler)
+                for client_id, (session, handler) in list(self._sessions.items()):
+                    held = getattr(session, "credential_hash", None)
+                    current = hashes.get(twin_id_from_username(session.username))
+                    if held is None or current == held:
+                        continue
+                    if current is None:
+                        removed.add(client_id)
+                    if session.transitions.state == "connected":
+                        log.warning(
+                            "embedded broker disconnected %r: its credentials were removed "
+                            "or replaced",
+                            session.username,
+                        )
+                        await _close_connection(handler)
+            await self._end_removed(removed, hashes)
+
+    async def _end_removed(self, removed: set[str], hashes: dict[str, str]) -> None:
+        """End the offline sessions in ``removed`` (client ids), unless their device is
+        back (added again and logged in: the session holds its new credentials)."""
+        for client_id in list(removed):
+            session = self._sessions.get(client_id, (None, None))[0]
+            back = session is not None and twin_id_from_username(session.username) in hashes
+            if session is None or back:
+                removed.discard(client_id)
+            elif session.transitions.state != "connected" and client_id not in self._claims:
+                removed.discard(client_id)
+                await self._cleanup_session(client_id)
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str

@@ -785,6 +785,40 @@ async def test_a_device_whose_credentials_go_is_disconnected(tmp_path: Path) -> 
         await broker.stop()
 
 
+async def test_the_sessions_of_a_removed_device_end_with_it(tmp_path: Path) -> None:
+    """A removed device's connection was closed, but its persistent sessions, the one it
+    was connected with and its offline ones, stayed in the broker for good (about 46 KB
+    each, with their dead connection): a fleet decommissioning devices grew without end.
+    A rotated device keeps its sessions: it resumes them with its new password."""
+    broker = bare_broker(tmp_path, credentials_check_seconds=0.1)
+    store = CredentialStore(broker.config.credentials_path)
+    passwords = {twin: store.add(twin) for twin in (TWIN, OTHER)}
+    await broker.start()
+    assert broker._broker is not None
+    sessions = broker._broker._sessions
+    login = {"protocol": 4, "persistent_session": True}
+    clients = []
+    try:
+        for client_id, twin in (("gone-off", TWIN), ("kept-off", OTHER), ("gone-on", TWIN)):
+            clients.append(
+                await started(
+                    broker.url, client_id, username=twin, password=passwords[twin], **login
+                )
+            )
+        for client in clients[:2]:
+            await client.stop()
+        await eventually(lambda: {"gone-off", "kept-off", "gone-on"} <= sessions.keys())
+        store.remove(TWIN)
+        await eventually(lambda: not {"gone-off", "gone-on"} & sessions.keys())
+        store.rotate(OTHER)
+        await asyncio.sleep(0.5)  # a few more looks at the file
+        assert "kept-off" in sessions
+    finally:
+        for client in clients:
+            await client.stop(grace=0)
+        await broker.stop()
+
+
 async def _login(
     port: int,
     username: str,
