@@ -472,7 +472,8 @@ class MqttClient:
             )
             raise PacketTooLarge(
                 f"a message of {size} bytes to {topic[:200]!r} is over {limit} bytes "
-                f"({whose}); not sent"
+                f"({whose}); not sent",
+                extra={"size": size, "limit": limit},
             )
 
     def _forget(self, mid: int) -> None:

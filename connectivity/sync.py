@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
 from connectivity.credentials import CredentialStore
-from connectivity.errors import MqttUnavailable, NotConnected, PacketTooLarge
+from connectivity.errors import MqttUnavailable, NotConnected
 from connectivity.messages import Handler, InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
@@ -66,7 +66,12 @@ def service_options(
     persistent_session: bool,
 ) -> MqttOptions:
     """How the service's own clients (device sync, the event bus) connect: as the service's
-    broker user (credentials in the URL win), with its TLS files and protocol."""
+    broker user (credentials in the URL win), with its TLS files and protocol.
+
+    They send no packet over :func:`device_packet_limit` (nor over an MQTT 5 broker's own
+    Maximum Packet Size): a broker closes the connection of a client that sends one, and
+    paho sends a queued QoS 1 message again after every reconnection. One twin's answer of
+    2.2 MB kept the service's connection to the embedded broker down for every device."""
     m = settings.mqtt
     addr = BrokerAddress.parse(url)
     return MqttOptions(
@@ -77,6 +82,7 @@ def service_options(
         session_expiry=m.session_expiry_seconds,
         max_in_flight=m.max_inflight,
         max_unacked_out=m.max_unacked_replies,
+        max_outgoing_packet_size=device_packet_limit(settings),
         username=addr.username if addr.username is not None else m.service_username,
         password=addr.password if addr.password is not None else password,
         ca_file=m.ca_file,
@@ -86,8 +92,9 @@ def service_options(
 
 
 def device_packet_limit(settings: Settings) -> int:
-    """The largest device message the service takes: room for a whole twin, as the shipped
-    mosquitto's limit (2 MiB, or twice ``limits.max_twin_bytes`` when that is larger)."""
+    """The largest MQTT packet the service takes from devices, and sends: room for a whole
+    twin, as the shipped mosquitto's limit (2 MiB, or twice ``limits.max_twin_bytes`` when
+    that is larger)."""
     return max(EmbeddedBrokerConfig.max_packet_size, 2 * settings.limits.max_twin_bytes)
 
 
@@ -391,6 +398,9 @@ class MqttSync:
         wildcard in it, which the broker let through: the handler failed, unanswered), and
         one the service reads itself (an answer on ``live/update`` was written into the
         twin's live state).
+
+        Raises :class:`PacketTooLarge`, nothing sent, for an answer over the broker's packet
+        size limit (the handler answers a 413 instead).
         """
         assert self.client is not None
         topic = self.layout.topic(twin_id, suffix)
@@ -404,5 +414,5 @@ class MqttSync:
             await self.client.publish(
                 topic, dumps(body).encode(), qos=1, correlation_data=correlation, await_ack=False
             )
-        except (MqttUnavailable, PacketTooLarge) as exc:  # too large: over the broker's limit
+        except MqttUnavailable as exc:
             log.info("reply to %s lost (the device will retry): %s", twin_id, exc)

@@ -12,6 +12,10 @@ Ordering rules (per twin):
   newest state even when two replicas race;
 - an empty delta (or a deleted twin) publishes an empty retained payload, which clears it;
 - a publish that fails (broker down) is remembered and retried after the next connection;
+- a delta over the broker's packet size limit (an MQTT 5 broker announcing less than the
+  twin's size) is not sent: the retained delta is cleared instead, since the one it holds is
+  older and a device would apply values desired no longer has; the device's ``get`` is
+  answered with a 413 (``twin.toolarge``) as well, so it learns why;
 - after each connection every non-empty delta is published again (the broker may have lost
   them), and every retained delta the broker holds that is not the twin's current one is
   corrected (:meth:`DeltaPublisher.correct`): a commit whose publish never went out (the
@@ -207,9 +211,14 @@ class DeltaPublisher:
             if payload == last[1] and not job.force:
                 self._remember(twin_id, job.revision, payload)
                 return False
+        topic = self._layout.topic(twin_id, "delta")
         try:
-            await self._publish(self._layout.topic(twin_id, "delta"), payload)
-        except (MqttUnavailable, PacketTooLarge) as exc:  # too large: over the broker's limit
+            try:
+                await self._publish(topic, payload)
+            except PacketTooLarge as exc:  # nothing sent
+                log.warning("delta of %s cleared on the broker: %s", twin_id, exc.message)
+                await self._publish(topic, b"")
+        except MqttUnavailable as exc:
             self.failures += 1
             self._failed.add(twin_id)
             log.warning("delta of %s not published (retried on reconnect): %s", twin_id, exc)

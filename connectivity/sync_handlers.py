@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from connectivity.errors import PacketTooLarge
 from connectivity.messages import Handler, InboundMessage
 from connectivity.sync_messages import (
     Status,
+    answer_too_large,
     get_accepted,
     parse_get,
     parse_live_update,
@@ -41,7 +43,8 @@ from twin_service.types import JSONObject
 
 log = logging.getLogger(__name__)
 
-#: ``reply(request, twin_id, suffix, body)`` publishes an answer to the device.
+#: ``reply(request, twin_id, suffix, body)`` publishes an answer to the device; raises
+#: :class:`PacketTooLarge`, nothing sent, for one over the broker's packet size limit.
 Reply = Callable[[InboundMessage, str, str, JSONObject], Awaitable[None]]
 T = TypeVar("T")
 
@@ -156,7 +159,7 @@ class DeviceHandlers:
         except _Duplicate as dup:
             self.duplicates += 1
             body = report_accepted(token, dup.record.revision, dup.record.reported_version, True)
-            await self._reply(msg, twin_id, "reported/update/accepted", body)
+            await self._accept(msg, twin_id, "reported/update", body)
             await self._seen(twin_id)
             return
         except TwinServiceError as exc:
@@ -170,7 +173,7 @@ class DeviceHandlers:
         assert outcome.twin is not None
         self.applied += 1
         body = report_accepted(token, outcome.twin.revision, outcome.twin.reported_version)
-        await self._reply(msg, twin_id, "reported/update/accepted", body)
+        await self._accept(msg, twin_id, "reported/update", body)
 
     async def _committed_earlier(self, twin_id: str, token: str) -> TokenRecord | None:
         """The record of ``token`` if a report with it was committed before, looking beyond
@@ -246,7 +249,7 @@ class DeviceHandlers:
             await self._reply(msg, twin_id, "get/rejected", body)
             await self._seen(twin_id, exc)
             return
-        await self._reply(msg, twin_id, "get/accepted", get_accepted(twin, token))
+        await self._accept(msg, twin_id, "get", get_accepted(twin, token))
         await self._touch(twin_id, twin, None)
 
     # -- status ----------------------------------------------------------------------------
@@ -273,6 +276,21 @@ class DeviceHandlers:
         twin_id = self._layout.twin_id(msg.topic)
         assert twin_id is not None, f"subscribed filter matched a foreign topic {msg.topic!r}"
         return twin_id
+
+    async def _accept(
+        self, msg: InboundMessage, twin_id: str, request: str, body: JSONObject
+    ) -> None:
+        """Answer ``body`` on ``<request>/accepted``, or, when it is over the broker's packet
+        size limit (not sent), a 413 on ``<request>/rejected``: this device learns why, and
+        the service's connection stays up for every other one."""
+        try:
+            await self._reply(msg, twin_id, f"{request}/accepted", body)
+        except PacketTooLarge as exc:
+            log.warning("answer to %s on %s not sent: %s", twin_id, request, exc.message)
+            token = body.get("clientToken")
+            error = answer_too_large(exc.extra["size"], exc.extra["limit"])
+            refusal = rejection(error, token if isinstance(token, str) else None)
+            await self._reply(msg, twin_id, f"{request}/rejected", refusal)
 
     def _connection(self, twin: Twin, now: datetime, status: Status | None) -> JSONObject | None:
         return next_connection(

@@ -13,13 +13,21 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from twin_service.errors import BadRequest, InvalidJson, PayloadTooLarge, TwinServiceError
+from twin_service.errors import (
+    BadRequest,
+    InvalidJson,
+    LimitExceeded,
+    PayloadTooLarge,
+    TwinServiceError,
+)
 from twin_service.twin.document import Twin
 from twin_service.twin.jsonvalue import loads_strict
 from twin_service.types import JSON, JSONObject
 
 #: As AWS: a client token is an opaque string of at most 64 bytes.
 MAX_CLIENT_TOKEN_BYTES = 64
+#: A device's refusal (``rejected``) is copied into the lifecycle entry of every leaf under
+#: the path it names, and into the journal with it: both are bounded here, at the door.
 MAX_REASON_LENGTH = 256
 MAX_REJECTED_KEYS = 256
 
@@ -84,17 +92,27 @@ def _version(body: JSONObject) -> int | None:
 
 
 def _rejected(body: JSONObject) -> tuple[tuple[str, str], ...]:
+    """The ``rejected`` map: at most MAX_REJECTED_KEYS paths, each with a string reason of at
+    most MAX_REASON_LENGTH characters (limits.exceeded past either, 400)."""
     raw = body.get("rejected")
     if raw is None:
         return ()
     raw = _object(raw, "'rejected'")
     if len(raw) > MAX_REJECTED_KEYS:
-        raise BadRequest(f"'rejected' names more than {MAX_REJECTED_KEYS} paths.")
+        raise LimitExceeded(
+            f"'rejected' names {len(raw)} paths; the limit is {MAX_REJECTED_KEYS}.",
+            extra={"limit": MAX_REJECTED_KEYS},
+        )
     out: list[tuple[str, str]] = []
     for path, reason in raw.items():
-        if not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH:
-            raise BadRequest(
-                f"'rejected' reasons must be strings of at most {MAX_REASON_LENGTH} characters."
+        named = repr(path) if len(path) <= 80 else f"{path[:80]!r}..."
+        if not isinstance(reason, str):
+            raise BadRequest(f"'rejected' reason for {named} must be a string.")
+        if len(reason) > MAX_REASON_LENGTH:
+            raise LimitExceeded(
+                f"'rejected' reason for {named} is {len(reason)} characters long; the limit "
+                f"is {MAX_REASON_LENGTH}.",
+                extra={"limit": MAX_REASON_LENGTH},
             )
         out.append((path, reason))
     return tuple(out)
@@ -157,6 +175,17 @@ def rejection(error: TwinServiceError, client_token: str | None) -> JSONObject:
     if "desiredVersion" in error.extra:
         body["desiredVersion"] = error.extra["desiredVersion"]
     return body
+
+
+def answer_too_large(size: int, limit: int) -> PayloadTooLarge:
+    """The refusal a device gets for an answer the broker would not take: a ``get/accepted``
+    carries desired twice (as itself and as the delta) and the lifecycle, so a twin within
+    ``limits.max_twin_bytes`` can still have one over the broker's packet size limit."""
+    return PayloadTooLarge(
+        f"The answer is {size} bytes, over the MQTT broker's packet size limit of {limit} "
+        "bytes: read the twin over HTTP, or make its desired state smaller.",
+        extra={"size": size, "limit": limit},
+    )
 
 
 def report_accepted(

@@ -55,7 +55,15 @@ class _Section(BaseModel):
 
 
 class LimitsSettings(_Section):
-    max_twin_bytes: int = Field(64 * 1024, ge=1024, description="Largest twin (compact JSON).")
+    max_twin_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description=(
+            "Largest twin (compact JSON; its lifecycle not counted). MQTT packets to and from "
+            "the service may be twice as large, at least 2 MiB (the embedded broker's limit); a "
+            "device's get answer over that is refused (413 twin.toolarge)."
+        ),
+    )
     max_depth: int = Field(16, ge=2, le=64, description="Deepest nesting inside a twin.")
     max_key_length: int = Field(256, ge=1, le=4096, description="Longest key in a twin.")
     max_request_bytes: int = Field(

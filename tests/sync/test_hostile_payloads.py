@@ -213,22 +213,29 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return any(_deeper_than(child, limit - 1) for child in children)
 
 
-def _malformed_report(body: dict[str, Any]) -> bool:
-    """Whether a reported update breaks the protocol's types (null counts as absent)."""
+def _malformed_report(body: dict[str, Any]) -> tuple[int, str] | None:
+    """The refusal of a reported update that breaks the protocol's types (null counts as
+    absent) or bounds, in the order the service checks them; None for a well-formed one."""
     if set(body) - REPORT_FIELDS:
-        return True
+        return REQUEST_INVALID
     token, version, rejected = (body.get(k) for k in ("clientToken", "desiredVersion", "rejected"))
     if token is not None and not _valid_token(token):
-        return True
+        return REQUEST_INVALID
+    if rejected is not None:
+        if not isinstance(rejected, dict):
+            return REQUEST_INVALID
+        if len(rejected) > 256:
+            return LIMITS
+        for reason in rejected.values():
+            if not isinstance(reason, str):
+                return REQUEST_INVALID
+            if len(reason) > 256:
+                return LIMITS
+    if ("state" not in body and not rejected) or not isinstance(body.get("state", {}), dict):
+        return REQUEST_INVALID
     if version is not None and (type(version) is not int or version < 0):
-        return True
-    if rejected is not None and not (
-        isinstance(rejected, dict)
-        and len(rejected) <= 256
-        and all(isinstance(r, str) and len(r) <= 256 for r in rejected.values())
-    ):
-        return True
-    return ("state" not in body and not rejected) or not isinstance(body.get("state", {}), dict)
+        return REQUEST_INVALID
+    return None
 
 
 def _judge_report(payload: bytes, body: Any, doc: dict[str, Any], applied: int) -> Judgement:
@@ -240,8 +247,8 @@ def _judge_report(payload: bytes, body: Any, doc: dict[str, Any], applied: int) 
         return judgement
     version = body.get("desiredVersion")
     state = body.get("state", {})
-    if _malformed_report(body):
-        judgement.must.add(REQUEST_INVALID)
+    if malformed := _malformed_report(body):
+        judgement.must.add(malformed)
     elif version is not None and not applied <= version <= doc["desiredVersion"]:
         judgement.must.add(CONFLICT)
     if isinstance(state, dict):

@@ -148,6 +148,8 @@ HOSTILE = [
     (b'{"state": {}, "extra": 1}', 400, "request.invalid"),
     (b"[1, 2]", 400, "request.invalid"),
     (b'{"state": {}, "rejected": {"a": 5}}', 400, "request.invalid"),
+    (json.dumps({"state": {}, "rejected": {"a": "x" * 257}}).encode(), 400, "limits.exceeded"),
+    (json.dumps({"rejected": {f"p{i}": "r" for i in range(257)}}).encode(), 400, "limits.exceeded"),
     (
         DEEP,
         400,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,7 +19,7 @@ from connectivity.sync_messages import (
     rejection,
 )
 from tests.twin.strategies import objects
-from twin_service.errors import BadRequest, Conflict, InvalidJson, PayloadTooLarge
+from twin_service.errors import BadRequest, Conflict, InvalidJson, LimitExceeded, PayloadTooLarge
 from twin_service.twin.delta import compute_delta, leaf_paths
 from twin_service.twin.device import DeviceBook, TokenRecord, earlier_books, next_connection
 from twin_service.twin.lifecycle import (
@@ -323,7 +324,7 @@ BAD = [
     (b'{"state": {}, "clientToken": ""}', BadRequest),
     (b'{"state": {}, "clientToken": "' + b"x" * 65 + b'"}', BadRequest),
     (b'{"state": {}, "rejected": []}', BadRequest),
-    (b'{"state": {}, "rejected": {"a": "' + b"x" * 300 + b'"}}', BadRequest),
+    (b'{"state": {}, "rejected": {"a": "' + b"x" * 257 + b'"}}', LimitExceeded),
     (b'{"state": {}, "version": 1}', BadRequest),
     (b"x" * 2000, PayloadTooLarge),
 ]
@@ -340,6 +341,30 @@ def test_parse_bad_reports(payload: bytes, error: type[Exception]) -> None:
         parse_reported_update(payload, 1024)
     body = rejection(info.value, "tok")  # type: ignore[arg-type]
     assert body["clientToken"] == "tok" and body["code"] in (400, 413) and body["message"]
+
+
+@pytest.mark.parametrize(
+    ("rejected", "error", "message"),
+    [
+        ({"cfg": "r" * 256}, None, ""),
+        ({"cfg": "r" * 257}, LimitExceeded, "'rejected' reason for 'cfg' is 257 characters"),
+        ({"cfg": 5}, BadRequest, "'rejected' reason for 'cfg' must be a string"),
+        ({f"p{i}": "r" for i in range(256)}, None, ""),
+        ({f"p{i}": "r" for i in range(257)}, LimitExceeded, "'rejected' names 257 paths"),
+    ],
+)
+def test_a_refusal_is_bounded(
+    rejected: dict[str, JSON], error: type[Exception] | None, message: str
+) -> None:
+    """What a device's refusal can make the service write is bounded at parsing: the reason
+    goes into the lifecycle entry of every leaf under its path."""
+    payload = json.dumps({"state": {}, "rejected": rejected}).encode()
+    if error is None:
+        assert dict(parse_reported_update(payload, 10_000).rejected) == rejected
+        return
+    with pytest.raises(error) as info:
+        parse_reported_update(payload, 10_000)
+    assert type(info.value) is error and message in str(info.value)
 
 
 @given(st.binary(max_size=200))
