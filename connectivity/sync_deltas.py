@@ -218,6 +218,11 @@ class DeltaPublisher:
             except PacketTooLarge as exc:  # nothing sent
                 log.warning("delta of %s cleared on the broker: %s", twin_id, exc.message)
                 await self._publish(topic, b"")
+            if job.twin is None:
+                # Deleted: its device's retained status goes too. The broker kept it for
+                # good (the embedded one in the service's memory: a fleet replacing its
+                # devices grew without end).
+                await self._publish(self._layout.topic(twin_id, "status"), b"")
         except MqttUnavailable as exc:
             self.failures += 1
             self._failed.add(twin_id)

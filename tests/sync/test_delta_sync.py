@@ -173,12 +173,40 @@ async def test_a_change_whose_client_left_at_once_still_reaches_the_device(
         proc.stop()
 
 
-async def _retained_delta(url: str, twin: str) -> bytes | None:
-    """What a device subscribing now gets on its delta topic: the retained payload, if any."""
+async def _retained_delta(url: str, twin: str, suffix: str = "delta") -> bytes | None:
+    """What a device subscribing now gets on its delta topic (or another): the retained
+    payload, if any."""
     async with RawDevice(url, twin) as raw:
         await asyncio.sleep(0.5)  # retained messages come right after the SUBACK
-        held = [m.payload for m in raw.inbox.messages if m.topic.endswith("/delta") and m.retain]
+        held = [
+            m.payload for m in raw.inbox.messages if m.topic.endswith(f"/{suffix}") and m.retain
+        ]
     return held[-1] if held else None
+
+
+async def test_a_deleted_twins_retained_status_is_cleared_with_its_delta(
+    tmp_path: Path, mosquitto_server: Mosquitto, unique_name: str
+) -> None:
+    """The device's retained ``online`` (or its will's ``offline``) stayed on the broker
+    after its twin was deleted: for good, and in the service's memory on the embedded
+    broker (a fleet replacing devices grew without end)."""
+    url = mosquitto_server.url
+    twin = f"org.acme:{unique_name}"
+    svc = sync_service(tmp_path / "svc", url)
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            put_twin(api, twin, desired={"fan": 1})
+            async with RawDevice(url, twin) as raw:
+                await raw.send("status", b"online", retain=True, qos=1)
+            assert await _retained_delta(url, twin, "status") == b"online"
+            assert api.delete(f"/api/v1/twins/{twin}").status_code == 204
+        async with asyncio.timeout(20):
+            while await _retained_delta(url, twin, "status") is not None:
+                await asyncio.sleep(0.2)
+        assert await _retained_delta(url, twin) is None
+    finally:
+        svc.stop()
 
 
 async def test_retained_deltas_the_twins_no_longer_have_are_corrected_on_connect(
