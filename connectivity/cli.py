@@ -21,6 +21,8 @@ from connectivity.credentials import (
     check_service_user,
     mqtt_username,
 )
+from twin_service.auth import ADMIN_TOKEN_FILE
+from twin_service.store.own_files import one_of, sqlite_files
 
 if TYPE_CHECKING:
     from twin_service.settings import Settings
@@ -155,6 +157,15 @@ def cmd_export_mosquitto(
     args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout
 ) -> int:
     """``devices export-mosquitto --password-file P --acl-file A --service-user U``."""
+    outputs = {
+        "--password-file": args.password_file,
+        "--acl-file": args.acl_file,
+        "--service-password-file": args.service_password_file,
+    }
+    refusal = _refuse_outputs({k: v for k, v in outputs.items() if v is not None}, settings)
+    if refusal is not None:
+        print(f"twin-service devices export-mosquitto: {refusal}", file=sys.stderr)
+        return 2
     service_password = sys.stdin.readline().rstrip("\n") if args.service_password_stdin else None
     if service_password == "":  # stdin was empty, or its first line was
         print(
@@ -176,7 +187,35 @@ def cmd_export_mosquitto(
         )
     except ValueError as exc:  # a topic prefix without {twinId} (CredentialError is one too)
         return _fail(exc)
-    written = [args.password_file, args.acl_file, args.service_password_file]
-    names = ", ".join(str(path) for path in written if path is not None)
+    names = ", ".join(str(path) for path in outputs.values() if path is not None)
     print(f"wrote {names}; reload mosquitto (SIGHUP)", file=out)
     return 0
+
+
+def _refuse_outputs(outputs: dict[str, Path], settings: Settings) -> str | None:
+    """Why the files named by ``outputs`` (option: path) must not be written, or None.
+
+    Each is replaced: named the twin store or the credentials, exit 0 left a running
+    service with a database "disk image malformed" at its next start, or every device
+    refused; two options naming one file left only the later one's text there.
+    """
+    credentials = CredentialStore.in_data_dir(settings.data_dir)
+    own = {credentials.path: "the device credentials", credentials.lock_path: "their lock"}
+    database = settings.data_dir / settings.sqlite.file_name
+    own |= {path: "the twin store" for path in sqlite_files(database)}
+    own[settings.data_dir / ADMIN_TOKEN_FILE] = "the admin token"
+    if settings.auth.tokens_file is not None:
+        own[settings.auth.tokens_file] = "the tokens file"
+    earlier: dict[Path, str] = {}
+    for option, path in outputs.items():
+        found = one_of(path, own)
+        if found is not None:
+            return (
+                f"{option}: {path} is {own[found]} ({found}); writing there would destroy "
+                "it: name another file"
+            )
+        same = one_of(path, earlier)
+        if same is not None:
+            return f"{option}: {path} is the file of {earlier[same]} ({same}); name another file"
+        earlier[path] = option
+    return None

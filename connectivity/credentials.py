@@ -161,6 +161,11 @@ class CredentialStore:
         """The store at its standard place in the data directory."""
         return cls(data_dir / FILE_NAME)
 
+    @property
+    def lock_path(self) -> Path:
+        """The sibling file writers lock (see :meth:`_changing`)."""
+        return self.path.with_name(f".{self.path.name}.lock")
+
     def add(self, twin_id: str) -> str:
         """Create credentials for a new device; return its generated password (shown once)."""
         _check_device_id(twin_id)
@@ -268,8 +273,7 @@ class CredentialStore:
         sibling file, never removed: removing it would let two writers lock two files.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(f".{self.path.name}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or the process ends
             yield

@@ -600,3 +600,64 @@ def test_an_empty_service_password_is_refused(tmp_path: Path, stdin: str) -> Non
     assert_refused(run, 2, "--service-password-stdin: the password read from stdin is empty")
     assert run.stderr.count("\n") == 1
     assert not (tmp_path / "pw").exists() and not (tmp_path / "acl").exists()
+
+
+def export_mosquitto(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``devices export-mosquitto`` on ``data`` with the service password on stdin."""
+    command = ["--data-dir", "data", "devices", "export-mosquitto", "--service-user", "svc"]
+    return subprocess.run(
+        [sys.executable, "-m", "twin_service", *command, "--service-password-stdin", *args],
+        input="s3cret\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=command_env(**env),
+        timeout=60,
+    )
+
+
+def test_export_never_writes_over_the_service_files(tmp_path: Path) -> None:
+    """``--acl-file data/twins.sqlite3`` wrote the ACL over the running service's database
+    (exit 0; after a restart, exit 3 "database disk image is malformed"), and
+    ``--password-file data/device-credentials.json`` over the credentials: every device
+    login then failed. Whatever the spelling, every output naming one is refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "twins.sqlite3").symlink_to(tmp_path / "store.sqlite3")
+    added = serve(tmp_path, "--data-dir", "data", "devices", "add", "org.acme:pump-1")
+    assert added.returncode == 0, added.stderr
+    own = {
+        "data/device-credentials.json": "device credentials",
+        "data/.device-credentials.json.lock": "",
+        "store.sqlite3": "the twin store",
+        "data/twins.sqlite3-wal": "its write-ahead log",
+        "data/twins.sqlite3-shm": "its shared memory",
+        "store.sqlite3-journal": "its journal",
+        "data/admin-token": "the admin token",
+        "tokens.json": "[]",
+    }
+    for name, text in own.items():
+        if name != "data/device-credentials.json":
+            (tmp_path / name).write_text(text)
+    before = {name: (tmp_path / name).read_bytes() for name in own}
+    spellings = [*own, "data/../data/twins.sqlite3", "data/twins.sqlite3"]
+    spellings.append(str(data / "admin-token"))
+    options = ["--password-file", "--acl-file", "--service-password-file"]
+    for n, target in enumerate(spellings):
+        outputs = {option: f"out-{option[2:]}" for option in options}
+        outputs[options[n % 3]] = target
+        args = [part for pair in outputs.items() for part in pair]
+        run = export_mosquitto(tmp_path, *args, TWIN_AUTH__TOKENS_FILE="tokens.json")
+        assert_refused(run, 2, f"{options[n % 3]}: {target} is ", "name another file")
+        assert run.stderr.count("\n") == 1, run.stderr
+        assert {name: (tmp_path / name).read_bytes() for name in own} == before
+        assert not list(tmp_path.glob("out-*"))
+
+
+def test_export_refuses_two_outputs_naming_one_file(tmp_path: Path) -> None:
+    """The later file replaced the earlier: mosquitto read an ACL as its password file."""
+    (tmp_path / "etc").mkdir()
+    args = ["--password-file", "etc/pw", "--acl-file", "etc/../etc/pw"]
+    run = export_mosquitto(tmp_path, *args, "--service-password-file", "spw")
+    assert_refused(run, 2, "--acl-file: etc/../etc/pw is the file of --password-file (etc/pw)")
+    assert run.stderr.count("\n") == 1 and not list((tmp_path / "etc").iterdir())
