@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -254,14 +255,16 @@ class CredentialStore:
         layout = TopicLayout(topic_prefix)
         devices = self._load()
         lines = [f"{mqtt_username(tid)}:{entry['hash']}" for tid, entry in sorted(devices.items())]
+        files: dict[Path, str] = {}
         if service_password is not None:
             service_line = f"{service_user}:{hash_password(service_password)}"
             if service_password_path is not None:
-                _write_private(service_password_path, service_line + "\n")
+                files[service_password_path] = service_line + "\n"
             else:
                 lines.insert(0, service_line)
-        _write_private(password_path, "".join(line + "\n" for line in lines))
-        _write_private(acl_path, render_acl(service_user, layout, sorted(devices)))
+        files[password_path] = "".join(line + "\n" for line in lines)
+        files[acl_path] = render_acl(service_user, layout, sorted(devices))
+        _write_private(files)
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
@@ -300,7 +303,8 @@ class CredentialStore:
 
     def _save(self, devices: dict[str, dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_private(self.path, json.dumps({"format": _FORMAT, "devices": devices}, indent=2))
+        text = json.dumps({"format": _FORMAT, "devices": devices}, indent=2)
+        _write_private({self.path: text})
 
 
 def _entry_problem(twin_id: str, entry: object) -> str | None:
@@ -354,19 +358,37 @@ def render_acl(service_user: str, layout: TopicLayout, twin_ids: Iterable[str]) 
     return "\n".join(out)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Replace ``path`` atomically with a file only its owner can read."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_private(files: dict[Path, str]) -> None:
+    """Replace each path of ``files`` with its text, in a file only its owner can read.
+
+    Every text is written (and synced) beside its path before any is renamed: a path that
+    cannot be written leaves all of them as they were. The password file used to be
+    replaced before an ACL in a missing directory failed, mosquitto then reloading new
+    passwords with the old ACL, and the error named the temporary file.
+    """
+    written: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        for path, text in files.items():
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                if path.is_dir():  # found now, not once the other files are replaced
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                written.append((tmp, path))
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                raise CredentialError(f"cannot write {path}: {exc.strerror or exc}") from None
+        for tmp, path in written:
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise CredentialError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        for tmp, _ in written:  # left only by a failure: the renamed are gone
+            tmp.unlink(missing_ok=True)
 
 
 def _now() -> str:

@@ -661,3 +661,24 @@ def test_export_refuses_two_outputs_naming_one_file(tmp_path: Path) -> None:
     run = export_mosquitto(tmp_path, *args, "--service-password-file", "spw")
     assert_refused(run, 2, "--acl-file: etc/../etc/pw is the file of --password-file (etc/pw)")
     assert run.stderr.count("\n") == 1 and not list((tmp_path / "etc").iterdir())
+
+
+def test_export_writes_every_file_or_none(tmp_path: Path) -> None:
+    """An ACL file that could not be written (its directory missing) failed after the
+    password file had been replaced, naming a temporary file ('nodir/.acl.6fff72f0.tmp'):
+    mosquitto reloaded the new passwords with the old ACL."""
+    (tmp_path / "pw").write_text("the previous passwords\n")
+    (tmp_path / "spw").write_text("the previous service password\n")
+    for args in (
+        ["--password-file", "pw", "--acl-file", "nodir/acl", "--service-password-file", "spw"],
+        ["--password-file", "pw", "--acl-file", "acl", "--service-password-file", "nodir/spw"],
+        ["--password-file", "pw", "--acl-file", "adir", "--service-password-file", "spw"],
+    ):
+        (tmp_path / "adir").mkdir(exist_ok=True)
+        run = export_mosquitto(tmp_path, *args)
+        wrong = next(path for path in args if path in ("nodir/acl", "nodir/spw", "adir"))
+        assert_refused(run, 1, f"error: cannot write {wrong}: ")
+        assert run.stderr.count("\n") == 1 and ".tmp" not in run.stderr, run.stderr
+        assert (tmp_path / "pw").read_text() == "the previous passwords\n"
+        assert (tmp_path / "spw").read_text() == "the previous service password\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "pw", "spw"]
