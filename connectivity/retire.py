@@ -30,7 +30,7 @@ def add_subcommands(subparsers: Any) -> None:
         "retire",
         help="handle what a removed replica's session queued, then end the session",
     )
-    retire.add_argument("client_id", help="the removed replica's mqtt.client_id")
+    retire.add_argument("client_id", type=_client_id, help="the removed replica's mqtt.client_id")
     retire.add_argument("--config", type=Path, help="TOML settings file")
     retire.add_argument("--data-dir", type=Path, help="directory of the database")
     retire.add_argument(
@@ -40,6 +40,14 @@ def add_subcommands(subparsers: Any) -> None:
         help="done when no queued message has come for this long (5)",
     )
     retire.set_defaults(handler=run_retire)
+
+
+def _client_id(text: str) -> str:
+    # An unset shell variable ("$REPLICA") ended in a traceback: a persistent session
+    # needs a client id, and an empty one is the broker's to assign.
+    if not text:
+        raise argparse.ArgumentTypeError("the client id is empty")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -86,5 +94,9 @@ async def _retire(settings: Settings, quiet_seconds: float) -> int:
         # MQTT sync alone, and retiring from the start: the deltas and the expiry of
         # desired values are for the replicas that stay to keep.
         sync = MqttSync(retiring=True)
-        await start_service(settings, TokenRegistry([], disabled=True), stack, [sync])
+        # Only a store that exists: a mistyped --data-dir created an empty one, and the
+        # session's queued reports, handled against it, were lost for the real store.
+        await start_service(
+            settings, TokenRegistry([], disabled=True), stack, [sync], must_exist=True
+        )
         return await sync.retire(settings.mqtt.connect_timeout_seconds, quiet_seconds)

@@ -24,6 +24,8 @@ from connectivity.credentials import CredentialStore, hash_password
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
 from tests.service_process import ServiceProcess
+from twin_service.api.app import build_store
+from twin_service.settings import Settings
 
 SECRET = "never-print-this-secret"
 
@@ -545,9 +547,26 @@ def test_retiring_needs_a_quiet_time_that_can_end(tmp_path: Path, quiet: str) ->
     assert_refused(run, 2, "argument --quiet-seconds: must be a number of seconds above 0")
 
 
-def test_retiring_a_session_needs_a_broker_that_answers(tmp_path: Path) -> None:
+async def a_store(data_dir: Path) -> None:
+    """A twin store in ``data_dir``: ``mqtt retire`` opens only a store that exists."""
+    store = build_store(Settings(data_dir=data_dir))
+    await store.open()
+    await store.close()
+
+
+async def test_retiring_needs_a_client_id(tmp_path: Path) -> None:
+    """``mqtt retire "$REPLICA"`` with the variable unset ended in a 38-line traceback,
+    "ValueError: a persistent session needs a stable client_id"."""
+    await a_store(tmp_path / "data")
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    run = serve(tmp_path, "mqtt", "retire", "", "--data-dir", "data", TWIN_MQTT_URL=url)
+    assert_refused(run, 2, "error: argument client_id: the client id is empty")
+
+
+async def test_retiring_a_session_needs_a_broker_that_answers(tmp_path: Path) -> None:
     run = serve(tmp_path, "mqtt", "retire", "twin-service-2", "--data-dir", "data")
     assert_refused(run, 2, "mqtt retire needs an external broker (mqtt_url)")
+    await a_store(tmp_path / "data")
     run = serve(
         tmp_path,
         "mqtt",

@@ -271,6 +271,54 @@ async def test_retiring_a_removed_replica_hands_its_share_over(
         stays.stop()
 
 
+def retire(data: Path, client_id: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = ["mqtt", "retire", client_id, "--data-dir", str(data), "--quiet-seconds", "1"]
+    return subprocess.run(
+        [sys.executable, "-m", "twin_service", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=service_env(env | {"TWIN_MQTT__ENABLED": "true"}),
+    )
+
+
+async def test_retiring_with_a_data_dir_that_has_no_store_keeps_the_session(
+    fresh_mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A mistyped --data-dir created an empty store there, handled the session's queued
+    reports against it (no such twin) and ended the session, exit 0: the reports were lost
+    for the real store. Like ``index rebuild``, retire opens only a store that exists."""
+    data, typo, twin = tmp_path / "data", tmp_path / "dta", "org.acme:retired"
+    env = {**QUIET, "TWIN_MQTT__SHARED_GROUP": "replicas", "TWIN_MQTT_URL": fresh_mosquitto.url}
+    removed = sync_service(data, fresh_mosquitto.url, client_id="svc-gone", **env)
+    try:
+        wait_mqtt_up(removed)
+        with removed.client() as api:
+            put_twin(api, twin, reported={"n": 0})
+    finally:
+        removed.stop()
+    device = await publisher(fresh_mosquitto.url, "dev-retired")
+    try:
+        for n in range(1, 4):
+            body = {"state": {"n": n}, "clientToken": f"n{n}"}
+            await send_reliably(device, f"twins/{twin}/reported/update", body)
+    finally:
+        await device.stop()
+    wrong = retire(typo, "svc-gone", env)
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert f"there is no twin store at {typo / 'twins.sqlite3'}" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and not typo.exists()
+    right = retire(data, "svc-gone", env)  # the session still holds the three reports
+    assert right.returncode == 0, right.stdout + right.stderr
+    assert "ended the MQTT session svc-gone after handling 3 queued messages" in right.stdout
+    stays = sync_service(data, fresh_mosquitto.url, **env)
+    try:
+        with stays.client() as api:
+            assert get_twin(api, twin)["reported"] == {"n": 3}
+    finally:
+        stays.stop()
+
+
 async def test_a_retained_request_is_applied_once_not_at_every_reconnection(
     mosquitto_server: Mosquitto, tmp_path: Path, unique_name: str
 ) -> None:

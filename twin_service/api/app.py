@@ -35,15 +35,20 @@ from twin_service.tasks import stop_task
 log = logging.getLogger(__name__)
 
 
-def build_store(settings: Settings, *, existing: bool = False) -> TwinStore:
-    """The store ``settings`` name. ``existing``: for an operator command (``index
-    rebuild``), which opens only a store that exists (a mistyped data directory or database
-    name once created an empty one) and leaves what it records about search (the outbox,
-    the built-in index) as the service recorded it."""
+def build_store(
+    settings: Settings, *, existing: bool = False, must_exist: bool = False
+) -> TwinStore:
+    """The store ``settings`` name. ``must_exist``: for an operator command, which opens
+    only a store that exists (a mistyped data directory or database name once created an
+    empty one; ``mqtt retire`` then handled a session's queued reports against it) and
+    otherwise opens it as the service does (retire writes as the service does).
+    ``existing`` implies it, and also leaves what the store records about search (the
+    outbox, the built-in index) as the service recorded it (``index rebuild``, which
+    writes no twin)."""
     if settings.store == "mongodb":
         from twin_service.store.mongodb import MongoStore  # type: ignore[import-not-found,unused-ignore]
 
-        store: TwinStore = MongoStore(settings, existing=existing)
+        store: TwinStore = MongoStore(settings, existing=existing, must_exist=must_exist)
         return store
     from twin_service.store.sqlite import SqliteStore
 
@@ -55,6 +60,7 @@ def build_store(settings: Settings, *, existing: bool = False) -> TwinStore:
         builtin_index=settings.search == "builtin",
         gc_thresholds=settings.gc_thresholds,
         existing=existing,
+        must_exist=must_exist,
     )
 
 
@@ -267,15 +273,17 @@ async def start_service(
     tokens: TokenRegistry,
     stack: AsyncExitStack,
     components: list[Component] | None = None,
+    *,
+    must_exist: bool = False,
 ) -> AppContext:
     """Start the store, the index, the change feed and the components (by default those
-    the settings ask for), in that order.
+    the settings ask for), in that order. ``must_exist``: see :func:`build_store`.
 
     Each part's stop is registered before its start, so a start that fails part way (a
     client opened, then its server out of reach) still closes what it opened; the stack
     stops everything in reverse order.
     """
-    store = build_store(settings)
+    store = build_store(settings, must_exist=must_exist)
     await _begin(stack, "the store", store.open, store.close)
     service = TwinService(store, settings.limits.to_limits(), settings.default_namespace)
     index = build_index(settings, store)

@@ -113,12 +113,15 @@ def _twin(raw: dict[str, Any]) -> Twin:
 class MongoStore:
     """:class:`twin_service.store.base.TwinStore` on MongoDB."""
 
-    def __init__(self, settings: Settings, *, existing: bool = False) -> None:
-        """``existing``: an operator command's store (see ``api.app.build_store``)."""
+    def __init__(
+        self, settings: Settings, *, existing: bool = False, must_exist: bool = False
+    ) -> None:
+        """``existing``, ``must_exist``: see ``api.app.build_store``."""
         if settings.mongodb_url is None:
             raise ValueError("MongoStore needs settings.mongodb_url")
         self._url = settings.mongodb_url
         self._existing = existing
+        self._must_exist = existing or must_exist
         self._settings = settings.mongodb
         # Within /ready's bound for each check (api/routes/health.py), as the index's is.
         self._ping_seconds = settings.ready_check_timeout_seconds * 0.75
@@ -159,7 +162,7 @@ class MongoStore:
             info = await self._client.admin.command("buildInfo")
             self._server = "ferretdb" if "ferretdbVersion" in info else "mongodb"
             # Before anything is written: MongoDB creates a database by writing to it.
-            if self._existing and "twins" not in await db.list_collection_names():
+            if self._must_exist and "twins" not in await db.list_collection_names():
                 await self._client.close()
                 raise StoreMissing(
                     f"there is no twin store in the MongoDB database {mongo.database}"

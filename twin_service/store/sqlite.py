@@ -66,10 +66,11 @@ class SqliteStore:
         builtin_index: bool = True,
         gc_thresholds: tuple[int, int, int] | None = None,
         existing: bool = False,
+        must_exist: bool = False,
     ) -> None:
-        """``existing``: an operator command's store (see ``api.app.build_store``)."""
+        """``existing``, ``must_exist``: see ``api.app.build_store``."""
         self._path = path
-        self._existing = existing
+        self._must_exist = existing or must_exist
         self._builtin_index = builtin_index
         self._settings = settings
         self._writer = WriterProcess(
@@ -110,7 +111,7 @@ class SqliteStore:
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._existing and not self._path.is_file():
+        if self._must_exist and not self._path.is_file():
             raise StoreMissing(f"there is no twin store at {self._path}")
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
