@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twin_service.store.own_files import one_of, sqlite_files
 from twin_service.store.restore import stamp_backup
 
 
@@ -38,11 +39,6 @@ class BackupRefused(BackupError):
 
 class BackupInterrupted(BackupError):
     """Stopped (SIGTERM, SIGINT, SIGHUP) before it was written; its partial copy is removed."""
-
-
-#: The files SQLite keeps beside a database; writing any of them under a running service
-#: corrupts the database as surely as writing the database itself.
-_COMPANIONS = ("", "-wal", "-shm", "-journal")
 
 
 @dataclass(frozen=True)
@@ -168,20 +164,12 @@ def _running(pid: int) -> bool:
 
 
 def _refuse_the_live_database(source: Path, dest: Path) -> None:
-    # Compared resolved, so "./data/x", "data/../data/x" or a symlinked directory cannot
-    # slip past; both the database's own name and its symlink's target count, since SQLite
-    # keeps the -wal beside the file it resolved.
-    targets = {dest.parent.resolve() / dest.name, dest.resolve()}
-    for suffix in _COMPANIONS:
-        companions = {
-            source.parent.resolve() / (source.name + suffix),
-            source.resolve().with_name(source.resolve().name + suffix),
-        }
-        if targets & companions:
-            raise BackupRefused(
-                f"{dest} is the twin store itself ({source}{suffix}); writing the backup "
-                "there would destroy it: name another file"
-            )
+    found = one_of(dest, sqlite_files(source))
+    if found is not None:
+        raise BackupRefused(
+            f"{dest} is the twin store itself ({found}); writing the backup there would "
+            "destroy it: name another file"
+        )
 
 
 #: SQLite virtual machine instructions between two questions whether to stop.
