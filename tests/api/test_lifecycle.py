@@ -144,3 +144,37 @@ def test_an_expiry_due_while_the_store_is_down_is_committed_when_it_is_back(
                 break
             assert time.monotonic() < deadline, f"never expired: {response.text}"
             time.sleep(0.1)
+
+
+def test_the_same_value_written_again_is_a_retry_with_the_new_ttl(api: httpx.Client) -> None:
+    """``?ttl=`` used to be ignored when the desired value did not change: the write was
+    committed and its metadata stamped, but the value kept its old expiry (or none), and an
+    expired or rejected value stayed so."""
+    twin = f"/api/v1/twins/org.acme:again-{uuid.uuid4().hex[:8]}"
+    assert api.put(twin, params={"ttl": 2}, json={"desired": {"valve": "open"}}).status_code == 201
+    again = api.put(f"{twin}/desired/valve", params={"ttl": 600}, json="open")
+    assert again.status_code == 204, again.text
+    valve = api.get(f"{twin}/lifecycle").json()["valve"]
+    assert valve["state"] == "pending"
+    first = valve["expires"]
+    time.sleep(2.5)  # past the first time to live
+    assert api.get(f"{twin}/lifecycle").json()["valve"] == valve
+    # Without a time to live, the retry waits for the device as long as it takes.
+    patched = api.patch(twin, json={"desired": {"valve": "open"}}, headers=MERGE).json()
+    assert "expires" not in patched["lifecycle"]["valve"], patched["lifecycle"]
+    # An expired value desired again is pending again, with the new time to live.
+    api.put(f"{twin}/desired/valve", params={"ttl": 0.5}, json="open")
+    deadline = time.monotonic() + 20
+    while api.get(f"{twin}/lifecycle").json()["valve"]["state"] != "expired":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    retried = api.patch(
+        twin, params={"ttl": 600}, json={"desired": {"valve": "open"}}, headers=MERGE
+    ).json()
+    assert retried["lifecycle"]["valve"]["state"] == "pending"
+    assert retried["lifecycle"]["valve"]["expires"] > first
+    # A value the device already applied stays applied.
+    api.patch(twin, json={"reported": {"valve": "open"}}, headers=MERGE)
+    applied = api.put(f"{twin}/desired/valve", params={"ttl": 5}, json="open")
+    assert applied.status_code == 204
+    assert api.get(f"{twin}/lifecycle").json()["valve"]["state"] == "applied"

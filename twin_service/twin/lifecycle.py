@@ -12,13 +12,15 @@ by the path with JSON-pointer escapes and no leading slash (``fan/speed``; a key
 Transitions, computed by :func:`next_lifecycle` for each committed change:
 
 - a leaf enters the delta (desired written, or reported drifted away) -> ``pending``;
-  a desired write with a time to live sets ``expires``;
+- a desired write of a leaf still in the delta -> ``pending`` again, whatever its state and
+  even with the same value (a retry by the operator), with ``expires`` when the write gave
+  a time to live and without when it gave none;
 - the device names the leaf (or a parent) in ``rejected`` while it is in the delta -> ``rejected``;
 - reported matches desired again -> ``applied``;
 - ``pending`` past ``expires`` -> ``expired`` (on the next change, or by a sweep calling
   :func:`expire_due`);
-- ``rejected`` and ``expired`` stay until desired changes at that leaf (-> ``pending``) or the
-  device applies it (-> ``applied``);
+- ``rejected`` and ``expired`` stay until desired is written at that leaf (-> ``pending``) or
+  the device applies it (-> ``applied``);
 - a leaf that leaves desired loses its entry.
 
 Pure: no I/O; only the ``*_amend`` adapters read the clock.
@@ -26,7 +28,7 @@ Pure: no I/O; only the ``*_amend`` adapters read the clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -34,7 +36,7 @@ from twin_service.twin.delta import compute_delta
 from twin_service.twin.document import Twin, now_iso
 from twin_service.twin.operations import Edit
 from twin_service.twin.patch import json_equal
-from twin_service.twin.pointer import escape_token
+from twin_service.twin.pointer import escape_token, key_path
 from twin_service.types import JSON, JSONObject
 
 PENDING: Final = "pending"
@@ -75,10 +77,15 @@ def normalize_key(text: str) -> str:
     return text[1:] if text.startswith("/") else text
 
 
+def _within(key: str, parent: str) -> bool:
+    """Whether ``key`` is ``parent`` or lies below it (``""`` is the root)."""
+    return parent == "" or key == parent or key.startswith(parent + "/")
+
+
 def _covered(key: str, rejected: Mapping[str, str]) -> str | None:
     """The reason if ``key`` or one of its parents is rejected."""
     for candidate, reason in rejected.items():
-        if candidate == "" or key == candidate or key.startswith(candidate + "/"):
+        if _within(key, candidate):
             return reason
     return None
 
@@ -104,6 +111,7 @@ def next_lifecycle(
     rejected_version: int | None = None,
     ttl_seconds: float | None = None,
     old_delta: JSONObject | None = None,
+    written: Collection[str] | None = (),
 ) -> JSONObject:
     """The lifecycle after a change that leaves ``desired``/``reported`` as given.
 
@@ -112,8 +120,13 @@ def next_lifecycle(
     ``desired_version`` is the version of the new desired; ``rejected`` maps normalized keys
     (see :func:`normalize_key`) to the device's reasons, for the desired version
     ``rejected_version`` when the device named one: a leaf pending since a later version
-    holds a value the device had not seen, and stays as it is; ``ttl_seconds`` applies to
-    leaves whose desired value this change wrote.
+    holds a value the device had not seen, and stays as it is.
+
+    ``written`` holds the keys of the desired paths this change wrote, each covering the
+    leaves below it (None: all of desired); a leaf whose value changed is written too. A
+    written leaf still in the delta is pending again with ``ttl_seconds`` (or no expiry),
+    the same value included: metadata counts it as written (see
+    :func:`twin_service.twin.metadata.stamp`), and an operator sends it again to retry.
     """
     stamp = now_iso(now)
     rejected = {normalize_key(k): v for k, v in (rejected or {}).items()}
@@ -129,7 +142,11 @@ def next_lifecycle(
     for key in leaves:
         entry = expired_now.get(key)
         state = entry.get("state") if isinstance(entry, dict) else None
-        written = not json_equal(old_leaves.get(key, _MISSING), leaves[key])
+        touched = (
+            written is None
+            or any(_within(key, path) for path in written)
+            or not json_equal(old_leaves.get(key, _MISSING), leaves[key])
+        )
         if key not in in_delta:
             if state == APPLIED or (state is None and key not in was_in_delta):
                 if entry is not None:
@@ -152,13 +169,13 @@ def next_lifecycle(
                 "desiredVersion": desired_version,
                 "reason": reason,
             }
-        elif written or state is None or state == APPLIED:
+        elif touched or state is None or state == APPLIED:
             pending: JSONObject = {
                 "state": PENDING,
                 "since": stamp,
                 "desiredVersion": desired_version,
             }
-            if written and ttl_seconds is not None:
+            if touched and ttl_seconds is not None:
                 pending["expires"] = now_iso(now + timedelta(seconds=ttl_seconds))
             out[key] = pending
         else:
@@ -218,6 +235,8 @@ def lifecycle_for_edit(
     old_desired: JSONObject = twin.desired if twin else {}
     desired: JSONObject = edit.values.get("desired", old_desired)
     reported: JSONObject = edit.values.get("reported", twin.reported if twin else {})
+    paths = edit.written.get("desired", set())
+    written = None if paths is None or () in paths else {key_path(path) for path in paths}
     if twin is None:
         version = 1
     else:
@@ -234,6 +253,7 @@ def lifecycle_for_edit(
         rejected=rejected,
         rejected_version=rejected_version,
         ttl_seconds=ttl_seconds,
+        written=written,
     )
 
 
