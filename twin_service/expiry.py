@@ -1,10 +1,11 @@
 """Marks desired values whose time to live ran out as ``expired`` when they fall due.
 
 Without this, an overdue ``pending`` entry would only turn ``expired`` at the twin's next
-write. The sweeper learns due times from every committed twin (and, at start-up, from a scan
-of the store), sleeps until the earliest, then commits the expiry as a ``system`` change.
-Every replica may sweep: the compare-and-set and the "is anything due" check make a second
-sweeper of the same twin a no-op.
+write. The sweeper learns due times from the twins this process commits, at start-up from a
+scan of the store, and after it from the change journal, which holds every process's commits
+(the process that set a time to live may have stopped since); it sleeps until the earliest,
+then commits the expiry as a ``system`` change. Every replica may sweep: the compare-and-set
+and the "is anything due" check make a second sweeper of the same twin a no-op.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import asyncio
 import contextlib
 import heapq
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from twin_service.api.context import AppContext
 from twin_service.errors import Conflict, TwinServiceError, Unavailable
@@ -26,14 +29,25 @@ from twin_service.twin.operations import Edit
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 SCAN_PAGE = 500
 IDLE_WAIT = 3600.0
 #: Seconds before an expiry the store could not take is tried again.
 RETRY_SECONDS = 2.0
 
 
-class _NothingDue(Exception):
-    """The twin has no overdue entry (any more): nothing to commit."""
+class _NothingDue(TwinServiceError):
+    """The twin has no overdue entry (any more): nothing to commit.
+
+    A :class:`TwinServiceError` so that the service judges again on a fresh copy when it
+    judged the one it keeps of its last write, which lacks what other processes wrote since
+    (the expiry that one of them set). The sweeper catches it: no client sees it.
+    """
+
+    def __init__(self, twin: Twin | None) -> None:
+        super().__init__("Nothing of the twin is due to expire.")
+        self.twin = twin
 
 
 class ExpirySweeper:
@@ -53,7 +67,7 @@ class ExpirySweeper:
         ctx.service.add_listener(self._on_commit)
         self._tasks = [
             asyncio.create_task(self._run(), name="expiry-sweeper"),
-            asyncio.create_task(self._scan(), name="expiry-scan"),
+            asyncio.create_task(self._learn(), name="expiry-learn"),
         ]
 
     async def stop(self) -> None:
@@ -84,22 +98,64 @@ class ExpirySweeper:
         if twin is not None:
             self.watch(twin)
 
+    async def _learn(self) -> None:
+        """Watch the stored twins, then every twin the journal's later events leave.
+
+        The journal is read every stream poll interval (1 s by default): an expiry set by
+        another process is committed at most that late. Each read is one query and the
+        decoding of the events committed since, as the event hub's tail does; a periodic
+        rescan of the twins instead would read every twin each time (MongoDB cannot skip
+        those without an expiry), however few are written.
+        """
+        assert self._ctx is not None
+        interval = self._ctx.settings.stream.poll_interval_seconds
+        # Taken before the scan: what commits after the scan read a twin follows it there.
+        position = await self._paused_on_failure(self._ctx.store.last_seq)
+        await self._scan()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                position = await self._follow(position)
+            except TwinServiceError as exc:
+                log.warning("expiry sweeper cannot read the journal, retrying: %s", exc.message)
+
+    async def _follow(self, position: int) -> int:
+        """Watch the twins of the journaled events after ``position``; returns where it read
+        up to."""
+        assert self._ctx is not None
+        while True:
+            events = await self._ctx.store.events_after(position, SCAN_PAGE)
+            for stored in events:
+                if stored.state is not None:
+                    self.watch(stored.state)
+                position = stored.seq
+            if len(events) < SCAN_PAGE:
+                return position
+
     async def _scan(self) -> None:
         assert self._ctx is not None
+        store = self._ctx.store
         after: str | None = None
         while True:
-            try:
-                # Only twins whose text holds an expiry can have one due.
-                twins = await self._ctx.store.scan(after, SCAN_PAGE, containing='"expires":')
-            except TwinServiceError as exc:
-                log.warning("expiry scan paused: %s", exc.message)
-                await asyncio.sleep(5)
-                continue
+            # Only twins whose text holds an expiry can have one due.
+            twins = await self._paused_on_failure(
+                partial(store.scan, after, SCAN_PAGE, containing='"expires":')
+            )
             if not twins:
                 return
             for twin in twins:
                 self.watch(twin)
             after = twins[-1].twin_id
+
+    @staticmethod
+    async def _paused_on_failure(read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``, tried again every few seconds while the store cannot answer."""
+        while True:
+            try:
+                return await read()
+            except TwinServiceError as exc:
+                log.warning("expiry scan paused: %s", exc.message)
+                await asyncio.sleep(5)
 
     async def _run(self) -> None:
         while True:
@@ -138,9 +194,8 @@ class ExpirySweeper:
             self.expired += 1  # the commit watched the twin again (_on_commit)
         except _NothingDue as nothing:
             # Its expiry changed since it was scheduled (a later TTL, or applied).
-            twin = nothing.args[0]
-            if twin is not None:
-                self.watch(twin)
+            if nothing.twin is not None:
+                self.watch(nothing.twin)
         except (Unavailable, Conflict) as exc:
             # Dropped, the expiry would wait for the twin's next write or the next start.
             log.warning(

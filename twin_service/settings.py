@@ -469,7 +469,10 @@ class StreamSettings(_Section):
         "sends faster than it is served is held back by TCP instead of piling up work.",
     )
     poll_interval_seconds: float = Field(
-        1.0, gt=0, description="Journal poll interval when no commit notice arrives."
+        1.0,
+        gt=0,
+        description="Journal poll interval when no commit notice arrives; also how often "
+        "the expiry sweeper reads the journal for the times to live other processes set.",
     )
     bus: Literal["auto", "inprocess", "mqtt"] = Field(
         "auto",
