@@ -123,14 +123,19 @@ class ExpirySweeper:
         """Watch the twins of the journaled events after ``position``; returns where it read
         up to."""
         assert self._ctx is not None
+        store = self._ctx.store
+        # Every event up to it is journaled: those the hint below skips are read past too.
+        head = await store.last_seq()
         while True:
-            events = await self._ctx.store.events_after(position, SCAN_PAGE)
+            # Only twins whose text holds an expiry can have one due. Decoding every event
+            # (the store skips the others) cost 5.5% of the CPU of a PATCH (bench.ab).
+            events = await store.events_after(position, SCAN_PAGE, containing='"expires":')
             for stored in events:
                 if stored.state is not None:
                     self.watch(stored.state)
                 position = stored.seq
             if len(events) < SCAN_PAGE:
-                return position
+                return max(position, head)
 
     async def _scan(self) -> None:
         assert self._ctx is not None

@@ -553,3 +553,12 @@ class StoreContract:
         hinted = [t.twin_id for t in await store.scan(None, 10, containing="zz-hint")]
         assert "org.scan:t5" in hinted
         assert set(hinted) <= {t.twin_id for t in await store.scan(None, 10)}
+        # So is it for the journal: the events whose twin holds the text are all there, in
+        # order, and no event is made up.
+        every = await store.events_after(0, 100)
+        events = await store.events_after(0, 100, containing="zz-hint")
+        assert [e.seq for e in events if e.event.twin_id == "org.scan:t5"] == [
+            e.seq for e in every if e.event.twin_id == "org.scan:t5"
+        ]
+        assert {e.seq for e in events} <= {e.seq for e in every}
+        assert [e.seq for e in events] == sorted(e.seq for e in events)

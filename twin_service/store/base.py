@@ -151,11 +151,15 @@ class TwinStore(Protocol):
 
     async def count(self, query: SearchQuery) -> int: ...
 
-    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+    async def events_after(
+        self, seq: int, limit: int, *, containing: str | None = None
+    ) -> list[StoredEvent]:
         """Journaled events with a sequence number above ``seq``, oldest first, with ``state``.
 
         A reader that has seen sequence number N never later finds a committed event below N
         (stores that allocate numbers before committing must hold back unsettled ones).
+        ``containing`` is a hint, as :meth:`scan`'s: a store may skip events whose twin's
+        stored JSON text lacks it.
         """
 
     async def twin_at(self, twin_id: str, revision: int) -> Twin | None:

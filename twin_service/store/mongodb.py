@@ -370,7 +370,10 @@ class MongoStore:
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to count", exc) from exc
 
-    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+    async def events_after(
+        self, seq: int, limit: int, *, containing: str | None = None
+    ) -> list[StoredEvent]:
+        # ``containing`` is only a hint; every event is returned here.
         try:
             events, _ = await self._journal.read(seq, limit)
         except DRIVER_ERRORS as exc:

@@ -364,11 +364,14 @@ class SqliteStore:
         )
         return result
 
-    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+    async def events_after(
+        self, seq: int, limit: int, *, containing: str | None = None
+    ) -> list[StoredEvent]:
         def run() -> list[StoredEvent]:
             rows = self._reader().execute(
-                "SELECT seq, event, state FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                (seq, limit),
+                "SELECT seq, event, state FROM events WHERE seq > ? "
+                "AND (? IS NULL OR instr(state, ?) > 0) ORDER BY seq LIMIT ?",
+                (seq, containing, containing, limit),
             )
             return [
                 StoredEvent(
