@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from twin_service.api.context import AppContext
-from twin_service.errors import Conflict, TwinServiceError, Unavailable
+from twin_service.errors import Conflict, NotFound, TwinServiceError, Unavailable
 from twin_service.store.base import StoredEvent
 from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin, now_iso
@@ -92,11 +92,27 @@ class ExpirySweeper:
             return
         self._next[twin_id] = expires
         heapq.heappush(self._due, (expires, twin_id))
+        self._compact()
         self._wake.set()
 
-    async def _on_commit(self, _stored: StoredEvent, twin: Twin | None) -> None:
+    def _forget(self, twin_id: str) -> None:
+        """Nothing of ``twin_id`` is due any more (deleted)."""
+        if self._next.pop(twin_id, None) is not None:
+            self._compact()
+
+    def _compact(self) -> None:
+        """The heap keeps a dropped or superseded entry until its time (up to 100 years
+        for a time to live): a twin deleted, or given an earlier expiry, over and over grew
+        it without end. Rebuilt once most of it is such entries."""
+        if len(self._due) > 2 * len(self._next) + 64:
+            self._due = [(at, tid) for at, tid in self._due if self._next.get(tid) == at]
+            heapq.heapify(self._due)
+
+    async def _on_commit(self, stored: StoredEvent, twin: Twin | None) -> None:
         if twin is not None:
             self.watch(twin)
+        else:
+            self._forget(stored.event.twin_id)
 
     async def _learn(self) -> None:
         """Watch the stored twins, then every twin the journal's later events leave.
@@ -201,6 +217,8 @@ class ExpirySweeper:
             # Its expiry changed since it was scheduled (a later TTL, or applied).
             if nothing.twin is not None:
                 self.watch(nothing.twin)
+        except NotFound:
+            pass  # deleted since (by another process: this one forgets its own deletions)
         except (Unavailable, Conflict) as exc:
             # Dropped, the expiry would wait for the twin's next write or the next start.
             log.warning(
