@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,7 +66,11 @@ class DeviceClient:
         self.config = config
         self.layout = TopicLayout(config.topic_prefix)
         self.base = self.layout.base(config.twin_id)
-        #: Every delta message (``{"state": {...}, "desiredVersion": n}``), in arrival order.
+        #: The delta messages (``{"state": {...}, "desiredVersion": n}``) not yet superseded,
+        #: in arrival order. A cleared delta (empty payload, nothing left to apply) empties the
+        #: queue, and a delta older than the ``desiredVersion`` of the last :meth:`get` is
+        #: dropped: after being away, a persistent session delivers the deltas it queued, and
+        #: the app must not apply one the service has since withdrawn.
         self.deltas: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         #: The last ``get/accepted`` document, refreshed on every reconnection.
         self.twin: dict[str, Any] | None = None
@@ -143,6 +148,7 @@ class DeviceClient:
         """Request the full twin; returns the ``get/accepted`` body."""
         body = await self._request("get", {}, timeout)
         self.twin = body
+        self._keep_deltas(lambda delta: not _older(delta, body))
         return body
 
     async def report(
@@ -156,7 +162,8 @@ class DeviceClient:
         """Report state; returns the accepted body or raises :class:`RequestRejected`, or
         an :class:`MqttUnavailable` or ``TimeoutError`` when no answer came.
         :class:`PacketTooLarge` (nothing sent) for a report over ``config.max_packet_size``
-        or the broker's limit; ``ValueError`` for a ``client_token`` over 64 bytes of UTF-8.
+        or the broker's limit (the report goes out as compact UTF-8 JSON); ``ValueError`` (nothing
+        sent) for a ``client_token`` over 64 bytes of UTF-8 or a value JSON cannot carry (NaN).
 
         An outcome that a later attempt may change is retried for ``config.retry_for``
         seconds with the same clientToken, which the service applies once however often it
@@ -180,7 +187,7 @@ class DeviceClient:
         Raises :class:`NoSubscriber` when the broker took it with no one subscribed (MQTT 5):
         send it again."""
         await self._client.publish(
-            self.topic("live/update"), json.dumps(values).encode(), require_subscriber=True
+            self.topic("live/update"), encode_json(values), require_subscriber=True
         )
 
     async def _request(
@@ -195,12 +202,13 @@ class DeviceClient:
                 f"{MAX_CLIENT_TOKEN_BYTES}"
             )
         body = {**body, "clientToken": token}
+        payload = encode_json(body)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.config.retry_for
         delay = self.config.retry_min_delay
         while True:
             try:
-                return await self._send(suffix, body, timeout)
+                return await self._send(suffix, token, payload, timeout)
             except Exception as exc:
                 again = worth_sending_again(exc) and not self._stopped
                 if not again or loop.time() + delay > give_up:
@@ -210,9 +218,8 @@ class DeviceClient:
             delay = min(delay * 2, self.config.retry_max_delay)
 
     async def _send(
-        self, suffix: str, body: dict[str, Any], timeout: float | None
+        self, suffix: str, token: str, payload: bytes, timeout: float | None
     ) -> dict[str, Any]:
-        token = body["clientToken"]
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[token] = fut
         try:
@@ -221,7 +228,7 @@ class DeviceClient:
             # Not resent by paho: _request sends it again itself, or gives up on it for good.
             await self._client.publish(
                 self.topic(suffix),
-                json.dumps(body).encode(),
+                payload,
                 require_subscriber=True,
                 resend=False,
             )
@@ -242,10 +249,19 @@ class DeviceClient:
 
     async def _on_delta(self, msg: InboundMessage) -> None:
         if not msg.payload:
-            return  # the service cleared the retained delta: nothing left to apply
+            # The service cleared the delta: every earlier one is withdrawn.
+            self._keep_deltas(lambda _delta: False)
+            return
         body = _json(msg)
-        if body is not None:
+        if body is not None and not (self.twin is not None and _older(body, self.twin)):
             self.deltas.put_nowait(body)
+
+    def _keep_deltas(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Drop the queued deltas ``keep`` refuses, keeping the others in order."""
+        queued = [self.deltas.get_nowait() for _ in range(self.deltas.qsize())]
+        for delta in queued:
+            if keep(delta):
+                self.deltas.put_nowait(delta)
 
     async def _on_reply(self, msg: InboundMessage) -> None:
         body = _json(msg)
@@ -268,6 +284,24 @@ def worth_sending_again(exc: BaseException) -> bool:
     if isinstance(exc, MqttUnavailable):
         return exc.retry_after_seconds is not None  # not a refusal by the broker's ACL
     return isinstance(exc, TimeoutError)
+
+
+def encode_json(body: dict[str, Any]) -> bytes:
+    """``body`` as compact UTF-8 JSON: json.dumps' defaults escape every non-ASCII character
+    (an emoji took 12 bytes, not 4) against the packet limits, and write ``NaN``, not JSON.
+
+    Raises ``ValueError`` for a value JSON cannot carry (NaN, infinity, a non-JSON type)."""
+    try:
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    return text.encode()
+
+
+def _older(delta: dict[str, Any], twin: dict[str, Any]) -> bool:
+    """Whether ``delta`` is for an older desired version than ``twin`` (a ``get`` answer)."""
+    version, current = delta.get("desiredVersion"), twin.get("desiredVersion")
+    return isinstance(version, int) and isinstance(current, int) and version < current
 
 
 def _json(msg: InboundMessage) -> dict[str, Any] | None:

@@ -37,6 +37,7 @@ class FakeService:
         self.status: dict[str, str] = {}
         self.live: list[Any] = []
         self.revision = 0
+        self.gets = 0
         #: Reports received, by clientToken.
         self.attempts: Counter[str] = Counter()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
@@ -60,6 +61,7 @@ class FakeService:
             self.live.append(body)
             return
         if suffix == "get":
+            self.gets += 1
             self._reply(
                 twin,
                 "get/accepted",
@@ -381,3 +383,17 @@ async def test_credentials_changed_under_a_running_device_are_what_report_raises
         assert health.last_error is not None and "refused" in health.last_error, health
     finally:
         await dev.stop()
+
+
+async def test_a_report_is_sent_as_compact_utf8_and_nan_is_refused_unsent(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    """json.dumps' defaults escaped every non-ASCII character: 30 KB of emoji in UTF-8 went
+    out as 90 KB and was refused over a 64 KiB limit. NaN went out as ``NaN``, not JSON."""
+    async with _device(mosquitto_server, unique_name, max_packet_size=64 * 1024) as dev:
+        emoji = "\N{GRINNING FACE}" * 7_500  # 30,000 bytes of UTF-8
+        accepted = await dev.report({"note": emoji}, client_token="tok-emoji")
+        assert accepted["clientToken"] == "tok-emoji"
+        with pytest.raises(ValueError, match="JSON"):
+            await dev.report({"speed": float("nan")}, client_token="tok-nan")
+    assert set(service.attempts) == {"tok-emoji"}

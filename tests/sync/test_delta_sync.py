@@ -315,3 +315,35 @@ async def test_deltas_go_out_on_a_connection_of_their_own(
             delta = await dev.reply("delta")
         assert delta == {"state": {"fan": {"speed": 3}}, "desiredVersion": 1}
         assert ctx.readiness["mqtt"]()["deltaConnection"] == "up"
+
+
+async def test_a_delta_cleared_while_the_device_was_away_is_not_handed_to_the_app(
+    mosquitto_server: Mosquitto, tmp_path: Path, unique_name: str
+) -> None:
+    """Desired went x=2 and back to x=1 while the device was away: its persistent session got
+    the delta {x: 2}, then the empty (cleared) one. DeviceClient dropped the empty message and
+    its deltas queue held the withdrawn {x: 2}, which the documented loop applied."""
+    twin = f"org.acme:{unique_name}"
+    proc = sync_service(tmp_path / "svc", mosquitto_server.url)
+    try:
+        wait_mqtt_up(proc)
+        with proc.client() as api:
+            put_twin(api, twin, desired={"x": 1}, reported={"x": 1})
+            dev = device(mosquitto_server.url, twin, client_id=f"lib-{unique_name}", protocol=4)
+            await dev.start()
+            await until(lambda: dev.twin is not None)
+            await dev.stop()
+            patch_desired(api, twin, {"x": 2})
+            last = patch_desired(api, twin, {"x": 1})
+        await asyncio.sleep(1)  # the service publishes both deltas
+        dev = device(mosquitto_server.url, twin, client_id=f"lib-{unique_name}", protocol=4)
+        await dev.start()
+        try:
+            await until(lambda: (dev.twin or {}).get("desiredVersion") == last["desiredVersion"])
+            await _settle()
+            queued = [dev.deltas.get_nowait() for _ in range(dev.deltas.qsize())]
+            assert queued == []
+        finally:
+            await dev.stop()
+    finally:
+        proc.stop()
