@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,6 +58,16 @@ class DeviceConfig:
     #: that sends more than 2 MiB. An MQTT 5 broker's own Maximum Packet Size applies too.
     max_packet_size: int | None = 2 * 1024 * 1024
 
+    def __post_init__(self) -> None:
+        # A retry_min_delay of 0 sent a request again in a busy loop while the broker was away.
+        if not 0 < self.retry_min_delay <= self.retry_max_delay:
+            raise ValueError(
+                f"retry_min_delay ({self.retry_min_delay}) must be over 0 and at most "
+                f"retry_max_delay ({self.retry_max_delay})"
+            )
+        if self.retry_for < 0:
+            raise ValueError(f"retry_for ({self.retry_for}) must be 0 or more")
+
 
 class DeviceClient:
     """One device's connection to its twin."""
@@ -76,7 +86,10 @@ class DeviceClient:
         self.twin: dict[str, Any] | None = None
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._stopped = False
+        #: Set by stop(): ends a start() still connecting.
+        self._stopping = asyncio.Event()
         self._subscribed = asyncio.Event()
+        self._listening = False
         self._client = MqttClient(
             MqttOptions(
                 url=config.url,
@@ -112,18 +125,25 @@ class DeviceClient:
 
         Raises :class:`ConnectRefused` or :class:`NotConnected` (nothing within ``timeout``)
         with the client stopped: a client left connecting in the background took the
-        device's client id from the next one, and the two took turns at the session."""
+        device's client id from the next one, and the two took turns at the session;
+        :class:`NotConnected` too when :meth:`stop` is called meanwhile. A stopped client
+        may be started again."""
+        self._stopped = False
+        self._stopping.clear()
+        self._subscribed.clear()
         await self._client.subscribe(self.topic("delta"), 1, self._on_delta)
         for suffix in _REPLIES:
             await self._client.subscribe(self.topic(suffix), 1, self._on_reply)
-        self._client.on_connect(self._announce)
+        if not self._listening:  # once: a second listener fetched the twin twice
+            self._client.on_connect(self._announce)
+            self._listening = True
         await self._client.start()
         try:
-            await self._client.wait_connected(timeout)
+            await self._unless_stopped(self._client.wait_connected(timeout))
             try:
                 # Connected is not yet subscribed: an answer to a request sent before the
                 # broker took the subscriptions would go nowhere.
-                await asyncio.wait_for(self._subscribed.wait(), timeout)
+                await self._unless_stopped(asyncio.wait_for(self._subscribed.wait(), timeout))
             except TimeoutError:
                 raise NotConnected(
                     f"the broker did not acknowledge the subscriptions within {timeout}s"
@@ -132,9 +152,26 @@ class DeviceClient:
             await self._client.stop(grace=0)
             raise
 
+    async def _unless_stopped(self, step: Awaitable[object]) -> None:
+        """Await ``step``; raise :class:`NotConnected` instead once :meth:`stop` is called."""
+        work = asyncio.ensure_future(step)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not work.done():
+                work.cancel()
+            await asyncio.gather(work, stopping, return_exceptions=True)
+        if work.cancelled():
+            raise NotConnected("client stopped")
+        work.result()
+
     async def stop(self) -> None:
-        """Publish ``offline`` (retained) and disconnect."""
+        """Publish ``offline`` (retained) and disconnect. Requests still waiting for an answer,
+        and a :meth:`start` still connecting, raise :class:`NotConnected`."""
         self._stopped = True
+        self._stopping.set()
         if self._client.connected:
             try:
                 await self._client.publish(self.topic("status"), b"offline", retain=True)
@@ -142,7 +179,8 @@ class DeviceClient:
                 log.warning("could not publish offline status: %s", exc)
         await self._client.stop()
         for fut in self._waiters.values():
-            fut.cancel()
+            if not fut.done():
+                fut.set_exception(NotConnected("client stopped"))
 
     async def get(self, timeout: float | None = None) -> dict[str, Any]:
         """Request the full twin; returns the ``get/accepted`` body."""

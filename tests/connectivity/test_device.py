@@ -397,3 +397,69 @@ async def test_a_report_is_sent_as_compact_utf8_and_nan_is_refused_unsent(
         with pytest.raises(ValueError, match="JSON"):
             await dev.report({"speed": float("nan")}, client_token="tok-nan")
     assert set(service.attempts) == {"tok-emoji"}
+
+
+async def test_stop_ends_a_waiting_report_with_not_connected(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    """A report waiting for its answer raised CancelledError at stop(), which an app that
+    catches the library's errors took for its own task being cancelled."""
+    async with _device(mosquitto_server, unique_name, request_timeout=30) as dev:
+        report = asyncio.create_task(dev.report({"mute": 100}, client_token="tok-wait"))
+        await eventually(lambda: service.attempts["tok-wait"] == 1)
+        await dev.stop()
+        with pytest.raises(NotConnected, match="stopped"):
+            await asyncio.wait_for(report, 5)
+
+
+async def test_stop_ends_a_start_still_connecting(unique_name: str) -> None:
+    """start() against a broker that is not there went on for its whole timeout after stop()."""
+    dev = DeviceClient(
+        DeviceConfig(
+            url=f"mqtt://127.0.0.1:{free_port()}",
+            twin_id="org.acme:pump-3",
+            password="unused",
+            client_id=unique_name,
+        )
+    )
+    start = asyncio.create_task(dev.start(timeout=30))
+    await asyncio.sleep(0.5)
+    await dev.stop()
+    with pytest.raises(NotConnected, match="stopped"):
+        await asyncio.wait_for(start, 5)
+    assert _paho_threads(unique_name) == []
+
+
+async def test_a_client_started_again_after_stop_works_as_a_new_one(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    """Started again, it fetched the twin twice per connection (its connect listener added
+    again) and its reports were no longer sent again (still marked stopped)."""
+    async with _device(
+        mosquitto_server, unique_name, request_timeout=0.5, retry_min_delay=0.05
+    ) as dev:
+        await eventually(lambda: service.gets == 1)
+        await dev.stop()
+        await dev.start()
+        accepted = await dev.report({"mute": 1}, client_token="tok-again")
+        assert accepted["clientToken"] == "tok-again"
+        assert service.attempts["tok-again"] == 2
+        await asyncio.sleep(0.3)
+        assert service.gets == 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"retry_min_delay": 0}, "retry_min_delay"),
+        ({"retry_min_delay": 5, "retry_max_delay": 1}, "retry_max_delay"),
+        ({"retry_for": -1}, "retry_for"),
+    ],
+)
+def test_retry_settings_that_cannot_work_are_refused(
+    setting: dict[str, float], message: str
+) -> None:
+    """retry_min_delay=0 sent a request again in a busy loop, at 100% CPU, while the broker
+    was away."""
+    with pytest.raises(ValueError, match=message):
+        DeviceConfig(url="mqtt://127.0.0.1:1", twin_id="org.acme:p", password="x", **setting)
