@@ -7,11 +7,13 @@ per second in total, paced against the clock; ``--offline-fraction`` of the devi
 announced ``offline`` and stay silent, the others ``online``, then ``offline`` again at the
 end (a connection's last will covers one topic, not its many devices: a simulator killed
 outright leaves them online). Progress is printed every second; the summary gives messages,
-acks (``accepted``), rejects by error code, reports not sent (the broker connection was
-down: the run waits for it and goes on), the rate achieved and the publish-to-accepted
-latency percentiles. It is printed on Ctrl-C too. A run whose reports all went unanswered
-fails (exit 3) after it: a broker may grant the subscription to the replies and never
-deliver one (mosquitto's ACL), so only the answers show that the service is there.
+acks (``accepted``), rejects by error code, duplicates (answered ``"duplicate": true``: not
+applied by this run, counted apart; each run's clientTokens are its own), reports not sent
+(the broker connection was down: the run waits for it and goes on), the rate achieved and
+the publish-to-accepted latency percentiles. It is printed on Ctrl-C too. A run whose
+reports all went unanswered fails (exit 3) after it: a broker may grant the subscription
+to the replies and never deliver one (mosquitto's ACL), so only the answers show that the
+service is there.
 
 Devices never create twins (a report to a missing one is rejected with ``twin.notfound``);
 ``--create`` creates the missing ones first through the REST API (``--api``, ``--token``).
@@ -138,6 +140,13 @@ class Simulation:
         self.sent: dict[str, float] = {}
         self.latencies: list[float] = []
         self.messages = self.acks = self.rejects = 0
+        #: Reports answered ``"duplicate": true``: the service had applied that clientToken
+        #: already, so not this run's report (counted apart from the acks).
+        self.duplicates = 0
+        #: Prefix of this run's clientTokens: with ``s<seq>`` alone, a second run on the same
+        #: twins (or two simulators at once) reused tokens the service had applied, and got
+        #: ``duplicate`` answers for reports it never applied.
+        self.run_id = f"{random.getrandbits(32):08x}"
         #: Reports that could not be sent: the broker connection was down (a restart).
         self.failed = 0
         self.reasons: Counter[str] = Counter()
@@ -159,6 +168,8 @@ class Simulation:
         if msg.topic.endswith("/rejected"):
             self.rejects += 1
             self.reasons[str(body.get("error"))] += 1
+        elif body.get("duplicate") is True:
+            self.duplicates += 1
         else:
             self.acks += 1
         self.latencies.append(time.perf_counter() - started)
@@ -227,7 +238,7 @@ class Simulation:
             await self._send(out, [t for t in self.twins if t not in self.offline])
         finally:
             self._summary(out)  # after a refusal or Ctrl-C too
-        if self.messages and not self.acks + self.rejects and not self.interrupted:
+        if self.messages and not self._answered() and not self.interrupted:
             # A granted subscription proves nothing: mosquitto grants one its ACL never
             # delivers on (MQTT 3.1.1 has no per-message refusal), so only answers do.
             raise NoneAnswered(self.messages, self.layout.all_twins("reported/update/+"))
@@ -267,7 +278,7 @@ class Simulation:
                     due = loop.time()
                     continue
                 twin = online[seq % len(online)]
-                token = f"s{seq}"
+                token = f"{self.run_id}-{seq}"
                 body = json.dumps({"state": {"counter": seq}, "clientToken": token}).encode()
                 self.sent[token] = time.perf_counter()
                 seq += 1
@@ -284,10 +295,13 @@ class Simulation:
         finally:
             self._sending_time = loop.time() - start
         settle = loop.time() + 10
-        while self.acks + self.rejects < self.messages and loop.time() < settle:
+        while self._answered() < self.messages and loop.time() < settle:
             if self.interrupted:
                 break
             await self._pause(0.05)
+
+    def _answered(self) -> int:
+        return self.acks + self.rejects + self.duplicates
 
     async def _reconnected(self, client: MqttClient, deadline: float) -> None:
         """Wait for ``client``'s connection until ``deadline``, Ctrl-C or a refusal (raised)."""
@@ -317,10 +331,12 @@ class Simulation:
         a = self.args
         ms = [x * 1000 for x in self.latencies]
         print(file=out)
-        lost = self.messages - self.acks - self.rejects
+        lost = self.messages - self._answered()
+        duplicates = f" duplicates {self.duplicates}" if self.duplicates else ""
         print(
             f"devices {len(self.twins)} (offline {len(self.offline)}) messages {self.messages} "
-            f"acks {self.acks} rejects {self.rejects} unanswered {lost} not sent {self.failed}",
+            f"acks {self.acks} rejects {self.rejects} unanswered {lost} not sent {self.failed}"
+            f"{duplicates}",
             file=out,
         )
         achieved = self.messages / self._sending_time if self._sending_time > 0 else 0.0

@@ -338,3 +338,36 @@ def test_reports_nobody_answers_are_said_and_fail_the_run(mosquitto_server: Mosq
         "running on this broker with the same --topic-prefix, and may this account read "
         "the replies?\n"
     ), run.stderr
+
+
+def test_a_second_run_on_the_same_twins_is_applied_not_counted_as_duplicates(
+    mosquitto_server: Mosquitto, tmp_path: Path
+) -> None:
+    """clientTokens were ``s0``, ``s1``... in every run: a second run on the same twins (or two
+    simulators at once) got ``duplicate: true`` answers, nothing applied, counted as acks."""
+    namespace = f"sim{uuid.uuid4().hex[:8]}"
+    twin_ids = [f"{namespace}:dev-{n:05d}" for n in range(2)]
+    svc = sync_service(tmp_path / "svc", mosquitto_server.url)
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            for twin_id in twin_ids:
+                put_twin(api, twin_id)
+        for _ in range(2):
+            with svc.client() as api:
+                before = sum(get_twin(api, t)["reportedVersion"] for t in twin_ids)
+            run = simulate(
+                "--url", mosquitto_server.url, "--namespace", namespace, "--devices", "2",
+                "--rate", "20", "--duration", "1",
+            )  # fmt: skip
+            assert run.returncode == 0, run.stdout + run.stderr
+            summary = SUMMARY.search(run.stdout)
+            assert summary is not None, run.stdout
+            messages, acks = int(summary.group(3)), int(summary.group(4))
+            assert messages > 0 and acks == messages, run.stdout
+            assert "duplicates" not in run.stdout, run.stdout
+            with svc.client() as api:
+                after = sum(get_twin(api, t)["reportedVersion"] for t in twin_ids)
+            assert after - before == messages, run.stdout
+    finally:
+        svc.stop()
