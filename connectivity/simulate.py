@@ -34,6 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,7 +215,9 @@ class Simulation:
             )
             self.clients.append(client)
             await client.start()
-            await client.wait_connected(10)
+            await self._unless_interrupted(client.wait_connected(10))
+            if self.interrupted:
+                return
             if n == 0:
                 # One connection takes every reply: with a subscription on each, every
                 # reply came once per connection and was counted as many times. Subscribed
@@ -222,6 +225,21 @@ class Simulation:
                 # device's topics) is raised here rather than logged while every report
                 # goes unanswered.
                 await client.subscribe(self.layout.all_twins("reported/update/+"), 1, self.on_reply)
+
+    async def _unless_interrupted(self, step: Awaitable[object]) -> None:
+        """Await ``step``, cut short by Ctrl-C: waiting for a broker that is not there went
+        on for the connection timeout, then exited 1."""
+        work = asyncio.ensure_future(step)
+        wake = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({work, wake}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            if not work.done():
+                work.cancel()
+            await asyncio.gather(work, wake, return_exceptions=True)
+        if not work.cancelled():
+            work.result()
 
     async def _run(self, out: Any) -> int:
         await self._connect()
@@ -387,6 +405,9 @@ def cmd_simulate(
         except CreateFailed as exc:
             print(f"twin-service simulate: --create: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # before the run's own Ctrl-C handler: a traceback
+            print("twin-service simulate: --create: interrupted", file=sys.stderr)
+            return 130
         print(f"created {created} of {len(simulation.twins)} twins", file=out)
     try:
         return asyncio.run(simulation.run(out))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -371,3 +372,39 @@ def test_a_second_run_on_the_same_twins_is_applied_not_counted_as_duplicates(
             assert after - before == messages, run.stdout
     finally:
         svc.stop()
+
+
+def _interrupted(args: list[str], after: float) -> tuple[int, str, str, float]:
+    """``simulate`` with ``args``, Ctrl-C after ``after`` s: exit status, stdout, stderr and
+    seconds from Ctrl-C to its end."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "twin_service", "simulate", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=service_env({"TWIN_TOKEN": "unused"}),
+    )
+    time.sleep(after)
+    run.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    out, err = run.communicate(timeout=60)
+    return run.returncode, out, err, time.monotonic() - sent
+
+
+def test_ctrl_c_while_connecting_or_creating_twins_exits_130_at_once() -> None:
+    """While connecting to a broker that is not there, Ctrl-C waited for the connection
+    timeout and exited 1; during --create it ended in a KeyboardInterrupt traceback."""
+    code, out, err, took = _interrupted(
+        ["--url", f"mqtt://127.0.0.1:{free_port()}", "--connections", "2", "--devices", "2"], 2
+    )
+    assert (code, "Traceback" in err) == (130, False), out + err
+    assert took < 5, out + err
+    with socket.socket() as silent:  # an API that takes connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        api = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        code, out, err, took = _interrupted(
+            ["--url", "mqtt://127.0.0.1:1", "--create", "--api", api, "--devices", "2"], 2
+        )
+    assert (code, "Traceback" in err) == (130, False), out + err
+    assert took < 5, out + err
