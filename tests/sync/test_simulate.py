@@ -408,3 +408,21 @@ def test_ctrl_c_while_connecting_or_creating_twins_exits_130_at_once() -> None:
         )
     assert (code, "Traceback" in err) == (130, False), out + err
     assert took < 5, out + err
+
+
+def test_a_rate_missed_for_a_broker_outage_is_not_blamed_on_the_process(
+    fresh_mosquitto: Mosquitto,
+) -> None:
+    """The broker away for 2 s of 6: "this process could not keep up; run several
+    simulators", though it kept up whenever it was connected."""
+    run = simulate_live(
+        "--url", fresh_mosquitto.url, "--namespace", f"sim{uuid.uuid4().hex[:8]}",
+        "--devices", "2", "--rate", "20", "--duration", "6",
+    )  # fmt: skip
+    fresh_mosquitto.stop()
+    time.sleep(2)
+    fresh_mosquitto.start()
+    out, err = run.communicate(timeout=120)
+    assert SUMMARY.search(out) is not None, out + err
+    assert "could not keep up" not in out, out
+    assert re.search(r"below --rate: [\d.]+ s of the run waited for the broker", out), out
