@@ -417,7 +417,7 @@ def test_a_rate_missed_for_a_broker_outage_is_not_blamed_on_the_process(
     simulators", though it kept up whenever it was connected."""
     run = simulate_live(
         "--url", fresh_mosquitto.url, "--namespace", f"sim{uuid.uuid4().hex[:8]}",
-        "--devices", "2", "--rate", "20", "--duration", "6",
+        "--devices", "2", "--rate", "10", "--duration", "6",  # light: kept up under load
     )  # fmt: skip
     fresh_mosquitto.stop()
     time.sleep(2)
