@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from connectivity.credentials import mqtt_username
 from connectivity.errors import MqttUnavailable, NotConnected, RequestRejected
+from connectivity.interrupt import unless_set
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import LastWill, MqttOptions
@@ -154,18 +155,8 @@ class DeviceClient:
 
     async def _unless_stopped(self, step: Awaitable[object]) -> None:
         """Await ``step``; raise :class:`NotConnected` instead once :meth:`stop` is called."""
-        work = asyncio.ensure_future(step)
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            if not work.done():
-                work.cancel()
-            await asyncio.gather(work, stopping, return_exceptions=True)
-        if work.cancelled():
+        if not await unless_set(step, self._stopping):
             raise NotConnected("client stopped")
-        work.result()
 
     async def stop(self) -> None:
         """Publish ``offline`` (retained) and disconnect. Requests still waiting for an answer,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from connectivity.errors import ConnectRefused, MqttUnavailable, NotConnected, Refused
+from connectivity.interrupt import unless_set
 from connectivity.messages import InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
@@ -231,17 +232,7 @@ class Simulation:
     async def _unless_interrupted(self, step: Awaitable[object]) -> None:
         """Await ``step``, cut short by Ctrl-C: waiting for a broker that is not there went
         on for the connection timeout, then exited 1."""
-        work = asyncio.ensure_future(step)
-        wake = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({work, wake}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            wake.cancel()
-            if not work.done():
-                work.cancel()
-            await asyncio.gather(work, wake, return_exceptions=True)
-        if not work.cancelled():
-            work.result()
+        await unless_set(step, self._wake)
 
     async def _run(self, out: Any) -> int:
         await self._connect()
