@@ -86,8 +86,7 @@ class DeviceClient:
         #: The last ``get/accepted`` document, refreshed on every reconnection.
         self.twin: dict[str, Any] | None = None
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._stopped = False
-        #: Set by stop(): ends a start() still connecting.
+        #: Set by stop(): ends a start() still connecting, and requests' retries.
         self._stopping = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._listening = False
@@ -129,7 +128,6 @@ class DeviceClient:
         device's client id from the next one, and the two took turns at the session;
         :class:`NotConnected` too when :meth:`stop` is called meanwhile. A stopped client
         may be started again."""
-        self._stopped = False
         self._stopping.clear()
         self._subscribed.clear()
         await self._client.subscribe(self.topic("delta"), 1, self._on_delta)
@@ -161,7 +159,6 @@ class DeviceClient:
     async def stop(self) -> None:
         """Publish ``offline`` (retained) and disconnect. Requests still waiting for an answer,
         and a :meth:`start` still connecting, raise :class:`NotConnected`."""
-        self._stopped = True
         self._stopping.set()
         if self._client.connected:
             try:
@@ -239,7 +236,7 @@ class DeviceClient:
             try:
                 return await self._send(suffix, token, payload, timeout)
             except Exception as exc:
-                again = worth_sending_again(exc) and not self._stopped
+                again = worth_sending_again(exc) and not self._stopping.is_set()
                 if not again or loop.time() + delay > give_up:
                     raise
                 log.info("sending %s again in %.2f s: %s", suffix, delay, exc)
