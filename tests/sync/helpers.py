@@ -95,13 +95,15 @@ async def until_twin(
     predicate: Callable[[dict[str, Any]], bool],
     timeout: float = 15,
 ) -> dict[str, Any]:
-    """Poll the twin until ``predicate`` holds; return it."""
+    """Poll the twin until ``predicate`` holds; return it. An answer other than the twin (a
+    503 while the store comes back) is polled past, not given to ``predicate``."""
     doc: dict[str, Any] = {}
     try:
         async with asyncio.timeout(timeout):
             while True:
-                doc = (await api.get(f"/api/v1/twins/{twin_id}")).json()
-                if predicate(doc):
+                response = await api.get(f"/api/v1/twins/{twin_id}")
+                doc = response.json()
+                if response.status_code == 200 and predicate(doc):
                     return doc
                 await asyncio.sleep(0.05)
     except TimeoutError:
