@@ -141,6 +141,26 @@ def test_restart_and_sigkill_keep_acknowledged_writes(
         assert api.get(f"/api/v1/twins/{twin_id}").json()["revision"] == 101
 
 
+def test_a_new_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """Twins are the fleet's data: under the usual umask (022) the database, its -wal and
+    -shm were created readable by every local user, beside the 0600 admin token."""
+    data = tmp_path / "fresh"
+    umask = os.umask(0o022)
+    try:
+        proc = ServiceProcess(data).start()
+    finally:
+        os.umask(umask)
+    try:
+        with proc.client() as api:
+            assert api.put("/api/v1/twins/org.acme:x", json={}).status_code == 201
+        files = sorted(p.name for p in data.glob("twins.sqlite3*"))
+        assert files == ["twins.sqlite3", "twins.sqlite3-shm", "twins.sqlite3-wal"]
+        for name in files:
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    finally:
+        proc.stop()
+
+
 def test_first_start_creates_admin_token_file(tmp_path: Path) -> None:
     data = tmp_path / "fresh"
     proc = ServiceProcess(data, env={"TWIN_AUTH__TOKENS": "[]"})

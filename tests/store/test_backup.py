@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,21 @@ def test_two_backups_to_one_new_name_do_not_both_write_it(tmp_path: Path) -> Non
     assert [status for status, _ in outcomes] == [0, 1], outcomes
     assert outcomes[1][1] == f"twin-service: {dest} exists; choose another name or pass --force\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.sqlite3", "data"]
+
+
+def test_a_backup_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """A copy of every twin was created readable by every local user (umask 022), whatever
+    the mode of the store it copied."""
+    data = tmp_path / "data"
+    ServiceProcess(data).start().stop()
+    dest = tmp_path / "b.sqlite3"
+    umask = os.umask(0o022)
+    try:
+        made = backup(str(dest), "--data-dir", str(data))
+    finally:
+        os.umask(umask)
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
 
 
 def test_a_destination_ending_in_a_slash_names_a_directory(tmp_path: Path) -> None:

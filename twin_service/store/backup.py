@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twin_service.store.own_files import one_of, sqlite_files
+from twin_service.store.own_files import create_private, one_of, sqlite_files
 from twin_service.store.restore import stamp_backup
 
 
@@ -75,6 +75,7 @@ def backup_sqlite(
             raise BackupError(f"cannot write {dest}: {dest.parent} is not a directory")
         _remove_dead_partials(dest)
         partial.unlink(missing_ok=True)  # of an earlier process with this pid
+        create_private(partial)
         taken = time.time()  # the snapshot is no older: a restore counts from here
         _copy_snapshot(source, partial, stopped)
         twins, last_seq = _check(partial, stopped)

@@ -1,4 +1,5 @@
-"""Whether a path an operator command is told to write names one of the service's own files.
+"""The service's own files: whether a path an operator command is told to write names one
+of them, and creating a database file readable by its owner only.
 
 ``backup DEST`` and ``devices export-mosquitto`` replace the file they are named: named the
 twin store (or the credentials, the admin token...), they destroyed it, under a running
@@ -8,6 +9,8 @@ to the file or to its directory, cannot slip past.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,3 +37,15 @@ def _names(path: Path) -> set[Path]:
     # The name in its resolved directory (what a rename replaces: a symlink itself) and the
     # file it resolves to (what an open for writing replaces).
     return {path.parent.resolve() / path.name, path.resolve()}
+
+
+def create_private(database: Path) -> None:
+    """Create ``database`` empty, readable and writable by its owner only, unless it exists.
+
+    SQLite creates a database with mode 0644 less the umask (so usually readable by every
+    local user) and gives its -wal, -shm and -journal the database's mode: a database made
+    here first keeps all of them private. An empty file is a new database to SQLite, and
+    ``VACUUM INTO`` accepts it as a target.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

@@ -27,6 +27,7 @@ from search import sqlite as sqlite_index
 from twin_service.errors import StoreFull, StoreMissing, Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifetime, unconfirmed
+from twin_service.store.own_files import create_private
 from twin_service.store.sqlite_writer import (
     INCARNATION_SQL,
     WriterConfig,
@@ -115,6 +116,7 @@ class SqliteStore:
             raise StoreMissing(f"there is no twin store at {self._path}")
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(self._path)
             await loop.run_in_executor(None, self._writer.start)
         except (sqlite3.Error, WriterGone, OSError) as exc:
             # Not a database, a damaged one, a directory in its place, a full disk...
