@@ -127,6 +127,30 @@ def test_an_invalid_default_namespace_stops_a_command(tmp_path: Path) -> None:
     assert bad.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", [["devices", "add", "org.acme:d"], ["serve"], ["backup", "b"]])
+def test_a_data_dir_that_is_a_file_stops_a_command_in_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Each command failed in its own words, none naming the cause: "[Errno 17] File
+    exists", "there is no twin store at <file>/twins.sqlite3"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    a_file = tmp_path / "data"
+    a_file.write_text("not a directory")
+    bad = subprocess.run(
+        [sys.executable, "-m", "twin_service", "--data-dir", str(a_file), *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert (bad.returncode, bad.stderr) == (
+        2,
+        f"twin-service: invalid settings: data_dir: {a_file} is not a directory\n",
+    )
+    assert a_file.read_text() == "not a directory"
+
+
 @pytest.mark.parametrize("prefix", ["$share/g/{twinId}", "twins/x{twinId}"])
 def test_serve_refuses_a_topic_prefix_it_cannot_subscribe_with(tmp_path: Path, prefix: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}

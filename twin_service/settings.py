@@ -552,6 +552,15 @@ class Settings(BaseSettings):
     stream: StreamSettings = Field(default_factory=StreamSettings)
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
 
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, data_dir: Path) -> Path:
+        # Checked here, where every command meets it: a file there made each one fail in its
+        # own words, none of them the cause ("File exists", "there is no twin store at").
+        if data_dir.exists() and not data_dir.is_dir():
+            raise ValueError(f"{data_dir} is not a directory")
+        return data_dir
+
     @field_validator("default_namespace")
     @classmethod
     def _check_namespace(cls, namespace: str) -> str:
