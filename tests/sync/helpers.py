@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import io
 import json
 import time
 import uuid
@@ -12,11 +14,13 @@ from typing import Any
 
 import httpx
 
+from connectivity.cli import cmd_add
 from connectivity.device import DeviceClient, DeviceConfig
 from connectivity.errors import MqttUnavailable
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
 from tests.service_process import ServiceProcess
+from twin_service.settings import Settings
 
 #: No lastSeen write after a twin's first message: revisions count reports only.
 QUIET = {"TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "100000"}
@@ -42,6 +46,27 @@ def sync_service(
     return ServiceProcess(data_dir, env=settings).start()
 
 
+def add_device(data_dir: Path, twin_id: str) -> str:
+    """Register a device of ``twin_id`` in ``data_dir`` (made if missing) as the CLI does;
+    return its password."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out = io.StringIO()
+    assert cmd_add(argparse.Namespace(twin_id=twin_id), Settings(data_dir=data_dir), out) == 0
+    return next(
+        line.split()[1] for line in out.getvalue().splitlines() if line.startswith("password:")
+    )
+
+
+def embedded_env(port: int, **env: str) -> dict[str, str]:
+    """The settings of a service with MQTT on its embedded broker, listening on ``port``."""
+    return {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port), **env}
+
+
+def embedded_service(data_dir: Path, port: int, **env: str) -> ServiceProcess:
+    """A started service process whose embedded broker listens on ``port``."""
+    return ServiceProcess(data_dir, env=embedded_env(port, **env)).start()
+
+
 def wait_mqtt_up(proc: ServiceProcess, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -50,6 +75,13 @@ def wait_mqtt_up(proc: ServiceProcess, timeout: float = 15) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"MQTT never up: {body}\n{proc.log_tail()}")
+
+
+def put_twin_once_up(proc: ServiceProcess, twin_id: str, **sections: Any) -> dict[str, Any]:
+    """Wait for the service's MQTT connection, then create the twin ``twin_id``."""
+    wait_mqtt_up(proc)
+    with proc.client() as api:
+        return put_twin(api, twin_id, **sections)
 
 
 def put_twin(api: httpx.Client, twin_id: str, **sections: Any) -> dict[str, Any]:
@@ -170,6 +202,14 @@ async def send_reliably(
             return
         except MqttUnavailable:  # not connected, no PUBACK in time, or no subscriber
             await asyncio.sleep(0.1)
+
+
+async def send_counter(client: MqttClient, twin_id: str, counts: range, token_prefix: str) -> None:
+    """Report ``counter`` as each of ``counts`` in turn, reliably (clientToken
+    ``<token_prefix><count>``)."""
+    for i in counts:
+        body = {"state": {"counter": i}, "clientToken": f"{token_prefix}{i}"}
+        await send_reliably(client, f"twins/{twin_id}/reported/update", body)
 
 
 async def publisher(url: str, client_id: str) -> MqttClient:

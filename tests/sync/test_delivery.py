@@ -21,6 +21,8 @@ from tests.sync.helpers import (
     get_twin,
     publisher,
     put_twin,
+    put_twin_once_up,
+    send_counter,
     send_reliably,
     sync_service,
     until_twin,
@@ -34,16 +36,12 @@ async def test_sigkill_during_1000_reports_applies_each_exactly_once(
     twin = "org.acme:crashy"
     data = tmp_path / "svc"
     proc = sync_service(data, fresh_mosquitto.url, client_id="svc-crash", **QUIET)
-    wait_mqtt_up(proc)
-    with proc.client() as api:
-        start = put_twin(api, twin, reported={"counter": -1})
+    start = put_twin_once_up(proc, twin, reported={"counter": -1})
     device = await publisher(fresh_mosquitto.url, "dev-crashy")
-    topic = f"twins/{twin}/reported/update"
     try:
-        for i in range(1000):
-            await send_reliably(device, topic, {"state": {"counter": i}, "clientToken": f"c{i}"})
-            if i == 300:
-                proc.kill()
+        await send_counter(device, twin, range(301), "c")
+        proc.kill()
+        await send_counter(device, twin, range(301, 1000), "c")
         proc = sync_service(data, fresh_mosquitto.url, client_id="svc-crash", **QUIET)
         async with proc.async_client() as api:
             doc = await until_twin(api, twin, lambda d: d["reported"]["counter"] == 999, 60)
@@ -72,16 +70,12 @@ async def test_broker_restart_mid_stream_loses_nothing_acknowledged(
         TWIN_MQTT__SHARED_GROUP=group,
         **QUIET,
     )
-    wait_mqtt_up(proc)
-    with proc.client() as api:
-        start = put_twin(api, twin, reported={"counter": -1})
+    start = put_twin_once_up(proc, twin, reported={"counter": -1})
     device = await publisher(fresh_mosquitto.url, "dev-restarty")
-    topic = f"twins/{twin}/reported/update"
     try:
-        for i in range(300):
-            await send_reliably(device, topic, {"state": {"counter": i}, "clientToken": f"r{i}"})
-            if i == 100:
-                await fresh_mosquitto.arestart()
+        await send_counter(device, twin, range(101), "r")
+        await fresh_mosquitto.arestart()
+        await send_counter(device, twin, range(101, 300), "r")
         async with proc.async_client() as api:
             doc = await until_twin(api, twin, lambda d: d["reported"]["counter"] == 299, 20)
         assert doc["revision"] == start["revision"] + 300, doc

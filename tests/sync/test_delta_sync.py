@@ -22,6 +22,7 @@ from tests.sync.helpers import (
     device,
     patch_desired,
     put_twin,
+    put_twin_once_up,
     sync_service,
     until,
     until_twin,
@@ -137,9 +138,7 @@ async def test_a_change_whose_client_left_at_once_still_reaches_the_device(
     twin = f"org.acme:{unique_name}"
     proc = sync_service(tmp_path / "svc", mosquitto_server.url)
     try:
-        wait_mqtt_up(proc)
-        with proc.client() as api:
-            put_twin(api, twin, desired={"n": 0}, reported={"n": 0})
+        put_twin_once_up(proc, twin, desired={"n": 0}, reported={"n": 0})
         observer = Collector()
         watch = MqttClient(
             MqttOptions(url=mosquitto_server.url, client_id=f"obs-{twin}", persistent_session=False)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import signal
@@ -16,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from connectivity.cli import cmd_add
 from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.errors import ConnectRefused
 from connectivity.mqtt_client import MqttClient
@@ -27,39 +24,30 @@ from tests.service_process import ServiceProcess
 from tests.sync.helpers import (
     QUIET,
     RawDevice,
+    add_device,
     device,
+    embedded_env,
+    embedded_service,
     patch_desired,
     put_twin,
+    put_twin_once_up,
     until,
     until_twin,
     wait_mqtt_up,
 )
-from twin_service.settings import Settings
-
-
-def _add_device(data_dir: Path, twin: str) -> str:
-    out = io.StringIO()
-    assert cmd_add(argparse.Namespace(twin_id=twin), Settings(data_dir=data_dir), out) == 0
-    return next(
-        line.split()[1] for line in out.getvalue().splitlines() if line.startswith("password:")
-    )
 
 
 async def test_embedded_broker_device_syncs_delta(tmp_path: Path) -> None:
     data = tmp_path / "svc"
-    data.mkdir()
     twin, other = "org.acme:emb-1", "org.acme:emb-2"
-    password = _add_device(data, twin)
+    password = add_device(data, twin)
     port = free_port()
-    proc = ServiceProcess(
+    proc = embedded_service(
         data,
-        env={
-            "TWIN_MQTT__ENABLED": "true",
-            "TWIN_MQTT__EMBEDDED_PORT": str(port),
-            "TWIN_MQTT__LASTSEEN_COALESCE_SECONDS": "0",
-            "TWIN_MQTT__EMBEDDED_MAX_DEVICES": "5",
-        },
-    ).start()
+        port,
+        TWIN_MQTT__LASTSEEN_COALESCE_SECONDS="0",
+        TWIN_MQTT__EMBEDDED_MAX_DEVICES="5",
+    )
     url = f"mqtt://127.0.0.1:{port}"
     try:
         wait_mqtt_up(proc)
@@ -107,22 +95,12 @@ async def test_a_device_whose_network_vanished_goes_offline(
     its last will, and the twin goes offline. With amqtt's broker alone it stayed online.
     A device that asked for no keep-alive (0) is held to mqtt.embedded_max_keep_alive_seconds."""
     data = tmp_path / "svc"
-    data.mkdir()
     twin = "org.acme:vanishing"
-    password = _add_device(data, twin)
+    password = add_device(data, twin)
     port = free_port()
-    proc = ServiceProcess(
-        data,
-        env={
-            "TWIN_MQTT__ENABLED": "true",
-            "TWIN_MQTT__EMBEDDED_PORT": str(port),
-            **env,
-        },
-    ).start()
+    proc = embedded_service(data, port, **env)
     try:
-        wait_mqtt_up(proc)
-        with proc.client() as api:
-            put_twin(api, twin, desired={"x": 1})
+        put_twin_once_up(proc, twin, desired={"x": 1})
         status = f"twins/{twin}/status"
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         username = mqtt_username(twin)
@@ -149,16 +127,10 @@ async def test_a_restarted_service_publishes_pending_deltas_again(
     every pending delta again when it connects, with or without a search index (without
     one it finds them by reading every twin)."""
     data = tmp_path / "svc"
-    data.mkdir()
     twin, synced = "org.acme:emb-pending", "org.acme:emb-synced"
-    password = _add_device(data, twin)
+    password = add_device(data, twin)
     port = free_port()
-    env = {
-        "TWIN_MQTT__ENABLED": "true",
-        "TWIN_MQTT__EMBEDDED_PORT": str(port),
-        "TWIN_SEARCH": search,
-    }
-    first = ServiceProcess(data, env=env).start()
+    first = embedded_service(data, port, TWIN_SEARCH=search)
     try:
         wait_mqtt_up(first)
         with first.client() as api:
@@ -166,7 +138,7 @@ async def test_a_restarted_service_publishes_pending_deltas_again(
             put_twin(api, synced, desired={"x": 1}, reported={"x": 1})
     finally:
         first.stop()
-    second = ServiceProcess(data, env=env).start()
+    second = embedded_service(data, port, TWIN_SEARCH=search)
     try:
         wait_mqtt_up(second)
         url = f"mqtt://127.0.0.1:{port}"
@@ -187,16 +159,14 @@ async def test_a_damaged_credentials_file_refuses_devices_and_says_why(tmp_path:
     """The broker reads the file at each login: damaged, it refuses every device (never lets
     one in unchecked, never fails the broker) and logs the reason; mended, logins work."""
     data = tmp_path / "svc"
-    data.mkdir()
     twin = "org.acme:emb-damaged"
-    password = _add_device(data, twin)
+    password = add_device(data, twin)
     credentials = CredentialStore.in_data_dir(data).path
     good = credentials.read_bytes()
     port = free_port()
     # QUIET: the rig's tests count a revision per report; a lastSeen write came in too once
     # a run took longer than the coalescing period (5 s) on a busy machine.
-    env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port), **QUIET}
-    proc = ServiceProcess(data, env=env).start()
+    proc = embedded_service(data, port, **QUIET)
     url = f"mqtt://127.0.0.1:{port}"
     try:
         wait_mqtt_up(proc)
@@ -220,12 +190,7 @@ async def test_a_damaged_credentials_file_refuses_devices_and_says_why(tmp_path:
 
 @pytest.mark.parametrize("level", ["info", "warning"])
 def test_the_services_own_log_lines_follow_log_level(tmp_path: Path, level: str) -> None:
-    env = {
-        "TWIN_MQTT__ENABLED": "true",
-        "TWIN_MQTT__EMBEDDED_PORT": str(free_port()),
-        "TWIN_LOG_LEVEL": level,
-    }
-    svc = ServiceProcess(tmp_path / "svc", env=env).start()
+    svc = embedded_service(tmp_path / "svc", free_port(), TWIN_LOG_LEVEL=level)
     try:
         wait_mqtt_up(svc)
         log = svc.log_tail(10_000)
@@ -241,16 +206,10 @@ async def test_library_warnings_are_named_and_levelled_too(tmp_path: Path, level
     """amqtt's warnings printed bare, through Python's last-resort handler; they now share the
     service's format, and only from WARNING up (its INFO lines are one per connection)."""
     data = tmp_path / "svc"
-    data.mkdir()
     twin = "org.acme:emb-v5"
-    password = _add_device(data, twin)
+    password = add_device(data, twin)
     port = free_port()
-    env = {
-        "TWIN_MQTT__ENABLED": "true",
-        "TWIN_MQTT__EMBEDDED_PORT": str(port),
-        "TWIN_LOG_LEVEL": level,
-    }
-    svc = ServiceProcess(data, env=env).start()
+    svc = embedded_service(data, port, TWIN_LOG_LEVEL=level)
     try:
         wait_mqtt_up(svc)
         # A TCP health check: connects and hangs up without a CONNECT. It is not worth a
@@ -323,12 +282,11 @@ class _Rig:
 @contextlib.asynccontextmanager
 async def _rig(tmp_path: Path, twin: str) -> AsyncIterator[_Rig]:
     data = tmp_path / "svc"
-    data.mkdir()
-    password = _add_device(data, twin)
+    password = add_device(data, twin)
     port = free_port()
     # QUIET: the rig's tests count one revision per report; past the coalescing period (5 s,
     # a long run on a busy machine) a lastSeen write of its own added one more.
-    env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port), **QUIET}
+    env = embedded_env(port, **QUIET)
     proc = ServiceProcess(data, env=env).start()
     device = MqttClient(
         MqttOptions(

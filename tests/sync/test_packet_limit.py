@@ -19,17 +19,17 @@ import pytest
 from connectivity.errors import RequestRejected
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
-from tests.service_process import ServiceProcess
 from tests.sync.helpers import (
     RawDevice,
+    add_device,
     device,
+    embedded_service,
     patch_desired,
     put_twin,
     sync_service,
     until,
     wait_mqtt_up,
 )
-from tests.sync.test_embedded import _add_device
 
 #: 2,000 leaves of 500 characters: about 1 MB of desired, within a 1 MiB twin. Its get
 #: answer (desired, delta, lifecycle) is over 2.1 MB, the broker's limit being 2 MiB.
@@ -40,19 +40,15 @@ async def test_an_answer_over_the_packet_limit_is_a_413_and_harms_no_other_devic
     tmp_path: Path,
 ) -> None:
     data = tmp_path / "svc"
-    data.mkdir()
     big, small = "org.acme:big", "org.acme:small"
-    passwords = {twin: _add_device(data, twin) for twin in (big, small)}
+    passwords = {twin: add_device(data, twin) for twin in (big, small)}
     port = free_port()
-    proc = ServiceProcess(
+    proc = embedded_service(
         data,
-        env={
-            "TWIN_MQTT__ENABLED": "true",
-            "TWIN_MQTT__EMBEDDED_PORT": str(port),
-            "TWIN_LIMITS__MAX_TWIN_BYTES": str(1024 * 1024),
-            "TWIN_LIMITS__MAX_REQUEST_BYTES": str(4 * 1024 * 1024),
-        },
-    ).start()
+        port,
+        TWIN_LIMITS__MAX_TWIN_BYTES=str(1024 * 1024),
+        TWIN_LIMITS__MAX_REQUEST_BYTES=str(4 * 1024 * 1024),
+    )
     url = f"mqtt://127.0.0.1:{port}"
     try:
         wait_mqtt_up(proc)

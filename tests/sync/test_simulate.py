@@ -19,7 +19,13 @@ from connectivity.simulate import NONE_ANSWERED, CreateFailed, create_twins
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
 from tests.service_process import ADMIN_TOKEN, ServiceProcess, service_env
-from tests.sync.helpers import get_twin, put_twin, sync_service, wait_mqtt_up
+from tests.sync.helpers import (
+    embedded_service,
+    get_twin,
+    put_twin,
+    sync_service,
+    wait_mqtt_up,
+)
 
 
 def simulate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -163,12 +169,7 @@ def _refused_in_one_line(result: subprocess.CompletedProcess[str], ending: str) 
 
 def test_a_refused_login_on_the_embedded_broker_says_what_to_change(tmp_path: Path) -> None:
     port = free_port()
-    env = {
-        "TWIN_MQTT__ENABLED": "true",
-        "TWIN_MQTT__EMBEDDED_PORT": str(port),
-        "TWIN_MQTT__SERVICE_PASSWORD": "demo-secret",
-    }
-    svc = ServiceProcess(tmp_path / "svc", env=env).start()
+    svc = embedded_service(tmp_path / "svc", port, TWIN_MQTT__SERVICE_PASSWORD="demo-secret")
     try:
         wait_mqtt_up(svc)
         url = f"mqtt://twin-service:demo-secret@127.0.0.1:{port}"
@@ -302,8 +303,7 @@ def test_an_account_not_allowed_to_read_the_replies_stops_the_run(tmp_path: Path
     twin = "sim:dev-00000"
     password = CredentialStore.in_data_dir(data).add(twin)
     port = free_port()
-    env = {"TWIN_MQTT__ENABLED": "true", "TWIN_MQTT__EMBEDDED_PORT": str(port)}
-    svc = ServiceProcess(data, env=env).start()
+    svc = embedded_service(data, port)
     try:
         wait_mqtt_up(svc)
         url = f"mqtt://{mqtt_username(twin)}:{password}@127.0.0.1:{port}"

@@ -20,7 +20,7 @@ from tests.service_process import ServiceProcess
 from tests.sync.helpers import (
     QUIET,
     publisher,
-    put_twin,
+    put_twin_once_up,
     send_reliably,
     sync_service,
     until_twin,
@@ -47,10 +47,8 @@ async def test_reports_sent_during_a_long_store_outage_are_applied_when_it_is_ba
     proc = _service(fresh_ferretdb, fresh_mosquitto, tmp_path, unique_name)
     device = None
     try:
-        wait_mqtt_up(proc)
         twin = "org.acme:outage"
-        with proc.client() as api:
-            start = put_twin(api, twin, reported={"n": 0})
+        start = put_twin_once_up(proc, twin, reported={"n": 0})
         device = await publisher(fresh_mosquitto.url, f"{unique_name}-dev")
         topic = f"twins/{twin}/reported/update"
         fresh_ferretdb.stop()
@@ -85,10 +83,8 @@ async def test_deltas_are_put_right_when_the_store_is_back_after_a_reconnection(
     and the broker's wrong delta stayed until the next reconnection."""
     proc = _service(fresh_ferretdb, fresh_mosquitto, tmp_path, unique_name)
     try:
-        wait_mqtt_up(proc)
         twin = "org.acme:lost-delta"
-        with proc.client() as api:
-            put_twin(api, twin, desired={"n": 1})
+        put_twin_once_up(proc, twin, desired={"n": 1})
         deadline = time.monotonic() + 15
         while await _retained_delta(fresh_mosquitto.url, twin) is None:
             assert time.monotonic() < deadline, "the delta was never published"
@@ -130,10 +126,8 @@ async def test_a_service_started_while_the_store_is_down_starts_when_it_answers(
     proc = _service(fresh_ferretdb, fresh_mosquitto, tmp_path, unique_name)
     device = None
     try:
-        wait_mqtt_up(proc)
         twin = "org.acme:late-store"
-        with proc.client() as api:
-            start = put_twin(api, twin, reported={"n": 0})
+        start = put_twin_once_up(proc, twin, reported={"n": 0})
         proc.stop()
         fresh_ferretdb.stop()
         device = await publisher(fresh_mosquitto.url, f"{unique_name}-dev")
