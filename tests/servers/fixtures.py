@@ -20,6 +20,7 @@ from tests.servers import ferretdb as ferretdb_module
 from tests.servers import mosquitto as mosquitto_module
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
+from tests.servers.process import started_then_stopped
 from tests.servers.require import require_server
 
 __all__ = [
@@ -49,11 +50,9 @@ def _ferretdb_binary() -> Path:
 @pytest.fixture(scope="session")
 def mosquitto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     """One broker for the whole session. Do not stop or restart it."""
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), binary=_mosquitto_binary())
-    try:
-        yield broker.start()
-    finally:
-        broker.stop()
+    yield from started_then_stopped(
+        Mosquitto(tmp_path_factory.mktemp("mosquitto"), binary=_mosquitto_binary())
+    )
 
 
 @pytest.fixture
@@ -87,21 +86,17 @@ def fresh_mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
 @pytest.fixture(scope="session")
 def ferretdb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerretDB]:
     """One FerretDB for the whole session. Do not stop or restart it."""
-    server = FerretDB(tmp_path_factory.mktemp("ferretdb"), binary=_ferretdb_binary())
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    yield from started_then_stopped(
+        FerretDB(tmp_path_factory.mktemp("ferretdb"), binary=_ferretdb_binary())
+    )
 
 
 @pytest.fixture
 def fresh_ferretdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerretDB]:
     """A FerretDB of this test's own, with empty data, free to restart or kill."""
-    server = FerretDB(tmp_path_factory.mktemp("ferretdb"), binary=_ferretdb_binary())
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    yield from started_then_stopped(
+        FerretDB(tmp_path_factory.mktemp("ferretdb"), binary=_ferretdb_binary())
+    )
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import httpx
 
@@ -225,3 +225,21 @@ class LocalServer:
 
     async def arestart(self) -> Self:
         return await asyncio.to_thread(self.restart)
+
+
+class _Server(Protocol):
+    def start(self) -> Any: ...
+
+    def stop(self) -> Any: ...
+
+
+_S = TypeVar("_S", bound=_Server)
+
+
+def started_then_stopped(server: _S) -> Iterator[_S]:
+    """The body of a fixture (``yield from``): start ``server``, yield it, stop it after."""
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

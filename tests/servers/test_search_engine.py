@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from tests.servers.require import require_server
-from tests.servers.search_engine import SearchEngine, unavailable_reason
+from tests.servers.search_engine import SearchEngine
+from tests.servers.search_fixtures import require_search_engine, search_engine_node
 
 pytestmark = pytest.mark.server("elasticsearch")
 
@@ -60,14 +61,7 @@ def field(path: str, *conditions: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[SearchEngine]:
-    reason = unavailable_reason()
-    if reason is not None:
-        require_server("elasticsearch", reason)
-    node = SearchEngine()
-    try:
-        yield node.start()
-    finally:
-        node.stop()
+    yield from search_engine_node()
 
 
 @pytest.fixture
@@ -175,9 +169,7 @@ async def test_nested_sort(es: Any) -> None:
 
 
 def test_stop_is_idempotent_and_frees_everything() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        require_server("elasticsearch", reason)
+    require_search_engine()
     node = SearchEngine(heap_mb=256)
     with node:
         workdir = node.workdir
