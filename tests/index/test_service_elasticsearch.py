@@ -94,17 +94,13 @@ async def probe(search_engine: SearchEngine, tmp_path: Path, alias: str) -> Asyn
 def service(
     search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
 ) -> Iterator[ServiceProcess]:
+    """The service on the test node, in place of tests/service_fixtures.py's (whose ``api``
+    fixture then talks to this one)."""
     proc = ServiceProcess(tmp_path / "svc", env=es_env(search_engine, alias)).start()
     try:
         yield proc
     finally:
         proc.stop()
-
-
-@pytest.fixture
-def api(service: ServiceProcess) -> Iterator[httpx.Client]:
-    with service.client() as client:
-        yield client
 
 
 async def test_ready_reports_the_index(api: httpx.Client) -> None:
