@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.api.test_token_reload import write_tokens
 from tests.service_process import ServiceProcess
+from tests.streams.test_sse import iter_events
 from tests.streams.test_websocket import command, connect, receive, subscribe, until
 
 OPS = "ops-token-0123456789abcdef"
@@ -67,21 +68,6 @@ def reload(proc: ServiceProcess, tokens_file: Path, entries: list[Json]) -> None
                 return
         assert proc.proc.poll() is None, proc.log_tail()
         time.sleep(0.05)
-
-
-def sse_events(response: httpx.Response) -> Iterator[Json]:
-    """The events of a stream as they come (``iter_lines`` can be started once only)."""
-    current: Json = {}
-    for line in response.iter_lines():
-        if line.startswith(":"):
-            continue
-        if not line:
-            if current:
-                yield current
-                current = {}
-            continue
-        name, _, value = line.partition(": ")
-        current[name] = json.loads(value) if name == "data" else value
 
 
 async def reload_async(proc: ServiceProcess, tokens_file: Path, entries: list[Json]) -> None:
@@ -144,7 +130,7 @@ def test_an_sse_stream_of_a_revoked_token_ends_and_one_that_stays_goes_on(
         api.stream("GET", url, params=params, timeout=30) as kept,
     ):
         assert revoked.status_code == kept.status_code == 200
-        revoked_events, kept_events = sse_events(revoked), sse_events(kept)
+        revoked_events, kept_events = iter_events(revoked), iter_events(kept)
         assert next(revoked_events)["event"] == "subscribed"
         assert next(kept_events)["event"] == "subscribed"
 
