@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -701,3 +702,23 @@ def test_export_writes_every_file_or_none(tmp_path: Path) -> None:
         assert (tmp_path / "pw").read_text() == "the previous passwords\n"
         assert (tmp_path / "spw").read_text() == "the previous service password\n"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "pw", "spw"]
+
+
+@pytest.mark.parametrize("after", [0.35, 0.5])
+def test_ctrl_c_while_a_command_starts_exits_130_without_a_traceback(
+    tmp_path: Path, after: float
+) -> None:
+    """A Ctrl-C in the second before a command set its own handler (while it imported and
+    parsed) ended in a KeyboardInterrupt traceback, the process killed by the signal (-2).
+    ``simulate`` sets its handler latest, once connecting (a loaded machine took 2 s)."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "twin_service", "simulate", "--url", "mqtt://127.0.0.1:1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=command_env(),
+    )
+    time.sleep(after)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert (run.returncode, "Traceback" in err) == (130, False), out + err
