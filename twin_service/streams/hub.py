@@ -270,6 +270,12 @@ class EventHub:
                 log.exception("event receiver failed")
 
 
+class ReplayOverrun(Exception):
+    """Retention removed events a replay had yet to read (its reader was slower than
+    ``stream.journal_max_per_twin`` or ``journal_max_age_seconds`` allow): it cannot go on
+    without a gap."""
+
+
 async def replay(
     store: TwinStore,
     since: int,
@@ -280,11 +286,18 @@ async def replay(
 ) -> None:
     """Feed ``sink`` every journaled event with since < seq <= until, in order; before
     each event, wait for ``room`` (the sink's reader is paced: per event, because what
-    fits in the sink's queue depends on the events' sizes)."""
+    fits in the sink's queue depends on the events' sizes).
+
+    Raises :class:`ReplayOverrun` once events after the position it reached were pruned:
+    checked after each read (retention records what it removes before, or as, it removes
+    it), since a paced replay may read long after its subscribe checked ``since``. Unchecked,
+    it went on past the events removed meanwhile, and its reader never learnt of the gap."""
     cache = StateCache(store, capacity=1000)
     position = since
     while position < until:
         events = await store.events_after(position, batch)
+        if await store.pruned_seq() > position:
+            raise ReplayOverrun(f"events after {position} were pruned before they were replayed")
         if not events:
             return
         for stored in events:

@@ -3,7 +3,8 @@
 Resume without gap or duplicate: a subscription with ``since`` is registered with the hub
 first (live events are held back), then the journal is replayed up to the hub's position at
 registration, then the held-back live events are released. A consumer that falls more than
-``queue_size`` messages behind is cut off (``overflowed``) and resumes with ``since``.
+``queue_size`` messages behind is cut off (``overflowed``) and resumes with ``since``; so is
+one whose replay retention overtook (the journal no longer holds what it had yet to replay).
 
 The session acts for its :class:`Credential`, which follows reloads of the tokens: each event
 is checked against the token's namespaces now, and a token revoked cuts the reader off as an
@@ -33,7 +34,7 @@ from typing import Protocol
 from twin_service.auth import Credential
 from twin_service.errors import BadRequest, LimitExceeded, Unavailable
 from twin_service.store.base import StoredEvent, TwinStore
-from twin_service.streams.hub import JOURNAL_BATCH, EventHub, replay
+from twin_service.streams.hub import JOURNAL_BATCH, EventHub, ReplayOverrun, replay
 from twin_service.streams.messages import EventFrame, Outgoing
 from twin_service.streams.subscription import Subscription
 from twin_service.types import JSONObject
@@ -352,6 +353,11 @@ class StreamSession:
                 )
                 break
             except _ReaderGone:
+                return
+            except ReplayOverrun:
+                # Retention overtook a slow reader: its stream ends as a slow consumer's, and
+                # resuming from what it was handed, it is told to resync (since < pruned).
+                self._cut_off()
                 return
             except Unavailable:
                 if not self._reading(active):
