@@ -433,6 +433,28 @@ class StoreContract:
         seqs = [seq for seq, _ in await all_events(store)]
         assert old_seq not in seqs and newest in seqs  # the newest event of a twin stays
 
+    async def test_the_journal_end_stays_when_its_newest_events_age_out(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """SQLite took last_seq from the newest event left: once a deletion at the end of
+        the journal aged out, it went back below numbers readers had been handed, and a
+        process started then put its streams' start before them (a resume from the
+        deletion was told it came from another journal)."""
+        stream = StreamSettings(journal_max_age_seconds=60)
+        store = await store_factory(stream=stream, maintenance_interval_seconds=0.2)
+        await store.write(change(None, "org.acme:end-kept", {"attributes": {}}, timestamp=AGES_AGO))
+        tid = "org.acme:end-gone"
+        await store.write(change(None, tid, {"attributes": {}}, timestamp=AGES_AGO))
+        created = await store.get(tid)
+        assert created is not None
+        gone = await store.write(deletion(created, AGES_AGO))
+        await wait_pruned(store, gone)
+        assert gone not in [seq for seq, _ in await all_events(store)]
+        assert await store.last_seq() == gone
+        await store.close()
+        reopened = await store_factory(stream=stream)
+        assert await reopened.last_seq() == gone
+
     async def test_retention_by_age_keeps_what_the_next_change_is_compared_with(
         self, store_factory: StoreFactory
     ) -> None:

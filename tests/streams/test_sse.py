@@ -310,6 +310,41 @@ def test_changes_after_the_journal_aged_out_reach_the_streams(tmp_path: Path) ->
     ]
 
 
+def test_a_process_started_after_the_newest_events_aged_out_resumes_from_them(
+    tmp_path: Path,
+) -> None:
+    """The SQLite store took the end of the journal from the newest event left in it: once
+    the newest events aged out (a deletion goes whole), a process started afterwards put the
+    end before them. A reader resuming from the deletion was told it came from another
+    journal, and a stream that started live there was given an id before it, to be told to
+    resync again at every reconnection until the next write."""
+    env = {"TWIN_STREAM__JOURNAL_MAX_AGE_SECONDS": "60"}
+    proc = ServiceProcess(tmp_path, env=env).start()
+    try:
+        with proc.client() as api:
+            assert api.put(f"{TWINS}/org.sse:keep", json={}).status_code == 201
+            assert api.put(f"{TWINS}/org.sse:gone", json={}).status_code == 201
+            deleted = api.delete(f"{TWINS}/org.sse:gone")
+            assert deleted.status_code == 204
+            last = int(deleted.headers["X-Twin-Seq"])  # the reader's last event
+            age_sqlite_journal(proc.data_dir / "twins.sqlite3")
+            wait_for_resync(api, since=last - 1)  # the deletion was pruned by age
+        proc.stop()
+        proc.start()
+        with proc.client() as api:
+            headers = {"Last-Event-ID": str(last)}
+            with api.stream("GET", "/api/v1/stream/twins", headers=headers, timeout=30) as stream:
+                (resumed,) = read_events(stream, 1)
+            live = live_position(api)
+            history = api.get(f"{TWINS}/org.sse:keep/history")
+    finally:
+        proc.stop()
+    assert resumed["event"] == "subscribed" and resumed["data"]["seq"] == last, resumed
+    assert live == last
+    # The creation of the twin that exists stays: the journal was not empty.
+    assert [item["revision"] for item in history.json()["items"]] == [1], history.text
+
+
 TWINS = "/api/v1/twins"
 
 

@@ -190,7 +190,9 @@ class TwinStore(Protocol):
 
     async def last_seq(self) -> int:
         """The highest sequence number up to which the journal is complete (every lower
-        event is readable); 0 when nothing was written."""
+        event is readable, or was pruned: see :meth:`pruned_seq`); 0 when nothing was
+        written. It never goes back, not even when retention removed the newest events:
+        readers were handed those numbers, and resume from them."""
 
     # -- external index outbox: every write since the store last kept it is pending when --
     # -- it is opened with outbox=True (MongoDB queues every write; SQLite fills it then) --

@@ -30,6 +30,7 @@ from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifeti
 from twin_service.store.own_files import create_private
 from twin_service.store.sqlite_writer import (
     INCARNATION_SQL,
+    LAST_SEQ_SQL,
     WriterConfig,
     connect,
     wire_write,
@@ -447,10 +448,8 @@ class SqliteStore:
         return int(row[0] or 0)
 
     async def last_seq(self) -> int:
-        row = await self._read(
-            lambda: self._reader().execute("SELECT MAX(seq) FROM events").fetchone()
-        )
-        return int(row[0] or 0)
+        row = await self._read(lambda: self._reader().execute(LAST_SEQ_SQL).fetchone())
+        return int(row[0])
 
     async def pending_index(self, limit: int) -> list[IndexTask]:
         def run() -> list[IndexTask]:

@@ -80,6 +80,11 @@ SCHEMA = [
     )""",
 ]
 
+#: The highest sequence number ever handed out, which AUTOINCREMENT keeps in sqlite_sequence:
+#: ``MAX(seq)`` falls below it once retention removed the newest events (a deletion past
+#: the age goes whole), and a process that took the journal's end from that started its
+#: streams before events their readers had been handed.
+LAST_SEQ_SQL = "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'"
 #: The stored twin's incarnation, as :attr:`Twin.incarnation` computes it.
 INCARNATION_SQL = (
     "COALESCE(json_extract(doc, '$._private.incarnation'), json_extract(doc, '$.created'))"
@@ -254,9 +259,7 @@ class SqliteWriter:
             kept = 0 if _meta(conn, "builtin_index") == 1 else 1
         if self._config.outbox and not kept:
             # One version for all: above any the index has seen, below any later write.
-            (last,) = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'"
-            ).fetchone()
+            (last,) = conn.execute(LAST_SEQ_SQL).fetchone()
             queued = 0
             for table in ("twins", "tombstones"):
                 queued += conn.execute(
