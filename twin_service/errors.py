@@ -188,9 +188,10 @@ class Busy(Unavailable):
 
 
 class StoreUnreachable(Unavailable):
-    """The store's server did not answer at all (down, or out of the network's reach), as
-    opposed to answering with a refusal: a starting service waits for it to come
-    (``mongodb.start_wait_seconds``) instead of exiting."""
+    """The store's server did not answer at all (down, or out of the network's reach), or
+    not within ``mongodb.operation_timeout_ms``, as opposed to answering with a refusal: a
+    starting service waits for it to come (``mongodb.start_wait_seconds``) instead of
+    exiting."""
 
 
 class StoreMissing(Unavailable):

@@ -235,6 +235,20 @@ class MongoSettings(_Section):
     server_selection_timeout_ms: int = Field(
         5000, ge=100, description="How long an operation waits for a usable server."
     )
+    # 10 s: a GET or a write takes milliseconds on a server that answers, and a search page
+    # or a count, which scan every twin on FerretDB (about 30 us a small twin measured, see
+    # docs/scaling.md), a few seconds at 100,000 twins. It stays below shutdown_timeout_seconds
+    # (20) and the 30-60 s after which proxies and clients give up, so a frozen server is a
+    # 503 they see rather than a hang of theirs. Store work that touches every twin at once
+    # (index builds at start, maintenance rounds) has longer bounds of its own (mongodb.py).
+    operation_timeout_ms: int = Field(
+        10_000,
+        ge=100,
+        description="How long one store operation (a read, a write, a journal read) may wait "
+        "for the server, retries and server selection included, before it fails with 503 "
+        "service.unavailable: a server that takes connections and answers nothing holds a "
+        "request this long at most (docs/scaling.md).",
+    )
     max_pool_size: int = Field(100, ge=1, description="Connections per replica to the server.")
     gap_timeout_seconds: float = Field(
         10.0,

@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import pymongo
 import pytest
+import websockets
+from pymongo import AsyncMongoClient
 
 from tests.servers.ferretdb import FerretDB
 from tests.service_fixtures import mongodb_env
-from tests.service_process import ServiceProcess
+from tests.service_process import ADMIN_TOKEN, ServiceProcess
 from tests.store_fixtures import mongodb_settings
 from twin_service.errors import StoreUnreachable
 from twin_service.store.mongodb import MongoStore
+from twin_service.store.mongodb_journal import SeqAllocator
 from twin_service.streams.hub import EventHub
 
 
@@ -94,3 +101,89 @@ async def test_closing_does_not_wait_on_a_server_that_stopped_answering(
             await store.close()
     finally:
         os.kill(fresh_ferretdb.pid, signal.SIGCONT)
+
+
+async def test_a_request_on_a_frozen_server_is_answered_503_within_the_operation_timeout(
+    fresh_ferretdb: FerretDB, tmp_path: Path, unique_name: str
+) -> None:
+    """A request on a MongoDB that takes connections and answers nothing waited 25.8 s
+    (measured; the driver's socket timeouts and a retry) before its 503: clients, load
+    balancers and probes hung with it. Each store operation is now bounded by
+    ``mongodb.operation_timeout_ms``; the event hub, the expiry sweeper and the maintenance
+    loop outlive the freeze and go on once the server answers again."""
+    env = mongodb_env(fresh_ferretdb.url, unique_name)
+    env["TWIN_MONGODB__OPERATION_TIMEOUT_MS"] = "1500"
+    env["TWIN_LOG_LEVEL"] = "info"
+    service = ServiceProcess(tmp_path / "svc", env=env).start()
+    twin = "org.acme:frozen"
+    try:
+        async with (
+            service.async_client() as api,
+            websockets.connect(
+                service.url.replace("http://", "ws://") + "/api/v1/ws",
+                additional_headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            ) as ws,
+        ):
+            assert (await api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": 1}})).is_success
+            await ws.send(json.dumps({"type": "subscribe", "id": "s", "twins": [twin]}))
+            while json.loads(await asyncio.wait_for(ws.recv(), 15))["type"] != "subscribed":
+                pass
+            assert fresh_ferretdb.pid is not None
+            os.kill(fresh_ferretdb.pid, signal.SIGSTOP)  # takes connections, answers nothing
+            try:
+                for request in (
+                    api.get(f"/api/v1/twins/{twin}"),
+                    api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": 2}}),
+                    api.get("/api/v1/search/twins"),
+                ):
+                    started = time.monotonic()
+                    response = await request
+                    took = time.monotonic() - started
+                    assert response.status_code == 503, response.text
+                    assert response.json()["error"] == "service.unavailable", response.text
+                    assert took < 1.5 + 1.5, f"answered after {took:.1f} s"
+                # The background loops meet the timeout too, a few times over.
+                await asyncio.sleep(5)
+            finally:
+                os.kill(fresh_ferretdb.pid, signal.SIGCONT)
+            assert service.proc is not None and service.proc.poll() is None
+            deadline = time.monotonic() + 30
+            while (
+                await api.put(f"/api/v1/twins/{twin}", json={"desired": {"n": 3}})
+            ).status_code == 503:
+                assert time.monotonic() < deadline, "the store did not come back"
+                await asyncio.sleep(0.2)
+            # The event hub follows the journal again: the subscriber gets the write.
+            while json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] != "event":
+                pass
+        # Timeouts are failures the loops expect (logged in a line), not a crash of theirs.
+        assert "Traceback" not in service.log_tail(1000), service.log_tail(1000)
+    finally:
+        service.stop()
+
+
+async def test_allocations_are_not_bound_by_the_deadline_of_the_caller_that_started_them(
+    fresh_ferretdb: FerretDB, unique_name: str
+) -> None:
+    """Concurrent allocations share one task, started by the first caller. It ran under
+    that caller's pymongo.timeout deadline (a maintenance round's, the setup's), and failed
+    the allocations of everyone after it once that deadline had passed."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        fresh_ferretdb.url, timeoutMS=10_000
+    )
+    allocator = SeqAllocator(client.get_database(unique_name).get_collection("meta"))
+    try:
+        assert await allocator.next() == 1  # connected
+        assert fresh_ferretdb.pid is not None
+        os.kill(fresh_ferretdb.pid, signal.SIGSTOP)
+        try:
+            with pymongo.timeout(0.5):
+                first = asyncio.ensure_future(allocator.next())
+            await asyncio.sleep(0.1)
+            second = asyncio.ensure_future(allocator.next())  # waits for the first's batch
+            await asyncio.sleep(1.0)  # past the first caller's deadline
+        finally:
+            os.kill(fresh_ferretdb.pid, signal.SIGCONT)
+        assert sorted(await asyncio.gather(first, second)) == [2, 3]
+    finally:
+        await client.close()

@@ -28,7 +28,7 @@ import bson
 import pymongo
 from pymongo import AsyncMongoClient, IndexModel, ReadPreference, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import ConnectionFailure, DocumentTooLarge, DuplicateKeyError
+from pymongo.errors import ConnectionFailure, DocumentTooLarge, DuplicateKeyError, PyMongoError
 
 from search import mongodb as mongo_index
 from twin_service.errors import PayloadTooLarge, StoreMissing, StoreUnreachable, Unavailable
@@ -91,6 +91,16 @@ _CLAIM_RETRY_SECONDS = 0.25
 
 #: Seconds the driver's close may wait for the server (see MongoStore.close).
 CLOSE_SECONDS = 2.0
+#: Every other operation is bounded by mongodb.operation_timeout_ms (the client's timeoutMS),
+#: but for work over every twin or the whole journal, which a server that answers may take
+#: minutes over on a large database, and which no request waits for. The setup in open()
+#: (index builds, the once-per-database queueing of older twins): a start that cut it short
+#: would begin it again at every attempt, and never get through.
+_SETUP_SECONDS = 3600.0
+#: One maintenance round (sweep, watermark, retention: on FerretDB, scans of the journal). A
+#: round that times out is logged and tried again at the next; a frozen server holds it this
+#: long at most.
+_MAINTENANCE_SECONDS = 300.0
 
 
 def _failure(what: str, exc: BaseException) -> Unavailable:
@@ -98,7 +108,10 @@ def _failure(what: str, exc: BaseException) -> Unavailable:
     lost) may be a server still starting or restarting: a service starting meanwhile waits
     for it, at any step of its start (the event hub's first read, too). An answer that
     refuses (credentials, a command failed) will not change by waiting."""
-    error = StoreUnreachable if isinstance(exc, ConnectionFailure) else Unavailable
+    # A timeout (PyMongoError.timeout: no answer within mongodb.operation_timeout_ms, or the
+    # server's own maxTimeMS ran out) is also an answer that waiting may bring.
+    timed_out = isinstance(exc, PyMongoError) and exc.timeout
+    error = StoreUnreachable if isinstance(exc, ConnectionFailure) or timed_out else Unavailable
     # Server selection's message ends with the driver's timeouts and the whole topology
     # description, the reason of each server again among internals: /ready and the log
     # keep the reason.
@@ -145,6 +158,9 @@ class MongoStore:
         self._client = AsyncMongoClient(
             self._url,
             serverSelectionTimeoutMS=mongo.server_selection_timeout_ms,
+            # Without it, an operation on a server that takes connections and answers
+            # nothing waited the socket timeouts and a retry: about 26 s before its 503.
+            timeoutMS=mongo.operation_timeout_ms,
             maxPoolSize=mongo.max_pool_size,
             tz_aware=False,
         )
@@ -180,23 +196,28 @@ class MongoStore:
                 mongo.gap_timeout_seconds,
                 pull=not self._racy_updates,
             )
-            # One index per call: FerretDB 1.24 panics on a createIndexes of several indexes
-            # that all exist already (the second replica to start).
-            for model in _TWIN_INDEXES:
-                await self._twins.create_indexes([model])
-            for model in _EVENT_INDEXES:
-                await self._events.create_indexes([model])
-            if not self._racy_updates:
-                # FerretDB 1.x accepts a wildcard index but then fails every write to the
-                # collection ("bad JSON path"): searches there scan, which is correct.
-                await self._twins.create_indexes([_WILDCARD])
-            await self._maintain(prune=True)
-            if not self._existing:  # the outbox record is the service's to make
-                await self._queue_older_writes()
+            with pymongo.timeout(_SETUP_SECONDS):
+                await self._set_up()
         except DRIVER_ERRORS as exc:
             await self._client.close()
             raise _failure("The twin store cannot open MongoDB", exc) from exc
         self._maintenance = asyncio.get_running_loop().create_task(self._maintenance_loop())
+
+    async def _set_up(self) -> None:
+        """Indexes, the first maintenance round, the outbox record (see open)."""
+        # One index per call: FerretDB 1.24 panics on a createIndexes of several indexes
+        # that all exist already (the second replica to start).
+        for model in _TWIN_INDEXES:
+            await self._twins.create_indexes([model])
+        for model in _EVENT_INDEXES:
+            await self._events.create_indexes([model])
+        if not self._racy_updates:
+            # FerretDB 1.x accepts a wildcard index but then fails every write to the
+            # collection ("bad JSON path"): searches there scan, which is correct.
+            await self._twins.create_indexes([_WILDCARD])
+        await self._maintain(prune=True)
+        if not self._existing:  # the outbox record is the service's to make
+            await self._queue_older_writes()
 
     async def _queue_older_writes(self) -> None:
         """Once per database: queue for the external index the twins written before every
@@ -253,7 +274,8 @@ class MongoStore:
             await asyncio.sleep(self._settings.maintenance_interval_seconds)
             rounds += 1
             try:
-                await self._maintain(prune=rounds % 12 == 0)
+                with pymongo.timeout(_MAINTENANCE_SECONDS):
+                    await self._maintain(prune=rounds % 12 == 0)
             except DRIVER_ERRORS as exc:
                 log.warning("journal maintenance failed: %s", exc)
 
@@ -501,7 +523,7 @@ class MongoStore:
         try:
             # A bounded commit (the server gets maxTimeMS on MongoDB) keeps the window in which
             # a stalled write could land after readers fenced its number off small.
-            with pymongo.timeout(gap * 0.8):
+            with pymongo.timeout(min(gap * 0.8, self._settings.operation_timeout_ms / 1000)):
                 result = await self._twins.update_one(
                     self._cas_filter(write),
                     update,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
@@ -133,7 +134,10 @@ class SeqAllocator:
         self._waiting.append(future)
         if not self._running:
             self._running = True
-            self._task = loop.create_task(self._run())
+            # In a context of its own: the task serves every caller while some wait, so it
+            # must not run under the pymongo.timeout deadline of the one that started it (a
+            # maintenance round's, past which it would fail everyone's allocations).
+            self._task = loop.create_task(self._run(), context=contextvars.Context())
         return await future
 
     async def current(self) -> int:
