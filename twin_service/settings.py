@@ -233,7 +233,11 @@ class MongoSettings(_Section):
         description="Where GET and search read twins; writes and the journal use the primary.",
     )
     server_selection_timeout_ms: int = Field(
-        5000, ge=100, description="How long an operation waits for a usable server."
+        5000,
+        ge=100,
+        description="How long the driver waits for a usable server where no operation "
+        "timeout applies; store operations wait within operation_timeout_ms instead "
+        "(PyMongo's timeoutMS replaces it).",
     )
     # 10 s: a GET or a write takes milliseconds on a server that answers, and a search page
     # or a count, which scan every twin on FerretDB (about 30 us a small twin measured, see

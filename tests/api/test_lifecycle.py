@@ -127,6 +127,8 @@ def test_an_expiry_due_while_the_store_is_down_is_committed_when_it_is_back(
     pending past its time to live until the twin's next write or the next start."""
     env = mongodb_env(fresh_ferretdb.url, unique_name)
     env["TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS"] = "200"
+    # The driver waits for a server within the operation timeout (timeoutMS) as well.
+    env["TWIN_MONGODB__OPERATION_TIMEOUT_MS"] = "1000"
     proc = service_factory(env=env)
     twin = "org.acme:expiring"
     with proc.client() as api:
