@@ -77,8 +77,9 @@ class ProgressLine:
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
-    """Handler of ``index rebuild``: 0 on success, 2 on bad settings, 1 on failure or when
-    some twins were refused (the alias then still moved to the new index)."""
+    """Handler of ``index rebuild``: 0 on success, 2 on bad settings, 3 when another
+    rebuild of the index runs, 1 on failure or when some twins were refused (the alias then
+    still moved to the new index)."""
     from twin_service import logs
     from twin_service.settings import settings_for_command
 
@@ -89,12 +90,17 @@ def run_rebuild(args: argparse.Namespace) -> int:
     if settings.search != "elasticsearch":
         print("twin-service: index rebuild needs search=elasticsearch", file=sys.stderr)
         return 2
+    from twin_service.index.elasticsearch import RebuildRunning
+
     progress = ProgressLine(sys.stderr)
     try:
         result = asyncio.run(_rebuild(settings, progress, args.page_size, args.allow_empty))
     except StoreMissing as exc:
         print(f"twin-service: {exc.message}", file=sys.stderr)
         return 1
+    except RebuildRunning as exc:
+        print(f"twin-service: {exc.message} {exc.description}", file=sys.stderr)
+        return 3
     except TwinServiceError as exc:
         print(
             f"\ntwin-service: rebuild failed: {exc.message} {exc.description or ''}",

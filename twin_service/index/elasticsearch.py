@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -263,7 +265,7 @@ class ElasticsearchIndex:
             index=name,
             mappings=MAPPING,
             settings=settings,
-            aliases={self.alias: {}} if alias else None,
+            aliases={self.alias: {"is_write_index": True}} if alias else None,
         )
 
     # -- indexing --------------------------------------------------------------------------
@@ -555,6 +557,68 @@ class ElasticsearchIndex:
         return out
 
 
+class RebuildRunning(Conflict):
+    """Another ``index rebuild`` of the same alias holds its lock."""
+
+
+def rebuild_lock(alias: str) -> str:
+    """The index whose existence says a rebuild of ``alias`` runs."""
+    return f"{alias}-rebuild-lock"
+
+
+@contextlib.asynccontextmanager
+async def _locked(index: ElasticsearchIndex) -> AsyncIterator[None]:
+    """Hold the rebuild lock of the index's alias, else raise :class:`RebuildRunning`.
+
+    Two rebuilds at once each moved the alias from the indexes it was on when they looked:
+    it could end on both new ones, with no write index. The lock is an index: creating
+    one is atomic across the cluster, and it outlives nothing but a rebuild killed
+    outright (the refusal says how to remove it).
+    """
+    client, lock = index.client, rebuild_lock(index.alias)
+    holder = (
+        f"{socket.gethostname()} pid {os.getpid()} since {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}"
+    )
+    async with _es_errors("lock the rebuild"):
+        try:
+            await client.indices.create(
+                index=lock,
+                settings={"number_of_shards": 1, "number_of_replicas": 0},
+                mappings={"_meta": {"holder": holder}},
+            )
+        except BadRequestError as exc:
+            if exc.error != "resource_already_exists_exception":
+                raise
+            raise RebuildRunning(
+                f"another index rebuild of {index.alias} is running "
+                f"({await _lock_holder(index)}): this one did nothing.",
+                description=f"Wait for it to end. If none runs (one was killed), remove its "
+                f"lock on the engine (DELETE /{lock}) and run this again.",
+            ) from exc
+    try:
+        yield
+    finally:
+        try:
+            await client.indices.delete(index=lock)
+        except (ApiError, TransportError) as exc:
+            log.error(
+                "could not remove the rebuild lock %s (%s): the next rebuild is refused "
+                "until it is deleted (DELETE /%s on the engine)",
+                lock,
+                exc,
+                lock,
+            )
+
+
+async def _lock_holder(index: ElasticsearchIndex) -> str:
+    lock = rebuild_lock(index.alias)
+    try:
+        found = await index.client.indices.get_mapping(index=lock)
+        return str(found[lock]["mappings"]["_meta"]["holder"])
+    except (ApiError, TransportError, KeyError):
+        return "holder unknown"
+
+
 @dataclass
 class FillResult:
     """Twins written to an index, and twins refused (logged, not in the index)."""
@@ -581,6 +645,9 @@ async def rebuild(
     written with the store's last sequence number at the start as version; writes committed
     meanwhile are caught up from the journal after the alias moved, so the running indexers
     of the service lose nothing. Returns the twins indexed and refused (logged).
+
+    One rebuild of an alias runs at a time: another one started meanwhile raises
+    :class:`RebuildRunning` and changes nothing.
     """
     _check_page_size(page_size)
     index = ElasticsearchIndex(settings, store, run_indexer=False)
@@ -600,6 +667,18 @@ async def _rebuild(
     allow_empty: bool = False,
 ) -> FillResult:
     _check_page_size(page_size)
+    async with _locked(index):
+        return await _rebuild_locked(index, store, progress, page_size, allow_empty=allow_empty)
+
+
+async def _rebuild_locked(
+    index: ElasticsearchIndex,
+    store: TwinStore,
+    progress: Progress | None,
+    page_size: int,
+    *,
+    allow_empty: bool,
+) -> FillResult:
     client, alias = index.client, index.alias
     start_seq = await store.last_seq()
     target = f"{alias}-v{MAPPING_VERSION}-{int(time.time() * 1000)}"
@@ -619,21 +698,36 @@ async def _rebuild(
             index=target,
             settings={"refresh_interval": index.settings.elasticsearch.refresh_interval},
         )
-        try:
-            old = list((await client.indices.get_alias(name=alias)).keys())
-        except NotFoundError:
-            old = []
-        actions: list[dict[str, Any]] = [
-            {"remove": {"index": name, "alias": alias}} for name in old
-        ]
-        actions.append({"add": {"index": target, "alias": alias}})
-        await client.indices.update_aliases(actions=actions)
+        old = await _alias_indexes(index)
+        # One step, off every index it is on (not only those seen above), onto the new one
+        # as the write index: an alias on two indexes with none for writes refuses them all.
+        await client.indices.update_aliases(
+            actions=[
+                {"remove": {"index": "*", "alias": alias, "must_exist": False}},
+                {"add": {"index": target, "alias": alias, "is_write_index": True}},
+            ]
+        )
+        now = await _alias_indexes(index)
+    if now != [target]:
+        raise Unavailable(
+            f"The alias {alias} is on {', '.join(now) or 'no index'} after the switch, "
+            f"not on {target} alone.",
+            code="index.unavailable",
+        )
+    old = [name for name in old if name != target]
     await _catch_up(index, store, start_seq)
     async with _es_errors("rebuild"):
         for name in old:
             await client.indices.delete(index=name)
         await client.indices.refresh(index=alias)
     return result
+
+
+async def _alias_indexes(index: ElasticsearchIndex) -> list[str]:
+    try:
+        return sorted(await index.client.indices.get_alias(name=index.alias))
+    except NotFoundError:
+        return []
 
 
 async def _refuse_to_empty(index: ElasticsearchIndex) -> None:

@@ -1,0 +1,105 @@
+"""``index rebuild`` against a live index: one rebuild at a time, the alias moved in one step
+onto one write index.
+Real store, real service core, real Elasticsearch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.index.helpers import es_env
+from tests.index.test_indexer import Stack, make_stack
+from tests.index.test_rebuild_existing_store import rebuild
+from tests.servers.search_engine import SearchEngine
+from twin_service.index.elasticsearch import RebuildRunning, _rebuild, rebuild_lock
+
+pytestmark = pytest.mark.server("elasticsearch")
+
+TWINS = 30
+
+
+async def filled(engine: SearchEngine, tmp_path: Path, refresh: str) -> AsyncIterator[Stack]:
+    async for s in make_stack(engine, tmp_path, run_indexer=False, refresh_interval=refresh):
+        for i in range(TWINS):
+            await s.put(f"org.a:t{i:02}", {"attributes": {"n": i}})
+        await s.index.index_pending()
+        await s.index.client.indices.refresh(index=s.index.alias)
+        yield s
+
+
+@pytest.fixture
+async def stalled(search_engine: SearchEngine, tmp_path: Path) -> AsyncIterator[Stack]:
+    async for s in filled(search_engine, tmp_path, "60s"):
+        yield s
+
+
+async def count(stack: Stack) -> int:
+    """What a search without ``waitFor`` counts (no refresh)."""
+    return int((await stack.index.client.count(index=stack.index.alias))["count"])
+
+
+async def assert_one_write_index(stack: Stack) -> None:
+    found = await stack.index.client.indices.get_alias(name=stack.index.alias)
+    assert len(found) == 1, list(found)
+    ((_, body),) = found.items()
+    assert body["aliases"][stack.index.alias].get("is_write_index") is True, body
+
+
+async def test_a_second_rebuild_while_one_runs_is_refused(stalled: Stack) -> None:
+    """Two rebuilds at once could leave the alias on both new indexes (2 runs in 6): every
+    twin found twice, every later write refused for good ("no write index is defined for
+    alias") with /ready saying up, and one run exiting 1 with index_not_found_exception."""
+    started = asyncio.Event()
+    first = asyncio.create_task(
+        _rebuild(stalled.index, stalled.store, lambda done, total: started.set(), 1)
+    )
+    try:
+        await started.wait()
+        with pytest.raises(RebuildRunning, match="another index rebuild") as refused:
+            await _rebuild(stalled.index, stalled.store, None, 1)
+        assert rebuild_lock(stalled.index.alias) in (refused.value.description or "")
+        assert (await first).indexed == TWINS
+    finally:
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(BaseException):
+                await first
+    await assert_one_write_index(stalled)
+    assert await count(stalled) == TWINS
+    # The lock went with the rebuild that held it, and the index takes writes.
+    await stalled.put("org.a:later", {"attributes": {"n": 99}})
+    await stalled.index.index_pending()
+    assert await stalled.ids("eq(attributes/n,99)", wait_for_seq=await stalled.store.last_seq())
+    assert (await _rebuild(stalled.index, stalled.store, None, 100)).indexed == TWINS + 1
+
+
+async def test_a_lock_left_by_a_dead_rebuild_is_named_and_can_be_removed(
+    search_engine: SearchEngine, stalled: Stack
+) -> None:
+    """A rebuild killed outright leaves its lock: the next one says how to remove it, and
+    the command exits 3 (a job can tell it from a failed rebuild)."""
+    lock = rebuild_lock(stalled.index.alias)
+    await stalled.index.client.indices.create(index=lock)
+    with pytest.raises(RebuildRunning) as refused:
+        await _rebuild(stalled.index, stalled.store, None, 100)
+    assert f"DELETE /{lock}" in (refused.value.description or "")
+    data = str(stalled.settings.data_dir)
+    command = rebuild(es_env(search_engine, stalled.index.alias), "--data-dir", data)
+    assert command.returncode == 3, command.stderr
+    assert "another index rebuild" in command.stderr and f"DELETE /{lock}" in command.stderr
+    await stalled.index.client.indices.delete(index=lock)
+    assert (await _rebuild(stalled.index, stalled.store, None, 100)).indexed == TWINS
+
+
+async def test_the_switch_leaves_the_alias_on_the_new_index_alone(stalled: Stack) -> None:
+    """An alias already on two indexes (left by an older version's concurrent rebuilds)
+    ends on the new one only, as its write index."""
+    client, alias = stalled.index.client, stalled.index.alias
+    await client.indices.create(index=f"{alias}-stray", aliases={alias: {}})
+    await _rebuild(stalled.index, stalled.store, None, 100)
+    await assert_one_write_index(stalled)
+    assert await count(stalled) == TWINS
