@@ -37,12 +37,13 @@ class Outcome(Enum):
     DONE = "done"
     """Indexed, or a newer version is already there (409), or already deleted (404)."""
     RETRY = "retry"
-    """Overload or a server failure: try again later with backoff."""
+    """Overload, a server failure, or the index refusing every write for now (a write
+    block, closed, an alias with no write index): try again later with backoff."""
     NO_INDEX = "no_index"
     """The index (its alias) is gone: create it again, then retry."""
     REJECTED = "rejected"
     """The document itself is refused (e.g. too large): retrying cannot help. Its old
-    document is deleted instead."""
+    document is deleted instead (the change stays pending until that delete is done)."""
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,27 @@ def batches(operations: Iterator[Operation], max_bytes: int) -> Iterator[list[Op
         yield batch
 
 
+#: Errors of a bulk item that refuse the index, not the document: an operator's write
+#: block, a closed index. Retried: dropping the change would leave the index stale for good.
+_INDEX_ERRORS = frozenset({"cluster_block_exception", "index_closed_exception"})
+#: The same, reported as an illegal argument: the alias has no write index, or is on
+#: several indexes with none for writes.
+_ALIAS_REASONS = ("no write index is defined", "has more than one ind")
+
+
 def item_outcome(item: dict[str, Any]) -> Outcome:
     """The outcome of one entry of a ``_bulk`` answer's ``items``."""
     ((action, result),) = item.items()
     status = int(result.get("status", 500))
-    if (result.get("error") or {}).get("type") == "index_not_found_exception":
+    error = result.get("error") or {}
+    kind, reason = error.get("type"), str(error.get("reason", ""))
+    if kind == "index_not_found_exception":
         return Outcome.NO_INDEX
     if status < 300 or status == 409 or (action == "delete" and status == 404):
         return Outcome.DONE
-    if status in (404, 429) or status >= 500:
+    if status in (404, 429) or status >= 500 or kind in _INDEX_ERRORS:
+        return Outcome.RETRY
+    if kind == "illegal_argument_exception" and any(r in reason for r in _ALIAS_REASONS):
         return Outcome.RETRY
     return Outcome.REJECTED
 

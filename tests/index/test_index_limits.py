@@ -23,6 +23,7 @@ from tests.index.helpers import es_env
 from tests.index.test_indexer import Stack, make_stack
 from tests.servers.search_engine import SearchEngine
 from tests.service_process import ServiceProcess
+from twin_service.errors import Unavailable
 from twin_service.index.elasticsearch import _rebuild
 from twin_service.twin.lifecycle import lifecycle_amend_ttl
 from twin_service.twin.operations import replace_twin
@@ -251,3 +252,89 @@ async def test_a_failed_rebuild_deletes_its_new_index(stalled: Stack) -> None:
         await _rebuild(stalled.index, stalled.store, interrupted, 1)
     names = await stalled.index.client.indices.get(index=f"{stalled.index.alias}-*")
     assert list(names) == [f"{stalled.index.alias}-v{MAPPING_VERSION}"]
+
+
+async def block_writes(stack: Stack) -> None:
+    """An operator's write block (``index.blocks.write``, as for a snapshot or a move)."""
+    await stack.index.client.indices.put_settings(
+        index=stack.index.alias, settings={"index.blocks.write": True}
+    )
+
+
+async def unblock_writes(stack: Stack) -> None:
+    await stack.index.client.indices.put_settings(
+        index=stack.index.alias, settings={"index.blocks.write": None}
+    )
+
+
+async def alias_on_two_indexes(stack: Stack) -> None:
+    """The alias on two indexes with no write index, as two rebuilds at once left it:
+    "no write index is defined"."""
+    alias = stack.index.alias
+    await stack.index.client.indices.create(index=f"{alias}-stray", aliases={alias: {}})
+    await stack.index.client.indices.update_aliases(
+        actions=[
+            {
+                "add": {
+                    "index": f"{alias}-v{MAPPING_VERSION}",
+                    "alias": alias,
+                    "is_write_index": False,
+                }
+            }
+        ]
+    )
+
+
+async def alias_on_one_index(stack: Stack) -> None:
+    alias = stack.index.alias
+    await stack.index.client.indices.delete(index=f"{alias}-stray")
+    await stack.index.client.indices.update_aliases(
+        actions=[
+            {
+                "add": {
+                    "index": f"{alias}-v{MAPPING_VERSION}",
+                    "alias": alias,
+                    "is_write_index": True,
+                }
+            }
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("refuse", "accept", "reason"),
+    [
+        (block_writes, unblock_writes, "cluster_block_exception"),
+        (alias_on_two_indexes, alias_on_one_index, "no write index is defined"),
+    ],
+)
+async def test_writes_the_index_refuses_for_itself_stay_pending(
+    stalled: Stack,
+    refuse: Callable[[Stack], Any],
+    accept: Callable[[Stack], Any],
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bulk item refused for the index's sake, not the document's, was taken as a refused
+    document and dropped from the outbox: with a write block, 4 updates and 1 delete were
+    lost for good (the index kept the old states and the deleted twin), backlog 0, and only
+    the delete was logged. They stay pending, and are indexed once the index takes writes."""
+    for i in range(5):
+        await stalled.put(f"org.a:b{i}", {"attributes": {"v": 1}})
+    await stalled.index.index_pending()
+    await refuse(stalled)
+    try:
+        for i in range(1, 5):
+            await stalled.put(f"org.a:b{i}", {"attributes": {"v": 2}})
+        await stalled.delete("org.a:b0")
+        with pytest.raises(Unavailable, match="5 twins must be indexed again") as retry:
+            await stalled.index.index_pending()
+        assert reason in (retry.value.description or ""), retry.value.description
+        assert (await stalled.store.index_backlog())[0] == 5
+        assert stalled.index.rejected == 0
+    finally:
+        await accept(stalled)
+    assert await stalled.index.index_pending() == 5
+    assert await indexed(stalled) == [f"org.a:b{i}" for i in range(1, 5)]
+    assert await indexed(stalled, "eq(attributes/v,1)") == []
+    assert "refused" not in caplog.text, caplog.text

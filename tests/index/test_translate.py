@@ -200,6 +200,17 @@ def test_bulk_operations_use_external_versions() -> None:
     }
 
 
+NO_WRITE_INDEX = (
+    "no write index is defined for alias [twins]. The write index may be explicitly disabled "
+    "using is_write_index=false or the alias points to multiple indices without one being "
+    "designated as a write index"
+)
+
+
+def _refused(status: int, kind: str, reason: str) -> dict[str, Any]:
+    return {"index": {"status": status, "error": {"type": kind, "reason": reason}}}
+
+
 @pytest.mark.parametrize(
     ("item", "outcome"),
     [
@@ -210,6 +221,21 @@ def test_bulk_operations_use_external_versions() -> None:
         ({"index": {"status": 400}}, Outcome.REJECTED),
         ({"index": {"status": 429}}, Outcome.RETRY),
         ({"index": {"status": 503}}, Outcome.RETRY),
+        # Refused for the index's sake, not the document's: an operator's write block,
+        # a closed index, an alias with no write index.
+        (
+            _refused(403, "cluster_block_exception", "index [t] blocked by: [FORBIDDEN/8]"),
+            Outcome.RETRY,
+        ),
+        (_refused(400, "index_closed_exception", "closed"), Outcome.RETRY),
+        (_refused(400, "illegal_argument_exception", NO_WRITE_INDEX), Outcome.RETRY),
+        (
+            _refused(
+                400, "illegal_argument_exception", "Document contains at least one immense term"
+            ),
+            Outcome.REJECTED,
+        ),
+        (_refused(400, "document_parsing_exception", "failed to parse"), Outcome.REJECTED),
     ],
 )
 def test_bulk_item_outcomes(item: dict[str, Any], outcome: Outcome) -> None:

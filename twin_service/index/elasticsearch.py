@@ -347,6 +347,14 @@ class ElasticsearchIndex:
                     op.change.seq,
                     op.refusal,
                 )
+            elif outcomes[i] is Outcome.REJECTED and op.refusal is not None:
+                # The delete replacing a refused document failed: the old document would
+                # stay searchable by values the twin no longer has. Kept pending.
+                outcomes[i] = Outcome.RETRY
+                reasons.append(
+                    f"twin {op.change.twin_id}: the delete of its refused document failed: "
+                    f"{item_reason(items[i])}"
+                )
             elif outcomes[i] is Outcome.REJECTED and op.change.doc is None:
                 self.rejected += 1
                 log.error(
