@@ -706,6 +706,9 @@ async def _rebuild_locked(
             index=target,
             settings={"refresh_interval": index.settings.elasticsearch.refresh_interval},
         )
+        # Searchable before the alias points at it: the refresh the new interval schedules
+        # is not awaited, and searches without waitFor found the new index empty.
+        await client.indices.refresh(index=target)
         old = await _alias_indexes(index)
         # One step, off every index it is on (not only those seen above), onto the new one
         # as the write index: an alias on two indexes with none for writes refuses them all.
