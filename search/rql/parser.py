@@ -198,10 +198,12 @@ def _check_value(op: str, value: Value, start: int) -> None:
         raise RqlInvalid(f"{op} cannot compare with null (at position {start})")
 
 
-#: Deepest nesting of and/or/not. Every store and index turns a filter into a nested query
-#: (SQLite's parser overflows at about 100 levels; the translations recurse) and no real
-#: query comes near it.
-MAX_DEPTH = 32
+#: Deepest nesting of and/or/not, the condition included. Every store and index turns a
+#: filter into a nested query (SQLite's parser overflows at about 100 levels; the
+#: translations recurse) and no real query comes near it. Elasticsearch refuses bool queries
+#: nested over ``indices.query.bool.max_nested_depth`` (30), and its translation adds up
+#: to 3 levels (namespaces, nested leaves): 32 was refused there only.
+MAX_DEPTH = 24
 #: Most conditions (comparisons, in, like, exists) in one filter: SQLite answers a
 #: compound query of more than 500 parts with an error.
 MAX_CONDITIONS = 256

@@ -592,7 +592,7 @@ _DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode().rstr
         (None, "sort(+foo)", "unknown property 'foo'"),
         (None, "cursor(not-a-cursor!)", "malformed cursor"),
         (None, f"cursor({_DEEP_CURSOR})", "malformed cursor"),
-        ("not(" * 100 + "exists(attributes/a)" + ")" * 100, "", "nests deeper than 32"),
+        ("not(" * 100 + "exists(attributes/a)" + ")" * 100, "", "nests deeper than 24"),
         ("or(" + ",".join(["exists(attributes/a)"] * 600) + ")", "", "more than 256 conditions"),
         # 201 sort paths were a 503 on SQLite (too many FROM clause terms, max 200), 32 on
         # FerretDB (at most 32 sort fields, twinId included).

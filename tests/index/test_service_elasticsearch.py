@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from search.rql import SearchQuery, parse_filter
+from search.rql.parser import MAX_DEPTH
 from tests.index.helpers import es_env, es_settings, index_name
 from tests.servers.search_engine import SearchEngine
 from tests.service_process import ServiceProcess
@@ -388,6 +389,22 @@ def test_the_widest_filters_the_parser_allows_run_on_elasticsearch(api: httpx.Cl
         )
         assert found.status_code == 200, found.text[:300]
         assert "org.acme:wide" in [t["twinId"] for t in found.json()["items"]], rql[:40]
+
+
+def test_the_deepest_filters_the_parser_allows_run_on_elasticsearch(api: httpx.Client) -> None:
+    """Filters nested 28 to 31 levels (27 with namespaces) passed the parser's limit and
+    were refused by Elasticsearch (bool nesting over indices.query.bool.max_nested_depth,
+    30): 400 "Failed to parse" on this backend only."""
+    put(api, "org.acme:deep", {"attributes": {"x": 1}})
+    for kind in ("not", "and", "or"):
+        # MAX_DEPTH levels, the condition included; nots in pairs (a double not is one).
+        depth = MAX_DEPTH - 1 if kind != "not" else (MAX_DEPTH - 1) // 2 * 2
+        rql = f"{kind}(" * depth + "exists(attributes/x)" + ")" * depth
+        data = {"filter": rql, "option": "sort(-attributes/x)", "waitFor": "latest"}
+        for extra in ({}, {"namespaces": "org.acme,org.other"}):
+            found = api.post("/api/v1/search/twins", data=data | extra)
+            assert found.status_code == 200, (kind, extra, found.text[:300])
+            assert [t["twinId"] for t in found.json()["items"]] == ["org.acme:deep"], kind
 
 
 def test_sort_keys_and_namespaces_are_bounded_on_elasticsearch(api: httpx.Client) -> None:

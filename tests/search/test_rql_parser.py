@@ -120,8 +120,8 @@ INVALID = [
     ("eq(attributes/a,1e999)", "out of range"),
     # Stores translate a filter into a nested query: SQLite's parser overflowed at about
     # 100 levels (a 503), the translations at about 500 (a 500).
-    ("not(" * 32 + "exists(attributes/a)" + ")" * 32, "nests deeper than 32 levels"),
-    ("and(" * 3000 + "exists(attributes/a)" + ")" * 3000, "nests deeper than 32 levels"),
+    ("not(" * 24 + "exists(attributes/a)" + ")" * 24, "nests deeper than 24 levels"),
+    ("and(" * 3000 + "exists(attributes/a)" + ")" * 3000, "nests deeper than 24 levels"),
     # SQLite refuses a compound query of more than 500 parts.
     ("or(" + ",".join(["exists(attributes/a)"] * 257) + ")", "more than 256 conditions"),
     # Elasticsearch refuses a terms query of more values (index.max_terms_count).
@@ -130,8 +130,8 @@ INVALID = [
 
 
 def test_the_deepest_and_widest_filters_allowed() -> None:
-    deepest = parse_filter("not(" * 31 + "exists(attributes/a)" + ")" * 31)
-    for _ in range(31):
+    deepest = parse_filter("not(" * 23 + "exists(attributes/a)" + ")" * 23)
+    for _ in range(23):
         assert isinstance(deepest, Not)
         deepest = deepest.operand
     widest = parse_filter("and(" + ",".join(["exists(attributes/a)"] * 256) + ")")
