@@ -416,6 +416,12 @@ class ElasticsearchSettings(_Section):
     request_timeout_seconds: float = Field(
         30.0, gt=0, description="Timeout of one request to Elasticsearch."
     )
+    start_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long a starting service waits for the engine to make sure of the "
+        "index before it serves all the same (the check goes on in the background).",
+    )
     retry_initial_seconds: float = Field(
         0.1, gt=0, description="First indexer backoff after a failed bulk request."
     )

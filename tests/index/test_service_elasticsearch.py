@@ -278,6 +278,36 @@ async def test_the_service_starts_and_serves_twins_while_the_engine_does_not_ans
         await cleanup.stop()
 
 
+async def test_a_start_while_the_engine_does_not_answer_serves_at_once(
+    search_engine: SearchEngine, tmp_path: Path
+) -> None:
+    """With the engine paused and the default request timeout (30 s), a service started
+    served nothing for about 35 s: the start waited for its check of the index. It serves
+    within start_timeout_seconds, and the check ends in the background."""
+    alias = index_name("paused")
+    proc = ServiceProcess(tmp_path / "paused", env=es_env(search_engine, alias))
+    cleanup = ElasticsearchIndex(
+        es_settings(search_engine, tmp_path, alias), cast(TwinStore, None), run_indexer=False
+    )
+    try:
+        with search_engine.frozen():
+            began = time.monotonic()
+            proc.start(timeout=15)
+            with proc.client() as api:
+                for i in range(5):
+                    put(api, f"org.acme:paused{i}", {"desired": {"n": i}})
+            assert time.monotonic() - began < 15
+        with proc.client() as api:
+            wait_converged(api, timeout=60)
+            count = api.get("/api/v1/search/twins/count", params={"waitFor": "latest"})
+            assert count.json() == {"count": 5}, count.text
+    finally:
+        proc.stop()
+        await cleanup.start()
+        await cleanup.client.indices.delete(index=f"{alias}-*")
+        await cleanup.stop()
+
+
 async def test_rebuild_indexes_an_existing_store(
     search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
 ) -> None:

@@ -166,6 +166,8 @@ class ElasticsearchIndex:
         self._ensured = False
         #: Whether this indexer created the index and must fill it from the store.
         self._fill = False
+        #: The start's check of the index, when it outlasted start_timeout_seconds.
+        self._late_check: asyncio.Task[bool] | None = None
         self._refresh_lock = asyncio.Lock()
         self._last_refresh_start = 0.0
         self.rejected = 0
@@ -194,9 +196,21 @@ class ElasticsearchIndex:
         refused to start took every restarted replica down with the search engine)."""
         if self._client is None:
             self._client = make_client(self._settings)
+        check = asyncio.create_task(self.ensure_index(), name="es-start-check")
+        # With the indexer, at most start_timeout_seconds: an engine that does not answer
+        # (a long pause of its JVM) held the start for the whole request timeout.
+        bound = self._es.start_timeout_seconds if self._run_indexer else None
         try:
-            self._fill = await self.ensure_index() and self._run_indexer
+            self._fill = await asyncio.wait_for(asyncio.shield(check), bound) and self._run_indexer
             self._ensured = True
+        except TimeoutError:
+            # Not cancelled: an index it creates once the engine answers must be filled.
+            self._late_check = check
+            check.add_done_callback(self._checked_late)
+            log.warning(
+                "search engine did not answer within %gs at start, indexing waits for it",
+                bound,
+            )
         except Unavailable as exc:
             if not self._run_indexer:
                 raise
@@ -204,9 +218,17 @@ class ElasticsearchIndex:
         if self._run_indexer:
             self._task = asyncio.create_task(self.run(), name="es-indexer")
 
+    def _checked_late(self, check: asyncio.Task[bool]) -> None:
+        """The start's check of the index, answered after the start: the indexer fills an
+        index it created (its own check found the index there already)."""
+        if not check.cancelled() and check.exception() is None and check.result():
+            self._fill = True
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         await stop_task(task)
+        check, self._late_check = self._late_check, None
+        await stop_task(check)
         if self._client is not None and self._own_client:
             await self._client.close()
             self._client = None
