@@ -3,6 +3,7 @@ the real index on the test node, writes through the real twin service."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from collections.abc import AsyncIterator
@@ -196,3 +197,24 @@ async def test_an_index_of_an_older_mapping_takes_new_documents_and_asks_for_a_r
         await client.indices.delete(index=f"{alias}-*")
         await index.stop()
         await client.close()
+
+
+async def test_a_write_the_same_twin_superseded_is_covered_only_once_indexed(
+    stalled: Stack,
+) -> None:
+    """The outbox kept only each twin's latest seq: once the twin was written again, its
+    earlier write counted as indexed before anything was (``waitFor`` of it answered without
+    the twin), and the lag was the age of the latest write, not of the oldest one."""
+    first = await stalled.put("org.a:twice", {"attributes": {"v": 1}})
+    await asyncio.sleep(1.0)
+    second = await stalled.put("org.a:twice", {"attributes": {"v": 2}})
+    assert not await stalled.index.covers(first)
+    with pytest.raises(Unavailable) as caught:
+        await stalled.ids(wait_for_seq=first)
+    assert caught.value.code == "index.timeout"
+    health = await stalled.index.health()
+    assert health["backlog"] == 1 and health["lagSeconds"] >= 1.0, health
+    assert await stalled.index.index_pending() == 1
+    assert await stalled.index.covers(second)
+    assert await stalled.ids(wait_for_seq=first) == ["org.a:twice"]
+    assert (await stalled.index.health())["lagSeconds"] == 0

@@ -530,10 +530,16 @@ class StoreContract:
         assert await store.index_backlog() == (2, seq_a)
         twin_a = await store.get(a)
         seq_a2 = await store.write(change(twin_a, a, {"attributes": {"x": 3}}))
+        # The lowest is a's first write the index has yet to take, not its latest: an index
+        # that took neither must not count seq_a as covered.
+        assert await store.index_backlog() == (2, seq_a)
         await store.mark_indexed(tasks)  # a was written again since: it stays pending
         (left,) = await store.pending_index(10)
         assert left.twin_id == a and left.seq == seq_a2 and left.twin is not None
         assert left.twin.attributes == {"x": 3}
+        # What the index took of a (seq_a) is covered; the write after it is not.
+        count, lowest = await store.index_backlog()
+        assert count == 1 and lowest is not None and seq_a < lowest <= seq_a2
         await store.mark_indexed([left])
         assert await store.pending_index(10) == []
         assert await store.index_backlog() == (0, None)

@@ -72,3 +72,36 @@ async def test_a_database_from_before_the_record_is_judged_by_its_builtin_index(
 
 async def test_a_new_database_queues_nothing(tmp_path: Path) -> None:
     assert await _pending(tmp_path / "twins.sqlite3") == {}
+
+
+async def test_an_outbox_from_before_first_seq_is_migrated(tmp_path: Path) -> None:
+    """Its rows knew only each twin's latest write: that becomes the first one, and the
+    twin's next write keeps it."""
+    path = tmp_path / "twins.sqlite3"
+    store = await _open(path, outbox=True, builtin=False)
+    try:
+        seq = await store.write(change(None, "org.acme:old", {"attributes": {}}))
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX index_outbox_by_first_seq")
+    conn.execute("ALTER TABLE index_outbox DROP COLUMN first_seq")
+    conn.execute("CREATE INDEX index_outbox_by_seq ON index_outbox (seq)")
+    conn.commit()
+    conn.close()
+    store = await _open(path, outbox=True, builtin=False)
+    try:
+        assert await store.index_backlog() == (1, seq)
+        twin = await store.get("org.acme:old")
+        later = await store.write(change(twin, "org.acme:old", {"attributes": {"n": 1}}))
+        assert await store.index_backlog() == (1, seq)
+        (task,) = await store.pending_index(10)
+        assert task.seq == later
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    indexes = {
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+    }
+    conn.close()
+    assert "index_outbox_by_first_seq" in indexes and "index_outbox_by_seq" not in indexes

@@ -517,8 +517,10 @@ class ElasticsearchIndex:
         backlog, lowest = await self._store.index_backlog()
         if lowest is None:
             return backlog, 0.0
+        # The oldest journaled from there: that write itself may be pruned, or ``lowest``
+        # only a bound (the store knows the index took a twin's writes up to one before it).
         events = await self._store.events_after(lowest - 1, 1)
-        if not events or events[0].seq != lowest:
+        if not events:
             return backlog, 0.0
         written = datetime.fromisoformat(events[0].event.timestamp.replace("Z", "+00:00"))
         return backlog, max(0.0, (datetime.now(UTC) - written).total_seconds())

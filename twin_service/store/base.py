@@ -204,7 +204,9 @@ class TwinStore(Protocol):
         """Forget tasks the index took; a twin written again since stays pending."""
 
     async def index_backlog(self) -> tuple[int, int | None]:
-        """(pending twin count, lowest pending seq or None) for lag metrics and waiting."""
+        """(pending twin count, the first write the index has yet to take, or None) for lag
+        metrics and waiting: every write below it is indexed, including those of a twin
+        written again since (its latest write alone is pending)."""
 
     def describe(self) -> dict[str, Any]: ...
 

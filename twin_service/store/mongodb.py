@@ -4,9 +4,10 @@ One document per twin in ``twins``: ``_id`` (twin id), ``ns``, ``rev`` (0 for a 
 kept as a tombstone: ``gone``, ``gdv`` and ``grv`` hold its :class:`Tombstone`), ``doc``
 (the stored twin as a JSON string, because twins may hold keys with ``.`` or ``$`` that
 FerretDB refuses), the search fields ``e`` and ``k`` (:mod:`search.mongodb`), ``ev``
-(change events not yet journaled) and ``ix`` (the seq the external search index has yet to
-take). Every write is one ``update_one`` filtered on ``rev`` (compare-and-set; ``upsert``
-with the unique ``_id`` for creation), so replicas never lose an update and the twin, its
+(change events not yet journaled), ``ix`` (the seq the external search index has yet to
+take) and ``ixf`` (the twin's first write it has yet to take: every write below the lowest
+``ixf`` is indexed). Every write is one ``update_one`` filtered on ``rev`` (compare-and-set;
+``upsert`` with the unique ``_id`` for creation), so replicas never lose an update and the twin, its
 search fields and its change event commit together. A twin document over
 ``mongodb.max_document_bytes`` is refused before its write takes anything. The journal and
 its sequence numbers are in :mod:`twin_service.store.mongodb_journal`.
@@ -67,6 +68,7 @@ _TWIN_INDEXES = [
     IndexModel([("ns", 1), ("_id", 1)], name="ns_id"),
     IndexModel([("ev", 1)], name="pending_events"),
     IndexModel([("ix", 1)], name="index_outbox"),
+    IndexModel([("ixf", 1)], name="index_outbox_first"),
     IndexModel([("rev", 1)], name="rev"),
 ]
 _EVENT_INDEXES = [
@@ -218,6 +220,7 @@ class MongoStore:
         await self._maintain(prune=True)
         if not self._existing:  # the outbox record is the service's to make
             await self._queue_older_writes()
+            await self._first_of_older_writes()
 
     async def _queue_older_writes(self) -> None:
         """Once per database: queue for the external index the twins written before every
@@ -227,7 +230,9 @@ class MongoStore:
         # Above any version the index has seen, and below any later write; several replicas
         # doing this at once only queue the same twins twice.
         last = await self._allocator.current()
-        result = await self._twins.update_many({"ix": {"$exists": False}}, {"$set": {"ix": last}})
+        result = await self._twins.update_many(
+            {"ix": {"$exists": False}}, {"$set": {"ix": last, "ixf": last}}
+        )
         if result.modified_count:
             log.warning(
                 "queued %d twins and tombstones for the external search index (written "
@@ -235,6 +240,19 @@ class MongoStore:
                 result.modified_count,
             )
         await upsert_meta(self._meta, "outbox", {"$set": {"since": datetime.now(UTC)}})
+
+    async def _first_of_older_writes(self) -> None:
+        """Give the twins queued before ``ixf`` (by a replica of an older version, maybe
+        still running) their latest write as the first: what they counted as indexed stays
+        so, the next write of the twin is exact. Filtered on ``ix``: a twin indexed or
+        written meanwhile is left to that."""
+        older = self._twins.find({"ix": {"$exists": True}, "ixf": {"$exists": False}}, {"ix": 1})
+        updates = [
+            pymongo.UpdateOne({"_id": raw["_id"], "ix": raw["ix"]}, {"$min": {"ixf": raw["ix"]}})
+            async for raw in older
+        ]
+        if updates:
+            await self._twins.bulk_write(updates, ordered=False)
 
     async def close(self) -> None:
         await stop_task(self._maintenance)
@@ -461,26 +479,36 @@ class MongoStore:
     async def mark_indexed(self, tasks: list[IndexTask]) -> None:
         if not tasks:
             return
-        try:
-            await self._twins.bulk_write(
-                [
-                    pymongo.UpdateOne({"_id": t.twin_id, "ix": t.seq}, {"$unset": {"ix": ""}})
-                    for t in tasks
-                ],
-                ordered=False,
+        # A twin written again since stays pending, and its writes up to the one indexed
+        # are covered: left as it was, its ixf held every wait for a later write for as long
+        # as the twin was written faster than the indexer took it. The filters are disjoint.
+        updates = [
+            update
+            for t in tasks
+            for update in (
+                pymongo.UpdateOne(
+                    {"_id": t.twin_id, "ix": t.seq}, {"$unset": {"ix": "", "ixf": ""}}
+                ),
+                pymongo.UpdateOne(
+                    {"_id": t.twin_id, "ix": {"$gt": t.seq}}, {"$max": {"ixf": t.seq + 1}}
+                ),
             )
+        ]
+        try:
+            await self._twins.bulk_write(updates, ordered=False)
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to commit", exc) from exc
 
     async def index_backlog(self) -> tuple[int, int | None]:
         try:
             pending = await self._twins.count_documents({"ix": {"$exists": True}})
+            # On ix too: a replica of an older version acknowledges by unsetting ix alone.
             lowest = await self._twins.find_one(
-                {"ix": {"$exists": True}}, {"ix": 1}, sort=[("ix", 1)]
+                {"ixf": {"$exists": True}, "ix": {"$exists": True}}, {"ixf": 1}, sort=[("ixf", 1)]
             )
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to read", exc) from exc
-        return pending, (int(lowest["ix"]) if lowest else None)
+        return pending, (int(lowest["ixf"]) if lowest else None)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -505,13 +533,15 @@ class MongoStore:
         # later (even by some replicas of a rolling update first) finds every write since
         # pending, with no one to fill the outbox. The field costs nothing on this update.
         fields["ix"] = seq
+        # The twin's first write the index has yet to take: kept when it is written again.
+        first = {"$min": {"ixf": seq}}
         update: dict[str, Any]
         if self._racy_updates:
             # The claimed writer is alone on this twin: events pending before were journaled
             # by _claim, so the array is replaced, never pulled from (a pull would race).
-            update = {"$set": {**fields, "ev": [token], "seq": seq}}
+            update = {"$set": {**fields, "ev": [token], "seq": seq}, **first}
         else:
-            update = {"$set": {**fields, "seq": seq}, "$push": {"ev": token}}
+            update = {"$set": {**fields, "seq": seq}, "$push": {"ev": token}, **first}
         gap = self._settings.gap_timeout_seconds
         if claimed is not None and time.monotonic() - claimed[1] > gap * _CLAIM_SEND_WITHIN:
             # Too late to send it: the claim may be taken over (see _claim) while the update
@@ -564,10 +594,17 @@ class MongoStore:
         documents of megabytes kept FerretDB busy for minutes.
         """
         event = write.event
-        # The seq is fixed-width in the token and an int64 in ``seq`` and ``ix``: 0 in its
-        # place gives the exact size.
+        # The seq is fixed-width in the token and an int64 in ``seq``, ``ix`` and ``ixf``: 0 in
+        # its place gives the exact size.
         token = Pending(0, write.twin_id, event.revision, event.timestamp, event_json, state)
-        stored = {"_id": write.twin_id, **fields, "ix": 0, "seq": 0, "ev": [token.token()]}
+        stored = {
+            "_id": write.twin_id,
+            **fields,
+            "ix": 0,
+            "ixf": 0,
+            "seq": 0,
+            "ev": [token.token()],
+        }
         size = len(bson.encode(stored))
         limit = self._settings.max_document_bytes
         if size > limit:
@@ -715,7 +752,8 @@ class MongoStore:
                 await self._twins.update_one({"_id": write.twin_id}, {"$pull": {"ev": token}})
             if seq != pending.seq:
                 await self._twins.update_one(
-                    {"_id": write.twin_id, "ix": pending.seq}, {"$set": {"ix": seq}}
+                    {"_id": write.twin_id, "ix": pending.seq},
+                    {"$set": {"ix": seq}, "$min": {"ixf": seq}},
                 )
             keep = self._stream.journal_max_per_twin
             if write.event.revision > keep:

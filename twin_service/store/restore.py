@@ -128,10 +128,10 @@ def renumber_restored(conn: sqlite3.Connection, now: float, *, outbox: bool) -> 
     if outbox:
         for table in ("twins", "tombstones"):
             conn.execute(
-                "INSERT INTO index_outbox (twin_id, seq) "
-                f"SELECT twin_id, ? FROM {table} WHERE true "
+                "INSERT INTO index_outbox (twin_id, seq, first_seq) "
+                f"SELECT twin_id, ?, ? FROM {table} WHERE true "
                 "ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
-                (seq,),
+                (seq, seq),
             )
     conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (BACKUP_TIME_KEY, BACKUP_SEQ_KEY))
     return Restored(int(stamp.get(BACKUP_SEQ_KEY, last)), seq, gap)

@@ -457,7 +457,7 @@ class SqliteStore:
             with _snapshot(conn):
                 rows = conn.execute(
                     "SELECT o.twin_id, o.seq, t.doc FROM index_outbox o "
-                    "LEFT JOIN twins t ON t.twin_id = o.twin_id ORDER BY o.seq LIMIT ?",
+                    "LEFT JOIN twins t ON t.twin_id = o.twin_id ORDER BY o.first_seq LIMIT ?",
                     (limit,),
                 ).fetchall()
             return [
@@ -489,7 +489,11 @@ class SqliteStore:
 
     async def index_backlog(self) -> tuple[int, int | None]:
         row = await self._read(
-            lambda: self._reader().execute("SELECT COUNT(*), MIN(seq) FROM index_outbox").fetchone()
+            lambda: (
+                self._reader()
+                .execute("SELECT COUNT(*), MIN(first_seq) FROM index_outbox")
+                .fetchone()
+            )
         )
         return int(row[0]), (int(row[1]) if row[1] is not None else None)
 

@@ -64,12 +64,15 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts)",
     # Outbox of the external search index: one row per twin whose latest write (seq) the
-    # index has not acknowledged, written in the same transaction as the twin.
+    # index has not acknowledged, written in the same transaction as the twin, with the
+    # first write of the twin it has yet to take (first_seq, kept when the twin is written
+    # again): every write below the lowest first_seq is indexed. Its index is made by
+    # _migrate_outbox, after the column (databases from before it lack it).
     """CREATE TABLE IF NOT EXISTS index_outbox (
         twin_id TEXT PRIMARY KEY,
-        seq INTEGER NOT NULL
+        seq INTEGER NOT NULL,
+        first_seq INTEGER NOT NULL DEFAULT 0
     )""",
-    "CREATE INDEX IF NOT EXISTS index_outbox_by_seq ON index_outbox (seq)",
     # What each deleted twin left for the next twin of its id (Tombstone). A creation
     # removes its id's row, so a row means no twin of that id exists.
     """CREATE TABLE IF NOT EXISTS tombstones (
@@ -223,6 +226,7 @@ class SqliteWriter:
             with _immediate(conn):
                 for statement in (*SCHEMA, *sqlite_index.SCHEMA):
                     conn.execute(statement)
+                _migrate_outbox(conn)
                 restored = None
                 # Maintenance commands (keep_search_records) leave a restore to the service's
                 # first start: it alone clears what the lost database left on the broker, and
@@ -263,10 +267,10 @@ class SqliteWriter:
             queued = 0
             for table in ("twins", "tombstones"):
                 queued += conn.execute(
-                    "INSERT INTO index_outbox (twin_id, seq) "
-                    f"SELECT twin_id, ? FROM {table} WHERE true "
+                    "INSERT INTO index_outbox (twin_id, seq, first_seq) "
+                    f"SELECT twin_id, ?, ? FROM {table} WHERE true "
                     "ON CONFLICT (twin_id) DO UPDATE SET seq = MAX(seq, excluded.seq)",
-                    (last,),
+                    (last, last),
                 ).rowcount
             log.warning(
                 "queued %d twins and tombstones of %s for the external search index "
@@ -439,9 +443,9 @@ class SqliteWriter:
         assert seq is not None
         if self._config.outbox:
             conn.execute(
-                "INSERT INTO index_outbox (twin_id, seq) VALUES (?, ?) "
+                "INSERT INTO index_outbox (twin_id, seq, first_seq) VALUES (?, ?, ?) "
                 "ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
-                (twin_id, seq),
+                (twin_id, seq, seq),
             )
         return seq
 
@@ -477,12 +481,32 @@ class SqliteWriter:
             _record_pruned(conn, latest)
 
     def mark_indexed(self, acknowledged: list[tuple[str, int]]) -> None:
-        """Drop outbox rows ``(twin_id, seq)`` an external index has taken (a row whose
-        twin was written again since keeps its newer seq)."""
+        """Drop outbox rows ``(twin_id, seq)`` an external index has taken. A row whose
+        twin was written again since keeps its newer seq, and its writes up to ``seq`` are
+        indexed: left as the first pending one, a twin written faster than the indexer
+        takes it would hold every wait for a write after its first one for good."""
         conn = self._conn
         assert conn is not None
         with _immediate(conn):
             conn.executemany("DELETE FROM index_outbox WHERE twin_id = ? AND seq = ?", acknowledged)
+            conn.executemany(
+                "UPDATE index_outbox SET first_seq = MAX(first_seq, :seq + 1) "
+                "WHERE twin_id = :twin AND seq > :seq",
+                [{"twin": twin_id, "seq": seq} for twin_id, seq in acknowledged],
+            )
+
+
+def _migrate_outbox(conn: sqlite3.Connection) -> None:
+    """Give an outbox from before ``first_seq`` the column and its index. Its rows only
+    know their twin's latest write, which becomes the first as well: what that outbox
+    counted as indexed stays so, as before (the next write of the twin is exact)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(index_outbox)")}
+    if "first_seq" not in columns:
+        conn.execute("ALTER TABLE index_outbox ADD COLUMN first_seq INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE index_outbox SET first_seq = seq")
+        conn.execute("DROP INDEX IF EXISTS index_outbox_by_seq")
+    # The indexer takes the longest waiting twins first, and waits read the lowest.
+    conn.execute("CREATE INDEX IF NOT EXISTS index_outbox_by_first_seq ON index_outbox (first_seq)")
 
 
 @contextmanager
