@@ -218,3 +218,48 @@ async def test_a_write_the_same_twin_superseded_is_covered_only_once_indexed(
     assert await stalled.index.covers(second)
     assert await stalled.ids(wait_for_seq=first) == ["org.a:twice"]
     assert (await stalled.index.health())["lagSeconds"] == 0
+
+
+async def test_a_new_index_is_not_taken_for_covering_the_store_while_it_fills(
+    search_engine: SearchEngine, tmp_path: Path
+) -> None:
+    """An index created over a store that holds twins (the index deleted, a new cluster) is
+    filled before the outbox is taken. The fill was invisible: waits for any write passed
+    at once (``waitFor=latest`` counted part of the twins) and /ready said nothing."""
+    settings = es_settings(
+        search_engine, tmp_path, index_name("fill"), batch_size=10, wait_timeout_seconds=0.5
+    )
+    store = SqliteStore(tmp_path / "twins.sqlite3", settings.sqlite, settings.stream, outbox=True)
+    await store.open()
+    service = TwinService(store, Limits(), "default")
+    for i in range(40):
+        edit = replace_twin({"attributes": {"n": i}}, f"org.f:t{i:02d}")
+        await service.mutate(f"org.f:t{i:02d}", lambda _, e=edit: e, origin="test", may_create=True)
+    # Taken by an index that is then lost: the outbox is empty.
+    await store.mark_indexed(await store.pending_index(100))
+    last = await store.last_seq()
+    index = ElasticsearchIndex(settings, store)
+    try:
+        await index.start()  # creates the index: its indexer fills it first
+        # Before the indexer's first step (frozen synchronously): nothing of the fill is done.
+        with search_engine.frozen():
+            assert not await index.covers(last)
+            with pytest.raises(Unavailable) as caught:
+                await index.wait_for_seq(last)
+            assert caught.value.code == "index.timeout"
+            lag = await index.lag()
+            health = await index.health()
+        assert health["filling"] == {"twins": 0, "of": 40}, health
+        assert lag[1] >= 0.4 and health["lagSeconds"] >= 0.4, (lag, health)
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await index.covers(last):
+            assert asyncio.get_running_loop().time() < deadline, await index.health()
+            await asyncio.sleep(0.05)
+        await index.wait_for_seq(last)
+        assert await index.count(SearchQuery(None)) == 40
+        health = await index.health()
+        assert "filling" not in health and health["lagSeconds"] == 0, health
+    finally:
+        await index.client.indices.delete(index=f"{index.alias}-*")
+        await index.stop()
+        await store.close()

@@ -352,6 +352,46 @@ async def test_rebuild_indexes_an_existing_store(
     assert await probe.ids("lt(attributes/i,0)") == ["org.acme:r999"]
 
 
+async def test_a_start_that_fills_a_new_index_answers_no_partial_wait(
+    search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
+) -> None:
+    """The index lost (deleted, a new cluster) and the service restarted: its indexer fills
+    a new index from the store. ``waitFor=latest`` answered counts of part of the twins
+    meanwhile (280, 420... of 838), with /ready saying backlog 0, lag 0."""
+    data = tmp_path / "refill"
+    first = ServiceProcess(data, env=es_env(search_engine, alias)).start()
+    try:
+        with first.client() as api:
+            for i in range(300):
+                put(api, f"org.acme:z{i:03d}", {"attributes": {"i": i}})
+            wait_converged(api)
+    finally:
+        first.stop()
+    await probe.index.client.indices.delete(index=f"{alias}-*")
+    env = es_env(search_engine, alias, TWIN_ELASTICSEARCH__BATCH_SIZE="10")
+    second = ServiceProcess(data, env=env).start()
+    try:
+        with second.client() as api:
+            checks = [index_check(api)]
+            deadline = time.monotonic() + 60
+            while True:
+                answer = api.get("/api/v1/search/twins/count", params={"waitFor": "latest"})
+                if answer.status_code == 200:
+                    assert answer.json() == {"count": 300}, (answer.text, checks)
+                    break
+                assert answer.json()["error"] == "index.timeout", answer.text
+                checks.append(index_check(api))
+                assert time.monotonic() < deadline, checks
+            assert "filling" not in index_check(api)
+    finally:
+        second.stop()
+    # While it filled, /ready said so (the first check came right after the start).
+    filling = [c for c in checks if "filling" in c]
+    for check in filling:
+        assert check["status"] == "up" and check["filling"]["of"] in (0, 300), check
+        assert check["filling"]["twins"] <= 300, check
+
+
 async def test_switching_back_to_elasticsearch_catches_up_on_its_own(
     search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
 ) -> None:

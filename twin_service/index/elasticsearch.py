@@ -12,7 +12,8 @@ until the index covers a given write (``wait_for_seq``), bounded by
 
 The index is a concrete index behind an alias (``elasticsearch.index_name``), created at
 start-up when missing, and again whenever a write finds it gone (deleted by hand): the indexer
-that creates it fills it with every twin of the store before it takes the outbox again.
+that creates it fills it with every twin of the store before it takes the outbox again
+(meanwhile no write counts as covered there, and its health says it fills).
 :func:`rebuild` fills a fresh one and moves the alias over.
 
 A twin whose document the engine cannot take (too large, refused) is deleted from the index
@@ -168,6 +169,8 @@ class ElasticsearchIndex:
         self._fill = False
         #: The start's check of the index, when it outlasted start_timeout_seconds.
         self._late_check: asyncio.Task[bool] | None = None
+        #: The fill under way (from its first attempt until it succeeds), for /ready.
+        self._filling: Filling | None = None
         self._refresh_lock = asyncio.Lock()
         self._last_refresh_start = 0.0
         self.rejected = 0
@@ -464,8 +467,11 @@ class ElasticsearchIndex:
                 if self._fill:
                     # Before the outbox: a search that waits for a write then also finds
                     # the twins written before the index was created.
-                    filled = await self.fill(self._store)
-                    self._fill = False
+                    if self._filling is None:
+                        self._filling = Filling(time.monotonic())
+                    self._filling.total = await self._store.twin_count()
+                    filled = await self.fill(self._store, progress=self._filling.progress)
+                    self._fill, self._filling = False, None
                     log.info(
                         "filled the search index: %d twins, %d refused",
                         filled.indexed,
@@ -486,7 +492,11 @@ class ElasticsearchIndex:
     # -- consistency -----------------------------------------------------------------------
 
     async def covers(self, seq: int) -> bool:
-        """Whether every write up to ``seq`` is acknowledged by the index (not yet refreshed)."""
+        """Whether every write up to ``seq`` is acknowledged by the index (not yet refreshed).
+        Never while this indexer fills a new index: the twins written before it are not all
+        there, and the outbox does not list them."""
+        if self._fill:
+            return False
         _, lowest = await self._store.index_backlog()
         return lowest is None or lowest > seq
 
@@ -513,17 +523,20 @@ class ElasticsearchIndex:
                 await self.client.indices.refresh(index=self.alias)
 
     async def lag(self) -> tuple[int, float]:
-        """(pending twins, age in seconds of the oldest write the index has not taken)."""
+        """(pending twins, age in seconds of the oldest write the index has not taken).
+        While a new index is filled, at least the time since the fill began: every twin not
+        yet written to it is older."""
         backlog, lowest = await self._store.index_backlog()
+        filling = 0.0 if self._filling is None else time.monotonic() - self._filling.since
         if lowest is None:
-            return backlog, 0.0
+            return backlog, filling
         # The oldest journaled from there: that write itself may be pruned, or ``lowest``
         # only a bound (the store knows the index took a twin's writes up to one before it).
         events = await self._store.events_after(lowest - 1, 1)
         if not events:
             return backlog, 0.0
         written = datetime.fromisoformat(events[0].event.timestamp.replace("Z", "+00:00"))
-        return backlog, max(0.0, (datetime.now(UTC) - written).total_seconds())
+        return backlog, max(filling, (datetime.now(UTC) - written).total_seconds())
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -575,6 +588,11 @@ class ElasticsearchIndex:
         try:
             backlog, lag = await self.lag()
             out.update(backlog=backlog, lagSeconds=round(lag, 3), rejected=self.rejected)
+            if self._fill:
+                # Up (the engine answers, as with a backlog), but searches miss twins and
+                # waits for writes wait until the fill is done.
+                filling = self._filling or Filling(time.monotonic())
+                out["filling"] = {"twins": filling.done, "of": filling.total}
             async with _es_errors("answer"), asyncio.timeout(bound):
                 cluster = await self.client.cluster.health(index=self.alias, timeout="2s")
             out["cluster"] = cluster["status"]
@@ -649,6 +667,18 @@ async def _lock_holder(index: ElasticsearchIndex) -> str:
         return str(found[lock]["mappings"]["_meta"]["holder"])
     except (ApiError, TransportError, KeyError):
         return "holder unknown"
+
+
+@dataclass
+class Filling:
+    """The indexer's fill of a new index: when it began, twins written and to write."""
+
+    since: float
+    done: int = 0
+    total: int = 0
+
+    def progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
 
 
 @dataclass
