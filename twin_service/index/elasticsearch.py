@@ -534,7 +534,7 @@ class ElasticsearchIndex:
         # only a bound (the store knows the index took a twin's writes up to one before it).
         events = await self._store.events_after(lowest - 1, 1)
         if not events:
-            return backlog, 0.0
+            return backlog, filling
         written = datetime.fromisoformat(events[0].event.timestamp.replace("Z", "+00:00"))
         return backlog, max(filling, (datetime.now(UTC) - written).total_seconds())
 
