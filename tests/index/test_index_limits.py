@@ -272,33 +272,19 @@ async def alias_on_two_indexes(stack: Stack) -> None:
     "no write index is defined"."""
     alias = stack.index.alias
     await stack.index.client.indices.create(index=f"{alias}-stray", aliases={alias: {}})
-    await stack.index.client.indices.update_aliases(
-        actions=[
-            {
-                "add": {
-                    "index": f"{alias}-v{MAPPING_VERSION}",
-                    "alias": alias,
-                    "is_write_index": False,
-                }
-            }
-        ]
-    )
+    await _writes_to_the_index(stack, False)
 
 
 async def alias_on_one_index(stack: Stack) -> None:
+    await stack.index.client.indices.delete(index=f"{stack.index.alias}-stray")
+    await _writes_to_the_index(stack, True)
+
+
+async def _writes_to_the_index(stack: Stack, writes: bool) -> None:
+    """Whether the alias takes writes to the service's index (its write index)."""
     alias = stack.index.alias
-    await stack.index.client.indices.delete(index=f"{alias}-stray")
-    await stack.index.client.indices.update_aliases(
-        actions=[
-            {
-                "add": {
-                    "index": f"{alias}-v{MAPPING_VERSION}",
-                    "alias": alias,
-                    "is_write_index": True,
-                }
-            }
-        ]
-    )
+    add = {"index": f"{alias}-v{MAPPING_VERSION}", "alias": alias, "is_write_index": writes}
+    await stack.index.client.indices.update_aliases(actions=[{"add": add}])
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,16 @@ async def test_writes_while_the_engine_does_not_answer_are_all_indexed_after(
     assert await probe.count("ge(desired/n,0)") == 40
 
 
+async def delete_indexes(engine: SearchEngine, tmp_path: Path, alias: str) -> None:
+    """Remove the indexes a stopped service made behind ``alias``."""
+    index = ElasticsearchIndex(
+        es_settings(engine, tmp_path, alias), cast(TwinStore, None), run_indexer=False
+    )
+    await index.start()
+    await index.client.indices.delete(index=f"{alias}-*")
+    await index.stop()
+
+
 async def test_the_service_starts_and_serves_twins_while_the_engine_does_not_answer(
     search_engine: SearchEngine, tmp_path: Path
 ) -> None:
@@ -254,9 +264,6 @@ async def test_the_service_starts_and_serves_twins_while_the_engine_does_not_ans
         TWIN_ELASTICSEARCH__RETRY_MAX_SECONDS="1",
     )
     proc = ServiceProcess(tmp_path / "late", env=env)
-    cleanup = ElasticsearchIndex(
-        es_settings(search_engine, tmp_path, alias), cast(TwinStore, None), run_indexer=False
-    )
     try:
         with search_engine.frozen():
             proc.start()
@@ -273,9 +280,7 @@ async def test_the_service_starts_and_serves_twins_while_the_engine_does_not_ans
             assert count.json() == {"count": 10}, count.text
     finally:
         proc.stop()
-        await cleanup.start()
-        await cleanup.client.indices.delete(index=f"{alias}-*")
-        await cleanup.stop()
+        await delete_indexes(search_engine, tmp_path, alias)
 
 
 async def test_a_start_while_the_engine_does_not_answer_serves_at_once(
@@ -286,9 +291,6 @@ async def test_a_start_while_the_engine_does_not_answer_serves_at_once(
     within start_timeout_seconds, and the check ends in the background."""
     alias = index_name("paused")
     proc = ServiceProcess(tmp_path / "paused", env=es_env(search_engine, alias))
-    cleanup = ElasticsearchIndex(
-        es_settings(search_engine, tmp_path, alias), cast(TwinStore, None), run_indexer=False
-    )
     try:
         with search_engine.frozen():
             began = time.monotonic()
@@ -303,9 +305,7 @@ async def test_a_start_while_the_engine_does_not_answer_serves_at_once(
             assert count.json() == {"count": 5}, count.text
     finally:
         proc.stop()
-        await cleanup.start()
-        await cleanup.client.indices.delete(index=f"{alias}-*")
-        await cleanup.stop()
+        await delete_indexes(search_engine, tmp_path, alias)
 
 
 async def test_rebuild_indexes_an_existing_store(
