@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from tests.index.helpers import es_env
 from tests.index.test_indexer import Stack, make_stack
 from tests.index.test_rebuild_existing_store import rebuild
 from tests.servers.search_engine import SearchEngine
+from tests.service_process import service_env
 from twin_service.index.elasticsearch import RebuildRunning, _rebuild, rebuild_lock
 
 pytestmark = pytest.mark.server("elasticsearch")
@@ -133,3 +137,52 @@ async def test_searches_during_a_rebuild_find_every_twin(unrefreshed: Stack) -> 
             await watcher
     assert len(counts) > 10
     assert set(counts) == {TWINS}, counts
+
+
+async def test_a_rebuild_stopped_while_it_takes_the_lock_leaves_none(
+    search_engine: SearchEngine, stalled: Stack
+) -> None:
+    """Cancelled (Ctrl-C, SIGTERM) once its request for the lock was out, the rebuild left
+    the lock the engine made after: every later rebuild was refused (7 times in a probe)."""
+    lock = rebuild_lock(stalled.index.alias)
+    with search_engine.frozen():  # the request waits at the engine
+        task = asyncio.create_task(_rebuild(stalled.index, stalled.store, None, 100))
+        await asyncio.sleep(1)
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(1)  # an engine that read the request late has acted on it
+    assert not await stalled.index.client.indices.exists(index=lock)
+    assert (await _rebuild(stalled.index, stalled.store, None, 100)).indexed == TWINS
+
+
+async def test_sigterm_ends_a_rebuild_without_its_lock_or_its_new_index(
+    search_engine: SearchEngine, stalled: Stack
+) -> None:
+    """SIGTERM (kill, timeout, systemd) ended the rebuild where it stood (exit -15): its
+    lock refused every later rebuild, and its half-filled index stayed on the engine."""
+    client, alias = stalled.index.client, stalled.index.alias
+    for i in range(TWINS, 300):  # a fill of a page a request outlasts the wait below
+        await stalled.put(f"org.a:t{i:03}", {"attributes": {"n": i}})
+    before = sorted(await client.indices.get(index=f"{alias}-*"))
+    data = str(stalled.settings.data_dir)
+    command = [sys.executable, "-m", "twin_service", "index", "rebuild", "--data-dir", data]
+    run = subprocess.Popen(
+        [*command, "--page-size", "1"],
+        env=service_env(es_env(search_engine, alias)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not await client.indices.exists(index=rebuild_lock(alias)):
+            assert run.poll() is None, run.communicate()[1]
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        run.send_signal(signal.SIGTERM)
+        err = await asyncio.to_thread(lambda: run.communicate(timeout=60)[1])
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert "rebuild stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert sorted(await client.indices.get(index=f"{alias}-*")) == before

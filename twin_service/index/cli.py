@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
 from pathlib import Path
@@ -93,8 +94,17 @@ def run_rebuild(args: argparse.Namespace) -> int:
     from twin_service.index.elasticsearch import RebuildRunning
 
     progress = ProgressLine(sys.stderr)
+    stopped: list[int] = []
     try:
-        result = asyncio.run(_rebuild(settings, progress, args.page_size, args.allow_empty))
+        result = asyncio.run(
+            _rebuild(settings, progress, args.page_size, args.allow_empty, stopped)
+        )
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        name = signal.Signals(stopped[0]).name
+        print(f"\ntwin-service: rebuild stopped by {name}", file=sys.stderr)
+        return 128 + stopped[0]
     except StoreMissing as exc:
         print(f"twin-service: {exc.message}", file=sys.stderr)
         return 1
@@ -112,11 +122,23 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
 
 async def _rebuild(
-    settings: Any, progress: ProgressLine, page_size: int, allow_empty: bool
+    settings: Any, progress: ProgressLine, page_size: int, allow_empty: bool, stopped: list[int]
 ) -> FillResult:
     from twin_service.api.app import build_store
     from twin_service.index.elasticsearch import rebuild
 
+    # SIGTERM (kill, timeout, systemd, a Job's end) and SIGHUP (a closed ssh session) end
+    # the rebuild as Ctrl-C does, by cancelling it: killed outright, it left its lock, which
+    # refused every later rebuild, and its half-filled index.
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    assert task is not None
+
+    def stop(signum: int) -> None:
+        stopped.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop, signum)
     store = build_store(settings, existing=True)
     await store.open()
     try:

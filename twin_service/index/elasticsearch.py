@@ -629,13 +629,23 @@ async def _locked(index: ElasticsearchIndex) -> AsyncIterator[None]:
     holder = (
         f"{socket.gethostname()} pid {os.getpid()} since {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}"
     )
+    creating = asyncio.ensure_future(
+        client.indices.create(
+            index=lock,
+            settings={"number_of_shards": 1, "number_of_replicas": 0},
+            mappings={"_meta": {"holder": holder}},
+        )
+    )
     async with _es_errors("lock the rebuild"):
         try:
-            await client.indices.create(
-                index=lock,
-                settings={"number_of_shards": 1, "number_of_replicas": 0},
-                mappings={"_meta": {"holder": holder}},
-            )
+            await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # Stopped (Ctrl-C, SIGTERM) while the request was out: it may have made the
+            # lock, which then outlived the run and refused every later one.
+            with contextlib.suppress(Exception):
+                await creating
+                await client.indices.delete(index=lock)
+            raise
         except BadRequestError as exc:
             if exc.error != "resource_already_exists_exception":
                 raise
@@ -744,12 +754,17 @@ async def _rebuild_locked(
     client, alias = index.client, index.alias
     start_seq = await store.last_seq()
     target = f"{alias}-v{MAPPING_VERSION}-{int(time.time() * 1000)}"
-    async with _es_errors("rebuild"):
-        await index.create_index(target, alias=False, refresh="-1")
     try:
+        # Inside: stopped while the engine made it, the index was left behind, empty.
+        async with _es_errors("rebuild"):
+            await index.create_index(target, alias=False, refresh="-1")
         result = await index.fill(store, target, progress, page_size)
         if not result.indexed and not allow_empty:
             await _refuse_to_empty(index)
+        # The service indexes what is written meanwhile into the old index and counts it
+        # as covered (waitFor): brought into the new one before the alias moves, searches
+        # just after the switch miss only what was written in the moment of the switch.
+        caught_up = await _catch_up(index, store, start_seq, target)
     except BaseException:
         # A half-filled index (that never refreshes) is of no use to the next attempt.
         with contextlib.suppress(Exception):
@@ -780,7 +795,7 @@ async def _rebuild_locked(
             code="index.unavailable",
         )
     old = [name for name in old if name != target]
-    await _catch_up(index, store, start_seq)
+    await _catch_up(index, store, caught_up)
     async with _es_errors("rebuild"):
         for name in old:
             await client.indices.delete(index=name)
@@ -816,8 +831,11 @@ def _check_page_size(page_size: int) -> None:
         raise ValueError(f"the rebuild's page size must be at least 1, not {page_size}")
 
 
-async def _catch_up(index: ElasticsearchIndex, store: TwinStore, after: int) -> None:
-    """Index (again) every twin written after ``after``, with its latest journaled seq."""
+async def _catch_up(
+    index: ElasticsearchIndex, store: TwinStore, after: int, into: str | None = None
+) -> int:
+    """Index (again) every twin written after ``after``, with its latest journaled seq,
+    into ``into`` (the alias by default); the last seq it read."""
     latest: dict[str, int] = {}
     while True:
         events = await store.events_after(after, 1000)
@@ -833,4 +851,5 @@ async def _catch_up(index: ElasticsearchIndex, store: TwinStore, after: int) -> 
         changes = [
             Change(i, latest[i], found[i].to_document() if i in found else None) for i in chunk
         ]
-        await index.write(changes)
+        await index.write(changes, into)
+    return after
