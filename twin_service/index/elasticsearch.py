@@ -214,6 +214,11 @@ class ElasticsearchIndex:
                 "search engine did not answer within %gs at start, indexing waits for it",
                 bound,
             )
+        except asyncio.CancelledError:
+            # Stopped while starting (Ctrl-C on a rebuild): the shielded check went on
+            # alone, and ended in "Task exception was never retrieved" once closed under it.
+            check.cancel()
+            raise
         except Unavailable as exc:
             if not self._run_indexer:
                 raise
