@@ -16,6 +16,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from twin_service.store.sqlite_outbox import queue_every_twin
+
 #: Meta rows of a backup copy: when it was taken (Unix seconds) and its last event's seq.
 BACKUP_TIME_KEY = "backup_time"
 BACKUP_SEQ_KEY = "backup_seq"
@@ -126,12 +128,6 @@ def renumber_restored(conn: sqlite3.Connection, now: float, *, outbox: bool) -> 
         {"gap": gap},
     )
     if outbox:
-        for table in ("twins", "tombstones"):
-            conn.execute(
-                "INSERT INTO index_outbox (twin_id, seq, first_seq) "
-                f"SELECT twin_id, ?, ? FROM {table} WHERE true "
-                "ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
-                (seq, seq),
-            )
+        queue_every_twin(conn, seq)
     conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (BACKUP_TIME_KEY, BACKUP_SEQ_KEY))
     return Restored(int(stamp.get(BACKUP_SEQ_KEY, last)), seq, gap)

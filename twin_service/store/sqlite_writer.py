@@ -38,6 +38,7 @@ from twin_service.collector import tune_gc
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import RevisionConflict, Write
 from twin_service.store.restore import Restored, renumber_restored
+from twin_service.store.sqlite_outbox import queue_every_twin
 from twin_service.twin.document import document_from_storage
 from twin_service.twin.jsonvalue import dumps_bytes
 from twin_service.types import JSONObject
@@ -264,14 +265,7 @@ class SqliteWriter:
         if self._config.outbox and not kept:
             # One version for all: above any the index has seen, below any later write.
             (last,) = conn.execute(LAST_SEQ_SQL).fetchone()
-            queued = 0
-            for table in ("twins", "tombstones"):
-                queued += conn.execute(
-                    "INSERT INTO index_outbox (twin_id, seq, first_seq) "
-                    f"SELECT twin_id, ?, ? FROM {table} WHERE true "
-                    "ON CONFLICT (twin_id) DO UPDATE SET seq = MAX(seq, excluded.seq)",
-                    (last, last),
-                ).rowcount
+            queued = queue_every_twin(conn, last)
             log.warning(
                 "queued %d twins and tombstones of %s for the external search index "
                 "(search was not elasticsearch when they were written)",
