@@ -503,12 +503,19 @@ class MongoStore:
         try:
             pending = await self._twins.count_documents({"ix": {"$exists": True}})
             # On ix too: a replica of an older version acknowledges by unsetting ix alone.
-            lowest = await self._twins.find_one(
+            first = await self._twins.find_one(
                 {"ixf": {"$exists": True}, "ix": {"$exists": True}}, {"ixf": 1}, sort=[("ixf", 1)]
+            )
+            # A replica of an older version (a rolling upgrade) queues a write with ix alone,
+            # at any time: its ix is its first write (see _first_of_older_writes).
+            older = await self._twins.find_one(
+                {"ix": {"$exists": True}, "ixf": {"$exists": False}}, {"ix": 1}, sort=[("ix", 1)]
             )
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to read", exc) from exc
-        return pending, (int(lowest["ixf"]) if lowest else None)
+        lowest = [int(first["ixf"])] if first else []
+        lowest += [int(older["ix"])] if older else []
+        return pending, min(lowest, default=None)
 
     # -- writes ----------------------------------------------------------------------------
 
