@@ -7,20 +7,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, monitoring
 
 from tests.servers.ferretdb import FerretDB
 from tests.service_fixtures import mongodb_env
 from tests.service_process import ServiceProcess
 from tests.store.contract import change
-from tests.store_fixtures import StoreFactory
+from tests.store_fixtures import StoreFactory, mongodb_settings
+from twin_service.errors import StoreUnreachable
 from twin_service.store.base import RevisionConflict, TwinStore
+from twin_service.store.mongodb import MongoStore
 
 GAP = 1.0  # gap_timeout_seconds: a claim is taken for dead after 1.5 of them
 
@@ -156,3 +161,117 @@ def test_a_write_through_the_service_outlasts_a_dead_writers_claim(
         twin = api.get(f"/api/v1/twins/{twin_id}").json()
     assert twin["desired"] == {"n": 1} and twin["revision"] == 2
     assert "taken for dead" in proc.log_tail(100_000)
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped: the command about to be sent must find
+    it so (a stop is not instant, and the server answered a find in the meantime)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    # The state follows the name, which is in parentheses.
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "Tt":
+        assert time.monotonic() < deadline, f"{pid} did not stop"
+        time.sleep(0.001)
+
+
+class FreezeAfterClaim(monitoring.CommandListener):
+    """Stops the server (SIGSTOP of ``pid``) as the first ``find`` on ``collection`` starts
+    after a claim insert succeeded, in ``database``: that command and the rest of the write
+    go unanswered (global: clients made after it is registered)."""
+
+    def __init__(self) -> None:
+        self.arm(None, 0)
+
+    def arm(self, database: str | None, pid: int) -> None:
+        self.database = database
+        self.pid = pid
+        self.collection = ""
+        self.frozen = False
+        self._claims: set[int] = set()  # request ids of claim inserts
+        self._claimed = False
+
+    def thaw(self) -> None:
+        """SIGCONT the server, once for all."""
+        if self.frozen:
+            os.kill(self.pid, signal.SIGCONT)
+        self.database = None
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.database_name != self.database or self.frozen:
+            return
+        command = event.command
+        if event.command_name == "insert" and command.get("insert") == "claims":
+            self._claims.add(event.request_id)
+        elif self._claimed and event.command_name == "find" and command["find"] == self.collection:
+            freeze(self.pid)
+            self.frozen = True
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        if event.request_id in self._claims and not event.reply.get("writeErrors"):
+            self._claimed = True
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self._claims.discard(event.request_id)
+
+
+_FREEZE = FreezeAfterClaim()
+monitoring.register(_FREEZE)
+
+
+@pytest.fixture
+def freeze_after_claim(unique_name: str, fresh_ferretdb: FerretDB) -> Iterator[FreezeAfterClaim]:
+    """Armed on ``fresh_ferretdb`` and this test's database; the server goes on after."""
+    assert fresh_ferretdb.pid is not None
+    _FREEZE.arm(unique_name, fresh_ferretdb.pid)
+    try:
+        yield _FREEZE
+    finally:
+        _FREEZE.thaw()
+
+
+@pytest.mark.parametrize(
+    ("existing", "frozen_on"),
+    [(False, "numbers"), (True, "events")],
+    ids=["allocation", "journaling-the-previous-event"],
+)
+async def test_a_write_that_fails_after_its_claim_leaves_the_twin_free_to_this_process(
+    fresh_ferretdb: FerretDB,
+    freeze_after_claim: FreezeAfterClaim,
+    tmp_path: Path,
+    unique_name: str,
+    existing: bool,
+    frozen_on: str,
+) -> None:
+    """The server stops answering after a write's claim: the allocation of its seq (a new
+    twin), or the check that the twin's previous event is journaled, times out. Nothing of
+    the write was sent, but the claim was left standing as a live writer's: this process's
+    next write of the twin was refused for the whole lease (1.5 gap timeouts, 15 s by
+    default; logged as a dead writer's claim)."""
+    settings = mongodb_settings(
+        tmp_path, fresh_ferretdb.url, unique_name, operation_timeout_ms=1000
+    )
+    store = MongoStore(settings)
+    await store.open()
+    try:
+        twin_id = "org.acme:frozen-after-claim"
+        current = None
+        if existing:
+            await store.write(change(None, twin_id, {"desired": {"n": 0}}))
+            current = await store.get(twin_id)
+        freeze_after_claim.collection = frozen_on
+        with pytest.raises(StoreUnreachable):
+            await store.write(change(current, twin_id, {"desired": {"n": 1}}))
+        assert freeze_after_claim.frozen
+        freeze_after_claim.thaw()
+        deadline = time.monotonic() + 10  # within the lease (15 s)
+        while True:  # the server may take a moment to answer again
+            try:
+                await store.write(change(current, twin_id, {"desired": {"n": 1}}))
+                break
+            except StoreUnreachable:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+        twin = await store.get(twin_id)
+        assert twin is not None and twin.desired == {"n": 1}
+    finally:
+        await store.close()

@@ -532,8 +532,12 @@ class MongoStore:
         claimed = await self._claim(write) if self._racy_updates else None
         try:
             seq = await self._allocator.next(write.twin_id)
-        except DRIVER_ERRORS as exc:
-            raise _failure("The twin store failed to commit", exc) from exc
+        except BaseException as exc:
+            if claimed is not None:  # nothing of the write was sent (see _may_claim_again)
+                self._may_claim_again(claimed[0])
+            if isinstance(exc, DRIVER_ERRORS):
+                raise _failure("The twin store failed to commit", exc) from exc
+            raise
         pending = Pending(seq, write.twin_id, event.revision, event.timestamp, event_json, state)
         token = pending.token()
         # Queued for the external index whatever ``search`` is now: a switch to elasticsearch
@@ -725,9 +729,15 @@ class MongoStore:
                         )
                     generation += 1
                     claim = f"{write.twin_id}@{version}~{generation}"
-            for token in raw.get("ev", []) if raw else []:
-                if not await self._journal.journaled(Pending.parse(token).seq):
-                    await self._journal.help(write.twin_id, token)
+            try:
+                for token in raw.get("ev", []) if raw else []:
+                    if not await self._journal.journaled(Pending.parse(token).seq):
+                        await self._journal.help(write.twin_id, token)
+            except BaseException:
+                # The twin is as it was: else this process's next write of it waited out
+                # the lease of its own claim, as though it were a dead writer's.
+                self._may_claim_again(claim)
+                raise
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to commit", exc) from exc
         return claim, claimed
