@@ -163,6 +163,17 @@ def test_a_write_through_the_service_outlasts_a_dead_writers_claim(
     assert "taken for dead" in proc.log_tail(100_000)
 
 
+async def claim_lands(url: str, database: str, claim: str) -> None:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+    try:
+        claims = client.get_database(database).get_collection("claims")
+        async with asyncio.timeout(10):
+            while await claims.find_one({"_id": claim}) is None:
+                await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+
+
 def freeze(pid: int) -> None:
     """SIGSTOP ``pid`` and wait until it is stopped: the command about to be sent must find
     it so (a stop is not instant, and the server answered a find in the meantime)."""
@@ -174,10 +185,11 @@ def freeze(pid: int) -> None:
         time.sleep(0.001)
 
 
-class FreezeAfterClaim(monitoring.CommandListener):
-    """Stops the server (SIGSTOP of ``pid``) as the first ``find`` on ``collection`` starts
-    after a claim insert succeeded, in ``database``: that command and the rest of the write
-    go unanswered (global: clients made after it is registered)."""
+class FreezeWrite(monitoring.CommandListener):
+    """Stops the server (SIGSTOP of ``pid``) in the middle of a write on ``database``: as the
+    claim's insert starts (``on("claims")``), or as the first ``find`` on another collection
+    starts after the claim insert succeeded (``on("numbers")``). That command and the rest of
+    the write go unanswered. Global: clients made after it is registered see it."""
 
     def __init__(self) -> None:
         self.arm(None, 0)
@@ -185,8 +197,11 @@ class FreezeAfterClaim(monitoring.CommandListener):
     def arm(self, database: str | None, pid: int) -> None:
         self.database = database
         self.pid = pid
-        self.collection = ""
         self.frozen = False
+        self.on("")
+
+    def on(self, collection: str) -> None:
+        self.collection = collection
         self._claims: set[int] = set()  # request ids of claim inserts
         self._claimed = False
 
@@ -197,12 +212,17 @@ class FreezeAfterClaim(monitoring.CommandListener):
         self.database = None
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.database_name != self.database or self.frozen:
+        if event.database_name != self.database or self.frozen or not self.collection:
             return
         command = event.command
         if event.command_name == "insert" and command.get("insert") == "claims":
             self._claims.add(event.request_id)
-        elif self._claimed and event.command_name == "find" and command["find"] == self.collection:
+            self._freeze_if(self.collection == "claims")
+        elif event.command_name == "find":
+            self._freeze_if(self._claimed and command["find"] == self.collection)
+
+    def _freeze_if(self, now: bool) -> None:
+        if now:
             freeze(self.pid)
             self.frozen = True
 
@@ -214,12 +234,12 @@ class FreezeAfterClaim(monitoring.CommandListener):
         self._claims.discard(event.request_id)
 
 
-_FREEZE = FreezeAfterClaim()
+_FREEZE = FreezeWrite()
 monitoring.register(_FREEZE)
 
 
 @pytest.fixture
-def freeze_after_claim(unique_name: str, fresh_ferretdb: FerretDB) -> Iterator[FreezeAfterClaim]:
+def freeze_write(unique_name: str, fresh_ferretdb: FerretDB) -> Iterator[FreezeWrite]:
     """Armed on ``fresh_ferretdb`` and this test's database; the server goes on after."""
     assert fresh_ferretdb.pid is not None
     _FREEZE.arm(unique_name, fresh_ferretdb.pid)
@@ -231,22 +251,23 @@ def freeze_after_claim(unique_name: str, fresh_ferretdb: FerretDB) -> Iterator[F
 
 @pytest.mark.parametrize(
     ("existing", "frozen_on"),
-    [(False, "numbers"), (True, "events")],
-    ids=["allocation", "journaling-the-previous-event"],
+    [(False, "numbers"), (True, "events"), (False, "claims")],
+    ids=["allocation", "journaling-the-previous-event", "the-claim-itself"],
 )
-async def test_a_write_that_fails_after_its_claim_leaves_the_twin_free_to_this_process(
+async def test_a_write_that_fails_once_claimed_leaves_the_twin_free_to_this_process(
     fresh_ferretdb: FerretDB,
-    freeze_after_claim: FreezeAfterClaim,
+    freeze_write: FreezeWrite,
     tmp_path: Path,
     unique_name: str,
     existing: bool,
     frozen_on: str,
 ) -> None:
     """The server stops answering after a write's claim: the allocation of its seq (a new
-    twin), or the check that the twin's previous event is journaled, times out. Nothing of
-    the write was sent, but the claim was left standing as a live writer's: this process's
-    next write of the twin was refused for the whole lease (1.5 gap timeouts, 15 s by
-    default; logged as a dead writer's claim)."""
+    twin), or the check that the twin's previous event is journaled, times out; or the
+    claim's own insert times out, and lands once the server goes on. Nothing of the write
+    was sent, but the claim was left standing as a live writer's: this process's next write
+    of the twin was refused for the whole lease (1.5 gap timeouts, 15 s by default; logged
+    as a dead writer's claim)."""
     settings = mongodb_settings(
         tmp_path, fresh_ferretdb.url, unique_name, operation_timeout_ms=1000
     )
@@ -258,11 +279,13 @@ async def test_a_write_that_fails_after_its_claim_leaves_the_twin_free_to_this_p
         if existing:
             await store.write(change(None, twin_id, {"desired": {"n": 0}}))
             current = await store.get(twin_id)
-        freeze_after_claim.collection = frozen_on
+        freeze_write.on(frozen_on)
         with pytest.raises(StoreUnreachable):
             await store.write(change(current, twin_id, {"desired": {"n": 1}}))
-        assert freeze_after_claim.frozen
-        freeze_after_claim.thaw()
+        assert freeze_write.frozen
+        freeze_write.thaw()
+        if frozen_on == "claims":  # the case: the insert the server got while stopped lands
+            await claim_lands(fresh_ferretdb.url, unique_name, f"{twin_id}@0")
         deadline = time.monotonic() + 10  # within the lease (15 s)
         while True:  # the server may take a moment to answer again
             try:

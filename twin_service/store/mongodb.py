@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -142,6 +143,10 @@ class MongoStore:
         self._ping_seconds = settings.ready_check_timeout_seconds * 0.75
         # Claims of other writers and when this process first saw each (see _claim).
         self._claims_seen: OrderedDict[str, float] = OrderedDict()
+        # Names this process's claims; and its claims whose insert had no answer (it may
+        # have landed all the same).
+        self._claimant = uuid.uuid4().hex
+        self._claims_unsure: set[str] = set()
         self._stream = settings.stream
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._maintenance: asyncio.Task[None] | None = None
@@ -688,6 +693,10 @@ class MongoStore:
         cannot cut a live claim short. The holder sends its update within
         ``_CLAIM_SEND_WITHIN`` of the gap timeout or gives up (see write), and the update
         is bounded by 0.8 of it, so a live holder is done before the lease ends.
+
+        A claim names this process (``by``): a claim insert that got no answer may have
+        landed, and this process's next attempt that finds the claim takes it for its own
+        that came to nothing, not for a live writer's that it waited out the lease of.
         """
         try:
             raw = await self._twins.find_one(
@@ -707,10 +716,14 @@ class MongoStore:
             generation = 0
             while True:
                 try:
-                    await self._claims.insert_one({"_id": claim, "at": datetime.now(UTC)})
+                    await self._claims.insert_one(
+                        {"_id": claim, "at": datetime.now(UTC), "by": self._claimant}
+                    )
                     claimed = time.monotonic()
                     break
                 except DuplicateKeyError:
+                    if claim in self._claims_unsure and await self._claimed_here(claim):
+                        self._may_claim_again(claim)
                     held = self._claim_held(claim)
                     if held < lease:
                         conflict = RevisionConflict(
@@ -729,6 +742,12 @@ class MongoStore:
                         )
                     generation += 1
                     claim = f"{write.twin_id}@{version}~{generation}"
+                except BaseException:
+                    # No answer: it may have landed all the same (see _claimed_here).
+                    if len(self._claims_unsure) >= _CLAIMS_SEEN_KEPT:
+                        self._claims_unsure.clear()  # forgotten, one only costs a lease
+                    self._claims_unsure.add(claim)
+                    raise
             try:
                 for token in raw.get("ev", []) if raw else []:
                     if not await self._journal.journaled(Pending.parse(token).seq):
@@ -746,6 +765,13 @@ class MongoStore:
         """This process's own claim ``claim`` came to nothing (its update was never sent, or
         matched nothing): its next attempt takes the claim's next generation at once."""
         self._claims_seen[claim] = -math.inf
+
+    async def _claimed_here(self, claim: str) -> bool:
+        """Whether ``claim``, whose insert this process sent without an answer, is its own
+        (nothing was sent after it: the twin is free to this process)."""
+        raw = await self._claims.find_one({"_id": claim}, {"by": 1})
+        self._claims_unsure.discard(claim)
+        return raw is not None and raw.get("by") == self._claimant
 
     def _claim_held(self, claim: str) -> float:
         """For how long this process has seen ``claim`` held (see _claim)."""
