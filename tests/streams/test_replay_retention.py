@@ -8,13 +8,18 @@ replayed: the reader must learn that, as one resuming from there would (``resync
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from tests.service_fixtures import mongodb_env
 from tests.service_process import ServiceProcess
-from tests.streams.test_websocket import connect, receive, send, subscribe
+from tests.streams.test_websocket import Json, connect, receive, send, subscribe
 
 
 def test_a_replay_overtaken_by_retention_ends_the_stream_rather_than_skip_events(
@@ -80,3 +85,63 @@ def test_a_replay_overtaken_by_retention_ends_the_stream_rather_than_skip_events
     seqs = [m["seq"] for m in received]
     assert seqs == sorted(seqs) and all(s <= int(closed.rcvd.reason.split("=")[1]) for s in seqs)
     assert resumed["type"] == "resync.required", resumed
+
+
+@pytest.mark.parametrize("store", ["sqlite", "mongodb"])
+def test_retention_keeps_the_state_a_twins_next_change_is_classified_against(
+    store: str,
+    request: pytest.FixtureRequest,
+    service_factory: Callable[..., ServiceProcess],
+    unique_name: str,
+) -> None:
+    """Per-twin retention removed the event right before the oldest it kept: the twin's next
+    change had no state "before", so a filter subscription neither got ``left`` when the twin
+    stopped matching nor the deletion of a twin it matched: live where the hub had not cached
+    the twin, and resumed (``since``) from right after the events retention removed."""
+    env = {"TWIN_STREAM__JOURNAL_MAX_PER_TWIN": "1"}
+    if store == "mongodb":
+        env |= mongodb_env(request.getfixturevalue("ferretdb_server").url, unique_name)
+    proc = service_factory(env=env)
+    ns = f"org.kept{uuid.uuid4().hex[:8]}"
+    leaving, deleted = f"{ns}:leaving", f"{ns}:deleted"
+    subscription = {"filter": 'eq(attributes/site,"a")', "namespaces": [ns]}
+
+    async def run() -> tuple[list[Json], list[Json]]:
+        async with proc.async_client() as api:
+            seq = 0
+            for twin in (leaving, deleted):
+                for i in range(63):  # revisions 1-63, matching
+                    body = {"attributes": {"site": "a", "i": i}}
+                    response = await api.put(f"/api/v1/twins/{twin}", json=body)
+                    assert response.is_success, response.text
+                    seq = int(response.headers["X-Twin-Seq"])
+            # The hub passed them with nobody listening: it holds no state of either twin.
+            while (await api.get("/ready")).json()["checks"]["streams"]["position"] < seq:
+                await asyncio.sleep(0.05)
+            async with connect(proc) as live:
+                await subscribe(live, id="live", **subscription)
+                # Revision 64, where retention prunes either twin down to one event.
+                body = {"attributes": {"site": "b"}}
+                response = await api.put(f"/api/v1/twins/{leaving}", json=body)
+                assert response.status_code == 200, response.text
+                response = await api.delete(f"/api/v1/twins/{deleted}")
+                assert response.is_success, response.text
+                live_got = await _changes(live, 2)
+            async with connect(proc) as resumed:
+                await subscribe(resumed, id="resumed", since=seq, **subscription)
+                resumed_got = await _changes(resumed, 2)
+        return live_got, resumed_got
+
+    expected = [("left", leaving, "modified", 64), ("event", deleted, "deleted", 64)]
+    assert asyncio.run(run()) == (expected, expected)
+
+
+async def _changes(ws: ClientConnection, count: int) -> list[tuple[str, str, str, int]]:
+    """The next ``count`` changes received (fewer if none comes for a second)."""
+    got: list[tuple[str, str, str, int]] = []
+    with contextlib.suppress(TimeoutError):
+        while len(got) < count:
+            message = await receive(ws, timeout=1)
+            event = message["event"]
+            got.append((message["type"], event["twinId"], event["action"], event["revision"]))
+    return got

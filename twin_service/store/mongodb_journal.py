@@ -473,9 +473,12 @@ class Journal:
         doc = await self._meta.find_one({"_id": "pruned"})
         return int(doc["n"]) if doc else 0
 
-    async def _delete(self, where: dict[str, Any]) -> None:
-        """Delete journal entries, first recording the highest seq removed."""
-        highest = await self._events.find_one(where, {"_id": 1}, sort=[("_id", -1)])
+    async def _delete(self, where: dict[str, Any], boundary: dict[str, Any]) -> None:
+        """Delete journal entries, first recording as pruned the highest seq removed or
+        matching ``boundary`` (entries kept below the mark, never replayed)."""
+        highest = await self._events.find_one(
+            {"$or": [where, boundary]}, {"_id": 1}, sort=[("_id", -1)]
+        )
         if highest is None:
             return
         await upsert_meta(self._meta, "pruned", {"$max": {"n": int(highest["_id"])}})
@@ -490,11 +493,16 @@ class Journal:
     async def prune_twin(self, twin_id: str, below_revision: int, *, below_seq: int) -> None:
         """Keep the newest revisions of one twin (called by its writer, after its own seq).
 
+        The entry of ``below_revision`` stays, as pruning by age keeps one, but below the
+        pruned mark: no reader replays it, and the twin's next change is compared with its
+        state (a change stream's ``left``, or a deletion, needs it).
+
         Entries above the watermark may go too: a reader that meets such a hole before the
         watermark passes it only waits ``gap_timeout`` and fences it, and nothing it has not
         already delivered is lost that retention did not mean to drop.
         """
-        await self._delete({"t": twin_id, "r": {"$lte": below_revision}, "_id": {"$lt": below_seq}})
+        older = {"t": twin_id, "_id": {"$lt": below_seq}}
+        await self._delete({**older, "r": {"$lt": below_revision}}, {**older, "r": below_revision})
 
     async def prune(self, cutoff: str) -> None:
         """Prune by age below the watermark, as the SQLite store does: of the events up to

@@ -429,8 +429,11 @@ class SqliteWriter:
                 (twin_id, keep),
             ).fetchone()
             if oldest is not None:
+                # The event before the kept ones stays, as pruning by age keeps one: below
+                # pruned_seq no reader replays it, but the twin's next change is compared with
+                # its state (a change stream's ``left``, or a deletion, needs it).
                 conn.execute(
-                    "DELETE FROM events WHERE twin_id = ? AND seq <= ?", (twin_id, oldest[0])
+                    "DELETE FROM events WHERE twin_id = ? AND seq < ?", (twin_id, oldest[0])
                 )
                 _record_pruned(conn, oldest[0])
         seq = cursor.lastrowid
