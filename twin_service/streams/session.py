@@ -84,6 +84,8 @@ class _Active:
     #: Messages queued when it went live; once that many were handed, the connection's
     #: highest event handed over counts for it too. ``None`` while replaying.
     live_from: int | None = None
+    #: Set once its subscribe has its answer (see :meth:`StreamSession.unsubscribe_answered`).
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
 
     def receive(self, frame: EventFrame) -> None:
         session = self.session
@@ -288,7 +290,9 @@ class StreamSession:
         self._subs[subscription.id] = active
         position = self._hub.register(active, subscription)
         active.through = position if since is None else since
-        if since is not None:
+        if since is None:
+            active.answered.set()  # its "subscribed" goes out below, before anything else runs
+        else:
             try:
                 gap = await self._journal_gap(since, position)
             except BaseException:
@@ -297,10 +301,12 @@ class StreamSession:
                 # the client could not subscribe again under its id.
                 self._drop(active)
                 raise
+            finally:
+                # Its answer (below, or the error) is queued before an unsubscribe waiting
+                # for it runs: nothing is awaited in between.
+                active.answered.set()
             if not self._reading(active):
-                # Unsubscribed while the journal was consulted: its "unsubscribed" is out,
-                # and nothing of it may follow (a "subscribed" did, for a subscription gone).
-                return
+                return  # the connection closed, or its reader was cut off, meanwhile
             if gap is not None:
                 active.through = position
                 self.send(
@@ -505,6 +511,16 @@ class StreamSession:
         was unsubscribed."""
         if self._subs.get(active.subscription.id) is active:
             self.unsubscribe(active.subscription.id)
+
+    async def unsubscribe_answered(self, subscription_id: str) -> bool:
+        """:meth:`unsubscribe` once the subscription's subscribe has its answer: a client's
+        ``unsubscribe`` right behind a ``subscribe`` with ``since`` is handled while that
+        consults the journal. Unsubscribed then, the subscribe got no answer at all (every
+        message gets one), or its answer followed ``unsubscribed`` (nothing of a
+        subscription may follow that)."""
+        while (active := self._subs.get(subscription_id)) and not active.answered.is_set():
+            await active.answered.wait()
+        return self.unsubscribe(subscription_id)
 
     def unsubscribe(self, subscription_id: str) -> bool:
         active = self._subs.pop(subscription_id, None)

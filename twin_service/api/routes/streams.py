@@ -382,7 +382,7 @@ async def _handle(
             subscription, since = subscription_from(message)
             await session.subscribe(subscription, since)
         elif kind == "unsubscribe":
-            found = session.unsubscribe(validate_id(message.get("id")))
+            found = await session.unsubscribe_answered(validate_id(message.get("id")))
             session.send({"type": "unsubscribed", "subscription": message["id"], "found": found})
         elif kind == "auth":
             # A client written for a service with tokens, welcomed at once by one without.
