@@ -6,14 +6,15 @@ Each device reports ``{"state": {"counter": i}, "clientToken": ...}`` at ``--rat
 per second in total, paced against the clock; ``--offline-fraction`` of the devices are
 announced ``offline`` and stay silent, the others ``online``, then ``offline`` again at the
 end (a connection's last will covers one topic, not its many devices: a simulator killed
-outright leaves them online). Progress is printed every second; the summary gives messages,
-acks (``accepted``), rejects by error code, duplicates (answered ``"duplicate": true``: not
-applied by this run, counted apart; each run's clientTokens are its own), reports not sent
-(the broker connection was down: the run waits for it and goes on), the rate achieved and
-the publish-to-accepted latency percentiles. It is printed on Ctrl-C too. A run whose
-reports all went unanswered fails (exit 3) after it: a broker may grant the subscription
-to the replies and never deliver one (mosquitto's ACL), so only the answers show that the
-service is there.
+outright leaves them online; a broker that stops acknowledging is given
+:data:`SAY_OFFLINE_WITHIN` seconds, then the rest stay online). Progress is printed every
+second; the summary gives messages, acks (``accepted``), rejects by error code, duplicates
+(answered ``"duplicate": true``: not applied by this run, counted apart; each run's
+clientTokens are its own), reports not sent (the broker connection was down: the run waits
+for it and goes on), the rate achieved and the publish-to-accepted latency percentiles. It
+is printed on Ctrl-C too. A run whose reports all went unanswered fails (exit 3) after it: a
+broker may grant the subscription to the replies and never deliver one (mosquitto's ACL), so
+only the answers show that the service is there.
 
 Devices never create twins (a report to a missing one is rejected with ``twin.notfound``);
 ``--create`` creates the missing ones first through the REST API (``--api``, ``--token``).
@@ -132,6 +133,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+#: Seconds the end of a run waits for the broker's PUBACKs while it sets its devices offline
+#: again (``Simulation._say_offline``): then it stops, the rest of them left online.
+SAY_OFFLINE_WITHIN = 2.0
+
+
 class Simulation:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -197,11 +203,16 @@ class Simulation:
         try:
             code = await self._run(out)
         finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGINT)
-            await self._say_offline()
-            for client in self.clients:
-                await client.stop(grace=0)
+            try:
+                await self._say_offline()
+                for client in self.clients:
+                    await client.stop(grace=0)
+            finally:
+                # Kept until the clients are stopped: a Ctrl-C while the devices were set
+                # offline raised KeyboardInterrupt there, the rest of them left online and
+                # the connections dropped without a DISCONNECT.
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(signal.SIGINT)
         return 130 if self.interrupted else code
 
     async def _connect(self) -> None:
@@ -329,16 +340,25 @@ class Simulation:
         simulator killed outright leaves them online."""
         announced, self.announced = self.announced, []
         index = {twin: i for i, twin in enumerate(self.twins)}
-        for i, twin in enumerate(announced):
-            client = self.clients[index[twin] % len(self.clients)]
-            if not client.connected:
-                continue
-            # Awaited now and then, and the last of each connection: what is queued in paho
-            # when the client stops is lost.
-            wait = i % 100 == 99 or i >= len(announced) - len(self.clients)
-            with contextlib.suppress(MqttUnavailable):
-                topic = self.layout.topic(twin, "status")
-                await client.publish(topic, b"offline", retain=True, await_ack=wait)
+        loop = asyncio.get_running_loop()
+        # One deadline, moved on by each PUBACK: a broker that keeps the connection and
+        # answers nothing (stopped, overloaded) cost ack_timeout (10 s) per awaited PUBACK,
+        # 40 s after a Ctrl-C with 4 connections; one fixed deadline cut short a broker that
+        # was answering (20,000 devices take 2 s).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(loop.time() + SAY_OFFLINE_WITHIN) as deadline:
+                for i, twin in enumerate(announced):
+                    client = self.clients[index[twin] % len(self.clients)]
+                    if not client.connected:
+                        continue
+                    # Awaited now and then, and the last of each connection: what is queued
+                    # in paho when the client stops is lost.
+                    wait = i % 100 == 99 or i >= len(announced) - len(self.clients)
+                    with contextlib.suppress(MqttUnavailable):
+                        topic = self.layout.topic(twin, "status")
+                        await client.publish(topic, b"offline", retain=True, await_ack=wait)
+                        if wait:
+                            deadline.reschedule(loop.time() + SAY_OFFLINE_WITHIN)
 
     def _summary(self, out: Any) -> None:
         a = self.args
