@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -63,7 +64,12 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     sim.add_argument("--url", default="mqtt://127.0.0.1:1883", help="broker URL with credentials")
     sim.add_argument("--devices", type=at_least(1, int), default=100)
     sim.add_argument("--rate", type=_rate, default=100.0, help="reports per second, all devices")
-    sim.add_argument("--offline-fraction", type=_fraction, default=0.0, help="0 to 1")
+    sim.add_argument(
+        "--offline-fraction",
+        type=_fraction,
+        default=0.0,
+        help="0 to 1: that share of the devices, to the nearest whole number, stays offline",
+    )
     sim.add_argument("--duration", type=at_least(0, float), default=10.0, help="seconds")
     sim.add_argument("--namespace", type=_namespace, default="sim")
     sim.add_argument("--connections", type=at_least(1, int), default=4)
@@ -126,6 +132,12 @@ def _api_url(text: str) -> str:
     return text
 
 
+def offline_count(devices: int, fraction: float) -> int:
+    """How many of ``devices`` are ``--offline-fraction`` of them: the nearest whole number,
+    halves up. int() of the product undercounted: 100 * 0.29 is 28.999999999999996."""
+    return math.floor(devices * fraction + 0.5)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -143,7 +155,7 @@ class Simulation:
         self.args = args
         self.layout = TopicLayout(args.topic_prefix)
         self.twins = [f"{args.namespace}:dev-{n:05d}" for n in range(args.devices)]
-        offline = int(len(self.twins) * args.offline_fraction)
+        offline = offline_count(len(self.twins), args.offline_fraction)
         self.offline = set(random.sample(self.twins, offline))
         self.sent: dict[str, float] = {}
         self.latencies: list[float] = []

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from connectivity.credentials import CredentialStore, mqtt_username
-from connectivity.simulate import NONE_ANSWERED, CreateFailed, create_twins
+from connectivity.simulate import NONE_ANSWERED, CreateFailed, create_twins, offline_count
 from tests.servers.mosquitto import Mosquitto
 from tests.servers.process import free_port
 from tests.service_process import ADMIN_TOKEN, ServiceProcess, service_env
@@ -460,3 +460,37 @@ def test_a_frozen_broker_does_not_hold_up_the_end_of_a_run(
     assert run.returncode == (130 if ending == "ctrl-c" else NONE_ANSWERED), out + err
     assert SUMMARY.search(out) is not None, out + err
     assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("devices", "fraction", "offline"),
+    [
+        # int() of the float product undercounted: 100 * 0.29 is 28.999999999999996.
+        (100, 0.29, 29),
+        (100, 0.57, 57),
+        (100, 0.58, 58),
+        (10, 0.7, 7),
+        (20, 0.25, 5),
+        (5, 0.5, 3),  # halves round up, not to the even number
+        (3, 0.1, 0),
+        (3, 0.2, 1),
+        (7, 0.0, 0),
+        (7, 1.0, 7),
+    ],
+)
+def test_the_offline_fraction_is_the_nearest_count_of_devices(
+    devices: int, fraction: float, offline: int
+) -> None:
+    assert offline_count(devices, fraction) == offline
+
+
+def test_the_summary_counts_the_offline_fraction_of_the_devices(
+    mosquitto_server: Mosquitto,
+) -> None:
+    """``--devices 100 --offline-fraction 0.29`` said ``offline 28``."""
+    run = simulate(
+        "--url", mosquitto_server.url, "--namespace", f"sim{uuid.uuid4().hex[:8]}",
+        "--devices", "100", "--offline-fraction", "0.29", "--duration", "0",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "devices 100 (offline 29) messages 0 " in run.stdout, run.stdout
