@@ -86,8 +86,11 @@ class DeviceClient:
         #: The last ``get/accepted`` document, refreshed on every reconnection.
         self.twin: dict[str, Any] | None = None
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        #: Set by stop(): ends a start() still connecting, and requests' retries.
+        #: Set while the client is not started (stopped, or start() failed): ends a start()
+        #: still connecting, and requests' retries; requests raise NotConnected(_why_down).
         self._stopping = asyncio.Event()
+        self._stopping.set()
+        self._why_down = "client not started: call start() first"
         self._subscribed = asyncio.Event()
         self._listening = False
         self._client = MqttClient(
@@ -147,9 +150,19 @@ class DeviceClient:
                 raise NotConnected(
                     f"the broker did not acknowledge the subscriptions within {timeout}s"
                 ) from None
-        except BaseException:
+        except BaseException as exc:
+            # Stopped for requests too: they took it for a lost connection and sent again for
+            # retry_for (30 s) before NotConnected.
+            if not self._stopping.is_set():
+                cause = f": {exc}" if str(exc) else f" ({type(exc).__name__})"
+                self._down(f"client stopped: start() failed{cause}")
             await self._client.stop(grace=0)
             raise
+
+    def _down(self, why: str) -> None:
+        """Mark the client not started; requests raise :class:`NotConnected` with ``why``."""
+        self._why_down = why
+        self._stopping.set()
 
     async def _unless_stopped(self, step: Awaitable[object]) -> None:
         """Await ``step``; raise :class:`NotConnected` instead once :meth:`stop` is called."""
@@ -159,7 +172,7 @@ class DeviceClient:
     async def stop(self) -> None:
         """Publish ``offline`` (retained) and disconnect. Requests still waiting for an answer,
         and a :meth:`start` still connecting, raise :class:`NotConnected`."""
-        self._stopping.set()
+        self._down("client stopped")
         if self._client.connected:
             try:
                 await self._client.publish(self.topic("status"), b"offline", retain=True)
@@ -196,6 +209,8 @@ class DeviceClient:
         arrives: a ``twin.contention`` rejection, no subscriber (MQTT 5: the service is not
         subscribed yet after a broker restart), no connection, and no answer in time; not a
         broker's refusal of the device's credentials (:class:`ConnectRefused`), raised at once.
+        :class:`NotConnected` at once from a client not started, stopped, or whose
+        :meth:`start` failed.
 
         ``desired_version`` says which desired version the device has applied; ``rejected`` maps
         JSON pointers of desired values the device refuses to apply to reasons.
@@ -229,6 +244,8 @@ class DeviceClient:
             )
         body = {**body, "clientToken": token}
         payload = encode_json(body)
+        if self._stopping.is_set():
+            raise NotConnected(self._why_down)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.config.retry_for
         delay = self.config.retry_min_delay

@@ -430,6 +430,34 @@ async def test_stop_ends_a_start_still_connecting(unique_name: str) -> None:
     assert _paho_threads(unique_name) == []
 
 
+async def test_requests_of_a_client_not_started_or_whose_start_failed_raise_at_once(
+    unique_name: str,
+) -> None:
+    """After start() raised NotConnected (nothing listening), or before any start(), report()
+    and get() took the client for one that lost its connection and sent again for retry_for
+    (30 s) before NotConnected; after stop() they raised at once."""
+    dev = DeviceClient(
+        DeviceConfig(
+            url=f"mqtt://127.0.0.1:{free_port()}",
+            twin_id="org.acme:pump-4",
+            password="unused",
+            client_id=unique_name,
+        )
+    )
+    # Well under retry_for: the old behaviour ends in a TimeoutError here.
+    with pytest.raises(NotConnected, match="not started"):
+        await asyncio.wait_for(dev.get(), 5)
+    with pytest.raises(NotConnected):
+        await dev.start(timeout=0.5)
+    with pytest.raises(NotConnected, match=r"start\(\) failed"):
+        await asyncio.wait_for(dev.report({"speed": 1}), 5)
+    with pytest.raises(NotConnected, match=r"start\(\) failed"):
+        await asyncio.wait_for(dev.get(), 5)
+    await dev.stop()
+    with pytest.raises(NotConnected, match="stopped"):
+        await asyncio.wait_for(dev.report({"speed": 1}), 5)
+
+
 async def test_a_client_started_again_after_stop_works_as_a_new_one(
     mosquitto_server: Mosquitto, service: FakeService, unique_name: str
 ) -> None:
