@@ -8,7 +8,8 @@ Every paho or socket failure is translated once, here in the package, into one o
         ├── PublishTimeout            mqtt.timeout        no PUBACK/SUBACK within the deadline
         ├── ConnectRefused            mqtt.connect.refused  CONNACK with a failure reason
         ├── Refused                   mqtt.refused        SUBACK or MQTT 5 PUBACK failure reason
-        └── NoSubscriber              mqtt.nosubscriber   MQTT 5 PUBACK 0x10: no one took it
+        ├── NoSubscriber              mqtt.nosubscriber   MQTT 5 PUBACK 0x10: no one took it
+        └── SessionNotRetired         mqtt.notretired     ``mqtt retire`` left the session alone
 
     twin_service.errors.BadRequest (400)
     ├── RequestRejected           (code from the service)  a ``.../rejected`` answer to a device
@@ -62,6 +63,13 @@ class NoSubscriber(MqttUnavailable):
     matching subscribers"): it acknowledged the message and dropped it. Send it again."""
 
     default_code = "mqtt.nosubscriber"
+
+
+class SessionNotRetired(MqttUnavailable):
+    """``twin-service mqtt retire`` ended no session: the broker had none for the client id."""
+
+    default_code = "mqtt.notretired"
+    retry_after_seconds = None
 
 
 class RequestRejected(BadRequest):

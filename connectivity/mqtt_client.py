@@ -138,8 +138,7 @@ class MqttClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
         self._subs: dict[str, _Subscription] = {}
-        #: Filters unsubscribed with ``keep_routing``: the session's queued messages still
-        #: reach their handlers, the broker sends no new ones.
+        #: Filters handled but not subscribed (:meth:`route`).
         self._routes: dict[str, _Subscription] = {}
         self._received = 0
         #: Message ids of QoS 1 publishes not acknowledged yet (``options.max_unacked_out``).
@@ -153,6 +152,7 @@ class MqttClient:
         self._dropped_unhandled: OrderedDict[int, bool] = OrderedDict()
         self._dispatcher: KeyedDispatcher[_AckToken] | None = None
         self._connected = False
+        self._session_present = False
         self._changed = asyncio.Event()
         self._refusal: ConnectRefused | None = None
         #: MQTT 5: the Maximum Packet Size of the broker's last CONNACK (None: not announced).
@@ -289,6 +289,12 @@ class MqttClient:
         """Whether a session with the broker is established right now."""
         return self._connected
 
+    @property
+    def session_present(self) -> bool:
+        """Whether the broker had a session for this client id at the last connection
+        (the CONNACK's session-present flag)."""
+        return self._session_present
+
     async def wait_connected(self, timeout: float) -> None:
         """Wait for a session; raise ConnectRefused if the broker refused us, else NotConnected."""
         self._waiting += 1
@@ -349,15 +355,20 @@ class MqttClient:
         if self._connected:
             await self._send_subscribe([topic_filter])
 
-    async def unsubscribe(self, topic_filter: str, *, keep_routing: bool = False) -> None:
+    def route(self, topic_filter: str, handler: Handler) -> None:
+        """Hand messages matching ``topic_filter`` to ``handler`` without subscribing to it:
+        the messages a session had queued, which the broker still delivers after an
+        UNSUBSCRIBE."""
+        self._routes[topic_filter] = _Subscription(1, handler, TopicFilter.parse(topic_filter))
+        if self._dispatcher is not None:
+            self._release_parked()
+
+    async def unsubscribe(self, topic_filter: str) -> None:
         """Tell the broker, when connected, that ``topic_filter`` is no longer wanted (waits
         for its UNSUBACK): it sends nothing new for the filter, and a shared subscription's
-        messages go to the group's other members. With ``keep_routing``, messages the session
-        had queued still reach the handler (the broker delivers those after an UNSUBSCRIBE);
-        the filter is not subscribed again after a reconnection either way."""
-        subscription = self._subs.pop(topic_filter, None)
-        if keep_routing and subscription is not None:
-            self._routes[topic_filter] = subscription
+        messages go to the group's other members. The filter is not subscribed again after a
+        reconnection; a :meth:`route` for it stays."""
+        self._subs.pop(topic_filter, None)
         client = self._client
         if client is None or not self._connected:
             return
@@ -553,6 +564,7 @@ class MqttClient:
         if self._dispatcher is not None:
             self._dispatcher.resumed(session_present and self._broker_resends_unacked)
         self._refusal = None
+        self._session_present = session_present
         self._set_connected(True)
         log.info(
             "MQTT connected as %s (session present: %s)", self.options.client_id, session_present

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectivity.broker import EmbeddedBroker, EmbeddedBrokerConfig
 from connectivity.credentials import CredentialStore
-from connectivity.errors import MqttUnavailable, NotConnected
+from connectivity.errors import MqttUnavailable, NotConnected, SessionNotRetired
 from connectivity.messages import Handler, InboundMessage
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import BrokerAddress, MqttOptions
@@ -102,9 +102,9 @@ class MqttSync:
     """``Component``: reconciles twins with devices over MQTT."""
 
     def __init__(self, *, retiring: bool = False) -> None:
-        """``retiring``: started only to :meth:`retire` its client id's session. A
-        reconnection then subscribes nothing again, and no delta republish and correction
-        pass runs: the deltas are the remaining replicas' to keep."""
+        """``retiring``: started only to :meth:`retire` its client id's session. It then
+        subscribes to nothing (it handles what the session queued), and no delta republish
+        and correction pass runs: the deltas are the remaining replicas' to keep."""
         self.client: MqttClient | None = None
         #: Publishes the deltas (see the module's docstring).
         self.delta_client: MqttClient | None = None
@@ -221,7 +221,12 @@ class MqttSync:
             if shared:
                 topic_filter = f"{SHARE_PREFIX}{group}/{topic_filter}"
             self._filters[topic_filter] = handlers[suffix]
-            await client.subscribe(topic_filter, 1, handlers[suffix])
+            if self._retiring:
+                # Only what the session queued: a retire of a client id with no session
+                # joined the shared group and took a share of the new messages meanwhile.
+                client.route(topic_filter, handlers[suffix])
+            else:
+                await client.subscribe(topic_filter, 1, handlers[suffix])
         if shared and group != LEGACY_GROUP:
             # A session of an older release may still be in the old group too: the broker
             # would send this client every device message twice, once for each group.
@@ -287,13 +292,22 @@ class MqttSync:
         subscriptions (new messages go to the other replicas), handles what the session had
         queued until none has come for ``quiet_seconds``, and ends the session. Returns the
         number of messages handled.
+
+        Raises :class:`SessionNotRetired` when the broker had no session for the client id
+        (a mistyped one): the session the connection made is ended at once.
         """
         client = self.client
         assert client is not None, "start() first"
         assert self._retiring, "construct with MqttSync(retiring=True)"
         await client.wait_connected(connect_timeout)
+        client_id = client.options.client_id
+        if not client.session_present:
+            # "Ended after handling 0 queued messages", exit 0, said a mistyped client id,
+            # while the removed replica's session went on taking its share.
+            await client.stop(end_session=True)
+            raise SessionNotRetired(f"no session {client_id} on the broker: nothing to retire")
         for topic_filter in self._filters:
-            await client.unsubscribe(topic_filter, keep_routing=True)
+            await client.unsubscribe(topic_filter)
         loop = asyncio.get_running_loop()
         received, since = client.health().received, loop.time()
         while True:

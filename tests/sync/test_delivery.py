@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from connectivity.messages import InboundMessage
+from connectivity.mqtt_client import MqttClient
+from connectivity.options import MqttOptions
 from tests.connectivity.helpers import eventually
 from tests.servers.mosquitto import Mosquitto
 from tests.service_process import ServiceProcess, service_env
@@ -276,12 +278,16 @@ def retire(data: Path, client_id: str, env: dict[str, str]) -> subprocess.Comple
     )
 
 
-async def test_retiring_with_a_data_dir_that_has_no_store_keeps_the_session(
+async def test_retiring_with_a_mistyped_data_dir_or_client_id_keeps_the_session(
     fresh_mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     """A mistyped --data-dir created an empty store there, handled the session's queued
     reports against it (no such twin) and ended the session, exit 0: the reports were lost
-    for the real store. Like ``index rebuild``, retire opens only a store that exists."""
+    for the real store. Like ``index rebuild``, retire opens only a store that exists.
+
+    A mistyped client id, one with no session on the broker, said it "ended the MQTT
+    session svc-gnoe after handling 0 queued messages", exit 0, while the real session
+    went on holding its reports (and the broker kept the session the retire had made)."""
     data, typo, twin = tmp_path / "data", tmp_path / "dta", "org.acme:retired"
     env = {**QUIET, "TWIN_MQTT__SHARED_GROUP": "replicas", "TWIN_MQTT_URL": fresh_mosquitto.url}
     removed = sync_service(data, fresh_mosquitto.url, client_id="svc-gone", **env)
@@ -302,6 +308,11 @@ async def test_retiring_with_a_data_dir_that_has_no_store_keeps_the_session(
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
     assert f"there is no twin store at {typo / 'twins.sqlite3'}" in wrong.stderr
     assert "Traceback" not in wrong.stderr and not typo.exists()
+    mistyped = retire(data, "svc-gnoe", env)
+    assert mistyped.returncode == 1, mistyped.stdout + mistyped.stderr
+    assert "no session svc-gnoe on the broker: nothing to retire" in mistyped.stderr
+    assert "Traceback" not in mistyped.stderr and not mistyped.stdout
+    assert not await session_kept(fresh_mosquitto.url, "svc-gnoe")  # none made either
     right = retire(data, "svc-gone", env)  # the session still holds the three reports
     assert right.returncode == 0, right.stdout + right.stderr
     assert "ended the MQTT session svc-gone after handling 3 queued messages" in right.stdout
@@ -311,6 +322,18 @@ async def test_retiring_with_a_data_dir_that_has_no_store_keeps_the_session(
             assert get_twin(api, twin)["reported"] == {"n": 3}
     finally:
         stays.stop()
+
+
+async def session_kept(url: str, client_id: str) -> bool:
+    """Whether the broker holds a session for ``client_id``; it holds none afterwards."""
+    options = MqttOptions(url=url, client_id=client_id, session_expiry=0)
+    client = MqttClient(options)
+    await client.start()
+    try:
+        await client.wait_connected(10)
+        return client.session_present
+    finally:
+        await client.stop()
 
 
 async def test_a_retained_request_is_applied_once_not_at_every_reconnection(
