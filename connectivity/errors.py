@@ -66,7 +66,8 @@ class NoSubscriber(MqttUnavailable):
 
 
 class SessionNotRetired(MqttUnavailable):
-    """``twin-service mqtt retire`` ended no session: the broker had none for the client id."""
+    """``twin-service mqtt retire`` ended no session: the broker had none for the client id,
+    or a running client uses it."""
 
     default_code = "mqtt.notretired"
     retry_after_seconds = None

@@ -51,6 +51,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How long a retire waits, connected, before it touches the session: a running client with
+#: that client id, thrown off by the retire's connection, connects again within its first
+#: reconnection delay (the service's: MqttOptions.reconnect_min_delay, 0.5 s), and the broker
+#: then closes the retire's connection.
+_TAKEN_BACK_SECONDS = 3.0
+#: A retire does not reconnect (see MqttSync.options).
+_NO_RECONNECT_SECONDS = 24 * 3600.0
+
 
 def _redact(url: str) -> str:
     addr = BrokerAddress.parse(url)
@@ -133,6 +141,16 @@ class MqttSync:
             max_packet_size=device_packet_limit(settings),
             # amqtt does not send unacknowledged messages again after a reconnection.
             broker_redelivers=bool(settings.mqtt_url),
+        )
+        if not self._retiring:
+            return options
+        # A retire's connection the broker closed was most likely taken back by a running
+        # client with that id: reconnecting took the session from it again, back and forth
+        # every half second, until the retire ended the session the client was using.
+        return replace(
+            options,
+            reconnect_min_delay=_NO_RECONNECT_SECONDS,
+            reconnect_max_delay=_NO_RECONNECT_SECONDS,
         )
 
     async def start(self, ctx: AppContext) -> None:
@@ -221,11 +239,10 @@ class MqttSync:
             if shared:
                 topic_filter = f"{SHARE_PREFIX}{group}/{topic_filter}"
             self._filters[topic_filter] = handlers[suffix]
-            if self._retiring:
-                # Only what the session queued: a retire of a client id with no session
-                # joined the shared group and took a share of the new messages meanwhile.
-                client.route(topic_filter, handlers[suffix])
-            else:
+            # A retire handles only what the session queued (routed in retire()): one of a
+            # client id with no session joined the shared group and took a share of the new
+            # messages meanwhile.
+            if not self._retiring:
                 await client.subscribe(topic_filter, 1, handlers[suffix])
         if shared and group != LEGACY_GROUP:
             # A session of an older release may still be in the old group too: the broker
@@ -294,7 +311,9 @@ class MqttSync:
         number of messages handled.
 
         Raises :class:`SessionNotRetired` when the broker had no session for the client id
-        (a mistyped one): the session the connection made is ended at once.
+        (a mistyped one): the session the connection made is ended at once. Raises it too,
+        the session left as it was, when the broker closes the connection: a running client
+        with that client id took it back (see :data:`_TAKEN_BACK_SECONDS`).
         """
         client = self.client
         assert client is not None, "start() first"
@@ -306,12 +325,20 @@ class MqttSync:
             # while the removed replica's session went on taking its share.
             await client.stop(end_session=True)
             raise SessionNotRetired(f"no session {client_id} on the broker: nothing to retire")
-        for topic_filter in self._filters:
-            await client.unsubscribe(topic_filter)
+        # Nothing handled, nothing unsubscribed yet: what the session delivers meanwhile
+        # waits unacknowledged, and goes back to the running client, if one takes it back.
         loop = asyncio.get_running_loop()
+        until = loop.time() + _TAKEN_BACK_SECONDS
+        while loop.time() < until:
+            await asyncio.sleep(0.1)
+            await self._still_connected(client)
+        for topic_filter, handler in self._filters.items():
+            client.route(topic_filter, handler)
+            await client.unsubscribe(topic_filter)
         received, since = client.health().received, loop.time()
         while True:
             await asyncio.sleep(min(0.1, quiet_seconds))
+            await self._still_connected(client)
             health = client.health()
             if health.received != received:
                 received, since = health.received, loop.time()
@@ -319,6 +346,18 @@ class MqttSync:
                 break
         await client.stop(end_session=True)
         return received
+
+    @staticmethod
+    async def _still_connected(client: MqttClient) -> None:
+        """Stop the retire, the session kept, once the broker closed its connection."""
+        if client.connected:
+            return
+        await client.stop()
+        raise SessionNotRetired(
+            f"client id {client.options.client_id} is in use by a running client: not retired "
+            "(the broker closed the connection, as it does when another client connects "
+            "with that client id, or when it restarts)"
+        )
 
     def health(self) -> JSONObject:
         client = self.client

@@ -324,6 +324,37 @@ async def test_retiring_with_a_mistyped_data_dir_or_client_id_keeps_the_session(
         stays.stop()
 
 
+async def test_retiring_a_running_replicas_client_id_is_refused(
+    fresh_mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Given a running replica's client id (the wrong pod), retire took the session over:
+    the replica was thrown off again and again ("another client may be using client id"),
+    and the retire ended the session it was using, exit 0. The broker closes the retire's
+    connection when the replica connects again: the retire stops there, session untouched."""
+    data, twin = tmp_path / "data", "org.acme:running"
+    env = {**QUIET, "TWIN_MQTT__SHARED_GROUP": "replicas", "TWIN_MQTT_URL": fresh_mosquitto.url}
+    live = sync_service(data, fresh_mosquitto.url, client_id="svc-live", **env)
+    device = await publisher(fresh_mosquitto.url, "dev-running")
+    try:
+        wait_mqtt_up(live)
+        with live.client() as api:
+            put_twin(api, twin, reported={"n": 0})
+        refused = retire(data, "svc-live", env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "client id svc-live is in use by a running client" in refused.stderr
+        assert "Traceback" not in refused.stderr and not refused.stdout
+        wait_mqtt_up(live)
+        await send_reliably(device, f"twins/{twin}/reported/update", {"state": {"n": 1}})
+        async with live.async_client() as api:
+            await until_twin(api, twin, _counter_is(1), 15)
+        await asyncio.sleep(2)  # no retire left behind throws the replica off again
+        mqtt = httpx.get(f"{live.url}/ready", timeout=5).json()["checks"]["mqtt"]
+        assert mqtt["status"] == "up" and mqtt["reconnects"] <= 1, mqtt
+    finally:
+        await device.stop()
+        live.stop()
+
+
 async def session_kept(url: str, client_id: str) -> bool:
     """Whether the broker holds a session for ``client_id``; it holds none afterwards."""
     options = MqttOptions(url=url, client_id=client_id, session_expiry=0)
