@@ -157,6 +157,8 @@ def cmd_export_mosquitto(
     args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout
 ) -> int:
     """``devices export-mosquitto --password-file P --acl-file A --service-user U``."""
+    if args.service_password_file is not None and not args.service_password_stdin:
+        return _usage("--service-password-file needs --service-password-stdin (the password)")
     outputs = {
         "--password-file": args.password_file,
         "--acl-file": args.acl_file,
@@ -164,16 +166,10 @@ def cmd_export_mosquitto(
     }
     refusal = _refuse_outputs({k: v for k, v in outputs.items() if v is not None}, settings)
     if refusal is not None:
-        print(f"twin-service devices export-mosquitto: {refusal}", file=sys.stderr)
-        return 2
+        return _usage(refusal)
     service_password = sys.stdin.readline().rstrip("\n") if args.service_password_stdin else None
     if service_password == "":  # stdin was empty, or its first line was
-        print(
-            "twin-service devices export-mosquitto: --service-password-stdin: "
-            "the password read from stdin is empty",
-            file=sys.stderr,
-        )
-        return 2
+        return _usage("--service-password-stdin: the password read from stdin is empty")
     try:
         CredentialStore.in_data_dir(settings.data_dir).write_mosquitto_files(
             args.password_file,
@@ -190,6 +186,12 @@ def cmd_export_mosquitto(
     names = ", ".join(str(path) for path in outputs.values() if path is not None)
     print(f"wrote {names}; reload mosquitto (SIGHUP)", file=out)
     return 0
+
+
+def _usage(problem: str) -> int:
+    """``export-mosquitto`` given options it cannot use: exit status 2, as argparse's own."""
+    print(f"twin-service devices export-mosquitto: {problem}", file=sys.stderr)
+    return 2
 
 
 def _refuse_outputs(outputs: dict[str, Path], settings: Settings) -> str | None:

@@ -622,6 +622,23 @@ def test_an_empty_service_password_is_refused(tmp_path: Path, stdin: str) -> Non
     assert not (tmp_path / "pw").exists() and not (tmp_path / "acl").exists()
 
 
+def test_a_service_password_file_without_the_password_is_a_usage_error(tmp_path: Path) -> None:
+    """``--service-password-file`` without ``--service-password-stdin`` was reported as a
+    failure of the credentials (``error: a service password file needs the service
+    password``, exit 1), where its sibling usage mistakes exit 2 naming the command."""
+    export = ["--data-dir", "data", "devices", "export-mosquitto", "--password-file", "pw"]
+    export += ["--acl-file", "acl", "--service-user", "svc", "--service-password-file", "spw"]
+    run = serve(tmp_path, *export)
+    assert_refused(
+        run,
+        2,
+        "twin-service devices export-mosquitto: --service-password-file needs "
+        "--service-password-stdin",
+    )
+    assert run.stderr.count("\n") == 1
+    assert not [p for p in tmp_path.iterdir() if p.name in ("pw", "acl", "spw")]
+
+
 def export_mosquitto(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """``devices export-mosquitto`` on ``data`` with the service password on stdin."""
     command = ["--data-dir", "data", "devices", "export-mosquitto", "--service-user", "svc"]

@@ -60,7 +60,7 @@ def test_export_writes_the_service_password_file(
     export += ["--acl-file", str(tmp_path / "acl"), "--service-user", "service"]
     export += ["--service-password-file", str(tmp_path / "service-pw")]
     code, _ = run(tmp_path, *export)  # the password file needs the password
-    assert code == 1 and not (tmp_path / "service-pw").exists()
+    assert code == 2 and not (tmp_path / "service-pw").exists()
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))
     code, text = run(tmp_path, *export, "--service-password-stdin")
     assert code == 0 and str(tmp_path / "service-pw") in text
