@@ -433,6 +433,33 @@ def test_a_search_engine_out_of_reach_is_named_and_the_service_starts(tmp_path: 
     assert SECRET not in output, output
 
 
+def test_a_search_engine_out_of_reach_is_reported_by_the_service_alone(tmp_path: Path) -> None:
+    """With the engine down, the client logged each retry of each request at WARNING
+    (``elastic_transport.node_pool: Node ... has failed``, ``elastic_transport.transport:
+    Retrying request``): about 7 lines per readiness probe and per indexer retry, 63 of the
+    66 lines a replica logged in 30 s, under the service's own line that says the same."""
+    env = command_env(
+        TWIN_SEARCH="elasticsearch",
+        TWIN_ELASTICSEARCH_URL=f"http://127.0.0.1:{free_port()}",
+        TWIN_ELASTICSEARCH__REQUEST_TIMEOUT_SECONDS="1",
+        TWIN_LOG_LEVEL="info",
+    )
+    proc = serving(tmp_path, env)
+    try:
+        for _ in range(3):
+            ready = httpx.get(f"http://127.0.0.1:{env['TWIN_PORT']}/ready", timeout=10)
+            assert ready.json()["checks"]["index"]["status"] == "down", ready.text
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    output = out + err
+    assert "elastic_transport" not in output, output
+    warnings = [line for line in err.splitlines() if line.startswith(("WARNING", "ERROR"))]
+    assert warnings, output
+    for line in warnings:  # the start's line, and the indexer's at each of its retries
+        assert line.startswith("WARNING twin_service.index.elasticsearch: "), output
+
+
 def test_the_http_port_taken(tmp_path: Path, taken_port: int) -> None:
     # uvicorn binds after the lifespan started everything: it all stops again, quietly.
     run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_PORT=str(taken_port))
@@ -521,6 +548,8 @@ def test_an_index_rebuild_with_the_index_out_of_reach(tmp_path: Path) -> None:
     )
     assert_refused(run, 1, "twin-service: rebuild failed: The search index failed to create")
     assert "Unclosed" not in run.stderr  # the client was closed
+    # Not after the client's warnings at each of its retries (elastic_transport).
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 def test_a_broker_that_refuses_the_service(

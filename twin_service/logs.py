@@ -14,6 +14,11 @@ FORMAT = "%(levelname)s %(name)s: %(message)s"
 PACKAGES = ("twin_service", "connectivity", "search")
 #: Names the handler on the root logger, so that configuring again replaces it.
 _HANDLER_NAME = "twin_service.logs"
+#: Libraries whose warnings repeat a failure the service reports in its own line: below
+#: ``debug`` only their errors show. The Elasticsearch client warns at each retry of each
+#: request (two lines per attempt, three attempts): with the engine down, 63 of the 66
+#: lines a replica logged in 30 s, each readiness probe and indexer retry adding 7.
+QUIET_WARNINGS = ("elastic_transport",)
 
 
 class _OneLine(logging.Formatter):
@@ -32,8 +37,9 @@ class _OneLine(logging.Formatter):
 
 def configure(level: str) -> None:
     """Send the service's log lines at ``level`` and above to stderr, and the libraries'
-    (amqtt, transitions, paho, elasticsearch, pymongo...) at ``level`` and WARNING at least,
-    INFO at ``debug``, tracebacks included only then (idempotent)."""
+    (amqtt, transitions, paho, elasticsearch, pymongo...) at ``level`` and WARNING at least
+    (ERROR for :data:`QUIET_WARNINGS`), INFO at ``debug``, tracebacks included only then
+    (idempotent)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
     for name in PACKAGES:
@@ -50,6 +56,8 @@ def configure(level: str) -> None:
     logging.getLogger("transitions").setLevel(logging.WARNING)
     wanted = logging.getLevelNamesMapping()[level.upper()]
     debug = wanted <= logging.DEBUG
+    for name in QUIET_WARNINGS:
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.ERROR)
     libraries = logging.StreamHandler()
     libraries.setFormatter(logging.Formatter(FORMAT) if debug else _OneLine(FORMAT))
     libraries.set_name(_HANDLER_NAME)

@@ -522,7 +522,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info",
         description="Level of the service's log lines (stderr) and uvicorn's; "
-        "libraries' lines from WARNING up (INFO at debug).",
+        "libraries' lines from WARNING up, the Elasticsearch client's from ERROR (the "
+        "service reports what failed itself; at debug, both from INFO).",
     )
     default_namespace: str = Field("default", description="Namespace of ids made by POST /twins.")
     shutdown_timeout_seconds: int = Field(
