@@ -55,9 +55,10 @@ from connectivity.errors import MqttUnavailable
 from connectivity.topics import DEFAULT_PREFIX, INBOUND, TopicLayout
 
 
-def _without_traceback(record: logging.LogRecord) -> bool:
-    record.exc_info = record.exc_text = None
-    return True
+def _below_warning(record: logging.LogRecord) -> bool:
+    """amqtt's warnings and errors at start come with the error it raises, which the
+    service reports in its own line (``Broker startup failed`` once came before it)."""
+    return record.levelno < logging.WARNING
 
 
 @dataclass(frozen=True)
@@ -829,14 +830,14 @@ class EmbeddedBroker:
             cfg,
         )
         amqtt_log = logging.getLogger("amqtt.broker")
-        amqtt_log.addFilter(_without_traceback)  # the reason is in the error raised below
+        amqtt_log.addFilter(_below_warning)
         try:
             await broker.start()
         except BrokerError as exc:  # the port taken, an address not of this host...
             reason = exc.__cause__ or exc
             raise MqttUnavailable(f"The embedded MQTT broker cannot start: {reason}") from exc
         finally:
-            amqtt_log.removeFilter(_without_traceback)
+            amqtt_log.removeFilter(_below_warning)
         self._broker = broker
 
     async def stop(self) -> None:

@@ -85,6 +85,13 @@ def assert_refused(run: subprocess.CompletedProcess[str], status: int, *expected
     assert SECRET not in output, output
 
 
+def assert_cannot_start(run: subprocess.CompletedProcess[str], *expected: str) -> None:
+    """Exit status 3, and one line saying why: no line of amqtt's or uvicorn's besides."""
+    assert_refused(run, 3, *expected)
+    said = [line for line in run.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(said) == 1 and said[0].startswith("twin-service cannot start: "), run.stderr
+
+
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     with socket.socket() as listener:
@@ -353,18 +360,19 @@ def test_a_damaged_database_is_named(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "twins.sqlite3").write_bytes(b"not a database " * 300)
     run = serve(tmp_path, "serve", "--data-dir", "data")
-    assert_refused(
+    assert_cannot_start(
         run,
-        3,
         "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
         "file is not a database",
     )
 
 
 def test_the_embedded_broker_port_taken(tmp_path: Path, taken_port: int) -> None:
+    """The line came third of three ERROR lines: amqtt's 'Broker startup failed' before it,
+    uvicorn's 'Application startup failed. Exiting.' after it."""
     run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_MQTT__EMBEDDED_PORT=str(taken_port))
-    assert_refused(
-        run, 3, "twin-service cannot start: The embedded MQTT broker cannot start:", "in use"
+    assert_cannot_start(
+        run, "twin-service cannot start: The embedded MQTT broker cannot start:", "in use"
     )
 
 
@@ -461,10 +469,16 @@ def test_a_search_engine_out_of_reach_is_reported_by_the_service_alone(tmp_path:
 
 
 def test_the_http_port_taken(tmp_path: Path, taken_port: int) -> None:
-    # uvicorn binds after the lifespan started everything: it all stops again, quietly.
+    """uvicorn bound the port once the store and the broker had started, then stopped them
+    again and said why in its own words only (``ERROR: [Errno 98] error while attempting to
+    bind...``). The port is bound first: nothing starts."""
     run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_PORT=str(taken_port))
-    assert_refused(run, 3, f"error while attempting to bind on address ('127.0.0.1', {taken_port})")
-    assert "failed" not in run.stderr.replace("Application startup failed", ""), run.stderr
+    assert_cannot_start(
+        run,
+        f"twin-service cannot start: the HTTP port 127.0.0.1:{taken_port} cannot be bound: ",
+        "in use",
+    )
+    assert "startup" not in run.stderr and "MQTT" not in run.stderr, run.stderr
 
 
 def test_credentials_for_an_id_no_twin_can_have_are_refused(tmp_path: Path) -> None:

@@ -112,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     from twin_service.api.websocket_protocol import BoundedWebSocketProtocol
     from twin_service.budget import ByteBudget
     from twin_service.collector import tune_gc
+    from twin_service.listen import BoundServer, bind_http, http_port_problem
     from twin_service.open_files import raise_open_files_limit
     from twin_service.settings import settings_for_command
 
@@ -131,6 +132,11 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"twin-service cannot start: {exc}", file=sys.stderr)
         return 2
+    try:
+        sockets = bind_http(settings.host, settings.port)
+    except OSError as exc:
+        print(f"twin-service cannot start: {http_port_problem(settings, exc)}", file=sys.stderr)
+        return 3
     tune_gc(settings.gc_thresholds)
     raise_open_files_limit()
     # One bound for what clients are still sending, over HTTP and WebSocket alike.
@@ -154,17 +160,17 @@ def _serve(args: argparse.Namespace) -> int:
         ws_max_size=settings.limits.max_request_bytes,
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
-    server = uvicorn.Server(config)
+    server = BoundServer(config)
     # A start that fails after serving began (the store came back refusing, say; see
     # api.app) ends the server as a shutdown would, and exits like a failed start.
     app.state.end_serving = lambda: setattr(server, "should_exit", True)
-    server.run()
-    if not server.started:
-        return 3  # the start failed; uvicorn logged why (uvicorn.run's status)
+    server.run_on(sockets, lambda: getattr(app.state, "startup_failure", None) is not None)
     failure = getattr(app.state, "startup_failure", None)
-    if failure is not None:
+    if failure is not None:  # at start, or after serving began
         print(failure, file=sys.stderr)
         return 3
+    if not server.started:
+        return 3  # a fault the lifespan did not recognise: uvicorn logged its traceback
     return 0
 
 

@@ -115,13 +115,14 @@ class TwinApp(FastAPI):
         count()
 
     def _startup_failure_in_one_line(self, send: Send) -> Send:
-        """Starlette reports a failed start with the traceback; for a failure the lifespan
-        recognised (``state.startup_failure``, see ``api.app``) uvicorn prints its line."""
+        """Starlette reports a failed start with the traceback, which uvicorn logs; for a
+        failure the lifespan recognised (``state.startup_failure``, see ``api.app``) there is
+        nothing to log: ``cli`` prints that line once uvicorn has stopped."""
 
         async def relay(message: Message) -> None:
             failure = getattr(self.state, "startup_failure", None)
             if message["type"] == "lifespan.startup.failed" and failure:
-                message = {**message, "message": failure}
+                message = {**message, "message": ""}
             await send(message)
 
         return relay
