@@ -70,6 +70,59 @@ _broadcasting: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 _awaited: contextvars.ContextVar[bool] = contextvars.ContextVar("_awaited", default=False)
 
 
+class RetainedSent:
+    """The retained copies sent to one session for new subscriptions while the broadcast loop
+    had not yet delivered every older broadcast of their topics: topic -> the copy's broadcast
+    sequence number, and the largest of them.
+
+    The broker retains a message when it queues its broadcast, and the broadcast loop may lag
+    far behind (a publisher's PUBACK does not wait for it): a client subscribing then got the
+    newest delta retained, then the older ones live, which the device protocol forbids (a
+    test saw 174 of 180 subscriptions so). Those older broadcasts are not delivered to the
+    session: they were published before the subscription was made, and the retained copy
+    holds what they said. The retained copy itself is never older than a live message that
+    went out before it (it is read when the subscription is made, and retaining happens with
+    the queueing), so it is always sent.
+
+    Kept with the session, not its connection: the connection may end before the older
+    broadcasts are delivered, and they were then queued for the offline session and sent,
+    after the retained copy, when it resumed (a test saw delta 65 retained, then 4 to 64).
+    """
+
+    def __init__(self) -> None:
+        self.newest: dict[str, int] = {}
+        self.newest_max = 0
+
+    def sent(self, topic: str, seq: int) -> None:
+        """Notes the retained copy of broadcast ``seq`` sent for ``topic``."""
+        self.newest[topic] = max(seq, self.newest.get(topic, 0))
+        self.newest_max = max(seq, self.newest_max)
+
+    def supersedes(self, topic: str, seq: int) -> bool:
+        """Whether broadcast ``seq`` is older than the retained copy sent for its topic (the
+        session is not to get it). Asked of every broadcast to the session, in order."""
+        if not self.newest:
+            return False
+        if seq > self.newest_max:  # broadcasts come in order: no older one is left
+            self.newest.clear()
+            return False
+        kept = self.newest.get(topic)
+        if kept is None:
+            return False
+        if seq < kept:
+            return True
+        del self.newest[topic]
+        return False
+
+
+def retained_sent_to(session: Session) -> RetainedSent:
+    """The session's :class:`RetainedSent`."""
+    record: RetainedSent | None = getattr(session, "retained_sent", None)
+    if record is None:
+        record = session.retained_sent = RetainedSent()
+    return record
+
+
 class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's connection handler, with QoS 1 and 2 acknowledged end to end.
 
@@ -108,10 +161,6 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     #: While not None, deliveries wait here (see :meth:`mqtt_publish`): what to send,
     #: whether a device waits for its outcome, and the future that gets the task sending it.
     held: list[tuple[_Publish, bool, asyncio.Future[asyncio.Task[Any]]]] | None
-    #: Topic -> sequence number of a retained copy sent while older broadcasts were still to
-    #: be delivered (see :meth:`retained_sent`), and the largest of them.
-    newest: dict[str, int]
-    newest_max: int
     #: Whether the connection has ended (its flows are stopped): a delivery made now is
     #: not sent, and waits in the session for its resume.
     ended: bool
@@ -137,8 +186,6 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         handler.dropped_out = dropped_out
         handler.dropped_kept = dropped_kept
         handler.held = []
-        handler.newest = {}
-        handler.newest_max = 0
         handler.ended = False
         handler.retries = set()
         return handler  # type: ignore[no-any-return]
@@ -155,13 +202,14 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
         held ones are made by let_through, after the backlog's, and the rest here, when amqtt
         calls this to make the task. MQTT asks for this order (4.6).
 
-        A broadcast older than the retained copy already sent for its topic is not sent. One
+        A broadcast older than the retained copy already sent for its topic to the session is
+        not sent (see :class:`RetainedSent`). One
         made once the connection has ended waits in the session's queue for its resume, as
         if the session were offline (see :meth:`_kept`): amqtt sees the session connected
         until its message loop has handled the end.
         """
         seq = _broadcasting.get()
-        if seq is not None and self._superseded(topic, seq):
+        if seq is not None and retained_sent_to(self.session).supersedes(topic, seq):
             return _nothing()
         publish = (topic, data, qos, retain)
         if self.ended:
@@ -177,37 +225,6 @@ class AckingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is un
     ) -> Any:
         """amqtt's mqtt_publish, not held back."""
         return await super().mqtt_publish(topic, data, qos, retain)
-
-    def retained_sent(self, topic: str, seq: int) -> None:
-        """Notes the retained copy of broadcast ``seq`` sent for a new subscription while
-        the broadcast loop had not yet delivered every older broadcast.
-
-        The broker retains a message when it queues its broadcast, and the broadcast loop
-        may lag far behind (a publisher's PUBACK does not wait for it): a client subscribing
-        then got the newest delta retained, then the older ones live, which the device
-        protocol forbids (a test saw 174 of 180 subscriptions so). Those are dropped here:
-        they were published before the subscription was made, and the retained copy holds
-        what they said. The retained copy itself is never older than a live message that
-        went out before it (it is read when the subscription is made, and retaining happens
-        with the queueing), so it is always sent.
-        """
-        self.newest[topic] = max(seq, self.newest.get(topic, 0))
-        self.newest_max = max(seq, self.newest_max)
-
-    def _superseded(self, topic: str, seq: int) -> bool:
-        """Whether broadcast ``seq`` is older than the retained copy sent for its topic."""
-        if not self.newest:
-            return False
-        if seq > self.newest_max:  # broadcasts come in order: no older one is left
-            self.newest.clear()
-            return False
-        kept = self.newest.get(topic)
-        if kept is None:
-            return False
-        if seq < kept:
-            return True
-        del self.newest[topic]
-        return False
 
     def let_through(self, backlog: list[_Publish]) -> list[asyncio.Task[Any]]:
         """Starts sending ``backlog``, then what was held, in order; sends the rest as it
@@ -725,7 +742,7 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
         just made, at QoS at most ``qos``: the sends' tasks.
 
         As amqtt does, except that a delivery of an older broadcast still to come for the
-        same topic is not made (see AckingHandler.retained_sent).
+        same topic is not made to the session (see :class:`RetainedSent`).
         """
         handler = self._get_handler(session)
         if not isinstance(handler, AckingHandler):
@@ -736,7 +753,7 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
                 continue
             seq = self._retained_seq.get(topic, 0)
             if seq > self.dispatched:
-                handler.retained_sent(topic, seq)
+                retained_sent_to(session).sent(topic, seq)
             send = handler.mqtt_publish_now(
                 topic, retained.data, min(qos, retained.qos or qos), retain=True
             )
@@ -747,7 +764,8 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
         self, broadcast: dict[str, Any], qos: int, target_session: Session
     ) -> None:
         """amqtt queues a message for an offline persistent session; not a device message for
-        the service's own session while it is away.
+        the service's own session while it is away, nor one older than a retained copy the
+        session was sent (see :class:`RetainedSent`).
 
         Queued, the message was acknowledged to the device at once (no delivery to wait for)
         and kept only in this process's memory until the service reconnected: a crash
@@ -757,6 +775,8 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
         forwarded = broadcast.get("forwarded")
         if forwarded is not None and target_session.client_id == self.keeper:
             _resolve(forwarded, False)
+            return
+        if retained_sent_to(target_session).supersedes(broadcast["topic"], broadcast["seq"]):
             return
         await super()._retain_broadcast_message(broadcast, qos, target_session)
 

@@ -203,3 +203,85 @@ async def test_a_resumed_session_keeps_what_came_as_its_connection_ended(tmp_pat
     assert got == list(range(1, sent + 1)), (
         f"{len(missing)} of {sent} missing: {missing[:20]}; older after newer: {late[:5]}"
     )
+
+
+async def _connected(
+    port: int, login: bytes, topic_filter: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection, past its CONNACK (and the SUBACK of ``topic_filter``, QoS 0)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(login)
+    assert (await asyncio.wait_for(mqtt_packets.read_packet(reader), 10))[0] == 0x20
+    if topic_filter is not None:
+        writer.write(mqtt_packets.subscribe(1, topic_filter, 0))
+        assert (await asyncio.wait_for(mqtt_packets.read_packet(reader), 10))[0] == 0x90
+    return reader, writer
+
+
+async def _sink(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
+async def test_a_delta_older_than_the_retained_one_sent_never_comes_after_a_reconnect(
+    tmp_path: Path,
+) -> None:
+    """A device subscribes again while the broker's broadcasts run far behind the service's
+    publishes (each acknowledged before it is broadcast): it gets the newest delta, retained,
+    and not the older ones still to be broadcast. Its connection ends before they are, and
+    it resumes its session: they were queued for the offline session and came then, after
+    the newest (retained delta 70, then 3 onwards, in each of 3 runs), though the broker had
+    withheld them from its connection; a device that skips older deltas saw none of this,
+    one that applies what comes went back to delta 4."""
+    store = CredentialStore(tmp_path / "creds.json")
+    password = store.add(TWIN)
+    broker = bare_broker(tmp_path)
+    await broker.start()
+    assert broker._broker is not None
+    inner = broker._broker
+    port = broker.config.port
+    login = mqtt_packets.connect("dev", TWIN, password, clean=False)
+    # Subscribers that make each broadcast slow, so that the broadcasts fall behind.
+    watchers = [
+        await _connected(port, mqtt_packets.connect(f"w{n}", "service", "svc-pw"), DELTA)
+        for n in range(50)
+    ]
+    sinks = [asyncio.create_task(_sink(reader)) for reader, _ in watchers]
+    reader, writer = await _connected(port, login + mqtt_packets.subscribe(1, DELTA, 1))
+    _, publisher = await _connected(port, mqtt_packets.connect("svc", "service", "svc-pw"))
+    deltas = range(1, 301)
+    publisher.write(
+        b"".join(  # retained, QoS 1, packet id n, all at once
+            mqtt_packets.packet(0x33, mqtt_packets.string(DELTA) + n.to_bytes(2, "big") + b"%d" % n)
+            for n in deltas
+        )
+    )
+    got: list[int] = []
+    try:
+        await eventually(lambda: inner._broadcast_queue.qsize() >= 50)
+        writer.write(mqtt_packets.subscribe(2, DELTA, 1))
+        while True:  # until the retained delta of the new subscription
+            first, body = await asyncio.wait_for(mqtt_packets.read_packet(reader), 10)
+            if first & 0xF0 != 0x30:
+                continue
+            _, packet_id, payload = mqtt_packets.published(body)
+            got.append(int(payload))
+            writer.write(mqtt_packets.ack(mqtt_packets.PUBACK, packet_id))
+            if first & 0x01:
+                break
+        writer.close()
+        await eventually(lambda: inner._sessions["dev"][0].transitions.state == "disconnected")
+        assert inner.dispatched < got[-1], "the broadcasts caught up first: nothing was tested"
+        reader, writer = await _connected(port, login)
+        while got[-1] < deltas[-1]:
+            got += await _receive(reader, writer, 1)
+    finally:
+        writer.close()
+        publisher.close()
+        for task in sinks:
+            task.cancel()
+        for _, watcher in watchers:
+            watcher.close()
+        await broker.stop()
+    late = [(a, b) for a, b in itertools.pairwise(got) if b < a]
+    assert not late, f"older after newer: {late[:5]} in {got[:12]}"
