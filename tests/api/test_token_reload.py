@@ -6,11 +6,14 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from tests.service_process import ServiceProcess
 
@@ -126,5 +129,89 @@ def test_a_sighup_while_the_service_starts_reloads_once_it_can(tmp_path: Path) -
         while "SIGHUP: tokens reloaded: 1 in force" not in proc.log_path.read_text():
             assert proc.proc is not None and proc.proc.poll() is None, proc.log_tail()
             time.sleep(0.05)
+    finally:
+        proc.stop()
+
+
+APP = "app-token-0123456789abcdef"
+SLOW = "/api/v1/twins/org.acme:slow"
+#: Writes whose body is still arriving at the reload: (method, path, content type, body).
+SLOW_WRITES = [
+    ("POST", "/api/v1/twins?namespace=org.acme", "application/json", b'{"attributes":{}}'),
+    ("PUT", "/api/v1/twins/org.acme:new", "application/json", b"{}"),
+    ("PATCH", SLOW, "application/merge-patch+json", b'{"attributes":{"k":1}}'),
+    ("PUT", f"{SLOW}/desired/x", "application/json", b"1"),
+    ("PATCH", f"{SLOW}/attributes", "application/merge-patch+json", b'{"k":2}'),
+]
+
+
+def _send_all_but_the_last_byte(
+    proc: ServiceProcess, method: str, path: str, kind: str, body: bytes
+) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", proc.port), timeout=30)
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {APP}\r\n"
+        f"Content-Type: {kind}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    conn.sendall(head.encode() + body[:-1])
+    return conn
+
+
+def _status_after_the_last_byte(conn: socket.socket, body: bytes) -> int:
+    with conn:
+        conn.sendall(body[-1:])
+        answer = b""
+        while b"\r\n" not in answer and (chunk := conn.recv(4096)):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"name": "app", "token": "other-token-0123456789ab", "role": "write"}, 401),
+        ({"name": "app", "token": APP, "role": "read", "namespaces": ["org.acme"]}, 403),
+        ({"name": "app", "token": APP, "role": "write", "namespaces": ["org.other"]}, 403),
+    ],
+    ids=["revoked", "demoted-to-read", "namespace-removed"],
+)
+def test_a_write_whose_body_arrives_after_a_reload_takes_the_new_rights(
+    tmp_path: Path, change: dict[str, Any], expected: int
+) -> None:
+    """A write was authorized when its headers arrived: one whose body was still coming at
+    the reload was committed with the token's old rights, however long after it (the body
+    trickling in under the read timeout)."""
+    tokens = tmp_path / "tokens.json"
+    ops = {"name": "ops", "token": OPS, "role": "admin"}
+    app = {"name": "app", "token": APP, "role": "write", "namespaces": ["org.acme"]}
+    write_tokens(tokens, [ops, app])
+    env = {
+        "TWIN_AUTH__TOKENS": "[]",
+        "TWIN_AUTH__TOKENS_FILE": str(tokens),
+        "TWIN_LOG_LEVEL": "info",
+    }
+    proc = ServiceProcess(tmp_path / "data", env=env).start()
+    try:
+        with proc.client(token=OPS) as api:
+            assert api.put(SLOW, json={"attributes": {"k": 0}}).status_code == 201
+            before = api.get(SLOW).json()
+        pending = [(_send_all_but_the_last_byte(proc, *w), w[3]) for w in SLOW_WRITES]
+        # A request that follows them through the service: they were authorized by now.
+        with proc.client(token=APP) as api:
+            assert api.get(SLOW).status_code == 200
+
+        write_tokens(tokens, [ops, change])
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGHUP)
+        while "SIGHUP: tokens reloaded" not in proc.log_path.read_text():
+            assert proc.proc.poll() is None, proc.log_tail()
+            time.sleep(0.05)
+
+        assert [_status_after_the_last_byte(conn, body) for conn, body in pending] == [
+            expected
+        ] * len(SLOW_WRITES)
+        with proc.client(token=OPS) as api:
+            assert api.get(SLOW).json() == before
+            assert api.get("/api/v1/twins/org.acme:new").status_code == 404
     finally:
         proc.stop()

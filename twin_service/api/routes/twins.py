@@ -36,7 +36,7 @@ from twin_service.api.schemas import (
 )
 from twin_service.auth import Principal
 from twin_service.errors import BadRequest, Gone, NotFound, UnsupportedMediaType
-from twin_service.service import Amend, Outcome, Preconditions
+from twin_service.service import Amend, EditFn, Outcome, Preconditions
 from twin_service.store.base import MAX_SEQ
 from twin_service.twin.document import Twin
 from twin_service.twin.fields import DESCRIPTION as FIELDS_DESCRIPTION
@@ -113,6 +113,37 @@ def _visible(principal: Principal, twin_id: str) -> None:
     principal.check_namespace(namespace)
 
 
+async def _commit(
+    request: Request,
+    ctx: AppContext,
+    twin_id: str,
+    edit: EditFn,
+    *,
+    preconditions: Preconditions,
+    may_create: bool = False,
+    amend: Amend | None = None,
+) -> Outcome:
+    """``ctx.service.mutate`` for the caller's token as the tokens in force say now, every
+    write route's commit.
+
+    The routes check the token when the headers arrive, before reading a body; it is
+    checked again here, once the body was read, as a new request would be (401 revoked, 403
+    demoted or kept from the namespace): checked only then, a write whose body was still
+    arriving at a reload was committed with rights the token no longer had, however long
+    after. A token accepted before costs a dictionary lookup (``TokenRegistry``).
+    """
+    principal = write_access(request)
+    _visible(principal, twin_id)
+    return await ctx.service.mutate(
+        twin_id,
+        edit,
+        origin=principal.name,
+        preconditions=preconditions,
+        may_create=may_create,
+        amend=amend,
+    )
+
+
 def _not_modified(if_none_match: str | None, twin: Twin) -> bool:
     if if_none_match is None:
         return False
@@ -151,7 +182,7 @@ async def create_twin(request: Request, ctx: Context, principal: Writer, body: B
     )
     if edit is None:
         raise BadRequest("POST generates the twin id; use PUT /twins/{id} to choose one.")
-    return await _write_whole(ctx, principal, twin_id, edit, conditions, ttl)
+    return await _write_whole(request, ctx, twin_id, edit, conditions, ttl)
 
 
 @router.get(
@@ -257,12 +288,12 @@ async def put_twin(
     conditions, ttl = write_options(request)
     _visible(principal, twin_id)
     edit = replace_twin(body, twin_id)
-    return await _write_whole(ctx, principal, twin_id, edit, conditions, ttl)
+    return await _write_whole(request, ctx, twin_id, edit, conditions, ttl)
 
 
 async def _write_whole(
+    request: Request,
     ctx: AppContext,
-    principal: Principal,
     twin_id: str,
     edit: Edit,
     conditions: Preconditions,
@@ -270,10 +301,11 @@ async def _write_whole(
 ) -> Response:
     """Create or replace a whole twin (PUT, and POST's new id): 201 with its Location when
     it was created, else 200."""
-    outcome = await ctx.service.mutate(
+    outcome = await _commit(
+        request,
+        ctx,
         twin_id,
         lambda _: edit,
-        origin=principal.name,
         preconditions=conditions,
         may_create=True,
         amend=ttl,
@@ -304,12 +336,13 @@ async def patch_twin(request: Request, twin_id: TwinId) -> Response:
     conditions, ttl = write_options(request)
     _visible(principal, twin_id)
     kind, body = await _patch_body(request, ctx)
-    outcome = await ctx.service.mutate(
+    outcome = await _commit(
+        request,
+        ctx,
         twin_id,
         (lambda t: merge_patch_twin(_exists(t), body))
         if kind == MERGE
         else (lambda t: json_patch_twin(_exists(t), body)),
-        origin=principal.name,
         preconditions=conditions,
         amend=ttl,
     )
@@ -329,9 +362,7 @@ async def delete_twin(
 ) -> Response:
     conditions = request_preconditions(request)
     _visible(principal, twin_id)
-    outcome = await ctx.service.mutate(
-        twin_id, lambda _: None, origin=principal.name, preconditions=conditions
-    )
+    outcome = await _commit(request, ctx, twin_id, lambda _: None, preconditions=conditions)
     return written(Response(status_code=204), outcome)
 
 
@@ -406,10 +437,11 @@ async def put_section(
             existed.append(False)
         return put_at(current, section, parts, body)
 
-    outcome = await ctx.service.mutate(
+    outcome = await _commit(
+        request,
+        ctx,
         twin_id,
         edit,
-        origin=principal.name,
         preconditions=conditions,
         amend=ttl,
     )
@@ -440,10 +472,11 @@ async def patch_section(
     _visible(principal, twin_id)
     parts = pointer_after(request, TWIN_BASE + 1)
     _, body = await _patch_body(request, ctx, allow_json_patch=False)
-    outcome = await ctx.service.mutate(
+    outcome = await _commit(
+        request,
+        ctx,
         twin_id,
         lambda t: patch_at(_exists(t), section, parts, body),
-        origin=principal.name,
         preconditions=conditions,
         amend=ttl,
     )
@@ -477,10 +510,11 @@ async def delete_section(
     conditions = request_preconditions(request)
     _visible(principal, twin_id)
     parts = pointer_after(request, TWIN_BASE + 1)
-    outcome = await ctx.service.mutate(
+    outcome = await _commit(
+        request,
+        ctx,
         twin_id,
         lambda t: delete_at(_exists(t), section, parts),
-        origin=principal.name,
         preconditions=conditions,
     )
     assert outcome.twin is not None
