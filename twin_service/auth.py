@@ -37,16 +37,19 @@ class Principal:
     def may_see(self, namespace: str) -> bool:
         return self.namespaces is None or namespace in self.namespaces
 
-    def visible_namespaces(self, requested: str | None) -> str | None:
-        """A ``namespaces`` search parameter limited to what this token may read.
+    def visible_namespaces(self, requested: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """The namespaces of a search (``requested``, None if not given) limited to what
+        this token may read: ``None`` means no restriction, ``()`` nothing visible.
 
-        ``None`` means no restriction; ``""`` means nothing is visible. A blank request
-        means "not given", as for every search parameter.
+        A tuple, not a comma-joined string: the empty namespace (twin ids ``:name``) may be
+        given to a token, and as a blank entry of such a string it read as "not given", so
+        the token's search found none of its twins.
         """
         if self.namespaces is None:
-            return requested if requested and requested.strip() else None
-        wanted = {n.strip() for n in (requested or "").split(",") if n.strip()}
-        return ",".join(sorted((wanted or set(self.namespaces)) & self.namespaces))
+            return requested
+        if requested is None:
+            return tuple(sorted(self.namespaces))
+        return tuple(n for n in requested if n in self.namespaces)
 
     def check_namespace(self, namespace: str) -> None:
         if not self.may_see(namespace):

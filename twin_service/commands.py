@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from search.rql.parser import parse_filter
-from search.rql.query import build_query
+from search.rql.query import build_query, parse_namespaces
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
 from twin_service.digits import ascii_integer
@@ -184,7 +184,7 @@ async def search_twins(
     first waits until the index covers that write (external indexes only lag behind).
     """
     _refuse_when_off(ctx)
-    visible = principal.visible_namespaces(namespaces)
+    visible = principal.visible_namespaces(parse_namespaces(namespaces))
     paths = parse_fields(fields)
     query = build_query(
         filter,
@@ -193,7 +193,7 @@ async def search_twins(
         default_size=ctx.settings.query.default_size,
         max_size=ctx.settings.query.max_size,
     )
-    if visible == "":
+    if visible == ():
         return {"items": []}
     seq = await _wait_target(ctx, wait_for)
     twins, cursor = await ctx.index.search(query, wait_for_seq=seq)
@@ -211,9 +211,9 @@ async def count_twins(
     wait_for: str | None = None,
 ) -> int:
     _refuse_when_off(ctx)
-    visible = principal.visible_namespaces(namespaces)
+    visible = principal.visible_namespaces(parse_namespaces(namespaces))
     query = build_query(filter, None, visible)
-    if visible == "":
+    if visible == ():
         return 0
     return await ctx.index.count(query, wait_for_seq=await _wait_target(ctx, wait_for))
 

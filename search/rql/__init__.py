@@ -64,7 +64,7 @@ from .ordering import normalize_sort, order, sort_key
 from .parser import Options, parse_filter, parse_options
 from .paths import format_path, parse_path
 from .printer import print_filter, print_sort
-from .query import SearchQuery, build_query, page, selected
+from .query import SearchQuery, build_query, page, parse_namespaces, selected
 
 __all__ = [
     "And",
@@ -88,6 +88,7 @@ __all__ = [
     "order",
     "page",
     "parse_filter",
+    "parse_namespaces",
     "parse_options",
     "parse_path",
     "print_filter",

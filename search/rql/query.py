@@ -51,35 +51,41 @@ class SearchQuery:
         return encode_cursor(keys, self.fingerprint)
 
 
+def parse_namespaces(namespaces: str | None) -> tuple[str, ...] | None:
+    """The comma-separated ``namespaces`` parameter; None when it lists none ("not given",
+    as for every blank search parameter)."""
+    if namespaces is None:
+        return None
+    # Once each, in order: a repeated namespace is no other, and would take a terms slot.
+    return tuple(dict.fromkeys(p.strip() for p in namespaces.split(",") if p.strip())) or None
+
+
 def build_query(
     filter: str | None,
     option: str | None,
-    namespaces: str | None,
+    namespaces: tuple[str, ...] | None,
     *,
     default_size: int = 25,
     max_size: int = 200,
 ) -> SearchQuery:
-    """A :class:`SearchQuery` from the ``filter``, ``option`` and ``namespaces`` parameters.
+    """A :class:`SearchQuery` from the ``filter`` and ``option`` parameters, within
+    ``namespaces`` (None: all; see :func:`parse_namespaces`).
 
-    Blank parameters mean "not given". ``namespaces`` is comma separated.
+    Blank parameters mean "not given".
     """
     parsed = parse_filter(filter) if filter and filter.strip() else None
     options = parse_options(option or "")
     size = default_size if options.size is None else options.size
     if not 1 <= size <= max_size:
         raise RqlInvalid(f"size must be between 1 and {max_size}, got {size}")
-    ns: tuple[str, ...] | None = None
-    if namespaces is not None and namespaces.strip():
-        # Once each, in order: a repeated namespace is no other, and would take a terms slot.
-        ns = tuple(dict.fromkeys(p.strip() for p in namespaces.split(",") if p.strip()))
-        if len(ns) > MAX_NAMESPACES:
-            raise RqlInvalid(f"namespaces lists more than {MAX_NAMESPACES} namespaces")
+    if namespaces is not None and len(namespaces) > MAX_NAMESPACES:
+        raise RqlInvalid(f"namespaces lists more than {MAX_NAMESPACES} namespaces")
     return SearchQuery(
         filter=parsed,
         sort=options.sort or (),
         size=size,
         cursor=options.cursor,
-        namespaces=ns,
+        namespaces=namespaces,
     )
 
 

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ import pytest
 from search.rql.ast import SortKey
 from search.rql.cursor import fingerprint
 from search.rql.ordering import normalize_sort
-from tests.service_process import ACME_TOKEN, READER_TOKEN, ServiceProcess
+from tests.service_process import ACME_TOKEN, READER_TOKEN, TOKENS, ServiceProcess
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
 SEARCH = "/api/v1/search/twins"
@@ -449,6 +450,33 @@ def test_namespace_restricted_token_sees_only_its_namespaces(
         assert reader.get(COUNT, params={"filter": filter}).json() == {"count": 2}
     with service.client(token="") as anonymous:
         error(anonymous.get(SEARCH, params={"filter": filter}), 401, "auth.required")
+
+
+def test_a_token_of_the_empty_namespace_finds_its_twins(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """Twin ids may have an empty namespace (``:x``, as in Ditto), and a token may be given
+    it: such a token read ``:x`` but searched nothing, its namespaces having been joined
+    with commas and the blank entry then read as "not given"."""
+    empty, both = "empty-namespace-token-0123", "empty-and-acme-token-01234"
+    tokens = [
+        *TOKENS,
+        {"name": "empty", "token": empty, "role": "read", "namespaces": [""]},
+        {"name": "both", "token": both, "role": "read", "namespaces": ["", "org.acme"]},
+    ]
+    proc = service_factory(env={"TWIN_AUTH__TOKENS": json.dumps(tokens)})
+    with proc.client() as api:
+        put(api, ":x", {})
+        put(api, "org.acme:y", {})
+        put(api, "org.other:z", {})
+    with proc.client(token=empty) as reader:
+        assert reader.get("/api/v1/twins/:x").status_code == 200
+        assert [i["twinId"] for i in reader.get(SEARCH).json()["items"]] == [":x"]
+        assert reader.post(COUNT).json() == {"count": 1}
+        assert search(reader, "org.acme").json() == {"items": []}
+    with proc.client(token=both) as reader:
+        assert [i["twinId"] for i in reader.get(SEARCH).json()["items"]] == [":x", "org.acme:y"]
+        assert [i["twinId"] for i in search(reader, "org.acme").json()["items"]] == ["org.acme:y"]
 
 
 def test_restricted_token_pages_with_its_own_cursor(

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from search.rql import SearchQuery, SortKey, build_query, page, parse_filter
+from search.rql import SearchQuery, SortKey, build_query, page, parse_filter, parse_namespaces
 from twin_service.errors import RqlInvalid
 
 DOCS = [
@@ -16,11 +16,13 @@ DOCS = [
 def test_defaults() -> None:
     query = build_query(None, None, None)
     assert query == SearchQuery(None, (SortKey(("twinId",)),), 25, None, None)
-    assert build_query(" ", "", "").filter is None
+    assert build_query(" ", "", None).filter is None
+    assert parse_namespaces("") is parse_namespaces(" , ") is None
 
 
 def test_build() -> None:
-    query = build_query("eq(attributes/n,1)", "size(3),sort(-attributes/n)", "ns0, ns1")
+    namespaces = parse_namespaces("ns0, ns1,ns0")
+    query = build_query("eq(attributes/n,1)", "size(3),sort(-attributes/n)", namespaces)
     assert query.filter == parse_filter("eq(attributes/n,1)")
     assert query.sort == (SortKey(("attributes", "n"), True), SortKey(("twinId",)))
     assert (query.size, query.namespaces) == (3, ("ns0", "ns1"))
@@ -60,7 +62,7 @@ def test_cursor_is_bound_to_filter_sort_and_namespaces() -> None:
     for filter, option, namespaces in [
         ("exists(attributes/n)", f"cursor({cursor})", None),
         ("exists(attributes)", f"sort(-twinId),cursor({cursor})", None),
-        ("exists(attributes)", f"cursor({cursor})", "ns0"),
+        ("exists(attributes)", f"cursor({cursor})", ("ns0",)),
     ]:
         with pytest.raises(RqlInvalid, match="cursor"):
             build_query(filter, option, namespaces)
