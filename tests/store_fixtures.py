@@ -3,11 +3,14 @@ contract and the device handlers run on each)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from twin_service.settings import Settings, StreamSettings
 from twin_service.store.base import TwinStore
@@ -19,6 +22,18 @@ def mongodb_settings(data_dir: Path, url: str, database: str, /, **options: Any)
     top = {name: options.pop(name) for name in list(options) if name in Settings.model_fields}
     mongo = {"database": database, **options}
     return Settings(data_dir=data_dir, store="mongodb", mongodb_url=url, mongodb=mongo, **top)
+
+
+@contextlib.asynccontextmanager
+async def raw_database(url: str, name: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """A MongoDB store's database through a client of the test's own: to leave there what
+    another process (a killed writer, an older replica) would, or to read what the store
+    left."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+    try:
+        yield client.get_database(name)
+    finally:
+        await client.close()
 
 
 #: ``make(stream=..., outbox=...)`` opens another store on the same database.

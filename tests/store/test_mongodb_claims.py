@@ -13,16 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import monitoring
 
 from tests.servers.ferretdb import FerretDB
 from tests.service_fixtures import mongodb_env
 from tests.service_process import ServiceProcess
 from tests.store.contract import change
-from tests.store_fixtures import StoreFactory, mongodb_settings
+from tests.store_fixtures import StoreFactory, mongodb_settings, raw_database
 from twin_service.errors import StoreUnreachable
 from twin_service.store.base import RevisionConflict, TwinStore
 from twin_service.store.mongodb import MongoStore
@@ -42,15 +41,11 @@ async def store(store_factory: StoreFactory) -> TwinStore:
 async def left_claim(url: str, database: str, twin_id: str, at: datetime | None = None) -> None:
     """What a writer killed between its claim and its update leaves: the claim of the twin's
     current version, and the twin unchanged."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
-    try:
-        db = client.get_database(database)
+    async with raw_database(url, database) as db:
         raw = await db.twins.find_one({"_id": twin_id}, {"seq": 1})
         assert raw is not None
         claim = {"_id": f"{twin_id}@{raw['seq']}", "at": at or datetime.now(UTC)}
         await db.claims.insert_one(claim)
-    finally:
-        await client.close()
 
 
 async def write_once_the_claim_lapses(
@@ -164,14 +159,9 @@ def test_a_write_through_the_service_outlasts_a_dead_writers_claim(
 
 
 async def claim_lands(url: str, database: str, claim: str) -> None:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
-    try:
-        claims = client.get_database(database).get_collection("claims")
-        async with asyncio.timeout(10):
-            while await claims.find_one({"_id": claim}) is None:
-                await asyncio.sleep(0.1)
-    finally:
-        await client.close()
+    async with raw_database(url, database) as db, asyncio.timeout(10):
+        while await db.claims.find_one({"_id": claim}) is None:
+            await asyncio.sleep(0.1)
 
 
 def freeze(pid: int) -> None:

@@ -4,14 +4,11 @@ before this version's open."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from pymongo import AsyncMongoClient
 
 from tests.servers.ferretdb import FerretDB
 from tests.store.contract import change
-from tests.store_fixtures import StoreFactory
+from tests.store_fixtures import StoreFactory, raw_database
 
 on_ferretdb = pytest.mark.parametrize("store_factory", ["mongodb"], indirect=True)
 
@@ -19,13 +16,9 @@ on_ferretdb = pytest.mark.parametrize("store_factory", ["mongodb"], indirect=Tru
 async def as_an_older_replica_wrote(url: str, database: str, twin_id: str) -> None:
     """Make the twin's pending write look as a replica from before ``ixf`` leaves it: its
     seq in ``ix`` and nothing in ``ixf`` (its writes set ``ix`` alone)."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
-    try:
-        twins = client.get_database(database).get_collection("twins")
-        result = await twins.update_one({"_id": twin_id}, {"$unset": {"ixf": ""}})
-        assert result.modified_count == 1
-    finally:
-        await client.close()
+    async with raw_database(url, database) as db:
+        result = await db.twins.update_one({"_id": twin_id}, {"$unset": {"ixf": ""}})
+    assert result.modified_count == 1
 
 
 @on_ferretdb

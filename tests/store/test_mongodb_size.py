@@ -14,13 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 
 from tests.servers.ferretdb import FerretDB
 from tests.service_fixtures import mongodb_env
 from tests.service_process import ServiceProcess
 from tests.store.contract import change
-from tests.store_fixtures import StoreFactory
+from tests.store_fixtures import StoreFactory, raw_database
 from twin_service.errors import PayloadTooLarge
 from twin_service.types import JSONObject
 
@@ -37,12 +36,8 @@ def deep(depth: int, leaves: int) -> JSONObject:
 
 
 async def claims_of(url: str, database: str, twin_id: str) -> list[dict[str, Any]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
-    try:
-        claims = client.get_database(database).get_collection("claims")
-        return await claims.find({"_id": {"$regex": f"^{twin_id}@"}}).to_list()
-    finally:
-        await client.close()
+    async with raw_database(url, database) as db:
+        return await db.claims.find({"_id": {"$regex": f"^{twin_id}@"}}).to_list()
 
 
 @on_mongodb
