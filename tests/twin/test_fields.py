@@ -13,6 +13,7 @@ DOC = {
     "twinId": "org.acme:t",
     "desired": {"fan": {"speed": 3, "mode": "auto"}, "light": True},
     "reported": {"fan": {"speed": 2}},
+    "lifecycle": {"fan/speed": {"state": "pending"}, "a~b": {"state": "applied"}},
 }
 
 
@@ -42,6 +43,11 @@ DOC = {
             },
         ),
         ("desired/fan(speed, mode )", {"desired": {"fan": {"speed": 3, "mode": "auto"}}}),
+        # Keys are pointer tokens, as in RQL and pointer URLs: lifecycle keys hold a "/".
+        ("lifecycle/fan~1speed", {"lifecycle": {"fan/speed": {"state": "pending"}}}),
+        ("lifecycle/fan~1speed/state", {"lifecycle": {"fan/speed": {"state": "pending"}}}),
+        ("lifecycle(fan~1speed,a~0b)", {"lifecycle": DOC["lifecycle"]}),
+        ("lifecycle/fan/speed", {}),
     ],
 )
 def test_select(fields: str | None, expected: object) -> None:
@@ -60,6 +66,7 @@ def test_select(fields: str | None, expected: object) -> None:
         ("a/b(c(d,e),f),g", [["a", "b", "c", "d"], ["a", "b", "c", "e"], ["a", "b", "f"], ["g"]]),
         # Spaces around an item go; inside a path they are part of the keys.
         (" a / b , c ", [["a ", " b"], ["c"]]),
+        ("a~1b/~0,c(~01)", [["a/b", "~"], ["c", "~1"]]),
         ("a" + "(a" * MAX_GROUP_DEPTH + ")" * MAX_GROUP_DEPTH, [["a"] * (MAX_GROUP_DEPTH + 1)]),
     ],
 )
@@ -69,6 +76,7 @@ def test_parse(fields: str, paths: list[list[str]]) -> None:
 
 _TOO_DEEP = "a" + "(a" * (MAX_GROUP_DEPTH + 1) + ")" * (MAX_GROUP_DEPTH + 1)
 _REFUSED = ["", ",", "a,", ",a", "a//b", "/a", "a/", "a()", "a(b", "a)", "a)b", "(a)", "a(b)c"]
+_REFUSED += ["a~", "a~2b", "a/~/b", "a(b~)"]  # "~" only starts an escape (~0, ~1)
 _REFUSED += ["a(b,)", "a((b))", "a(b))", _TOO_DEEP, "a(" * 5000 + "b" + ")" * 5000]
 
 

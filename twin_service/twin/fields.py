@@ -2,18 +2,21 @@
 
 As in Eclipse Ditto, parentheses group paths under a common prefix:
 ``attributes(model,site),desired/fan`` is ``attributes/model,attributes/site,desired/fan``,
-and groups nest (``desired(fan(speed,mode),light)``).
+and groups nest (``desired(fan(speed,mode),light)``). Keys are JSON pointer tokens, as in
+RQL and pointer URLs: ``lifecycle/fan~1speed`` is the lifecycle entry keyed ``fan/speed``.
 """
 
 from __future__ import annotations
 
-from twin_service.errors import BadRequest
+from twin_service.errors import BadRequest, InvalidPointer
+from twin_service.twin.patch import split_pointer
 from twin_service.types import JSONObject
 
 #: What the selector is, for the API's description of its ``fields`` parameters.
 DESCRIPTION = (
     "Comma-separated paths to include, e.g. attributes,desired/fan; "
-    "parentheses group paths under a prefix, e.g. attributes(model,site)"
+    "parentheses group paths under a prefix, e.g. attributes(model,site); "
+    "~1 is '/' and ~0 is '~' inside a key, e.g. lifecycle/fan~1speed"
 )
 #: Groups nest at most this deep (a document is at most ``limits.max_depth`` deep anyway).
 MAX_GROUP_DEPTH = 32
@@ -47,7 +50,10 @@ def _item(text: str, at: int, depth: int) -> tuple[list[list[str]], int]:
     start = at
     while at < len(text) and text[at] not in ",()":
         at += 1
-    prefix = text[start:at].strip().split("/")
+    try:
+        prefix = split_pointer("/" + text[start:at].strip())
+    except InvalidPointer:
+        raise _invalid(text) from None  # a "~" that is not ~0 or ~1
     if any(not segment for segment in prefix):
         raise _invalid(text)
     if at < len(text) and text[at] == "(":
