@@ -92,6 +92,33 @@ async def test_a_refusal_names_the_desired_version_it_refuses(
     assert (mode["state"], mode["reason"]) == ("rejected", "turbo unsupported")
 
 
+async def test_a_value_drifted_from_can_be_refused_at_the_version_that_wrote_it(
+    svc: ServiceProcess, mosquitto_server: Mosquitto
+) -> None:
+    """Reported drifting away from an applied value made it pending with the twin's current
+    desired version, though the value was of an earlier one: the device's refusal naming the
+    version it had seen was accepted and dropped, the value left pending without a reason."""
+    twin = f"org.acme:p-{uuid.uuid4().hex[:10]}"
+    with svc.client() as api:
+        put_twin(api, twin, desired={"x": 1, "y": 1}, reported={})
+    async with RawDevice(mosquitto_server.url, twin) as dev:
+        both = {"state": {"x": 1, "y": 1}, "desiredVersion": 1}
+        await dev.call("reported/update", both, "accepted")
+        with svc.client() as api:
+            assert api.put(f"/api/v1/twins/{twin}/desired/y", json=2).status_code == 204
+        drift = {"state": {"x": 5}, "desiredVersion": 1}
+        await dev.call("reported/update", drift, "accepted")
+        with svc.client() as api:
+            x = get_twin(api, twin)["lifecycle"]["x"]
+        assert (x["state"], x["desiredVersion"]) == ("pending", 1)
+        refusal = {"state": {}, "desiredVersion": 1, "rejected": {"x": "cannot go back"}}
+        await dev.call("reported/update", refusal, "accepted")
+    with svc.client() as api:
+        lifecycle = get_twin(api, twin)["lifecycle"]
+    assert (lifecycle["x"]["state"], lifecycle["x"]["reason"]) == ("rejected", "cannot go back")
+    assert lifecycle["y"]["state"] == "pending"  # version 2's value: not covered by the refusal
+
+
 async def test_duplicate_client_token_is_applied_once(
     svc: ServiceProcess, mosquitto_server: Mosquitto, twin: str
 ) -> None:

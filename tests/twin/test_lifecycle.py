@@ -180,3 +180,90 @@ def test_a_put_of_the_whole_twin_writes_every_desired_leaf() -> None:
     assert {key: entry["state"] for key, entry in out.items()} == dict.fromkeys(
         ("led", "x~1y", "kept"), PENDING
     )
+
+
+# -- the desired version an entry names -----------------------------------------------------
+#
+# An entry's desiredVersion is the version that last wrote the leaf's value: a device refusing
+# that version (or a later one it has seen) refuses this value. Only a write of the leaf stamps
+# the twin's current version; a leaf that changes state by the device's doing (applied, drift,
+# refusal) or the clock keeps its entry's. Reported drifting away from an applied value used
+# to stamp the current version, and a refusal naming the version the device had seen was
+# dropped as "of an earlier value".
+
+REPORTS = {
+    "matching": ({"a": 1}, None),
+    "drifted": ({"a": 0}, None),
+    "refused": ({"a": 0}, {"a": "no"}),
+}
+VERSION_CASES = [
+    (before, report, touched)
+    for before in BEFORE
+    for report in REPORTS
+    for touched in (False, True)
+]
+
+
+@pytest.mark.parametrize(
+    ("before", "report", "touched"),
+    VERSION_CASES,
+    ids=[f"{b}-{r}-{'written' if t else 'untouched'}" for b, r, t in VERSION_CASES],
+)
+def test_the_version_of_an_entry_is_the_one_that_wrote_its_value(
+    before: str, report: str, touched: bool
+) -> None:
+    lifecycle = {} if BEFORE[before] is None else {"a": BEFORE[before]}
+    reported, rejected = REPORTS[report]
+    out = next_lifecycle(
+        lifecycle,
+        old_desired={"a": 1},
+        desired={"a": 1},
+        reported=reported,
+        desired_version=3,
+        now=T1,
+        rejected=rejected,
+        rejected_version=1,
+        written={"a"} if touched else (),
+    )
+    entry = out.get("a")
+    if entry is None:  # never in the delta, and not now
+        assert (before, report) == ("none", "matching")
+        return
+    if (before, report) == ("applied", "matching"):
+        assert entry == BEFORE["applied"]  # applied already, written again or not: as it was
+        return
+    # Entries in BEFORE hold version 1; a leaf without one gets the current version.
+    assert entry["desiredVersion"] == (3 if touched or before == "none" else 1), entry
+    if report == "refused" and not touched:
+        assert entry["state"] == REJECTED  # refused at version 1, the one it had
+
+
+def test_a_refusal_after_drift_names_the_version_the_device_has_seen() -> None:
+    """The probe's sequence: x and y written in version 1 and applied, y written again
+    (version 2), reported x drifts, the device refuses x naming version 1."""
+    d1: JSONObject = {"x": 1, "y": 1}
+    d2: JSONObject = {"x": 1, "y": 2}
+    lc = next_lifecycle({}, old_desired={}, desired=d1, reported={}, desired_version=1, now=T0)
+    lc = next_lifecycle(
+        lc, old_desired=d1, desired=d1, reported=d1, desired_version=1, now=T0, written=()
+    )
+    lc = next_lifecycle(lc, old_desired=d1, desired=d2, reported=d1, desired_version=2, now=T0)
+    assert lc["x"]["desiredVersion"] == 1 and lc["y"]["desiredVersion"] == 2
+    drifted: JSONObject = {"x": 5, "y": 1}
+    lc = next_lifecycle(
+        lc, old_desired=d2, desired=d2, reported=drifted, desired_version=2, now=T1, written=()
+    )
+    assert lc["x"] == {"state": PENDING, "since": S1, "desiredVersion": 1}
+    lc = next_lifecycle(
+        lc,
+        old_desired=d2,
+        desired=d2,
+        reported=drifted,
+        desired_version=2,
+        now=T1,
+        rejected={"x": "no", "y": "no"},
+        rejected_version=1,
+        written=(),
+    )
+    assert lc["x"] == {"state": REJECTED, "since": S1, "desiredVersion": 1, "reason": "no"}
+    assert lc["y"]["state"] == PENDING  # version 2's value, which the device had not seen

@@ -23,6 +23,10 @@ Transitions, computed by :func:`next_lifecycle` for each committed change:
   the device applies it (-> ``applied``);
 - a leaf that leaves desired loses its entry.
 
+``desiredVersion`` is the desired version that last wrote the leaf's value (for a leaf
+without an entry, the current one): only a desired write of the leaf moves it on, so a
+refusal naming the version the device has seen reaches a value that reported drifted from.
+
 Pure: no I/O; only the ``*_amend`` adapters read the clock.
 """
 
@@ -147,17 +151,16 @@ def next_lifecycle(
             or any(_within(key, path) for path in written)
             or not json_equal(old_leaves.get(key, _MISSING), leaves[key])
         )
+        # The version that wrote the leaf's value: a refusal naming it (or a later one) is
+        # of this value. Only a write moves it on; the device and the clock keep it.
+        kept = entry.get("desiredVersion") if isinstance(entry, dict) else None
+        version = kept if isinstance(kept, int) and not touched else desired_version
         if key not in in_delta:
             if state == APPLIED or (state is None and key not in was_in_delta):
                 if entry is not None:
                     out[key] = entry
                 continue
-            out[key] = {
-                "state": APPLIED,
-                "since": stamp,
-                "at": stamp,
-                "desiredVersion": desired_version,
-            }
+            out[key] = {"state": APPLIED, "since": stamp, "at": stamp, "desiredVersion": version}
             continue
         reason = _covered(key, rejected)
         if reason is not None and _newer(entry, rejected_version):
@@ -166,15 +169,11 @@ def next_lifecycle(
             out[key] = {
                 "state": REJECTED,
                 "since": stamp,
-                "desiredVersion": desired_version,
+                "desiredVersion": version,
                 "reason": reason,
             }
         elif touched or state is None or state == APPLIED:
-            pending: JSONObject = {
-                "state": PENDING,
-                "since": stamp,
-                "desiredVersion": desired_version,
-            }
+            pending: JSONObject = {"state": PENDING, "since": stamp, "desiredVersion": version}
             if touched and ttl_seconds is not None:
                 pending["expires"] = now_iso(now + timedelta(seconds=ttl_seconds))
             out[key] = pending
