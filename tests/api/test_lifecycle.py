@@ -206,3 +206,29 @@ def test_fields_select_the_entry_of_a_nested_value_by_its_escaped_key(api: httpx
     ]
     bad = api.get(f"/api/v1/twins/{twin}", params={"fields": "lifecycle/fan~2speed"})
     assert (bad.status_code, bad.json()["error"]) == (400, "fields.invalid")
+
+
+def test_an_empty_object_in_desired_is_nothing_to_apply(api: httpx.Client) -> None:
+    """Deleting the last child of a desired object leaves ``{}`` behind: it was a leaf of the
+    delta and pending in the lifecycle, sent to the device, which could never clear it
+    (echoing ``{}`` as a merge patch changes nothing), while search's ``exists(delta)``
+    counted ``{}`` as absent."""
+    ns = f"org.e{uuid.uuid4().hex[:12]}"
+    twin = f"/api/v1/twins/{ns}:empty"
+    api.put(twin, json={"desired": {"a": {"b": 1}}, "reported": {"a": {"b": 1}}})
+    assert api.delete(f"{twin}/desired/a/b").status_code == 204
+    doc = api.get(twin).json()
+    assert (doc["desired"], doc["delta"]) == ({"a": {}}, {})
+    assert "a" not in doc["lifecycle"]
+    assert set(doc["metadata"]["desired"]["a"]) == {"modified", "revision"}  # it was written
+    api.put(f"/api/v1/twins/{ns}:fresh", json={"desired": {"e": {}}})
+    fresh = api.get(f"/api/v1/twins/{ns}:fresh").json()
+    assert (fresh["delta"], fresh["lifecycle"]) == ({}, {})
+
+    def count(filter: str) -> int:
+        params = {"filter": filter, "namespaces": ns}
+        found: int = api.get("/api/v1/search/twins/count", params=params).json()["count"]
+        return found
+
+    assert count("exists(delta)") == 0
+    assert count("exists(lifecycle/a)") == count("exists(lifecycle/e)") == 0

@@ -103,6 +103,20 @@ LIFECYCLE_TABLE = [
     ("expired stays", {"a": {"state": EXPIRED}}, {"a": 1}, {"a": 1}, {}, None, EXPIRED),
     ("leaf removed -> gone", {"a": PEND}, {"a": 1}, {}, {}, None, None),
     ("rejecting a matched leaf is ignored", {}, {"a": 1}, {"a": 1}, {"a": 1}, {"a": "x"}, None),
+    # An empty object holds no leaf: nothing for the device to apply, so no entry.
+    ("empty object written -> no entry", {}, {}, {"a": {}}, {}, None, None),
+    ("empty object over a value -> no entry", {}, {"a": 1}, {"a": {}}, {"a": 5}, None, None),
+    (
+        "last child deleted -> gone",
+        {"a": {"state": APPLIED}},
+        {"a": {"b": 1}},
+        {"a": {}},
+        {"a": {"b": 1}},
+        None,
+        None,
+    ),
+    # A twin stored when {} was a leaf heals on its next change of desired or reported.
+    ("stored pending empty object -> gone", {"a": PEND}, {"a": {}}, {"a": {}}, {}, None, None),
 ]
 
 
@@ -174,7 +188,7 @@ def test_keys_are_escaped_pointers() -> None:
 def test_lifecycle_entries_are_exactly_the_tracked_desired_leaves(old_d, d, r) -> None:  # type: ignore[no-untyped-def]
     first = step({}, {}, old_d, {}, old_r={})
     out = step(first, old_d, d, r, old_r={})
-    leaves = {key_path(p) for p in leaf_paths(d) if p}
+    leaves = {key_path(p) for p, v in leaf_paths(d).items() if p and v != {}}
     in_delta = {key_path(p) for p in leaf_paths(compute_delta(d, r)) if p}
     assert set(out) <= leaves
     assert in_delta <= set(out)
@@ -388,6 +402,7 @@ def test_get_and_status() -> None:
 
 @given(value=objects() | st.integers() | st.text(max_size=3))
 def test_leaf_keys_are_the_escaped_leaf_paths(value: JSON) -> None:
-    expected = {key_path(p): v for p, v in leaf_paths(value).items() if p}
+    # Empty objects are leaves of metadata (a value that was written), not of the lifecycle.
+    expected = {key_path(p): v for p, v in leaf_paths(value).items() if p and v != {}}
     assert leaf_keys(value) == expected
     assert list(leaf_keys(value)) == list(expected)  # same order too

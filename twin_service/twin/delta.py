@@ -1,7 +1,9 @@
 """The delta: every leaf of desired whose value differs from reported at the same path.
 
 Objects are compared leaf by leaf, arrays as whole values, numbers by value. Full paths are
-kept; keys present only in reported never appear.
+kept; keys present only in reported never appear. An empty object in desired holds no leaf,
+so it is never in the delta: a device could not apply it (a merge patch of ``{}`` changes
+nothing, RFC 7396), and search counts ``{}`` as absent (``exists(delta)``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ def compute_delta(desired: JSONObject, reported: JSONObject) -> JSONObject:
     delta: JSONObject = {}
     for key, want in desired.items():
         have = reported.get(key, _MISSING) if isinstance(reported, dict) else _MISSING
-        if isinstance(want, dict) and want:
+        if isinstance(want, dict):
             sub = compute_delta(want, have if isinstance(have, dict) else {})
             if sub:
                 delta[key] = sub
@@ -27,7 +29,11 @@ def compute_delta(desired: JSONObject, reported: JSONObject) -> JSONObject:
 
 
 def leaf_paths(value: JSON, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], JSON]:
-    """Map of every leaf path to its value; arrays and empty objects are leaves."""
+    """Map of every leaf path to its value; arrays and empty objects are leaves.
+
+    Metadata's leaves: an empty object is a value that was written. The delta and the
+    lifecycle (:func:`twin_service.twin.lifecycle.leaf_keys`) leave empty objects out.
+    """
     if isinstance(value, dict) and value:
         out: dict[tuple[str, ...], JSON] = {}
         for key, child in value.items():

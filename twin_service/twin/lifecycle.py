@@ -1,8 +1,9 @@
 """The desired lifecycle: what happened to each desired value the device had to apply.
 
-For every leaf path of desired that has been in the delta, ``lifecycle`` holds one entry keyed
-by the path with JSON-pointer escapes and no leading slash (``fan/speed``; a key ``a/b`` is
-``a~1b``), so RQL finds it as ``lifecycle/fan~1speed/state``::
+For every leaf path of desired that has been in the delta (an empty object is no leaf),
+``lifecycle`` holds one entry keyed by the path with JSON-pointer escapes and no leading
+slash (``fan/speed``; a key ``a/b`` is ``a~1b``), so RQL finds it as
+``lifecycle/fan~1speed/state``::
 
     {"state": "pending",  "since": t, "desiredVersion": n, "expires": t?}
     {"state": "applied",  "since": t, "at": t, "desiredVersion": n}
@@ -58,8 +59,10 @@ _MISSING: Final = object()
 
 def leaf_keys(value: JSON) -> dict[str, JSON]:
     """Every leaf below the root of ``value`` by its key (see :func:`key_path`); what
-    ``{key_path(p): v for p, v in leaf_paths(value).items() if p}`` gives, without building
-    the tuples (this runs for desired, its delta and the old ones on every write)."""
+    ``{key_path(p): v for p, v in leaf_paths(value).items() if p and v != {}}`` gives,
+    without building the tuples (this runs for desired, its delta and the old ones on every
+    write). An empty object holds no leaf, as in the delta: an entry a twin stored for one
+    (when it was a leaf) goes on the twin's next change of desired or reported."""
     out: dict[str, JSON] = {}
     if isinstance(value, dict):
         _collect_leaves(value, "", out)
@@ -70,7 +73,7 @@ def _collect_leaves(node: JSONObject, prefix: str, out: dict[str, JSON]) -> None
     for key, child in node.items():
         key = escape_token(key)
         path = f"{prefix}/{key}" if prefix else key
-        if isinstance(child, dict) and child:
+        if isinstance(child, dict):
             _collect_leaves(child, path, out)
         else:
             out[path] = child
