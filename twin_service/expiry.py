@@ -202,13 +202,13 @@ class ExpirySweeper:
         moment = datetime.now(UTC)
 
         def edit(twin: Twin | None) -> Edit:
-            if twin is None or expire_due(twin.lifecycle, moment) is None:
+            if twin is None or expire_due(twin.lifecycle, moment, desired=twin.desired) is None:
                 raise _NothingDue(twin)
             return Edit(values={}, written={})
 
         def amend(twin: Twin | None, _edit: Edit) -> dict[str, Any]:
             assert twin is not None
-            return {"lifecycle": expire_due(twin.lifecycle, moment)}
+            return {"lifecycle": expire_due(twin.lifecycle, moment, desired=twin.desired)}
 
         try:
             await self._ctx.service.mutate(twin_id, edit, origin="system", amend=amend)

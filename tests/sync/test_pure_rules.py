@@ -169,6 +169,23 @@ def test_ttl_expires_pending_entries() -> None:
     assert step(out, {"a": 1}, {"a": 1}, {}, now=T1)["a"]["state"] == EXPIRED
 
 
+def test_an_overdue_entry_of_no_leaf_of_desired_is_dropped_not_expired() -> None:
+    """An older version kept an entry for an empty object (a leaf then): at its expiry the
+    sweeper marked it ``expired``, one more change about a value no device had to apply,
+    and search still found it, where the twin's next write of desired would drop it."""
+    due = {**PEND, "expires": "2030-01-01T00:00:05.000Z"}
+    lc = {"a": due, "x~1y": due, "z": PEND}
+    desired = {"a": {}, "x/y": 1, "z": 2}
+    out = expire_due(lc, T1, desired=desired)
+    assert out == {
+        "x~1y": {"state": EXPIRED, "since": due["expires"], "desiredVersion": 1},
+        "z": PEND,
+    }
+    # Only such an entry due: its removal is the change.
+    assert expire_due({"a": due, "z": PEND}, T1, desired=desired) == {"z": PEND}
+    assert expire_due({"z": PEND}, T1, desired=desired) is None
+
+
 def test_a_creation_after_a_delete_continues_the_desired_versions() -> None:
     created = step({}, {}, {"a": 1, "b": {"c": 2}}, {}, v=1, now=T0)
     assert {k: v["desiredVersion"] for k, v in created.items()} == {"a": 1, "b/c": 1}

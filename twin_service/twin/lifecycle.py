@@ -186,20 +186,31 @@ def next_lifecycle(
     return out
 
 
-def expire_due(lifecycle: JSONObject, now: datetime) -> JSONObject | None:
-    """``lifecycle`` with every overdue ``pending`` entry ``expired``; None when none is due."""
+def expire_due(
+    lifecycle: JSONObject, now: datetime, *, desired: JSONObject | None = None
+) -> JSONObject | None:
+    """``lifecycle`` with every overdue ``pending`` entry ``expired``; None when none is due.
+
+    Given ``desired``, an overdue entry of no leaf of it is dropped instead: one an older
+    version kept for an empty object (see :func:`leaf_keys`), which the twin's next write
+    of desired or reported drops too. Expired, it was one more change about a value no
+    device had to apply, and search kept finding it.
+    """
     stamp = now_iso(now)
+    leaves = None if desired is None else leaf_keys(desired)
     changed = False
     out: JSONObject = {}
     for key, entry in lifecycle.items():
         expires: JSON = entry.get("expires") if isinstance(entry, dict) else None
         if entry.get("state") == PENDING and isinstance(expires, str) and expires <= stamp:
+            changed = True
+            if leaves is not None and key not in leaves:
+                continue
             out[key] = {
                 "state": EXPIRED,
                 "since": expires,
                 "desiredVersion": entry.get("desiredVersion"),
             }
-            changed = True
         else:
             out[key] = entry
     return out if changed else None
