@@ -250,11 +250,13 @@ class Simulation:
                 # once connected, so that a refusal (an account not allowed on every
                 # device's topics) is raised here rather than logged while every report
                 # goes unanswered.
-                await client.subscribe(self.layout.all_twins("reported/update/+"), 1, self.on_reply)
+                topics = self.layout.all_twins("reported/update/+")
+                await self._unless_interrupted(client.subscribe(topics, 1, self.on_reply))
 
     async def _unless_interrupted(self, step: Awaitable[object]) -> None:
-        """Await ``step``, cut short by Ctrl-C: waiting for a broker that is not there went
-        on for the connection timeout, then exited 1."""
+        """Await ``step``, cut short by Ctrl-C: waiting for a broker that is not there, or
+        that stopped answering while the run started, went on for the connection or the
+        answer's timeout (10 s each), then exited 1."""
         await unless_set(step, self._wake)
 
     async def _run(self, out: Any) -> int:
@@ -268,7 +270,8 @@ class Simulation:
                 if online:
                     self.announced.append(twin)
                 status = b"online" if online else b"offline"
-                await client.publish(self.layout.topic(twin, "status"), status, retain=True)
+                topic = self.layout.topic(twin, "status")
+                await self._unless_interrupted(client.publish(topic, status, retain=True))
             await self._send(out, [t for t in self.twins if t not in self.offline])
         finally:
             self._summary(out)  # after a refusal or Ctrl-C too

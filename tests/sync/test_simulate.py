@@ -18,6 +18,7 @@ import pytest
 from connectivity.credentials import CredentialStore, mqtt_username
 from connectivity.simulate import NONE_ANSWERED, CreateFailed, create_twins, offline_count
 from tests.servers.mosquitto import Mosquitto
+from tests.servers.mute_proxy import MuteProxy
 from tests.servers.process import free_port
 from tests.service_process import ADMIN_TOKEN, ServiceProcess, service_env
 from tests.sync.helpers import (
@@ -494,3 +495,38 @@ def test_the_summary_counts_the_offline_fraction_of_the_devices(
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert "devices 100 (offline 29) messages 0 " in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize(
+    ("answers", "step"), [(1, "subscribing for the answers"), (2, "announcing devices online")]
+)
+def test_ctrl_c_while_starting_against_a_silent_broker_ends_at_once(
+    mosquitto_server: Mosquitto, answers: int, step: str
+) -> None:
+    """A broker that stops answering while the simulator starts: its SUBSCRIBE, then each
+    ``online`` announcement, waited for an answer up to ack_timeout (10 s), and a Ctrl-C
+    there went on waiting (the progress line never came)."""
+    with MuteProxy(mosquitto_server.port, answers) as proxy:
+        run = subprocess.Popen(
+            [
+                sys.executable, "-m", "twin_service", "simulate",
+                "--url", f"mqtt://127.0.0.1:{proxy.port}",
+                "--namespace", f"sim{uuid.uuid4().hex[:8]}",
+                "--devices", "5", "--rate", "5", "--duration", "600", "--connections", "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=service_env({}),
+        )  # fmt: skip
+        time.sleep(2)  # connected; stuck on the step the broker no longer answers
+        run.send_signal(signal.SIGINT)
+        try:
+            out, err = run.communicate(timeout=6)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            out, err = run.communicate()
+            pytest.fail(f"Ctrl-C while {step}: still waiting for the broker: {out + err}")
+    assert run.returncode == 130, out + err
+    assert SUMMARY.search(out) is not None, out + err
+    assert "Traceback" not in err, err
