@@ -167,7 +167,7 @@ class DeviceClient:
     async def _unless_stopped(self, step: Awaitable[object]) -> None:
         """Await ``step``; raise :class:`NotConnected` instead once :meth:`stop` is called."""
         if not await unless_set(step, self._stopping):
-            raise NotConnected("client stopped")
+            raise NotConnected(self._why_down)
 
     async def stop(self) -> None:
         """Publish ``offline`` (retained) and disconnect. Requests still waiting for an answer,
