@@ -250,6 +250,25 @@ def test_a_backup_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
 
 
+def test_a_destination_that_is_not_a_regular_file_is_refused_even_with_force(
+    tmp_path: Path,
+) -> None:
+    """--force renamed the copy over whatever DEST was: a FIFO, or a device node such as
+    /dev/full (run as root), was replaced by a regular file."""
+    data = tmp_path / "data"
+    ServiceProcess(data).start().stop()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for force in (("--force",), ()):
+        done = backup(str(fifo), "--data-dir", str(data), *force)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == (
+            f"twin-service: {fifo} exists and is not a regular file; name a file\n"
+        ), done.stderr
+        assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "fifo"]
+
+
 def test_a_destination_ending_in_a_slash_names_a_directory(tmp_path: Path) -> None:
     """``backup newdir/`` wrote a file named newdir (Path drops the slash)."""
     data = tmp_path / "data"

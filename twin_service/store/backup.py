@@ -69,6 +69,10 @@ def backup_sqlite(
         _refuse_the_live_database(source, dest)
         if dest.is_dir():
             raise BackupError(f"{dest} is a directory; name the backup file")
+        # --force replaces a file: renamed over a FIFO or a device node (/dev/full, as
+        # root), the copy took its place.
+        if dest.exists() and not dest.is_file():
+            raise BackupError(f"{dest} exists and is not a regular file; name a file")
         if dest.exists() and not overwrite:
             raise _exists(dest)
         if not dest.parent.is_dir():
