@@ -4,6 +4,7 @@ the restored database for one of the lost database's."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from tests.service_process import ServiceProcess
 from tests.store.test_backup import backup
 from tests.streams.test_sse import read_events
+from tests.test_command_failures import assert_cannot_start, serve
 from twin_service.store.restore import MAX_WRITES_PER_SECOND, restore_gap
 
 TWIN = "org.restore:t"
@@ -97,6 +99,42 @@ def test_after_a_restore_no_seq_revision_or_desired_version_is_handed_out_twice(
     finally:
         service.stop()
     assert "restored from a backup" not in service.log_path.read_text(errors="replace")
+
+
+def test_a_damaged_backup_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """8 KiB overwritten in the middle of a backup (a bad disk, a torn copy): the service
+    started on it, renumbered it and answered reads and writes on a malformed database."""
+    data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
+    service = ServiceProcess(data).start()
+    try:
+        with service.client() as api:
+            # Mostly older events, which a start does not read: the middle of the file is
+            # theirs, and only the check finds the damage.
+            for n in range(15):
+                for i in range(40):
+                    body = {"desired": {"v": n, "note": "x" * 500}}
+                    assert api.put(f"/api/v1/twins/{TWIN}{i}", json=body).is_success
+            done = backup(str(copy), "--data-dir", str(data))
+            assert done.returncode == 0, done.stderr
+    finally:
+        service.stop()
+    damaged = bytearray(copy.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle : middle + 8192] = b"\xab" * 8192
+    copy.write_bytes(damaged)
+    with contextlib.closing(sqlite3.connect(copy)) as conn, contextlib.suppress(sqlite3.Error):
+        assert conn.execute("PRAGMA quick_check").fetchone() != ("ok",)  # or it raises
+    restore(copy, data)
+
+    run = serve(tmp_path, "serve", "--data-dir", "data")
+    assert_cannot_start(
+        run,
+        "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
+        "it was restored from a backup that fails its check (PRAGMA quick_check: ",
+        "docs/backup.md",
+    )
+    assert (data / "twins.sqlite3").read_bytes() == damaged
+    assert stamped(copy)
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ from twin_service.collector import tune_gc
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import RevisionConflict, Write
 from twin_service.store.restore import Restored, renumber_restored
+from twin_service.store.sqlite_file_check import check_database_file
 from twin_service.store.sqlite_outbox import queue_every_twin
 from twin_service.twin.document import document_from_storage
 from twin_service.twin.jsonvalue import dumps_bytes
@@ -201,6 +202,7 @@ class SqliteWriter:
 
     def open(self) -> None:
         """Create the schema (idempotent) and bring the built-in index in line."""
+        check_database_file(self._config.path, self._config.settings.busy_timeout_ms / 1000)
         conn = connect(self._config.path, self._config.settings)
         # Statement and savepoint journals (the pages a statement changes, as they were)
         # go to a temporary file once past 64 KiB: two pwrite(2) per page. When each

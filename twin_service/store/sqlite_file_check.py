@@ -1,0 +1,58 @@
+"""What the SQLite writer checks of the database file it is given before it writes to it.
+
+The writer's opening transaction creates the schema and, on a restored backup, rewrites
+every twin (docs/backup.md): given a damaged backup, the service went on serving reads and
+writes on a malformed database. These checks only read, on a connection of their own
+without the store's pragmas (which turn the file to WAL mode), so a refused file is left
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+from twin_service.store.restore import BACKUP_TIME_KEY
+
+
+class UnusableDatabase(sqlite3.DatabaseError):
+    """The file is a database the store must not write to; the message says why, in one
+    line. A :class:`sqlite3.DatabaseError`: the store reports it as it reports a file that
+    is not a database at all."""
+
+
+def check_database_file(path: Path, timeout: float) -> None:
+    """Raise :class:`UnusableDatabase` when ``path`` is a restored backup that fails
+    ``PRAGMA quick_check``. A new database (no file, or an empty one) passes.
+
+    Only a restored backup is checked: ``quick_check`` reads every page of the file, too
+    long for every start of a large database, while a backup lay on other disks, was
+    copied around, and is about to be renumbered whole.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=timeout)) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        if "meta" in tables and _stamped(conn):
+            _quick_check(conn)
+
+
+def _stamped(conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT 1 FROM meta WHERE key = ?", (BACKUP_TIME_KEY,)).fetchone()
+    return row is not None
+
+
+def _quick_check(conn: sqlite3.Connection) -> None:
+    try:
+        rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+    except sqlite3.DatabaseError as exc:  # damage the check itself trips over
+        problem = str(exc)
+    else:
+        if rows == [("ok",)]:
+            return
+        problem = " ".join(str(rows[0][0]).split())  # SQLite's report spans lines
+    raise UnusableDatabase(
+        f"it was restored from a backup that fails its check (PRAGMA quick_check: "
+        f"{problem}); it is left as it is: put an intact backup in its place (docs/backup.md)"
+    )
