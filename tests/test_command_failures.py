@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -365,6 +366,27 @@ def test_a_damaged_database_is_named(tmp_path: Path) -> None:
         "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
         "file is not a database",
     )
+
+
+def test_another_applications_database_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """Another application's SQLite file in place of the database: the service started
+    empty on it and wrote its own tables into that file."""
+    (tmp_path / "data").mkdir()
+    database = tmp_path / "data" / "twins.sqlite3"
+    conn = sqlite3.connect(database)
+    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    conn.execute("INSERT INTO invoices (total) VALUES (12.5)")
+    conn.commit()
+    conn.close()
+    before = database.read_bytes()
+    run = serve(tmp_path, "serve", "--data-dir", "data")
+    assert_cannot_start(
+        run,
+        "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
+        "it holds tables of another application (invoices), none of the twin store's",
+    )
+    assert database.read_bytes() == before
+    assert sorted(p.name for p in database.parent.iterdir()) == ["admin-token", "twins.sqlite3"]
 
 
 def test_the_embedded_broker_port_taken(tmp_path: Path, taken_port: int) -> None:

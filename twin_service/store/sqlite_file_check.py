@@ -2,7 +2,8 @@
 
 The writer's opening transaction creates the schema and, on a restored backup, rewrites
 every twin (docs/backup.md): given a damaged backup, the service went on serving reads and
-writes on a malformed database. These checks only read, on a connection of their own
+writes on a malformed database; given another application's database, it started empty and
+wrote its tables into that file. These checks only read, on a connection of their own
 without the store's pragmas (which turn the file to WAL mode), so a refused file is left
 exactly as it was.
 """
@@ -22,9 +23,15 @@ class UnusableDatabase(sqlite3.DatabaseError):
     is not a database at all."""
 
 
+#: Tables every twin store has (``sqlite_writer.SCHEMA`` creates them in one transaction).
+OWN_TABLES = ("twins", "events", "meta")
+
+
 def check_database_file(path: Path, timeout: float) -> None:
-    """Raise :class:`UnusableDatabase` when ``path`` is a restored backup that fails
-    ``PRAGMA quick_check``. A new database (no file, or an empty one) passes.
+    """Raise :class:`UnusableDatabase` when ``path`` is another application's database
+    (tables, none of :data:`OWN_TABLES`: the service started empty on it and wrote its
+    schema into it) or a restored backup that fails ``PRAGMA quick_check``. A new database
+    (no file, an empty one, no tables) passes.
 
     Only a restored backup is checked: ``quick_check`` reads every page of the file, too
     long for every start of a large database, while a backup lay on other disks, was
@@ -33,9 +40,26 @@ def check_database_file(path: Path, timeout: float) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     with contextlib.closing(sqlite3.connect(path, timeout=timeout)) as conn:
-        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        tables = {
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master "
+                "WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+            )
+        }
+        if tables and not tables & set(OWN_TABLES):
+            raise UnusableDatabase(
+                f"it holds tables of another application ({_some(sorted(tables))}), none of "
+                f"the twin store's ({', '.join(OWN_TABLES)}); it is left as it is: name the "
+                "twin store's file (--data-dir, sqlite.file_name) or move this one away"
+            )
         if "meta" in tables and _stamped(conn):
             _quick_check(conn)
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(" ".join(name.split()) for name in names[:5])  # one line, whatever names
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _stamped(conn: sqlite3.Connection) -> bool:
