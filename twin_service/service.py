@@ -162,9 +162,12 @@ class TwinService:
             for attempt in range(MAX_ATTEMPTS):
                 cached = self._recent.get(twin_id) if attempt == 0 and trust_recent else None
                 current = cached if cached is not None else await self.store.get(twin_id)
-                # A new twin goes on from what a deleted one of its id left (see Tombstone).
+                # A new twin goes on from what a deleted one of its id left (see Tombstone),
+                # or from above what a database lost by a restore handed out.
                 tombstone = (
-                    await self.store.tombstone(twin_id) if current is None and may_create else None
+                    await self.store.created_from(twin_id)
+                    if current is None and may_create
+                    else None
                 )
                 try:
                     new, event = self._compute(

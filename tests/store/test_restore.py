@@ -159,3 +159,50 @@ def test_restoring_one_backup_twice_passes_every_number_of_the_first_restore() -
     assert restore_gap(taken, second) >= handed_out
     # A century of restores keeps the numbers exact for JSON readers.
     assert restore_gap(taken, 100 * 365 * 86_400.0) < 2**53
+
+
+def test_a_twin_only_the_lost_database_had_starts_above_its_numbers_when_created_again(
+    tmp_path: Path,
+) -> None:
+    data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
+    merge = {"Content-Type": "application/merge-patch+json"}
+    new = "org.restore:new"
+    service = ServiceProcess(data).start()
+    try:
+        with service.client() as api:
+            assert api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": 0}}).is_success
+            done = backup(str(copy), "--data-dir", str(data))
+            assert done.returncode == 0, done.stderr
+            # Created after the backup: only the lost database has it.
+            assert api.put(f"/api/v1/twins/{new}", json={"desired": {"fan": 1}}).is_success
+            for n in range(3):
+                patch = api.patch(
+                    f"/api/v1/twins/{new}", json={"desired": {"fan": 10 + n}}, headers=merge
+                )
+                assert patch.is_success
+            lost = api.get(f"/api/v1/twins/{new}")
+    finally:
+        service.stop()
+    restore(copy, data)
+    service = ServiceProcess(data).start()
+    try:
+        with service.client() as api:
+            assert api.put(f"/api/v1/twins/{new}", json={"desired": {"fan": 1}}).is_success
+            for n in range(3):
+                patch = api.patch(
+                    f"/api/v1/twins/{new}", json={"desired": {"fan": 50 + n}}, headers=merge
+                )
+                assert patch.is_success
+            again = api.get(f"/api/v1/twins/{new}")
+            for key in ("revision", "desiredVersion", "reportedVersion"):
+                assert again.json()[key] > lost.json()[key], (key, again.json(), lost.json())
+            # A cache holding the lost twin's state is told it changed.
+            cached = api.get(
+                f"/api/v1/twins/{new}", headers={"If-None-Match": lost.headers["etag"]}
+            )
+            assert cached.status_code == 200, (lost.headers["etag"], cached.headers)
+            # A twin never seen is still unknown: the floor is no tombstone.
+            assert api.get("/api/v1/twins/org.restore:never/history").status_code == 404
+    finally:
+        service.stop()
+

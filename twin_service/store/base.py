@@ -115,6 +115,12 @@ class TwinStore(Protocol):
     async def tombstone(self, twin_id: str) -> Tombstone | None:
         """What the last deleted twin of this id left, when no twin of it exists now."""
 
+    async def created_from(self, twin_id: str) -> Tombstone | None:
+        """What a twin created now under this id goes on from (None: from 0). Its
+        :meth:`tombstone`, but never below the floor a restore left (SQLite,
+        :mod:`twin_service.store.restore`): the lost database may have had a twin of this id,
+        with numbers readers, caches and devices saw."""
+
     async def write(self, write: Write) -> int:
         """Commit atomically; returns the event's global sequence number.
 

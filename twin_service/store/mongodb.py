@@ -350,6 +350,9 @@ class MongoStore:
             return None
         return Tombstone(int(raw["gone"]), int(raw.get("gdv", 0)), int(raw.get("grv", 0)))
 
+    async def created_from(self, twin_id: str) -> Tombstone | None:
+        return await self.tombstone(twin_id)  # no restore to go on from (docs/backup.md)
+
     async def get_many(self, twin_ids: list[str]) -> list[Twin]:
         try:
             found = {

@@ -21,6 +21,18 @@ from twin_service.store.sqlite_outbox import queue_every_twin
 #: Meta rows of a backup copy: when it was taken (Unix seconds) and its last event's seq.
 BACKUP_TIME_KEY = "backup_time"
 BACKUP_SEQ_KEY = "backup_seq"
+#: Meta row the restore leaves: a twin created with no tombstone starts its revision,
+#: desiredVersion and reportedVersion there, not at 0 (the lost database may have had it).
+FLOOR_KEY = "restore_floor"
+
+#: What a twin created now under the id (``?``) goes on from: its tombstone's numbers, never
+#: below the restore's floor; NULLs when there is neither (from 0). The service reads it to
+#: compute the creation, the writer to check it.
+CREATED_FROM_SQL = (
+    "SELECT MAX(revision), MAX(desired_version), MAX(reported_version) FROM ("
+    "SELECT revision, desired_version, reported_version FROM tombstones WHERE twin_id = ? "
+    f"UNION ALL SELECT value, value, value FROM meta WHERE key = '{FLOOR_KEY}')"
+)
 
 #: The least gap: more writes than the lost database could have made in any short while.
 MIN_GAP = 2**32
@@ -126,6 +138,12 @@ def renumber_restored(conn: sqlite3.Connection, now: float, *, outbox: bool) -> 
         "UPDATE tombstones SET revision = revision + :gap, "
         "desired_version = desired_version + :gap, reported_version = reported_version + :gap",
         {"gap": gap},
+    )
+    # Raised like every counter: a twin of the lost database may be created again.
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (:key, :gap) "
+        "ON CONFLICT (key) DO UPDATE SET value = value + :gap",
+        {"key": FLOOR_KEY, "gap": gap},
     )
     if outbox:
         queue_every_twin(conn, seq)

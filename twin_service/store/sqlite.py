@@ -28,6 +28,7 @@ from twin_service.errors import StoreFull, StoreMissing, Unavailable
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifetime, unconfirmed
 from twin_service.store.own_files import create_private
+from twin_service.store.restore import CREATED_FROM_SQL
 from twin_service.store.sqlite_writer import (
     INCARNATION_SQL,
     LAST_SEQ_SQL,
@@ -279,6 +280,14 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise Unavailable(f"The twin store failed to read: {exc}") from exc
         return Tombstone(*row) if row else None
+
+    async def created_from(self, twin_id: str) -> Tombstone | None:
+        conn = self._loop_connection()
+        try:
+            row = conn.execute(CREATED_FROM_SQL, (twin_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise Unavailable(f"The twin store failed to read: {exc}") from exc
+        return None if row[0] is None else Tombstone(*row)
 
     def _remember(self, twin_id: str, twin: Twin | None, version: int | None = None) -> None:
         """Cache ``twin``, checked against the database at data_version ``version`` (None:

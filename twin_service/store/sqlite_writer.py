@@ -37,7 +37,7 @@ from search import sqlite as sqlite_index
 from twin_service.collector import tune_gc
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import RevisionConflict, Write
-from twin_service.store.restore import Restored, renumber_restored
+from twin_service.store.restore import CREATED_FROM_SQL, Restored, renumber_restored
 from twin_service.store.sqlite_file_check import check_database_file
 from twin_service.store.sqlite_outbox import queue_every_twin
 from twin_service.twin.document import document_from_storage
@@ -356,14 +356,9 @@ class SqliteWriter:
             f"SELECT revision, {INCARNATION_SQL} FROM twins WHERE twin_id = ?",
             (twin_id,),
         ).fetchone()
-        if row:
-            current = row[0]
-        else:
-            # A creation goes on from the id's tombstone (a rare write: one more lookup).
-            gone = conn.execute(
-                "SELECT revision FROM tombstones WHERE twin_id = ?", (twin_id,)
-            ).fetchone()
-            current = gone[0] if gone else 0
+        # A creation goes on from the id's tombstone, or a restore's floor (a rare write: one
+        # more lookup).
+        current = row[0] if row else conn.execute(CREATED_FROM_SQL, (twin_id,)).fetchone()[0] or 0
         if current != expected:
             raise RevisionConflict(f"Twin {twin_id} is at revision {current}, not {expected}.")
         # Revisions restarted at 1 for twins deleted before there were tombstones: the
