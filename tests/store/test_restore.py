@@ -15,7 +15,7 @@ from tests.service_process import ServiceProcess
 from tests.store.test_backup import backup
 from tests.streams.test_sse import read_events
 from tests.test_command_failures import assert_cannot_start, serve
-from twin_service.store.restore import MAX_WRITES_PER_SECOND, restore_gap
+from twin_service.store.restore import EPOCH, MAX_WRITES_PER_SECOND, restore_floor
 
 TWIN = "org.restore:t"
 
@@ -138,27 +138,25 @@ def test_a_damaged_backup_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("backup_time", "now", "gap"),
+    ("now", "floor"),
     [
-        (1000, 1000.0, 2**32),  # restored at once: still more than any burst of writes
-        (1000, 1000.2, 2**32 + 1_000_000),  # a started second counts whole
-        (1000, 4600.0, 2**32 + 3600 * 1_000_000),
-        (1000, 10.0, 2**32),  # a clock set back never lowers it
+        (EPOCH, 2**32),  # at the epoch: still more than any burst of writes
+        (EPOCH + 0.2, 2**32 + 1_000_000),  # a started second counts whole
+        (EPOCH + 3600, 2**32 + 3600 * 1_000_000),
+        (EPOCH - 10, 2**32),  # a clock before the epoch never lowers it
     ],
 )
-def test_the_gap_grows_with_the_time_since_the_backup(
-    backup_time: int, now: float, gap: int
-) -> None:
-    assert restore_gap(backup_time, now) == gap
+def test_the_floor_grows_with_time(now: float, floor: int) -> None:
+    assert restore_floor(now) == floor
 
 
-def test_restoring_one_backup_twice_passes_every_number_of_the_first_restore() -> None:
-    taken, first, second = 0, 86_400.0, 2 * 86_400.0
+def test_the_floor_passes_every_number_a_restored_database_can_hand_out_until_then() -> None:
+    first, second = EPOCH + 86_400.0, EPOCH + 2 * 86_400.0
     # The most the first restored database can have handed out before the second restore.
-    handed_out = restore_gap(taken, first) + int(second - first) * MAX_WRITES_PER_SECOND
-    assert restore_gap(taken, second) >= handed_out
-    # A century of restores keeps the numbers exact for JSON readers.
-    assert restore_gap(taken, 100 * 365 * 86_400.0) < 2**53
+    handed_out = restore_floor(first) + int(second - first) * MAX_WRITES_PER_SECOND
+    assert restore_floor(second) >= handed_out
+    # Centuries of restores keep the numbers exact for JSON readers.
+    assert restore_floor(EPOCH + 280 * 365.25 * 86_400) < 2**53
 
 
 def test_a_twin_only_the_lost_database_had_starts_above_its_numbers_when_created_again(
@@ -206,3 +204,35 @@ def test_a_twin_only_the_lost_database_had_starts_above_its_numbers_when_created
     finally:
         service.stop()
 
+
+def test_going_back_to_an_older_backup_after_two_restores_passes_every_number(
+    tmp_path: Path,
+) -> None:
+    data, older, newer = tmp_path / "data", tmp_path / "z.sqlite3", tmp_path / "w.sqlite3"
+    seen: dict[str, int] = {}
+
+    def write(n: int, copy: Path | None = None) -> None:
+        """Start the service, write (and see) one change, back up to ``copy``, stop."""
+        service = ServiceProcess(data).start()
+        try:
+            with service.client() as api:
+                written = api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": n}})
+                assert written.is_success
+                got = api.get(f"/api/v1/twins/{TWIN}").json()
+                seen.update(seq=int(written.headers["x-twin-seq"]), **got)
+                if copy is not None:
+                    done = backup(str(copy), "--data-dir", str(data))
+                    assert done.returncode == 0, done.stderr
+        finally:
+            service.stop()
+
+    write(0, older)  # Z
+    restore(older, data)
+    write(1, newer)  # W: a backup of the restored database
+    restore(newer, data)
+    write(2)  # what a reader, a cache and a device saw last
+    lost = dict(seen)
+    restore(older, data)  # back to Z, older than W's lineage
+    write(3)
+    for key in ("seq", "revision", "desiredVersion"):
+        assert seen[key] > lost[key], (key, seen, lost)

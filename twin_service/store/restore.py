@@ -5,8 +5,29 @@ service opens a database that carries the stamp, that database was put back in p
 another, which went on writing after the copy was taken: the event sequence, the twins'
 revisions and their desired and reported versions of the lost writes were seen by readers,
 caches (ETags) and devices, and the restored database would hand the same numbers out
-again for other states. The writer therefore raises every counter by :func:`restore_gap`
-before anything else is written, and removes the stamp (docs/backup.md).
+again for other states. The writer therefore raises every counter before anything else is
+written, and removes the stamp (docs/backup.md).
+
+How far: the lost database may itself descend from restores (restore Z, back it up as W,
+restore W, then go back to Z), each of which made its numbers jump, so the time since the
+backup alone does not bound them. Every database of a lineage keeps one invariant instead:
+every number it has handed out by time ``t`` is below ``F(t)`` (:func:`restore_floor`),
+:data:`MIN_GAP` plus :data:`MAX_WRITES_PER_SECOND` for every second since :data:`EPOCH`.
+A new database starts at 0, below it, and its counters grow slower than ``F``. A restore
+at ``now`` raises each counter ``c`` to ``F(now)``: above every number any database of the
+lineage handed out, lost or not, and from there the counter again grows slower than ``F``,
+so the invariant holds for the next restore, however many came before and whichever
+backup it goes back to. Were every counter raised by one gap instead, the jumps would add
+up across restores and outrun any bound.
+
+``F(now)`` is the same for every counter: the twins' revisions, and their versions, all
+land on it, and their order among twins is lost (nothing relies on it; each twin's own
+versions keep theirs: the raise is monotonic). A counter already at ``F(now)`` or beyond
+says the clock was set back (or the invariant never held for it): it goes up by
+:data:`MIN_GAP`, more than any burst of writes, the best that can be done then.
+
+``F`` grows by about 2**45 a year and stays below 2**53 (exact for JSON readers) until
+about 2300.
 """
 
 from __future__ import annotations
@@ -37,23 +58,22 @@ CREATED_FROM_SQL = (
 #: The least gap: more writes than the lost database could have made in any short while.
 MIN_GAP = 2**32
 #: Writes per second no deployment makes: the single SQLite writer commits some tens of
-#: thousands (docs/performance.md). A gap of this rate times the time since the backup holds
-#: every number the lost database handed out, however long it ran after the copy.
+#: thousands (docs/performance.md).
 MAX_WRITES_PER_SECOND = 1_000_000
+#: Before any database of this service was created (2020-01-01 UTC, Unix seconds).
+EPOCH = 1_577_836_800
 
 
-def restore_gap(backup_time: int, now: float) -> int:
-    """How far to raise every counter of a database restored at ``now`` from a backup taken
-    at ``backup_time``.
+def restore_floor(now: float) -> int:
+    """``F(now)``: above every number a database of the lineage has handed out by ``now``
+    (see the module's docstring), so where a database restored at ``now`` goes on from."""
+    return MIN_GAP + max(0, math.ceil(now - EPOCH)) * MAX_WRITES_PER_SECOND
 
-    Grows with the time since the backup, not a constant: restoring the same backup a second
-    time must also pass every number the first restore's database handed out meanwhile. A
-    year adds about 2**45, so JSON readers (exact up to 2**53) keep exact numbers through
-    centuries of restores. A clock set back (``now`` before the backup) still gets
-    :data:`MIN_GAP`.
-    """
-    elapsed = max(0, math.ceil(now - backup_time))
-    return MIN_GAP + elapsed * MAX_WRITES_PER_SECOND
+
+def _raised(counter: str) -> str:
+    """SQL for ``counter`` raised to the floor (``:floor``); one that is already there or
+    beyond goes up by :data:`MIN_GAP` (``:gap``), a clock set back."""
+    return f"(CASE WHEN {counter} < :floor THEN :floor ELSE {counter} + :gap END)"
 
 
 def stamp_backup(copy: Path, last_seq: int, taken: float) -> None:
@@ -75,25 +95,26 @@ def stamp_backup(copy: Path, last_seq: int, taken: float) -> None:
 
 @dataclass(frozen=True)
 class Restored:
-    """What :func:`renumber_restored` did: the journal's last seq before and after."""
+    """What :func:`renumber_restored` did: the journal's last seq before and after, and the
+    floor every counter was raised to."""
 
     backup_seq: int
     seq: int
-    gap: int
+    floor: int
 
 
-#: The versions of a stored twin document raised by the gap (``:gap``), in ``json_set`` form.
-_RAISED = (
-    "'$.revision', json_extract({0}, '$.revision') + :gap, "
-    "'$.desiredVersion', COALESCE(json_extract({0}, '$.desiredVersion'), 0) + :gap, "
-    "'$.reportedVersion', COALESCE(json_extract({0}, '$.reportedVersion'), 0) + :gap"
+#: The versions of a stored twin document, raised (:func:`_raised`), in ``json_set`` form.
+_RAISED = ", ".join(
+    f"'$.{key}', " + _raised(f"COALESCE(json_extract({{0}}, '$.{key}'), 0)")
+    for key in ("revision", "desiredVersion", "reportedVersion")
 )
 
 
 def renumber_restored(conn: sqlite3.Connection, now: float, *, outbox: bool) -> Restored | None:
     """In the writer's opening transaction: when the database carries a backup's stamp,
     raise the event sequence and every twin's and tombstone's revision, desiredVersion and
-    reportedVersion by :func:`restore_gap`, and remove the stamp. ``None``: no restore.
+    reportedVersion to :func:`restore_floor` (see the module's docstring), record the floor
+    new twins start from (:data:`FLOOR_KEY`), and remove the stamp. ``None``: no restore.
 
     Readers resuming from before the new sequence are asked to resync (as after pruning);
     the latest journaled event of each id takes its twin's new revision, so the journal
@@ -109,12 +130,13 @@ def renumber_restored(conn: sqlite3.Connection, now: float, *, outbox: bool) -> 
     )
     if BACKUP_TIME_KEY not in stamp:
         return None
-    gap = restore_gap(int(stamp[BACKUP_TIME_KEY]), now)
+    floor = restore_floor(now)
+    raise_to = {"floor": floor, "gap": MIN_GAP}
     (last,) = conn.execute(
         "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0), "
         "COALESCE((SELECT MAX(seq) FROM events), 0))"
     ).fetchone()
-    seq = int(last) + gap
+    seq = floor if last < floor else last + MIN_GAP  # _raised
     conn.execute("DELETE FROM sqlite_sequence WHERE name = 'events'")
     conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (seq,))
     conn.execute(
@@ -123,29 +145,31 @@ def renumber_restored(conn: sqlite3.Connection, now: float, *, outbox: bool) -> 
         (seq,),
     )
     conn.execute(
-        "UPDATE events SET revision = revision + :gap, "
-        "event = json_set(event, '$.revision', revision + :gap), "
+        f"UPDATE events SET revision = {_raised('revision')}, "
+        f"event = json_set(event, '$.revision', {_raised('revision')}), "
         f"state = json_set(state, {_RAISED.format('state')}) "  # NULL (a deletion) stays NULL
         "WHERE seq IN (SELECT MAX(seq) FROM events GROUP BY twin_id)",
-        {"gap": gap},
+        raise_to,
     )
     conn.execute(
-        "UPDATE twins SET revision = revision + :gap, "
+        f"UPDATE twins SET revision = {_raised('revision')}, "
         f"doc = json_set(doc, {_RAISED.format('doc')}) WHERE true",
-        {"gap": gap},
+        raise_to,
     )
     conn.execute(
-        "UPDATE tombstones SET revision = revision + :gap, "
-        "desired_version = desired_version + :gap, reported_version = reported_version + :gap",
-        {"gap": gap},
+        f"UPDATE tombstones SET revision = {_raised('revision')}, "
+        f"desired_version = {_raised('desired_version')}, "
+        f"reported_version = {_raised('reported_version')}",
+        raise_to,
     )
-    # Raised like every counter: a twin of the lost database may be created again.
+    # Where a twin created with no tombstone starts: the lost database may have had one of
+    # its id. A counter too: a later restore raises it with the others.
     conn.execute(
-        "INSERT INTO meta (key, value) VALUES (:key, :gap) "
-        "ON CONFLICT (key) DO UPDATE SET value = value + :gap",
-        {"key": FLOOR_KEY, "gap": gap},
+        "INSERT INTO meta (key, value) VALUES (:key, :floor) "
+        f"ON CONFLICT (key) DO UPDATE SET value = {_raised('value')}",
+        {"key": FLOOR_KEY, **raise_to},
     )
     if outbox:
         queue_every_twin(conn, seq)
     conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (BACKUP_TIME_KEY, BACKUP_SEQ_KEY))
-    return Restored(int(stamp.get(BACKUP_SEQ_KEY, last)), seq, gap)
+    return Restored(int(stamp.get(BACKUP_SEQ_KEY, last)), seq, floor)

@@ -522,13 +522,13 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
 def _log_restore(path: Path, restored: Restored, outbox: bool) -> None:
     log.warning(
         "%s was restored from a backup (its journal ends at seq %d): every event seq, "
-        "revision, desiredVersion and reportedVersion now goes on %d higher (the next seq "
-        "is above %d), so none the lost database handed out is handed out again; stream "
+        "revision, desiredVersion and reportedVersion now goes on from %d or above (the "
+        "next seq is above %d), so none the lost database handed out is handed out again; stream "
         "readers resuming from before are asked to resync, devices get deltas newer than "
         "any they applied%s (docs/backup.md)",
         path.name,
         restored.backup_seq,
-        restored.gap,
+        restored.floor,
         restored.seq,
         "; the Elasticsearch index still holds twins this database no longer has: run "
         "`twin-service index rebuild`"
