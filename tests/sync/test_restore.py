@@ -7,21 +7,25 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.servers.mosquitto import Mosquitto
 from tests.store.test_backup import backup
 from tests.store.test_restore import restore
 from tests.sync.helpers import patch_desired, put_twin, sync_service, wait_mqtt_up
+from tests.sync.test_delivery import retire
 from tests.sync.test_delta_sync import _retained_delta
 
 
+@pytest.mark.parametrize("retired_first", [False, True], ids=["service", "retire-first"])
 async def test_after_a_restore_devices_get_newer_deltas_and_none_of_lost_twins(
-    tmp_path: Path, fresh_mosquitto: Mosquitto, unique_name: str
+    tmp_path: Path, fresh_mosquitto: Mosquitto, unique_name: str, retired_first: bool
 ) -> None:
     # A broker of its own: the restore clears every delta no twin of it has.
     url = fresh_mosquitto.url
     kept, born = f"org.acme:{unique_name}-kept", f"org.acme:{unique_name}-born"
     data, copy = tmp_path / "svc", tmp_path / "backup.sqlite3"
-    svc = sync_service(data, url)
+    svc = sync_service(data, url, client_id="svc-old")
     try:
         wait_mqtt_up(svc)
         with svc.client() as api:
@@ -40,6 +44,11 @@ async def test_after_a_restore_devices_get_newer_deltas_and_none_of_lost_twins(
         svc.stop()
 
     restore(copy, data)
+    if retired_first:
+        # Scaling down before the service's first start: retire writes (it handles the
+        # session's queued reports), yet leaves announcing the restore to the service.
+        done = retire(data, "svc-old", {"TWIN_MQTT_URL": url})
+        assert done.returncode == 0, done.stdout + done.stderr
     svc = sync_service(data, url)
     try:
         wait_mqtt_up(svc)
@@ -66,4 +75,5 @@ async def test_after_a_restore_devices_get_newer_deltas_and_none_of_lost_twins(
         svc.stop()
     log = svc.log_path.read_text(errors="replace")
     assert f"the restored database does not have: {born}" in log, log
+    assert log.count("restored from a backup") == 1, log
     assert "Traceback" not in log, log

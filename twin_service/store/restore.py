@@ -46,6 +46,11 @@ BACKUP_SEQ_KEY = "backup_seq"
 #: desiredVersion and reportedVersion there, not at 0 (the lost database may have had it).
 FLOOR_KEY = "restore_floor"
 
+#: Meta row a command other than the service (``mqtt retire``) leaves when it raised the
+#: numbers of a restored database, its journal's last seq before and after: the service's
+#: first start announces the restore (:func:`deferred_restore`).
+DEFERRED_KEYS = ("restored_backup_seq", "restored_seq")
+
 #: What a twin created now under the id (``?``) goes on from: its tombstone's numbers, never
 #: below the restore's floor; NULLs when there is neither (from 0). The service reads it to
 #: compute the creation, the writer to check it.
@@ -171,5 +176,34 @@ def renumber_restored(conn: sqlite3.Connection, now: float, *, outbox: bool) -> 
     )
     if outbox:
         queue_every_twin(conn, seq)
-    conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (BACKUP_TIME_KEY, BACKUP_SEQ_KEY))
+    # With what a command left of an earlier restore: this one supersedes it.
+    conn.execute(
+        "DELETE FROM meta WHERE key IN (?, ?, ?, ?)",
+        (BACKUP_TIME_KEY, BACKUP_SEQ_KEY, *DEFERRED_KEYS),
+    )
     return Restored(int(stamp.get(BACKUP_SEQ_KEY, last)), seq, floor)
+
+
+def defer_announcement(conn: sqlite3.Connection, restored: Restored) -> None:
+    """For a command other than the service that raised the numbers (it may write, so it
+    must not hand out the lost database's): leave announcing the restore, and clearing what
+    the lost database left on the broker, to the service's first start."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+        zip(DEFERRED_KEYS, (restored.backup_seq, restored.seq), strict=True),
+    )
+
+
+def deferred_restore(conn: sqlite3.Connection) -> Restored | None:
+    """For the service's start: the restore a command renumbered before it, if any, to
+    announce now; removes the record of it."""
+    found = dict(
+        conn.execute(
+            "SELECT key, value FROM meta WHERE key IN (?, ?, ?)", (*DEFERRED_KEYS, FLOOR_KEY)
+        ).fetchall()
+    )
+    if DEFERRED_KEYS[0] not in found:
+        return None
+    conn.execute("DELETE FROM meta WHERE key IN (?, ?)", DEFERRED_KEYS)
+    backup_seq, seq = (int(found[key]) for key in DEFERRED_KEYS)
+    return Restored(backup_seq, seq, int(found.get(FLOOR_KEY, 0)))

@@ -86,6 +86,7 @@ class SqliteStore:
                 log.getEffectiveLevel(),
                 gc_thresholds,
                 keep_search_records=existing,
+                announce_restore=not must_exist,
             )
         )
         self._in_flight = asyncio.Semaphore(settings.batches_in_flight)

@@ -37,7 +37,13 @@ from search import sqlite as sqlite_index
 from twin_service.collector import tune_gc
 from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import RevisionConflict, Write
-from twin_service.store.restore import CREATED_FROM_SQL, Restored, renumber_restored
+from twin_service.store.restore import (
+    CREATED_FROM_SQL,
+    Restored,
+    defer_announcement,
+    deferred_restore,
+    renumber_restored,
+)
 from twin_service.store.sqlite_file_check import check_database_file
 from twin_service.store.sqlite_outbox import queue_every_twin
 from twin_service.twin.document import document_from_storage
@@ -181,6 +187,10 @@ class WriterConfig:
     #: Opened by an operator command: ``outbox`` and ``builtin_index`` are what it would
     #: write, not what the service keeps, so the records of both stay as they are.
     keep_search_records: bool = False
+    #: False for an operator command that writes (``mqtt retire``): it raises the numbers of
+    #: a restored database, but leaves announcing the restore to the service's first start,
+    #: which alone clears what the lost database left on the broker.
+    announce_restore: bool = True
 
 
 class SqliteWriter:
@@ -236,9 +246,14 @@ class SqliteWriter:
                 # its own search settings say what to index again.
                 if not self._config.keep_search_records:
                     # Before anything else: no number may be handed out before it is raised.
-                    restored = renumber_restored(conn, time.time(), outbox=self._config.outbox)
+                    renumbered = renumber_restored(conn, time.time(), outbox=self._config.outbox)
+                    if self._config.announce_restore:
+                        # Or one a command raised before this start.
+                        restored = renumbered or deferred_restore(conn)
+                    elif renumbered is not None:
+                        defer_announcement(conn, renumbered)
                     self._sync_outbox(conn)  # first: it reads what the last start recorded
-                    self._sync_builtin_index(conn, restored is not None)
+                    self._sync_builtin_index(conn, renumbered is not None)
         except BaseException:
             conn.close()
             raise
