@@ -80,7 +80,8 @@ class ProgressLine:
 def run_rebuild(args: argparse.Namespace) -> int:
     """Handler of ``index rebuild``: 0 on success, 2 on bad settings, 3 when another
     rebuild of the index runs, 1 on failure or when some twins were refused (the alias then
-    still moved to the new index)."""
+    still moved to the new index), 128 + the signal's number when stopped by one before the
+    alias moved; stopped after, it ends the rebuild and answers as one not stopped."""
     from twin_service import logs
     from twin_service.settings import settings_for_command
 
@@ -95,16 +96,26 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
     progress = ProgressLine(sys.stderr)
     stopped: list[int] = []
+    switched: list[tuple[str, FillResult]] = []
     try:
         result = asyncio.run(
-            _rebuild(settings, progress, args.page_size, args.allow_empty, stopped)
+            _rebuild(settings, progress, args.page_size, args.allow_empty, stopped, switched)
         )
-    except asyncio.CancelledError:
-        if not stopped:
-            raise
-        name = signal.Signals(stopped[0]).name
-        print(f"\ntwin-service: rebuild stopped by {name}", file=sys.stderr)
-        return 128 + stopped[0]
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        if not stopped and not switched:
+            raise  # Ctrl-C: 130 (twin_service.__main__)
+        name = signal.Signals(stopped[0] if stopped else signal.SIGINT).name
+        if not switched:
+            print(f"\ntwin-service: rebuild stopped by {name}", file=sys.stderr)
+            return 128 + stopped[0]
+        # Too late to stop: the alias was on the new index, the old one to delete. The
+        # rebuild ended as it would have (its catch-up, the old index deleted).
+        target, result = switched[0]
+        print(
+            f"\ntwin-service: {name} came after the alias moved to {target}: "
+            "the rebuild ended first",
+            file=sys.stderr,
+        )
     except StoreMissing as exc:
         print(f"twin-service: {exc.message}", file=sys.stderr)
         return 1
@@ -116,13 +127,20 @@ def run_rebuild(args: argparse.Namespace) -> int:
             f"\ntwin-service: rebuild failed: {exc.message} {exc.description or ''}",
             file=sys.stderr,
         )
+        if switched:
+            print(f"twin-service: the alias had moved to {switched[0][0]}", file=sys.stderr)
         return 1
     progress.finish(result.indexed, result.refused)
     return 1 if result.refused else 0
 
 
 async def _rebuild(
-    settings: Any, progress: ProgressLine, page_size: int, allow_empty: bool, stopped: list[int]
+    settings: Any,
+    progress: ProgressLine,
+    page_size: int,
+    allow_empty: bool,
+    stopped: list[int],
+    switched: list[tuple[str, FillResult]],
 ) -> FillResult:
     from twin_service.api.app import build_store
     from twin_service.index.elasticsearch import rebuild
@@ -142,7 +160,14 @@ async def _rebuild(
     store = build_store(settings, existing=True)
     await store.open()
     try:
-        return await rebuild(settings, store, progress, page_size, allow_empty=allow_empty)
+        return await rebuild(
+            settings,
+            store,
+            progress,
+            page_size,
+            allow_empty=allow_empty,
+            on_switch=lambda target, result: switched.append((target, result)),
+        )
     finally:
         await store.close()
 

@@ -29,10 +29,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from elasticsearch import (
     ApiError,
@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 
 #: ``progress(done, total)`` callback of :func:`rebuild`.
 Progress = Callable[[int, int], None]
+# Called by a rebuild once the alias is on its new index: that index, the fill's result.
+Switched = Callable[[str, "FillResult"], None]
+_T = TypeVar("_T")
 
 
 def _reason(exc: BadRequestError) -> str:
@@ -634,23 +637,18 @@ async def _locked(index: ElasticsearchIndex) -> AsyncIterator[None]:
     holder = (
         f"{socket.gethostname()} pid {os.getpid()} since {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}"
     )
-    creating = asyncio.ensure_future(
-        client.indices.create(
-            index=lock,
-            settings={"number_of_shards": 1, "number_of_replicas": 0},
-            mappings={"_meta": {"holder": holder}},
-        )
-    )
     async with _es_errors("lock the rebuild"):
         try:
-            await asyncio.shield(creating)
-        except asyncio.CancelledError:
-            # Stopped (Ctrl-C, SIGTERM) while the request was out: it may have made the
-            # lock, which then outlived the run and refused every later one.
-            with contextlib.suppress(Exception):
-                await creating
-                await client.indices.delete(index=lock)
-            raise
+            # Stopped while the engine made it, the lock refused every later rebuild.
+            await _create(
+                index,
+                lock,
+                client.indices.create(
+                    index=lock,
+                    settings={"number_of_shards": 1, "number_of_replicas": 0},
+                    mappings={"_meta": {"holder": holder}},
+                ),
+            )
         except BadRequestError as exc:
             if exc.error != "resource_already_exists_exception":
                 raise
@@ -673,6 +671,37 @@ async def _locked(index: ElasticsearchIndex) -> AsyncIterator[None]:
                 exc,
                 lock,
             )
+
+
+async def _create(index: ElasticsearchIndex, name: str, request: Awaitable[object]) -> None:
+    """Await ``request``, which creates the index ``name``; cancelled meanwhile (Ctrl-C,
+    SIGTERM), wait for its answer and delete what it made before the cancellation goes on.
+
+    A request out is not taken back: the engine made the index after a delete sent at once
+    had found nothing, and the index outlived the run.
+    """
+    creating = asyncio.ensure_future(request)
+    try:
+        await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await creating
+            await index.client.indices.delete(index=name)
+        raise
+
+
+async def _to_the_end(work: Awaitable[_T]) -> tuple[_T, bool]:
+    """Await ``work`` to its end through any cancellation (deferred, not lost): its result,
+    and whether it was cancelled meanwhile (the caller then raises the cancellation)."""
+    running = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(running), cancelled
+        except asyncio.CancelledError:
+            if running.cancelled():
+                raise
+            cancelled = True
 
 
 async def _lock_holder(index: ElasticsearchIndex) -> str:
@@ -711,6 +740,7 @@ async def rebuild(
     page_size: int = 500,
     *,
     allow_empty: bool = False,
+    on_switch: Switched | None = None,
 ) -> FillResult:
     """Reindex every twin of ``store`` into a fresh index and move the alias to it.
 
@@ -723,6 +753,11 @@ async def rebuild(
     meanwhile are caught up from the journal after the alias moved, so the running indexers
     of the service lose nothing. Returns the twins indexed and refused (logged).
 
+    Cancelled (Ctrl-C, SIGTERM) before the alias moved, it deletes the new index. Once the
+    alias moved it calls ``on_switch`` with the new index and the result, and ends with the
+    catch-up and the old index's deletion even when cancelled meanwhile: the cancellation is
+    raised after them.
+
     One rebuild of an alias runs at a time: another one started meanwhile raises
     :class:`RebuildRunning` and changes nothing.
     """
@@ -730,7 +765,9 @@ async def rebuild(
     index = ElasticsearchIndex(settings, store, run_indexer=False)
     try:
         await index.start()  # inside: a start that fails has a client to close
-        return await _rebuild(index, store, progress, page_size, allow_empty=allow_empty)
+        return await _rebuild(
+            index, store, progress, page_size, allow_empty=allow_empty, on_switch=on_switch
+        )
     finally:
         await index.stop()
 
@@ -742,10 +779,22 @@ async def _rebuild(
     page_size: int,
     *,
     allow_empty: bool = False,
+    on_switch: Switched | None = None,
 ) -> FillResult:
     _check_page_size(page_size)
     async with _locked(index):
-        return await _rebuild_locked(index, store, progress, page_size, allow_empty=allow_empty)
+        result, target, old, caught_up, stopped = await _rebuild_locked(
+            index, store, progress, page_size, allow_empty=allow_empty
+        )
+        if on_switch is not None:
+            on_switch(target, result)
+        # The service indexed the writes made since the catch-up into the old index, and
+        # took them from its outbox: stopped before they are in the new one, the live index
+        # kept stale twins, and deleted ones, for good.
+        _, later = await _to_the_end(_finish_switch(index, store, target, old, caught_up))
+        if stopped or later:
+            raise asyncio.CancelledError
+    return result
 
 
 async def _rebuild_locked(
@@ -755,14 +804,16 @@ async def _rebuild_locked(
     page_size: int,
     *,
     allow_empty: bool,
-) -> FillResult:
+) -> tuple[FillResult, str, list[str], int, bool]:
+    """Fill a new index and move the alias onto it: the result, the new index, the indexes
+    the alias was on, the last seq caught up, and whether cancelled during the move."""
     client, alias = index.client, index.alias
     start_seq = await store.last_seq()
     target = f"{alias}-v{MAPPING_VERSION}-{int(time.time() * 1000)}"
     try:
-        # Inside: stopped while the engine made it, the index was left behind, empty.
         async with _es_errors("rebuild"):
-            await index.create_index(target, alias=False, refresh="-1")
+            # Stopped while the engine made it, the index was left behind, empty.
+            await _create(index, target, index.create_index(target, alias=False, refresh="-1"))
         result = await index.fill(store, target, progress, page_size)
         if not result.indexed and not allow_empty:
             await _refuse_to_empty(index)
@@ -770,28 +821,48 @@ async def _rebuild_locked(
         # as covered (waitFor): brought into the new one before the alias moves, searches
         # just after the switch miss only what was written in the moment of the switch.
         caught_up = await _catch_up(index, store, start_seq, target)
+        async with _es_errors("rebuild"):
+            await client.indices.put_settings(
+                index=target,
+                settings={"refresh_interval": index.settings.elasticsearch.refresh_interval},
+            )
+            # Searchable before the alias points at it: the refresh the new interval
+            # schedules is not awaited, and searches without waitFor found it empty.
+            await client.indices.refresh(index=target)
+            old = await _alias_indexes(index)
+            # A stop that came with the last answer lands here, before the switch: the
+            # switch below goes out even when the task is already cancelled.
+            await asyncio.sleep(0)
+            # One step, off every index it is on (not only those seen above), onto the new
+            # one as the write index: an alias on two indexes with none for writes refuses
+            # them all. Awaited to its answer when stopped meanwhile: only the answer says
+            # whether the new index is the live one.
+            _, stopped = await _to_the_end(
+                client.indices.update_aliases(
+                    actions=[
+                        {"remove": {"index": "*", "alias": alias, "must_exist": False}},
+                        {"add": {"index": target, "alias": alias, "is_write_index": True}},
+                    ]
+                )
+            )
     except BaseException:
-        # A half-filled index (that never refreshes) is of no use to the next attempt.
+        # A half-filled index (that never refreshes), or a full one the alias is not on, is
+        # of no use to the next attempt; one the alias is on (a switch whose answer was
+        # lost) is the live index.
         with contextlib.suppress(Exception):
-            await client.indices.delete(index=target)
+            if target not in await _alias_indexes(index):
+                await client.indices.delete(index=target)
         raise
+    return result, target, [name for name in old if name != target], caught_up, stopped
+
+
+async def _finish_switch(
+    index: ElasticsearchIndex, store: TwinStore, target: str, old: list[str], caught_up: int
+) -> None:
+    """After the alias moved to ``target``: the writes since ``caught_up`` into it, and the
+    indexes the alias was on (``old``) deleted."""
+    client, alias = index.client, index.alias
     async with _es_errors("rebuild"):
-        await client.indices.put_settings(
-            index=target,
-            settings={"refresh_interval": index.settings.elasticsearch.refresh_interval},
-        )
-        # Searchable before the alias points at it: the refresh the new interval schedules
-        # is not awaited, and searches without waitFor found the new index empty.
-        await client.indices.refresh(index=target)
-        old = await _alias_indexes(index)
-        # One step, off every index it is on (not only those seen above), onto the new one
-        # as the write index: an alias on two indexes with none for writes refuses them all.
-        await client.indices.update_aliases(
-            actions=[
-                {"remove": {"index": "*", "alias": alias, "must_exist": False}},
-                {"add": {"index": target, "alias": alias, "is_write_index": True}},
-            ]
-        )
         now = await _alias_indexes(index)
     if now != [target]:
         raise Unavailable(
@@ -799,13 +870,11 @@ async def _rebuild_locked(
             f"not on {target} alone.",
             code="index.unavailable",
         )
-    old = [name for name in old if name != target]
     await _catch_up(index, store, caught_up)
     async with _es_errors("rebuild"):
         for name in old:
             await client.indices.delete(index=name)
         await client.indices.refresh(index=alias)
-    return result
 
 
 async def _alias_indexes(index: ElasticsearchIndex) -> list[str]:
