@@ -31,8 +31,11 @@ from twin_service.types import JSONObject
 #: 2: ``f`` (folded strings for ilike); -0.0 indexed as 0.0.
 MAPPING_VERSION = 2
 
-#: Lucene refuses terms over 32766 bytes; 8191 characters of at most 4 UTF-8 bytes fit.
-#: Longer strings are kept in the twin but are not searchable or sortable by value.
+#: Lucene refuses terms over this many UTF-8 bytes, in documents and in queries alike.
+MAX_TERM_BYTES = 32766
+
+#: 8191 characters of at most 4 UTF-8 bytes fit in a term. Longer strings are kept in the
+#: twin but are not searchable or sortable by value.
 MAX_INDEXED_STRING = 8191
 
 MAPPING: dict[str, Any] = {

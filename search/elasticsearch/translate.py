@@ -19,6 +19,10 @@ vocabulary never reaches them, so nothing is excluded from the generator):
   by value. Such a value in a query is never sent as a term (Lucene refuses terms over
   32,766 bytes): ``eq``, ``in`` and ``like`` cannot match it, and range bounds are cut to a
   prefix that compares the same with every indexed string (:func:`_range_bound`);
+* a path or namespace over :data:`.mapping.MAX_TERM_BYTES` cannot be in any document (the
+  engine refuses such a twin), so it is never sent as a term either (:func:`indexable`): a
+  condition on it matches nothing, sorting by it sorts every twin as missing, and such a
+  namespace is left out of the namespaces searched;
 
 ``ilike`` matches :func:`search.rql.patterns.fold` of the pattern against the folded strings
 the documents hold (Lucene's own ``case_insensitive`` folds ASCII only), so it ignores case
@@ -50,7 +54,7 @@ from search.rql.evaluator import type_rank
 from search.rql.ordering import MISSING, Key
 from search.rql.paths import format_path
 
-from .mapping import MAX_INDEXED_STRING, as_double
+from .mapping import MAX_INDEXED_STRING, MAX_TERM_BYTES, as_double
 
 Query: TypeAlias = dict[str, Any]
 
@@ -70,6 +74,17 @@ def _utf16_units(text: str) -> int:
 def searchable(text: str) -> bool:
     """Whether the keyword field indexes ``text`` (its ``ignore_above`` counts UTF-16 units)."""
     return len(text) * 2 <= MAX_INDEXED_STRING or _utf16_units(text) <= MAX_INDEXED_STRING
+
+
+def indexable(term: str) -> bool:
+    """Whether a keyword term fits Lucene's limit; a longer one is refused in a query too."""
+    return len(term) * 4 <= MAX_TERM_BYTES or len(term.encode()) <= MAX_TERM_BYTES
+
+
+def _path_term(path: Path) -> Query:
+    """The leaves at ``path``: none if the path is too long to be in any document."""
+    text = format_path(path)
+    return {"term": {"leaves.p": text}} if indexable(text) else _MATCH_NONE
 
 
 def _range_bound(text: str) -> str:
@@ -99,7 +114,7 @@ def _leaf(path: Path, *conditions: Query) -> Query:
     return {
         "nested": {
             "path": "leaves",
-            "query": {"bool": {"filter": [{"term": {"leaves.p": format_path(path)}}, *conditions]}},
+            "query": {"bool": {"filter": [_path_term(path), *conditions]}},
         }
     }
 
@@ -218,7 +233,8 @@ def search_query(filter: Filter | None, namespaces: Sequence[str] | None) -> Que
     if filter is not None:
         clauses.append(filter_query(filter))
     if namespaces is not None:
-        clauses.append({"terms": {"namespace": list(namespaces)}})
+        terms = [n for n in namespaces if indexable(n)]
+        clauses.append({"terms": {"namespace": terms}} if terms else _MATCH_NONE)
     if not clauses:
         return _MATCH_ALL
     return clauses[0] if len(clauses) == 1 else {"bool": {"filter": clauses}}
@@ -234,7 +250,7 @@ def _nested_sort(field: str, path: Path, order: str, missing: Any) -> Query:
                 "filter": {
                     "bool": {
                         "filter": [
-                            {"term": {"leaves.p": format_path(path)}},
+                            _path_term(path),
                             {"term": {"leaves.a": False}},
                         ]
                     }

@@ -161,3 +161,27 @@ async def test_ilike_of_the_empty_pattern_is_the_empty_string(backend: SearchBac
     await backend.load(docs)
     for rql in ('ilike(attributes/x,"")', 'not(ilike(attributes/x,""))', 'like(attributes/x,"")'):
         await check_backend(backend, docs, SearchQuery(parse_filter(rql), size=25))
+
+
+async def test_terms_too_long_to_index_match_nothing(backend: SearchBackend) -> None:
+    """A path, namespace or sort path over Lucene's 32,766 bytes per term got a 400
+    rql.invalid carrying Elasticsearch's "Term is longer than maximum indexable length"
+    (even ``namespaces=org.a,<40,000 chars>``, refusing a legitimate search), where the
+    evaluator and the built-in index find no such twin."""
+    docs: list[JSONObject] = [
+        {"twinId": f"org.a:t{i}", "namespace": "org.a", "attributes": {"x": i}} for i in range(3)
+    ]
+    await backend.load(docs)
+    long = "k" * 33_000
+    for rql in (
+        f"exists(attributes/{long})",
+        f"eq(attributes/{long},1)",
+        f"not(exists(attributes/{'€' * 11_000}))",
+        f"or(eq(attributes/x,1),in(attributes/{long},1,2))",
+    ):
+        await check_backend(backend, docs, SearchQuery(parse_filter(rql), size=2))
+    for namespaces in (("n" * 40_000,), ("org.a", "n" * 40_000)):
+        await check_backend(backend, docs, SearchQuery(None, size=2, namespaces=namespaces))
+    for sort in (f"sort(+attributes/{long})", f"sort(-attributes/{long},+attributes/x)"):
+        query = SearchQuery(None, parse_options(sort).sort or (), 2)
+        await check_backend(backend, docs, query)
