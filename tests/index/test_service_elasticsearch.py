@@ -240,6 +240,33 @@ async def test_writes_while_the_engine_does_not_answer_are_all_indexed_after(
     assert await probe.count("ge(desired/n,0)") == 40
 
 
+async def test_a_wait_with_nothing_pending_ends_within_the_wait_timeout(
+    search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
+) -> None:
+    """With the engine frozen and every write indexed, waitFor ran the refresh under the
+    request timeout (30 s) after the wait's deadline: 503 index.unavailable "failed to
+    refresh" after 30 s, not index.timeout after elasticsearch.wait_timeout_seconds."""
+    env = es_env(search_engine, alias, TWIN_ELASTICSEARCH__WAIT_TIMEOUT_SECONDS="2")
+    proc = ServiceProcess(tmp_path / "frozen-wait", env=env).start()
+    try:
+        with proc.client() as api:
+            seq = put(api, "org.acme:fw", {"desired": {"n": 1}}).headers["X-Twin-Seq"]
+            wait_converged(api)
+            with search_engine.frozen():
+                for route in ("/api/v1/search/twins", "/api/v1/search/twins/count"):
+                    for wait_for in (seq, "latest"):
+                        began = time.monotonic()
+                        waited = api.get(route, params={"waitFor": wait_for}, timeout=60)
+                        took = time.monotonic() - began
+                        assert waited.status_code == 503, waited.text
+                        assert waited.json()["error"] == "index.timeout", waited.text
+                        assert 1.5 < took < 5, took
+            count = api.get("/api/v1/search/twins/count", params={"waitFor": seq})
+            assert count.json() == {"count": 1}, count.text
+    finally:
+        proc.stop()
+
+
 async def delete_indexes(engine: SearchEngine, tmp_path: Path, alias: str) -> None:
     """Remove the indexes a stopped service made behind ``alias``."""
     index = ElasticsearchIndex(

@@ -511,24 +511,33 @@ class ElasticsearchIndex:
     async def wait_for_seq(self, seq: int) -> None:
         """Return once searches see every write up to ``seq``; 503 ``index.timeout`` if late."""
         deadline = time.monotonic() + self._es.wait_timeout_seconds
+        late = Unavailable(
+            f"The search index did not reach write {seq} within "
+            f"{self._es.wait_timeout_seconds:g}s.",
+            code="index.timeout",
+        )
         while not await self.covers(seq):
             if time.monotonic() >= deadline:
-                raise Unavailable(
-                    f"The search index did not reach write {seq} within "
-                    f"{self._es.wait_timeout_seconds:g}s.",
-                    code="index.timeout",
-                )
+                raise late
             await asyncio.sleep(self._es.poll_interval_seconds)
-        await self._refresh_since(time.monotonic())
+        # The refresh is part of the wait: an engine that does not answer held it for the
+        # whole request timeout (30 s) past the deadline, then said "failed to refresh".
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await self._refresh_since(time.monotonic())
+        except TimeoutError:
+            raise late from None
 
     async def _refresh_since(self, moment: float) -> None:
         """Make searchable what was indexed before ``moment``; concurrent waiters share one."""
         async with self._refresh_lock:
             if self._last_refresh_start > moment:
                 return
-            self._last_refresh_start = time.monotonic()
+            started = time.monotonic()
             async with _es_errors("refresh"):
                 await self.client.indices.refresh(index=self.alias)
+            # Only once done: a refresh that failed or was given up covers no one.
+            self._last_refresh_start = started
 
     async def lag(self) -> tuple[int, float]:
         """(pending twins, age in seconds of the oldest write the index has not taken).
