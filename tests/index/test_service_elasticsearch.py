@@ -111,6 +111,26 @@ async def test_ready_reports_the_index(api: httpx.Client) -> None:
     assert {"backlog", "lagSeconds"} <= set(check)
 
 
+async def test_ready_says_at_once_that_the_index_is_missing(
+    api: httpx.Client, probe: Probe
+) -> None:
+    """With the index deleted (or lost with the engine's data) and nothing written since,
+    /ready said "did not answer within 1.125 s" after that long: its health request
+    waited 2 s for the index to appear. Searches fail at once; /ready says why, at once."""
+    put(api, "org.acme:gone", {"attributes": {"n": 1}})
+    wait_converged(api)
+    await probe.index.client.indices.delete(index=f"{probe.index.alias}-*")
+    began = time.monotonic()
+    check = index_check(api)
+    assert time.monotonic() - began < 0.8
+    assert check["status"] == "down", check
+    assert check["error"] == f"The search index {probe.index.alias} does not exist.", check
+    # The next write creates it again, filled with every twin.
+    put(api, "org.acme:back", {"attributes": {"n": 2}})
+    wait_converged(api)
+    assert index_check(api)["status"] == "up"
+
+
 async def test_search_count_deletes_and_lag_after_a_burst(api: httpx.Client, probe: Probe) -> None:
     def write(i: int) -> None:
         site = "north" if i % 3 == 0 else "south"

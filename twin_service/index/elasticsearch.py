@@ -114,9 +114,14 @@ async def _es_errors(action: str, *, query: bool = False) -> AsyncIterator[None]
         ) from exc
 
 
+def _status(exc: Unavailable) -> int | None:
+    """The engine's HTTP status behind ``exc``, if it answered."""
+    return exc.__cause__.status_code if isinstance(exc.__cause__, ApiError) else None
+
+
 def _too_large(exc: Unavailable) -> bool:
     """Whether the engine refused a request for its size (HTTP 413)."""
-    return isinstance(exc.__cause__, ApiError) and exc.__cause__.status_code == 413
+    return _status(exc) == 413
 
 
 def describe(exc: BaseException) -> str:
@@ -611,13 +616,18 @@ class ElasticsearchIndex:
                 filling = self._filling or Filling(time.monotonic())
                 out["filling"] = {"twins": filling.done, "of": filling.total}
             async with _es_errors("answer"), asyncio.timeout(bound):
-                cluster = await self.client.cluster.health(index=self.alias, timeout="2s")
+                # No wait: for an index it does not have, the engine waited out the
+                # timeout (2 s, past the bound) for it to appear, then answered 408.
+                cluster = await self.client.cluster.health(index=self.alias, timeout="0s")
             out["cluster"] = cluster["status"]
             if cluster["status"] == "red":
                 out["status"] = "down"
         except TimeoutError:
             out.update(status="down", error=f"The search index did not answer within {bound:g} s.")
         except Unavailable as exc:
+            if _status(exc) in (404, 408):
+                out.update(status="down", error=f"The search index {self.alias} does not exist.")
+                return out
             out.update(status="down", error=exc.message)
             if exc.description:  # the client's reason: refused, certificate, timeout...
                 out["reason"] = exc.description
