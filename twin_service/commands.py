@@ -9,10 +9,11 @@ A command is ``{"command": "get"|"put"|"patch"|"delete"|"search", "twinId": ...,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from search.rql.parser import parse_filter
-from search.rql.query import build_query, parse_namespaces
+from search.rql.query import SearchQuery, build_query, parse_namespaces
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
 from twin_service.digits import ascii_integer
@@ -36,6 +37,10 @@ from twin_service.twin.patch import get_at, split_pointer
 from twin_service.types import JSON, JSONObject
 
 READ_ONLY_VIEWS = ("delta", "connection", "metadata", "lifecycle")
+
+#: The caller as the tokens in force say now (401 revoked, 403 demoted), as for a new
+#: request: a search asks again once its wait for the index is over.
+Access = Callable[[], Principal]
 
 
 def _str(message: JSONObject, key: str, required: bool = False) -> str | None:
@@ -85,16 +90,21 @@ def _exists(twin: Twin | None) -> Twin:
     return twin
 
 
-async def run_command(
-    ctx: AppContext, principal: Principal, message: JSONObject
-) -> tuple[int, JSON]:
+async def run_command(ctx: AppContext, access: Access, message: JSONObject) -> tuple[int, JSON]:
     """Execute one command; returns (HTTP-like status, body). Raises typed errors."""
+    principal = access()
     name = _str(message, "command", required=True)
     if name == "search":
         principal.require("read")
+
+        def reader() -> Principal:
+            now = access()
+            now.require("read")
+            return now
+
         return 200, await search_twins(
             ctx,
-            principal,
+            reader,
             _str(message, "filter"),
             _str(message, "option"),
             _str(message, "fields"),
@@ -171,7 +181,7 @@ async def run_command(
 
 async def search_twins(
     ctx: AppContext,
-    principal: Principal,
+    access: Access,
     filter: str | None,
     option: str | None,
     fields: str | None,
@@ -184,19 +194,22 @@ async def search_twins(
     first waits until the index covers that write (external indexes only lag behind).
     """
     _refuse_when_off(ctx)
-    visible = principal.visible_namespaces(parse_namespaces(namespaces))
+    requested = parse_namespaces(namespaces)
     paths = parse_fields(fields)
-    query = build_query(
-        filter,
-        option,
-        visible,
-        default_size=ctx.settings.query.default_size,
-        max_size=ctx.settings.query.max_size,
-    )
-    if visible == ():
+
+    def query(principal: Principal) -> SearchQuery:
+        return build_query(
+            filter,
+            option,
+            principal.visible_namespaces(requested),
+            default_size=ctx.settings.query.default_size,
+            max_size=ctx.settings.query.max_size,
+        )
+
+    built = await _after_wait(ctx, access, query, wait_for)
+    if built is None:
         return {"items": []}
-    seq = await _wait_target(ctx, wait_for)
-    twins, cursor = await ctx.index.search(query, wait_for_seq=seq)
+    twins, cursor = await ctx.index.search(built)
     body: JSONObject = {"items": [select(t.to_document(), paths) for t in twins]}
     if cursor is not None:
         body["cursor"] = cursor
@@ -205,17 +218,42 @@ async def search_twins(
 
 async def count_twins(
     ctx: AppContext,
-    principal: Principal,
+    access: Access,
     filter: str | None,
     namespaces: str | None,
     wait_for: str | None = None,
 ) -> int:
     _refuse_when_off(ctx)
-    visible = principal.visible_namespaces(parse_namespaces(namespaces))
-    query = build_query(filter, None, visible)
-    if visible == ():
-        return 0
-    return await ctx.index.count(query, wait_for_seq=await _wait_target(ctx, wait_for))
+    requested = parse_namespaces(namespaces)
+
+    def query(principal: Principal) -> SearchQuery:
+        return build_query(filter, None, principal.visible_namespaces(requested))
+
+    built = await _after_wait(ctx, access, query, wait_for)
+    return 0 if built is None else await ctx.index.count(built)
+
+
+async def _after_wait(
+    ctx: AppContext,
+    access: Access,
+    query: Callable[[Principal], SearchQuery],
+    wait_for: str | None,
+) -> SearchQuery | None:
+    """The caller's ``query``, None when its token reads none of the namespaces asked for.
+
+    With ``wait_for``, once the index covers that write and for the token as the tokens in
+    force then say: a wait lasts up to ``elasticsearch.wait_timeout_seconds``, and a search
+    waiting when a reload took a namespace from its token returned that namespace's twins.
+    """
+    built = query(access())
+    if built.namespaces == ():
+        return None
+    seq = await _wait_target(ctx, wait_for)
+    if seq is None:
+        return built
+    await ctx.index.wait_for_seq(seq)
+    built = query(access())
+    return None if built.namespaces == () else built
 
 
 def _refuse_when_off(ctx: AppContext) -> None:

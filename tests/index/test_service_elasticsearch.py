@@ -21,11 +21,14 @@ import pytest
 
 from search.rql import SearchQuery, parse_filter
 from search.rql.parser import MAX_DEPTH
+from tests.api.test_token_reload import write_tokens
 from tests.index.helpers import es_env, es_settings, index_name
 from tests.servers.search_engine import SearchEngine
 from tests.service_process import ServiceProcess
 from tests.store.test_backup import backup
 from tests.store.test_restore import restore
+from tests.streams.test_token_reload import OPS, reload_async, token
+from tests.streams.test_websocket import connect, send, until
 from twin_service.index.elasticsearch import ElasticsearchIndex
 from twin_service.store.base import TwinStore
 
@@ -283,6 +286,58 @@ async def test_a_wait_with_nothing_pending_ends_within_the_wait_timeout(
                         assert 1.5 < took < 5, took
             count = api.get("/api/v1/search/twins/count", params={"waitFor": seq})
             assert count.json() == {"count": 1}, count.text
+    finally:
+        proc.stop()
+
+
+async def test_a_search_waiting_for_the_index_takes_the_namespaces_in_force_after(
+    search_engine: SearchEngine, tmp_path: Path, alias: str, probe: Probe
+) -> None:
+    """A search waiting for a write (waitFor) when a reload of the tokens took a namespace
+    from its token answered with that namespace's twins, over REST and the WebSocket: the
+    namespaces were those of the token when the request arrived."""
+    tokens = tmp_path / "tokens.json"
+    ops, reader = token("ops", OPS, "admin"), "reader-token-0123456789abc"
+    write_tokens(tokens, [ops, token("reader", reader, "read", ["org.a", "org.b"])])
+    env = es_env(
+        search_engine,
+        alias,
+        TWIN_AUTH__TOKENS="[]",
+        TWIN_AUTH__TOKENS_FILE=str(tokens),
+        TWIN_ELASTICSEARCH__WAIT_TIMEOUT_SECONDS="60",
+    )
+    proc = ServiceProcess(tmp_path / "reload", env=env).start()
+    try:
+        with proc.client(token=OPS) as api:
+            put(api, "org.a:x", {"attributes": {"n": 1}})
+            put(api, "org.b:y", {"attributes": {"n": 2}})
+            wait_converged(api)
+        async with connect(proc, reader) as ws, proc.async_client(token=reader) as client:
+            with search_engine.frozen():
+                with proc.client(token=OPS) as api:
+                    put(api, "org.b:z", {"attributes": {"n": 3}})
+                rest = [
+                    asyncio.create_task(client.get(route, params={"waitFor": "latest"}, timeout=90))
+                    for route in ("/api/v1/search/twins", "/api/v1/search/twins/count")
+                ]
+                await send(
+                    ws,
+                    {
+                        "type": "command",
+                        "correlationId": "s",
+                        "command": "search",
+                        "waitFor": "latest",
+                        "fields": "twinId",
+                    },
+                )
+                await asyncio.sleep(1)  # all three wait for the index
+                assert not any(task.done() for task in rest)
+                await reload_async(proc, tokens, [ops, token("reader", reader, "read", ["org.a"])])
+            found, counted = await asyncio.gather(*rest)
+            assert [t["twinId"] for t in found.json()["items"]] == ["org.a:x"], found.text
+            assert counted.json() == {"count": 1}, counted.text
+            reply = await until(ws, lambda m: m.get("correlationId") == "s")
+            assert reply["body"] == {"items": [{"twinId": "org.a:x"}]}, reply
     finally:
         proc.stop()
 

@@ -27,6 +27,9 @@ class SearchIndex(Protocol):
 
     async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int: ...
 
+    async def wait_for_seq(self, seq: int) -> None:
+        """Return once searches see every write up to ``seq`` (bounded: 503 index.timeout)."""
+
     async def health(self) -> dict[str, Any]:
         """``{"status": "up"|"down", ...}`` with lag figures where they exist."""
 
@@ -50,6 +53,9 @@ class NoIndex(_Passive):
         raise search_disabled()
 
     async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int:
+        raise search_disabled()
+
+    async def wait_for_seq(self, seq: int) -> None:
         raise search_disabled()
 
     async def health(self) -> dict[str, Any]:
@@ -78,6 +84,9 @@ class BuiltinIndex(_Passive):
 
     async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int:
         return await self._store.count(query)
+
+    async def wait_for_seq(self, seq: int) -> None:
+        return None
 
     async def health(self) -> dict[str, Any]:
         return {"status": "up", "kind": "builtin", "lagSeconds": 0.0, "backlog": 0}

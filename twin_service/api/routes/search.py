@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, Response
+from fastapi import APIRouter, Form, Query, Request, Response
 
-from twin_service.api.deps import Context, Reader
+from twin_service.api.deps import Context, Reader, read_access
 from twin_service.api.routes.twins import json_response
 from twin_service.api.schemas import CountResult, SearchResult, errors
-from twin_service.commands import count_twins, search_twins
+from twin_service.commands import Access, count_twins, search_twins
 from twin_service.twin.fields import DESCRIPTION as FIELDS_DESCRIPTION
 
 router = APIRouter(prefix="/api/v1/search", tags=["search"])
@@ -28,10 +28,16 @@ TextForm = Annotated[str | None, Form()]
 WaitForm = Annotated[str | None, Form(alias="waitFor", description=WAIT_DOC)]
 
 
+def _access(request: Request) -> Access:
+    """The caller as the tokens in force say when asked (checked again after a wait)."""
+    return lambda: read_access(request)
+
+
 @router.get("/twins", response_model=SearchResult, responses=errors(404))
 async def search_get(
     ctx: Context,
-    principal: Reader,
+    request: Request,
+    _: Reader,
     filter: FilterParam = None,
     option: OptionParam = None,
     fields: FieldsParam = None,
@@ -39,7 +45,7 @@ async def search_get(
     wait_for: WaitParam = None,
 ) -> Response:
     return json_response(
-        await search_twins(ctx, principal, filter, option, fields, namespaces, wait_for)
+        await search_twins(ctx, _access(request), filter, option, fields, namespaces, wait_for)
     )
 
 
@@ -51,7 +57,8 @@ async def search_get(
 )
 async def search_post(
     ctx: Context,
-    principal: Reader,
+    request: Request,
+    _: Reader,
     filter: TextForm = None,
     option: TextForm = None,
     fields: TextForm = None,
@@ -59,19 +66,20 @@ async def search_post(
     wait_for: WaitForm = None,
 ) -> Response:
     return json_response(
-        await search_twins(ctx, principal, filter, option, fields, namespaces, wait_for)
+        await search_twins(ctx, _access(request), filter, option, fields, namespaces, wait_for)
     )
 
 
 @router.get("/twins/count", response_model=CountResult, responses=errors(404))
 async def count_get(
     ctx: Context,
-    principal: Reader,
+    request: Request,
+    _: Reader,
     filter: FilterParam = None,
     namespaces: NamespacesParam = None,
     wait_for: WaitParam = None,
 ) -> Response:
-    count = await count_twins(ctx, principal, filter, namespaces, wait_for)
+    count = await count_twins(ctx, _access(request), filter, namespaces, wait_for)
     return json_response({"count": count})
 
 
@@ -83,10 +91,11 @@ async def count_get(
 )
 async def count_post(
     ctx: Context,
-    principal: Reader,
+    request: Request,
+    _: Reader,
     filter: TextForm = None,
     namespaces: TextForm = None,
     wait_for: WaitForm = None,
 ) -> Response:
-    count = await count_twins(ctx, principal, filter, namespaces, wait_for)
+    count = await count_twins(ctx, _access(request), filter, namespaces, wait_for)
     return json_response({"count": count})

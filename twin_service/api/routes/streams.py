@@ -388,8 +388,9 @@ async def _handle(
             # A client written for a service with tokens, welcomed at once by one without.
             raise BadRequest("This connection is authenticated already.", code="auth.done")
         elif kind == "command":
-            # The token's role and namespaces now: a reload may have changed them.
-            status, body = await run_command(ctx, credential.current(), message)
+            # The token's role and namespaces now (and again after a search's wait for the
+            # index): a reload may have changed them.
+            status, body = await run_command(ctx, credential.current, message)
             session.send(
                 {"type": "response", "correlationId": correlation, "status": status, "body": body}
             )
