@@ -45,9 +45,11 @@ class Stack:
         outcome = await self.service.mutate(twin_id, lambda _: None, origin="test")
         return outcome.stored.seq
 
-    async def ids(self, rql: str | None = None, **kwargs: Any) -> list[str]:
+    async def ids(self, rql: str | None = None, wait_for_seq: int | None = None) -> list[str]:
         query = SearchQuery(parse_filter(rql) if rql else None, size=200)
-        twins, _ = await self.index.search(query, **kwargs)
+        if wait_for_seq is not None:
+            await self.index.wait_for_seq(wait_for_seq)
+        twins, _ = await self.index.search(query)
         return [t.twin_id for t in twins]
 
 
@@ -91,10 +93,8 @@ async def test_start_is_idempotent_and_uses_an_alias(stack: Stack) -> None:
 async def test_wait_for_seq_sees_the_write(stack: Stack) -> None:
     seq = await stack.put("org.a:w1", {"attributes": {"site": "x"}})
     assert await stack.ids('eq(attributes/site,"x")', wait_for_seq=seq) == ["org.a:w1"]
-    assert (
-        await stack.index.count(SearchQuery(parse_filter("exists(attributes)")), wait_for_seq=seq)
-        == 1
-    )
+    await stack.index.wait_for_seq(seq)
+    assert await stack.index.count(SearchQuery(parse_filter("exists(attributes)"))) == 1
     seq = await stack.delete("org.a:w1")
     assert await stack.ids(wait_for_seq=seq) == []
 

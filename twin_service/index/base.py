@@ -17,15 +17,11 @@ class SearchIndex(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def search(
-        self, query: SearchQuery, *, wait_for_seq: int | None = None
-    ) -> tuple[list[Twin], str | None]:
-        """One page of twins and the next cursor.
+    async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
+        """One page of twins and the next cursor, as the index has them now (see
+        :meth:`wait_for_seq`)."""
 
-        ``wait_for_seq``: first wait (bounded) until the index covers that write.
-        """
-
-    async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int: ...
+    async def count(self, query: SearchQuery) -> int: ...
 
     async def wait_for_seq(self, seq: int) -> None:
         """Return once searches see every write up to ``seq`` (bounded: 503 index.timeout)."""
@@ -47,12 +43,10 @@ class _Passive:
 class NoIndex(_Passive):
     """``search = "off"``: no index is kept, and the search API says so."""
 
-    async def search(
-        self, query: SearchQuery, *, wait_for_seq: int | None = None
-    ) -> tuple[list[Twin], str | None]:
+    async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
         raise search_disabled()
 
-    async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int:
+    async def count(self, query: SearchQuery) -> int:
         raise search_disabled()
 
     async def wait_for_seq(self, seq: int) -> None:
@@ -77,12 +71,10 @@ class BuiltinIndex(_Passive):
     def __init__(self, store: TwinStore) -> None:
         self._store = store
 
-    async def search(
-        self, query: SearchQuery, *, wait_for_seq: int | None = None
-    ) -> tuple[list[Twin], str | None]:
+    async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
         return await self._store.search(query)
 
-    async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int:
+    async def count(self, query: SearchQuery) -> int:
         return await self._store.count(query)
 
     async def wait_for_seq(self, seq: int) -> None:

@@ -584,18 +584,12 @@ class ElasticsearchIndex:
             return ids, None
         return ids, query.next_cursor(keys_from_hit(query.sort, chosen[-1]["sort"]))
 
-    async def search(
-        self, query: SearchQuery, *, wait_for_seq: int | None = None
-    ) -> tuple[list[Twin], str | None]:
-        if wait_for_seq is not None:
-            await self.wait_for_seq(wait_for_seq)
+    async def search(self, query: SearchQuery) -> tuple[list[Twin], str | None]:
         ids, cursor = await self.search_ids(query)
         # Twins deleted since they were indexed drop out of the page.
         return await self._store.get_many(ids), cursor
 
-    async def count(self, query: SearchQuery, *, wait_for_seq: int | None = None) -> int:
-        if wait_for_seq is not None:
-            await self.wait_for_seq(wait_for_seq)
+    async def count(self, query: SearchQuery) -> int:
         async with _es_errors("count", query=True):
             response = await self.client.count(
                 index=self.alias, query=search_query(query.filter, query.namespaces)
