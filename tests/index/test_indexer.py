@@ -99,6 +99,21 @@ async def test_wait_for_seq_sees_the_write(stack: Stack) -> None:
     assert await stack.ids(wait_for_seq=seq) == []
 
 
+async def test_a_wait_that_caught_up_at_its_deadline_still_refreshes(
+    search_engine: SearchEngine, tmp_path: Path
+) -> None:
+    """Caught up with no time left (a wait timeout shorter than one look at the outbox):
+    the refresh that makes the writes searchable was cut short at once, 503 index.timeout
+    for writes the index had taken."""
+    async for short in make_stack(
+        search_engine, tmp_path, refresh_interval="60s", wait_timeout_seconds=0.001
+    ):
+        seq = await short.put("org.a:due", {"attributes": {"site": "x"}})
+        while not await short.index.covers(seq):
+            await asyncio.sleep(0.05)
+        assert await short.ids('eq(attributes/site,"x")', wait_for_seq=seq) == ["org.a:due"]
+
+
 async def test_wait_times_out_with_index_timeout(stalled: Stack) -> None:
     seq = await stalled.put("org.a:t1", {"attributes": {"n": 1}})
     with pytest.raises(Unavailable) as caught:

@@ -69,6 +69,10 @@ from twin_service.twin.document import Twin
 
 log = logging.getLogger(__name__)
 
+#: Seconds a wait for the index that caught up is given to refresh, past its deadline if
+#: need be (a refresh of an engine that answers takes milliseconds).
+REFRESH_GRACE = 1.0
+
 #: ``progress(done, total)`` callback of :func:`rebuild`.
 Progress = Callable[[int, int], None]
 # Called by a rebuild once the alias is on its new index: that index, the fill's result.
@@ -527,8 +531,10 @@ class ElasticsearchIndex:
             await asyncio.sleep(self._es.poll_interval_seconds)
         # The refresh is part of the wait: an engine that does not answer held it for the
         # whole request timeout (30 s) past the deadline, then said "failed to refresh".
+        # At least REFRESH_GRACE: a wait that caught up just at its deadline had no time
+        # left, and answered 503 for writes the index had taken.
         try:
-            async with asyncio.timeout(deadline - time.monotonic()):
+            async with asyncio.timeout(max(deadline - time.monotonic(), REFRESH_GRACE)):
                 await self._refresh_since(time.monotonic())
         except TimeoutError:
             raise late from None
