@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.service_process import ServiceProcess
@@ -159,11 +160,21 @@ def test_the_floor_passes_every_number_a_restored_database_can_hand_out_until_th
     assert restore_floor(EPOCH + 280 * 365.25 * 86_400) < 2**53
 
 
+def create_and_patch_three_times(api: httpx.Client, twin_id: str, first: int) -> httpx.Response:
+    """PUT ``twin_id`` anew, then PATCH its desired ``fan`` to ``first`` and the next two
+    numbers; the twin as a GET then answers."""
+    merge = {"Content-Type": "application/merge-patch+json"}
+    assert api.put(f"/api/v1/twins/{twin_id}", json={"desired": {"fan": 1}}).is_success
+    for n in range(3):
+        body = {"desired": {"fan": first + n}}
+        assert api.patch(f"/api/v1/twins/{twin_id}", json=body, headers=merge).is_success
+    return api.get(f"/api/v1/twins/{twin_id}")
+
+
 def test_a_twin_only_the_lost_database_had_starts_above_its_numbers_when_created_again(
     tmp_path: Path,
 ) -> None:
     data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
-    merge = {"Content-Type": "application/merge-patch+json"}
     new = "org.restore:new"
     service = ServiceProcess(data).start()
     try:
@@ -172,26 +183,14 @@ def test_a_twin_only_the_lost_database_had_starts_above_its_numbers_when_created
             done = backup(str(copy), "--data-dir", str(data))
             assert done.returncode == 0, done.stderr
             # Created after the backup: only the lost database has it.
-            assert api.put(f"/api/v1/twins/{new}", json={"desired": {"fan": 1}}).is_success
-            for n in range(3):
-                patch = api.patch(
-                    f"/api/v1/twins/{new}", json={"desired": {"fan": 10 + n}}, headers=merge
-                )
-                assert patch.is_success
-            lost = api.get(f"/api/v1/twins/{new}")
+            lost = create_and_patch_three_times(api, new, 10)
     finally:
         service.stop()
     restore(copy, data)
     service = ServiceProcess(data).start()
     try:
         with service.client() as api:
-            assert api.put(f"/api/v1/twins/{new}", json={"desired": {"fan": 1}}).is_success
-            for n in range(3):
-                patch = api.patch(
-                    f"/api/v1/twins/{new}", json={"desired": {"fan": 50 + n}}, headers=merge
-                )
-                assert patch.is_success
-            again = api.get(f"/api/v1/twins/{new}")
+            again = create_and_patch_three_times(api, new, 50)
             for key in ("revision", "desiredVersion", "reportedVersion"):
                 assert again.json()[key] > lost.json()[key], (key, again.json(), lost.json())
             # A cache holding the lost twin's state is told it changed.
