@@ -368,14 +368,28 @@ def test_a_damaged_database_is_named(tmp_path: Path) -> None:
     )
 
 
-def test_another_applications_database_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("tables", "named"),
+    [
+        (["invoices (id INTEGER PRIMARY KEY, total REAL)"], "invoices"),
+        # One of the twin store's table names was enough to be taken for it: with a meta
+        # table the service started and wrote its tables into the file; with an events
+        # table it failed on "no such column: twin_id", the file already turned to WAL.
+        (["meta (key TEXT PRIMARY KEY, value TEXT)", "invoices (total REAL)"], "invoices, meta"),
+        (["events (id INTEGER PRIMARY KEY, name TEXT)", "users (email TEXT)"], "events, users"),
+        (["twins (twin_id TEXT)", "events (id INTEGER PRIMARY KEY, name TEXT)"], "events, twins"),
+    ],
+)
+def test_another_applications_database_is_refused_and_left_as_it_is(
+    tmp_path: Path, tables: list[str], named: str
+) -> None:
     """Another application's SQLite file in place of the database: the service started
     empty on it and wrote its own tables into that file."""
     (tmp_path / "data").mkdir()
     database = tmp_path / "data" / "twins.sqlite3"
     conn = sqlite3.connect(database)
-    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
-    conn.execute("INSERT INTO invoices (total) VALUES (12.5)")
+    for table in tables:
+        conn.execute(f"CREATE TABLE {table}")
     conn.commit()
     conn.close()
     before = database.read_bytes()
@@ -383,7 +397,7 @@ def test_another_applications_database_is_refused_and_left_as_it_is(tmp_path: Pa
     assert_cannot_start(
         run,
         "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
-        "it holds tables of another application (invoices), none of the twin store's",
+        f"it holds tables of another application ({named}), not the twin store's",
     )
     assert database.read_bytes() == before
     assert sorted(p.name for p in database.parent.iterdir()) == ["admin-token", "twins.sqlite3"]

@@ -23,14 +23,18 @@ class UnusableDatabase(sqlite3.DatabaseError):
     is not a database at all."""
 
 
-#: Tables every twin store has (``sqlite_writer.SCHEMA`` creates them in one transaction).
-OWN_TABLES = ("twins", "events", "meta")
+#: Tables every twin store has had since its first schema, each with the column the
+#: schema's indexes name (``sqlite_writer.SCHEMA`` creates them in one transaction). One
+#: name alone is no sign: ``meta`` or ``events`` are common in other applications' files.
+OWN_TABLES = ("twins", "events")
+OWN_COLUMN = "twin_id"
 
 
 def check_database_file(path: Path, timeout: float) -> None:
     """Raise :class:`UnusableDatabase` when ``path`` is another application's database
-    (tables, none of :data:`OWN_TABLES`: the service started empty on it and wrote its
-    schema into it) or a restored backup that fails ``PRAGMA quick_check``. A new database
+    (tables, but not all of :data:`OWN_TABLES` with their :data:`OWN_COLUMN`: the service
+    started on it and wrote its schema into it, or failed half-way, the file already
+    changed) or a restored backup that fails ``PRAGMA quick_check``. A new database
     (no file, an empty one, no tables) passes.
 
     Only a restored backup is checked: ``quick_check`` reads every page of the file, too
@@ -47,14 +51,22 @@ def check_database_file(path: Path, timeout: float) -> None:
                 "WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
             )
         }
-        if tables and not tables & set(OWN_TABLES):
+        if tables and not all(_has_own_column(conn, table, tables) for table in OWN_TABLES):
             raise UnusableDatabase(
-                f"it holds tables of another application ({_some(sorted(tables))}), none of "
-                f"the twin store's ({', '.join(OWN_TABLES)}); it is left as it is: name the "
-                "twin store's file (--data-dir, sqlite.file_name) or move this one away"
+                f"it holds tables of another application ({_some(sorted(tables))}), not the "
+                f"twin store's ({' and '.join(OWN_TABLES)}, with a {OWN_COLUMN} column); it "
+                "is left as it is: name the twin store's file (--data-dir, sqlite.file_name) "
+                "or move this one away"
             )
         if "meta" in tables and _stamped(conn):
             _quick_check(conn)
+
+
+def _has_own_column(conn: sqlite3.Connection, table: str, tables: set[str]) -> bool:
+    if table not in tables:
+        return False
+    columns = conn.execute(f"PRAGMA table_info({table})").fetchall()  # table: our constant
+    return any(column[1] == OWN_COLUMN for column in columns)
 
 
 def _some(names: list[str]) -> str:
