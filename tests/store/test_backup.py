@@ -269,6 +269,24 @@ def test_a_destination_that_is_not_a_regular_file_is_refused_even_with_force(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "fifo"]
 
 
+def test_a_destination_that_is_a_symlink_loop_is_one_line(tmp_path: Path) -> None:
+    """The check that DEST is not the twin store resolved DEST: a symlink loop was a
+    RuntimeError and a traceback, with or without --force."""
+    data = tmp_path / "data"
+    ServiceProcess(data).start().stop()
+    loop = tmp_path / "l"
+    loop.symlink_to("l2")
+    (tmp_path / "l2").symlink_to("l")
+    for force in (("--force",), ()):
+        done = backup(str(loop), "--data-dir", str(data), *force)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == (
+            f"twin-service: cannot write {loop}: Too many levels of symbolic links\n"
+        ), done.stderr
+        assert os.readlink(loop) == "l2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "l", "l2"]
+
+
 def test_a_destination_ending_in_a_slash_names_a_directory(tmp_path: Path) -> None:
     """``backup newdir/`` wrote a file named newdir (Path drops the slash)."""
     data = tmp_path / "data"

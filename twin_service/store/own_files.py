@@ -10,6 +10,7 @@ to the file or to its directory, cannot slip past.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,13 +23,14 @@ SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
 def sqlite_files(database: Path) -> list[Path]:
     """``database`` and the files SQLite keeps beside it: beside its name, and beside the
     file its symlink names (SQLite keeps the ``-wal`` beside the file it resolved)."""
-    resolved = database.resolve()
+    resolved = _resolve(database)
     named = [database.with_name(database.name + suffix) for suffix in SQLITE_COMPANIONS]
     return named + [resolved.with_name(resolved.name + suffix) for suffix in SQLITE_COMPANIONS]
 
 
 def one_of(path: Path, files: Iterable[Path]) -> Path | None:
-    """The first of ``files`` that writing ``path`` would replace, or None."""
+    """The first of ``files`` that writing ``path`` would replace, or None. Raises
+    :class:`OSError` (``ELOOP``) for a path in a symlink loop."""
     targets = _names(path)
     return next((file for file in files if targets & _names(file)), None)
 
@@ -36,7 +38,16 @@ def one_of(path: Path, files: Iterable[Path]) -> Path | None:
 def _names(path: Path) -> set[Path]:
     # The name in its resolved directory (what a rename replaces: a symlink itself) and the
     # file it resolves to (what an open for writing replaces).
-    return {path.parent.resolve() / path.name, path.resolve()}
+    return {_resolve(path.parent) / path.name, _resolve(path)}
+
+
+def _resolve(path: Path) -> Path:
+    # Python before 3.13 raises RuntimeError for a symlink loop, which callers that
+    # report what they cannot write (OSError) let through as a traceback.
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
 
 def create_private(database: Path) -> None:
