@@ -235,3 +235,73 @@ def test_going_back_to_an_older_backup_after_two_restores_passes_every_number(
     write(3)
     for key in ("seq", "revision", "desiredVersion"):
         assert seen[key] > lost[key], (key, seen, lost)
+
+
+def test_history_across_a_restore_pages_on_and_answers_gone_only_for_pruned_events(
+    tmp_path: Path,
+) -> None:
+    """The restore renumbers each twin's latest event to the floor and leaves the older ones
+    as they were: an id's revisions then have a gap, and a twin created afterwards starts
+    past the floor. Neither is history the journal lost: history and ``?at=`` answer it as
+    retained, not 410."""
+    data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
+    new = "org.restore:new"
+    service = ServiceProcess(data).start()
+    try:
+        with service.client() as api:
+            for n in range(3):
+                assert api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": n}}).is_success
+            done = backup(str(copy), "--data-dir", str(data))
+            assert done.returncode == 0, done.stderr
+    finally:
+        service.stop()
+    restore(copy, data)
+    service = ServiceProcess(data).start()
+    try:
+        with service.client() as api:
+            assert api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": 3}}).is_success
+            history = f"/api/v1/twins/{TWIN}/history"
+            every = [e["revision"] for e in api.get(history).json()["items"]]
+            floor = every[2]
+            assert every == [1, 2, floor, floor + 1], every
+            paged, since = [], 0
+            while True:
+                page = api.get(history, params={"since": since, "limit": 2})
+                assert page.status_code == 200, (since, page.text)
+                paged += [e["revision"] for e in page.json()["items"]]
+                if "nextSince" not in page.json():
+                    break
+                since = page.json()["nextSince"]
+            assert paged == every
+            # Inside the gap: a revision the twin never had in this database.
+            at = api.get(f"/api/v1/twins/{TWIN}", params={"at": 3})
+            assert at.status_code == 404 and at.json()["error"] == "revision.notfound", at.text
+            assert api.get(f"/api/v1/twins/{TWIN}", params={"at": 2}).json()["desired"] == {"v": 1}
+
+            # Created after the restore: its whole history is retained, from past the floor.
+            assert api.put(f"/api/v1/twins/{new}", json={"desired": {"v": 1}}).is_success
+            assert api.put(f"/api/v1/twins/{new}", json={"desired": {"v": 2}}).is_success
+            since_one = api.get(f"/api/v1/twins/{new}/history", params={"since": 1})
+            assert since_one.status_code == 200, since_one.text
+            assert len(since_one.json()["items"]) == 2
+            at = api.get(f"/api/v1/twins/{new}", params={"at": 1})
+            assert at.status_code == 404 and at.json()["error"] == "revision.notfound", at.text
+    finally:
+        service.stop()
+    # Pruned since: the history before what the journal keeps is gone, gap or not.
+    service = ServiceProcess(data, env={"TWIN_STREAM__JOURNAL_MAX_PER_TWIN": "2"}).start()
+    try:
+        with service.client() as api:
+            for n in range(63):  # to the floor's next multiple of 64, where pruning runs
+                assert api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": n}}).is_success
+            retained = [e["revision"] for e in api.get(history).json()["items"]]
+            assert retained[0] > floor + 1, retained
+            for since in (1, 3, floor, retained[0] - 1):
+                gone = api.get(history, params={"since": since})
+                assert gone.status_code == 410, (since, gone.text)
+                assert gone.json()["oldestRevision"] == retained[0]
+            for at in (2, 3, floor + 1):
+                gone = api.get(f"/api/v1/twins/{TWIN}", params={"at": at})
+                assert gone.status_code == 410, (at, gone.text)
+    finally:
+        service.stop()

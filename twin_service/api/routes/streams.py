@@ -30,6 +30,7 @@ from twin_service.api.deps import (
     documented,
 )
 from twin_service.api.http_protocol import cut_when_unread, on_shutdown
+from twin_service.api.retained import holds_from, oldest_retained
 from twin_service.api.schemas import errors
 from twin_service.api.websocket_protocol import allow_full_messages
 from twin_service.auth import Credential, revoked
@@ -49,6 +50,7 @@ from twin_service.streams.direct_ws import pump_websocket
 from twin_service.streams.messages import Outgoing
 from twin_service.streams.session import StreamSession
 from twin_service.streams.subscription import Subscription, validate_id
+from twin_service.twin.document import Twin
 from twin_service.twin.fields import parse_fields
 from twin_service.twin.ids import parse_twin_id
 from twin_service.twin.jsonvalue import dumps, dumps_bytes, loads_strict
@@ -118,13 +120,27 @@ async def history(request: Request, ctx: Context, principal: Reader, twin_id: Tw
         # before tombstones, later revisions of an earlier twin of the id).
         until = current.revision if until is None else min(until, current.revision)
     events, more = await _history_page(ctx.store, twin_id, since, until, limit)
-    # Revisions of an id are contiguous (a twin created again goes on from its deletion),
-    # so the journal covers `since` only if its oldest retained event is at it (or is the
-    # first creation of the id). Without `since`, a page starts at the oldest one retained.
-    oldest = events[0][0] if events else await _oldest_retained(ctx.store, twin_id)
-    if oldest is None and current is None:
+    if not events or events[0][0] > since > 0:  # else the page starts at `since`
+        await _check_retained(ctx.store, twin_id, since, current)
+    items = b",".join(encoded for _, encoded in events)
+    tail = b',"nextSince":%d' % (events[-1][0] + 1) if more else b""
+    return Response(b'{"items":[' + items + b"]" + tail + b"}", media_type="application/json")
+
+
+async def _check_retained(store: TwinStore, twin_id: str, since: int, current: Twin | None) -> None:
+    """410 when the journal lost events of ``twin_id`` from ``since`` on (0: no ``since``,
+    a page starts at the oldest event retained); 404 for an id that never had a twin."""
+    first = await oldest_retained(store, twin_id)
+    if first is not None:
+        if since > 0 and not await holds_from(store, twin_id, first, since):
+            raise Gone(
+                f"History of {twin_id} before revision {first.event.revision} "
+                "is no longer retained.",
+                extra={"oldestRevision": first.event.revision},
+            )
+    elif current is None:
         # A tombstone tells a twin whose whole history aged out from one that never was.
-        gone = await ctx.store.tombstone(twin_id)
+        gone = await store.tombstone(twin_id)
         if gone is None:
             raise NotFound(f"Twin {twin_id} does not exist and has no retained history.")
         raise Gone(
@@ -132,23 +148,12 @@ async def history(request: Request, ctx: Context, principal: Reader, twin_id: Tw
             "its history is no longer retained.",
             extra={"deletedRevision": gone.revision},
         )
-    if oldest is None:  # a live twin whose every event aged out
-        assert current is not None
+    elif 0 < since <= current.revision:  # a live twin whose every event aged out
         oldest = current.revision + 1
-    if since > 0 and oldest > max(since, 1):
         raise Gone(
             f"History of {twin_id} before revision {oldest} is no longer retained.",
             extra={"oldestRevision": oldest},
         )
-    items = b",".join(encoded for _, encoded in events)
-    tail = b',"nextSince":%d' % (events[-1][0] + 1) if more else b""
-    return Response(b'{"items":[' + items + b"]" + tail + b"}", media_type="application/json")
-
-
-async def _oldest_retained(store: TwinStore, twin_id: str) -> int | None:
-    """The revision of the oldest event of ``twin_id`` the journal still holds."""
-    first = await store.history(twin_id, 0, None, 1)
-    return first[0].event.revision if first else None
 
 
 async def _history_page(

@@ -27,6 +27,7 @@ from twin_service.api.deps import (
     write_options,
 )
 from twin_service.api.etags import etag, parse_tags, weak_revisions
+from twin_service.api.retained import holds_from, oldest_retained
 from twin_service.api.schemas import (
     TwinDocument,
     TwinSelection,
@@ -260,6 +261,15 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
                 raise NotFound(
                     f"Revision {at} of {twin_id} is the deletion of an earlier twin of this id: "
                     "no twin is at that revision.",
+                    code="revision.notfound",
+                )
+            # Not journaled, though the journal holds the id's history from there on: a
+            # revision the twin never had here (one a restore's renumbering skipped, or
+            # before a twin created past a restore's floor), not a pruned one.
+            first = await oldest_retained(ctx.store, twin_id)
+            if first is not None and await holds_from(ctx.store, twin_id, first, at):
+                raise NotFound(
+                    f"Twin {twin_id} never had revision {at} in this database.",
                     code="revision.notfound",
                 )
             raise Gone(f"Revision {at} of twin {twin_id} is no longer retained in the journal.")
