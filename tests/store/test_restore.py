@@ -245,12 +245,13 @@ def test_history_across_a_restore_pages_on_and_answers_gone_only_for_pruned_even
     past the floor. Neither is history the journal lost: history and ``?at=`` answer it as
     retained, not 410."""
     data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
-    new = "org.restore:new"
+    new, once = "org.restore:new", "org.restore:once"
     service = ServiceProcess(data).start()
     try:
         with service.client() as api:
             for n in range(3):
                 assert api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": n}}).is_success
+            assert api.put(f"/api/v1/twins/{once}", json={"desired": {"v": 0}}).is_success
             done = backup(str(copy), "--data-dir", str(data))
             assert done.returncode == 0, done.stderr
     finally:
@@ -259,6 +260,11 @@ def test_history_across_a_restore_pages_on_and_answers_gone_only_for_pruned_even
     service = ServiceProcess(data).start()
     try:
         with service.client() as api:
+            # Created once before the backup: its creation, its only event, was renumbered
+            # to the floor, and is still the whole of its history.
+            created = api.get(f"/api/v1/twins/{once}/history", params={"since": 1})
+            assert created.status_code == 200, created.text
+            assert [e["action"] for e in created.json()["items"]] == ["created"]
             assert api.put(f"/api/v1/twins/{TWIN}", json={"desired": {"v": 3}}).is_success
             history = f"/api/v1/twins/{TWIN}/history"
             every = [e["revision"] for e in api.get(history).json()["items"]]

@@ -24,8 +24,9 @@ async def oldest_retained(store: TwinStore, twin_id: str) -> StoredEvent | None:
 async def holds_from(store: TwinStore, twin_id: str, first: StoredEvent, revision: int) -> bool:
     """Whether the journal, whose oldest event of ``twin_id`` is ``first``, holds every
     event the id had from ``revision`` on: ``revision`` is at or past ``first``, or
-    ``first`` is the id's first creation (revision 1, or past the floor of a restore the
-    twin was created after: :meth:`TwinStore.created_from` of a live twin is that floor).
+    ``first`` is the id's first creation: revision 1; past the floor of a restore the twin
+    was created after (:meth:`TwinStore.created_from` of a live twin is that floor); or at
+    the floor itself, a creation the restore renumbered (the twin's only event then).
 
     A twin created again from a tombstone the restore raised to the floor, whose deletion
     then aged out, looks the same as a first creation: its pruned earlier twin is missed.
@@ -36,4 +37,4 @@ async def holds_from(store: TwinStore, twin_id: str, first: StoredEvent, revisio
     if start.action != "created":
         return False
     floor = await store.created_from(twin_id)
-    return floor is not None and start.revision == floor.revision + 1
+    return floor is not None and start.revision in (floor.revision, floor.revision + 1)
