@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from connectivity.simulate import add_subcommands as add_simulate_command
     from twin_service.index.cli import add_subcommands as add_index_commands
     from twin_service.store.backup import add_subcommands as add_backup_command
+    from twin_service.store.restore_backup import add_subcommands as add_restore_command
 
     parser = argparse.ArgumentParser(prog="twin-service", description="Digital twin state service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         type=Path,
         help="data directory, for every command that reads settings (serve, devices, backup, "
-        "index, mqtt); the same as --data-dir after the command",
+        "restore, index, mqtt); the same as --data-dir after the command",
     )
     parser.add_argument(
         "--config",
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mqtt_commands(sub)
     add_simulate_command(sub)
     add_backup_command(sub)
+    add_restore_command(sub)
     return parser
 
 

@@ -20,13 +20,14 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twin_service.store.own_files import create_private, one_of, sqlite_files
 from twin_service.store.restore import stamp_backup
+from twin_service.store.stop_signals import signals_stop
 
 
 class BackupError(Exception):
@@ -231,22 +232,6 @@ def add_subcommands(subparsers: Any) -> None:
     parser.set_defaults(handler=run_backup)
 
 
-@contextlib.contextmanager
-def _signals_stop() -> Iterator[list[int]]:
-    """SIGTERM, SIGINT and SIGHUP (the terminal of an ssh session that closed), while
-    inside, are recorded in the list given (the backup asks it, and stops) instead of
-    ending the process where it stands: killed, the backup left its partial copy, as large
-    as the database, for good; interrupted, a traceback."""
-    caught: list[int] = []
-    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in stops}
-    try:
-        yield caught
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def run_backup(args: argparse.Namespace) -> int:
     """0 when the backup is written, 2 on bad settings, another store or a destination that
     is the store itself, 1 when it failed, 128 + the signal's number when SIGTERM, SIGINT
@@ -265,7 +250,7 @@ def run_backup(args: argparse.Namespace) -> int:
         return 2
     source = settings.data_dir / settings.sqlite.file_name
     try:
-        with _signals_stop() as caught:
+        with signals_stop() as caught:
             done = backup_sqlite(
                 source,
                 destination(args.dest),

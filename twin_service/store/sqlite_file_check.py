@@ -44,22 +44,38 @@ def check_database_file(path: Path, timeout: float) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     with contextlib.closing(sqlite3.connect(path, timeout=timeout)) as conn:
-        tables = {
-            name
-            for (name,) in conn.execute(
-                "SELECT name FROM sqlite_master "
-                "WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
-            )
-        }
-        if tables and not all(_has_own_column(conn, table, tables) for table in OWN_TABLES):
+        tables = table_names(conn)
+        if tables and not is_twin_store(conn, tables):
             raise UnusableDatabase(
-                f"it holds tables of another application ({_some(sorted(tables))}), not the "
+                f"it holds tables of another application ({some_names(tables)}), not the "
                 f"twin store's ({' and '.join(OWN_TABLES)}, with a {OWN_COLUMN} column); it "
                 "is left as it is: name the twin store's file (--data-dir, sqlite.file_name) "
                 "or move this one away"
             )
         if "meta" in tables and _stamped(conn):
-            _quick_check(conn)
+            problem = integrity_problem(conn)
+            if problem is not None:
+                raise UnusableDatabase(
+                    f"it was restored from a backup that fails its check (PRAGMA "
+                    f"quick_check: {problem}); it is left as it is: put an intact backup in "
+                    "its place (docs/backup.md)"
+                )
+
+
+def table_names(conn: sqlite3.Connection) -> set[str]:
+    """The tables of the database, SQLite's own left out."""
+    return {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master "
+            "WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+        )
+    }
+
+
+def is_twin_store(conn: sqlite3.Connection, tables: set[str]) -> bool:
+    """Whether the database has every one of :data:`OWN_TABLES`, with :data:`OWN_COLUMN`."""
+    return all(_has_own_column(conn, table, tables) for table in OWN_TABLES)
 
 
 def _has_own_column(conn: sqlite3.Connection, table: str, tables: set[str]) -> bool:
@@ -69,9 +85,11 @@ def _has_own_column(conn: sqlite3.Connection, table: str, tables: set[str]) -> b
     return any(column[1] == OWN_COLUMN for column in columns)
 
 
-def _some(names: list[str]) -> str:
-    shown = ", ".join(" ".join(name.split()) for name in names[:5])  # one line, whatever names
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+def some_names(names: set[str]) -> str:
+    """A few of ``names``, sorted, on one line (whatever the names hold)."""
+    ordered = sorted(names)
+    shown = ", ".join(" ".join(name.split()) for name in ordered[:5])
+    return shown + (f" and {len(ordered) - 5} more" if len(ordered) > 5 else "")
 
 
 def _stamped(conn: sqlite3.Connection) -> bool:
@@ -79,16 +97,13 @@ def _stamped(conn: sqlite3.Connection) -> bool:
     return row is not None
 
 
-def _quick_check(conn: sqlite3.Connection) -> None:
+def integrity_problem(conn: sqlite3.Connection) -> str | None:
+    """The first problem ``PRAGMA quick_check`` finds (it reads every page), on one line;
+    None when there is none."""
     try:
         rows = conn.execute("PRAGMA quick_check(1)").fetchall()
     except sqlite3.DatabaseError as exc:  # damage the check itself trips over
-        problem = str(exc)
-    else:
-        if rows == [("ok",)]:
-            return
-        problem = " ".join(str(rows[0][0]).split())  # SQLite's report spans lines
-    raise UnusableDatabase(
-        f"it was restored from a backup that fails its check (PRAGMA quick_check: "
-        f"{problem}); it is left as it is: put an intact backup in its place (docs/backup.md)"
-    )
+        return str(exc)
+    if rows == [("ok",)]:
+        return None
+    return " ".join(str(rows[0][0]).split())  # SQLite's report spans lines
