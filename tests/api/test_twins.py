@@ -680,6 +680,11 @@ def test_history_of_a_range_that_aged_out_is_410(
             assert gone.json()["error"] == "history.expired"
             assert gone.json()["oldestRevision"] == oldest, params
         assert api.get(f"{url}/history", params={"since": oldest}).status_code == 200
+        # The same answer for the twin at a pruned revision (it had no oldestRevision).
+        gone = api.get(url, params={"at": oldest - 1})
+        assert gone.status_code == 410, gone.text
+        assert gone.json()["error"] == "history.expired"
+        assert gone.json()["oldestRevision"] == oldest
         past = api.get(f"{url}/history", params={"since": 132})
         assert past.status_code == 200 and past.json() == {"items": []}
 

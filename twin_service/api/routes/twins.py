@@ -272,7 +272,10 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
                     f"Twin {twin_id} never had revision {at} in this database.",
                     code="revision.notfound",
                 )
-            raise Gone(f"Revision {at} of twin {twin_id} is no longer retained in the journal.")
+            raise Gone(
+                f"Revision {at} of twin {twin_id} is no longer retained in the journal.",
+                extra=None if first is None else {"oldestRevision": first.event.revision},
+            )
         twin = old
     if _not_modified(if_none_match, twin):
         return Response(status_code=304, headers={"ETag": etag(twin.revision)})
