@@ -97,6 +97,12 @@ async def mutate(store: TwinStore, twin_id: str, key: str) -> int:
     raise AssertionError("never won the compare-and-set")
 
 
+async def mutate_in_turn(store: TwinStore, twin_id: str, keys: list[str]) -> None:
+    """Add each of ``keys`` in turn, as :func:`mutate` does."""
+    for key in keys:
+        await mutate(store, twin_id, key)
+
+
 async def all_events(store: TwinStore) -> list[tuple[int, ChangeEvent]]:
     out: list[tuple[int, ChangeEvent]] = []
     position = 0
@@ -542,6 +548,31 @@ class StoreContract:
         assert count == 1 and lowest is not None and seq_a < lowest <= seq_a2
         await store.mark_indexed([left])
         assert await store.pending_index(10) == []
+        assert await store.index_backlog() == (0, None)
+
+    async def test_marking_writes_indexed_while_the_twins_are_written_loses_none(
+        self, store_factory: StoreFactory
+    ) -> None:
+        """On FerretDB (updates there are a read and a later write) the indexer's update
+        of the outbox, outside any claim, wrote back a version it had read over a write
+        acknowledged meanwhile: with Elasticsearch search, PATCHes answered 200 were
+        undone, revisions journaled twice, and writers waited out 15 s claims."""
+        store = await store_factory(outbox=True)
+        tids = [f"org.acme:ix-{n}" for n in range(4)]
+        for tid in tids:
+            await store.write(change(None, tid, {"desired": {}}))
+        keys = [f"k{i}" for i in range(25)]
+        writing = asyncio.gather(*(mutate_in_turn(store, tid, keys) for tid in tids))
+        while not writing.done():
+            await store.mark_indexed(await store.pending_index(100))
+            await asyncio.sleep(0)
+        await writing
+        for tid in tids:
+            twin = await store.get(tid)
+            assert twin is not None and twin.desired == {key: key for key in keys}, tid
+            history = await store.history(tid, 1, None)
+            assert [e.event.revision for e in history] == list(range(1, len(keys) + 2)), tid
+        await store.mark_indexed(await store.pending_index(100))
         assert await store.index_backlog() == (0, None)
 
     async def test_search_and_count(self, store_factory: StoreFactory) -> None:

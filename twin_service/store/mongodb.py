@@ -487,6 +487,10 @@ class MongoStore:
     async def mark_indexed(self, tasks: list[IndexTask]) -> None:
         if not tasks:
             return
+        if self._racy_updates:
+            for task in tasks:
+                await self._mark_indexed_claimed(task)
+            return
         # A twin written again since stays pending, and its writes up to the one indexed
         # are covered: left as it was, its ixf held every wait for a later write for as long
         # as the twin was written faster than the indexer took it. The filters are disjoint.
@@ -504,6 +508,41 @@ class MongoStore:
         ]
         try:
             await self._twins.bulk_write(updates, ordered=False)
+        except DRIVER_ERRORS as exc:
+            raise _failure("The twin store failed to commit", exc) from exc
+
+    async def _mark_indexed_claimed(self, task: IndexTask) -> None:
+        """:meth:`mark_indexed` of one twin where updates race (FerretDB): there an update
+        is a read and a later write of the whole document, so one outside a claim wrote
+        the version it had read back over a write acknowledged meanwhile (the write was
+        undone, its revision journaled twice, and its writer's claim left to lapse). The
+        version's claim is taken, as a writer takes it, for the update only, then given
+        back; a twin being written is left pending for the indexer's next round."""
+        try:
+            raw = await self._twins.find_one({"_id": task.twin_id}, {"seq": 1, "ix": 1})
+            if raw is None or int(raw.get("ix", -1)) < task.seq:
+                return  # marked already
+            version, queued = int(raw.get("seq", 0)), int(raw["ix"])
+            claim = f"{task.twin_id}@{version}"
+            try:
+                await self._claims.insert_one(
+                    {"_id": claim, "at": datetime.now(UTC), "by": self._claimant}
+                )
+            except DuplicateKeyError:
+                return
+            try:
+                # As mark_indexed's filters: the write indexed, or one written since.
+                if queued == task.seq:
+                    update: dict[str, Any] = {"$unset": {"ix": "", "ixf": ""}}
+                else:
+                    update = {"$max": {"ixf": task.seq + 1}}
+                gap = self._settings.gap_timeout_seconds
+                with pymongo.timeout(min(gap * 0.8, self._settings.operation_timeout_ms / 1000)):
+                    await self._twins.update_one(
+                        {"_id": task.twin_id, "seq": version, "ix": queued}, update
+                    )
+            finally:
+                await self._claims.delete_one({"_id": claim, "by": self._claimant})
         except DRIVER_ERRORS as exc:
             raise _failure("The twin store failed to commit", exc) from exc
 
