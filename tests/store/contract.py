@@ -506,6 +506,29 @@ class StoreContract:
             before = await store.twin_at(tid, 1)
             assert before is not None and before.attributes == {"n": 1}, tid
 
+    async def test_a_deletion_that_aged_out_stays_out(self, store_factory: StoreFactory) -> None:
+        """On FerretDB a tombstone keeps its deletion pending in the twin document: once the
+        deletion aged out of the journal, history still held it (GET /history 200, not 410
+        with deletedRevision), and creating the twin again wrote it back into the journal."""
+        stream = StreamSettings(journal_max_age_seconds=60)
+        store = await store_factory(stream=stream, maintenance_interval_seconds=0.2)
+        tid = "org.acme:aged-away"
+        await store.write(change(None, tid, {"attributes": {"n": 1}}, timestamp=AGES_AGO))
+        twin = await store.get(tid)
+        await store.write(change(twin, tid, {"attributes": {"n": 2}}, timestamp=AGES_AGO))
+        twin = await store.get(tid)
+        assert twin is not None
+        gone = await store.write(deletion(twin, AGES_AGO))
+        await wait_pruned(store, gone)
+        assert await store.history(tid, 0, None) == []
+        assert await store.history(tid, 3, 3) == []
+        assert await store.twin_at(tid, 2) is None
+        tombstone = await store.tombstone(tid)
+        assert tombstone is not None and tombstone.revision == 3
+        await store.write(change(None, tid, {"attributes": {"n": 4}}, tombstone))
+        assert [e.event.revision for e in await store.history(tid, 0, None)] == [4]
+        assert [e.revision for _, e in await all_events(store) if e.twin_id == tid] == [4]
+
     async def test_writes_made_without_the_outbox_are_pending_once_it_is_kept(
         self, store_factory: StoreFactory
     ) -> None:

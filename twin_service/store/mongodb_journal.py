@@ -281,13 +281,36 @@ class Journal:
             seq = await self._allocator.next(pending.twin_id)
 
     async def journaled(self, allocated: int) -> bool:
-        """Whether the event allocated ``allocated`` is in the journal (maybe renumbered)."""
+        """Whether the event allocated ``allocated`` is in the journal (maybe renumbered), or
+        was and retention removed it (see ``_retired``)."""
         # By _id first: most events are journaled under their own number. (Both lookups scan
         # the journal on FerretDB 1.24, which pushes no integer filter down to SQLite.)
         entry = await self._events.find_one({"_id": allocated}, {"o": 1})
         if entry is not None and entry.get("o") == allocated:
             return True
-        return await self._events.find_one({"o": allocated}, {"_id": 1}) is not None
+        if await self._events.find_one({"o": allocated}, {"_id": 1}) is not None:
+            return True
+        return bool(await self._retired([allocated]))
+
+    async def _retired(self, allocated: Sequence[int]) -> set[int]:
+        """Those of the numbers ``allocated``, of events found pending in a twin, that are no
+        longer pending: their events were journaled, and may have been pruned since.
+
+        On FerretDB a twin keeps its last event pending once journaled (see MongoStore.write),
+        a tombstone its deletion for good. Once retention removed that event, it looked like
+        one not journaled yet: history listed the deletion again (no 410 for a twin whose
+        history aged out), and the next creation's writer journaled it again. Every number
+        up to the stable watermark is journaled or fenced off, and entries go only at or
+        below the pruned mark (events) or the watermark (fences): so a number at or below
+        both with no fence was journaled. A fenced number's event, if it was committed at
+        all, is journaled under a fresh number (found by ``o``), by its writer at once.
+        """
+        bound = min(await self.pruned(), await self._load_hint())
+        below = [seq for seq in allocated if seq <= bound]
+        if not below:
+            return set()
+        fences = self._events.find({"_id": {"$in": below}, "b": True}, {"_id": 1})
+        return set(below) - {int(doc["_id"]) async for doc in fences}
 
     async def fence(self, seq: int) -> None:
         """Make ``seq`` permanently empty (no error if it is already used)."""
@@ -399,12 +422,18 @@ class Journal:
             done = {int(doc["o"]) async for doc in journaled}
             names = sorted({twin for n, twin in numbers.items() if n not in done})
             holders = self._read_each(names)
+        found = [
+            (holder["_id"], token, int(token.partition("|")[0]))
+            async for holder in holders
+            for token in holder.get("ev", [])
+            if low <= token < high
+        ]
+        retired = await self._retired([seq for _, _, seq in found if seq not in done])
         helped = 0
-        async for holder in holders:
-            for token in holder.get("ev", []):
-                if low <= token < high and int(token.partition("|")[0]) not in done:
-                    await self.help(holder["_id"], token)
-                    helped += 1
+        for twin_id, token, seq in found:
+            if seq not in done and seq not in retired:
+                await self.help(twin_id, token)
+                helped += 1
         return helped
 
     async def _read_each(self, twin_ids: Sequence[str]) -> AsyncIterator[dict[str, Any]]:
@@ -419,8 +448,7 @@ class Journal:
     ) -> list[StoredEvent]:
         """Journaled and still pending events of one twin in a revision range, by seq, from
         the id's latest revision 1 on (see ``TwinStore.history``)."""
-        holder = await self._twins.find_one({"_id": twin_id}, {"ev": 1})
-        pending = [Pending.parse(token) for token in (holder or {}).get("ev", [])]
+        pending = await self._pending(twin_id)
         creations = [event.seq for event in pending if event.revision == 1]
         creation = await self._events.find_one({"t": twin_id, "r": 1}, {"o": 1}, sort=[("o", -1)])
         if creation is not None:
@@ -432,12 +460,18 @@ class Journal:
         found = self._events.find({"t": twin_id, "r": revisions, "o": {"$gte": start}})
         journaled = await found.sort("o", 1).limit(limit or 0).to_list()
         events = {int(doc["o"]): stored_event(doc) for doc in journaled}
-        for event in pending:
-            wanted = since <= event.revision and (until is None or event.revision <= until)
-            if wanted and event.seq >= start and event.seq not in events:
-                events[event.seq] = event.stored()
         # The first `limit` of journaled and pending together: any of them is either
-        # pending or among the first `limit` journaled.
+        # pending or among the first `limit` journaled (a pending one past those is not).
+        past = int(journaled[-1]["o"]) if limit and len(journaled) == limit else None
+        wanted = [
+            event
+            for event in pending
+            if since <= event.revision
+            and (until is None or event.revision <= until)
+            and event.seq >= start
+            and (past is None or event.seq < past)
+        ]
+        await self._add_pending(events, wanted)
         return sorted(events.values(), key=lambda stored: stored.seq)[:limit]
 
     async def twin_at(self, twin_id: str, revision: int) -> Twin | None:
@@ -462,12 +496,21 @@ class Journal:
         (``revisions`` as a query, ``pending_wanted`` for the pending ones)."""
         journaled = await self._events.find({"t": twin_id, "r": revisions}).to_list()
         events = {int(doc["o"]): stored_event(doc) for doc in journaled}
-        holder = await self._twins.find_one({"_id": twin_id}, {"ev": 1})
-        for token in (holder or {}).get("ev", []):
-            pending = Pending.parse(token)
-            if pending_wanted(pending.revision) and pending.seq not in events:
-                events[pending.seq] = pending.stored()
+        pending = await self._pending(twin_id)
+        await self._add_pending(events, [e for e in pending if pending_wanted(e.revision)])
         return sorted(events.values(), key=lambda stored: stored.seq)
+
+    async def _pending(self, twin_id: str) -> list[Pending]:
+        """The events found pending in one twin's document (journaled maybe: see _add_pending)."""
+        holder = await self._twins.find_one({"_id": twin_id}, {"ev": 1})
+        return [Pending.parse(token) for token in (holder or {}).get("ev", [])]
+
+    async def _add_pending(self, events: dict[int, StoredEvent], pending: list[Pending]) -> None:
+        """Add to ``events`` (journaled ones, by allocated seq) those of ``pending`` missing
+        there but not journaled and pruned since (``_retired``)."""
+        missing = [event for event in pending if event.seq not in events]
+        retired = await self._retired([event.seq for event in missing])
+        events.update((event.seq, event.stored()) for event in missing if event.seq not in retired)
 
     async def pruned(self) -> int:
         doc = await self._meta.find_one({"_id": "pruned"})
