@@ -818,3 +818,41 @@ def test_a_since_no_store_can_hold_is_refused(service: ServiceProcess) -> None:
             assert beyond["type"] == "resync.required", beyond
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("since", [None, 0])
+def test_an_unsubscribe_and_subscribe_again_take_effect_in_the_order_sent(
+    service: ServiceProcess, since: int | None
+) -> None:
+    """Subscribe with ``since``, unsubscribe, subscribe again under the same id, sent at once
+    (a resume retried, as docs/api.md advises): the second subscribe was handled while the
+    unsubscribe waited for the first one's answer, found the id still taken, and was refused
+    ("already exists"); then the unsubscribe took the first one away, and the connection had
+    no subscription at all. Those of one id take effect in the order sent."""
+    ns = namespace()
+    again = {} if since is None else {"since": since}
+
+    async def run() -> None:
+        async with connect(service) as ws:
+            for n in range(10):
+                first = {"type": "subscribe", "id": f"s{n}", "since": 0, "namespaces": [ns]}
+                await send(ws, first)
+                await send(ws, {"type": "unsubscribe", "id": f"s{n}"})
+                await send(ws, {**first, **again})
+            by_subscription: dict[str, list[Json]] = {}
+            with pytest.raises(TimeoutError):  # until nothing more comes for a second
+                while True:
+                    message = await receive(ws, timeout=1.0)
+                    key = message.get("subscription", message.get("correlationId"))
+                    by_subscription.setdefault(key, []).append(message)
+            for n in range(10):
+                messages = by_subscription[f"s{n}"]
+                answers = [(m["type"], m.get("found")) for m in messages]
+                expected = [("subscribed", None), ("unsubscribed", True), ("subscribed", None)]
+                assert answers == expected, messages
+            async with service.async_client() as api:
+                assert (await api.put(f"/api/v1/twins/{ns}:t", json={})).status_code == 201
+            events = [await receive(ws) for _ in range(10)]
+            assert sorted(e["subscription"] for e in events) == [f"s{n}" for n in range(10)]
+
+    asyncio.run(run())

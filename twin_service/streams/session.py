@@ -25,9 +25,10 @@ message to it at once; otherwise it wakes the connection's writer task, which us
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,8 +85,6 @@ class _Active:
     #: Messages queued when it went live; once that many were handed, the connection's
     #: highest event handed over counts for it too. ``None`` while replaying.
     live_from: int | None = None
-    #: Set once its subscribe has its answer (see :meth:`StreamSession.unsubscribe_answered`).
-    answered: asyncio.Event = field(default_factory=asyncio.Event)
 
     def receive(self, frame: EventFrame) -> None:
         session = self.session
@@ -125,6 +124,9 @@ class StreamSession:
         self._outbox: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
         self._subs: dict[str, _Active] = {}
+        #: Per subscription id, set once the last subscribe or unsubscribe of it to arrive
+        #: has taken effect (see :meth:`_turn`).
+        self._turns: dict[str, asyncio.Event] = {}
         self.overflowed = False
         #: Set by :meth:`stop`: the service is stopping.
         self.stopping = False
@@ -264,6 +266,19 @@ class StreamSession:
     # -- subscriptions ---------------------------------------------------------------------
 
     async def subscribe(self, subscription: Subscription, since: int | None) -> None:
+        """File ``subscription`` and queue its answer, then replay the journal from
+        ``since`` (if given) until it goes live."""
+        async with self._turn(subscription.id):
+            replay_from = await self._answer_subscribe(subscription, since)
+        if replay_from is not None:
+            await self._replay(*replay_from)
+
+    async def _answer_subscribe(
+        self, subscription: Subscription, since: int | None
+    ) -> tuple[_Active, int, int] | None:
+        """Refuse ``subscription``, or file it and queue its ``subscribed`` (or
+        ``resync.required``): the subscription, ``since`` and the hub's position when a
+        replay from ``since`` to that position follows."""
         if subscription.id in self._subs:
             raise BadRequest(f"Subscription {subscription.id!r} already exists.")
         if len(self._subs) >= self._max_subscriptions:
@@ -285,14 +300,12 @@ class StreamSession:
                 f"{self._max_listed} in all. Subscribe by namespace or a wider filter instead.",
             )
         if self._closed or self.overflowed:
-            return  # a late message of a closed or cut-off connection: filing it would leak
+            return None  # a late message of a closed or cut-off connection: filing it would leak
         active = _Active(self, subscription, replaying=since is not None)
         self._subs[subscription.id] = active
         position = self._hub.register(active, subscription)
         active.through = position if since is None else since
-        if since is None:
-            active.answered.set()  # its "subscribed" goes out below, before anything else runs
-        else:
+        if since is not None:
             try:
                 gap = await self._journal_gap(since, position)
             except BaseException:
@@ -301,12 +314,8 @@ class StreamSession:
                 # the client could not subscribe again under its id.
                 self._drop(active)
                 raise
-            finally:
-                # Its answer (below, or the error) is queued before an unsubscribe waiting
-                # for it runs: nothing is awaited in between.
-                active.answered.set()
             if not self._reading(active):
-                return  # the connection closed, or its reader was cut off, meanwhile
+                return None  # the connection closed, or its reader was cut off, meanwhile
             if gap is not None:
                 active.through = position
                 self.send(
@@ -319,7 +328,7 @@ class StreamSession:
                     }
                 )
                 self._release(active, position)
-                return
+                return None
         self.send({"type": "subscribed", "subscription": subscription.id, "seq": position})
         if since is None or since >= position:
             # Resuming ahead of this hub: another replica's commits the reader has seen
@@ -327,8 +336,12 @@ class StreamSession:
             # Events held while the journal was consulted above go out if they are new.
             active.had_through = since or 0
             self._release(active, max(position, since or 0))
-            return
+            return None
+        return active, since, position
 
+    async def _replay(self, active: _Active, since: int, position: int) -> None:
+        """Queue the journal's events of ``active`` after ``since`` up to ``position``, then
+        the live events held back meanwhile."""
         replayed = since
 
         def emit_replayed(
@@ -513,14 +526,36 @@ class StreamSession:
             self.unsubscribe(active.subscription.id)
 
     async def unsubscribe_answered(self, subscription_id: str) -> bool:
-        """:meth:`unsubscribe` once the subscription's subscribe has its answer: a client's
-        ``unsubscribe`` right behind a ``subscribe`` with ``since`` is handled while that
-        consults the journal. Unsubscribed then, the subscribe got no answer at all (every
-        message gets one), or its answer followed ``unsubscribed`` (nothing of a
-        subscription may follow that)."""
-        while (active := self._subs.get(subscription_id)) and not active.answered.is_set():
-            await active.answered.wait()
-        return self.unsubscribe(subscription_id)
+        """:meth:`unsubscribe` once the subscribes of ``subscription_id`` received before
+        have their answers (see :meth:`_turn`)."""
+        async with self._turn(subscription_id):
+            return self.unsubscribe(subscription_id)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, subscription_id: str) -> AsyncIterator[None]:
+        """Wait until the subscribes and unsubscribes of ``subscription_id`` that came
+        before have taken effect (a subscribe once it is answered), and hold the later ones
+        until this one has.
+
+        A WebSocket handles each message in a task of its own, and a subscribe with
+        ``since`` consults the journal before its answer. An ``unsubscribe`` right behind
+        it, handled meanwhile, left that subscribe no answer at all (every message gets
+        one), or an answer after ``unsubscribed`` (nothing of a subscription may follow
+        that); and a ``subscribe`` of the same id behind that one (a resume retried) found
+        the id still taken and was refused, and the unsubscribe then left the connection
+        with no subscription. The turn is taken before the first await: the tasks of one
+        connection start in the order its messages were received (the event loop runs
+        them first in, first out)."""
+        ahead = self._turns.get(subscription_id)
+        mine = self._turns[subscription_id] = asyncio.Event()
+        try:
+            if ahead is not None:
+                await ahead.wait()
+            yield
+        finally:
+            mine.set()
+            if self._turns.get(subscription_id) is mine:
+                del self._turns[subscription_id]
 
     def unsubscribe(self, subscription_id: str) -> bool:
         active = self._subs.pop(subscription_id, None)
