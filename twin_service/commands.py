@@ -17,7 +17,7 @@ from search.rql.query import SearchQuery, build_query, parse_namespaces
 from twin_service.api.context import AppContext
 from twin_service.auth import Principal
 from twin_service.digits import ascii_integer
-from twin_service.errors import BadRequest, NotFound
+from twin_service.errors import BadRequest, MethodNotAllowed, NotFound
 from twin_service.index.base import search_disabled
 from twin_service.service import Amend, Preconditions
 from twin_service.twin.document import SECTIONS, Twin
@@ -33,7 +33,7 @@ from twin_service.twin.operations import (
     put_at,
     replace_twin,
 )
-from twin_service.twin.patch import get_at, split_pointer
+from twin_service.twin.patch import get_at, has_at, split_pointer
 from twin_service.types import JSON, JSONObject
 
 READ_ONLY_VIEWS = ("delta", "connection", "metadata", "lifecycle")
@@ -118,8 +118,12 @@ async def run_command(ctx: AppContext, access: Access, message: JSONObject) -> t
     parts = split_pointer(_str(message, "path") or "")
     section = parts[0] if parts else None
     pointer = parts[1:]
+    # The errors of REST's URLs: one under a twin that names nothing is 404, a write to a
+    # view 405 (whatever the token may do).
     if section is not None and section not in (*SECTIONS, *READ_ONLY_VIEWS):
-        raise BadRequest(f"Unknown section {section!r} in path.")
+        raise NotFound(f"Unknown section {section!r} in path.", code="resource.notfound")
+    if section in READ_ONLY_VIEWS and name in ("put", "patch", "delete"):
+        raise MethodNotAllowed(f"{section!r} is a read-only view: it takes 'get' only.")
     if name == "get":
         principal.require("read")
         twin = await ctx.service.get(twin_id)
@@ -128,13 +132,13 @@ async def run_command(ctx: AppContext, access: Access, message: JSONObject) -> t
             return 200, select(doc, parse_fields(_str(message, "fields")))
         return 200, get_at(doc[section], pointer)
     principal.require("write")
-    if section in READ_ONLY_VIEWS:
-        raise BadRequest(f"{section!r} is read-only.", code="twin.readonly")
     conditions = _preconditions(message)
     amend = _ttl_amend(message) if name != "delete" else None
     value = message.get("value")
     edit: Any
     may_create = False
+    # Whether a put at a pointer found a value there, at its last try (REST: 201 if not).
+    existed: list[bool] = []
     if name == "put":
         if "value" not in message:
             raise BadRequest("'put' needs a 'value'.")
@@ -143,7 +147,11 @@ async def run_command(ctx: AppContext, access: Access, message: JSONObject) -> t
             edit = lambda _t: change  # noqa: E731
             may_create = True
         else:
-            edit = lambda t: put_at(_exists(t), section, pointer, value)  # noqa: E731
+
+            def edit(twin: Twin | None) -> Edit:
+                current = _exists(twin)
+                existed.append(has_at(current.section(section), pointer))
+                return put_at(current, section, pointer, value)
     elif name == "patch":
         kind = message.get("patchType", "merge")
         if kind not in ("merge", "json"):
@@ -175,7 +183,8 @@ async def run_command(ctx: AppContext, access: Access, message: JSONObject) -> t
     )
     if outcome.twin is None:
         return 204, None
-    status = 201 if outcome.created else 200
+    # 200, not REST's 204: the reply has a body.
+    status = 201 if outcome.created or existed[-1:] == [False] else 200
     return status, {"revision": outcome.twin.revision, "seq": outcome.stored.seq}
 
 

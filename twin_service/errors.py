@@ -15,8 +15,9 @@ error message over WebSocket, and to a ``rejected`` message over MQTT.
     │   └── RqlInvalid                rql.invalid
     ├── Unauthorized (401)            auth.required / auth.revoked
     ├── Forbidden (403)               auth.forbidden
-    ├── NotFound (404)                twin.notfound / pointer.notfound
+    ├── NotFound (404)                twin.notfound / pointer.notfound / resource.notfound
     │   └── SearchDisabled            search.disabled
+    ├── MethodNotAllowed (405)        request.method
     ├── Conflict (409)                twin.conflict / version.conflict
     ├── Gone (410)                    history.expired
     ├── PreconditionFailed (412)      twin.precondition.failed / twin.condition.failed
@@ -129,6 +130,14 @@ class SearchDisabled(NotFound):
     """The search API is turned off (``search = "off"``)."""
 
     default_code = "search.disabled"
+
+
+class MethodNotAllowed(TwinServiceError):
+    """A write to a read-only view (``delta``...). Over HTTP Starlette answers it (the
+    routes say which methods each path takes); a WebSocket command gets this."""
+
+    status = 405
+    default_code = "request.method"
 
 
 class Conflict(TwinServiceError):

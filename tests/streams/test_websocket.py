@@ -856,3 +856,51 @@ def test_an_unsubscribe_and_subscribe_again_take_effect_in_the_order_sent(
             assert sorted(e["subscription"] for e in events) == [f"s{n}" for n in range(10)]
 
     asyncio.run(run())
+
+
+def test_commands_answer_the_status_and_error_rest_does(service: ServiceProcess) -> None:
+    """docs/api.md: commands have REST's semantics and errors. A write to a read-only view
+    was 400 twin.readonly (REST: 405 request.method), a section that names nothing 400
+    request.invalid (REST: 404 resource.notfound), and a put at a pointer always 200 (REST:
+    201 for a new value; 204, here 200 since the reply has a body, otherwise)."""
+    twin = f"{namespace()}:parity"
+
+    async def run() -> None:
+        async with connect(service) as ws, service.async_client() as api:
+            assert (await api.put(f"/api/v1/twins/{twin}", json={})).status_code == 201
+            cases: list[tuple[Json, str, str, Any]] = [
+                ({"command": "put", "path": "/delta", "value": {}}, "PUT", "/delta", {}),
+                ({"command": "patch", "path": "/metadata", "value": {}}, "PATCH", "/metadata", {}),
+                ({"command": "delete", "path": "/lifecycle/x"}, "DELETE", "/lifecycle/x", None),
+                ({"command": "get", "path": "/bogus"}, "GET", "/bogus", None),
+                ({"command": "put", "path": "/bogus/a", "value": 1}, "PUT", "/bogus/a", 1),
+            ]
+            for n, (fields, method, path, body) in enumerate(cases):
+                kwargs: Json = {} if body is None else {"json": body}
+                if method == "PATCH":
+                    kwargs["headers"] = {"Content-Type": "application/merge-patch+json"}
+                rest = await api.request(method, f"/api/v1/twins/{twin}{path}", **kwargs)
+                reply = await command(ws, f"e{n}", twinId=twin, **fields)
+                assert reply["type"] == "error", reply
+                assert (reply["status"], reply["error"]["error"]) == (
+                    rest.status_code,
+                    rest.json()["error"],
+                ), (fields, rest.text)
+            async with connect(service, READER_TOKEN) as reader:
+                refused = await command(reader, "r", command="put", twinId=twin, path="/delta")
+                assert (refused["status"], refused["error"]["error"]) == (405, "request.method")
+            new = await command(ws, "p1", command="put", twinId=twin, path="/desired/a/b", value=1)
+            assert new["status"] == 201 and set(new["body"]) == {"revision", "seq"}, new
+            again = await command(
+                ws, "p2", command="put", twinId=twin, path="/desired/a/b", value=2
+            )
+            assert again["status"] == 200, again
+            rest_new = await api.put(f"/api/v1/twins/{twin}/desired/c", json=1)
+            rest_again = await api.put(f"/api/v1/twins/{twin}/desired/c", json=2)
+            assert (rest_new.status_code, rest_again.status_code) == (201, 204)
+            patched = await command(
+                ws, "p3", command="patch", twinId=twin, path="/desired/d", value=1
+            )
+            assert patched["status"] == 200, patched
+
+    asyncio.run(run())

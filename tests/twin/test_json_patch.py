@@ -22,6 +22,7 @@ from twin_service.twin.jsonvalue import loads_strict
 from twin_service.twin.patch import (
     apply_json_patch,
     get_at,
+    has_at,
     join_pointer,
     json_equal,
     remove_at,
@@ -350,6 +351,12 @@ def test_get_at_missing(pointer: str) -> None:
     with pytest.raises(NotFound) as info:
         get_at(RFC6901_DOC, split_pointer(pointer))
     assert info.value.code == "pointer.notfound"
+    assert not has_at(RFC6901_DOC, split_pointer(pointer))
+
+
+@pytest.mark.parametrize(("pointer", "value"), RFC6901_ROWS)
+def test_has_at_what_get_at_finds(pointer: str, value: JSON) -> None:
+    assert has_at(RFC6901_DOC, split_pointer(pointer))
 
 
 SET_ROWS: list[tuple[JSON, list[str], JSON, JSON]] = [

@@ -131,6 +131,15 @@ def get_at(doc: JSON, parts: list[str]) -> JSON:
     return node
 
 
+def has_at(doc: JSON, parts: list[str]) -> bool:
+    """Whether there is a value at ``parts`` (a PUT there replaces one, else creates one)."""
+    try:
+        get_at(doc, parts)
+    except NotFound:
+        return False
+    return True
+
+
 def set_at(doc: JSON, parts: list[str], value: JSON) -> JSON:
     """A copy of ``doc`` with ``value`` at ``parts``, creating missing parent objects."""
     if len(parts) > MAX_NESTING:  # each token is a level of recursion, and of nesting

@@ -53,7 +53,7 @@ from twin_service.twin.operations import (
     put_at,
     replace_twin,
 )
-from twin_service.twin.patch import get_at
+from twin_service.twin.patch import get_at, has_at
 from twin_service.types import JSON
 
 router = APIRouter(prefix="/api/v1", tags=["twins"])
@@ -443,11 +443,7 @@ async def put_section(
 
     def edit(twin: Twin | None) -> Edit:
         current = _exists(twin)
-        try:
-            get_at(current.section(section), parts)
-            existed.append(True)
-        except NotFound:
-            existed.append(False)
+        existed.append(has_at(current.section(section), parts))
         return put_at(current, section, parts, body)
 
     outcome = await _commit(
