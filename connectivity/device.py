@@ -2,7 +2,9 @@
 
 On every (re)connection it publishes ``online`` (retained) on its status topic, whose last
 will is a retained ``offline``, and asks for the full twin with ``get`` - a device must not rely
-on deltas alone after being away. Deltas arrive on :attr:`DeviceClient.deltas`.
+on deltas alone after being away. Deltas arrive on :attr:`DeviceClient.deltas`; those that
+come on a connection before its ``get`` has answered are held back, since a persistent session
+replays deltas the service has since withdrawn (:mod:`connectivity.device_deltas`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from connectivity.credentials import mqtt_username
+from connectivity.device_deltas import DeltaMessage, delta_after_get, older
 from connectivity.errors import MqttUnavailable, NotConnected, RequestRejected
 from connectivity.interrupt import unless_set
 from connectivity.messages import InboundMessage
@@ -80,12 +83,18 @@ class DeviceClient:
         #: The delta messages (``{"state": {...}, "desiredVersion": n}``) not yet superseded,
         #: in arrival order. A cleared delta (empty payload, nothing left to apply) empties the
         #: queue, and a delta older than the ``desiredVersion`` of the last :meth:`get` is
-        #: dropped: after being away, a persistent session delivers the deltas it queued, and
-        #: the app must not apply one the service has since withdrawn.
+        #: dropped. After each (re)connection nothing is added until the twin is fetched; then
+        #: the queue holds at most the twin's current delta (or a later one that came
+        #: meanwhile): a persistent session first delivers the deltas it queued while the
+        #: device was away, and the app must never get one the service has since withdrawn.
         self.deltas: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         #: The last ``get/accepted`` document, refreshed on every reconnection.
         self.twin: dict[str, Any] | None = None
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        #: The connection (``MqttClient.connections``) whose twin fetch has settled; until the
+        #: current one's has, deltas go to ``_held`` (None for a cleared one).
+        self._settled = 0
+        self._held: list[DeltaMessage] = []
         #: Set while the client is not started (stopped, or start() failed): ends a start()
         #: still connecting, and requests' retries; requests raise NotConnected(_why_down).
         self._stopping = asyncio.Event()
@@ -187,7 +196,7 @@ class DeviceClient:
         """Request the full twin; returns the ``get/accepted`` body."""
         body = await self._request("get", {}, timeout)
         self.twin = body
-        self._keep_deltas(lambda delta: not _older(delta, body))
+        self._keep_deltas(lambda delta: not older(delta, body))
         return body
 
     async def report(
@@ -282,21 +291,47 @@ class DeviceClient:
 
     async def _announce(self) -> None:
         # The client runs its connect listeners once its subscriptions are acknowledged.
+        connection = self._client.connections
         self._subscribed.set()
+        twin = None
         try:
             await self._client.publish(self.topic("status"), b"online", retain=True)
-            await self.get()
+            twin = await self.get()
         except (MqttUnavailable, RequestRejected, TimeoutError) as exc:
-            # The retained delta still comes; the next connection fetches the twin again.
+            # The app gets the newest delta held; the next connection fetches the twin again.
             log.warning("could not fetch the twin after connecting: %s", exc)
+        finally:
+            self._settle(connection, twin)
+
+    def _settle(self, connection: int, twin: dict[str, Any] | None) -> None:
+        """Hand the app the one delta the deltas held since ``connection`` began and the
+        twin fetched on it (None: not fetched) leave standing; nothing when a later
+        connection has begun meanwhile: its own fetch decides."""
+        if connection != self._client.connections:
+            return
+        held, self._held = self._held, []
+        self._settled = connection
+        if twin is None and not held:
+            return  # nothing new: the queue stands
+        delta = delta_after_get(held, twin)
+        # A delta is the whole delta: the current one outdates everything queued before it.
+        self._keep_deltas(lambda _delta: False)
+        if delta is not None and not (self.twin is not None and older(delta, self.twin)):
+            self.deltas.put_nowait(delta)
 
     async def _on_delta(self, msg: InboundMessage) -> None:
-        if not msg.payload:
+        body = _json(msg) if msg.payload else None
+        if msg.payload and body is None:
+            return
+        if self._settled != self._client.connections:
+            # Maybe replayed by the persistent session and withdrawn since: held until the
+            # twin fetched on this connection says (the app waiting in deltas.get() took the
+            # first of them before the cleared delta that followed could withdraw it).
+            self._held.append(body)
+        elif body is None:
             # The service cleared the delta: every earlier one is withdrawn.
             self._keep_deltas(lambda _delta: False)
-            return
-        body = _json(msg)
-        if body is not None and not (self.twin is not None and _older(body, self.twin)):
+        elif not (self.twin is not None and older(body, self.twin)):
             self.deltas.put_nowait(body)
 
     def _keep_deltas(self, keep: Callable[[dict[str, Any]], bool]) -> None:
@@ -339,12 +374,6 @@ def encode_json(body: dict[str, Any]) -> bytes:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
     return text.encode()
-
-
-def _older(delta: dict[str, Any], twin: dict[str, Any]) -> bool:
-    """Whether ``delta`` is for an older desired version than ``twin`` (a ``get`` answer)."""
-    version, current = delta.get("desiredVersion"), twin.get("desiredVersion")
-    return isinstance(version, int) and isinstance(current, int) and version < current
 
 
 def _json(msg: InboundMessage) -> dict[str, Any] | None:

@@ -290,6 +290,12 @@ class MqttClient:
         return self._connected
 
     @property
+    def connections(self) -> int:
+        """How many connections the broker has accepted since this client was made (across
+        stops and starts): a connect listener tells its connection from a later one by it."""
+        return self._connects
+
+    @property
     def session_present(self) -> bool:
         """Whether the broker had a session for this client id at the last connection
         (the CONNACK's session-present flag)."""

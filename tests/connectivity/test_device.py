@@ -142,6 +142,9 @@ async def test_device_basics(
     await eventually(lambda: service.status.get(twin) == "online")
     await eventually(lambda: dev.twin is not None)
     assert dev.twin is not None and dev.twin["desiredVersion"] == 1
+    # The twin's delta, from the get answer: no retained delta came (this fake publishes none).
+    delta = await asyncio.wait_for(dev.deltas.get(), 10)
+    assert delta == {"state": {"speed": 3}, "desiredVersion": 1}
 
     accepted = await dev.report({"speed": 3}, desired_version=1, client_token="tok-1")
     assert accepted == {"clientToken": "tok-1", "revision": 1, "reportedVersion": 1}

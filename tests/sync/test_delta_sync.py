@@ -6,7 +6,9 @@ import asyncio
 import json
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import websockets
 
@@ -16,10 +18,14 @@ from connectivity.options import MqttOptions
 from connectivity.sync import MqttSync
 from tests.connectivity.helpers import Collector
 from tests.servers.mosquitto import Mosquitto
+from tests.servers.process import free_port
 from tests.service_process import ADMIN_TOKEN
 from tests.sync.helpers import (
+    QUIET,
     RawDevice,
+    add_device,
     device,
+    embedded_service,
     patch_desired,
     put_twin,
     put_twin_once_up,
@@ -346,3 +352,69 @@ async def test_a_delta_cleared_while_the_device_was_away_is_not_handed_to_the_ap
             await dev.stop()
     finally:
         proc.stop()
+
+
+async def test_an_app_waiting_for_a_delta_gets_none_the_service_withdrew_while_it_was_away(
+    tmp_path: Path,
+) -> None:
+    """The app waits in ``deltas.get()`` (the README loop) while its device is away; desired
+    changes six times, then an operator writes ``reported`` to match: the twin has no delta.
+    On reconnecting, the persistent session replayed the queued deltas and DeviceClient put
+    each into the public queue at once, so the waiting app took the oldest, {x: base+1},
+    before the cleared delta or the get's answer withdrew it (in about one reconnection of
+    four), applied it and moved reported back. A delta of the connection after that still
+    comes at once."""
+    data = tmp_path / "svc"
+    twin = f"org.acme:{tmp_path.name[-20:]}"
+    password = add_device(data, twin)
+    port = free_port()
+    proc = embedded_service(data, port, **QUIET)
+    url = f"mqtt://127.0.0.1:{port}"
+    handed: list[dict[str, Any]] = []
+    try:
+        wait_mqtt_up(proc)
+        async with proc.async_client() as api:
+            assert (await api.put(f"/api/v1/twins/{twin}", json={"desired": {"x": 0}})).is_success
+            dev = device(url, twin, password=password, protocol=4)
+
+            async def app() -> None:
+                while True:
+                    handed.append(await dev.deltas.get())
+
+            await dev.start()
+            await until(lambda: dev.twin is not None)
+            consumer = asyncio.create_task(app())
+            try:
+                for base in range(0, 120, 6):
+                    await dev.stop()
+                    for x in range(base + 1, base + 7):
+                        await _merge_patch(api, twin, {"desired": {"x": x}})
+                        await asyncio.sleep(0.05)
+                    last = await _merge_patch(api, twin, {"reported": {"x": base + 6}})
+                    await asyncio.sleep(0.2)  # the service publishes the deltas, then clears
+                    handed.clear()
+                    await dev.start()
+                    await until(
+                        lambda: (dev.twin or {}).get("revision", 0) >= last["revision"]  # noqa: B023
+                    )
+                    await asyncio.sleep(0.1)
+                    assert handed == [], f"after reconnection {base // 6 + 1}"
+                changed = await _merge_patch(api, twin, {"desired": {"x": -1}})
+                await until(lambda: handed != [])
+                assert handed == [{"state": {"x": -1}, "desiredVersion": changed["desiredVersion"]}]
+            finally:
+                consumer.cancel()
+                await dev.stop()
+    finally:
+        proc.stop()
+
+
+async def _merge_patch(api: httpx.AsyncClient, twin: str, patch: dict[str, Any]) -> dict[str, Any]:
+    response = await api.patch(
+        f"/api/v1/twins/{twin}",
+        content=json.dumps(patch),
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
