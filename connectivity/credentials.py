@@ -19,11 +19,14 @@ import contextlib
 import errno
 import fcntl
 import functools
+import grp
 import hashlib
 import hmac
 import json
 import os
+import pwd
 import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -149,7 +152,8 @@ class DeviceCredential:
 
 
 class CredentialStore:
-    """A JSON file of ``twin id -> $7$ hash``, written atomically with mode 0600.
+    """A JSON file of ``twin id -> $7$ hash``, written atomically with mode 0600 (a replaced
+    file keeps its owner, group and mode).
 
     Blocking file I/O: call it from a thread when on an event loop.
     """
@@ -359,7 +363,8 @@ def render_acl(service_user: str, layout: TopicLayout, twin_ids: Iterable[str]) 
 
 
 def _write_private(files: dict[Path, str]) -> None:
-    """Replace each path of ``files`` with its text, in a file only its owner can read.
+    """Replace each path of ``files`` with its text: a new file only its owner can read, or
+    one with the owner, group and mode of the file it replaces (:func:`_keep_owner_and_mode`).
 
     Every text is written (and synced) beside its path before any is renamed: a path that
     cannot be written leaves all of them as they were. The password file used to be
@@ -375,6 +380,7 @@ def _write_private(files: dict[Path, str]) -> None:
                     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 written.append((tmp, path))
+                _keep_owner_and_mode(fd, path)
                 with os.fdopen(fd, "w") as fh:
                     fh.write(text)
                     fh.flush()
@@ -389,6 +395,45 @@ def _write_private(files: dict[Path, str]) -> None:
     finally:
         for tmp, _ in written:  # left only by a failure: the renamed are gone
             tmp.unlink(missing_ok=True)
+
+
+def _keep_owner_and_mode(fd: int, path: Path) -> None:
+    """Give the new file ``fd`` of ``path`` the owner, group and permissions of the file it
+    replaces, if any.
+
+    mosquitto drops from root to its own user before it reads its files, so the admin makes
+    them readable to it once; an export as root (needed to write in /etc/mosquitto) replaced
+    them with root's 0600 files, and the next SIGHUP shut every device out. A user who may
+    replace the file but not give the new one its owner (only root may give a file away)
+    is refused: the broker could not read what it would write.
+    """
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except PermissionError:
+        raise CredentialError(
+            f"cannot write {path}: it belongs to {_user_name(old.st_uid)}:"
+            f"{_group_name(old.st_gid)}, and this user cannot give the new file that owner; "
+            "run as root or as its owner"
+        ) from None
+    os.fchmod(fd, stat.S_IMODE(old.st_mode) & 0o777)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _now() -> str:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import pwd
+import shutil
+import signal
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from threading import Barrier as BarrierType
@@ -129,6 +135,135 @@ def test_the_service_password_can_go_to_a_file_of_its_own(tmp_path: Path) -> Non
     assert user == mqtt_username(TWIN) and verify_password(device_pw, encoded)
 
 
+def _owner_mosquitto_could_have() -> tuple[int, int]:
+    """A uid and gid other than root's when running as root (the `mosquitto` user's when
+    there is one); else our own uid and a group we belong to, all that we may give."""
+    if os.geteuid() == 0:
+        try:
+            entry = pwd.getpwnam("mosquitto")
+        except KeyError:
+            return 65534, 65534
+        return entry.pw_uid, entry.pw_gid
+    groups = [g for g in os.getgroups() if g != os.getegid()] or [os.getegid()]
+    return os.geteuid(), groups[0]
+
+
+def test_a_new_export_keeps_the_owner_group_and_mode_of_the_files_it_replaces(
+    tmp_path: Path,
+) -> None:
+    """mosquitto drops from root to its own user before it reads these files: the admin made
+    them readable to it, and an export as root replaced them with root's 0600 ones, so the
+    next SIGHUP left every device out ("Error opening password file", then Not authorized)."""
+    store = CredentialStore(tmp_path / "creds.json")
+    store.add(TWIN)
+    files = tmp_path / "passwd", tmp_path / "acl", tmp_path / "service.passwd"
+
+    def export() -> None:
+        store.write_mosquitto_files(
+            *files[:2], "svc", "t/{twinId}", service_password="pw", service_password_path=files[2]
+        )
+
+    export()
+    uid, gid = _owner_mosquitto_could_have()
+    for path in files:
+        os.chown(path, uid, gid)
+        path.chmod(0o640)
+    store.add(OTHER)
+    export()
+    for path in files:
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, uid, gid), path
+    assert mqtt_username(OTHER) in files[0].read_text()
+    # The credentials file keeps its ownership the same way; a new file is 0600.
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    store.path.chmod(0o640)
+    store.rotate(OTHER)
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o640
+
+
+def _mosquitto_user() -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or _mosquitto_user() is None,
+    reason="needs root and a mosquitto user, as deploy/mosquitto/README.md runs them",
+)
+async def test_mosquitto_running_as_its_user_reads_the_files_after_every_export(
+    unique_name: str,
+) -> None:
+    """deploy/mosquitto/README.md steps 2-3 as written: export as root, give the files to
+    mosquitto once, then add a device, export again and SIGHUP. The second export made the
+    files root's 0600 again: mosquitto logged "Error opening password file" and refused
+    every device, "Not authorized"."""
+    user = _mosquitto_user()
+    assert user is not None
+    etc = Path(tempfile.mkdtemp())  # under /tmp: mosquitto, once itself, must reach the files
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, etc)
+        etc.chmod(0o755)
+        store = CredentialStore(etc / "creds.json")
+        first = store.add(TWIN)
+        pwfile, aclfile = etc / "twin-service.passwd", etc / "twin-service.acl"
+        store.write_mosquitto_files(pwfile, aclfile, "service", "twins/{twinId}")
+        for path in (pwfile, aclfile):  # the README's one-time step after the first export
+            os.chown(path, user.pw_uid, user.pw_gid)
+        workdir = etc / "broker"  # its log and persistence, which it writes as mosquitto
+        (workdir / "persistence").mkdir(parents=True)
+        for path in (workdir, workdir / "persistence"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        broker = Mosquitto(
+            workdir,
+            binary=find_binary(),
+            password_file=pwfile,
+            acl_file=aclfile,
+            run_as="mosquitto",
+        )
+        stack.callback(broker.stop)
+        broker.start()
+        dev = await started(broker.url, unique_name, username=mqtt_username(TWIN), password=first)
+        await dev.stop()
+        second = store.add(OTHER)
+        store.write_mosquitto_files(pwfile, aclfile, "service", "twins/{twinId}")
+        assert broker.pid is not None
+        os.kill(broker.pid, signal.SIGHUP)
+        for twin, password in ((OTHER, second), (TWIN, first)):
+            dev = await started(
+                broker.url, f"{unique_name}-{twin}", username=mqtt_username(twin), password=password
+            )
+            await dev.stop()
+        assert "Error" not in broker.log_path.read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a file another user replaces")
+def test_an_export_that_cannot_give_the_old_owner_refuses_and_changes_nothing() -> None:
+    """A user who may replace a file of another owner, but not give the new one that owner,
+    would leave mosquitto a file it cannot read: it is told, and every file stays."""
+    work = Path(tempfile.mkdtemp())
+    try:
+        work.chmod(0o777)  # the other user may create and rename files here
+        store = CredentialStore(work / "creds.json")
+        store.add(TWIN)
+        pwfile, acl = work / "passwd", work / "acl"
+        store.write_mosquitto_files(pwfile, acl, "svc", "t/{twinId}")
+        before = pwfile.read_text(), acl.read_text()
+        for path in (store.path, pwfile, acl):
+            path.chmod(0o644)
+        os.chown(acl, 0, 0)
+        os.chown(pwfile, 0, 0)
+        # A forked child as nobody: it has our modules already (the interpreter is root's).
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            message = pool.apply(_export_as_nobody, (store.path, pwfile, acl))
+        assert message.startswith(f"cannot write {pwfile}: ") and "root" in message, message
+        assert (pwfile.read_text(), acl.read_text()) == before
+        assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        shutil.rmtree(work)
+
+
 @pytest.mark.parametrize(
     ("user", "password"),
     [
@@ -151,6 +286,17 @@ def test_mosquitto_files_refuse_a_service_account_mosquitto_cannot_use(
             tmp_path / "pw", tmp_path / "acl", user, "t/{twinId}", service_password=password
         )
     assert not (tmp_path / "pw").exists() and not (tmp_path / "acl").exists()
+
+
+def _export_as_nobody(creds: Path, pwfile: Path, acl: Path) -> str:
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    try:
+        CredentialStore(creds).write_mosquitto_files(pwfile, acl, "svc", "t/{twinId}")
+    except CredentialError as exc:
+        return str(exc)
+    return "written"
 
 
 def _add_and_rotate(path: Path, twin_id: str, start: BarrierType) -> tuple[str, str]:

@@ -73,8 +73,11 @@ class Mosquitto(LocalServer):
         log_types: Sequence[str] = DEFAULT_LOG_TYPES,
         extra_config: Sequence[str] = (),
         start_timeout: float = 10.0,
+        run_as: str | None = None,
     ) -> None:
         """`allow_anonymous` defaults to True without a password file, False with one.
+        `run_as` is the user mosquitto switches to when started as root (the current user by
+        default: it may read our files); the broker must be able to reach the files named.
 
         `max_queued_messages` must stay positive: 0 ("unlimited") misbehaves in some 2.0.x
         releases, and the packaged default of 1000 silently drops messages under load.
@@ -96,6 +99,7 @@ class Mosquitto(LocalServer):
         self.log_types = tuple(log_types)
         self.extra_config = tuple(extra_config)
         self.start_timeout = start_timeout
+        self.run_as = run_as or pwd.getpwuid(os.getuid()).pw_name
         self.config_path = workdir / "mosquitto.conf"
         self.persistence_dir = workdir / "persistence"
         self.log_path = workdir / "mosquitto.log"
@@ -162,7 +166,7 @@ class Mosquitto(LocalServer):
             "connection_messages true",
             # Started as root, mosquitto would switch to the `mosquitto` user and lose access
             # to our files; naming the current user keeps it as it is.
-            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            f"user {self.run_as}",
         ]
 
     def _start_on(self, port: int) -> None:
