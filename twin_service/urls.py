@@ -18,6 +18,14 @@ def check_url(url: str, schemes: tuple[str, ...]) -> None:
     if parts.scheme not in schemes:
         expected = " or ".join(f"{scheme}://" for scheme in schemes)
         raise ValueError(f"must start with {expected}, not {parts.scheme or 'no scheme'}")
+    # The first '/', '?' or '#' ends the host part: one in a password (`openssl rand
+    # -base64` puts a '/' in about 40% of them) left the rest, '@' and host included, in the
+    # path, and the error blamed the port, or digits before it became the port, silently.
+    if "@" not in parts.netloc and "@" in parts.path + parts.query + parts.fragment:
+        raise ValueError(
+            "has a '/', '?' or '#' before its '@': percent-encode them in the user and "
+            "password (%2F, %3F, %23)"
+        )
     if not parts.hostname:
         raise ValueError("has no host")
     if "," in parts.netloc:  # a MongoDB seed list (h1,h2:27018) is pymongo's to read

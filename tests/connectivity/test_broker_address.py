@@ -43,6 +43,8 @@ def test_a_broker_url_gives_host_port_tls_and_credentials(
         # Once read as "no port": the default, 1883, without a word.
         (f"mqtt://device:{SECRET}@broker:0", "broker URL has port 0"),
         (f"mqtts://device:{SECRET}@broker:00", "broker URL has port 0"),
+        (f"mqtt://device:ab/{SECRET}@broker", "broker URL has a '/', '?' or '#' before its '@'"),
+        (f"mqtt://device:1/{SECRET}@broker", "broker URL has a '/', '?' or '#' before its '@'"),
     ],
 )
 def test_a_bad_broker_url_is_refused_without_repeating_it(url: str, message: str) -> None:
