@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twin_service.store.file_commands import signals_stop, sqlite_database, sync
 from twin_service.store.own_files import create_private, one_of, sqlite_files
 from twin_service.store.restore import stamp_backup
-from twin_service.store.stop_signals import signals_stop
 
 
 class BackupError(Exception):
@@ -85,11 +85,11 @@ def backup_sqlite(
         _copy_snapshot(source, partial, stopped)
         twins, last_seq = _check(partial, stopped)
         stamp_backup(partial, last_seq, taken)
-        _sync(partial)
+        sync(partial)
         if stopped():
             raise BackupInterrupted(f"the backup to {dest} was interrupted")
         _put_in_place(partial, dest, overwrite)
-        _sync(dest.parent)
+        sync(dest.parent)
     except sqlite3.Error as exc:
         if stopped():  # the copy ended on its progress handler's word
             raise BackupInterrupted(f"the backup to {dest} was interrupted") from None
@@ -209,14 +209,6 @@ def _check(copy: Path, stopped: Callable[[], bool]) -> tuple[int, int]:
     return int(twins), int(last_seq)
 
 
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- command line ----------------------------------------------------------------------
 
 
@@ -236,19 +228,13 @@ def run_backup(args: argparse.Namespace) -> int:
     """0 when the backup is written, 2 on bad settings, another store or a destination that
     is the store itself, 1 when it failed, 128 + the signal's number when SIGTERM, SIGINT
     or SIGHUP stopped it."""
-    from twin_service.settings import settings_for_command
-
-    settings = settings_for_command(args.config, data_dir=args.data_dir)
-    if settings is None:
+    source = sqlite_database(
+        args,
+        "backup copies the SQLite store; back MongoDB up with its own tools (mongodump, or "
+        "snapshots of its volumes)",
+    )
+    if source is None:
         return 2
-    if settings.store != "sqlite":
-        print(
-            "twin-service: backup copies the SQLite store; back MongoDB up with its own "
-            "tools (mongodump, or snapshots of its volumes)",
-            file=sys.stderr,
-        )
-        return 2
-    source = settings.data_dir / settings.sqlite.file_name
     try:
         with signals_stop() as caught:
             done = backup_sqlite(

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twin_service.store.file_commands import signals_stop, sqlite_database, sync
 from twin_service.store.own_files import SQLITE_COMPANIONS, create_private, one_of, sqlite_files
 from twin_service.store.restore import stamp_backup
 from twin_service.store.sqlite_file_check import (
@@ -38,7 +39,6 @@ from twin_service.store.sqlite_file_check import (
     some_names,
     table_names,
 )
-from twin_service.store.stop_signals import signals_stop
 
 
 class RestoreError(Exception):
@@ -103,13 +103,13 @@ def restore_sqlite(
         _copy(backup, partial, stopped)
         twins, last_seq = _check(backup, partial, stopped)
         stamp_backup(partial, last_seq, backup.stat().st_mtime)
-        _sync(partial)
+        sync(partial)
         if stopped():
             raise RestoreInterrupted(f"the restore of {backup} was interrupted")
         with _locked(database):
             kept = _keep(database, now())
             os.replace(partial, database)
-        _sync(database.parent)
+        sync(database.parent)
     except sqlite3.Error as exc:
         if stopped():  # the check ended on its progress handler's word
             raise RestoreInterrupted(f"the restore of {backup} was interrupted") from None
@@ -207,14 +207,6 @@ def _keep(database: Path, now: float) -> Path | None:
     return kept if there else None
 
 
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- command line ----------------------------------------------------------------------
 
 
@@ -234,19 +226,13 @@ def run_restore(args: argparse.Namespace) -> int:
     """0 when the backup is in place, 2 on bad settings, another store or a backup that is
     no twin store's, 1 when it was not put in place, 128 + the signal's number when
     SIGTERM, SIGINT or SIGHUP stopped it."""
-    from twin_service.settings import settings_for_command
-
-    settings = settings_for_command(args.config, data_dir=args.data_dir)
-    if settings is None:
+    database = sqlite_database(
+        args,
+        "restore puts back a backup of the SQLite store; restore MongoDB with its own tools "
+        "(mongorestore, or snapshots of its volumes)",
+    )
+    if database is None:
         return 2
-    if settings.store != "sqlite":
-        print(
-            "twin-service: restore puts back a backup of the SQLite store; restore MongoDB "
-            "with its own tools (mongorestore, or snapshots of its volumes)",
-            file=sys.stderr,
-        )
-        return 2
-    database = settings.data_dir / settings.sqlite.file_name
     try:
         with signals_stop() as caught:
             done = restore_sqlite(args.backup, database, stopped=lambda: bool(caught))
