@@ -702,6 +702,18 @@ def test_a_connection_lists_at_most_max_listed_twins_and_namespaces(
     asyncio.run(run())
 
 
+async def by_subscription_until_quiet(ws: ClientConnection) -> dict[str, list[Json]]:
+    """The messages received until none comes for a second, by subscription (or
+    correlation id)."""
+    by_subscription: dict[str, list[Json]] = {}
+    with pytest.raises(TimeoutError):
+        while True:
+            message = await receive(ws, timeout=1.0)
+            key = message.get("subscription", message.get("correlationId"))
+            by_subscription.setdefault(key, []).append(message)
+    return by_subscription
+
+
 @pytest.mark.parametrize("since", [0, 10**12])
 def test_nothing_of_a_subscription_follows_its_unsubscribed(
     service: ServiceProcess, since: int
@@ -716,12 +728,7 @@ def test_nothing_of_a_subscription_follows_its_unsubscribed(
             for n in range(10):
                 await send(ws, {"type": "subscribe", "id": f"s{n}", "since": since})
                 await send(ws, {"type": "unsubscribe", "id": f"s{n}"})
-            by_subscription: dict[str, list[Json]] = {}
-            with pytest.raises(TimeoutError):  # until nothing more comes for a second
-                while True:
-                    message = await receive(ws, timeout=1.0)
-                    key = message.get("subscription", message.get("correlationId"))
-                    by_subscription.setdefault(key, []).append(message)
+            by_subscription = await by_subscription_until_quiet(ws)
             for n in range(10):
                 messages = by_subscription[f"s{n}"]
                 types = [m["type"] for m in messages]
@@ -839,12 +846,7 @@ def test_an_unsubscribe_and_subscribe_again_take_effect_in_the_order_sent(
                 await send(ws, first)
                 await send(ws, {"type": "unsubscribe", "id": f"s{n}"})
                 await send(ws, {**first, **again})
-            by_subscription: dict[str, list[Json]] = {}
-            with pytest.raises(TimeoutError):  # until nothing more comes for a second
-                while True:
-                    message = await receive(ws, timeout=1.0)
-                    key = message.get("subscription", message.get("correlationId"))
-                    by_subscription.setdefault(key, []).append(message)
+            by_subscription = await by_subscription_until_quiet(ws)
             for n in range(10):
                 messages = by_subscription[f"s{n}"]
                 answers = [(m["type"], m.get("found")) for m in messages]
