@@ -58,6 +58,8 @@ _SESSION_TAKEN_OVER = 0x8E
 #: A connection the broker closes sooner than this after accepting it is cut short;
 #: ``_CUT_SHORT_TO_NAME`` of them in a row are named in the log and ``/ready``.
 _CUT_SHORT_SECONDS = 10.0
+#: How soon a caller that started the client raises its fatal refusal, or it is logged.
+_REFUSAL_GRACE_SECONDS = 1.0
 _CUT_SHORT_TO_NAME = 3
 #: At most this many dropped-unhandled messages are remembered (their hashes).
 _DROPPED_UNHANDLED_KEPT = 65536
@@ -159,6 +161,8 @@ class MqttClient:
         self._broker_max_packet: int | None = None
         #: Callers in wait_connected, which raise a refusal themselves.
         self._waiting = 0
+        #: A fatal refusal no caller has raised yet (see _on_connected).
+        self._unsaid: ConnectRefused | None = None
         self._last_error: str | None = None
         self._last_error_at: float | None = None  # Unix time
         self._connects = 0
@@ -308,6 +312,7 @@ class MqttClient:
             async with asyncio.timeout(timeout):
                 while not self._connected:
                     if self._refusal is not None:
+                        self._unsaid = None  # the caller says it its own way
                         raise self._refusal
                     self._changed.clear()
                     await self._changed.wait()
@@ -546,6 +551,11 @@ class MqttClient:
             return SubscribeOptions(qos=sub.qos, noLocal=True)
         return sub.qos
 
+    def _say_refusal(self, refusal: ConnectRefused, code: str) -> None:
+        if self._unsaid is refusal:
+            self._unsaid = None
+            log.warning("MQTT connect refused: %s", code)
+
     def _set_connected(self, value: bool) -> None:
         self._connected = value
         self._changed.set()
@@ -556,12 +566,22 @@ class MqttClient:
         if code.is_failure:
             self._record_error(f"CONNACK refused: {code}")
             fatal = code.value in _FATAL_CONNACK
-            if fatal:
-                self._refusal = ConnectRefused(f"broker refused the connection: {code}")
-            # A caller waiting for the connection raises a fatal refusal and says it its own
-            # way (the simulator printed this line, then its own, for one refusal).
-            level = logging.DEBUG if fatal and self._waiting else logging.WARNING
-            log.log(level, "MQTT connect refused: %s", code)
+            if not fatal:
+                log.warning("MQTT connect refused: %s", code)
+            else:
+                # A caller waiting for the connection raises a fatal refusal and says it its
+                # own way (the simulator printed this line, then its own, for one refusal).
+                # One that starts the client and then waits may only begin waiting after
+                # the refusal came (on a busy machine): it is logged only if no caller has
+                # raised it a moment later.
+                self._refusal = self._unsaid = ConnectRefused(
+                    f"broker refused the connection: {code}"
+                )
+                log.debug("MQTT connect refused: %s", code)
+                if not self._waiting and self._loop is not None:
+                    self._loop.call_later(
+                        _REFUSAL_GRACE_SECONDS, self._say_refusal, self._unsaid, str(code)
+                    )
             self._changed.set()
             return
         self._connects += 1

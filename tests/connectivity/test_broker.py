@@ -92,6 +92,37 @@ async def test_auth(env: Env) -> None:
     await svc.stop()
 
 
+async def test_a_refusal_is_logged_only_when_no_caller_raises_it(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that starts the client and then waits for it raises the refusal and says it
+    its own way; on a busy machine its wait began after the CONNACK came, and the refusal was
+    logged as well (simulate printed two lines for one refusal). A client no one waits for
+    still logs it."""
+    caplog.set_level(logging.DEBUG, logger="connectivity.mqtt_client")
+    options = {"protocol": 4, "username": TWIN, "password": "wrong"}
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    late = MqttClient(MqttOptions(url=env.url, client_id="late", **options))
+    await late.start()
+    try:
+        await eventually(lambda: "MQTT connect refused" in caplog.text)  # before any wait
+        with pytest.raises(ConnectRefused):
+            await late.wait_connected(5)
+    finally:
+        await late.stop()
+    await asyncio.sleep(1.5)
+    assert said() == []
+    alone = MqttClient(MqttOptions(url=env.url, client_id="alone", **options))
+    await alone.start()
+    try:
+        await eventually(lambda: "MQTT connect refused: Not authorized" in said())
+    finally:
+        await alone.stop()
+
+
 async def test_an_mqtt5_client_is_refused_and_the_log_says_why(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
