@@ -808,21 +808,35 @@ def test_export_writes_every_file_or_none(tmp_path: Path) -> None:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "pw", "spw"]
 
 
-@pytest.mark.parametrize("after", [0.35, 0.5])
+@pytest.mark.parametrize("module", ["twin_service.cli", "connectivity.simulate"])
 def test_ctrl_c_while_a_command_starts_exits_130_without_a_traceback(
-    tmp_path: Path, after: float
+    tmp_path: Path, module: str
 ) -> None:
     """A Ctrl-C in the second before a command set its own handler (while it imported and
     parsed) ended in a KeyboardInterrupt traceback, the process killed by the signal (-2).
-    ``simulate`` sets its handler latest, once connecting (a loaded machine took 2 s)."""
+    ``simulate`` sets its handler latest, once connecting (a loaded machine took 2 s). The
+    signal is sent as ``module`` is imported (``-X importtime`` says when): sent after a
+    fixed time, it came before Python itself had started on a loaded machine."""
     run = subprocess.Popen(
-        [sys.executable, "-m", "twin_service", "simulate", "--url", "mqtt://127.0.0.1:1"],
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "twin_service",
+            "simulate",
+            "--url",
+            "mqtt://127.0.0.1:1",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=command_env(),
     )
-    time.sleep(after)
+    assert run.stderr is not None
+    for line in run.stderr:
+        if line.rstrip().endswith(f"| {module}"):
+            break
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=60)
     assert (run.returncode, "Traceback" in err) == (130, False), out + err
