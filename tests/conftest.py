@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.servers.require import servers_required
+
+# Hypothesis's time limits are timed assertions: a property test failed its 200 ms deadline,
+# or "Input generation is slow", when other work loaded the machine. Speed is for bench/.
+settings.register_profile(
+    "twin-service", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("twin-service")
 
 pytest_plugins = [
     "tests.servers.fixtures",
