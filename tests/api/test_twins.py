@@ -417,6 +417,13 @@ def test_get_as_of_a_revision(api: httpx.Client) -> None:
     assert api.get(url, params={"at": 2, "fields": "desired"}).json() == {"desired": {"a": 2}}
     future = api.get(url, params={"at": 9})
     assert future.status_code == 404 and future.json()["error"] == "revision.notfound"
+    # A section, a pointer or a view of it too (they answered the current revision).
+    older = api.get(f"{url}/desired", params={"at": 1})
+    assert older.json() == {"a": 1} and older.headers["ETag"] == '"rev:1"'
+    assert api.get(f"{url}/desired/a", params={"at": 2}).json() == 2
+    assert api.get(f"{url}/metadata/desired/a", params={"at": 2}).json()["revision"] == 2
+    assert api.get(f"{url}/delta", params={"at": 2}).json() == {"a": 2}
+    assert api.get(f"{url}/desired", params={"at": 9}).status_code == 404
     # Only ASCII decimal digits: int() read the Arabic-Indic "\u0663" as 3, "3_0" as 30.
     for bad in ("0", "-1", "x", "1.5", "", "\u0663", "3_0", " 3", "+3", "\uff13", "2 "):
         response = api.get(url, params={"at": bad})

@@ -229,6 +229,42 @@ IF_NONE_MATCH = RawParam(
 _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified"}}
 
 
+async def _as_of(ctx: AppContext, twin_id: str, at: int | None) -> Twin:
+    """The twin, or as it was at revision ``at`` (rebuilt from the journal): 404 for a
+    revision it never had, 410 for one no longer retained."""
+    twin = await ctx.service.get(twin_id)
+    if at is None or at == twin.revision:
+        return twin
+    if at > twin.revision:
+        raise NotFound(
+            f"Twin {twin_id} is at revision {twin.revision}; revision {at} does not exist.",
+            code="revision.notfound",
+        )
+    old = await ctx.store.twin_at(twin_id, at)
+    if old is None:
+        journaled = await ctx.store.history(twin_id, at, at)
+        if journaled and journaled[-1].event.action == "deleted":
+            raise NotFound(
+                f"Revision {at} of {twin_id} is the deletion of an earlier twin of this id: "
+                "no twin is at that revision.",
+                code="revision.notfound",
+            )
+        # Not journaled, though the journal holds the id's history from there on: a
+        # revision the twin never had here (one a restore's renumbering skipped, or
+        # before a twin created past a restore's floor), not a pruned one.
+        first = await oldest_retained(ctx.store, twin_id)
+        if first is not None and await holds_from(ctx.store, twin_id, first, at):
+            raise NotFound(
+                f"Twin {twin_id} never had revision {at} in this database.",
+                code="revision.notfound",
+            )
+        raise Gone(
+            f"Revision {at} of twin {twin_id} is no longer retained in the journal.",
+            extra=None if first is None else {"oldestRevision": first.event.revision},
+        )
+    return old
+
+
 @router.get(
     "/twins/{twin_id}",
     # With ``fields``, only the selected parts.
@@ -247,36 +283,7 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
         fields, at = FIELDS.get(request), AT.get_int(request)
     if_none_match = IF_NONE_MATCH.get(request)
     _visible(principal, twin_id)
-    twin = await ctx.service.get(twin_id)
-    if at is not None and at != twin.revision:
-        if at > twin.revision:
-            raise NotFound(
-                f"Twin {twin_id} is at revision {twin.revision}; revision {at} does not exist.",
-                code="revision.notfound",
-            )
-        old = await ctx.store.twin_at(twin_id, at)
-        if old is None:
-            journaled = await ctx.store.history(twin_id, at, at)
-            if journaled and journaled[-1].event.action == "deleted":
-                raise NotFound(
-                    f"Revision {at} of {twin_id} is the deletion of an earlier twin of this id: "
-                    "no twin is at that revision.",
-                    code="revision.notfound",
-                )
-            # Not journaled, though the journal holds the id's history from there on: a
-            # revision the twin never had here (one a restore's renumbering skipped, or
-            # before a twin created past a restore's floor), not a pruned one.
-            first = await oldest_retained(ctx.store, twin_id)
-            if first is not None and await holds_from(ctx.store, twin_id, first, at):
-                raise NotFound(
-                    f"Twin {twin_id} never had revision {at} in this database.",
-                    code="revision.notfound",
-                )
-            raise Gone(
-                f"Revision {at} of twin {twin_id} is no longer retained in the journal.",
-                extra=None if first is None else {"oldestRevision": first.event.revision},
-            )
-        twin = old
+    twin = await _as_of(ctx, twin_id, at)
     if _not_modified(if_none_match, twin):
         return Response(status_code=304, headers={"ETag": etag(twin.revision)})
     if fields is None:
@@ -386,13 +393,13 @@ _POINTER_DOC = "JSON pointer inside the section (RFC 6901; ~1 is '/', ~0 is '~')
 
 @router.get(
     "/twins/{twin_id}/{section:twin_part}",
-    responses={**errors(404), **_NOT_MODIFIED},
-    openapi_extra=documented(IF_NONE_MATCH),
+    responses={**errors(404, 410), **_NOT_MODIFIED},
+    openapi_extra=documented(AT, IF_NONE_MATCH),
 )
 @router.get(
     "/twins/{twin_id}/{section:twin_part}/{pointer:path}",
-    responses={**errors(404), **_NOT_MODIFIED},
-    openapi_extra=documented(IF_NONE_MATCH),
+    responses={**errors(404, 410), **_NOT_MODIFIED},
+    openapi_extra=documented(AT, IF_NONE_MATCH),
 )
 async def get_section(
     request: Request,
@@ -403,7 +410,8 @@ async def get_section(
     pointer: str = "",
 ) -> Response:
     _visible(principal, twin_id)
-    twin = await ctx.service.get(twin_id)
+    # A section or view of an older revision too: ignored, ?at= answered the current one.
+    twin = await _as_of(ctx, twin_id, AT.get_int(request))
     doc = twin.to_document()
     value = get_at(doc[section], pointer_after(request, TWIN_BASE + 1))
     # After the lookup: a path that is not there is a 404 whatever the tag (RFC 9110 13.2.1).
