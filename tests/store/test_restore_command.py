@@ -4,8 +4,10 @@ left exactly as it was, while anything has the store open or when the backup is 
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import itertools
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -18,6 +20,7 @@ from tests.service_process import ServiceProcess, service_env
 from tests.store.test_backup import backup
 from tests.store.test_restore import stamped
 from twin_service.store.restore_backup import RestoreInterrupted, restore_sqlite
+from twin_service.store.sqlite_file_check import integrity_problem
 
 TWIN = "org.restore:cmd"
 
@@ -274,3 +277,52 @@ def test_a_restore_stopped_at_any_point_before_the_rename_changes_nothing(
     assert point >= 2, "asked before the copy, and before the rename"
     assert desired_in(data / "twins.sqlite3") == '{"v":1}'
     assert list(data.glob("twins.sqlite3.replaced-*"))
+
+
+def test_two_restores_within_a_second_keep_both_databases_they_replaced(
+    tmp_path: Path, stopped_store: Path
+) -> None:
+    """Both kept the replaced database under one name: the second's rename replaced the
+    first's, the original database with its writes after the backup lost."""
+    data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
+    shutil.copytree(stopped_store, data)
+    assert backup(str(copy), "--data-dir", str(data)).returncode == 0
+    original = (data / "twins.sqlite3").read_bytes()
+    moment = 1_796_000_000.0
+    first = restore_sqlite(copy, data / "twins.sqlite3", now=lambda: moment)
+    second = restore_sqlite(copy, data / "twins.sqlite3", now=lambda: moment)
+    assert first.kept is not None and second.kept is not None
+    assert first.kept != second.kept
+    assert first.kept.read_bytes() == original
+
+
+def test_a_restore_while_another_runs_into_the_same_directory_is_refused(
+    tmp_path: Path, stopped_store: Path
+) -> None:
+    data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
+    shutil.copytree(stopped_store, data)
+    assert backup(str(copy), "--data-dir", str(data)).returncode == 0
+    before = files_of(data)
+    held = os.open(data, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a running restore holds
+        run = restore(str(copy), "--data-dir", str(data))
+    finally:
+        os.close(held)
+    assert run.returncode == 1
+    assert run.stderr == f"twin-service: another restore into {data} is running\n"
+    assert files_of(data) == before
+
+
+def test_a_check_stopped_by_its_caller_is_no_finding_about_the_file(
+    tmp_path: Path, stopped_store: Path
+) -> None:
+    """A SIGTERM during the restore's quick_check was reported as a damaged backup (exit 1,
+    "fails its check (PRAGMA quick_check: interrupted)"), not as the interruption it was."""
+    conn = sqlite3.connect(stopped_store / "twins.sqlite3")
+    try:
+        conn.set_progress_handler(lambda: 1, 1)
+        with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+            integrity_problem(conn)
+    finally:
+        conn.close()

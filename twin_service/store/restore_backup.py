@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import itertools
 import os
 import signal
 import sqlite3
@@ -98,18 +99,19 @@ def restore_sqlite(
         with _locked(database):  # refused now, not after copying a large file
             pass
         database.parent.mkdir(parents=True, exist_ok=True)
-        partial.unlink(missing_ok=True)  # of an earlier process with this pid
-        create_private(partial)
-        _copy(backup, partial, stopped)
-        twins, last_seq = _check(backup, partial, stopped)
-        stamp_backup(partial, last_seq, backup.stat().st_mtime)
-        sync(partial)
-        if stopped():
-            raise RestoreInterrupted(f"the restore of {backup} was interrupted")
-        with _locked(database):
-            kept = _keep(database, now())
-            os.replace(partial, database)
-        sync(database.parent)
+        with _alone_in(database.parent):
+            partial.unlink(missing_ok=True)  # of an earlier process with this pid
+            create_private(partial)
+            _copy(backup, partial, stopped)
+            twins, last_seq = _check(backup, partial, stopped)
+            stamp_backup(partial, last_seq, backup.stat().st_mtime)
+            sync(partial)
+            if stopped():
+                raise RestoreInterrupted(f"the restore of {backup} was interrupted")
+            with _locked(database):
+                kept = _keep(database, now())
+                os.replace(partial, database)
+            sync(database.parent)
     except sqlite3.Error as exc:
         if stopped():  # the check ended on its progress handler's word
             raise RestoreInterrupted(f"the restore of {backup} was interrupted") from None
@@ -195,16 +197,40 @@ def _locked(database: Path) -> Iterator[None]:
 def _keep(database: Path, now: float) -> Path | None:
     """Rename ``database`` and the files SQLite keeps beside it (a ``-wal`` may hold its
     newest commits) to one new name, which SQLite opens as that database; None when there
-    is no database. Its companions never stay beside the restored copy: they are not its."""
+    is no database. Its companions never stay beside the restored copy: they are not its.
+    The name is one no file has, for any of them: a second restore within the second took
+    the first one's name, and its rename replaced the database the first had kept."""
+    if not database.exists():
+        return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    kept = database.with_name(f"{database.name}.replaced-{stamp}")
-    there = database.exists()
+    for n in itertools.count(1):
+        kept = database.with_name(f"{database.name}.replaced-{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not any(os.path.lexists(_beside(kept, suffix)) for suffix in SQLITE_COMPANIONS):
+            break
     for suffix in SQLITE_COMPANIONS:
         with contextlib.suppress(FileNotFoundError):
-            os.rename(
-                database.with_name(database.name + suffix), kept.with_name(kept.name + suffix)
-            )
-    return kept if there else None
+            os.rename(_beside(database, suffix), _beside(kept, suffix))
+    return kept
+
+
+def _beside(database: Path, suffix: str) -> Path:
+    return database.with_name(database.name + suffix)
+
+
+@contextlib.contextmanager
+def _alone_in(directory: Path) -> Iterator[None]:
+    """Hold ``directory`` for this restore alone (an advisory lock on it): two restores at
+    once into one data directory each took the other's database for the one to keep, or
+    put their copy over the other's."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RestoreError(f"another restore into {directory} is running") from None
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 # -- command line ----------------------------------------------------------------------

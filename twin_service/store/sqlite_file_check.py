@@ -103,6 +103,8 @@ def integrity_problem(conn: sqlite3.Connection) -> str | None:
     try:
         rows = conn.execute("PRAGMA quick_check(1)").fetchall()
     except sqlite3.DatabaseError as exc:  # damage the check itself trips over
+        if exc.sqlite_errorname == "SQLITE_INTERRUPT":
+            raise  # stopped by its caller's progress handler: no finding about the file
         return str(exc)
     if rows == [("ok",)]:
         return None
