@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from connectivity.credentials import mqtt_username
-from connectivity.device_deltas import DeltaMessage, delta_after_get, older
+from connectivity.device_deltas import DeltaMessage, delta_after_get, fetch_again, older
 from connectivity.errors import MqttUnavailable, NotConnected, RequestRejected
 from connectivity.interrupt import unless_set
 from connectivity.messages import InboundMessage
@@ -297,6 +297,10 @@ class DeviceClient:
         try:
             await self._client.publish(self.topic("status"), b"online", retain=True)
             twin = await self.get()
+            if fetch_again(self._held, twin):
+                # A cleared delta held may have withdrawn the answer's: ask once more.
+                twin = None
+                twin = await self.get()
         except (MqttUnavailable, RequestRejected, TimeoutError) as exc:
             # The app gets the newest delta held; the next connection fetches the twin again.
             log.warning("could not fetch the twin after connecting: %s", exc)

@@ -4,7 +4,9 @@ A persistent session replays the deltas it queued while the device was away, old
 and may end with a cleared one (empty payload): the service has withdrawn them all. The
 ``get`` the device sends on connecting says what the twin's delta is now, so
 :class:`connectivity.device.DeviceClient` holds what arrives until it answers, then hands the
-app at most one delta: :func:`delta_after_get`.
+app at most one delta: :func:`delta_after_get`. A cleared message carries no desiredVersion,
+so when one is held and the answer has a delta, which came first is unknown: the device fetches
+the twin once more (:func:`fetch_again`), and that answer decides.
 """
 
 from __future__ import annotations
@@ -50,3 +52,18 @@ def delta_after_get(held: Sequence[DeltaMessage], twin: dict[str, Any] | None) -
         if later:
             current = message
     return current
+
+
+def fetch_again(held: Sequence[DeltaMessage], twin: dict[str, Any] | None) -> bool:
+    """Whether the ``get`` answer ``twin`` cannot decide the delta, given the messages ``held``.
+
+    It cannot when it has a delta and a cleared message is held that no newer delta came
+    before: the service may have read the twin for the answer, then withdrawn its delta (an
+    operator reverted desired) and published the cleared message on its own connection, which
+    overtook the answer; handing the answer's delta would hand a withdrawn one, and nothing
+    would withdraw it later. A ``get`` sent now is read after the commit of every cleared
+    message held, so its answer decides (once: a fetch per cleared delta racing it would be
+    unbounded; if it fails, the last message held decides, as with no answer).
+    """
+    current = delta_of(twin) if twin is not None else None
+    return current is not None and None in held and delta_after_get(held, twin) == current

@@ -40,6 +40,9 @@ class FakeService:
         self.gets = 0
         #: Reports received, by clientToken.
         self.attempts: Counter[str] = Counter()
+        #: Answers to the next gets, in turn: the delta messages to publish first (None: a
+        #: cleared one), then the answer's body; the canned twin when none is left.
+        self.scripted_gets: list[tuple[list[dict[str, Any] | None], dict[str, Any]]] = []
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -62,6 +65,12 @@ class FakeService:
             return
         if suffix == "get":
             self.gets += 1
+            if self.scripted_gets:
+                deltas, answer = self.scripted_gets.pop(0)
+                for delta in deltas:
+                    self.send_delta(twin, delta)
+                self._reply(twin, "get/accepted", {**answer, "clientToken": body["clientToken"]})
+                return
             self._reply(
                 twin,
                 "get/accepted",
@@ -109,8 +118,10 @@ class FakeService:
                 },
             )
 
-    def send_delta(self, twin: str, body: dict[str, Any]) -> None:
-        self.client.publish(f"{self.prefix}/{twin}/delta", json.dumps(body), qos=1, retain=True)
+    def send_delta(self, twin: str, body: dict[str, Any] | None) -> None:
+        """Publish a retained delta; None: a cleared one (empty payload)."""
+        payload = b"" if body is None else json.dumps(body)
+        self.client.publish(f"{self.prefix}/{twin}/delta", payload, qos=1, retain=True)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -164,15 +175,38 @@ async def test_device_basics(
     service.send_delta(twin, {"state": {}, "desiredVersion": 2})  # clear the retained delta
 
 
+async def test_a_delta_withdrawn_after_the_get_was_read_is_not_handed_to_the_app(
+    mosquitto_server: Mosquitto, service: FakeService, unique_name: str
+) -> None:
+    """The service read the twin for the device's get (delta {x: 1}), then an operator
+    reverted desired and the cleared delta, published on the service's other connection,
+    reached the device before the answer. A cleared delta carries no desiredVersion, so the
+    answer's {x: 1} was handed to the app though withdrawn; the device now fetches again."""
+    twin = "org.acme:pump-3"
+    service.send_delta(twin, {"state": {"x": 1}, "desiredVersion": 2})
+    twin_doc = {"desired": {"x": 1}, "reported": {"x": 0}, "reportedVersion": 1}
+    service.scripted_gets = [
+        ([None], {**twin_doc, "delta": {"x": 1}, "desiredVersion": 2}),
+        ([], {**twin_doc, "desired": {"x": 0}, "delta": {}, "desiredVersion": 3}),
+    ]
+    async with _device(mosquitto_server, unique_name, twin_id=twin) as dev:
+        await eventually(lambda: dev.twin is not None and service.gets >= 1)
+        await asyncio.sleep(0.5)  # a second get, if one is sent, answered
+        handed = [dev.deltas.get_nowait() for _ in range(dev.deltas.qsize())]
+        assert handed == []
+        assert dev.twin is not None and dev.twin["desiredVersion"] == 3
+        assert service.gets == 2
+
+
 @asynccontextmanager
 async def _device(
     mosquitto_server: Mosquitto, prefix: str, **config: Any
 ) -> AsyncIterator[DeviceClient]:
     """A started device on ``prefix``, stopped after."""
+    config.setdefault("twin_id", "org.acme:pump-2")
     dev = DeviceClient(
         DeviceConfig(
             url=mosquitto_server.url,
-            twin_id="org.acme:pump-2",
             password="unused",
             topic_prefix=f"{prefix}/{{twinId}}",
             client_id=f"{prefix}-dev",
