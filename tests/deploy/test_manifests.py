@@ -106,6 +106,20 @@ def test_each_replica_has_its_own_stable_mqtt_client_id() -> None:
     assert env.index("POD_NAME") < env.index("TWIN_MQTT__CLIENT_ID")
 
 
+def test_every_statefulset_is_governed_by_a_headless_service() -> None:
+    """Kubernetes gives a StatefulSet's pods their stable DNS names only through a headless
+    governing Service; a normal one (a cluster IP) gives them none."""
+    docs = documents()
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    statefulsets = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert statefulsets
+    for workload in statefulsets:
+        governing = services.get(workload["spec"]["serviceName"])
+        assert governing is not None, workload["metadata"]["name"]
+        assert governing["spec"].get("clusterIP") == "None", workload["metadata"]["name"]
+        assert governing["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+
+
 def test_mosquitto_runs_the_shipped_configuration_and_the_service_uses_its_listener() -> None:
     """deploy/mosquitto/mosquitto.conf (tests/sync/test_shipped_mosquitto.py runs it) with the
     pod's paths: devices on the listener where a client id is the username, so none can take
