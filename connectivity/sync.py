@@ -278,7 +278,10 @@ class MqttSync:
             for topic_filter in self._legacy_filters:
                 await self.client.unsubscribe(topic_filter)
         except MqttUnavailable as exc:
-            log.warning("leaving the shared group %r failed: %s", LEGACY_GROUP, exc)
+            # Not connected: a lost connection (the next one leaves the group) or a stopped
+            # client (a retire's mistyped client id: its own error says it all).
+            if self.client.connected:
+                log.warning("leaving the shared group %r failed: %s", LEGACY_GROUP, exc)
 
     async def _admit_devices(self) -> None:
         assert self.broker is not None and self.client is not None
