@@ -156,6 +156,11 @@ def test_get_many_and_fields(api: httpx.Client) -> None:
     assert grouped.json() == {"attributes": {"x": 1}, "desired": {"fan": {"dir": "l"}}}
     unbalanced = api.get(f"/api/v1/twins/{a}", params={"fields": "desired(fan"})
     assert (unbalanced.status_code, unbalanced.json()["error"]) == (400, "fields.invalid")
+    # The request is wrong whatever the twin: 400, not a 404 for one that is not there, nor
+    # for a revision it does not have.
+    for twin_id, query in ((new_id(), {}), (a, {"at": "99"}), (new_id(), {"at": "1"})):
+        bad = api.get(f"/api/v1/twins/{twin_id}", params={"fields": "desired(fan", **query})
+        assert (bad.status_code, bad.json()["error"]) == (400, "fields.invalid"), query
 
 
 def test_delete(api: httpx.Client) -> None:

@@ -283,12 +283,14 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
         fields, at = FIELDS.get(request), AT.get_int(request)
     if_none_match = IF_NONE_MATCH.get(request)
     _visible(principal, twin_id)
+    # Before the read: a bad selector is a 400 whether or not the twin is there.
+    paths = parse_fields(fields)
     twin = await _as_of(ctx, twin_id, at)
     if _not_modified(if_none_match, twin):
         return Response(status_code=304, headers={"ETag": etag(twin.revision)})
-    if fields is None:
+    if paths is None:
         return _encoded_response(twin.document_json, revision=twin.revision)
-    return json_response(select(twin.to_document(), parse_fields(fields)), revision=twin.revision)
+    return json_response(select(twin.to_document(), paths), revision=twin.revision)
 
 
 @router.put(
