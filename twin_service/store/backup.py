@@ -25,8 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twin_service.store.file_commands import signals_stop, sqlite_database, sync
-from twin_service.store.own_files import create_private, one_of, sqlite_files
+from twin_service.store.file_commands import (
+    signals_stop,
+    sqlite_database,
+    stoppable,
+    sync,
+    twins_and_last_seq,
+)
+from twin_service.store.own_files import beside, create_private, one_of, sqlite_files
 from twin_service.store.restore import stamp_backup
 
 
@@ -97,7 +103,7 @@ def backup_sqlite(
     except OSError as exc:
         raise BackupError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
-        for leftover in (partial, partial.with_name(partial.name + "-journal")):
+        for leftover in (partial, beside(partial, "-journal")):
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
     return Backup(dest, twins, last_seq, dest.stat().st_size)
@@ -178,35 +184,19 @@ def _refuse_the_live_database(source: Path, dest: Path) -> None:
         )
 
 
-#: SQLite virtual machine instructions between two questions whether to stop.
-_PROGRESS_STEPS = 10_000
-
-
 def _copy_snapshot(source: Path, target: Path, stopped: Callable[[], bool]) -> None:
     # Read-only: the backup never creates, changes or recovers the service's database.
-    conn = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        # Python runs signal handlers between its own instructions: a SIGTERM during
-        # VACUUM INTO (minutes, for a large database) is handled only here.
-        conn.set_progress_handler(lambda: int(stopped()), _PROGRESS_STEPS)
+    with stoppable(f"{source.resolve().as_uri()}?mode=ro", stopped, uri=True) as conn:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("VACUUM INTO ?", (str(target),))
-    finally:
-        conn.close()
 
 
 def _check(copy: Path, stopped: Callable[[], bool]) -> tuple[int, int]:
-    conn = sqlite3.connect(copy)
-    try:
-        conn.set_progress_handler(lambda: int(stopped()), _PROGRESS_STEPS)
+    with stoppable(str(copy), stopped) as conn:
         (verdict,) = conn.execute("PRAGMA quick_check").fetchone()
         if verdict != "ok":
             raise BackupError(f"the copy failed its check: {verdict}")
-        (twins,) = conn.execute("SELECT count(*) FROM twins").fetchone()
-        (last_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
-    finally:
-        conn.close()
-    return int(twins), int(last_seq)
+        return twins_and_last_seq(conn)
 
 
 # -- command line ----------------------------------------------------------------------

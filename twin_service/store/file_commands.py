@@ -1,5 +1,6 @@
 """What the SQLite file commands (``backup``, ``restore``) share: the database the settings
-name, making a file durable, and stopping where the command can clean up after itself."""
+name, making a file durable, stopping where the command can clean up after itself, and
+what a checked copy holds."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import argparse
 import contextlib
 import os
 import signal
+import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -50,3 +52,30 @@ def signals_stop() -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+#: SQLite virtual machine instructions between two questions whether to stop.
+_PROGRESS_STEPS = 10_000
+
+
+@contextlib.contextmanager
+def stoppable(
+    database: str, stopped: Callable[[], bool], *, uri: bool = False
+) -> Iterator[sqlite3.Connection]:
+    """A connection to ``database`` (a URI with ``uri``) whose statement in progress ends
+    (:class:`sqlite3.OperationalError`, "interrupted") once ``stopped()``: Python runs
+    signal handlers between its own instructions, so a SIGTERM during a statement of
+    minutes (VACUUM INTO, quick_check of a large database) is handled only there."""
+    conn = sqlite3.connect(database, uri=uri)
+    try:
+        conn.set_progress_handler(lambda: int(stopped()), _PROGRESS_STEPS)
+        yield conn
+    finally:
+        conn.close()
+
+
+def twins_and_last_seq(conn: sqlite3.Connection) -> tuple[int, int]:
+    """How many twins a twin store holds, and its last event's seq (0 with none)."""
+    (twins,) = conn.execute("SELECT count(*) FROM twins").fetchone()
+    (last_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+    return int(twins), int(last_seq)

@@ -24,8 +24,14 @@ def sqlite_files(database: Path) -> list[Path]:
     """``database`` and the files SQLite keeps beside it: beside its name, and beside the
     file its symlink names (SQLite keeps the ``-wal`` beside the file it resolved)."""
     resolved = _resolve(database)
-    named = [database.with_name(database.name + suffix) for suffix in SQLITE_COMPANIONS]
-    return named + [resolved.with_name(resolved.name + suffix) for suffix in SQLITE_COMPANIONS]
+    named = [beside(database, suffix) for suffix in SQLITE_COMPANIONS]
+    return named + [beside(resolved, suffix) for suffix in SQLITE_COMPANIONS]
+
+
+def beside(database: Path, suffix: str) -> Path:
+    """The file SQLite keeps beside ``database`` under ``suffix`` (one of
+    :data:`SQLITE_COMPANIONS`), or one named as it would."""
+    return database.with_name(database.name + suffix)
 
 
 def one_of(path: Path, files: Iterable[Path]) -> Path | None:

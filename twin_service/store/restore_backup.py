@@ -31,8 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twin_service.store.file_commands import signals_stop, sqlite_database, sync
-from twin_service.store.own_files import SQLITE_COMPANIONS, create_private, one_of, sqlite_files
+from twin_service.store.file_commands import (
+    signals_stop,
+    sqlite_database,
+    stoppable,
+    sync,
+    twins_and_last_seq,
+)
+from twin_service.store.own_files import (
+    SQLITE_COMPANIONS,
+    beside,
+    create_private,
+    one_of,
+    sqlite_files,
+)
 from twin_service.store.restore import stamp_backup
 from twin_service.store.sqlite_file_check import (
     integrity_problem,
@@ -70,7 +82,6 @@ _SHARED_FIRST = 0x40000000 + 2
 _SHARED_SIZE = 510
 
 _COPY_CHUNK = 1 << 20
-_PROGRESS_STEPS = 10_000
 
 
 def restore_sqlite(
@@ -89,7 +100,7 @@ def restore_sqlite(
         if not backup.is_file():
             what = "is not a regular file" if backup.exists() else "does not exist"
             raise RestoreError(f"the backup {backup} {what}")
-        wal = backup.with_name(backup.name + "-wal")
+        wal = beside(backup, "-wal")
         if wal.is_file() and wal.stat().st_size > 0:
             raise RestoreError(
                 f"{wal} lies beside the backup, with commits the file alone does not hold: "
@@ -121,7 +132,7 @@ def restore_sqlite(
     finally:
         for leftover in (
             partial,
-            *(partial.with_name(partial.name + s) for s in ("-journal", "-wal")),
+            *(beside(partial, s) for s in ("-journal", "-wal")),
         ):
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
@@ -150,9 +161,7 @@ def _copy(backup: Path, target: Path, stopped: Callable[[], bool]) -> None:
 def _check(backup: Path, copy: Path, stopped: Callable[[], bool]) -> tuple[int, int]:
     """The copy's twins and last event's seq, once it proved a twin store that passes
     ``PRAGMA quick_check``."""
-    conn = sqlite3.connect(copy)
-    try:
-        conn.set_progress_handler(lambda: int(stopped()), _PROGRESS_STEPS)
+    with stoppable(str(copy), stopped) as conn:
         tables = table_names(conn)
         if not is_twin_store(conn, tables):
             held = f"its tables: {some_names(tables)}" if tables else "it has no tables"
@@ -163,11 +172,7 @@ def _check(backup: Path, copy: Path, stopped: Callable[[], bool]) -> tuple[int, 
                 f"{backup} fails its check (PRAGMA quick_check: {problem}); "
                 "restore an intact backup"
             )
-        (twins,) = conn.execute("SELECT count(*) FROM twins").fetchone()
-        (last_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
-    finally:
-        conn.close()
-    return int(twins), int(last_seq)
+        return twins_and_last_seq(conn)
 
 
 @contextlib.contextmanager
@@ -205,16 +210,12 @@ def _keep(database: Path, now: float) -> Path | None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     for n in itertools.count(1):
         kept = database.with_name(f"{database.name}.replaced-{stamp}" + (f"-{n}" if n > 1 else ""))
-        if not any(os.path.lexists(_beside(kept, suffix)) for suffix in SQLITE_COMPANIONS):
+        if not any(os.path.lexists(beside(kept, suffix)) for suffix in SQLITE_COMPANIONS):
             break
     for suffix in SQLITE_COMPANIONS:
         with contextlib.suppress(FileNotFoundError):
-            os.rename(_beside(database, suffix), _beside(kept, suffix))
+            os.rename(beside(database, suffix), beside(kept, suffix))
     return kept
-
-
-def _beside(database: Path, suffix: str) -> Path:
-    return database.with_name(database.name + suffix)
 
 
 @contextlib.contextmanager
