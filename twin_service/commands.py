@@ -254,10 +254,12 @@ async def _after_wait(
     force then say: a wait lasts up to ``elasticsearch.wait_timeout_seconds``, and a search
     waiting when a reload took a namespace from its token returned that namespace's twins.
     """
+    # Checked first: a bad waitFor was answered with no items for a token that reads none
+    # of the namespaces asked for, and refused (400) for every other token.
+    seq = await _wait_target(ctx, wait_for)
     built = query(access())
     if built.namespaces == ():
         return None
-    seq = await _wait_target(ctx, wait_for)
     if seq is None:
         return built
     await ctx.index.wait_for_seq(seq)

@@ -446,6 +446,11 @@ def test_namespace_restricted_token_sees_only_its_namespaces(
         assert acme.get(COUNT, params={"filter": filter}).json() == {"count": 1}
         assert acme.get(COUNT, params={"filter": filter, "namespaces": ns}).json() == {"count": 0}
         assert acme.get(SEARCH, params={"filter": f'eq(namespace,"{ns}")'}).json() == {"items": []}
+        # A bad waitFor is refused for every token, whatever it may read.
+        for wait_for in ("abc", "-1", "9" * 18):
+            for route in (SEARCH, COUNT):
+                bad = acme.get(route, params={"namespaces": ns, "waitFor": wait_for})
+                error(bad, 400, "request.invalid")
     with service.client(token=READER_TOKEN) as reader:
         assert reader.get(COUNT, params={"filter": filter}).json() == {"count": 2}
     with service.client(token="") as anonymous:
