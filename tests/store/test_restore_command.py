@@ -4,6 +4,7 @@ left exactly as it was, while anything has the store open or when the backup is 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import itertools
@@ -251,6 +252,37 @@ def test_a_backup_restored_into_an_empty_data_directory_needs_nothing_kept(
     assert len(run.stdout.splitlines()) == 1
     assert [path.name for path in data.iterdir()] == ["twins.sqlite3"]
     assert desired_in(data / "twins.sqlite3") == '{"v":1}'
+
+
+def test_the_wal_of_a_removed_database_is_kept_not_replayed_onto_the_restored_one(
+    tmp_path: Path, stopped_store: Path
+) -> None:
+    """A data directory whose database was removed (``rm twins.sqlite3`` after a crash) but
+    whose ``-wal`` stayed: the restore left the ``-wal`` beside the copy, and SQLite replayed
+    the lost database's commits onto it (a malformed store, or the wrong twins served as the
+    backup's, its stamp overwritten)."""
+    data, copy = tmp_path / "data", tmp_path / "backup.sqlite3"
+    shutil.copytree(stopped_store, data)
+    assert backup(str(copy), "--data-dir", str(data)).returncode == 0
+    database = data / "twins.sqlite3"
+    conn = sqlite3.connect(database)
+    try:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        with conn:
+            conn.execute("UPDATE twins SET doc = json_set(doc, '$.desired.v', 2)")
+        wal = (data / "twins.sqlite3-wal").read_bytes()
+    finally:
+        conn.close()
+    database.unlink()
+    (data / "twins.sqlite3-wal").write_bytes(wal)
+    run = restore(str(copy), "--data-dir", str(data))
+    assert run.returncode == 0, run.stderr
+    with contextlib.closing(sqlite3.connect(database)) as restored:
+        assert integrity_problem(restored) is None
+    assert desired_in(database) == '{"v":1}'
+    (kept,) = data.glob("twins.sqlite3.replaced-*-wal")
+    assert kept.read_bytes() == wal
+    assert f"kept as {str(kept).removesuffix('-wal')}-*" in run.stdout
 
 
 def stop_after(point: int, asked: itertools.count[int]) -> bool:

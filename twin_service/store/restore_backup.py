@@ -202,10 +202,11 @@ def _locked(database: Path) -> Iterator[None]:
 def _keep(database: Path, now: float) -> Path | None:
     """Rename ``database`` and the files SQLite keeps beside it (a ``-wal`` may hold its
     newest commits) to one new name, which SQLite opens as that database; None when there
-    is no database. Its companions never stay beside the restored copy: they are not its.
-    The name is one no file has, for any of them: a second restore within the second took
-    the first one's name, and its rename replaced the database the first had kept."""
-    if not database.exists():
+    is none of them. Its companions never stay beside the restored copy: they are not its.
+    Nor do those of a database that was removed: SQLite replayed such a ``-wal`` onto the
+    copy. The name is one no file has, for any of them: a second restore within the second
+    took the first one's name, and its rename replaced the database the first had kept."""
+    if not any(os.path.lexists(beside(database, suffix)) for suffix in SQLITE_COMPANIONS):
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     for n in itertools.count(1):
@@ -279,6 +280,11 @@ def run_restore(args: argparse.Namespace) -> int:
         f"restored {done.twins:,} twins (journal up to seq {done.last_seq:,}) from "
         f"{args.backup} to {done.database}"
     )
-    if done.kept is not None:
+    if done.kept is not None and done.kept.exists():
         print(f"the database it replaced is kept as {done.kept}: remove it when no longer needed")
+    elif done.kept is not None:
+        print(
+            f"the files SQLite kept beside a database that was not there are kept as "
+            f"{done.kept}-*: remove them when no longer needed"
+        )
     return 0
