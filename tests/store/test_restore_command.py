@@ -214,6 +214,22 @@ def test_the_store_itself_is_refused_however_named(tmp_path: Path, stopped_store
     assert files_of(data) == before
 
 
+def test_a_file_the_restore_cannot_use_is_named_not_the_backup(
+    tmp_path: Path, stopped_store: Path
+) -> None:
+    """``cannot restore BACKUP: Not a directory`` (or ``Permission denied``) sent the
+    operator to the backup, which was fine: the data directory was not."""
+    copy, blocker = tmp_path / "backup.sqlite3", tmp_path / "a-file"
+    assert backup(str(copy), "--data-dir", str(stopped_store)).returncode == 0
+    blocker.write_text("")
+    run = restore(str(copy), "--data-dir", str(blocker / "data"))
+    assert run.returncode == 1
+    assert run.stderr == (
+        f"twin-service: cannot restore {copy}: {blocker / 'data' / 'twins.sqlite3'}: "
+        "Not a directory\n"
+    )
+
+
 def test_a_copy_of_a_stopped_store_is_stamped_so_its_numbers_jump_too(
     tmp_path: Path, stopped_store: Path
 ) -> None:

@@ -128,7 +128,10 @@ def restore_sqlite(
             raise RestoreInterrupted(f"the restore of {backup} was interrupted") from None
         raise RestoreError(f"cannot restore {backup}: {exc}") from None
     except OSError as exc:
-        raise RestoreError(f"cannot restore {backup}: {exc.strerror or exc}") from None
+        # The file named: the one at fault is seldom the backup (a data directory that is
+        # not writable, a database whose mode forbids writing).
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise RestoreError(f"cannot restore {backup}: {where}{exc.strerror or exc}") from None
     finally:
         for leftover in (
             partial,
