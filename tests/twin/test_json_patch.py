@@ -106,6 +106,10 @@ OURS_OK: list[tuple[JSON, list[Op], JSON]] = [
     ({"a": 1}, [{"op": "copy", "from": "", "path": "/b"}], {"a": 1, "b": {"a": 1}}),
     ({"a": 1, "b": 2}, [{"op": "move", "from": "/a", "path": "/b"}], {"b": 1}),
     ({"a": 1}, [{"op": "move", "from": "/a", "path": "/a"}], {"a": 1}),
+    # In an array too (removed, then added where it was): it was inserted a second time.
+    ([1, 2], [{"op": "move", "from": "/0", "path": "/0"}], [1, 2]),
+    ({"a": [[1], 2, 3]}, [{"op": "move", "from": "/a/1", "path": "/a/1"}], {"a": [[1], 2, 3]}),
+    ([[1], 2], [{"op": "move", "from": "/0", "path": "/0"}], [[1], 2]),
     ({"a": {"b": {"c": 1}}}, [{"op": "move", "from": "/a/b", "path": "/a"}], {"a": {"c": 1}}),
     ([1, 2, 3], [{"op": "move", "from": "/0", "path": "/-"}], [2, 3, 1]),
     ({"a": 1}, [{"op": "test", "path": "/a", "value": 1.0}], {"a": 1}),

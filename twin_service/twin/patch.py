@@ -243,7 +243,9 @@ def _apply_operation(doc: JSON, op: Any) -> JSON:
         if name == "move":
             if path[: len(source)] == source and len(path) > len(source):
                 raise InvalidPatch("Cannot move a value into one of its own children.")
-            doc = remove_at(doc, source) if source != path else doc
+            if source == path:  # removed, then added where it was: no change, list or not
+                return doc
+            doc = remove_at(doc, source)
         return _add(doc, path, value)
     if name == "test":
         if not json_equal(get_at(doc, path), _value_member(op)):
