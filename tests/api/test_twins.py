@@ -366,6 +366,32 @@ def test_a_path_with_a_trailing_slash_is_404_never_a_redirect(api: httpx.Client)
     assert api.get(f"/api/v1/twins/{twin_id}").status_code == 200
 
 
+def test_a_trailing_slash_in_a_pointer_names_the_empty_key_never_the_parent(
+    api: httpx.Client,
+) -> None:
+    """``/desired/fan/`` is the key "" inside ``fan`` (RFC 6901), which no twin has: the
+    slash was dropped, and a DELETE of ``/desired/fan/`` deleted ``fan``, one of
+    ``/desired/`` emptied the section, a PUT of ``/desired/x/`` wrote ``x``."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"fan": {"speed": 3}, "other": 1}})
+    base = f"/api/v1/twins/{twin_id}"
+    for path, written in (
+        (f"{base}/desired/fan/", "limits.exceeded"),  # no key may be empty
+        (f"{base}/desired/", "limits.exceeded"),
+        (f"{base}/desired/other/", "pointer.invalid"),  # 1 has no keys
+    ):
+        for method in ("GET", "DELETE"):
+            response = api.request(method, path)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["error"] == "pointer.notfound", (method, path)
+        for method, headers in (("PUT", PLAIN), ("PATCH", MERGE)):
+            response = api.request(method, path, content=b'{"a": 5}', headers=headers)
+            assert response.status_code == 400, (method, path, response.text)
+            assert response.json()["error"] == written, (method, path)
+    twin = api.get(base).json()
+    assert twin["desired"] == {"fan": {"speed": 3}, "other": 1} and twin["revision"] == 1
+
+
 def test_sub_resources_by_pointer(api: httpx.Client) -> None:
     twin_id = new_id()
     put(api, twin_id, {"desired": {}})

@@ -317,9 +317,9 @@ def pointer_after(request: Request, fixed_segments: int) -> list[str]:
     path = raw.decode("latin-1")
     if root and path.startswith(root):
         path = path[len(root) :]
+    # A trailing slash is a last, empty token (RFC 6901): ``desired/fan/`` is the key ""
+    # in ``fan``. Dropped, a DELETE of ``desired/fan/`` deleted ``fan``.
     segments = path.split("/")[fixed_segments + 1 :]
-    if segments and segments[-1] == "":
-        segments = segments[:-1]
     try:
         decoded = [unquote(segment, errors="strict") for segment in segments]
     except UnicodeDecodeError as exc:
