@@ -8,6 +8,8 @@ exit status 2 for settings (refused before anything starts) and 3 for a start th
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import signal
@@ -41,7 +43,9 @@ def command_env(**env: str) -> dict[str, str]:
     return base | env
 
 
-def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def serve(
+    tmp_path: Path, *args: str, preexec_fn: Callable[[], None] | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "twin_service", *args],
         capture_output=True,
@@ -49,7 +53,23 @@ def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess
         cwd=tmp_path,
         env=command_env(**env),
         timeout=60,
+        preexec_fn=preexec_fn,
     )
+
+
+PR_CAPBSET_DROP = 24
+
+
+def without_privileges() -> None:
+    """In a child before it execs: as root, drop every capability from its bounding set, so
+    that the program it runs has none, and root's own files hold it to their modes as any
+    user's do. (Another user could not run this interpreter when it lies under /root.)"""
+    if os.geteuid() != 0:
+        return  # held to the modes already
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
 def serving(
@@ -374,6 +394,51 @@ def test_a_damaged_database_is_named(tmp_path: Path) -> None:
         "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
         "file is not a database",
     )
+
+
+def test_a_database_file_the_user_cannot_write_is_named_and_nothing_is_left_behind(
+    tmp_path: Path,
+) -> None:
+    """A non-root user served a database of mode 0400: the start failed (SQLite: "attempt
+    to write a readonly database") but left a -wal and a -shm of mode 0400 behind, so once
+    the operator made the named file writable, the next start failed the same way, and
+    named the database still, not the -shm it could not write."""
+    proc = serving(tmp_path, command_env())
+    proc.terminate()
+    proc.communicate(timeout=30)
+    data = tmp_path / "data"
+    database = data / "twins.sqlite3"
+    database.chmod(0o400)
+    before = sorted(p.name for p in data.iterdir())
+    run = serve(tmp_path, "serve", "--data-dir", "data", preexec_fn=without_privileges)
+    assert_cannot_start(
+        run,
+        "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
+        "data/twins.sqlite3 is not readable and writable by this user (mode 0400, owner uid ",
+    )
+    assert sorted(p.name for p in data.iterdir()) == before
+    # Left by an older start that failed so: the file the user cannot write is named.
+    database.chmod(0o600)
+    (data / "twins.sqlite3-shm").touch(mode=0o400)
+    run = serve(tmp_path, "serve", "--data-dir", "data", preexec_fn=without_privileges)
+    assert_cannot_start(
+        run,
+        "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
+        "data/twins.sqlite3-shm is not readable and writable by this user (mode 0400, ",
+    )
+    (data / "twins.sqlite3-shm").unlink()
+    data.chmod(0o555)  # where SQLite would create them
+    run = serve(tmp_path, "serve", "--data-dir", "data", preexec_fn=without_privileges)
+    data.chmod(0o755)
+    assert_cannot_start(
+        run,
+        "twin-service cannot start: The twin store cannot open data/twins.sqlite3: the "
+        "directory data is not writable by this user: SQLite creates the database's -wal",
+    )
+    assert sorted(p.name for p in data.iterdir()) == before
+    proc = serving(tmp_path, command_env(), ("serve", "--data-dir", "data"))
+    proc.terminate()
+    proc.communicate(timeout=30)
 
 
 @pytest.mark.parametrize(

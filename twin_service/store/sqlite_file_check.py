@@ -5,15 +5,19 @@ every twin (docs/backup.md): given a damaged backup, the service went on serving
 writes on a malformed database; given another application's database, it started empty and
 wrote its tables into that file. These checks only read, on a connection of their own
 without the store's pragmas (which turn the file to WAL mode), so a refused file is left
-exactly as it was.
+exactly as it was. Whether this user may write the files comes first, before SQLite opens
+anything: it opens a database it cannot write read-only, and creates its -wal and -shm with
+the database's mode, so a start that failed on a read-only file left two more behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from pathlib import Path
 
+from twin_service.store.own_files import beside, sqlite_files
 from twin_service.store.restore import BACKUP_TIME_KEY
 
 
@@ -21,6 +25,12 @@ class UnusableDatabase(sqlite3.DatabaseError):
     """The file is a database the store must not write to; the message says why, in one
     line. A :class:`sqlite3.DatabaseError`: the store reports it as it reports a file that
     is not a database at all."""
+
+
+class NotWritable(sqlite3.OperationalError):
+    """This user cannot write the database, a file SQLite keeps beside it, or the directory
+    SQLite creates those in; the message names which (SQLite's own "attempt to write a
+    readonly database" names none)."""
 
 
 #: Tables every twin store has had since its first schema, each with the column the
@@ -40,7 +50,10 @@ def check_database_file(path: Path, timeout: float) -> None:
     Only a restored backup is checked: ``quick_check`` reads every page of the file, too
     long for every start of a large database, while a backup lay on other disks, was
     copied around, and is about to be renumbered whole.
+
+    Raises :class:`NotWritable` first, opening nothing, when :func:`check_writable` does.
     """
+    check_writable(path)
     if not path.is_file() or path.stat().st_size == 0:
         return
     with contextlib.closing(sqlite3.connect(path, timeout=timeout)) as conn:
@@ -60,6 +73,28 @@ def check_database_file(path: Path, timeout: float) -> None:
                     f"quick_check: {problem}); it is left as it is: put an intact backup in "
                     "its place (docs/backup.md)"
                 )
+
+
+def check_writable(path: Path) -> None:
+    """Raise :class:`NotWritable` when this user cannot read and write ``path`` or one of the
+    files SQLite keeps beside it that exist, or when SQLite must create its -wal or -shm in a
+    directory this user cannot write. Root passes (os.access grants it everything)."""
+    for file in sqlite_files(path):
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            st = file.stat()
+            raise NotWritable(
+                f"{file} is not readable and writable by this user (mode "
+                f"{st.st_mode & 0o7777:04o}, owner uid {st.st_uid}): the service writes the "
+                "database and the files SQLite keeps beside it"
+            )
+    # SQLite keeps the -wal and -shm beside the file a symlink names.
+    database = path.resolve() if path.is_symlink() else path
+    missing = not all(beside(database, suffix).exists() for suffix in ("-wal", "-shm"))
+    if missing and not os.access(database.parent, os.W_OK | os.X_OK):
+        raise NotWritable(
+            f"the directory {database.parent} is not writable by this user: SQLite creates the "
+            "database's -wal and -shm files there"
+        )
 
 
 def table_names(conn: sqlite3.Connection) -> set[str]:
