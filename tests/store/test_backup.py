@@ -218,6 +218,37 @@ def test_backup_failures_to_write_are_one_line(tmp_path: Path) -> None:
     ), done.stderr
 
 
+def test_a_stopped_store_in_a_read_only_directory_is_said_to_need_its_shm(
+    tmp_path: Path,
+) -> None:
+    """The backup only reads, yet it failed with "attempt to write a readonly database":
+    SQLite creates the -shm of a WAL database to read it, and cannot in that directory."""
+    data = tmp_path / "data"
+    ServiceProcess(data).start().stop()
+    assert not (data / "twins.sqlite3-shm").exists()
+    dest = tmp_path / "b.sqlite3"
+    # A real read-only directory, in a mount namespace of its own (the test runs as root).
+    script = (
+        f"mount --bind -o ro {data} {data} && "
+        f"exec {sys.executable} -m twin_service backup {dest} --data-dir {data}"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=service_env({}),
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"twin-service: the backup of {data}/twins.sqlite3 failed: ")
+    assert done.stderr.endswith(
+        f" ({data} is not writable by this user, and SQLite must create twins.sqlite3-shm "
+        "there to read the database)\n"
+    ), done.stderr
+    assert done.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 def test_two_backups_to_one_new_name_do_not_both_write_it(tmp_path: Path) -> None:
     """Both passed the check for an existing file at their start and renamed their copy
     over the name at their end: the second replaced the first without --force."""

@@ -99,7 +99,9 @@ def backup_sqlite(
     except sqlite3.Error as exc:
         if stopped():  # the copy ended on its progress handler's word
             raise BackupInterrupted(f"the backup to {dest} was interrupted") from None
-        raise BackupError(f"the backup of {source} failed: {exc}") from None
+        raise BackupError(
+            f"the backup of {source} failed: {exc}{_shm_needed(source, exc)}"
+        ) from None
     except OSError as exc:
         raise BackupError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
@@ -189,6 +191,22 @@ def _copy_snapshot(source: Path, target: Path, stopped: Callable[[], bool]) -> N
     with stoppable(f"{source.resolve().as_uri()}?mode=ro", stopped, uri=True) as conn:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("VACUUM INTO ?", (str(target),))
+
+
+def _shm_needed(source: Path, exc: sqlite3.Error) -> str:
+    """Why SQLite, told only to read, could not open ``source``, when the reason is its
+    directory: to read a WAL database it creates the -shm beside it, which a read-only
+    directory refuses ("attempt to write a readonly database", "unable to open database
+    file": neither names the directory). An empty string otherwise."""
+    if not (exc.sqlite_errorname or "").startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")):
+        return ""
+    shm = beside(source.resolve() if source.is_symlink() else source, "-shm")
+    if shm.exists() or os.access(shm.parent, os.W_OK | os.X_OK):
+        return ""
+    return (
+        f" ({shm.parent} is not writable by this user, and SQLite must create {shm.name} "
+        "there to read the database)"
+    )
 
 
 def _check(copy: Path, stopped: Callable[[], bool]) -> tuple[int, int]:
