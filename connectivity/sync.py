@@ -257,6 +257,7 @@ class MqttSync:
         # Every (re)connection of the deltas' own client may have missed some: see _republish.
         self.delta_client.on_connect(self._on_connect)
         ctx.service.add_listener(self.deltas.on_change)
+        ctx.service.add_doubt_listener(self.deltas.on_doubt)
         ctx.readiness["mqtt"] = self.health
         ctx.components["mqtt"] = self
         await self.delta_client.start()

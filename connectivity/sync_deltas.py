@@ -16,6 +16,10 @@ Ordering rules (per twin):
   twin's size) is not sent: the retained delta is cleared instead, since the one it holds is
   older and a device would apply values desired no longer has; the device's ``get`` is
   answered with a 413 (``twin.toolarge``) as well, so it learns why;
+- a write the store may have committed without confirming it (:class:`Unconfirmed`, a 503
+  "may or may not have been committed") gets no change event here; its commit may land
+  after any read, so the twin is read again at spaced times (:meth:`DeltaPublisher.on_doubt`)
+  and its delta published when it changed;
 - after each connection every non-empty delta is published again (the broker may have lost
   them), and every retained delta the broker holds that is not the twin's current one is
   corrected (:meth:`DeltaPublisher.correct`): a commit whose publish never went out (the
@@ -36,7 +40,7 @@ from connectivity.sync_messages import delta_message
 from connectivity.topics import TopicLayout, fits_topics
 from search.rql.parser import parse_filter
 from search.rql.query import SearchQuery
-from twin_service.errors import Unavailable
+from twin_service.errors import Unavailable, Unconfirmed
 from twin_service.store.base import StoredEvent, TwinStore
 from twin_service.tasks import stop_task
 from twin_service.twin.document import Twin
@@ -46,6 +50,16 @@ log = logging.getLogger(__name__)
 
 #: ``publish(topic, payload)``: QoS 1, retained; returns after the broker's PUBACK.
 Publish = Callable[[str, bytes], Awaitable[None]]
+
+#: A twin with a write in doubt is read again after the store's bound on the write (at least
+#: the first figure), then after twice as long since the failure, and so on, the last time
+#: the second figure after it: a stalled commit (FerretDB goes on with an update its client
+#: gave up on) may land seconds later.
+DOUBT_FIRST_SECONDS = 1.0
+DOUBT_HORIZON_SECONDS = 300.0
+#: Twins watched at once for a write in doubt; beyond, the next connection's correct() is left
+#: to put a delta right (a store that confirms nothing: every write is in doubt).
+DOUBTS_WATCHED = 1000
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class DeltaPublisher:
         self._pending: dict[str, _Job] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._failed: set[str] = set()
+        self._doubts: dict[str, asyncio.Task[None]] = {}
         self._told_no_topics: set[str] = set()
         self.published = 0
         self.failures = 0
@@ -85,6 +100,52 @@ class DeltaPublisher:
             # Revisions start again at 1 when a deleted twin is created anew.
             self._published.pop(event.twin_id, None)
         self.submit(event.twin_id, _Job(event.revision, twin))
+
+    def on_doubt(self, twin_id: str, error: Unconfirmed) -> None:
+        """A :data:`twin_service.service.DoubtListener`: watch the twin until the write's
+        fate is known (see DOUBT_FIRST_SECONDS). A read right away is not enough: the commit
+        can land after a read that already answered."""
+        if not fits_topics(twin_id):
+            return
+        watching = self._doubts.pop(twin_id, None)
+        if watching is not None:
+            watching.cancel()  # the newer doubt watches at least as long
+        elif len(self._doubts) >= DOUBTS_WATCHED:
+            log.warning(
+                "delta of %s not watched after a write in doubt (%d twins are): put right "
+                "after the next connection",
+                twin_id,
+                len(self._doubts),
+            )
+            return
+        first = max(error.settles_after, DOUBT_FIRST_SECONDS)
+        self._doubts[twin_id] = asyncio.create_task(self._watch_doubt(twin_id, first))
+
+    async def _watch_doubt(self, twin_id: str, first: float) -> None:
+        try:
+            elapsed, wait = 0.0, first
+            while elapsed < DOUBT_HORIZON_SECONDS:
+                wait = min(wait, DOUBT_HORIZON_SECONDS - elapsed)
+                await asyncio.sleep(wait)
+                elapsed += wait
+                wait = elapsed
+                try:
+                    twin = await self._store.get(twin_id)
+                    gone = await self._store.tombstone(twin_id) if twin is None else None
+                except Unavailable as exc:
+                    log.warning(
+                        "delta of %s: could not read it after a write in doubt: %s", twin_id, exc
+                    )
+                    continue
+                # Not forced: published only when above the revision and unlike the payload
+                # published last (see _publish_job).
+                if twin is not None:
+                    self.submit(twin_id, _Job(twin.revision, twin))
+                elif gone is not None:  # a deletion in doubt
+                    self.submit(twin_id, _Job(gone.revision, None))
+        finally:
+            if self._doubts.get(twin_id) is asyncio.current_task():
+                del self._doubts[twin_id]
 
     def submit(self, twin_id: str, job: _Job) -> None:
         if not fits_topics(twin_id):
@@ -183,6 +244,8 @@ class DeltaPublisher:
             await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
 
     async def stop(self) -> None:
+        # The watches first: they queue work for the workers.
+        await asyncio.gather(*(stop_task(task) for task in list(self._doubts.values())))
         await asyncio.gather(*(stop_task(task) for task in list(self._workers.values())))
 
     async def _drain(self, twin_id: str) -> None:

@@ -25,6 +25,7 @@ error message over WebSocket, and to a ``rejected`` message over MQTT.
     ├── UnsupportedMediaType (415)    request.mediatype
     └── Unavailable (503)             service.unavailable / service.starting
         ├── StoreUnreachable          (the store did not answer)
+        ├── Unconfirmed               (a write that may commit still)
         ├── StoreMissing              (an operator command found no store)
         └── StoreFull (507)           store.full
 """
@@ -201,6 +202,17 @@ class StoreUnreachable(Unavailable):
     not within ``mongodb.operation_timeout_ms``, as opposed to answering with a refusal: a
     starting service waits for it to come (``mongodb.start_wait_seconds``) instead of
     exiting."""
+
+
+class Unconfirmed(Unavailable):
+    """A write whose commit was under way when the store stopped answering: it may have
+    committed, or may still, with no change event from this process (readers of the journal
+    see it once it lands). ``settles_after`` is how many seconds after the failure its fate
+    is usually known (the store's bound on the write)."""
+
+    def __init__(self, message: str, *, settles_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.settles_after = settles_after
 
 
 class StoreMissing(Unavailable):

@@ -23,6 +23,7 @@ from twin_service.errors import (
     PreconditionFailed,
     TwinServiceError,
     Unavailable,
+    Unconfirmed,
 )
 from twin_service.store.base import RevisionConflict, StoredEvent, TwinStore, Write
 from twin_service.turns import Turns
@@ -54,6 +55,10 @@ RECENT_CAPACITY = 10_000
 #: It runs in the twin's turn: awaiting a write of the same twin there would wait forever
 #: (start a task for that instead).
 Listener = Callable[[StoredEvent, Twin | None], Awaitable[None]]
+#: Told of a write of the twin (by id) that the store may have committed without confirming
+#: it: no listener hears of that change from this process, however it ends. Called on the
+#: write path, so it must return at once (start a task for anything more).
+DoubtListener = Callable[[str, Unconfirmed], None]
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class TwinService:
         self.limits = limits
         self.default_namespace = default_namespace
         self._listeners: list[Listener] = []
+        self._doubt_listeners: list[DoubtListener] = []
         # Latest twins this process committed or read for a write. Only the write path uses
         # it: a stale entry (another process wrote since) loses the compare-and-set, or fails
         # a check, and the write is retried from a fresh read, so it can never cause a wrong
@@ -136,6 +142,9 @@ class TwinService:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_doubt_listener(self, listener: DoubtListener) -> None:
+        self._doubt_listeners.append(listener)
 
     async def get(self, twin_id: str) -> Twin:
         twin = await self.store.get(twin_id)
@@ -193,6 +202,8 @@ class TwinService:
                 except Unavailable as exc:
                     self.failed += 1
                     self.last_failure = (f"{exc.code}: {exc.message}", now_iso())
+                    if isinstance(exc, Unconfirmed):
+                        self._doubt(twin_id, exc)
                     raise
                 except RevisionConflict as conflict:
                     self.retried += 1
@@ -286,6 +297,13 @@ class TwinService:
 
     def _forget(self, twin_id: str) -> None:
         self._recent.pop(twin_id, None)
+
+    def _doubt(self, twin_id: str, error: Unconfirmed) -> None:
+        for listener in self._doubt_listeners:
+            try:
+                listener(twin_id, error)
+            except Exception:  # the client gets the write's own 503, not a listener's failure
+                log.exception("doubt listener failed")
 
     async def _notify(self, outcome: Outcome) -> None:
         for listener in self._listeners:

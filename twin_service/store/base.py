@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twin_service.errors import Conflict, Unavailable
+from twin_service.errors import Conflict, Unconfirmed
 from twin_service.twin.document import ChangeEvent, Tombstone, Twin
 from twin_service.types import JSONObject
 
@@ -217,11 +217,12 @@ class TwinStore(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def unconfirmed(reason: str) -> Unavailable:
+def unconfirmed(reason: str, settles_after: float = 0.0) -> Unconfirmed:
     """The 503 of a write whose commit was under way when the store stopped answering: it
     may have been committed. Saying "failed" had clients write the same change again (a
     second revision of it)."""
-    return Unavailable(
+    return Unconfirmed(
         f"{reason}: it may or may not have been committed. Read the twin before writing "
-        "again (If-Match makes a retry safe)."
+        "again (If-Match makes a retry safe).",
+        settles_after=settles_after,
     )

@@ -608,10 +608,11 @@ class MongoStore:
             self._may_claim_again(claimed[0])
             await self._fence_quietly(seq)
             raise RevisionConflict(f"Twin {write.twin_id}: the claim of its revision lapsed.")
+        bound = min(gap * 0.8, self._settings.operation_timeout_ms / 1000)
         try:
             # A bounded commit (the server gets maxTimeMS on MongoDB) keeps the window in which
             # a stalled write could land after readers fenced its number off small.
-            with pymongo.timeout(min(gap * 0.8, self._settings.operation_timeout_ms / 1000)):
+            with pymongo.timeout(bound):
                 result = await self._twins.update_one(
                     self._cas_filter(write),
                     update,
@@ -630,7 +631,9 @@ class MongoStore:
         except DRIVER_ERRORS as exc:
             # Outcome unknown: if it committed, the event is pending in the twin and gets
             # journaled by readers or the sweep; if not, readers fence the number off.
-            raise unconfirmed(f"The database did not confirm this write ({exc})") from exc
+            raise unconfirmed(
+                f"The database did not confirm this write ({exc})", settles_after=bound
+            ) from exc
         if not committed:
             if claimed is not None:  # the twin is as it was: this process may claim it again
                 self._may_claim_again(claimed[0])
