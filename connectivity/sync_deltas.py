@@ -85,6 +85,7 @@ class DeltaPublisher:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._failed: set[str] = set()
         self._doubts: dict[str, asyncio.Task[None]] = {}
+        self._stopped = False
         self._told_no_topics: set[str] = set()
         self.published = 0
         self.failures = 0
@@ -105,8 +106,8 @@ class DeltaPublisher:
         """A :data:`twin_service.service.DoubtListener`: watch the twin until the write's
         fate is known (see DOUBT_FIRST_SECONDS). A read right away is not enough: the commit
         can land after a read that already answered."""
-        if not fits_topics(twin_id):
-            return
+        if self._stopped or not fits_topics(twin_id):
+            return  # stopped: a watch started now would outlive the service
         watching = self._doubts.pop(twin_id, None)
         if watching is not None:
             watching.cancel()  # the newer doubt watches at least as long
@@ -245,6 +246,7 @@ class DeltaPublisher:
 
     async def stop(self) -> None:
         # The watches first: they queue work for the workers.
+        self._stopped = True
         await asyncio.gather(*(stop_task(task) for task in list(self._doubts.values())))
         await asyncio.gather(*(stop_task(task) for task in list(self._workers.values())))
 
