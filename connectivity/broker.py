@@ -39,7 +39,14 @@ from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from connectivity.broker_delivery import AckingHandler, EndToEndAcks, hold_until_done, keep_newest
+from connectivity.broker_delivery import (
+    AckingHandler,
+    EndToEndAcks,
+    LastWill,
+    hold_until_done,
+    keep_newest,
+    take_will,
+)
 from connectivity.broker_log import Tally, log
 from connectivity.broker_packets import (
     ConnectTooLarge,
@@ -489,11 +496,38 @@ class _TwinBroker(EndToEndAcks):
             self.devices_admitted.clear()
         await super()._stop_handler(handler)
 
-    async def close_to_devices(self) -> None:
+    async def close_to_devices(self, grace: float) -> None:
+        """Closes every device connection and publishes the last will of each one that was
+        connected, as MQTT asks of a server that closes a connection (3.1.2.5); waits up to
+        ``grace`` seconds for the service to have them.
+
+        The wills were not published (amqtt would have, once each connection's loop saw
+        the end, after the service had gone), and this broker keeps nothing across a
+        restart: a device that did not come back stayed ``online`` for good.
+        """
         self.devices_admitted.clear()
+        wills: list[tuple[Session, LastWill]] = []
         for session, handler in list(self._sessions.values()):
-            if session.username != self._config.service_username:
-                await _close_connection(handler)
+            if session.username == self._config.service_username:
+                continue
+            will = take_will(session) if session.transitions.is_connected() else None
+            await _close_connection(handler)
+            if will is not None:  # after the close: it is the device's last word
+                wills.append((session, will))
+        outcomes = [await self.publish_will(session, will) for session, will in wills]
+        if not outcomes:
+            return
+        done, _ = await asyncio.wait(outcomes, timeout=grace)
+        taken = sum(1 for outcome in done if outcome.result())
+        if taken < len(outcomes):
+            log.warning(
+                "embedded broker: the service took %d of the %d last wills of the devices "
+                "it disconnected at shutdown within %g s; the other twins stay online "
+                "until their devices come back",
+                taken,
+                len(outcomes),
+                grace,
+            )
 
     async def _until_devices_admitted(self) -> bool:
         """Holds a device until devices are admitted (bounded by connect_timeout, so that a
@@ -859,12 +893,15 @@ class EmbeddedBroker:
                 self._broker.keeper = keeper
             self._broker.devices_admitted.set()
 
-    async def close_to_devices(self) -> None:
+    async def close_to_devices(self, grace: float = 5.0) -> None:
         """Disconnects every device and holds new logins: for the service's shutdown, before
         it disconnects. A device message that came after that went to the service's offline
-        session, was acknowledged to the device, and was lost when the broker stopped."""
+        session, was acknowledged to the device, and was lost when the broker stopped.
+
+        Publishes their last wills, and waits up to ``grace`` seconds for the service to
+        have acknowledged them (after its commit): their twins go ``offline``."""
         if self._broker is not None:
-            await self._broker.close_to_devices()
+            await self._broker.close_to_devices(grace)
 
     @property
     def devices(self) -> int:

@@ -513,6 +513,19 @@ def _all_acknowledged(deliveries: asyncio.Future[list[Any]]) -> bool:
     return not any(isinstance(outcome, BaseException) for outcome in deliveries.result())
 
 
+#: A last will: topic, message, QoS, retain flag.
+LastWill = tuple[str, bytes, int | None, bool]
+
+
+def take_will(session: Session) -> LastWill | None:
+    """``session``'s last will, taken from it: amqtt does not publish it any more."""
+    if not session.will_flag or session.will_topic is None:
+        return None
+    will = (session.will_topic, session.will_message or b"", session.will_qos, session.will_retain)
+    session.will_flag = False
+    return will
+
+
 class _TaskLog(deque[asyncio.Task[Any]]):
     """amqtt's deque of delivery tasks, noting those one broadcast adds, and holding each
     only until it is done.
@@ -717,6 +730,22 @@ class EndToEndAcks(Broker):  # type: ignore[misc]  # amqtt is untyped
         self.published += 1
         broadcast["seq"] = self.published
         await self._broadcast_queue.put(broadcast)
+
+    async def publish_will(self, session: Session, will: LastWill) -> asyncio.Future[bool]:
+        """Publishes ``session``'s last will (taken by :func:`take_will`), retained if it
+        says so, as amqtt does when a connection ends without a DISCONNECT. Returns its
+        outcome, as a device message's: True once every subscriber acknowledged it (the
+        service does after its commit)."""
+        topic, data, qos, retain = will
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        token = _forwarding.set(outcome)
+        try:
+            await self._broadcast_message(session, topic, data, qos)
+        finally:
+            _forwarding.reset(token)
+        if retain:
+            await self.retain_message(session, topic, data, qos)
+        return outcome
 
     async def retain_message(
         self,

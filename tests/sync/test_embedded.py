@@ -119,6 +119,42 @@ async def test_a_device_whose_network_vanished_goes_offline(
         proc.stop()
 
 
+async def test_a_device_gone_while_the_service_restarts_is_offline(tmp_path: Path) -> None:
+    """A graceful stop closes every device connection; the broker sends their last wills, and
+    the service takes them before it stops. The embedded broker keeps no retained message
+    across a restart: a device that does not come back stayed ``online`` for good."""
+    data = tmp_path / "svc"
+    twin = "org.acme:gone-meanwhile"
+    password = add_device(data, twin)
+    port = free_port()
+    proc = embedded_service(data, port)
+    status = f"twins/{twin}/status"
+    try:
+        put_twin_once_up(proc, twin, desired={"x": 1})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        connect = mqtt_packets.connect(twin, mqtt_username(twin), password, (status, b"offline"))
+        writer.write(connect)
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x20\x02\x00\x00"
+        writer.write(mqtt_packets.publish(status, b"online", 1, 1))
+        async with proc.async_client() as api:
+            await until_twin(api, twin, lambda d: d["connection"]["status"] == "online")
+        proc.stop()  # SIGTERM; the device never comes back
+        writer.close()
+    finally:
+        proc.stop()
+    proc = embedded_service(data, port)
+    try:
+        async with proc.async_client() as api:
+            doc = (await api.get(f"/api/v1/twins/{twin}")).json()
+            assert doc["connection"]["status"] == "offline", doc["connection"]
+            found = await api.get(
+                "/api/v1/search/twins", params={"filter": 'eq(connection/status,"online")'}
+            )
+            assert found.json()["items"] == [], found.json()
+    finally:
+        proc.stop()
+
+
 @pytest.mark.parametrize("search", ["builtin", "off"])
 async def test_a_restarted_service_publishes_pending_deltas_again(
     tmp_path: Path, search: str
