@@ -201,21 +201,27 @@ def test_backup_failures_to_write_are_one_line(tmp_path: Path) -> None:
     # A real read-only filesystem, in a mount namespace of its own (the test runs as root).
     readonly = tmp_path / "ro"
     readonly.mkdir()
-    script = (
-        f"mount -t tmpfs -o ro,size=1m tmpfs {readonly} && "
-        f"exec {sys.executable} -m twin_service backup {readonly}/b.sqlite3 --data-dir {data}"
+    done = in_own_mounts(
+        f"mount -t tmpfs -o ro,size=1m tmpfs {readonly}",
+        f"backup {readonly}/b.sqlite3 --data-dir {data}",
     )
-    done = subprocess.run(
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"twin-service: cannot write {readonly}/b.sqlite3: Read-only file system\n"
+    ), done.stderr
+
+
+def in_own_mounts(mount: str, command: str) -> subprocess.CompletedProcess[str]:
+    """``twin-service COMMAND`` after ``mount``, in a mount namespace of its own (the test
+    runs as root)."""
+    script = f"{mount} && exec {sys.executable} -m twin_service {command}"
+    return subprocess.run(
         ["unshare", "--mount", "sh", "-c", script],
         capture_output=True,
         text=True,
         timeout=120,
         env=service_env({}),
     )
-    assert done.returncode == 1, done.stderr
-    assert done.stderr == (
-        f"twin-service: cannot write {readonly}/b.sqlite3: Read-only file system\n"
-    ), done.stderr
 
 
 def test_a_stopped_store_in_a_read_only_directory_is_said_to_need_its_shm(
@@ -228,17 +234,7 @@ def test_a_stopped_store_in_a_read_only_directory_is_said_to_need_its_shm(
     assert not (data / "twins.sqlite3-shm").exists()
     dest = tmp_path / "b.sqlite3"
     # A real read-only directory, in a mount namespace of its own (the test runs as root).
-    script = (
-        f"mount --bind -o ro {data} {data} && "
-        f"exec {sys.executable} -m twin_service backup {dest} --data-dir {data}"
-    )
-    done = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=service_env({}),
-    )
+    done = in_own_mounts(f"mount --bind -o ro {data} {data}", f"backup {dest} --data-dir {data}")
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith(f"twin-service: the backup of {data}/twins.sqlite3 failed: ")
     assert done.stderr.endswith(

@@ -19,6 +19,7 @@ from connectivity.device import DeviceClient, DeviceConfig
 from connectivity.errors import MqttUnavailable
 from connectivity.mqtt_client import MqttClient
 from connectivity.options import MqttOptions
+from connectivity.retained import read_retained
 from tests.service_process import ServiceProcess
 from twin_service.settings import Settings
 
@@ -220,3 +221,14 @@ async def publisher(url: str, client_id: str) -> MqttClient:
     await client.start()
     await client.wait_connected(10)
     return client
+
+
+async def retained_delta(url: str, twin_id: str) -> Any:
+    """The delta the broker at ``url`` retains for ``twin_id``, decoded; None for none."""
+    held = await read_retained(
+        MqttOptions(url=url, client_id=f"probe-{time.monotonic_ns()}"),
+        f"twins/{twin_id}/delta",
+        quiet_seconds=0.3,
+    )
+    payload = held.get(f"twins/{twin_id}/delta")
+    return json.loads(payload) if payload else None

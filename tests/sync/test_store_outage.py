@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -11,8 +10,6 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from connectivity.options import MqttOptions
-from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.service_fixtures import mongodb_env
@@ -21,6 +18,7 @@ from tests.sync.helpers import (
     QUIET,
     publisher,
     put_twin_once_up,
+    retained_delta,
     send_reliably,
     sync_service,
     until_twin,
@@ -65,16 +63,6 @@ async def test_reports_sent_during_a_long_store_outage_are_applied_when_it_is_ba
         proc.stop()
 
 
-async def _retained_delta(url: str, twin: str) -> dict[str, object] | None:
-    held = await read_retained(
-        MqttOptions(url=url, client_id=f"probe-{time.monotonic_ns()}"),
-        f"twins/{twin}/delta",
-        quiet_seconds=0.3,
-    )
-    payload = held.get(f"twins/{twin}/delta")
-    return json.loads(payload) if payload else None
-
-
 async def test_deltas_are_put_right_when_the_store_is_back_after_a_reconnection(
     fresh_ferretdb: FerretDB, fresh_mosquitto: Mosquitto, tmp_path: Path, unique_name: str
 ) -> None:
@@ -86,7 +74,7 @@ async def test_deltas_are_put_right_when_the_store_is_back_after_a_reconnection(
         twin = "org.acme:lost-delta"
         put_twin_once_up(proc, twin, desired={"n": 1})
         deadline = time.monotonic() + 15
-        while await _retained_delta(fresh_mosquitto.url, twin) is None:
+        while await retained_delta(fresh_mosquitto.url, twin) is None:
             assert time.monotonic() < deadline, "the delta was never published"
         fresh_ferretdb.stop()
         # The broker loses the delta (a restart without persistence does that), and the
@@ -97,10 +85,10 @@ async def test_deltas_are_put_right_when_the_store_is_back_after_a_reconnection(
         await fresh_mosquitto.arestart()
         wait_mqtt_up(proc, timeout=30)
         await asyncio.sleep(2)  # its pass after connecting has met the store down
-        assert await _retained_delta(fresh_mosquitto.url, twin) is None
+        assert await retained_delta(fresh_mosquitto.url, twin) is None
         await fresh_ferretdb.astart()
         deadline = time.monotonic() + 30
-        while (delta := await _retained_delta(fresh_mosquitto.url, twin)) is None:
+        while (delta := await retained_delta(fresh_mosquitto.url, twin)) is None:
             assert time.monotonic() < deadline, "the lost delta was never published again"
         assert delta["state"] == {"n": 1}
     finally:

@@ -9,26 +9,14 @@ from typing import Any
 
 import httpx
 
-from connectivity.options import MqttOptions
-from connectivity.retained import read_retained
 from tests.servers.ferretdb import FerretDB
 from tests.servers.mosquitto import Mosquitto
 from tests.service_fixtures import mongodb_env
-from tests.sync.helpers import QUIET, sync_service, wait_mqtt_up
+from tests.sync.helpers import QUIET, retained_delta, sync_service, wait_mqtt_up
 
 #: Attributes enough that FerretDB takes longer over the twin's update than the write bound
 #: (0.8 of the gap timeout below): the service answers 503 while the update goes on.
 BIG = {f"k{i:04d}": i for i in range(4500)}
-
-
-async def _retained_delta(url: str, twin: str) -> Any:
-    held = await read_retained(
-        MqttOptions(url=url, client_id=f"probe-{time.monotonic_ns()}"),
-        f"twins/{twin}/delta",
-        quiet_seconds=0.3,
-    )
-    payload = held.get(f"twins/{twin}/delta")
-    return json.loads(payload) if payload else None
 
 
 def _twin(api: httpx.Client, twin: str) -> Any:
@@ -58,7 +46,7 @@ def _committed_in_doubt(api: httpx.Client, twin: str) -> int:
     raise AssertionError("no write answered 503 and committed")
 
 
-async def test_a_desired_change_committed_but_not_confirmed_reaches_the_retained_delta(
+async def test_a_desired_change_committed_but_not_confirmed_reaches_theretained_delta(
     ferretdb_server: FerretDB, mosquitto_server: Mosquitto, tmp_path: Path, unique_name: str
 ) -> None:
     """The delta was published only after a confirmed write: one that answered 503 ("may or
@@ -83,7 +71,7 @@ async def test_a_desired_change_committed_but_not_confirmed_reaches_the_retained
             while True:
                 doc = _twin(api, twin)
                 want = {"state": doc["delta"], "desiredVersion": doc["desiredVersion"]}
-                retained = await _retained_delta(mosquitto_server.url, twin)
+                retained = await retained_delta(mosquitto_server.url, twin)
                 if retained == want:
                     break
                 assert time.monotonic() < deadline, f"retained {retained}, twin has {want}"
