@@ -160,7 +160,7 @@ async def run_command(ctx: AppContext, access: Access, message: JSONObject) -> t
             edit = (
                 (lambda t: merge_patch_twin(_exists(t), value))
                 if kind == "merge"
-                else (lambda t: json_patch_twin(_exists(t), value))
+                else (lambda t: json_patch_twin(_exists(t), value, ctx.service.limits))
             )
         elif kind == "json":
             raise BadRequest("JSON Patch applies to the whole twin (no 'path').")

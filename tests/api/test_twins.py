@@ -862,6 +862,26 @@ def test_small_patch_making_twin_too_large_is_413(api: httpx.Client) -> None:
     assert api.get(f"/api/v1/twins/{twin_id}").json()["revision"] == 1
 
 
+def test_a_json_patch_that_doubles_the_twin_is_refused_at_the_limit(api: httpx.Client) -> None:
+    """Each copy doubled the array, and the size was checked only after the last operation:
+    25 copies of a 4 kB array (a body under 2 kB) would have built 130 GB on the event loop
+    before the final replace made the twin small again. The limit holds after every
+    operation, so the patch stops at the fifth copy; one not refused would never finish."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"v": list(range(1000))}})
+    ops: list[dict[str, object]] = [
+        {"op": "copy", "from": "/desired/v", "path": "/desired/v/-"} for _ in range(25)
+    ]
+    ops.append({"op": "replace", "path": "/desired/v", "value": 1})
+    response = api.patch(f"/api/v1/twins/{twin_id}", json=ops, headers=JSON_PATCH)
+    assert response.status_code == 413, response.text
+    body = response.json()
+    assert body["error"] == "twin.toolarge"
+    assert body["limit"] == 65536 and 65536 < body["size"] <= 2 * 65536, body
+    doc = api.get(f"/api/v1/twins/{twin_id}").json()
+    assert doc["desired"] == {"v": list(range(1000))} and doc["revision"] == 1
+
+
 @pytest.mark.parametrize(
     "twin_id",
     [

@@ -15,10 +15,11 @@ from twin_service.errors import (
     InvalidPatch,
     InvalidPointer,
     NotFound,
+    PayloadTooLarge,
     PreconditionFailed,
     TwinServiceError,
 )
-from twin_service.twin.jsonvalue import loads_strict
+from twin_service.twin.jsonvalue import Limits, dumps_bytes, loads_strict
 from twin_service.twin.patch import (
     apply_json_patch,
     get_at,
@@ -479,6 +480,82 @@ def test_copy_and_move(doc: dict[str, Any], source: str, target: str) -> None:
     moved = apply_json_patch(doc, [{"op": "move", "from": src, "path": dst}])
     assert moved[target] == {"payload": [1, 2]}
     assert (source in moved) is (source == target)
+
+
+_WRITE_NOTHING = ("remove", "test")
+_BIG = {"v": list(range(1000))}  # 3,890 bytes of JSON
+
+
+def _doubling(op: str, k: int) -> list[Op]:
+    """``k`` operations (pairs for a move) each doubling the size of ``/v`` (it holds
+    itself as its last element), then a replace that makes the document small again."""
+    doubling: list[Op] = (
+        [{"op": "copy", "from": "/v", "path": "/v/-"}]
+        if op == "copy"
+        else [
+            {"op": "copy", "from": "/v", "path": "/w"},
+            {"op": "move", "from": "/w", "path": "/v/-"},
+        ]
+    )
+    return [*(doubling * k), {"op": "replace", "path": "/v", "value": 1}]
+
+
+@pytest.mark.parametrize("op", ["copy", "move"])
+def test_a_patch_that_doubles_the_document_is_refused_at_the_limit(op: str) -> None:
+    """The size was checked only after the last operation: 60 doublings would have built
+    2**60 copies (never finishing) before the replace made the document small again. The
+    limit holds after every operation, so the work stops near the limit."""
+    doc = copy.deepcopy(_BIG)
+    with pytest.raises(PayloadTooLarge) as info:
+        apply_json_patch(doc, _doubling(op, 60), Limits(max_twin_bytes=64 * 1024))
+    assert info.value.code == "twin.toolarge"
+    assert info.value.extra["limit"] == 64 * 1024
+    assert 64 * 1024 < info.value.extra["size"] <= 2 * 64 * 1024 + 16
+    assert "The twin would be" in info.value.message
+    assert doc == _BIG
+
+
+def test_a_patch_under_the_limit_is_unaffected() -> None:
+    """Three doublings of a 3.9 kB array stay under 64 kB; the result is the unlimited one."""
+    ops = _doubling("copy", 3)[:-1]
+    limited = apply_json_patch(_BIG, ops, Limits(max_twin_bytes=64 * 1024))
+    assert limited == apply_json_patch(_BIG, ops)
+    assert 8 * 3890 < len(dumps_bytes(limited)) < 64 * 1024
+
+
+def test_a_patch_may_replace_a_large_value_any_number_of_times() -> None:
+    """Removals are not subtracted from the running bound: the exact size is measured when
+    the bound passes the limit, so rewriting a large value stays allowed."""
+    blob = "x" * 30_000
+    ops = [{"op": "replace", "path": "/b", "value": blob + str(i)} for i in range(10)]
+    result = apply_json_patch({"b": blob}, ops, Limits(max_twin_bytes=64 * 1024))
+    assert result == {"b": blob + "9"}
+
+
+@given(documents, st.lists(operations, max_size=5), st.integers(0, 300))
+def test_a_patch_is_refused_exactly_when_a_write_passes_the_limit(
+    doc: JSON, ops: list[Op], limit: int
+) -> None:
+    """Refused (413, input unchanged) if and only if the document after some operation that
+    writes is over the limit; otherwise the result is that of the unlimited patch."""
+    before = copy.deepcopy(doc)
+    over = False
+    middle = doc
+    try:
+        for op in ops:
+            middle = apply_json_patch(middle, [op])
+            if op["op"] not in _WRITE_NOTHING and len(dumps_bytes(middle)) > limit:
+                over = True
+                break
+        expected = apply_json_patch(doc, ops)
+    except (InvalidPatch, PreconditionFailed):
+        return
+    if over:
+        with pytest.raises(PayloadTooLarge):
+            apply_json_patch(doc, ops, Limits(max_twin_bytes=limit))
+    else:
+        assert apply_json_patch(doc, ops, Limits(max_twin_bytes=limit)) == expected
+    assert doc == before
 
 
 def _scramble(value: JSON) -> None:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from twin_service.twin.document import Twin
+from twin_service.twin.jsonvalue import Limits
 from twin_service.twin.lifecycle import (
     APPLIED,
     EXPIRED,
@@ -162,6 +163,7 @@ def _twin() -> Twin:
                 {"op": "replace", "path": "/desired/led", "value": "blue"},
                 {"op": "add", "path": "/desired/x~1y", "value": 1},
             ],
+            Limits(),
         ),
     ],
     ids=["merge patch", "JSON patch"],

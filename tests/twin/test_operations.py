@@ -227,7 +227,7 @@ def test_json_patch_twin(twin: Twin) -> None:
         {"op": "move", "from": "/desired/fan/mode", "path": "/reported/fan/mode"},
         {"op": "remove", "path": "/definition"},
     ]
-    edit = json_patch_twin(twin, ops)
+    edit = json_patch_twin(twin, ops, Limits())
     after = commit(twin, edit)
     assert after.definition is None
     assert after.desired == {"fan": {"speed": 1}, "tags": ["x", "y"]}
@@ -268,13 +268,13 @@ JSON_PATCH_WRITTEN: list[tuple[list[JSONObject], dict[str, Any]]] = [
 def test_json_patch_written_paths(twin: Twin, ops: list[JSONObject], written: Any) -> None:
     """What a JSON Patch writes is the path of each add, replace, copy and move (up to the
     array it goes into); a remove writes nothing."""
-    assert json_patch_twin(twin, ops).written == written
+    assert json_patch_twin(twin, ops, Limits()).written == written
 
 
 def test_json_patch_of_the_same_value_stamps_it(twin: Twin) -> None:
     """Writing the same value again counts as a write, as in a merge patch (docs/api.md)."""
     ops = [{"op": "replace", "path": "/desired/fan/speed", "value": 1}]
-    after = commit(twin, json_patch_twin(twin, ops))
+    after = commit(twin, json_patch_twin(twin, ops, Limits()))
     assert after.desired == twin.desired and after.revision == 2
     assert after.metadata["desired"] == {"fan": {"speed": S2, "mode": S1}, "tags": S1}
     merged = commit(twin, merge_patch_twin(twin, {"desired": {"fan": {"speed": 1}}}))
@@ -293,7 +293,7 @@ def test_json_patch_of_the_same_value_stamps_it(twin: Twin) -> None:
 )
 def test_json_patch_twin_refused(twin: Twin, ops: Any, error: type[TwinServiceError]) -> None:
     with pytest.raises(error):
-        json_patch_twin(twin, ops)
+        json_patch_twin(twin, ops, Limits())
 
 
 # -- edits at a pointer inside a section -----------------------------------------------------

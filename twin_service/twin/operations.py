@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from twin_service.errors import BadRequest, NotFound
 from twin_service.twin.document import READ_ONLY, SECTIONS, WRITABLE, Twin, Written
+from twin_service.twin.jsonvalue import Limits
 from twin_service.twin.metadata import written_paths
 from twin_service.twin.patch import (
     apply_json_patch,
@@ -66,9 +67,10 @@ def merge_patch_twin(twin: Twin, patch: JSON) -> Edit:
     return Edit(values=values, written=written)
 
 
-def json_patch_twin(twin: Twin, operations: JSON) -> Edit:
-    """RFC 6902 JSON Patch over the writable view of the twin."""
-    patched = apply_json_patch(twin.writable(), operations)
+def json_patch_twin(twin: Twin, operations: JSON, limits: Limits) -> Edit:
+    """RFC 6902 JSON Patch over the writable view of the twin; the size limit holds after
+    every operation (see :func:`apply_json_patch`)."""
+    patched = apply_json_patch(twin.writable(), operations, limits)
     if not isinstance(patched, dict):
         raise BadRequest("A JSON Patch must leave the twin an object.", code="patch.invalid")
     _refuse_read_only(patched)

@@ -17,7 +17,7 @@ from twin_service.errors import (
     NotFound,
     PreconditionFailed,
 )
-from twin_service.twin.jsonvalue import MAX_NESTING
+from twin_service.twin.jsonvalue import MAX_NESTING, Limits, check_size, dumps_bytes
 from twin_service.twin.pointer import escape_token
 from twin_service.types import JSON, JSONObject
 
@@ -202,19 +202,58 @@ def _is_index(part: str) -> bool:
     )
 
 
-def apply_json_patch(doc: JSON, operations: JSON) -> JSON:
-    """Apply an RFC 6902 JSON Patch atomically: either every operation applies or none."""
+def apply_json_patch(doc: JSON, operations: JSON, limits: Limits | None = None) -> JSON:
+    """Apply an RFC 6902 JSON Patch atomically: either every operation applies or none.
+
+    With ``limits``, the size limit holds after every operation, not only at the end
+    (:class:`PayloadTooLarge`, as :func:`check_size` words it): a copy doubles what it
+    copies, so a patch of a few dozen operations would otherwise build gigabytes before a
+    last operation made the document small again. A patch's work is then bounded by its
+    operations times the limit.
+    """
     if not isinstance(operations, list):
         raise InvalidPatch("A JSON Patch must be an array of operations.")
     result = copy.deepcopy(doc)
+    size = _SizeBound(result, limits) if limits is not None else None
     for index, op in enumerate(operations):
         try:
-            result = _apply_operation(result, op)
+            before, result = result, _apply_operation(result, op)
         except (InvalidPatch, InvalidPointer, NotFound) as exc:
             raise InvalidPatch(
                 f"Operation {index} failed: {exc.message}", code=_patch_code(exc)
             ) from exc
+        if size is not None:
+            size.written(before, result, op)
     return result
+
+
+class _SizeBound:
+    """A running upper bound of a document's compact JSON size as operations write to it.
+
+    Each written value adds its own size and its key's (removals are not subtracted); only
+    when the bound passes the limit is the document measured, exactly, and refused if it is
+    really over. A patch of small values to a large twin thus never measures the twin.
+    """
+
+    def __init__(self, doc: JSON, limits: Limits) -> None:
+        self.limits = limits
+        self.bound = len(dumps_bytes(doc))
+
+    def written(self, before: JSON, after: JSON, op: JSONObject) -> None:
+        name = op["op"]
+        if name in ("remove", "test"):
+            return
+        # The operation succeeded: its pointers parse, and a copy's or move's source exists.
+        path = split_pointer(op["path"])
+        value = (
+            get_at(before, split_pointer(op["from"])) if name in ("copy", "move") else op["value"]
+        )
+        key = len(dumps_bytes(path[-1])) if path else 0
+        self.bound += len(dumps_bytes(value)) + key + 2  # the key's colon and a comma
+        if self.bound > self.limits.max_twin_bytes:
+            encoded = dumps_bytes(after)
+            check_size(encoded, self.limits)
+            self.bound = len(encoded)
 
 
 def _patch_code(exc: Exception) -> str:

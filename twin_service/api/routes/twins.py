@@ -364,7 +364,7 @@ async def patch_twin(request: Request, twin_id: TwinId) -> Response:
         twin_id,
         (lambda t: merge_patch_twin(_exists(t), body))
         if kind == MERGE
-        else (lambda t: json_patch_twin(_exists(t), body)),
+        else (lambda t: json_patch_twin(_exists(t), body, ctx.service.limits)),
         preconditions=conditions,
         amend=ttl,
     )
