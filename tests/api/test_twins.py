@@ -794,6 +794,30 @@ def test_bad_input_is_refused_and_twin_unchanged(
     assert doc["desired"] == {"keep": 1} and doc["revision"] == 1
 
 
+@pytest.mark.parametrize(
+    ("headers", "body", "code", "message"),
+    [
+        (MERGE, {"foo": 1}, "twin.invalid", "Unknown field(s): foo."),
+        (JSON_PATCH, [{"op": "add", "path": "/foo", "value": 1}], "twin.invalid",
+         "Unknown field(s): foo."),
+        (MERGE, {"revision": 3}, "twin.readonly", "Field(s) revision cannot be written."),
+        (JSON_PATCH, [{"op": "add", "path": "/delta", "value": {}}], "twin.readonly",
+         "Field(s) delta cannot be written."),
+    ],
+)  # fmt: skip
+def test_a_patch_of_an_unknown_field_is_invalid_as_a_put_of_one_is(
+    api: httpx.Client, headers: dict[str, str], body: object, code: str, message: str
+) -> None:
+    """A PUT of ``{"foo": 1}`` was 400 twin.invalid but a PATCH of it twin.readonly, the
+    code of the fields the service maintains (docs/errors.md)."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"keep": 1}})
+    response = api.patch(f"/api/v1/twins/{twin_id}", json=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert (response.json()["error"], response.json()["message"]) == (code, message)
+    assert api.get(f"/api/v1/twins/{twin_id}").json()["revision"] == 1
+
+
 _DEEP = b"[" * 600 + b"]" * 600  # 1.2 kB; the JSON decoder reads it (it stops near 1,000)
 
 

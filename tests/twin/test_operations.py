@@ -193,10 +193,23 @@ def test_merge_patch_twin_refused(twin: Twin, patch: JSON) -> None:
         merge_patch_twin(twin, patch)
 
 
-def test_read_only_fields_have_their_own_code(twin: Twin) -> None:
+@pytest.mark.parametrize(
+    ("patch", "code"),
+    [
+        ({"revision": 3}, "twin.readonly"),
+        ({"foo": 1}, "twin.invalid"),
+        ({"foo": 1, "delta": {}}, "twin.invalid"),
+    ],
+)
+def test_read_only_fields_have_their_own_code(twin: Twin, patch: JSONObject, code: str) -> None:
+    """An unknown field is invalid, as in a PUT (it was twin.readonly, as a read-only one)."""
     with pytest.raises(BadRequest) as info:
-        merge_patch_twin(twin, {"revision": 3})
-    assert info.value.code == "twin.readonly"
+        merge_patch_twin(twin, patch)
+    assert info.value.code == code
+    ops = [{"op": "add", "path": f"/{name}", "value": value} for name, value in patch.items()]
+    with pytest.raises(BadRequest) as info:
+        json_patch_twin(twin, ops, Limits())
+    assert info.value.code == code
 
 
 def test_empty_merge_patch_keeps_metadata(twin: Twin) -> None:

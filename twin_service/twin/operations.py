@@ -42,9 +42,7 @@ def replace_twin(body: JSON, twin_id: str) -> Edit:
             f"Body twinId {body['twinId']!r} does not match the URL's {twin_id!r}.",
             code="twin.invalid",
         )
-    unknown = set(body) - set(WRITABLE) - set(READ_ONLY)
-    if unknown:
-        raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}.", code="twin.invalid")
+    _refuse_unknown(body)
     values: JSONObject = {name: body.get(name, {}) for name in SECTIONS}
     values["definition"] = body.get("definition")
     return Edit(values=values, written=dict.fromkeys(SECTIONS))
@@ -165,7 +163,16 @@ def delete_at(twin: Twin, section: str, parts: list[str]) -> Edit:
     return Edit(values={section: new}, written={section: {tuple(parts)}})
 
 
+def _refuse_unknown(doc: JSONObject) -> None:
+    unknown = set(doc) - set(WRITABLE) - set(READ_ONLY)
+    if unknown:
+        raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}.", code="twin.invalid")
+
+
 def _refuse_read_only(doc: JSONObject) -> None:
+    # A name the twin does not have is invalid, as in a PUT: twin.readonly is for the
+    # fields the service maintains (docs/errors.md).
+    _refuse_unknown(doc)
     bad = sorted(set(doc) - set(WRITABLE))
     if bad:
         raise BadRequest(
