@@ -141,27 +141,33 @@ def has_at(doc: JSON, parts: list[str]) -> bool:
 
 
 def set_at(doc: JSON, parts: list[str], value: JSON) -> JSON:
-    """A copy of ``doc`` with ``value`` at ``parts``, creating missing parent objects."""
+    """A copy of ``doc`` with a copy of ``value`` at ``parts``, creating missing parent
+    objects."""
+    return _place(doc, parts, copy.deepcopy(value))
+
+
+def _place(doc: JSON, parts: list[str], value: JSON) -> JSON:
+    """:func:`set_at` placing ``value`` itself, not a copy."""
     if len(parts) > MAX_NESTING:  # each token is a level of recursion, and of nesting
         raise LimitExceeded(
             f"The pointer has {len(parts)} tokens: nothing nests deeper than {MAX_NESTING}.",
             extra={"limit": MAX_NESTING},
         )
     if not parts:
-        return copy.deepcopy(value)
+        return value
     head, rest = parts[0], parts[1:]
     if isinstance(doc, list):
         if head == "-" and not rest:
-            return [*doc, copy.deepcopy(value)]
+            return [*doc, value]
         if not _is_index(head) or int(head) >= len(doc):
             raise NotFound(f"Array index {head!r} is out of range.", code="pointer.notfound")
         result_list = list(doc)
-        result_list[int(head)] = set_at(doc[int(head)], rest, value)
+        result_list[int(head)] = _place(doc[int(head)], rest, value)
         return result_list
     result: JSONObject = dict(doc) if isinstance(doc, dict) else {}
     if doc is not None and not isinstance(doc, dict):
         raise InvalidPointer(f"Cannot set {head!r} inside a non-object value.")
-    result[head] = set_at(result.get(head), rest, value)
+    result[head] = _place(result.get(head), rest, value)
     return result
 
 
@@ -270,13 +276,16 @@ def _apply_operation(doc: JSON, op: Any) -> JSON:
     name = op["op"]
     path = _pointer_member(op, "path")
     if name == "add":
-        return _add(doc, path, _value_member(op))
+        return _add(doc, path, copy.deepcopy(_value_member(op)))
     if name == "remove":
         return remove_at(doc, path)
     if name == "replace":
         get_at(doc, path)
-        return set_at(doc, path, _value_member(op)) if path else _value_member(op)
+        return _place(doc, path, copy.deepcopy(_value_member(op)))
     if name in ("move", "copy"):
+        # The value is shared, not copied: no edit ever changes a value in place (each
+        # makes new containers along its path), and a deep copy cost every copy the
+        # value's size in Python, thousands of times a large twin's in one request.
         source = _pointer_member(op, "from")
         value = get_at(doc, source)
         if name == "move":
@@ -296,8 +305,9 @@ def _apply_operation(doc: JSON, op: Any) -> JSON:
 
 
 def _add(doc: JSON, path: list[str], value: JSON) -> JSON:
+    """``value`` itself added at ``path`` (the caller copies it if it must)."""
     if not path:
-        return copy.deepcopy(value)
+        return value
     parent = get_at(doc, path[:-1])
     last = path[-1]
     if isinstance(parent, list):
@@ -307,11 +317,11 @@ def _add(doc: JSON, path: list[str], value: JSON) -> JSON:
             index = int(last)
         else:
             raise NotFound(f"Array index {last!r} is out of range.", code="pointer.notfound")
-        new_parent = [*parent[:index], copy.deepcopy(value), *parent[index:]]
-        return set_at(doc, path[:-1], new_parent) if path[:-1] else new_parent
+        new_parent = [*parent[:index], value, *parent[index:]]
+        return _place(doc, path[:-1], new_parent)
     if not isinstance(parent, dict):
         raise InvalidPatch(f"Cannot add {last!r} inside a non-container value.")
-    return set_at(doc, path, value)
+    return _place(doc, path, value)
 
 
 def _pointer_member(op: JSONObject, member: str) -> list[str]:
