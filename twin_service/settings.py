@@ -66,6 +66,12 @@ class LimitsSettings(_Section):
     )
     max_depth: int = Field(16, ge=2, le=64, description="Deepest nesting inside a twin.")
     max_key_length: int = Field(256, ge=1, le=4096, description="Longest key in a twin.")
+    max_patch_operations: int = Field(
+        1000,
+        ge=1,
+        description="Most operations in one JSON Patch (more: 400 limits.exceeded); each may "
+        "cost up to the twin's size in work.",
+    )
     max_request_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest HTTP request body or WebSocket message accepted."
     )
@@ -96,6 +102,7 @@ class LimitsSettings(_Section):
             max_twin_bytes=self.max_twin_bytes,
             max_depth=self.max_depth,
             max_key_length=self.max_key_length,
+            max_patch_operations=self.max_patch_operations,
         )
 
 

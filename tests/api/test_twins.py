@@ -906,6 +906,19 @@ def test_a_json_patch_that_doubles_the_twin_is_refused_at_the_limit(api: httpx.C
     assert doc["desired"] == {"v": list(range(1000))} and doc["revision"] == 1
 
 
+def test_a_json_patch_of_more_than_1000_operations_is_refused(api: httpx.Client) -> None:
+    """1,000 are allowed (limits.max_patch_operations), one more is refused, twin unchanged."""
+    twin_id = new_id()
+    put(api, twin_id, {"desired": {"n": 0}})
+    op = {"op": "test", "path": "/desired/n", "value": 0}
+    url = f"/api/v1/twins/{twin_id}"
+    assert api.patch(url, json=[op] * 1000, headers=JSON_PATCH).status_code == 200
+    response = api.patch(url, json=[op] * 1001, headers=JSON_PATCH)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "limits.exceeded" and response.json()["limit"] == 1000
+    assert api.get(url).json()["desired"] == {"n": 0}
+
+
 @pytest.mark.parametrize(
     "twin_id",
     [

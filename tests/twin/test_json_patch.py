@@ -14,6 +14,7 @@ from twin_service.errors import (
     InvalidJson,
     InvalidPatch,
     InvalidPointer,
+    LimitExceeded,
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
@@ -530,6 +531,16 @@ def test_a_patch_may_replace_a_large_value_any_number_of_times() -> None:
     ops = [{"op": "replace", "path": "/b", "value": blob + str(i)} for i in range(10)]
     result = apply_json_patch({"b": blob}, ops, Limits(max_twin_bytes=64 * 1024))
     assert result == {"b": blob + "9"}
+
+
+def test_a_patch_of_more_operations_than_the_limit_is_refused_before_any() -> None:
+    """Each operation may cost up to the twin's size: their number is bounded too."""
+    ops: list[Op] = [{"op": "test", "path": "", "value": {}}] * 4
+    assert apply_json_patch({}, ops, Limits(max_patch_operations=4)) == {}
+    with pytest.raises(LimitExceeded) as info:
+        apply_json_patch({}, [*ops, {"op": "nonsense"}], Limits(max_patch_operations=4))
+    assert info.value.code == "limits.exceeded" and info.value.extra == {"limit": 4}
+    assert info.value.message == "The JSON Patch has 5 operations; the limit is 4."
 
 
 def test_a_copy_shares_its_value_and_the_input_shares_nothing() -> None:

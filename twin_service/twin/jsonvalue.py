@@ -161,6 +161,7 @@ class Limits:
     max_twin_bytes: int = 64 * 1024
     max_depth: int = 16
     max_key_length: int = 256
+    max_patch_operations: int = 1000
 
 
 def check_structure(

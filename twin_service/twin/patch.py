@@ -215,10 +215,16 @@ def apply_json_patch(doc: JSON, operations: JSON, limits: Limits | None = None) 
     (:class:`PayloadTooLarge`, as :func:`check_size` words it): a copy doubles what it
     copies, so a patch of a few dozen operations would otherwise build gigabytes before a
     last operation made the document small again. A patch's work is then bounded by its
-    operations times the limit.
+    operations times the limit, and so are its operations (``limits.max_patch_operations``).
     """
     if not isinstance(operations, list):
         raise InvalidPatch("A JSON Patch must be an array of operations.")
+    if limits is not None and len(operations) > limits.max_patch_operations:
+        raise LimitExceeded(
+            f"The JSON Patch has {len(operations)} operations; the limit is "
+            f"{limits.max_patch_operations}.",
+            extra={"limit": limits.max_patch_operations},
+        )
     result = copy.deepcopy(doc)
     size = _SizeBound(result, limits) if limits is not None else None
     for index, op in enumerate(operations):
