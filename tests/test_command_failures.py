@@ -441,6 +441,25 @@ def test_a_database_file_the_user_cannot_write_is_named_and_nothing_is_left_behi
     proc.communicate(timeout=30)
 
 
+def test_a_wal_the_user_cannot_write_beside_no_database_leaves_no_database_behind(
+    tmp_path: Path,
+) -> None:
+    """The refusal named the -wal, but an empty database file was created first (the
+    admin token is the service's first start's, whatever comes of it)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    wal = data / "twins.sqlite3-wal"
+    wal.write_bytes(b"x" * 100)
+    wal.chmod(0o400)
+    run = serve(tmp_path, "serve", "--data-dir", "data", preexec_fn=without_privileges)
+    assert_cannot_start(
+        run,
+        "twin-service cannot start: The twin store cannot open data/twins.sqlite3: "
+        "data/twins.sqlite3-wal is not readable and writable by this user (mode 0400, ",
+    )
+    assert sorted(p.name for p in data.iterdir()) == ["admin-token", "twins.sqlite3-wal"]
+
+
 @pytest.mark.parametrize(
     ("tables", "named"),
     [

@@ -29,6 +29,7 @@ from twin_service.settings import SqliteSettings, StreamSettings
 from twin_service.store.base import IndexTask, StoredEvent, Write, latest_lifetime, unconfirmed
 from twin_service.store.own_files import create_private
 from twin_service.store.restore import CREATED_FROM_SQL
+from twin_service.store.sqlite_file_check import check_writable
 from twin_service.store.sqlite_writer import (
     INCARNATION_SQL,
     LAST_SEQ_SQL,
@@ -119,6 +120,8 @@ class SqliteStore:
             raise StoreMissing(f"there is no twin store at {self._path}")
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            # Before the database file is made: a refused start leaves no empty one behind.
+            check_writable(self._path)
             create_private(self._path)
             await loop.run_in_executor(None, self._writer.start)
         except (sqlite3.Error, WriterGone, OSError) as exc:
