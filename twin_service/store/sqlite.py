@@ -121,6 +121,8 @@ class SqliteStore:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             # Before the database file is made: a refused start leaves no empty one behind.
+            # The writer process checks again (check_database_file): a writer restarted
+            # after a crash meets the files as they are then, not as they were at start.
             check_writable(self._path)
             create_private(self._path)
             await loop.run_in_executor(None, self._writer.start)

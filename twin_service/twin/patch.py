@@ -229,13 +229,13 @@ def apply_json_patch(doc: JSON, operations: JSON, limits: Limits | None = None) 
     size = _SizeBound(result, limits) if limits is not None else None
     for index, op in enumerate(operations):
         try:
-            before, result = result, _apply_operation(result, op)
+            result, written = _apply_operation(result, op)
         except (InvalidPatch, InvalidPointer, NotFound) as exc:
             raise InvalidPatch(
                 f"Operation {index} failed: {exc.message}", code=_patch_code(exc)
             ) from exc
-        if size is not None:
-            size.written(before, result, op)
+        if size is not None and written is not None:
+            size.written(result, *written)
     return result
 
 
@@ -251,15 +251,7 @@ class _SizeBound:
         self.limits = limits
         self.bound = len(dumps_bytes(doc))
 
-    def written(self, before: JSON, after: JSON, op: JSONObject) -> None:
-        name = op["op"]
-        if name in ("remove", "test"):
-            return
-        # The operation succeeded: its pointers parse, and a copy's or move's source exists.
-        path = split_pointer(op["path"])
-        value = (
-            get_at(before, split_pointer(op["from"])) if name in ("copy", "move") else op["value"]
-        )
+    def written(self, after: JSON, path: list[str], value: JSON) -> None:
         key = len(dumps_bytes(path[-1])) if path else 0
         self.bound += len(dumps_bytes(value)) + key + 2  # the key's colon and a comma
         if self.bound > self.limits.max_twin_bytes:
@@ -276,18 +268,23 @@ def _patch_code(exc: Exception) -> str:
     return "patch.invalid"
 
 
-def _apply_operation(doc: JSON, op: Any) -> JSON:
+#: What an operation wrote, for the size bound: where, and the value (None: it wrote nothing).
+_Written = tuple[list[str], JSON] | None
+
+
+def _apply_operation(doc: JSON, op: Any) -> tuple[JSON, _Written]:
     if not isinstance(op, dict) or not isinstance(op.get("op"), str):
         raise InvalidPatch("Each operation must be an object with an 'op' string.")
     name = op["op"]
     path = _pointer_member(op, "path")
-    if name == "add":
-        return _add(doc, path, copy.deepcopy(_value_member(op)))
+    if name in ("add", "replace"):
+        if name == "replace":
+            get_at(doc, path)
+        value = copy.deepcopy(_value_member(op))
+        placed = _add(doc, path, value) if name == "add" else _place(doc, path, value)
+        return placed, (path, value)
     if name == "remove":
-        return remove_at(doc, path)
-    if name == "replace":
-        get_at(doc, path)
-        return _place(doc, path, copy.deepcopy(_value_member(op)))
+        return remove_at(doc, path), None
     if name in ("move", "copy"):
         # The value is shared, not copied: no edit ever changes a value in place (each
         # makes new containers along its path), and a deep copy cost every copy the
@@ -298,15 +295,15 @@ def _apply_operation(doc: JSON, op: Any) -> JSON:
             if path[: len(source)] == source and len(path) > len(source):
                 raise InvalidPatch("Cannot move a value into one of its own children.")
             if source == path:  # removed, then added where it was: no change, list or not
-                return doc
+                return doc, None
             doc = remove_at(doc, source)
-        return _add(doc, path, value)
+        return _add(doc, path, value), (path, value)
     if name == "test":
         if not json_equal(get_at(doc, path), _value_member(op)):
             raise PreconditionFailed(
                 f"Test at {join_pointer(path)} failed.", code="patch.test.failed"
             )
-        return doc
+        return doc, None
     raise InvalidPatch(f"Unknown operation {name!r}.")
 
 
