@@ -86,9 +86,12 @@ class Preconditions:
                 else 'If-Match names no strong ETag of this service ("rev:N"; a weak W/ tag '
                 "never matches, as If-Match compares strongly)"
             )
+            if current is None:
+                # No revision to report: 0 would name one that no twin ever has.
+                raise PreconditionFailed(f"Twin does not exist ({asked}).")
             raise PreconditionFailed(
-                f"Twin is at revision {current.revision if current else 0}, {asked}.",
-                extra={"revision": current.revision if current else 0},
+                f"Twin is at revision {current.revision}, {asked}.",
+                extra={"revision": current.revision},
             )
         if self.condition is not None:
             from search.rql.evaluator import matches

@@ -522,6 +522,26 @@ def test_if_match_takes_a_list_of_strong_etags(api: httpx.Client) -> None:
     assert deleted.status_code == 204
 
 
+def test_if_match_on_a_missing_twin_says_it_does_not_exist(api: httpx.Client) -> None:
+    """A 412 of ``If-Match: "rev:N"`` on a twin never created or deleted said "Twin is at
+    revision 0" with ``"revision": 0``, a revision no twin has; it says what ``*`` says."""
+    url = f"/api/v1/twins/{new_id()}"
+    assert api.put(url, json={"desired": {"a": 1}}).status_code == 201
+    assert api.delete(url).status_code == 204
+    for target in (url, f"/api/v1/twins/{new_id()}"):
+        for tag in ('"rev:1"', '"rev:0"', "*"):
+            for write in (
+                api.put(target, json={}, headers={"If-Match": tag}),
+                api.put(f"{target}/desired/a", json=1, headers={"If-Match": tag}),
+                api.delete(target, headers={"If-Match": tag}),
+            ):
+                assert write.status_code == 412, (target, tag)
+                body = write.json()
+                assert body["error"] == "twin.precondition.failed"
+                assert body["message"].startswith("Twin does not exist (If-Match"), body
+                assert "revision" not in body, body
+
+
 def test_if_none_match_on_reads_compares_weakly_and_refuses_bad_syntax(
     api: httpx.Client,
 ) -> None:
