@@ -871,24 +871,33 @@ def test_values_nested_hundreds_deep_are_refused_before_any_work(
     assert doc["desired"] == {"keep": 1} and doc["revision"] == 1
 
 
+@pytest.mark.parametrize("tokens", [129, 3000])
 @pytest.mark.parametrize(
-    ("method", "content_type"),
-    [("PUT", "application/json"), ("PATCH", "application/merge-patch+json")],
+    ("method", "content_type", "body"),
+    [
+        ("PUT", "application/json", b"{}"),
+        ("PATCH", "application/merge-patch+json", b"{}"),
+        ("PATCH", "application/merge-patch+json", b"null"),
+        ("DELETE", None, None),
+    ],
 )
-def test_a_pointer_thousands_deep_is_refused(
-    api: httpx.Client, method: str, content_type: str
+def test_a_pointer_deeper_than_the_limit_is_refused(
+    api: httpx.Client, tokens: int, method: str, content_type: str | None, body: bytes | None
 ) -> None:
-    """Making each missing parent recursed once per token: a 500 at 3,000 tokens."""
+    """Making each missing parent recursed once per token: a 500 at 3,000 tokens. A merge
+    ``null`` there, with nothing to delete, skipped the limit (204 and a new revision), and
+    a DELETE was 404: every write past 128 tokens is 400 limits.exceeded (docs/errors.md)."""
     twin_id = new_id()
     put(api, twin_id, {"desired": {"keep": 1}})
     response = api.request(
         method,
-        f"/api/v1/twins/{twin_id}/desired" + "/a" * 3000,
-        content=b"{}",
-        headers={"Content-Type": content_type},
+        f"/api/v1/twins/{twin_id}/desired" + "/keep" * tokens,
+        content=body,
+        headers={"Content-Type": content_type} if content_type else {},
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "limits.exceeded"
+    assert response.json()["limit"] == 128
     assert api.get(f"/api/v1/twins/{twin_id}").json()["revision"] == 1
 
 

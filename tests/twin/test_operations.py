@@ -445,3 +445,22 @@ def test_a_pointer_deeper_than_any_value_is_refused_before_the_parents_are_made(
         with pytest.raises(TwinServiceError) as refused:
             write(twin, "desired", ["a"] * tokens, 1)
         assert (refused.value.status, refused.value.code) == (400, "limits.exceeded")
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda twin, parts: patch_at(twin, "desired", parts, None),
+        lambda twin, parts: delete_at(twin, "desired", parts),
+    ],
+    ids=["merge-null", "delete"],
+)
+@pytest.mark.parametrize("tokens", [129, 3000])
+def test_a_pointer_deeper_than_any_value_is_refused_with_nothing_there(
+    twin: Twin, write: Any, tokens: int
+) -> None:
+    """Where nothing is, a merge null was no change and a DELETE 404 (pointer.notfound),
+    without the limit every other write of such a pointer gets (docs/errors.md)."""
+    with pytest.raises(TwinServiceError) as refused:
+        write(twin, ["fan"] * tokens)
+    assert (refused.value.status, refused.value.code) == (400, "limits.exceeded")

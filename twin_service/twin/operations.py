@@ -14,6 +14,7 @@ from twin_service.twin.jsonvalue import Limits
 from twin_service.twin.metadata import written_paths
 from twin_service.twin.patch import (
     apply_json_patch,
+    check_pointer_depth,
     get_at,
     merge_patch,
     remove_at,
@@ -135,6 +136,8 @@ def patch_at(twin: Twin, section: str, parts: list[str], patch: JSON) -> Edit:
     A ``null`` patch deletes the value there (nothing to delete is no change), as the same
     null one level up in a merge patch would: a twin section never holds a null.
     """
+    # Before the lookup: a null with nothing to delete would otherwise pass unchecked.
+    check_pointer_depth(parts)
     current = twin.section(section)
     try:
         target = get_at(current, parts)
@@ -155,7 +158,11 @@ def patch_at(twin: Twin, section: str, parts: list[str], patch: JSON) -> Edit:
 
 
 def delete_at(twin: Twin, section: str, parts: list[str]) -> Edit:
-    """DELETE the value at a pointer (the whole section becomes ``{}`` for an empty pointer)."""
+    """DELETE the value at a pointer (the whole section becomes ``{}`` for an empty pointer).
+
+    A pointer past the depth limit is a write's 400, not the 404 of a value not there.
+    """
+    check_pointer_depth(parts)
     if section == "definition":
         return Edit(values={"definition": None}, written={})
     current = twin.section(section)

@@ -146,13 +146,20 @@ def set_at(doc: JSON, parts: list[str], value: JSON) -> JSON:
     return _place(doc, parts, copy.deepcopy(value))
 
 
-def _place(doc: JSON, parts: list[str], value: JSON) -> JSON:
-    """:func:`set_at` placing ``value`` itself, not a copy."""
-    if len(parts) > MAX_NESTING:  # each token is a level of recursion, and of nesting
+def check_pointer_depth(parts: list[str]) -> None:
+    """Refuse a write's pointer of more than ``MAX_NESTING`` tokens (400 limits.exceeded),
+    before anything looks there: nothing nests that deep, so such a write can never succeed,
+    and each token is a level of recursion in :func:`set_at` and :func:`remove_at`."""
+    if len(parts) > MAX_NESTING:
         raise LimitExceeded(
             f"The pointer has {len(parts)} tokens: nothing nests deeper than {MAX_NESTING}.",
             extra={"limit": MAX_NESTING},
         )
+
+
+def _place(doc: JSON, parts: list[str], value: JSON) -> JSON:
+    """:func:`set_at` placing ``value`` itself, not a copy."""
+    check_pointer_depth(parts)
     if not parts:
         return value
     head, rest = parts[0], parts[1:]
