@@ -39,6 +39,8 @@ SCRIPT: list[tuple[str, str, str | None, dict[str, str], bytes | None]] = [
     ("GET", "/api/v1/twins/org.hot:missing", ADMIN_TOKEN, {}, None),  # 404
     ("GET", OTHER_NS, ACME_TOKEN, {}, None),  # 403 (namespace)
     ("GET", TWIN, ADMIN_TOKEN, {"If-None-Match": '"rev:1"'}, None),  # 304
+    ("GET", TWIN, ADMIN_TOKEN, {"If-Match": '"rev:9"'}, None),  # 412
+    ("GET", TWIN, ADMIN_TOKEN, {"If-Match": "bogus"}, None),  # 400
     ("GET", TWIN + "?fields=desired,attributes/site", ADMIN_TOKEN, {}, None),
     ("GET", TWIN + "?at=0", ADMIN_TOKEN, {}, None),  # 400
     ("GET", TWIN + "?at=9", ADMIN_TOKEN, {}, None),  # 404 revision

@@ -542,6 +542,54 @@ def test_if_match_on_a_missing_twin_says_it_does_not_exist(api: httpx.Client) ->
                 assert "revision" not in body, body
 
 
+def test_if_match_on_reads(api: httpx.Client) -> None:
+    """RFC 9110 13.1.1: the origin server evaluates If-Match on a GET or HEAD too. It was
+    ignored there (200 whatever the tag, a malformed one included); now a tag that does not
+    match strongly is the 412 a write gives, a malformed one the write's 400, and it is
+    evaluated before If-None-Match (section 13.2.2)."""
+    url = f"/api/v1/twins/{new_id()}"
+    assert api.put(url, json={"desired": {"a": 1}}).headers["ETag"] == '"rev:1"'
+    api.patch(url, content=b'{"desired":{"a":2}}', headers=MERGE)
+    for path in (
+        url,
+        f"{url}/desired",
+        f"{url}/desired/a",
+        f"{url}/delta",
+        f"{url}?fields=desired",
+    ):
+        for method in ("GET", "HEAD"):
+            for holds in ('"rev:2"', '"rev:9", "rev:2"', "*"):
+                ok = api.request(method, path, headers={"If-Match": holds})
+                assert ok.status_code == 200 and ok.headers["ETag"] == '"rev:2"', (path, holds)
+            stale = api.request(method, path, headers={"If-Match": '"rev:1"'})
+            assert stale.status_code == 412, (method, path)
+            weak = api.request(method, path, headers={"If-Match": 'W/"rev:2"'})
+            assert weak.status_code == 412, (method, path)
+            bad = api.request(method, path, headers={"If-Match": "garbage"})
+            assert bad.status_code == 400, (method, path)
+            both = {"If-Match": '"rev:1"', "If-None-Match": '"rev:2"'}
+            assert api.request(method, path, headers=both).status_code == 412, (method, path)
+            both = {"If-Match": '"rev:2"', "If-None-Match": '"rev:2"'}
+            assert api.request(method, path, headers=both).status_code == 304, (method, path)
+        stale = api.get(path, headers={"If-Match": '"rev:1"'})
+        assert stale.json()["error"] == "twin.precondition.failed"
+        assert stale.json()["revision"] == 2
+        assert "Twin is at revision 2, If-Match asked for 1" in stale.json()["message"]
+        bad = api.get(path, headers={"If-Match": "garbage"})
+        assert bad.json()["error"] == "request.invalid" and "If-Match" in bad.json()["message"]
+    # ?at= answers an older revision, whose ETag the condition is about.
+    old = api.get(url, params={"at": 1}, headers={"If-Match": '"rev:1"'})
+    assert old.status_code == 200 and old.json()["desired"] == {"a": 1}
+    assert (
+        api.get(f"{url}/desired", params={"at": 1}, headers={"If-Match": '"rev:2"'}).status_code
+        == 412
+    )
+    # The response without the condition would be a 404: the condition is not evaluated.
+    assert api.get(f"{url}/desired/nosuch", headers={"If-Match": '"rev:1"'}).status_code == 404
+    # A malformed header is refused whether or not the twin exists, as on writes.
+    assert api.get(f"/api/v1/twins/{new_id()}", headers={"If-Match": "garbage"}).status_code == 400
+
+
 def test_if_none_match_on_reads_compares_weakly_and_refuses_bad_syntax(
     api: httpx.Client,
 ) -> None:
@@ -1072,8 +1120,10 @@ def test_health_ready_and_openapi(service: ServiceProcess) -> None:
             ("path", "twin_id"),
             ("query", "fields"),
             ("query", "at"),
+            ("header", "If-Match"),
             ("header", "If-None-Match"),
         }
+        assert "412" in get_twin["responses"]
         # With fields, a twin is only the selected parts: documented as such.
         ok = get_twin["responses"]["200"]["content"]["application/json"]["schema"]
         assert ok["anyOf"] == [

@@ -20,6 +20,7 @@ from twin_service.api.deps import (
     context,
     documented,
     json_body,
+    parse_preconditions,
     pointer_after,
     read_access,
     request_preconditions,
@@ -145,11 +146,31 @@ async def _commit(
     )
 
 
-def _not_modified(if_none_match: str | None, twin: Twin) -> bool:
+def _read_if_match(request: Request) -> Preconditions | None:
+    """A read's ``If-Match``, parsed as a write's (a malformed one is 400 before the read)."""
+    value = IF_MATCH_READ.get(request)
+    return None if value is None else parse_preconditions(value, None, None)
+
+
+def _conditional_read(
+    request: Request, if_match: Preconditions | None, twin: Twin
+) -> Response | None:
+    """The answer of a read's preconditions about ``twin`` (the revision it answers), else
+    ``None``: in the order of RFC 9110 section 13.2.2, ``If-Match`` first (the 412 a write
+    gives), then ``If-None-Match`` (304).
+
+    Called once the read would be a 200: the conditions of a 404 or 410 are not evaluated
+    (section 13.2.1).
+    """
+    if if_match is not None:
+        if_match.check(twin)
+    if_none_match = IF_NONE_MATCH.get(request)
     if if_none_match is None:
-        return False
+        return None
     tags = parse_tags("If-None-Match", if_none_match)
-    return tags is None or twin.revision in weak_revisions(tags)
+    if tags is None or twin.revision in weak_revisions(tags):
+        return Response(status_code=304, headers={"ETag": etag(twin.revision)})
+    return None
 
 
 _NAMESPACE = RawParam(
@@ -226,6 +247,12 @@ AT = RawParam(
 IF_NONE_MATCH = RawParam(
     "If-None-Match", "header", "ETags (or *) for which to answer 304", {"type": "string"}
 )
+IF_MATCH_READ = RawParam(
+    "If-Match",
+    "header",
+    "Answer only if the twin is at one of these strong ETags (or exists, for *), else 412",
+    {"type": "string"},
+)
 _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified"}}
 
 
@@ -269,8 +296,8 @@ async def _as_of(ctx: AppContext, twin_id: str, at: int | None) -> Twin:
     "/twins/{twin_id}",
     # With ``fields``, only the selected parts.
     response_model=TwinDocument | TwinSelection,
-    responses={**errors(404, 410), **_NOT_MODIFIED},
-    openapi_extra=documented(FIELDS, AT, IF_NONE_MATCH),
+    responses={**errors(404, 410, 412), **_NOT_MODIFIED},
+    openapi_extra=documented(FIELDS, AT, IF_MATCH_READ, IF_NONE_MATCH),
 )
 async def get_twin(request: Request, twin_id: TwinId) -> Response:
     # The most frequent request: access and parameters are checked here rather than through
@@ -281,13 +308,13 @@ async def get_twin(request: Request, twin_id: TwinId) -> Response:
     fields = at = None
     if request.scope.get("query_string"):  # most GETs have none: skip parsing it
         fields, at = FIELDS.get(request), AT.get_int(request)
-    if_none_match = IF_NONE_MATCH.get(request)
     _visible(principal, twin_id)
-    # Before the read: a bad selector is a 400 whether or not the twin is there.
+    # Before the read: a bad selector or If-Match is a 400 whether or not the twin is there.
     paths = parse_fields(fields)
+    if_match = _read_if_match(request)
     twin = await _as_of(ctx, twin_id, at)
-    if _not_modified(if_none_match, twin):
-        return Response(status_code=304, headers={"ETag": etag(twin.revision)})
+    if (conditional := _conditional_read(request, if_match, twin)) is not None:
+        return conditional
     if paths is None:
         return _encoded_response(twin.document_json, revision=twin.revision)
     return json_response(select(twin.to_document(), paths), revision=twin.revision)
@@ -395,13 +422,13 @@ _POINTER_DOC = "JSON pointer inside the section (RFC 6901; ~1 is '/', ~0 is '~')
 
 @router.get(
     "/twins/{twin_id}/{section:twin_part}",
-    responses={**errors(404, 410), **_NOT_MODIFIED},
-    openapi_extra=documented(AT, IF_NONE_MATCH),
+    responses={**errors(404, 410, 412), **_NOT_MODIFIED},
+    openapi_extra=documented(AT, IF_MATCH_READ, IF_NONE_MATCH),
 )
 @router.get(
     "/twins/{twin_id}/{section:twin_part}/{pointer:path}",
-    responses={**errors(404, 410), **_NOT_MODIFIED},
-    openapi_extra=documented(AT, IF_NONE_MATCH),
+    responses={**errors(404, 410, 412), **_NOT_MODIFIED},
+    openapi_extra=documented(AT, IF_MATCH_READ, IF_NONE_MATCH),
 )
 async def get_section(
     request: Request,
@@ -412,13 +439,14 @@ async def get_section(
     pointer: str = "",
 ) -> Response:
     _visible(principal, twin_id)
+    if_match = _read_if_match(request)
     # A section or view of an older revision too: ignored, ?at= answered the current one.
     twin = await _as_of(ctx, twin_id, AT.get_int(request))
     doc = twin.to_document()
     value = get_at(doc[section], pointer_after(request, TWIN_BASE + 1))
     # After the lookup: a path that is not there is a 404 whatever the tag (RFC 9110 13.2.1).
-    if _not_modified(IF_NONE_MATCH.get(request), twin):
-        return Response(status_code=304, headers={"ETag": etag(twin.revision)})
+    if (conditional := _conditional_read(request, if_match, twin)) is not None:
+        return conditional
     return json_response(value, revision=twin.revision)
 
 
