@@ -8,6 +8,7 @@ from urllib.parse import unquote
 
 from fastapi import Depends, Path, Request
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from twin_service.api.context import AppContext
 from twin_service.api.etags import parse_tags, strong_revisions
@@ -306,20 +307,26 @@ def parse_preconditions(
     return Preconditions(match_revisions, match_any, none_match_any, node)
 
 
+def raw_segments(scope: Scope) -> list[str]:
+    """The segments of the request's path as sent (below the root path), still
+    percent-encoded: the first is the empty one before the leading slash."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    root = scope.get("root_path", "")
+    path = raw.decode("latin-1")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.split("/")
+
+
 def pointer_after(request: Request, fixed_segments: int) -> list[str]:
     """Unescaped JSON pointer tokens from the raw URL path after ``fixed_segments`` segments.
 
     The raw path is used so that ``%2F`` inside a segment stays part of a key instead of
     splitting it; each segment is percent-decoded, then ``~1``/``~0`` unescaped (RFC 6901).
     """
-    raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
-    root = request.scope.get("root_path", "")
-    path = raw.decode("latin-1")
-    if root and path.startswith(root):
-        path = path[len(root) :]
     # A trailing slash is a last, empty token (RFC 6901): ``desired/fan/`` is the key ""
     # in ``fan``. Dropped, a DELETE of ``desired/fan/`` deleted ``fan``.
-    segments = path.split("/")[fixed_segments + 1 :]
+    segments = raw_segments(request.scope)[fixed_segments + 1 :]
     try:
         decoded = [unquote(segment, errors="strict") for segment in segments]
     except UnicodeDecodeError as exc:

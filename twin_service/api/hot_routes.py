@@ -69,6 +69,12 @@ class TwinApp(FastAPI):
                 await error_response(BAD_QUERY)(scope, receive, send)
                 self.requests.observe(method, UNMATCHED, 400, time.perf_counter() - start)
                 return
+            try:  # before any route is sought, the hot ones included
+                twins.refuse_encoded_slash(scope)
+            except TwinServiceError as exc:
+                await error_response(exc)(scope, receive, send)
+                self.requests.observe(method, UNMATCHED, exc.status, time.perf_counter() - start)
+                return
             if self.hot_routes and not self.root_path:
                 endpoint = ENDPOINTS.get(scope["method"])
                 path: str = scope["path"]

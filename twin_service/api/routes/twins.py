@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.types import Scope
 
 from twin_service.api.context import AppContext
 from twin_service.api.deps import (
@@ -22,6 +24,7 @@ from twin_service.api.deps import (
     json_body,
     parse_preconditions,
     pointer_after,
+    raw_segments,
     read_access,
     request_preconditions,
     write_access,
@@ -90,6 +93,34 @@ Fields = Annotated[str | None, Query(description=FIELDS_DESCRIPTION)]
 MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 TWIN_BASE = 4  # raw path segments before a section: "", api, v1, twins, {id}
+_TWINS = ["", "api", "v1", "twins"]
+
+
+def refuse_encoded_slash(scope: Scope) -> None:
+    """Refuse a path with ``%2F`` anywhere but in a JSON pointer, the one place where it is
+    part of a key (api.deps.pointer_after).
+
+    Routes are found on the decoded path, where it separates segments, while the pointer is
+    read from the raw path, where it does not: the two disagreed, and ``desired%2Ffan``
+    routed as section ``desired`` with the pointer ``""``, so its DELETE emptied
+    ``desired``; ``<id>%2Fdesired`` routed as the twin's section. Before a pointer it
+    names nothing: the twin id ``a:b/c``, which no twin can have, else no resource.
+    """
+    raw: bytes = scope.get("raw_path") or b""
+    if b"%2f" not in raw.lower():  # the usual case: nothing to decode
+        return
+    segments = raw_segments(scope)
+    first = next(i for i, s in enumerate(segments) if "%2f" in s.lower())
+    under_twins = [unquote(s) for s in segments[: len(_TWINS)]] == _TWINS
+    if under_twins and first > TWIN_BASE + 1:  # a pointer
+        return
+    if under_twins and first == TWIN_BASE:
+        parse_twin_id(unquote(segments[TWIN_BASE]))  # raises InvalidTwinId: it has a '/'
+    raise NotFound(
+        "No resource at this path: an encoded slash (%2F) is part of a key inside a JSON "
+        "pointer, and names nothing before one.",
+        code="resource.notfound",
+    )
 
 
 def json_response(value: JSON, status: int = 200, revision: int | None = None) -> Response:
