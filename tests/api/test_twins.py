@@ -53,6 +53,22 @@ def test_put_creates_then_replaces(api: httpx.Client) -> None:
     assert doc["desiredVersion"] == 2
 
 
+def test_the_location_of_a_created_twin_names_it_whatever_its_name_holds(
+    api: httpx.Client,
+) -> None:
+    """A name may hold '%' (sent as ``%25``): the Location was the id as is, so that of
+    ``org.acme:x%41`` named ``org.acme:xA``, another twin."""
+    base = new_id()
+    for name, sent in (("%41", "%2541"), ("%2Fdesired", "%252Fdesired"), ("!$&'()*+,;=:@", "")):
+        twin_id = base + name
+        created = api.put(f"/api/v1/twins/{base}{sent or name}", json={"attributes": {"n": 1}})
+        assert created.status_code == 201 and created.json()["twinId"] == twin_id
+        # Every other character of a name is one a path segment may hold as it is.
+        assert created.headers["Location"] == f"/api/v1/twins/{base}{sent or name}"
+        followed = api.get(created.headers["Location"])
+        assert followed.status_code == 200 and followed.json()["twinId"] == twin_id
+
+
 def test_post_generates_id_in_default_namespace(api: httpx.Client) -> None:
     response = api.post("/api/v1/twins", json={"attributes": {"a": 1}})
     assert response.status_code == 201

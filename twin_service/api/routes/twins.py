@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
@@ -393,7 +393,11 @@ async def _write_whole(
     assert outcome.twin is not None
     response = json_response(outcome.twin.to_document(), 201 if outcome.created else 200)
     if outcome.created:
-        response.headers["Location"] = f"/api/v1/twins/{twin_id}"
+        # Encoded: a name's '%' is its own (``x%41`` sent as ``x%2541``), and left bare the
+        # Location named another twin (``xA``). Every other character of a name is one a
+        # path segment may hold as it is (RFC 3986 pchar), ':' included.
+        location = quote(twin_id, safe=":@!$&'()*+,;=")
+        response.headers["Location"] = f"/api/v1/twins/{location}"
     return written(response, outcome)
 
 
