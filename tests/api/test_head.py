@@ -236,6 +236,7 @@ def test_refusals_outside_the_routes_send_no_body_to_a_head(
         }
     )
     port = svc.port
+    host = "Host: x\r\n"  # HTTP/1.1 needs one (RFC 9112 section 3.2)
     auth = f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
     acme = f"Authorization: Bearer {ACME_TOKEN}\r\n"
 
@@ -250,11 +251,13 @@ def test_refusals_outside_the_routes_send_no_body_to_a_head(
         "head too slow": send("M /health HTTP/1.1\r\nHost: x\r\n"),
         "busy": lambda method: _busy(port, method),
         # the application
-        "no token": send("M /api/v1/twins/org.acme:x HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        "no token": send(f"M /api/v1/twins/org.acme:x HTTP/1.1\r\n{host}Connection: close\r\n\r\n"),
         "other namespace": send(
-            f"M /api/v1/twins/org.other:x HTTP/1.1\r\n{acme}Connection: close\r\n\r\n"
+            f"M /api/v1/twins/org.other:x HTTP/1.1\r\n{host}{acme}Connection: close\r\n\r\n"
         ),
-        "bad query": send(f"M /api/v1/twins?ids=%FF HTTP/1.1\r\n{auth}Connection: close\r\n\r\n"),
+        "bad query": send(
+            f"M /api/v1/twins?ids=%FF HTTP/1.1\r\n{host}{auth}Connection: close\r\n\r\n"
+        ),
     }
     expected = {
         "bad header": b"HTTP/1.1 400 Bad Request",
@@ -272,7 +275,7 @@ def test_refusals_outside_the_routes_send_no_body_to_a_head(
     with socket.create_connection(("127.0.0.1", port), timeout=60) as reader:
         reader.sendall(f"GET /api/v1/stream/twins HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
         assert reader.recv(65536).startswith(b"HTTP/1.1 200"), "the reader was not served"
-        stream = send(f"M /api/v1/stream/twins HTTP/1.1\r\n{auth}Connection: close\r\n\r\n")
+        stream = send(f"M /api/v1/stream/twins HTTP/1.1\r\n{host}{auth}Connection: close\r\n\r\n")
         assert _head_as_get(stream) == b"HTTP/1.1 503 Service Unavailable"
     # A HEAD refused after an answered GET on the same connection, and a GET after a HEAD:
     # the method is the refused request's, not the one before it.

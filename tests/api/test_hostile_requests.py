@@ -337,6 +337,36 @@ def _json_error(answer: bytes) -> tuple[str, dict[str, Any]]:
     return status, json.loads(body)
 
 
+def test_a_request_without_one_valid_host_is_400(service: ServiceProcess) -> None:
+    """RFC 9112 section 3.2: an HTTP/1.1 request with no Host, and any request with two, or
+    one that is not ``host[:port]``, is answered 400; all three were served (200)."""
+    for version, hosts in (
+        ("1.1", ""),
+        ("1.1", "Host: a\r\nHost: b\r\n"),
+        ("1.0", "Host: a\r\nHost: a\r\n"),
+        ("1.1", "Host: a b/c\r\n"),
+        ("1.1", "Host: a@b\r\n"),
+        ("1.1", "Host: a:8x\r\n"),
+        ("1.1", "Host: [::1\r\n"),
+    ):
+        request = f"GET /health HTTP/{version}\r\n{hosts}\r\n".encode()
+        status, error = _json_error(_raw_exchange(service, request))
+        assert status == "HTTP/1.1 400 Bad Request", request
+        assert (error["status"], error["error"]) == (400, "request.invalid"), error
+        assert "Host" in error["message"], error
+    for version, hosts in (
+        ("1.0", ""),  # HTTP/1.0 had no Host
+        ("1.1", "Host: \r\n"),  # empty: a target URI without an authority
+        ("1.1", "Host: [::1]:8080\r\n"),
+        ("1.1", "Host: 127.0.0.1:\r\n"),
+        ("1.1", "Host: Example.COM\r\n"),
+        ("1.1", "Host: xn--bcher-kva.example%2D:80\r\n"),
+    ):
+        request = f"GET /health HTTP/{version}\r\n{hosts}Connection: close\r\n\r\n"
+        answer = _raw_exchange(service, request.encode())
+        assert answer.split(b"\r\n")[0].endswith(b" 200 OK"), (request, answer)
+
+
 def test_requests_the_http_parser_refuses_get_the_json_error_body(
     service: ServiceProcess,
 ) -> None:

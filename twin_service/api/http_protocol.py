@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -80,6 +81,36 @@ class _HeadTooLargeSignal(Exception):
     """Raised in a parser callback to stop parsing a head past the bound."""
 
 
+class _InvalidHeadSignal(Exception):
+    """Raised in a parser callback to stop parsing a head the parser took but HTTP does
+    not (``_invalid_head`` says why)."""
+
+
+#: RFC 9110 section 7.2: ``uri-host [ ":" port ]``, the host an IP literal or a reg-name
+#: (RFC 3986 section 3.2.2); empty for a target with no authority.
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?"
+)
+
+
+def host_error(http_version: str, headers: list[tuple[bytes, bytes]]) -> BadRequest | None:
+    """Why a request with these headers (names in lower case) has not the one valid Host
+    RFC 9112 section 3.2 asks for, to be answered 400; None if it has. llhttp checks none
+    of it, and uvicorn served such a request (h11 refuses it itself)."""
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) > 1:
+        return BadRequest(f"The request has {len(hosts)} Host headers; one at most.")
+    if not hosts:
+        if http_version != "1.1":  # HTTP/1.0 had no Host
+            return None
+        return BadRequest("An HTTP/1.1 request needs a Host header.")
+    if _HOST.fullmatch(hosts[0]) is None:
+        host = hosts[0].decode("latin-1")
+        return BadRequest(f"The Host header {host!r} is not host[:port].")
+    return None
+
+
 class _Reading(enum.Enum):
     HEAD = "head"
     BODY = "body"
@@ -95,6 +126,8 @@ class JsonErrorHttpProtocol(_Base):
     #: The current request's method once whole (None before), and when its reading began.
     _method: bytes | None = None
     _began = 0.0
+    #: Why the head being read is refused, once a callback found it (_InvalidHeadSignal).
+    _invalid_head: BadRequest | None = None
     #: Where the requests refused here are counted (the application's).
     requests: RequestMetrics | None = None
     #: Seconds a head may take, and a body may pause (see the module's documentation).
@@ -264,6 +297,7 @@ class JsonErrorHttpProtocol(_Base):
         self._head_asked = False
         self._method_before = self.parser.get_method()
         self._method = None
+        self._invalid_head = None
 
     def on_url(self, url: bytes) -> None:
         self._method = self.parser.get_method()  # whole here
@@ -276,6 +310,10 @@ class JsonErrorHttpProtocol(_Base):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        # Checked while the head is still the one read (_refuse), WebSocket handshakes too.
+        self._invalid_head = host_error(self.parser.get_http_version(), self.headers)
+        if self._invalid_head is not None:
+            raise _InvalidHeadSignal  # the parser stops; send_400_response answers
         self._hold(0)
         self._reading = _Reading.BODY
         self._last_read = self.loop.time()
@@ -327,7 +365,10 @@ class JsonErrorHttpProtocol(_Base):
         if self._head_bytes > self.max_head_bytes:
             self._refuse(self._head_too_large())
             return
-        self._refuse(BadRequest(f"{msg} The request line or a header is not valid HTTP/1.1."))
+        error = self._invalid_head or BadRequest(msg)
+        self._refuse(
+            BadRequest(f"{error.message} The request line or a header is not valid HTTP/1.1.")
+        )
 
     def _asked_head(self) -> bool:
         """Whether the request refused came as HEAD. Its method is known once its target
