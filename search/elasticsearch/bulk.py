@@ -139,13 +139,20 @@ _INDEX_ERRORS = frozenset({"cluster_block_exception", "index_closed_exception"})
 _ALIAS_REASONS = ("no write index is defined", "has more than one ind")
 
 
-def item_outcome(item: dict[str, Any]) -> Outcome:
-    """The outcome of one entry of a ``_bulk`` answer's ``items``."""
+def item_outcome(item: dict[str, Any], alias: str | None = None) -> Outcome:
+    """The outcome of one entry of a ``_bulk`` answer's ``items``; ``alias``: the alias
+    the request wrote through.
+
+    An item answered by an index named like that alias means the alias is gone: the engine
+    ignores ``require_alias`` for a delete with an external version, auto-creates a plain
+    index under the name and answers 404 there. That index holds nothing of ours and takes
+    no twin document (it is not an alias): the index must be made again.
+    """
     ((action, result),) = item.items()
     status = int(result.get("status", 500))
     error = result.get("error") or {}
     kind, reason = error.get("type"), str(error.get("reason", ""))
-    if kind == "index_not_found_exception":
+    if kind == "index_not_found_exception" or (alias is not None and result.get("_index") == alias):
         return Outcome.NO_INDEX
     if status < 300 or status == 409 or (action == "delete" and status == 404):
         return Outcome.DONE

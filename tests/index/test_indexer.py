@@ -18,7 +18,7 @@ from search.rql import SearchQuery, parse_filter
 from tests.index.helpers import es_settings, index_name
 from tests.servers.search_engine import SearchEngine
 from twin_service.errors import Unavailable
-from twin_service.index.elasticsearch import ElasticsearchIndex, make_client
+from twin_service.index.elasticsearch import ElasticsearchIndex, make_client, rebuild
 from twin_service.service import TwinService
 from twin_service.settings import Settings
 from twin_service.store.base import TwinStore
@@ -65,6 +65,8 @@ async def make_stack(
         yield Stack(settings, store, TwinService(store, Limits(), "default"), index)
     finally:
         await index.client.indices.delete(index=f"{index.alias}-*")
+        # An index the engine auto-created under the alias's name, if a test left one.
+        await index.client.indices.delete(index=index.alias, ignore_unavailable=True)
         await index.stop()
         await store.close()
 
@@ -278,3 +280,63 @@ async def test_a_new_index_is_not_taken_for_covering_the_store_while_it_fills(
         await index.client.indices.delete(index=f"{index.alias}-*")
         await index.stop()
         await store.close()
+
+
+async def lose_the_index(stack: Stack, what: str) -> None:
+    """Delete the index behind the alias, or only the alias, as an operator might."""
+    client, alias = stack.index.client, stack.index.alias
+    if what == "alias":
+        await client.indices.delete_alias(index=f"{alias}-*", name=alias)
+    else:
+        await client.indices.delete(index=f"{alias}-*")
+
+
+@pytest.mark.parametrize("what", ["index", "alias"])
+async def test_a_delete_first_after_the_index_was_lost_gets_the_index_back(
+    stack: Stack, what: str
+) -> None:
+    """The index (or its alias) lost, and the first write after it a twin's deletion: the
+    engine ignores ``require_alias`` for a delete with an external version, auto-created a
+    plain unmapped index under the alias's name and answered 404, which counted as done.
+    Searches then found nothing and every filter failed, for good, while /ready said up."""
+    for i in range(3):
+        seq = await stack.put(f"org.a:l{i}", {"attributes": {"n": i}})
+    assert await stack.ids(wait_for_seq=seq) == ["org.a:l0", "org.a:l1", "org.a:l2"]
+    await lose_the_index(stack, what)
+    seq = await stack.delete("org.a:l1")
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await stack.index.covers(seq):
+        assert asyncio.get_running_loop().time() < deadline, await stack.index.health()
+        await asyncio.sleep(0.05)
+    assert await stack.ids(wait_for_seq=seq) == ["org.a:l0", "org.a:l2"]
+    assert await stack.ids("eq(attributes/n,2)") == ["org.a:l2"]
+    assert await stack.index.count(SearchQuery(None)) == 2
+    aliases = await stack.index.client.indices.get_alias(name=stack.index.alias)
+    assert list(aliases) == [f"{stack.index.alias}-v{MAPPING_VERSION}"]
+    assert (await stack.index.health())["status"] == "up"
+
+
+async def test_an_index_auto_created_under_the_alias_is_down_and_rebuild_replaces_it(
+    stalled: Stack,
+) -> None:
+    """The unmapped index a lost index's first delete left under the alias's name (by this
+    service before it noticed, or the engine restarted empty): /ready said up with every
+    search broken, and ``index rebuild`` failed on it (invalid_alias_name_exception)."""
+    client, alias = stalled.index.client, stalled.index.alias
+    await stalled.put("org.a:s1", {"attributes": {"n": 1}})
+    await stalled.put("org.a:s2", {"attributes": {"n": 2}})
+    assert await stalled.index.index_pending() == 2
+    await lose_the_index(stalled, "index")
+    await stalled.delete("org.a:s1")
+    with pytest.raises(Unavailable):
+        # Not taken: the index must come back first.
+        await stalled.index.index_pending()
+    assert await client.indices.exists(index=alias)  # the engine's stray index
+    health = await stalled.index.health()
+    assert health["status"] == "down", health
+    assert "not an alias" in health["error"], health
+    result = await rebuild(stalled.settings, stalled.store)
+    assert (result.indexed, result.refused) == (1, 0)
+    assert await stalled.index.count(SearchQuery(None)) == 1
+    assert await stalled.index.count(SearchQuery(parse_filter("eq(attributes/n,2)"))) == 1
+    assert (await stalled.index.health())["status"] == "up"

@@ -261,6 +261,7 @@ class ElasticsearchIndex:
             if await self.client.indices.exists_alias(name=self.alias):
                 await self._upgrade_mapping()
                 return False
+            await self._remove_stray()
             try:
                 await self.create_index(name, alias=True)
             except BadRequestError as exc:
@@ -274,6 +275,33 @@ class ElasticsearchIndex:
                 return False
         log.info("created the search index %s (alias %s)", name, self.alias)
         return True
+
+    async def _remove_stray(self) -> None:
+        """Delete the index the engine auto-created under the alias's name when a delete
+        found the index gone (see :func:`item_outcome`): it holds no document and lacks the
+        twin mapping. Any other index of that name is someone's data: refused, never deleted.
+        """
+        try:
+            found = await self.client.indices.get_mapping(index=self.alias)
+        except NotFoundError:
+            return
+        for name, body in found.items():
+            held = int((await self.client.count(index=name))["count"])
+            if held or "leaves" in body["mappings"].get("properties", {}):
+                raise Unavailable(
+                    f"The index {name} is there where the alias of the search index must be.",
+                    code="index.unavailable",
+                    description=f"It holds {held} documents or the twin mapping: the service "
+                    f"does not delete it. Move it away (or DELETE /{name} on the engine); the "
+                    "indexer then creates the search index and fills it from the store.",
+                )
+            with contextlib.suppress(NotFoundError):  # another replica was first
+                await self.client.indices.delete(index=name)
+            log.warning(
+                "deleted the index %s: empty and unmapped, the engine auto-created it under "
+                "the alias's name when the search index was lost",
+                name,
+            )
 
     async def _upgrade_mapping(self) -> None:
         """Add the fields of a newer mapping to an index made with an older one, so that the
@@ -361,7 +389,8 @@ class ElasticsearchIndex:
             second = await self._send(batch[half:], target, require_alias=require_alias)
             return first[0] + second[0], first[1] + second[1]
         items: list[dict[str, Any]] = response["items"]
-        outcomes = [item_outcome(item) for item in items]
+        alias = target if require_alias else None
+        outcomes = [item_outcome(item, alias) for item in items]
         retry = (Outcome.RETRY, Outcome.NO_INDEX)
         reasons = [item_reason(i) for i, o in zip(items, outcomes, strict=True) if o in retry]
         # Documents the engine refused: delete what the index holds of those twins.
@@ -607,6 +636,11 @@ class ElasticsearchIndex:
         # Within /ready's bound for each check (api/routes/health.py), so that an engine that
         # does not answer still leaves the backlog in the answer.
         bound = self._settings.ready_check_timeout_seconds * 0.75
+        missing = f"The search index {self.alias} does not exist."
+        stray_error = (
+            f"The search index {self.alias} is not an alias: an index of that name holds its "
+            "place (see docs/scaling.md)."
+        )
         try:
             backlog, lag = await self.lag()
             out.update(backlog=backlog, lagSeconds=round(lag, 3), rejected=self.rejected)
@@ -616,6 +650,12 @@ class ElasticsearchIndex:
                 filling = self._filling or Filling(time.monotonic())
                 out["filling"] = {"twins": filling.done, "of": filling.total}
             async with _es_errors("answer"), asyncio.timeout(bound):
+                # The health of a plain index under the alias's name (auto-created, see
+                # item_outcome) was that of an index where every search fails.
+                if not await self.client.indices.exists_alias(name=self.alias):
+                    stray = await self.client.indices.exists(index=self.alias)
+                    out.update(status="down", error=stray_error if stray else missing)
+                    return out
                 # No wait: for an index it does not have, the engine waited out the
                 # timeout (2 s, past the bound) for it to appear, then answered 408.
                 cluster = await self.client.cluster.health(index=self.alias, timeout="0s")
@@ -626,7 +666,7 @@ class ElasticsearchIndex:
             out.update(status="down", error=f"The search index did not answer within {bound:g} s.")
         except Unavailable as exc:
             if _status(exc) in (404, 408):
-                out.update(status="down", error=f"The search index {self.alias} does not exist.")
+                out.update(status="down", error=missing)
                 return out
             out.update(status="down", error=exc.message)
             if exc.description:  # the client's reason: refused, certificate, timeout...
