@@ -99,11 +99,17 @@ def service_options(
     )
 
 
+#: MQTT's largest packet (its remaining length is at most four bytes of seven bits).
+MQTT_MAX_PACKET = 2**28 - 1
+
+
 def device_packet_limit(settings: Settings) -> int:
     """The largest MQTT packet the service takes from devices, and sends: room for a whole
     twin, as the shipped mosquitto's limit (2 MiB, or twice ``limits.max_twin_bytes`` when
-    that is larger)."""
-    return max(EmbeddedBrokerConfig.max_packet_size, 2 * settings.limits.max_twin_bytes)
+    that is larger), but no more than MQTT allows (paho refused to announce more to an MQTT 5
+    broker, and the start failed)."""
+    wanted = max(EmbeddedBrokerConfig.max_packet_size, 2 * settings.limits.max_twin_bytes)
+    return min(wanted, MQTT_MAX_PACKET)
 
 
 class MqttSync:

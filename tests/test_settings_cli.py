@@ -244,3 +244,59 @@ def test_a_command_warns_of_a_stray_variable(tmp_path: Path) -> None:
         "twin-service: warning: TWIN_AUTH_DISABLED is not a setting and is ignored "
         "(TWIN_AUTH__DISABLED?)\n"
     )
+
+
+def test_mqtt_protocol_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TWIN_MQTT__PROTOCOL=4`` was refused ("Input should be 5 or 4"): an environment
+    value is a string, which the literal 4 is not; TOML and JSON numbers worked."""
+    clean_env(monkeypatch)
+    for value in ("4", "5"):
+        monkeypatch.setenv("TWIN_MQTT__PROTOCOL", value)
+        assert Settings().mqtt.protocol == int(value)
+    for value in ("3", "4.0", "x"):
+        monkeypatch.setenv("TWIN_MQTT__PROTOCOL", value)
+        with pytest.raises(ValidationError, match=r"mqtt\.protocol"):
+            Settings()
+
+
+#: Settings accepted before that failed later: a traceback at start, a thread dead in the
+#: background, every write answered 500, unacknowledged writes, or a silent 0.
+BAD_ENVIRONMENT = [
+    # paho's struct.error in its thread: the service never connected, /ready 503 forever.
+    ("TWIN_MQTT__SESSION_EXPIRY_SECONDS", "4294967296", "mqtt.session_expiry_seconds"),
+    # Twice it was past MQTT's largest packet (now clamped), and no device could get such
+    # a twin.
+    ("TWIN_LIMITS__MAX_TWIN_BYTES", str(2**28 + 1), "limits.max_twin_bytes"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "setting"), BAD_ENVIRONMENT)
+def test_a_setting_that_failed_later_stops_a_command_in_one_line(
+    tmp_path: Path, variable: str, value: str, setting: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWIN_")}
+    bad = subprocess.run(
+        [sys.executable, "-m", "twin_service", "--data-dir", str(tmp_path), "devices", "list"],
+        capture_output=True,
+        text=True,
+        env={**env, variable: value},
+        timeout=60,
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.startswith(f"twin-service: invalid settings: {setting}: "), bad.stderr
+    assert bad.stderr.count("\n") == 1, bad.stderr
+
+
+#: The bounds themselves, and what else the checks above take.
+ACCEPTED = [
+    {"limits": {"max_twin_bytes": 2**28}},
+    {"mqtt": {"session_expiry_seconds": 2**32 - 1}},
+]
+
+
+@pytest.mark.parametrize("overrides", ACCEPTED)
+def test_values_within_the_bounds_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, overrides: dict[str, object]
+) -> None:
+    clean_env(monkeypatch)
+    Settings(**overrides)  # type: ignore[arg-type]

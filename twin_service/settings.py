@@ -58,10 +58,13 @@ class LimitsSettings(_Section):
     max_twin_bytes: int = Field(
         64 * 1024,
         ge=1024,
+        # MQTT's largest packet: a larger twin could never reach a device whole.
+        le=256 * 1024 * 1024,
         description=(
-            "Largest twin (compact JSON; its lifecycle not counted). MQTT packets to and from "
-            "the service may be twice as large, at least 2 MiB (the embedded broker's limit); a "
-            "device's get answer over that is refused (413 twin.toolarge)."
+            "Largest twin (compact JSON; its lifecycle not counted), at most 256 MiB. MQTT "
+            "packets to and from the service may be twice as large, at least 2 MiB (the "
+            "embedded broker's limit) and at most MQTT's 256 MiB; a device's get answer over "
+            "that is refused (413 twin.toolarge)."
         ),
     )
     max_depth: int = Field(16, ge=2, le=64, description="Deepest nesting inside a twin.")
@@ -367,6 +370,14 @@ class MqttSettings(_Section):
         "guessable, warned about at start); empty disables sharing.",
     )
     protocol: Literal[5, 4] = Field(5, description="MQTT 5, or 3.1.1 (4), to external brokers.")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_from_text(cls, value: object) -> object:
+        # An environment variable is text, which the literal 5 or 4 never equals: every
+        # TWIN_MQTT__PROTOCOL was refused, though TOML and JSON numbers worked.
+        return int(value) if isinstance(value, str) and value in ("4", "5") else value
+
     service_username: str = Field("twin-service", description="The service's broker user.")
     service_password: str | None = Field(
         None, description="The service's broker password (generated for the built-in broker)."
@@ -388,7 +399,11 @@ class MqttSettings(_Section):
     session_expiry_seconds: int = Field(
         7 * 24 * 3600,
         ge=60,
-        description="How long the broker keeps the service's session and queued messages.",
+        # MQTT 5's Session Expiry Interval is a four-byte integer: paho's thread died of
+        # struct.error past it, and the service never connected.
+        le=2**32 - 1,
+        description="How long the broker keeps the service's session and queued messages "
+        "(at most 4294967295, MQTT's largest).",
     )
     connect_timeout_seconds: float = Field(
         10.0, gt=0, description="Wait at start-up for the broker before starting anyway."

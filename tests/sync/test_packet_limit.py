@@ -128,3 +128,17 @@ async def test_a_delta_over_an_mqtt5_brokers_limit_clears_the_retained_one(
         assert (mqtt["status"], mqtt["reconnects"]) == ("up", 0), mqtt
     finally:
         proc.stop()
+
+
+async def test_the_largest_twin_limit_connects_to_an_mqtt5_broker(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    """Twice a ``limits.max_twin_bytes`` of 128 MiB or more is past MQTT's largest packet
+    (268435455 bytes), which paho refused to announce: the start failed with a traceback.
+    The service announces MQTT's largest instead."""
+    broker = mosquitto_factory()
+    proc = sync_service(tmp_path / "svc", broker.url, TWIN_LIMITS__MAX_TWIN_BYTES=str(2**28))
+    try:
+        wait_mqtt_up(proc)
+    finally:
+        proc.stop()
