@@ -267,6 +267,22 @@ BAD_ENVIRONMENT = [
     # Twice it was past MQTT's largest packet (now clamped), and no device could get such
     # a twin.
     ("TWIN_LIMITS__MAX_TWIN_BYTES", str(2**28 + 1), "limits.max_twin_bytes"),
+    # pymongo's InvalidName at start (exit 3, a traceback).
+    ("TWIN_MONGODB__DATABASE", "a.b", "mongodb.database"),
+    ("TWIN_MONGODB__DATABASE", "bad/na me", "mongodb.database"),
+    ("TWIN_MONGODB__DATABASE", "", "mongodb.database"),
+    ("TWIN_MONGODB__DATABASE", "a$b", "mongodb.database"),
+    ("TWIN_MONGODB__DATABASE", "a" * 64, "mongodb.database"),
+    # w=0: the driver refused it at start, and unacknowledged writes could be lost.
+    ("TWIN_MONGODB__WRITE_CONCERN", "0", "mongodb.write_concern"),
+    ("TWIN_MONGODB__WRITE_CONCERN", "00", "mongodb.write_concern"),
+    # pymongo's "must be ... less than one billion" (seconds) at start, a traceback.
+    ("TWIN_MONGODB__OPERATION_TIMEOUT_MS", "10000000000000", "mongodb.operation_timeout_ms"),
+    (
+        "TWIN_MONGODB__SERVER_SELECTION_TIMEOUT_MS",
+        "10000000000000",
+        "mongodb.server_selection_timeout_ms",
+    ),
 ]
 
 
@@ -291,6 +307,9 @@ def test_a_setting_that_failed_later_stops_a_command_in_one_line(
 ACCEPTED = [
     {"limits": {"max_twin_bytes": 2**28}},
     {"mqtt": {"session_expiry_seconds": 2**32 - 1}},
+    {"mongodb": {"database": "a" * 63, "write_concern": "1"}},
+    {"mongodb": {"database": "ü" * 31, "write_concern": "majority"}},
+    {"mongodb": {"operation_timeout_ms": 86_400_000, "server_selection_timeout_ms": 86_400_000}},
 ]
 
 

@@ -229,13 +229,46 @@ class SqliteSettings(_Section):
 _MAX_BSON_DOCUMENT = 16 * 1024 * 1024 - 64 * 1024
 
 
+#: A day, the bound of PyMongo's timeouts: past a billion seconds PyMongo refused them at start,
+#: in a traceback; a day is already far past any use.
+_DAY_MS = 24 * 3600 * 1000
+
+#: Characters MongoDB refuses in a database name (on every platform).
+_NOT_IN_DATABASE = frozenset('/\\. "$\x00')
+
+
 class MongoSettings(_Section):
-    database: str = Field("twin_service", description="Database holding the twin collections.")
+    database: str = Field(
+        "twin_service",
+        description="Database holding the twin collections (MongoDB's rules: 1 to 63 bytes, "
+        'none of `/\\. "$` and NUL).',
+    )
     write_concern: str = Field(
         "majority",
-        pattern=r"^(majority|[0-9]+)$",
-        description="Write concern w of every write: majority or a number of members.",
+        description="Write concern w of every write: majority or a number of members, at "
+        "least 1 (0, unacknowledged writes, could lose one the service answered for).",
     )
+
+    @field_validator("database")
+    @classmethod
+    def _check_database(cls, name: str) -> str:
+        # MongoDB's rules for a database name, checked here: pymongo's InvalidName was a
+        # traceback at start (exit 3).
+        if not name or len(name.encode()) > 63 or any(c in _NOT_IN_DATABASE for c in name):
+            raise ValueError(
+                "must be 1 to 63 bytes and hold none of /\\. \"$ and NUL (MongoDB's rules)"
+            )
+        return name
+
+    @field_validator("write_concern")
+    @classmethod
+    def _check_write_concern(cls, w: str) -> str:
+        # Not 0: the driver refused it at start, in its own words, and unacknowledged
+        # writes could be lost after the service had answered for them.
+        if w != "majority" and not (w.isascii() and w.isdigit() and int(w) > 0):
+            raise ValueError("must be majority or a number of members, at least 1")
+        return w
+
     read_preference: Literal[
         "primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest"
     ] = Field(
@@ -245,9 +278,10 @@ class MongoSettings(_Section):
     server_selection_timeout_ms: int = Field(
         5000,
         ge=100,
+        le=_DAY_MS,
         description="How long the driver waits for a usable server where no operation "
         "timeout applies; store operations wait within operation_timeout_ms instead "
-        "(PyMongo's timeoutMS replaces it).",
+        "(PyMongo's timeoutMS replaces it). At most a day (86400000).",
     )
     # 10 s: a GET or a write takes milliseconds on a server that answers, and a search page
     # or a count, which scan every twin on FerretDB (about 30 us a small twin measured, see
@@ -258,10 +292,11 @@ class MongoSettings(_Section):
     operation_timeout_ms: int = Field(
         10_000,
         ge=100,
+        le=_DAY_MS,
         description="How long one store operation (a read, a write, a journal read) may wait "
         "for the server, retries and server selection included, before it fails with 503 "
         "service.unavailable: a server that takes connections and answers nothing holds a "
-        "request this long at most (docs/scaling.md).",
+        "request this long at most (docs/scaling.md). At most a day (86400000).",
     )
     max_pool_size: int = Field(100, ge=1, description="Connections per replica to the server.")
     gap_timeout_seconds: float = Field(
