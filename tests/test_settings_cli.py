@@ -283,6 +283,16 @@ BAD_ENVIRONMENT = [
         "10000000000000",
         "mongodb.server_selection_timeout_ms",
     ),
+    # OverflowError in every write's journal pruning: each answered 500.
+    ("TWIN_STREAM__JOURNAL_MAX_AGE_SECONDS", "100000000000", "stream.journal_max_age_seconds"),
+    # OverflowError in the checkpoint thread, which died.
+    ("TWIN_SQLITE__CHECKPOINT_INTERVAL_MS", "10000000000000", "sqlite.checkpoint_interval_ms"),
+    # Past a C int, SQLite read these as 0: no wait for the write lock, the automatic
+    # checkpoint off (the WAL grew for good), a cache of no pages.
+    ("TWIN_SQLITE__BUSY_TIMEOUT_MS", str(2**31), "sqlite.busy_timeout_ms"),
+    ("TWIN_SQLITE__WAL_AUTOCHECKPOINT", str(2**31), "sqlite.wal_autocheckpoint"),
+    ("TWIN_SQLITE__CACHE_MIB", str(2**21), "sqlite.cache_mib"),
+    ("TWIN_SQLITE__WRITER_CACHE_MIB", str(2**21), "sqlite.writer_cache_mib"),
 ]
 
 
@@ -310,6 +320,9 @@ ACCEPTED = [
     {"mongodb": {"database": "a" * 63, "write_concern": "1"}},
     {"mongodb": {"database": "ü" * 31, "write_concern": "majority"}},
     {"mongodb": {"operation_timeout_ms": 86_400_000, "server_selection_timeout_ms": 86_400_000}},
+    {"stream": {"journal_max_age_seconds": 100 * 366 * 24 * 3600}},
+    {"sqlite": {"checkpoint_interval_ms": 3_600_000, "busy_timeout_ms": 2**31 - 1}},
+    {"sqlite": {"wal_autocheckpoint": 2**31 - 1, "cache_mib": 2**21 - 1}},
 ]
 
 

@@ -141,13 +141,18 @@ class AuthSettings(_Section):
     )
 
 
+#: SQLite reads its PRAGMA numbers into a C int: a larger one silently became 0, which is no
+#: wait for the write lock, no automatic checkpoint (the WAL grows for good), or no cache.
+_C_INT_MAX = 2**31 - 1
+
+
 class SqliteSettings(_Section):
     file_name: str = Field("twins.sqlite3", description="Database file in data_dir.")
     synchronous: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="NORMAL survives a process crash; FULL also a power loss."
     )
     busy_timeout_ms: int = Field(
-        10_000, ge=100, description="Wait for another process's write lock."
+        10_000, ge=100, le=_C_INT_MAX, description="Wait for another process's write lock."
     )
     max_batch: int = Field(
         128,
@@ -184,10 +189,16 @@ class SqliteSettings(_Section):
         "that would grow it further gets 507 store.full, as on a full disk, and changes "
         "nothing. A database already larger does not grow.",
     )
-    cache_mib: int = Field(64, ge=1, description="Page cache of each reading connection (MiB).")
+    cache_mib: int = Field(
+        64,
+        ge=1,
+        le=_C_INT_MAX // 1024,  # SQLite takes it in KiB
+        description="Page cache of each reading connection (MiB).",
+    )
     writer_cache_mib: int = Field(
         4,
         ge=1,
+        le=_C_INT_MAX // 1024,
         description="Page cache of the writing connection (MiB). Small on purpose: a commit "
         "whose B-tree balancing renumbered a page walks the whole cache (SQLite borrows the "
         "lock page's number for the swap), and the writer reads through the memory map. "
@@ -200,6 +211,7 @@ class SqliteSettings(_Section):
     wal_autocheckpoint: int = Field(
         10_000,
         ge=0,
+        le=_C_INT_MAX,
         description="WAL pages after which a commit copies them back into the "
         "database (whatever the background checkpoint has not copied yet). SQLite's default "
         "of 1000, with checkpoint_interval_ms 0, trades throughput for a shorter tail: "
@@ -209,11 +221,15 @@ class SqliteSettings(_Section):
     checkpoint_interval_ms: int = Field(
         50,
         ge=0,
+        # One hour: far past any use, and a thread's wait of more than threading.TIMEOUT_MAX
+        # (about 292 years) raised OverflowError and ended the checkpoint thread.
+        le=3_600_000,
         description="A background thread copies committed WAL pages into the database at "
         "this interval, so commits rarely do it themselves (0 turns it off). When the WAL "
         "reaches wal_autocheckpoint pages, the writer still finishes a checkpoint itself "
         "(its fsyncs are the PATCH tail): the shorter the interval, the less is left for "
-        "it. 50 instead of 250 ms: PATCH p99 about 43 instead of 58 ms at the same rate.",
+        "it. 50 instead of 250 ms: PATCH p99 about 43 instead of 58 ms at the same rate. "
+        "At most 3600000 (an hour).",
     )
     twin_cache: int = Field(
         10_000,
@@ -502,13 +518,19 @@ class ElasticsearchSettings(_Section):
     )
 
 
+#: 100 years: the bound of durations subtracted from now (which must stay after year 1).
+_CENTURY_SECONDS = 100 * 366 * 24 * 3600
+
+
 class StreamSettings(_Section):
     journal_max_per_twin: int = Field(1000, ge=1, description="Events kept per twin (at least).")
     journal_max_age_seconds: int = Field(
         7 * 24 * 3600,
         ge=60,
+        # Subtracted from now: past year 1 every write's pruning raised OverflowError (500).
+        le=_CENTURY_SECONDS,
         description="Events older than this are removed, but for each existing twin's newest "
-        "(its next change is compared with it).",
+        "(its next change is compared with it); at most 100 years.",
     )
     queue_size: int = Field(
         1000, ge=10, description="Messages buffered per WebSocket/SSE client before it is cut."
