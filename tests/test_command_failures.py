@@ -254,6 +254,18 @@ def test_an_unknown_key_in_a_tokens_file_entry_is_refused(tmp_path: Path) -> Non
     )
 
 
+def test_a_namespace_no_twin_can_have_in_a_tokens_file_is_refused(tmp_path: Path) -> None:
+    """Accepted, the token was valid in no namespace at all, without a word."""
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(
+        f'[{{"name": "ops", "token": "{SECRET}", "namespaces": ["org.acme", "org.acme plant!"]}}]'
+    )
+    run = serve(tmp_path, "serve", "--data-dir", "data", TWIN_AUTH__TOKENS_FILE=str(tokens))
+    assert_refused(
+        run, 2, f"The tokens file {tokens} cannot be used: namespaces.1: must be dotted words"
+    )
+
+
 def test_an_empty_tokens_file_is_refused_and_never_brings_back_the_admin_token(
     tmp_path: Path,
 ) -> None:

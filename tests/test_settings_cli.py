@@ -293,6 +293,12 @@ BAD_ENVIRONMENT = [
     ("TWIN_SQLITE__WAL_AUTOCHECKPOINT", str(2**31), "sqlite.wal_autocheckpoint"),
     ("TWIN_SQLITE__CACHE_MIB", str(2**21), "sqlite.cache_mib"),
     ("TWIN_SQLITE__WRITER_CACHE_MIB", str(2**21), "sqlite.writer_cache_mib"),
+    # Accepted, the token worked in no namespace.
+    (
+        "TWIN_AUTH__TOKENS",
+        '[{"name": "b", "token": "bbbbbbbbbbbbbbbbbbbb", "namespaces": ["org.acme plant!"]}]',
+        "auth.tokens.0.namespaces.0",
+    ),
 ]
 
 
@@ -323,6 +329,7 @@ ACCEPTED = [
     {"stream": {"journal_max_age_seconds": 100 * 366 * 24 * 3600}},
     {"sqlite": {"checkpoint_interval_ms": 3_600_000, "busy_timeout_ms": 2**31 - 1}},
     {"sqlite": {"wal_autocheckpoint": 2**31 - 1, "cache_mib": 2**21 - 1}},
+    {"auth": {"tokens": [{"name": "b", "token": "b" * 16, "namespaces": ["", "org.a_1"]}]}},
 ]
 
 

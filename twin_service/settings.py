@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -39,7 +40,7 @@ from pydantic_settings import (
 
 from connectivity.topics import TopicLayout
 from twin_service.errors import InvalidTwinId
-from twin_service.twin.ids import MAX_GENERATED_NAMESPACE, generate_twin_id
+from twin_service.twin.ids import MAX_GENERATED_NAMESPACE, generate_twin_id, validate_namespace
 from twin_service.twin.jsonvalue import Limits
 from twin_service.urls import check_url
 
@@ -109,11 +110,27 @@ class LimitsSettings(_Section):
         )
 
 
+def _check_namespace(namespace: str) -> str:
+    # Accepted, a namespace no twin id can have left the token valid for nothing, silently.
+    try:
+        return validate_namespace(namespace)
+    except InvalidTwinId:
+        raise ValueError(
+            'must be dotted words starting with a letter (e.g. org.acme.plant1), or "" (the '
+            "empty namespace)"
+        ) from None
+
+
+_Namespace = Annotated[str, AfterValidator(_check_namespace)]
+
+
 class TokenSettings(_Section):
     name: str
     token: str = Field(min_length=16)
     role: Literal["read", "write", "admin"] = "read"
-    namespaces: list[str] | None = Field(None, description="Namespaces it may use; all if unset.")
+    namespaces: list[_Namespace] | None = Field(
+        None, description="Namespaces it may use; all if unset."
+    )
 
     @field_validator("token")
     @classmethod
