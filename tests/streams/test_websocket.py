@@ -311,6 +311,32 @@ def test_authentication_failures_and_first_message_auth(service: ServiceProcess)
     asyncio.run(run())
 
 
+def test_an_encoded_slash_in_the_websocket_path_is_refused_as_no_such_path(
+    service: ServiceProcess,
+) -> None:
+    """``/api%2Fv1/ws`` was accepted as ``/api/v1/ws`` (HTTP routes refuse an encoded slash
+    outside a JSON pointer): a proxy rule on the path prefix let it through. Refused before
+    the accept, as a path that names no WebSocket route is."""
+    base = service.url.replace("http://", "ws://")
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def refused(path: str) -> int:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refusal:
+            async with websockets.connect(base + path, additional_headers=headers):
+                pass
+        return refusal.value.response.status_code
+
+    async def run() -> None:
+        unknown = await refused("/api/v1/nosuch")
+        assert unknown == 403
+        for path in ("/api%2Fv1/ws", "/api/v1%2Fws", "/api/v1%2fws", "/api/v1/ws%2F"):
+            assert await refused(path) == unknown, path
+        async with connect(service) as ws:  # the plain path still connects
+            await subscribe(ws, id="ok")
+
+    asyncio.run(run())
+
+
 def test_no_token_nor_message_of_a_websocket_is_logged_at_debug(
     service_factory: Callable[..., ServiceProcess],
 ) -> None:

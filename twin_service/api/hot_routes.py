@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
 from twin_service.api.errors import disconnected_response, error_response, unexpected_response
 from twin_service.api.head import as_get
@@ -57,6 +58,12 @@ class TwinApp(FastAPI):
         if scope["type"] == "lifespan":
             await super().__call__(scope, receive, self._startup_failure_in_one_line(send))
             return
+        if scope["type"] == "websocket":
+            try:  # as on HTTP: /api%2Fv1/ws was /api/v1/ws past a proxy's prefix rule
+                twins.refuse_encoded_slash(scope)
+            except TwinServiceError:
+                await WebSocketClose()(scope, receive, send)  # as for a path of no route
+                return
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
