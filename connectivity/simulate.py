@@ -7,7 +7,10 @@ per second in total, paced against the clock; ``--offline-fraction`` of the devi
 announced ``offline`` and stay silent, the others ``online``, then ``offline`` again at the
 end (a connection's last will covers one topic, not its many devices: a simulator killed
 outright leaves them online; a broker that stops acknowledging is given
-:data:`SAY_OFFLINE_WITHIN` seconds, then the rest stay online). The announcements come before
+:data:`SAY_OFFLINE_WITHIN` seconds, then the rest stay online). A broker connection lost
+while they are announced, or set offline at the end, is waited for up to
+:data:`RECONNECT_WITHIN` seconds and the status published again; one that does not come
+back by then during the announcement fails the run (exit 1). The announcements come before
 ``--duration`` starts and are not counted in it. Progress is printed every second (the
 announcements' too); the summary gives messages, acks (``accepted``), rejects by error code,
 duplicates (answered ``"duplicate": true``: not applied by this run, counted apart; each run's
@@ -154,6 +157,10 @@ def percentile(values: list[float], q: float) -> float:
 #: Seconds the end of a run waits for the broker's PUBACKs while it sets its devices offline
 #: again (``Simulation._say_offline``): then it stops, the rest of them left online.
 SAY_OFFLINE_WITHIN = 2.0
+#: Seconds the announcement, and the end of a run, wait for a lost broker connection to come
+#: back (a broker restart) before a device's status is published again; the reports wait until
+#: the end of ``--duration``. As long as the wait for the first connection.
+RECONNECT_WITHIN = 10.0
 #: Device statuses published between two awaited PUBACKs. Awaiting each in turn cost a round
 #: trip per device (the embedded broker acknowledges once the service has handled the status):
 #: 20,000 devices took 30 s to announce.
@@ -270,11 +277,11 @@ class Simulation:
                 topics = self.layout.all_twins("reported/update/+")
                 await self._unless_interrupted(client.subscribe(topics, 1, self.on_reply))
 
-    async def _unless_interrupted(self, step: Awaitable[object]) -> None:
-        """Await ``step``, cut short by Ctrl-C: waiting for a broker that is not there, or
-        that stopped answering while the run started, went on for the connection or the
-        answer's timeout (10 s each), then exited 1."""
-        await unless_set(step, self._wake)
+    async def _unless_interrupted(self, step: Awaitable[object]) -> bool:
+        """Await ``step``, cut short by Ctrl-C (then False): waiting for a broker that is not
+        there, or that stopped answering while the run started, went on for the connection
+        or the answer's timeout (10 s each), then exited 1."""
+        return await unless_set(step, self._wake)
 
     async def _run(self, out: Any) -> int:
         await self._connect()
@@ -308,11 +315,18 @@ class Simulation:
             if online:
                 self.announced.append(twin)
             status = b"online" if online else b"offline"
-            topic = self.layout.topic(twin, "status")
             wait = awaits_ack(i, count, len(self.clients))
-            await self._unless_interrupted(
-                client.publish(topic, status, retain=True, await_ack=wait)
+            # A broker restart: NotConnected went up out of the run (exit 1), and the
+            # devices announced online stayed so.
+            reconnect_by = loop.time() + RECONNECT_WITHIN
+            sent = await self._publish_status(
+                client, twin, status, wait, reconnect_by, interruptible=True
             )
+            if not sent and not self.interrupted:
+                raise NotConnected(
+                    "the connection to the MQTT broker was lost while announcing the devices "
+                    f"and did not come back within {RECONNECT_WITHIN:g} s"
+                )
         print(f"\rannounced {count} of {count} devices", file=out, flush=True)
 
     async def _send(self, out: Any, online: list[str]) -> None:
@@ -385,6 +399,40 @@ class Simulation:
             with contextlib.suppress(NotConnected):
                 await client.wait_connected(min(0.2, max(deadline - loop.time(), 0.0)))
 
+    async def _publish_status(
+        self,
+        client: MqttClient,
+        twin: str,
+        status: bytes,
+        wait: bool,
+        reconnect_by: float,
+        *,
+        interruptible: bool,
+    ) -> bool:
+        """Publish ``twin``'s ``status`` (retained); on a lost connection, wait for it until
+        ``reconnect_by`` (Ctrl-C ends the wait) and publish it again. ``interruptible``: Ctrl-C
+        cuts the publication short too. False when it was not published: the connection did
+        not come back, or Ctrl-C."""
+        topic = self.layout.topic(twin, "status")
+        loop = asyncio.get_running_loop()
+        while True:
+            if not client.connected:
+                await self._reconnected(client, reconnect_by)
+                if not client.connected:
+                    return False
+            # resend=False: paho would send it again after the reconnection too.
+            publish = client.publish(topic, status, retain=True, await_ack=wait, resend=False)
+            try:
+                if not interruptible:
+                    await publish
+                    return True
+                return await self._unless_interrupted(publish)
+            except NotConnected:
+                if loop.time() >= reconnect_by:
+                    return False
+                # Lost since the check: paho knew first; the client is told in a moment.
+                await asyncio.sleep(0.05)
+
     async def _say_offline(self) -> None:
         """Set the devices announced online ``offline`` again (retained): they stayed online
         for good. A connection's last will covers one topic, not its many devices: a
@@ -392,6 +440,7 @@ class Simulation:
         announced, self.announced = self.announced, []
         index = {twin: i for i, twin in enumerate(self.twins)}
         loop = asyncio.get_running_loop()
+        reconnect_by = loop.time() + RECONNECT_WITHIN
         # One deadline, moved on by each PUBACK: a broker that keeps the connection and
         # answers nothing (stopped, overloaded) cost ack_timeout (10 s) per awaited PUBACK,
         # 40 s after a Ctrl-C with 4 connections; one fixed deadline cut short a broker that
@@ -401,13 +450,18 @@ class Simulation:
                 for i, twin in enumerate(announced):
                     client = self.clients[index[twin] % len(self.clients)]
                     if not client.connected:
-                        continue
+                        # A broker restart (skipped, it left its devices online): waited
+                        # for in _publish_status, which the PUBACKs' deadline must not cut.
+                        deadline.reschedule(None)
                     wait = awaits_ack(i, len(announced), len(self.clients))
                     with contextlib.suppress(MqttUnavailable):
-                        topic = self.layout.topic(twin, "status")
-                        await client.publish(topic, b"offline", retain=True, await_ack=wait)
+                        await self._publish_status(
+                            client, twin, b"offline", wait, reconnect_by, interruptible=False
+                        )
                         if wait:
                             deadline.reschedule(loop.time() + SAY_OFFLINE_WITHIN)
+                    if deadline.when() is None:
+                        deadline.reschedule(loop.time() + SAY_OFFLINE_WITHIN)
 
     def _summary(self, out: Any) -> None:
         a = self.args
