@@ -32,7 +32,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from amqtt.contexts import Action, BaseContext
 from amqtt.errors import BrokerError
@@ -276,6 +276,19 @@ _VERSIONS = {3: "MQTT 3.1", 5: "MQTT 5"}
 _SUBACK_FAILURE = 0x80
 
 
+class _Holder(NamedTuple):
+    """Who a login is, for the rules on sessions: the service by its username, a device by
+    its twin id (it may log in with the twin id or its :func:`mqtt_username`).
+
+    Two kinds, never equal to each other: by name alone, a device whose twin id was the
+    service's username (``service:main``, logging in as ``service%3Amain``) held the
+    service's client id and took its session over.
+    """
+
+    kind: Literal["service", "device"]
+    name: str
+
+
 class _TwinBroker(EndToEndAcks):
     """amqtt's broker, with what it lacks for devices of a twin service:
 
@@ -328,7 +341,7 @@ class _TwinBroker(EndToEndAcks):
         )
         #: Client ids whose login is under way (checked, not yet a session of amqtt's),
         #: with who logs in (see _holder): the rules on sessions count them as held.
-        self._claims: dict[str, list[str | None]] = {}
+        self._claims: dict[str, list[_Holder | None]] = {}
         self._refused_id = Tally(
             "embedded broker refused %d login(s) (CONNACK 2, identifier rejected): the "
             "client id is held by another login (one of them: %r as %r)"
@@ -578,36 +591,43 @@ class _TwinBroker(EndToEndAcks):
         46 KB each, with their dead connection), so a fleet that retires devices grew
         without end. A device whose credentials were replaced keeps its offline sessions:
         it resumes them with its new password."""
-        store = self._credentials
-        seen = _file_state(store.path)
+        seen = _file_state(self._credentials.path)
         hashes: dict[str, str] = {}
         #: Sessions of removed devices, ended once their connection has closed.
         removed: set[str] = set()
         while True:
             await asyncio.sleep(self._config.credentials_check_seconds)
-            state = _file_state(store.path)
-            if state != seen:
-                seen = state
-                try:
-                    hashes = await asyncio.to_thread(store.hashes)
-                except CredentialError as exc:  # logins are refused meanwhile; the rest stay
-                    log.error("embedded broker: %s", exc)
-                    continue
-                for client_id, (session, handler) in list(self._sessions.items()):
-                    held = getattr(session, "credential_hash", None)
-                    current = hashes.get(twin_id_from_username(session.username))
-                    if held is None or current == held:
-                        continue
-                    if current is None:
-                        removed.add(client_id)
-                    if session.transitions.state == "connected":
-                        log.warning(
-                            "embedded broker disconnected %r: its credentials were removed "
-                            "or replaced",
-                            session.username,
-                        )
-                        await _close_connection(handler)
-            await self._end_removed(removed, hashes)
+            # A failure is logged, and the watch goes on: a RecursionError from a damaged
+            # file once ended it silently, and removed devices stayed connected for good.
+            try:
+                state = _file_state(self._credentials.path)
+                if state != seen:
+                    seen = state
+                    hashes = await self._disconnect_revoked(removed)
+                await self._end_removed(removed, hashes)
+            except CredentialError as exc:  # logins are refused meanwhile; the rest stay
+                log.error("embedded broker: %s", exc)
+            except Exception:
+                log.exception("embedded broker: checking the device credentials failed")
+
+    async def _disconnect_revoked(self, removed: set[str]) -> dict[str, str]:
+        """Disconnect the devices whose credentials are not the ones they logged in with;
+        add the client ids of removed devices' sessions to ``removed``. The stored hashes."""
+        hashes = await asyncio.to_thread(self._credentials.hashes)
+        for client_id, (session, handler) in list(self._sessions.items()):
+            held = getattr(session, "credential_hash", None)
+            current = hashes.get(twin_id_from_username(session.username))
+            if held is None or current == held:
+                continue
+            if current is None:
+                removed.add(client_id)
+            if session.transitions.state == "connected":
+                log.warning(
+                    "embedded broker disconnected %r: its credentials were removed or replaced",
+                    session.username,
+                )
+                await _close_connection(handler)
+        return hashes
 
     async def _end_removed(self, removed: set[str], hashes: dict[str, str]) -> None:
         """End the offline sessions in ``removed`` (client ids), unless their device is
@@ -709,15 +729,16 @@ class _TwinBroker(EndToEndAcks):
             self.devices -= 1 if device else 0
             _accepted_logins.pop(accepted_as, None)  # not taken: amqtt refused the CONNECT
 
-    def _holder(self, username: str | None) -> str | None:
-        """Who a login is, for the rules on sessions: a device by its twin id (it may log
-        in with the twin id or its :func:`mqtt_username`), anyone else by the username."""
-        if not username or username == self._config.service_username:
-            return username
-        return twin_id_from_username(username)
+    def _holder(self, username: str | None) -> _Holder | None:
+        """Who a login is (None: anonymous)."""
+        if not username:
+            return None
+        if username == self._config.service_username:
+            return _Holder("service", username)
+        return _Holder("device", twin_id_from_username(username))
 
     def _session_rules(
-        self, client_id: str, holder: str | None, device: bool
+        self, client_id: str, holder: _Holder | None, device: bool
     ) -> tuple[bytes | None, list[str]]:
         """The CONNACK refusing a login that passed its password, if the rules on sessions
         refuse it, and the client ids of the sessions to end for it.
@@ -733,7 +754,7 @@ class _TwinBroker(EndToEndAcks):
         if (session := self._sessions.get(client_id)) is not None:
             holders.add(self._holder(session[0].username))
         if client_id and holders - {holder}:  # amqtt makes an id up for an empty one
-            self._refused_id.note(holder, client_id)
+            self._refused_id.note(holder and holder.name, client_id)
             return _CONNACK_ID_REJECTED, []
         if not device or holder is None:  # anonymous logins (a test broker) are not bounded
             return None, []
@@ -751,14 +772,14 @@ class _TwinBroker(EndToEndAcks):
             if (s := self._sessions[cid][0]).transitions.state != "connected"
         )
         if len(offline) < excess:
-            self._refused_sessions.note(self._config.max_sessions_per_device, holder)
+            self._refused_sessions.note(self._config.max_sessions_per_device, holder.name)
             return _CONNACK_UNAVAILABLE, []
         ended = [cid for _, cid in offline[:excess]]
         self._ended_sessions.note(self._config.max_sessions_per_device, ended[0], count=excess)
         return None, ended
 
     @contextlib.contextmanager
-    def _claimed(self, client_id: str, holder: str | None) -> Iterator[None]:
+    def _claimed(self, client_id: str, holder: _Holder | None) -> Iterator[None]:
         """Counts a login under way or connected as holding ``client_id`` (amqtt makes its
         session only once it has read the CONNECT). An empty one is no session's."""
         if not client_id:

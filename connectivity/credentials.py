@@ -133,12 +133,21 @@ def check_service_user(user: str) -> str:
         raise CredentialError(
             f"service user {user!r} starts with '#', which makes its lines comments to mosquitto"
         )
+    check_not_a_device(user)
+    return user
+
+
+def check_not_a_device(user: str) -> None:
+    """Refuse a service user that is also a device's username (the settings check it too).
+
+    A device logs in as :func:`mqtt_username` of its twin id: with this name, the device of
+    that twin would log in as the service, with the service's rights on every topic, in
+    mosquitto; the built-in broker took it for the service when it chose who holds a
+    session, and let the device take the service's session over.
+    """
     with contextlib.suppress(InvalidTwinId):
         parse_twin_id(twin_id_from_username(user))
-        # A device logs in as mqtt_username(its twin id): with this name, the device of
-        # that twin would log in as the service, with the service's rights on every topic.
         raise CredentialError(f"service user {user!r} is the username of a device")
-    return user
 
 
 @dataclass(frozen=True)
@@ -294,6 +303,8 @@ class CredentialStore:
             return {}
         except (OSError, ValueError) as exc:
             raise CredentialError(f"{self.path} cannot be read: {exc}") from None
+        except RecursionError:  # json recurses once per level: a damaged file, all the same
+            raise CredentialError(f"{self.path} cannot be read: nested too deeply") from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise CredentialError(f"{self.path}: unknown credentials file format")
         devices = data.get("devices")
@@ -325,9 +336,11 @@ def _entry_problem(twin_id: str, entry: object) -> str | None:
     hash_ = entry.get("hash")
     if not isinstance(hash_, str) or not _is_hash(hash_):
         return "'hash' is missing or not a $7$ password hash"
-    if not isinstance(entry.get("created"), str):
+    # Printed by `devices list`: a lone surrogate (JSON "\udc00") ended it in a traceback.
+    created, rotated = entry.get("created"), entry.get("rotated")
+    if not isinstance(created, str) or not _is_time(created):
         return "'created' is missing or not a time"
-    if not isinstance(entry.get("rotated"), str | None):
+    if rotated is not None and not (isinstance(rotated, str) and _is_time(rotated)):
         return "'rotated' is neither a time nor null"
     return None
 
@@ -347,6 +360,15 @@ def _id_problem(twin_id: str) -> str | None:
 @functools.lru_cache(maxsize=1 << 16)
 def _is_hash(encoded: str) -> bool:
     return _parse_hash(encoded) is not None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _is_time(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def render_acl(service_user: str, layout: TopicLayout, twin_ids: Iterable[str]) -> str:

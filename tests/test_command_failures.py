@@ -659,6 +659,17 @@ CREATED = "2024-01-01T00:00:00+00:00"
             credentials_file(**{"org.a:b": {"hash": HASH, "created": CREATED, "rotated": 1}}),
             "device 'org.a:b': 'rotated' is neither a time nor null",
         ),
+        # Once a RecursionError traceback (and the embedded broker's credential watcher gone).
+        pytest.param("[" * 100_000 + "]" * 100_000, "cannot be read: nested too deeply", id="deep"),
+        # Once a UnicodeEncodeError traceback from `devices list`.
+        (
+            credentials_file(**{"org.a:b": {"hash": HASH, "created": "\udc00"}}),
+            "device 'org.a:b': 'created' is missing or not a time",
+        ),
+        (
+            credentials_file(**{"org.a:b": {"hash": HASH, "created": CREATED, "rotated": "x"}}),
+            "device 'org.a:b': 'rotated' is neither a time nor null",
+        ),
         # Once written into the mosquitto ACL as they were.
         (
             credentials_file(**{"org.a:b/#": {"hash": HASH, "created": CREATED}}),

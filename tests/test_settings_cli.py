@@ -89,6 +89,10 @@ def test_a_topic_prefix_the_service_cannot_subscribe_with_is_refused(
         ({"mqtt": {"topic_prefix": "devices/x"}}, "twinId"),
         ({"mqtt": {"topic_prefix": "a/{twinId}/{twinId}"}}, "exactly once"),
         ({"mqtt": {"topic_prefix": "a/#/{twinId}"}}, "wildcards"),
+        # The device of that twin logged in as the service's username, with its own password,
+        # and took the service's session on the built-in broker.
+        ({"mqtt": {"service_username": "service:main"}}, "is the username of a device"),
+        ({"mqtt": {"service_username": "service%3Amain"}}, "is the username of a device"),
         ({"query": {"default_size": 300, "max_size": 200}}, "default_size"),
         ({"limits": {"max_twin_bytes": 10}}, "max_twin_bytes"),
         ({"unknown_setting": 1}, "unknown_setting"),

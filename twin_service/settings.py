@@ -38,6 +38,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from connectivity.credentials import check_not_a_device
 from connectivity.topics import TopicLayout
 from twin_service.errors import InvalidTwinId
 from twin_service.twin.ids import MAX_GENERATED_NAMESPACE, generate_twin_id, validate_namespace
@@ -446,7 +447,11 @@ class MqttSettings(_Section):
         # TWIN_MQTT__PROTOCOL was refused, though TOML and JSON numbers worked.
         return int(value) if isinstance(value, str) and value in ("4", "5") else value
 
-    service_username: str = Field("twin-service", description="The service's broker user.")
+    service_username: str = Field(
+        "twin-service",
+        description="The service's broker user; never a device's username (a twin id, its "
+        "':' as such or as %3A), which that device could log in with.",
+    )
     service_password: str | None = Field(
         None, description="The service's broker password (generated for the built-in broker)."
     )
@@ -479,6 +484,15 @@ class MqttSettings(_Section):
     ca_file: str | None = Field(None, description="CA bundle for mqtts:// brokers.")
     cert_file: str | None = Field(None, description="Client certificate for mqtts:// brokers.")
     key_file: str | None = Field(None, description="Key of the client certificate.")
+
+    @field_validator("service_username")
+    @classmethod
+    def _check_service_username(cls, user: str) -> str:
+        # The device of a twin whose id the name decodes to would log in as the service's
+        # username on the built-in broker too (with its own password), or as the service
+        # in mosquitto, whose files export-mosquitto refuses to write for such a name.
+        check_not_a_device(user)
+        return user
 
     @field_validator("topic_prefix")
     @classmethod

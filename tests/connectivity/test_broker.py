@@ -1188,6 +1188,74 @@ async def test_a_client_id_belongs_to_its_login(env: Env, caplog: pytest.LogCapt
         await svc.stop()
 
 
+async def test_a_device_named_like_the_service_user_cannot_take_its_client_id(
+    tmp_path: Path,
+) -> None:
+    """Service and device logins were told apart by name alone, a device by its twin id: a
+    device whose twin id was the service's username (service:main, logging in as
+    service%3Amain with its own password) held the service's client id, took its session
+    over, and the service lost the other devices' reports."""
+    service_user = "service:main"
+    store = CredentialStore(tmp_path / "creds.json")
+    password = store.add(service_user)
+    broker = EmbeddedBroker(
+        EmbeddedBrokerConfig(
+            service_username=service_user,
+            service_password="svc-pw",
+            credentials_path=store.path,
+            port=free_port(),
+        )
+    )
+    await broker.start()
+    svc = await started(
+        broker.url, "twin-service", protocol=4, username=service_user, password="svc-pw"
+    )
+    held: list[asyncio.StreamWriter] = []
+    try:
+        port = broker.config.port
+        connack, _, writer = await _login(
+            port, mqtt_username(service_user), password, "twin-service"
+        )
+        held.append(writer)
+        assert connack == _ID_REJECTED
+        await asyncio.sleep(0.3)
+        assert svc.health().connected and svc.health().reconnect_count == 0
+    finally:
+        for writer in held:
+            writer.close()
+        await svc.stop()
+        await broker.stop()
+
+
+async def test_a_damaged_credentials_file_leaves_the_watcher_running(tmp_path: Path) -> None:
+    """A credentials file nested too deeply for json (a moment of it, written by hand or a
+    failing disk) raised RecursionError: a login meanwhile got no CONNACK, and the watcher
+    of the file ended for good, so a device removed afterwards stayed connected."""
+    broker = bare_broker(tmp_path, credentials_check_seconds=0.1)
+    store = CredentialStore(broker.config.credentials_path)
+    passwords = {twin: store.add(twin) for twin in (TWIN, OTHER)}
+    await broker.start()
+    device = await started(broker.url, "dev", protocol=4, username=TWIN, password=passwords[TWIN])
+    held: list[asyncio.StreamWriter] = []
+    try:
+        good = store.path.read_text()
+        store.path.write_text("[" * 100_000 + "]" * 100_000)
+        connack, _, writer = await _login(broker.config.port, OTHER, passwords[OTHER], "other-dev")
+        held.append(writer)
+        assert connack == b"\x20\x02\x00\x05"  # not authorized
+        await asyncio.sleep(0.5)  # a few looks at the damaged file
+        store.path.write_text(good)
+        await asyncio.sleep(0.5)
+        assert device.health().connected
+        store.remove(TWIN)
+        await eventually(lambda: not device.health().connected)
+    finally:
+        for writer in held:
+            writer.close()
+        await device.stop(grace=0)
+        await broker.stop()
+
+
 async def test_a_device_holds_at_most_max_sessions(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
