@@ -275,6 +275,10 @@ class MqttClient:
         if end_session and self.options.protocol == 5:
             properties = _properties(PacketTypes.DISCONNECT)
             properties.SessionExpiryInterval = 0
+        # Not connected from the DISCONNECT on: paho sends nothing more, and a caller that
+        # ran while loop_stop was awaited took its refusal for a lost connection (a retire's
+        # leaving of the old shared group warned that it failed).
+        self._set_connected(False)
         client.disconnect(properties=properties)
         await asyncio.to_thread(client.loop_stop)
         for task in list(self._background):
