@@ -364,6 +364,10 @@ def _is_hash(encoded: str) -> bool:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _is_time(text: str) -> bool:
+    # Printable ASCII first: Python 3.11's fromisoformat takes any one character between the
+    # date and the time (a lone surrogate, a newline), which `devices list` then printed.
+    if not (text.isascii() and text.isprintable()):
+        return False
     try:
         datetime.fromisoformat(text)
     except ValueError:

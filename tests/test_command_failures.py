@@ -670,6 +670,17 @@ CREATED = "2024-01-01T00:00:00+00:00"
             credentials_file(**{"org.a:b": {"hash": HASH, "created": CREATED, "rotated": "x"}}),
             "device 'org.a:b': 'rotated' is neither a time nor null",
         ),
+        # Python 3.11's fromisoformat takes any one character between date and time.
+        (
+            credentials_file(**{"org.a:b": {"hash": HASH, "created": "2024-01-01\udc0000:00"}}),
+            "device 'org.a:b': 'created' is missing or not a time",
+        ),
+        (
+            credentials_file(
+                **{"org.a:b": {"hash": HASH, "created": CREATED, "rotated": "2024-01-01\n00:00"}}
+            ),
+            "device 'org.a:b': 'rotated' is neither a time nor null",
+        ),
         # Once written into the mosquitto ACL as they were.
         (
             credentials_file(**{"org.a:b/#": {"hash": HASH, "created": CREATED}}),
