@@ -10,8 +10,10 @@ outright leaves them online; a broker that stops acknowledging is given
 :data:`SAY_OFFLINE_WITHIN` seconds, then the rest stay online). A broker connection lost
 while they are announced, or set offline at the end, is waited for up to
 :data:`RECONNECT_WITHIN` seconds and the status published again; one that does not come
-back by then during the announcement fails the run (exit 1). The announcements come before
-``--duration`` starts and are not counted in it. Progress is printed every second (the
+back by then during the announcement fails the run (exit 1). At the end, a connection lost
+while a status waits for its PUBACK is not seen as lost (that wait goes on), so the
+PUBACKs' deadline ends the run with the rest of the devices left online. The announcements
+come before ``--duration`` starts and are not counted in it. Progress is printed every second (the
 announcements' too); the summary gives messages, acks (``accepted``), rejects by error code,
 duplicates (answered ``"duplicate": true``: not applied by this run, counted apart; each run's
 clientTokens are its own), reports not sent (the broker connection was down: the run waits
