@@ -7,20 +7,18 @@ per second in total, paced against the clock; ``--offline-fraction`` of the devi
 announced ``offline`` and stay silent, the others ``online``, then ``offline`` again at the
 end (a connection's last will covers one topic, not its many devices: a simulator killed
 outright leaves them online; a broker that stops acknowledging is given
-:data:`SAY_OFFLINE_WITHIN` seconds, then the rest stay online). A broker connection lost
-while they are announced, or set offline at the end, is waited for up to
-:data:`RECONNECT_WITHIN` seconds and the status published again; one that does not come
-back by then during the announcement fails the run (exit 1). At the end, a connection lost
-while a status waits for its PUBACK is not seen as lost (that wait goes on), so the
-PUBACKs' deadline ends the run with the rest of the devices left online. The announcements
-come before ``--duration`` starts and are not counted in it. Progress is printed every second (the
-announcements' too); the summary gives messages, acks (``accepted``), rejects by error code,
-duplicates (answered ``"duplicate": true``: not applied by this run, counted apart; each run's
-clientTokens are its own), reports not sent (the broker connection was down: the run waits
-for it and goes on), the rate achieved and the publish-to-accepted latency percentiles. It
-is printed on Ctrl-C too. A run whose reports all went unanswered fails (exit 3) after it: a
-broker may grant the subscription to the replies and never deliver one (mosquitto's ACL), so
-only the answers show that the service is there.
+:data:`SAY_OFFLINE_WITHIN` seconds, then the rest stay online). A broker connection lost while
+they are announced, or set offline at the end (a PUBACK awaited or not), is waited for up to
+:data:`RECONNECT_WITHIN` seconds and the statuses not acknowledged yet published again; one
+that does not come back by then during the announcement fails the run (exit 1). The
+announcements come before ``--duration`` starts and are not counted in it. Progress is printed
+every second (the announcements' too); the summary gives messages, acks (``accepted``), rejects
+by error code, duplicates (answered ``"duplicate": true``: not applied by this run, counted
+apart; each run's clientTokens are its own), reports not sent (the broker connection was down:
+the run waits for it and goes on), the rate achieved and the publish-to-accepted latency
+percentiles. It is printed on Ctrl-C too. A run whose reports all went unanswered fails (exit
+3) after it: a broker may grant the subscription to the replies and never deliver one
+(mosquitto's ACL), so only the answers show that the service is there.
 
 Devices never create twins (a report to a missing one is rejected with ``twin.notfound``);
 ``--create`` creates the missing ones first through the REST API (``--api``, ``--token``).
@@ -43,6 +41,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,6 +166,9 @@ RECONNECT_WITHIN = 10.0
 #: trip per device (the embedded broker acknowledges once the service has handled the status):
 #: 20,000 devices took 30 s to announce.
 ACK_EVERY = 100
+#: Seconds between two looks at a connection while a status is published: a lost connection
+#: does not end the wait for a PUBACK (``MqttClient.publish`` waits until its ack_timeout).
+LOSS_CHECK_EVERY = 0.05
 
 
 def awaits_ack(i: int, count: int, connections: int) -> bool:
@@ -174,6 +176,17 @@ def awaits_ack(i: int, count: int, connections: int) -> bool:
     waits for its PUBACK: now and then, and the last of each connection (what is queued in
     paho when the client stops is lost)."""
     return i % ACK_EVERY == ACK_EVERY - 1 or i >= count - connections
+
+
+@dataclass
+class _Unacked:
+    """The statuses published on one client since its last acknowledged one: all sent again
+    after a lost connection (retained, so sending one twice is harmless), for what paho held
+    for the old connection is not sent on the new one."""
+
+    #: ``MqttClient.connections`` when all of them were out on it; None: some are not.
+    connection: int | None = None
+    statuses: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class Simulation:
@@ -204,6 +217,7 @@ class Simulation:
         self._sending_time = 0.0
         #: Seconds of the run spent waiting for a lost broker connection.
         self._outage = 0.0
+        self._unacked: dict[MqttClient, _Unacked] = {}
 
     async def on_reply(self, msg: InboundMessage) -> None:
         try:
@@ -410,30 +424,66 @@ class Simulation:
         reconnect_by: float,
         *,
         interruptible: bool,
+        acks: asyncio.Timeout | None = None,
     ) -> bool:
-        """Publish ``twin``'s ``status`` (retained); on a lost connection, wait for it until
-        ``reconnect_by`` (Ctrl-C ends the wait) and publish it again. ``interruptible``: Ctrl-C
-        cuts the publication short too. False when it was not published: the connection did
-        not come back, or Ctrl-C."""
-        topic = self.layout.topic(twin, "status")
+        """Publish ``twin``'s ``status`` (retained), awaiting its PUBACK if ``wait``. On a
+        lost connection, before or while it is published, wait for it until ``reconnect_by``
+        (Ctrl-C ends the wait) and publish it again, with the statuses of ``client`` not
+        acknowledged yet. ``acks``: the deadline for PUBACKs, lifted while the connection is
+        waited for. ``interruptible``: Ctrl-C cuts the publication short too. False when it
+        was not published: the connection did not come back, or Ctrl-C."""
+        unacked = self._unacked.setdefault(client, _Unacked())
+        unacked.statuses.append((self.layout.topic(twin, "status"), status))
         loop = asyncio.get_running_loop()
         while True:
             if not client.connected:
+                if acks is not None:
+                    acks.reschedule(None)  # a broker restart, not one that stopped answering
                 await self._reconnected(client, reconnect_by)
                 if not client.connected:
                     return False
-            # resend=False: paho would send it again after the reconnection too.
-            publish = client.publish(topic, status, retain=True, await_ack=wait, resend=False)
+            connection = client.connections
+            out = unacked.statuses if unacked.connection != connection else unacked.statuses[-1:]
+            unacked.connection = None
             try:
-                if not interruptible:
-                    await publish
+                for n, (topic, payload) in enumerate(out, 1):
+                    # resend=False: paho would send it again after the reconnection too.
+                    publish = client.publish(
+                        topic, payload, retain=True, await_ack=wait and n == len(out), resend=False
+                    )
+                    if not await self._unless_lost(client, connection, publish, interruptible):
+                        break
+                else:
+                    unacked.connection = connection
+                    if wait:
+                        unacked.statuses.clear()
                     return True
-                return await self._unless_interrupted(publish)
             except NotConnected:
-                if loop.time() >= reconnect_by:
-                    return False
                 # Lost since the check: paho knew first; the client is told in a moment.
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(LOSS_CHECK_EVERY)
+            if (interruptible and self.interrupted) or loop.time() >= reconnect_by:
+                return False
+
+    async def _unless_lost(
+        self, client: MqttClient, connection: int, publish: Awaitable[None], interruptible: bool
+    ) -> bool:
+        """Await ``publish`` on ``client``'s ``connection``-th connection; False, the
+        publication cancelled, once that connection is lost or (``interruptible``) on Ctrl-C.
+        Its PUBACK's waiter went on to the end of the PUBACKs' deadline, which ended the
+        setting of the devices offline, thousands left online after a broker restart."""
+        work = asyncio.ensure_future(publish)
+        try:
+            while not work.done():
+                lost = not client.connected or client.connections != connection
+                if lost or (interruptible and self.interrupted):
+                    return False
+                await asyncio.wait({work}, timeout=LOSS_CHECK_EVERY)
+            work.result()
+            return True
+        finally:
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
 
     async def _say_offline(self) -> None:
         """Set the devices announced online ``offline`` again (retained): they stayed online
@@ -441,24 +491,30 @@ class Simulation:
         simulator killed outright leaves them online."""
         announced, self.announced = self.announced, []
         index = {twin: i for i, twin in enumerate(self.twins)}
+        clients = [self.clients[index[twin] % len(self.clients)] for twin in announced]
+        # Each client's last status is awaited: what it has not acknowledged is sent again
+        # after a lost connection, and what is queued in paho when the client stops is lost.
+        last = {client: i for i, client in enumerate(clients)}
         loop = asyncio.get_running_loop()
         reconnect_by = loop.time() + RECONNECT_WITHIN
         # One deadline, moved on by each PUBACK: a broker that keeps the connection and
         # answers nothing (stopped, overloaded) cost ack_timeout (10 s) per awaited PUBACK,
         # 40 s after a Ctrl-C with 4 connections; one fixed deadline cut short a broker that
-        # was answering (20,000 devices take 2 s).
+        # was answering (20,000 devices take 2 s). A lost connection lifts it while it is
+        # waited for (_publish_status).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(loop.time() + SAY_OFFLINE_WITHIN) as deadline:
-                for i, twin in enumerate(announced):
-                    client = self.clients[index[twin] % len(self.clients)]
-                    if not client.connected:
-                        # A broker restart (skipped, it left its devices online): waited
-                        # for in _publish_status, which the PUBACKs' deadline must not cut.
-                        deadline.reschedule(None)
-                    wait = awaits_ack(i, len(announced), len(self.clients))
+                for i, (twin, client) in enumerate(zip(announced, clients, strict=True)):
+                    wait = i % ACK_EVERY == ACK_EVERY - 1 or last[client] == i
                     with contextlib.suppress(MqttUnavailable):
                         await self._publish_status(
-                            client, twin, b"offline", wait, reconnect_by, interruptible=False
+                            client,
+                            twin,
+                            b"offline",
+                            wait,
+                            reconnect_by,
+                            interruptible=False,
+                            acks=deadline,
                         )
                         if wait:
                             deadline.reschedule(loop.time() + SAY_OFFLINE_WITHIN)

@@ -313,6 +313,43 @@ def test_a_broker_restart_while_announcing_is_waited_out_and_every_device_ends_o
         svc.stop()
 
 
+def test_a_broker_restart_while_setting_the_devices_offline_is_waited_out(
+    fresh_mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A broker stopped while the devices were set offline at the end: the awaited PUBACK
+    never came (a lost connection does not fail its waiter), the 2 s deadline for PUBACKs
+    ended the run, exit 0, thousands of devices left online for good."""
+    namespace = f"sim{uuid.uuid4().hex[:8]}"
+    devices = 12000  # long enough to set offline that the broker goes in the middle
+    # Every 37th device has a twin (on each of the 4 connections): the service ignores the
+    # others' statuses.
+    twin_ids = [f"{namespace}:dev-{n:05d}" for n in range(0, devices, 37)]
+    svc = sync_service(tmp_path / "svc", fresh_mosquitto.url)
+    try:
+        wait_mqtt_up(svc)
+        with svc.client() as api:
+            for twin_id in twin_ids:
+                put_twin(api, twin_id)
+        run = simulate_live(
+            "--url", fresh_mosquitto.url, "--namespace", namespace, "--devices", str(devices),
+            "--rate", "5", "--duration", "0", "--connections", "4",
+            until="\nrate ",  # the summary: the devices are set offline next
+        )  # fmt: skip
+        # A broker that stops answering, then goes (as a SIGTERM'd one does while it writes
+        # its persistence file): an awaited PUBACK is due when the connection drops.
+        assert fresh_mosquitto.pid is not None
+        os.kill(fresh_mosquitto.pid, signal.SIGSTOP)
+        time.sleep(0.5)
+        fresh_mosquitto.kill()
+        time.sleep(1)
+        fresh_mosquitto.start()
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, out + err
+        statuses_settle(svc, twin_ids, "offline")
+    finally:
+        svc.stop()
+
+
 def test_ctrl_c_prints_the_summary_and_exits_130(mosquitto_server: Mosquitto) -> None:
     """Once a KeyboardInterrupt/CancelledError traceback and no summary."""
     run = simulate_live(
