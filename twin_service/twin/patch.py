@@ -302,7 +302,7 @@ def _apply_operation(doc: JSON, op: Any) -> tuple[JSON, _Written]:
             if path[: len(source)] == source and len(path) > len(source):
                 raise InvalidPatch("Cannot move a value into one of its own children.")
             if source == path:  # removed, then added where it was: no change, list or not
-                return doc, None
+                return doc, (path, value)  # still a write, for the size bound
             doc = remove_at(doc, source)
         return _add(doc, path, value), (path, value)
     if name == "test":
