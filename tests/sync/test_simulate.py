@@ -276,41 +276,70 @@ def test_a_broker_restart_mid_run_is_counted_and_the_run_goes_on(
     assert "Traceback" not in err
 
 
-def test_a_broker_restart_while_announcing_is_waited_out_and_every_device_ends_offline(
-    fresh_mosquitto: Mosquitto, tmp_path: Path
-) -> None:
-    """The announcement published on a lost connection: NotConnected went up out of the
-    run (exit 1, "not connected to the MQTT broker"), and setting the devices offline at the
-    end skipped every connection not back yet, hundreds of twins left online for good."""
+def _restart_broker_while_simulating(
+    broker: Mosquitto,
+    tmp_path: Path,
+    *,
+    devices: int,
+    with_twin_every: int,
+    options: tuple[str, ...],
+    until: str,
+    freeze_first: bool,
+) -> str:
+    """Run ``simulate`` on ``devices`` devices, every ``with_twin_every``-th with a twin
+    (the service ignores the others' statuses); once its output shows ``until``, kill the
+    broker (frozen for 0.5 s first if ``freeze_first``) and start it again 1 s later. The
+    run must exit 0 with every twin offline; returns its output."""
     namespace = f"sim{uuid.uuid4().hex[:8]}"
-    devices = 3000  # long enough to announce that the broker goes in the middle
-    # Every 10th device has a twin: the service ignores the others' statuses.
-    twin_ids = [f"{namespace}:dev-{n:05d}" for n in range(0, devices, 10)]
-    svc = sync_service(tmp_path / "svc", fresh_mosquitto.url)
+    twin_ids = [f"{namespace}:dev-{n:05d}" for n in range(0, devices, with_twin_every)]
+    svc = sync_service(tmp_path / "svc", broker.url)
     try:
         wait_mqtt_up(svc)
         with svc.client() as api:
             for twin_id in twin_ids:
                 put_twin(api, twin_id)
         run = simulate_live(
-            "--url", fresh_mosquitto.url, "--namespace", namespace, "--devices", str(devices),
-            "--rate", "5", "--duration", "1", "--connections", "16",
-            until="announced 0 of",
+            "--url", broker.url, "--namespace", namespace, "--devices", str(devices), *options,
+            until=until,
         )  # fmt: skip
-        # Killed: its connections cut at once, while statuses go out (a SIGTERM'd broker stops
-        # answering first, and the announcement waits for an awaited PUBACK, then goes on
-        # once that connection is back). 16 connections: the others are seldom all back by
-        # then. Before the fix it failed 13 runs of 14 with exit 1 ("not connected to the
-        # MQTT broker"), 4 connections 2 of 3.
-        fresh_mosquitto.kill()
+        if freeze_first:
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGSTOP)
+            time.sleep(0.5)
+        broker.kill()
         time.sleep(1)
-        fresh_mosquitto.start()
+        broker.start()
         out, err = run.communicate(timeout=120)
         assert run.returncode == 0, out + err
-        assert f"announced {devices} of {devices} devices\n" in out, out
         statuses_settle(svc, twin_ids, "offline")
+        return out
     finally:
         svc.stop()
+
+
+def test_a_broker_restart_while_announcing_is_waited_out_and_every_device_ends_offline(
+    fresh_mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The announcement published on a lost connection: NotConnected went up out of the
+    run (exit 1, "not connected to the MQTT broker"), and setting the devices offline at the
+    end skipped every connection not back yet, hundreds of twins left online for good.
+
+    Killed: its connections cut at once, while statuses go out (a SIGTERM'd broker stops
+    answering first, and the announcement waits for an awaited PUBACK, then goes on once that
+    connection is back). 16 connections: the others are seldom all back by then. Before the
+    fix it failed 13 runs of 14 with exit 1 ("not connected to the MQTT broker"), 4
+    connections 2 of 3."""
+    devices = 3000  # long enough to announce that the broker goes in the middle
+    out = _restart_broker_while_simulating(
+        fresh_mosquitto,
+        tmp_path,
+        devices=devices,
+        with_twin_every=10,
+        options=("--rate", "5", "--duration", "1", "--connections", "16"),
+        until="announced 0 of",
+        freeze_first=False,
+    )
+    assert f"announced {devices} of {devices} devices\n" in out, out
 
 
 def test_a_broker_restart_while_setting_the_devices_offline_is_waited_out(
@@ -318,36 +347,19 @@ def test_a_broker_restart_while_setting_the_devices_offline_is_waited_out(
 ) -> None:
     """A broker stopped while the devices were set offline at the end: the awaited PUBACK
     never came (a lost connection does not fail its waiter), the 2 s deadline for PUBACKs
-    ended the run, exit 0, thousands of devices left online for good."""
-    namespace = f"sim{uuid.uuid4().hex[:8]}"
-    devices = 12000  # long enough to set offline that the broker goes in the middle
-    # Every 37th device has a twin (on each of the 4 connections): the service ignores the
-    # others' statuses.
-    twin_ids = [f"{namespace}:dev-{n:05d}" for n in range(0, devices, 37)]
-    svc = sync_service(tmp_path / "svc", fresh_mosquitto.url)
-    try:
-        wait_mqtt_up(svc)
-        with svc.client() as api:
-            for twin_id in twin_ids:
-                put_twin(api, twin_id)
-        run = simulate_live(
-            "--url", fresh_mosquitto.url, "--namespace", namespace, "--devices", str(devices),
-            "--rate", "5", "--duration", "0", "--connections", "4",
-            until="\nrate ",  # the summary: the devices are set offline next
-        )  # fmt: skip
-        # A broker that stops answering, then goes (as a SIGTERM'd one does while it writes
-        # its persistence file): an awaited PUBACK is due when the connection drops.
-        assert fresh_mosquitto.pid is not None
-        os.kill(fresh_mosquitto.pid, signal.SIGSTOP)
-        time.sleep(0.5)
-        fresh_mosquitto.kill()
-        time.sleep(1)
-        fresh_mosquitto.start()
-        out, err = run.communicate(timeout=120)
-        assert run.returncode == 0, out + err
-        statuses_settle(svc, twin_ids, "offline")
-    finally:
-        svc.stop()
+    ended the run, exit 0, thousands of devices left online for good.
+
+    The broker stops answering, then goes (as a SIGTERM'd one does while it writes its
+    persistence file): an awaited PUBACK is due when the connection drops."""
+    _restart_broker_while_simulating(
+        fresh_mosquitto,
+        tmp_path,
+        devices=12000,  # long enough to set offline that the broker goes in the middle
+        with_twin_every=37,  # a twin on each of the 4 connections
+        options=("--rate", "5", "--duration", "0", "--connections", "4"),
+        until="\nrate ",  # the summary: the devices are set offline next
+        freeze_first=True,
+    )
 
 
 def test_ctrl_c_prints_the_summary_and_exits_130(mosquitto_server: Mosquitto) -> None:
